@@ -1,0 +1,290 @@
+"""The one place that reads settings: a TOML file -> a typed, validated `GatewayConfig`.
+
+Validation is pydantic's; this module adds the operator-facing parts: every error names the
+file, the key path (`listeners.binary.bind`), what was expected and what was found; unknown keys
+are errors with the nearest known key suggested; durations ("30s") and sizes ("1GiB") are parsed;
+relative paths are resolved against the config file's directory; secrets may come from files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from gatewayd.units import parse_duration_s, parse_size_bytes
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `str()` is the message to show an operator."""
+
+    def __init__(self, file: Path | str, problems: Sequence[str]) -> None:
+        self.file = str(file)
+        self.problems = list(problems)
+        lines = [f"{self.file}: {problem}" for problem in self.problems]
+        super().__init__("\n".join(lines))
+
+
+def _parse_bind(value: object) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected 'host:port' such as '127.0.0.1:8765', found {value!r}")
+    host, _, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected a port number 0-65535 after ':', found {value!r}")
+    return (host or "0.0.0.0", int(port_text))
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is not None and not value.is_absolute():
+        value = Path(base_dir) / value
+    return value.expanduser()
+
+
+def _must_exist(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration_s), Field(ge=0)]
+Size = Annotated[int, BeforeValidator(parse_size_bytes)]
+Bind = Annotated[tuple[str, int], BeforeValidator(_parse_bind)]
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_exist)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Section(BaseModel):
+    """Base of every config table: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(Section):
+    state_dir: ConfigPath = Path("state")
+    log_level: LogLevel = "info"
+    drain_timeout: Duration = 10.0
+    status_interval: Duration = 5.0
+
+
+class HttpSection(Section):
+    enabled: bool = True
+    bind: Bind = ("127.0.0.1", 9184)
+
+
+class AgentClassSection(Section):
+    # "package.module:ClassName"; `class` is a Python keyword, hence the alias.
+    class_path: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
+
+
+class AgentsSection(Section):
+    durability: Literal["normal", "full"] = "normal"
+    hibernate_after: Duration = 10.0
+    max_active: int = Field(10_000, ge=1)
+    turn_timeout: Duration = 30.0
+    max_db_size: Size = 1024**3
+    max_message_size: Size = 1024**2
+    python_path: list[ConfigPath] = []
+    classes: dict[str, AgentClassSection] = {}
+
+
+class WebSocketListener(Section):
+    enabled: bool = True
+    bind: Bind = ("127.0.0.1", 8765)
+    max_frame_size: Size = 1024**2
+    max_connections: int = Field(10_000, ge=1)
+    protocol_messages: bool = True
+
+
+class BinaryListener(Section):
+    enabled: bool = False
+    bind: Bind = ("127.0.0.1", 7878)
+    agent_class: str = ""
+    secrets_file: ExistingFile | None = None
+    tls_cert_file: ExistingFile | None = None
+    tls_key_file: ExistingFile | None = None
+    max_frame_size: Size = 64 * 1024
+    max_unacked: int = Field(64, ge=1)
+    max_connections: int = Field(10_000, ge=1)
+    hello_timeout: Duration = 10.0
+    ping_interval: Duration = 30.0
+    ping_timeout: Duration = 10.0
+    protocol_messages: bool = False
+
+    @model_validator(mode="after")
+    def _needs_route_and_secrets(self) -> BinaryListener:
+        if self.enabled and not self.agent_class:
+            raise ValueError("agent_class is required when the binary listener is enabled")
+        if self.enabled and self.secrets_file is None:
+            raise ValueError("secrets_file is required when the binary listener is enabled")
+        return self
+
+
+class ListenersSection(Section):
+    websocket: WebSocketListener = WebSocketListener()
+    binary: BinaryListener = BinaryListener()
+
+
+class MqttRouteSection(Section):
+    topic: str = Field(pattern=r"\{id\}")
+    agent_class: str
+    reply_topic: str = ""
+
+
+class MqttSection(Section):
+    enabled: bool = False
+    brokers: list[str] = ["mqtt://127.0.0.1:1883"]
+    client_id: str = "gatewayd"
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    session_expiry: Duration = 86400.0
+    keepalive: Duration = 30.0
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = None
+    password: str | None = None
+    password_file: ExistingFile | None = None
+    ca_file: ExistingFile | None = None
+    cert_file: ExistingFile | None = None
+    key_file: ExistingFile | None = None
+    status_topic: str = "gatewayd/{client_id}/status"
+    max_inflight_publishes: int = Field(100, ge=1)
+    max_pending_messages: int = Field(1000, ge=1)
+    max_payload_size: Size = 256 * 1024
+    protocol_messages: bool = False
+    routes: list[MqttRouteSection] = []
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttSection:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either password or password_file, not both")
+        return self
+
+    def resolved_password(self) -> str | None:
+        """The password, read from `password_file` when one is given (first line, stripped)."""
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").splitlines()[0].strip()
+        return self.password
+
+
+class ModelSection(Section):
+    path: ExistingFile
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = ["cpu"]
+    buckets: list[Annotated[int, Field(ge=1)]] = [1, 2, 4, 8, 16, 32, 64]
+    max_queue_delay: Duration = 0.002
+    queue_limit: int = Field(1024, ge=1)
+    priority_levels: int = Field(1, ge=1)
+    request_timeout: Duration = 1.0
+    cpu_threads: int = Field(1, ge=0)
+    cuda_graphs: bool = True
+    trt_fp16: bool = True
+
+
+class GatewayConfig(Section):
+    gateway: GatewaySection = GatewaySection()
+    http: HttpSection = HttpSection()
+    agents: AgentsSection = AgentsSection()
+    listeners: ListenersSection = ListenersSection()
+    mqtt: MqttSection = MqttSection()
+    models: dict[str, ModelSection] = {}
+
+    @model_validator(mode="after")
+    def _routes_name_known_classes(self) -> GatewayConfig:
+        known = set(self.agents.classes)
+        wanted = [("listeners.binary.agent_class", self.listeners.binary.agent_class)]
+        wanted += [
+            (f"mqtt.routes.{i}.agent_class", r.agent_class) for i, r in enumerate(self.mqtt.routes)
+        ]
+        for key, name in wanted:
+            if name and name not in known:
+                raise ValueError(
+                    f"{key}: no agent class named {name!r} (known: {', '.join(sorted(known)) or 'none'};"
+                    f" declare it as [agents.classes.{name}])"
+                )
+        return self
+
+
+def load_config(path: Path | str) -> GatewayConfig:
+    """Read, parse and validate the TOML file at `path`; raises ConfigError for any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(path, [f"cannot read the config file: {err.strerror or err}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, [f"not UTF-8 text ({err.reason} at byte {err.start})"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, [f"invalid TOML: {err}"]) from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, Any], path: Path | str = "<config>") -> GatewayConfig:
+    """Validate already-parsed TOML data (paths resolve relative to `path`'s directory)."""
+    base_dir = Path(os.path.abspath(path)).parent
+    try:
+        return GatewayConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as err:
+        raise ConfigError(path, [_describe(e) for e in err.errors()]) from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    found = error.get("input")
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        return f"{key}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] in ("value_error", "assertion_error"):
+        return f"{key}: {message}" if loc else message
+    return f"{key}: {message}; found {found!r}"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Names of the keys allowed in the table at `loc` (for did-you-mean suggestions)."""
+    model: Any = GatewayConfig
+    skip_next = False  # the next part is a list index or a user-chosen dict key
+    for part in loc:
+        if skip_next or isinstance(part, int):
+            skip_next = False
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+        if model is None:
+            return []
+        skip_next = getattr(field.annotation, "__origin__", None) in (dict, list)
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _section_type(annotation: Any) -> Any:
+    """The Section class inside an annotation such as `Section`, `list[Section]`, `dict[str, Section]`."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
