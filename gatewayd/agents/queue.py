@@ -161,10 +161,12 @@ class QueueStore:
 
     def next_ready_at(self) -> float | None:
         """Earliest time a pending item may run (to arm the agent's wake-up after a failure)."""
-        row = self._db.execute(
-            "SELECT MIN(ready_at) FROM _gw_queue WHERE status = 'pending'"
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
+        value = (
+            self._plain_cursor()
+            .execute("SELECT MIN(ready_at) FROM _gw_queue WHERE status = 'pending'")
+            .fetchone()[0]
+        )
+        return None if value is None else float(value)
 
     def mark_done(self, item_id: str) -> bool:
         """A successful run: the item is deleted. False if it was already gone."""
@@ -225,10 +227,17 @@ class QueueStore:
         )
         return cursor.rowcount > 0
 
-    def _select(self, tail: str, params: tuple[Any, ...]) -> builtins.list[QueueItem]:
+    def _plain_cursor(self) -> sqlite3.Cursor:
         cursor = self._db.cursor()
-        cursor.row_factory = None  # the runtime may set its own on the connection
-        rows = cursor.execute(f"SELECT {_COLUMNS} FROM _gw_queue {tail}", params).fetchall()
+        cursor.row_factory = None  # rows as tuples whatever factory the runtime set
+        return cursor
+
+    def _select(self, tail: str, params: tuple[Any, ...]) -> builtins.list[QueueItem]:
+        rows = (
+            self._plain_cursor()
+            .execute(f"SELECT {_COLUMNS} FROM _gw_queue {tail}", params)
+            .fetchall()
+        )
         return [_to_item(row) for row in rows]
 
 

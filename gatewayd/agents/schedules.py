@@ -342,10 +342,10 @@ class ScheduleStore:
 
     def next_due_at(self) -> float | None:
         """Earliest time anything can become due (for the agent's alarm and the index)."""
-        row = self._db.execute(
+        value = self._fetchone(
             f"SELECT MIN({_DUE_AT}) FROM _gw_schedules", {"hung": self._hung_after_s}
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
+        )[0]
+        return None if value is None else float(value)
 
     def failures(self, method: str | None = None) -> builtins.list[ScheduleFailure]:
         """Recorded give-ups, oldest first."""
@@ -356,9 +356,7 @@ class ScheduleStore:
         params: tuple[Any, ...] = ()
         if method is not None:
             sql, params = sql + " WHERE method = ?", (method,)
-        cursor = self._db.cursor()
-        cursor.row_factory = None  # the runtime may set its own on the connection
-        rows = cursor.execute(sql + " ORDER BY id", params).fetchall()
+        rows = self._plain_cursor().execute(sql + " ORDER BY id", params).fetchall()
         return [
             ScheduleFailure(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7], r[8])
             for r in rows
@@ -458,9 +456,9 @@ class ScheduleStore:
         )
 
     def _record_failure(self, schedule: Schedule, attempts: int, error: str, now: float) -> None:
-        spec, payload_json = self._db.execute(
+        spec, payload_json = self._fetchone(
             "SELECT spec, payload FROM _gw_schedules WHERE id = ?", (schedule.id,)
-        ).fetchone()
+        )
         self._db.execute(
             "INSERT INTO _gw_schedule_failures (schedule_id, method, payload, kind, spec, "
             "attempts, error, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -482,12 +480,25 @@ class ScheduleStore:
             (MAX_FAILURE_RECORDS,),
         )
 
-    def _select(self, tail: str, params: dict[str, Any]) -> builtins.list[Schedule]:
+    def _plain_cursor(self) -> sqlite3.Cursor:
         cursor = self._db.cursor()
-        cursor.row_factory = None  # the runtime may set its own on the connection
-        rows = cursor.execute(
-            f"SELECT {_COLUMNS} FROM _gw_schedules {tail}", {"hung": self._hung_after_s, **params}
-        ).fetchall()
+        cursor.row_factory = None  # rows as tuples whatever factory the runtime set
+        return cursor
+
+    def _fetchone(self, sql: str, params: Any) -> tuple[Any, ...]:
+        row = self._plain_cursor().execute(sql, params).fetchone()
+        assert row is not None
+        return tuple(row)
+
+    def _select(self, tail: str, params: dict[str, Any]) -> builtins.list[Schedule]:
+        rows = (
+            self._plain_cursor()
+            .execute(
+                f"SELECT {_COLUMNS} FROM _gw_schedules {tail}",
+                {"hung": self._hung_after_s, **params},
+            )
+            .fetchall()
+        )
         return [_to_schedule(row) for row in rows]
 
 
