@@ -101,8 +101,8 @@ class QueueStore:
         now: float,
     ) -> QueueItem:
         """Append a call to the back of the queue (not idempotent: each push is one call)."""
-        method = check_method_name(method, what="queue")
-        now = check_epoch_s(now, name="now", what="queue")
+        method = check_method_name(method, what="queue", error=QueueError)
+        now = check_epoch_s(now, name="now", what="queue", error=QueueError)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise QueueError(f"queue {method}: retry must be a RetryPolicy, got {retry!r}")
         payload_json = encode_payload(payload, what=f"queue {method}")
@@ -177,7 +177,7 @@ class QueueStore:
         item = self.get(item_id)
         if item is None:
             return None
-        now = check_epoch_s(now, name="now", what="queue")
+        now = check_epoch_s(now, name="now", what="queue", error=QueueError)
         error = clip_error(error)
         policy = item.retry or self._default_retry
         decision = decide_after_failure(item.attempts + 1, policy, now, error, self._rand)
@@ -223,7 +223,7 @@ class QueueStore:
             "UPDATE _gw_queue SET status = 'pending', attempts = 0, dead_at = NULL, "
             "ready_at = ?, seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM _gw_queue) "
             "WHERE id = ? AND status = 'dead'",
-            (check_epoch_s(now, name="now", what="queue"), item_id),
+            (check_epoch_s(now, name="now", what="queue", error=QueueError), item_id),
         )
         return cursor.rowcount > 0
 

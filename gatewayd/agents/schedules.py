@@ -126,18 +126,20 @@ def encode_payload(payload: Any, *, what: str) -> str:
     return text
 
 
-def check_method_name(method: Any, *, what: str) -> str:
+def check_method_name(method: Any, *, what: str, error: type[ValueError] = ScheduleError) -> str:
     """Method names must be Python identifiers: they name a method on the agent class."""
     if not isinstance(method, str) or not method.isidentifier():
-        raise ScheduleError(f"{what}: method must be an identifier string, got {method!r}")
+        raise error(f"{what}: method must be an identifier string, got {method!r}")
     if len(method) > MAX_METHOD_NAME_CHARS:
-        raise ScheduleError(f"{what}: method name longer than {MAX_METHOD_NAME_CHARS} chars")
+        raise error(f"{what}: method name longer than {MAX_METHOD_NAME_CHARS} chars")
     return method
 
 
-def check_epoch_s(value: Any, *, name: str, what: str) -> float:
+def check_epoch_s(
+    value: Any, *, name: str, what: str, error: type[ValueError] = ScheduleError
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ScheduleError(f"{what}: {name} must be finite epoch seconds, got {value!r}")
+        raise error(f"{what}: {name} must be finite epoch seconds, got {value!r}")
     return float(value)
 
 
