@@ -93,7 +93,7 @@ def backoff_delay_s(
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
         raise ValueError(f"retry: attempt must be an int >= 1, got {attempt!r}")
     try:
-        ceiling_s = min(2**attempt * policy.base_delay_s, policy.max_delay_s)
+        ceiling_s = min(float(2**attempt) * policy.base_delay_s, policy.max_delay_s)
     except OverflowError:  # 2**attempt beyond float range: long past the cap anyway
         ceiling_s = policy.max_delay_s
     return rand() * ceiling_s
@@ -160,7 +160,7 @@ async def retry(
             result = fn()
             if inspect.isawaitable(result):
                 result = await result
-            return result  # type: ignore[return-value]
+            return result
         except Exception as err:
             if attempt >= policy.max_attempts:
                 raise

@@ -136,7 +136,8 @@ class ScheduleIndex:
 
     def __len__(self) -> int:
         with self._lock:
-            return self._open_db().execute("SELECT COUNT(*) FROM _gw_schedule_index").fetchone()[0]
+            count = self._open_db().execute("SELECT COUNT(*) FROM _gw_schedule_index").fetchone()
+        return int(count[0])
 
     def close(self) -> None:
         """Close the file; idempotent."""

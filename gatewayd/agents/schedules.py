@@ -14,10 +14,11 @@ Delivery is at-least-once. The runtime's loop for one schedule is
 `hung_after_s` (a crash, a hung handler) becomes due again.
 
 Idempotent registration (agents call `schedule()` from `on_start` on every wake):
-- `at`, `cron`, `interval`: the key is (method, kind, spec, payload JSON). Re-registering returns
-  the existing row (pending or running) unchanged, whatever `retry` is passed. Once a one-shot
-  `at` row has run it is deleted, so registering it again creates a new row (it is due at once
-  if the time is past): agents should guard one-shot registrations with their own state.
+- `at`, `cron`, `interval`: the key is (method, kind, spec, payload JSON), spec being the epoch
+  time, the normalised cron string, or `every_s` (not the first-run delay). Re-registering
+  returns the existing row (pending or running) unchanged, whatever `retry` is passed. Once a
+  one-shot `at` row has run it is deleted, so registering it again creates a new row (due at
+  once if the time is past): agents should guard one-shot registrations with their own state.
 - `delayed`: the absolute time differs on every call, so the key is (method, delay, payload)
   and only a *pending* row matches. A row that is running does not match, so a handler that
   re-arms itself (`schedule(60, "poll")` inside `poll`) gets a fresh row, while a wake that
@@ -238,7 +239,9 @@ class ScheduleStore:
         if every_s is not None:
             kind = "interval"
             every_s = _positive_seconds(every_s, "every_s", method)
-            first_delay_s = _delay_seconds(when, method)
+            first_delay_s = _delay_seconds(
+                when, method, context="with every_s, when (first-run delay)"
+            )
             spec, time = repr(every_s), now + first_delay_s
         elif isinstance(when, datetime):
             if when.tzinfo is None or when.utcoffset() is None:
@@ -525,12 +528,14 @@ def _to_schedule(row: tuple[Any, ...]) -> Schedule:
     )
 
 
-def _delay_seconds(value: Any, method: str) -> float:
+def _delay_seconds(value: Any, method: str, context: str | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ScheduleError(
-            f"schedule {method}: when must be seconds (number), an aware datetime or a cron "
-            f"string, got {type(value).__name__}"
+        expected = (
+            f"{context} must be seconds"
+            if context
+            else "when must be seconds (number), an aware datetime or a cron string"
         )
+        raise ScheduleError(f"schedule {method}: {expected}, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ScheduleError(f"schedule {method}: delay must be finite and >= 0, got {value!r}")
     return float(value)

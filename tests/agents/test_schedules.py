@@ -157,7 +157,7 @@ def test_interval_first_run_and_idempotency(db: sqlite3.Connection, store: Sched
     assert quick.time == T0 and quick.kind == "interval"
     with pytest.raises(ScheduleError, match="every_s"):
         store.add_every(0, "sample", now=T0)
-    with pytest.raises(ScheduleError, match="when must be seconds"):
+    with pytest.raises(ScheduleError, match=r"with every_s, when \(first-run delay\) must be"):
         store.add("*/5 * * * *", "sample", every_s=30, now=T0)
 
 
