@@ -390,6 +390,7 @@ class ScheduleStore:
 
         False if the schedule no longer exists (e.g. the handler cancelled it).
         """
+        now = check_epoch_s(now, name="now", what="schedules")
         schedule = self.get(schedule_id)
         if schedule is None:
             return False
