@@ -135,6 +135,12 @@ def _check_bytes(name: str, value: object) -> None:
         raise _fail(ErrorCode.BAD_BODY, f"{name} must be a byte string, got {type(value).__name__}")
 
 
+def _normalize_code(frame: Error | Close) -> None:
+    # Accept ErrorCode members but store plain ints, so decoded and built frames compare equal.
+    if isinstance(frame.code, enum.IntEnum):
+        object.__setattr__(frame, "code", int(frame.code))
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Device -> gateway: authenticate. The secret is kept out of repr (log lines)."""
@@ -236,6 +242,7 @@ class Error:
     seq: int = 0
 
     def __post_init__(self) -> None:
+        _normalize_code(self)
         _check_uint("code", self.code)
         _check_text("message", self.message, min_bytes=0, max_bytes=MAX_MESSAGE_BYTES)
         _check_seq("ERROR", self.seq, low=0)
@@ -250,6 +257,7 @@ class Close:
     reason: str = ""
 
     def __post_init__(self) -> None:
+        _normalize_code(self)
         _check_uint("code", self.code)
         _check_text("reason", self.reason, min_bytes=0, max_bytes=MAX_MESSAGE_BYTES)
 

@@ -355,8 +355,8 @@ class _DeviceConnection(asyncio.Protocol):
         self._drain_decoder()
         if self.state is _State.OPEN:
             # Half-closed: the device may still read ACKs for what it sent.
-            self._close_code, self._close_reason = 1000, "device closed its sending side"
-            self.close_after_settling(ErrorCode.NORMAL, "")
+            self._close_reason = "device closed the connection without CLOSE"
+            self.close_after_settling(ErrorCode.NORMAL, "", peer_initiated=True)
         elif self.state in (_State.AWAIT_HELLO, _State.OPENING):
             self._close_reason = "device closed before HELLO_OK"
             self._shutdown_transport()
@@ -390,7 +390,7 @@ class _DeviceConnection(asyncio.Protocol):
     def _handle(self, frame: Frame) -> None:
         if isinstance(frame, Close):
             self._close_code, self._close_reason = frame.code, frame.reason
-            self.close_after_settling(ErrorCode.NORMAL, "")
+            self.close_after_settling(ErrorCode.NORMAL, "", peer_initiated=True)
         elif isinstance(frame, Error):
             logger.warning(
                 "tcp: device %r (%s) reported error %d on seq %d: %s; closing",
@@ -401,7 +401,7 @@ class _DeviceConnection(asyncio.Protocol):
                 frame.message,
             )
             self._close_code, self._close_reason = frame.code, frame.message
-            self.close_after_settling(ErrorCode.NORMAL, "")
+            self.close_after_settling(ErrorCode.NORMAL, "", peer_initiated=True)
         elif self.state is _State.AWAIT_HELLO:
             if isinstance(frame, Hello):
                 self._authenticate(frame)
@@ -685,13 +685,24 @@ class _DeviceConnection(asyncio.Protocol):
         self.state = _State.CLOSING
         self._shutdown_transport()
 
-    def close_after_settling(self, code: int, reason: str, timeout_s: float | None = None) -> None:
-        """Stop reading, wait for in-flight DATA to be ACKed/ERRORed, send CLOSE, close."""
-        if self.state in (_State.CLOSED,):
+    def close_after_settling(
+        self,
+        code: int,
+        reason: str,
+        timeout_s: float | None = None,
+        *,
+        peer_initiated: bool = False,
+    ) -> None:
+        """Stop reading, wait for in-flight DATA to be ACKed/ERRORed, send CLOSE, close.
+
+        `code`/`reason` go into our CLOSE frame; when the gateway initiates, they are also
+        what `close_link` reports (a peer-initiated close reports the peer's code instead).
+        """
+        if self.state is _State.CLOSED:
             return
         if self._close_frame is None:
             self._close_frame = Close(code, reason[:1024])
-            if self._close_code == CONNECTION_LOST_CODE:
+            if not peer_initiated and self._close_code == CONNECTION_LOST_CODE:
                 self._close_code, self._close_reason = code, reason
         if self.state is not _State.CLOSING:
             self.state = _State.CLOSING
