@@ -52,6 +52,7 @@ from protocols.frames import (
     Frame,
     FrameDecoder,
     FrameError,
+    FrameType,
     Hello,
     HelloOk,
     Ping,
@@ -77,6 +78,9 @@ TCP_DATA_OUTCOMES = Counter(
 TCP_PROTOCOL_ERRORS = Counter(
     "gatewayd_tcp_protocol_errors_total", "Connections failed by the gateway", ["code"]
 )
+# Label children resolved once: these are touched for every frame.
+_FRAMES_RECEIVED_BY_TYPE = {t: TCP_FRAMES_RECEIVED.labels(t.name) for t in FrameType}
+_DATA_OUTCOME_BY_VALUE = {o: TCP_DATA_OUTCOMES.labels(o.value) for o in Outcome}
 TCP_AUTH_FAILURES = Counter("gatewayd_tcp_auth_failures_total", "Failed or rate-limited HELLOs")
 TCP_PUSHES = Counter(
     "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, dropped, acked)", ["event"]
@@ -145,7 +149,7 @@ def load_secrets_file(path: str | os.PathLike[str]) -> dict[str, str]:
         "pump-7"    = "a93b44...01"
 
     Device ids follow FRAMES.md (1..128 UTF-8 bytes, no control characters); secrets are
-    1..256 UTF-8 bytes. A file readable by group or others is accepted with a warning.
+    1..256 UTF-8 bytes. A file that other users may read is accepted with a warning.
     """
     try:
         with open(path, "rb") as file:
@@ -155,9 +159,9 @@ def load_secrets_file(path: str | os.PathLike[str]) -> dict[str, str]:
         raise SecretsFileError(f"tcp secrets file {path}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SecretsFileError(f"tcp secrets file {path}: not valid TOML ({exc})") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if mode & stat.S_IRWXO:
         logger.warning(
-            "tcp: secrets file %s is accessible by group/others (mode %o); chmod 600 it",
+            "tcp: secrets file %s is accessible by all users (mode %o); chmod 600 or 640 it",
             path,
             stat.S_IMODE(mode),
         )
@@ -384,7 +388,7 @@ class _DeviceConnection(asyncio.Protocol):
                 return
             if frame is None:
                 return
-            TCP_FRAMES_RECEIVED.labels(frame.TYPE.name).inc()
+            _FRAMES_RECEIVED_BY_TYPE[frame.TYPE].inc()
             self._handle(frame)
 
     def _handle(self, frame: Frame) -> None:
@@ -570,7 +574,7 @@ class _DeviceConnection(asyncio.Protocol):
             exc = settled.exception()
         if exc is None:
             outcome = settled.result()
-            TCP_DATA_OUTCOMES.labels(outcome.value).inc()
+            _DATA_OUTCOME_BY_VALUE[outcome].inc()
             if outcome is Outcome.DUPLICATE:
                 self.listener.stats_extra_inc("data_duplicates")
             self._write(Ack(seq))
@@ -806,6 +810,7 @@ class TcpListener:
             self.settings.host,
             self.settings.port,
             ssl=self.ssl_context,
+            ssl_handshake_timeout=self.settings.hello_timeout_s if self.ssl_context else None,
             reuse_address=True,
         )
         logger.info(

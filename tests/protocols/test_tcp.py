@@ -687,12 +687,12 @@ async def test_tls_connection(
 def test_load_secrets_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "devices.toml"
     path.write_text('# comment\n"thermo-42" = "s3cret"\npump-7 = "other"\n')
-    path.chmod(0o600)
+    path.chmod(0o640)
     assert load_secrets_file(path) == {"thermo-42": "s3cret", "pump-7": "other"}
-    assert "accessible by group/others" not in caplog.text
+    assert "accessible by all users" not in caplog.text
     path.chmod(0o644)
     load_secrets_file(path)
-    assert "accessible by group/others (mode 644)" in caplog.text
+    assert "accessible by all users (mode 644)" in caplog.text
 
 
 @pytest.mark.parametrize(
