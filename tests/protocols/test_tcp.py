@@ -681,6 +681,30 @@ async def test_tls_connection(
     await device.close()
 
 
+def test_listener_on_uvloop(tmp_path: Path) -> None:
+    """The daemon runs on uvloop where installed; its transports are not asyncio.Transport."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        handler = SqliteLinkHandler(tmp_path / "uv.sqlite3")
+        settings = TcpSettings(host="127.0.0.1", port=0, agent_class="t", secrets=SECRETS)
+        listener = TcpListener(settings, handler)
+        await listener.start()
+        try:
+            device = await connect_device(listener.bound_port)
+            device.send(Data(1, b"on uvloop"), Ping(3))
+            assert [await device.recv(), await device.recv()] == [Pong(3), Ack(1)]
+            handler.links["dev-a"].send(b"cmd")
+            assert await device.recv() == Push(1, b"cmd")
+            device.send(Close(1000, "done"))
+            assert await device.recv_until_closed() == [Close(1000, "")]
+        finally:
+            await listener.stop(drain_timeout_s=0.5)
+            await handler.aclose()
+
+    uvloop.run(scenario())
+
+
 # ---------------------------------------------------------------- settings and secrets
 
 
