@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hmac
 import itertools
 import logging
@@ -348,7 +349,6 @@ class _DeviceConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state not in (_State.AWAIT_HELLO, _State.OPENING, _State.OPEN):
             return
-        self._last_received_at = self._loop.time()
         self._decoder.receive_data(data)
         self._drain_decoder()
 
@@ -388,6 +388,8 @@ class _DeviceConnection(asyncio.Protocol):
                 return
             if frame is None:
                 return
+            # Liveness counts whole frames, so a trickle of bytes cannot keep a link alive.
+            self._last_received_at = self._loop.time()
             _FRAMES_RECEIVED_BY_TYPE[frame.TYPE].inc()
             self._handle(frame)
 
@@ -565,13 +567,13 @@ class _DeviceConnection(asyncio.Protocol):
             settled = self._loop.create_future()
             settled.set_exception(exc)
         self._in_flight[frame.seq] = settled
-        settled.add_done_callback(lambda done, seq=frame.seq: self._settled(seq, done))
+        settled.add_done_callback(functools.partial(self._settled, frame.seq))
 
     def _settled(self, seq: int, settled: asyncio.Future[Outcome]) -> None:
         self._in_flight.pop(seq, None)
-        exc = None if not settled.cancelled() else asyncio.CancelledError()
-        if exc is None:
-            exc = settled.exception()
+        exc: BaseException | None = (
+            asyncio.CancelledError() if settled.cancelled() else settled.exception()
+        )
         if exc is None:
             outcome = settled.result()
             _DATA_OUTCOME_BY_VALUE[outcome].inc()

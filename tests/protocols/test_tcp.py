@@ -114,6 +114,8 @@ class SqliteLinkHandler:
         if kind == "close":
             return Outcome.APPLIED
         _, data, dedup = event
+        if data == b"forbidden":
+            raise LinkRejected("this agent does not accept 'forbidden'")
         if dedup.seq in self.fail_once:
             self.fail_once.discard(dedup.seq)
             raise OSError(f"simulated commit failure for seq {dedup.seq}")
@@ -410,13 +412,30 @@ async def test_failed_commit_sends_error_then_resend_applies_exactly_once(
     assert handler.applied("dev-a") == [(1, b"a"), (2, b"b"), (3, b"c")]
 
 
+async def test_data_refused_by_the_agent_gets_rejected_and_close(
+    listener: TcpListener, handler: SqliteLinkHandler
+) -> None:
+    device = await connect_device(listener.bound_port)
+    device.send(Data(1, b"fine"), Data(2, b"forbidden"))
+    frames = await device.recv_until_closed()
+    reason = "this agent does not accept 'forbidden'"
+    assert frames == [
+        Ack(1),
+        Error(ErrorCode.REJECTED, reason, 2),
+        Close(ErrorCode.REJECTED, reason),
+    ]
+    assert handler.applied("dev-a") == [(1, b"fine")]
+
+
 async def test_window_is_enforced(
     make_listener: ListenerFactory, handler: SqliteLinkHandler
 ) -> None:
     listener = await make_listener(max_unacked_window=2)
     device = await connect_device(listener.bound_port)
     handler.released.clear()
-    device.send(Data(1, b"a"), Data(2, b"b"), Data(3, b"c"))
+    device.send(Data(1, b"a"), Data(2, b"b"))  # a full window is fine
+    await device.expect_silence(0.2)
+    device.send(Data(3, b"c"))
     frame = await device.recv()
     assert frame.code == ErrorCode.WINDOW_EXCEEDED
     assert "DATA seq 3 exceeds the window of 2" in frame.message
@@ -494,6 +513,22 @@ async def test_ping_timeout_closes_a_dead_device(
     assert frames[-1].code == ErrorCode.PING_TIMEOUT
     await eventually(lambda: handler.events[-1][0] == "close_called")
     assert handler.events[-1][3] == ErrorCode.PING_TIMEOUT
+
+
+async def test_a_trickle_of_bytes_does_not_count_as_liveness(
+    make_listener: ListenerFactory,
+) -> None:
+    listener = await make_listener(ping_interval_s=0.1, ping_timeout_s=0.2)
+    device = await connect_device(listener.bound_port)
+    partial = encode(Data(1, b"x" * 100))
+    closed = asyncio.create_task(device.recv_until_closed())
+    for i in range(40):  # one byte every 25 ms: never a whole frame
+        if closed.done():
+            break
+        device.send_raw(partial[i : i + 1])
+        await asyncio.sleep(0.025)
+    frames = await closed
+    assert frames[-1].code == ErrorCode.PING_TIMEOUT
 
 
 # ---------------------------------------------------------------- bad input
