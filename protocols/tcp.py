@@ -15,7 +15,8 @@ committed): that plus the agent's dedup on `DedupKey(device_id, seq)` gives exac
 
 Pushes (`link.send`) belong to the device, not to one connection: they get the gateway's push
 seq, are kept until the device ACKs them (bounded per device), and are resent after the device
-reconnects. `close_link` is called exactly once per opened link with the close code: the code
+reconnects. `close_link` is called exactly once for each link whose `open_link` did not fail
+(also when the connection ends while the open is still pending), with the close code: the code
 from the device's CLOSE, the ErrorCode the gateway failed it with, or 1006 when the connection
 dropped without a CLOSE.
 
@@ -470,9 +471,7 @@ class _DeviceConnection(asyncio.Protocol):
                 )
             self.fail(ErrorCode.AUTH_FAILED, "authentication failed")
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        # The hello timer keeps running until HELLO_OK: it also bounds a stuck open_link.
         self.device_id = hello.device_id
         self._client = hello.client
         self.state = _State.OPENING
@@ -491,7 +490,7 @@ class _DeviceConnection(asyncio.Protocol):
             opened = self.listener.handler.open_link(self.link, context)
         except Exception as exc:  # the handler must not take the listener down with it
             logger.exception("tcp: handler.open_link failed for device %r", hello.device_id)
-            self._link_released = True  # the handler never accepted the link
+            self._forget_link()
             self.fail(ErrorCode.NOT_APPLIED, f"could not open the device's agent ({exc})")
             return
         opened.add_done_callback(self._opened)
@@ -501,6 +500,7 @@ class _DeviceConnection(asyncio.Protocol):
             return  # closed or replaced meanwhile; close_link was or will be called
         exc = None if opened.cancelled() else opened.exception()
         if opened.cancelled() or exc is not None:
+            self._forget_link()
             if isinstance(exc, LinkRejected):
                 logger.info(
                     "tcp: agent refused device %r from %s: %s", self.device_id, self.remote, exc
@@ -516,6 +516,9 @@ class _DeviceConnection(asyncio.Protocol):
                 self.fail(ErrorCode.NOT_APPLIED, "could not open the device's agent; retry later")
             return
         settings = self.settings
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.state = _State.OPEN
         self.listener.stats.links_open += 1
         self._counted_open = True
@@ -610,6 +613,14 @@ class _DeviceConnection(asyncio.Protocol):
                 ErrorCode.HELLO_TIMEOUT,
                 f"no HELLO within {self.settings.hello_timeout_s:g}s of connecting",
             )
+        elif self.state is _State.OPENING:
+            logger.error(
+                "tcp: the agent for device %r did not accept its link within %gs; closing, "
+                "the device will retry",
+                self.device_id,
+                self.settings.hello_timeout_s,
+            )
+            self.fail(ErrorCode.NOT_APPLIED, "the device's agent did not answer; retry later")
 
     def _schedule_ping_check(self, delay_s: float) -> None:
         self._timer = self._loop.call_later(delay_s, self._ping_check)
@@ -759,6 +770,11 @@ class _DeviceConnection(asyncio.Protocol):
             self._write(Close(ErrorCode.REPLACED, reason))
             self.state = _State.CLOSING
             self._shutdown_transport()
+
+    def _forget_link(self) -> None:
+        """open_link failed: the handler never had this link, so no close_link for it."""
+        self._link_released = True
+        self.listener.release_device(self)
 
     def _release_link(self, code: int, reason: str) -> None:
         if self.link is None or self._link_released:

@@ -330,6 +330,27 @@ async def test_agent_refusing_the_link_gets_rejected(
     device.send(Hello("dev-b", "secret-b"))
     frames = await device.recv_until_closed()
     assert frames == [Error(ErrorCode.REJECTED, "device disabled by its agent")]
+    await asyncio.sleep(0.05)
+    # The agent refused the link: it never existed for the handler, so no close_link for it.
+    assert [e[0] for e in handler.events] == ["open_called"]
+    # The refused connection does not linger as the device's live connection.
+    handler.reject_devices.clear()
+    device = await connect_device(listener.bound_port, "dev-b")
+    handler.links["dev-b"].send(b"hello")
+    assert await device.recv() == Push(1, b"hello")
+
+
+async def test_an_agent_that_never_opens_the_link_times_out(
+    make_listener: ListenerFactory, handler: SqliteLinkHandler
+) -> None:
+    listener = await make_listener(hello_timeout_s=0.3)
+    handler.released.clear()  # open_link's future never resolves
+    device = await Device.connect(listener.bound_port)
+    device.send(Hello("dev-a", "secret-a"))
+    frames = await device.recv_until_closed()
+    assert frames == [
+        Error(ErrorCode.NOT_APPLIED, "the device's agent did not answer; retry later")
+    ]
     await eventually(lambda: handler.events[-1][0] == "close_called")
 
 
