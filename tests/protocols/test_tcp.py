@@ -761,6 +761,20 @@ def test_listener_on_uvloop(tmp_path: Path) -> None:
     uvloop.run(scenario())
 
 
+async def test_the_minimal_python_device_in_frames_md_works(
+    make_listener: ListenerFactory, handler: SqliteLinkHandler
+) -> None:
+    text = (Path(__file__).resolve().parents[2] / "protocols" / "FRAMES.md").read_text()
+    code = text.split("## 10. A minimal device in Python", 1)[1].split("```python\n", 1)[1]
+    code = code.split("```", 1)[0]
+    listener = await make_listener(secrets={"thermo-1": "example-secret-1"})
+    documented_address = 'HOST, PORT = "127.0.0.1", 7878'
+    assert documented_address in code
+    code = code.replace(documented_address, f'HOST, PORT = "127.0.0.1", {listener.bound_port}')
+    await asyncio.to_thread(exec, code, {})
+    assert handler.applied("thermo-1") == [(1, b'{"temp": 21.5}')]
+
+
 # ---------------------------------------------------------------- settings and secrets
 
 
