@@ -114,8 +114,6 @@ class SqliteLinkHandler:
         if kind == "close":
             return Outcome.APPLIED
         _, data, dedup = event
-        if data == b"forbidden":
-            raise LinkRejected("this agent does not accept 'forbidden'")
         if dedup.seq in self.fail_once:
             self.fail_once.discard(dedup.seq)
             raise OSError(f"simulated commit failure for seq {dedup.seq}")
@@ -130,17 +128,25 @@ class SqliteLinkHandler:
                 return Outcome.DUPLICATE
             if last is not None and dedup.seq != last + 1:
                 raise GapError(f"seq {dedup.seq} skips past last applied {last}")
+            if data == b"forbidden":
+                # Refused for good: the seq is consumed (FRAMES.md 5.4), nothing else changes.
+                self._set_last_seq(dedup)
+                self.db.execute("COMMIT")
+                raise LinkRejected("this agent does not accept 'forbidden'")
             self.db.execute("INSERT INTO applied VALUES (?, ?, ?)", (dedup.stream, dedup.seq, data))
-            self.db.execute(
-                "INSERT INTO last_seq VALUES (?, ?) ON CONFLICT(stream) DO UPDATE SET seq = ?",
-                (dedup.stream, dedup.seq, dedup.seq),
-            )
+            self._set_last_seq(dedup)
             self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise
         return Outcome.APPLIED
+
+    def _set_last_seq(self, dedup: DedupKey) -> None:
+        self.db.execute(
+            "INSERT INTO last_seq VALUES (?, ?) ON CONFLICT(stream) DO UPDATE SET seq = ?",
+            (dedup.stream, dedup.seq, dedup.seq),
+        )
 
     def applied(self, stream: str) -> list[tuple[int, bytes]]:
         return self.db.execute(
@@ -446,6 +452,11 @@ async def test_data_refused_by_the_agent_gets_rejected_and_close(
         Close(ErrorCode.REJECTED, reason),
     ]
     assert handler.applied("dev-a") == [(1, b"fine")]
+    # The device drops the rejected frame and carries on with the next seq.
+    device = await connect_device(listener.bound_port)
+    device.send(Data(3, b"next"))
+    assert await device.recv() == Ack(3)
+    assert handler.applied("dev-a") == [(1, b"fine"), (3, b"next")]
 
 
 async def test_window_is_enforced(
