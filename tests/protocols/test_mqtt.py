@@ -17,7 +17,7 @@ import pytest
 
 from protocols.mqtt import MqttBridge, MqttConfigError, MqttRoute, MqttSettings
 from protocols.mqtt_settings import RouteTable, parse_broker_url
-from tests.brokers import MosquittoBroker
+from tests.brokers import MosquittoBroker, free_port
 from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -471,3 +471,32 @@ async def test_sigkill_mid_stream_loses_no_message(
     rows = read_messages(db)
     assert len(rows) >= 1000  # at least once: a few may have committed twice around the kill
     assert all(agent_class == "thermostat" for agent_class, *_ in rows)
+
+
+async def test_resubscribes_when_the_broker_lost_its_sessions(
+    tmp_path: Path, handler_factory
+) -> None:
+    db = tmp_path / "agents.sqlite"
+    with MosquittoBroker(tmp_path / "volatile", persistence=False) as broker:
+        handler = await handler_factory()
+        bridge = MqttBridge(settings_for(broker), handler)
+        await bridge.start()
+        await bridge.wait_connected(timeout_s=5)
+        broker.restart()  # no persistence: the session and its subscription are gone
+        await wait_until(lambda: bridge.stats.extra.get("connects") == 2, 10, "the reconnect")
+        await publish_all(broker, [("devices/x/telemetry", b"after restart")])
+        await wait_until(lambda: len(read_messages(db)) == 1, 5, "the message after restart")
+        await bridge.stop()
+
+
+async def test_fails_over_to_the_next_broker_url(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    handler = await handler_factory()
+    bridge = MqttBridge(settings_for(mosquitto, broker_urls=(dead, mosquitto.url)), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    assert bridge.broker == mosquitto.url
+    assert bridge.stats.extra["connect_failures"] >= 1
+    await bridge.stop()
