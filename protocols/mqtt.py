@@ -48,8 +48,10 @@ import contextlib
 import functools
 import logging
 import random
+import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,18 +81,20 @@ STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
 
-MQTT_MESSAGES = Counter(
-    "gatewayd_mqtt_messages_total",
-    "MQTT messages by outcome (acked, rejected, unrouted, oversized, retained_skipped, ...)",
-    ["outcome"],
+_LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
+
+MQTT_EVENTS = Counter(
+    "gatewayd_mqtt_events_total",
+    "MQTT bridge events: applied, acked, rejected, retries, unrouted, oversized, "
+    "retained_skipped, qos0_dropped, outbound_dropped, connects, disconnects, ...",
+    ["event"],
 )
+_EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
 MQTT_PUBLISHED = Counter("gatewayd_mqtt_published_total", "Replies published to the broker")
-MQTT_OUTBOUND_DROPPED = Counter(
-    "gatewayd_mqtt_outbound_dropped_total", "Replies dropped because the outbound queue was full"
-)
-MQTT_CONNECTED = Gauge("gatewayd_mqtt_connected", "1 while connected to an MQTT broker")
-MQTT_RECONNECTS = Counter("gatewayd_mqtt_connects_total", "Successful MQTT connects")
+MQTT_CONNECTED = Gauge("gatewayd_mqtt_connected", "MQTT bridges connected to their broker")
+MQTT_CONNECTED.set_function(lambda: sum(b.connected for b in list(_LIVE_BRIDGES)))
 MQTT_PENDING = Gauge("gatewayd_mqtt_pending_messages", "MQTT messages awaiting their commit")
+MQTT_PENDING.set_function(lambda: sum(b._pending for b in list(_LIVE_BRIDGES)))
 
 
 class ConnectionState:
@@ -215,6 +219,7 @@ class MqttBridge:
         self._address_index = 0
         self._broker: BrokerAddress | None = None
         self._ssl_context: ssl.SSLContext | None = None
+        _LIVE_BRIDGES.add(self)
 
     # ----------------------------------------------------------------- public surface
 
@@ -342,6 +347,8 @@ class MqttBridge:
             properties=properties,
             timeout=s.connect_timeout_s,
             max_inflight_messages=s.max_inflight_publishes,
+            # Small PUBACKs and replies must not wait for Nagle + delayed ACK (~40 ms each).
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             tls_context=self._ssl_context if address.tls else None,
             tls_insecure=s.tls_insecure if address.tls else None,
             queue_type=functools.partial(  # type: ignore[arg-type]
@@ -375,6 +382,9 @@ class MqttBridge:
             except aiomqtt.MqttError as exc:
                 reason = _describe(exc)
             except OSError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug here must not end reconnecting for good
+                logger.exception("mqtt: unexpected error on the connection to %s", address)
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._client = None
@@ -419,7 +429,6 @@ class MqttBridge:
         self._client = client
         self._set_state(ConnectionState.CONNECTED)
         self._connected_event.set()
-        MQTT_RECONNECTS.inc()
         self._count("connects")
         logger.info(
             "mqtt: connected to %s as %r, subscribed to %s",
@@ -430,7 +439,6 @@ class MqttBridge:
 
     def _set_state(self, state: str) -> None:
         self._state = state
-        MQTT_CONNECTED.set(1 if state == ConnectionState.CONNECTED else 0)
 
     # ----------------------------------------------------------------- inbound
 
@@ -501,12 +509,10 @@ class MqttBridge:
         item = _Inbound(client, message.mid, qos, topic, match, payload)
         self._pending += 1
         self._drained.clear()
-        MQTT_PENDING.set(self._pending)
         self._submit(item)
 
     def _skip(self, client: aiomqtt.Client, message: aiomqtt.Message, outcome: str, *log: Any):
         self._count(outcome)
-        MQTT_MESSAGES.labels(outcome).inc()
         self._log_limited(outcome, *log)
         self._ack(client, message.mid, message.qos)
 
@@ -568,11 +574,10 @@ class MqttBridge:
             self._stats.messages_in += 1
             outcome = "duplicate" if future.result() is Outcome.DUPLICATE else "applied"
             self._count(outcome)
-            MQTT_MESSAGES.labels(outcome).inc()
             self._finish(item)
         elif isinstance(exc, LinkRejected):
             self._stats.rejected += 1
-            MQTT_MESSAGES.labels("rejected").inc()
+            self._count("rejected")
             self._log_limited(
                 "rejected",
                 "mqtt: %s refused a message on %r: %s; acked and dropped",
@@ -587,7 +592,6 @@ class MqttBridge:
             self._release(item)
         else:
             self._count("retries")
-            MQTT_MESSAGES.labels("retried").inc()
             delay = _full_jitter(
                 item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s
             )
@@ -627,7 +631,6 @@ class MqttBridge:
 
     def _release(self, item: _Inbound) -> None:
         self._pending -= 1
-        MQTT_PENDING.set(self._pending)
         if self._pending == 0:
             self._drained.set()
         self._wakeup.set()
@@ -670,7 +673,6 @@ class MqttBridge:
             self._outbound.put_nowait((link, payload))
         except asyncio.QueueFull:
             self._count("outbound_dropped")
-            MQTT_OUTBOUND_DROPPED.inc()
             self._log_limited(
                 "outbound_dropped",
                 "mqtt: outbound queue full (%d replies, broker %s); dropped a reply to %r",
@@ -708,6 +710,15 @@ class MqttBridge:
                         if client is self._client:
                             await asyncio.sleep(self.settings.reconnect_min_s)
                         continue
+                    except Exception as exc:  # e.g. paho refusing the topic: drop this reply
+                        self._count("publish_errors")
+                        self._log_limited(
+                            "publish_error",
+                            "mqtt: cannot publish to %r (%r); reply dropped",
+                            link.reply_topic,
+                            exc,
+                        )
+                        break
                     self._stats.messages_out += 1
                     MQTT_PUBLISHED.inc()
                     break
@@ -718,6 +729,10 @@ class MqttBridge:
 
     def _count(self, name: str, n: int = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + n
+        child = _EVENT_CHILDREN.get(name)
+        if child is None:
+            child = _EVENT_CHILDREN[name] = MQTT_EVENTS.labels(name)
+        child.inc(n)
 
     def _log_limited(self, key: str, msg: str, *args: Any) -> None:
         """Warn at most once per LOG_EVERY_S per kind, saying how many were suppressed."""

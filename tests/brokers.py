@@ -83,6 +83,7 @@ class MosquittoBroker:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.work_dir}/",
             "autosave_interval 1800",
+            "set_tcp_nodelay true",  # as gatewayd's deployment notes recommend: lower latency
             f"max_inflight_messages {self.max_inflight_messages}",
             f"max_queued_messages {self.max_queued_messages}",
             f"log_dest file {self.log_path}",
