@@ -204,7 +204,7 @@ class MqttBridge:
         self._connected_event = asyncio.Event()
         self._stopping = False
         self._accepting = True  # False once stop() began: no more pulls from the client
-        self._pending = 0
+        self._pending: int = 0
         self._wakeup = asyncio.Event()  # set whenever a pending message finished (or stop)
         self._drained = asyncio.Event()
         self._drained.set()
@@ -275,10 +275,10 @@ class MqttBridge:
         deadline = time.monotonic() + drain_timeout_s
         self._accepting = False
         self._wakeup.set()
+        for task in list(self._retry_tasks):  # failed turns are left to the broker's redelivery
+            task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained.wait(), _left(deadline))
-        for task in list(self._retry_tasks):
-            task.cancel()
         closes = [
             self._close_link(link, 1001, "gateway shutting down") for link in self._links.values()
         ]

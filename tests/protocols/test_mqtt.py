@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -500,3 +501,87 @@ async def test_fails_over_to_the_next_broker_url(
     assert bridge.broker == mosquitto.url
     assert bridge.stats.extra["connect_failures"] >= 1
     await bridge.stop()
+
+
+async def test_qos0_overflow_is_dropped_and_counted_not_buffered(
+    mosquitto: MosquittoBroker, handler_factory, tmp_path: Path
+) -> None:
+    db = tmp_path / "agents.sqlite"
+    handler = await handler_factory(commit_delay_s=0.05, batch_max=5)
+    settings = settings_for(mosquitto, qos=0, max_pending_messages=5)
+    bridge = MqttBridge(settings, handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as device:
+        for n in range(300):
+            await device.publish("devices/q/telemetry", f"{n}".encode(), qos=0)
+    await wait_until(lambda: bridge.stats.extra.get("qos0_dropped", 0) > 0, 5, "drops")
+
+    def settled() -> bool:
+        extra = bridge.stats.extra
+        return extra["pending"] == 0 and len(read_messages(db)) + extra["qos0_dropped"] == 300
+
+    await wait_until(settled, 10, "every QoS 0 message to be applied or dropped")
+    applied = [int(p) for *_, p in read_messages(db)]
+    assert applied == sorted(applied)  # still in order, with gaps where dropped
+    assert handler.max_outstanding <= 5 + 1
+    await bridge.stop()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_pki(directory: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all EC P-256."""
+    directory.mkdir()
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=gatewayd-test-ca", cwd=directory)  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=gw-tls")):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
+                 cwd=directory)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext",
+                 cwd=directory)  # fmt: skip
+
+
+async def test_mutual_tls_with_ca_client_cert_and_insecure_flag(
+    tmp_path: Path, handler_factory
+) -> None:
+    pki = tmp_path / "pki"
+    _make_pki(pki)
+    tls = (
+        f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'server.pem'}\nkeyfile {pki / 'server.key'}\n"
+        "require_certificate true\n"
+    )
+    with MosquittoBroker(tmp_path / "tls-broker", extra_config=tls) as broker:
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        handler = await handler_factory()
+        base = {"broker_urls": (url,), "connect_timeout_s": 2.0}
+        client_cert = {"cert_file": str(pki / "client.pem"), "key_file": str(pki / "client.key")}
+        verified = MqttBridge(
+            settings_for(broker, **base, ca_file=str(pki / "ca.pem"), **client_cert), handler
+        )
+        await verified.start()
+        await verified.wait_connected(timeout_s=5)
+        assert verified.broker == url
+        await verified.stop()
+
+        # The broker's certificate is not trusted without our CA ...
+        untrusted = MqttBridge(settings_for(broker, **base, **client_cert), handler)
+        await untrusted.start()
+        with pytest.raises(TimeoutError):
+            await untrusted.wait_connected(timeout_s=1.5)
+        assert untrusted.stats.extra["connect_failures"] >= 1
+        await untrusted.stop()
+
+        # ... unless verification is switched off explicitly.
+        insecure = MqttBridge(
+            settings_for(broker, **base, tls_insecure=True, client_id="gw-insecure", **client_cert),
+            handler,
+        )
+        await insecure.start()
+        await insecure.wait_connected(timeout_s=5)
+        await insecure.stop()
