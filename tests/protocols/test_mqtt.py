@@ -222,6 +222,7 @@ async def test_routes_odd_ids_to_agents_and_replies_reach_cmd_topic(
     ]
     assert [e for e, _ in events] == ["open", "close", "open"] and events[1][1] == "4000 bye"
 
+    await wait_until(lambda: bridge.stats.extra["pending"] == 0, 5, "the last ack")
     stats = bridge.stats
     assert stats.messages_in == len(rows) + 1 and stats.extra["acked"] == len(rows) + 1
     assert stats.extra["connected"] == 1 and stats.links_open == len(ODD_IDS) + 1
@@ -309,6 +310,7 @@ async def test_failed_turn_is_retried_without_ack_and_refusal_is_final(
     )
     await wait_until(lambda: len(read_messages(db)) == 2, 5, "the flaky message to succeed")
     assert sorted(p for *_, p in read_messages(db)) == [b"flaky", b"ok"]
+    await wait_until(lambda: bridge.stats.extra["pending"] == 0, 5, "the last ack")
     stats = bridge.stats
     assert stats.extra["retries"] == 3 and stats.rejected >= 1 and stats.extra["pending"] == 0
     await bridge.stop()
