@@ -20,12 +20,16 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   a growing `retry` counter, never as loss. `LinkRejected` is final: the message is acked and
   counted in `rejected` (a redelivery would be refused again). A retried message may be
   applied after later messages of the same device.
-* **Backpressure.** At most `max_pending_messages` messages are between "pulled from the
-  client" and "committed"; past that the bridge stops pulling. With manual acks the broker's
-  in-flight window (Mosquitto `max_inflight_messages`, or our MQTT 5 Receive Maximum) then
-  stops the broker from sending more QoS 1 messages: nothing is dropped and memory is bounded.
-  QoS 0 messages (devices publishing at QoS 0) have no such window: past the same bound of
-  waiting messages they are dropped and counted (`qos0_dropped`), as QoS 0 allows.
+* **Backpressure, never drops.** At most `max_pending_messages` messages are between
+  "pulled from the client" and "committed"; past that the bridge stops pulling. Messages the
+  socket delivers meanwhile wait in the client's queue; when that queue reaches
+  `max_pending_messages` too, the bridge stops *reading the socket* until it is half empty, so
+  TCP flow control pushes back on the broker, for QoS 0 and QoS 1 alike (the broker's
+  in-flight window, Mosquitto `max_inflight_messages` or our MQTT 5 Receive Maximum, usually
+  stops QoS 1 earlier, but Mosquitto 2.0.11 was measured to exceed it once acks flow).
+  Memory stays bounded by about 2 x `max_pending_messages` messages; what the broker does
+  with its own backlog is its policy (Mosquitto: `max_queued_messages`, then drop). A pause
+  longer than about `keepalive_s` ends in a keepalive timeout and a reconnect.
 * **Not ours:** topics that match no route (e.g. a subscription left in the persistent session
   by an older config), empty ids, payloads over `max_payload_bytes`, and retained messages
   (replays of old state on subscribe, unless `accept_retained`) are logged, counted and
@@ -54,7 +58,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -86,7 +90,7 @@ _LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
 MQTT_EVENTS = Counter(
     "gatewayd_mqtt_events_total",
     "MQTT bridge events: applied, acked, rejected, retries, unrouted, oversized, "
-    "retained_skipped, qos0_dropped, outbound_dropped, connects, disconnects, ...",
+    "retained_skipped, read_pauses, outbound_dropped, connects, disconnects, ...",
     ["event"],
 )
 _EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
@@ -169,19 +173,22 @@ class _Inbound:
 
 
 class _IncomingQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """aiomqtt's incoming queue: unbounded for QoS 1 (the broker's window bounds it), but QoS 0
-    messages beyond `qos0_bound` waiting messages are dropped and counted."""
+    """aiomqtt's incoming queue. It never drops (aiomqtt would drop when a bounded queue is
+    full); instead `on_high_water` is called once it holds `high_water` messages, and the
+    bridge stops reading the socket."""
 
-    def __init__(self, maxsize: int = 0, *, qos0_bound: int, on_drop: Callable[[], None]):
+    def __init__(self, maxsize: int = 0, *, high_water: int) -> None:
         super().__init__(maxsize=0)
-        self._qos0_bound = qos0_bound
-        self._on_drop = on_drop
+        self.high_water = high_water
+        self.peak = 0
+        self.on_high_water: Callable[[], None] | None = None
 
     def put_nowait(self, item: Any) -> None:
-        if item.qos == 0 and self.qsize() >= self._qos0_bound:
-            self._on_drop()
-            return
         super().put_nowait(item)
+        size = self.qsize()
+        self.peak = max(self.peak, size)
+        if size >= self.high_water and self.on_high_water is not None:
+            self.on_high_water()
 
 
 class MqttBridge:
@@ -219,6 +226,8 @@ class MqttBridge:
         self._address_index = 0
         self._broker: BrokerAddress | None = None
         self._ssl_context: ssl.SSLContext | None = None
+        self._paused_socket: Any = None  # the socket whose reader we removed, if any
+        self._peak_seen = 0
         _LIVE_BRIDGES.add(self)
 
     # ----------------------------------------------------------------- public surface
@@ -244,6 +253,9 @@ class MqttBridge:
         extra["connected"] = int(self.connected)
         extra["pending"] = self._pending
         extra["outbound_queued"] = self._outbound.qsize()
+        client = self._client
+        extra["incoming_queued"] = _incoming(client).qsize() if client is not None else 0
+        extra["incoming_queue_peak"] = self._incoming_peak(client)
         return TransportStats(
             links_open=len(self._links),
             messages_in=self._stats.messages_in,
@@ -352,11 +364,10 @@ class MqttBridge:
             tls_context=self._ssl_context if address.tls else None,
             tls_insecure=s.tls_insecure if address.tls else None,
             queue_type=functools.partial(  # type: ignore[arg-type]
-                _IncomingQueue,
-                qos0_bound=s.max_pending_messages,
-                on_drop=functools.partial(self._count, "qos0_dropped"),
+                _IncomingQueue, high_water=s.max_pending_messages
             ),
         )
+        _incoming(client).on_high_water = functools.partial(self._pause_reading, client)
         # aiomqtt 2.x has no manual-ack option: switch paho's on before CONNECT, otherwise the
         # messages the broker queued for us while we were away are acked on arrival.
         client._client.manual_ack_set(True)
@@ -377,8 +388,16 @@ class MqttBridge:
             try:
                 async with client:
                     connected_at = time.monotonic()
-                    await self._on_connected(client, address)
-                    await self._read_loop(client)
+                    self._client = client
+                    # Read while subscribing: the broker sends the session's backlog right
+                    # after CONNACK, ahead of our SUBACKs, and flow control may pause reading.
+                    reader = asyncio.create_task(self._read_loop(client))
+                    try:
+                        await self._on_connected(client, address, reader)
+                        await reader
+                    finally:
+                        reader.cancel()
+                        await asyncio.gather(reader, return_exceptions=True)
             except aiomqtt.MqttError as exc:
                 reason = _describe(exc)
             except OSError as exc:
@@ -388,6 +407,8 @@ class MqttBridge:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._client = None
+                self._paused_socket = None
+                self._peak_seen = max(self._peak_seen, _incoming(client).peak)
                 self._connected_event.clear()
                 if not self._stopping:
                     self._set_state(ConnectionState.DISCONNECTED)
@@ -413,12 +434,24 @@ class MqttBridge:
             )
             await asyncio.sleep(delay)
 
-    async def _on_connected(self, client: aiomqtt.Client, address: BrokerAddress) -> None:
+    async def _on_connected(
+        self, client: aiomqtt.Client, address: BrokerAddress, reader: asyncio.Task[None]
+    ) -> None:
         s = self.settings
-        if s.status_topic:
-            await client.publish(s.resolved_status_topic, STATUS_ONLINE, qos=1, retain=True)
+        # Answers may queue behind a paused backlog: allow for the keepalive to notice a dead
+        # broker rather than the short connect timeout.
+        timeout_s = max(s.connect_timeout_s, 2.0 * s.keepalive_s)
         for topic_filter in self._routes.filters:
-            result = await client.subscribe(topic_filter, qos=s.qos)
+            subscribing = asyncio.ensure_future(
+                client.subscribe(topic_filter, qos=s.qos, timeout=timeout_s)
+            )
+            await asyncio.wait({subscribing, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not subscribing.done():  # the reader ended first: the connection is gone
+                subscribing.cancel()
+                await asyncio.gather(subscribing, return_exceptions=True)
+                await reader  # raises its MqttError
+                raise aiomqtt.MqttError("connection closed while subscribing")
+            result = subscribing.result()
             code = result[0]
             value = code.value if hasattr(code, "value") else code
             if value >= 0x80:
@@ -426,7 +459,10 @@ class MqttBridge:
                     f"broker refused the subscription to {topic_filter!r} (code {value:#x}); "
                     "check the broker's ACL for this user"
                 )
-        self._client = client
+        if s.status_topic:
+            await client.publish(
+                s.resolved_status_topic, STATUS_ONLINE, qos=1, retain=True, timeout=timeout_s
+            )
         self._set_state(ConnectionState.CONNECTED)
         self._connected_event.set()
         self._count("connects")
@@ -444,10 +480,51 @@ class MqttBridge:
 
     async def _read_loop(self, client: aiomqtt.Client) -> None:
         messages = client.messages
+        queue = _incoming(client)
+        low_water = queue.high_water // 2
         while True:
             await self._wait_for_capacity(client)
             message = await messages.__anext__()  # raises MqttError once disconnected
+            if self._paused_socket is not None and queue.qsize() <= low_water:
+                self._resume_reading(client)
             self._on_message(client, message)
+
+    # Socket-level flow control. aiomqtt reads the socket from a loop.add_reader callback that
+    # it does not expose, so pausing removes that reader and resuming installs an equivalent
+    # one (paho's loop_read, draining TLS-buffered bytes; errors end the connection).
+    def _pause_reading(self, client: aiomqtt.Client) -> None:
+        if self._paused_socket is not None or client is not self._client:
+            return
+        sock: Any = client._client.socket()
+        if sock is None or sock.fileno() < 0:
+            return
+        client._loop.remove_reader(sock.fileno())
+        self._paused_socket = sock
+        self._count("read_pauses")
+
+    def _resume_reading(self, client: aiomqtt.Client) -> None:
+        sock: Any = self._paused_socket
+        self._paused_socket = None
+        paho_client = client._client
+        if sock is None:
+            return
+        fd = sock.fileno()
+        if fd < 0 or paho_client.socket() is not sock:
+            return  # that connection is gone; its successor reads normally
+
+        def read() -> None:
+            try:
+                while True:
+                    paho_client.loop_read()
+                    pending = getattr(paho_client.socket(), "pending", None)
+                    if pending is None or pending() == 0:
+                        break
+            except Exception as exc:  # the connection broke: let aiomqtt's waiters see it
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        client._loop.add_reader(fd, read)
+        client._loop.call_soon(read)  # bytes may already sit decrypted in the TLS buffer
 
     async def _wait_for_capacity(self, client: aiomqtt.Client) -> None:
         """Backpressure: block while too many messages await their commit, or while stopping.
@@ -727,6 +804,11 @@ class MqttBridge:
 
     # ----------------------------------------------------------------- helpers
 
+    def _incoming_peak(self, client: aiomqtt.Client | None) -> int:
+        if client is not None:
+            self._peak_seen = max(self._peak_seen, _incoming(client).peak)
+        return self._peak_seen
+
     def _count(self, name: str, n: int = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + n
         child = _EVENT_CHILDREN.get(name)
@@ -747,6 +829,10 @@ class MqttBridge:
         if suppressed:
             msg += f" (+{suppressed} similar in the last {LOG_EVERY_S:.0f}s)"
         logger.warning(msg, *args)
+
+
+def _incoming(client: aiomqtt.Client) -> _IncomingQueue:
+    return cast(_IncomingQueue, client._queue)
 
 
 def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
