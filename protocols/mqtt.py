@@ -38,6 +38,8 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   (`max_outbound_queue`), published by `max_inflight_publishes` workers at the route's QoS.
   When the queue is full the new message is dropped, counted (`outbound_dropped`) and logged.
   A publish interrupted by a disconnect is retried after the reconnect (at least once).
+  Replies leave in `send` order, except that retries around a reconnect may reorder them.
+  At most `max_outbound_queue` + `max_inflight_publishes` replies are held in memory.
 * **Connection.** Reconnects forever with exponential backoff and full jitter; resubscribes
   and publishes a retained "online" to the status topic on every connect; the broker
   publishes the retained "offline" last will if we vanish, and `stop()` publishes it itself.
@@ -545,7 +547,10 @@ class MqttBridge:
         finally:
             waiter.cancel()
         if disconnected.done():
-            raise aiomqtt.MqttError("disconnected while waiting for pending turns to commit")
+            cause = None if disconnected.cancelled() else disconnected.exception()
+            raise aiomqtt.MqttError(
+                "disconnected while waiting for pending turns to commit"
+            ) from cause
 
     def _on_message(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
