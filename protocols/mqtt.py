@@ -54,13 +54,11 @@ import contextlib
 import functools
 import logging
 import random
-import socket
 import ssl
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -69,6 +67,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
 from protocols.link import DedupKey, LinkHandler, LinkRejected, Outcome, Route, TransportStats
+from protocols.mqtt_client import ManualAckClient
 from protocols.mqtt_settings import (
     BrokerAddress,
     MqttConfigError,
@@ -165,32 +164,13 @@ class MqttLink:
 class _Inbound:
     """One message between 'pulled from the client' and 'acked' (or given up)."""
 
-    client: aiomqtt.Client
+    client: ManualAckClient
     mid: int
     qos: int
     topic: str
     match: RouteMatch
     payload: bytes
     attempts: int = 0
-
-
-class _IncomingQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """aiomqtt's incoming queue. It never drops (aiomqtt would drop when a bounded queue is
-    full); instead `on_high_water` is called once it holds `high_water` messages, and the
-    bridge stops reading the socket."""
-
-    def __init__(self, maxsize: int = 0, *, high_water: int) -> None:
-        super().__init__(maxsize=0)
-        self.high_water = high_water
-        self.peak = 0
-        self.on_high_water: Callable[[], None] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        super().put_nowait(item)
-        size = self.qsize()
-        self.peak = max(self.peak, size)
-        if size >= self.high_water and self.on_high_water is not None:
-            self.on_high_water()
 
 
 class MqttBridge:
@@ -209,7 +189,7 @@ class MqttBridge:
         self._routes = RouteTable(settings.routes)
         self._links: dict[tuple[int, str], MqttLink] = {}
         self._state = ConnectionState.IDLE
-        self._client: aiomqtt.Client | None = None
+        self._client: ManualAckClient | None = None
         self._connected_event = asyncio.Event()
         self._stopping = False
         self._accepting = True  # False once stop() began: no more pulls from the client
@@ -228,7 +208,6 @@ class MqttBridge:
         self._address_index = 0
         self._broker: BrokerAddress | None = None
         self._ssl_context: ssl.SSLContext | None = None
-        self._paused_socket: Any = None  # the socket whose reader we removed, if any
         self._peak_seen = 0
         _LIVE_BRIDGES.add(self)
 
@@ -256,7 +235,7 @@ class MqttBridge:
         extra["pending"] = self._pending
         extra["outbound_queued"] = self._outbound.qsize()
         client = self._client
-        extra["incoming_queued"] = _incoming(client).qsize() if client is not None else 0
+        extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
         extra["incoming_queue_peak"] = self._incoming_peak(client)
         return TransportStats(
             links_open=len(self._links),
@@ -334,7 +313,7 @@ class MqttBridge:
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def _make_client(self, address: BrokerAddress) -> aiomqtt.Client:
+    def _make_client(self, address: BrokerAddress) -> ManualAckClient:
         s = self.settings
         v5 = s.protocol == "5"
         properties = None
@@ -346,9 +325,11 @@ class MqttBridge:
         will = None
         if s.status_topic:
             will = aiomqtt.Will(s.resolved_status_topic, STATUS_OFFLINE, qos=1, retain=True)
-        client = aiomqtt.Client(
+        client = ManualAckClient(
             address.host,
             address.port,
+            high_water=s.max_pending_messages,
+            on_pause=functools.partial(self._count, "read_pauses"),
             username=s.username,
             password=s.password,
             identifier=s.client_id,
@@ -361,18 +342,9 @@ class MqttBridge:
             properties=properties,
             timeout=s.connect_timeout_s,
             max_inflight_messages=s.max_inflight_publishes,
-            # Small PUBACKs and replies must not wait for Nagle + delayed ACK (~40 ms each).
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             tls_context=self._ssl_context if address.tls else None,
             tls_insecure=s.tls_insecure if address.tls else None,
-            queue_type=functools.partial(  # type: ignore[arg-type]
-                _IncomingQueue, high_water=s.max_pending_messages
-            ),
         )
-        _incoming(client).on_high_water = functools.partial(self._pause_reading, client)
-        # aiomqtt 2.x has no manual-ack option: switch paho's on before CONNECT, otherwise the
-        # messages the broker queued for us while we were away are acked on arrival.
-        client._client.manual_ack_set(True)
         # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
         client.pending_calls_threshold = s.max_inflight_publishes + len(self._routes.filters) + 8
         return client
@@ -409,8 +381,7 @@ class MqttBridge:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._client = None
-                self._paused_socket = None
-                self._peak_seen = max(self._peak_seen, _incoming(client).peak)
+                self._peak_seen = max(self._peak_seen, client.incoming.peak)
                 self._connected_event.clear()
                 if not self._stopping:
                     self._set_state(ConnectionState.DISCONNECTED)
@@ -437,7 +408,7 @@ class MqttBridge:
             await asyncio.sleep(delay)
 
     async def _on_connected(
-        self, client: aiomqtt.Client, address: BrokerAddress, reader: asyncio.Task[None]
+        self, client: ManualAckClient, address: BrokerAddress, reader: asyncio.Task[None]
     ) -> None:
         s = self.settings
         # Answers may queue behind a paused backlog: allow for the keepalive to notice a dead
@@ -480,60 +451,22 @@ class MqttBridge:
 
     # ----------------------------------------------------------------- inbound
 
-    async def _read_loop(self, client: aiomqtt.Client) -> None:
+    async def _read_loop(self, client: ManualAckClient) -> None:
         messages = client.messages
-        queue = _incoming(client)
-        low_water = queue.high_water // 2
+        low_water = client.incoming.high_water // 2
         while True:
             await self._wait_for_capacity(client)
             message = await messages.__anext__()  # raises MqttError once disconnected
-            if self._paused_socket is not None and queue.qsize() <= low_water:
-                self._resume_reading(client)
+            if client.reading_paused and client.incoming.qsize() <= low_water:
+                client.resume_reading()
             self._on_message(client, message)
 
-    # Socket-level flow control. aiomqtt reads the socket from a loop.add_reader callback that
-    # it does not expose, so pausing removes that reader and resuming installs an equivalent
-    # one (paho's loop_read, draining TLS-buffered bytes; errors end the connection).
-    def _pause_reading(self, client: aiomqtt.Client) -> None:
-        if self._paused_socket is not None or client is not self._client:
-            return
-        sock: Any = client._client.socket()
-        if sock is None or sock.fileno() < 0:
-            return
-        client._loop.remove_reader(sock.fileno())
-        self._paused_socket = sock
-        self._count("read_pauses")
-
-    def _resume_reading(self, client: aiomqtt.Client) -> None:
-        sock: Any = self._paused_socket
-        self._paused_socket = None
-        paho_client = client._client
-        if sock is None:
-            return
-        fd = sock.fileno()
-        if fd < 0 or paho_client.socket() is not sock:
-            return  # that connection is gone; its successor reads normally
-
-        def read() -> None:
-            try:
-                while True:
-                    paho_client.loop_read()
-                    pending = getattr(paho_client.socket(), "pending", None)
-                    if pending is None or pending() == 0:
-                        break
-            except Exception as exc:  # the connection broke: let aiomqtt's waiters see it
-                if not client._disconnected.done():
-                    client._disconnected.set_exception(exc)
-
-        client._loop.add_reader(fd, read)
-        client._loop.call_soon(read)  # bytes may already sit decrypted in the TLS buffer
-
-    async def _wait_for_capacity(self, client: aiomqtt.Client) -> None:
+    async def _wait_for_capacity(self, client: ManualAckClient) -> None:
         """Backpressure: block while too many messages await their commit, or while stopping.
         A disconnect ends the wait too, so a stuck turn never delays reconnecting."""
         if self._pending < self.settings.max_pending_messages and self._accepting:
             return
-        disconnected = client._disconnected  # aiomqtt has no public "disconnected" awaitable
+        disconnected = client.disconnected
         self._count("backpressure_pauses")
 
         async def until_capacity() -> None:
@@ -552,7 +485,7 @@ class MqttBridge:
                 "disconnected while waiting for pending turns to commit"
             ) from cause
 
-    def _on_message(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    def _on_message(self, client: ManualAckClient, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         payload = message.payload if isinstance(message.payload, bytes) else bytes(message.payload)
         qos = message.qos
@@ -593,7 +526,7 @@ class MqttBridge:
         self._drained.clear()
         self._submit(item)
 
-    def _skip(self, client: aiomqtt.Client, message: aiomqtt.Message, outcome: str, *log: Any):
+    def _skip(self, client: ManualAckClient, message: aiomqtt.Message, outcome: str, *log: Any):
         self._count(outcome)
         self._log_limited(outcome, *log)
         self._ack(client, message.mid, message.qos)
@@ -717,13 +650,13 @@ class MqttBridge:
             self._drained.set()
         self._wakeup.set()
 
-    def _ack(self, client: aiomqtt.Client, mid: int, qos: int) -> bool:
+    def _ack(self, client: ManualAckClient, mid: int, qos: int) -> bool:
         """PUBACK on the connection the message came on; packet ids are per connection."""
         if qos == 0:
             return True
         if client is not self._client:
             return False
-        return client._client.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+        return client.ack(mid, qos)
 
     # ----------------------------------------------------------------- links & outbound
 
@@ -809,9 +742,9 @@ class MqttBridge:
 
     # ----------------------------------------------------------------- helpers
 
-    def _incoming_peak(self, client: aiomqtt.Client | None) -> int:
+    def _incoming_peak(self, client: ManualAckClient | None) -> int:
         if client is not None:
-            self._peak_seen = max(self._peak_seen, _incoming(client).peak)
+            self._peak_seen = max(self._peak_seen, client.incoming.peak)
         return self._peak_seen
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -834,10 +767,6 @@ class MqttBridge:
         if suppressed:
             msg += f" (+{suppressed} similar in the last {LOG_EVERY_S:.0f}s)"
         logger.warning(msg, *args)
-
-
-def _incoming(client: aiomqtt.Client) -> _IncomingQueue:
-    return cast(_IncomingQueue, client._queue)
 
 
 def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
