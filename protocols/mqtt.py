@@ -1,0 +1,797 @@
+"""MQTT transport: a broker subscription bridged to per-device links, acked after commit.
+
+`MqttBridge` keeps one connection to a broker (several URLs are tried in turn), subscribes to
+each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turns every device
+(route + id) into one `MqttLink` that the gateway's `LinkHandler` sees. Delivery guarantees:
+
+* **Ack after commit.** paho's manual acks are switched on before the first CONNECT, so no
+  message (not even one queued by the broker while we were offline) is acknowledged before
+  `handler.submit_message(...)`'s future resolved. A SIGKILL at any moment therefore loses
+  nothing: the persistent session (3.1.1 clean_session=False, or 5 with a session expiry)
+  makes the broker redeliver every unacked message. Delivery is at least once: a turn that
+  committed just before a crash or a disconnect is delivered and applied again.
+* **Acks follow commits, not arrival order.** Each message is acked as soon as its own turn
+  committed, so a slow agent never holds back other devices' acks. (MQTT asks for PUBACKs in
+  arrival order; brokers track in-flight messages by packet id and accept this.)
+* **Failed turns are retried in-process**, with exponential backoff and full jitter between
+  `retry_min_s` and `retry_max_s`, without limit and without acking: a broker redelivers only
+  on reconnect, and reconnecting would redeliver (and re-apply) every other in-flight message
+  too. A message keeps its pending slot while it is retried, so a poison message shows up as
+  a growing `retry` counter, never as loss. `LinkRejected` is final: the message is acked and
+  counted in `rejected` (a redelivery would be refused again). A retried message may be
+  applied after later messages of the same device.
+* **Backpressure, never drops.** At most `max_pending_messages` messages are between
+  "pulled from the client" and "committed"; past that the bridge stops pulling. Messages the
+  socket delivers meanwhile wait in the client's queue; when that queue reaches
+  `max_pending_messages` too, the bridge stops *reading the socket* until it is half empty, so
+  TCP flow control pushes back on the broker, for QoS 0 and QoS 1 alike (the broker's
+  in-flight window, Mosquitto `max_inflight_messages` or our MQTT 5 Receive Maximum, usually
+  stops QoS 1 earlier, but Mosquitto 2.0.11 was measured to exceed it once acks flow).
+  Memory stays bounded by about 2 x `max_pending_messages` messages; what the broker does
+  with its own backlog is its policy (Mosquitto: `max_queued_messages`, then drop). A pause
+  longer than about `keepalive_s` ends in a keepalive timeout and a reconnect.
+* **Not ours:** topics that match no route (e.g. a subscription left in the persistent session
+  by an older config), empty ids, payloads over `max_payload_bytes`, and retained messages
+  (replays of old state on subscribe, unless `accept_retained`) are logged, counted and
+  acked, so they are neither processed nor redelivered forever.
+* **Outbound.** `link.send` never blocks: data goes into one bounded queue
+  (`max_outbound_queue`), published by `max_inflight_publishes` workers at the route's QoS.
+  When the queue is full the new message is dropped, counted (`outbound_dropped`) and logged.
+  A publish interrupted by a disconnect is retried after the reconnect (at least once).
+  Replies leave in `send` order, except that retries around a reconnect may reorder them.
+  At most `max_outbound_queue` + `max_inflight_publishes` replies are held in memory.
+* **Connection.** Reconnects forever with exponential backoff and full jitter; resubscribes
+  and publishes a retained "online" to the status topic on every connect; the broker
+  publishes the retained "offline" last will if we vanish, and `stop()` publishes it itself.
+
+QoS 2 is refused in the settings (see `MqttSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import ssl
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import Counter, Gauge
+
+from protocols.link import DedupKey, LinkHandler, LinkRejected, Outcome, Route, TransportStats
+from protocols.mqtt_client import ManualAckClient
+from protocols.mqtt_settings import (
+    BrokerAddress,
+    MqttConfigError,
+    MqttRoute,
+    MqttSettings,
+    RouteMatch,
+    RouteTable,
+)
+
+__all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettings"]
+
+logger = logging.getLogger(__name__)
+
+TRANSPORT = "mqtt"
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
+
+_LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
+
+MQTT_EVENTS = Counter(
+    "gatewayd_mqtt_events_total",
+    "MQTT bridge events: applied, acked, rejected, retries, unrouted, oversized, "
+    "retained_skipped, read_pauses, outbound_dropped, connects, disconnects, ...",
+    ["event"],
+)
+_EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
+MQTT_PUBLISHED = Counter("gatewayd_mqtt_published_total", "Replies published to the broker")
+MQTT_CONNECTED = Gauge("gatewayd_mqtt_connected", "MQTT bridges connected to their broker")
+MQTT_CONNECTED.set_function(lambda: sum(b.connected for b in list(_LIVE_BRIDGES)))
+MQTT_PENDING = Gauge("gatewayd_mqtt_pending_messages", "MQTT messages awaiting their commit")
+MQTT_PENDING.set_function(lambda: sum(b._pending for b in list(_LIVE_BRIDGES)))
+
+
+class ConnectionState:
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    STOPPED = "stopped"
+
+
+class MqttLink:
+    """One device (route + id) as the gateway sees it; `send` publishes to its reply topic."""
+
+    __slots__ = ("_bridge", "_closed", "_link_id", "_remote", "_route", "key", "reply_topic")
+
+    def __init__(self, bridge: MqttBridge, match: RouteMatch, topic: str, reply_topic: str):
+        self._bridge = bridge
+        self.key = (match.route_index, match.device_id)
+        self._route = Route(match.route.agent_class, match.device_id)
+        self._link_id = f"mqtt:{topic}"
+        self._remote = topic
+        self.reply_topic = reply_topic
+        self._closed = False
+
+    @property
+    def transport(self) -> str:
+        return TRANSPORT
+
+    @property
+    def link_id(self) -> str:
+        return self._link_id
+
+    @property
+    def route(self) -> Route:
+        return self._route
+
+    @property
+    def remote(self) -> str:
+        return self._remote
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, data: bytes | str) -> None:
+        """Queue `data` (str as UTF-8) for the device's reply topic; never blocks."""
+        payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        self._bridge._enqueue_publish(self, payload)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Forget this device's link (runs the agent's on_close); its next message opens a
+        new link. MQTT devices have no session with us to tear down."""
+        if not self._closed:
+            self._closed = True
+            self._bridge._link_closed_by_gateway(self, code, reason)
+
+    def __repr__(self) -> str:
+        return f"MqttLink({self._link_id!r} -> {self._route.agent_class}:{self._route.agent_id})"
+
+
+@dataclass(slots=True)
+class _Inbound:
+    """One message between 'pulled from the client' and 'acked' (or given up)."""
+
+    client: ManualAckClient
+    mid: int
+    qos: int
+    topic: str
+    match: RouteMatch
+    payload: bytes
+    attempts: int = 0
+
+
+class MqttBridge:
+    """Bridges an MQTT broker to a `LinkHandler`; see the module docstring for guarantees.
+
+    bridge = MqttBridge(settings, handler)
+    await bridge.start()          # returns at once; connects and reconnects in the background
+    await bridge.wait_connected(timeout_s=5)
+    ...
+    await bridge.stop(drain_timeout_s=10)
+    """
+
+    def __init__(self, settings: MqttSettings, handler: LinkHandler) -> None:
+        self.settings = settings
+        self._handler = handler
+        self._routes = RouteTable(settings.routes)
+        self._links: dict[tuple[int, str], MqttLink] = {}
+        self._state = ConnectionState.IDLE
+        self._client: ManualAckClient | None = None
+        self._connected_event = asyncio.Event()
+        self._stopping = False
+        self._accepting = True  # False once stop() began: no more pulls from the client
+        self._pending: int = 0
+        self._wakeup = asyncio.Event()  # set whenever a pending message finished (or stop)
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._outbound: asyncio.Queue[tuple[MqttLink, bytes]] = asyncio.Queue(
+            maxsize=settings.max_outbound_queue
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._stats = TransportStats()
+        self._counts: dict[str, int] = {}
+        self._last_log: dict[str, float] = {}
+        self._address_index = 0
+        self._broker: BrokerAddress | None = None
+        self._ssl_context: ssl.SSLContext | None = None
+        self._peak_seen = 0
+        _LIVE_BRIDGES.add(self)
+
+    # ----------------------------------------------------------------- public surface
+
+    @property
+    def connected(self) -> bool:
+        return self._state == ConnectionState.CONNECTED
+
+    @property
+    def state(self) -> str:
+        """idle | connecting | connected | disconnected | stopped"""
+        return self._state
+
+    @property
+    def broker(self) -> str | None:
+        """The broker URL currently used (or last tried)."""
+        return None if self._broker is None else str(self._broker)
+
+    @property
+    def stats(self) -> TransportStats:
+        """A snapshot: TransportStats plus MQTT counters and connection state in `extra`."""
+        extra = dict(self._counts)
+        extra["connected"] = int(self.connected)
+        extra["pending"] = self._pending
+        extra["outbound_queued"] = self._outbound.qsize()
+        client = self._client
+        extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
+        extra["incoming_queue_peak"] = self._incoming_peak(client)
+        return TransportStats(
+            links_open=len(self._links),
+            messages_in=self._stats.messages_in,
+            messages_out=self._stats.messages_out,
+            rejected=self._stats.rejected,
+            extra=extra,
+        )
+
+    async def start(self) -> None:
+        """Start connecting (in the background; a broker that is down is retried forever)."""
+        if self._tasks:
+            raise RuntimeError("MqttBridge.start() called twice")
+        if self._ssl_context is None and any(a.tls for a in self.settings.addresses):
+            self._ssl_context = await asyncio.to_thread(self._make_ssl_context)
+        self._tasks.append(asyncio.create_task(self._connection_loop(), name="mqtt-connection"))
+        for n in range(self.settings.max_inflight_publishes):
+            self._tasks.append(asyncio.create_task(self._publish_worker(), name=f"mqtt-pub-{n}"))
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until connected and subscribed (raises TimeoutError)."""
+        await asyncio.wait_for(self._connected_event.wait(), timeout_s)
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop pulling messages, wait (bounded) for pending turns to commit and be acked,
+        close every link, flush replies, publish "offline" and disconnect. Whatever is not
+        acked by then is redelivered by the broker on the next start."""
+        if self._state == ConnectionState.STOPPED:
+            return
+        deadline = time.monotonic() + drain_timeout_s
+        self._accepting = False
+        self._wakeup.set()
+        for task in list(self._retry_tasks):  # failed turns are left to the broker's redelivery
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), _left(deadline))
+        closes = [
+            self._close_link(link, 1001, "gateway shutting down") for link in self._links.values()
+        ]
+        self._links.clear()
+        if closes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*closes, return_exceptions=True), _left(deadline)
+                )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbound.join(), _left(deadline))
+        client = self._client
+        if client is not None and self.connected and self.settings.status_topic:
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(
+                    self.settings.resolved_status_topic,
+                    STATUS_OFFLINE,
+                    qos=1,
+                    retain=True,
+                    timeout=max(0.1, min(2.0, _left(deadline))),
+                )
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._set_state(ConnectionState.STOPPED)
+        logger.info("mqtt: bridge stopped (%d messages left unacked for redelivery)", self._pending)
+
+    # ----------------------------------------------------------------- connection
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        s = self.settings
+        context = ssl.create_default_context(cafile=s.ca_file)
+        if s.cert_file is not None:
+            context.load_cert_chain(s.cert_file, s.key_file)
+        if s.tls_insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _make_client(self, address: BrokerAddress) -> ManualAckClient:
+        s = self.settings
+        v5 = s.protocol == "5"
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+            # Our window: the broker sends at most this many unacked QoS 1 messages.
+            properties.ReceiveMaximum = min(65_535, s.max_pending_messages)
+        will = None
+        if s.status_topic:
+            will = aiomqtt.Will(s.resolved_status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        client = ManualAckClient(
+            address.host,
+            address.port,
+            high_water=s.max_pending_messages,
+            on_pause=functools.partial(self._count, "read_pauses"),
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            # MQTT 5: never MQTT_CLEAN_START_FIRST_ONLY, it would drop the session on start.
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=s.keepalive_s,
+            will=will,
+            properties=properties,
+            timeout=s.connect_timeout_s,
+            max_inflight_messages=s.max_inflight_publishes,
+            tls_context=self._ssl_context if address.tls else None,
+            tls_insecure=s.tls_insecure if address.tls else None,
+        )
+        # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
+        client.pending_calls_threshold = s.max_inflight_publishes + len(self._routes.filters) + 8
+        return client
+
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        addresses = self.settings.addresses
+        while not self._stopping:
+            address = addresses[self._address_index % len(addresses)]
+            self._broker = address
+            self._set_state(ConnectionState.CONNECTING)
+            client = self._make_client(address)
+            connected_at: float | None = None
+            reason = ""
+            try:
+                async with client:
+                    connected_at = time.monotonic()
+                    self._client = client
+                    # Read while subscribing: the broker sends the session's backlog right
+                    # after CONNACK, ahead of our SUBACKs, and flow control may pause reading.
+                    reader = asyncio.create_task(self._read_loop(client))
+                    try:
+                        await self._on_connected(client, address, reader)
+                        await reader
+                    finally:
+                        reader.cancel()
+                        await asyncio.gather(reader, return_exceptions=True)
+            except aiomqtt.MqttError as exc:
+                reason = _describe(exc)
+            except OSError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug here must not end reconnecting for good
+                logger.exception("mqtt: unexpected error on the connection to %s", address)
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._client = None
+                self._peak_seen = max(self._peak_seen, client.incoming.peak)
+                self._connected_event.clear()
+                if not self._stopping:
+                    self._set_state(ConnectionState.DISCONNECTED)
+            if self._stopping:
+                return
+            if connected_at is not None and time.monotonic() - connected_at >= (
+                self.settings.reconnect_max_s
+            ):
+                attempt = 0  # a connection that lived long resets the backoff
+            if connected_at is None:
+                self._address_index += 1  # try the next broker URL
+            delay = _full_jitter(
+                attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s
+            )
+            attempt += 1
+            self._count("disconnects" if connected_at is not None else "connect_failures")
+            logger.warning(
+                "mqtt: %s %s (%s); retrying in %.1fs",
+                "lost connection to" if connected_at is not None else "cannot connect to",
+                address,
+                reason or "closed",
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _on_connected(
+        self, client: ManualAckClient, address: BrokerAddress, reader: asyncio.Task[None]
+    ) -> None:
+        s = self.settings
+        # Answers may queue behind a paused backlog: allow for the keepalive to notice a dead
+        # broker rather than the short connect timeout.
+        timeout_s = max(s.connect_timeout_s, 2.0 * s.keepalive_s)
+        for topic_filter in self._routes.filters:
+            subscribing = asyncio.ensure_future(
+                client.subscribe(topic_filter, qos=s.qos, timeout=timeout_s)
+            )
+            await asyncio.wait({subscribing, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not subscribing.done():  # the reader ended first: the connection is gone
+                subscribing.cancel()
+                await asyncio.gather(subscribing, return_exceptions=True)
+                await reader  # raises its MqttError
+                raise aiomqtt.MqttError("connection closed while subscribing")
+            result = subscribing.result()
+            code = result[0]
+            value = code.value if hasattr(code, "value") else code
+            if value >= 0x80:
+                raise aiomqtt.MqttError(
+                    f"broker refused the subscription to {topic_filter!r} (code {value:#x}); "
+                    "check the broker's ACL for this user"
+                )
+        if s.status_topic:
+            await client.publish(
+                s.resolved_status_topic, STATUS_ONLINE, qos=1, retain=True, timeout=timeout_s
+            )
+        self._set_state(ConnectionState.CONNECTED)
+        self._connected_event.set()
+        self._count("connects")
+        logger.info(
+            "mqtt: connected to %s as %r, subscribed to %s",
+            address,
+            s.client_id,
+            ", ".join(self._routes.filters),
+        )
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+
+    # ----------------------------------------------------------------- inbound
+
+    async def _read_loop(self, client: ManualAckClient) -> None:
+        messages = client.messages
+        low_water = client.incoming.high_water // 2
+        while True:
+            await self._wait_for_capacity(client)
+            message = await messages.__anext__()  # raises MqttError once disconnected
+            if client.reading_paused and client.incoming.qsize() <= low_water:
+                client.resume_reading()
+            self._on_message(client, message)
+
+    async def _wait_for_capacity(self, client: ManualAckClient) -> None:
+        """Backpressure: block while too many messages await their commit, or while stopping.
+        A disconnect ends the wait too, so a stuck turn never delays reconnecting."""
+        if self._pending < self.settings.max_pending_messages and self._accepting:
+            return
+        disconnected = client.disconnected
+        self._count("backpressure_pauses")
+
+        async def until_capacity() -> None:
+            while not (self._accepting and self._pending < self.settings.max_pending_messages):
+                self._wakeup.clear()
+                await self._wakeup.wait()
+
+        waiter = asyncio.ensure_future(until_capacity())
+        try:
+            await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if disconnected.done():
+            cause = None if disconnected.cancelled() else disconnected.exception()
+            raise aiomqtt.MqttError(
+                "disconnected while waiting for pending turns to commit"
+            ) from cause
+
+    def _on_message(self, client: ManualAckClient, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else bytes(message.payload)
+        qos = message.qos
+        if len(payload) > self.settings.max_payload_bytes:
+            self._skip(
+                client,
+                message,
+                "oversized",
+                "mqtt: dropped a %d-byte message on %r (max_payload_bytes=%d)",
+                len(payload),
+                topic,
+                self.settings.max_payload_bytes,
+            )
+            return
+        if message.retain and not self.settings.accept_retained:
+            self._skip(
+                client,
+                message,
+                "retained_skipped",
+                "mqtt: skipped retained message on %r (stale state replayed on subscribe; "
+                "set accept_retained to process it)",
+                topic,
+            )
+            return
+        match = self._routes.match(topic)
+        if match is None:
+            self._skip(
+                client,
+                message,
+                "unrouted",
+                "mqtt: message on %r matches no route; acked and ignored (a subscription left "
+                "in the persistent session by an older config?)",
+                topic,
+            )
+            return
+        item = _Inbound(client, message.mid, qos, topic, match, payload)
+        self._pending += 1
+        self._drained.clear()
+        self._submit(item)
+
+    def _skip(self, client: ManualAckClient, message: aiomqtt.Message, outcome: str, *log: Any):
+        self._count(outcome)
+        self._log_limited(outcome, *log)
+        self._ack(client, message.mid, message.qos)
+
+    def _link_for(self, match: RouteMatch, topic: str) -> MqttLink:
+        key = (match.route_index, match.device_id)
+        link = self._links.get(key)
+        if link is None:
+            reply_topic = self._routes.reply_topic(match.route_index, match.device_id)
+            link = MqttLink(self, match, topic, reply_topic)
+            self._links[key] = link
+            context = {
+                "transport": TRANSPORT,
+                "topic": topic,
+                "device_id": match.device_id,
+                "reply_topic": reply_topic,
+                "route_topic": match.route.topic,
+                "broker": self.broker,
+            }
+            try:
+                opened = self._handler.open_link(link, context)
+            except Exception as exc:  # a handler bug must not kill the bridge
+                opened = _failed_future(exc)
+            opened.add_done_callback(functools.partial(self._on_opened, link))
+        return link
+
+    def _on_opened(self, link: MqttLink, future: asyncio.Future[Outcome]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            return
+        # Forget the link so that the device's next message tries to open it again.
+        if self._links.get(link.key) is link:
+            del self._links[link.key]
+        if isinstance(exc, LinkRejected):
+            self._log_limited(
+                "open_rejected",
+                "mqtt: %s refused %s: %s",
+                link.route.agent_class,
+                link.remote,
+                exc.reason,
+            )
+        else:
+            self._log_limited("open_failed", "mqtt: opening %s failed: %r", link.remote, exc)
+
+    def _submit(self, item: _Inbound) -> None:
+        item.attempts += 1
+        link = self._link_for(item.match, item.topic)
+        dedup: DedupKey | None = None
+        try:
+            future = self._handler.submit_message(link, item.payload, dedup)
+        except Exception as exc:  # a handler bug is a failed turn, not a dead bridge
+            future = _failed_future(exc)
+        future.add_done_callback(functools.partial(self._on_committed, item))
+
+    def _on_committed(self, item: _Inbound, future: asyncio.Future[Outcome]) -> None:
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            self._stats.messages_in += 1
+            outcome = "duplicate" if future.result() is Outcome.DUPLICATE else "applied"
+            self._count(outcome)
+            self._finish(item)
+        elif isinstance(exc, LinkRejected):
+            self._stats.rejected += 1
+            self._count("rejected")
+            self._log_limited(
+                "rejected",
+                "mqtt: %s refused a message on %r: %s; acked and dropped",
+                item.match.route.agent_class,
+                item.topic,
+                exc.reason,
+            )
+            self._finish(item)
+        elif self._stopping or not self._accepting or item.client is not self._client:
+            # Shutting down, or the connection it came on is gone: the broker redelivers it.
+            self._count("failed_left_for_redelivery")
+            self._release(item)
+        else:
+            self._count("retries")
+            delay = _full_jitter(
+                item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s
+            )
+            self._log_limited(
+                "retry",
+                "mqtt: turn for %r failed (attempt %d: %r); not acked, retrying in %.1fs",
+                item.topic,
+                item.attempts,
+                exc,
+                delay,
+            )
+            task = asyncio.get_running_loop().create_task(self._retry_later(item, delay))
+            self._retry_tasks.add(task)
+            task.add_done_callback(self._retry_tasks.discard)
+
+    async def _retry_later(self, item: _Inbound, delay_s: float) -> None:
+        try:
+            await asyncio.sleep(delay_s)
+        except asyncio.CancelledError:
+            self._release(item)
+            raise
+        if item.client is not self._client or not self._accepting:
+            self._count("failed_left_for_redelivery")
+            self._release(item)
+            return
+        self._submit(item)
+
+    def _finish(self, item: _Inbound) -> None:
+        if item.qos == 0:
+            pass
+        elif self._ack(item.client, item.mid, item.qos):
+            self._count("acked")
+        else:
+            # Committed, but the connection it came on is gone: the broker redelivers it.
+            self._count("ack_lost")
+        self._release(item)
+
+    def _release(self, item: _Inbound) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            self._drained.set()
+        self._wakeup.set()
+
+    def _ack(self, client: ManualAckClient, mid: int, qos: int) -> bool:
+        """PUBACK on the connection the message came on; packet ids are per connection."""
+        if qos == 0:
+            return True
+        if client is not self._client:
+            return False
+        return client.ack(mid, qos)
+
+    # ----------------------------------------------------------------- links & outbound
+
+    def _close_link(self, link: MqttLink, code: int, reason: str) -> asyncio.Future[Outcome]:
+        link._closed = True
+        try:
+            return self._handler.close_link(link, code, reason)
+        except Exception as exc:
+            return _failed_future(exc)
+
+    def _link_closed_by_gateway(self, link: MqttLink, code: int, reason: str) -> None:
+        if self._links.get(link.key) is link:
+            del self._links[link.key]
+        future = self._close_link(link, code, reason)
+        future.add_done_callback(_consume_exception)
+
+    def _enqueue_publish(self, link: MqttLink, payload: bytes) -> None:
+        if len(payload) > self.settings.max_payload_bytes:
+            self._count("outbound_oversized")
+            self._log_limited(
+                "outbound_oversized",
+                "mqtt: reply of %d bytes to %r over max_payload_bytes=%d; dropped",
+                len(payload),
+                link.reply_topic,
+                self.settings.max_payload_bytes,
+            )
+            return
+        try:
+            self._outbound.put_nowait((link, payload))
+        except asyncio.QueueFull:
+            self._count("outbound_dropped")
+            self._log_limited(
+                "outbound_dropped",
+                "mqtt: outbound queue full (%d replies, broker %s); dropped a reply to %r",
+                self.settings.max_outbound_queue,
+                "connected" if self.connected else "disconnected",
+                link.reply_topic,
+            )
+
+    async def _publish_worker(self) -> None:
+        qos = self.settings.qos
+        while True:
+            link, payload = await self._outbound.get()
+            try:
+                while True:
+                    await self._connected_event.wait()
+                    client = self._client
+                    if client is None:
+                        continue
+                    try:
+                        await client.publish(
+                            link.reply_topic,
+                            payload,
+                            qos=qos,
+                            timeout=self.settings.publish_timeout_s,
+                        )
+                    except aiomqtt.MqttError as exc:
+                        # Lost the connection mid-publish: publish again after the reconnect.
+                        self._count("publish_retries")
+                        self._log_limited(
+                            "publish_retry",
+                            "mqtt: publish to %r failed (%s); will retry",
+                            link.reply_topic,
+                            exc,
+                        )
+                        if client is self._client:
+                            await asyncio.sleep(self.settings.reconnect_min_s)
+                        continue
+                    except Exception as exc:  # e.g. paho refusing the topic: drop this reply
+                        self._count("publish_errors")
+                        self._log_limited(
+                            "publish_error",
+                            "mqtt: cannot publish to %r (%r); reply dropped",
+                            link.reply_topic,
+                            exc,
+                        )
+                        break
+                    self._stats.messages_out += 1
+                    MQTT_PUBLISHED.inc()
+                    break
+            finally:
+                self._outbound.task_done()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _incoming_peak(self, client: ManualAckClient | None) -> int:
+        if client is not None:
+            self._peak_seen = max(self._peak_seen, client.incoming.peak)
+        return self._peak_seen
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._counts[name] = self._counts.get(name, 0) + n
+        child = _EVENT_CHILDREN.get(name)
+        if child is None:
+            child = _EVENT_CHILDREN[name] = MQTT_EVENTS.labels(name)
+        child.inc(n)
+
+    def _log_limited(self, key: str, msg: str, *args: Any) -> None:
+        """Warn at most once per LOG_EVERY_S per kind, saying how many were suppressed."""
+        now = time.monotonic()
+        last = self._last_log.get(key)
+        suppressed_key = f"_suppressed_{key}"
+        if last is not None and now - last < LOG_EVERY_S:
+            self._last_log[suppressed_key] = self._last_log.get(suppressed_key, 0) + 1
+            return
+        suppressed = int(self._last_log.pop(suppressed_key, 0))
+        self._last_log[key] = now
+        if suppressed:
+            msg += f" (+{suppressed} similar in the last {LOG_EVERY_S:.0f}s)"
+        logger.warning(msg, *args)
+
+
+def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
+    """`random() * min(cap, base * 2**attempt)`, at least 10 ms (AWS 'full jitter')."""
+    return max(0.01, random.random() * min(cap_s, base_s * (2 ** min(attempt, 30))))
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _failed_future(exc: BaseException) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("mqtt: on_close failed: %r", future.exception())
+
+
+def _describe(exc: aiomqtt.MqttError) -> str:
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    return text

@@ -1,0 +1,228 @@
+"""Settings of the MQTT bridge and the route table that maps topics to agents.
+
+Pure data and string handling (no sockets, no event loop), so it is tested without a broker.
+A route topic has one `{id}` placeholder as a whole topic level (`devices/{id}/telemetry`);
+it becomes the subscription filter `devices/+/telemetry`, and an incoming topic is matched
+level by level to get the device id back. Ids may be any non-empty MQTT topic level (unicode,
+long, `..`, spaces, `:` ...); MQTT itself forbids `/`, `+`, `#` and NUL inside a level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+ID_PLACEHOLDER = "{id}"
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+MAX_TOPIC_BYTES = 65_535  # MQTT's UTF-8 string length limit
+
+
+class MqttConfigError(ValueError):
+    """An MQTT setting is invalid; the message names the setting and what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttRoute:
+    """Messages on `topic` (with `{id}`) go to agent `(agent_class, id)`; replies that agent
+    sends on the device's link are published to `reply_topic` with the same `{id}`."""
+
+    topic: str
+    agent_class: str
+    reply_topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """Everything the MQTT bridge needs; validated on construction (`MqttConfigError`).
+
+    `password` is the secret itself: the config layer reads it from a password file.
+    `protocol` is "3.1.1" (persistent session via clean_session=False) or "5" (clean_start
+    False + `session_expiry_s`). `qos` is the subscription and reply QoS: 0 or 1 (QoS 2 is
+    refused: paho keeps QoS 2 receive state only in memory, so a crash between PUBREC and the
+    commit would lose the message).
+    """
+
+    broker_urls: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
+    client_id: str = "gatewayd"
+    routes: tuple[MqttRoute, ...] = ()
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False  # skip certificate and host name verification (testing only)
+    protocol: str = "3.1.1"
+    session_expiry_s: int = 7 * 24 * 3600  # MQTT 5 only; 3.1.1 sessions never expire
+    keepalive_s: int = 30
+    qos: int = 1
+    status_topic: str = "gatewayd/{client_id}/status"  # "" disables online/offline status
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    retry_min_s: float = 0.2  # backoff for re-submitting a message whose turn failed
+    retry_max_s: float = 30.0
+    max_inflight_publishes: int = 100
+    max_outbound_queue: int = 10_000
+    max_pending_messages: int = 1_000
+    max_payload_bytes: int = 256 * 1024
+    accept_retained: bool = False
+    publish_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.broker_urls, str | list):
+            urls = (self.broker_urls,) if isinstance(self.broker_urls, str) else self.broker_urls
+            object.__setattr__(self, "broker_urls", tuple(urls))
+        if isinstance(self.routes, list):
+            object.__setattr__(self, "routes", tuple(self.routes))
+        object.__setattr__(self, "addresses", tuple(parse_broker_url(u) for u in self.broker_urls))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.addresses:
+            raise MqttConfigError("mqtt.broker_urls: at least one broker URL is required")
+        if not self.client_id:
+            raise MqttConfigError(
+                "mqtt.client_id: must be set (a fixed id is what lets the broker keep the "
+                "session and its queued messages while gatewayd restarts)"
+            )
+        if self.protocol not in ("3.1.1", "5"):
+            raise MqttConfigError(f"mqtt.protocol: {self.protocol!r} is not '3.1.1' or '5'")
+        if self.qos not in (0, 1):
+            raise MqttConfigError(
+                f"mqtt.qos: {self.qos!r} is not 0 or 1 (QoS 2 is not crash-safe with paho: "
+                "its receive state lives only in memory)"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise MqttConfigError("mqtt.cert_file and mqtt.key_file must be set together")
+        if self.password is not None and self.username is None:
+            raise MqttConfigError("mqtt.password is set but mqtt.username is not")
+        for name in ("max_inflight_publishes", "max_outbound_queue", "max_pending_messages"):
+            _require_positive_int(name, getattr(self, name))
+        _require_positive_int("max_payload_bytes", self.max_payload_bytes)
+        _require_positive_int("keepalive_s", self.keepalive_s)
+        _require_positive_int("session_expiry_s", self.session_expiry_s)
+        for low, high in (
+            ("reconnect_min_s", "reconnect_max_s"),
+            ("retry_min_s", "retry_max_s"),
+        ):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+                raise MqttConfigError(f"mqtt.{low}/{high}: need 0 < {low} <= {high}")
+        for name in ("publish_timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise MqttConfigError(f"mqtt.{name}: must be a positive number of seconds")
+        if not self.routes:
+            raise MqttConfigError("mqtt.routes: at least one route is required")
+        RouteTable(self.routes)  # raises MqttConfigError naming the bad route
+
+    @property
+    def resolved_status_topic(self) -> str:
+        return self.status_topic.replace("{client_id}", self.client_id)
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise MqttConfigError(f"mqtt.{name}: {value!r} is not a positive integer")
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://host[:port]` or `mqtts://host[:port]` (IPv6 as `[::1]`)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise MqttConfigError(f"mqtt.broker_urls: {url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise MqttConfigError(
+            f"mqtt.broker_urls: {url!r} must look like mqtt://host:1883 or mqtts://host:8883"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise MqttConfigError(
+            f"mqtt.broker_urls: {url!r}: no path, query or credentials in the URL "
+            "(use mqtt.username and the password file)"
+        )
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port if port is not None else DEFAULT_PORTS[parts.scheme],
+        tls=parts.scheme == "mqtts",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route_index: int
+    route: MqttRoute
+    device_id: str
+
+
+class RouteTable:
+    """Compiled routes: subscription filters, topic -> (route, id), id -> reply topic."""
+
+    def __init__(self, routes: tuple[MqttRoute, ...]) -> None:
+        self.routes = routes
+        self._compiled: list[tuple[int, list[str], int]] = []  # (route index, levels, id level)
+        filters: list[str] = []
+        for index, route in enumerate(routes):
+            where = f"mqtt.routes[{index}]"
+            if not route.agent_class:
+                raise MqttConfigError(f"{where}.agent_class: must not be empty")
+            levels = route.topic.split("/")
+            id_levels = [i for i, level in enumerate(levels) if level == ID_PLACEHOLDER]
+            if len(id_levels) != 1 or route.topic.count(ID_PLACEHOLDER) != 1:
+                raise MqttConfigError(
+                    f"{where}.topic: {route.topic!r} needs exactly one '{{id}}' as a whole "
+                    "topic level, e.g. 'devices/{id}/telemetry'"
+                )
+            if any(c in route.topic for c in "+#\0"):
+                raise MqttConfigError(
+                    f"{where}.topic: {route.topic!r} must not contain '+', '#' or NUL "
+                    "(the bridge builds the wildcard filter from '{id}')"
+                )
+            if route.reply_topic.count(ID_PLACEHOLDER) != 1 or any(
+                c in route.reply_topic for c in "+#\0"
+            ):
+                raise MqttConfigError(
+                    f"{where}.reply_topic: {route.reply_topic!r} needs exactly one '{{id}}' "
+                    "and no wildcards, e.g. 'devices/{id}/cmd'"
+                )
+            topic_filter = "/".join("+" if i == id_levels[0] else x for i, x in enumerate(levels))
+            if topic_filter in filters:
+                raise MqttConfigError(
+                    f"{where}.topic: {route.topic!r} duplicates the filter of "
+                    f"mqtt.routes[{filters.index(topic_filter)}]"
+                )
+            filters.append(topic_filter)
+            self._compiled.append((index, levels, id_levels[0]))
+        self.filters: tuple[str, ...] = tuple(filters)
+
+    def match(self, topic: str) -> RouteMatch | None:
+        """The route and device id for an incoming topic, or None if no route matches."""
+        levels = topic.split("/")
+        for index, pattern, id_level in self._compiled:
+            if len(levels) != len(pattern):
+                continue
+            if all(
+                a == b
+                for i, (a, b) in enumerate(zip(levels, pattern, strict=True))
+                if i != id_level
+            ):
+                device_id = levels[id_level]
+                if device_id:
+                    return RouteMatch(index, self.routes[index], device_id)
+        return None
+
+    def reply_topic(self, route_index: int, device_id: str) -> str:
+        return self.routes[route_index].reply_topic.replace(ID_PLACEHOLDER, device_id)
