@@ -93,10 +93,12 @@ def _run(path: Path, log_level: str | None) -> int:
     from gatewayd.config import ConfigError, load_config
     from gatewayd.daemon import Daemon
     from gatewayd.logs import setup_logging
+    from gatewayd.wiring import check_references
 
     setup_logging(log_level or "info")
     try:
         config = load_config(path)
+        check_references(config, path)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_CONFIG

@@ -150,21 +150,27 @@ class MqttRouteSection(Section):
 
 class MqttSection(Section):
     enabled: bool = False
-    brokers: list[str] = ["mqtt://127.0.0.1:1883"]
+    broker_urls: list[str] = ["mqtt://127.0.0.1:1883"]
     client_id: str = "gatewayd"
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     session_expiry: Duration = 86400.0
     keepalive: Duration = 30.0
-    qos: Literal[0, 1, 2] = 1
+    # QoS 2 is refused: paho keeps its receive state in memory only (not crash-safe).
+    qos: Literal[0, 1] = 1
     username: str | None = None
     password: str | None = None
     password_file: ExistingFile | None = None
     ca_file: ExistingFile | None = None
     cert_file: ExistingFile | None = None
     key_file: ExistingFile | None = None
+    tls_insecure: bool = False
     status_topic: str = "gatewayd/{client_id}/status"
     max_inflight_publishes: int = Field(100, ge=1)
     max_pending_messages: int = Field(1000, ge=1)
+    max_outbound_queue: int = Field(10_000, ge=1)
+    accept_retained: bool = False
+    reconnect_min: Duration = 0.5
+    reconnect_max: Duration = 30.0
     max_payload_size: Size = 256 * 1024
     protocol_messages: bool = False
     routes: list[MqttRouteSection] = []
@@ -188,7 +194,7 @@ class ModelSection(Section):
     buckets: list[Annotated[int, Field(ge=1)]] = [1, 2, 4, 8, 16, 32, 64]
     max_queue_delay: Duration = 0.002
     queue_limit: int = Field(1024, ge=1)
-    priority_levels: int = Field(1, ge=1)
+    priority_levels: int = Field(4, ge=1)
     request_timeout: Duration = 1.0
     cpu_threads: int = Field(1, ge=0)
     cuda_graphs: bool = True

@@ -68,7 +68,7 @@ class Daemon:
     async def startup(self) -> None:
         self.notifier.status("starting")
         self._open_state_dir()
-        self.components = wiring.Components(self.config)
+        self.components = wiring.Components(self.config, self.config_path)
         await self.components.start()  # engine warm-up, agent runtime, transports, in that order
         self._start_http()
         self._ready = True

@@ -7,7 +7,9 @@ module that translates config sections into the components' own settings objects
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from gatewayd.config import GatewayConfig
@@ -26,32 +28,203 @@ class Transport(Protocol):
 class Components:
     """Engine, agent runtime and transports of one daemon process."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, config_file: object = "<config>") -> None:
         self.config = config
+        self.config_file = config_file
         self.engine: Any = None
         self.runtime: Any = None
         self.transports: dict[str, Any] = {}
 
     async def start(self) -> None:
-        pass
+        """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
+        from gatewayd.agents import AgentRuntime
+
+        classes = load_agent_classes(self.config, self.config_file)
+        if self.config.models:
+            self.engine = build_engine(self.config)
+            await self.engine.start()
+        self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
+        await self.runtime.start()
+        for name, transport in build_transports(self.config, self.runtime).items():
+            try:
+                await transport.start()
+            except OSError as err:
+                from gatewayd.daemon import StartupError
+
+                raise StartupError(f"{name}: cannot start listener: {err}") from None
+            self.transports[name] = transport
 
     async def stop(self, drain_timeout_s: float) -> None:
-        pass
+        """Transports stop accepting and flush acks, then the runtime drains, then the engine."""
+        await asyncio.gather(
+            *(t.stop(drain_timeout_s) for t in self.transports.values()), return_exceptions=True
+        )
+        if self.runtime is not None:
+            drained = await self.runtime.drain(drain_timeout_s)
+            if not drained:
+                log.warning(
+                    "drain timed out after %.1fs; uncommitted turns were abandoned", drain_timeout_s
+                )
+            await self.runtime.close()
+        if self.engine is not None:
+            await self.engine.close()
 
     def check_reloadable(self, new: GatewayConfig) -> None:
-        """Raise ConfigError when `new` cannot be applied at all (it is valid TOML and schema)."""
+        """Raise ConfigError when `new` cannot be applied (e.g. its agent classes do not import)."""
+        check_references(new, self.config_file)
 
     def apply_live(self, new: GatewayConfig) -> None:
-        """Apply the settings that may change without a restart."""
+        """Apply the settings that may change without a restart (see LIVE_KEYS)."""
 
     def health(self) -> tuple[bool, str]:
+        if self.runtime is not None and not self.runtime.healthy():
+            return False, "agent runtime unhealthy"
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
+        mqtt = self.transports.get("mqtt")
+        if mqtt is not None and not mqtt.connected:
+            return False, f"mqtt: not connected to the broker ({mqtt.state})"
         return True, "ready"
 
     def summary(self) -> dict[str, object]:
-        return {}
+        summary: dict[str, object] = {}
+        if self.runtime is not None:
+            stats = self.runtime.stats()
+            summary["agents"] = stats.get("active_agents", 0)
+            summary["turns"] = stats.get("turns_total", 0)
+        for name, transport in self.transports.items():
+            stats = transport.stats
+            summary[f"{name}_links"] = stats.links_open
+        if "mqtt" in self.transports:
+            summary["mqtt"] = self.transports["mqtt"].state
+        if self.engine is not None:
+            summary["models"] = len(self.engine.model_names())
+        return summary
+
+
+def agent_settings(config: GatewayConfig) -> Any:
+    from gatewayd.agents import AgentSettings
+
+    agents, listeners = config.agents, config.listeners
+    return AgentSettings(
+        state_dir=config.gateway.state_dir,
+        durability=agents.durability,
+        hibernate_after_s=agents.hibernate_after,
+        max_active_agents=agents.max_active,
+        turn_timeout_s=agents.turn_timeout,
+        max_db_bytes=agents.max_db_size,
+        max_message_bytes=agents.max_message_size,
+        protocol_messages_default={
+            "ws": listeners.websocket.protocol_messages,
+            "tcp": listeners.binary.protocol_messages,
+            "mqtt": config.mqtt.protocol_messages,
+        },
+    )
+
+
+def build_engine(config: GatewayConfig) -> Any:
+    from engine import Engine, ModelSpec
+
+    specs = [
+        ModelSpec(
+            name=name,
+            path=model.path,
+            providers=tuple(model.providers),
+            buckets=tuple(model.buckets),
+            max_queue_delay_s=model.max_queue_delay,
+            queue_limit=model.queue_limit,
+            priority_levels=model.priority_levels,
+            request_timeout_s=model.request_timeout,
+            intra_op_threads=model.cpu_threads,
+            trt_fp16=model.trt_fp16,
+            cache_dir=config.gateway.state_dir / "tensorrt" / name,
+            cuda_graphs=model.cuda_graphs,
+        )
+        for name, model in config.models.items()
+    ]
+    return Engine(specs)
+
+
+def build_transports(config: GatewayConfig, handler: Any) -> dict[str, Transport]:
+    transports: dict[str, Transport] = {}
+    ws = config.listeners.websocket
+    if ws.enabled:
+        from protocols.ws import WsListener, WsSettings
+
+        host, port = ws.bind
+        settings = WsSettings(
+            bind=host,
+            port=port,
+            max_frame_bytes=ws.max_frame_size,
+            max_connections=ws.max_connections,
+        )
+        transports["ws"] = WsListener(settings, handler)
+    binary = config.listeners.binary
+    if binary.enabled:
+        transports["tcp"] = _tcp_listener(binary, handler)
+    if config.mqtt.enabled:
+        from protocols.mqtt import MqttBridge
+
+        transports["mqtt"] = MqttBridge(mqtt_settings(config.mqtt), handler)
+    return transports
+
+
+def _tcp_listener(binary: Any, handler: Any) -> Transport:
+    import ssl
+
+    from protocols.tcp import TcpListener, TcpSettings, load_secrets_file
+
+    host, port = binary.bind
+    settings = TcpSettings(
+        host=host,
+        port=port,
+        agent_class=binary.agent_class,
+        secrets=load_secrets_file(binary.secrets_file),
+        max_frame_bytes=binary.max_frame_size,
+        max_unacked_window=binary.max_unacked,
+        max_connections=binary.max_connections,
+        hello_timeout_s=binary.hello_timeout,
+        ping_interval_s=binary.ping_interval,
+        ping_timeout_s=binary.ping_timeout,
+    )
+    context = None
+    if binary.tls_cert_file is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(binary.tls_cert_file, binary.tls_key_file)
+    return TcpListener(settings, handler, ssl_context=context)
+
+
+def mqtt_settings(mqtt: Any) -> Any:
+    from protocols.mqtt_settings import MqttRoute, MqttSettings
+
+    return MqttSettings(
+        broker_urls=tuple(mqtt.broker_urls),
+        client_id=mqtt.client_id,
+        routes=tuple(MqttRoute(r.topic, r.agent_class, r.reply_topic) for r in mqtt.routes),
+        username=mqtt.username,
+        password=mqtt.resolved_password(),
+        ca_file=_str_or_none(mqtt.ca_file),
+        cert_file=_str_or_none(mqtt.cert_file),
+        key_file=_str_or_none(mqtt.key_file),
+        tls_insecure=mqtt.tls_insecure,
+        protocol=mqtt.protocol,
+        session_expiry_s=int(mqtt.session_expiry),
+        keepalive_s=max(1, int(mqtt.keepalive)),
+        qos=mqtt.qos,
+        status_topic=mqtt.status_topic,
+        reconnect_min_s=mqtt.reconnect_min,
+        reconnect_max_s=mqtt.reconnect_max,
+        max_inflight_publishes=mqtt.max_inflight_publishes,
+        max_outbound_queue=mqtt.max_outbound_queue,
+        max_pending_messages=mqtt.max_pending_messages,
+        max_payload_bytes=mqtt.max_payload_size,
+        accept_retained=mqtt.accept_retained,
+    )
+
+
+def _str_or_none(path: Any) -> str | None:
+    return None if path is None else str(path)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -122,5 +295,23 @@ def _agent_class_problem(target: Any) -> str | None:
 
 
 def check_references(config: GatewayConfig, config_file: object = "<config>") -> None:
-    """Checks beyond the schema that `check-config` and start-up share (agent classes import)."""
+    """Checks beyond the schema, shared by `check-config`, start-up and reload: agent classes
+    import, the secrets file parses, every component accepts its settings."""
+    from gatewayd.config import ConfigError
+
     load_agent_classes(config, config_file)
+    checks: list[tuple[str, Callable[[], Any]]] = [("agents", lambda: agent_settings(config))]
+    if config.listeners.binary.enabled:
+        checks.append(("listeners.binary", lambda: _tcp_listener(config.listeners.binary, None)))
+    if config.mqtt.enabled:
+        checks.append(("mqtt", lambda: mqtt_settings(config.mqtt)))
+    if config.models:
+        checks.append(("models", lambda: build_engine(config)))
+    problems = []
+    for key, build in checks:
+        try:
+            build()
+        except (ValueError, OSError) as err:
+            problems.append(f"{key}: {err}")
+    if problems:
+        raise ConfigError(str(config_file), problems)
