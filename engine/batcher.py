@@ -162,8 +162,8 @@ class Batcher:
             checked, rows = validate_request(spec.name, runner.inputs, inputs, self._max_rows)
             if type(priority) is not int or not 0 <= priority < spec.priority_levels:
                 raise InvalidInput(
-                    f"model {spec.name!r}: priority must be an integer 0..{spec.priority_levels - 1}"
-                    f", got {priority!r}"
+                    f"model {spec.name!r}: priority must be an integer "
+                    f"0..{spec.priority_levels - 1}, got {priority!r}"
                 )
             if timeout_s is None:
                 timeout_s = spec.request_timeout_s
@@ -312,9 +312,9 @@ class Batcher:
             self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._drained is not None and not self._busy and not self._queued_rows:
-            if not self._drained.done():
-                self._drained.set_result(None)
+        drained = self._drained
+        if drained is not None and not drained.done() and not self._busy and not self._queued_rows:
+            drained.set_result(None)
 
     # -- worker thread ---------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ import onnxruntime as ort
 
 from engine import metrics
 from engine.errors import ModelLoadError
-from engine.io import TensorSpec
 from engine.providers import LoadedSession
 from engine.spec import ModelSpec
 

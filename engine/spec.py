@@ -5,6 +5,7 @@ Plain types only (seconds as float, counts as int) so the daemon's TOML layer ca
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ class ModelSpec:
         for size in buckets:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{where}: buckets must be positive integers, got {buckets}")
-        if any(a >= b for a, b in zip(buckets, buckets[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(buckets)):
             raise ValueError(f"{where}: buckets must be strictly increasing, got {buckets}")
 
     @property
