@@ -130,6 +130,10 @@ class Batcher:
             return
         if self._busy or self._queued_rows:
             self._drained = self._loop.create_future()
+            if self._dispatch_is_timer and self._dispatch_handle is not None:
+                # Closing: run what is queued now instead of waiting for batches to fill.
+                self._dispatch_handle.cancel()
+                self._dispatch_handle = None
             self._schedule_dispatch()
             await self._drained
         await self._stop_worker()
