@@ -55,7 +55,9 @@ class _Bucket:
 class Runner:
     """Owns a model's session and bucket buffers; call only from the worker thread."""
 
-    def __init__(self, spec: ModelSpec, loaded: LoadedSession) -> None:
+    def __init__(self, spec: ModelSpec, loaded: LoadedSession, *, staged: bool | None = None):
+        """`staged`: keep separate host and device buffers and upload each batch (the GPU
+        path). Defaults to True off-CPU; tests set it on CPU to exercise that path."""
         self.spec = spec
         self.session = loaded.session
         self.inputs = loaded.inputs
@@ -63,7 +65,7 @@ class Runner:
         self.device = loaded.device
         self.provider = loaded.provider
         self.cuda_graphs = loaded.cuda_graphs
-        self._on_cpu = loaded.device == "cpu"
+        self._on_cpu = loaded.device == "cpu" if staged is None else not staged
         self._buckets = [self._make_bucket(index, rows) for index, rows in enumerate(spec.buckets)]
         self._batches = {
             (b.rows, phase): metrics.BATCHES.labels(spec.name, str(b.rows), phase)
@@ -153,7 +155,9 @@ class Runner:
             if self._on_cpu:
                 value = ort.OrtValue.ortvalue_from_numpy(host)  # shares host's memory
             else:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(host.shape, spec.dtype, "cuda", 0)
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    host.shape, spec.dtype, self.device, 0
+                )
             device_inputs[spec.name] = value
             binding.bind_ortvalue_input(spec.name, value)
         run_options = ort.RunOptions()
@@ -174,7 +178,7 @@ class Runner:
                 bucket.host_outputs[spec.name] = host
                 value = ort.OrtValue.ortvalue_from_numpy(host)
             else:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.dtype, "cuda", 0)
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, spec.dtype, self.device, 0)
             bucket.device_outputs[spec.name] = value
             bucket.binding.bind_ortvalue_output(spec.name, value)
 
