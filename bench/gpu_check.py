@@ -425,7 +425,7 @@ async def main(budget_s: float) -> int:
                     spec(f"resnet_g{int(graphs)}", resnet_path, ("cuda",), graphs, buckets),
                     row,
                     resnet_loads,
-                )  # fmt: skip
+                )
             )
             anomaly_results.append(
                 await measure_engine(
@@ -452,7 +452,7 @@ async def main(budget_s: float) -> int:
         resnet_results.append(
             await measure_engine(
                 "cpu", spec("resnet_cpu", resnet_path, ("cuda", "cpu"), True, buckets), row, loads
-            )  # fmt: skip
+            )
         )
         anomaly_results.append(
             await measure_engine(
@@ -460,7 +460,7 @@ async def main(budget_s: float) -> int:
                 spec("anomaly_cpu", anomaly, ("cuda", "cpu"), True, buckets),
                 window,
                 [(1, 1.0), (256, 1.5)],
-            )  # fmt: skip
+            )
         )
         big = {"image": np.repeat(row["image"], buckets[-1], axis=0)}
         resnet_results.append(raw_reference(resnet_path, ["CPUExecutionProvider"], big, 1.0))
