@@ -110,11 +110,17 @@ def export_resnet50(path: Path) -> str | None:
         "dynamic_axes": {"image": {0: "N"}, "logits": {0: "N"}},
         "opset_version": 17,
     }
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript exporter: no onnxscript needed
-    with torch.no_grad():
-        torch.onnx.export(model, (dummy,), str(path), **kwargs)
-    return None
+    has_dynamo_flag = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    attempts = [{"dynamo": False}, {"dynamo": True}] if has_dynamo_flag else [{}]
+    errors = []
+    for extra in attempts:  # the TorchScript exporter first: no onnxscript needed
+        try:
+            with torch.no_grad():
+                torch.onnx.export(model, (dummy,), str(path), **kwargs, **extra)
+            return None
+        except Exception as exc:
+            errors.append(f"export {extra or 'default'} failed: {type(exc).__name__}: {exc}"[:300])
+    return "; ".join(errors)
 
 
 def build_conv_stack(path: Path, image: int) -> None:
@@ -215,13 +221,48 @@ async def closed_loop(engine: Engine, model: str, feed: dict, concurrency: int, 
     }  # fmt: skip
 
 
+def reference_session(path: Path) -> ort.InferenceSession | None:
+    """A plain session (no graphs, no IOBinding) to check the engine's outputs against."""
+    providers = ort.get_available_providers()
+    chosen = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in providers]
+    try:
+        return ort.InferenceSession(str(path), providers=chosen)
+    except Exception as exc:
+        log(f"reference session failed: {exc}")
+        return None
+
+
+async def check_outputs(engine: Engine, model: str, feed_row: dict, path: Path) -> float | None:
+    """Max relative error of engine results vs. plain session.run, for requests of 1, 3 and
+    5 rows sent together (one padded batch), then 1 row alone (the smallest bucket)."""
+    reference = reference_session(path)
+    if reference is None:
+        return None
+    name, row = next(iter(feed_row.items()))
+    rng = np.random.default_rng(7)
+    requests = [
+        {name: (row + rng.normal(size=(n, *row.shape[1:]))).astype(row.dtype)} for n in (1, 3, 5, 1)
+    ]
+    results = await asyncio.gather(*(engine.infer(model, r) for r in requests[:3]))
+    results.append(await engine.infer(model, requests[3]))
+    worst = 0.0
+    for request, result in zip(requests, results, strict=True):
+        expected = reference.run(None, request)
+        for output, want in zip(reference.get_outputs(), expected, strict=True):
+            got = result[output.name]
+            assert got.shape == want.shape, (output.name, got.shape, want.shape)
+            scale = float(np.abs(want).max()) or 1.0
+            worst = max(worst, float(np.abs(got - want).max()) / scale)
+    return worst
+
+
 async def measure_engine(
     label: str,
     spec: ModelSpec,
     feed_row: dict,
     loads: list[tuple[int, float]],
 ) -> dict:
-    """Cold start + closed-loop loads for one configuration; never raises."""
+    """Cold start + correctness + closed-loop loads for one configuration; never raises."""
     result: dict = {"config": label, "requested_providers": list(spec.providers)}
     engine = Engine([spec])
     try:
@@ -232,6 +273,9 @@ async def measure_engine(
         result["provider"] = info.provider
         result["cuda_graphs"] = info.cuda_graphs
         result["buckets"] = list(info.buckets)
+        error = await check_outputs(engine, spec.name, feed_row, spec.path)
+        result["max_rel_err_vs_plain_run"] = None if error is None else float(f"{error:.3g}")
+        log(f"{label}: outputs vs plain session.run: max relative error {error}")
         log(f"{label}: ready on {info.provider} (graphs {info.cuda_graphs}) "
             f"in {result['cold_start_s']} s")  # fmt: skip
         result["loads"] = []
@@ -323,9 +367,9 @@ def markdown(report: dict) -> str:
     lines += [f"- note: {note}" for note in report["notes"]]
     lines += [
         "",
-        "| model | config | provider | graphs | cold start s | callers | samples/s | p50 ms "
-        "| p99 ms | batch rows | worker CPU ms/batch | process CPU ms/batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | config | provider | graphs | cold start s | max rel err | callers | samples/s "
+        "| p50 ms | p99 ms | batch rows | worker CPU ms/batch | process CPU ms/batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, results in report["results"].items():
         for r in results:
@@ -333,21 +377,22 @@ def markdown(report: dict) -> str:
                 reason = r.get("error") or r.get("skipped") or ""
                 if "samples_per_s" in r:  # raw reference
                     lines.append(
-                        f"| {model} | {r['config']} | | | | 1 | {r['samples_per_s']} "
+                        f"| {model} | {r['config']} | | | | | 1 | {r['samples_per_s']} "
                         f"| {r['p50_ms']} | {r['p99_ms']} | | | {r['process_cpu_ms_per_batch']} |"
                     )
                 else:
-                    lines.append(f"| {model} | {r['config']} | {reason} |||||||||")
+                    lines.append(f"| {model} | {r['config']} | {reason} ||||||||||")
                 continue
             for load in r["loads"]:
                 lines.append(
                     f"| {model} | {r['config']} | {r.get('provider')} | {r.get('cuda_graphs')} "
-                    f"| {r.get('cold_start_s')} | {load['concurrency']} | {load['samples_per_s']}"
+                    f"| {r.get('cold_start_s')} | {r.get('max_rel_err_vs_plain_run')} "
+                    f"| {load['concurrency']} | {load['samples_per_s']}"
                     f" | {load['p50_ms']} | {load['p99_ms']} | {load['mean_batch_rows']} "
                     f"| {load['worker_cpu_ms_per_batch']} | {load['process_cpu_ms_per_batch']} |"
                 )
             if r.get("error"):
-                lines.append(f"| {model} | {r['config']} | ERROR: {r['error']} |||||||||")
+                lines.append(f"| {model} | {r['config']} | ERROR: {r['error']} ||||||||||")
     return "\n".join(lines) + "\n"
 
 
