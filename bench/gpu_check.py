@@ -261,6 +261,7 @@ async def measure_engine(
     spec: ModelSpec,
     feed_row: dict,
     loads: list[tuple[int, float]],
+    require_provider: str | None = None,
 ) -> dict:
     """Cold start + correctness + closed-loop loads for one configuration; never raises."""
     result: dict = {"config": label, "requested_providers": list(spec.providers)}
@@ -273,6 +274,13 @@ async def measure_engine(
         result["provider"] = info.provider
         result["cuda_graphs"] = info.cuda_graphs
         result["buckets"] = list(info.buckets)
+        if require_provider is not None and info.provider != require_provider:
+            result["skipped"] = (
+                f"{require_provider} did not initialise (the engine fell back to "
+                f"{info.provider}; see the log above, e.g. TensorRT libraries missing)"
+            )
+            log(f"{label}: {result['skipped']}")
+            return result
         error = await check_outputs(engine, spec.name, feed_row, spec.path)
         result["max_rel_err_vs_plain_run"] = None if error is None else float(f"{error:.3g}")
         log(f"{label}: outputs vs plain session.run: max relative error {error}")
@@ -349,7 +357,9 @@ async def trt_child(model_path: Path, out: Path, image: int, buckets: tuple[int,
         max_queue_delay_s=0.0, queue_limit=4096, trt_fp16=True, cache_dir=cache_dir,
     )  # fmt: skip
     row = {"image": np.random.default_rng(0).normal(size=(1, 3, image, image)).astype(np.float32)}
-    result = await measure_engine("tensorrt fp16 + graphs", spec, row, [(1, 2.0), (128, 3.0)])
+    result = await measure_engine(
+        "tensorrt fp16 + graphs", spec, row, [(1, 2.0), (128, 3.0)], require_provider="tensorrt"
+    )
     out.write_text(json.dumps(result))
 
 

@@ -26,7 +26,7 @@ ORT_PROVIDER = {
     "cpu": "CPUExecutionProvider",
 }
 _SHORT_NAME = {ort_name: short for short, ort_name in ORT_PROVIDER.items()}
-_GPU_PROVIDERS = ("tensorrt", "cuda")
+_PROVIDER_MISSING = object()  # marker: the provider's shared libraries could not be loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,9 @@ def load_session(spec: ModelSpec) -> LoadedSession:
         graph_options = (True, False) if spec.cuda_graphs else (False,)
         for cuda_graphs in graph_options:
             session = _try_gpu_session(spec, provider, cuda_graphs, inputs, where)
-            if session is not None:
+            if session is _PROVIDER_MISSING:
+                break  # its libraries are missing: retrying without graphs cannot help
+            if isinstance(session, ort.InferenceSession):
                 log.info(
                     "%s: using %s (cuda graphs %s); preference was %s",
                     where,
@@ -99,6 +101,9 @@ def _usable_providers(spec: ModelSpec, available: list[str], where: str) -> list
                 ORT_PROVIDER[provider],
                 ", ".join(available),
             )
+    if "tensorrt" in usable and "cuda" not in usable and ORT_PROVIDER["cuda"] in available:
+        # TensorRT runs on top of CUDA anyway; if it cannot start, plain CUDA beats CPU.
+        usable.insert(usable.index("tensorrt") + 1, "cuda")
     if "cpu" not in usable:
         if not usable:
             log.warning(
@@ -116,7 +121,9 @@ def _try_gpu_session(
     cuda_graphs: bool,
     inputs: tuple[TensorSpec, ...],
     where: str,
-) -> ort.InferenceSession | None:
+) -> ort.InferenceSession | object | None:
+    """The session, None if this option failed, or _PROVIDER_MISSING if the provider itself
+    could not be loaded (onnxruntime then silently builds a session without it)."""
     providers: list[Any] = []
     if provider == "tensorrt":
         providers.append((ORT_PROVIDER["tensorrt"], _tensorrt_options(spec, inputs, cuda_graphs)))
@@ -144,12 +151,12 @@ def _try_gpu_session(
         # onnxruntime-gpu without a working CUDA install silently creates a CPU session.
         log.warning(
             "%s: provider %s is in this build but did not initialise (session providers: %s; "
-            "see onnxruntime's message above, often missing CUDA/cuDNN libraries)",
+            "see onnxruntime's message above: usually CUDA, cuDNN or TensorRT libraries missing)",
             where,
             provider,
             ", ".join(session.get_providers()),
         )
-        return None
+        return _PROVIDER_MISSING
     return session
 
 

@@ -56,3 +56,24 @@ async def test_gpu_preference_falls_back_to_cpu_with_a_log_line(
     text = caplog.text
     assert "provider cuda not used: CUDAExecutionProvider is not in this onnxruntime build" in text
     assert "'fallback'" in text
+
+
+def test_provider_order_from_what_the_build_offers(
+    mlp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from engine.providers import _usable_providers
+
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cpu_build = ["CPUExecutionProvider"]
+
+    def order(providers: tuple[str, ...], available: list[str]) -> list[str]:
+        return _usable_providers(ModelSpec("m", mlp_path, providers=providers), available, "m")
+
+    assert order(("tensorrt", "cuda", "cpu"), gpu_build) == ["tensorrt", "cuda", "cpu"]
+    # TensorRT runs on CUDA anyway: if it cannot start, CUDA is tried before CPU.
+    assert order(("tensorrt",), gpu_build) == ["tensorrt", "cuda", "cpu"]
+    assert order(("cpu", "cuda"), gpu_build) == ["cpu", "cuda"]
+    caplog.set_level(logging.WARNING, logger="engine")
+    assert order(("tensorrt", "cuda"), cpu_build) == ["cpu"]
+    assert "provider tensorrt not used" in caplog.text
+    assert "none of the requested providers (tensorrt, cuda) is available" in caplog.text
