@@ -326,7 +326,10 @@ class Batcher:
         jobs = self._jobs
         while (job := jobs.get()) is not None:
             function, args = job
-            function(*args)
+            try:
+                function(*args)
+            except Exception:  # never let the worker die: every later request would hang
+                log.exception("engine: model %r: worker job failed", self.spec.name)
 
     def _load_and_warm(self, done: asyncio.Future[None]) -> None:
         loop = self._loop
