@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from engine.errors import InvalidInput, ModelLoadError
 
-_ORT_DTYPES = {
+_ORT_DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
@@ -36,7 +37,7 @@ class TensorSpec:
     """One input or output: its name, dtype and the shape of one row (axes 1..)."""
 
     name: str
-    dtype: np.dtype
+    dtype: np.dtype[Any]
     row_shape: tuple[int, ...] | None  # None: unknown from metadata (outputs only)
 
     def describe(self, rows: int | str = "N") -> str:
@@ -119,7 +120,9 @@ def validate_request(
                 f"received {array.dtype}"
             )
         shape = array.shape
-        if len(shape) != len(spec.row_shape) + 1 or shape[1:] != spec.row_shape:
+        row_shape = spec.row_shape
+        assert row_shape is not None  # describe_io guarantees inputs have fixed row shapes
+        if len(shape) != len(row_shape) + 1 or shape[1:] != row_shape:
             raise InvalidInput(
                 f"model {model!r}: input {spec.name!r} expected shape {spec.describe()}"
                 f" (rows on axis 0), received {list(shape)}"

@@ -35,8 +35,11 @@ _NO_GRAPH = "-1"  # gpu_graph_id value that runs without capturing or replaying 
 class RowSource(Protocol):
     """What a batch entry offers the runner: validated inputs and their row count."""
 
-    inputs: Mapping[str, np.ndarray]
-    rows: int
+    @property
+    def inputs(self) -> Mapping[str, np.ndarray]: ...
+
+    @property
+    def rows(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -168,9 +171,8 @@ class Runner:
         return bucket
 
     def _bind_outputs(self, bucket: _Bucket) -> None:
-        shapes = {s.name: s.row_shape for s in self.outputs}
-        if any(shape is None for shape in shapes.values()):
-            shapes = self._probe_output_row_shapes(bucket)
+        known = {s.name: s.row_shape for s in self.outputs if s.row_shape is not None}
+        shapes = known if len(known) == len(self.outputs) else self._probe_output_row_shapes(bucket)
         for spec in self.outputs:
             shape = (bucket.rows, *shapes[spec.name])
             if self._on_cpu:

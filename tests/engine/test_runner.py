@@ -114,3 +114,34 @@ def test_staged_device_buffer_path_on_cpu(two_inputs_path: Path, mlp_path: Path)
             logits, total = raw.run(None, dict(entry.inputs))
             np.testing.assert_allclose(result["logits"], logits, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(result["total"], total, rtol=1e-5, atol=1e-5)
+
+
+async def test_output_shapes_missing_from_metadata_are_probed(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.engine.onnx_models import save
+
+    # A reshape to a shape computed at run time: no static output shape, so the runner
+    # learns it from one run.
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Slice", ["shape", "zero", "one"], ["rows"]),
+            helper.make_node("Concat", ["rows", "minus_one"], ["target"], axis=0),
+            helper.make_node("Neg", ["x"], ["negated"]),
+            helper.make_node("Reshape", ["negated", "target"], ["y"]),
+        ],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["R", "C"])],
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        ],
+    )
+    path = save(graph, tmp_path / "probe.onnx")
+    async with serving(ModelSpec("probe", path, buckets=(1, 4), max_queue_delay_s=0)) as engine:
+        assert engine.model_info("probe").outputs[0].row_shape is None
+        x = np.arange(12, dtype=np.float32).reshape(3, 4)
+        np.testing.assert_array_equal((await engine.infer("probe", x))["y"], -x)
