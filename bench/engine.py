@@ -6,8 +6,9 @@ Same process, same models, side by side:
   raw      session.run on one thread at batch 1..256 (the ceiling for each batch size)
   engine   Engine.infer with 1, 16, 64, 256 concurrent callers, one row per request
   naive    the same callers, each doing session.run for its one row via a thread pool
-Models: an MLP (256 -> 512 -> 512 -> 512 -> 16, where batching pays) and the example
-anomaly autoencoder. Prints a table, then one JSON line with the target ratios:
+Models: an MLP (256 -> 512 -> 512 -> 512 -> 16, where batching pays), a wider one (1024),
+and the example anomaly autoencoder (so small that per-request cost dominates: it shows the
+engine's own overhead). Prints a table, then one JSON line with the target ratios:
   engine@256 / raw@(batch the engine used)  (target >= 0.6)
   engine@256 / naive@256                    (target >= 3)
   engine@1 p50 - raw@1 p50                  (target <= 100 us)
@@ -214,8 +215,11 @@ def print_table(label: str, result: dict) -> None:
 async def main(seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mlp = build_mlp(Path(tmp) / "mlp.onnx")
+        wide = build_mlp(Path(tmp) / "mlp1024.onnx", (256, 1024, 1024, 1024, 16))
+        row = np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)
         models = {
-            "mlp": (mlp, "x", np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)),
+            "mlp": (mlp, "x", row),
+            "mlp1024": (wide, "x", row),
             "anomaly": (
                 ROOT / "engine" / "models" / "anomaly.onnx",
                 "window",

@@ -39,7 +39,7 @@ from engine.errors import (
     InferenceTimeout,
     InvalidInput,
 )
-from engine.io import validate_request
+from engine.io import RequestValidator
 from engine.providers import load_session
 from engine.runner import Runner
 from engine.spec import ModelSpec
@@ -88,6 +88,10 @@ class Batcher:
         self._drained: asyncio.Future[None] | None = None
         self._jobs: SimpleQueue[Any] = SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._validate: RequestValidator | None = None
+        self._accepted = 0  # requests queued so far; the worker flushes it to the metric
+        self._accepted_reported = 0
+        self._report_lock = threading.Lock()
         name = spec.name
         self._m_requests = metrics.REQUESTS.labels(name)
         self._m_overloaded = metrics.REJECTED.labels(name, "overloaded")
@@ -137,6 +141,7 @@ class Batcher:
             self._schedule_dispatch()
             await self._drained
         await self._stop_worker()
+        self._report_accepted()
 
     async def _stop_worker(self) -> None:
         thread = self._thread
@@ -160,10 +165,10 @@ class Batcher:
             raise EngineNotRunning(
                 f"model {spec.name!r} is not serving (engine not started or closing)"
             )
-        runner = self.runner
-        assert runner is not None and self._loop is not None
+        validate = self._validate
+        assert validate is not None and self._loop is not None
         try:
-            checked, rows = validate_request(spec.name, runner.inputs, inputs, self._max_rows)
+            checked, rows = validate(inputs)
             if type(priority) is not int or not 0 <= priority < spec.priority_levels:
                 raise InvalidInput(
                     f"model {spec.name!r}: priority must be an integer "
@@ -190,7 +195,7 @@ class Batcher:
         request = _Request(loop.create_future(), checked, rows, now, now + timeout_s)
         self._levels[priority].append(request)
         self._queued_rows += rows
-        self._m_requests.inc()
+        self._accepted += 1  # a plain int here; the worker adds it to the metric per batch
         if request.deadline < self._expiry_at:
             self._arm_expiry(request.deadline)
         if not self._busy:
@@ -258,6 +263,12 @@ class Batcher:
         self, entries: list[_Request], results: list[Outputs] | None, error: str | None
     ) -> None:
         self._busy = False
+        if self._queued_rows >= self._max_rows:
+            # A full batch waited while this one ran: start it before scattering results,
+            # so the worker computes while this loop wakes the callers (pipelining).
+            if self._dispatch_handle is not None:
+                self._dispatch_handle.cancel()
+            self._dispatch()
         if results is not None:
             for request, result in zip(entries, results, strict=True):
                 if not request.future.done():
@@ -312,6 +323,7 @@ class Batcher:
         if next_deadline < math.inf:
             self._arm_expiry(next_deadline)
         self._m_queued.set(self._queued_rows)
+        self._report_accepted()
         if not self._queued_rows:
             self._check_drained()
 
@@ -336,6 +348,9 @@ class Batcher:
         assert loop is not None
         try:
             self.runner = Runner(self.spec, load_session(self.spec))
+            self._validate = RequestValidator(
+                self.spec.name, self.runner.inputs, self.spec.max_batch_rows
+            )
             self.runner.warm_up()
         except BaseException as exc:
             loop.call_soon_threadsafe(_set_exception, done, exc)
@@ -366,9 +381,16 @@ class Batcher:
         self._m_batch_rows.observe(rows)
         self._m_padding.inc(self.spec.buckets[runner.bucket_for(rows)] - rows)
         self._m_queued.set(self._queued_rows)
-        observe_delay = self._m_queue_delay.observe
-        for request in entries:
-            observe_delay(dispatched_at - request.enqueued_at)
+        self._report_accepted()
+        oldest = min(request.enqueued_at for request in entries)
+        self._m_queue_delay.observe(dispatched_at - oldest)
+
+    def _report_accepted(self) -> None:
+        """Add requests accepted since the last call to the metric (any thread)."""
+        with self._report_lock:
+            accepted = self._accepted  # only the loop thread writes it; int reads are atomic
+            self._m_requests.inc(accepted - self._accepted_reported)
+            self._accepted_reported = accepted
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

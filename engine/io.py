@@ -81,65 +81,84 @@ def _tensor_spec(model: str, kind: str, arg: ort.NodeArg, *, need_row_shape: boo
     return TensorSpec(arg.name, dtype, None)
 
 
-def validate_request(
-    model: str,
-    inputs_spec: tuple[TensorSpec, ...],
-    inputs: Mapping[str, object] | np.ndarray,
-    max_rows: int,
-) -> tuple[dict[str, np.ndarray], int]:
-    """The request as `{name: array}` and its row count, or `InvalidInput`."""
-    if isinstance(inputs, np.ndarray):
-        if len(inputs_spec) != 1:
-            names = ", ".join(s.name for s in inputs_spec)
+class RequestValidator:
+    """Checks requests against a model's inputs; built once per model, called per request.
+
+    The common case (a dict or array with the right names, dtypes and shapes) takes a few
+    attribute lookups per input; the messages are only built when something is wrong.
+    """
+
+    def __init__(self, model: str, inputs_spec: tuple[TensorSpec, ...], max_rows: int) -> None:
+        self.model = model
+        self.inputs_spec = inputs_spec
+        self.max_rows = max_rows
+        self._checks: list[tuple[str, np.dtype[Any], tuple[int, ...], int]] = []
+        for spec in inputs_spec:
+            assert spec.row_shape is not None  # describe_io guarantees inputs have row shapes
+            self._checks.append((spec.name, spec.dtype, spec.row_shape, len(spec.row_shape) + 1))
+        self._single = inputs_spec[0].name if len(inputs_spec) == 1 else None
+
+    def __call__(self, inputs: object) -> tuple[dict[str, np.ndarray], int]:
+        """The request as `{name: array}` and its row count, or `InvalidInput`."""
+        model = self.model
+        if type(inputs) is np.ndarray or isinstance(inputs, np.ndarray):
+            if self._single is None:
+                names = ", ".join(s.name for s in self.inputs_spec)
+                raise InvalidInput(
+                    f"model {model!r} has {len(self.inputs_spec)} inputs ({names}); pass a "
+                    "dict, not a single array"
+                )
+            inputs = {self._single: inputs}
+        elif not isinstance(inputs, Mapping):
             raise InvalidInput(
-                f"model {model!r} has {len(inputs_spec)} inputs ({names}); pass a dict, "
-                "not a single array"
+                f"model {model!r}: inputs must be a dict of numpy arrays or one numpy array, "
+                f"got {type(inputs).__name__}"
             )
-        inputs = {inputs_spec[0].name: inputs}
-    elif not isinstance(inputs, Mapping):
-        raise InvalidInput(
-            f"model {model!r}: inputs must be a dict of numpy arrays or one numpy array, "
-            f"got {type(inputs).__name__}"
-        )
-    if len(inputs) != len(inputs_spec) or any(s.name not in inputs for s in inputs_spec):
-        expected = ", ".join(s.name for s in inputs_spec)
+        if len(inputs) != len(self._checks):
+            self._raise_names(inputs)
+        rows = -1
+        checked: dict[str, np.ndarray] = {}
+        for name, dtype, row_shape, ndim in self._checks:
+            array = inputs.get(name)
+            if array is None:
+                self._raise_names(inputs)
+            if type(array) is not np.ndarray and not isinstance(array, np.ndarray):
+                raise InvalidInput(
+                    f"model {model!r}: input {name!r} must be a numpy array, "
+                    f"got {type(array).__name__}"
+                )
+            if array.dtype != dtype:
+                raise InvalidInput(
+                    f"model {model!r}: input {name!r} expected dtype {dtype}, "
+                    f"received {array.dtype}"
+                )
+            shape = array.shape
+            if len(shape) != ndim or shape[1:] != row_shape:
+                expected = next(s for s in self.inputs_spec if s.name == name).describe()
+                raise InvalidInput(
+                    f"model {model!r}: input {name!r} expected shape {expected}"
+                    f" (rows on axis 0), received {list(shape)}"
+                )
+            if rows < 0:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise InvalidInput(
+                    f"model {model!r}: inputs disagree on the row count (axis 0): "
+                    f"{name!r} has {shape[0]}, earlier inputs have {rows}"
+                )
+            checked[name] = array
+        if rows < 1:
+            raise InvalidInput(f"model {model!r}: a request must carry at least 1 row, got 0")
+        if rows > self.max_rows:
+            raise InvalidInput(
+                f"model {model!r}: request has {rows} rows, more than the largest bucket "
+                f"({self.max_rows}); split it into requests of at most {self.max_rows} rows"
+            )
+        return checked, rows
+
+    def _raise_names(self, inputs: Mapping[str, object]) -> None:
+        expected = ", ".join(s.name for s in self.inputs_spec)
         received = ", ".join(repr(k) for k in inputs)
-        raise InvalidInput(f"model {model!r}: expected inputs ({expected}), received ({received})")
-    rows = -1
-    checked: dict[str, np.ndarray] = {}
-    for spec in inputs_spec:
-        array = inputs[spec.name]
-        if not isinstance(array, np.ndarray):
-            raise InvalidInput(
-                f"model {model!r}: input {spec.name!r} must be a numpy array, "
-                f"got {type(array).__name__}"
-            )
-        if array.dtype != spec.dtype:
-            raise InvalidInput(
-                f"model {model!r}: input {spec.name!r} expected dtype {spec.dtype}, "
-                f"received {array.dtype}"
-            )
-        shape = array.shape
-        row_shape = spec.row_shape
-        assert row_shape is not None  # describe_io guarantees inputs have fixed row shapes
-        if len(shape) != len(row_shape) + 1 or shape[1:] != row_shape:
-            raise InvalidInput(
-                f"model {model!r}: input {spec.name!r} expected shape {spec.describe()}"
-                f" (rows on axis 0), received {list(shape)}"
-            )
-        if rows < 0:
-            rows = shape[0]
-        elif shape[0] != rows:
-            raise InvalidInput(
-                f"model {model!r}: inputs disagree on the row count (axis 0): "
-                f"{spec.name!r} has {shape[0]}, earlier inputs have {rows}"
-            )
-        checked[spec.name] = array
-    if rows < 1:
-        raise InvalidInput(f"model {model!r}: a request must carry at least 1 row, got 0")
-    if rows > max_rows:
         raise InvalidInput(
-            f"model {model!r}: request has {rows} rows, more than the largest bucket "
-            f"({max_rows}); split it into requests of at most {max_rows} rows"
+            f"model {self.model!r}: expected inputs ({expected}), received ({received})"
         )
-    return checked, rows

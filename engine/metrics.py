@@ -41,7 +41,8 @@ PADDING_ROWS = Counter(
 )
 QUEUE_DELAY = Histogram(
     "gatewayd_engine_queue_delay_seconds",
-    "Time from infer() to the dispatch of the request's batch.",
+    "Per batch: time its oldest request waited from infer() to dispatch (the batch's worst "
+    "case; one observation per batch keeps the worker's per-request cost down).",
     ["model"],
     buckets=_SECONDS_BUCKETS,
 )
