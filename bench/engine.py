@@ -1,0 +1,273 @@
+"""Benchmark: the engine's dynamic batcher vs raw ONNX Runtime vs a naive thread pool.
+
+    python bench/engine.py [--seconds 1.5] [--uvloop]
+
+Same process, same models, side by side:
+  raw      session.run on one thread at batch 1..256 (the ceiling for each batch size)
+  engine   Engine.infer with 1, 16, 64, 256 concurrent callers, one row per request
+  naive    the same callers, each doing session.run for its one row via a thread pool
+Models: an MLP (256 -> 512 -> 512 -> 512 -> 16, where batching pays), a wider one (1024),
+and the example anomaly autoencoder (so small that per-request cost dominates: it shows the
+engine's own overhead). Prints a table, then one JSON line with the target ratios:
+  engine@256 / raw@(batch the engine used)  (target >= 0.6)
+  engine@256 / naive@256                    (target >= 3)
+  engine@1 p50 - raw@1 p50                  (target <= 100 us)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import REGISTRY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import Engine, ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONCURRENCY = (1, 16, 64, 256)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def build_mlp(path: Path, widths: tuple[int, ...] = (256, 512, 512, 512, 16)) -> Path:
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    current = "x"
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(
+            np.zeros(fan_out, np.float32), f"b{i}")]  # fmt: skip
+        nodes += [
+            helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+        ]
+        last = i == len(widths) - 2
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"]))
+        current = f"a{i}" if last else f"h{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "bench_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", widths[-1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def stats(latencies_s: list[float], samples: int, wall_s: float, cpu_s: float) -> dict:
+    lat = np.array(latencies_s) * 1e6
+    return {
+        "samples_per_s": samples / wall_s,
+        "p50_us": float(np.percentile(lat, 50)),
+        "p99_us": float(np.percentile(lat, 99)),
+        "cpu_us_per_sample": cpu_s / samples * 1e6,
+    }
+
+
+def bench_raw(sess: ort.InferenceSession, name: str, row: np.ndarray, seconds: float) -> dict:
+    results = {}
+    for batch in RAW_BATCHES:
+        x = np.repeat(row, batch, axis=0)
+        feed = {name: x}
+        sess.run(None, feed)
+        latencies = []
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        deadline = t0 + seconds / len(RAW_BATCHES) * 2
+        while True:
+            start = time.perf_counter()
+            sess.run(None, feed)
+            end = time.perf_counter()
+            latencies.append(end - start)
+            if end > deadline and len(latencies) >= 20:
+                break
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        results[batch] = stats(latencies, batch * len(latencies), wall, cpu)
+    return results
+
+
+async def closed_loop(call, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - start)
+
+    for _ in range(max(1, 32 // concurrency)):  # warm the path
+        await call()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return stats(latencies, len(latencies), wall, cpu)
+
+
+def batch_metrics(model: str) -> tuple[float, float]:
+    count = REGISTRY.get_sample_value("gatewayd_engine_batch_rows_count", {"model": model}) or 0
+    total = REGISTRY.get_sample_value("gatewayd_engine_batch_rows_sum", {"model": model}) or 0
+    return count, total
+
+
+async def bench_engine(path: Path, model: str, name: str, row: np.ndarray, seconds: float):
+    spec = ModelSpec(model, path, buckets=BUCKETS, max_queue_delay_s=0.0, queue_limit=4096)
+    engine = Engine([spec])
+    await engine.start()
+    results = {}
+    feed = {name: row}
+
+    async def call() -> None:
+        await engine.infer(model, feed)
+
+    try:
+        for concurrency in CONCURRENCY:
+            before = batch_metrics(model)
+            results[concurrency] = await closed_loop(call, concurrency, seconds)
+            count, total = (a - b for a, b in zip(batch_metrics(model), before, strict=True))
+            results[concurrency]["mean_batch_rows"] = total / count if count else 0.0
+    finally:
+        await engine.close()
+    return results
+
+
+async def bench_naive(sess: ort.InferenceSession, name: str, row: np.ndarray, seconds: float):
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4))
+    feed = {name: row}
+    results = {}
+    try:
+        for concurrency in (1, 256):
+
+            async def call() -> None:
+                await loop.run_in_executor(pool, sess.run, None, feed)
+
+            results[concurrency] = await closed_loop(call, concurrency, seconds)
+    finally:
+        pool.shutdown()
+    return results
+
+
+def nearest_bucket(rows: float) -> int:
+    return min(RAW_BATCHES, key=lambda b: abs(b - rows))
+
+
+async def bench_model(label: str, path: Path, name: str, row: np.ndarray, seconds: float) -> dict:
+    sess = session(path)
+    raw = bench_raw(sess, name, row, seconds)
+    engine = await bench_engine(path, f"bench_{label}", name, row, seconds)
+    naive = await bench_naive(sess, name, row, seconds)
+    used = nearest_bucket(engine[256]["mean_batch_rows"])
+    summary = {
+        "engine256_vs_raw_at_used_batch": engine[256]["samples_per_s"] / raw[used]["samples_per_s"],
+        "raw_batch_compared": used,
+        "engine256_vs_naive256": engine[256]["samples_per_s"] / naive[256]["samples_per_s"],
+        "engine1_overhead_us": engine[1]["p50_us"] - raw[1]["p50_us"],
+    }
+    return {"raw": raw, "engine": engine, "naive": naive, "summary": summary}
+
+
+def print_table(label: str, result: dict) -> None:
+    print(f"\n== {label} ==")
+    header = f"{'mode':<8}{'batch/conc':>11}{'samples/s':>13}{'p50 us':>10}{'p99 us':>10}"
+    print(header + f"{'cpu us/sample':>15}{'batch rows':>12}")
+    rows = [("raw", k, v) for k, v in result["raw"].items()]
+    rows += [("engine", k, v) for k, v in result["engine"].items()]
+    rows += [("naive", k, v) for k, v in result["naive"].items()]
+    for mode, key, v in rows:
+        batch = f"{v['mean_batch_rows']:.1f}" if "mean_batch_rows" in v else ""
+        print(
+            f"{mode:<8}{key:>11}{v['samples_per_s']:>13.0f}{v['p50_us']:>10.0f}{v['p99_us']:>10.0f}"
+            f"{v['cpu_us_per_sample']:>15.1f}{batch:>12}"
+        )
+    s = result["summary"]
+    print(
+        f"engine@256 / raw@{s['raw_batch_compared']}: {s['engine256_vs_raw_at_used_batch']:.2f}x"
+        f" (target >= 0.6); engine@256 / naive@256: {s['engine256_vs_naive256']:.2f}x"
+        f" (target >= 3); engine@1 overhead: {s['engine1_overhead_us']:.0f} us (target <= 100)"
+    )
+
+
+async def main(seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mlp = build_mlp(Path(tmp) / "mlp.onnx")
+        wide = build_mlp(Path(tmp) / "mlp1024.onnx", (256, 1024, 1024, 1024, 16))
+        row = np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)
+        models = {
+            "mlp": (mlp, "x", row),
+            "mlp1024": (wide, "x", row),
+            "anomaly": (
+                ROOT / "engine" / "models" / "anomaly.onnx",
+                "window",
+                np.random.default_rng(2).normal(20, 1, size=(1, 32)).astype(np.float32),
+            ),
+        }
+        results = {}
+        for label, (path, name, row) in models.items():
+            results[label] = await bench_model(label, path, name, row, seconds)
+            print_table(label, results[label])
+    line = {
+        "bench": "engine",
+        "cpu_count": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "loop": type(asyncio.get_running_loop()).__module__,
+    }
+    for label, result in results.items():
+        s = result["summary"]
+        line[label] = {
+            "raw_samples_per_s": {b: round(v["samples_per_s"]) for b, v in result["raw"].items()},
+            "engine_samples_per_s": {
+                c: round(v["samples_per_s"]) for c, v in result["engine"].items()
+            },
+            "engine_p50_us": {c: round(v["p50_us"]) for c, v in result["engine"].items()},
+            "engine_p99_us": {c: round(v["p99_us"]) for c, v in result["engine"].items()},
+            "engine_cpu_us_per_req": {
+                c: round(v["cpu_us_per_sample"], 1) for c, v in result["engine"].items()
+            },
+            "engine_mean_batch": {
+                c: round(v["mean_batch_rows"], 1) for c, v in result["engine"].items()
+            },
+            "naive_samples_per_s": {
+                c: round(v["samples_per_s"]) for c, v in result["naive"].items()
+            },
+            "raw_p50_us_batch1": round(result["raw"][1]["p50_us"]),
+            **{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()},
+        }
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help="per measurement")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(main(args.seconds))
+    else:
+        asyncio.run(main(args.seconds))

@@ -1,0 +1,403 @@
+"""The dynamic batcher of one model: queue, priorities, deadlines, one worker thread.
+
+Event-loop side (cheap, no locks): `submit()` validates a request, appends it to the queue of
+its priority level and returns a future. A batch is dispatched when the worker is free and
+either the queued rows fill the largest bucket or the oldest request has waited
+`max_queue_delay_s` (0: at the end of the current loop iteration, so requests arriving
+together share a batch). Dispatch takes requests highest priority first, FIFO within a level,
+until the next one would overflow the largest bucket, and hands them to the worker thread in
+one `SimpleQueue.put`.
+
+Worker side: the runner copies the rows into the bucket's buffers and runs the session (ONNX
+Runtime releases the GIL), then one `call_soon_threadsafe` hands the whole batch's results
+back. So a request costs one thread hop each way, shared by every request in its batch.
+
+Deadlines: a request still queued at its deadline fails with `InferenceTimeout` and is never
+run; one timer, armed for the earliest deadline, sweeps the queue. A request already running
+at its deadline completes normally. The queue is bounded in rows (`queue_limit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from queue import SimpleQueue
+from typing import Any
+
+import numpy as np
+
+from engine import metrics
+from engine.errors import (
+    EngineNotRunning,
+    EngineOverloaded,
+    InferenceFailed,
+    InferenceTimeout,
+    InvalidInput,
+)
+from engine.io import RequestValidator
+from engine.providers import load_session
+from engine.runner import Runner
+from engine.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+class _Request:
+    __slots__ = ("deadline", "done", "enqueued_at", "future", "inputs", "rows")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Outputs],
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        enqueued_at: float,
+        deadline: float,
+    ) -> None:
+        self.future = future
+        self.inputs = inputs
+        self.rows = rows
+        self.enqueued_at = enqueued_at
+        self.deadline = deadline
+        self.done = False  # left the queue (dispatched, expired or dropped as cancelled)
+
+
+class Batcher:
+    """Queue and worker thread of one model. Create and use on the event loop's thread."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.runner: Runner | None = None
+        self.warmup_s = math.nan
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._levels: list[deque[_Request]] = [deque() for _ in range(spec.priority_levels)]
+        self._queued_rows = 0
+        self._max_rows = spec.max_batch_rows
+        self._busy = False
+        self._accepting = False
+        self._dispatch_handle: asyncio.Handle | None = None
+        self._dispatch_is_timer = False
+        self._expiry_handle: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
+        self._drained: asyncio.Future[None] | None = None
+        self._jobs: SimpleQueue[Any] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._validate: RequestValidator | None = None
+        self._accepted = 0  # requests queued so far; the worker flushes it to the metric
+        self._accepted_reported = 0
+        self._report_lock = threading.Lock()
+        name = spec.name
+        self._m_requests = metrics.REQUESTS.labels(name)
+        self._m_overloaded = metrics.REJECTED.labels(name, "overloaded")
+        self._m_invalid = metrics.REJECTED.labels(name, "invalid_input")
+        self._m_timed_out = metrics.TIMED_OUT.labels(name)
+        self._m_failed = metrics.FAILED.labels(name)
+        self._m_batch_rows = metrics.BATCH_ROWS.labels(name)
+        self._m_padding = metrics.PADDING_ROWS.labels(name)
+        self._m_queue_delay = metrics.QUEUE_DELAY.labels(name)
+        self._m_run = metrics.RUN_SECONDS.labels(name)
+        self._m_cpu = metrics.BATCH_CPU_SECONDS.labels(name)
+        self._m_queued = metrics.QUEUED_ROWS.labels(name)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker, load the model on it and warm every bucket; then accept work."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=self._worker_main, name=f"engine-{self.spec.name}", daemon=True
+        )
+        self._thread.start()
+        started = time.perf_counter()
+        done: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((self._load_and_warm, (done,)))
+        try:
+            await done
+        except BaseException:
+            await self._stop_worker()
+            raise
+        self.warmup_s = time.perf_counter() - started
+        metrics.WARMUP_SECONDS.labels(self.spec.name).set(self.warmup_s)
+        self._accepting = True
+
+    async def close(self) -> None:
+        """Stop accepting, let queued requests run (or time out), then stop the worker."""
+        self._accepting = False
+        if self._loop is None:
+            return
+        if self._busy or self._queued_rows:
+            self._drained = self._loop.create_future()
+            if self._dispatch_is_timer and self._dispatch_handle is not None:
+                # Closing: run what is queued now instead of waiting for batches to fill.
+                self._dispatch_handle.cancel()
+                self._dispatch_handle = None
+            self._schedule_dispatch()
+            await self._drained
+        await self._stop_worker()
+        self._report_accepted()
+
+    async def _stop_worker(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        self._jobs.put(None)
+        await asyncio.to_thread(thread.join)
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def submit(
+        self,
+        inputs: Mapping[str, np.ndarray] | np.ndarray,
+        priority: int,
+        timeout_s: float | None,
+    ) -> asyncio.Future[Outputs]:
+        """Queue one request; its future resolves to that request's rows of every output."""
+        spec = self.spec
+        if not self._accepting:
+            raise EngineNotRunning(
+                f"model {spec.name!r} is not serving (engine not started or closing)"
+            )
+        validate = self._validate
+        assert validate is not None and self._loop is not None
+        try:
+            checked, rows = validate(inputs)
+            if type(priority) is not int or not 0 <= priority < spec.priority_levels:
+                raise InvalidInput(
+                    f"model {spec.name!r}: priority must be an integer "
+                    f"0..{spec.priority_levels - 1}, got {priority!r}"
+                )
+            if timeout_s is None:
+                timeout_s = spec.request_timeout_s
+            elif not (isinstance(timeout_s, int | float) and 0 < timeout_s < math.inf):
+                raise InvalidInput(
+                    f"model {spec.name!r}: timeout_s must be a positive number of seconds, "
+                    f"got {timeout_s!r}"
+                )
+        except InvalidInput:
+            self._m_invalid.inc()
+            raise
+        if self._queued_rows + rows > spec.queue_limit:
+            self._m_overloaded.inc()
+            raise EngineOverloaded(
+                f"model {spec.name!r}: queue full ({self._queued_rows} of {spec.queue_limit} "
+                f"rows waiting, request has {rows}); retry later or raise queue_limit"
+            )
+        loop = self._loop
+        now = loop.time()
+        request = _Request(loop.create_future(), checked, rows, now, now + timeout_s)
+        self._levels[priority].append(request)
+        self._queued_rows += rows
+        self._accepted += 1  # a plain int here; the worker adds it to the metric per batch
+        if request.deadline < self._expiry_at:
+            self._arm_expiry(request.deadline)
+        if not self._busy:
+            if self._dispatch_handle is None:
+                self._schedule_dispatch()
+            elif self._dispatch_is_timer and self._queued_rows >= self._max_rows:
+                self._dispatch_handle.cancel()
+                self._dispatch_handle = None
+                self._schedule_dispatch()
+        return request.future
+
+    def queued_rows(self) -> int:
+        """Rows waiting to be dispatched (not counting the batch running now)."""
+        return self._queued_rows
+
+    def _schedule_dispatch(self) -> None:
+        if self._busy or self._dispatch_handle is not None or not self._queued_rows:
+            return
+        loop = self._loop
+        assert loop is not None
+        delay_s = self.spec.max_queue_delay_s
+        if delay_s == 0 or self._queued_rows >= self._max_rows or not self._accepting:
+            self._dispatch_handle = loop.call_soon(self._dispatch)
+            self._dispatch_is_timer = False
+        else:
+            oldest = min(level[0].enqueued_at for level in self._levels if level)
+            self._dispatch_handle = loop.call_at(oldest + delay_s, self._dispatch)
+            self._dispatch_is_timer = True
+
+    def _dispatch(self) -> None:
+        self._dispatch_handle = None
+        if self._busy:
+            return
+        entries: list[_Request] = []
+        rows = 0
+        capacity = self._max_rows
+        full = False
+        for level in reversed(self._levels):  # highest priority first
+            while level:
+                request = level[0]
+                if request.done or request.future.done():  # expired, or caller cancelled
+                    level.popleft()
+                    if not request.done:
+                        request.done = True
+                        self._queued_rows -= request.rows
+                    continue
+                if rows + request.rows > capacity:
+                    full = True  # never let a later request overtake this one
+                    break
+                level.popleft()
+                request.done = True
+                entries.append(request)
+                rows += request.rows
+            if full:
+                break
+        self._queued_rows -= rows
+        if not entries:
+            self._check_drained()
+            return
+        self._busy = True
+        assert self._loop is not None
+        self._jobs.put((self._run_batch, (entries, rows, self._loop.time())))
+
+    def _complete(
+        self, entries: list[_Request], results: list[Outputs] | None, error: str | None
+    ) -> None:
+        self._busy = False
+        if self._queued_rows >= self._max_rows:
+            # A full batch waited while this one ran: start it before scattering results,
+            # so the worker computes while this loop wakes the callers (pipelining).
+            if self._dispatch_handle is not None:
+                self._dispatch_handle.cancel()
+            self._dispatch()
+        if results is not None:
+            for request, result in zip(entries, results, strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+        else:
+            self._m_failed.inc(len(entries))
+            for request in entries:
+                if not request.future.done():
+                    request.future.set_exception(InferenceFailed(error))
+        if self._queued_rows:
+            self._schedule_dispatch()
+        else:
+            self._check_drained()
+
+    def _arm_expiry(self, deadline: float) -> None:
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+        assert self._loop is not None
+        self._expiry_at = deadline
+        self._expiry_handle = self._loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """Fail queued requests whose deadline passed; re-arm for the next deadline."""
+        self._expiry_handle = None
+        self._expiry_at = math.inf
+        assert self._loop is not None
+        now = self._loop.time()
+        next_deadline = math.inf
+        for index, level in enumerate(self._levels):
+            kept: deque[_Request] = deque()
+            for request in level:
+                if request.done:
+                    continue
+                if request.future.done():  # caller cancelled: drop it now
+                    request.done = True
+                    self._queued_rows -= request.rows
+                elif request.deadline <= now:
+                    request.done = True
+                    self._queued_rows -= request.rows
+                    self._m_timed_out.inc()
+                    waited_s = now - request.enqueued_at
+                    request.future.set_exception(
+                        InferenceTimeout(
+                            f"model {self.spec.name!r}: request waited {waited_s * 1e3:.1f} ms "
+                            f"in the queue, past its deadline; it was not run"
+                        )
+                    )
+                else:
+                    kept.append(request)
+                    next_deadline = min(next_deadline, request.deadline)
+            self._levels[index] = kept
+        if next_deadline < math.inf:
+            self._arm_expiry(next_deadline)
+        self._m_queued.set(self._queued_rows)
+        self._report_accepted()
+        if not self._queued_rows:
+            self._check_drained()
+
+    def _check_drained(self) -> None:
+        drained = self._drained
+        if drained is not None and not drained.done() and not self._busy and not self._queued_rows:
+            drained.set_result(None)
+
+    # -- worker thread ---------------------------------------------------------------------
+
+    def _worker_main(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            function, args = job
+            try:
+                function(*args)
+            except Exception:  # never let the worker die: every later request would hang
+                log.exception("engine: model %r: worker job failed", self.spec.name)
+
+    def _load_and_warm(self, done: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            self.runner = Runner(self.spec, load_session(self.spec))
+            self._validate = RequestValidator(
+                self.spec.name, self.runner.inputs, self.spec.max_batch_rows
+            )
+            self.runner.warm_up()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_set_exception, done, exc)
+        else:
+            loop.call_soon_threadsafe(_set_result, done, None)
+
+    def _run_batch(self, entries: list[_Request], rows: int, dispatched_at: float) -> None:
+        runner = self.runner
+        assert runner is not None and self._loop is not None
+        cpu_started = time.thread_time()
+        started = time.perf_counter()
+        results: list[Outputs] | None = None
+        error: str | None = None
+        try:
+            results = runner.run(entries, rows)
+        except Exception as exc:  # ORT failure: fail this batch, keep serving
+            error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
+            log.error("engine: %s", error)
+        run_s = time.perf_counter() - started
+        cpu_s = time.thread_time() - cpu_started
+        try:
+            self._loop.call_soon_threadsafe(self._complete, entries, results, error)
+        except RuntimeError:  # loop closed under us: nobody is waiting any more
+            return
+        # Metrics after handing results back, so they never add to request latency.
+        self._m_run.observe(run_s)
+        self._m_cpu.observe(cpu_s)
+        self._m_batch_rows.observe(rows)
+        self._m_padding.inc(self.spec.buckets[runner.bucket_for(rows)] - rows)
+        self._m_queued.set(self._queued_rows)
+        self._report_accepted()
+        oldest = min(request.enqueued_at for request in entries)
+        self._m_queue_delay.observe(dispatched_at - oldest)
+
+    def _report_accepted(self) -> None:
+        """Add requests accepted since the last call to the metric (any thread)."""
+        with self._report_lock:
+            accepted = self._accepted  # only the loop thread writes it; int reads are atomic
+            self._m_requests.inc(accepted - self._accepted_reported)
+            self._accepted_reported = accepted
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
