@@ -44,9 +44,7 @@ class CallableInfo:
     description: str = ""
 
 
-def callable(
-    fn: F | None = None, *, streaming: bool = False, description: str = ""
-) -> Any:
+def callable(fn: F | None = None, *, streaming: bool = False, description: str = "") -> Any:
     """Mark an agent method as invokable by clients (JSON `gw.rpc`) and `runtime.call`.
 
     With `streaming=True` the method receives an `RpcStream` as its first argument and sends

@@ -90,6 +90,10 @@ class _Event:
         self.c = c
 
 
+class _TransactionLost(Exception):
+    """The batch's transaction no longer exists; its turns must all fail."""
+
+
 class _Turn:
     """What one running turn may change besides SQL (undone when it rolls back)."""
 
@@ -478,11 +482,21 @@ class AgentRuntime:
             db.begin()
             mailbox = slot.mailbox
             budget = self.settings.max_turns_per_commit
-            while mailbox and budget > 0:
-                budget -= 1
-                await self._turn(slot, mailbox.popleft(), done, undo_conns)
-                if slot.destroy_requested or slot.db is not db:
-                    break
+            try:
+                while mailbox and budget > 0:
+                    budget -= 1
+                    await self._turn(slot, mailbox.popleft(), done, undo_conns)
+                    if slot.destroy_requested:
+                        break
+            except _TransactionLost as lost:
+                await self._abort_batch(slot, str(lost), done, outbox, undo_conns)
+                return
+            except Exception as err:
+                logger.exception("agents: %s/%r: internal error in a turn", *slot.key)
+                await self._abort_batch(
+                    slot, f"internal error ({type(err).__name__}: {err})", done, outbox, undo_conns
+                )
+                return
             await self._commit(slot, db, outbox, done, undo_conns)
         finally:
             slot.outbox = None
@@ -502,21 +516,9 @@ class AgentRuntime:
         except Exception as err:
             self._counters["commit_errors"] += 1
             COMMIT_ERRORS.inc()
-            error = CommitError(
-                f"agent {slot.key[0]}/{slot.key[1]!r}: commit failed ({type(err).__name__}: "
-                f"{err}); {len(outbox)} outputs dropped, {len(done)} events not acknowledged, "
-                "agent reloaded from disk"
+            await self._abort_batch(
+                slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns
             )
-            logger.error("agents: %s", error)
-            for conn, old_state in reversed(undo_conns):
-                conn._state = old_state
-            for future, _result, _is_error in done:
-                _fail(future, error)
-            self._drop_failed_connects(done, error)
-            agent = slot.agent
-            self._evict(slot, count=False)
-            if agent is not None:
-                await self._notify_error_outside_turn(agent, error)
             return
         COMMIT_SECONDS.observe(time.perf_counter() - started)
         self._counters["commits_total"] += 1
@@ -536,6 +538,30 @@ class AgentRuntime:
         if slot.drain_queued:
             slot.drain_queued = False
             self._enqueue_drain(slot)
+
+    async def _abort_batch(
+        self,
+        slot: _Slot,
+        why: str,
+        done: list[tuple[asyncio.Future[Any] | None, Any, bool]],
+        outbox: list[tuple[Connection, Any]],
+        undo_conns: list[tuple[Connection, Any]],
+    ) -> None:
+        """The batch's transaction is lost: nothing of it may leave or be acknowledged."""
+        error = CommitError(
+            f"agent {slot.key[0]}/{slot.key[1]!r}: {why}; {len(outbox)} outputs dropped, "
+            f"{len(done)} events not acknowledged, agent reloaded from disk"
+        )
+        logger.error("agents: %s", error)
+        for conn, old_state in reversed(undo_conns):
+            conn._state = old_state
+        for future, result, is_error in done:
+            _fail(future, result if is_error else error)
+        self._drop_failed_connects(done, error)
+        agent = slot.agent
+        if agent is not None:
+            self._evict(slot, count=False)
+            await self._notify_error_outside_turn(agent, error)
 
     def _drop_failed_connects(
         self, done: list[tuple[Any, Any, bool]], error: BaseException
@@ -618,6 +644,9 @@ class AgentRuntime:
                 return
         turn = _Turn(event.conn)
         slot.turn = turn
+        if kind == _CONNECT and event.future is not None:
+            # If the batch is lost, `_drop_failed_connects` finds the connection here.
+            event.future._gw_connecting = event.conn  # type: ignore[attr-defined]
         state_before = slot.state
         outbox = slot.outbox
         outbox_mark = len(outbox)
@@ -643,9 +672,21 @@ class AgentRuntime:
                     "turn rolled back"
                 )
                 self._counters["turn_timeouts"] += 1
-            db.rollback_to_savepoint()
             del outbox[outbox_mark:]
             slot.state = state_before
+            slot.turn = None
+            if not db.connection.in_transaction:
+                # SQLite rolled back the whole transaction (SQLITE_FULL, IOERR...): the
+                # earlier turns of this batch are gone too.
+                for conn, old_state in reversed(turn.conn_undo):
+                    conn._state = old_state
+                self._counters["turn_errors"] += 1
+                done.append((event.future, err, True))
+                raise _TransactionLost(
+                    f"transaction rolled back by SQLite in a {_EVENT_NAMES[kind]} turn "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+            db.rollback_to_savepoint()
             for conn, old_state in reversed(turn.conn_undo):
                 conn._state = old_state
             slot.turn = None
@@ -658,7 +699,8 @@ class AgentRuntime:
             await self._on_error_turn(slot, err)
             return
         except BaseException:
-            db.rollback_to_savepoint()
+            if db.connection.in_transaction:
+                db.rollback_to_savepoint()
             del outbox[outbox_mark:]
             slot.state = state_before
             raise
@@ -673,8 +715,6 @@ class AgentRuntime:
             if kind in (_CALL, _FN):
                 done.append((event.future, result, False))
             else:
-                if kind == _CONNECT:
-                    event.future._gw_connecting = event.conn  # type: ignore[attr-defined]
                 done.append((event.future, Outcome.APPLIED, False))
 
     # -- dispatching one event ----------------------------------------------------------------

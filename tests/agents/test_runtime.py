@@ -99,7 +99,9 @@ async def test_different_agents_run_concurrently_same_agent_serially(make_runtim
         assert labels == [f"x{i}" for i in range(5)]
         assert time.perf_counter() - started < 0.8  # concurrent, not 5 x 0.2 s
 
-        await asyncio.gather(rt.call("rec", "one", "slow", 0.05, "a"), rt.call("rec", "one", "slow", 0.01, "b"))
+        await asyncio.gather(
+            rt.call("rec", "one", "slow", 0.05, "a"), rt.call("rec", "one", "slow", 0.01, "b")
+        )
         # One event at a time: b started only after a ended.
         assert await rt.call("rec", "one", "log") == ["start a", "end a", "start b", "end b"]
 
