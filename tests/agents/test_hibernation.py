@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 import pytest
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Sleepy(Agent):
-    initial_state = {"n": 0}
+    initial_state: ClassVar[dict] = {"n": 0}
     starts: int = 0
 
     def on_start(self):

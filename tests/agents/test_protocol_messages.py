@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import ClassVar
 
 import pytest
 
@@ -21,7 +22,7 @@ def rpc(rpc_id, method, *args, **kwargs) -> str:
 
 
 class Panel(Agent):
-    initial_state = {"setpoint": 20}
+    initial_state: ClassVar[dict] = {"setpoint": 20}
     changes: list = []  # noqa: RUF012
 
     def validate_state_change(self, new_state, source):

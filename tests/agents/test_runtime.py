@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from typing import ClassVar
 
 import pytest
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Recorder(Agent):
-    initial_state = {"count": 0}
+    initial_state: ClassVar[dict] = {"count": 0}
     instances: list[int] = []  # noqa: RUF012 - test bookkeeping across instances
     starts = 0
 
