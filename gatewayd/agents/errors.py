@@ -45,3 +45,11 @@ class NoEngineError(AgentError):
 
 class CommitError(AgentError):
     """The turn's transaction could not be committed; its outputs were dropped."""
+
+
+class ScheduleFailedError(AgentError):
+    """A scheduled method kept failing and its retries are used up (passed to `on_error`)."""
+
+
+class QueueItemFailedError(AgentError):
+    """A queued method kept failing and became a dead letter (passed to `on_error`)."""

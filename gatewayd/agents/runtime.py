@@ -33,6 +33,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from gatewayd.agents.agent import Agent, RpcStream, callable_info
+from gatewayd.agents.alarms import AlarmsMixin
 from gatewayd.agents.connection import CloseRequest, Connection, deliver
 from gatewayd.agents.errors import (
     AgentError,
@@ -66,8 +67,8 @@ COMMIT_SECONDS = Histogram(
 AgentKey = tuple[str, str]
 
 # Event kinds
-_START, _CONNECT, _MESSAGE, _CLOSE, _CALL, _FN, _ALARM, _DRAIN = range(8)
-_EVENT_NAMES = ("start", "connect", "message", "close", "call", "fn", "schedule", "queue")
+_START, _CONNECT, _MESSAGE, _CLOSE, _CALL, _FN, _ALARM, _SCHEDULED = range(8)
+_EVENT_NAMES = ("start", "connect", "message", "close", "call", "fn", "alarm", "scheduled call")
 
 
 class _Event:
@@ -128,6 +129,7 @@ class _Slot:
         "db",
         "destroy_requested",
         "drain_queued",
+        "index_dirty",
         "key",
         "last_active",
         "mailbox",
@@ -151,6 +153,7 @@ class _Slot:
         self.last_active = 0.0
         self.destroy_requested = False
         self.drain_queued = False
+        self.index_dirty = False
         self.stores: dict[str, Any] = {}
 
 
@@ -158,7 +161,7 @@ def _overrides(cls: type, name: str) -> bool:
     return getattr(cls, name) is not getattr(Agent, name)
 
 
-class AgentRuntime:
+class AgentRuntime(AlarmsMixin):
     """Runs the agents of `classes` (`{"thermostat": Thermostat}`) under `settings`.
 
     `engine`, if given, is any object with `async infer(model, inputs, **kw)`.
@@ -225,9 +228,6 @@ class AgentRuntime:
             self.settings.durability,
         )
 
-    def _on_started(self) -> None:
-        """Extension point for the scheduler (see `_wire_schedules`)."""
-
     async def drain(self, timeout_s: float = 10.0) -> bool:
         """Stop accepting events (LinkRejected("shutting down")), finish queued turns and
         commit them. Returns False if some agent was still busy after `timeout_s`."""
@@ -270,6 +270,7 @@ class AgentRuntime:
             await asyncio.gather(*self._closing.values(), return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self._on_closed()
         logger.info("agents: runtime closed")
 
     def stats(self) -> dict[str, int]:
@@ -485,7 +486,11 @@ class AgentRuntime:
             try:
                 while mailbox and budget > 0:
                     budget -= 1
-                    await self._turn(slot, mailbox.popleft(), done, undo_conns)
+                    event = mailbox.popleft()
+                    if event.kind == _ALARM:
+                        await self._run_alarm(slot, done, undo_conns)
+                    else:
+                        await self._turn(slot, event, done, undo_conns)
                     if slot.destroy_requested:
                         break
             except _TransactionLost as lost:
@@ -535,9 +540,7 @@ class AgentRuntime:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        if slot.drain_queued:
-            slot.drain_queued = False
-            self._enqueue_drain(slot)
+        self._after_commit(slot)
 
     async def _abort_batch(
         self,
@@ -593,6 +596,7 @@ class AgentRuntime:
             )
         except Exception as err:
             logger.error("agents: cannot wake %s/%r: %s", slot.key[0], slot.key[1], err)
+            self._alarm_pending.discard(slot.key)
             for event in slot.mailbox:
                 _fail(event.future, err)
             slot.mailbox.clear()
@@ -622,16 +626,16 @@ class AgentRuntime:
             self._evict_lru()
         return True
 
-    def _after_wake(self, slot: _Slot) -> None:
-        """Extension point for queue/schedule catch-up (see `_wire_schedules`)."""
-
     async def _turn(
         self,
         slot: _Slot,
         event: _Event,
         done: list[tuple[asyncio.Future[Any] | None, Any, bool]],
         undo_conns: list[tuple[Connection, Any]],
-    ) -> None:
+        *,
+        report: bool = True,
+    ) -> BaseException | None:
+        """Run one event as a turn in its own SAVEPOINT; returns its error (rolled back)."""
         db = slot.db
         assert db is not None and slot.outbox is not None
         kind = event.kind
@@ -641,7 +645,7 @@ class AgentRuntime:
             if last is not None and dedup.seq <= last:
                 self._counters["duplicates_total"] += 1
                 done.append((event.future, Outcome.DUPLICATE, False))
-                return
+                return None
         turn = _Turn(event.conn)
         slot.turn = turn
         if kind == _CONNECT and event.future is not None:
@@ -675,6 +679,7 @@ class AgentRuntime:
             del outbox[outbox_mark:]
             slot.state = state_before
             slot.turn = None
+            slot.stores.clear()  # a store created in this turn may have lost its tables
             if not db.connection.in_transaction:
                 # SQLite rolled back the whole transaction (SQLITE_FULL, IOERR...): the
                 # earlier turns of this batch are gone too.
@@ -696,8 +701,9 @@ class AgentRuntime:
             done.append((event.future, err, True))
             if kind == _CONNECT and event.future is not None:
                 self._refuse_connection(event.conn, err)
-            await self._on_error_turn(slot, err)
-            return
+            if report:
+                await self._on_error_turn(slot, err)
+            return err
         except BaseException:
             if db.connection.in_transaction:
                 db.rollback_to_savepoint()
@@ -716,6 +722,7 @@ class AgentRuntime:
                 done.append((event.future, result, False))
             else:
                 done.append((event.future, Outcome.APPLIED, False))
+        return None
 
     # -- dispatching one event ----------------------------------------------------------------
 
@@ -757,11 +764,9 @@ class AgentRuntime:
             return agent.on_start()
         if kind == _FN:
             return event.a(agent)
-        return self._dispatch_storage_event(slot, event, turn)
-
-    def _dispatch_storage_event(self, slot: _Slot, event: _Event, turn: _Turn) -> Any:
-        """Schedules and queue items (see `_wire_schedules`)."""
-        raise AgentError(f"event kind {_EVENT_NAMES[event.kind]} is not supported")
+        if kind == _SCHEDULED:
+            return self._named_method(agent, event.a)(event.b)
+        raise AgentError(f"event kind {_EVENT_NAMES[kind]} is not supported")
 
     async def _connect(
         self, slot: _Slot, agent: Agent, conn: Connection | None, context: dict[str, Any]
@@ -1056,32 +1061,6 @@ class AgentRuntime:
             for event in slot.mailbox:
                 self._enqueue(key, event)
             slot.mailbox.clear()
-
-    def _on_destroyed(self, key: AgentKey) -> None:
-        """Extension point: forget the agent's schedules in the gateway-wide index."""
-
-    # -- storage-backed features (schedules, queue, retry), wired in `_wire_schedules` ---------
-
-    def _schedules(self, slot: _Slot) -> Any:
-        raise AgentError("schedules are not available in this build")
-
-    def _schedule(self, slot: _Slot, when: Any, method: str, payload: Any, **options: Any) -> Any:
-        raise AgentError("schedules are not available in this build")
-
-    def _cancel_schedule(self, slot: _Slot, schedule_id: str) -> bool:
-        raise AgentError("schedules are not available in this build")
-
-    def _queue(self, slot: _Slot) -> Any:
-        raise AgentError("the queue is not available in this build")
-
-    def _queue_push(self, slot: _Slot, method: str, payload: Any, **options: Any) -> Any:
-        raise AgentError("the queue is not available in this build")
-
-    def _enqueue_drain(self, slot: _Slot) -> None:
-        pass
-
-    async def _retry(self, fn: Callable[[], Any], **options: Any) -> Any:
-        raise AgentError("retry is not available in this build")
 
     async def _infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         if self.engine is None:
