@@ -131,8 +131,10 @@ class AlarmsMixin:
             sleep_s = _MAX_ALARM_SLEEP_S if next_at is None else next_at - time.time()
             sleep_s = min(max(sleep_s, _MIN_ALARM_SLEEP_S), _MAX_ALARM_SLEEP_S)
             self._next_alarm_at = time.time() + sleep_s
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._alarm_changed.wait(), sleep_s)
+                async with asyncio.timeout(sleep_s):
+                    await self._alarm_changed.wait()
 
     def _enqueue_alarm(self: AgentRuntime, key: tuple[str, str]) -> None:
         if key in self._alarm_pending or not self._accepting:
