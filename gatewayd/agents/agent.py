@@ -232,6 +232,14 @@ class Agent:
     def has_engine(self) -> bool:
         return self._gw_runtime.engine is not None
 
+    def has_model(self, model: str) -> bool:
+        """True when an engine is configured and (if it can tell) serves `model`."""
+        engine = self._gw_runtime.engine
+        if engine is None:
+            return False
+        names = getattr(engine, "model_names", None)
+        return model in names() if builtins.callable(names) else True
+
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         """Batched inference through the runtime's engine (`NoEngineError` without one)."""
         return await self._gw_runtime._infer(model, inputs, **kwargs)
