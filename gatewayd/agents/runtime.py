@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -45,6 +46,7 @@ from gatewayd.agents.errors import (
     StateRejectedError,
     TurnTimeoutError,
 )
+from gatewayd.agents.memory import release_free_memory
 from gatewayd.agents.settings import AgentSettings
 from gatewayd.agents.storage import AgentDatabase, validate_agent_id, validate_class_name
 from protocols import jsonproto
@@ -65,6 +67,9 @@ COMMIT_SECONDS = Histogram(
 )
 
 AgentKey = tuple[str, str]
+
+# Return freed memory to the OS once this many agents were evicted (see memory.py).
+_TRIM_AFTER_EVICTIONS = 100
 
 # Event kinds
 _START, _CONNECT, _MESSAGE, _CLOSE, _CALL, _FN, _ALARM, _SCHEDULED = range(8)
@@ -193,6 +198,7 @@ class AgentRuntime(AlarmsMixin):
         self._accepting = False
         self._closed = False
         self._awake = 0
+        self._evicted_since_trim = 0
         self._signatures: dict[Any, inspect.Signature] = {}
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -586,13 +592,20 @@ class AgentRuntime(AlarmsMixin):
             await asyncio.shield(closing)
         settings = self.settings
         try:
-            db = AgentDatabase.open(
-                settings.state_dir,
-                slot.key[0],
-                slot.key[1],
-                durability=settings.durability,
-                max_db_bytes=settings.max_db_bytes,
-                max_value_bytes=settings.max_value_bytes,
+            # Opening touches the file system (creating -wal/-shm files, a new database's
+            # header): off the loop, on the shared executor.
+            assert self._loop is not None
+            db = await self._loop.run_in_executor(
+                self._executor,
+                functools.partial(
+                    AgentDatabase.open,
+                    settings.state_dir,
+                    slot.key[0],
+                    slot.key[1],
+                    durability=settings.durability,
+                    max_db_bytes=settings.max_db_bytes,
+                    max_value_bytes=settings.max_value_bytes,
+                ),
             )
         except Exception as err:
             logger.error("agents: cannot wake %s/%r: %s", slot.key[0], slot.key[1], err)
@@ -973,6 +986,11 @@ class AgentRuntime(AlarmsMixin):
         while True:
             await asyncio.sleep(interval_s)
             self._evict_idle(self._now() - self.settings.hibernate_after_s)
+            if self._evicted_since_trim >= _TRIM_AFTER_EVICTIONS and not self._closing:
+                # After the closes finished: hand the freed SQLite memory back to the OS.
+                self._evicted_since_trim = 0
+                assert self._loop is not None
+                await self._loop.run_in_executor(self._executor, release_free_memory)
 
     def _evict_idle(self, idle_since: float) -> int:
         evicted = 0
@@ -1001,6 +1019,7 @@ class AgentRuntime(AlarmsMixin):
         slot.stores = {}
         self._awake -= 1
         ACTIVE.set(self._awake)
+        self._evicted_since_trim += 1
         if count:
             self._counters["hibernations_total"] += 1
             HIBERNATIONS.inc()

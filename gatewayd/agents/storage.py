@@ -130,10 +130,10 @@ class AgentDatabase:
             raise StorageError(f"{label}: cannot open {path}: {err}") from err
         db = cls(conn, path, label, max_value_bytes, max_db_bytes)
         try:
-            if is_new:
-                conn.execute("PRAGMA journal_mode=WAL")
             sync = "FULL" if durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous={sync}")
+            if is_new:
+                conn.execute("PRAGMA journal_mode=WAL")
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
             conn.execute("PRAGMA busy_timeout=5000")
