@@ -164,7 +164,9 @@ async def wake_latency(state_dir: Path, agents: int) -> dict:
             )
         )
     runtime.hibernate_idle()
-    await asyncio.sleep(0.2)  # let the closes (WAL checkpoints) finish
+    while runtime.stats()["active_agents"] or runtime._closing:  # closes (checkpoints) done
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # and the idle sweeper's memory trim
     latencies = []
     for i in range(agents):
         started = time.perf_counter()

@@ -55,6 +55,8 @@ from protocols.link import DedupKey, Link, LinkRejected, Outcome
 logger = logging.getLogger(__name__)
 
 TURNS = Counter("gatewayd_agent_turns_total", "Agent turns run, by result", ["result"])
+_TURNS_OK = TURNS.labels("ok")  # cached children: labels() per turn is measurable
+_TURNS_ERROR = TURNS.labels("error")
 COMMITS = Counter("gatewayd_agent_commits_total", "Agent transactions committed")
 COMMIT_ERRORS = Counter("gatewayd_agent_commit_errors_total", "Agent commits that failed")
 WAKES = Counter("gatewayd_agent_wakes_total", "Agents woken from hibernation or first start")
@@ -709,7 +711,7 @@ class AgentRuntime(AlarmsMixin):
                 conn._state = old_state
             slot.turn = None
             self._counters["turn_errors"] += 1
-            TURNS.labels("error").inc()
+            _TURNS_ERROR.inc()
             self._report_turn_error(slot, event, turn, err)
             done.append((event.future, err, True))
             if kind == _CONNECT and event.future is not None:
@@ -729,7 +731,7 @@ class AgentRuntime(AlarmsMixin):
         if turn.destroy:
             slot.destroy_requested = True
         self._counters["turns_total"] += 1
-        TURNS.labels("ok").inc()
+        _TURNS_OK.inc()
         if event.future is not None:
             if kind in (_CALL, _FN):
                 done.append((event.future, result, False))

@@ -23,6 +23,8 @@ from gatewayd.agents.errors import (
 )
 
 SCHEMA_VERSION = 1
+# Only our own process opens an agent file; a short wait covers a close still checkpointing.
+_BUSY_TIMEOUT_S = 5.0
 MAX_AGENT_ID_BYTES = 1024
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
@@ -124,7 +126,11 @@ class AgentDatabase:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, cached_statements=64
+                path,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=64,
+                timeout=_BUSY_TIMEOUT_S,  # sets the busy handler without a PRAGMA
             )
         except sqlite3.Error as err:
             raise StorageError(f"{label}: cannot open {path}: {err}") from err
@@ -136,7 +142,6 @@ class AgentDatabase:
                 conn.execute("PRAGMA journal_mode=WAL")
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
-            conn.execute("PRAGMA busy_timeout=5000")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.begin()
