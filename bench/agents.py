@@ -1,0 +1,333 @@
+"""Agent runtime benchmark: turns/s, wake latency, memory — against a naive baseline.
+
+    python bench/agents.py                 # ~2 minutes on 2 cores
+    python bench/agents.py --quick         # smoke run (seconds)
+    python bench/agents.py --hibernated 20000 --duration-s 2
+
+Each turn does one SQL INSERT and one set_state. Load is closed-loop per agent with a bounded
+window of in-flight events (like a transport with unacknowledged messages); consecutive queued
+events of one agent share one commit (that is the runtime's design). The naive baseline is one
+aiosqlite connection per agent doing INSERT + COMMIT awaited per event, with the same journal
+mode and synchronous level. Memory figures come from a fresh subprocess.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, ClassVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiosqlite
+
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
+from protocols.link import Route
+
+PAYLOAD = b"\x01" * 32
+TOTAL_WINDOW = 20_000  # events in flight over all agents
+MAX_AGENT_WINDOW = 256
+
+
+class BenchAgent(Agent):
+    initial_state: ClassVar[dict[str, int]] = {"n": 0}
+
+    def on_start(self) -> None:
+        self.sql("CREATE TABLE IF NOT EXISTS r (id INTEGER PRIMARY KEY, v BLOB)")
+
+    def on_message(self, conn: Any, message: bytes | str) -> None:
+        self.sql("INSERT INTO r (v) VALUES (?)", message)
+        self.set_state({"n": self.state["n"] + 1})
+
+    @callable
+    def touch(self) -> int:
+        self.sql("INSERT INTO r (v) VALUES (?)", PAYLOAD)
+        self.set_state({"n": self.state["n"] + 1})
+        return self.state["n"]
+
+
+class BenchLink:
+    """In-process transport session (what MQTT/TCP/WS hand to the runtime)."""
+
+    def __init__(self, agent_id: str) -> None:
+        self.route = Route("bench", agent_id)
+        self.link_id = f"bench-{agent_id}"
+        self.transport = "tcp"
+        self.remote = "bench"
+
+    def send(self, data: bytes | str) -> None:
+        pass
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        pass
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def drive_for(deadline: float, submit: Any, window: int) -> int:
+    pending: deque[asyncio.Future[Any]] = deque()
+    done = 0
+    while time.perf_counter() < deadline:
+        pending.append(submit())
+        if len(pending) >= window:
+            await pending.popleft()
+            done += 1
+    while pending:
+        await pending.popleft()
+        done += 1
+    return done
+
+
+async def gatewayd_turns(state_dir: Path, agents: int, durability: str, duration_s: float) -> dict:
+    runtime = AgentRuntime(
+        AgentSettings(state_dir=state_dir, durability=durability, hibernate_after_s=600),
+        {"bench": BenchAgent},
+    )
+    await runtime.start()
+    links = [BenchLink(f"a{i}") for i in range(agents)]
+    await asyncio.gather(*(runtime.open_link(link, {}) for link in links))
+    window = max(1, min(MAX_AGENT_WINDOW, TOTAL_WINDOW // agents))
+    before = runtime.stats()
+    started = time.perf_counter()
+    deadline = started + duration_s
+    counts = await asyncio.gather(
+        *(
+            drive_for(deadline, lambda link=link: runtime.submit_message(link, PAYLOAD), window)
+            for link in links
+        )
+    )
+    elapsed = time.perf_counter() - started
+    after = runtime.stats()
+    await runtime.close()
+    turns = sum(counts)
+    commits = after["commits_total"] - before["commits_total"]
+    return {
+        "turns_per_s": turns / elapsed,
+        "turns_per_commit": turns / max(1, commits),
+        "window": window,
+    }
+
+
+async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s: float) -> dict:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conns = []
+    for i in range(agents):
+        db = await aiosqlite.connect(state_dir / f"a{i}.sqlite3")
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        await db.execute("CREATE TABLE IF NOT EXISTS r (id INTEGER PRIMARY KEY, v BLOB)")
+        await db.commit()
+        conns.append(db)
+
+    async def one_agent(db: aiosqlite.Connection, deadline: float) -> int:
+        done = 0
+        while time.perf_counter() < deadline:
+            await db.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
+            await db.commit()
+            done += 1
+        return done
+
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one_agent(db, started + duration_s) for db in conns))
+    elapsed = time.perf_counter() - started
+    for db in conns:
+        await db.close()
+    return {"turns_per_s": sum(counts) / elapsed}
+
+
+async def wake_latency(state_dir: Path, agents: int) -> dict:
+    runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"bench": BenchAgent})
+    await runtime.start()
+    for start in range(0, agents, 500):
+        await asyncio.gather(
+            *(
+                runtime.call("bench", f"w{i}", "touch")
+                for i in range(start, min(agents, start + 500))
+            )
+        )
+    runtime.hibernate_idle()
+    while runtime.stats()["active_agents"] or runtime._closing:  # closes (checkpoints) done
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # and the idle sweeper's memory trim
+    latencies = []
+    for i in range(agents):
+        started = time.perf_counter()
+        await runtime.call("bench", f"w{i}", "touch")
+        latencies.append(time.perf_counter() - started)
+    await runtime.close()
+    latencies.sort()
+    return {
+        "wake_p50_ms": statistics.median(latencies) * 1e3,
+        "wake_p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3,
+    }
+
+
+async def memory_child(state_dir: Path, active: int, hibernated: int) -> dict:
+    """Runs in a fresh process: RSS per active agent, RSS after many agents hibernated."""
+    runtime = AgentRuntime(
+        AgentSettings(state_dir=state_dir, max_active_agents=max(active, 1000)),
+        {"bench": BenchAgent},
+    )
+    await runtime.start()
+    await runtime.call("bench", "warmup", "touch")
+    gc.collect()
+    base = rss_bytes()
+    await asyncio.gather(*(runtime.call("bench", f"m{i}", "touch") for i in range(active)))
+    gc.collect()
+    per_active = (rss_bytes() - base) / active
+    runtime.hibernate_idle()
+    await asyncio.sleep(0.5)
+    created = 0
+    started = time.perf_counter()
+    while created < hibernated:
+        chunk = min(1000, hibernated - created)
+        await asyncio.gather(
+            *(runtime.call("bench", f"h{created + i}", "touch") for i in range(chunk))
+        )
+        created += chunk
+        runtime.hibernate_idle()
+    await asyncio.sleep(2.0)  # closes finish; the idle sweeper returns freed memory (memory.py)
+    gc.collect()
+    stats = runtime.stats()
+    result = {
+        "rss_per_active_agent_kb": per_active / 1024,
+        "hibernated_agents": created,
+        "hibernated_rss_mb": rss_bytes() / 2**20,
+        "baseline_rss_mb": base / 2**20,
+        "active_after": stats["active_agents"],
+        "create_rate_per_s": created / (time.perf_counter() - started),
+    }
+    await runtime.close()
+    return result
+
+
+def run_memory_subprocess(state_dir: Path, active: int, hibernated: int, uvloop: bool) -> dict:
+    args = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        str(state_dir),
+        str(active),
+        str(hibernated),
+    ]
+    if not uvloop:
+        args.append("--no-uvloop")
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+async def main_async(opts: argparse.Namespace) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="gatewayd-bench-"))
+    results: dict[str, Any] = {"turns": {}}
+    try:
+        rows = []
+        for durability in ("normal", "full"):
+            for agents in [] if opts.memory_only else opts.agents:
+                ours = await gatewayd_turns(
+                    root / f"g-{durability}-{agents}", agents, durability, opts.duration_s
+                )
+                naive = await naive_turns(
+                    root / f"n-{durability}-{agents}", agents, durability, opts.duration_s
+                )
+                ratio = ours["turns_per_s"] / naive["turns_per_s"]
+                key = f"{durability}_{agents}"
+                results["turns"][key] = {
+                    "gatewayd": round(ours["turns_per_s"]),
+                    "naive": round(naive["turns_per_s"]),
+                    "x": round(ratio, 1),
+                    "turns_per_commit": round(ours["turns_per_commit"], 1),
+                    "window": ours["window"],
+                }
+                rows.append((durability, agents, ours, naive, ratio))
+                shutil.rmtree(root / f"g-{durability}-{agents}", ignore_errors=True)
+                shutil.rmtree(root / f"n-{durability}-{agents}", ignore_errors=True)
+        if not opts.memory_only:
+            wake = await wake_latency(root / "wake", opts.wake_agents)
+            results.update({k: round(v, 3) for k, v in wake.items()})
+        memory = run_memory_subprocess(
+            root / "mem", opts.active_agents, opts.hibernated, opts.uvloop
+        )
+        results.update({k: round(v, 1) if isinstance(v, float) else v for k, v in memory.items()})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    header = ("durability", "agents", "gatewayd/s", "naive/s", "x", "turns/commit", "window")
+    print("{:<10} {:>6} {:>11} {:>9} {:>6} {:>12} {:>6}".format(*header))
+    for durability, agents, ours, naive, ratio in rows:
+        print(
+            f"{durability:<10} {agents:>6} {ours['turns_per_s']:>11.0f} "
+            f"{naive['turns_per_s']:>9.0f} {ratio:>6.1f} {ours['turns_per_commit']:>12.1f} "
+            f"{ours['window']:>6}"
+        )
+    if "wake_p50_ms" in results:
+        print(
+            f"wake latency (hibernated -> first turn committed): p50 {results['wake_p50_ms']:.3f}"
+            f" ms, p99 {results['wake_p99_ms']:.3f} ms ({opts.wake_agents} agents)"
+        )
+    print(
+        f"RSS per active agent: {results['rss_per_active_agent_kb']:.1f} KiB "
+        f"({opts.active_agents} agents)"
+    )
+    print(
+        f"{results['hibernated_agents']} agents created and hibernated: process RSS "
+        f"{results['hibernated_rss_mb']:.1f} MB (baseline {results['baseline_rss_mb']:.1f} MB, "
+        f"{results['create_rate_per_s']:.0f} agents created/s)"
+    )
+    results["loop"] = "uvloop" if opts.uvloop else "asyncio"
+    results["cpus"] = os.cpu_count()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--agents", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--duration-s", type=float, default=3.0, help="per throughput run")
+    parser.add_argument("--wake-agents", type=int, default=2000)
+    parser.add_argument("--active-agents", type=int, default=2000)
+    parser.add_argument(
+        "--hibernated", type=int, default=20_000, help="agents created then hibernated (RSS)"
+    )
+    parser.add_argument("--memory-only", action="store_true", help="only the memory figures")
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
+    parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.uvloop:
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            opts.uvloop = False
+    if opts.memory_child:
+        state_dir, active, hibernated = opts.memory_child
+        print(json.dumps(asyncio.run(memory_child(Path(state_dir), int(active), int(hibernated)))))
+        return
+    if opts.quick:
+        opts.agents, opts.duration_s = [1, 10], 0.5
+        opts.wake_agents, opts.active_agents, opts.hibernated = 100, 100, 1000
+    print(json.dumps({"bench": "agents", **asyncio.run(main_async(opts))}))
+
+
+if __name__ == "__main__":
+    main()

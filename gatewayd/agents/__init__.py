@@ -1,0 +1,45 @@
+"""gatewayd.agents: stateful agents with Durable Object semantics.
+
+    from gatewayd.agents import Agent, callable, Connection
+
+One live instance per `(class, id)`, one event at a time, its own SQLite file, and an output
+gate: nothing a turn sends (and no acknowledgement to a device) leaves before its writes commit.
+"""
+
+from gatewayd.agents.agent import Agent, RpcStream, callable
+from gatewayd.agents.connection import Connection
+from gatewayd.agents.errors import (
+    AgentError,
+    CommitError,
+    NoEngineError,
+    NotInTurnError,
+    ReadonlyConnectionError,
+    RpcError,
+    StateRejectedError,
+    StorageError,
+    StorageFullError,
+    TurnTimeoutError,
+    ValueTooLargeError,
+)
+from gatewayd.agents.runtime import AgentRuntime
+from gatewayd.agents.settings import AgentSettings
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AgentRuntime",
+    "AgentSettings",
+    "CommitError",
+    "Connection",
+    "NoEngineError",
+    "NotInTurnError",
+    "ReadonlyConnectionError",
+    "RpcError",
+    "RpcStream",
+    "StateRejectedError",
+    "StorageError",
+    "StorageFullError",
+    "TurnTimeoutError",
+    "ValueTooLargeError",
+    "callable",
+]

@@ -1,0 +1,245 @@
+"""`Agent`: the base class an agent author subclasses, and the `@callable` decorator.
+
+    from gatewayd.agents import Agent, callable
+
+    class Counter(Agent):
+        initial_state = {"count": 0}
+
+        def on_message(self, conn, message):
+            self.sql("INSERT INTO log (text) VALUES (?)", str(message))
+            self.set_state({"count": self.state["count"] + 1})
+
+        @callable
+        def reset(self):
+            self.set_state({"count": 0})
+            return "ok"
+
+Every hook may be a plain or an `async` function. Each event (message, connect, close, RPC,
+schedule, queue item) is one *turn*: turns of one agent run one at a time in arrival order;
+all SQL and state writes of a turn commit together, and nothing the turn sends leaves the
+gateway before that commit.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gatewayd.agents.connection import Connection
+
+if TYPE_CHECKING:
+    from gatewayd.agents.runtime import AgentRuntime, _Slot
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class CallableInfo:
+    streaming: bool = False
+    description: str = ""
+
+
+def callable(fn: F | None = None, *, streaming: bool = False, description: str = "") -> Any:
+    """Mark an agent method as invokable by clients (JSON `gw.rpc`) and `runtime.call`.
+
+    With `streaming=True` the method receives an `RpcStream` as its first argument and sends
+    chunks with `stream.send(chunk)`; its return value is the final reply.
+    """
+    info = CallableInfo(streaming=streaming, description=description)
+
+    def mark(method: F) -> F:
+        if not builtins.callable(method):
+            raise TypeError("@callable decorates methods")
+        method.__gw_callable__ = info  # type: ignore[attr-defined]
+        return method
+
+    return mark(fn) if fn is not None else mark
+
+
+def callable_info(method: Any) -> CallableInfo | None:
+    return getattr(method, "__gw_callable__", None)
+
+
+class RpcStream:
+    """Handed to `@callable(streaming=True)` methods; chunks pass the output gate in order."""
+
+    __slots__ = ("_conn", "_rpc_id", "_send", "chunks_sent")
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self._send = send
+        self.chunks_sent = 0
+
+    def send(self, chunk: Any) -> None:
+        self._send(chunk)
+        self.chunks_sent += 1
+
+
+class Agent:
+    """Base class of all agents. See the module docstring for an example."""
+
+    initial_state: Any = None
+
+    _gw_runtime: AgentRuntime
+    _gw_slot: _Slot
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def agent_class(self) -> str:
+        return self._gw_slot.key[0]
+
+    @property
+    def name(self) -> str:
+        """The agent id (the SDK calls it `name`)."""
+        return self._gw_slot.key[1]
+
+    @property
+    def id(self) -> str:
+        return self._gw_slot.key[1]
+
+    # -- hooks (override any; plain or async) ------------------------------------------------
+
+    def on_start(self) -> Any:
+        """Runs on every wake (first event after start-up or hibernation), as a turn."""
+
+    def on_connect(self, conn: Connection, ctx: dict[str, Any]) -> Any:
+        """A new connection; `ctx` carries transport facts (path, headers, peer)."""
+
+    def on_message(self, conn: Connection, message: bytes | str) -> Any:
+        """A message that is not a protocol frame: bytes as received, or text."""
+
+    def on_close(self, conn: Connection, code: int, reason: str) -> Any:
+        """The connection ended (either side)."""
+
+    def on_error(self, err: BaseException) -> Any:
+        """A turn, schedule, queue item or commit failed (after retries where they apply)."""
+        logger.warning("agents: %s/%r: %s: %s", self.agent_class, self.id, type(err).__name__, err)
+
+    def validate_state_change(self, new_state: Any, source: Connection | str) -> None:
+        """Synchronous gate before a state change; raise to reject it."""
+
+    def on_state_changed(self, state: Any, source: Connection | str) -> Any:
+        """Notification after a state change was written; its errors undo nothing."""
+
+    def should_send_protocol_messages(self, conn: Connection, ctx: dict[str, Any]) -> bool:
+        """Asked once per new connection before anything is sent to it."""
+        return self._gw_runtime.settings.protocol_default(conn.transport)
+
+    def should_connection_be_readonly(self, conn: Connection, ctx: dict[str, Any]) -> bool:
+        """Read-only connections may not change the agent's state (see PROTOCOL.md)."""
+        return False
+
+    def get_connection_tags(self, conn: Connection, ctx: dict[str, Any]) -> Iterable[str]:
+        """Tags for `get_connections(tag=...)`, asked once per new connection."""
+        return ()
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> Any:
+        return self._gw_slot.state
+
+    def set_state(self, new_state: Any) -> None:
+        """Replace (not merge) the state: validate -> persist -> broadcast -> notify."""
+        self._gw_runtime._set_state(self._gw_slot, new_state, "server")
+
+    # -- storage --------------------------------------------------------------------------------
+
+    def sql(self, query: str, *params: Any) -> list[dict[str, Any]]:
+        """One SQL statement with bound parameters, inside the current turn's transaction."""
+        return self._gw_runtime._db_for_turn(self._gw_slot).sql(query, params)
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def get_connections(self, tag: str | None = None) -> list[Connection]:
+        conns = self._gw_runtime._connections_of(self._gw_slot.key)
+        if tag is None:
+            return list(conns)
+        return [conn for conn in conns if tag in conn.tags]
+
+    def broadcast(
+        self, message: bytes | str, without: Iterable[Connection | str] | None = None
+    ) -> None:
+        """Send to every connection of this agent (protocol-enabled or not) except `without`."""
+        excluded = {c.id if isinstance(c, Connection) else c for c in (without or ())}
+        for conn in self._gw_runtime._connections_of(self._gw_slot.key):
+            if conn.id not in excluded:
+                conn.send(message)
+
+    # -- schedules, queue, retry (storage-backed, see runtime) ------------------------------
+
+    def schedule(self, when: Any, method: str, payload: Any = None, **options: Any) -> Any:
+        """Run `method(payload)` at `when`: delay seconds, a datetime, or a cron string."""
+        return self._gw_runtime._schedule(self._gw_slot, when, method, payload, **options)
+
+    def schedule_every(self, seconds: float, method: str, payload: Any = None, **kw: Any) -> Any:
+        return self._gw_runtime._schedule(
+            self._gw_slot, seconds, method, payload, every_s=seconds, **kw
+        )
+
+    def get_schedule(self, schedule_id: str) -> Any:
+        return self._gw_runtime._schedules(self._gw_slot).get(schedule_id)
+
+    def get_schedules(self, **criteria: Any) -> list[Any]:
+        return self._gw_runtime._schedules(self._gw_slot).list(**criteria)
+
+    def cancel_schedule(self, schedule_id: str) -> bool:
+        return self._gw_runtime._cancel_schedule(self._gw_slot, schedule_id)
+
+    def queue(self, method: str, payload: Any = None, **options: Any) -> Any:
+        """Persist a call of `method(payload)`; runs after this turn commits, in FIFO order."""
+        return self._gw_runtime._queue_push(self._gw_slot, method, payload, **options)
+
+    def dequeue(self, item_id: str) -> bool:
+        return self._gw_runtime._queue(self._gw_slot).remove(item_id)
+
+    def get_queue(self, item_id: str) -> Any:
+        return self._gw_runtime._queue(self._gw_slot).get(item_id)
+
+    def get_queues(self, **criteria: Any) -> list[Any]:
+        return self._gw_runtime._queue(self._gw_slot).list(**criteria)
+
+    async def retry(
+        self,
+        fn: Callable[[], Awaitable[Any] | Any],
+        *,
+        max_attempts: int = 3,
+        base_delay: float = 0.1,
+        max_delay: float = 3.0,
+        should_retry: Callable[[BaseException, int], bool] | None = None,
+    ) -> Any:
+        """Call `fn` until it succeeds: exponential backoff with full jitter."""
+        return await self._gw_runtime._retry(
+            fn,
+            max_attempts=max_attempts,
+            base_delay=base_delay,
+            max_delay=max_delay,
+            should_retry=should_retry,
+        )
+
+    # -- lifecycle, inference -------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """After this turn: close this agent's connections, delete its storage and schedules."""
+        self._gw_runtime._request_destroy(self._gw_slot)
+
+    @property
+    def has_engine(self) -> bool:
+        return self._gw_runtime.engine is not None
+
+    def has_model(self, model: str) -> bool:
+        """True when an engine is configured and (if it can tell) serves `model`."""
+        engine = self._gw_runtime.engine
+        if engine is None:
+            return False
+        names = getattr(engine, "model_names", None)
+        return model in names() if builtins.callable(names) else True
+
+    async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
+        """Batched inference through the runtime's engine (`NoEngineError` without one)."""
+        return await self._gw_runtime._infer(model, inputs, **kwargs)

@@ -1,0 +1,129 @@
+"""A client or device session as an agent sees it, on any transport.
+
+Connection objects are owned by the runtime, not by the agent instance: they (their tags,
+per-connection state and protocol/readonly flags) survive the agent's hibernation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from gatewayd.agents.errors import AgentError, ValueTooLargeError
+
+if TYPE_CHECKING:
+    from gatewayd.agents.runtime import _Slot
+    from protocols.link import Link
+
+
+class CloseRequest:
+    """An output that closes a link once the turn has committed."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    """One session: `id`, `transport`, `tags`, `state`, `send()`, `close()`.
+
+    `send` goes through the output gate: inside a turn the data is released only after the
+    turn commits; outside any turn (nothing uncommitted) it is sent at once.
+    """
+
+    __slots__ = (
+        "_max_state_bytes",
+        "_slot",
+        "_state",
+        "closed",
+        "context",
+        "link",
+        "protocol_enabled",
+        "readonly",
+        "tags",
+    )
+
+    def __init__(self, link: Link, context: dict[str, Any], max_state_bytes: int) -> None:
+        self.link = link
+        self.context = context
+        self.tags: tuple[str, ...] = ()
+        self.protocol_enabled = False
+        self.readonly = False
+        self.closed = False
+        self._state: Any = None
+        self._max_state_bytes = max_state_bytes
+        self._slot: _Slot | None = None
+
+    @property
+    def id(self) -> str:
+        return self.link.link_id
+
+    @property
+    def transport(self) -> str:
+        return self.link.transport
+
+    @property
+    def remote(self) -> str:
+        return self.link.remote
+
+    @property
+    def state(self) -> Any:
+        """Small JSON-able per-connection state; survives agent hibernation."""
+        return self._state
+
+    def set_state(self, new_state: Any) -> None:
+        try:
+            size = len(json.dumps(new_state, separators=(",", ":")).encode("utf-8"))
+        except (TypeError, ValueError) as err:
+            raise AgentError(
+                f"connection {self.id}: state must be JSON-serialisable: {err}"
+            ) from err
+        if size > self._max_state_bytes:
+            raise ValueTooLargeError(
+                f"connection {self.id}: state of {size} bytes exceeds "
+                f"agents.max_connection_state_bytes={self._max_state_bytes}"
+            )
+        slot = self._slot
+        if slot is not None and slot.turn is not None:
+            slot.turn.conn_undo.append((self, self._state))
+        self._state = new_state
+
+    def send(self, data: bytes | str) -> None:
+        if not isinstance(data, bytes | str):
+            raise TypeError(f"Connection.send takes bytes or str, got {type(data).__name__}")
+        self._output(data)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        self._output(CloseRequest(code, reason))
+
+    def has_tag(self, tag: str) -> bool:
+        return tag in self.tags
+
+    def _set_tags(self, tags: Iterable[str]) -> None:
+        self.tags = tuple(str(tag) for tag in tags)
+
+    def _output(self, data: bytes | str | CloseRequest) -> None:
+        if self.closed:
+            return
+        slot = self._slot
+        if slot is not None and slot.outbox is not None:
+            slot.outbox.append((self, data))
+        else:
+            deliver(self, data)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.transport} {self.remote}>"
+
+
+def deliver(conn: Connection, data: bytes | str | CloseRequest) -> None:
+    """Hand one committed output to the transport."""
+    if conn.closed:
+        return
+    if isinstance(data, CloseRequest):
+        conn.closed = True
+        conn.link.close(data.code, data.reason)
+    else:
+        conn.link.send(data)

@@ -1,0 +1,275 @@
+"""One SQLite file per agent: safe file names, pragmas, schema, guarded SQL, commit.
+
+Every method here runs on the event loop thread except `commit()`, which the runtime runs on
+its small shared commit executor so an fsync never blocks the loop. The runtime guarantees the
+loop does not touch a database while its commit is in flight (the agent is busy until then).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from gatewayd.agents.errors import (
+    AgentError,
+    StorageError,
+    StorageFullError,
+    ValueTooLargeError,
+)
+
+SCHEMA_VERSION = 1
+# Only our own process opens an agent file; a short wait covers a close still checkpointing.
+_BUSY_TIMEOUT_S = 5.0
+MAX_AGENT_ID_BYTES = 1024
+_CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
+_READABLE_PREFIX_CHARS = 32
+# Statements that would break the runtime's one-transaction-per-turn model.
+_FORBIDDEN_FIRST_WORDS = frozenset(
+    {"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "VACUUM"}
+)
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS _gw_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS _gw_state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)",
+    "CREATE TABLE IF NOT EXISTS _gw_dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)",
+)
+
+
+def validate_class_name(agent_class: str) -> None:
+    """Agent class names become directory names: keep them boring."""
+    if not isinstance(agent_class, str) or not _CLASS_NAME_RE.match(agent_class):
+        raise ValueError(
+            f"agent class name {agent_class!r} must match {_CLASS_NAME_RE.pattern} "
+            "(letters, digits, '_', '.', '-'; at most 64 characters)"
+        )
+
+
+def validate_agent_id(agent_id: str) -> None:
+    if not isinstance(agent_id, str):
+        raise ValueError(f"agent id must be a str, got {type(agent_id).__name__}")
+    try:
+        size = len(agent_id.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise ValueError(f"agent id {agent_id!r} is not valid UTF-8 ({err.reason})") from None
+    if not 1 <= size <= MAX_AGENT_ID_BYTES:
+        raise ValueError(f"agent id must be 1..{MAX_AGENT_ID_BYTES} UTF-8 bytes, got {size}")
+
+
+def agent_db_path(state_dir: Path, agent_class: str, agent_id: str) -> Path:
+    """`state_dir/agents/<class>/<shard>/<readable-prefix>.<hash>.sqlite3`.
+
+    The readable prefix keeps only `[A-Za-z0-9_-]` (so no '/', '..' or NUL can reach the file
+    system); the 160-bit base32 SHA-256 of the full id makes names collision-free in practice,
+    and the id stored inside the file is checked on open. The 2-character shard keeps
+    directories small with 100,000s of agents.
+    """
+    validate_class_name(agent_class)
+    validate_agent_id(agent_id)
+    digest = hashlib.sha256(agent_id.encode("utf-8")).digest()
+    hashed = base64.b32encode(digest).decode("ascii").lower()[:32]
+    prefix = _UNSAFE_CHARS_RE.sub("_", agent_id[:_READABLE_PREFIX_CHARS])
+    return state_dir / "agents" / agent_class / hashed[:2] / f"{prefix}.{hashed}.sqlite3"
+
+
+def _check_value_size(value: Any, max_value_bytes: int, where: str) -> None:
+    if isinstance(value, str):
+        # A str encodes to at most 4 bytes per character: only encode when it could matter.
+        if len(value) * 4 > max_value_bytes and len(value.encode("utf-8")) > max_value_bytes:
+            raise ValueTooLargeError(
+                f"{where}: text value of {len(value.encode('utf-8'))} bytes exceeds the "
+                f"{max_value_bytes}-byte limit per value; split it into several rows"
+            )
+    elif isinstance(value, bytes | bytearray | memoryview) and len(value) > max_value_bytes:
+        raise ValueTooLargeError(
+            f"{where}: blob of {len(value)} bytes exceeds the {max_value_bytes}-byte limit "
+            "per value; split it into several rows"
+        )
+
+
+class AgentDatabase:
+    """An open agent database. Create with `AgentDatabase.open(...)`."""
+
+    __slots__ = ("_conn", "_label", "_max_db_bytes", "_max_value_bytes", "in_transaction_", "path")
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, label: str, max_value_bytes: int, max_db: int
+    ) -> None:
+        self._conn = conn
+        self.path = path
+        self._label = label
+        self._max_value_bytes = max_value_bytes
+        self._max_db_bytes = max_db
+        self.in_transaction_ = False
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        agent_class: str,
+        agent_id: str,
+        *,
+        durability: str,
+        max_db_bytes: int,
+        max_value_bytes: int,
+    ) -> AgentDatabase:
+        """Open (creating if needed) the agent's file. A new file's schema is written inside
+        an open transaction that the caller's first commit makes durable."""
+        path = agent_db_path(state_dir, agent_class, agent_id)
+        label = f"agent {agent_class}/{agent_id!r}"
+        is_new = not path.exists()
+        if is_new:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                path,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=64,
+                timeout=_BUSY_TIMEOUT_S,  # sets the busy handler without a PRAGMA
+            )
+        except sqlite3.Error as err:
+            raise StorageError(f"{label}: cannot open {path}: {err}") from err
+        db = cls(conn, path, label, max_value_bytes, max_db_bytes)
+        try:
+            sync = "FULL" if durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous={sync}")
+            if is_new:
+                conn.execute("PRAGMA journal_mode=WAL")
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                db.begin()
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR REPLACE INTO _gw_meta (key, value) VALUES "
+                    "('agent_class', ?), ('agent_id', ?)",
+                    (agent_class, agent_id),
+                )
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            else:
+                stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
+                if stored.get("agent_class") != agent_class or stored.get("agent_id") != agent_id:
+                    raise StorageError(
+                        f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
+                        f"{stored.get('agent_id')!r}; refusing to use it"
+                    )
+        except sqlite3.Error as err:
+            conn.close()
+            raise StorageError(f"{label}: cannot initialise {path}: {err}") from err
+        except BaseException:
+            conn.close()
+            raise
+        return db
+
+    # -- transactions (loop thread) -------------------------------------------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The raw connection, for storage helpers that run inside the current transaction."""
+        return self._conn
+
+    def begin(self) -> None:
+        if not self.in_transaction_:
+            self._conn.execute("BEGIN")
+            self.in_transaction_ = True
+
+    def savepoint(self) -> None:
+        self._conn.execute("SAVEPOINT gw_turn")
+
+    def release(self) -> None:
+        self._conn.execute("RELEASE gw_turn")
+
+    def rollback_to_savepoint(self) -> None:
+        self._conn.execute("ROLLBACK TO gw_turn")
+        self._conn.execute("RELEASE gw_turn")
+
+    def commit(self) -> None:
+        """Runs on the commit executor: with durability=full this fsyncs the WAL."""
+        try:
+            self._conn.execute("COMMIT")
+        finally:
+            self.in_transaction_ = self._conn.in_transaction
+
+    def rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self.in_transaction_ = False
+
+    def close(self) -> None:
+        """Closing the last connection checkpoints the WAL: run it off the loop."""
+        try:
+            self.rollback()
+        finally:
+            self._conn.close()
+
+    # -- agent data -------------------------------------------------------------------------
+
+    def load_state(self) -> tuple[bool, Any]:
+        row = self._conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+        if row is None:
+            return False, None
+        return True, json.loads(row[0])
+
+    def save_state(self, state_json: str) -> None:
+        _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
+        self._execute(
+            "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
+            "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
+            (state_json,),
+        )
+
+    def last_seq(self, stream: str) -> int | None:
+        row = self._conn.execute(
+            "SELECT last_seq FROM _gw_dedup WHERE stream = ?", (stream,)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def set_last_seq(self, stream: str, seq: int) -> None:
+        self._execute(
+            "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
+            "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+            (stream, seq),
+        )
+
+    def sql(self, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        """Run one statement with bound parameters; rows as dicts."""
+        first_word = query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+        if first_word in _FORBIDDEN_FIRST_WORDS:
+            raise AgentError(
+                f"{self._label}: sql({first_word} ...) is not allowed: the runtime manages "
+                "transactions (one per turn) and attached databases"
+            )
+        limit = self._max_value_bytes
+        for param in params:
+            _check_value_size(param, limit, f"{self._label}: sql parameter")
+        cursor = self._execute(query, params)
+        description = cursor.description
+        if description is None:
+            return []
+        names = [column[0] for column in description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def _execute(self, query: str, params: tuple[Any, ...]) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(query, params)
+        except sqlite3.OperationalError as err:
+            if "full" in str(err):
+                raise StorageFullError(
+                    f"{self._label}: database reached its cap of {self._max_db_bytes} bytes "
+                    f"(agents.max_db_bytes) or the disk is full: {err}"
+                ) from err
+            raise
+        except sqlite3.DataError as err:  # e.g. SQLITE_TOOBIG if the guard was bypassed
+            raise ValueTooLargeError(f"{self._label}: {err}") from err
+
+    @staticmethod
+    def delete_files(path: Path) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(path) + suffix).unlink(missing_ok=True)

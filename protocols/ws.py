@@ -1,0 +1,279 @@
+"""WebSocket transport: each client session on `/agents/{class}/{id}` becomes a `Link`.
+
+Text frames reach the gateway as `str` (JSON protocol frames or user text), binary frames as
+`bytes`, untouched. A wrong path is answered with HTTP 404 before the upgrade. Outbound data
+goes through a bounded per-connection buffer; a peer that does not read is disconnected
+(close code 1013) instead of growing memory. Oversized inbound frames close the connection
+with 1009 (done by the websockets library, `max_frame_bytes`).
+
+Must never import `gatewayd` or `engine`: it talks to the gateway only through `LinkHandler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from protocols.link import LinkHandler, LinkRejected, Outcome, Route, TransportStats
+
+logger = logging.getLogger(__name__)
+
+PATH_PREFIX = "agents"
+_MAX_CLOSE_REASON_BYTES = 120  # the protocol allows 123 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WsSettings:
+    """`bind` host and `port` (0 = any free port)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 8765
+    max_frame_bytes: int = 1_048_576
+    max_connections: int = 10_000
+    ping_interval_s: float | None = 20.0
+    ping_timeout_s: float | None = 20.0
+    # Outbound frames buffered per connection before the peer counts as too slow.
+    max_outbound_frames: int = 1024
+    # Inbound messages submitted but not yet committed per connection (read backpressure).
+    max_inflight_messages: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "max_connections", "max_outbound_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ws.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ws.port must be 0..65535, got {self.port!r}")
+
+
+class BadPath(ValueError):
+    pass
+
+
+def parse_agent_path(path: str) -> Route:
+    """`/agents/{class}/{id}` (id percent-decoded as UTF-8; may contain encoded '/')."""
+    raw = path.split("?", 1)[0]
+    parts = raw.split("/")
+    if len(parts) != 4 or parts[0] != "" or parts[1] != PATH_PREFIX:
+        raise BadPath(f"path {raw!r} is not /{PATH_PREFIX}/{{class}}/{{id}}")
+    try:
+        agent_class = unquote(parts[2], errors="strict")
+        agent_id = unquote(parts[3], errors="strict")
+    except UnicodeDecodeError:
+        raise BadPath(f"path {raw!r}: class or id is not valid percent-encoded UTF-8") from None
+    if not agent_class or not agent_id:
+        raise BadPath(f"path {raw!r}: empty agent class or id")
+    return Route(agent_class, agent_id)
+
+
+_CLOSE = object()
+
+
+class WsLink:
+    """One WebSocket session as a `protocols.link.Link`."""
+
+    def __init__(
+        self, ws: ServerConnection, link_id: str, route: Route, listener: WsListener
+    ) -> None:
+        self._ws = ws
+        self._link_id = link_id
+        self._route = route
+        self._listener = listener
+        self._outbound: deque[Any] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        peer = ws.remote_address
+        self._remote = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    @property
+    def transport(self) -> str:
+        return "ws"
+
+    @property
+    def link_id(self) -> str:
+        return self._link_id
+
+    @property
+    def route(self) -> Route:
+        return self._route
+
+    @property
+    def remote(self) -> str:
+        return self._remote
+
+    def send(self, data: bytes | str) -> None:
+        if self._closing:
+            return
+        if len(self._outbound) >= self._listener.settings.max_outbound_frames:
+            self._listener.stats_.extra["slow_consumer_closes"] = (
+                self._listener.stats_.extra.get("slow_consumer_closes", 0) + 1
+            )
+            logger.warning(
+                "ws: %s (%s) is not reading; %d frames buffered; disconnecting it",
+                self._remote,
+                self._link_id,
+                len(self._outbound),
+            )
+            self._outbound.clear()
+            self.close(1013, "too slow: outbound buffer full")
+            return
+        self._outbound.append(data)
+        self._wakeup.set()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._closing:
+            return
+        self._closing = True
+        encoded = reason.encode("utf-8")[:_MAX_CLOSE_REASON_BYTES]
+        self._outbound.append((_CLOSE, code, encoded.decode("utf-8", errors="ignore")))
+        self._wakeup.set()
+
+    async def _write_forever(self) -> None:
+        ws = self._ws
+        stats = self._listener.stats_
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outbound:
+                    item = self._outbound.popleft()
+                    if isinstance(item, tuple) and item and item[0] is _CLOSE:
+                        await ws.close(item[1], item[2])
+                        return
+                    await ws.send(item)
+                    stats.messages_out += 1
+        except ConnectionClosed:
+            pass
+
+
+class WsListener:
+    """Serves `/agents/{class}/{id}` and feeds every session to `handler`."""
+
+    def __init__(self, settings: WsSettings, handler: LinkHandler) -> None:
+        self.settings = settings
+        self._handler = handler
+        self._server: Server | None = None
+        self._ids = itertools.count(1)
+        self.stats_ = TransportStats()
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self._serve_connection,
+            s.bind,
+            s.port,
+            process_request=self._check_request,
+            max_size=s.max_frame_bytes,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_timeout_s,
+            compression=None,  # cheaper on small frames; devices rarely negotiate it
+            logger=logging.getLogger("protocols.ws.library"),
+        )
+        logger.info("ws: listening on %s:%d", s.bind, self.bound_port)
+
+    @property
+    def bound_port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("ws listener is not started")
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and close every session (1001 going away)."""
+        if self._server is None:
+            return
+        self._server.close(close_connections=True)
+        await self._server.wait_closed()
+        self._server = None
+        logger.info("ws: stopped")
+
+    def stats(self) -> TransportStats:
+        return self.stats_
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            parse_agent_path(request.path)
+        except BadPath as err:
+            self.stats_.rejected += 1
+            return connection.respond(http.HTTPStatus.NOT_FOUND, f"{err}\n")
+        if self.stats_.links_open >= self.settings.max_connections:
+            self.stats_.rejected += 1
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"too many connections (ws.max_connections={self.settings.max_connections})\n",
+            )
+        return None
+
+    async def _serve_connection(self, ws: ServerConnection) -> None:
+        request = ws.request
+        assert request is not None
+        route = parse_agent_path(request.path)
+        link = WsLink(ws, f"ws-{next(self._ids)}", route, self)
+        context = {
+            "transport": "ws",
+            "path": request.path,
+            "headers": dict(request.headers.raw_items()),
+            "remote": link.remote,
+        }
+        stats = self.stats_
+        stats.links_open += 1
+        writer = asyncio.get_running_loop().create_task(link._write_forever())
+        inflight: deque[asyncio.Future[Outcome]] = deque()
+        try:
+            opened = self._handler.open_link(link, context)
+            opened.add_done_callback(lambda fut: self._after_open(link, fut))
+            async for message in ws:
+                stats.messages_in += 1
+                future = self._handler.submit_message(link, message)
+                future.add_done_callback(_consume_error)
+                inflight.append(future)
+                # Read backpressure: a client can't queue unbounded work in the agent.
+                while len(inflight) > self.settings.max_inflight_messages:
+                    with contextlib.suppress(Exception):
+                        await inflight.popleft()
+                while inflight and inflight[0].done():
+                    inflight.popleft()
+        except ConnectionClosed:
+            pass
+        finally:
+            stats.links_open -= 1
+            code = ws.close_code if ws.close_code is not None else 1006
+            closed = self._handler.close_link(link, code, ws.close_reason or "")
+            closed.add_done_callback(_consume_error)
+            link._closing = True
+            # Let queued frames (e.g. a close we initiated) go out, then stop the writer.
+            link._wakeup.set()
+            await asyncio.sleep(0)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    def _after_open(self, link: WsLink, future: asyncio.Future[Outcome]) -> None:
+        if future.cancelled():
+            return
+        err = future.exception()
+        if err is None:
+            return
+        if isinstance(err, LinkRejected):
+            self.stats_.rejected += 1
+            logger.info("ws: %s rejected for %s: %s", link.remote, link.route, err.reason)
+            link.close(err.code, err.reason)
+        else:
+            logger.warning("ws: %s: connect failed: %s", link.remote, err)
+            link.close(1011, "connect failed")
+
+
+def _consume_error(future: asyncio.Future[Any]) -> None:
+    # Failures are reported to the client and logged by the gateway; the transport only needs
+    # to not acknowledge, and WebSocket has no per-message acknowledgement.
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,302 @@
+"""Turns, FIFO, concurrency, the output gate, batching, failures and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from typing import ClassVar
+
+import pytest
+
+from gatewayd.agents import (
+    Agent,
+    AgentSettings,
+    CommitError,
+    NoEngineError,
+    NotInTurnError,
+    RpcError,
+    TurnTimeoutError,
+    callable,
+)
+from gatewayd.agents.storage import AgentDatabase, agent_db_path
+from protocols.link import DedupKey, LinkRejected, Outcome
+from tests.agents.conftest import MemoryLink
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recorder(Agent):
+    initial_state: ClassVar[dict] = {"count": 0}
+    instances: list[int] = []  # noqa: RUF012 - test bookkeeping across instances
+    starts = 0
+
+    def on_start(self) -> None:
+        type(self).starts += 1
+        type(self).instances.append(id(self))
+        self.sql("CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, text TEXT)")
+
+    def on_message(self, conn, message):
+        text = message if isinstance(message, str) else message.decode()
+        if text == "boom":
+            self.sql("INSERT INTO log (text) VALUES ('should be rolled back')")
+            self.set_state({"count": -1})
+            raise ValueError("boom requested")
+        self.sql("INSERT INTO log (text) VALUES (?)", text)
+        self.set_state({"count": self.state["count"] + 1})
+        conn.send(f"ack {text}")
+
+    @callable
+    def log(self) -> list[str]:
+        return [row["text"] for row in self.sql("SELECT text FROM log ORDER BY seq")]
+
+    @callable
+    async def slow(self, delay_s: float, label: str) -> str:
+        self.sql("INSERT INTO log (text) VALUES (?)", f"start {label}")
+        await asyncio.sleep(delay_s)
+        self.sql("INSERT INTO log (text) VALUES (?)", f"end {label}")
+        return label
+
+    @callable
+    async def hang(self) -> None:
+        self.sql("INSERT INTO log (text) VALUES ('hang')")
+        await asyncio.Event().wait()
+
+    def not_callable(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _reset_recorder():
+    Recorder.instances = []
+    Recorder.starts = 0
+
+
+def read_log(settings_dir, agent_id: str) -> list[str]:
+    """Read the agent's committed rows from another SQLite connection."""
+    path = agent_db_path(settings_dir, "rec", agent_id)
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT text FROM log ORDER BY seq")]
+
+
+async def test_one_live_instance_per_identity_and_fifo(make_runtime):
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "a")
+        futures = [rt.open_link(link, {})]
+        futures += [rt.submit_message(link, f"m{i}") for i in range(50)]
+        assert all(r is Outcome.APPLIED for r in await asyncio.gather(*futures))
+        assert await rt.call("rec", "a", "log") == [f"m{i}" for i in range(50)]
+        assert len(set(Recorder.instances)) == 1 and Recorder.starts == 1
+        assert link.plain() == [f"ack m{i}" for i in range(50)]
+        assert (await rt.get_agent_state("rec", "a")) == {"count": 50}
+
+
+async def test_different_agents_run_concurrently_same_agent_serially(make_runtime):
+    async with make_runtime({"rec": Recorder}) as rt:
+        started = time.perf_counter()
+        labels = await asyncio.gather(
+            *(rt.call("rec", f"agent{i}", "slow", 0.2, f"x{i}") for i in range(5))
+        )
+        assert labels == [f"x{i}" for i in range(5)]
+        assert time.perf_counter() - started < 0.8  # concurrent, not 5 x 0.2 s
+
+        await asyncio.gather(
+            rt.call("rec", "one", "slow", 0.05, "a"), rt.call("rec", "one", "slow", 0.01, "b")
+        )
+        # One event at a time: b started only after a ended.
+        assert await rt.call("rec", "one", "log") == ["start a", "end a", "start b", "end b"]
+
+
+async def test_output_gate_releases_only_after_commit(make_runtime, tmp_path):
+    state_dir = tmp_path / "state"
+    seen_at_send: list[list[str]] = []
+
+    def check_committed(data):
+        if isinstance(data, str) and data.startswith("ack "):
+            seen_at_send.append(read_log(state_dir, "gate"))
+
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "gate", on_send=check_committed)
+        await rt.open_link(link, {})
+        futures = [rt.submit_message(link, f"m{i}") for i in range(20)]
+        await asyncio.gather(*futures)
+    # Whenever an ack was released, its row was already committed (visible to another reader).
+    assert len(seen_at_send) == 20
+    for i, rows in enumerate(seen_at_send):
+        assert f"m{i}" in rows
+
+
+async def test_failing_turn_rolls_back_only_itself_in_a_shared_commit(make_runtime, tmp_path):
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "batch")
+        await rt.open_link(link, {})
+        futures = [rt.submit_message(link, t) for t in ("a", "b", "boom", "c")]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert results[:2] == [Outcome.APPLIED, Outcome.APPLIED] and results[3] is Outcome.APPLIED
+        assert isinstance(results[2], ValueError)
+        assert await rt.call("rec", "batch", "log") == ["a", "b", "c"]
+        assert await rt.get_agent_state("rec", "batch") == {"count": 3}
+        # The four events shared fewer commits than turns (write coalescing).
+        stats = rt.stats()
+        assert stats["commits_total"] < stats["turns_total"]
+        assert stats["turn_errors"] == 1
+        # The sender got a clear error frame; its ack for "boom" never left.
+        errors = link.frames("gw.error")
+        assert len(errors) == 1 and "boom requested" in errors[0]["error"]
+        assert "ack boom" not in link.plain()
+    assert read_log(tmp_path / "state", "batch") == ["a", "b", "c"]
+
+
+async def test_turn_timeout_rolls_back_and_agent_keeps_working(make_runtime):
+    async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2) as rt:
+        with pytest.raises(TurnTimeoutError, match="turn_timeout_s"):
+            await rt.call("rec", "t", "hang")
+        assert await rt.call("rec", "t", "slow", 0, "after") == "after"
+        assert await rt.call("rec", "t", "log") == ["start after", "end after"]
+        assert rt.stats()["turn_timeouts"] == 1
+
+
+async def test_rpc_errors_are_clear(make_runtime):
+    async with make_runtime({"rec": Recorder}) as rt:
+        with pytest.raises(RpcError, match="not @callable"):
+            await rt.call("rec", "r", "not_callable")
+        with pytest.raises(RpcError, match="has no method 'missing'"):
+            await rt.call("rec", "r", "missing")
+        with pytest.raises(RpcError, match="bad arguments"):
+            await rt.call("rec", "r", "slow", 1)
+        with pytest.raises(RpcError, match="no callable method '_run'"):
+            await rt.call("rec", "r", "_run")
+        assert await rt.call("rec", "r", "log") == []
+
+
+async def test_unknown_class_bad_id_and_drain_reject(make_runtime):
+    async with make_runtime({"rec": Recorder}) as rt:
+        with pytest.raises(LinkRejected, match="unknown agent class 'nope'"):
+            await rt.open_link(MemoryLink("nope", "x"), {})
+        with pytest.raises(LinkRejected, match="bad agent id"):
+            await rt.open_link(MemoryLink("rec", ""), {})
+        link = MemoryLink("rec", "d")
+        await rt.open_link(link, {})
+        pending = [rt.submit_message(link, f"m{i}") for i in range(10)]
+        assert await rt.drain(5.0)
+        assert all(f.result() is Outcome.APPLIED for f in pending)  # queued turns finished
+        with pytest.raises(LinkRejected, match="shutting down"):
+            await rt.submit_message(link, "late")
+        assert rt.stats()["rejected_total"] >= 3
+
+
+async def test_dedup_is_exactly_once_across_restart(make_runtime, tmp_path):
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "dev", transport="tcp")
+        await rt.open_link(link, {})
+        results = await asyncio.gather(
+            rt.submit_message(link, b"one", DedupKey("dev-1", 1)),
+            rt.submit_message(link, b"two", DedupKey("dev-1", 2)),
+            rt.submit_message(link, b"one", DedupKey("dev-1", 1)),  # retransmission, same batch
+            rt.submit_message(link, b"other", DedupKey("dev-2", 1)),
+        )
+        assert results == [Outcome.APPLIED, Outcome.APPLIED, Outcome.DUPLICATE, Outcome.APPLIED]
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "dev", transport="tcp")
+        await rt.open_link(link, {})
+        assert await rt.submit_message(link, b"two", DedupKey("dev-1", 2)) is Outcome.DUPLICATE
+        assert await rt.submit_message(link, b"three", DedupKey("dev-1", 3)) is Outcome.APPLIED
+        assert await rt.call("rec", "dev", "log") == ["one", "two", "other", "three"]
+        assert rt.stats()["duplicates_total"] == 1
+
+
+async def test_commit_failure_drops_outputs_fails_futures_and_reloads(make_runtime, monkeypatch):
+    errors: list[BaseException] = []
+
+    class Noting(Recorder):
+        def on_error(self, err):
+            errors.append(err)
+
+    async with make_runtime({"rec": Noting}) as rt:
+        link = MemoryLink("rec", "c")
+        await rt.open_link(link, {})
+        await rt.submit_message(link, "kept")
+        sent_before = list(link.sent)
+        real_commit = AgentDatabase.commit
+
+        def failing_commit(self):
+            # Fault injection at the disk boundary: the COMMIT itself fails (e.g. EIO).
+            self.rollback()
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(AgentDatabase, "commit", failing_commit)
+        with pytest.raises(CommitError, match="outputs dropped"):
+            await rt.submit_message(link, "lost")
+        monkeypatch.setattr(AgentDatabase, "commit", real_commit)
+        assert link.sent == sent_before  # the ack for "lost" never left
+        assert errors and isinstance(errors[0], CommitError)
+        # Reloaded from disk: the uncommitted state change is gone, on_start ran again.
+        assert await rt.get_agent_state("rec", "c") == {"count": 1}
+        assert await rt.call("rec", "c", "log") == ["kept"]
+        assert Noting.starts == 2
+        assert rt.stats()["commit_errors"] == 1
+
+
+async def test_sql_outside_turn_and_transaction_control_are_refused(make_runtime):
+    holder: list[Agent] = []
+    async with make_runtime({"rec": Recorder}) as rt:
+        await rt.run_in_agent("rec", "s", holder.append)
+        with pytest.raises(NotInTurnError, match="outside a turn"):
+            holder[0].sql("SELECT 1")
+        with pytest.raises(Exception, match="transactions"):
+            await rt.run_in_agent("rec", "s", lambda a: a.sql("COMMIT"))
+        rows = await rt.run_in_agent("rec", "s", lambda a: a.sql("SELECT ? AS x", 5))
+        assert rows == [{"x": 5}]
+
+
+async def test_durability_full_sets_synchronous_full(make_runtime):
+    async with make_runtime({"rec": Recorder}, durability="full") as rt:
+        rows = await rt.run_in_agent("rec", "f", lambda a: a.sql("PRAGMA synchronous"))
+        assert rows[0]["synchronous"] == 2  # FULL
+        rows = await rt.run_in_agent("rec", "f", lambda a: a.sql("PRAGMA journal_mode"))
+        assert rows[0]["journal_mode"] == "wal"
+    async with make_runtime({"rec": Recorder}, durability="normal") as rt:
+        rows = await rt.run_in_agent("rec", "f", lambda a: a.sql("PRAGMA synchronous"))
+        assert rows[0]["synchronous"] == 1  # NORMAL
+
+
+class Inferring(Agent):
+    @callable
+    async def score(self, values):
+        return await self.infer("anomaly", values, priority=1)
+
+
+class SumEngine:
+    """A duck-typed engine: the runtime only needs `async infer(model, inputs, **kw)`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    async def infer(self, model, inputs, **kw):
+        self.calls.append((model, kw))
+        await asyncio.sleep(0)
+        return {"score": float(sum(inputs))}
+
+
+async def test_infer_delegates_to_engine_or_fails_clearly(make_runtime):
+    engine = SumEngine()
+    async with make_runtime({"inf": Inferring}, engine=engine) as rt:
+        assert await rt.call("inf", "x", "score", [1, 2]) == {"score": 3.0}
+        assert engine.calls == [("anomaly", {"priority": 1})]
+    async with make_runtime({"inf": Inferring}) as rt:
+        with pytest.raises(NoEngineError, match="no inference engine"):
+            await rt.call("inf", "x", "score", [1])
+    with pytest.raises(TypeError, match="async def infer"):
+        from gatewayd.agents import AgentRuntime
+
+        AgentRuntime(AgentSettings(state_dir=rt.settings.state_dir), {}, engine=object())
+
+
+async def test_persistence_across_restart(make_runtime):
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "p")
+        await rt.open_link(link, {})
+        await asyncio.gather(*(rt.submit_message(link, f"m{i}") for i in range(3)))
+    async with make_runtime({"rec": Recorder}) as rt:
+        assert await rt.get_agent_state("rec", "p") == {"count": 3}
+        assert await rt.call("rec", "p", "log") == ["m0", "m1", "m2"]

@@ -1,0 +1,131 @@
+"""Per-agent SQLite files: safe names, caps, value guard, connection state limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from gatewayd.agents import Agent, StorageFullError, ValueTooLargeError, callable
+from gatewayd.agents.storage import AgentDatabase, agent_db_path
+from tests.agents.conftest import MemoryLink
+
+WEIRD_IDS = [
+    "../../etc/passwd",
+    "a/b",
+    "a\\b",
+    "..",
+    "日本語-センサー",
+    "x" * 900,
+    "a\x00b",
+    " ",
+    "A",
+    "a",
+]
+
+
+class Blobs(Agent):
+    def on_start(self):
+        self.sql("CREATE TABLE IF NOT EXISTS blobs (data BLOB)")
+
+    @callable
+    def put(self, size: int, as_text: bool = False):
+        value = "x" * size if as_text else b"\x01" * size
+        self.sql("INSERT INTO blobs (data) VALUES (?)", value)
+        return size
+
+    @callable
+    def count(self):
+        return self.sql("SELECT count(*) AS n FROM blobs")[0]["n"]
+
+    @callable
+    def big_state(self, size: int):
+        self.set_state({"blob": "y" * size})
+
+
+def test_file_names_are_safe_distinct_and_contained(tmp_path):
+    paths = {agent_db_path(tmp_path, "cls", agent_id) for agent_id in WEIRD_IDS}
+    assert len(paths) == len(WEIRD_IDS)  # "A" and "a" too (case-insensitive file systems)
+    assert len({p.name.lower() for p in paths}) == len(WEIRD_IDS)
+    root = (tmp_path / "agents" / "cls").resolve()
+    for path in paths:
+        assert path.resolve().is_relative_to(root)
+        assert "\x00" not in str(path) and len(path.name) < 120
+    with pytest.raises(ValueError, match="class name"):
+        agent_db_path(tmp_path, "../x", "id")
+    with pytest.raises(ValueError, match="UTF-8"):
+        agent_db_path(tmp_path, "cls", "bad\udcff")
+
+
+async def test_weird_ids_each_get_their_own_database(make_runtime, tmp_path):
+    async with make_runtime({"blobs": Blobs}) as rt:
+        for i, agent_id in enumerate(WEIRD_IDS):
+            for _ in range(i + 1):
+                await rt.call("blobs", agent_id, "put", 1)
+        for i, agent_id in enumerate(WEIRD_IDS):
+            assert await rt.call("blobs", agent_id, "count") == i + 1
+    files = list((tmp_path / "state" / "agents" / "blobs").rglob("*.sqlite3"))
+    assert len(files) == len(WEIRD_IDS)
+
+
+async def test_opening_a_file_of_another_agent_is_refused(tmp_path):
+    db = AgentDatabase.open(
+        tmp_path, "c", "one", durability="normal", max_db_bytes=1 << 20, max_value_bytes=100
+    )
+    db.commit()
+    db.close()
+    # Simulate a hash collision: the file for "two" is the file of "one".
+    two = agent_db_path(tmp_path, "c", "two")
+    two.parent.mkdir(parents=True, exist_ok=True)
+    two.write_bytes(agent_db_path(tmp_path, "c", "one").read_bytes())
+    from gatewayd.agents import StorageError
+
+    with pytest.raises(StorageError, match="belongs to agent c/'one'"):
+        AgentDatabase.open(
+            tmp_path, "c", "two", durability="normal", max_db_bytes=1 << 20, max_value_bytes=100
+        )
+
+
+async def test_values_over_the_limit_fail_the_turn_clearly(make_runtime):
+    async with make_runtime({"blobs": Blobs}) as rt:
+        assert await rt.call("blobs", "v", "put", 2_000_000) == 2_000_000
+        with pytest.raises(ValueTooLargeError, match="2000001 bytes exceeds the 2000000-byte"):
+            await rt.call("blobs", "v", "put", 2_000_001)
+        with pytest.raises(ValueTooLargeError, match="text value"):
+            await rt.call("blobs", "v", "put", 2_000_001, True)
+        with pytest.raises(ValueTooLargeError, match="set_state"):
+            await rt.call("blobs", "v", "big_state", 2_000_000)
+        assert await rt.call("blobs", "v", "count") == 1
+
+
+async def test_database_size_cap(make_runtime):
+    async with make_runtime({"blobs": Blobs}, max_db_bytes=256 * 1024) as rt:
+        with pytest.raises(StorageFullError, match="max_db_bytes"):
+            for _ in range(100):
+                await rt.call("blobs", "cap", "put", 50_000)
+        count = await rt.call("blobs", "cap", "count")
+        assert 0 < count < 100
+        await rt.call("blobs", "cap", "put", 10)  # small writes may still fit; agent works
+
+
+class ConnState(Agent):
+    def on_message(self, conn, message):
+        if message == "big":
+            conn.set_state({"x": "z" * 20_000})
+        elif message == "fail":
+            conn.set_state({"n": -1})
+            raise RuntimeError("after conn.set_state")
+        else:
+            conn.set_state({"n": (conn.state or {}).get("n", 0) + 1})
+        conn.send(str(conn.state))
+
+
+async def test_connection_state_limit_and_rollback(make_runtime):
+    async with make_runtime({"cs": ConnState}) as rt:
+        link = MemoryLink("cs", "1", transport="tcp")
+        await rt.open_link(link, {})
+        await rt.submit_message(link, "inc")
+        with pytest.raises(ValueTooLargeError, match="max_connection_state_bytes=16384"):
+            await rt.submit_message(link, "big")
+        with pytest.raises(RuntimeError):
+            await rt.submit_message(link, "fail")
+        await rt.submit_message(link, "inc")
+        assert link.plain() == ["{'n': 1}", "{'n': 2}"]
