@@ -115,8 +115,8 @@ class WsLink:
         if self._closing:
             return
         if len(self._outbound) >= self._listener.settings.max_outbound_frames:
-            self._listener.stats_.extra["slow_consumer_closes"] = (
-                self._listener.stats_.extra.get("slow_consumer_closes", 0) + 1
+            self._listener._stats.extra["slow_consumer_closes"] = (
+                self._listener._stats.extra.get("slow_consumer_closes", 0) + 1
             )
             logger.warning(
                 "ws: %s (%s) is not reading; %d frames buffered; disconnecting it",
@@ -140,7 +140,7 @@ class WsLink:
 
     async def _write_forever(self) -> None:
         ws = self._ws
-        stats = self._listener.stats_
+        stats = self._listener._stats
         try:
             while True:
                 await self._wakeup.wait()
@@ -164,7 +164,7 @@ class WsListener:
         self._handler = handler
         self._server: Server | None = None
         self._ids = itertools.count(1)
-        self.stats_ = TransportStats()
+        self._stats = TransportStats()
 
     async def start(self) -> None:
         s = self.settings
@@ -187,8 +187,11 @@ class WsListener:
             raise RuntimeError("ws listener is not started")
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
-    async def stop(self) -> None:
-        """Stop listening and close every session (1001 going away)."""
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop listening and close every session (1001 going away).
+
+        In-flight messages are not waited for: WebSocket has no acknowledgements to flush, and
+        the runtime's own drain finishes every turn already queued."""
         if self._server is None:
             return
         self._server.close(close_connections=True)
@@ -196,17 +199,18 @@ class WsListener:
         self._server = None
         logger.info("ws: stopped")
 
+    @property
     def stats(self) -> TransportStats:
-        return self.stats_
+        return self._stats
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         try:
             parse_agent_path(request.path)
         except BadPath as err:
-            self.stats_.rejected += 1
+            self._stats.rejected += 1
             return connection.respond(http.HTTPStatus.NOT_FOUND, f"{err}\n")
-        if self.stats_.links_open >= self.settings.max_connections:
-            self.stats_.rejected += 1
+        if self._stats.links_open >= self.settings.max_connections:
+            self._stats.rejected += 1
             return connection.respond(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 f"too many connections (ws.max_connections={self.settings.max_connections})\n",
@@ -224,7 +228,7 @@ class WsListener:
             "headers": dict(request.headers.raw_items()),
             "remote": link.remote,
         }
-        stats = self.stats_
+        stats = self._stats
         stats.links_open += 1
         writer = asyncio.get_running_loop().create_task(link._write_forever())
         inflight: deque[asyncio.Future[Outcome]] = deque()
@@ -264,7 +268,7 @@ class WsListener:
         if err is None:
             return
         if isinstance(err, LinkRejected):
-            self.stats_.rejected += 1
+            self._stats.rejected += 1
             logger.info("ws: %s rejected for %s: %s", link.remote, link.route, err.reason)
             link.close(err.code, err.reason)
         else:

@@ -90,7 +90,7 @@ async def test_text_and_binary_round_trip(listener):
     assert handler.messages == ["text", b"\x00\xffbinary"]
     assert handler.opened[0][1]["path"] == "/agents/echo/dev%201"
     assert handler.closed and handler.closed[0][1] == 1000
-    stats = ws.stats()
+    stats = ws.stats
     assert stats.messages_in == 2 and stats.messages_out == 3 and stats.links_open == 0
 
 
