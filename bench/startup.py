@@ -44,7 +44,9 @@ def time_to_ready(config: Path, directory: Path) -> float:
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         while True:
@@ -78,7 +80,9 @@ def main() -> None:
         bare = [time_bare_interpreter() for _ in range(args.runs)]
     ready_p50, bare_p50 = statistics.median(ready), statistics.median(bare)
     print(f"{'measure':<34}{'median s':>10}{'min s':>10}{'max s':>10}")
-    print(f"{'gatewayd start -> READY=1':<34}{ready_p50:>10.3f}{min(ready):>10.3f}{max(ready):>10.3f}")
+    print(
+        f"{'gatewayd start -> READY=1':<34}{ready_p50:>10.3f}{min(ready):>10.3f}{max(ready):>10.3f}"
+    )
     print(f"{'baseline: python -c pass':<34}{bare_p50:>10.3f}{min(bare):>10.3f}{max(bare):>10.3f}")
     result = {
         "bench": "startup",

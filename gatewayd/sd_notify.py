@@ -25,6 +25,9 @@ class Notifier:
             # Abstract namespace: '@name' on the wire is a leading NUL byte.
             self._address = "\0" + address[1:] if address.startswith("@") else address
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the event loop on a busy or wedged receiver: a full datagram queue
+            # would otherwise stall every device until the service manager caught up.
+            self._socket.setblocking(False)
 
     @classmethod
     def from_environment(cls) -> Notifier:
@@ -41,6 +44,9 @@ class Notifier:
         payload = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
             self._socket.sendto(payload, self._address)
+        except BlockingIOError:
+            log.debug("systemd notify queue full; dropped %s", ",".join(fields))
+            return False
         except OSError as err:
             log.warning("systemd notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), err)
             return False

@@ -37,8 +37,9 @@ class NotifySocket:
         self.messages.append((time.monotonic(), fields))
         return True
 
-    def wait_for(self, key: str, value: str | None = None, *, timeout_s: float = 15.0,
-                 after: int = 0) -> dict[str, str]:
+    def wait_for(
+        self, key: str, value: str | None = None, *, timeout_s: float = 15.0, after: int = 0
+    ) -> dict[str, str]:
         """The first message (index >= after) carrying `key` (with `value`), waiting if needed."""
         deadline = time.monotonic() + timeout_s
         index = after

@@ -26,7 +26,10 @@ def test_example_config_validates() -> None:
 
 def test_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
     message = _error({"listeners": {"binary": {"bnid": "127.0.0.1:1"}}}, tmp_path)
-    assert "gw.toml: listeners.binary.bnid: unknown key; did you mean 'listeners.binary.bind'?" in message
+    assert (
+        "gw.toml: listeners.binary.bnid: unknown key; did you mean 'listeners.binary.bind'?"
+        in message
+    )
 
 
 def test_unknown_key_inside_a_named_table(tmp_path: Path) -> None:
@@ -88,7 +91,9 @@ def test_invalid_toml_names_line(tmp_path: Path) -> None:
 def test_secret_from_file_and_relative_paths(tmp_path: Path) -> None:
     (tmp_path / "mqtt.pass").write_text("s3cret\n")
     path = tmp_path / "gw.toml"
-    path.write_text('[mqtt]\nusername = "gw"\npassword_file = "mqtt.pass"\n[gateway]\nstate_dir = "st"\n')
+    path.write_text(
+        '[mqtt]\nusername = "gw"\npassword_file = "mqtt.pass"\n[gateway]\nstate_dir = "st"\n'
+    )
     config = load_config(path)
     assert config.mqtt.resolved_password() == "s3cret"
     assert config.gateway.state_dir == tmp_path / "st"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import itertools
 import signal
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.gatewayd.daemon_process import GatewayProcess
 from tests.gatewayd.notify import NotifySocket
 
 BASE_CONFIG = """
@@ -31,35 +32,14 @@ enabled = false
 """
 
 
-class DaemonProcess:
+class DaemonProcess(GatewayProcess):
     def __init__(self, tmp_path: Path, notify: NotifySocket, extra_env: dict[str, str]) -> None:
-        self.config = tmp_path / "gatewayd.toml"
+        super().__init__(tmp_path / "gatewayd.toml", notify, **extra_env)
         self.write_config(log_level="info")
-        self.log = tmp_path / "daemon.log"
-        env = {**os.environ, **notify.env, **extra_env, "PYTHONUNBUFFERED": "1"}
-        env.pop("JOURNAL_STREAM", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gatewayd", "run", "-c", str(self.config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),  # noqa: SIM115
-        )
+        self.start(wait_ready=False)
 
     def write_config(self, *, log_level: str, extra: str = "") -> None:
         self.config.write_text(BASE_CONFIG.format(log_level=log_level) + extra)
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-    def wait_log(self, needle: str, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while needle not in self.log_text():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not logged; log:\n{self.log_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
 
 
 @pytest.fixture
@@ -107,7 +87,7 @@ def test_watchdog_cadence_follows_watchdog_usec(tmp_path: Path, notify: NotifySo
         notify.collect(2.0)
         pings = [t for t, m in notify.messages[start:] if m.get("WATCHDOG") == "1"]
         assert 6 <= len(pings) <= 14, pings
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert max(gaps) < 0.4
     finally:
         assert daemon.stop() == 0
@@ -129,7 +109,7 @@ def test_sighup_applies_a_good_config(tmp_path: Path, notify: NotifySocket) -> N
         notify.wait_for("READY", "1")
         daemon.write_config(log_level="debug")
         mark = len(notify.messages)
-        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.send_signal(signal.SIGHUP)
         reloading = notify.wait_for("RELOADING", "1", after=mark)
         assert int(reloading["MONOTONIC_USEC"]) > 0
         notify.wait_for("READY", "1", after=mark)
@@ -145,11 +125,13 @@ def test_sighup_with_broken_config_keeps_running(tmp_path: Path, notify: NotifyS
         notify.wait_for("READY", "1")
         daemon.config.write_text("[gateway]\nlog_levle = 'debug'\n")
         mark = len(notify.messages)
-        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.send_signal(signal.SIGHUP)
         notify.wait_for("RELOADING", "1", after=mark)
         notify.wait_for("READY", "1", after=mark)
         daemon.wait_log("reload rejected, keeping the running configuration")
-        assert "gateway.log_levle: unknown key; did you mean 'gateway.log_level'?" in daemon.log_text()
+        assert (
+            "gateway.log_levle: unknown key; did you mean 'gateway.log_level'?" in daemon.log_text()
+        )
         assert daemon.proc.poll() is None
     finally:
         assert daemon.stop() == 0
@@ -160,7 +142,7 @@ def test_restart_only_keys_are_named_on_reload(tmp_path: Path, notify: NotifySoc
     try:
         notify.wait_for("READY", "1")
         daemon.write_config(log_level="info", extra="[agents]\nmax_active = 5\n")
-        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.send_signal(signal.SIGHUP)
         daemon.wait_log("take effect after a restart: agents.max_active")
     finally:
         assert daemon.stop() == 0
@@ -193,7 +175,9 @@ def test_second_daemon_on_same_state_dir_fails(tmp_path: Path, notify: NotifySoc
         config.write_text(first.config.read_text().replace('"state"', f'"{tmp_path / "state"}"'))
         result = subprocess.run(
             [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert result.returncode == 1
         assert "is in use by another gatewayd process" in result.stderr
@@ -206,12 +190,35 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     good.write_text("[gateway]\nlog_level = 'info'\n")
     bad = tmp_path / "bad.toml"
     bad.write_text("[listeners.binary]\nbnid = '1.2.3.4:5'\n")
-    ok = subprocess.run([sys.executable, "-m", "gatewayd", "check-config", str(good)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "check-config", str(good)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    broken = subprocess.run([sys.executable, "-m", "gatewayd", "check-config", str(bad)],
-                            capture_output=True, text=True)
+    broken = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "check-config", str(bad)], capture_output=True, text=True
+    )
     assert broken.returncode == 78
-    assert "listeners.binary.bnid: unknown key; did you mean 'listeners.binary.bind'?" in broken.stderr
-    version = subprocess.run([sys.executable, "-m", "gatewayd", "--version"], capture_output=True, text=True)
+    assert (
+        "listeners.binary.bnid: unknown key; did you mean 'listeners.binary.bind'?" in broken.stderr
+    )
+    version = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "--version"], capture_output=True, text=True
+    )
     assert version.stdout.startswith("gatewayd 0.")
+
+
+def test_unread_notify_socket_never_blocks_the_daemon(tmp_path: Path, notify: NotifySocket) -> None:
+    """A receiver that stops reading fills its datagram queue (10 on Linux); the daemon must
+    drop notifications rather than block its event loop on sendto()."""
+    daemon = _start(tmp_path, notify, WATCHDOG_USEC="100000")
+    try:
+        time.sleep(3.0)  # ~30 status and watchdog datagrams, none read
+        started = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5.0
+    finally:
+        daemon.stop()
