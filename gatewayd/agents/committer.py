@@ -10,6 +10,7 @@ There is never a thread per agent: `threads` is a small fixed number.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,7 @@ class GroupCommitter:
             work = self._loop.run_in_executor(
                 self._executor, _commit_group, [db for db, _ in group]
             )
-            work.add_done_callback(lambda done, group=group: self._resolve(group, done))
+            work.add_done_callback(functools.partial(self._resolve, group))
 
     def _resolve(
         self,
