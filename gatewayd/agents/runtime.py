@@ -24,6 +24,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import json
 import logging
 import time
@@ -1015,7 +1016,10 @@ class AgentRuntime(AlarmsMixin):
         return evicted
 
     def _evict_lru(self) -> None:
-        for slot in list(self._slots.values()):
+        # The least recently used are at the front; look a little past the excess in case
+        # some of them are busy, instead of copying the whole (large) dict.
+        excess = self._awake - self.settings.max_active_agents
+        for slot in list(itertools.islice(self._slots.values(), excess + 64)):
             if self._awake <= self.settings.max_active_agents:
                 return
             if slot.task is None and not slot.mailbox and slot.agent is not None:
