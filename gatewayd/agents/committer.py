@@ -51,6 +51,14 @@ class GroupCommitter:
         self._pending: list[tuple[_Committable, asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self._on_group_done = on_group_done
+        self._in_flight: dict[int, float] = {}  # group number -> loop time it was handed off
+        self._groups = 0
+
+    def oldest_in_flight_s(self) -> float:
+        """How long the oldest commit group has been running (0 when none): a stuck disk."""
+        if not self._in_flight:
+            return 0.0
+        return self._loop.time() - min(self._in_flight.values())
 
     def commit(self, db: _Committable) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self._loop.create_future()
@@ -66,16 +74,20 @@ class GroupCommitter:
         groups = min(self._threads, len(pending))
         for index in range(groups):
             group = pending[index::groups]
+            self._groups += 1
+            self._in_flight[self._groups] = self._loop.time()
             work = self._loop.run_in_executor(
                 self._executor, _commit_group, [db for db, _ in group]
             )
-            work.add_done_callback(functools.partial(self._resolve, group))
+            work.add_done_callback(functools.partial(self._resolve, self._groups, group))
 
     def _resolve(
         self,
+        number: int,
         group: list[tuple[_Committable, asyncio.Future[None]]],
         done: asyncio.Future[tuple[list[BaseException | None], float]],
     ) -> None:
+        self._in_flight.pop(number, None)
         error = done.exception() if not done.cancelled() else asyncio.CancelledError()
         if error is not None:
             for _db, future in group:

@@ -302,7 +302,15 @@ class AgentRuntime(AlarmsMixin):
         }
 
     def healthy(self) -> bool:
-        return self._loop is not None and not self._closed and self._executor is not None
+        """Started, not closed, and no commit stuck (a hung disk) for more than
+        `turn_timeout_s`."""
+        if self._loop is None or self._closed or self._committer is None:
+            return False
+        stuck_s = self._committer.oldest_in_flight_s()
+        if stuck_s > self.settings.turn_timeout_s:
+            logger.error("agents: a commit has been running for %.1fs (disk stuck?)", stuck_s)
+            return False
+        return True
 
     # -- LinkHandler ---------------------------------------------------------------------------
 

@@ -352,3 +352,20 @@ def test_runs_on_uvloop(tmp_path):
     results, log = uvloop.run(scenario())
     assert results == [str(i) for i in range(30)]
     assert log[:4] == ["start 0", "end 0", "start 3", "end 3"]
+
+
+async def test_healthy_reports_a_stuck_commit(make_runtime, monkeypatch):
+    async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2) as rt:
+        await rt.call("rec", "h", "log")
+        real_commit = AgentDatabase.commit
+
+        def slow_commit(self):
+            time.sleep(0.5)  # a disk that stalls (fault injection at the disk boundary)
+            real_commit(self)
+
+        monkeypatch.setattr(AgentDatabase, "commit", slow_commit)
+        pending = rt.submit_call("rec", "h", "slow", 0, "x")
+        await asyncio.sleep(0.35)
+        assert not rt.healthy()
+        assert await pending == "x"
+        assert rt.healthy()
