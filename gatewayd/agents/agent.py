@@ -174,7 +174,11 @@ class Agent:
     # -- schedules, queue, retry (storage-backed, see runtime) ------------------------------
 
     def schedule(self, when: Any, method: str, payload: Any = None, **options: Any) -> Any:
-        """Run `method(payload)` at `when`: delay seconds, a datetime, or a cron string."""
+        """Run `method(payload)` at `when`: delay seconds, an aware datetime, or a 5-field UTC
+        cron string. Persisted, at-least-once, idempotent (registering the same schedule again
+        returns the existing one), overdue ones run after a restart. Option `retry`: a
+        `RetryPolicy` or `{"max_attempts", "base_delay_s", "max_delay_s"}`; after the last
+        failed attempt `on_error` gets a `ScheduleFailedError`. Returns the `Schedule`."""
         return self._gw_runtime._schedule(self._gw_slot, when, method, payload, **options)
 
     def schedule_every(self, seconds: float, method: str, payload: Any = None, **kw: Any) -> Any:
@@ -186,13 +190,17 @@ class Agent:
         return self._gw_runtime._schedules(self._gw_slot).get(schedule_id)
 
     def get_schedules(self, **criteria: Any) -> list[Any]:
+        """Filter with `kind=` ("delayed", "at", "cron", "interval"), `method=`, `due_before=`."""
         return self._gw_runtime._schedules(self._gw_slot).list(**criteria)
 
     def cancel_schedule(self, schedule_id: str) -> bool:
         return self._gw_runtime._cancel_schedule(self._gw_slot, schedule_id)
 
     def queue(self, method: str, payload: Any = None, **options: Any) -> Any:
-        """Persist a call of `method(payload)`; runs after this turn commits, in FIFO order."""
+        """Persist a call of `method(payload)`; runs after this turn commits, in FIFO order
+        (also drained whenever the agent wakes). Option `retry` as for `schedule`; an item
+        that keeps failing becomes a dead letter (`get_queues(status="dead")`) and `on_error`
+        gets a `QueueItemFailedError`. Returns the `QueueItem`."""
         return self._gw_runtime._queue_push(self._gw_slot, method, payload, **options)
 
     def dequeue(self, item_id: str) -> bool:
@@ -202,6 +210,7 @@ class Agent:
         return self._gw_runtime._queue(self._gw_slot).get(item_id)
 
     def get_queues(self, **criteria: Any) -> list[Any]:
+        """Filter with `method=`, `status=` ("pending" by default, "dead", or None for all)."""
         return self._gw_runtime._queue(self._gw_slot).list(**criteria)
 
     async def retry(

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gatewayd.agents.errors import (
     AgentError,
@@ -35,8 +35,12 @@ from gatewayd.agents.schedule_index import ScheduleIndex
 from gatewayd.agents.schedules import ScheduleStore
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from gatewayd.agents.agent import Agent
-    from gatewayd.agents.runtime import AgentRuntime, _Slot
+    from gatewayd.agents.runtime import _Event, _Slot
+    from gatewayd.agents.settings import AgentSettings
+    from gatewayd.agents.storage import AgentDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,37 @@ def _policy(retry_option: Any) -> RetryPolicy | None:
     raise AgentError(f"retry must be a RetryPolicy or a dict of its options, got {retry_option!r}")
 
 
+class _Runtime(Protocol):
+    """What the mixin needs from AgentRuntime (mypy's self-type for the mixin)."""
+
+    settings: AgentSettings
+    classes: dict[str, type[Agent]]
+    _loop: asyncio.AbstractEventLoop | None
+    _executor: ThreadPoolExecutor | None
+    _background: list[asyncio.Task[None]]
+    _accepting: bool
+    _index: ScheduleIndex | None
+    _alarm_changed: asyncio.Event | None
+    _alarm_pending: set[tuple[str, str]]
+    _next_alarm_at: float
+
+    def _enqueue(self, key: tuple[str, str], event: _Event) -> _Slot: ...
+    async def _turn(
+        self, slot: _Slot, event: _Event, done: list[Any], undo: list[Any], *, report: bool = ...
+    ) -> BaseException | None: ...
+    async def _on_error_turn(self, slot: _Slot, err: BaseException) -> None: ...
+    def _db_for_turn(self, slot: _Slot) -> AgentDatabase: ...
+    async def _alarm_forever(self) -> None: ...
+    def _enqueue_alarm(self, key: tuple[str, str]) -> None: ...
+    def _next_due_at(self, slot: _Slot) -> float | None: ...
+    def _schedule_store(self, slot: _Slot) -> ScheduleStore: ...
+    def _queue_store(self, slot: _Slot) -> QueueStore: ...
+    def _schedules(self, slot: _Slot) -> ScheduleStore: ...
+    def _queue(self, slot: _Slot) -> QueueStore: ...
+    def _check_method(self, slot: _Slot, method: str) -> None: ...
+    def _named_method(self, agent: Agent, name: Any) -> Any: ...
+
+
 class AlarmsMixin:
     """Schedules/queue/retry for `AgentRuntime` (see the module docstring)."""
 
@@ -64,7 +99,7 @@ class AlarmsMixin:
 
     # -- lifecycle hooks called by AgentRuntime ----------------------------------------------
 
-    def _on_started(self: AgentRuntime) -> None:
+    def _on_started(self: _Runtime) -> None:
         self._index = ScheduleIndex(
             self.settings.state_dir / INDEX_FILE,
             synchronous_full=self.settings.durability == "full",
@@ -74,12 +109,12 @@ class AlarmsMixin:
         assert self._loop is not None
         self._background.append(self._loop.create_task(self._alarm_forever()))
 
-    def _on_closed(self: AgentRuntime) -> None:
+    def _on_closed(self: _Runtime) -> None:
         if self._index is not None:
             self._index.close()
             self._index = None
 
-    def _after_wake(self: AgentRuntime, slot: _Slot) -> None:
+    def _after_wake(self: _Runtime, slot: _Slot) -> None:
         db = slot.db
         assert db is not None
         tables = {
@@ -92,7 +127,7 @@ class AlarmsMixin:
             slot.drain_queued = True
             slot.index_dirty = True
 
-    def _after_commit(self: AgentRuntime, slot: _Slot) -> None:
+    def _after_commit(self: _Runtime, slot: _Slot) -> None:
         if slot.index_dirty and slot.db is not None and self._index is not None:
             slot.index_dirty = False
             next_at = self._next_due_at(slot)
@@ -103,13 +138,13 @@ class AlarmsMixin:
             slot.drain_queued = False
             self._enqueue_alarm(slot.key)
 
-    def _on_destroyed(self: AgentRuntime, key: tuple[str, str]) -> None:
+    def _on_destroyed(self: _Runtime, key: tuple[str, str]) -> None:
         if self._index is not None:
             self._index.set_next(key[0], key[1], None)
 
     # -- the timer --------------------------------------------------------------------------
 
-    async def _alarm_forever(self: AgentRuntime) -> None:
+    async def _alarm_forever(self: _Runtime) -> None:
         assert self._index is not None and self._alarm_changed is not None
         while True:
             self._alarm_changed.clear()
@@ -136,7 +171,7 @@ class AlarmsMixin:
                 async with asyncio.timeout(sleep_s):
                     await self._alarm_changed.wait()
 
-    def _enqueue_alarm(self: AgentRuntime, key: tuple[str, str]) -> None:
+    def _enqueue_alarm(self: _Runtime, key: tuple[str, str]) -> None:
         if key in self._alarm_pending or not self._accepting:
             return
         from gatewayd.agents.runtime import _ALARM, _Event
@@ -146,7 +181,7 @@ class AlarmsMixin:
 
     # -- one alarm: due schedules, then ready queue items -----------------------------------
 
-    async def _run_alarm(self: AgentRuntime, slot: _Slot, done: list[Any], undo: list[Any]) -> None:
+    async def _run_alarm(self: _Runtime, slot: _Slot, done: list[Any], undo: list[Any]) -> None:
         from gatewayd.agents.runtime import _SCHEDULED, _Event
 
         self._alarm_pending.discard(slot.key)
@@ -207,7 +242,7 @@ class AlarmsMixin:
                         ),
                     )
 
-    def _next_due_at(self: AgentRuntime, slot: _Slot) -> float | None:
+    def _next_due_at(self: _Runtime, slot: _Slot) -> float | None:
         db = slot.db
         assert db is not None
         times: list[float] = []
@@ -226,14 +261,14 @@ class AlarmsMixin:
 
     # -- stores (created lazily, inside a turn, per wake) -----------------------------------
 
-    def _schedule_store(self: AgentRuntime, slot: _Slot) -> ScheduleStore:
+    def _schedule_store(self: _Runtime, slot: _Slot) -> ScheduleStore:
         store = slot.stores.get("schedules")
         if store is None:
             assert slot.db is not None
             store = slot.stores["schedules"] = ScheduleStore(slot.db.connection)
         return store
 
-    def _queue_store(self: AgentRuntime, slot: _Slot) -> QueueStore:
+    def _queue_store(self: _Runtime, slot: _Slot) -> QueueStore:
         store = slot.stores.get("queue")
         if store is None:
             assert slot.db is not None
@@ -242,17 +277,17 @@ class AlarmsMixin:
 
     # -- the Agent API ----------------------------------------------------------------------
 
-    def _schedules(self: AgentRuntime, slot: _Slot) -> ScheduleStore:
+    def _schedules(self: _Runtime, slot: _Slot) -> ScheduleStore:
         self._db_for_turn(slot)
         return self._schedule_store(slot)
 
-    def _queue(self: AgentRuntime, slot: _Slot) -> QueueStore:
+    def _queue(self: _Runtime, slot: _Slot) -> QueueStore:
         self._db_for_turn(slot)
         slot.index_dirty = True  # dequeue() may change what is next
         return self._queue_store(slot)
 
     def _schedule(
-        self: AgentRuntime, slot: _Slot, when: Any, method: str, payload: Any, **options: Any
+        self: _Runtime, slot: _Slot, when: Any, method: str, payload: Any, **options: Any
     ) -> Any:
         self._check_method(slot, method)
         every_s = options.pop("every_s", None)
@@ -263,13 +298,11 @@ class AlarmsMixin:
         slot.index_dirty = True
         return store.add(when, method, payload, every_s=every_s, retry=policy, now=time.time())
 
-    def _cancel_schedule(self: AgentRuntime, slot: _Slot, schedule_id: str) -> bool:
+    def _cancel_schedule(self: _Runtime, slot: _Slot, schedule_id: str) -> bool:
         slot.index_dirty = True
         return self._schedules(slot).cancel(schedule_id)
 
-    def _queue_push(
-        self: AgentRuntime, slot: _Slot, method: str, payload: Any, **options: Any
-    ) -> Any:
+    def _queue_push(self: _Runtime, slot: _Slot, method: str, payload: Any, **options: Any) -> Any:
         self._check_method(slot, method)
         policy = _policy(options.pop("retry", None))
         if options:
@@ -278,7 +311,7 @@ class AlarmsMixin:
         slot.drain_queued = True  # drain on enqueue, once this turn has committed
         return item
 
-    async def _retry(self: AgentRuntime, fn: Any, **options: Any) -> Any:
+    async def _retry(self: _Runtime, fn: Any, **options: Any) -> Any:
         return await retry(
             fn,
             max_attempts=options["max_attempts"],
@@ -287,11 +320,11 @@ class AlarmsMixin:
             should_retry=options["should_retry"],
         )
 
-    def _check_method(self: AgentRuntime, slot: _Slot, method: str) -> None:
+    def _check_method(self: _Runtime, slot: _Slot, method: str) -> None:
         assert slot.agent is not None
         self._named_method(slot.agent, method)
 
-    def _named_method(self: AgentRuntime, agent: Agent, name: Any) -> Any:
+    def _named_method(self: _Runtime, agent: Agent, name: Any) -> Any:
         if not isinstance(name, str) or name.startswith("_"):
             raise AgentError(f"{name!r} is not a public method name of {agent.agent_class}")
         method = getattr(agent, name, None)

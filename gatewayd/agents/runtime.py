@@ -8,8 +8,9 @@ How one agent runs (its `_Slot`): a task drains the agent's FIFO mailbox in *bat
 batch is one SQLite transaction; every event in it is its own turn inside a SAVEPOINT, so a
 failing turn rolls back only itself. Outputs of every turn (sends, broadcasts, RPC replies,
 closes, and the transport's futures) are buffered and released only after the batch's COMMIT
-(run on a small shared executor: an fsync never blocks the event loop, and there is never a
-thread per agent). Different agents run concurrently on the one event loop.
+(run on a small shared executor, grouped with the commits of other agents that finished in the
+same loop iteration — see committer.py: an fsync never blocks the event loop, and there is never
+a thread per agent). Different agents run concurrently on the one event loop.
 
 Idle agents hibernate (SQLite closed, instance dropped) after `hibernate_after_s`, and the
 least recently used are evicted beyond `max_active_agents`; their connections stay with the
@@ -23,6 +24,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import json
 import logging
 import time
@@ -35,6 +37,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from gatewayd.agents.agent import Agent, RpcStream, callable_info
 from gatewayd.agents.alarms import AlarmsMixin
+from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import CloseRequest, Connection, deliver
 from gatewayd.agents.errors import (
     AgentError,
@@ -63,8 +66,9 @@ WAKES = Counter("gatewayd_agent_wakes_total", "Agents woken from hibernation or 
 HIBERNATIONS = Counter("gatewayd_agent_hibernations_total", "Agents evicted from memory")
 ACTIVE = Gauge("gatewayd_agents_active", "Agents currently in memory")
 COMMIT_SECONDS = Histogram(
-    "gatewayd_agent_commit_seconds",
-    "Time to commit one agent transaction (includes fsync with durability=full)",
+    "gatewayd_agent_commit_group_seconds",
+    "Time to commit one group of agent transactions on one commit thread "
+    "(includes the fsyncs with durability=full)",
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
 )
 
@@ -195,6 +199,7 @@ class AgentRuntime(AlarmsMixin):
         self._conns_by_agent: dict[AgentKey, dict[str, Connection]] = {}
         self._closing: dict[AgentKey, asyncio.Future[None]] = {}
         self._executor: ThreadPoolExecutor | None = None
+        self._committer: GroupCommitter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: list[asyncio.Task[None]] = []
         self._accepting = False
@@ -225,6 +230,12 @@ class AgentRuntime(AlarmsMixin):
         (self.settings.state_dir / "agents").mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.commit_threads, thread_name_prefix="gatewayd-commit"
+        )
+        self._committer = GroupCommitter(
+            self._loop,
+            self._executor,
+            self.settings.commit_threads,
+            on_group_done=lambda _count, elapsed_s: COMMIT_SECONDS.observe(elapsed_s),
         )
         self._accepting = True
         self._background.append(self._loop.create_task(self._hibernate_idle_forever()))
@@ -291,7 +302,15 @@ class AgentRuntime(AlarmsMixin):
         }
 
     def healthy(self) -> bool:
-        return self._loop is not None and not self._closed and self._executor is not None
+        """Started, not closed, and no commit stuck (a hung disk) for more than
+        `turn_timeout_s`."""
+        if self._loop is None or self._closed or self._committer is None:
+            return False
+        stuck_s = self._committer.oldest_in_flight_s()
+        if stuck_s > self.settings.turn_timeout_s:
+            logger.error("agents: a commit has been running for %.1fs (disk stuck?)", stuck_s)
+            return False
+        return True
 
     # -- LinkHandler ---------------------------------------------------------------------------
 
@@ -523,9 +542,9 @@ class AgentRuntime(AlarmsMixin):
         undo_conns: list[tuple[Connection, Any]],
     ) -> None:
         assert self._loop is not None
-        started = time.perf_counter()
+        assert self._committer is not None
         try:
-            await self._loop.run_in_executor(self._executor, db.commit)
+            await self._committer.commit(db)
         except Exception as err:
             self._counters["commit_errors"] += 1
             COMMIT_ERRORS.inc()
@@ -533,7 +552,6 @@ class AgentRuntime(AlarmsMixin):
                 slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns
             )
             return
-        COMMIT_SECONDS.observe(time.perf_counter() - started)
         self._counters["commits_total"] += 1
         COMMITS.inc()
         for conn, data in outbox:
@@ -1006,7 +1024,10 @@ class AgentRuntime(AlarmsMixin):
         return evicted
 
     def _evict_lru(self) -> None:
-        for slot in list(self._slots.values()):
+        # The least recently used are at the front; look a little past the excess in case
+        # some of them are busy, instead of copying the whole (large) dict.
+        excess = self._awake - self.settings.max_active_agents
+        for slot in list(itertools.islice(self._slots.values(), excess + 64)):
             if self._awake <= self.settings.max_active_agents:
                 return
             if slot.task is None and not slot.mailbox and slot.agent is not None:

@@ -8,8 +8,10 @@ loop does not touch a database while its commit is in flight (the agent is busy 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import re
 import sqlite3
 from pathlib import Path
@@ -68,12 +70,18 @@ def agent_db_path(state_dir: Path, agent_class: str, agent_id: str) -> Path:
     and the id stored inside the file is checked on open. The 2-character shard keeps
     directories small with 100,000s of agents.
     """
+    return Path(agent_db_file(os.fspath(state_dir), agent_class, agent_id))
+
+
+def agent_db_file(state_dir: str, agent_class: str, agent_id: str) -> str:
+    """`agent_db_path` as a plain string. The runtime uses this one: `pathlib` interns every
+    path component forever, which would grow memory with every agent ever woken."""
     validate_class_name(agent_class)
     validate_agent_id(agent_id)
     digest = hashlib.sha256(agent_id.encode("utf-8")).digest()
     hashed = base64.b32encode(digest).decode("ascii").lower()[:32]
     prefix = _UNSAFE_CHARS_RE.sub("_", agent_id[:_READABLE_PREFIX_CHARS])
-    return state_dir / "agents" / agent_class / hashed[:2] / f"{prefix}.{hashed}.sqlite3"
+    return os.path.join(state_dir, "agents", agent_class, hashed[:2], f"{prefix}.{hashed}.sqlite3")
 
 
 def _check_value_size(value: Any, max_value_bytes: int, where: str) -> None:
@@ -97,7 +105,7 @@ class AgentDatabase:
     __slots__ = ("_conn", "_label", "_max_db_bytes", "_max_value_bytes", "in_transaction_", "path")
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, label: str, max_value_bytes: int, max_db: int
+        self, conn: sqlite3.Connection, path: str, label: str, max_value_bytes: int, max_db: int
     ) -> None:
         self._conn = conn
         self.path = path
@@ -119,11 +127,11 @@ class AgentDatabase:
     ) -> AgentDatabase:
         """Open (creating if needed) the agent's file. A new file's schema is written inside
         an open transaction that the caller's first commit makes durable."""
-        path = agent_db_path(state_dir, agent_class, agent_id)
+        path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
         label = f"agent {agent_class}/{agent_id!r}"
-        is_new = not path.exists()
+        is_new = not os.path.exists(path)
         if is_new:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             conn = sqlite3.connect(
                 path,
@@ -270,6 +278,7 @@ class AgentDatabase:
             raise ValueTooLargeError(f"{self._label}: {err}") from err
 
     @staticmethod
-    def delete_files(path: Path) -> None:
+    def delete_files(path: str) -> None:
         for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(str(path) + suffix).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)

@@ -11,6 +11,7 @@ without one the score stays None.
 
     gatewayd config:   [agents.classes] thermostat = "gatewayd.examples.thermostat:Thermostat"
     dashboard:         ws://HOST:PORT/agents/thermostat/living-room
+    WebSocket device:  ws://HOST:PORT/agents/thermostat/living-room?device=1 (no JSON frames)
     RPC:               {"type":"gw.rpc","id":1,"method":"set_target","args":[22]}
 """
 
@@ -20,6 +21,7 @@ import json
 import logging
 import time
 from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
 
 import cbor2
 import numpy as np
@@ -108,6 +110,14 @@ class Thermostat(Agent):
         stale = last_at is None or time.time() - last_at > STALE_AFTER_S
         if stale != self.state["stale"]:
             self.set_state({**self.state, "stale": stale})
+
+    def should_send_protocol_messages(self, conn: Connection, ctx: dict[str, Any]) -> bool:
+        # A device connecting over WebSocket says so in its URL (`?device=1`): it gets only
+        # its CBOR replies, never JSON protocol frames. MQTT/TCP devices are off by default.
+        query = parse_qs(urlsplit(str(ctx.get("path", ""))).query)
+        if query.get("device") == ["1"]:
+            return False
+        return super().should_send_protocol_messages(conn, ctx)
 
     def validate_state_change(self, new_state: Any, source: Connection | str) -> None:
         target = new_state.get("target") if isinstance(new_state, dict) else None

@@ -63,9 +63,9 @@ async def test_thermostat_with_anomaly_model(make_runtime, tmp_path):
     engine = OrtEngine(tmp_path / "anomaly.onnx")
     async with make_runtime({"thermostat": Thermostat}, engine=engine) as rt:
         dash = MemoryLink("thermostat", "living")
-        device = MemoryLink("thermostat", "living", transport="mqtt")
-        await rt.open_link(dash, {})
-        await rt.open_link(device, {})
+        device = MemoryLink("thermostat", "living", transport="ws")
+        await rt.open_link(dash, {"path": "/agents/thermostat/living"})
+        await rt.open_link(device, {"path": "/agents/thermostat/living?device=1"})
         for i in range(31):
             await rt.submit_message(device, cbor2.dumps({"temp": 20.0 + (i % 2) * 0.1}))
         assert (await rt.get_agent_state("thermostat", "living"))["anomaly"] is None

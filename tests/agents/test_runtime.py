@@ -300,3 +300,72 @@ async def test_persistence_across_restart(make_runtime):
     async with make_runtime({"rec": Recorder}) as rt:
         assert await rt.get_agent_state("rec", "p") == {"count": 3}
         assert await rt.call("rec", "p", "log") == ["m0", "m1", "m2"]
+
+
+class Room(Agent):
+    closed: ClassVar[list] = []
+
+    def on_message(self, conn, message):
+        self.broadcast(f"{conn.id}: {message}", without=[conn])
+
+    def on_close(self, conn, code, reason):
+        type(self).closed.append((conn.id, code, reason))
+        self.broadcast(f"{conn.id} left")
+
+
+async def test_broadcast_without_sender_on_close_and_limits(make_runtime):
+    Room.closed = []
+    async with make_runtime({"room": Room}, max_message_bytes=100) as rt:
+        assert rt.healthy()
+        a, b, c = (MemoryLink("room", "r", transport="tcp") for _ in range(3))
+        for link in (a, b, c):
+            await rt.open_link(link, {})
+        await rt.submit_message(a, "hi")
+        assert a.sent == [] and b.sent == c.sent == [f"{a.link_id}: hi"]
+        with pytest.raises(LinkRejected, match="max_message_bytes=100") as info:
+            await rt.submit_message(a, "x" * 101)
+        assert info.value.code == 1009
+        await rt.close_link(a, 1001, "bye")
+        assert Room.closed == [(a.link_id, 1001, "bye")]
+        assert b.sent[-1] == f"{a.link_id} left" and a.sent == []
+        with pytest.raises(LinkRejected, match="not open"):
+            await rt.submit_message(a, "ghost")
+        assert rt.stats()["connections_open"] == 2
+    assert not rt.healthy()
+
+
+def test_runs_on_uvloop(tmp_path):
+    uvloop = pytest.importorskip("uvloop")
+    from gatewayd.agents import AgentRuntime
+
+    async def scenario():
+        rt = AgentRuntime(AgentSettings(state_dir=tmp_path), {"rec": Recorder})
+        await rt.start()
+        try:
+            results = await asyncio.gather(
+                *(rt.call("rec", f"u{i % 3}", "slow", 0, str(i)) for i in range(30))
+            )
+            return results, await rt.call("rec", "u0", "log")
+        finally:
+            await rt.close()
+
+    results, log = uvloop.run(scenario())
+    assert results == [str(i) for i in range(30)]
+    assert log[:4] == ["start 0", "end 0", "start 3", "end 3"]
+
+
+async def test_healthy_reports_a_stuck_commit(make_runtime, monkeypatch):
+    async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2) as rt:
+        await rt.call("rec", "h", "log")
+        real_commit = AgentDatabase.commit
+
+        def slow_commit(self):
+            time.sleep(0.5)  # a disk that stalls (fault injection at the disk boundary)
+            real_commit(self)
+
+        monkeypatch.setattr(AgentDatabase, "commit", slow_commit)
+        pending = rt.submit_call("rec", "h", "slow", 0, "x")
+        await asyncio.sleep(0.35)
+        assert not rt.healthy()
+        assert await pending == "x"
+        assert rt.healthy()

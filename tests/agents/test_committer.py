@@ -1,0 +1,53 @@
+"""Group commit on real SQLite files: grouped, each agent's result its own."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from gatewayd.agents.committer import GroupCommitter
+
+
+class Db:
+    def __init__(self, path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("CREATE TABLE t (x)")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+
+async def test_commits_of_one_iteration_are_grouped_and_isolated(tmp_path):
+    loop = asyncio.get_running_loop()
+    groups: list[int] = []
+    with ThreadPoolExecutor(2) as executor:
+        committer = GroupCommitter(loop, executor, 2, lambda n, _s: groups.append(n))
+        dbs = [Db(tmp_path / f"{i}.db") for i in range(10)]
+        for i, db in enumerate(dbs):
+            if i != 3:  # db 3 has no open transaction: its COMMIT fails, alone
+                db.conn.execute("BEGIN")
+                db.conn.execute("INSERT INTO t VALUES (?)", (i,))
+        results = await asyncio.gather(
+            *(committer.commit(db) for db in dbs), return_exceptions=True
+        )
+        assert sorted(groups) == [5, 5]  # ten commits, two executor hand-offs
+        assert isinstance(results[3], sqlite3.OperationalError)
+        assert [r for i, r in enumerate(results) if i != 3] == [None] * 9
+        for i in range(len(dbs)):
+            reader = sqlite3.connect(tmp_path / f"{i}.db")
+            assert reader.execute("SELECT x FROM t").fetchall() == ([] if i == 3 else [(i,)])
+        assert committer.oldest_in_flight_s() == 0.0
+
+
+def test_release_free_memory_on_glibc():
+    import platform
+
+    from gatewayd.agents.memory import release_free_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc-only")
+    assert release_free_memory() is True
