@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AgentError(Exception):
     """Base class of every error raised by gatewayd.agents."""
@@ -53,3 +55,13 @@ class ScheduleFailedError(AgentError):
 
 class QueueItemFailedError(AgentError):
     """A queued method kept failing and became a dead letter (passed to `on_error`)."""
+
+
+class SequenceGapError(AgentError):
+    """A message arrived while an earlier sequence number of its stream is still unapplied."""
+
+    def __init__(self, dedup: Any, last_applied: int) -> None:
+        super().__init__(
+            f"stream {dedup.stream!r}: seq {dedup.seq} not applied because seq "
+            f"{last_applied + 1} is still unapplied (last applied {last_applied}); resend in order"
+        )

@@ -46,6 +46,7 @@ from gatewayd.agents.errors import (
     NotInTurnError,
     ReadonlyConnectionError,
     RpcError,
+    SequenceGapError,
     StateRejectedError,
     TurnTimeoutError,
 )
@@ -679,6 +680,12 @@ class AgentRuntime(AlarmsMixin):
                 self._counters["duplicates_total"] += 1
                 done.append((event.future, Outcome.DUPLICATE, False))
                 return None
+            if last is not None and dedup.seq > last + 1:
+                # An earlier seq of this stream is still unapplied (its turn failed while this
+                # one was in flight): applying this one now would make that one look like a
+                # retransmission later and lose it. The sender resends both, in order.
+                done.append((event.future, SequenceGapError(dedup, last), True))
+                return None
         turn = _Turn(event.conn)
         slot.turn = turn
         if kind == _CONNECT and event.future is not None:
@@ -725,6 +732,10 @@ class AgentRuntime(AlarmsMixin):
                     f"({type(err).__name__}: {err})"
                 ) from err
             db.rollback_to_savepoint()
+            if dedup is not None and isinstance(err, LinkRejected):
+                # The agent will never accept this message: its seq counts as consumed, or
+                # every later seq of the stream would wait behind it forever.
+                db.set_last_seq(dedup.stream, dedup.seq)
             for conn, old_state in reversed(turn.conn_undo):
                 conn._state = old_state
             slot.turn = None

@@ -19,6 +19,7 @@ from gatewayd.agents import (
     TurnTimeoutError,
     callable,
 )
+from gatewayd.agents.errors import SequenceGapError
 from gatewayd.agents.storage import AgentDatabase, agent_db_path
 from protocols.link import DedupKey, LinkRejected, Outcome
 from tests.agents.conftest import MemoryLink
@@ -38,6 +39,9 @@ class Recorder(Agent):
 
     def on_message(self, conn, message):
         text = message if isinstance(message, str) else message.decode()
+        if text == "refuse":
+            self.sql("INSERT INTO log (text) VALUES ('should be rolled back')")
+            raise LinkRejected("this reading is out of range")
         if text == "boom":
             self.sql("INSERT INTO log (text) VALUES ('should be rolled back')")
             self.set_state({"count": -1})
@@ -183,6 +187,39 @@ async def test_unknown_class_bad_id_and_drain_reject(make_runtime):
         with pytest.raises(LinkRejected, match="shutting down"):
             await rt.submit_message(link, "late")
         assert rt.stats()["rejected_total"] >= 3
+
+
+async def test_a_failed_seq_holds_back_later_seqs_until_resent(make_runtime):
+    """Pipelined frames 1..3 where 2 fails: 3 must not be applied past the hole, or the
+    retransmission of 2 would later count as a duplicate and be lost."""
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "dev", transport="tcp")
+        await rt.open_link(link, {})
+        results = await asyncio.gather(
+            rt.submit_message(link, b"one", DedupKey("dev", 1)),
+            rt.submit_message(link, b"boom", DedupKey("dev", 2)),
+            rt.submit_message(link, b"three", DedupKey("dev", 3)),
+            return_exceptions=True,
+        )
+        assert results[0] is Outcome.APPLIED
+        assert isinstance(results[1], ValueError)
+        assert isinstance(results[2], SequenceGapError)
+        assert "seq 3 not applied because seq 2 is still unapplied" in str(results[2])
+        # The device resends 2 (now good) and 3, in order: both applied, exactly once.
+        assert await rt.submit_message(link, b"two", DedupKey("dev", 2)) is Outcome.APPLIED
+        assert await rt.submit_message(link, b"three", DedupKey("dev", 3)) is Outcome.APPLIED
+        assert await rt.call("rec", "dev", "log") == ["one", "two", "three"]
+
+
+async def test_a_refused_seq_is_consumed_so_later_seqs_flow(make_runtime):
+    async with make_runtime({"rec": Recorder}) as rt:
+        link = MemoryLink("rec", "dev", transport="tcp")
+        await rt.open_link(link, {})
+        with pytest.raises(LinkRejected, match="out of range"):
+            await rt.submit_message(link, b"refuse", DedupKey("dev", 1))
+        assert await rt.submit_message(link, b"two", DedupKey("dev", 2)) is Outcome.APPLIED
+        assert await rt.submit_message(link, b"refuse", DedupKey("dev", 1)) is Outcome.DUPLICATE
+        assert await rt.call("rec", "dev", "log") == ["two"]
 
 
 async def test_dedup_is_exactly_once_across_restart(make_runtime, tmp_path):
