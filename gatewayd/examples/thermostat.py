@@ -1,9 +1,10 @@
 """Example agent: a thermostat shared by a temperature device and a web dashboard.
 
-Devices send readings either as JSON text `{"temp": 21.5}` or as a binary CBOR map
-`{"temp": 21.5}` (e.g. over MQTT or TCP frames); every reading is stored in SQL, the agent's
-state (last temperature, target, heating on/off, anomaly score) is synced to JSON dashboards,
-and a binary-speaking device gets a CBOR reply `{"heating": true}` to drive its relay.
+Devices send readings as JSON `{"temp": 21.5}` (text, or bytes such as an MQTT payload from
+`mosquitto_pub`) or as a binary CBOR map `{"temp": 21.5}` (e.g. TCP frames); every reading is
+stored in SQL, the agent's state (last temperature, target, heating on/off, anomaly score) is
+synced to JSON dashboards, and a device that sent bytes gets `{"heating": true}` back in the
+same encoding (JSON bytes or CBOR) to drive its relay.
 A check scheduled every minute marks the thermostat stale when no reading arrived for
 `STALE_AFTER_S`. With an inference engine that serves a model named "anomaly" (float32
 window of 32 readings in, output "score"), every reading once 32 are stored is scored;
@@ -40,12 +41,21 @@ class BadReading(ValueError):
     """A device message that is not a temperature reading."""
 
 
+def is_json_bytes(message: bytes | str) -> bool:
+    """Bytes that hold a JSON object (`mosquitto_pub -m '{"temp": 21.5}'`) rather than CBOR.
+
+    A CBOR map starts with a byte in 0xA0-0xBF; `{` (0x7B) never starts a map, so the two
+    encodings cannot be confused."""
+    return isinstance(message, bytes) and message.lstrip()[:1] == b"{"
+
+
 def parse_reading(message: bytes | str) -> float:
-    """`{"temp": <number>}` as JSON text or a CBOR map; raises BadReading otherwise."""
+    """`{"temp": <number>}` as JSON (text or bytes) or a CBOR map; raises BadReading otherwise."""
+    as_json = isinstance(message, str) or is_json_bytes(message)
     try:
-        data = json.loads(message) if isinstance(message, str) else cbor2.loads(message)
+        data = json.loads(message) if as_json else cbor2.loads(message)
     except (ValueError, cbor2.CBORDecodeError) as err:
-        kind = "JSON" if isinstance(message, str) else "CBOR"
+        kind = "JSON" if as_json else "CBOR"
         raise BadReading(f'reading is not valid {kind}: {err}; send {{"temp": 21.5}}') from None
     temp = data.get("temp") if isinstance(data, dict) else None
     if isinstance(temp, bool) or not isinstance(temp, int | float) or not -60 <= temp <= 150:
@@ -92,8 +102,9 @@ class Thermostat(Agent):
                 "readings": self.state["readings"] + 1,
             }
         )
-        if isinstance(message, bytes):
-            conn.send(cbor2.dumps({"heating": heating}))
+        if isinstance(message, bytes):  # a device: answer in the encoding it spoke
+            reply = {"heating": heating}
+            conn.send(json.dumps(reply).encode() if is_json_bytes(message) else cbor2.dumps(reply))
 
     async def _anomaly_score(self) -> float | None:
         if not self.has_model("anomaly"):

@@ -12,7 +12,6 @@ import itertools
 import json
 import signal
 import sqlite3
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +20,10 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from gatewayd.agents.storage import agent_db_path
-from protocols.frames import Ack, Data, FrameDecoder, Hello, HelloOk, Push, encode
+from protocols.frames import Ack, Data, Push, encode
 from tests.brokers import MosquittoBroker, free_port
 from tests.gatewayd.daemon_process import REPO, GatewayProcess
+from tests.gatewayd.devices import TcpDevice
 from tests.gatewayd.notify import NotifySocket
 
 CONFIG = """
@@ -95,41 +95,6 @@ def site(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[Site]:
     finally:
         site.gateway.stop()
         notify.close()
-
-
-class TcpDevice:
-    """A binary-frame device: HELLO, pipelined DATA with a persistent seq, resend after reconnect."""
-
-    def __init__(self, port: int, device_id: str, secret: str) -> None:
-        self.port, self.device_id, self.secret = port, device_id, secret
-        self.received: list[object] = []
-
-    async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.decoder = FrameDecoder()
-        self.pending: deque[object] = deque()
-        self.writer.write(encode(Hello(self.device_id, self.secret)))
-        assert isinstance(await self.next_frame(), HelloOk)
-
-    async def next_frame(self) -> object:
-        while not self.pending:
-            data = await asyncio.wait_for(self.reader.read(65536), 10)
-            if not data:
-                raise ConnectionError("gateway closed the connection")
-            self.pending.extend(self.decoder.feed(data))
-        frame = self.pending.popleft()
-        self.received.append(frame)
-        if isinstance(frame, Push):
-            self.writer.write(encode(Ack(frame.seq)))  # firmware acknowledges every push
-        return frame
-
-    async def frames(self) -> list[object]:
-        """Everything received so far plus whatever arrives within 0.3 s."""
-        try:
-            while True:
-                await asyncio.wait_for(self.next_frame(), 0.3)
-        except TimeoutError:
-            return self.received
 
 
 async def test_one_agent_serves_mqtt_tcp_and_a_dashboard(site: Site) -> None:
