@@ -75,6 +75,35 @@ class Link(Protocol):
         """Close the session from the gateway side (idempotent)."""
 
 
+class LinkIdentity:
+    """The identity half of a `Link`, shared by every transport's link class: which transport,
+    which session, which agent, which peer. Subclasses set `TRANSPORT` and add send/close."""
+
+    TRANSPORT: str = ""
+    __slots__ = ("_link_id", "_remote", "_route")
+
+    def __init__(self, link_id: str, route: Route, remote: str) -> None:
+        self._link_id = link_id
+        self._route = route
+        self._remote = remote
+
+    @property
+    def transport(self) -> str:
+        return self.TRANSPORT
+
+    @property
+    def link_id(self) -> str:
+        return self._link_id
+
+    @property
+    def route(self) -> Route:
+        return self._route
+
+    @property
+    def remote(self) -> str:
+        return self._remote
+
+
 class LinkHandler(Protocol):
     """What a transport calls; implemented by the gateway's agent runtime.
 

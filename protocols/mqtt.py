@@ -66,7 +66,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
-from protocols.link import DedupKey, LinkHandler, LinkRejected, Outcome, Route, TransportStats
+from protocols.link import (
+    DedupKey,
+    LinkHandler,
+    LinkIdentity,
+    LinkRejected,
+    Outcome,
+    Route,
+    TransportStats,
+)
 from protocols.mqtt_client import ManualAckClient
 from protocols.mqtt_settings import (
     BrokerAddress,
@@ -110,35 +118,18 @@ class ConnectionState:
     STOPPED = "stopped"
 
 
-class MqttLink:
+class MqttLink(LinkIdentity):
     """One device (route + id) as the gateway sees it; `send` publishes to its reply topic."""
 
-    __slots__ = ("_bridge", "_closed", "_link_id", "_remote", "_route", "key", "reply_topic")
+    TRANSPORT = TRANSPORT
+    __slots__ = ("_bridge", "_closed", "key", "reply_topic")
 
     def __init__(self, bridge: MqttBridge, match: RouteMatch, topic: str, reply_topic: str):
+        super().__init__(f"mqtt:{topic}", Route(match.route.agent_class, match.device_id), topic)
         self._bridge = bridge
         self.key = (match.route_index, match.device_id)
-        self._route = Route(match.route.agent_class, match.device_id)
-        self._link_id = f"mqtt:{topic}"
-        self._remote = topic
         self.reply_topic = reply_topic
         self._closed = False
-
-    @property
-    def transport(self) -> str:
-        return TRANSPORT
-
-    @property
-    def link_id(self) -> str:
-        return self._link_id
-
-    @property
-    def route(self) -> Route:
-        return self._route
-
-    @property
-    def remote(self) -> str:
-        return self._remote
 
     @property
     def closed(self) -> bool:

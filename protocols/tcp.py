@@ -62,7 +62,15 @@ from protocols.frames import (
     Push,
     encode,
 )
-from protocols.link import DedupKey, LinkHandler, LinkRejected, Outcome, Route, TransportStats
+from protocols.link import (
+    DedupKey,
+    LinkHandler,
+    LinkIdentity,
+    LinkRejected,
+    Outcome,
+    Route,
+    TransportStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -257,29 +265,15 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class TcpLink:
+class TcpLink(LinkIdentity):
     """The `protocols.link.Link` of one authenticated TCP connection."""
 
+    TRANSPORT = "tcp"
+
     def __init__(self, connection: _DeviceConnection, link_id: str, device_id: str) -> None:
+        route = Route(connection.listener.settings.agent_class, device_id)
+        super().__init__(link_id, route, connection.remote)
         self._connection = connection
-        self._link_id = link_id
-        self._route = Route(connection.listener.settings.agent_class, device_id)
-
-    @property
-    def transport(self) -> str:
-        return "tcp"
-
-    @property
-    def link_id(self) -> str:
-        return self._link_id
-
-    @property
-    def route(self) -> Route:
-        return self._route
-
-    @property
-    def remote(self) -> str:
-        return self._connection.remote
 
     @property
     def device_id(self) -> str:

@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from protocols.link import LinkHandler, LinkRejected, Outcome, Route, TransportStats
+from protocols.link import LinkHandler, LinkIdentity, LinkRejected, Outcome, Route, TransportStats
 
 logger = logging.getLogger(__name__)
 
@@ -79,37 +79,21 @@ def parse_agent_path(path: str) -> Route:
 _CLOSE = object()
 
 
-class WsLink:
+class WsLink(LinkIdentity):
     """One WebSocket session as a `protocols.link.Link`."""
+
+    TRANSPORT = "ws"
 
     def __init__(
         self, ws: ServerConnection, link_id: str, route: Route, listener: WsListener
     ) -> None:
+        peer = ws.remote_address
+        super().__init__(link_id, route, f"{peer[0]}:{peer[1]}" if peer else "?")
         self._ws = ws
-        self._link_id = link_id
-        self._route = route
         self._listener = listener
         self._outbound: deque[Any] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
-        peer = ws.remote_address
-        self._remote = f"{peer[0]}:{peer[1]}" if peer else "?"
-
-    @property
-    def transport(self) -> str:
-        return "ws"
-
-    @property
-    def link_id(self) -> str:
-        return self._link_id
-
-    @property
-    def route(self) -> Route:
-        return self._route
-
-    @property
-    def remote(self) -> str:
-        return self._remote
 
     def send(self, data: bytes | str) -> None:
         if self._closing:
