@@ -235,6 +235,7 @@ class _PushStore:
         self._next_seq = 1
         self.pending: OrderedDict[int, bytes] = OrderedDict()
         self.sent_before: set[int] = set()  # seqs written to some connection already
+        self._dropped_in_a_row = 0  # one log line per overflow episode, not one per push
 
     def add(self, payload: bytes) -> int:
         seq = self._next_seq
@@ -244,15 +245,20 @@ class _PushStore:
             dropped, _ = self.pending.popitem(last=False)
             self.sent_before.discard(dropped)
             TCP_PUSHES.labels("dropped").inc()
-            logger.warning(
-                "tcp: device %r has %d unacknowledged pushes; dropped push seq %d (oldest)",
-                self.device_id,
-                self._max_pending,
-                dropped,
-            )
+            if self._dropped_in_a_row % 1000 == 0:
+                logger.warning(
+                    "tcp: device %r has %d unacknowledged pushes; dropping the oldest until it "
+                    "acknowledges (push seq %d dropped, %d so far in this episode)",
+                    self.device_id,
+                    self._max_pending,
+                    dropped,
+                    self._dropped_in_a_row + 1,
+                )
+            self._dropped_in_a_row += 1
         return seq
 
     def ack(self, seq: int) -> bool:
+        self._dropped_in_a_row = 0
         self.sent_before.discard(seq)
         return self.pending.pop(seq, None) is not None
 
