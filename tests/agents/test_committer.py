@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,11 +44,10 @@ async def test_commits_of_one_iteration_are_grouped_and_isolated(tmp_path):
         assert committer.oldest_in_flight_s() == 0.0
 
 
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="malloc_trim exists only in glibc (not musl)"
+)
 def test_release_free_memory_on_glibc():
-    import platform
-
     from gatewayd.agents.memory import release_free_memory
 
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("malloc_trim is glibc-only")
     assert release_free_memory() is True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,9 @@ import pytest
 from gatewayd.agents.queue import DEFAULT_QUEUE_RETRY, QueueError, QueueStore
 from gatewayd.agents.retry import RetryPolicy
 from gatewayd.agents.schedules import PayloadError
+from tests.agents.turns import open_db, turn
 
 T0 = 1_800_000_000.0
-
-
-def open_db(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    return db
-
-
-@contextmanager
-def turn(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN")
-    yield
-    assert db.in_transaction, "the queue ended the turn's transaction"
-    db.execute("COMMIT")
 
 
 @pytest.fixture

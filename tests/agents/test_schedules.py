@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,23 +18,9 @@ from gatewayd.agents.schedules import (
     ScheduleError,
     ScheduleStore,
 )
+from tests.agents.turns import open_db, turn
 
 T0 = datetime(2026, 11, 26, 8, 50, tzinfo=UTC).timestamp()
-
-
-def open_db(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    return db
-
-
-@contextmanager
-def turn(db: sqlite3.Connection) -> Iterator[None]:
-    """One agent turn: the runtime owns the transaction, the store must not end it."""
-    db.execute("BEGIN")
-    yield
-    assert db.in_transaction, "the store ended the turn's transaction"
-    db.execute("COMMIT")
 
 
 @pytest.fixture
