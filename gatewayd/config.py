@@ -97,7 +97,7 @@ class AgentClassSection(Section):
 class AgentsSection(Section):
     durability: Literal["normal", "full"] = "normal"
     hibernate_after: Duration = 10.0
-    max_active: int = Field(10_000, ge=1)
+    max_active: int = Field(default=10_000, ge=1)
     turn_timeout: Duration = 30.0
     max_db_size: Size = 1024**3
     max_message_size: Size = 1024**2
@@ -109,7 +109,7 @@ class WebSocketListener(Section):
     enabled: bool = True
     bind: Bind = ("127.0.0.1", 8765)
     max_frame_size: Size = 1024**2
-    max_connections: int = Field(10_000, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
     protocol_messages: bool = True
 
 
@@ -121,8 +121,8 @@ class BinaryListener(Section):
     tls_cert_file: ExistingFile | None = None
     tls_key_file: ExistingFile | None = None
     max_frame_size: Size = 64 * 1024
-    max_unacked: int = Field(64, ge=1)
-    max_connections: int = Field(10_000, ge=1)
+    max_unacked: int = Field(default=64, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
     hello_timeout: Duration = 10.0
     ping_interval: Duration = 30.0
     ping_timeout: Duration = 10.0
@@ -165,9 +165,9 @@ class MqttSection(Section):
     key_file: ExistingFile | None = None
     tls_insecure: bool = False
     status_topic: str = "gatewayd/{client_id}/status"
-    max_inflight_publishes: int = Field(100, ge=1)
-    max_pending_messages: int = Field(1000, ge=1)
-    max_outbound_queue: int = Field(10_000, ge=1)
+    max_inflight_publishes: int = Field(default=100, ge=1)
+    max_pending_messages: int = Field(default=1000, ge=1)
+    max_outbound_queue: int = Field(default=10_000, ge=1)
     accept_retained: bool = False
     reconnect_min: Duration = 0.5
     reconnect_max: Duration = 30.0
@@ -193,10 +193,10 @@ class ModelSection(Section):
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = ["cpu"]
     buckets: list[Annotated[int, Field(ge=1)]] = [1, 2, 4, 8, 16, 32, 64]
     max_queue_delay: Duration = 0.002
-    queue_limit: int = Field(1024, ge=1)
-    priority_levels: int = Field(4, ge=1)
+    queue_limit: int = Field(default=1024, ge=1)
+    priority_levels: int = Field(default=4, ge=1)
     request_timeout: Duration = 1.0
-    cpu_threads: int = Field(1, ge=0)
+    cpu_threads: int = Field(default=1, ge=0)
     cuda_graphs: bool = True
     trt_fp16: bool = True
 

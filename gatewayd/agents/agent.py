@@ -26,7 +26,7 @@ import builtins
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from gatewayd.agents.connection import Connection
 
@@ -82,7 +82,7 @@ class RpcStream:
 class Agent:
     """Base class of all agents. See the module docstring for an example."""
 
-    initial_state: Any = None
+    initial_state: ClassVar[Any] = None
 
     _gw_runtime: AgentRuntime
     _gw_slot: _Slot

@@ -53,7 +53,11 @@ def parse_reading(message: bytes | str) -> float:
     """`{"temp": <number>}` as JSON (text or bytes) or a CBOR map; raises BadReading otherwise."""
     as_json = isinstance(message, str) or is_json_bytes(message)
     try:
-        data = json.loads(message) if as_json else cbor2.loads(message)
+        if as_json:
+            data = json.loads(message)
+        else:
+            assert isinstance(message, bytes)
+            data = cbor2.loads(message)
     except (ValueError, cbor2.CBORDecodeError) as err:
         kind = "JSON" if as_json else "CBOR"
         raise BadReading(f'reading is not valid {kind}: {err}; send {{"temp": 21.5}}') from None
