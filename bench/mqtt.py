@@ -1,0 +1,390 @@
+"""MQTT end to end through the REAL daemon: devices -> mosquitto -> gatewayd agent -> reply.
+
+D simulated devices (multiplexed over a few MQTT connections) publish QoS 1 telemetry to
+`devices/{id}/telemetry`; a `gatewayd run` child process routes each message to the
+`TelemetryEcho` agent (bench/gateway_agents.py), which inserts it into its SQLite database,
+updates its state and replies with `conn.send` (QoS 1 to `devices/{id}/cmd`). The reply is
+published only after the turn committed and the inbound message is PUBACKed only then.
+
+Baseline in the same run, through the same broker: bench/mqtt_load.py's raw aiomqtt echo
+(QoS 0 both ways, no state, no durability), driven by the same device code.
+
+Each server is measured twice:
+  max:  closed loop, `--window` messages in flight per device -> msgs/s, p50/p99 round trip;
+  half: open loop, publishing at 50% of that server's measured max -> p50/p99 round trip.
+Gateway CPU per message = the daemon's utime+stime (/proc/PID/stat, all threads) over the
+measured window / replies in the window; the echo process's CPU is reported the same way.
+
+    python bench/mqtt.py                               # ~1 min: baseline + gateway at normal
+    python bench/mqtt.py --durability normal,full --repeats 3 --duration-s 5
+
+Targets (issue #4): gateway (normal) >= 1.0x the echo's msgs/s, p99 < 20 ms at half the max
+rate, <= 100 us gateway CPU per message. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._gateway import CLOCK_TICKS_PER_S, GatewayDaemon  # noqa: E402
+from bench.mqtt_load import COMMAND, NODELAY, TELEMETRY, spawn_server  # noqa: E402
+from protocols.mqtt_settings import parse_broker_url  # noqa: E402
+from tests.brokers import MosquittoBroker  # noqa: E402
+
+TARGET_RATIO = 1.0
+TARGET_HALF_P99_MS = 20.0
+TARGET_CPU_US = 100.0
+TICK_S = 0.005
+
+GATEWAY_CONFIG = """
+[gateway]
+state_dir = "state"
+log_level = "warning"
+drain_timeout = "5s"
+[http]
+enabled = false
+[agents]
+durability = "{durability}"
+python_path = ["{repo}"]
+hibernate_after = "5m"
+[agents.classes.telemetry]
+class = "bench.gateway_agents:TelemetryEcho"
+[listeners.websocket]
+enabled = false
+[listeners.binary]
+enabled = false
+[mqtt]
+enabled = true
+broker_urls = ["{broker_url}"]
+client_id = "gw-bench-{pid}"
+qos = 1
+max_inflight_publishes = {inflight}
+max_pending_messages = {pending}
+[[mqtt.routes]]
+topic = "devices/{{id}}/telemetry"
+agent_class = "telemetry"
+reply_topic = "devices/{{id}}/cmd"
+"""
+
+
+class BenchBroker(MosquittoBroker):
+    """MosquittoBroker that tells its process id (for its CPU share)."""
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all threads), seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def quantile_ms(ordered_ns: list[int], q: float) -> float | None:
+    if not ordered_ns:
+        return None
+    return round(ordered_ns[min(len(ordered_ns) - 1, int(q * len(ordered_ns)))] / 1e6, 3)
+
+
+async def drive(
+    broker_url: str,
+    *,
+    devices: int,
+    connections: int,
+    qos: int,
+    duration_s: float,
+    warmup_s: float,
+    window: int = 1,
+    rate_per_s: float | None = None,
+    server_pid: int | None = None,
+    broker_pid: int | None = None,
+) -> dict[str, Any]:
+    """Run the devices; closed loop (`window` in flight each) or open loop at `rate_per_s`.
+
+    Only replies that arrive inside the measured window (after `warmup_s`) count; the server's
+    CPU time is read at the window's start and end.
+    """
+    address = parse_broker_url(broker_url)
+    rtts_ns: list[int] = []
+    counting = False
+    replies = 0
+    sent = 0
+    background: set[asyncio.Task[None]] = set()
+    groups = [list(range(c, devices, connections)) for c in range(connections)]
+    run_id = f"{os.getpid()}-{time.monotonic_ns()}"
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients: list[aiomqtt.Client] = []
+        for n, group in enumerate(groups):
+            client = aiomqtt.Client(
+                address.host,
+                address.port,
+                identifier=f"bench-dev-{run_id}-{n}",
+                max_inflight_messages=max(100, len(group) * window * 2),
+                socket_options=NODELAY,
+            )
+            client.pending_calls_threshold = 1_000_000
+            await stack.enter_async_context(client)
+            await asyncio.gather(
+                *(client.subscribe(COMMAND.replace("{id}", f"d{d}"), qos=qos) for d in group)
+            )
+            clients.append(client)
+        client_of = {d: clients[d % connections] for d in range(devices)}
+
+        async def send(device: int) -> None:
+            nonlocal sent
+            sent += 1
+            payload = f"d{device}:{time.monotonic_ns()}".encode()
+            await client_of[device].publish(
+                TELEMETRY.replace("{id}", f"d{device}"), payload, qos=qos
+            )
+
+        async def receive(client: aiomqtt.Client) -> None:
+            nonlocal replies
+            async for message in client.messages:
+                device, sent_ns = bytes(message.payload).split(b":")
+                if counting:
+                    rtts_ns.append(time.monotonic_ns() - int(sent_ns))
+                    replies += 1
+                if rate_per_s is None:
+                    spawn(send(int(device[1:])))  # closed loop: keep the window full
+
+        async def paced() -> None:
+            began = time.monotonic()
+            due = 0
+            while True:
+                await asyncio.sleep(TICK_S)
+                target = int((time.monotonic() - began) * rate_per_s)
+                while due < target:
+                    spawn(send(due % devices))
+                    due += 1
+
+        tasks = [asyncio.create_task(receive(c)) for c in clients]
+        if rate_per_s is None:
+            for device in range(devices):
+                for _ in range(window):
+                    spawn(send(device))
+        else:
+            tasks.append(asyncio.create_task(paced()))
+        await asyncio.sleep(warmup_s)
+        cpu_before = proc_cpu_s(server_pid) if server_pid else None
+        broker_before = proc_cpu_s(broker_pid) if broker_pid else None
+        own_before = proc_cpu_s(os.getpid())
+        sent_before = sent
+        counting = True
+        started = time.monotonic()
+        await asyncio.sleep(duration_s)
+        counting = False
+        elapsed_s = time.monotonic() - started
+        cpu_after = proc_cpu_s(server_pid) if server_pid else None
+        broker_after = proc_cpu_s(broker_pid) if broker_pid else None
+        own_after = proc_cpu_s(os.getpid())
+        sent_in_window = sent - sent_before
+        for task in tasks:
+            task.cancel()
+        for task in list(background):
+            task.cancel()
+        await asyncio.gather(*tasks, *background, return_exceptions=True)
+    rtts_ns.sort()
+    result: dict[str, Any] = {
+        "msgs_per_s": round(replies / elapsed_s, 1),
+        "replies": replies,
+        "sent": sent_in_window,
+        "p50_ms": quantile_ms(rtts_ns, 0.50),
+        "p99_ms": quantile_ms(rtts_ns, 0.99),
+    }
+    if rate_per_s is not None:
+        result["offered_msgs_per_s"] = round(rate_per_s, 1)
+    if cpu_before is not None and cpu_after is not None and replies:
+        result["server_cpu_us_per_msg"] = round((cpu_after - cpu_before) * 1e6 / replies, 1)
+        result["server_cpu_util"] = round((cpu_after - cpu_before) / elapsed_s, 3)
+    # Where the two cores went: the devices (this process) and the broker share them.
+    result["loadgen_cpu_util"] = round((own_after - own_before) / elapsed_s, 3)
+    if broker_before is not None and broker_after is not None:
+        result["broker_cpu_util"] = round((broker_after - broker_before) / elapsed_s, 3)
+    return result
+
+
+async def measure_server(
+    label: str, start: Callable[[], Any], stop: Callable[[Any], Any], pid_of: Callable[[Any], int],
+    qos: int, args: argparse.Namespace, broker: BenchBroker,
+) -> dict[str, Any]:  # fmt: skip
+    """Max (closed loop) then half of that max (open loop) against one server instance."""
+    server = await start()
+    try:
+        common = dict(
+            devices=args.devices, connections=args.connections, qos=qos,
+            duration_s=args.duration_s, warmup_s=args.warmup_s, server_pid=pid_of(server),
+            broker_pid=broker.pid,
+        )  # fmt: skip
+        top = await drive(broker.url, window=args.window, **common)
+        half_rate = top["msgs_per_s"] * 0.5
+        half = await drive(broker.url, rate_per_s=half_rate, **common) if half_rate > 0 else {}
+    finally:
+        await stop(server)
+    print(f"  {label}: max {top['msgs_per_s']} msg/s, half p99 {half.get('p99_ms')} ms",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return {"max": top, "half": half}
+
+
+async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    broker_url = broker.url
+
+    async def start_echo() -> asyncio.subprocess.Process:
+        return await spawn_server("baseline", broker_url)
+
+    async def stop_echo(process: asyncio.subprocess.Process) -> None:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)
+
+    results["echo"] = await measure_server(
+        "echo (baseline)", start_echo, stop_echo, lambda p: p.pid, 0, args, broker
+    )
+    for durability in args.durability.split(","):
+        config = GATEWAY_CONFIG.format(
+            durability=durability, repo=REPO, broker_url=broker_url, pid=os.getpid(),
+            inflight=args.gateway_inflight, pending=args.gateway_pending,
+        )  # fmt: skip
+
+        async def start_gateway(config: str = config) -> GatewayDaemon:
+            daemon = GatewayDaemon(config)
+            await asyncio.to_thread(daemon.start)
+            return daemon
+
+        async def stop_gateway(daemon: GatewayDaemon) -> None:
+            await asyncio.to_thread(daemon.close)
+
+        results[f"gateway_{durability}"] = await measure_server(
+            f"gateway ({durability})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
+            broker,
+        )  # fmt: skip
+    return results
+
+
+def median_of(runs: list[dict[str, Any]], server: str, phase: str, key: str) -> float | None:
+    values = [r[server][phase].get(key) for r in runs if r[server].get(phase)]
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+async def bench(args: argparse.Namespace) -> None:
+    broker = BenchBroker(
+        persistence=False, max_inflight_messages=1000, max_queued_messages=1_000_000
+    )
+    broker.start()
+    runs: list[dict[str, Any]] = []
+    try:
+        for _ in range(args.repeats):
+            runs.append(await run_once(args, broker))
+    finally:
+        broker.stop()
+
+    keys = ("msgs_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_msg")
+    servers = list(runs[0])
+    medians = {
+        server: {
+            "max": {k: median_of(runs, server, "max", k) for k in keys},
+            "half": {
+                k: median_of(runs, server, "half", k)
+                for k in ("offered_msgs_per_s", "msgs_per_s", "p50_ms", "p99_ms")
+            },
+        }
+        for server in servers
+    }
+    print(
+        f"{'server':<18}{'max msg/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/msg':>12}"
+        f"{'half msg/s':>12}{'half p50':>10}{'half p99':>10}"
+    )
+    for server, m in medians.items():
+        top, half = m["max"], m["half"]
+        print(
+            f"{server:<18}{top['msgs_per_s']!s:>11}{top['p50_ms']!s:>9}{top['p99_ms']!s:>9}"
+            f"{top['server_cpu_us_per_msg']!s:>12}{half['msgs_per_s']!s:>12}"
+            f"{half['p50_ms']!s:>10}{half['p99_ms']!s:>10}"
+        )
+    echo_rate = medians["echo"]["max"]["msgs_per_s"] or 0
+    targets: dict[str, Any] = {}
+    for server in servers:
+        if not server.startswith("gateway_"):
+            continue
+        m = medians[server]
+        ratio = round(m["max"]["msgs_per_s"] / echo_rate, 3) if echo_rate else None
+        cpu = m["max"]["server_cpu_us_per_msg"]
+        half_p99 = m["half"]["p99_ms"]
+        targets[server] = {
+            "vs_echo_msgs_per_s": ratio,
+            "ratio_met": ratio is not None and ratio >= TARGET_RATIO,
+            "half_rate_p99_met": half_p99 is not None and half_p99 < TARGET_HALF_P99_MS,
+            "cpu_us_per_msg_met": cpu is not None and cpu <= TARGET_CPU_US,
+        }
+    line = {
+        "bench": "mqtt",
+        "devices": args.devices,
+        "window": args.window,
+        "connections": args.connections,
+        "duration_s": args.duration_s,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "median": medians,
+        "targets": {
+            "ratio_min": TARGET_RATIO,
+            "half_rate_p99_ms_max": TARGET_HALF_P99_MS,
+            "cpu_us_per_msg_max": TARGET_CPU_US,
+            **targets,
+        },
+        "runs": runs,
+    }
+    print(json.dumps(line))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--window", type=int, default=2, help="messages in flight per device")
+    parser.add_argument("--connections", type=int, default=4, help="MQTT connections for devices")
+    parser.add_argument("--duration-s", type=float, default=5.0, help="measured window per phase")
+    parser.add_argument("--warmup-s", type=float, default=1.5)
+    parser.add_argument("--durability", default="normal", help="normal, full or normal,full")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--gateway-inflight", type=int, default=100, help="mqtt.max_inflight_publishes"
+    )
+    parser.add_argument(
+        "--gateway-pending", type=int, default=1000, help="mqtt.max_pending_messages"
+    )
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
