@@ -41,8 +41,15 @@ class Components:
 
         classes = load_agent_classes(self.config, self.config_file)
         if self.config.models:
+            from engine import EngineError
+
+            from gatewayd.daemon import StartupError
+
             self.engine = build_engine(self.config)
-            await self.engine.start()
+            try:
+                await self.engine.start()
+            except EngineError as err:  # a model file that will not load: name it, no traceback
+                raise StartupError(str(err)) from None
         self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
         await self.runtime.start()
         for name, transport in build_transports(self.config, self.runtime).items():

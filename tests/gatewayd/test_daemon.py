@@ -222,3 +222,22 @@ def test_unread_notify_socket_never_blocks_the_daemon(tmp_path: Path, notify: No
         assert time.monotonic() - started < 5.0
     finally:
         daemon.stop()
+
+
+def test_corrupt_model_fails_start_up_naming_model_and_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.onnx").write_bytes(b"not an onnx model")
+    config = tmp_path / "gatewayd.toml"
+    config.write_text(
+        BASE_CONFIG.format(log_level="info") + '[models.anomaly]\npath = "bad.onnx"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert (
+        f"start-up failed: model 'anomaly': cannot load '{tmp_path / 'bad.onnx'}'" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
