@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from gatewayd import wiring
+from gatewayd import gctuning, wiring
 from gatewayd.config import ConfigError, GatewayConfig, load_config
 from gatewayd.http import HttpEndpoint
 from gatewayd.logs import set_level
@@ -71,6 +71,7 @@ class Daemon:
         self.components = wiring.Components(self.config, self.config_path)
         await self.components.start()  # engine warm-up, agent runtime, transports, in that order
         self._start_http()
+        gctuning.tune_for_serving()
         self._ready = True
         elapsed = time.monotonic() - self._started_at
         log.info("ready", extra={"fields": {"startup_s": f"{elapsed:.3f}", **self._summary()}})
@@ -111,6 +112,7 @@ class Daemon:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._status_loop(), name="status"),
             asyncio.create_task(self._reload_loop(), name="reload"),
+            asyncio.create_task(self._full_gc_loop(), name="gc"),
         ]
         interval = watchdog_interval_s()
         if interval is not None:
@@ -124,6 +126,11 @@ class Daemon:
         while True:
             self._heartbeat = time.monotonic()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _full_gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(gctuning.FULL_COLLECTION_INTERVAL_S)
+            gctuning.collect_full()
 
     async def _watchdog_loop(self, interval_s: float) -> None:
         log.info("systemd watchdog on", extra={"fields": {"ping_every_s": f"{interval_s:g}"}})

@@ -42,7 +42,6 @@ class Components:
         classes = load_agent_classes(self.config, self.config_file)
         if self.config.models:
             from engine import EngineError
-
             from gatewayd.daemon import StartupError
 
             self.engine = build_engine(self.config)
