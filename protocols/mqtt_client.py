@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -20,6 +22,54 @@ import paho.mqtt.client as paho
 
 # Small PUBACKs and replies must not wait for Nagle + delayed ACK (~40 ms each).
 TCP_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+# paho's `_packet_write` acts on a written packet only for a QoS 0 PUBLISH (on_publish) and a
+# DISCONNECT (closes the socket); every other packet can share one send() with its neighbours.
+_SIDE_EFFECT_FREE = paho.PUBACK
+
+
+def coalesce_out_packets(out_packets: deque[Any]) -> None:
+    """Merge runs of queued, not yet started paho packets without a write side effect into
+    one packet each, preserving order, so paho sends them with one send() call."""
+    if len(out_packets) < 2:
+        return
+    merged: deque[Any] = deque()
+    run: list[Any] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            data = b"".join(bytes(packet["packet"]) for packet in run)
+            merged.append(
+                {
+                    "command": _SIDE_EFFECT_FREE,
+                    "mid": 0,
+                    "qos": 1,
+                    "pos": 0,
+                    "to_process": len(data),
+                    "packet": data,
+                    "info": None,
+                }
+            )
+        run.clear()
+
+    for packet in out_packets:
+        command = packet["command"] & 0xF0
+        plain = (
+            packet["pos"] == 0
+            and command != paho.DISCONNECT
+            and not (command == paho.PUBLISH and packet["qos"] == 0)
+        )
+        if plain:
+            run.append(packet)
+        else:
+            close_run()
+            merged.append(packet)
+    close_run()
+    if len(merged) != len(out_packets):
+        out_packets.clear()
+        out_packets.extend(merged)
 
 
 class IncomingQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -64,6 +114,8 @@ class ManualAckClient(aiomqtt.Client):
         self.incoming.on_high_water = self.pause_reading
         self._on_pause = on_pause
         self._paused_socket: Any = None
+        self._loop_thread_id = threading.get_ident()
+        self._write_scheduled = False
         self._client.manual_ack_set(True)
 
     @property
@@ -78,6 +130,34 @@ class ManualAckClient(aiomqtt.Client):
     def ack(self, mid: int, qos: int) -> bool:
         """PUBACK (QoS 1) / PUBCOMP (QoS 2) on this connection; False if it is gone."""
         return self._client.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """paho queued packets. aiomqtt arms a writer per burst (via call_soon_threadsafe,
+        i.e. a self-pipe write, then add_writer/epoll/remove_writer) and paho sends each packet
+        with its own send(); here, on the loop thread, every packet queued during this loop
+        iteration (PUBACKs, replies) goes out at its end in as few send() calls as possible."""
+        if threading.get_ident() != self._loop_thread_id:
+            super()._on_socket_register_write(client, userdata, sock)  # connect() thread
+            return
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write_queued)
+
+    def _write_queued(self) -> None:
+        self._write_scheduled = False
+        client = self._client
+        coalesce_out_packets(client._out_packet)
+        try:
+            client.loop_write()
+        except Exception as exc:  # e.g. BrokenPipe: the connection is gone (as aiomqtt does)
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+            return
+        sock: Any = client.socket()
+        if client.want_write() and sock is not None and sock.fileno() >= 0:
+            # The socket buffer is full: finish when writable (paho unregisters, which
+            # removes this writer, once everything is written).
+            self._loop.add_writer(sock.fileno(), self._write_queued)
 
     def pause_reading(self) -> None:
         """Stop reading the socket: TCP flow control then pushes back on the broker.

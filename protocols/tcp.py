@@ -325,6 +325,9 @@ class _DeviceConnection(asyncio.Protocol):
         self._close_code = CONNECTION_LOST_CODE
         self._close_reason = "connection lost"
         self.closed: asyncio.Future[None] = self._loop.create_future()
+        # ACKs settled in this loop iteration (the turns of one commit settle together): sent
+        # with one write at its end instead of one send() each.
+        self._pending_acks: list[bytes] | None = None
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -582,7 +585,7 @@ class _DeviceConnection(asyncio.Protocol):
             _DATA_OUTCOME_BY_VALUE[outcome].inc()
             if outcome is Outcome.DUPLICATE:
                 self.listener.stats_extra_inc("data_duplicates")
-            self._write(Ack(seq))
+            self._queue_ack(seq)
         else:
             if isinstance(exc, LinkRejected):
                 code, message = ErrorCode.REJECTED, exc.reason
@@ -654,11 +657,34 @@ class _DeviceConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ output and closing
 
+    def _queue_ack(self, seq: int) -> None:
+        pending = self._pending_acks
+        if pending is None:
+            self._pending_acks = [encode(Ack(seq))]
+            self._loop.call_soon(self._flush_acks)
+        else:
+            pending.append(encode(Ack(seq)))
+
+    def _flush_acks(self) -> None:
+        pending = self._pending_acks
+        if pending is None:
+            return
+        self._pending_acks = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self._check_send_buffer(transport)
+
     def _write(self, frame: Frame) -> None:
+        self._flush_acks()  # frames leave in the order they were written
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         transport.write(encode(frame))
+        self._check_send_buffer(transport)
+
+    def _check_send_buffer(self, transport: asyncio.Transport) -> None:
         if transport.get_write_buffer_size() > self.settings.send_buffer_limit_bytes:
             TCP_PROTOCOL_ERRORS.labels(ErrorCode.SLOW_CONSUMER.name).inc()
             self.listener.stats_extra_inc("slow_consumers")
@@ -751,6 +777,7 @@ class _DeviceConnection(asyncio.Protocol):
         self._shutdown_transport()
 
     def _shutdown_transport(self) -> None:
+        self._flush_acks()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 

@@ -5,6 +5,11 @@ Each agent's transaction is still committed on its own (one SQLite file per agen
 durability=full each COMMIT still fsyncs before its outputs are released; grouping only saves
 the per-commit thread hand-offs, which dominate when a thousand agents commit small batches.
 There is never a thread per agent: `threads` is a small fixed number.
+
+The invariant this serves: no fsync ever runs on the event loop. Only commits that fsync come
+here (durability="full"); with "normal" a COMMIT never fsyncs (automatic checkpoints are off
+and the WAL is started off the loop, see storage.py), so the runtime commits inline and runs
+only the WAL checkpoints on the executor.
 """
 
 from __future__ import annotations

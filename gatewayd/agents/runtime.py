@@ -7,10 +7,12 @@ resolved only after the turn that consumed the event has committed.
 How one agent runs (its `_Slot`): a task drains the agent's FIFO mailbox in *batches*. A
 batch is one SQLite transaction; every event in it is its own turn inside a SAVEPOINT, so a
 failing turn rolls back only itself. Outputs of every turn (sends, broadcasts, RPC replies,
-closes, and the transport's futures) are buffered and released only after the batch's COMMIT
-(run on a small shared executor, grouped with the commits of other agents that finished in the
-same loop iteration — see committer.py: an fsync never blocks the event loop, and there is never
-a thread per agent). Different agents run concurrently on the one event loop.
+closes, and the transport's futures) are buffered and released only after the batch's COMMIT.
+No fsync ever runs on the event loop: with durability="full" the COMMIT (which fsyncs) runs on
+a small shared executor, grouped with the commits of other agents that finished in the same
+loop iteration (committer.py; never a thread per agent); with "normal" the COMMIT does not
+fsync and runs inline, and the WAL checkpoints (which do) run on that executor at the end of
+the agent's commit path (storage.py). Different agents run concurrently on the one event loop.
 
 Idle agents hibernate (SQLite closed, instance dropped) after `hibernate_after_s`, and the
 least recently used are evicted beyond `max_active_agents`; their connections stay with the
@@ -471,6 +473,10 @@ class AgentRuntime(AlarmsMixin):
                 await self._run_batch(slot)
                 if slot.destroy_requested:
                     break
+                if slot.mailbox:
+                    # An inline commit does not yield: let other agents and the transports
+                    # run between batches.
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -545,7 +551,12 @@ class AgentRuntime(AlarmsMixin):
         assert self._loop is not None
         assert self._committer is not None
         try:
-            await self._committer.commit(db)
+            if db.commit_fsyncs:
+                await self._committer.commit(db)
+            else:
+                # durability="normal": this COMMIT never fsyncs (storage.py), so it runs
+                # inline; a thread hand-off would cost more than the commit itself.
+                db.commit()
         except Exception as err:
             self._counters["commit_errors"] += 1
             COMMIT_ERRORS.inc()
@@ -568,6 +579,19 @@ class AgentRuntime(AlarmsMixin):
             else:
                 future.set_result(result)
         self._after_commit(slot)
+        if db.needs_checkpoint():
+            # The outputs are already released (a checkpoint adds no durability against a
+            # process crash); the agent stays busy until it returns, so nothing else uses the
+            # connection meanwhile.
+            try:
+                await self._loop.run_in_executor(self._executor, db.checkpoint)
+            except Exception as err:
+                logger.warning(
+                    "agents: %s/%r: WAL checkpoint failed (retried after more commits): %s",
+                    slot.key[0],
+                    slot.key[1],
+                    err,
+                )
 
     async def _abort_batch(
         self,

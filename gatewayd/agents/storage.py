@@ -1,8 +1,21 @@
 """One SQLite file per agent: safe file names, pragmas, schema, guarded SQL, commit.
 
-Every method here runs on the event loop thread except `commit()`, which the runtime runs on
-its small shared commit executor so an fsync never blocks the loop. The runtime guarantees the
-loop does not touch a database while its commit is in flight (the agent is busy until then).
+The invariant: no fsync ever runs on the event loop thread.
+
+- durability="full": every COMMIT fsyncs, so `commit()` runs on the runtime's small shared
+  commit executor (committer.py).
+- durability="normal" (WAL, synchronous=NORMAL): a COMMIT only appends to the WAL, so the
+  runtime runs `commit()` inline on the loop. The fsyncs of this mode happen (1) inside a
+  checkpoint, and (2) when a writer (re)starts the WAL and syncs its header. Both are kept off
+  the loop: SQLite's automatic checkpoint is disabled (`wal_autocheckpoint=0`), `open()` and
+  `checkpoint()` (both executor-only) end with a tiny write that (re)starts the WAL there, and
+  the runtime calls `checkpoint()` on the executor once `needs_checkpoint()`, at the end of
+  that agent's commit path (the agent is busy until it returns), and `close()` (which
+  checkpoints) on the executor too.
+
+The runtime guarantees the loop does not touch a database while an executor call on it is in
+flight (the agent is busy until then); `_io_lock` additionally serialises the executor-side
+`checkpoint()` and `close()` (a runtime shutdown may cancel a turn task mid-checkpoint).
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +42,17 @@ SCHEMA_VERSION = 1
 # Only our own process opens an agent file; a short wait covers a close still checkpointing.
 _BUSY_TIMEOUT_S = 5.0
 MAX_AGENT_ID_BYTES = 1024
+# durability="normal": checkpoint after this many commits (a small turn's commit appends 2-4
+# pages to the WAL, so ~1,000 pages, SQLite's own autocheckpoint default). Counting commits
+# is free; SQLite exposes no WAL size without checkpointing.
+CHECKPOINT_AFTER_COMMITS = 256
+# A real page write (a counter: SQLite skips rewriting a row with identical content) that
+# (re)starts the WAL, syncing its header, on the thread that calls it instead of in the next
+# COMMIT on the loop.
+_RESTART_WAL = (
+    "INSERT INTO _gw_meta (key, value) VALUES ('wal_restarts', '1') "
+    "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+)
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
 _READABLE_PREFIX_CHARS = 32
@@ -102,10 +127,26 @@ def _check_value_size(value: Any, max_value_bytes: int, where: str) -> None:
 class AgentDatabase:
     """An open agent database. Create with `AgentDatabase.open(...)`."""
 
-    __slots__ = ("_conn", "_label", "_max_db_bytes", "_max_value_bytes", "in_transaction_", "path")
+    __slots__ = (
+        "_commits_since_checkpoint",
+        "_conn",
+        "_io_lock",
+        "_label",
+        "_max_db_bytes",
+        "_max_value_bytes",
+        "commit_fsyncs",
+        "in_transaction_",
+        "path",
+    )
 
     def __init__(
-        self, conn: sqlite3.Connection, path: str, label: str, max_value_bytes: int, max_db: int
+        self,
+        conn: sqlite3.Connection,
+        path: str,
+        label: str,
+        max_value_bytes: int,
+        max_db: int,
+        commit_fsyncs: bool = True,
     ) -> None:
         self._conn = conn
         self.path = path
@@ -113,6 +154,10 @@ class AgentDatabase:
         self._max_value_bytes = max_value_bytes
         self._max_db_bytes = max_db
         self.in_transaction_ = False
+        # False (durability="normal"): COMMIT never fsyncs and may run on the loop.
+        self.commit_fsyncs = commit_fsyncs
+        self._commits_since_checkpoint = 0
+        self._io_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -125,8 +170,10 @@ class AgentDatabase:
         max_db_bytes: int,
         max_value_bytes: int,
     ) -> AgentDatabase:
-        """Open (creating if needed) the agent's file. A new file's schema is written inside
-        an open transaction that the caller's first commit makes durable."""
+        """Open (creating if needed) the agent's file; executor only (it may fsync). With
+        durability="full" a new file's schema is written inside an open transaction that the
+        caller's first commit makes durable; with "normal" it is committed here, together with
+        the write that starts the WAL, and no transaction is left open."""
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
         label = f"agent {agent_class}/{agent_id!r}"
         is_new = not os.path.exists(path)
@@ -142,10 +189,12 @@ class AgentDatabase:
             )
         except sqlite3.Error as err:
             raise StorageError(f"{label}: cannot open {path}: {err}") from err
-        db = cls(conn, path, label, max_value_bytes, max_db_bytes)
+        full = durability == "full"
+        db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
-            sync = "FULL" if durability == "full" else "NORMAL"
-            conn.execute(f"PRAGMA synchronous={sync}")
+            conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            if not full:
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
                 conn.execute("PRAGMA journal_mode=WAL")
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -168,6 +217,14 @@ class AgentDatabase:
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
+            if not full:
+                # Start the WAL here, on the executor, not in the first COMMIT on the loop
+                # (a new file's schema is committed here too).
+                if not db.in_transaction_:
+                    db.begin()
+                conn.execute(_RESTART_WAL)
+                conn.execute("COMMIT")
+                db.in_transaction_ = False
         except sqlite3.Error as err:
             conn.close()
             raise StorageError(f"{label}: cannot initialise {path}: {err}") from err
@@ -199,11 +256,41 @@ class AgentDatabase:
         self._conn.execute("RELEASE gw_turn")
 
     def commit(self) -> None:
-        """Runs on the commit executor: with durability=full this fsyncs the WAL."""
+        """With durability=full this fsyncs the WAL: run it on the commit executor. With
+        "normal" it never fsyncs (no autocheckpoint, WAL already started) and runs inline."""
         try:
             self._conn.execute("COMMIT")
         finally:
             self.in_transaction_ = self._conn.in_transaction
+        self._commits_since_checkpoint += 1
+
+    def needs_checkpoint(self) -> bool:
+        """durability="normal" only (with "full", SQLite's autocheckpoint runs inside the
+        executor-side COMMIT): enough commits since the last checkpoint."""
+        return (
+            not self.commit_fsyncs
+            and self._commits_since_checkpoint >= CHECKPOINT_AFTER_COMMITS
+            and not self.in_transaction_
+        )
+
+    def checkpoint(self) -> None:
+        """Executor only (fsyncs): copy the WAL into the database file, then restart the WAL
+        here so the next COMMIT on the loop does not sync a new WAL header."""
+        with self._io_lock:
+            self._commits_since_checkpoint = 0
+            busy, _log_pages, _done_pages = self._conn.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+            if busy:
+                return
+            self.begin()
+            try:
+                self._conn.execute(_RESTART_WAL)
+                self._conn.execute("COMMIT")
+            finally:
+                self.in_transaction_ = self._conn.in_transaction
+                if self.in_transaction_:
+                    self.rollback()
 
     def rollback(self) -> None:
         if self._conn.in_transaction:
@@ -212,10 +299,11 @@ class AgentDatabase:
 
     def close(self) -> None:
         """Closing the last connection checkpoints the WAL: run it off the loop."""
-        try:
-            self.rollback()
-        finally:
-            self._conn.close()
+        with self._io_lock:
+            try:
+                self.rollback()
+            finally:
+                self._conn.close()
 
     # -- agent data -------------------------------------------------------------------------
 

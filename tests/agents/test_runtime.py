@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from typing import ClassVar
 
@@ -392,7 +393,9 @@ def test_runs_on_uvloop(tmp_path):
 
 
 async def test_healthy_reports_a_stuck_commit(make_runtime, monkeypatch):
-    async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2) as rt:
+    # durability="full": commits (which fsync) run on the commit executor, where a stalled disk
+    # shows up as a commit in flight. ("normal" commits inline and never waits on a disk.)
+    async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2, durability="full") as rt:
         await rt.call("rec", "h", "log")
         real_commit = AgentDatabase.commit
 
@@ -406,3 +409,52 @@ async def test_healthy_reports_a_stuck_commit(make_runtime, monkeypatch):
         assert not rt.healthy()
         assert await pending == "x"
         assert rt.healthy()
+
+
+async def test_commit_runs_inline_with_normal_and_on_the_executor_with_full(
+    make_runtime, monkeypatch
+):
+    # "normal" COMMITs never fsync, so they skip the thread hand-off; "full" ones fsync and
+    # must never run on the event loop thread.
+    threads: list[int] = []
+    real_commit = AgentDatabase.commit
+
+    def recording_commit(self):
+        threads.append(threading.get_ident())
+        real_commit(self)
+
+    monkeypatch.setattr(AgentDatabase, "commit", recording_commit)
+    loop_thread = threading.get_ident()
+    for durability, on_loop in (("normal", True), ("full", False)):
+        threads.clear()
+        async with make_runtime({"rec": Recorder}, durability=durability) as rt:
+            for i in range(3):
+                assert await rt.call("rec", "t", "slow", 0, str(i)) == str(i)
+        assert threads
+        assert all((thread == loop_thread) == on_loop for thread in threads), durability
+
+
+async def test_normal_durability_checkpoints_on_the_executor_and_keeps_every_commit(
+    make_runtime, monkeypatch
+):
+    from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
+
+    checkpoint_threads: list[int] = []
+    real_checkpoint = AgentDatabase.checkpoint
+
+    def recording_checkpoint(self):
+        checkpoint_threads.append(threading.get_ident())
+        real_checkpoint(self)
+
+    monkeypatch.setattr(AgentDatabase, "checkpoint", recording_checkpoint)
+    total = CHECKPOINT_AFTER_COMMITS * 2 + 5
+    async with make_runtime({"rec": Recorder}) as rt:
+        for i in range(total):
+            await rt.call("rec", "cp", "slow", 0, str(i))  # one commit each
+        assert len(checkpoint_threads) == 2
+        assert threading.get_ident() not in checkpoint_threads
+        log = await rt.call("rec", "cp", "log")
+    assert len([entry for entry in log if entry.startswith("end")]) == total
+    async with make_runtime({"rec": Recorder}) as rt:  # reopened from disk
+        log = await rt.call("rec", "cp", "log")
+    assert len([entry for entry in log if entry.startswith("end")]) == total

@@ -70,7 +70,7 @@ async def test_opening_a_file_of_another_agent_is_refused(tmp_path):
     db = AgentDatabase.open(
         tmp_path, "c", "one", durability="normal", max_db_bytes=1 << 20, max_value_bytes=100
     )
-    db.commit()
+    assert not db.in_transaction_  # "normal" commits a new file's schema inside open()
     db.close()
     # Simulate a hash collision: the file for "two" is the file of "one".
     two = agent_db_path(tmp_path, "c", "two")
@@ -129,3 +129,67 @@ async def test_connection_state_limit_and_rollback(make_runtime):
             await rt.submit_message(link, "fail")
         await rt.submit_message(link, "inc")
         assert link.plain() == ["{'n': 1}", "{'n': 2}"]
+
+
+def _wal_checkpoint_sequence(path: str) -> int:
+    """The WAL header's checkpoint sequence number: +1 each time a writer restarts the WAL."""
+    with open(path + "-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_normal_durability_starts_the_wal_in_open_and_restarts_it_in_checkpoint(tmp_path):
+    # No fsync may run in a COMMIT on the loop with durability="normal": SQLite's automatic
+    # checkpoint is off, and the WAL (whose header a restarting writer syncs) is (re)started by
+    # open() and checkpoint(), which the runtime runs on its executor.
+    from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
+
+    db = AgentDatabase.open(
+        tmp_path, "c", "w", durability="normal", max_db_bytes=1 << 20, max_value_bytes=100
+    )
+    try:
+        assert db.connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        assert not db.commit_fsyncs
+        sequence = _wal_checkpoint_sequence(db.path)
+        db.connection.execute("CREATE TABLE t (i INTEGER)")
+        for i in range(CHECKPOINT_AFTER_COMMITS):
+            assert not db.needs_checkpoint()
+            db.begin()
+            db.connection.execute("INSERT INTO t VALUES (?)", (i,))
+            db.commit()
+        assert db.needs_checkpoint()
+        db.checkpoint()
+        assert not db.needs_checkpoint()
+        # The checkpoint copied the WAL into the database and already restarted the WAL.
+        assert _wal_checkpoint_sequence(db.path) == sequence + 1
+        db.begin()
+        db.connection.execute("INSERT INTO t VALUES (-1)")
+        db.commit()
+        assert _wal_checkpoint_sequence(db.path) == sequence + 1  # no restart in the COMMIT
+        count = db.connection.execute("SELECT count(*) FROM t").fetchone()[0]
+        assert count == CHECKPOINT_AFTER_COMMITS + 1
+    finally:
+        db.close()
+    reopened = AgentDatabase.open(
+        tmp_path, "c", "w", durability="normal", max_db_bytes=1 << 20, max_value_bytes=100
+    )
+    try:
+        count = reopened.connection.execute("SELECT count(*) FROM t").fetchone()[0]
+        assert count == CHECKPOINT_AFTER_COMMITS + 1
+    finally:
+        reopened.close()
+
+
+def test_full_durability_keeps_sqlite_checkpointing_inside_the_commit(tmp_path):
+    db = AgentDatabase.open(
+        tmp_path, "c", "f", durability="full", max_db_bytes=1 << 20, max_value_bytes=100
+    )
+    try:
+        assert db.commit_fsyncs
+        assert db.connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+        db.commit()  # the new file's schema
+        for _ in range(300):
+            db.begin()
+            db.commit()
+        assert not db.needs_checkpoint()
+    finally:
+        db.close()
