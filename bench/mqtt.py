@@ -7,7 +7,9 @@ updates its state and replies with `conn.send` (QoS 1 to `devices/{id}/cmd`). Th
 published only after the turn committed and the inbound message is PUBACKed only then.
 
 Baseline in the same run, through the same broker: bench/mqtt_load.py's raw aiomqtt echo
-(QoS 0 both ways, no state, no durability), driven by the same device code.
+(QoS 0 both ways, no state, no durability), driven by the same device code. For a breakdown
+(`--no-bridge` skips it), also bench/mqtt_load.py's `bridge` server: protocols.mqtt.MqttBridge
+with an echo handler (QoS 1 in/out, ack after "commit", no agent runtime, no SQLite).
 
 Each server is measured twice:
   max:  closed loop, `--window` messages in flight per device -> msgs/s, p50/p99 round trip;
@@ -72,7 +74,7 @@ enabled = false
 [mqtt]
 enabled = true
 broker_urls = ["{broker_url}"]
-client_id = "gw-bench-{pid}"
+client_id = "{client_id}"
 qos = 1
 max_inflight_publishes = {inflight}
 max_pending_messages = {pending}
@@ -89,6 +91,14 @@ class BenchBroker(MosquittoBroker):
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+
+async def drop_session(broker_url: str, client_id: str) -> None:
+    """End a stopped gateway's persistent session, or the broker keeps queueing every later
+    phase's QoS 1 telemetry for it and the next gateway (or the broker) pays for the backlog."""
+    address = parse_broker_url(broker_url)
+    async with aiomqtt.Client(address.host, address.port, identifier=client_id, clean_session=True):
+        pass
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -261,12 +271,28 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 10)
 
+    async def stop_bridge(process: asyncio.subprocess.Process) -> None:
+        await stop_echo(process)
+        await drop_session(broker_url, f"gw-bench-{process.pid}")  # mqtt_load's client id
+
     results["echo"] = await measure_server(
         "echo (baseline)", start_echo, stop_echo, lambda p: p.pid, 0, args, broker
     )
+    if args.bridge:
+
+        async def start_bridge() -> asyncio.subprocess.Process:
+            return await spawn_server("bridge", broker_url)
+
+        # Decomposition, not a target: the daemon's MQTT transport (QoS 1 in, ack, QoS 1
+        # reply) with an echo handler and no agent runtime, from bench/mqtt_load.py.
+        results["bridge_echo"] = await measure_server(
+            "bridge echo (transport only)", start_bridge, stop_bridge, lambda p: p.pid, 1, args,
+            broker,
+        )  # fmt: skip
     for durability in args.durability.split(","):
+        client_id = f"gw-bench-{os.getpid()}-{durability}-{time.monotonic_ns()}"
         config = GATEWAY_CONFIG.format(
-            durability=durability, repo=REPO, broker_url=broker_url, pid=os.getpid(),
+            durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
             inflight=args.gateway_inflight, pending=args.gateway_pending,
         )  # fmt: skip
 
@@ -275,8 +301,9 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
             await asyncio.to_thread(daemon.start)
             return daemon
 
-        async def stop_gateway(daemon: GatewayDaemon) -> None:
+        async def stop_gateway(daemon: GatewayDaemon, client_id: str = client_id) -> None:
             await asyncio.to_thread(daemon.close)
+            await drop_session(broker_url, client_id)
 
         results[f"gateway_{durability}"] = await measure_server(
             f"gateway ({durability})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
@@ -370,6 +397,12 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.5)
     parser.add_argument("--durability", default="normal", help="normal, full or normal,full")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--bridge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure mqtt_load's MqttBridge + echo handler (transport cost, no agents)",
+    )
     parser.add_argument(
         "--gateway-inflight", type=int, default=100, help="mqtt.max_inflight_publishes"
     )
