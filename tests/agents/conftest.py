@@ -4,7 +4,8 @@ Link (a test transport that records what the gateway released to it)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings
 from protocols.jsonproto import decode_server_text
 from protocols.link import Route
+from tests.agents.turns import open_db
 
 _ids = itertools.count(1)
 
@@ -92,3 +94,17 @@ def make_runtime(tmp_path: Path):
             await runtime.close()
 
     return factory
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where a bare agent database for the store tests lives."""
+    return tmp_path / "agent.sqlite3"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """A bare agent database (tests.agents.turns) for the schedule and queue store tests."""
+    connection = open_db(db_path)
+    yield connection
+    connection.close()

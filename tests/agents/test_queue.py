@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,6 @@ from gatewayd.agents.schedules import PayloadError
 from tests.agents.turns import open_db, turn
 
 T0 = 1_800_000_000.0
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "pump-7.sqlite3"
-
-
-@pytest.fixture
-def db(db_path: Path) -> Iterator[sqlite3.Connection]:
-    connection = open_db(db_path)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

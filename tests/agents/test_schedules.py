@@ -4,7 +4,6 @@ each "turn" is BEGIN ... COMMIT around store calls, with `now` passed in."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,18 +20,6 @@ from gatewayd.agents.schedules import (
 from tests.agents.turns import open_db, turn
 
 T0 = datetime(2026, 11, 26, 8, 50, tzinfo=UTC).timestamp()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "thermostat-42.sqlite3"
-
-
-@pytest.fixture
-def db(db_path: Path) -> Iterator[sqlite3.Connection]:
-    connection = open_db(db_path)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture
