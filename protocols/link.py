@@ -138,6 +138,21 @@ class LinkRejected(Exception):
         self.code = code
 
 
+class Backpressure(Exception):
+    """The agent cannot take this event now (its mailbox is full); nothing was enqueued.
+
+    Not a rejection: the transport must not acknowledge the event, should stop reading new
+    input for the link (or the whole transport) and resubmit the same event once `ready`
+    resolves. `ready` resolves (never raises) when the agent has room again or the handler
+    is shutting down (a resubmission then fails with `LinkRejected("shutting down")`).
+    """
+
+    def __init__(self, reason: str, ready: asyncio.Future[None]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.ready = ready
+
+
 @dataclass(slots=True)
 class TransportStats:
     """Counters every transport exposes for metrics and systemd STATUS= lines."""
