@@ -358,14 +358,7 @@ class MqttBridge:
     # ----------------------------------------------------------------- connection
 
     def _make_ssl_context(self) -> ssl.SSLContext:
-        s = self.settings
-        context = ssl.create_default_context(cafile=s.ca_file)
-        if s.cert_file is not None:
-            context.load_cert_chain(s.cert_file, s.key_file)
-        if s.tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return make_ssl_context(self.settings)
 
     def _make_client(self, address: BrokerAddress) -> ManualAckClient:
         s = self.settings
@@ -1109,6 +1102,17 @@ class MqttBridge:
         if suppressed:
             msg += f" (+{suppressed} similar in the last {LOG_EVERY_S:.0f}s)"
         logger.warning(msg, *args)
+
+
+def make_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
+    """The client TLS context for `mqtts://` brokers (blocking: reads the files)."""
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if settings.cert_file is not None:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
