@@ -84,9 +84,13 @@ def test_refusals_form_episodes_and_known_ids_are_never_capped() -> None:
     assert later.episode_ended is not None and later.episode_ended.refused == 2
     assert later.episode_ended.first_id == "c"
     assert asked == ["a", "b", "c", "d", "e"]
-    uncapped = RouteAdmission(MqttRoute("d/{id}/t", "t", "d/{id}/c", max_new_agents_per_minute=0), 0)
+    uncapped = RouteAdmission(
+        MqttRoute("d/{id}/t", "t", "d/{id}/c", max_new_agents_per_minute=0), 0
+    )
     never: Callable[[], bool] = lambda: pytest.fail("is_known asked without a cap")  # noqa: E731
-    assert all(uncapped.check(str(n), is_known=never, now=0).verdict is Verdict.ADMIT for n in range(999))
+    assert all(
+        uncapped.check(str(n), is_known=never, now=0).verdict is Verdict.ADMIT for n in range(999)
+    )
 
 
 # ----------------------------------------------------------------- against a real broker
@@ -134,9 +138,7 @@ async def test_new_agents_per_minute_are_capped_with_one_log_line_per_episode(
         asked.append((agent_class, agent_id))
         return agent_id.startswith("known-")
 
-    bridge = MqttBridge(
-        settings_for(mosquitto, routes=(route,)), handler, known_agent=known_agent
-    )
+    bridge = MqttBridge(settings_for(mosquitto, routes=(route,)), handler, known_agent=known_agent)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
     caplog.set_level(logging.WARNING, logger="protocols.mqtt")
