@@ -13,13 +13,32 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
 * **Acks follow commits, not arrival order.** Each message is acked as soon as its own turn
   committed, so a slow agent never holds back other devices' acks. (MQTT asks for PUBACKs in
   arrival order; brokers track in-flight messages by packet id and accept this.)
-* **Failed turns are retried in-process**, with exponential backoff and full jitter between
-  `retry_min_s` and `retry_max_s`, without limit and without acking: a broker redelivers only
-  on reconnect, and reconnecting would redeliver (and re-apply) every other in-flight message
-  too. A message keeps its pending slot while it is retried, so a poison message shows up as
-  a growing `retry` counter, never as loss. `LinkRejected` is final: the message is acked and
-  counted in `rejected` (a redelivery would be refused again). A retried message may be
-  applied after later messages of the same device.
+* **Failed turns are retried in-process, a bounded number of times**, with exponential
+  backoff and full jitter between `retry_min_s` and `retry_max_s`, without acking: a broker
+  redelivers only on reconnect, and reconnecting would redeliver (and re-apply) every other
+  in-flight message too. After `max_attempts` failed turns (0 = retry forever) the message is
+  a *poison message*: it is written to the dead-letter store (topic, payload, QoS, last error,
+  attempts, first/last failure time; `protocols.dead_letters`) and acked only once that row
+  is durable, so it never holds a pending slot forever and is never silently lost. Without a
+  store it is acked and dropped with an error log. A store that cannot be written leaves the
+  message unacked and retried. `LinkRejected` is final: the message is acked and counted in
+  `rejected` (a redelivery would be refused again), except code 1001 (the handler is shutting
+  down), which leaves it to the broker's redelivery. A retried message may be applied after
+  later messages of the same device.
+* **A full agent mailbox holds, never fails.** When the handler answers `Backpressure` (at
+  once: nothing was enqueued), the message keeps its pending slot, is not acked and not
+  counted as a failed attempt (`backpressure` counter); it and every later message of that
+  device wait, in arrival order (`held` in stats), until `ready` resolves, then are submitted
+  again. Other devices go on; once every pending slot is held, reading stops (below).
+* **Bounded device links.** Any publisher chooses the ids in its topics, and each new id costs
+  a link, a runtime connection and an agent's SQLite file. A route may name the ids it serves
+  (`allowed_ids`, `allowed_id_pattern`: other ids are acked and counted in `not_allowed`) and
+  caps ids without an agent yet at `max_new_agents_per_minute` (token bucket; refusals are
+  acked and counted in `new_agent_refused`, with one warning per refusal episode); ids the
+  `known_agent` callback recognises are never capped (see `mqtt_admission`). A link with no
+  inbound message for `link_idle_timeout_s` and none pending is closed through the handler's
+  `close_link` (the runtime drops its connection; `links_evicted`); the device's next message
+  opens a new link, after the old one's close has committed.
 * **Backpressure, never drops.** At most `max_pending_messages` messages are between
   "pulled from the client" and "committed"; past that the bridge stops pulling. Messages the
   socket delivers meanwhile wait in the client's queue; when that queue reaches
