@@ -447,6 +447,7 @@ class MqttBridge:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._client = None
+                self._release_held_from(client)
                 self._peak_seen = max(self._peak_seen, client.incoming.peak)
                 self._connected_event.clear()
                 if not self._stopping:
@@ -588,7 +589,10 @@ class MqttBridge:
             )
             return
         key = (match.route_index, match.device_id)
-        if key not in self._links and not self._admit(client, message, match):
+        # Admission is for ids with neither an open link nor a message already in flight
+        # (e.g. held while its link waits to open): those were admitted already.
+        admitted = key in self._links or key in self._busy
+        if not admitted and not self._admit(client, message, match):
             return
         item = _Inbound(client, message.mid, qos, topic, match, payload, self._next_seq)
         self._next_seq += 1
@@ -772,6 +776,22 @@ class MqttBridge:
             if key in self._waiting:  # held again: the rest wait behind it
                 self._waiting[key].extend(waiting[index + 1 :])
                 return
+
+    def _release_held_from(self, client: ManualAckClient) -> None:
+        """The connection is gone: its held messages give back their pending slots (the
+        broker redelivers them on the next connection), so they cannot slow its reading."""
+        for key, items in list(self._waiting.items()):
+            stale = [item for item in items if item.client is client]
+            if not stale:
+                continue
+            kept = [item for item in items if item.client is not client]
+            if kept:
+                self._waiting[key] = kept
+            else:
+                del self._waiting[key]
+            for item in stale:
+                self._count("failed_left_for_redelivery")
+                self._release(item)
 
     def _release_waiting(self, key: LinkKey) -> None:
         for item in self._waiting.pop(key, ()):

@@ -249,3 +249,31 @@ async def test_full_mailbox_holds_messages_unacked_in_order_without_counting_att
     assert extra.get("retries", 0) == 0 and extra.get("dead_letters_dropped", 0) == 0
     assert [e for e, i, _ in link_events(db) if i == "busy"] == ["open"]
     await bridge.stop()
+
+
+async def test_held_messages_give_back_their_slots_when_the_connection_drops(
+    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path
+) -> None:
+    db = tmp_path / "agents.sqlite"
+    handler: FullMailboxHandler = await make_handler(FullMailboxHandler, form="raise")
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    handler.full["busy"] = ready
+    bridge = MqttBridge(settings_for(mosquitto), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    busy = [f"busy-{n}".encode() for n in range(3)]
+    await publish_all(mosquitto, [("devices/busy/telemetry", p) for p in busy])
+    await wait_until(lambda: bridge.stats.extra["held"] == 3, 5, "3 held messages")
+
+    mosquitto.restart()  # the unacked messages stay in the session and come again
+    await wait_until(lambda: bridge.stats.extra.get("connects") == 2, 10, "the reconnect")
+    await wait_until(
+        lambda: bridge.stats.extra.get("failed_left_for_redelivery") == 3, 5, "the release"
+    )
+    await wait_until(lambda: bridge.stats.extra["held"] == 3, 5, "the redelivered messages")
+    assert bridge.stats.extra["pending"] == 3  # not 6: the old connection's copies are gone
+
+    ready.set_result(None)
+    await wait_until(lambda: bridge.stats.extra["pending"] == 0, 5, "the acks")
+    assert stored(db) == [("busy", p) for p in busy]  # once each, in order
+    await bridge.stop()
