@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import uuid
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
-from gatewayd.config import ConfigError, load_config
-from gatewayd.wiring import check_references, mqtt_dead_letters_path, mqtt_settings
+from gatewayd import Connection
+from gatewayd.agents import AgentRuntime
+from gatewayd.config import ConfigError, load_config, parse_config
+from gatewayd.wiring import (
+    agent_settings,
+    build_transports,
+    check_references,
+    load_agent_classes,
+    mqtt_dead_letters_path,
+    mqtt_settings,
+)
 from protocols.dead_letters import DeadLetterStore
+from protocols.mqtt import MqttBridge
 from tests.brokers import MosquittoBroker
+from tests.gatewayd.e2e_agents import Recorder
+from tests.protocols.test_mqtt import publish_all, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,6 +52,15 @@ allowed_ids_file = "allowed.txt"
 allowed_id_pattern = '{pattern}'
 max_new_agents_per_minute = 30
 """
+
+
+class Picky(Recorder):
+    """A Recorder whose turn fails on the payload b"poison"."""
+
+    def on_message(self, conn: Connection, message: bytes | str) -> None:
+        if message == b"poison":
+            raise ValueError("cannot parse a poison reading")
+        super().on_message(conn, message)
 
 
 def write_config(tmp_path: Path, url: str, pattern: str = r"th-\d+") -> Path:
@@ -128,3 +150,74 @@ async def test_dead_letters_list_and_replay_through_the_broker(
     assert code == 0 and "no dead letters" in out
     code, _, err = await gatewayd("dead-letters", "list", "-c", str(tmp_path / "missing.toml"))
     assert code == 78 and "missing.toml" in err
+
+
+async def test_random_ids_through_the_real_runtime_leave_bounded_agents_and_connections(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    data = {
+        "gateway": {"state_dir": str(state_dir)},
+        "agents": {"classes": {"picky": {"class": f"{__name__}:Picky"}}},
+        "mqtt": {
+            "enabled": True,
+            "broker_urls": [mosquitto.url],
+            "client_id": "gw-flood",
+            "link_idle_timeout": "200ms",
+            "max_attempts": 2,
+            "routes": [
+                {
+                    "topic": "devices/{id}/telemetry",
+                    "agent_class": "picky",
+                    "reply_topic": "devices/{id}/cmd",
+                    "max_new_agents_per_minute": 5,
+                }
+            ],
+        },
+    }
+    config = parse_config(data, tmp_path / "gw.toml")
+    runtime = AgentRuntime(agent_settings(config), load_agent_classes(config))
+    await runtime.start()
+    bridge = build_transports(config, runtime)["mqtt"]
+    assert isinstance(bridge, MqttBridge)
+    await bridge.start()
+    try:
+        await bridge.wait_connected(timeout_s=5)
+
+        def stats() -> dict[str, int]:
+            return bridge.stats.extra
+
+        ids = [uuid.uuid4().hex for _ in range(40)]
+        await publish_all(mosquitto, [(f"devices/{i}/telemetry", b"hello") for i in ids])
+        await wait_until(lambda: stats().get("new_agent_refused") == 35, 10, "35 refusals")
+        await wait_until(lambda: stats().get("applied") == 5, 10, "5 admitted")
+        agent_files = list((state_dir / "agents").rglob("*.sqlite3"))
+        assert len(agent_files) == 5
+
+        # Idle links close, and the runtime drops their connections.
+        await wait_until(lambda: stats().get("links_evicted") == 5, 5, "5 evictions")
+        await wait_until(
+            lambda: runtime.stats()["connections_open"] == 0, 5, "the runtime's connections"
+        )
+        # A known device comes back although the new-agent budget is spent; its poison
+        # message is retried twice, dead-lettered and acked.
+        admitted = ids[:5]  # one publisher connection: the broker keeps its order
+        await publish_all(
+            mosquitto,
+            [
+                (f"devices/{admitted[0]}/telemetry", b"back"),
+                (f"devices/{admitted[1]}/telemetry", b"poison"),
+            ],
+        )
+        await wait_until(lambda: stats().get("applied") == 6, 10, "the known device")
+        await wait_until(lambda: stats().get("dead_lettered") == 1, 10, "the dead letter")
+        assert stats()["new_agent_refused"] == 35
+        [letter] = DeadLetterStore(mqtt_dead_letters_path(config)).list()
+        assert letter.topic == f"devices/{admitted[1]}/telemetry" and letter.attempts == 2
+        assert "cannot parse a poison reading" in letter.error
+        await wait_until(lambda: stats()["pending"] == 0, 5, "the acks")
+        assert len(list((state_dir / "agents").rglob("*.sqlite3"))) == 5
+    finally:
+        await bridge.stop(5.0)
+        await runtime.drain(5.0)
+        await runtime.close()
