@@ -247,7 +247,8 @@ async def test_full_mailbox_holds_messages_unacked_in_order_without_counting_att
     extra = bridge.stats.extra
     assert extra["acked"] == 6 and extra["held"] == 0
     assert extra.get("retries", 0) == 0 and extra.get("dead_letters_dropped", 0) == 0
-    assert [e for e, i, _ in link_events(db) if i == "busy"] == ["open"]
+    # Held, the busy link was never closed (it may be now that it is idle, but not reopened).
+    assert [e for e, i, _ in link_events(db) if i == "busy"].count("open") == 1
     await bridge.stop()
 
 
