@@ -125,8 +125,9 @@ _LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
 
 MQTT_EVENTS = Counter(
     "gatewayd_mqtt_events_total",
-    "MQTT bridge events: applied, acked, rejected, retries, unrouted, oversized, "
-    "retained_skipped, read_pauses, outbound_dropped, connects, disconnects, ...",
+    "MQTT bridge events: applied, acked, rejected, retries, dead_lettered, backpressure, "
+    "not_allowed, new_agent_refused, links_evicted, unrouted, oversized, retained_skipped, "
+    "read_pauses, outbound_dropped, connects, disconnects, ...",
     ["event"],
 )
 _EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
