@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from protocols.link import Backpressure, DedupKey, Link, Outcome
+from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 from protocols.mqtt import MqttBridge, MqttRoute
 from protocols.mqtt_admission import IdAllowList, RouteAdmission, TokenBucket, Verdict
 from tests.brokers import MosquittoBroker
@@ -278,3 +278,45 @@ async def test_held_messages_give_back_their_slots_when_the_connection_drops(
     await wait_until(lambda: bridge.stats.extra["pending"] == 0, 5, "the acks")
     assert stored(db) == [("busy", p) for p in busy]  # once each, in order
     await bridge.stop()
+
+
+class ShuttingDownHandler(FullMailboxHandler):
+    """Once `ready` resolved, refuses like a runtime that is shutting down (code 1001)."""
+
+    def submit_message(
+        self, link: Link, data: bytes | str, dedup: DedupKey | None = None
+    ) -> asyncio.Future[Outcome]:
+        ready = self.full.get(link.route.agent_id)
+        if ready is not None and ready.done():
+            future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            future.set_exception(LinkRejected("shutting down", code=1001))
+            return future
+        return super().submit_message(link, data, dedup)
+
+
+async def test_a_held_message_refused_by_a_shutdown_is_left_for_redelivery_not_acked(
+    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path
+) -> None:
+    db = tmp_path / "agents.sqlite"
+    handler: ShuttingDownHandler = await make_handler(ShuttingDownHandler, form="raise")
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    handler.full["busy"] = ready
+    settings = settings_for(mosquitto)
+    bridge = MqttBridge(settings, handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    await publish_all(mosquitto, [("devices/busy/telemetry", b"keep me")])
+    await wait_until(lambda: bridge.stats.extra["held"] == 1, 5, "the held message")
+    ready.set_result(None)  # the handler shuts down: `ready` resolves, the retry is refused
+    await wait_until(
+        lambda: bridge.stats.extra.get("failed_left_for_redelivery") == 1, 5, "the release"
+    )
+    assert bridge.stats.extra.get("acked", 0) == 0 and bridge.stats.rejected == 0
+    await bridge.stop()
+
+    # Not acked: the next gateway gets it from the broker.
+    again = MqttBridge(settings, await make_handler())
+    await again.start()
+    await again.wait_connected(timeout_s=5)
+    await wait_until(lambda: stored(db) == [("busy", b"keep me")], 5, "the redelivery")
+    await again.stop()
