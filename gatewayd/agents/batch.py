@@ -200,10 +200,11 @@ class BatchRunner:
         for future, result, is_error in done:
             fail(future, result if is_error else error)
         self._drop_failed_connects(done)
+        slot.destroy_requested = False  # a destroy() whose turn did not commit did not happen
         agent = slot.agent
         if agent is not None:
             self.scheduler.evict(slot, count=False)
-            await self.turns.notify_error_outside_turn(agent, error)
+            await self.turns.notify_error_outside_turn(slot, agent, error)
 
     def _drop_failed_connects(self, done: list[Done]) -> None:
         """Connections whose connect turn did not commit are not open: close them."""

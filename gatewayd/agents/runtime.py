@@ -25,7 +25,6 @@ again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -164,23 +163,44 @@ class AgentRuntime(AlarmsMixin):
             await asyncio.wait(tasks, timeout=remaining)
 
     async def close(self) -> None:
-        """Drain (if not done), then close every agent database and the commit executor."""
+        """Drain (if not done), then close every agent database and the commit executor.
+
+        The closing steps run whatever happened before: a background loop that died, an agent
+        task that raised or a drain that failed never leaves a database or the executor open.
+        """
         if self._closed:
             return
-        if self._accepting:
-            await self.drain()
-        self._closed = True
-        for task in self._background:
+        try:
+            if self._accepting:
+                await self.drain()
+        finally:
+            self._closed = True
+            self._accepting = False
+            try:
+                await self._stop_background()
+            finally:
+                try:
+                    await self._scheduler.shut_down()
+                finally:
+                    if self._executor is not None:
+                        self._executor.shutdown(wait=True)
+                    self._on_closed()
+                    logger.info("agents: runtime closed")
+
+    async def _stop_background(self) -> None:
+        tasks, self._background = self._background, []
+        for task in tasks:
             task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
+        for task in tasks:
+            try:
                 await task
-        self._background.clear()
-        await self._scheduler.shut_down()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self._on_closed()
-        logger.info("agents: runtime closed")
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # close() itself was cancelled: the finally blocks still run
+            except Exception:
+                logger.exception(
+                    "agents: background task %s had failed before shutdown", task.get_name()
+                )
 
     def stats(self) -> dict[str, int]:
         return {

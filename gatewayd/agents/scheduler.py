@@ -102,7 +102,9 @@ class SlotScheduler:
             while slot.mailbox:
                 await self._run_batch(slot)
                 if slot.destroy_requested:
-                    break
+                    # Still this slot's task: events that arrive meanwhile queue behind the
+                    # ones already waiting, in order, and go to a fresh agent afterwards.
+                    await self._destroy(slot)
                 if slot.mailbox:
                     # An inline commit does not yield: let other agents and the transports
                     # run between batches.
@@ -120,9 +122,6 @@ class SlotScheduler:
         finally:
             slot.task = None
             slot.last_active = self.now()
-        if slot.destroy_requested:
-            await self._destroy(slot)
-            return
         if slot.mailbox:  # events arrived while tearing down
             slot.task = asyncio.get_running_loop().create_task(self._run(slot))
             return
@@ -219,6 +218,8 @@ class SlotScheduler:
     # -- destroy ---------------------------------------------------------------------------------
 
     async def _destroy(self, slot: Slot) -> None:
+        """Close the agent's connections and delete its storage, from the slot's own task (so
+        the slot stays registered and busy: nothing else wakes the agent meanwhile)."""
         key = slot.key
         slot.destroy_requested = False
         for conn in self.registry.open_of(key):
@@ -228,31 +229,29 @@ class SlotScheduler:
         path = db.path if db is not None else None
         if slot.agent is not None:
             self.evict(slot, count=False)
-        if self.slots.get(key) is slot:
-            del self.slots[key]
         await self.wait_for_close(key)
         if path is not None:
             AgentDatabase.delete_files(path)
         self._on_destroyed(key)
         logger.info("agents: %s/%r destroyed (storage deleted)", *key)
-        if slot.mailbox:  # events that arrived meanwhile go to a fresh agent
-            for event in slot.mailbox:
-                self.enqueue(key, event)
-            slot.mailbox.clear()
 
     # -- shutdown --------------------------------------------------------------------------------
 
     async def shut_down(self) -> None:
-        """Cancel every agent's run loop, fail what is still queued, close every database."""
+        """Cancel every agent's run loop, fail what is still queued, close every database
+        (each agent's teardown on its own: one that fails does not keep the others open)."""
         for slot in list(self.slots.values()):
-            if slot.task is not None:
-                slot.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await slot.task
-            for event in slot.mailbox:
-                fail(event.future, LinkRejected("shutting down", code=1001))
-            slot.mailbox.clear()
-            if slot.agent is not None:
-                self.evict(slot)
+            try:
+                if slot.task is not None:
+                    slot.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await slot.task
+                for event in slot.mailbox:
+                    fail(event.future, LinkRejected("shutting down", code=1001))
+                slot.mailbox.clear()
+                if slot.agent is not None:
+                    self.evict(slot)
+            except Exception:
+                logger.exception("agents: %s/%r: shutting the agent down failed", *slot.key)
         if self.closing:
             await asyncio.gather(*self.closing.values(), return_exceptions=True)

@@ -15,6 +15,7 @@ Imports no other runtime module but `slot`, `registry`, `rpc` and `metrics`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -57,6 +58,13 @@ from protocols import jsonproto
 from protocols.link import DedupKey, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
+
+# The turn the current asyncio task runs. A task inherits it from the task that created it,
+# so a task an agent starts inside a turn (and awaits there) may use storage in that turn,
+# while one still running after it (asyncio.create_task) cannot write into a later turn.
+_RUNNING_TURN: contextvars.ContextVar[Turn | None] = contextvars.ContextVar(
+    "gatewayd_running_turn", default=None
+)
 
 
 class TurnRunner:
@@ -107,6 +115,7 @@ class TurnRunner:
                 return None
         turn = Turn(event.conn)
         slot.turn = turn
+        running = _RUNNING_TURN.set(turn)
         if kind == CONNECT and event.future is not None:
             # If the batch is lost, `drop_failed_connects` (batch.py) finds the connection here.
             event.future._gw_connecting = event.conn  # type: ignore[attr-defined]
@@ -175,6 +184,7 @@ class TurnRunner:
             raise
         finally:
             slot.turn = None
+            _RUNNING_TURN.reset(running)
         undo_conns.extend(turn.conn_undo)
         if turn.destroy:
             slot.destroy_requested = True
@@ -295,40 +305,73 @@ class TurnRunner:
             return
         turn = Turn(None)
         slot.turn = turn
+        running = _RUNNING_TURN.set(turn)
         db.savepoint()
         try:
             async with asyncio.timeout(self.settings.turn_timeout_s):
                 await maybe_await(agent.on_error(err))
             db.release()
-        except Exception:
+        except Exception as failure:
             db.rollback_to_savepoint()
-            logger.exception("agents: %s/%r: on_error itself failed", *slot.key)
+            self._log_hook_failure(slot, "on_error", failure, "its writes were rolled back")
         finally:
             slot.turn = None
+            _RUNNING_TURN.reset(running)
 
-    async def notify_error_outside_turn(self, agent: Agent, err: BaseException) -> None:
+    async def notify_error_outside_turn(self, slot: Slot, agent: Agent, err: BaseException) -> None:
         try:
             async with asyncio.timeout(self.settings.turn_timeout_s):
                 await maybe_await(agent.on_error(err))
-        except Exception:
-            logger.exception("agents: %s/%r: on_error itself failed", agent.agent_class, agent.id)
+        except Exception as failure:
+            self._log_hook_failure(slot, "on_error", failure, "ignored")
+
+    def _log_hook_failure(self, slot: Slot, hook: str, failure: Exception, then: str) -> None:
+        if isinstance(failure, TimeoutError):
+            self.counters["turn_timeouts"] += 1
+            logger.error(
+                "agents: %s/%r: %s did not finish within agents.turn_timeout_s=%ss and was "
+                "cancelled (%s); make it return sooner or move slow work to queue()",
+                slot.key[0],
+                slot.key[1],
+                hook,
+                self.settings.turn_timeout_s,
+                then,
+            )
+        else:
+            logger.error(
+                "agents: %s/%r: %s itself failed (%s)", *slot.key, hook, then, exc_info=failure
+            )
 
     # -- what only a running turn may do --------------------------------------------------------
 
-    def db_for_turn(self, slot: Slot) -> AgentDatabase:
-        """The agent's database, or NotInTurnError when no turn of the agent is running."""
-        if slot.turn is None or slot.db is None:
+    def current_turn(self, slot: Slot) -> Turn:
+        """The running turn of the agent, if the calling task runs it; else NotInTurnError."""
+        turn = slot.turn
+        if turn is None or slot.db is None:
             raise NotInTurnError(
                 f"agent {slot.key[0]}/{slot.key[1]!r}: storage used outside a turn; call it from "
                 "a hook, a @callable, a scheduled or queued method"
             )
+        if _RUNNING_TURN.get() is not turn:
+            raise NotInTurnError(
+                f"agent {slot.key[0]}/{slot.key[1]!r}: storage used from an asyncio task that "
+                "does not run the current turn (one started with asyncio.create_task in an "
+                "earlier turn?); await the task inside the turn that started it, or hand the "
+                "write to a turn with queue() or schedule()"
+            )
+        return turn
+
+    def db_for_turn(self, slot: Slot) -> AgentDatabase:
+        """The agent's database, or NotInTurnError unless the calling task runs its turn."""
+        self.current_turn(slot)
+        assert slot.db is not None
         return slot.db
 
     def set_state(self, slot: Slot, new_state: Any, source: Connection | str) -> None:
         """Validate -> persist -> broadcast -> queue the on_state_changed notification."""
-        db = self.db_for_turn(slot)
-        turn = slot.turn
-        assert turn is not None and slot.agent is not None
+        turn = self.current_turn(slot)
+        db = slot.db
+        assert db is not None and slot.agent is not None
         if turn.readonly:
             raise ReadonlyConnectionError(
                 f"agent {slot.key[0]}/{slot.key[1]!r}: a read-only connection cannot change state"
@@ -354,14 +397,19 @@ class TurnRunner:
             turn.notifications.append((new_state, source))
 
     async def _notify_state_changed(self, slot: Slot, note: tuple[Any, Any]) -> None:
+        """Run on_state_changed; it undoes nothing (the state change stands) whether it fails
+        or runs past `turn_timeout_s` (then it is cancelled)."""
         agent = slot.agent
         assert agent is not None
         try:
-            await maybe_await(agent.on_state_changed(*note))
-        except Exception:
-            logger.exception("agents: %s/%r: on_state_changed failed (ignored)", *slot.key)
+            pending = agent.on_state_changed(*note)
+            if pending is not None and inspect.isawaitable(pending):
+                async with asyncio.timeout(self.settings.turn_timeout_s):
+                    await pending
+        except Exception as failure:
+            self._log_hook_failure(slot, "on_state_changed", failure, "ignored")
 
     def request_destroy(self, slot: Slot) -> None:
-        if slot.turn is None:
+        if slot.turn is None or _RUNNING_TURN.get() is not slot.turn:
             raise NotInTurnError("destroy() must be called from within a turn")
         slot.turn.destroy = True
