@@ -1,5 +1,8 @@
 """Builds the running components from a `GatewayConfig` and starts/stops them in order.
 
+Below the daemon: it never imports `gatewayd.daemon` (the daemon drives the components, not
+the other way round; `StartupError` lives here for that reason).
+
 Start: engine (models warmed) -> agent runtime -> transports. Stop: transports stop accepting and
 flush their acknowledgements -> the runtime drains and commits -> engine closes. This is the only
 module that translates config sections into the components' own settings objects.
@@ -15,6 +18,11 @@ from typing import Any, Protocol
 from gatewayd.config import GatewayConfig
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """A component could not start; the message names it and says why."""
+
 
 # Keys whose new value a SIGHUP applies without a restart.
 LIVE_KEYS = ("gateway.log_level",)
@@ -42,7 +50,6 @@ class Components:
         classes = load_agent_classes(self.config, self.config_file)
         if self.config.models:
             from engine import EngineError
-            from gatewayd.daemon import StartupError
 
             self.engine = build_engine(self.config)
             try:
@@ -55,8 +62,6 @@ class Components:
             try:
                 await transport.start()
             except OSError as err:
-                from gatewayd.daemon import StartupError
-
                 raise StartupError(f"{name}: cannot start listener: {err}") from None
             self.transports[name] = transport
 
