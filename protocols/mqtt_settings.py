@@ -57,7 +57,7 @@ class MqttSettings:
     client_id: str = "gatewayd"
     routes: tuple[MqttRoute, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # a secret: never in logs
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

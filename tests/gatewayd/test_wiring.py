@@ -68,3 +68,25 @@ def test_engine_defaults_are_the_configs(tmp_path: Path) -> None:
     # The TensorRT cache goes under the state directory: derived, not a key of its own.
     assert _differences(built, ModelSpec("m", model), {"cache_dir"}) == {}
     assert built.cache_dir == config.gateway.state_dir / "tensorrt" / "m"
+
+
+def test_settings_never_show_secrets_when_printed(tmp_path: Path) -> None:
+    (tmp_path / "mqtt.pass").write_text("mqtt-secret-81f2\n")
+    secrets = tmp_path / "devices.toml"
+    secrets.write_text('"d1" = "device-secret-3c9a"\n')
+    secrets.chmod(0o600)
+    config = parse_config(
+        {
+            "agents": AGENTS,
+            "mqtt": {"username": "gw", "password_file": "mqtt.pass", "routes": [ROUTE]},
+            "listeners": {
+                "binary": {"enabled": True, "agent_class": "a", "secrets_file": str(secrets)}
+            },
+        },
+        tmp_path / "gw.toml",
+    )
+    mqtt = wiring.mqtt_settings(config.mqtt)
+    tcp = wiring.tcp_settings(config.listeners.binary)
+    assert mqtt.password == "mqtt-secret-81f2"
+    printed = f"{mqtt!r} {mqtt} {tcp!r} {tcp}"
+    assert "mqtt-secret-81f2" not in printed and "device-secret-3c9a" not in printed
