@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,9 +55,16 @@ def main(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return EXIT_CONFIG
     store = DeadLetterStore(mqtt_dead_letters_path(config))
-    if args.dead_letters_verb == "list":
-        return _list(store)
-    return _replay(config, args.config, store, None if args.all else list(args.ids))
+    try:
+        if args.dead_letters_verb == "list":
+            return _list(store)
+        return _replay(config, args.config, store, None if args.all else list(args.ids))
+    except (sqlite3.Error, OSError) as err:
+        print(
+            f"{store.path}: {err} (run this as the daemon's user, e.g. sudo -u gatewayd)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
 
 
 def _list(store: Any) -> int:
