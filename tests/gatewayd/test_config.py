@@ -170,9 +170,9 @@ def test_strict_types_keep_units_binds_and_paths_working(tmp_path: Path) -> None
     assert config.listeners.websocket.enabled is False and config.mqtt.qos == 0
 
 
-def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+def _gatewayd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gatewayd", "check-config", str(path)],
+        [sys.executable, "-m", "gatewayd", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -191,7 +191,8 @@ def test_empty_password_file_is_a_config_error_naming_the_file(
         '[[mqtt.routes]]\ntopic = "d/{id}/t"\nagent_class = "thermostat"\nreply_topic = "d/{id}/c"\n'
         '[agents.classes.thermostat]\nclass = "gatewayd.examples.thermostat:Thermostat"\n'
     )
-    result = _check_config(path)
-    assert result.returncode == 78, result.stderr
-    assert f"password_file {tmp_path / 'mqtt.pass'}: the first line is empty" in result.stderr
-    assert "Traceback" not in result.stderr
+    for command in (["check-config", str(path)], ["run", "-c", str(path)]):
+        result = _gatewayd(*command)
+        assert result.returncode == 78, result.stderr
+        assert f"password_file {tmp_path / 'mqtt.pass'}: the first line is empty" in result.stderr
+        assert "Traceback" not in result.stderr
