@@ -11,6 +11,7 @@ from gatewayd.agents.connection import Connection
 from gatewayd.agents.errors import (
     AgentError,
     CommitError,
+    MailboxFullError,
     NoEngineError,
     NotInTurnError,
     ReadonlyConnectionError,
@@ -32,6 +33,7 @@ __all__ = [
     "AgentSettings",
     "CommitError",
     "Connection",
+    "MailboxFullError",
     "NoEngineError",
     "NotInTurnError",
     "ReadonlyConnectionError",

@@ -33,6 +33,7 @@ COUNTER_NAMES = (
     "duplicates_total",
     "protocol_errors",
     "rejected_total",
+    "mailbox_full_total",
 )
 
 

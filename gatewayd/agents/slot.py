@@ -94,6 +94,7 @@ class Slot:
         "last_active",
         "mailbox",
         "outbox",
+        "room",
         "state",
         "stores",
         "task",
@@ -111,6 +112,8 @@ class Slot:
         self.turn: Turn | None = None
         # The open batch's buffered outputs (None between batches: output goes out at once).
         self.outbox: list[Output] | None = None
+        # Set while the mailbox is full: resolved once it has room again (see scheduler.py).
+        self.room: asyncio.Future[None] | None = None
         self.last_active = 0.0
         self.destroy_requested = False
         self.drain_queued = False
