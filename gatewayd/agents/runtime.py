@@ -97,7 +97,7 @@ class AgentRuntime(AlarmsMixin):
         self._turns = TurnRunner(
             settings,
             self._registry,
-            RpcDispatcher(),
+            RpcDispatcher(commit_point=lambda slot, turn: self._batches.commit_point(slot, turn)),
             self._counters,
             named_method=self._named_method,
         )

@@ -26,6 +26,7 @@ from gatewayd.agents.agent import Agent
 from gatewayd.agents.connection import CloseRequest, Connection
 from gatewayd.agents.errors import (
     AgentError,
+    CommitError,
     NotInTurnError,
     ReadonlyConnectionError,
     SequenceGapError,
@@ -119,9 +120,9 @@ class TurnRunner:
         if kind == CONNECT and event.future is not None:
             # If the batch is lost, `drop_failed_connects` (batch.py) finds the connection here.
             event.future._gw_connecting = event.conn  # type: ignore[attr-defined]
-        state_before = slot.state
+        turn.state_before = slot.state
         outbox = slot.outbox
-        outbox_mark = len(outbox)
+        turn.outbox_mark = len(outbox)
         timeout_cm: asyncio.Timeout | None = None
         db.savepoint()
         try:
@@ -132,6 +133,8 @@ class TurnRunner:
                     result = await result
             for note in turn.notifications:
                 await self._notify_state_changed(slot, note)
+            if turn.lost is not None:
+                raise turn.lost  # a commit point failed, whatever the handler did with it
             if dedup is not None:
                 db.set_last_seq(dedup.stream, dedup.seq)
             db.release()
@@ -144,17 +147,21 @@ class TurnRunner:
                     "turn rolled back"
                 )
                 self.counters["turn_timeouts"] += 1
-            del outbox[outbox_mark:]
-            slot.state = state_before
+            del outbox[turn.outbox_mark :]
+            slot.state = turn.state_before
             slot.turn = None
             slot.stores.clear()  # a store created in this turn may have lost its tables
-            if not db.connection.in_transaction:
+            if turn.lost is not None or not db.connection.in_transaction:
                 # SQLite rolled back the whole transaction (SQLITE_FULL, IOERR...): the
                 # earlier turns of this batch are gone too.
                 for conn, old_state in reversed(turn.conn_undo):
                     conn._state = old_state
                 self.counters["turn_errors"] += 1
+                if isinstance(err, TransactionLost):  # a commit point failed (batch.py)
+                    err = CommitError(f"agent {slot.key[0]}/{slot.key[1]!r}: {err}")
                 done.append((event.future, err, True))
+                if turn.lost is not None:
+                    raise TransactionLost(str(turn.lost)) from err
                 raise TransactionLost(
                     f"transaction rolled back by SQLite in a {EVENT_NAMES[kind]} turn "
                     f"({type(err).__name__}: {err})"
@@ -179,8 +186,8 @@ class TurnRunner:
         except BaseException:
             if db.connection.in_transaction:
                 db.rollback_to_savepoint()
-            del outbox[outbox_mark:]
-            slot.state = state_before
+            del outbox[turn.outbox_mark :]
+            slot.state = turn.state_before
             raise
         finally:
             slot.turn = None
@@ -219,7 +226,7 @@ class TurnRunner:
                     return None
                 if frame is not None:
                     if isinstance(frame, jsonproto.RpcRequest):
-                        return self.rpc.handle_request(agent, conn, frame, turn)
+                        return self.rpc.handle_request(slot, agent, conn, frame, turn)
                     return self._client_state_update(slot, conn, frame.state)
             return agent.on_message(conn, data)
         if kind == CONNECT:
