@@ -2,15 +2,18 @@
 
 It implements `protocols.link.LinkHandler`: transports call `open_link`, `submit_message` and
 `close_link`, which enqueue an event for the route's agent synchronously and return a future
-resolved only after the turn that consumed the event has committed.
+resolved only after the turn that consumed the event has committed. Mailboxes are bounded
+(`max_mailbox_events`): when the agent's is full, `open_link`/`submit_message` return a future
+failed with `Backpressure` (nothing queued; resubmit once its `ready` resolves) and in-process
+calls fail with `MailboxFullError` (also beyond `max_pending_calls` calls in flight).
 
 This module is the facade (lifecycle, the LinkHandler and in-process API, and the `AgentHost`
 each agent instance talks to); the work is split by job:
 
-- scheduler.py: slots, each agent's FIFO mailbox and the task that drains it in batches;
-  hibernation of idle agents and LRU eviction beyond `max_active_agents`; `destroy()`.
+- scheduler.py: slots, each agent's bounded FIFO mailbox and the task that drains it in
+  batches; hibernation of idle agents and LRU eviction beyond `max_active_agents`; `destroy()`.
 - batch.py: one batch = one SQLite transaction and its output gate; waking an agent; the
-  commit path (`BatchRunner.commit_batch`).
+  commit path (`BatchRunner.commit_batch`) and the commit points of streaming RPC chunks.
 - turn.py: one event as one turn in its own SAVEPOINT; state changes; hook errors.
 - registry.py: the open connections of every agent (they outlive hibernation).
 - rpc.py: `@callable` lookup, argument checks, RPC replies and streams.

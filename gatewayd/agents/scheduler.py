@@ -2,8 +2,9 @@
 
 It owns the slots (one per agent identity that is awake or has events queued), each slot's
 FIFO mailbox and the task that drains it batch after batch (what one batch does is
-batch.py's job, handed in as `run_batch`), hibernation of idle agents, LRU eviction beyond
-`max_active_agents`, and `destroy()`'s teardown. Different agents run concurrently on the one
+batch.py's job, handed in as `run_batch`), the mailbox bound (`max_mailbox_events`: callers
+check `mailbox_full` and wait on `when_room`), hibernation of idle agents, LRU eviction beyond
+`max_active_agents`, and `destroy()`'s teardown (inside the slot's task, so FIFO holds). Different agents run concurrently on the one
 event loop; one agent never runs two batches at once.
 
 Imports no other runtime module but `slot`, `registry` and `metrics`.

@@ -2,7 +2,13 @@
 
 A turn runs in its own SAVEPOINT: its SQL, state and connection-state changes are undone if
 it fails, and its outputs (appended to the batch's outbox through the output gate) are
-dropped with them. What is released, and when, is batch.py's job (after the COMMIT).
+dropped with them. What is released, and when, is batch.py's job (after the COMMIT, or at a
+commit point: a streaming RPC chunk, after which a failure rolls back only what followed it).
+
+Every hook the turn runs is bounded by `turn_timeout_s`: the handler (cancelled, the turn
+rolled back), `on_state_changed` and `on_error` (cancelled and logged; they undo nothing).
+Storage (`db_for_turn`, `set_state`) is for the task that runs the turn only, and the tasks it
+creates while it runs (they inherit `_RUNNING_TURN`); anyone else gets `NotInTurnError`.
 
 Event kinds and what `Event.a/b/c` carry:
   START (on_start), CONNECT (conn, a=context), MESSAGE (conn, a=data, b=DedupKey|None),
