@@ -69,7 +69,6 @@ class Turn:
         "rpc_id",
         "source",
         "state_before",
-        "woke_queue",
     )
 
     def __init__(self, source: Connection | None) -> None:
@@ -86,7 +85,6 @@ class Turn:
         self.rpc_id: str | None = None
         self.rpc_conn: Connection | None = None
         self.destroy = False
-        self.woke_queue = False
 
 
 class Slot:
