@@ -13,7 +13,7 @@ A streaming RPC chunk is a *commit point* inside a turn (`commit_point`): the ba
 far commit, the outputs so far (the chunk last) are released and the finished events settled,
 then a new transaction and savepoint continue the turn. COMMIT therefore happens in two places,
 `commit_batch` and the commit point, both through `_commit_inline`/the group committer and
-both releasing through `_release`.
+both releasing through `BatchRunner._release`.
 
 A batch wakes a hibernated agent first (opens its database, runs `on_start` as a turn).
 Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn` and `metrics`.
@@ -163,7 +163,7 @@ class BatchRunner:
             return
         self.counters["commits_total"] += 1
         COMMITS.inc()
-        _release(outbox, done)
+        self._release(slot, outbox, done)
         self._after_commit(slot)
         if db.needs_checkpoint():
             # The outputs are already released (a checkpoint adds no durability against a
@@ -178,6 +178,23 @@ class BatchRunner:
                     slot.key[1],
                     err,
                 )
+
+    def _release(self, slot: Slot, outbox: list[Output], done: list[Done]) -> None:
+        """Open the output gate for committed work: outputs to the transports, then the
+        events' futures (acknowledgements, call results). The one place committed outputs
+        leave, at the end of a batch and at a commit point."""
+        for conn, data in outbox:
+            try:
+                deliver(conn, data)
+            except Exception:
+                logger.exception("agents: transport failed to take output for %r", conn)
+        for future, result, is_error in done:
+            if future is None or future.done():
+                continue
+            if is_error:
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     # -- commit points (streaming RPC chunks) ---------------------------------------------------
 
@@ -240,7 +257,7 @@ class BatchRunner:
         self._after_commit(slot)
         db.begin()
         db.savepoint()
-        _release(outbox, done)
+        self._release(slot, outbox, done)
 
     def _commit_point_failed(
         self, slot: Slot, turn: Turn, db: AgentDatabase, err: BaseException
@@ -349,23 +366,6 @@ def _commit_inline(db: AgentDatabase) -> None:
     # hand-off would cost more than the commit itself.
     assert not db.commit_fsyncs
     db.commit()
-
-
-def _release(outbox: list[Output], done: list[Done]) -> None:
-    """Open the output gate for committed work: outputs to the transports, then the events'
-    futures (acknowledgements, call results)."""
-    for conn, data in outbox:
-        try:
-            deliver(conn, data)
-        except Exception:
-            logger.exception("agents: transport failed to take output for %r", conn)
-    for future, result, is_error in done:
-        if future is None or future.done():
-            continue
-        if is_error:
-            future.set_exception(result)
-        else:
-            future.set_result(result)
 
 
 class _Released:
