@@ -220,26 +220,35 @@ class BatchRunner:
         return slot.turn is turn and slot.outbox is not None and turn.lost is None
 
     async def _commit_point_off_loop(self, slot: Slot, turn: Turn) -> None:
+        while turn.committing is not None:  # a task of this turn awaits another chunk's commit
+            await asyncio.wait([turn.committing])
         db = slot.db
         if db is None or not self._at_commit_point(slot, turn):
             return
-        assert self._committer is not None
-        db.release()
-        commit = self._committer.commit(db)
-        cancelled = False
-        while not commit.done():
-            try:
-                await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                # The turn timed out (or shutdown) while its writes were committing: finish
-                # this commit point first, so that only what follows it is rolled back.
-                cancelled = True
-            except Exception:
-                break
-        err = commit.exception()
-        if err is not None:
-            raise self._commit_point_failed(slot, turn, db, err) from err
-        self._commit_point_done(slot, turn, db)
+        assert self._committer is not None and self._loop is not None
+        # Set until this commit point is complete (new transaction open, outputs released):
+        # the turn waits for it before it ends, and storage is refused meanwhile (turn.py).
+        point = turn.committing = self._loop.create_future()
+        try:
+            db.release()
+            commit = self._committer.commit(db)
+            cancelled = False
+            while not commit.done():
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    # The turn timed out (or shutdown) while its writes were committing:
+                    # finish this commit point first, so only what follows is rolled back.
+                    cancelled = True
+                except Exception:
+                    break
+            err = commit.exception()
+            if err is not None:
+                raise self._commit_point_failed(slot, turn, db, err) from err
+            self._commit_point_done(slot, turn, db)
+        finally:
+            turn.committing = None
+            point.set_result(None)
         if cancelled:
             raise asyncio.CancelledError
 

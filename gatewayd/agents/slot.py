@@ -59,6 +59,7 @@ class Turn:
     """What one running turn may change besides SQL (undone when it rolls back)."""
 
     __slots__ = (
+        "committing",
         "conn_undo",
         "destroy",
         "lost",
@@ -79,6 +80,8 @@ class Turn:
         self.state_before: Any = None
         # Set when a commit point of this turn failed: the batch's transaction is gone.
         self.lost: TransactionLost | None = None
+        # The COMMIT of a commit point running off the loop (durability="full"), if any.
+        self.committing: asyncio.Future[None] | None = None
         self.conn_undo: list[tuple[Connection, Any]] = []
         self.notifications: list[Any] = []
         self.readonly = False

@@ -137,6 +137,8 @@ class TurnRunner:
                 timeout_cm = asyncio.timeout(self.settings.turn_timeout_s)
                 async with timeout_cm:
                     result = await result
+            if turn.committing is not None:
+                await _commit_points_settled(turn)
             for note in turn.notifications:
                 await self._notify_state_changed(slot, note)
             if turn.lost is not None:
@@ -146,6 +148,8 @@ class TurnRunner:
             db.release()
         except Exception as raised:
             err: BaseException = raised
+            if turn.committing is not None:  # a task of the turn may still be at one
+                await _commit_points_settled(turn)
             if timeout_cm is not None and timeout_cm.expired():
                 err = TurnTimeoutError(
                     f"agent {slot.key[0]}/{slot.key[1]!r}: {EVENT_NAMES[kind]} handler did not "
@@ -372,6 +376,11 @@ class TurnRunner:
                 "earlier turn?); await the task inside the turn that started it, or hand the "
                 "write to a turn with queue() or schedule()"
             )
+        if turn.committing is not None:
+            raise AgentError(
+                f"agent {slot.key[0]}/{slot.key[1]!r}: storage used while a streaming chunk of "
+                "this turn is being committed; await stream.send(...) before writing again"
+            )
         return turn
 
     def db_for_turn(self, slot: Slot) -> AgentDatabase:
@@ -426,3 +435,10 @@ class TurnRunner:
         if slot.turn is None or _RUNNING_TURN.get() is not slot.turn:
             raise NotInTurnError("destroy() must be called from within a turn")
         slot.turn.destroy = True
+
+
+async def _commit_points_settled(turn: Turn) -> None:
+    """Wait until no commit point of `turn` (a streaming chunk committing off the loop, in a
+    task the turn started) is in progress: the turn may end or roll back only after it."""
+    while turn.committing is not None:
+        await asyncio.wait([turn.committing])

@@ -177,3 +177,44 @@ async def test_a_commit_that_fails_at_a_chunk_loses_the_batch_and_sends_nothing(
         Producer.received = [asyncio.Event() for _ in range(10)]
         await asyncio.wait_for(rt.submit_message(watcher.link, rpc(2, "produce", 1)), WAIT_S)
         assert committed_items(watcher.db_path) == [0]
+
+
+class Parallel(Producer):
+    @callable(streaming=True)
+    async def sibling_chunks(self, stream: RpcStream):
+        async def part(i: int) -> None:
+            if i == 0:
+                self.sql("INSERT INTO items VALUES (0)")
+            await stream.send(i)
+
+        await asyncio.gather(part(0), part(1))
+        return "both"
+
+    @callable(streaming=True)
+    async def write_during_commit(self, stream: RpcStream):
+        async def chunk() -> None:
+            self.sql("INSERT INTO items VALUES (0)")
+            await stream.send(0)
+
+        async def write() -> None:
+            self.sql("INSERT INTO items VALUES (1)")
+
+        await asyncio.gather(chunk(), write())
+
+
+async def test_sibling_tasks_of_a_turn_take_turns_at_commit_points(make_runtime, watcher):
+    async with make_runtime({"p": Parallel}, durability="full") as rt:
+        await asyncio.wait_for(rt.open_link(watcher.link, {}), WAIT_S)
+        await asyncio.wait_for(rt.submit_message(watcher.link, rpc(1, "sibling_chunks")), WAIT_S)
+        assert [f.get("chunk", f.get("result")) for f in watcher.frames] == [0, 1, "both"]
+        assert watcher.committed_at_chunk == [[0], [0]]
+
+
+async def test_a_write_while_a_chunk_commits_off_the_loop_is_refused(make_runtime, watcher):
+    async with make_runtime({"p": Parallel}, durability="full") as rt:
+        await asyncio.wait_for(rt.open_link(watcher.link, {}), WAIT_S)
+        with pytest.raises(Exception, match="while a streaming chunk of this turn is being"):
+            await asyncio.wait_for(
+                rt.submit_message(watcher.link, rpc(1, "write_during_commit")), WAIT_S
+            )
+        assert committed_items(watcher.db_path) == [0]  # never a write outside the transaction
