@@ -41,7 +41,7 @@ from gatewayd.agents.batch import BatchRunner
 from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection
 from gatewayd.agents.errors import AgentError, MailboxFullError, NoEngineError
-from gatewayd.agents.metrics import COMMIT_SECONDS, new_counters
+from gatewayd.agents.metrics import COMMIT_SECONDS, MAILBOX_FULL, new_counters
 from gatewayd.agents.queue import QueueStore
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.rpc import RpcDispatcher
@@ -334,6 +334,7 @@ class AgentRuntime(AlarmsMixin):
             return self._reject(future, rejection, None)
         if self._pending_calls >= self.settings.max_pending_calls:
             self._counters["mailbox_full_total"] += 1
+            MAILBOX_FULL.inc()
             future.set_exception(
                 MailboxFullError(
                     f"{self._pending_calls} calls are already waiting for agents "
@@ -344,6 +345,7 @@ class AgentRuntime(AlarmsMixin):
             return future
         if self._scheduler.mailbox_full(key):
             self._counters["mailbox_full_total"] += 1
+            MAILBOX_FULL.inc()
             future.set_exception(
                 MailboxFullError(
                     f"agent {agent_class}/{agent_id!r}: mailbox full "
@@ -363,6 +365,7 @@ class AgentRuntime(AlarmsMixin):
     def _hold_back(self, future: asyncio.Future[Any], key: AgentKey) -> asyncio.Future[Any]:
         """Fail `future` with Backpressure: nothing was queued; resubmit once `ready`."""
         self._counters["mailbox_full_total"] += 1
+        MAILBOX_FULL.inc()
         future.set_exception(
             Backpressure(
                 f"agent {key[0]}/{key[1]!r}: mailbox full "
