@@ -61,19 +61,27 @@ class Components:
             self.transports[name] = transport
 
     async def stop(self, drain_timeout_s: float) -> None:
-        """Transports stop accepting and flush acks, then the runtime drains, then the engine."""
+        """Transports stop accepting and flush acks, then the runtime drains, then the engine.
+
+        `drain_timeout_s` is one deadline for all of it: each stage gets what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         await asyncio.gather(
-            *(t.stop(drain_timeout_s) for t in self.transports.values()), return_exceptions=True
+            *(t.stop(left()) for t in self.transports.values()), return_exceptions=True
         )
         if self.runtime is not None:
-            drained = await self.runtime.drain(drain_timeout_s)
+            drained = await self.runtime.drain(left())
             if not drained:
                 log.warning(
                     "drain timed out after %.1fs; uncommitted turns were abandoned", drain_timeout_s
                 )
             await self.runtime.close()
         if self.engine is not None:
-            await self.engine.close()
+            await self.engine.close(timeout_s=left())
 
     def check_reloadable(self, new: GatewayConfig) -> None:
         """Raise ConfigError when `new` cannot be applied (e.g. its agent classes do not import)."""
