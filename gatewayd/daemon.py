@@ -31,6 +31,7 @@ from gatewayd.http import HealthSnapshot, HttpEndpoint
 from gatewayd.logs import set_level
 from gatewayd.sd_notify import Notifier, watchdog_interval_s
 from gatewayd.supervisor import Supervisor
+from gatewayd.wiring import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ HEARTBEAT_INTERVAL_S = 0.5
 # Closing databases and files after the drain deadline may take this much longer; past it the
 # shutdown is abandoned (logged) so systemd's stop timeout is never what ends the process.
 CLOSE_MARGIN_S = 5.0
-
-
-class StartupError(Exception):
-    """A component could not start; the message names it and says why."""
 
 
 class Daemon:
