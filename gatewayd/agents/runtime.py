@@ -58,6 +58,7 @@ from gatewayd.agents.slot import (
 )
 from gatewayd.agents.storage import AgentDatabase, validate_agent_id, validate_class_name
 from gatewayd.agents.turn import TurnRunner
+from gatewayd.supervisor import Supervisor
 from protocols.link import DedupKey, Link, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class AgentRuntime(AlarmsMixin):
         self._background: list[asyncio.Task[None]] = []
         self._accepting = False
         self._closed = False
+        self._supervisor = Supervisor("agents")  # the background loops (see supervisor.py)
         self._counters = new_counters()
         self._registry = ConnectionRegistry()
         self._turns = TurnRunner(
@@ -138,7 +140,9 @@ class AgentRuntime(AlarmsMixin):
         self._scheduler.start(self._loop, self._executor)
         self._batches.start(self._loop, self._executor, self._committer)
         self._accepting = True
-        self._background.append(self._loop.create_task(self._scheduler.hibernate_idle_forever()))
+        self._background.append(
+            self._supervisor.spawn("hibernation", self._scheduler.hibernate_idle_forever)
+        )
         self._on_started()
         logger.info(
             "agents: runtime started (%d classes, state in %s, durability=%s)",
@@ -212,9 +216,11 @@ class AgentRuntime(AlarmsMixin):
         }
 
     def healthy(self) -> bool:
-        """Started, not closed, and no commit stuck (a hung disk) for more than
-        `turn_timeout_s`."""
+        """Started, not closed, every background loop running, and no commit stuck (a hung
+        disk) for more than `turn_timeout_s`."""
         if self._loop is None or self._closed or self._committer is None:
+            return False
+        if self._supervisor.failing():
             return False
         stuck_s = self._committer.oldest_in_flight_s()
         if stuck_s > self.settings.turn_timeout_s:
