@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gatewayd.config import BinaryListener, GatewayConfig, MqttSection, WebSocketListener
+from gatewayd.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Components:
         self.engine: Any = None
         self.runtime: Any = None
         self.transports: dict[str, Any] = {}
+        self.supervisor = Supervisor("transports")
 
     async def start(self) -> None:
         """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
@@ -62,6 +64,8 @@ class Components:
         self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
         await self.runtime.start()
         for name, transport in build_transports(self.config, self.runtime).items():
+            if hasattr(transport, "spawn_loop"):  # its background loops run supervised
+                transport.spawn_loop = self.supervisor.spawn
             try:
                 await transport.start()
             except OSError as err:
@@ -90,6 +94,7 @@ class Components:
             await self.runtime.close()
         if self.engine is not None:
             await self.engine.close(timeout_s=left())
+        await self.supervisor.stop()
 
     def check_reloadable(self, new: GatewayConfig) -> None:
         """Raise ConfigError when `new` cannot be applied (e.g. its agent classes do not import)."""
@@ -99,8 +104,14 @@ class Components:
         """Apply the settings that may change without a restart (see LIVE_KEYS)."""
 
     def health(self) -> tuple[bool, str]:
+        ok, reason = self.supervisor.healthy()
+        if not ok:
+            return ok, reason
         if self.runtime is not None and not self.runtime.healthy():
-            return False, "agent runtime unhealthy"
+            return (
+                False,
+                "agent runtime unhealthy (a background loop is down or a commit is stuck; see the log)",
+            )
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
