@@ -133,16 +133,22 @@ class Daemon:
 
     async def serve(self) -> None:
         supervisor = self.supervisor
+        # Health and watchdog keep running through the drain (shutdown() stops them last);
+        # status, reload and gc end when the drain begins.
         supervisor.spawn("heartbeat", self._heartbeat_loop)
-        supervisor.spawn("status", self._status_loop)
-        supervisor.spawn("reload", self._reload_loop)
-        supervisor.spawn("gc", self._full_gc_loop)
         interval = watchdog_interval_s()
         if interval is not None:
             log.info("systemd watchdog on", extra={"fields": {"ping_every_s": f"{interval:g}"}})
             supervisor.spawn("watchdog", lambda: self._watchdog_loop(interval))
+        serving_only = [
+            supervisor.spawn("status", self._status_loop),
+            supervisor.spawn("reload", self._reload_loop),
+            supervisor.spawn("gc", self._full_gc_loop),
+        ]
         await self._stop_requested.wait()
-        await supervisor.stop()
+        for task in serving_only:
+            task.cancel()
+        await asyncio.gather(*serving_only, return_exceptions=True)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -244,6 +250,7 @@ class Daemon:
                     grace_s,
                     CLOSE_MARGIN_S,
                 )
+        await self.supervisor.stop()
         if self.http is not None:
             self.http.stop()
         if self._lock_file is not None:
