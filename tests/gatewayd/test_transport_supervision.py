@@ -1,4 +1,4 @@
-"""The MQTT bridge's background loops (connection, publish workers) run under the gateway's
+"""The MQTT bridge's background loops (connection, idle-link eviction, publish workers) run under the gateway's
 transport supervisor, through the `spawn_loop` hook of protocols/tasks.py."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ async def test_mqtt_loops_are_started_by_the_transport_supervisor(
         await components.transports["mqtt"].wait_connected(timeout_s=10)
         assert set(components.supervisor.restarts) == {
             "mqtt-connection",
+            "mqtt-idle",
             "mqtt-publish-0",
             "mqtt-publish-1",
             "mqtt-publish-2",
