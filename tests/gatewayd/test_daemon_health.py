@@ -99,7 +99,9 @@ async def test_crashed_loop_makes_healthz_and_watchdog_unhealthy_until_it_runs_a
 ) -> None:
     assert daemon.components is not None
     notify: NotifySocket = daemon.notify_receiver  # type: ignore[attr-defined]
-    daemon.supervisor = Supervisor("daemon", backoff_min_s=0.05, stable_after_s=0.5)
+    daemon.supervisor = Supervisor(
+        "daemon", backoff_min_s=0.05, backoff_max_s=0.5, stable_after_s=0.5
+    )
     broken = True
     summary = daemon.components.summary
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(30)
 async def test_crashing_loop_is_logged_restarted_and_reported_down_until_stable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    supervisor = Supervisor("test", backoff_min_s=0.01, backoff_max_s=0.05, stable_after_s=0.2)
+    supervisor = Supervisor("test", backoff_min_s=0.01, backoff_max_s=0.05, stable_after_s=1.0)
     runs = 0
     crashed_twice = asyncio.Event()
     running_again = asyncio.Event()
