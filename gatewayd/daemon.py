@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, NoReturn
@@ -72,6 +73,7 @@ class Daemon:
         stop.cancel()
         if not startup.done() or startup.cancelled():
             await self.shutdown()
+            _exit_now_if_engine_threads_stuck(0)
             return 0
         err = startup.exception()
         if isinstance(err, StartupError | ConfigError):
@@ -84,6 +86,7 @@ class Daemon:
             raise err
         await self.serve()
         await self.shutdown()
+        _exit_now_if_engine_threads_stuck(0)
         return 0
 
     # -- startup -------------------------------------------------------------------------------
@@ -342,3 +345,27 @@ class Daemon:
 async def run_daemon(config_path: Path) -> int:
     config = load_config(config_path)
     return await Daemon(config_path, config).run()
+
+
+def _exit_now_if_engine_threads_stuck(code: int) -> None:
+    """An inference worker the engine had to abandon (a warm-up or run that cannot be
+    interrupted, e.g. a TensorRT engine build) may still be inside native code; letting the
+    interpreter finalise under it can crash the process at exit. Exit at once instead."""
+    deadline = time.monotonic() + 1.0  # a worker that was stopped ends within microseconds
+    stuck = []
+    for thread in threading.enumerate():
+        if thread.name.startswith("engine-"):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                stuck.append(thread.name)
+    if not stuck:
+        return
+    log.warning(
+        "exiting without waiting for inference threads still busy in native code: %s",
+        ", ".join(stuck),
+    )
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stderr.flush()
+    os._exit(code)
