@@ -129,3 +129,36 @@ async def test_crashed_loop_makes_healthz_and_watchdog_unhealthy_until_it_runs_a
         m.startswith("watchdog ping withheld: daemon: background loop down") for m in messages
     )
     assert "daemon: background loop 'status' is running again" in messages
+
+
+@pytest.fixture
+def fast_stall_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gatewayd.daemon.LOOP_STALL_LIMIT_S", 0.5)
+
+
+async def test_healthz_reports_a_stuck_event_loop(
+    fast_stall_detection: None, daemon: Daemon
+) -> None:
+    assert daemon.http is not None
+    port = daemon.http.port
+    serving = asyncio.create_task(daemon.serve())
+    await _wait_for_healthz(daemon, 200)
+    answered = threading.Event()
+    answers: list[tuple[int, str]] = []
+
+    def poll_until_unhealthy() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status, body = _get(port, "/healthz")
+            if status == 503:
+                answers.append((status, body))
+                break
+            time.sleep(0.02)  # pacing the polls, not synchronisation
+        answered.set()
+
+    threading.Thread(target=poll_until_unhealthy, daemon=True).start()
+    answered.wait(timeout=20)  # blocks the event loop, as a wedged handler would
+    assert answers and answers[0][1].startswith("not ok: event loop stalled: no health report")
+    await _wait_for_healthz(daemon, 200)  # the loop turns again: healthy again
+    daemon._stop_requested.set()
+    await serving
