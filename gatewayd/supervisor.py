@@ -22,7 +22,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import Counter
+
 log = logging.getLogger(__name__)
+
+RESTARTS = Counter(
+    "gatewayd_background_loop_restarts_total",
+    "Background loops restarted after they crashed or returned",
+    ["owner", "loop"],
+)
 
 LoopFactory = Callable[[], Awaitable[None]]
 
@@ -111,6 +119,7 @@ class Supervisor:
             failures_in_a_row += 1
             self._down[name] = why
             self.restarts[name] += 1
+            RESTARTS.labels(self.owner, name).inc()
             delay_s = min(self.backoff_max_s, self.backoff_min_s * 2 ** (failures_in_a_row - 1))
             log.warning(
                 "%s: restarting %r in %.3gs (failure %d in a row)",

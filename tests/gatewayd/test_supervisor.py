@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gatewayd.supervisor import Supervisor
 
@@ -43,6 +44,10 @@ async def test_crashing_loop_is_logged_restarted_and_reported_down_until_stable(
             await asyncio.sleep(0.01)  # becomes up once the restart has run stable_after_s
         assert supervisor.healthy() == (True, "ok")
         assert supervisor.restarts["flaky"] == 2
+        restarts = REGISTRY.get_sample_value(
+            "gatewayd_background_loop_restarts_total", {"owner": "test", "loop": "flaky"}
+        )
+        assert restarts is not None and restarts >= 2
         await supervisor.stop()
 
     crashes = [r for r in caplog.records if "crashed" in r.getMessage()]
