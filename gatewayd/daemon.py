@@ -201,7 +201,8 @@ class Daemon:
                 "(fix the cause, then send SIGHUP again)",
                 type(err).__name__,
                 err,
-                exc_info=err,
+                # A broken agent module or file names itself; anything else may be a bug.
+                exc_info=None if isinstance(err, SyntaxError | OSError | UnicodeError) else err,
             )
         else:
             self._apply(new)
