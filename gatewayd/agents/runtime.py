@@ -66,6 +66,8 @@ from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
 
+_STUCK_LOG_INTERVAL_S = 60.0  # how often a stuck commit is logged again while it lasts
+
 
 class AgentRuntime(AlarmsMixin):
     """Runs the agents of `classes` (`{"thermostat": Thermostat}`) under `settings`.
@@ -95,6 +97,7 @@ class AgentRuntime(AlarmsMixin):
         self._background: list[asyncio.Task[None]] = []
         self._accepting = False
         self._closed = False
+        self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
         self._supervisor = Supervisor("agents")  # the background loops (see supervisor.py)
         self._pending_calls = 0
         self._counters = new_counters()
@@ -229,8 +232,17 @@ class AgentRuntime(AlarmsMixin):
             return False
         stuck_s = self._committer.oldest_in_flight_s()
         if stuck_s > self.settings.turn_timeout_s:
-            logger.error("agents: a commit has been running for %.1fs (disk stuck?)", stuck_s)
+            # Health is sampled twice a second: say it once per stuck episode, then every minute.
+            now = time.monotonic()
+            if now - self._stuck_logged_at >= _STUCK_LOG_INTERVAL_S:
+                self._stuck_logged_at = now
+                logger.error(
+                    "agents: a commit has been running for %.1fs (disk stuck? check the state "
+                    "directory's file system); reporting unhealthy",
+                    stuck_s,
+                )
             return False
+        self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
         return True
 
     # -- LinkHandler ---------------------------------------------------------------------------
