@@ -4,6 +4,7 @@ converts it into the model cache, ~40 s; later runs load it in ~2 s). Deselect w
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +58,21 @@ def test_logits_equal_the_reference_on_the_real_file(smollm2_dir: Path) -> None:
     logits = session.run(["logits"], feeds)[0][0, 0]
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()  # measured 1.4e-6
     assert int(np.argmax(logits)) == int(np.argmax(expected))
+
+
+async def test_concurrent_chats_get_the_tokens_they_get_alone(smollm2: Generator) -> None:
+    questions = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write one sentence about the sea.",
+    ]
+
+    async def answer(question: str) -> list[int]:
+        messages = [{"role": "user", "content": question}]
+        return [t async for d in smollm2.generate(messages, max_tokens=20) for t in d.token_ids]
+
+    alone = [await answer(q) for q in questions]
+    steps_before = len(smollm2.batch_sizes)
+    together = await asyncio.gather(*(answer(q) for q in questions))
+    assert list(together) == alone
+    assert max(smollm2.batch_sizes[steps_before:]) == len(questions)

@@ -1,0 +1,103 @@
+"""Continuous batching: sequences that share decoder calls, joining and leaving mid-stream,
+get exactly the tokens each would get alone (greedy and seeded sampling), a cancelled one
+leaves at once without disturbing the others, and `max_batch` bounds every call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.generate import Delta, Generator
+
+PROMPTS = [
+    "<|im_start|>user\nthe winter is long<|im_end|>\n<|im_start|>assistant\n",
+    "hello there",
+    "numbers 1234 and more numbers 5678, then some text to make this prompt longer",
+    "on",
+    "the the the the",
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n",
+]
+# Different lengths, so sequences leave the batch at different steps.
+MAX_TOKENS = [12, 30, 7, 25, 18, 3]
+
+
+def request(i: int) -> dict[str, Any]:
+    sampled = i % 2 == 1  # half greedy, half seeded sampling
+    return {
+        "max_tokens": MAX_TOKENS[i],
+        "temperature": 0.9 if sampled else 0.0,
+        "top_p": 0.9 if sampled else 1.0,
+        "seed": 100 + i,
+    }
+
+
+async def ids(generator: Generator, i: int, started: asyncio.Event | None = None) -> list[int]:
+    out: list[int] = []
+    async for delta in generator.generate(PROMPTS[i], **request(i)):
+        out += delta.token_ids
+        if started is not None:
+            started.set()
+    return out
+
+
+@pytest.fixture
+def batched(tiny_model_dir: Path) -> Iterator[Generator]:
+    generator = Generator(tiny_model_dir, max_batch=4, intra_op_threads=1)
+    yield generator
+    generator.close()
+
+
+@pytest.fixture
+def alone(tiny_model_dir: Path) -> Iterator[Generator]:
+    generator = Generator(tiny_model_dir, max_batch=1, intra_op_threads=1)
+    yield generator
+    generator.close()
+
+
+async def test_batched_sequences_joining_and_leaving_equal_each_alone(
+    batched: Generator, alone: Generator
+) -> None:
+    expected = [await ids(alone, i) for i in range(len(PROMPTS))]
+    assert set(alone.batch_sizes) == {1}
+    # Three start together; the other three join once the first has produced a token.
+    first_token = asyncio.Event()
+    early = [asyncio.create_task(ids(batched, 0, first_token))]
+    early += [asyncio.create_task(ids(batched, i)) for i in (1, 2)]
+    await first_token.wait()
+    late = [asyncio.create_task(ids(batched, i)) for i in (3, 4, 5)]
+    results = await asyncio.gather(*early, *late)
+    assert results == expected
+    assert max(batched.batch_sizes) == 4  # max_batch bounds every call
+    assert batched.batch_sizes[0] < 4 and 1 in batched.batch_sizes[-3:]  # joined and left
+
+
+async def test_a_cancelled_sequence_leaves_without_disturbing_the_others(
+    batched: Generator, alone: Generator
+) -> None:
+    expected = [await ids(alone, i) for i in (1, 3)]
+    leaving: list[Delta] = []
+
+    async def leave_after_two() -> None:
+        async for delta in batched.generate(PROMPTS[0], max_tokens=1000):
+            leaving.append(delta)
+            if len(leaving) == 2:
+                break
+
+    stays = [asyncio.create_task(ids(batched, i)) for i in (1, 3)]
+    await leave_after_two()
+    assert await asyncio.gather(*stays) == expected
+    assert sum(len(d.token_ids) for d in leaving) < 1000
+
+
+async def test_task_cancellation_frees_the_slot(batched: Generator) -> None:
+    started = asyncio.Event()
+    blocker = asyncio.create_task(ids(batched, 1, started))
+    await started.wait()
+    blocker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocker
+    assert len(await ids(batched, 2)) == MAX_TOKENS[2]
