@@ -2,9 +2,11 @@
 
 The scheduler loop, on its own thread (it owns the ONNX Runtime session):
 1. takes new requests; drops cancelled ones (their memory is freed at once);
-2. admits one waiting request while fewer than `max_batch` run: its prompt is prefilled in a
-   call of its own and its first token sampled (chunked prefill mixed into decode steps is
-   next: today a long prompt delays the running sequences by one prefill);
+2. admits waiting requests, oldest first, while fewer than `max_batch` run and their prompts
+   fit `prefill_tokens` (at least one is admitted per step): their prompts are prefilled
+   together in one call (padded, masked) and each one's first token sampled. Chunked prefill
+   mixed into decode steps is next: today a step with prompts delays the running sequences
+   by that prefill;
 3. runs one decode call for every running sequence (one new token each, past KV padded to
    the longest and masked), samples each row, hands out text, retires finished sequences.
 
@@ -148,10 +150,12 @@ class Scheduler:
         decode: Callable[[list[int]], str],
         *,
         max_batch: int = 16,
+        prefill_tokens: int = 512,
         name: str = "generate",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.prefill_tokens = prefill_tokens
         self._run_decoder = run_decoder
         self._config = config
         self._stop_ids = stop_token_ids
@@ -190,7 +194,7 @@ class Scheduler:
                     continue  # take every queued request before running a step
             self._drop_cancelled()
             if self._waiting and len(self._running) < self.max_batch:
-                self._admit(self._waiting.popleft())
+                self._admit(self._admissible())
             if self._running:
                 self._decode_step()
 
@@ -202,16 +206,26 @@ class Scheduler:
             self._running.remove(seq)
             seq.request.emit(None)
 
-    def _admit(self, request: Request) -> None:
-        seq = Sequence(request, self._config, self._stop_ids, self._decode)
+    def _admissible(self) -> list[Request]:
+        """The oldest waiting requests that fit the free rows and the prefill token budget."""
+        admitted = [self._waiting.popleft()]
+        tokens = len(admitted[0].prompt_ids)
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+            tokens += len(self._waiting[0].prompt_ids)
+            if tokens > self.prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _admit(self, requests: list[Request]) -> None:
+        batch = [Sequence(r, self._config, self._stop_ids, self._decode) for r in requests]
         try:
-            logits = self._run([seq], [request.prompt_ids])
-            finished = seq.accept(logits[0])
+            logits = self._run(batch, [r.prompt_ids for r in requests])
+            finished = {id(s) for s, row in zip(batch, logits, strict=True) if s.accept(row)}
         except Exception as exc:
-            self._fail([seq], exc)
+            self._fail(batch, exc)
             return
-        if not finished:
-            self._running.append(seq)
+        self._running += [s for s in batch if id(s) not in finished]
 
     def _decode_step(self) -> None:
         batch = list(self._running)

@@ -37,10 +37,18 @@ Messages = Sequence[Mapping[str, Any]]
 class Generator:
     """Text generation with one converted model directory (see `engine.generate.build`).
 
-    `max_batch` bounds how many sequences share one decoder call; `intra_op_threads` is
-    ONNX Runtime's thread count for the decoder (0: one per core)."""
+    `max_batch` bounds how many sequences share one decoder call; `prefill_tokens` bounds the
+    prompt tokens admitted in one step (a longer prompt is still admitted, alone);
+    `intra_op_threads` is ONNX Runtime's thread count for the decoder (0: one per core)."""
 
-    def __init__(self, model_dir: Path, *, max_batch: int = 16, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        max_batch: int = 16,
+        prefill_tokens: int = 512,
+        intra_op_threads: int = 0,
+    ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -70,6 +78,7 @@ class Generator:
             self.stop_token_ids,
             self.decode,
             max_batch=max_batch,
+            prefill_tokens=prefill_tokens,
             name=f"generate-{self.name}",
         )
 

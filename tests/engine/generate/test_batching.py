@@ -5,6 +5,7 @@ leaves at once without disturbing the others, and `max_batch` bounds every call.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,17 @@ async def test_task_cancellation_frees_the_slot(batched: Generator) -> None:
     with pytest.raises(asyncio.CancelledError):
         await blocker
     assert len(await ids(batched, 2)) == MAX_TOKENS[2]
+
+
+async def test_the_prefill_budget_admits_one_long_prompt_per_step(
+    tiny_model_dir: Path, alone: Generator
+) -> None:
+    expected = [await ids(alone, i) for i in range(4)]
+    generator = Generator(tiny_model_dir, max_batch=8, prefill_tokens=1, intra_op_threads=1)
+    try:
+        results = await asyncio.gather(*(ids(generator, i) for i in range(4)))
+    finally:
+        generator.close()
+    assert results == expected
+    sizes = generator.batch_sizes
+    assert all(later - earlier <= 1 for earlier, later in itertools.pairwise(sizes))
