@@ -17,6 +17,7 @@ I/O (per-layer past in, new KV out, additive mask) was shaped for it.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import deque
@@ -28,10 +29,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from engine.generate.decoder_io import MASKED, new_key, new_value, past_key, past_value
+from engine.generate.errors import GenerateError
 from engine.generate.gguf_model import LlamaConfig
 from engine.generate.sampling import SamplingParams, sample
 
 F32 = NDArray[np.float32]
+log = logging.getLogger("engine.generate")
 RunDecoder = Callable[[dict[str, NDArray[Any]]], dict[str, F32]]
 
 
@@ -93,7 +96,7 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return 0
 
 
-class Sequence:
+class SequenceState:
     """A running request: its cache, sampler state and the text handed out so far."""
 
     def __init__(
@@ -163,22 +166,39 @@ class Scheduler:
         self.max_batch = max_batch
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
-        self._running: list[Sequence] = []
+        self._running: list[SequenceState] = []
+        self._closed = False
         self.batch_sizes: list[int] = []  # decode batch size of every step (for tests, metrics)
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, request: Request) -> None:
+        """Queue `request`; raises `GenerateError` once closed (or if the loop died)."""
+        if self._closed or not self._thread.is_alive():
+            raise GenerateError("the generator is closed")
         self._inbox.put(request)
 
     def close(self) -> None:
         """Finish every request already submitted, then stop the thread."""
+        self._closed = True
         self._inbox.put(None)
         self._thread.join()
 
     # -- the loop --------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the loop itself: nobody may wait forever
+            log.exception("the generation scheduler stopped")
+            for request in [*self._waiting, *(s.request for s in self._running)]:
+                request.emit(GenerateError(f"the generation scheduler stopped: {exc!r}"))
+                request.emit(None)
+            self._waiting.clear()
+            self._running.clear()
+            raise
+
+    def _loop(self) -> None:
         closing = False
         while not closing or self._waiting or self._running:
             idle = not self._waiting and not self._running
@@ -218,7 +238,7 @@ class Scheduler:
         return admitted
 
     def _admit(self, requests: list[Request]) -> None:
-        batch = [Sequence(r, self._config, self._stop_ids, self._decode) for r in requests]
+        batch = [SequenceState(r, self._config, self._stop_ids, self._decode) for r in requests]
         try:
             logits = self._run(batch, [r.prompt_ids for r in requests])
             finished = {id(s) for s, row in zip(batch, logits, strict=True) if s.accept(row)}
@@ -238,16 +258,15 @@ class Scheduler:
             return
         self._running = [s for s in self._running if id(s) not in finished]
 
-    def _fail(self, batch: list[Sequence], exc: Exception) -> None:
-        from engine.generate.errors import GenerateError
-
+    def _fail(self, batch: list[SequenceState], exc: Exception) -> None:
+        log.exception("generation step failed for %d sequence(s)", len(batch), exc_info=exc)
         for seq in batch:
             if seq in self._running:
                 self._running.remove(seq)
             seq.request.emit(GenerateError(f"generation failed: {exc}"))
             seq.request.emit(None)
 
-    def _run(self, batch: list[Sequence], tokens: list[list[int]]) -> F32:
+    def _run(self, batch: list[SequenceState], tokens: list[list[int]]) -> F32:
         """One decoder call: `tokens[r]` follow row r's cache; the last real token's logits."""
         cfg = self._config
         rows, seq = len(batch), max(len(t) for t in tokens)

@@ -123,3 +123,23 @@ async def test_the_decoder_runs_off_the_event_loop_thread(tiny_generator: Genera
     tiny_generator._session.run = spy  # type: ignore[method-assign]
     await collect(tiny_generator, PROMPT, max_tokens=3)
     assert seen and loop_thread not in seen
+
+
+async def test_a_closed_generator_refuses_new_requests(tiny_model_dir: Path) -> None:
+    generator = Generator(tiny_model_dir, intra_op_threads=1)
+    generator.close()
+    with pytest.raises(GenerateError, match="closed"):
+        await collect(generator, PROMPT, max_tokens=2)
+
+
+async def test_a_decoder_failure_ends_the_request_with_an_error(
+    tiny_generator: Generator,
+) -> None:
+    """ONNX Runtime refuses a token id outside the vocabulary: the caller gets the error and
+    the generator keeps serving."""
+    real_encode = tiny_generator.encode
+    tiny_generator.encode = lambda text: [10_000]  # type: ignore[method-assign]
+    with pytest.raises(GenerateError, match="generation failed"):
+        await collect(tiny_generator, "x", max_tokens=2)
+    tiny_generator.encode = real_encode  # type: ignore[method-assign]
+    assert len(ids_of(await collect(tiny_generator, PROMPT, max_tokens=3))) == 3
