@@ -7,7 +7,9 @@ The real SmolLM2-135M-Instruct (converted into the model cache on first use), sa
   gatewayd  Generator with continuous batching (max_batch 64): N streams share decoder calls
   naive     the same Generator with max_batch 1: requests run one at a time, in order
 Each stream has its own ~200-token prompt, greedy, up to 64 new tokens (a stop token may end
-one sooner: tokens are counted, not assumed). Prints a table, then one JSON line.
+one sooner: tokens are counted, not assumed). Prints a table, then one JSON line. Tokens per
+CPU-second (this process's user+system time) is the figure to compare on a shared machine,
+where wall-clock rates move with other jobs' load.
 First slice: no llama-cpp-python column yet, no prefix-cache or start-up targets.
 """
 
@@ -43,6 +45,7 @@ def prompts(generator: Generator, n: int, tokens: int) -> list[str]:
 
 
 async def run(generator: Generator, texts: list[str], new_tokens: int) -> dict[str, float]:
+    cpu_started = time.process_time()
     started = time.perf_counter()
     ttft: list[float] = []
     produced: list[int] = []
@@ -58,8 +61,10 @@ async def run(generator: Generator, texts: list[str], new_tokens: int) -> dict[s
 
     await asyncio.gather(*(stream(t) for t in texts))
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     return {
         "tok_s": sum(produced) / wall,
+        "tok_per_cpu_s": sum(produced) / cpu,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),
         "tokens": float(sum(produced)),
@@ -94,7 +99,8 @@ async def main() -> None:
                 results[mode][n] = await run(generator, texts, args.new_tokens)
                 r = results[mode][n]
                 print(
-                    f"{mode:>9} {n:>4} streams: {r['tok_s']:7.1f} tok/s  "
+                    f"{mode:>9} {n:>4} streams: {r['tok_s']:7.1f} tok/s "
+                    f"({r['tok_per_cpu_s']:6.1f} per CPU-s)  "
                     f"TTFT p50 {r['ttft_p50_s']:6.2f} s  p99 {r['ttft_p99_s']:6.2f} s  "
                     f"({r['tokens']:.0f} tokens in {r['wall_s']:.1f} s)",
                     flush=True,
@@ -111,12 +117,15 @@ async def main() -> None:
     for mode, by_n in results.items():
         for n, r in by_n.items():
             line[f"{mode}_{n}_tok_s"] = round(r["tok_s"], 1)
+            line[f"{mode}_{n}_tok_per_cpu_s"] = round(r["tok_per_cpu_s"], 1)
             line[f"{mode}_{n}_ttft_p99_s"] = round(r["ttft_p99_s"], 2)
     if "gatewayd" in results and "naive" in results:
         shared = sorted(set(results["gatewayd"]) & set(results["naive"]))
         for n in shared:
             ratio = results["gatewayd"][n]["tok_s"] / results["naive"][n]["tok_s"]
             line[f"speedup_{n}_vs_naive"] = round(ratio, 2)
+            per_cpu = results["gatewayd"][n]["tok_per_cpu_s"] / results["naive"][n]["tok_per_cpu_s"]
+            line[f"cpu_speedup_{n}_vs_naive"] = round(per_cpu, 2)
     print(json.dumps(line))
 
 

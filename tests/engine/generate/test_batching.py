@@ -10,9 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.generate import Delta, Generator
+from engine.generate.batching import Request, SequenceState
+from engine.generate.sampling import SamplingParams
+from tests.engine.generate.llama_reference import ReferenceLlama
 
 PROMPTS = [
     "<|im_start|>user\nthe winter is long<|im_end|>\n<|im_start|>assistant\n",
@@ -116,3 +120,31 @@ async def test_the_prefill_budget_admits_one_long_prompt_per_step(
     assert results == expected
     sizes = generator.batch_sizes
     assert all(later - earlier <= 1 for earlier, later in itertools.pairwise(sizes))
+
+
+def test_one_padded_call_serves_prompts_and_caches_of_different_lengths(
+    tiny_generator: Generator, tiny_gguf: Path
+) -> None:
+    """The scheduler's own padding and masking, prefill then decode, against the reference."""
+    reference = ReferenceLlama(tiny_gguf)
+    scheduler = tiny_generator._scheduler
+    prompts = [tiny_generator.encode(PROMPTS[i]) for i in (1, 2, 3)]
+    assert len({len(p) for p in prompts}) == 3
+    batch = [
+        SequenceState(
+            Request(p, 8, SamplingParams(), None, (), lambda _: None),
+            tiny_generator.config,
+            tiny_generator.stop_token_ids,
+            tiny_generator.decode,
+        )
+        for p in prompts
+    ]
+    logits = scheduler._run(batch, prompts)
+    for row, prompt in zip(logits, prompts, strict=True):
+        np.testing.assert_allclose(row, reference.logits(prompt)[-1], rtol=1e-4, atol=1e-4)
+    following = [[int(np.argmax(row))] for row in logits]
+    logits = scheduler._run(batch, following)
+    for row, prompt, token in zip(logits, prompts, following, strict=True):
+        expected = reference.logits(prompt + token)[-1]
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-4)
+    assert [s.cache.length for s in batch] == [len(p) + 1 for p in prompts]
