@@ -189,6 +189,14 @@ class Scheduler:
     def _serve(self) -> None:
         try:
             self._loop()
+            while True:  # a request that raced close(): refuse it rather than leave it waiting
+                try:
+                    late = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if late is not None:
+                    late.emit(GenerateError("the generator is closed"))
+                    late.emit(None)
         except BaseException as exc:  # a bug in the loop itself: nobody may wait forever
             log.exception("the generation scheduler stopped")
             for request in [*self._waiting, *(s.request for s in self._running)]:
