@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.generate import Generator, ensure_model
+from engine.generate import Generator
+from engine.generate.build import ensure_model
 
 PARAGRAPH = (
     "The gateway collects readings from thermostats, door sensors and air-quality monitors "

@@ -5,11 +5,10 @@ A Llama-architecture GGUF file (the test model is SmolLM2-135M-Instruct, shipped
 `Generator` on ONNX Runtime. The converter needs only `gguf`, `onnx` and numpy (no torch).
 
 This package never imports `gatewayd` (nor `protocols`): it is usable and testable alone.
-It needs the `llm` extra (`pip install 'gatewayd[cpu,llm]'`); importing it without that extra
-works, the heavy packages are imported where they are used.
+It needs the `llm` extra (`pip install 'gatewayd[cpu,llm]'`). Building a model directory:
+`engine.generate.build` (`ensure_model`, or `python -m engine.generate.build`).
 """
 
-from engine.generate.build import ensure_model
 from engine.generate.errors import GenerateError, ModelBuildError, ModelFetchError
 from engine.generate.generator import Delta, Generator
 from engine.generate.sampling import SamplingParams
@@ -21,5 +20,4 @@ __all__ = [
     "ModelBuildError",
     "ModelFetchError",
     "SamplingParams",
-    "ensure_model",
 ]

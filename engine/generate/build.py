@@ -29,14 +29,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.generate.decoder_io import (
+    DECODER_FILE,
+    FORMAT_VERSION,
+    GENERATION_FILE,
+    TOKENIZER_FILE,
+)
 from engine.generate.errors import GenerateError, ModelBuildError, ModelFetchError
+
+__all__ = [
+    "DECODER_FILE",
+    "GENERATION_FILE",
+    "KNOWN_MODELS",
+    "TOKENIZER_FILE",
+    "convert",
+    "default_cache_dir",
+    "ensure_model",
+    "fetch_gguf",
+    "is_built",
+    "main",
+    "verify",
+]
 
 Progress = Callable[[str], None]
 
-FORMAT_VERSION = 1  # bump when the graph's I/O or the directory layout changes
-DECODER_FILE = "decoder.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-GENERATION_FILE = "generation.json"
 STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 
@@ -140,30 +156,38 @@ def _stop_token_ids(tokens: list[str], eos: int | None) -> list[int]:
     return sorted(ids)
 
 
-def convert(gguf_path: Path, out_dir: Path, progress: Progress = _silent) -> Path:
-    """Convert `gguf_path` into model directory `out_dir` (replaced if it exists)."""
+def convert(
+    gguf_path: Path, out_dir: Path, progress: Progress = _silent, *, weights: str = "fp32"
+) -> Path:
+    """Convert `gguf_path` into model directory `out_dir` (replaced if it exists), with
+    weights in format `weights` ("fp32" or "q4", see onnx_export.WEIGHT_FORMATS)."""
     from engine.generate.gguf_model import read_gguf
     from engine.generate.onnx_export import build_decoder, save_decoder
     from engine.generate.tokenizer import build_tokenizer
 
     started = time.perf_counter()
-    progress(f"reading {gguf_path.name} (dequantising to fp32)")
-    weights = read_gguf(gguf_path)
-    tokenizer = build_tokenizer(weights.tokenizer)
+    progress(f"reading {gguf_path.name} (dequantising; weights {weights})")
+    model_weights = read_gguf(gguf_path, keep_q4=weights == "q4")
+    tokenizer = build_tokenizer(model_weights.tokenizer)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model = build_decoder(weights, progress=lambda step: progress(f"building graph: {step}"))
+        model = build_decoder(
+            model_weights,
+            progress=lambda step: progress(f"building graph: {step}"),
+            weight_format=weights,
+        )
         progress(f"writing {DECODER_FILE}")
         save_decoder(model, staging / DECODER_FILE)
         del model
         tokenizer.save(str(staging / TOKENIZER_FILE))
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        tok = weights.tokenizer
+        tok = model_weights.tokenizer
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION,
-            "name": weights.name,
-            "config": weights.config.to_json(),
+            "name": model_weights.name,
+            "weights": weights,
+            "config": model_weights.config.to_json(),
             "chat_template": tok.chat_template,
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,
@@ -183,13 +207,16 @@ def convert(gguf_path: Path, out_dir: Path, progress: Progress = _silent) -> Pat
     return out_dir
 
 
-def is_built(out_dir: Path, source_sha256: str | None = None) -> bool:
-    """Whether `out_dir` is a complete model directory of this format (and of that source)."""
+def is_built(out_dir: Path, source_sha256: str | None = None, weights: str | None = None) -> bool:
+    """Whether `out_dir` is a complete model directory of this format (and of that source,
+    with those weights)."""
     try:
         meta = json.loads((out_dir / GENERATION_FILE).read_text())
     except (OSError, ValueError):
         return False
     if meta.get("format") != FORMAT_VERSION:
+        return False
+    if weights is not None and meta.get("weights", "fp32") != weights:
         return False
     if source_sha256 is not None and meta.get("source", {}).get("sha256") != source_sha256:
         return False
@@ -211,14 +238,17 @@ def ensure_model(
     out_dir: Path | None = None,
     cache_dir: Path | None = None,
     progress: Progress = _silent,
+    *,
+    weights: str = "fp32",
 ) -> Path:
-    """The converted directory of known model `name`, fetching and converting only if needed."""
+    """The converted directory of known model `name`, fetching and converting only if needed
+    (default: `CACHE/NAME/onnx-WEIGHTS`)."""
     cache = cache_dir or default_cache_dir()
-    target = out_dir or cache / name / "onnx-fp32"
+    target = out_dir or cache / name / f"onnx-{weights}"
     known = KNOWN_MODELS.get(name)
-    if known is not None and is_built(target, known.sha256):
+    if known is not None and is_built(target, known.sha256, weights):
         return target
-    return convert(fetch_gguf(name, cache, progress), target, progress)
+    return convert(fetch_gguf(name, cache, progress), target, progress, weights=weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir", type=Path, help=f"download cache (default: {default_cache_dir()})"
     )
+    parser.add_argument(
+        "--weights", choices=("fp32", "q4"), default="fp32", help="weight format (default fp32)"
+    )
     parser.add_argument("--force", action="store_true", help="convert even if already built")
     parser.add_argument("--verify", action="store_true", help="check the sha256 of every file")
     args = parser.parse_args(argv)
@@ -242,14 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model.endswith(".gguf"):
             out = args.out or Path(args.model).with_suffix("")
-            convert(Path(args.model), out, progress)
+            convert(Path(args.model), out, progress, weights=args.weights)
         else:
             cache = args.cache_dir or default_cache_dir()
-            out = args.out or cache / args.model / "onnx-fp32"
+            out = args.out or cache / args.model / f"onnx-{args.weights}"
             if args.force:
-                convert(fetch_gguf(args.model, cache, progress), out, progress)
+                gguf = fetch_gguf(args.model, cache, progress)
+                convert(gguf, out, progress, weights=args.weights)
             else:
-                out = ensure_model(args.model, out, cache, progress)
+                out = ensure_model(args.model, out, cache, progress, weights=args.weights)
         if args.verify:
             bad = verify(out)
             if bad:

@@ -1,7 +1,13 @@
-"""Names and constants of the decoder graph's I/O, shared by the exporter and the runner
-(kept apart so running a converted model never needs the `onnx` package)."""
+"""Names shared by the converter and the runner: the model directory's files, the decoder
+graph's inputs and outputs (kept apart so running a converted model needs neither `onnx` nor
+`gguf`)."""
 
 from __future__ import annotations
+
+FORMAT_VERSION = 1  # bump when the graph's I/O or the directory layout changes
+DECODER_FILE = "decoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_FILE = "generation.json"
 
 MASKED = -1e30  # attention_bias value that hides a key; finite, so a fully hidden row is no NaN
 

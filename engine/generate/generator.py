@@ -1,6 +1,6 @@
 """`Generator`: stream text from a converted model on ONNX Runtime, off the event loop.
 
-    generator = Generator(ensure_model("smollm2"))
+    generator = Generator(ensure_model("smollm2"))   # from engine.generate.build
     async for delta in generator.generate([{"role": "user", "content": "Hi"}], max_tokens=64):
         print(delta.text, end="")          # delta.token_ids, delta.finish_reason on the last
 
@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from engine.generate.batching import Delta, Request, Scheduler
-from engine.generate.build import DECODER_FILE, GENERATION_FILE, TOKENIZER_FILE
+from engine.generate.decoder_io import DECODER_FILE, GENERATION_FILE, TOKENIZER_FILE
 from engine.generate.errors import GenerateError
 from engine.generate.gguf_model import LlamaConfig
 from engine.generate.sampling import SamplingParams

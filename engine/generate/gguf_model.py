@@ -69,9 +69,65 @@ class TokenizerData:
         return [i for i, kind in enumerate(self.token_types) if kind in kinds]
 
 
+Q4_BLOCK = 32  # elements per Q4_1 block
+
+
+@dataclass(frozen=True)
+class BlockQ4:
+    """A Q4_1 matrix (out, in) repacked for ONNX Runtime's MatMulNBits: per block of 32
+    inputs, value = (code - zero_point) * scale. Q4_1 stores value = d * code + m, so
+    scale = d and zero_point = -m / d (a block with d = 0 holds m everywhere: code 1, scale m).
+    `packed` holds two codes per byte, element 2j in the low nibble, 2j+1 in the high one."""
+
+    packed: NDArray[np.uint8]  # [out, in / 32, 16]
+    scales: F32  # [out, in / 32]
+    zero_points: F32  # [out, in / 32]
+
+    @classmethod
+    def from_q4_1(cls, raw: NDArray[np.uint8], out_dim: int, in_dim: int) -> BlockQ4:
+        blocks = raw.reshape(out_dim, in_dim // Q4_BLOCK, 20)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        low_high = blocks[..., 4:]  # byte j: element j (low nibble), element j + 16 (high)
+        codes = np.concatenate([low_high & 0x0F, low_high >> 4], axis=-1)
+        flat = d == 0
+        codes[flat] = 1
+        scales = np.where(flat, m, d).astype(np.float32)
+        zero_points = np.where(flat, 0.0, -m / np.where(flat, 1.0, d)).astype(np.float32)
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+        return cls(packed, scales, zero_points)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * Q4_BLOCK
+
+    def take_rows(self, index: NDArray[np.int64]) -> BlockQ4:
+        return BlockQ4(self.packed[index], self.scales[index], self.zero_points[index])
+
+    def scaled(self, factor: float) -> BlockQ4:
+        return BlockQ4(self.packed, self.scales * np.float32(factor), self.zero_points)
+
+    @classmethod
+    def stack(cls, parts: list[BlockQ4]) -> BlockQ4:
+        """The matrices one above the other (outputs concatenated)."""
+        return cls(
+            np.concatenate([p.packed for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            np.concatenate([p.zero_points for p in parts]),
+        )
+
+    def dequantize(self) -> F32:
+        codes = np.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(
+            *self.scales.shape, Q4_BLOCK
+        )
+        values = (codes - self.zero_points[..., None]) * self.scales[..., None]
+        return values.reshape(self.shape).astype(np.float32)
+
+
 @dataclass
 class LlamaWeights:
-    """fp32 weights in (out, in) layout; `output` is None when the head is tied to `token_embd`."""
+    """fp32 weights in (out, in) layout; `output` is None when the head is tied to `token_embd`.
+    `q4` holds the Q4_1 layer matrices repacked (by tensor name, "blk.0.attn_q"), when asked."""
 
     config: LlamaConfig
     tokenizer: TokenizerData
@@ -80,6 +136,7 @@ class LlamaWeights:
     output: F32 | None
     layers: list[dict[str, F32]] = field(default_factory=list)
     name: str = ""
+    q4: dict[str, BlockQ4] = field(default_factory=dict)
 
 
 LAYER_TENSORS = (
@@ -109,9 +166,10 @@ def _required(reader: Any, key: str) -> Any:
     return value
 
 
-def read_gguf(path: Path) -> LlamaWeights:
-    """Read and dequantise every tensor of a Llama GGUF file. Raises `ModelBuildError`."""
-    from gguf import GGUFReader
+def read_gguf(path: Path, *, keep_q4: bool = False) -> LlamaWeights:
+    """Read and dequantise every tensor of a Llama GGUF file; with `keep_q4`, also keep each
+    Q4_1 layer matrix repacked as a `BlockQ4`. Raises `ModelBuildError`."""
+    from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
     try:
@@ -125,11 +183,17 @@ def read_gguf(path: Path) -> LlamaWeights:
             f"{', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     tensors: dict[str, F32] = {}
+    q4: dict[str, BlockQ4] = {}
     for tensor in reader.tensors:
         values = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists shapes innermost first; numpy's is outermost first.
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
         tensors[tensor.name] = np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+        is_layer = tensor.name.startswith("blk.") and len(shape) == 2
+        if keep_q4 and is_layer and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            q4[tensor.name.removesuffix(".weight")] = BlockQ4.from_q4_1(
+                np.asarray(tensor.data), *shape
+            )
 
     n_heads = int(_required(reader, f"{arch}.attention.head_count"))
     token_embd = tensors["token_embd.weight"]
@@ -174,4 +238,5 @@ def read_gguf(path: Path) -> LlamaWeights:
         output=tensors.get("output.weight"),
         layers=layers,
         name=str(_field(reader, "general.name", path.stem)),
+        q4=q4,
     )

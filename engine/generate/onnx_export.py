@@ -28,12 +28,24 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.generate.decoder_io import MASKED, new_key, new_value, past_key, past_value
-from engine.generate.gguf_model import F32, LlamaConfig, LlamaWeights
+from engine.generate.gguf_model import F32, Q4_BLOCK, BlockQ4, LlamaConfig, LlamaWeights
 
-__all__ = ["MASKED", "build_decoder", "rotary_tables", "save_decoder", "unpermute_rows"]
+__all__ = [
+    "MASKED",
+    "WEIGHT_FORMATS",
+    "build_decoder",
+    "rotary_tables",
+    "save_decoder",
+    "unpermute_rows",
+]
+
+# fp32: every weight dequantised. q4: the file's Q4_1 layer matrices kept 4-bit (MatMulNBits,
+# dequantised exactly as llama.cpp does); other tensors fp32.
+WEIGHT_FORMATS = ("fp32", "q4")
 
 OPSET = 17
 IR_VERSION = 8  # readable by every onnxruntime the project supports (>= 1.18)
@@ -46,6 +58,12 @@ def unpermute_rows(weight: F32, n_heads: int) -> F32:
     return np.ascontiguousarray(
         weight.reshape(n_heads, head_dim // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
     )
+
+
+def unpermute_index(out_dim: int, n_heads: int) -> NDArray[np.int64]:
+    """The row order `unpermute_rows` produces: unpermute_rows(w) == w[unpermute_index(...)]."""
+    head_dim = out_dim // n_heads
+    return np.arange(out_dim).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(out_dim)
 
 
 def rotary_tables(config: LlamaConfig) -> tuple[F32, F32]:
@@ -85,9 +103,18 @@ class _Graph:
 
 
 def build_decoder(
-    weights: LlamaWeights, progress: Callable[[str], None] | None = None
+    weights: LlamaWeights,
+    progress: Callable[[str], None] | None = None,
+    *,
+    weight_format: str = "fp32",
+    accuracy_level: int = 0,
 ) -> onnx.ModelProto:
-    """The decoder graph with every weight as an fp32 initializer."""
+    """The decoder graph, weights as initializers in `weight_format` (see WEIGHT_FORMATS;
+    "q4" needs `read_gguf(..., keep_q4=True)`). `accuracy_level` is MatMulNBits' compute
+    type (0: fp32 as the weights say; 4: int8 activations, faster, less exact)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    q4 = weights.q4 if weight_format == "q4" else {}
     cfg = weights.config
     hd, n_heads, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     group = n_heads // n_kv
@@ -136,14 +163,52 @@ def build_decoder(
     h = g.op("Gather", embedding, "input_ids")
     scale = np.float32(1.0 / np.sqrt(hd))
     outputs: list[str] = []
+
+    def linear(x: str, name: str, rows: F32, block: BlockQ4 | None) -> str:
+        """x @ rows.T, with the 4-bit form when there is one."""
+        if block is None:
+            return g.op("MatMul", x, g.const(name, np.ascontiguousarray(rows.T)))
+        out_dim, in_dim = block.shape
+        return g.op(
+            "MatMulNBits",
+            x,
+            g.const(f"{name}.q4", block.packed),
+            g.const(f"{name}.scales", block.scales.reshape(-1)),
+            g.const(f"{name}.zero_points", block.zero_points.reshape(-1)),
+            domain="com.microsoft",
+            K=in_dim,
+            N=out_dim,
+            bits=4,
+            block_size=Q4_BLOCK,
+            accuracy_level=accuracy_level,
+        )
+
+    def stacked(i: int, parts: list[tuple[str, NDArray[np.int64] | None, float]]) -> BlockQ4 | None:
+        """The named 4-bit matrices of layer i, rows reordered and scaled, one above the other
+        (None when any of them is not Q4_1: the fused matrix is then fp32)."""
+        blocks = [q4.get(f"blk.{i}.{name}") for name, _, _ in parts]
+        if any(b is None for b in blocks):
+            return None
+        ready = []
+        for block, (_, order, factor) in zip(blocks, parts, strict=True):
+            assert block is not None
+            block = block if order is None else block.take_rows(order)
+            ready.append(block if factor == 1.0 else block.scaled(factor))
+        return BlockQ4.stack(ready)
+
+    q_order = unpermute_index(cfg.d_model, n_heads)
+    k_order = unpermute_index(n_kv * hd, n_kv)
     for i, layer in enumerate(weights.layers):
         if progress:
             progress(f"layer {i + 1}/{cfg.n_layers}")
         wq = unpermute_rows(layer["attn_q"], n_heads) * scale
         wk = unpermute_rows(layer["attn_k"], n_kv)
-        wqkv = np.concatenate([wq, wk, layer["attn_v"]], axis=0).T
+        wqkv = np.concatenate([wq, wk, layer["attn_v"]], axis=0)
+        qkv_q4 = stacked(
+            i, [("attn_q", q_order, float(scale)), ("attn_k", k_order, 1.0), ("attn_v", None, 1.0)]
+        )
         x = rms_norm(h, layer["attn_norm"], f"blk.{i}.attn_norm")
-        qkv = g.op("MatMul", x, g.const(f"blk.{i}.attn_qkv", np.ascontiguousarray(wqkv)))
+        qkv = linear(x, f"blk.{i}.attn_qkv", wqkv, qkv_q4)
         q, k, v = g.op_n("Split", [qkv, split_qkv], 3, axis=-1)
         q = rope(g.op("Reshape", q, shape_heads), cos, sin)
         k = rope(g.op("Reshape", k, shape_kv), cos, sin)
@@ -162,16 +227,22 @@ def build_decoder(
             g.op("Transpose", g.op("Reshape", attended, shape_ungrouped), perm=[0, 2, 1, 3]),
             shape_model,
         )
-        wo = g.const(f"blk.{i}.attn_output", np.ascontiguousarray(layer["attn_output"].T))
-        h = g.op("Add", h, g.op("MatMul", merged, wo))
+        wo = layer["attn_output"]
+        attn_out = linear(
+            merged, f"blk.{i}.attn_output", wo, stacked(i, [("attn_output", None, 1.0)])
+        )
+        h = g.op("Add", h, attn_out)
 
         x = rms_norm(h, layer["ffn_norm"], f"blk.{i}.ffn_norm")
-        wgu = np.concatenate([layer["ffn_gate"], layer["ffn_up"]], axis=0).T
-        gate_up = g.op("MatMul", x, g.const(f"blk.{i}.ffn_gate_up", np.ascontiguousarray(wgu)))
+        wgu = np.concatenate([layer["ffn_gate"], layer["ffn_up"]], axis=0)
+        gu_q4 = stacked(i, [("ffn_gate", None, 1.0), ("ffn_up", None, 1.0)])
+        gate_up = linear(x, f"blk.{i}.ffn_gate_up", wgu, gu_q4)
         gate, up = g.op_n("Split", [gate_up, split_ffn], 2, axis=-1)
         activated = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        wd = g.const(f"blk.{i}.ffn_down", np.ascontiguousarray(layer["ffn_down"].T))
-        h = g.op("Add", h, g.op("MatMul", activated, wd))
+        down = linear(
+            activated, f"blk.{i}.ffn_down", layer["ffn_down"], stacked(i, [("ffn_down", None, 1.0)])
+        )
+        h = g.op("Add", h, down)
 
     h = rms_norm(h, weights.output_norm, "output_norm")
     picked = g.op("GatherND", h, g.op("Unsqueeze", "logits_index", axis_last), batch_dims=1)
@@ -204,7 +275,10 @@ def build_decoder(
     graph = helper.make_graph(
         g.nodes, weights.name or "llama", inputs, graph_outputs, initializer=g.initializers
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    opsets = [helper.make_opsetid("", OPSET)]
+    if any(node.domain == "com.microsoft" for node in g.nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = IR_VERSION
     model.producer_name = "gatewayd engine.generate"
     return model

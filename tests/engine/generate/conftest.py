@@ -23,6 +23,11 @@ def tiny_model_dir(tiny_gguf: Path) -> Path:
     return convert(tiny_gguf, tiny_gguf.parent / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_q4_model_dir(tiny_gguf: Path) -> Path:
+    return convert(tiny_gguf, tiny_gguf.parent / "model-q4", weights="q4")
+
+
 @pytest.fixture
 def tiny_generator(tiny_model_dir: Path) -> Iterator[Generator]:
     generator = Generator(tiny_model_dir, intra_op_threads=1)

@@ -57,6 +57,7 @@ def test_the_cli_converts_a_local_file_with_progress(tiny_gguf: Path, tmp_path: 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "building graph: layer 2/2" in result.stderr
+    assert "Warning" not in result.stderr
     assert "every file matches its recorded sha256" in result.stderr
     assert result.stdout.startswith(str(tmp_path / "cli"))
 

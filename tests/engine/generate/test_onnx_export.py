@@ -1,7 +1,8 @@
 """The ONNX decoder computes what llama.cpp computes: its logits equal a float64 numpy reference
 forward pass over the same GGUF weights, within rtol = atol = 1e-4 (fp32 against fp64), for a
 whole prompt at once, token by token through the past-KV inputs, and for a padded batch of
-sequences of different lengths (the layout continuous batching will use)."""
+sequences of different lengths (the layout continuous batching uses). Both weight formats:
+fp32 (dequantised) and q4 (the Q4_1 matrices kept 4-bit in MatMulNBits)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from engine.generate.decoder_io import MASKED
-from engine.generate.onnx_export import unpermute_rows
+from engine.generate.onnx_export import unpermute_index, unpermute_rows
 from tests.engine.generate import tiny_llama
 from tests.engine.generate.llama_reference import ReferenceLlama
 
@@ -22,11 +23,11 @@ KV_SHAPE = (tiny_llama.N_KV_HEADS, tiny_llama.D_MODEL // tiny_llama.N_HEADS)
 PROMPT = [1, 40, 75, 3, 200, 201, 9, 17, 260, 88, 120, 2, 33, 47]
 
 
-@pytest.fixture(scope="module")
-def session(tiny_model_dir: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(
-        str(tiny_model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"]
-    )
+@pytest.fixture(scope="module", params=["fp32", "q4"])
+def session(request: pytest.FixtureRequest) -> ort.InferenceSession:
+    fixture = "tiny_model_dir" if request.param == "fp32" else "tiny_q4_model_dir"
+    model_dir: Path = request.getfixturevalue(fixture)
+    return ort.InferenceSession(str(model_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +117,19 @@ def test_a_padded_batch_of_different_lengths_equals_each_sequence_alone(
     np.testing.assert_allclose(logits[1, 0], reference.logits(second)[-1], **TOLERANCE)
 
 
+def test_the_q4_graph_keeps_the_layer_matrices_4_bit(tiny_q4_model_dir: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(tiny_q4_model_dir / "decoder.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulNBits") == 4 * tiny_llama.N_LAYERS  # qkv, output, gate_up, down
+    assert "MatMul" in ops  # attention itself
+
+
 def test_unpermute_rows_inverts_llama_cpp_permutation() -> None:
     n_heads, head_dim, d_in = 3, 8, 5
     hf = np.random.default_rng(1).standard_normal((n_heads * head_dim, d_in)).astype(np.float32)
     # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
     gguf = hf.reshape(n_heads, 2, head_dim // 2, d_in).swapaxes(1, 2).reshape(hf.shape)
     np.testing.assert_array_equal(unpermute_rows(gguf, n_heads), hf)
+    np.testing.assert_array_equal(gguf[unpermute_index(n_heads * head_dim, n_heads)], hf)
