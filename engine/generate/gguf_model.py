@@ -116,6 +116,10 @@ class BlockQ4:
             np.concatenate([p.zero_points for p in parts]),
         )
 
+    def block_mins(self) -> F32:
+        """Per block, the value of code 0: value = code * scale + min (min = -zero_point * scale)."""
+        return (-self.zero_points * self.scales).astype(np.float32)
+
     def dequantize(self) -> F32:
         codes = np.stack([self.packed & 0x0F, self.packed >> 4], axis=-1).reshape(
             *self.scales.shape, Q4_BLOCK

@@ -43,8 +43,8 @@ __all__ = [
     "unpermute_rows",
 ]
 
-# fp32: every weight dequantised. q4: the file's Q4_1 layer matrices kept 4-bit (MatMulNBits,
-# dequantised exactly as llama.cpp does); other tensors fp32.
+# fp32: every weight dequantised. q4: the file's Q4_1 layer matrices kept 4-bit, exactly
+# (see `linear` in build_decoder); other tensors fp32.
 WEIGHT_FORMATS = ("fp32", "q4")
 
 OPSET = 17
@@ -164,17 +164,32 @@ def build_decoder(
     scale = np.float32(1.0 / np.sqrt(hd))
     outputs: list[str] = []
 
+    shared: dict[str, str] = {}  # constants every 4-bit matmul of a size reuses
+
+    def shared_const(name: str, value: np.ndarray) -> str:
+        if name not in shared:
+            shared[name] = g.const(name, value)
+        return shared[name]
+
     def linear(x: str, name: str, rows: F32, block: BlockQ4 | None) -> str:
-        """x @ rows.T, with the 4-bit form when there is one."""
+        """x @ rows.T, with the 4-bit form when there is one.
+
+        Q4_1 is value = code * d + m per block of 32. MatMulNBits' fast kernels (MLAS) need
+        *integer* zero points, which cannot express m exactly, so the 4-bit matmul runs with
+        zero point 0 (x @ (code * d).T) and the block minimums are added exactly by a small
+        fp32 matmul: (sum of x over each block) @ m.T, 1/32 of the work."""
         if block is None:
             return g.op("MatMul", x, g.const(name, np.ascontiguousarray(rows.T)))
         out_dim, in_dim = block.shape
-        return g.op(
+        n_blocks = in_dim // Q4_BLOCK
+        size = out_dim * ((n_blocks + 1) // 2)  # two 4-bit zero points a byte, per row
+        zero_points = shared_const(f"zero_points_{size}", np.zeros(size, np.uint8))
+        scaled_codes = g.op(
             "MatMulNBits",
             x,
             g.const(f"{name}.q4", block.packed),
             g.const(f"{name}.scales", block.scales.reshape(-1)),
-            g.const(f"{name}.zero_points", block.zero_points.reshape(-1)),
+            zero_points,
             domain="com.microsoft",
             K=in_dim,
             N=out_dim,
@@ -182,6 +197,14 @@ def build_decoder(
             block_size=Q4_BLOCK,
             accuracy_level=accuracy_level,
         )
+        blocks_shape = shared_const(
+            f"blocks_{in_dim}", np.array([0, 0, n_blocks, Q4_BLOCK], dtype=np.int64)
+        )
+        block_sums = g.op(
+            "ReduceSum", g.op("Reshape", x, blocks_shape), axis_last, keepdims=0
+        )  # [B, S, n_blocks]
+        mins = g.const(f"{name}.mins", np.ascontiguousarray(block.block_mins().T))
+        return g.op("Add", scaled_codes, g.op("MatMul", block_sums, mins))
 
     def stacked(i: int, parts: list[tuple[str, NDArray[np.int64] | None, float]]) -> BlockQ4 | None:
         """The named 4-bit matrices of layer i, rows reordered and scaled, one above the other
