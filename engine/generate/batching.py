@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.generate.decoder_io import MASKED, new_key, new_value, past_key, past_value
+from engine.generate.decoder_io import MASKED, past_key, past_value
 from engine.generate.errors import GenerateError
 from engine.generate.gguf_model import LlamaConfig
+from engine.generate.kv_pool import PAD_SLOT, BlockPool, BlockTable
 from engine.generate.sampling import SamplingParams, sample
 
 F32 = NDArray[np.float32]
@@ -62,32 +63,6 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-class KVCache:
-    """One sequence's keys and values, [layers][capacity, kv_heads, head_dim], grown by doubling."""
-
-    def __init__(self, config: LlamaConfig, capacity: int) -> None:
-        self.n_layers = config.n_layers
-        self.length = 0
-        shape = (capacity, config.n_kv_heads, config.head_dim)
-        self.keys = [np.empty(shape, np.float32) for _ in range(config.n_layers)]
-        self.values = [np.empty(shape, np.float32) for _ in range(config.n_layers)]
-
-    def store(self, outputs: dict[str, F32], row: int, n: int) -> None:
-        """Append the first `n` new tokens of batch row `row`."""
-        end = self.length + n
-        if end > self.keys[0].shape[0]:
-            capacity = max(end, 2 * self.keys[0].shape[0])
-            for cache in (self.keys, self.values):
-                for i, old in enumerate(cache):
-                    grown = np.empty((capacity, *old.shape[1:]), np.float32)
-                    grown[: self.length] = old[: self.length]
-                    cache[i] = grown
-        for i in range(self.n_layers):
-            self.keys[i][self.length : end] = outputs[new_key(i)][row, :n]
-            self.values[i][self.length : end] = outputs[new_value(i)][row, :n]
-        self.length = end
-
-
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters of `text` could still start one of `stops`."""
     for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
@@ -97,10 +72,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class SequenceState:
-    """A running request: its cache, sampler state and the text handed out so far."""
+    """A request in the scheduler: its block table, sampler state and the text handed out."""
 
     def __init__(
-        self, request: Request, config: LlamaConfig, stop_ids: frozenset[int], decode: Any
+        self,
+        request: Request,
+        config: LlamaConfig,
+        stop_ids: frozenset[int],
+        decode: Any,
+        pool: BlockPool,
     ) -> None:
         self.request = request
         self._stop_ids = stop_ids
@@ -108,10 +88,14 @@ class SequenceState:
         self.rng = np.random.default_rng(request.seed)
         prompt = len(request.prompt_ids)
         self.limit = min(prompt + request.max_tokens, config.context_length)
-        self.cache = KVCache(config, capacity=min(self.limit, 2 * prompt + 64))
+        self.cache = BlockTable(pool)
         self.generated: list[int] = []
         self._pending: list[int] = []  # token ids not yet handed out with text
         self._emitted = 0  # characters of the decoded text already handed out
+
+    def tokens_to_prefill(self) -> list[int]:
+        """The prompt, plus what was generated before a preemption (recomputed, not stored)."""
+        return self.request.prompt_ids + self.generated
 
     def accept(self, logits: F32) -> bool:
         """Sample the next token from `logits`, hand out text; True when finished."""
@@ -138,6 +122,7 @@ class SequenceState:
         return False
 
     def _finish(self, text: str, reason: str) -> None:
+        self.cache.free()  # before the caller hears of the end: its memory is back already
         self.request.emit(Delta(text[self._emitted :], tuple(self._pending), reason))
         self.request.emit(None)
 
@@ -154,29 +139,42 @@ class Scheduler:
         *,
         max_batch: int = 16,
         prefill_tokens: int = 512,
+        kv_cache_tokens: int = 8192,
+        block_size: int = 16,
         name: str = "generate",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
+        self.pool = BlockPool(config, -(-kv_cache_tokens // block_size) + 1, block_size)
         self._run_decoder = run_decoder
         self._config = config
         self._stop_ids = stop_token_ids
         self._decode = decode
-        self.max_batch = max_batch
-        self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
-        self._waiting: deque[Request] = deque()
-        self._running: list[SequenceState] = []
+        self._inbox: queue.SimpleQueue[SequenceState | None] = queue.SimpleQueue()
+        self._waiting: deque[SequenceState] = deque()
+        self._running: list[SequenceState] = []  # in admission order
         self._closed = False
         self.batch_sizes: list[int] = []  # decode batch size of every step (for tests, metrics)
+        self.preemptions = 0
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue `request`; raises `GenerateError` once closed (or if the loop died)."""
+        """Queue `request`. Raises `GenerateError` once closed (or if the loop died), or if
+        the request could not fit the KV pool even alone."""
         if self._closed or not self._thread.is_alive():
             raise GenerateError("the generator is closed")
-        self._inbox.put(request)
+        state = SequenceState(request, self._config, self._stop_ids, self._decode, self.pool)
+        needed = self.pool.blocks_for(state.limit)
+        if needed > self.pool.usable_blocks:
+            raise GenerateError(
+                f"the request needs up to {state.limit} tokens of KV cache; the pool holds "
+                f"{self.pool.usable_blocks * self.pool.block_size}: lower max_tokens or raise "
+                "kv_cache_tokens"
+            )
+        self._inbox.put(state)
 
     def close(self) -> None:
         """Finish every request already submitted, then stop the thread."""
@@ -195,13 +193,13 @@ class Scheduler:
                 except queue.Empty:
                     break
                 if late is not None:
-                    late.emit(GenerateError("the generator is closed"))
-                    late.emit(None)
+                    late.request.emit(GenerateError("the generator is closed"))
+                    late.request.emit(None)
         except BaseException as exc:  # a bug in the loop itself: nobody may wait forever
             log.exception("the generation scheduler stopped")
-            for request in [*self._waiting, *(s.request for s in self._running)]:
-                request.emit(GenerateError(f"the generation scheduler stopped: {exc!r}"))
-                request.emit(None)
+            for seq in [*self._waiting, *self._running]:
+                seq.request.emit(GenerateError(f"the generation scheduler stopped: {exc!r}"))
+                seq.request.emit(None)
             self._waiting.clear()
             self._running.clear()
             raise
@@ -221,41 +219,62 @@ class Scheduler:
                     self._waiting.append(item)
                     continue  # take every queued request before running a step
             self._drop_cancelled()
-            if self._waiting and len(self._running) < self.max_batch:
-                self._admit(self._admissible())
+            admitted = self._admissible()
+            if admitted:
+                self._admit(admitted)
             if self._running:
                 self._decode_step()
 
     def _drop_cancelled(self) -> None:
-        for request in [r for r in self._waiting if r.cancelled.is_set()]:
-            self._waiting.remove(request)
-            request.emit(None)
+        for seq in [s for s in self._waiting if s.request.cancelled.is_set()]:
+            self._waiting.remove(seq)
+            seq.cache.free()
+            seq.request.emit(None)
         for seq in [s for s in self._running if s.request.cancelled.is_set()]:
             self._running.remove(seq)
+            seq.cache.free()
             seq.request.emit(None)
 
-    def _admissible(self) -> list[Request]:
-        """The oldest waiting requests that fit the free rows and the prefill token budget."""
-        admitted = [self._waiting.popleft()]
-        tokens = len(admitted[0].prompt_ids)
+    def _admissible(self) -> list[SequenceState]:
+        """The oldest waiting sequences that fit the free rows, the free KV blocks and the
+        prefill token budget (the first one needs only rows and blocks)."""
+        admitted: list[SequenceState] = []
+        tokens, free = 0, self.pool.free_blocks
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-            tokens += len(self._waiting[0].prompt_ids)
-            if tokens > self.prefill_tokens:
+            n = len(self._waiting[0].tokens_to_prefill())
+            need = self.pool.blocks_for(n)
+            if need > free or (admitted and tokens + n > self.prefill_tokens):
                 break
             admitted.append(self._waiting.popleft())
+            tokens, free = tokens + n, free - need
         return admitted
 
-    def _admit(self, requests: list[Request]) -> None:
-        batch = [SequenceState(r, self._config, self._stop_ids, self._decode) for r in requests]
+    def _admit(self, batch: list[SequenceState]) -> None:
         try:
-            logits = self._run(batch, [r.prompt_ids for r in requests])
+            logits = self._run(batch, [s.tokens_to_prefill() for s in batch])
             finished = {id(s) for s, row in zip(batch, logits, strict=True) if s.accept(row)}
         except Exception as exc:
             self._fail(batch, exc)
             return
-        self._running += [s for s in batch if id(s) not in finished]
+        for seq in batch:
+            if id(seq) in finished:
+                seq.cache.free()
+            else:
+                self._running.append(seq)
+
+    def _make_room(self) -> None:
+        """Free blocks for one more token of every running sequence, preempting the most
+        recently admitted ones (they go back to the front of the queue and are recomputed)."""
+        needed = sum(s.cache.blocks_needed(1) for s in self._running)
+        while needed > self.pool.free_blocks and len(self._running) > 1:
+            victim = self._running.pop()
+            needed -= victim.cache.blocks_needed(1)
+            victim.cache.free()
+            self._waiting.appendleft(victim)
+            self.preemptions += 1
 
     def _decode_step(self) -> None:
+        self._make_room()
         batch = list(self._running)
         self.batch_sizes.append(len(batch))
         try:
@@ -264,6 +283,8 @@ class Scheduler:
         except Exception as exc:
             self._fail(batch, exc)
             return
+        for seq in [s for s in self._running if id(s) in finished]:
+            seq.cache.free()
         self._running = [s for s in self._running if id(s) not in finished]
 
     def _fail(self, batch: list[SequenceState], exc: Exception) -> None:
@@ -271,11 +292,13 @@ class Scheduler:
         for seq in batch:
             if seq in self._running:
                 self._running.remove(seq)
+            seq.cache.free()
             seq.request.emit(GenerateError(f"generation failed: {exc}"))
             seq.request.emit(None)
 
     def _run(self, batch: list[SequenceState], tokens: list[list[int]]) -> F32:
-        """One decoder call: `tokens[r]` follow row r's cache; the last real token's logits."""
+        """One decoder call: `tokens[r]` follow row r's cache; the last real token's logits.
+        Each row's past is gathered from its blocks (padding reads the zero block)."""
         cfg = self._config
         rows, seq = len(batch), max(len(t) for t in tokens)
         width = max(s.cache.length for s in batch)
@@ -283,30 +306,23 @@ class Scheduler:
         positions = np.zeros((rows, seq), np.int64)
         bias = np.full((rows, seq, width + seq), MASKED, np.float32)
         causal = np.triu(np.full((seq, seq), MASKED, np.float32), k=1)
+        slots = np.full((rows, width), PAD_SLOT, np.int64)
         for r, (s, new) in enumerate(zip(batch, tokens, strict=True)):
             past, n = s.cache.length, len(new)
             ids[r, :n] = new
             positions[r] = np.arange(past, past + seq)
             bias[r, :, :past] = 0.0
             bias[r, :, width:] = causal
+            slots[r, :past] = s.cache.slots(0, past)
         feeds: dict[str, NDArray[Any]] = {
             "input_ids": ids,
             "position_ids": positions,
             "attention_bias": bias,
             "logits_index": np.array([[len(t) - 1] for t in tokens], np.int64),
         }
-        shape = (rows, width, cfg.n_kv_heads, cfg.head_dim)
         for i in range(cfg.n_layers):
-            if rows == 1:  # a view of the sequence's own buffer: no copy
-                cache = batch[0].cache
-                feeds[past_key(i)] = cache.keys[i][None, :width]
-                feeds[past_value(i)] = cache.values[i][None, :width]
-                continue
-            keys, values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            for r, s in enumerate(batch):
-                keys[r, : s.cache.length] = s.cache.keys[i][: s.cache.length]
-                values[r, : s.cache.length] = s.cache.values[i][: s.cache.length]
-            feeds[past_key(i)], feeds[past_value(i)] = keys, values
+            feeds[past_key(i)] = self.pool.keys[i][slots]
+            feeds[past_value(i)] = self.pool.values[i][slots]
         outputs = self._run_decoder(feeds)
         for r, (s, new) in enumerate(zip(batch, tokens, strict=True)):
             s.cache.store(outputs, r, len(new))

@@ -39,6 +39,9 @@ class Generator:
 
     `max_batch` bounds how many sequences share one decoder call; `prefill_tokens` bounds the
     prompt tokens admitted in one step (a longer prompt is still admitted, alone);
+    `kv_cache_tokens` sizes the KV pool, allocated once in blocks of `block_size` tokens
+    (fp32: 45 KiB a token for SmolLM2); when it runs out the newest sequences are preempted
+    and recomputed later;
     `intra_op_threads` is ONNX Runtime's thread count for the decoder (0: one per core)."""
 
     def __init__(
@@ -47,6 +50,8 @@ class Generator:
         *,
         max_batch: int = 16,
         prefill_tokens: int = 512,
+        kv_cache_tokens: int = 8192,
+        block_size: int = 16,
         intra_op_threads: int = 0,
     ) -> None:
         import onnxruntime as ort
@@ -79,6 +84,8 @@ class Generator:
             self.decode,
             max_batch=max_batch,
             prefill_tokens=prefill_tokens,
+            kv_cache_tokens=kv_cache_tokens,
+            block_size=block_size,
             name=f"generate-{self.name}",
         )
 

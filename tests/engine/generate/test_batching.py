@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.generate import Delta, Generator
+from engine.generate import Delta, GenerateError, Generator
 from engine.generate.batching import Request, SequenceState
 from engine.generate.sampling import SamplingParams
 from tests.engine.generate.llama_reference import ReferenceLlama
@@ -136,6 +137,7 @@ def test_one_padded_call_serves_prompts_and_caches_of_different_lengths(
             tiny_generator.config,
             tiny_generator.stop_token_ids,
             tiny_generator.decode,
+            scheduler.pool,
         )
         for p in prompts
     ]
@@ -148,3 +150,66 @@ def test_one_padded_call_serves_prompts_and_caches_of_different_lengths(
         expected = reference.logits(prompt + token)[-1]
         np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-4)
     assert [s.cache.length for s in batch] == [len(p) + 1 for p in prompts]
+    for s in batch:
+        s.cache.free()
+    assert scheduler.pool.free_blocks == scheduler.pool.usable_blocks
+
+
+async def test_a_full_kv_pool_preempts_and_recomputes_with_the_same_tokens(
+    tiny_model_dir: Path, alone: Generator
+) -> None:
+    expected = [await ids(alone, i) for i in range(len(PROMPTS))]
+    small = Generator(
+        tiny_model_dir, max_batch=6, kv_cache_tokens=96, block_size=4, intra_op_threads=1
+    )
+    try:
+        results = await asyncio.gather(*(ids(small, i) for i in range(len(PROMPTS))))
+        assert results == expected
+        assert small._scheduler.preemptions > 0
+        assert small._scheduler.pool.free_blocks == small._scheduler.pool.usable_blocks
+    finally:
+        small.close()
+
+
+async def test_a_request_larger_than_the_pool_is_refused(tiny_model_dir: Path) -> None:
+    small = Generator(tiny_model_dir, kv_cache_tokens=32, block_size=4, intra_op_threads=1)
+    try:
+        with pytest.raises(GenerateError, match="raise kv_cache_tokens"):
+            await ids_of_all(small.generate(PROMPTS[0], max_tokens=100))
+    finally:
+        small.close()
+
+
+async def ids_of_all(stream: Any) -> list[int]:
+    return [t async for d in stream for t in d.token_ids]
+
+
+async def test_no_block_leaks_after_1000_random_requests_with_cancellations(
+    tiny_model_dir: Path,
+) -> None:
+    rng = random.Random(0)
+    generator = Generator(
+        tiny_model_dir, max_batch=8, kv_cache_tokens=256, block_size=8, intra_op_threads=1
+    )
+    scheduler = generator._scheduler
+
+    async def one() -> None:
+        prompt = "".join(rng.choice("abcdef th\\n") for _ in range(rng.randint(1, 24)))
+        leave_after = rng.choice([None, 0, 1, 2])
+        stream = generator.generate(
+            prompt, max_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 1.0]), seed=1
+        )
+        seen = 0
+        async for _ in stream:
+            if leave_after is not None and seen >= leave_after:
+                break
+            seen += 1
+
+    try:
+        for _ in range(1000 // 50):
+            await asyncio.gather(*(one() for _ in range(50)))
+        generator.close()  # finishes whatever is still queued, then the pool must be whole
+        assert scheduler.pool.free_blocks == scheduler.pool.usable_blocks
+        assert not scheduler._waiting and not scheduler._running
+    finally:
+        generator.close()
