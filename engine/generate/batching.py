@@ -141,6 +141,7 @@ class Scheduler:
         prefill_tokens: int = 512,
         kv_cache_tokens: int = 8192,
         block_size: int = 16,
+        prefix_cache: bool = True,
         name: str = "generate",
     ) -> None:
         if max_batch < 1:
@@ -148,6 +149,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.pool = BlockPool(config, -(-kv_cache_tokens // block_size) + 1, block_size)
+        self.prefix_cache = prefix_cache
         self._run_decoder = run_decoder
         self._config = config
         self._stop_ids = stop_token_ids
@@ -239,7 +241,8 @@ class Scheduler:
         """The oldest waiting sequences that fit the free rows, the free KV blocks and the
         prefill token budget (the first one needs only rows and blocks)."""
         admitted: list[SequenceState] = []
-        tokens, free = 0, self.pool.free_blocks
+        # Conservative: shared prefix blocks would need fewer, never more.
+        tokens, free = 0, self.pool.available_blocks
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
             n = len(self._waiting[0].tokens_to_prefill())
             need = self.pool.blocks_for(n)
@@ -250,8 +253,16 @@ class Scheduler:
         return admitted
 
     def _admit(self, batch: list[SequenceState]) -> None:
+        prompts = [s.tokens_to_prefill() for s in batch]
+        if self.prefix_cache:
+            rest = [p[s.cache.share_prefix(p) :] for s, p in zip(batch, prompts, strict=True)]
+        else:
+            rest = prompts
         try:
-            logits = self._run(batch, [s.tokens_to_prefill() for s in batch])
+            logits = self._run(batch, rest)
+            if self.prefix_cache:
+                for s in batch:
+                    self.pool.remember(s.request.prompt_ids, s.cache.blocks)
             finished = {id(s) for s, row in zip(batch, logits, strict=True) if s.accept(row)}
         except Exception as exc:
             self._fail(batch, exc)
@@ -266,7 +277,7 @@ class Scheduler:
         """Free blocks for one more token of every running sequence, preempting the most
         recently admitted ones (they go back to the front of the queue and are recomputed)."""
         needed = sum(s.cache.blocks_needed(1) for s in self._running)
-        while needed > self.pool.free_blocks and len(self._running) > 1:
+        while needed > self.pool.available_blocks and len(self._running) > 1:
             victim = self._running.pop()
             needed -= victim.cache.blocks_needed(1)
             victim.cache.free()

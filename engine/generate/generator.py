@@ -41,7 +41,8 @@ class Generator:
     prompt tokens admitted in one step (a longer prompt is still admitted, alone);
     `kv_cache_tokens` sizes the KV pool, allocated once in blocks of `block_size` tokens
     (fp32: 45 KiB a token for SmolLM2); when it runs out the newest sequences are preempted
-    and recomputed later;
+    and recomputed later; with `prefix_cache`, prompts that start like an earlier one (a shared
+    system prompt) reuse its KV blocks instead of recomputing them;
     `intra_op_threads` is ONNX Runtime's thread count for the decoder (0: one per core)."""
 
     def __init__(
@@ -52,6 +53,7 @@ class Generator:
         prefill_tokens: int = 512,
         kv_cache_tokens: int = 8192,
         block_size: int = 16,
+        prefix_cache: bool = True,
         intra_op_threads: int = 0,
     ) -> None:
         import onnxruntime as ort
@@ -86,6 +88,7 @@ class Generator:
             prefill_tokens=prefill_tokens,
             kv_cache_tokens=kv_cache_tokens,
             block_size=block_size,
+            prefix_cache=prefix_cache,
             name=f"generate-{self.name}",
         )
 

@@ -152,7 +152,7 @@ def test_one_padded_call_serves_prompts_and_caches_of_different_lengths(
     assert [s.cache.length for s in batch] == [len(p) + 1 for p in prompts]
     for s in batch:
         s.cache.free()
-    assert scheduler.pool.free_blocks == scheduler.pool.usable_blocks
+    assert_every_block_returns(tiny_generator)
 
 
 async def test_a_full_kv_pool_preempts_and_recomputes_with_the_same_tokens(
@@ -166,9 +166,9 @@ async def test_a_full_kv_pool_preempts_and_recomputes_with_the_same_tokens(
         results = await asyncio.gather(*(ids(small, i) for i in range(len(PROMPTS))))
         assert results == expected
         assert small._scheduler.preemptions > 0
-        assert small._scheduler.pool.free_blocks == small._scheduler.pool.usable_blocks
     finally:
         small.close()
+    assert_every_block_returns(small)
 
 
 async def test_a_request_larger_than_the_pool_is_refused(tiny_model_dir: Path) -> None:
@@ -209,7 +209,43 @@ async def test_no_block_leaks_after_1000_random_requests_with_cancellations(
         for _ in range(1000 // 50):
             await asyncio.gather(*(one() for _ in range(50)))
         generator.close()  # finishes whatever is still queued, then the pool must be whole
-        assert scheduler.pool.free_blocks == scheduler.pool.usable_blocks
         assert not scheduler._waiting and not scheduler._running
+        assert_every_block_returns(generator)
     finally:
         generator.close()
+
+
+def assert_every_block_returns(generator: Generator) -> None:
+    """Blocks are free or held by the prefix cache alone; clearing the cache frees them all."""
+    pool = generator._scheduler.pool
+    assert pool.free_blocks + pool.cached_blocks == pool.usable_blocks
+    pool.clear_prefix_cache()
+    assert pool.free_blocks == pool.usable_blocks
+
+
+SYSTEM = "<|im_start|>system\nYou watch the building: the doors, the heating, the air.<|im_end|>\n"
+
+
+async def test_a_shared_prefix_is_computed_once_and_changes_no_token(
+    tiny_model_dir: Path,
+) -> None:
+    questions = [f"<|im_start|>user\n{q}<|im_end|>\n" for q in ("hi", "the door", "on on")]
+    kwargs: dict[str, Any] = {"max_tokens": 10, "temperature": 0.9, "seed": 4}
+
+    async def run(generator: Generator) -> list[list[int]]:
+        out = []
+        for question in questions:  # one after another: each can reuse the earlier blocks
+            out.append(await ids_of_all(generator.generate(SYSTEM + question, **kwargs)))
+        return out
+
+    cold = Generator(tiny_model_dir, block_size=4, prefix_cache=False, intra_op_threads=1)
+    warm = Generator(tiny_model_dir, block_size=4, intra_op_threads=1)
+    try:
+        assert await run(warm) == await run(cold)
+        shared_blocks = len(warm.encode(SYSTEM)) // 4
+        assert warm._scheduler.pool.prefix_hits >= 2 * shared_blocks  # 2nd and 3rd question
+        assert cold._scheduler.pool.prefix_hits == 0
+    finally:
+        cold.close()
+        warm.close()
+    assert_every_block_returns(warm)

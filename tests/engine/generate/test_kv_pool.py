@@ -47,3 +47,24 @@ def test_an_empty_pool_refuses_and_a_block_is_released_once() -> None:
     pool.release(block)
     with pytest.raises(ValueError, match="not allocated"):
         pool.release(block)
+
+
+def test_full_prompt_blocks_are_shared_and_evicted_only_when_unused() -> None:
+    pool = BlockPool(CONFIG, num_blocks=5, block_size=4)
+    prompt = list(range(10))  # two full blocks and a partial one
+    first = BlockTable(pool)
+    first.store(outputs(10, 0.0), row=0, n=10)
+    pool.remember(prompt, first.blocks)
+    assert pool.cached_blocks == 2
+
+    second = BlockTable(pool)
+    assert second.share_prefix([*prompt[:8], 99]) == 8  # both full blocks, 1 token to compute
+    assert second.blocks == first.blocks[:2] and pool.prefix_hits == 2
+    assert BlockTable(pool).share_prefix([0, 1, 2, 3]) == 0  # always leaves one token
+    assert BlockTable(pool).share_prefix([7, 1, 2, 3, 4]) == 0  # different first block
+
+    first.free()
+    second.free()
+    assert pool.free_blocks == 2 and pool.available_blocks == 4  # two held by the cache only
+    taken = [pool.allocate() for _ in range(4)]  # takes the free ones, then evicts
+    assert pool.cached_blocks == 0 and sorted(taken) == [1, 2, 3, 4]
