@@ -10,7 +10,9 @@ Each stream has its own ~200-token prompt, greedy, up to 64 new tokens (a stop t
 one sooner: tokens are counted, not assumed). Prints a table, then one JSON line. Tokens per
 CPU-second (this process's user+system time) is the figure to compare on a shared machine,
 where wall-clock rates move with other jobs' load.
-First slice: no llama-cpp-python column yet, no prefix-cache or start-up targets.
+With --prefix-streams N (default 16): N streams sharing a ~500-token system prompt, each with
+its own question, prefix cache off vs on (TTFT and CPU). First slice: no llama-cpp-python
+column yet.
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ async def run(generator: Generator, texts: list[str], new_tokens: int) -> dict[s
     }
 
 
+def shared_prefix_prompts(generator: Generator, n: int, system_tokens: int) -> list[str]:
+    ids = generator.encode(PARAGRAPH * (system_tokens // 30 + 2))[:system_tokens]
+    system = "You are the building's assistant. Facts: " + generator.decode(ids)
+    return [
+        generator.render(
+            [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]
+        )
+        for i in range(n)
+    ]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", default="1,4,16,64")
@@ -81,6 +94,8 @@ async def main() -> None:
     parser.add_argument("--modes", default="gatewayd,naive")
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: all)")
     parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--prefix-streams", type=int, default=16)
+    parser.add_argument("--prefix-new-tokens", type=int, default=16)
     args = parser.parse_args()
     model_dir = args.model_dir or ensure_model("smollm2", progress=print)
     streams = [int(s) for s in args.streams.split(",")]
@@ -120,6 +135,30 @@ async def main() -> None:
             line[f"{mode}_{n}_tok_s"] = round(r["tok_s"], 1)
             line[f"{mode}_{n}_tok_per_cpu_s"] = round(r["tok_per_cpu_s"], 1)
             line[f"{mode}_{n}_ttft_p99_s"] = round(r["ttft_p99_s"], 2)
+    for prefix_cache in (False, True) if args.prefix_streams else ():
+        generator = Generator(
+            model_dir, max_batch=64, prefix_cache=prefix_cache, intra_op_threads=args.threads
+        )
+        try:
+            texts = shared_prefix_prompts(generator, args.prefix_streams, 500)
+            r = await run(generator, texts, args.prefix_new_tokens)
+        finally:
+            generator.close()
+        label = "prefix_on" if prefix_cache else "prefix_off"
+        print(
+            f"{label:>10} {args.prefix_streams} streams, shared 500-token system prompt: "
+            f"{r['tok_s']:6.1f} tok/s ({r['tok_per_cpu_s']:6.1f} per CPU-s)  TTFT p50 "
+            f"{r['ttft_p50_s']:6.2f} s  p99 {r['ttft_p99_s']:6.2f} s  ({r['wall_s']:.1f} s)",
+            flush=True,
+        )
+        line[f"{label}_wall_s"] = round(r["wall_s"], 2)
+        line[f"{label}_ttft_p99_s"] = round(r["ttft_p99_s"], 2)
+        line[f"{label}_tok_per_cpu_s"] = round(r["tok_per_cpu_s"], 1)
+    if "prefix_on_wall_s" in line:
+        line["prefix_speedup"] = round(
+            float(line["prefix_off_wall_s"]) / float(line["prefix_on_wall_s"]),
+            2,  # type: ignore[arg-type]
+        )
     if "gatewayd" in results and "naive" in results:
         shared = sorted(set(results["gatewayd"]) & set(results["naive"]))
         for n in shared:
