@@ -244,8 +244,10 @@ class Scheduler:
         # Conservative: shared prefix blocks would need fewer, never more.
         tokens, free = 0, self.pool.available_blocks
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-            n = len(self._waiting[0].tokens_to_prefill())
-            need = self.pool.blocks_for(n)
+            prompt = self._waiting[0].tokens_to_prefill()
+            need = self.pool.blocks_for(len(prompt))
+            # the budget counts what must be computed: a cached prefix costs nothing
+            n = len(prompt) - (self.pool.cached_tokens(prompt) if self.prefix_cache else 0)
             if need > free or (admitted and tokens + n > self.prefill_tokens):
                 break
             admitted.append(self._waiting.popleft())

@@ -79,6 +79,15 @@ class BlockPool:
     def _key(tokens: list[int], end: int) -> bytes:
         return np.asarray(tokens[:end], np.int32).tobytes()
 
+    def cached_tokens(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` a `BlockTable.share_prefix` would cover now."""
+        count = 0
+        while (count + 1) * self.block_size <= len(tokens) - 1:
+            if self._key(tokens, (count + 1) * self.block_size) not in self._prefixes:
+                break
+            count += 1
+        return count * self.block_size
+
     def lookup(self, tokens: list[int], max_blocks: int) -> list[int]:
         """The cached blocks holding the longest indexed prefix of `tokens`, at most
         `max_blocks` of them, each with a new reference for the caller."""

@@ -58,6 +58,7 @@ def test_full_prompt_blocks_are_shared_and_evicted_only_when_unused() -> None:
     assert pool.cached_blocks == 2
 
     second = BlockTable(pool)
+    assert pool.cached_tokens([*prompt[:8], 99]) == 8 and pool.cached_tokens(prompt[:8]) == 4
     assert second.share_prefix([*prompt[:8], 99]) == 8  # both full blocks, 1 token to compute
     assert second.blocks == first.blocks[:2] and pool.prefix_hits == 2
     assert BlockTable(pool).share_prefix([0, 1, 2, 3]) == 0  # always leaves one token
