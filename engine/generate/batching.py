@@ -1,18 +1,21 @@
 """Continuous batching on one worker thread: every decoder call advances all running sequences.
 
 The scheduler loop, on its own thread (it owns the ONNX Runtime session):
-1. takes new requests; drops cancelled ones (their memory is freed at once);
-2. admits waiting requests, oldest first, while fewer than `max_batch` run and their prompts
-   fit `prefill_tokens` (at least one is admitted per step): their prompts are prefilled
-   together in one call (padded, masked) and each one's first token sampled. Chunked prefill
-   mixed into decode steps is next: today a step with prompts delays the running sequences
-   by that prefill;
-3. runs one decode call for every running sequence (one new token each, past KV padded to
-   the longest and masked), samples each row, hands out text, retires finished sequences.
+1. takes new requests; drops cancelled ones (their KV blocks are freed at once);
+2. admits waiting sequences, oldest first, while fewer than `max_batch` run, their KV blocks
+   are available and the tokens they must compute fit `prefill_tokens` (the first one needs
+   only a row and blocks): each takes the cached blocks of its prompt's longest known prefix,
+   the rest of the prompts are prefilled together in one call (padded, masked) and each
+   one's first token sampled. Chunked prefill mixed into decode steps is next: today a step
+   with prompts delays the running sequences by that prefill;
+3. makes room: if the running sequences need more blocks than are available, the most
+   recently admitted are preempted (blocks freed, back to the front of the queue, recomputed
+   later from prompt + generated tokens with their sampler state, so no token changes);
+4. runs one decode call for every running sequence (one new token each, pasts gathered from
+   the block pool and padded to the longest), samples each row, hands out text, retires
+   finished sequences.
 
-Sequences join and leave between any two steps. Each keeps its KV in its own host buffer
-(sequence-major, grown by doubling); a paged block pool is the next step, and the decoder's
-I/O (per-layer past in, new KV out, additive mask) was shaped for it.
+Sequences join and leave between any two steps. KV memory: `engine.generate.kv_pool`.
 """
 
 from __future__ import annotations
