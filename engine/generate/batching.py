@@ -39,6 +39,7 @@ from engine.generate.sampling import SamplingParams, sample
 
 F32 = NDArray[np.float32]
 log = logging.getLogger("engine.generate")
+BATCH_SIZE_HISTORY = 4096
 RunDecoder = Callable[[dict[str, NDArray[Any]]], dict[str, F32]]
 
 
@@ -161,7 +162,9 @@ class Scheduler:
         self._waiting: deque[SequenceState] = deque()
         self._running: list[SequenceState] = []  # in admission order
         self._closed = False
-        self.batch_sizes: list[int] = []  # decode batch size of every step (for tests, metrics)
+        # decode batch size of the latest steps (bounded: the scheduler runs for months)
+        self.batch_sizes: deque[int] = deque(maxlen=BATCH_SIZE_HISTORY)
+        self.decode_steps = 0
         self.preemptions = 0
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -293,6 +296,7 @@ class Scheduler:
         self._make_room()
         batch = list(self._running)
         self.batch_sizes.append(len(batch))
+        self.decode_steps += 1
         try:
             logits = self._run(batch, [[s.generated[-1]] for s in batch])
             finished = {id(s) for s, row in zip(batch, logits, strict=True) if s.accept(row)}

@@ -94,8 +94,14 @@ class Generator:
 
     @property
     def batch_sizes(self) -> list[int]:
-        """The decode batch size of every step so far (how well requests shared calls)."""
-        return self._scheduler.batch_sizes
+        """The decode batch size of each of the latest 4,096 steps (how well requests shared
+        decoder calls)."""
+        return list(self._scheduler.batch_sizes)
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode calls run so far."""
+        return self._scheduler.decode_steps
 
     def close(self) -> None:
         """Finish the requests already submitted, then stop the worker thread."""

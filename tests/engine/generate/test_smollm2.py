@@ -72,7 +72,8 @@ async def test_concurrent_chats_get_the_tokens_they_get_alone(smollm2: Generator
         return [t async for d in smollm2.generate(messages, max_tokens=20) for t in d.token_ids]
 
     alone = [await answer(q) for q in questions]
-    steps_before = len(smollm2.batch_sizes)
+    steps_before = smollm2.decode_steps
     together = await asyncio.gather(*(answer(q) for q in questions))
     assert list(together) == alone
-    assert max(smollm2.batch_sizes[steps_before:]) == len(questions)
+    steps = smollm2.decode_steps - steps_before
+    assert max(smollm2.batch_sizes[-steps:]) == len(questions)
