@@ -96,6 +96,18 @@ class SequenceState:
         self.generated: list[int] = []
         self._pending: list[int] = []  # token ids not yet handed out with text
         self._emitted = 0  # characters of the decoded text already handed out
+        self._stable = ""  # decoded text of generated[: self._stable_tokens], final
+        self._stable_tokens = 0
+
+    def _text(self) -> str:
+        """The decoded answer so far. Only the tokens after the last clean character boundary
+        are decoded again, so a long answer costs O(n), not O(n^2)."""
+        tail = self._decode(self.generated[self._stable_tokens :])
+        if tail.endswith("\ufffd"):  # an incomplete UTF-8 sequence: not a boundary yet
+            return self._stable + tail
+        self._stable += tail
+        self._stable_tokens = len(self.generated)
+        return self._stable
 
     def tokens_to_prefill(self) -> list[int]:
         """The prompt, plus what was generated before a preemption (recomputed, not stored)."""
@@ -106,11 +118,11 @@ class SequenceState:
         request = self.request
         token = sample(logits, request.sampling, self.rng)
         if token in self._stop_ids:
-            self._finish(self._decode(self.generated), "stop")
+            self._finish(self._text(), "stop")
             return True
         self.generated.append(token)
         self._pending.append(token)
-        text = self._decode(self.generated)
+        text = self._text()
         cut = min((i for s in request.stop if (i := text.find(s)) >= 0), default=-1)
         if cut >= 0:
             self._finish(text[:cut], "stop")

@@ -143,3 +143,13 @@ async def test_a_decoder_failure_ends_the_request_with_an_error(
         await collect(tiny_generator, "x", max_tokens=2)
     tiny_generator.encode = real_encode  # type: ignore[method-assign]
     assert len(ids_of(await collect(tiny_generator, PROMPT, max_tokens=3))) == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_incremental_text_equals_decoding_the_whole_answer(
+    tiny_generator: Generator, seed: int
+) -> None:
+    """Random byte-level tokens split UTF-8 characters and make invalid sequences: the text
+    handed out piece by piece is still exactly the whole answer decoded at once."""
+    deltas = await collect(tiny_generator, "é ✓ 温", max_tokens=60, temperature=1.5, seed=seed)
+    assert text_of(deltas) == tiny_generator.decode(ids_of(deltas))
