@@ -34,12 +34,23 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   by an older config), empty ids, payloads over `max_payload_bytes`, and retained messages
   (replays of old state on subscribe, unless `accept_retained`) are logged, counted and
   acked, so they are neither processed nor redelivered forever.
-* **Outbound.** `link.send` never blocks: data goes into one bounded queue
-  (`max_outbound_queue`), published by `max_inflight_publishes` workers at the route's QoS.
-  When the queue is full the new message is dropped, counted (`outbound_dropped`) and logged.
-  A publish interrupted by a disconnect is retried after the reconnect (at least once).
-  Replies leave in `send` order, except that retries around a reconnect may reorder them.
-  At most `max_outbound_queue` + `max_inflight_publishes` replies are held in memory.
+* **Outbound: durable, never dropped by load.** Each link is a `DurableLink`: the gateway
+  writes a reply to the agent's outbox (in the turn's transaction) and hands it over with
+  `send_tracked`; the bridge publishes it at the route's QoS and reports it delivered on the
+  PUBACK (QoS 1) or once paho wrote it to the socket (QoS 0). A publish interrupted by a
+  disconnect is published again after the reconnect (at least once); after a gateway restart
+  the gateway hands over the rows still undelivered. `max_inflight_publishes` workers publish
+  from one FIFO backlog. When the backlog reaches `max_outbound_queue`, nothing is dropped:
+  the bridge stops pulling device messages (backpressure, counted as
+  `outbound_backpressure_pauses`) until it is below the limit again, so new turns stop
+  producing replies; replies of turns already in flight are still queued (the backlog
+  overshoots by at most their replies). A route with `on_overflow = "drop_oldest"` instead
+  drops its own oldest queued reply (counted `outbound_dropped_by_policy`, logged, and
+  reported delivered so that it is not resent). A reply that can never be published (over
+  `max_payload_bytes`, a topic paho refuses) is logged as an error and counted. While
+  PUBACKs are awaited the socket keeps being read even past the inbound high-water mark (the
+  PUBACKs queue behind device messages; pausing then would deadlock the two directions).
+  Untracked `link.send` (a handler without an outbox) goes through the same backlog.
 * **Connection.** Reconnects forever with exponential backoff and full jitter; resubscribes
   and publishes a retained "online" to the status topic on every connect; the broker
   publishes the retained "offline" last will if we vanish, and `stop()` publishes it itself.
@@ -57,6 +68,7 @@ import random
 import ssl
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +80,16 @@ from prometheus_client import Counter, Gauge
 
 from protocols.link import (
     DedupKey,
+    DeliveredCallback,
     LinkHandler,
     LinkIdentity,
     LinkRejected,
     Outcome,
+    OutputAddress,
     Route,
     TransportStats,
+    attach_outputs,
+    detach_outputs,
 )
 from protocols.mqtt_client import ManualAckClient
 from protocols.mqtt_settings import (
@@ -99,7 +115,8 @@ _LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
 MQTT_EVENTS = Counter(
     "gatewayd_mqtt_events_total",
     "MQTT bridge events: applied, acked, rejected, retries, unrouted, oversized, "
-    "retained_skipped, read_pauses, outbound_dropped, connects, disconnects, ...",
+    "retained_skipped, read_pauses, outbound_backpressure_pauses, outbound_dropped_by_policy, "
+    "connects, disconnects, ...",
     ["event"],
 )
 _EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
@@ -135,10 +152,21 @@ class MqttLink(LinkIdentity):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def output_address(self) -> OutputAddress:
+        return OutputAddress(TRANSPORT, self.reply_topic, self._bridge.settings.qos)
+
+    @property
+    def outputs(self) -> MqttBridge:
+        return self._bridge
+
     def send(self, data: bytes | str) -> None:
-        """Queue `data` (str as UTF-8) for the device's reply topic; never blocks."""
+        """Queue `data` (str as UTF-8) for the device's reply topic, untracked (a handler with
+        an outbox uses `MqttBridge.send_tracked`); never blocks, never dropped for load."""
         payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._bridge._enqueue_publish(self, payload)
+        self._bridge._enqueue_publish(
+            _Outbound(self.reply_topic, self._bridge.settings.qos, payload, self.key[0])
+        )
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Forget this device's link (runs the agent's on_close); its next message opens a
@@ -162,6 +190,23 @@ class _Inbound:
     match: RouteMatch
     payload: bytes
     attempts: int = 0
+
+
+@dataclass(slots=True)
+class _Outbound:
+    """One reply waiting to be published (and, if tracked, reported delivered)."""
+
+    topic: str
+    qos: int
+    payload: bytes
+    route_index: int | None  # None: no route's reply topic matches (its policy: backpressure)
+    seq: int = 0
+    on_delivered: DeliveredCallback | None = None
+
+    def delivered(self) -> None:
+        if self.on_delivered is not None:
+            callback, self.on_delivered = self.on_delivered, None
+            callback(self.seq)
 
 
 class MqttBridge:
@@ -188,9 +233,11 @@ class MqttBridge:
         self._wakeup = asyncio.Event()  # set whenever a pending message finished (or stop)
         self._drained = asyncio.Event()
         self._drained.set()
-        self._outbound: asyncio.Queue[tuple[MqttLink, bytes]] = asyncio.Queue(
-            maxsize=settings.max_outbound_queue
-        )
+        self._outbound: deque[_Outbound] = deque()
+        self._outbound_ready = asyncio.Event()  # set while `_outbound` is not empty
+        self._publishing = 0  # publishes handed to the client, not yet acknowledged
+        self._outbound_idle = asyncio.Event()  # set while nothing is queued or publishing
+        self._outbound_idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._stats = TransportStats()
@@ -200,6 +247,8 @@ class MqttBridge:
         self._broker: BrokerAddress | None = None
         self._ssl_context: ssl.SSLContext | None = None
         self._peak_seen = 0
+        self._queued_by_route: dict[int | None, int] = {}
+        self._blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
         _LIVE_BRIDGES.add(self)
 
     # ----------------------------------------------------------------- public surface
@@ -224,7 +273,8 @@ class MqttBridge:
         extra = dict(self._counts)
         extra["connected"] = int(self.connected)
         extra["pending"] = self._pending
-        extra["outbound_queued"] = self._outbound.qsize()
+        extra["outbound_queued"] = len(self._outbound)
+        extra["outbound_publishing"] = self._publishing
         client = self._client
         extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
         extra["incoming_queue_peak"] = self._incoming_peak(client)
@@ -236,6 +286,25 @@ class MqttBridge:
             extra=extra,
         )
 
+    @property
+    def transport(self) -> str:
+        return TRANSPORT
+
+    def send_tracked(
+        self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
+    ) -> None:
+        """`protocols.link.DurableOutputs`: publish `payload` to `address.target` at
+        `address.qos`; `on_delivered(seq)` after the PUBACK (QoS 1) or the socket write (0)."""
+        item = _Outbound(
+            address.target,
+            address.qos,
+            payload,
+            self._reply_route(address.target),
+            seq,
+            on_delivered,
+        )
+        self._enqueue_publish(item)
+
     async def start(self) -> None:
         """Start connecting (in the background; a broker that is down is retried forever)."""
         if self._tasks:
@@ -245,6 +314,7 @@ class MqttBridge:
         self._tasks.append(asyncio.create_task(self._connection_loop(), name="mqtt-connection"))
         for n in range(self.settings.max_inflight_publishes):
             self._tasks.append(asyncio.create_task(self._publish_worker(), name=f"mqtt-pub-{n}"))
+        attach_outputs(self._handler, self)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Wait until connected and subscribed (raises TimeoutError)."""
@@ -273,7 +343,8 @@ class MqttBridge:
                     asyncio.gather(*closes, return_exceptions=True), _left(deadline)
                 )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbound.join(), _left(deadline))
+            await asyncio.wait_for(self._outbound_idle.wait(), _left(deadline))
+        detach_outputs(self._handler, self)
         client = self._client
         if client is not None and self.connected and self.settings.status_topic:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
@@ -290,7 +361,12 @@ class MqttBridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._set_state(ConnectionState.STOPPED)
-        logger.info("mqtt: bridge stopped (%d messages left unacked for redelivery)", self._pending)
+        logger.info(
+            "mqtt: bridge stopped (%d messages left unacked for redelivery, %d replies left "
+            "unpublished: tracked ones are sent again on the next start)",
+            self._pending,
+            len(self._outbound) + self._publishing,
+        )
 
     # ----------------------------------------------------------------- connection
 
@@ -336,6 +412,7 @@ class MqttBridge:
             tls_context=self._ssl_context if address.tls else None,
             tls_insecure=s.tls_insecure if address.tls else None,
         )
+        client.incoming.on_high_water = functools.partial(self._on_incoming_high_water, client)
         # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
         client.pending_calls_threshold = s.max_inflight_publishes + len(self._routes.filters) + 8
         return client
@@ -452,16 +529,27 @@ class MqttBridge:
                 client.resume_reading()
             self._on_message(client, message)
 
+    def _has_capacity(self) -> bool:
+        return (
+            self._accepting
+            and self._pending < self.settings.max_pending_messages
+            and self._blocking_queued < self.settings.max_outbound_queue
+        )
+
     async def _wait_for_capacity(self, client: ManualAckClient) -> None:
-        """Backpressure: block while too many messages await their commit, or while stopping.
-        A disconnect ends the wait too, so a stuck turn never delays reconnecting."""
-        if self._pending < self.settings.max_pending_messages and self._accepting:
+        """Backpressure: block while too many messages await their commit, while too many
+        replies await publishing, or while stopping. A disconnect ends the wait too, so a
+        stuck turn never delays reconnecting."""
+        if self._has_capacity():
             return
         disconnected = client.disconnected
-        self._count("backpressure_pauses")
+        if self._blocking_queued >= self.settings.max_outbound_queue:
+            self._count("outbound_backpressure_pauses")
+        else:
+            self._count("backpressure_pauses")
 
         async def until_capacity() -> None:
-            while not (self._accepting and self._pending < self.settings.max_pending_messages):
+            while not self._has_capacity():
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
@@ -664,72 +752,138 @@ class MqttBridge:
         future = self._close_link(link, code, reason)
         future.add_done_callback(_consume_exception)
 
-    def _enqueue_publish(self, link: MqttLink, payload: bytes) -> None:
-        if len(payload) > self.settings.max_payload_bytes:
+    def _reply_route(self, topic: str) -> int | None:
+        """The route whose reply topic `topic` is (for its overflow policy), None if none."""
+        for index, route in enumerate(self.settings.routes):
+            head, _, tail = route.reply_topic.partition("{id}")
+            if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head + tail):
+                return index
+        return None
+
+    def _enqueue_publish(self, item: _Outbound) -> None:
+        if len(item.payload) > self.settings.max_payload_bytes:
             self._count("outbound_oversized")
-            self._log_limited(
-                "outbound_oversized",
-                "mqtt: reply of %d bytes to %r over max_payload_bytes=%d; dropped",
-                len(payload),
-                link.reply_topic,
+            logger.error(
+                "mqtt: a %d-byte reply to %r is over max_payload_bytes=%d and can never be "
+                "published; dropped (make the agent send less, or raise the limit)",
+                len(item.payload),
+                item.topic,
                 self.settings.max_payload_bytes,
             )
+            item.delivered()
             return
-        try:
-            self._outbound.put_nowait((link, payload))
-        except asyncio.QueueFull:
-            self._count("outbound_dropped")
-            self._log_limited(
-                "outbound_dropped",
-                "mqtt: outbound queue full (%d replies, broker %s); dropped a reply to %r",
-                self.settings.max_outbound_queue,
-                "connected" if self.connected else "disconnected",
-                link.reply_topic,
-            )
+        drops = self._drops_oldest(item.route_index)
+        if drops and self._queued_by_route.get(item.route_index, 0) >= (
+            self.settings.max_outbound_queue
+        ):
+            self._drop_oldest_of(item.route_index)
+        self._outbound.append(item)
+        self._queued_by_route[item.route_index] = self._queued_by_route.get(item.route_index, 0) + 1
+        if not drops:
+            self._blocking_queued += 1
+        self._outbound_idle.clear()
+        self._outbound_ready.set()
+
+    def _drops_oldest(self, route_index: int | None) -> bool:
+        return (
+            route_index is not None
+            and self.settings.routes[route_index].on_overflow == "drop_oldest"
+        )
+
+    def _dequeued(self, item: _Outbound) -> None:
+        self._queued_by_route[item.route_index] -= 1
+        if not self._drops_oldest(item.route_index):
+            self._blocking_queued -= 1
+
+    def _drop_oldest_of(self, route_index: int | None) -> None:
+        """A "drop_oldest" route's backlog is at max_outbound_queue: its oldest reply goes.
+        (Routes with the default policy are never dropped: the read loop stops instead.)"""
+        for queued in self._outbound:
+            if queued.route_index == route_index:
+                self._outbound.remove(queued)
+                self._dequeued(queued)
+                self._count("outbound_dropped_by_policy")
+                self._log_limited(
+                    "outbound_dropped_by_policy",
+                    "mqtt: %d replies queued for route %r (max_outbound_queue); dropped the "
+                    'oldest, to %r, as its on_overflow = "drop_oldest" says',
+                    self.settings.max_outbound_queue,
+                    self.settings.routes[route_index].topic if route_index is not None else "?",
+                    queued.topic,
+                )
+                queued.delivered()
+                return
+
+    def _on_incoming_high_water(self, client: ManualAckClient) -> None:
+        # PUBACKs for our publishes queue behind device messages in the same TCP stream:
+        # while some are awaited, keep reading (the broker's in-flight window bounds QoS 1).
+        if self._publishing == 0:
+            client.pause_reading()
+        else:
+            self._count("read_pauses_deferred")
 
     async def _publish_worker(self) -> None:
-        qos = self.settings.qos
         while True:
-            link, payload = await self._outbound.get()
+            while not self._outbound:
+                self._outbound_ready.clear()
+                await self._outbound_ready.wait()
+            item = self._outbound.popleft()
+            self._dequeued(item)
+            self._publishing += 1
             try:
-                while True:
-                    await self._connected_event.wait()
-                    client = self._client
-                    if client is None:
-                        continue
-                    try:
-                        await client.publish(
-                            link.reply_topic,
-                            payload,
-                            qos=qos,
-                            timeout=self.settings.publish_timeout_s,
-                        )
-                    except aiomqtt.MqttError as exc:
-                        # Lost the connection mid-publish: publish again after the reconnect.
-                        self._count("publish_retries")
-                        self._log_limited(
-                            "publish_retry",
-                            "mqtt: publish to %r failed (%s); will retry",
-                            link.reply_topic,
-                            exc,
-                        )
-                        if client is self._client:
-                            await asyncio.sleep(self.settings.reconnect_min_s)
-                        continue
-                    except Exception as exc:  # e.g. paho refusing the topic: drop this reply
-                        self._count("publish_errors")
-                        self._log_limited(
-                            "publish_error",
-                            "mqtt: cannot publish to %r (%r); reply dropped",
-                            link.reply_topic,
-                            exc,
-                        )
-                        break
-                    self._stats.messages_out += 1
-                    MQTT_PUBLISHED.inc()
-                    break
+                await self._publish(item)
             finally:
-                self._outbound.task_done()
+                self._publishing -= 1
+                if not self._outbound and self._publishing == 0:
+                    self._outbound_idle.set()
+                self._wakeup.set()  # the read loop may be waiting for outbound room
+                client = self._client
+                if (
+                    client is not None
+                    and self._publishing == 0
+                    and not self._outbound
+                    and client.incoming.qsize() >= client.incoming.high_water
+                ):
+                    client.pause_reading()  # deferred by _on_incoming_high_water
+
+    async def _publish(self, item: _Outbound) -> None:
+        while True:
+            await self._connected_event.wait()
+            client = self._client
+            if client is None:
+                continue
+            if client.reading_paused:
+                client.resume_reading()  # its PUBACK must be read (see _on_incoming_high_water)
+            try:
+                await client.publish(
+                    item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
+                )
+            except aiomqtt.MqttError as exc:
+                # Lost the connection mid-publish: publish again after the reconnect.
+                self._count("publish_retries")
+                self._log_limited(
+                    "publish_retry",
+                    "mqtt: publish to %r failed (%s); will retry",
+                    item.topic,
+                    exc,
+                )
+                if client is self._client:
+                    await asyncio.sleep(self.settings.reconnect_min_s)
+                continue
+            except Exception as exc:  # e.g. paho refusing the topic: it can never be sent
+                self._count("publish_errors")
+                logger.error(
+                    "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
+                    "reply_topic and the agent id)",
+                    item.topic,
+                    exc,
+                )
+                item.delivered()
+                return
+            self._stats.messages_out += 1
+            MQTT_PUBLISHED.inc()
+            item.delivered()
+            return
 
     # ----------------------------------------------------------------- helpers
 

@@ -22,14 +22,31 @@ class MqttConfigError(ValueError):
     """An MQTT setting is invalid; the message names the setting and what to change."""
 
 
+OVERFLOW_POLICIES = ("backpressure", "drop_oldest")
+
+
 @dataclass(frozen=True, slots=True)
 class MqttRoute:
     """Messages on `topic` (with `{id}`) go to agent `(agent_class, id)`; replies that agent
-    sends on the device's link are published to `reply_topic` with the same `{id}`."""
+    sends on the device's link are published to `reply_topic` with the same `{id}`.
+
+    `on_overflow` says what happens to this route's replies when the bridge's outbound
+    backlog is over `max_outbound_queue`: "backpressure" (the default: nothing is dropped,
+    the bridge stops reading device messages until the backlog shrinks) or "drop_oldest"
+    (for replies that only matter while fresh, e.g. telemetry echoes: the oldest queued reply
+    of this route is dropped, counted in `outbound_dropped_by_policy` and logged)."""
 
     topic: str
     agent_class: str
     reply_topic: str
+    on_overflow: str = "backpressure"
+
+    def __post_init__(self) -> None:
+        if self.on_overflow not in OVERFLOW_POLICIES:
+            raise MqttConfigError(
+                f"mqtt route {self.topic!r}: on_overflow must be one of "
+                f"{', '.join(OVERFLOW_POLICIES)}, got {self.on_overflow!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
