@@ -13,9 +13,14 @@ committed): that plus the agent's dedup on `DedupKey(device_id, seq)` gives exac
     ...
     await listener.stop(drain_timeout_s=10.0)
 
-Pushes (`link.send`) belong to the device, not to one connection: they get the gateway's push
-seq, are kept until the device ACKs them (bounded per device), and are resent after the device
-reconnects. `close_link` is called exactly once for each link whose `open_link` did not fail
+Pushes belong to the device, not to one connection: they are kept until the device ACKs them
+and are resent after it reconnects. The gateway's runtime sends them tracked
+(`TcpListener.send_tracked`, `protocols.link.DurableOutputs`): the push seq is the agent's
+outbox row id, so it survives a gateway restart (no new epoch: `push_epoch` stays
+`DURABLE_PUSH_EPOCH`), the runtime hands undelivered pushes over again after a restart, and the
+device's ACK reports them delivered. Nothing is dropped for load: the runtime bounds how many
+undelivered outputs an agent may hold. A plain `link.send` (a handler without an outbox) gets
+the next seq after the highest one this process has seen for the device, in memory only. `close_link` is called exactly once for each link whose `open_link` did not fail
 (also when the connection ends while the open is still pending), with the close code: the code
 from the device's CLOSE, the ErrorCode the gateway failed it with, or 1006 when the connection
 dropped without a CLOSE.
@@ -32,7 +37,6 @@ import hmac
 import itertools
 import logging
 import os
-import secrets as secrets_module
 import ssl
 import stat
 import tomllib
@@ -64,16 +68,21 @@ from protocols.frames import (
 )
 from protocols.link import (
     DedupKey,
+    DeliveredCallback,
     LinkHandler,
     LinkIdentity,
     LinkRejected,
     Outcome,
+    OutputAddress,
     Route,
     TransportStats,
+    attach_outputs,
+    detach_outputs,
 )
 
 logger = logging.getLogger(__name__)
 
+TRANSPORT = "tcp"
 CONNECTION_LOST_CODE = 1006  # close_link code when the TCP connection ended without a CLOSE
 
 TCP_CONNECTIONS = Gauge("gatewayd_tcp_connections", "Open TCP frame connections (any state)")
@@ -93,8 +102,11 @@ _FRAMES_RECEIVED_BY_TYPE = {t: TCP_FRAMES_RECEIVED.labels(t.name) for t in Frame
 _DATA_OUTCOME_BY_VALUE = {o: TCP_DATA_OUTCOMES.labels(o.value) for o in Outcome}
 TCP_AUTH_FAILURES = Counter("gatewayd_tcp_auth_failures_total", "Failed or rate-limited HELLOs")
 TCP_PUSHES = Counter(
-    "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, dropped, acked)", ["event"]
+    "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, oversized, acked)", ["event"]
 )
+# HELLO_OK's push_epoch: constant, because push seqs are durable (outbox row ids) and survive
+# restarts; a device applies a push only if its seq is above the last one it applied.
+DURABLE_PUSH_EPOCH = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +127,8 @@ class TcpSettings:
     # How long a closing connection waits for its in-flight DATA to settle (ACK or ERROR).
     settle_timeout_s: float = 10.0
     send_buffer_limit_bytes: int = 1024 * 1024
+    # Push window: pushes written to a device and not ACKed yet; later ones wait (unbounded
+    # here: the gateway's outbox bounds them) until ACKs make room.
     max_pending_pushes: int = 256
     auth_failure_limit: int = 10
     auth_failure_window_s: float = 60.0
@@ -227,40 +241,44 @@ class _AuthFailureLimiter:
 
 
 class _PushStore:
-    """A device's unACKed pushes, kept across its connections (bounded, oldest dropped)."""
+    """A device's unACKed pushes, kept across its connections, in seq order. Never drops: the
+    gateway's outbox bounds them (see the module docstring)."""
 
-    def __init__(self, device_id: str, max_pending: int) -> None:
+    def __init__(self, device_id: str) -> None:
         self.device_id = device_id
-        self._max_pending = max_pending
-        self._next_seq = 1
-        self.pending: OrderedDict[int, bytes] = OrderedDict()
+        self.last_seq = 0  # the highest seq this process has seen for the device
+        self.pending: dict[int, bytes] = {}
         self.sent_before: set[int] = set()  # seqs written to some connection already
-        self._dropped_in_a_row = 0  # one log line per overflow episode, not one per push
+        self.in_window: set[int] = set()  # written to the current connection, not ACKed
+        self.on_delivered: dict[int, DeliveredCallback] = {}
 
     def add(self, payload: bytes) -> int:
-        seq = self._next_seq
-        self._next_seq += 1
-        self.pending[seq] = payload
-        if len(self.pending) > self._max_pending:
-            dropped, _ = self.pending.popitem(last=False)
-            self.sent_before.discard(dropped)
-            TCP_PUSHES.labels("dropped").inc()
-            if self._dropped_in_a_row % 1000 == 0:
-                logger.warning(
-                    "tcp: device %r has %d unacknowledged pushes; dropping the oldest until it "
-                    "acknowledges (push seq %d dropped, %d so far in this episode)",
-                    self.device_id,
-                    self._max_pending,
-                    dropped,
-                    self._dropped_in_a_row + 1,
-                )
-            self._dropped_in_a_row += 1
+        """An untracked push: the next seq after every one seen (memory only)."""
+        return self.add_tracked(self.last_seq + 1, payload, None)
+
+    def add_tracked(self, seq: int, payload: bytes, on_delivered: DeliveredCallback | None) -> int:
+        if seq in self.pending:
+            return seq  # handed over twice (e.g. recovered after a restart): one is enough
+        if seq < self.last_seq:
+            # Recovered after a restart behind newer pushes: keep the dict in seq order.
+            self.pending[seq] = payload
+            self.pending = dict(sorted(self.pending.items()))
+        else:
+            self.pending[seq] = payload
+        self.last_seq = max(self.last_seq, seq)
+        if on_delivered is not None:
+            self.on_delivered[seq] = on_delivered
         return seq
 
     def ack(self, seq: int) -> bool:
-        self._dropped_in_a_row = 0
         self.sent_before.discard(seq)
-        return self.pending.pop(seq, None) is not None
+        self.in_window.discard(seq)
+        if self.pending.pop(seq, None) is None:
+            return False
+        callback = self.on_delivered.pop(seq, None)
+        if callback is not None:
+            callback(seq)
+        return True
 
 
 class _State(enum.Enum):
@@ -274,7 +292,7 @@ class _State(enum.Enum):
 class TcpLink(LinkIdentity):
     """The `protocols.link.Link` of one authenticated TCP connection."""
 
-    TRANSPORT = "tcp"
+    TRANSPORT = TRANSPORT
 
     def __init__(self, connection: _DeviceConnection, link_id: str, device_id: str) -> None:
         route = Route(connection.listener.settings.agent_class, device_id)
@@ -284,6 +302,14 @@ class TcpLink(LinkIdentity):
     @property
     def device_id(self) -> str:
         return self._route.agent_id
+
+    @property
+    def output_address(self) -> OutputAddress:
+        return OutputAddress(TRANSPORT, self.device_id)
+
+    @property
+    def outputs(self) -> TcpListener:
+        return self._connection.listener
 
     def send(self, data: bytes | str) -> None:
         """Queue a PUSH for the device (text is sent UTF-8 encoded); never blocks."""
@@ -840,8 +866,8 @@ class TcpListener:
         self.auth_limiter = _AuthFailureLimiter(
             settings.auth_failure_limit, settings.auth_failure_window_s
         )
-        # Identifies this process's push seq space; a restart starts a new one (FRAMES.md 6).
-        self.push_epoch = secrets_module.randbits(64)
+        # Push seqs are durable (FRAMES.md 6): the epoch never changes.
+        self.push_epoch = DURABLE_PUSH_EPOCH
         self._server: asyncio.Server | None = None
         self._connections: set[_DeviceConnection] = set()
         self._live_by_device: dict[str, _DeviceConnection] = {}
@@ -858,6 +884,7 @@ class TcpListener:
             ssl_handshake_timeout=self.settings.hello_timeout_s if self.ssl_context else None,
             reuse_address=True,
         )
+        attach_outputs(self.handler, self)
         logger.info(
             "tcp: listening on %s:%d%s for agent class %r (%d devices configured)",
             self.settings.host,
@@ -893,6 +920,7 @@ class TcpListener:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        detach_outputs(self.handler, self)
         logger.info("tcp: listener stopped")
 
     async def __aenter__(self) -> TcpListener:
@@ -934,39 +962,83 @@ class TcpListener:
     def _push_store(self, device_id: str) -> _PushStore:
         store = self._pushes.get(device_id)
         if store is None:
-            store = self._pushes[device_id] = _PushStore(
-                device_id, self.settings.max_pending_pushes
-            )
+            store = self._pushes[device_id] = _PushStore(device_id)
         return store
 
+    @property
+    def transport(self) -> str:
+        return TRANSPORT
+
+    def send_tracked(
+        self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
+    ) -> None:
+        """`protocols.link.DurableOutputs`: PUSH `payload` with `seq` to device
+        `address.target` now if it is connected, else when it connects; `on_delivered(seq)`
+        when the device ACKs it."""
+        self._push(address.target, payload, seq, on_delivered)
+
     def push(self, device_id: str, payload: bytes) -> None:
+        """An untracked push (memory only; see the module docstring)."""
+        self._push(device_id, payload, None, None)
+
+    def _push(
+        self,
+        device_id: str,
+        payload: bytes,
+        seq: int | None,
+        on_delivered: DeliveredCallback | None,
+    ) -> None:
         limit = self.settings.max_frame_bytes - MIN_FRAME_BYTES - 5  # 5: CBOR bstr header
         if len(payload) > limit:
-            TCP_PUSHES.labels("dropped").inc()
+            TCP_PUSHES.labels("oversized").inc()
             logger.error(
-                "tcp: dropped a %d-byte push to device %r: over the %d-byte payload limit",
+                "tcp: a %d-byte push to device %r is over the %d-byte payload limit of "
+                "max_frame_bytes and can never be sent; dropped (send less, or raise the limit)",
                 len(payload),
                 device_id,
                 limit,
             )
+            if on_delivered is not None and seq is not None:
+                on_delivered(seq)
             return
         store = self._push_store(device_id)
-        seq = store.add(payload)
+        store.add(payload) if seq is None else store.add_tracked(seq, payload, on_delivered)
         live = self._live_by_device.get(device_id)
         if live is not None and live.state is _State.OPEN:
-            store.sent_before.add(seq)
-            live.write_push(seq, payload, resend=False)
+            for next_seq, next_payload, resend in self._fill_window(store):
+                live.write_push(next_seq, next_payload, resend)
 
     def pending_pushes(self, device_id: str) -> list[tuple[int, bytes, bool]]:
+        """For a connection that just opened: the oldest unACKed pushes, at most
+        `max_pending_pushes` (the push window), as (seq, payload, sent before)."""
         store = self._pushes.get(device_id)
         if store is None:
             return []
-        result = [
-            (seq, payload, seq in store.sent_before) for seq, payload in store.pending.items()
-        ]
-        store.sent_before.update(store.pending)
-        return result
+        store.in_window.clear()
+        return self._fill_window(store)
 
     def push_acked(self, device_id: str, seq: int) -> bool:
         store = self._pushes.get(device_id)
-        return store is not None and store.ack(seq)
+        if store is None or not store.ack(seq):
+            return False
+        live = self._live_by_device.get(device_id)
+        if live is not None and live.state is _State.OPEN:
+            for next_seq, payload, resend in self._fill_window(store):
+                live.write_push(next_seq, payload, resend)
+        return True
+
+    def _fill_window(self, store: _PushStore) -> list[tuple[int, bytes, bool]]:
+        """Take pushes into the window (written, unACKed) in seq order until it is full."""
+        room = self.settings.max_pending_pushes - len(store.in_window)
+        result: list[tuple[int, bytes, bool]] = []
+        if room <= 0:
+            return result
+        for seq, payload in store.pending.items():
+            if seq in store.in_window:
+                continue
+            result.append((seq, payload, seq in store.sent_before))
+            store.in_window.add(seq)
+            store.sent_before.add(seq)
+            if len(result) >= room:
+                break
+        return result

@@ -324,6 +324,8 @@ class Outbox:
         """Executor only, just before the database closes (`conn` has no open transaction):
         delete the delivered rows; if none is left and nothing is on its way, the agent leaves
         the index."""
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         conn.execute("BEGIN")
         try:
             store = OutboxStore(conn)
@@ -353,11 +355,11 @@ class Outbox:
         return [key for key, agent in self._agents.items() if agent.delivered]
 
     def forget(self, key: AgentKey) -> None:
-        """The agent was destroyed (its database deleted): nothing of it is owed anymore."""
+        """The agent was destroyed (its database deleted): nothing of it is owed anymore.
+        (The caller also unmarks it in the index, on its executor.)"""
         agent = self._agents.pop(key, None)
         if agent is not None:
             self._undelivered -= len(agent.in_flight)
-        self.index.unmark(key)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -53,10 +53,23 @@ from gatewayd.agents.errors import (
     TurnTimeoutError,
 )
 from gatewayd.agents.memory import release_free_memory
+from gatewayd.agents.outbox import Outbox, OutboxIndex, OutboxRow, OutboxStore, Settlement
 from gatewayd.agents.settings import AgentSettings
-from gatewayd.agents.storage import AgentDatabase, validate_agent_id, validate_class_name
+from gatewayd.agents.storage import (
+    AgentDatabase,
+    agent_db_file,
+    validate_agent_id,
+    validate_class_name,
+)
 from protocols import jsonproto
-from protocols.link import DedupKey, Link, LinkRejected, Outcome
+from protocols.link import (
+    DedupKey,
+    DurableOutputs,
+    Link,
+    LinkRejected,
+    Outcome,
+    durable_target,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +216,7 @@ class AgentRuntime(AlarmsMixin):
         self._closing: dict[AgentKey, asyncio.Future[None]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._committer: GroupCommitter | None = None
+        self._outbox: Outbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: list[asyncio.Task[None]] = []
         self._accepting = False
@@ -240,7 +254,17 @@ class AgentRuntime(AlarmsMixin):
             self.settings.commit_threads,
             on_group_done=lambda _count, elapsed_s: COMMIT_SECONDS.observe(elapsed_s),
         )
+        index = await self._loop.run_in_executor(
+            self._executor,
+            functools.partial(
+                OutboxIndex,
+                self.settings.state_dir / "outbox-index.sqlite3",
+                synchronous_full=self.settings.durability == "full",
+            ),
+        )
+        self._outbox = Outbox(index, max_undelivered=self.settings.max_undelivered_outputs)
         self._accepting = True
+        await self._recover_outputs()
         self._background.append(self._loop.create_task(self._hibernate_idle_forever()))
         self._on_started()
         logger.info(
@@ -290,6 +314,7 @@ class AgentRuntime(AlarmsMixin):
                 self._evict(slot)
         if self._closing:
             await asyncio.gather(*self._closing.values(), return_exceptions=True)
+        await self._settle_outputs_of_hibernated()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._on_closed()
@@ -375,6 +400,89 @@ class AgentRuntime(AlarmsMixin):
             (route.agent_class, route.agent_id), _Event(_CLOSE, future, conn, code, reason)
         )
         return future
+
+    # -- durable outputs (protocols.link.OutputRecovery) ---------------------------------------
+
+    def attach_outputs(self, outputs: DurableOutputs) -> None:
+        """A transport with durable outputs started: it gets the outputs that waited for it."""
+        if self._outbox is not None:
+            self._outbox.attach(outputs)
+
+    def detach_outputs(self, outputs: DurableOutputs) -> None:
+        if self._outbox is not None:
+            self._outbox.detach(outputs)
+
+    async def _recover_outputs(self) -> None:
+        """Wake every agent the outbox index lists: its first batch sends its undelivered
+        outputs again (to transports attached later, as soon as they attach)."""
+        assert self._loop is not None and self._outbox is not None
+        keys = await self._loop.run_in_executor(self._executor, self._outbox.agents_to_recover)
+        for key in keys:
+            if self._check_route(key) is not None:
+                logger.warning(
+                    "agents: %s/%r has undelivered outputs but its class is not configured; "
+                    "they stay on disk until it is",
+                    *key,
+                )
+                continue
+            self._enqueue(key, _Event(_FN, None, None, _nothing))
+        if keys:
+            logger.info(
+                "agents: %d agents have outputs left undelivered by the last run", len(keys)
+            )
+
+    def _outbox_store(self, slot: _Slot) -> OutboxStore:
+        store = slot.stores.get("outbox")
+        if store is None:
+            assert self._outbox is not None and slot.db is not None
+            store = slot.stores["outbox"] = self._outbox.store(slot.db.connection)
+        return store
+
+    def _write_durable_outputs(self, slot: _Slot, outbox: list[Any], start: int) -> None:
+        """End of a successful turn, inside its savepoint: every output for a device (a link
+        with durable outputs) becomes an outbox row of this transaction (outbox.py)."""
+        assert self._outbox is not None
+        store: OutboxStore | None = None
+        for index in range(start, len(outbox)):
+            conn, data = outbox[index]
+            if isinstance(data, CloseRequest):
+                continue
+            target = durable_target(conn.link)
+            if target is None:
+                continue
+            if store is None:
+                store = self._outbox_store(slot)
+            payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            seq = self._outbox.append(slot.key, store, target[1], payload)
+            outbox[index] = (conn, OutboxRow(seq, target[1], payload))
+
+    async def _settle_outputs_of_hibernated(self) -> None:
+        """Shutdown: delete the rows of outputs delivered after their agent hibernated."""
+        outbox = self._outbox
+        if outbox is None:
+            return
+        assert self._loop is not None
+        for key in outbox.needs_settling():
+            settlement = outbox.settlement(key)
+            if settlement is None:
+                continue
+            path = agent_db_file(str(self.settings.state_dir), key[0], key[1])
+            try:
+                await self._loop.run_in_executor(
+                    self._executor, _settle_in_file, outbox, settlement, path
+                )
+            except Exception as err:
+                logger.warning(
+                    "agents: %s/%r: could not delete %d delivered outputs (%s); they are sent "
+                    "again after the restart",
+                    key[0],
+                    key[1],
+                    len(settlement.seqs),
+                    err,
+                )
+                continue
+            outbox.settled(settlement)
+        await self._loop.run_in_executor(self._executor, outbox.index.close)
 
     # -- in-process API -------------------------------------------------------------------------
 
@@ -513,8 +621,12 @@ class AgentRuntime(AlarmsMixin):
             if slot.agent is None and not await self._wake(slot, done, undo_conns):
                 return
             db = slot.db
-            assert db is not None
+            assert db is not None and self._outbox is not None
             db.begin()
+            store = self._outbox_store(slot)
+            deleted = self._outbox.deletable(slot.key)
+            store.delete(deleted)  # delivered since the last batch
+            self._outbox.recovered(slot.key, store)  # older outputs leave before new ones
             mailbox = slot.mailbox
             budget = self.settings.max_turns_per_commit
             try:
@@ -536,7 +648,7 @@ class AgentRuntime(AlarmsMixin):
                     slot, f"internal error ({type(err).__name__}: {err})", done, outbox, undo_conns
                 )
                 return
-            await self._commit(slot, db, outbox, done, undo_conns)
+            await self._commit(slot, db, outbox, done, undo_conns, deleted)
         finally:
             slot.outbox = None
 
@@ -547,10 +659,15 @@ class AgentRuntime(AlarmsMixin):
         outbox: list[tuple[Connection, Any]],
         done: list[tuple[asyncio.Future[Any] | None, Any, bool]],
         undo_conns: list[tuple[Connection, Any]],
+        deleted: list[int],
     ) -> None:
         assert self._loop is not None
-        assert self._committer is not None
+        assert self._committer is not None and self._outbox is not None
         try:
+            if self._outbox.needs_mark(slot.key):
+                # The index must list the agent before its outbox rows are durable, or a
+                # crash right after the commit would hide them from the next start.
+                await self._loop.run_in_executor(self._executor, self._outbox.mark, slot.key)
             if db.commit_fsyncs:
                 await self._committer.commit(db)
             else:
@@ -566,11 +683,16 @@ class AgentRuntime(AlarmsMixin):
             return
         self._counters["commits_total"] += 1
         COMMITS.inc()
+        rows: list[OutboxRow] = []
         for conn, data in outbox:
+            if isinstance(data, OutboxRow):
+                rows.append(data)  # sent even if the link closed: it is addressed
+                continue
             try:
                 deliver(conn, data)
             except Exception:
                 logger.exception("agents: transport failed to take output for %r", conn)
+        self._outbox.committed(slot.key, deleted, rows)
         for future, result, is_error in done:
             if future is None or future.done():
                 continue
@@ -607,6 +729,8 @@ class AgentRuntime(AlarmsMixin):
             f"{len(done)} events not acknowledged, agent reloaded from disk"
         )
         logger.error("agents: %s", error)
+        if self._outbox is not None:
+            self._outbox.aborted(slot.key)
         for conn, old_state in reversed(undo_conns):
             conn._state = old_state
         for future, result, is_error in done:
@@ -730,6 +854,7 @@ class AgentRuntime(AlarmsMixin):
                 await self._notify_state_changed(slot, note)
             if dedup is not None:
                 db.set_last_seq(dedup.stream, dedup.seq)
+            self._write_durable_outputs(slot, outbox, outbox_mark)
             db.release()
         except Exception as raised:
             err: BaseException = raised
@@ -1090,8 +1215,19 @@ class AgentRuntime(AlarmsMixin):
         self, key: AgentKey, db: AgentDatabase, then: Callable[[], None] | None = None
     ) -> None:
         assert self._loop is not None
+        outbox = self._outbox
+        settlement = outbox.settlement(key) if outbox is not None else None
 
         def close() -> None:
+            if settlement is not None and outbox is not None:
+                try:
+                    db.rollback()
+                    outbox.settle(settlement, db.connection)
+                except Exception as err:
+                    settlement.seqs = []
+                    logger.warning(
+                        "agents: %s/%r: deleting delivered outputs failed: %s", *key, err
+                    )
             try:
                 db.close()
             except Exception:
@@ -1105,6 +1241,8 @@ class AgentRuntime(AlarmsMixin):
         def forget(done: asyncio.Future[None]) -> None:
             if self._closing.get(key) is done:
                 del self._closing[key]
+            if settlement is not None and outbox is not None:
+                outbox.settled(settlement)
 
         future.add_done_callback(forget)
 
@@ -1132,6 +1270,9 @@ class AgentRuntime(AlarmsMixin):
             await asyncio.shield(closing)
         if path is not None:
             AgentDatabase.delete_files(path)
+        if self._outbox is not None:
+            self._outbox.forget(key)
+            await self._loop_executor(self._outbox.index.unmark, key)
         self._on_destroyed(key)
         logger.info("agents: %s/%r destroyed (storage deleted)", *key)
         if slot.mailbox:  # events that arrived meanwhile go to a fresh agent
@@ -1139,12 +1280,30 @@ class AgentRuntime(AlarmsMixin):
                 self._enqueue(key, event)
             slot.mailbox.clear()
 
+    async def _loop_executor(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
     async def _infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         if self.engine is None:
             raise NoEngineError(
                 f"infer({model!r}): this gateway has no inference engine configured"
             )
         return await self.engine.infer(model, inputs, **kwargs)
+
+
+def _nothing(agent: Agent) -> None:
+    """A turn that only wakes its agent (e.g. to send outputs left by the last run)."""
+
+
+def _settle_in_file(outbox: Outbox, settlement: Settlement, path: str) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        outbox.settle(settlement, conn)
+    finally:
+        conn.close()
 
 
 def _encode_rpc_result(rpc_id: str, result: Any) -> str:

@@ -45,6 +45,9 @@ class AgentSettings:
     max_turns_per_commit: int = 256
     # Threads shared by all agents for commits (fsync); never one per agent.
     commit_threads: int = 4
+    # Outputs for devices (MQTT replies, TCP pushes) one agent may hold undelivered (they are
+    # rows of its outbox); past that its turns that send fail (OutboxFullError), see outbox.py.
+    max_undelivered_outputs: int = 10_000
 
     def __post_init__(self) -> None:
         if self.durability not in ("normal", "full"):
@@ -62,6 +65,7 @@ class AgentSettings:
             "max_message_bytes",
             "max_turns_per_commit",
             "commit_threads",
+            "max_undelivered_outputs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"agents.{name} must be >= 1, got {getattr(self, name)!r}")
