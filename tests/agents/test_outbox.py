@@ -10,15 +10,19 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
-from gatewayd.agents import AgentRuntime, AgentSettings
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings
 from gatewayd.agents.outbox import OutboxIndex
 from gatewayd.agents.storage import agent_db_file
+from protocols.frames import Ack, Data, Push
 from protocols.mqtt import MqttBridge
+from protocols.tcp import TcpListener, TcpSettings
 from tests.agents.outbox_gateway import Echo, settings
 from tests.brokers import MosquittoBroker
+from tests.protocols.test_tcp import SECRETS, Device, connect_device, eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,8 +37,8 @@ async def _publish(broker: MosquittoBroker, client_id: str, items: list[tuple[st
             await asyncio.gather(*(client.publish(t, p, qos=1) for t, p in chunk))
 
 
-def _outbox_rows(state_dir: Path, agent_id: str) -> int:
-    path = agent_db_file(str(state_dir), "echo", agent_id)
+def _outbox_rows(state_dir: Path, agent_id: str, agent_class: str = "echo") -> int:
+    path = agent_db_file(str(state_dir), agent_class, agent_id)
     with sqlite3.connect(path) as db:
         count = db.execute("SELECT COUNT(*) FROM _gw_outbox").fetchone()[0]
     db.close()
@@ -164,3 +168,66 @@ async def test_reply_committed_but_undelivered_is_sent_after_sigkill(
         async with asyncio.timeout(15):
             assert await gateway.wait() == 0
     assert _outbox_rows(state_dir, "d1") == 0  # delivered, then deleted
+
+
+class Pusher(Agent):
+    """Answers each DATA with a PUSH (a durable output on a TCP device's link)."""
+
+    def on_message(self, conn: Any, message: bytes | str) -> None:
+        conn.send(b"cmd-for-" + (message.encode() if isinstance(message, str) else message))
+
+
+async def _tcp_gateway(state_dir: Path, port: int) -> tuple[AgentRuntime, TcpListener]:
+    runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"device": Pusher})
+    await runtime.start()
+    listener = TcpListener(
+        TcpSettings(host="127.0.0.1", port=port, agent_class="device", secrets=SECRETS), runtime
+    )
+    await listener.start()
+    return runtime, listener
+
+
+async def test_tcp_push_keeps_its_seq_across_a_gateway_restart(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    runtime, listener = await _tcp_gateway(state_dir, 0)
+    port = listener.bound_port
+    device = await connect_device(port)
+    try:
+        device.send(Data(1, b"a"))
+        frames = [await device.recv(), await device.recv()]
+        push = next(f for f in frames if isinstance(f, Push))
+        assert push.payload == b"cmd-for-a" and not push.resend
+        first_epoch = listener.push_epoch
+        # The device does not acknowledge the push; the gateway stops and starts again.
+    finally:
+        await device.close()
+        await listener.stop(drain_timeout_s=2)
+        await runtime.drain(2)
+        await runtime.close()
+    runtime, listener = await _tcp_gateway(state_dir, port)
+    try:
+        device = await Device.connect(port)
+        hello_ok = await device.hello()
+        assert hello_ok.push_epoch == first_epoch  # same seq space: no re-apply, no loss
+        again = await device.recv()
+        assert isinstance(again, Push)
+        assert (again.seq, again.payload) == (push.seq, b"cmd-for-a")
+        device.send(Ack(again.seq))
+        # The next push of the agent gets a larger seq than any before the restart.
+        device.send(Data(2, b"b"))
+        frames = [await device.recv(), await device.recv()]
+        later = next(f for f in frames if isinstance(f, Push))
+        assert later.payload == b"cmd-for-b" and later.seq > push.seq
+        device.send(Ack(later.seq))
+        await eventually(
+            lambda: (
+                runtime._outbox is not None
+                and runtime._outbox.undelivered(("device", "dev-a")) == 0
+            )
+        )
+        await device.close()
+    finally:
+        await listener.stop(drain_timeout_s=2)
+        await runtime.drain(2)
+        await runtime.close()
+    assert _outbox_rows(state_dir, "dev-a", "device") == 0
