@@ -79,6 +79,7 @@ from protocols.link import (
     attach_outputs,
     detach_outputs,
 )
+from protocols.tcp_pushes import DURABLE_PUSH_EPOCH, PushOutbox
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,6 @@ TCP_AUTH_FAILURES = Counter("gatewayd_tcp_auth_failures_total", "Failed or rate-
 TCP_PUSHES = Counter(
     "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, oversized, acked)", ["event"]
 )
-# HELLO_OK's push_epoch: constant, because push seqs are durable (outbox row ids) and survive
-# restarts; a device applies a push only if its seq is above the last one it applied.
-DURABLE_PUSH_EPOCH = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,47 +236,6 @@ class _AuthFailureLimiter:
         self._failures.move_to_end(ip)
         times.append(now)
         return len(times) == self._limit
-
-
-class _PushStore:
-    """A device's unACKed pushes, kept across its connections, in seq order. Never drops: the
-    gateway's outbox bounds them (see the module docstring)."""
-
-    def __init__(self, device_id: str) -> None:
-        self.device_id = device_id
-        self.last_seq = 0  # the highest seq this process has seen for the device
-        self.pending: dict[int, bytes] = {}
-        self.sent_before: set[int] = set()  # seqs written to some connection already
-        self.in_window: set[int] = set()  # written to the current connection, not ACKed
-        self.on_delivered: dict[int, DeliveredCallback] = {}
-
-    def add(self, payload: bytes) -> int:
-        """An untracked push: the next seq after every one seen (memory only)."""
-        return self.add_tracked(self.last_seq + 1, payload, None)
-
-    def add_tracked(self, seq: int, payload: bytes, on_delivered: DeliveredCallback | None) -> int:
-        if seq in self.pending:
-            return seq  # handed over twice (e.g. recovered after a restart): one is enough
-        if seq < self.last_seq:
-            # Recovered after a restart behind newer pushes: keep the dict in seq order.
-            self.pending[seq] = payload
-            self.pending = dict(sorted(self.pending.items()))
-        else:
-            self.pending[seq] = payload
-        self.last_seq = max(self.last_seq, seq)
-        if on_delivered is not None:
-            self.on_delivered[seq] = on_delivered
-        return seq
-
-    def ack(self, seq: int) -> bool:
-        self.sent_before.discard(seq)
-        self.in_window.discard(seq)
-        if self.pending.pop(seq, None) is None:
-            return False
-        callback = self.on_delivered.pop(seq, None)
-        if callback is not None:
-            callback(seq)
-        return True
 
 
 class _State(enum.Enum):
@@ -871,7 +828,7 @@ class TcpListener:
         self._server: asyncio.Server | None = None
         self._connections: set[_DeviceConnection] = set()
         self._live_by_device: dict[str, _DeviceConnection] = {}
-        self._pushes: dict[str, _PushStore] = {}
+        self._pushes = PushOutbox(settings.max_pending_pushes)
         self._link_ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -959,12 +916,6 @@ class TcpListener:
     def stats_extra_inc(self, name: str) -> None:
         self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
 
-    def _push_store(self, device_id: str) -> _PushStore:
-        store = self._pushes.get(device_id)
-        if store is None:
-            store = self._pushes[device_id] = _PushStore(device_id)
-        return store
-
     @property
     def transport(self) -> str:
         return TRANSPORT
@@ -973,8 +924,8 @@ class TcpListener:
         self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
     ) -> None:
         """`protocols.link.DurableOutputs`: PUSH `payload` with `seq` to device
-        `address.target` now if it is connected, else when it connects; `on_delivered(seq)`
-        when the device ACKs it."""
+        `address.target` now if it is connected (and the push window has room), else later;
+        `on_delivered(seq)` when the device ACKs it."""
         self._push(address.target, payload, seq, on_delivered)
 
     def push(self, device_id: str, payload: bytes) -> None:
@@ -1001,44 +952,30 @@ class TcpListener:
             if on_delivered is not None and seq is not None:
                 on_delivered(seq)
             return
-        store = self._push_store(device_id)
-        store.add(payload) if seq is None else store.add_tracked(seq, payload, on_delivered)
-        live = self._live_by_device.get(device_id)
-        if live is not None and live.state is _State.OPEN:
-            for next_seq, next_payload, resend in self._fill_window(store):
-                live.write_push(next_seq, next_payload, resend)
+        if seq is None:
+            self._pushes.add(device_id, payload)
+        else:
+            self._pushes.add_tracked(device_id, seq, payload, on_delivered)
+        self._write_pushes(device_id)
 
     def pending_pushes(self, device_id: str) -> list[tuple[int, bytes, bool]]:
         """For a connection that just opened: the oldest unACKed pushes, at most
         `max_pending_pushes` (the push window), as (seq, payload, sent before)."""
-        store = self._pushes.get(device_id)
-        if store is None:
-            return []
-        store.in_window.clear()
-        return self._fill_window(store)
+        return self._pushes.reopen(device_id)
 
     def push_acked(self, device_id: str, seq: int) -> bool:
-        store = self._pushes.get(device_id)
-        if store is None or not store.ack(seq):
+        if not self._pushes.ack(device_id, seq):
             return False
-        live = self._live_by_device.get(device_id)
-        if live is not None and live.state is _State.OPEN:
-            for next_seq, payload, resend in self._fill_window(store):
-                live.write_push(next_seq, payload, resend)
+        self._write_pushes(device_id)
         return True
 
-    def _fill_window(self, store: _PushStore) -> list[tuple[int, bytes, bool]]:
-        """Take pushes into the window (written, unACKed) in seq order until it is full."""
-        room = self.settings.max_pending_pushes - len(store.in_window)
-        result: list[tuple[int, bytes, bool]] = []
-        if room <= 0:
-            return result
-        for seq, payload in store.pending.items():
-            if seq in store.in_window:
-                continue
-            result.append((seq, payload, seq in store.sent_before))
-            store.in_window.add(seq)
-            store.sent_before.add(seq)
-            if len(result) >= room:
-                break
-        return result
+    def push_backlog(self, device_id: str) -> int:
+        """Pushes the device has not ACKed yet (written or waiting for the window)."""
+        return self._pushes.backlog(device_id)
+
+    def _write_pushes(self, device_id: str) -> None:
+        """Fill the push window of the device's open connection, if it has one."""
+        live = self._live_by_device.get(device_id)
+        if live is not None and live.state is _State.OPEN:
+            for seq, payload, resend in self._pushes.take_window(device_id):
+                live.write_push(seq, payload, resend)
