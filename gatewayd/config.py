@@ -101,6 +101,9 @@ class AgentsSection(Section):
     turn_timeout: Duration = 30.0
     max_db_size: Size = 1024**3
     max_message_size: Size = 1024**2
+    # Outputs for devices (MQTT replies, TCP pushes) one agent may owe before its sending
+    # turns fail (they are durable rows of its outbox; see DURABILITY.md).
+    max_undelivered_outputs: int = Field(default=10_000, ge=1)
     python_path: list[ConfigPath] = []
     classes: dict[str, AgentClassSection] = {}
 
@@ -146,6 +149,9 @@ class MqttRouteSection(Section):
     topic: str = Field(pattern=r"\{id\}")
     agent_class: str
     reply_topic: str = ""
+    # When max_outbound_queue replies wait: "backpressure" (stop reading device messages,
+    # drop nothing) or "drop_oldest" (drop this route's oldest queued reply; counted, logged).
+    on_overflow: Literal["backpressure", "drop_oldest"] = "backpressure"
 
 
 class MqttSection(Section):

@@ -121,6 +121,7 @@ def agent_settings(config: GatewayConfig) -> Any:
         turn_timeout_s=agents.turn_timeout,
         max_db_bytes=agents.max_db_size,
         max_message_bytes=agents.max_message_size,
+        max_undelivered_outputs=agents.max_undelivered_outputs,
         protocol_messages_default={
             "ws": listeners.websocket.protocol_messages,
             "tcp": listeners.binary.protocol_messages,
@@ -207,7 +208,9 @@ def mqtt_settings(mqtt: Any) -> Any:
     return MqttSettings(
         broker_urls=tuple(mqtt.broker_urls),
         client_id=mqtt.client_id,
-        routes=tuple(MqttRoute(r.topic, r.agent_class, r.reply_topic) for r in mqtt.routes),
+        routes=tuple(
+            MqttRoute(r.topic, r.agent_class, r.reply_topic, r.on_overflow) for r in mqtt.routes
+        ),
         username=mqtt.username,
         password=mqtt.resolved_password(),
         ca_file=_str_or_none(mqtt.ca_file),
