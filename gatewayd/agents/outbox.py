@@ -34,12 +34,12 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter, Gauge
 
 from gatewayd.agents.errors import AgentError
-from protocols.link import DurableOutputs, OutputAddress
+from protocols.link import DurableOutputs, OutputAddress, durable_target
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class _AgentOutputs:
     in_flight: set[int] = field(default_factory=set)  # handed to a transport, not delivered
     parked: list[OutboxRow] = field(default_factory=list)  # its transport is not attached yet
     delivered: list[int] = field(default_factory=list)  # delivered; row not deleted yet
+    deleting: list[int] = field(default_factory=list)  # deleted by the open transaction
     written_in_batch: int = 0  # rows of the open transaction (released after its commit)
     marked: bool = False  # known to be in the OutboxIndex
     recover: bool = False  # rows from an earlier run may be on disk, not yet resent
@@ -184,22 +185,39 @@ class _AgentOutputs:
 class Outbox:
     """The runtime's side of durable outputs, for every agent (see the module docstring).
 
-    The runtime calls, for one agent and always on the event loop:
-    `store(db)` once per wake; in each batch `deletable(key)` (delete those rows in the
-    transaction), `append(...)` from the turn, `needs_mark(key)` (then `mark(key)` on the
-    executor) before the commit, and after the commit `committed(key, deleted, rows)`;
-    `aborted(key)` when the batch is lost; `recovered(key, store)` on wake.
+    The runtime's modules call, always on the event loop unless said otherwise:
+    start-up: `open_index(path)` and `agents_to_recover()` (executor), then wake those agents;
+    batch.py: `begin_batch` after BEGIN, `needs_mark` (then `mark` on the executor) before
+    COMMIT, `committed(key, rows)` after it, `aborted(key)` if the batch is lost;
+    turn.py: `write_turn_outputs` at the end of each successful turn, inside its savepoint;
+    scheduler.py: `settlement` / `settle` (executor) / `settled` around closing a database.
     """
 
-    def __init__(self, index: OutboxIndex, *, max_undelivered: int = DEFAULT_MAX_UNDELIVERED):
+    def __init__(self, *, max_undelivered: int = DEFAULT_MAX_UNDELIVERED) -> None:
         if max_undelivered < 1:
             raise ValueError(f"outbox max_undelivered must be >= 1, got {max_undelivered}")
-        self.index = index
         self.max_undelivered = max_undelivered
+        self._index: OutboxIndex | None = None
         self._agents: dict[AgentKey, _AgentOutputs] = {}
         self._sinks: dict[str, DurableOutputs] = {}
         self._undelivered = 0
         OUTBOX_UNDELIVERED.set_function(lambda: self._undelivered)
+
+    @property
+    def index(self) -> OutboxIndex:
+        if self._index is None:
+            raise RuntimeError("outbox: open_index() was not called (runtime not started)")
+        return self._index
+
+    def open_index(self, path: str | os.PathLike[str], *, synchronous_full: bool) -> None:
+        """Executor only: open (create) the gateway-wide index file."""
+        self._index = OutboxIndex(path, synchronous_full=synchronous_full)
+
+    def close_index(self) -> None:
+        """Executor only."""
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
     # -- transports ---------------------------------------------------------------------
 
@@ -234,6 +252,47 @@ class Outbox:
     def store(self, db: sqlite3.Connection) -> OutboxStore:
         return OutboxStore(db)
 
+    def begin_batch(self, key: AgentKey, stores: dict[str, Any], db: sqlite3.Connection) -> None:
+        """Right after the batch's BEGIN: delete what was delivered since the last batch, and
+        on the agent's first wake after a restart, send its older outputs again (before any
+        output of this batch, which leaves only after the commit)."""
+        agent = self._agents.get(key)
+        if agent is None:
+            return
+        store = self._store(stores, db)
+        agent.deleting = list(agent.delivered)
+        store.delete(agent.deleting)
+        self.recovered(key, store)
+
+    def write_turn_outputs(
+        self,
+        key: AgentKey,
+        stores: dict[str, Any],
+        db: sqlite3.Connection,
+        outputs: list[Any],
+        start: int,
+    ) -> None:
+        """At the end of a successful turn, inside its savepoint: every output for a device
+        (a link with durable outputs) among `outputs[start:]` ((connection, data) pairs)
+        becomes an outbox row of this transaction; its entry is replaced by the `OutboxRow`."""
+        for position in range(start, len(outputs)):
+            conn, data = outputs[position]
+            if not isinstance(data, bytes | str):
+                continue  # a close request
+            target = durable_target(conn.link)
+            if target is None:
+                continue  # a live-only link (WebSocket)
+            payload = data.encode("utf-8") if isinstance(data, str) else data
+            seq = self.append(key, self._store(stores, db), target[1], payload)
+            outputs[position] = (conn, OutboxRow(seq, target[1], payload))
+
+    @staticmethod
+    def _store(stores: dict[str, Any], db: sqlite3.Connection) -> OutboxStore:
+        store = stores.get("outbox")
+        if store is None:
+            store = stores["outbox"] = OutboxStore(db)
+        return store
+
     def recovered(self, key: AgentKey, store: OutboxStore) -> None:
         """First wake of an agent the index listed: resend its rows from the earlier run."""
         agent = self._agents.get(key)
@@ -252,11 +311,6 @@ class Outbox:
             _RESENT.inc()
             self._release(key, agent, row)
         self._forget_if_idle(key, agent)
-
-    def deletable(self, key: AgentKey) -> list[int]:
-        """Delivered outputs whose rows the open transaction should delete."""
-        agent = self._agents.get(key)
-        return list(agent.delivered) if agent is not None else []
 
     def append(
         self, key: AgentKey, store: OutboxStore, address: OutputAddress, payload: bytes
@@ -286,14 +340,15 @@ class Outbox:
         self.index.mark(key)
         self._agent(key).marked = True
 
-    def committed(self, key: AgentKey, deleted: list[int], rows: list[OutboxRow]) -> None:
+    def committed(self, key: AgentKey, rows: list[OutboxRow]) -> None:
         """The batch committed: its deletes are done and its new rows may leave, in order."""
         agent = self._agents.get(key)
         if agent is None:
             return
-        if deleted:
-            done = set(deleted)
+        if agent.deleting:
+            done = set(agent.deleting)
             agent.delivered = [seq for seq in agent.delivered if seq not in done]
+            agent.deleting = []
         agent.written_in_batch = 0
         for row in rows:
             self._release(key, agent, row)
@@ -304,6 +359,7 @@ class Outbox:
         agent = self._agents.get(key)
         if agent is not None:
             agent.written_in_batch = 0
+            agent.deleting = []
             self._forget_if_idle(key, agent)
 
     def undelivered(self, key: AgentKey) -> int:
@@ -356,7 +412,8 @@ class Outbox:
 
     def forget(self, key: AgentKey) -> None:
         """The agent was destroyed (its database deleted): nothing of it is owed anymore.
-        (The caller also unmarks it in the index, on its executor.)"""
+        Its index entry, if any, stays until the next start finds nothing (one needless wake):
+        removing it here could race with a new agent of the same id marking it."""
         agent = self._agents.pop(key, None)
         if agent is not None:
             self._undelivered -= len(agent.in_flight)

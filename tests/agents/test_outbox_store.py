@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.agents.outbox import Outbox, OutboxFullError, OutboxIndex, OutboxStore
+from gatewayd.agents.outbox import Outbox, OutboxFullError, OutboxStore
 from protocols.link import DeliveredCallback, OutputAddress
 
 TOPIC = OutputAddress("mqtt", "devices/a/cmd", 1)
@@ -39,11 +39,17 @@ def db(tmp_path: Path):
     conn.close()
 
 
+def _outbox(tmp_path: Path, **kw: int) -> Outbox:
+    outbox = Outbox(**kw)
+    outbox.open_index(tmp_path / "index.sqlite3", synchronous_full=False)
+    return outbox
+
+
 @pytest.fixture
 def outbox(tmp_path: Path):
-    index = OutboxIndex(tmp_path / "index.sqlite3")
-    yield Outbox(index, max_undelivered=3)
-    index.close()
+    outbox = _outbox(tmp_path, max_undelivered=3)
+    yield outbox
+    outbox.close_index()
 
 
 def test_rows_belong_to_the_transaction_and_seqs_are_never_reused(db) -> None:
@@ -81,14 +87,17 @@ def test_cap_refuses_the_turn_and_delivery_makes_room(db, outbox: Outbox) -> Non
     assert outbox.needs_mark(KEY)
     outbox.mark(KEY)
     db.execute("COMMIT")
-    outbox.committed(KEY, [], [r for r in store.pending()])
+    outbox.committed(KEY, store.pending())
     assert [seq for seq, *_ in sink.sent] == rows and outbox.undelivered(KEY) == 3
     sink.sent[0][2](rows[0])  # the transport delivered the first one
-    assert outbox.undelivered(KEY) == 2 and outbox.deletable(KEY) == [rows[0]]
+    assert outbox.undelivered(KEY) == 2
     db.execute("BEGIN")
-    store.delete(outbox.deletable(KEY))
+    stores: dict[str, object] = {"outbox": store}
+    outbox.begin_batch(KEY, stores, db)  # deletes the delivered row in the next transaction
     outbox.append(KEY, store, TOPIC, b"fits again")
     db.execute("COMMIT")
+    outbox.committed(KEY, [])
+    assert rows[0] not in [row.seq for row in store.pending()]
 
 
 def test_index_lists_an_agent_until_it_settles_with_nothing_left(
@@ -101,7 +110,7 @@ def test_index_lists_an_agent_until_it_settles_with_nothing_left(
     seq = outbox.append(KEY, store, TOPIC, b"x")
     outbox.mark(KEY)
     db.execute("COMMIT")
-    outbox.committed(KEY, [], store.pending())
+    outbox.committed(KEY, store.pending())
     assert outbox.index.marked() == [KEY]
     # Hibernating while the output is still on its way: the agent stays listed.
     settlement = outbox.settlement(KEY)
@@ -116,14 +125,15 @@ def test_index_lists_an_agent_until_it_settles_with_nothing_left(
     outbox.settled(settlement)
     assert store.count() == 0 and outbox.index.marked() == []
     # A new process finds nothing to recover.
-    fresh = Outbox(OutboxIndex(tmp_path / "index.sqlite3"))
+    fresh = _outbox(tmp_path)
     assert fresh.agents_to_recover() == []
+    fresh.close_index()
 
 
 def test_rows_wait_for_their_transport_and_leave_in_order_after_a_restart(
     db, tmp_path: Path
 ) -> None:
-    first = Outbox(OutboxIndex(tmp_path / "index.sqlite3"))
+    first = _outbox(tmp_path)
     store = first.store(db)
     db.execute("BEGIN")
     for n in range(3):
@@ -131,7 +141,8 @@ def test_rows_wait_for_their_transport_and_leave_in_order_after_a_restart(
     first.mark(KEY)
     db.execute("COMMIT")
     # (the process dies before anything was delivered)
-    second = Outbox(OutboxIndex(tmp_path / "index.sqlite3"))
+    first.close_index()
+    second = _outbox(tmp_path)
     assert second.agents_to_recover() == [KEY]
     second.recovered(KEY, second.store(db))  # the agent's first batch: no transport yet
     mqtt, tcp = RecordingOutputs("mqtt"), RecordingOutputs("tcp")
@@ -141,3 +152,4 @@ def test_rows_wait_for_their_transport_and_leave_in_order_after_a_restart(
     assert [payload for _, payload, _ in tcp.sent] == [b"1"]
     second.recovered(KEY, second.store(db))  # only once per process
     assert len(mqtt.sent) == 2
+    second.close_index()
