@@ -231,3 +231,33 @@ async def test_tcp_push_keeps_its_seq_across_a_gateway_restart(tmp_path: Path) -
         await runtime.drain(2)
         await runtime.close()
     assert _outbox_rows(state_dir, "dev-a", "device") == 0
+
+
+async def test_push_sent_outside_a_turn_becomes_durable_in_a_turn_of_its_own(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    runtime, listener = await _tcp_gateway(state_dir, 0)
+    try:
+        device = await connect_device(listener.bound_port)
+        device.send(Data(1, b"a"))
+        frames = [await device.recv(), await device.recv()]
+        first = next(f for f in frames if isinstance(f, Push))
+        device.send(Ack(first.seq))
+        [conn] = runtime._registry.open_of(("device", "dev-a"))
+        conn.send(b"from a background task")  # no turn is running
+        late = await device.recv()
+        # It went through the outbox (a durable row, a seq from the agent's own sequence),
+        # not around it with a seq of its own that a later durable push could collide with.
+        assert isinstance(late, Push) and late.payload == b"from a background task"
+        assert late.seq > first.seq
+        assert _outbox_rows(state_dir, "dev-a", "device") >= 1  # kept until the ACK
+        device.send(Data(2, b"b"))
+        frames = [await device.recv(), await device.recv()]
+        after = next(f for f in frames if isinstance(f, Push))
+        assert after.seq > late.seq
+        await device.close()
+    finally:
+        await listener.stop(drain_timeout_s=2)
+        await runtime.drain(2)
+        await runtime.close()
