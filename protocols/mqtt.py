@@ -48,8 +48,10 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   drops its own oldest queued reply (counted `outbound_dropped_by_policy`, logged, and
   reported delivered so that it is not resent). A reply that can never be published (over
   `max_payload_bytes`, a topic paho refuses) is logged as an error and counted. While
-  PUBACKs are awaited the socket keeps being read even past the inbound high-water mark (the
-  PUBACKs queue behind device messages; pausing then would deadlock the two directions).
+  Replies go out on a second broker connection of their own (client id `<client_id>-out`,
+  clean session, no subscriptions): the device connection stops reading the socket for
+  backpressure, and the PUBACKs of replies must not wait behind the device messages it holds
+  back (one connection would deadlock the two directions).
   Untracked `link.send` (a handler without an outbox) goes through the same backlog.
 * **Connection.** Reconnects forever with exponential backoff and full jitter; resubscribes
   and publishes a retained "online" to the status topic on every connect; the broker
@@ -107,6 +109,7 @@ logger = logging.getLogger(__name__)
 
 TRANSPORT = "mqtt"
 STATUS_ONLINE = b"online"
+OUTBOUND_CLIENT_SUFFIX = "-out"  # client id of the replies' connection: `<client_id>-out`
 STATUS_OFFLINE = b"offline"
 LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
 
@@ -209,6 +212,79 @@ class _Outbound:
             callback(self.seq)
 
 
+class _OutboundConnection:
+    """The bridge's second broker connection, for replies only (see the module docstring).
+    It follows the device connection: it connects to the broker that one is connected to,
+    and reconnects with the same backoff when it is lost. `close()` ends it; cancelling is not
+    enough (aiomqtt's connect swallows a cancellation that arrives while it connects)."""
+
+    def __init__(self, bridge: MqttBridge) -> None:
+        self._bridge = bridge
+        self.client: ManualAckClient | None = None
+        self.connected = asyncio.Event()
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def _until_closing(self, awaitable: Any) -> bool:
+        """Wait for `awaitable` or `close()`; True when closing. Raises what it raises."""
+        waiter = asyncio.ensure_future(awaitable)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if self._closing.is_set():
+            waiter.cancel()
+            return True
+        waiter.result()
+        return False
+
+    async def run(self) -> None:
+        bridge = self._bridge
+        attempt = 0
+        while not self._closing.is_set():
+            if await self._until_closing(bridge._connected_event.wait()):
+                return
+            address = bridge._broker
+            assert address is not None
+            client = bridge._make_outbound_client(address)
+            reason = ""
+            try:
+                async with client:
+                    self.client = client
+                    self.connected.set()
+                    attempt = 0
+                    # Shielded: ending the wait must not cancel aiomqtt's own future.
+                    if await self._until_closing(asyncio.shield(client.disconnected)):
+                        return
+            except aiomqtt.MqttError as exc:
+                reason = _describe(exc)
+            except OSError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.client = None
+                self.connected.clear()
+            if self._closing.is_set():
+                return
+            delay = _full_jitter(
+                attempt, bridge.settings.reconnect_min_s, bridge.settings.reconnect_max_s
+            )
+            attempt += 1
+            bridge._count("outbound_disconnects")
+            logger.warning(
+                "mqtt: replies' connection to %s lost or refused (%s); retrying in %.1fs "
+                "(replies wait meanwhile; the broker must accept client id %r)",
+                address,
+                reason or "closed",
+                delay,
+                f"{bridge.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
+            )
+            if await self._until_closing(asyncio.sleep(delay)):
+                return
+
+
 class MqttBridge:
     """Bridges an MQTT broker to a `LinkHandler`; see the module docstring for guarantees.
 
@@ -249,6 +325,7 @@ class MqttBridge:
         self._peak_seen = 0
         self._queued_by_route: dict[int | None, int] = {}
         self._blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
+        self._outbound_connection = _OutboundConnection(self)
         _LIVE_BRIDGES.add(self)
 
     # ----------------------------------------------------------------- public surface
@@ -312,6 +389,9 @@ class MqttBridge:
         if self._ssl_context is None and any(a.tls for a in self.settings.addresses):
             self._ssl_context = await asyncio.to_thread(self._make_ssl_context)
         self._tasks.append(asyncio.create_task(self._connection_loop(), name="mqtt-connection"))
+        self._tasks.append(
+            asyncio.create_task(self._outbound_connection.run(), name="mqtt-outbound-connection")
+        )
         for n in range(self.settings.max_inflight_publishes):
             self._tasks.append(asyncio.create_task(self._publish_worker(), name=f"mqtt-pub-{n}"))
         attach_outputs(self._handler, self)
@@ -356,6 +436,7 @@ class MqttBridge:
                     timeout=max(0.1, min(2.0, _left(deadline))),
                 )
         self._stopping = True
+        self._outbound_connection.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -379,6 +460,29 @@ class MqttBridge:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+    def _make_outbound_client(self, address: BrokerAddress) -> ManualAckClient:
+        """The replies' connection: clean session, no will, no subscriptions."""
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = ManualAckClient(
+            address.host,
+            address.port,
+            high_water=s.max_pending_messages,  # nothing is subscribed: nothing comes in
+            username=s.username,
+            password=s.password,
+            identifier=f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}",
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else True,
+            clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=s.keepalive_s,
+            timeout=s.connect_timeout_s,
+            max_inflight_messages=s.max_inflight_publishes,
+            tls_context=self._ssl_context if address.tls else None,
+            tls_insecure=s.tls_insecure if address.tls else None,
+        )
+        client.pending_calls_threshold = s.max_inflight_publishes + 8
+        return client
 
     def _make_client(self, address: BrokerAddress) -> ManualAckClient:
         s = self.settings
@@ -412,7 +516,6 @@ class MqttBridge:
             tls_context=self._ssl_context if address.tls else None,
             tls_insecure=s.tls_insecure if address.tls else None,
         )
-        client.incoming.on_high_water = functools.partial(self._on_incoming_high_water, client)
         # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
         client.pending_calls_threshold = s.max_inflight_publishes + len(self._routes.filters) + 8
         return client
@@ -814,14 +917,6 @@ class MqttBridge:
                 queued.delivered()
                 return
 
-    def _on_incoming_high_water(self, client: ManualAckClient) -> None:
-        # PUBACKs for our publishes queue behind device messages in the same TCP stream:
-        # while some are awaited, keep reading (the broker's in-flight window bounds QoS 1).
-        if self._publishing == 0:
-            client.pause_reading()
-        else:
-            self._count("read_pauses_deferred")
-
     async def _publish_worker(self) -> None:
         while True:
             while not self._outbound:
@@ -837,23 +932,14 @@ class MqttBridge:
                 if not self._outbound and self._publishing == 0:
                     self._outbound_idle.set()
                 self._wakeup.set()  # the read loop may be waiting for outbound room
-                client = self._client
-                if (
-                    client is not None
-                    and self._publishing == 0
-                    and not self._outbound
-                    and client.incoming.qsize() >= client.incoming.high_water
-                ):
-                    client.pause_reading()  # deferred by _on_incoming_high_water
 
     async def _publish(self, item: _Outbound) -> None:
+        outbound = self._outbound_connection
         while True:
-            await self._connected_event.wait()
-            client = self._client
+            await outbound.connected.wait()
+            client = outbound.client
             if client is None:
                 continue
-            if client.reading_paused:
-                client.resume_reading()  # its PUBACK must be read (see _on_incoming_high_water)
             try:
                 await client.publish(
                     item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
@@ -867,7 +953,7 @@ class MqttBridge:
                     item.topic,
                     exc,
                 )
-                if client is self._client:
+                if client is outbound.client:
                     await asyncio.sleep(self.settings.reconnect_min_s)
                 continue
             except Exception as exc:  # e.g. paho refusing the topic: it can never be sent

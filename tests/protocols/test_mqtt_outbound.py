@@ -68,6 +68,9 @@ async def test_reply_flood_is_never_dropped_and_pauses_reading(
     stats = bridge.stats.extra
     assert stats["outbound_backpressure_pauses"] > 0  # the backlog limit was reached...
     assert "outbound_dropped_by_policy" not in stats  # ...and nothing was dropped for it
+    # Backpressure reached the socket: what waits unread in memory stays bounded (replies'
+    # PUBACKs come on their own connection, so pausing the device connection is safe).
+    assert stats["incoming_queue_peak"] <= 50 + 5
     await bridge.stop()
 
 
