@@ -45,6 +45,11 @@ class AgentSettings:
     max_turns_per_commit: int = 256
     # Threads shared by all agents for commits (fsync); never one per agent.
     commit_threads: int = 4
+    # Events waiting in one agent's mailbox; beyond it transports get `Backpressure` and
+    # `call()` gets `MailboxFullError` (nothing is queued without bound).
+    max_mailbox_events: int = 1000
+    # In-process calls (`submit_call`, `call`, `run_in_agent`) not yet answered, all agents.
+    max_pending_calls: int = 10_000
     # Outputs for devices (MQTT replies, TCP pushes) one agent may hold undelivered (they are
     # rows of its outbox); past that its turns that send fail (OutboxFullError), see outbox.py.
     max_undelivered_outputs: int = 10_000
@@ -65,6 +70,8 @@ class AgentSettings:
             "max_message_bytes",
             "max_turns_per_commit",
             "commit_threads",
+            "max_mailbox_events",
+            "max_pending_calls",
             "max_undelivered_outputs",
         ):
             if getattr(self, name) < 1:
