@@ -5,6 +5,7 @@ delivered when the gateway is SIGKILLed is delivered after the restart."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -13,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
-from gatewayd.agents import Agent, AgentRuntime, AgentSettings
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings, RpcStream, callable
 from gatewayd.agents.outbox import OutboxIndex
 from gatewayd.agents.storage import agent_db_file
 from protocols.frames import Ack, Data, Push
+from protocols.link import Outcome
 from protocols.mqtt import MqttBridge
 from protocols.tcp import TcpListener, TcpSettings
+from tests.agents.conftest import MemoryLink
 from tests.agents.outbox_gateway import Echo, settings
 from tests.brokers import MosquittoBroker
 from tests.protocols.test_tcp import SECRETS, Device, connect_device, eventually
@@ -261,3 +265,56 @@ async def test_push_sent_outside_a_turn_becomes_durable_in_a_turn_of_its_own(
         await listener.stop(drain_timeout_s=2)
         await runtime.drain(2)
         await runtime.close()
+
+
+class Streamer(Agent):
+    """A streaming RPC that pushes to its TCP device, then sends a chunk (a commit point)."""
+
+    pushed: asyncio.Event
+
+    @callable(streaming=True)
+    async def push_then_chunk(self, stream: RpcStream) -> str:
+        for conn in self.get_connections():
+            if conn.transport == "tcp":
+                conn.send(b"mid-stream")
+        await stream.send("chunk")
+        # Goes on only once the device has the push: it must leave at the commit point,
+        # as a durable outbox row, not wait for the end of the turn.
+        await type(self).pushed.wait()
+        return "done"
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_device_output_before_a_commit_point_leaves_there_durably(
+    tmp_path: Path, durability: str
+) -> None:
+    Streamer.pushed = asyncio.Event()
+    state_dir = tmp_path / "state"
+    settings = AgentSettings(state_dir=state_dir, durability=durability, turn_timeout_s=5)
+    runtime = AgentRuntime(settings, {"device": Streamer})
+    await runtime.start()
+    listener = TcpListener(
+        TcpSettings(host="127.0.0.1", port=0, agent_class="device", secrets=SECRETS), runtime
+    )
+    await listener.start()
+    try:
+        device = await connect_device(listener.bound_port)
+        client = MemoryLink("device", "dev-a", transport="ws")
+        await runtime.open_link(client, {})
+        call = runtime.submit_message(
+            client, json.dumps({"type": "gw.rpc", "id": 1, "method": "push_then_chunk"})
+        )
+        push = await device.recv()
+        assert isinstance(push, Push) and push.payload == b"mid-stream"
+        assert _outbox_rows(state_dir, "dev-a", "device") == 1  # committed with the chunk
+        Streamer.pushed.set()
+        async with asyncio.timeout(10):
+            assert await call is Outcome.APPLIED
+        device.send(Ack(push.seq))
+        await eventually(lambda: runtime._outbox.undelivered(("device", "dev-a")) == 0)
+        await device.close()
+    finally:
+        await listener.stop(drain_timeout_s=2)
+        await runtime.drain(2)
+        await runtime.close()
+    assert _outbox_rows(state_dir, "dev-a", "device") == 0
