@@ -152,8 +152,9 @@ class OutputRecovery(Protocol):
     """Optional half of a `LinkHandler` that keeps durable outputs (the gateway's runtime).
 
     A transport implementing `DurableOutputs` calls `attach_outputs(self)` when it starts and
-    `detach_outputs(self)` when it stops; the handler then hands it the outputs left
-    undelivered by an earlier run (in seq order per address).
+    `detach_outputs(self)` when it stops. On attach the handler hands it the outputs left
+    undelivered by an earlier run or by a stopped transport of the same name, in seq order per
+    address; after detach it ignores that transport's late delivery reports (at least once).
     """
 
     def attach_outputs(self, outputs: DurableOutputs) -> None: ...

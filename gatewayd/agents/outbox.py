@@ -170,7 +170,8 @@ class Settlement:
 class _AgentOutputs:
     """One agent's outputs as the runtime's memory knows them (survives hibernation)."""
 
-    in_flight: set[int] = field(default_factory=set)  # handed to a transport, not delivered
+    # handed to a transport, not delivered: seq -> transport name
+    in_flight: dict[int, str] = field(default_factory=dict)
     parked: list[OutboxRow] = field(default_factory=list)  # its transport is not attached yet
     delivered: list[int] = field(default_factory=list)  # delivered; row not deleted yet
     deleting: list[int] = field(default_factory=list)  # deleted by the open transaction
@@ -221,8 +222,10 @@ class Outbox:
 
     # -- transports ---------------------------------------------------------------------
 
-    def attach(self, sink: DurableOutputs) -> None:
-        """A transport with durable outputs started: hand it the rows that waited for it."""
+    def attach(self, sink: DurableOutputs) -> list[AgentKey]:
+        """A transport with durable outputs started: hand it the rows that waited for it.
+        Returns the agents whose rows must be read again from disk (their outputs were with a
+        transport of that name that stopped): the runtime wakes them."""
         self._sinks[sink.transport] = sink
         for key, agent in list(self._agents.items()):
             waiting = [row for row in agent.parked if row.address.transport == sink.transport]
@@ -230,10 +233,22 @@ class Outbox:
                 agent.parked = [r for r in agent.parked if r.address.transport != sink.transport]
                 for row in waiting:
                     self._hand_over(key, agent, row)
+        return [key for key, agent in self._agents.items() if agent.recover]
 
     def detach(self, sink: DurableOutputs) -> None:
-        if self._sinks.get(sink.transport) is sink:
-            del self._sinks[sink.transport]
+        """The transport stopped: what it had not delivered is read again from disk on the
+        agent's next batch (after a new transport of that name attached, see `attach`); a late
+        delivery report from the old one is ignored (the output may then go twice)."""
+        if self._sinks.get(sink.transport) is not sink:
+            return
+        del self._sinks[sink.transport]
+        for agent in self._agents.values():
+            lost = [seq for seq, name in agent.in_flight.items() if name == sink.transport]
+            if lost:
+                for seq in lost:
+                    del agent.in_flight[seq]
+                self._undelivered -= len(lost)
+                agent.recover = True
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -438,7 +453,7 @@ class Outbox:
 
     def _hand_over(self, key: AgentKey, agent: _AgentOutputs, row: OutboxRow) -> None:
         sink = self._sinks[row.address.transport]
-        agent.in_flight.add(row.seq)
+        agent.in_flight[row.seq] = row.address.transport
         self._undelivered += 1
         _HANDED_OVER.inc()
         try:
@@ -459,7 +474,7 @@ class Outbox:
             agent = self._agents.get(key)
             if agent is None or seq not in agent.in_flight:
                 return  # destroyed meanwhile, or a duplicate callback
-            agent.in_flight.discard(seq)
+            del agent.in_flight[seq]
             agent.delivered.append(seq)
             self._undelivered -= 1
             _DELIVERED.inc()

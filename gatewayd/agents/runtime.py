@@ -316,8 +316,11 @@ class AgentRuntime(AlarmsMixin):
     # -- durable outputs (protocols.link.OutputRecovery) ---------------------------------------
 
     def attach_outputs(self, outputs: DurableOutputs) -> None:
-        """A transport with durable outputs started: it gets the outputs that waited for it."""
-        self._outbox.attach(outputs)
+        """A transport with durable outputs started: it gets the outputs that waited for it
+        (agents whose outputs were with a stopped transport are woken to read them again)."""
+        for key in self._outbox.attach(outputs):
+            if self._check_route(key) is None:
+                self._enqueue(key, Event(FN, None, None, _wake_only))
 
     def detach_outputs(self, outputs: DurableOutputs) -> None:
         self._outbox.detach(outputs)

@@ -318,3 +318,33 @@ async def test_device_output_before_a_commit_point_leaves_there_durably(
         await runtime.drain(2)
         await runtime.close()
     assert _outbox_rows(state_dir, "dev-a", "device") == 0
+
+
+async def test_outputs_left_with_a_stopped_bridge_go_out_through_the_next_one(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    async with aiomqtt.Client(
+        mosquitto.host, mosquitto.port, identifier="dev-1", clean_session=False
+    ) as device:
+        await device.subscribe("devices/d1/cmd", qos=1)
+    runtime = AgentRuntime(AgentSettings(state_dir=tmp_path / "state"), {"echo": Echo})
+    await runtime.start()
+    try:
+        first = MqttBridge(settings(mosquitto.url), runtime)
+        await first.start()
+        await first.wait_connected(timeout_s=5)
+        await _publish(mosquitto, "pub", [("devices/d1/telemetry", b"hello")])
+        assert await _receive(mosquitto, 1) == [b"echo:hello"]
+        mosquitto.stop()
+        assert await runtime.call("echo", "d1", "poke") == 1  # handed to `first`, unpublished
+        await first.stop(drain_timeout_s=0.5)
+        mosquitto.start()
+        second = MqttBridge(settings(mosquitto.url), runtime)
+        await second.start()
+        try:
+            assert await _receive(mosquitto, 1) == [b"poked"]
+        finally:
+            await second.stop(drain_timeout_s=2)
+    finally:
+        await runtime.drain(2)
+        await runtime.close()
