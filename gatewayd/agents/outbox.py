@@ -20,8 +20,9 @@ unmarked only when it hibernates with none left. A stale mark costs one needless
 
 Backpressure and bounds: `Outbox.append` refuses (OutboxFullError, the turn rolls back) once an
 agent holds `max_undelivered` undelivered outputs, so an unreachable device cannot grow memory
-or disk without bound; transports stop reading device input while their own outbound backlog
-is over its limit (see protocols/mqtt.py and protocols/tcp.py).
+or disk without bound. The MQTT bridge also stops reading device messages while its outbound
+backlog is over its limit; the TCP listener writes at most a push window per device and keeps
+the rest (both in protocols/).
 
 This module never imports `gatewayd.agents.runtime` (the runtime calls it, not the reverse).
 """
@@ -187,7 +188,8 @@ class Outbox:
     """The runtime's side of durable outputs, for every agent (see the module docstring).
 
     The runtime's modules call, always on the event loop unless said otherwise:
-    start-up: `open_index(path)` and `agents_to_recover()` (executor), then wake those agents;
+    start-up: `open_index(path)` and `index.marked()` (executor), `recover(keys)`, then wake
+    those agents;
     batch.py: `begin_batch` after BEGIN, `needs_mark` (then `mark` on the executor) before
     COMMIT, `committed(key, rows)` after it, `aborted(key)` if the batch is lost;
     turn.py: `write_turn_outputs` at the end of each successful turn, inside its savepoint;
@@ -252,15 +254,13 @@ class Outbox:
 
     # -- start-up -----------------------------------------------------------------------
 
-    def agents_to_recover(self) -> list[AgentKey]:
-        """Executor only: the agents the index lists; each must be woken so that its rows
-        are sent again (`recovered` does it in the wake's batch)."""
-        keys = self.index.marked()
+    def recover(self, keys: list[AgentKey]) -> None:
+        """Start-up, with `index.marked()` (read on the executor): these agents may hold rows
+        from the last run; each must be woken, and its first batch sends them (`recovered`)."""
         for key in keys:
             agent = self._agent(key)
             agent.marked = True
             agent.recover = True
-        return keys
 
     # -- inside a batch (event loop) ----------------------------------------------------
 
@@ -351,9 +351,13 @@ class Outbox:
         return agent is not None and agent.written_in_batch > 0 and not agent.marked
 
     def mark(self, key: AgentKey) -> None:
-        """Executor only (it writes the index file): before the commit that needs it."""
+        """Executor only (it writes the index file): before the commit that needs it. Only
+        sets a flag on the agent's entry (`needs_mark` said it exists): no dict changes off
+        the loop."""
         self.index.mark(key)
-        self._agent(key).marked = True
+        agent = self._agents.get(key)
+        if agent is not None:
+            agent.marked = True
 
     def committed(self, key: AgentKey, rows: list[OutboxRow]) -> None:
         """The batch committed: its deletes are done and its new rows may leave, in order."""

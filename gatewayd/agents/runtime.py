@@ -329,7 +329,8 @@ class AgentRuntime(AlarmsMixin):
         """Wake every agent the outbox index lists: its first batch sends its undelivered
         outputs again (to transports that attach later, as soon as they attach)."""
         assert self._loop is not None
-        keys = await self._loop.run_in_executor(self._executor, self._outbox.agents_to_recover)
+        keys = await self._loop.run_in_executor(self._executor, self._outbox.index.marked)
+        self._outbox.recover(keys)
         for key in keys:
             if self._check_route(key) is not None:
                 logger.warning(

@@ -126,7 +126,7 @@ def test_index_lists_an_agent_until_it_settles_with_nothing_left(
     assert store.count() == 0 and outbox.index.marked() == []
     # A new process finds nothing to recover.
     fresh = _outbox(tmp_path)
-    assert fresh.agents_to_recover() == []
+    assert fresh.index.marked() == []
     fresh.close_index()
 
 
@@ -143,7 +143,8 @@ def test_rows_wait_for_their_transport_and_leave_in_order_after_a_restart(
     # (the process dies before anything was delivered)
     first.close_index()
     second = _outbox(tmp_path)
-    assert second.agents_to_recover() == [KEY]
+    assert second.index.marked() == [KEY]
+    second.recover(second.index.marked())
     second.recovered(KEY, second.store(db))  # the agent's first batch: no transport yet
     mqtt, tcp = RecordingOutputs("mqtt"), RecordingOutputs("tcp")
     second.attach(mqtt)
