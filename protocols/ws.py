@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from prometheus_client import Counter
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -100,6 +101,10 @@ def parse_agent_path(path: str) -> Route:
 _CLOSE = object()
 SLOW_CONSUMER_CODE = 1013  # "try again later": the client may reconnect and resync
 SLOW_CONSUMER_REASON = "too slow: outbound buffer full"
+WS_SLOW_CONSUMER_CLOSES = Counter(
+    "gatewayd_ws_slow_consumer_closes_total",
+    "WebSocket clients disconnected (1013) for not reading their frames",
+)
 
 
 class WsLink(LinkIdentity):
@@ -140,6 +145,7 @@ class WsLink(LinkIdentity):
     def _disconnect_slow(self) -> None:
         stats = self._listener._stats
         stats.extra["slow_consumer_closes"] = stats.extra.get("slow_consumer_closes", 0) + 1
+        WS_SLOW_CONSUMER_CLOSES.inc()
         logger.warning(
             "ws: client %s (%s, agent %s/%s) is not reading: %d frames / %d bytes buffered "
             "(ws max_outbound_frames=%d, max_outbound_bytes=%d); disconnecting it with %d. "
