@@ -124,6 +124,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
+from protocols.tasks import SpawnLoop, spawn_unsupervised
 
 __all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettings"]
 
@@ -272,17 +273,27 @@ class _Outbound:
 class _OutboundConnection:
     """The bridge's second broker connection, for replies only (see the module docstring).
     It follows the device connection: it connects to the broker that one is connected to,
-    and reconnects with the same backoff when it is lost. `close()` ends it; cancelling is not
-    enough (aiomqtt's connect swallows a cancellation that arrives while it connects)."""
+    and reconnects with the same backoff when it is lost. `close()` ends it, and `run()` then
+    ends as cancelled (a supervisor must not restart it); cancelling alone is not enough:
+    aiomqtt's connect swallows a cancellation that arrives while it connects."""
 
     def __init__(self, bridge: MqttBridge) -> None:
         self._bridge = bridge
         self.client: ManualAckClient | None = None
         self.connected = asyncio.Event()
         self._closing = asyncio.Event()
+        self.finished = asyncio.Event()  # set while `run()` is not running
+        self.finished.set()
 
     def close(self) -> None:
         self._closing.set()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+        raise asyncio.CancelledError  # closed: ended for good
 
     async def _until_closing(self, awaitable: Any) -> bool:
         """Wait for `awaitable` or `close()`; True when closing. Raises what it raises."""
@@ -298,7 +309,8 @@ class _OutboundConnection:
         waiter.result()
         return False
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
+        self.finished.clear()
         bridge = self._bridge
         attempt = 0
         while not self._closing.is_set():
@@ -313,8 +325,11 @@ class _OutboundConnection:
                     self.client = client
                     self.connected.set()
                     attempt = 0
-                    # Shielded: ending the wait must not cancel aiomqtt's own future.
-                    if await self._until_closing(asyncio.shield(client.disconnected)):
+                    # Shielded: ending the wait must not cancel aiomqtt's own future (whose
+                    # error, if it comes after we stopped waiting, nobody needs).
+                    disconnected = client.disconnected
+                    disconnected.add_done_callback(_retrieve)
+                    if await self._until_closing(asyncio.shield(disconnected)):
                         return
             except aiomqtt.MqttError as exc:
                 reason = _describe(exc)
@@ -351,6 +366,10 @@ class MqttBridge:
     ...
     await bridge.stop(drain_timeout_s=10)
     """
+
+    # Starts the long-lived loops (connection, idle eviction, publish workers); the gateway
+    # sets its supervisor's spawn (protocols/tasks.py).
+    spawn_loop: SpawnLoop = staticmethod(spawn_unsupervised)
 
     def __init__(
         self,
@@ -467,14 +486,14 @@ class MqttBridge:
             raise RuntimeError("MqttBridge.start() called twice")
         if self._ssl_context is None and any(a.tls for a in self.settings.addresses):
             self._ssl_context = await asyncio.to_thread(self._make_ssl_context)
-        self._tasks.append(asyncio.create_task(self._connection_loop(), name="mqtt-connection"))
+        self._tasks.append(self.spawn_loop("mqtt-connection", self._connection_loop))
         self._tasks.append(
-            asyncio.create_task(self._outbound_connection.run(), name="mqtt-outbound-connection")
+            self.spawn_loop("mqtt-outbound-connection", self._outbound_connection.run)
         )
         if self.settings.link_idle_timeout_s > 0:
-            self._tasks.append(asyncio.create_task(self._evict_idle_links(), name="mqtt-idle"))
+            self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
         for n in range(self.settings.max_inflight_publishes):
-            self._tasks.append(asyncio.create_task(self._publish_worker(), name=f"mqtt-pub-{n}"))
+            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publish_worker))
         attach_outputs(self._handler, self)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
@@ -520,6 +539,11 @@ class MqttBridge:
                 )
         self._stopping = True
         self._outbound_connection.close()
+        # Let it leave on its own (a cancel while it connects leaves aiomqtt in a bad state).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._outbound_connection.finished.wait(), max(1.0, _left(deadline))
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -1398,6 +1422,11 @@ def make_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
 def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
     """`random() * min(cap, base * 2**attempt)`, at least 10 ms (AWS 'full jitter')."""
     return max(0.01, random.random() * min(cap_s, base_s * (2 ** min(attempt, 30))))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _left(deadline: float) -> float:
