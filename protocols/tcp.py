@@ -397,8 +397,7 @@ class _DeviceConnection(asyncio.Protocol):
         assert self.device_id is not None
         for seq, payload, resend in self.listener.pending_pushes(self.device_id):
             self.write_push(seq, payload, resend)
-        # Frames that arrived right behind the HELLO are refused now, in order (FRAMES.md 4.1).
-        self._run_session()
+        self._sync()
 
     # ------------------------------------------------------------ DATA
 
