@@ -22,14 +22,14 @@ DEFAULT_MAX_UNACKED_WINDOW = 64
 class TcpSettings:
     """Listener settings; validated on construction (ValueError names the setting)."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     agent_class: str = "device"
     # device id -> pre-shared secret (see protocols.tcp_secrets); kept out of repr.
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_unacked_window: int = DEFAULT_MAX_UNACKED_WINDOW
-    max_connections: int = 1024
+    max_connections: int = 10_000
     hello_timeout_s: float = 10.0
     ping_interval_s: float = 30.0
     ping_timeout_s: float = 10.0

@@ -367,6 +367,32 @@ async def test_hello_timeout_closes_a_silent_connection(make_listener: ListenerF
     assert [f.code for f in frames] == [ErrorCode.HELLO_TIMEOUT]
 
 
+async def test_data_pipelined_behind_hello_is_refused_and_the_link_closed(
+    listener: TcpListener, handler: SqliteLinkHandler
+) -> None:
+    device = await Device.connect(listener.bound_port)
+    device.send(Hello("dev-a", "secret-a"), Data(1, b"too early"))  # one segment
+    frames = await device.recv_until_closed()
+    assert frames == [Error(ErrorCode.HELLO_REQUIRED, "DATA frame before HELLO_OK was sent")]
+    await eventually(lambda: handler.events[-1][0] == "close_called")
+    assert handler.events[-1][3] == ErrorCode.HELLO_REQUIRED
+    assert handler.applied("dev-a") == []
+    # Sent properly, the same frame goes through.
+    device = await connect_device(listener.bound_port)
+    device.send(Data(1, b"on time"))
+    assert await device.recv() == Ack(1)
+
+
+async def test_a_wrong_secret_with_pipelined_data_is_auth_failed(
+    listener: TcpListener, handler: SqliteLinkHandler
+) -> None:
+    device = await Device.connect(listener.bound_port)
+    device.send(Hello("dev-a", "wrong"), Data(1, b"x"))
+    frames = await device.recv_until_closed()
+    assert frames == [Error(ErrorCode.AUTH_FAILED, "authentication failed")]
+    assert handler.events == []
+
+
 # ---------------------------------------------------------------- data, acks, exactly-once
 
 
@@ -577,6 +603,11 @@ BAD_INPUTS = {
     ),
     "data before hello": (encode(Data(1, b"x")), ErrorCode.HELLO_REQUIRED),
     "push from device": (encode(Push(1, b"x")), ErrorCode.UNEXPECTED),
+    "hello_ok with a bad body": (
+        b"\x00\x00\x00\x0c\xa1\x02\x00" + bytes(8) + b"\xa0",
+        ErrorCode.BAD_BODY,
+    ),
+    "hello_ok from a device": (encode(HelloOk(65536, 1, 0, 0)), ErrorCode.UNEXPECTED),
     "truncated": (encode(Data(1, b"abcdef"))[:10], ErrorCode.TRUNCATED),
 }
 
@@ -839,3 +870,17 @@ def test_settings_are_validated(overrides: dict[str, Any], fragment: str) -> Non
 
 def test_settings_repr_hides_secrets() -> None:
     assert "secret-a" not in repr(TcpSettings(secrets=SECRETS))
+
+
+def test_settings_defaults_are_the_config_models() -> None:
+    """One schema: a listener built without the daemon behaves like an empty [listeners.binary]."""
+    from gatewayd.config import BinaryListener
+
+    config, settings = BinaryListener(), TcpSettings()
+    assert (settings.host, settings.port) == config.bind == ("127.0.0.1", 7878)
+    assert settings.max_unacked_window == config.max_unacked == 64
+    assert settings.max_frame_bytes == config.max_frame_size
+    assert settings.max_connections == config.max_connections
+    assert settings.hello_timeout_s == config.hello_timeout
+    assert settings.ping_interval_s == config.ping_interval
+    assert settings.ping_timeout_s == config.ping_timeout
