@@ -196,6 +196,7 @@ class _DeviceConnection(asyncio.Protocol):
         self._flush_scheduled = False
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
         self._held: Data | None = None
+        self._reading = True
         self.closed: asyncio.Future[None] = self._loop.create_future()
 
     @property
@@ -432,8 +433,7 @@ class _DeviceConnection(asyncio.Protocol):
         self.session.pause_input()
         TCP_BACKPRESSURE_PAUSES.inc()
         self.listener.stats_extra_inc("backpressure_pauses")
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
+        self._set_reading(False)
         logger.debug(
             "tcp: device %r: agent busy (%s); holding DATA seq %d and pausing reads",
             self.device_id,
@@ -451,9 +451,8 @@ class _DeviceConnection(asyncio.Protocol):
         self._submit(frame)
         if self._held is not None:
             return  # pushed back again
-        transport = self._transport
-        if self.session.accepts_input and transport is not None and not transport.is_closing():
-            transport.resume_reading()
+        if self.session.accepts_input:
+            self._set_reading(True)
         self._run_session()
 
     def _settled(self, seq: int, settled: asyncio.Future[Outcome]) -> None:
@@ -499,8 +498,8 @@ class _DeviceConnection(asyncio.Protocol):
             if transport is not None and not transport.is_closing():
                 transport.close()
             return
-        if not session.accepts_input and transport is not None and not transport.is_closing():
-            transport.pause_reading()
+        if not session.accepts_input:
+            self._set_reading(False)
         deadline = session.next_deadline()
         # A later deadline is picked up when the earlier timer fires: moving the timer on every
         # frame would cost a heap operation per frame.
@@ -508,6 +507,16 @@ class _DeviceConnection(asyncio.Protocol):
             self._cancel_timer()
             self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._timer_fired)
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self._transport
+        if reading == self._reading or transport is None or transport.is_closing():
+            return
+        self._reading = reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def _timer_fired(self) -> None:
         self._timer = None
