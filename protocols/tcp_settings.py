@@ -18,13 +18,14 @@ DEFAULT_PORT = 7878
 DEFAULT_MAX_UNACKED_WINDOW = 64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TcpSettings:
-    """Listener settings; validated on construction (ValueError names the setting)."""
+    """Listener settings; validated on construction (ValueError names the setting).
+    `agent_class` (the route) is required, as in the config; everything else has its default."""
 
+    agent_class: str
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    agent_class: str = "device"
     # device id -> pre-shared secret (see protocols.tcp_secrets); kept out of repr.
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES

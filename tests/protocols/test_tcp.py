@@ -864,19 +864,19 @@ def test_load_secrets_file_errors_name_the_entry(
 )
 def test_settings_are_validated(overrides: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValueError) as info:
-        TcpSettings(**overrides)
+        TcpSettings(agent_class="thermostat", **overrides)
     assert fragment in str(info.value)
 
 
 def test_settings_repr_hides_secrets() -> None:
-    assert "secret-a" not in repr(TcpSettings(secrets=SECRETS))
+    assert "secret-a" not in repr(TcpSettings(agent_class="t", secrets=SECRETS))
 
 
 def test_settings_defaults_are_the_config_models() -> None:
     """One schema: a listener built without the daemon behaves like an empty [listeners.binary]."""
     from gatewayd.config import BinaryListener
 
-    config, settings = BinaryListener(), TcpSettings()
+    config, settings = BinaryListener(), TcpSettings(agent_class="thermostat")
     assert (settings.host, settings.port) == config.bind == ("127.0.0.1", 7878)
     assert settings.max_unacked_window == config.max_unacked == 64
     assert settings.max_frame_bytes == config.max_frame_size

@@ -42,6 +42,7 @@ from protocols.tcp_session import (
 from protocols.tcp_settings import TcpSettings
 
 SETTINGS = TcpSettings(
+    agent_class="thermostat",
     max_unacked_window=3,
     hello_timeout_s=10.0,
     ping_interval_s=30.0,
