@@ -17,8 +17,10 @@ future resolves (the agent's turn committed): that plus the agent's dedup on
     await listener.stop(drain_timeout_s=10.0)
 
 When the handler answers a DATA frame with `protocols.link.Backpressure` (the agent's mailbox
-is full), the connection neither ACKs nor errors that frame: it stops reading the socket and
-submits the same frame again once `Backpressure.ready` resolves, so order is kept.
+is full; raised, or as an already failed future), the connection neither ACKs nor errors that
+frame: it stops reading the socket and submits the same frame again once `Backpressure.ready`
+resolves, so order is kept. A pushed-back `open_link` is retried the same way, within the
+hello timeout.
 
 Pushes (`link.send`) belong to the device, not to one connection: they get the gateway's push
 seq, are kept until the device ACKs them (bounded per device), and are resent after the device
@@ -197,6 +199,8 @@ class _DeviceConnection(asyncio.Protocol):
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
         self._held: Data | None = None
         self._reading = True
+        self._open_context: dict[str, Any] = {}
+        self._open_held = False  # open_link answered Backpressure; retried when ready
         self.closed: asyncio.Future[None] = self._loop.create_future()
 
     @property
@@ -344,7 +348,7 @@ class _DeviceConnection(asyncio.Protocol):
         listener.claim_device(self)
         self.link = TcpLink(self, listener.next_link_id(), hello.device_id)
         transport = self._transport
-        context: dict[str, Any] = {
+        self._open_context = {
             "transport": "tcp",
             "device_id": hello.device_id,
             "remote": self.remote,
@@ -352,14 +356,43 @@ class _DeviceConnection(asyncio.Protocol):
             "tls": transport is not None and transport.get_extra_info("sslcontext") is not None,
             "peercert": transport.get_extra_info("peercert") if transport else None,
         }
+        self._open()
+
+    def _open(self) -> None:
+        assert self.link is not None
+        self._open_held = False
         try:
-            opened = listener.handler.open_link(self.link, context)
+            opened = self.listener.handler.open_link(self.link, self._open_context)
+        except Backpressure as pushed_back:
+            self._hold_open(pushed_back)
+            return
         except Exception as exc:  # the handler must not take the listener down with it
-            logger.exception("tcp: handler.open_link failed for device %r", hello.device_id)
+            logger.exception("tcp: handler.open_link failed for device %r", self.device_id)
             self._forget_link()
             self.session.fail(ErrorCode.NOT_APPLIED, f"could not open the device's agent ({exc})")
             return
+        if opened.done() and not opened.cancelled():
+            refused = opened.exception()
+            if isinstance(refused, Backpressure):
+                self._hold_open(refused)
+                return
         opened.add_done_callback(self._opened)
+
+    def _hold_open(self, pushed_back: Backpressure) -> None:
+        """The agent has no room for the connect event: open again once it has (the hello
+        timeout still bounds the wait). Nothing was enqueued, so no close_link is owed yet."""
+        self._open_held = True
+        logger.debug(
+            "tcp: device %r: agent busy (%s); opening its link once it has room",
+            self.device_id,
+            pushed_back.reason,
+        )
+        pushed_back.ready.add_done_callback(self._open_when_ready)
+
+    def _open_when_ready(self, _ready: asyncio.Future[None]) -> None:
+        if self._open_held and self.session.state is SessionState.OPENING:
+            self._open()
+            self._sync()
 
     def _opened(self, opened: asyncio.Future[Outcome]) -> None:
         session = self.session
@@ -594,6 +627,9 @@ class _DeviceConnection(asyncio.Protocol):
 
     def _release_link(self, code: int, reason: str) -> None:
         if self.link is None or self._link_released:
+            return
+        if self._open_held:  # open_link never took it: no close_link for it
+            self._forget_link()
             return
         self._link_released = True
         if self._counted_open:

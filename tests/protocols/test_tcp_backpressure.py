@@ -35,6 +35,10 @@ class BoundedHandler:
         self.released = asyncio.Event()
         self.shutting_down = False
         self._room: asyncio.Future[None] | None = None
+        self.open_attempts = 0
+        self.opens_held = False  # open_link answers Backpressure until allow_opens()
+        self._open_room: asyncio.Future[None] | None = None
+        self.closed_links: list[str] = []
         self._work_ready = asyncio.Event()
         self._worker = asyncio.create_task(self._work())
 
@@ -44,9 +48,22 @@ class BoundedHandler:
         return future
 
     def open_link(self, link: Link, context: dict[str, Any]) -> asyncio.Future[Outcome]:
-        return self._done()
+        self.open_attempts += 1
+        if not self.opens_held:
+            return self._done()
+        if self._open_room is None:
+            self._open_room = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future.set_exception(Backpressure("mailbox full", self._open_room))
+        return future
+
+    def allow_opens(self) -> None:
+        self.opens_held = False
+        if self._open_room is not None:
+            self._open_room.set_result(None)
 
     def close_link(self, link: Link, code: int, reason: str) -> asyncio.Future[Outcome]:
+        self.closed_links.append(link.link_id)
         return self._done()
 
     def submit_message(
@@ -131,16 +148,24 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: BoundedHandler) -> AsyncIterator[tuple[TcpListener, Device]]:
+async def serving(
+    handler: BoundedHandler, *, hello: bool = True, hello_timeout_s: float = 5.0
+) -> AsyncIterator[tuple[TcpListener, Device]]:
     settings = TcpSettings(
-        host="127.0.0.1", port=0, agent_class="thermostat", secrets=SECRETS, settle_timeout_s=5.0
+        host="127.0.0.1",
+        port=0,
+        agent_class="thermostat",
+        secrets=SECRETS,
+        settle_timeout_s=5.0,
+        hello_timeout_s=hello_timeout_s,
     )
     listener = TcpListener(settings, handler)  # type: ignore[arg-type]
     await listener.start()
     try:
         device = Device(*await asyncio.open_connection("127.0.0.1", listener.bound_port))
-        device.send(Hello("dev-a", SECRETS["dev-a"]))
-        assert (await device.recv()).TYPE.name == "HELLO_OK"
+        if hello:
+            device.send(Hello("dev-a", SECRETS["dev-a"]))
+            assert (await device.recv()).TYPE.name == "HELLO_OK"
         yield listener, device
     finally:
         handler.released.set()
@@ -202,3 +227,33 @@ async def test_a_held_frame_refused_because_the_gateway_shuts_down_is_retryable(
             Ack(1),
             Close(ErrorCode.NOT_APPLIED, message),
         ]
+
+
+async def test_a_pushed_back_open_is_retried_once_the_agent_has_room() -> None:
+    handler = BoundedHandler(capacity=4)
+    handler.opens_held = True
+    async with serving(handler, hello=False) as (_listener, device):
+        device.send(Hello("dev-a", SECRETS["dev-a"]))
+        await eventually(lambda: handler.open_attempts == 1)
+        handler.allow_opens()
+        assert (await device.recv()).TYPE.name == "HELLO_OK"
+        assert handler.open_attempts == 2
+        handler.released.set()
+        device.send(Data(1, b"a"))
+        assert await device.recv() == Ack(1)
+
+
+async def test_a_pushed_back_open_that_never_gets_room_times_out_without_close_link() -> None:
+    handler = BoundedHandler(capacity=4)
+    handler.opens_held = True
+    async with serving(handler, hello=False, hello_timeout_s=0.3) as (listener, device):
+        device.send(Hello("dev-a", SECRETS["dev-a"]))
+        frames = await device.recv_until_closed()
+        assert frames == [
+            Error(ErrorCode.NOT_APPLIED, "the device's agent did not answer; retry later")
+        ]
+        await eventually(lambda: not listener._connections)
+        assert handler.closed_links == []  # the handler never took the link
+        handler.allow_opens()  # a late `ready` opens nothing
+        await asyncio.sleep(0)
+        assert handler.open_attempts == 1
