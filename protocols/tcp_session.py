@@ -29,6 +29,7 @@ This module must never import `gatewayd` or `engine`.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -127,7 +128,9 @@ _READING = frozenset(
         SessionState.OPEN,
     }
 )
-_BEFORE_OPEN = frozenset({SessionState.AWAIT_HELLO, SessionState.OPENING})
+_BEFORE_OPEN = frozenset(
+    {SessionState.AWAIT_HELLO, SessionState.AUTHENTICATING, SessionState.OPENING}
+)
 _GATEWAY_ONLY = frozenset({FrameType.HELLO_OK, FrameType.PUSH})
 
 
@@ -161,7 +164,7 @@ class TcpSession:
         self._on_frame = on_frame
         self._decoder = FrameDecoder(settings.max_frame_bytes)
         self._out: list[bytes] = []
-        self._events: list[Event] = []  # produced by calls other than next_event (timeouts)
+        self._events: deque[Event] = deque()  # produced outside next_event (timeouts)
         self._eof_at: float | None = None
         self._in_flight: set[int] = set()
         self._last_data_seq = 0
@@ -196,7 +199,7 @@ class TcpSession:
     def next_deadline(self) -> float | None:
         """When `handle_timeout` has something to do (None: nothing is timed)."""
         state = self.state
-        if state in _BEFORE_OPEN or state is SessionState.AUTHENTICATING:
+        if state in _BEFORE_OPEN:
             return self._connected_at + self.settings.hello_timeout_s
         if state is SessionState.OPEN:
             if self._input_paused:
@@ -228,7 +231,7 @@ class TcpSession:
     def next_event(self) -> Event | None:
         """The next event, or None when nothing more can happen without new input."""
         if self._events:
-            return self._events.pop(0)
+            return self._events.popleft()
         while (
             self.state in _READING
             and self.state is not SessionState.AUTHENTICATING
@@ -255,7 +258,7 @@ class TcpSession:
         A failure it causes comes out of `next_event` as SessionFailed / SettleTimedOut."""
         state = self.state
         settings = self.settings
-        if state in _BEFORE_OPEN or state is SessionState.AUTHENTICATING:
+        if state in _BEFORE_OPEN:
             if now < self._connected_at + settings.hello_timeout_s:
                 return
             if state is SessionState.OPENING:
