@@ -608,3 +608,21 @@ def test_any_frame_sequence_keeps_the_invariants(
         assert session.state is SessionState.CLOSED
     acked = [f.seq for f in out if isinstance(f, Ack)]
     assert sorted(acked) == acked and set(acked) <= set(received)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300), opened=st.booleans())
+def test_arbitrary_bytes_never_raise_and_end_with_one_error_at_most(
+    data: bytes, opened: bool
+) -> None:
+    session = open_session() if opened else new_session()
+    session.receive_data(data, 1.0)
+    events = drain(session)
+    for event in events:
+        if isinstance(event, HelloReceived):
+            session.fail(ErrorCode.AUTH_FAILED, "authentication failed")
+    drain(session)
+    errors = [f for f in sent(session) if isinstance(f, Error)]
+    assert len(errors) <= 1
+    if errors:
+        assert session.state is SessionState.CLOSED
