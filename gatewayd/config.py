@@ -159,6 +159,10 @@ class MqttRouteSection(Section):
     topic: str = Field(pattern=r"\{id\}")
     agent_class: str
     reply_topic: str = ""
+    # Admission of device ids (checked when an id has no open link); see README "MQTT".
+    allowed_ids_file: ExistingFile | None = None
+    allowed_id_pattern: str | None = None
+    max_new_agents_per_minute: int = Field(default=600, ge=0)
 
 
 class MqttSection(Section):
@@ -186,6 +190,8 @@ class MqttSection(Section):
     reconnect_max: Duration = 30.0
     max_payload_size: Size = 256 * 1024
     protocol_messages: bool = False
+    link_idle_timeout: Duration = 600.0
+    max_attempts: int = Field(default=5, ge=0)
     routes: list[MqttRouteSection] = []
 
     @model_validator(mode="after")

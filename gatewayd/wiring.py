@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from gatewayd.config import BinaryListener, GatewayConfig, MqttSection, WebSocketListener
@@ -189,9 +190,7 @@ def build_transports(config: GatewayConfig, handler: Any) -> dict[str, Transport
     if binary.enabled:
         transports["tcp"] = _tcp_listener(binary, handler)
     if config.mqtt.enabled:
-        from protocols.mqtt import MqttBridge
-
-        transports["mqtt"] = MqttBridge(mqtt_settings(config.mqtt), handler)
+        transports["mqtt"] = _mqtt_bridge(config, handler)
     return transports
 
 
@@ -229,13 +228,48 @@ def _tcp_listener(binary: BinaryListener, handler: Any) -> Transport:
     return TcpListener(settings, handler, ssl_context=context)
 
 
+def _mqtt_bridge(config: GatewayConfig, handler: Any) -> Transport:
+    from gatewayd.agents.storage import agent_db_path
+    from protocols.dead_letters import DeadLetterStore
+    from protocols.mqtt import MqttBridge
+
+    state_dir = config.gateway.state_dir
+
+    def known_agent(agent_class: str, agent_id: str) -> bool:
+        return agent_db_path(state_dir, agent_class, agent_id).exists()
+
+    return MqttBridge(
+        mqtt_settings(config.mqtt),
+        handler,
+        dead_letters=DeadLetterStore(mqtt_dead_letters_path(config)),
+        known_agent=known_agent,
+    )
+
+
+def mqtt_dead_letters_path(config: GatewayConfig) -> Path:
+    """The MQTT dead-letter file (`gatewayd dead-letters` reads it)."""
+    return config.gateway.state_dir / "mqtt-dead-letters.sqlite3"
+
+
 def mqtt_settings(mqtt: MqttSection) -> Any:
-    from protocols.mqtt_settings import MqttRoute, MqttSettings
+    from protocols.mqtt_settings import MqttRoute, MqttSettings, load_id_list
 
     return MqttSettings(
         broker_urls=tuple(mqtt.broker_urls),
         client_id=mqtt.client_id,
-        routes=tuple(MqttRoute(r.topic, r.agent_class, r.reply_topic) for r in mqtt.routes),
+        routes=tuple(
+            MqttRoute(
+                r.topic,
+                r.agent_class,
+                r.reply_topic,
+                allowed_ids=(
+                    None if r.allowed_ids_file is None else load_id_list(str(r.allowed_ids_file))
+                ),
+                allowed_id_pattern=r.allowed_id_pattern,
+                max_new_agents_per_minute=r.max_new_agents_per_minute,
+            )
+            for r in mqtt.routes
+        ),
         username=mqtt.username,
         password=mqtt.resolved_password(),
         ca_file=_str_or_none(mqtt.ca_file),
@@ -254,6 +288,8 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
         max_pending_messages=mqtt.max_pending_messages,
         max_payload_bytes=mqtt.max_payload_size,
         accept_retained=mqtt.accept_retained,
+        link_idle_timeout_s=mqtt.link_idle_timeout,
+        max_attempts=mqtt.max_attempts,
     )
 
 
