@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
 from protocols.frames import Ack, Close, Data, Error, ErrorCode, Frame, FrameDecoder, Hello, encode
 from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 from protocols.tcp import TcpListener, TcpSettings
@@ -257,3 +259,45 @@ async def test_a_pushed_back_open_that_never_gets_room_times_out_without_close_l
         handler.allow_opens()  # a late `ready` opens nothing
         await asyncio.sleep(0)
         assert handler.open_attempts == 1
+
+
+async def test_a_real_runtime_with_a_full_mailbox_applies_everything_once_in_order(
+    tmp_path: Path,
+) -> None:
+    """End to end: AgentRuntime with a 2-event mailbox and a slow agent; 30 pipelined frames."""
+    gate = asyncio.Event()
+
+    class Slow(Agent):
+        def on_start(self) -> None:
+            self.sql("CREATE TABLE IF NOT EXISTS got (payload TEXT)")
+
+        async def on_message(self, conn, message) -> None:
+            await gate.wait()
+            self.sql("INSERT INTO got VALUES (?)", bytes(message).decode())
+
+        @callable
+        def got(self) -> list[str]:
+            return [row["payload"] for row in self.sql("SELECT payload FROM got ORDER BY rowid")]
+
+    runtime = AgentRuntime(
+        AgentSettings(state_dir=tmp_path, max_mailbox_events=2), {"thermostat": Slow}
+    )
+    await runtime.start()
+    settings = TcpSettings(host="127.0.0.1", port=0, agent_class="thermostat", secrets=SECRETS)
+    listener = TcpListener(settings, runtime)
+    await listener.start()
+    try:
+        device = Device(*await asyncio.open_connection("127.0.0.1", listener.bound_port))
+        device.send(Hello("dev-a", SECRETS["dev-a"]))
+        assert (await device.recv()).TYPE.name == "HELLO_OK"
+        device.send(*(Data(seq, f"m{seq}".encode()) for seq in range(1, 31)))
+        await eventually(lambda: listener.stats.extra.get("backpressure_pauses", 0) >= 1)
+        assert runtime.stats()["mailbox_full_total"] >= 1
+        gate.set()
+        assert [await device.recv() for _ in range(30)] == [Ack(seq) for seq in range(1, 31)]
+        expected = [f"m{seq}" for seq in range(1, 31)]
+        assert await runtime.call("thermostat", "dev-a", "got") == expected
+    finally:
+        gate.set()
+        await listener.stop(drain_timeout_s=2.0)
+        await runtime.close()
