@@ -28,13 +28,12 @@ import faulthandler
 import gc
 import io
 import os
-import signal
 import threading
-import time
 from collections.abc import Generator
-from pathlib import Path
 
 import pytest
+
+from tests.processes import descendants, kill_and_wait
 
 EXIT_STATUS = 1  # what pytest returns when tests failed
 GIL_BACKSTOP_S = 30.0  # faulthandler's C-level guard, for a stuck thread holding the GIL
@@ -67,8 +66,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def limit_s(item: pytest.Item) -> float:
     """The test's limit in seconds: its `timeout` marker, else the `timeout` ini value."""
     marker = item.get_closest_marker("timeout")
-    if marker is not None and marker.args:
-        return float(marker.args[0])
+    if marker is not None and (marker.args or "timeout" in marker.kwargs):
+        return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
     return float(item.config.getini("timeout") or 0)
 
 
@@ -119,7 +118,8 @@ def _stop_the_run(nodeid: str, seconds: float, stderr_fd: int, failures: list[st
     )
     faulthandler.dump_traceback(file=stderr_fd, all_threads=True)
     _write(stderr_fd, _asyncio_tasks_report())
-    killed = kill_descendants()
+    killed = descendants()
+    kill_and_wait(killed)
     _write(stderr_fd, f"killed child processes: {killed or 'none'}\n{'+' * 70}\n")
     os._exit(EXIT_STATUS)
 
@@ -142,32 +142,3 @@ def _asyncio_tasks_report() -> str:
     except Exception as exc:  # a diagnostic on the way out must never mask the report
         out.write(f"(could not list asyncio tasks: {exc!r})\n")
     return out.getvalue()
-
-
-def kill_descendants(root_pid: int | None = None, wait_s: float = 5.0) -> list[int]:
-    """SIGKILL every descendant of `root_pid` (default: this process); reap direct children."""
-    root = os.getpid() if root_pid is None else root_pid
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    descendants, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        descendants.append(pid)
-        todo.extend(children.get(pid, []))
-    for pid in descendants:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + wait_s
-    for pid in children.get(root, []) if root == os.getpid() else []:
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG) != (0, 0):
-                    break
-            except ChildProcessError:  # reaped already (by its Popen)
-                break
-            time.sleep(0.01)
-    return descendants

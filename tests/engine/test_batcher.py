@@ -15,6 +15,7 @@ from engine import (
     ModelSpec,
 )
 from tests.engine.onnx_models import metric, serving
+from tests.waiting import wait_until
 
 
 async def test_256_concurrent_callers_get_their_own_rows(two_inputs_path: Path) -> None:
@@ -93,8 +94,9 @@ async def test_requests_behind_a_slow_batch_time_out(slow_path: Path, model_name
     async with serving(spec) as engine:
         x = np.ones((16, 4), np.float32)
         running = asyncio.ensure_future(engine.infer(model_name, x))
-        await asyncio.sleep(0)  # submit
-        await asyncio.sleep(0)  # dispatch: the worker is busy from here on
+        batcher = engine._batchers[model_name]
+        # Polled every loop turn: the slow batch lasts only tens of ms.
+        await wait_until(lambda: batcher._busy, 5, "the worker to take the batch", poll_s=0)
         with pytest.raises(InferenceTimeout):
             await engine.infer(model_name, x[:1], timeout_s=0.001)
         assert (await running)["y"].shape == (16,)
