@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from typing import ClassVar
 
 import pytest
@@ -24,6 +23,7 @@ from gatewayd.agents.errors import SequenceGapError
 from gatewayd.agents.storage import AgentDatabase, agent_db_path
 from protocols.link import DedupKey, LinkRejected, Outcome
 from tests.agents.conftest import MemoryLink
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -407,15 +407,18 @@ async def test_healthy_reports_a_stuck_commit(make_runtime, monkeypatch):
     async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2, durability="full") as rt:
         await rt.call("rec", "h", "log")
         real_commit = AgentDatabase.commit
+        disk_back = threading.Event()
 
-        def slow_commit(self):
-            time.sleep(0.5)  # a disk that stalls (fault injection at the disk boundary)
+        def stalled_commit(self):
+            disk_back.wait(10)  # a disk that stalls (fault injection at the disk boundary)
             real_commit(self)
 
-        monkeypatch.setattr(AgentDatabase, "commit", slow_commit)
+        monkeypatch.setattr(AgentDatabase, "commit", stalled_commit)
         pending = rt.submit_call("rec", "h", "slow", 0, "x")
-        await asyncio.sleep(0.35)
-        assert not rt.healthy()
+        try:
+            await wait_until(lambda: not rt.healthy(), 5, "the stuck commit to be reported")
+        finally:
+            disk_back.set()
         assert await pending == "x"
         assert rt.healthy()
 
