@@ -1,8 +1,14 @@
 """Builds the running components from a `GatewayConfig` and starts/stops them in order.
 
+Below the daemon: it never imports `gatewayd.daemon` (the daemon drives the components, not
+the other way round; `StartupError` lives here for that reason).
+
 Start: engine (models warmed) -> agent runtime -> transports. Stop: transports stop accepting and
 flush their acknowledgements -> the runtime drains and commits -> engine closes. This is the only
-module that translates config sections into the components' own settings objects.
+module that translates config sections into the components' own settings objects, and the config
+model is the single source of defaults: the settings built from a config that sets nothing equal
+each component's own defaults (tests/gatewayd/test_wiring.py), so a component used alone behaves
+as the daemon does.
 """
 
 from __future__ import annotations
@@ -10,11 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
-from gatewayd.config import GatewayConfig
+from gatewayd.config import BinaryListener, GatewayConfig, MqttSection, WebSocketListener
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """A component could not start; the message names it and says why."""
+
 
 # Keys whose new value a SIGHUP applies without a restart.
 LIVE_KEYS = ("gateway.log_level",)
@@ -42,7 +54,6 @@ class Components:
         classes = load_agent_classes(self.config, self.config_file)
         if self.config.models:
             from engine import EngineError
-            from gatewayd.daemon import StartupError
 
             self.engine = build_engine(self.config)
             try:
@@ -55,8 +66,6 @@ class Components:
             try:
                 await transport.start()
             except OSError as err:
-                from gatewayd.daemon import StartupError
-
                 raise StartupError(f"{name}: cannot start listener: {err}") from None
             self.transports[name] = transport
 
@@ -129,10 +138,11 @@ def agent_settings(config: GatewayConfig) -> Any:
     )
 
 
-def build_engine(config: GatewayConfig) -> Any:
-    from engine import Engine, ModelSpec
+def model_specs(config: GatewayConfig) -> list[Any]:
+    """One `engine.ModelSpec` per `[models.NAME]`; the config supplies every default."""
+    from engine import ModelSpec
 
-    specs = [
+    return [
         ModelSpec(
             name=name,
             path=model.path,
@@ -149,40 +159,49 @@ def build_engine(config: GatewayConfig) -> Any:
         )
         for name, model in config.models.items()
     ]
-    return Engine(specs)
+
+
+def build_engine(config: GatewayConfig) -> Any:
+    from engine import Engine
+
+    return Engine(model_specs(config))
+
+
+def ws_settings(ws: WebSocketListener) -> Any:
+    from protocols.ws import WsSettings
+
+    host, port = ws.bind
+    return WsSettings(
+        bind=host,
+        port=port,
+        max_frame_bytes=ws.max_frame_size,
+        max_connections=ws.max_connections,
+    )
 
 
 def build_transports(config: GatewayConfig, handler: Any) -> dict[str, Transport]:
     transports: dict[str, Transport] = {}
     ws = config.listeners.websocket
     if ws.enabled:
-        from protocols.ws import WsListener, WsSettings
+        from protocols.ws import WsListener
 
-        host, port = ws.bind
-        settings = WsSettings(
-            bind=host,
-            port=port,
-            max_frame_bytes=ws.max_frame_size,
-            max_connections=ws.max_connections,
-        )
-        transports["ws"] = WsListener(settings, handler)
+        transports["ws"] = WsListener(ws_settings(ws), handler)
     binary = config.listeners.binary
     if binary.enabled:
         transports["tcp"] = _tcp_listener(binary, handler)
     if config.mqtt.enabled:
-        from protocols.mqtt import MqttBridge
-
-        transports["mqtt"] = MqttBridge(mqtt_settings(config.mqtt), handler)
+        transports["mqtt"] = _mqtt_bridge(config, handler)
     return transports
 
 
-def _tcp_listener(binary: Any, handler: Any) -> Transport:
-    import ssl
+def tcp_settings(binary: BinaryListener) -> Any:
+    """The binary listener's settings, with the device secrets read from `secrets_file`."""
+    from protocols.tcp import TcpSettings, load_secrets_file
 
-    from protocols.tcp import TcpListener, TcpSettings, load_secrets_file
-
+    if binary.secrets_file is None:
+        raise ValueError("secrets_file is required when the binary listener is enabled")
     host, port = binary.bind
-    settings = TcpSettings(
+    return TcpSettings(
         host=host,
         port=port,
         agent_class=binary.agent_class,
@@ -194,6 +213,14 @@ def _tcp_listener(binary: Any, handler: Any) -> Transport:
         ping_interval_s=binary.ping_interval,
         ping_timeout_s=binary.ping_timeout,
     )
+
+
+def _tcp_listener(binary: BinaryListener, handler: Any) -> Transport:
+    import ssl
+
+    from protocols.tcp import TcpListener
+
+    settings = tcp_settings(binary)
     context = None
     if binary.tls_cert_file is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -201,13 +228,48 @@ def _tcp_listener(binary: Any, handler: Any) -> Transport:
     return TcpListener(settings, handler, ssl_context=context)
 
 
-def mqtt_settings(mqtt: Any) -> Any:
-    from protocols.mqtt_settings import MqttRoute, MqttSettings
+def _mqtt_bridge(config: GatewayConfig, handler: Any) -> Transport:
+    from gatewayd.agents.storage import agent_db_path
+    from protocols.dead_letters import DeadLetterStore
+    from protocols.mqtt import MqttBridge
+
+    state_dir = config.gateway.state_dir
+
+    def known_agent(agent_class: str, agent_id: str) -> bool:
+        return agent_db_path(state_dir, agent_class, agent_id).exists()
+
+    return MqttBridge(
+        mqtt_settings(config.mqtt),
+        handler,
+        dead_letters=DeadLetterStore(mqtt_dead_letters_path(config)),
+        known_agent=known_agent,
+    )
+
+
+def mqtt_dead_letters_path(config: GatewayConfig) -> Path:
+    """The MQTT dead-letter file (`gatewayd dead-letters` reads it)."""
+    return config.gateway.state_dir / "mqtt-dead-letters.sqlite3"
+
+
+def mqtt_settings(mqtt: MqttSection) -> Any:
+    from protocols.mqtt_settings import MqttRoute, MqttSettings, load_id_list
 
     return MqttSettings(
         broker_urls=tuple(mqtt.broker_urls),
         client_id=mqtt.client_id,
-        routes=tuple(MqttRoute(r.topic, r.agent_class, r.reply_topic) for r in mqtt.routes),
+        routes=tuple(
+            MqttRoute(
+                r.topic,
+                r.agent_class,
+                r.reply_topic,
+                allowed_ids=(
+                    None if r.allowed_ids_file is None else load_id_list(str(r.allowed_ids_file))
+                ),
+                allowed_id_pattern=r.allowed_id_pattern,
+                max_new_agents_per_minute=r.max_new_agents_per_minute,
+            )
+            for r in mqtt.routes
+        ),
         username=mqtt.username,
         password=mqtt.resolved_password(),
         ca_file=_str_or_none(mqtt.ca_file),
@@ -226,6 +288,8 @@ def mqtt_settings(mqtt: Any) -> Any:
         max_pending_messages=mqtt.max_pending_messages,
         max_payload_bytes=mqtt.max_payload_size,
         accept_retained=mqtt.accept_retained,
+        link_idle_timeout_s=mqtt.link_idle_timeout,
+        max_attempts=mqtt.max_attempts,
     )
 
 

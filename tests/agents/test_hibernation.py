@@ -73,6 +73,6 @@ async def test_hibernated_agents_hold_no_memory_in_the_runtime(make_runtime):
     async with make_runtime({"s": Sleepy}) as rt:
         await asyncio.gather(*(rt.call("s", f"a{i}", "tags") for i in range(200)))
         assert rt.hibernate_idle() == 200
-        await wait_until(lambda: rt._slots == {}, 5, "every slot to be released")
+        await wait_until(lambda: rt._scheduler.slots == {}, 5, "every slot to be released")
         assert rt.stats()["active_agents"] == 0
         assert await rt.call("s", "a7", "tags") == {}
