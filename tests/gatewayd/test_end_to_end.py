@@ -8,6 +8,7 @@ systemd watchdog pings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
@@ -80,7 +81,10 @@ class Site:
         path = agent_db_path(self.state_dir, "recorder", agent_id)
         if not path.exists():
             return []
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        # Read-write, as any reader after a crash: a SIGKILL during a commit leaves a WAL index
+        # that needs recovery, which a read-only connection refuses ("attempt to write a
+        # readonly database"). Reading changes nothing that was committed.
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
             # A daemon killed between creating the file and committing `on_start`'s CREATE
             # TABLE leaves a file without the table: that agent has committed nothing yet.
             if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
