@@ -224,7 +224,10 @@ def test_unread_notify_socket_never_blocks_the_daemon(tmp_path: Path, notify: No
     drop notifications rather than block its event loop on sendto()."""
     daemon = _start(tmp_path, notify, WATCHDOG_USEC="100000")
     try:
-        time.sleep(3.0)  # ~30 status and watchdog datagrams, none read
+        # Ready (from its log: the notify socket stays unread), so SIGTERM meets its handler
+        # and not a half-started interpreter, as it did on a loaded machine.
+        daemon.wait_log("msg=ready", timeout_s=30)
+        time.sleep(1.0)  # the workload: ~30 status and watchdog datagrams, none read
         started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.proc is not None
