@@ -95,6 +95,21 @@ def test_a_teardown_that_hangs_after_a_failure_is_stopped_too(tmp_path: Path) ->
     assert "swallows_its_cancellation" in output, "the stuck asyncio task is named"
 
 
+def test_a_test_that_holds_the_gil_is_stopped_by_the_backstop(tmp_path: Path) -> None:
+    test_file = tmp_path / "test_gil.py"
+    # ctypes.PyDLL keeps the GIL while the C function runs: no Python thread can run.
+    test_file.write_text(
+        "import ctypes\ndef test_holds_the_gil():\n    ctypes.PyDLL(None).sleep(600)\n"
+    )
+
+    rc, output, elapsed = run_pytest(test_file, "-o", "timeout_backstop=2")
+
+    assert rc == 1, output
+    assert elapsed >= LIMIT_S + 2
+    assert "Timeout (0:00:05)!" in output, output  # faulthandler's own header
+    assert "in test_holds_the_gil" in output
+
+
 def test_the_timeout_marker_sets_a_tests_own_limit(tmp_path: Path) -> None:
     test_file = tmp_path / "test_marked.py"
     test_file.write_text(
@@ -104,7 +119,7 @@ def test_the_timeout_marker_sets_a_tests_own_limit(tmp_path: Path) -> None:
         "    threading.Event().wait()\n"
     )
 
-    rc, output, _ = run_pytest(test_file, "-o", "timeout=600")
+    rc, output, _ = run_pytest(test_file, "--timeout=600")
 
     assert rc == 1, output
     assert "test_marked ran past its 1 s limit" in output, output

@@ -15,9 +15,10 @@ When a test runs past its limit this plugin, from a timer thread, writes to the 
 the test's id, the stack of every thread, the stack of every unfinished asyncio task (the hang
 is often a task, while the main thread sits in `epoll`), then SIGKILLs every process the test
 run started (mosquitto, daemons, helpers) and exits with status 1. If the timer thread itself
-cannot run (the stuck code holds the GIL), faulthandler dumps the threads and exits 30 s later.
+cannot run (the stuck code holds the GIL), faulthandler dumps the threads and exits
+`timeout_backstop` (30) seconds later.
 
-Debugging: the limit is off under --pdb and --trace; `-o timeout=0` turns it off too.
+Debugging: the limit is off under --pdb and --trace; `--timeout=0` turns it off too.
 """
 
 from __future__ import annotations
@@ -36,16 +37,27 @@ import pytest
 from tests.processes import descendants, kill_and_wait
 
 EXIT_STATUS = 1  # what pytest returns when tests failed
-GIL_BACKSTOP_S = 30.0  # faulthandler's C-level guard, for a stuck thread holding the GIL
 _STDERR_FD = pytest.StashKey[int]()
 _FAILURES = pytest.StashKey[list[str]]()  # what the running test already failed with
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds one test may take (overrides the ini value; a test's marker wins)",
+    )
     parser.addini(
         "timeout",
         "seconds one test (setup + call + teardown) may take before the run is stopped; 0: none",
         default="120",
+    )
+    parser.addini(
+        "timeout_backstop",
+        "seconds after the limit at which faulthandler ends the run if the watchdog thread could "
+        "not (the stuck code holds the GIL)",
+        default="30",
     )
 
 
@@ -64,11 +76,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def limit_s(item: pytest.Item) -> float:
-    """The test's limit in seconds: its `timeout` marker, else the `timeout` ini value."""
+    """The test's limit in seconds: its `timeout` marker, else --timeout, else the ini value."""
     marker = item.get_closest_marker("timeout")
     if marker is not None and (marker.args or "timeout" in marker.kwargs):
         return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
-    return float(item.config.getini("timeout") or 0)
+    option = item.config.getoption("timeout")
+    return float(option if option is not None else item.config.getini("timeout") or 0)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -84,7 +97,8 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
     timer.name = f"watchdog {item.nodeid}"
     timer.daemon = True
     timer.start()
-    faulthandler.dump_traceback_later(seconds + GIL_BACKSTOP_S, exit=True, file=stderr_fd)
+    backstop_s = float(item.config.getini("timeout_backstop"))
+    faulthandler.dump_traceback_later(seconds + backstop_s, exit=True, file=stderr_fd)
     try:
         yield
     finally:
