@@ -1,4 +1,5 @@
-"""The per-test limit (tests/watchdog.py) ends a stuck run, says why, and leaves no process behind.
+"""The per-test limit (tests/watchdog.py) ends a stuck run, says why, and leaves no process behind;
+the conftest guard fails a test that leaves a process running.
 
 Each case runs pytest in a subprocess with the project's own configuration (pyproject.toml) on a
 small test file that hangs in a known way, under a 3 s limit.
@@ -139,3 +140,23 @@ def test_the_limit_is_per_test_not_for_the_whole_run(tmp_path: Path) -> None:
     assert rc == 0, output
     assert elapsed > LIMIT_S
     assert "watchdog" not in output
+
+
+def test_a_process_left_running_by_a_test_is_killed_and_fails_it(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    test_file = tmp_path / "test_leaks.py"
+    test_file.write_text(
+        "import subprocess\n"
+        "from pathlib import Path\n"
+        "def test_leaks_a_child():\n"
+        "    child = subprocess.Popen(['sleep', '600'])\n"
+        f"    Path({str(pid_file)!r}).write_text(str(child.pid))\n"
+    )
+
+    # tests/conftest.py (the guard) applies to files under tests/ only: load it by name.
+    rc, output, _ = run_pytest(test_file, "-p", "tests.conftest")
+
+    assert rc == 1, output
+    assert "processes left running by this test, now killed" in output, output
+    assert "sleep 600" in output
+    assert not alive(int(pid_file.read_text()))
