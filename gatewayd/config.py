@@ -114,6 +114,8 @@ class AgentsSection(Section):
     turn_timeout: Duration = 30.0
     max_db_size: Size = 1024**3
     max_message_size: Size = 1024**2
+    max_mailbox_events: int = Field(default=1000, ge=1)
+    max_pending_calls: int = Field(default=10_000, ge=1)
     python_path: list[ConfigPath] = []
     classes: dict[str, AgentClassSection] = {}
 

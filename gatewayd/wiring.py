@@ -130,6 +130,8 @@ def agent_settings(config: GatewayConfig) -> Any:
         turn_timeout_s=agents.turn_timeout,
         max_db_bytes=agents.max_db_size,
         max_message_bytes=agents.max_message_size,
+        max_mailbox_events=agents.max_mailbox_events,
+        max_pending_calls=agents.max_pending_calls,
         protocol_messages_default={
             "ws": listeners.websocket.protocol_messages,
             "tcp": listeners.binary.protocol_messages,
