@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gatewayd.config import BinaryListener, GatewayConfig, MqttSection, WebSocketListener
+from gatewayd.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Components:
         self.engine: Any = None
         self.runtime: Any = None
         self.transports: dict[str, Any] = {}
+        self.supervisor = Supervisor("transports")
 
     async def start(self) -> None:
         """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
@@ -63,6 +65,8 @@ class Components:
         self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
         await self.runtime.start()
         for name, transport in build_transports(self.config, self.runtime).items():
+            if hasattr(transport, "spawn_loop"):  # its background loops run supervised
+                transport.spawn_loop = self.supervisor.spawn
             try:
                 await transport.start()
             except OSError as err:
@@ -70,19 +74,28 @@ class Components:
             self.transports[name] = transport
 
     async def stop(self, drain_timeout_s: float) -> None:
-        """Transports stop accepting and flush acks, then the runtime drains, then the engine."""
+        """Transports stop accepting and flush acks, then the runtime drains, then the engine.
+
+        `drain_timeout_s` is one deadline for all of it: each stage gets what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         await asyncio.gather(
-            *(t.stop(drain_timeout_s) for t in self.transports.values()), return_exceptions=True
+            *(t.stop(left()) for t in self.transports.values()), return_exceptions=True
         )
         if self.runtime is not None:
-            drained = await self.runtime.drain(drain_timeout_s)
+            drained = await self.runtime.drain(left())
             if not drained:
                 log.warning(
                     "drain timed out after %.1fs; uncommitted turns were abandoned", drain_timeout_s
                 )
             await self.runtime.close()
         if self.engine is not None:
-            await self.engine.close()
+            await self.engine.close(timeout_s=left())
+        await self.supervisor.stop()
 
     def check_reloadable(self, new: GatewayConfig) -> None:
         """Raise ConfigError when `new` cannot be applied (e.g. its agent classes do not import)."""
@@ -92,8 +105,14 @@ class Components:
         """Apply the settings that may change without a restart (see LIVE_KEYS)."""
 
     def health(self) -> tuple[bool, str]:
+        ok, reason = self.supervisor.healthy()
+        if not ok:
+            return ok, reason
         if self.runtime is not None and not self.runtime.healthy():
-            return False, "agent runtime unhealthy"
+            return (
+                False,
+                "agent runtime unhealthy (a background loop is down or a commit is stuck; see the log)",
+            )
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:

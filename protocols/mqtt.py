@@ -106,6 +106,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
+from protocols.tasks import SpawnLoop, spawn_unsupervised
 
 __all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettings"]
 
@@ -231,6 +232,10 @@ class MqttBridge:
     await bridge.stop(drain_timeout_s=10)
     """
 
+    # Starts the long-lived loops (connection, idle eviction, publish workers); the gateway
+    # sets its supervisor's spawn (protocols/tasks.py).
+    spawn_loop: SpawnLoop = staticmethod(spawn_unsupervised)
+
     def __init__(
         self,
         settings: MqttSettings,
@@ -321,11 +326,11 @@ class MqttBridge:
             raise RuntimeError("MqttBridge.start() called twice")
         if self._ssl_context is None and any(a.tls for a in self.settings.addresses):
             self._ssl_context = await asyncio.to_thread(self._make_ssl_context)
-        self._tasks.append(asyncio.create_task(self._connection_loop(), name="mqtt-connection"))
+        self._tasks.append(self.spawn_loop("mqtt-connection", self._connection_loop))
         if self.settings.link_idle_timeout_s > 0:
-            self._tasks.append(asyncio.create_task(self._evict_idle_links(), name="mqtt-idle"))
+            self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
         for n in range(self.settings.max_inflight_publishes):
-            self._tasks.append(asyncio.create_task(self._publish_worker(), name=f"mqtt-pub-{n}"))
+            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publish_worker))
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Wait until connected and subscribed (raises TimeoutError)."""

@@ -61,9 +61,12 @@ from gatewayd.agents.slot import (
 )
 from gatewayd.agents.storage import AgentDatabase, validate_agent_id, validate_class_name
 from gatewayd.agents.turn import TurnRunner
+from gatewayd.supervisor import Supervisor
 from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
+
+_STUCK_LOG_INTERVAL_S = 60.0  # how often a stuck commit is logged again while it lasts
 
 
 class AgentRuntime(AlarmsMixin):
@@ -94,6 +97,8 @@ class AgentRuntime(AlarmsMixin):
         self._background: list[asyncio.Task[None]] = []
         self._accepting = False
         self._closed = False
+        self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
+        self._supervisor = Supervisor("agents")  # the background loops (see supervisor.py)
         self._pending_calls = 0
         self._counters = new_counters()
         self._registry = ConnectionRegistry()
@@ -142,7 +147,9 @@ class AgentRuntime(AlarmsMixin):
         self._scheduler.start(self._loop, self._executor)
         self._batches.start(self._loop, self._executor, self._committer)
         self._accepting = True
-        self._background.append(self._loop.create_task(self._scheduler.hibernate_idle_forever()))
+        self._background.append(
+            self._supervisor.spawn("hibernation", self._scheduler.hibernate_idle_forever)
+        )
         self._on_started()
         logger.info(
             "agents: runtime started (%d classes, state in %s, durability=%s)",
@@ -217,14 +224,25 @@ class AgentRuntime(AlarmsMixin):
         }
 
     def healthy(self) -> bool:
-        """Started, not closed, and no commit stuck (a hung disk) for more than
-        `turn_timeout_s`."""
+        """Started, not closed, every background loop running, and no commit stuck (a hung
+        disk) for more than `turn_timeout_s`."""
         if self._loop is None or self._closed or self._committer is None:
+            return False
+        if self._supervisor.failing():
             return False
         stuck_s = self._committer.oldest_in_flight_s()
         if stuck_s > self.settings.turn_timeout_s:
-            logger.error("agents: a commit has been running for %.1fs (disk stuck?)", stuck_s)
+            # Health is sampled twice a second: say it once per stuck episode, then every minute.
+            now = time.monotonic()
+            if now - self._stuck_logged_at >= _STUCK_LOG_INTERVAL_S:
+                self._stuck_logged_at = now
+                logger.error(
+                    "agents: a commit has been running for %.1fs (disk stuck? check the state "
+                    "directory's file system); reporting unhealthy",
+                    stuck_s,
+                )
             return False
+        self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
         return True
 
     # -- LinkHandler ---------------------------------------------------------------------------
