@@ -28,10 +28,11 @@ again).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -100,6 +101,8 @@ class AgentRuntime(AlarmsMixin):
         self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
         self._supervisor = Supervisor("agents")  # the background loops (see supervisor.py)
         self._pending_calls = 0
+        # Agents' own background tasks (AgentHost.start_task), by agent and name.
+        self._agent_tasks: dict[AgentKey, dict[str, asyncio.Task[Any]]] = {}
         self._counters = new_counters()
         self._registry = ConnectionRegistry()
         self._turns = TurnRunner(
@@ -183,6 +186,7 @@ class AgentRuntime(AlarmsMixin):
         if self._closed:
             return
         try:
+            await self._stop_agent_tasks()
             if self._accepting:
                 await self.drain()
         finally:
@@ -198,6 +202,49 @@ class AgentRuntime(AlarmsMixin):
                         self._executor.shutdown(wait=True)
                     self._on_closed()
                     logger.info("agents: runtime closed")
+
+    def _start_agent_task(
+        self, key: AgentKey, name: str, coro: Coroutine[Any, Any, Any]
+    ) -> asyncio.Task[Any]:
+        tasks = self._agent_tasks.setdefault(key, {})
+        running = tasks.get(name)
+        if running is not None and not running.done():
+            coro.close()
+            raise AgentError(f"agent {key[0]}/{key[1]!r}: task {name!r} is already running")
+        if self._closed or self._loop is None:
+            coro.close()
+            raise AgentError("AgentRuntime is not running: no new agent tasks")
+        # A fresh context: the task belongs to no turn (it inherits none).
+        task = self._loop.create_task(
+            coro, name=f"agent {key[0]}/{key[1]}: {name}", context=contextvars.Context()
+        )
+        tasks[name] = task
+
+        def finished(done: asyncio.Task[Any]) -> None:
+            if tasks.get(name) is done:
+                del tasks[name]
+                if not tasks and self._agent_tasks.get(key) is tasks:
+                    del self._agent_tasks[key]
+            if not done.cancelled() and done.exception() is not None:
+                logger.error(
+                    "agents: %s/%r: task %s failed", key[0], key[1], name, exc_info=done.exception()
+                )
+
+        task.add_done_callback(finished)
+        return task
+
+    def _running_agent_task(self, key: AgentKey, name: str) -> asyncio.Task[Any] | None:
+        task = self._agent_tasks.get(key, {}).get(name)
+        return task if task is not None and not task.done() else None
+
+    async def _stop_agent_tasks(self) -> None:
+        """Cancel the agents' tasks while turns are still accepted, so that what they do on
+        cancellation (e.g. a chat stream closing itself) still commits."""
+        tasks = [task for named in self._agent_tasks.values() for task in named.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.turn_timeout_s)
 
     async def _stop_background(self) -> None:
         tasks, self._background = self._background, []
@@ -507,3 +554,13 @@ class _AgentHandle:
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         return await self._runtime._infer(model, inputs, **kwargs)
+
+    def submit(self, fn: Callable[[Agent], Any]) -> asyncio.Future[Any]:
+        runtime = self._runtime
+        return runtime._submit(Event(FN, runtime._new_future(), None, fn), *self._slot.key)
+
+    def start_task(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self._runtime._start_agent_task(self._slot.key, name, coro)
+
+    def running_task(self, name: str) -> asyncio.Task[Any] | None:
+        return self._runtime._running_agent_task(self._slot.key, name)
