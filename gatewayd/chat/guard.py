@@ -17,6 +17,7 @@ live stream and the model get the full content. Pure: no I/O.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +75,8 @@ def guard_message(message: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> Messa
         raw = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
         if len(raw) <= COMPACT_OVER_CHARS:
             continue
-        compact(i, lambda p, raw=raw: p.update(output=_note("tool output", len(raw.encode()), raw)))
+        note = _note("tool output", len(raw.encode("utf-8")), raw)
+        compact(i, functools.partial(_set, "output", note))
         metadata.setdefault("compactedToolOutputs", []).append(parts[i].get("toolCallId"))
     # 2. text parts
     for i in largest(lambda p: p.get("type") == "text"):
@@ -83,7 +85,7 @@ def guard_message(message: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> Messa
         text = str(parts[i].get("text", ""))
         if len(text) <= COMPACT_OVER_CHARS:
             continue
-        compact(i, lambda p, text=text: p.update(text=_note("text", len(text.encode()), text)))
+        compact(i, functools.partial(_set, "text", _note("text", len(text.encode("utf-8")), text)))
         metadata.setdefault("compactedTextParts", []).append(i)
     # 3. reasoning, file and data parts
     for i in largest(lambda p: p.get("type") in ("reasoning", "file") or is_data_type(p["type"])):
@@ -107,6 +109,10 @@ def guard_message(message: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> Messa
         parts.append({"type": "text", "text": f"[{dropped} parts too large to store were dropped]"})
         metadata["droppedParts"] = dropped
     return out
+
+
+def _set(key: str, value: Any, part: dict[str, Any]) -> None:
+    part[key] = value
 
 
 def _compact_other(part: dict[str, Any]) -> None:

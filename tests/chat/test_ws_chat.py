@@ -81,22 +81,25 @@ async def test_a_client_that_reconnects_mid_stream_gets_every_chunk_once_in_orde
 async def test_resuming_while_chunks_flow_freely_never_loses_or_repeats_one(serve):
     gate, last = asyncio.Event(), asyncio.Event()
     Scripted.backend = ScriptedBackend(words(300), {0: gate, 299: last})
-    async with serve({"chat": Scripted}) as served:
-        async with served.client("chat", "c1") as a, served.client("chat", "c1") as late:
-            # `late` was open when the stream started: it is a subscriber already. A third
-            # client connects during the stream and resumes while batches are being written.
-            await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
-            await late.until_type("gw.chat.messages")
-            gate.set()
-            async with served.client("chat", "c1") as third:
-                await third.send("gw.chat.resume")
-                frames = await third.until_type("gw.chat.replay_complete")
-                last.set()  # the stream stays live until the resume was answered
-                frames += await third.until_type("gw.chat.done")
-            seqs = [c["seq"] for c in chunks_of(frames)]
-            assert seqs == list(range(300))
-            assert frames[0]["type"] == "gw.chat.resuming"
-            assert [c["seq"] for c in chunks_of(await a.until_type("gw.chat.done"))] == seqs
+    async with (
+        serve({"chat": Scripted}) as served,
+        served.client("chat", "c1") as a,
+        served.client("chat", "c1") as late,
+    ):
+        # `late` was open when the stream started: it is a subscriber already. A third
+        # client connects during the stream and resumes while batches are being written.
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
+        await late.until_type("gw.chat.messages")
+        gate.set()
+        async with served.client("chat", "c1") as third:
+            await third.send("gw.chat.resume")
+            frames = await third.until_type("gw.chat.replay_complete")
+            last.set()  # the stream stays live until the resume was answered
+            frames += await third.until_type("gw.chat.done")
+        seqs = [c["seq"] for c in chunks_of(frames)]
+        assert seqs == list(range(300))
+        assert frames[0]["type"] == "gw.chat.resuming"
+        assert [c["seq"] for c in chunks_of(await a.until_type("gw.chat.done"))] == seqs
 
 
 async def test_resume_without_a_stream_is_answered_none_at_once(serve):
