@@ -142,17 +142,24 @@ class ChatAgent(Agent):
         """One turn of a live stream: store `chunks_json`, send them; at `end`, close it."""
         _messages, streams = self._chat_stores()
         row = streams.get(live.stream_id)
+        frames: list[str] = []
         if row is None or row.status != "streaming":
-            live.cancel()  # its send was rolled back, or it was cleared
-            return
-        first = streams.append(live.stream_id, chunks_json) if chunks_json else 0
-        frames = [
-            wire.encode_chunk(live.stream_id, live.request_id, first + i, chunk)
-            for i, chunk in enumerate(chunks_json)
-        ]
-        if end is not None:
-            self._chat_finish(row, end)
-            frames.append(wire.encode_done(live.stream_id, live.request_id, end.status, end.error))
+            # Its send was rolled back, or the chat was cleared: stop, store nothing, but
+            # still end the stream for its clients (never leave one "streaming").
+            live.cancel()
+            if end is not None:
+                frames.append(wire.encode_done(live.stream_id, live.request_id, wire.CANCELLED))
+        else:
+            first = streams.append(live.stream_id, chunks_json) if chunks_json else 0
+            frames = [
+                wire.encode_chunk(live.stream_id, live.request_id, first + i, chunk)
+                for i, chunk in enumerate(chunks_json)
+            ]
+            if end is not None:
+                self._chat_finish(row, end)
+                frames.append(
+                    wire.encode_done(live.stream_id, live.request_id, end.status, end.error)
+                )
         for conn in self.get_connections():
             if conn.protocol_enabled and conn.id in live.subscribers:
                 for data in frames:

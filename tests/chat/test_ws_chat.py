@@ -228,3 +228,59 @@ async def test_bad_frames_get_a_chat_error_and_other_agents_do_not_speak_chat(se
             await p.send("gw.chat.resume")
             error = await p.next_frame()
             assert error["type"] == "gw.error" and "does not speak it" in error["error"]
+
+
+async def test_chunks_are_written_in_batches_not_one_commit_each(serve):
+    # A model faster than the disk: 500 chunks arrive while the first batch commits.
+    Scripted.backend = ScriptedBackend(words(500))
+    async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
+        before = served.runtime.stats()["commits_total"]
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
+        frames = await a.until_type("gw.chat.done")
+        assert [c["seq"] for c in chunks_of(frames)] == list(range(500))
+        commits = served.runtime.stats()["commits_total"] - before
+        assert commits <= 50, f"{commits} commits for 500 chunks"
+
+
+class Failing(ChatAgent):
+    async def on_chat_message(self, messages, ctx):
+        yield {"type": "text-delta", "delta": "partial "}
+        raise ConnectionError("model went away")
+
+
+async def test_a_failing_model_still_ends_the_stream_and_keeps_what_it_said(serve):
+    async with serve({"chat": Failing}) as served, served.client("chat", "c1") as a:
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
+        frames = await a.until_type("gw.chat.done")
+        assert [c["chunk"]["type"] for c in chunks_of(frames)] == ["text-delta", "error"]
+        assert frames[-1]["status"] == "error"
+        assert "model went away" in frames[-1]["error"]
+        answer = (await a.messages())[1]
+        assert answer["parts"] == [{"type": "text", "text": "partial "}]
+        assert answer["metadata"] == {"streamStatus": "error"}
+        await a.send("gw.chat.resume")
+        assert await a.next_frame() == {"type": "gw.chat.resume_none"}
+
+
+async def test_a_send_while_streaming_is_refused_and_clear_empties_the_chat(serve):
+    never = asyncio.Event()
+    Scripted.backend = ScriptedBackend(words(3), {1: never})
+    async with (
+        serve({"chat": Scripted}) as served,
+        served.client("chat", "c1") as a,
+        served.client("chat", "c1") as b,
+    ):
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
+        await a.until(lambda f: f.get("seq") == 0)
+        await a.send("gw.chat.send", id="r2", messages=[user("u1", "go"), user("u2", "x")])
+        error = (await a.until_type("gw.chat.error"))[-1]
+        assert error["request"] == "r2" and "still streaming" in error["error"]
+        await a.send("gw.chat.clear")
+        for client in (a, b):
+            frames = await client.until_type("gw.chat.cleared")
+            assert frames[-1] == {"type": "gw.chat.cleared"}
+            done = (await client.until_type("gw.chat.done"))[-1]  # never left "streaming"
+            assert done["status"] == "cancelled" and done["request"] == "r1"
+        assert await a.messages() == []
+        await b.send("gw.chat.resume")
+        assert (await b.until_type("gw.chat.resume_none"))[-1] == {"type": "gw.chat.resume_none"}
