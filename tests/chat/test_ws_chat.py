@@ -284,3 +284,18 @@ async def test_a_send_while_streaming_is_refused_and_clear_empties_the_chat(serv
         assert await a.messages() == []
         await b.send("gw.chat.resume")
         assert (await b.until_type("gw.chat.resume_none"))[-1] == {"type": "gw.chat.resume_none"}
+
+
+async def test_a_stream_goes_on_across_hibernation_of_its_agent(serve):
+    gate = asyncio.Event()
+    Scripted.backend = ScriptedBackend(words(4), {2: gate})
+    async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
+        await a.until(lambda f: f.get("seq") == 1)
+        assert served.runtime.hibernate_idle() == 1  # a slow model: the agent sleeps
+        assert not served.runtime.is_awake("chat", "c1")
+        gate.set()  # the next batch wakes it; the live stream is not taken for an orphan
+        frames = await a.until_type("gw.chat.done")
+        assert frames[-1]["status"] == "complete"
+        assert [c["seq"] for c in chunks_of(frames)] == [2, 3]
+        assert (await a.messages())[1]["parts"] == [{"type": "text", "text": "w0 w1 w2 w3 "}]
