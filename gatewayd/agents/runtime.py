@@ -163,10 +163,16 @@ class AgentRuntime(AlarmsMixin):
 
     async def drain(self, timeout_s: float = 10.0) -> bool:
         """Stop accepting events (LinkRejected("shutting down")), finish queued turns and
-        commit them. Returns False if some agent was still busy after `timeout_s`."""
+        commit them. Returns False if some agent was still busy after `timeout_s`.
+
+        First the agents' own tasks (`AgentHost.start_task`) are cancelled while turns are
+        still accepted, so what they do on cancellation (a chat stream storing its end)
+        commits too."""
+        deadline = time.monotonic() + timeout_s
+        if self._accepting:
+            await self._stop_agent_tasks(timeout_s)
         self._accepting = False
         self._scheduler.open_every_room()  # held transports resubmit and get "shutting down"
-        deadline = time.monotonic() + timeout_s
         while True:
             tasks = self._scheduler.busy_tasks()
             if not tasks:
@@ -186,12 +192,14 @@ class AgentRuntime(AlarmsMixin):
         if self._closed:
             return
         try:
-            await self._stop_agent_tasks()
             if self._accepting:
                 await self.drain()
         finally:
             self._closed = True
             self._accepting = False
+            for named in self._agent_tasks.values():  # any that outlived the drain
+                for task in named.values():
+                    task.cancel()
             try:
                 await self._stop_background()
             finally:
@@ -237,14 +245,13 @@ class AgentRuntime(AlarmsMixin):
         task = self._agent_tasks.get(key, {}).get(name)
         return task if task is not None and not task.done() else None
 
-    async def _stop_agent_tasks(self) -> None:
-        """Cancel the agents' tasks while turns are still accepted, so that what they do on
-        cancellation (e.g. a chat stream closing itself) still commits."""
+    async def _stop_agent_tasks(self, timeout_s: float) -> None:
+        """Cancel the agents' tasks and give them up to `timeout_s` to finish (drain())."""
         tasks = [task for named in self._agent_tasks.values() for task in named.values()]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=self.settings.turn_timeout_s)
+            await asyncio.wait(tasks, timeout=max(timeout_s, 0.001))
 
     async def _stop_background(self) -> None:
         tasks, self._background = self._background, []

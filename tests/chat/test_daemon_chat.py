@@ -1,4 +1,4 @@
-"""SIGKILL mid-stream through the real daemon: after a restart the partial answer is stored
+"""SIGKILL (and SIGTERM) mid-stream through the real daemon: after a restart the partial answer is stored
 (and was never shown to a client without being durable first) and a new message works.
 
 The model is an OpenAI-compatible server in the test process that stops mid-answer on the
@@ -110,9 +110,12 @@ async def chat_client(url: str) -> AsyncIterator[ChatClient]:
         yield client
 
 
-async def test_sigkill_mid_stream_keeps_the_partial_answer_and_the_chat_goes_on(
-    tmp_path: Path, notify: NotifySocket
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+async def test_a_stop_mid_stream_keeps_the_partial_answer_and_the_chat_goes_on(
+    tmp_path: Path, notify: NotifySocket, stop: str
 ) -> None:
+    """SIGKILL: recovered on the next wake from the stored chunks. SIGTERM: the drain ends
+    the stream itself ("interrupted") before the runtime closes."""
     (tmp_path / "chat_agents.py").write_text(AGENTS)
     ws_port = free_port()
     config = tmp_path / "gatewayd.toml"
@@ -126,7 +129,11 @@ async def test_sigkill_mid_stream_keeps_the_partial_answer_and_the_chat_goes_on(
             async with chat_client(url) as client:
                 await client.send("gw.chat.send", id="r1", messages=[user("u1", "temp?")])
                 seen = await client.until(lambda f: f.get("chunk", {}).get("delta") == "is at ")
-                daemon.kill()  # SIGKILL: no drain, no goodbye
+                if stop == "SIGKILL":
+                    daemon.kill()  # no drain, no goodbye
+                else:
+                    assert daemon.stop() == 0
+                    assert "left to recovery" not in daemon.log_text()
             assert [f["chunk"]["type"] for f in seen if f["type"] == "gw.chat.chunk"] == [
                 "start",
                 "text-delta",
