@@ -23,6 +23,10 @@ Different agents run concurrently on the one event loop. No fsync ever runs on t
 batch.py). Idle agents hibernate (SQLite closed, instance dropped) after `hibernate_after_s`;
 their connections stay with the runtime and the next event wakes the agent (`on_start` runs
 again).
+
+Agents' own background tasks (`AgentHost.start_task`: e.g. a chat agent's model stream) are
+owned here, outside any turn and any agent instance: they outlive hibernation, write only
+through turns they queue (`AgentHost.submit`), and are cancelled first in `drain()`.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from gatewayd.chat.streams import LIVE, LiveStream, StreamEnd, StreamRow, Stream
 from protocols import chat as wire
 
 _TASK = "chat-stream"
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +87,11 @@ class ChatAgent(Agent):
 
     def on_protocol_frame(self, conn: Connection, frame_type: str, frame: dict[str, Any]) -> Any:
         self._chat_stores()
-        request_id = frame.get("id")
-        request_id = str(request_id) if isinstance(request_id, str | int) else None
+        raw_id = frame.get("id")
+        request_id = str(raw_id) if isinstance(raw_id, str | int) else None
+        if request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS:
+            conn.send(wire.encode_error(f"'id' longer than {MAX_REQUEST_ID_CHARS} characters"))
+            return
         try:
             if frame_type == wire.SEND:
                 self._chat_send(conn, frame, request_id or uuid.uuid4().hex)
