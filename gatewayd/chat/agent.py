@@ -50,6 +50,8 @@ class ChatAgent(Agent):
     backend: ClassVar[ModelBackend | None] = None
     system_prompt: ClassVar[str | None] = None
     max_persisted_messages: ClassVar[int | None] = None
+    # Chunks stored and sent per turn at most (None: all that arrived during the last commit).
+    stream_batch_max_chunks: ClassVar[int | None] = None
 
     # -- what a subclass overrides ----------------------------------------------------------
 
@@ -139,7 +141,12 @@ class ChatAgent(Agent):
 
         # If this turn rolls back, the stream row goes with it and the first batch finds
         # no stream: see _chat_batch.
-        task = host.start_task(_TASK, live.run(lambda: self.on_chat_message(messages, ctx), submit))
+        task = host.start_task(
+            _TASK,
+            live.run(
+                lambda: self.on_chat_message(messages, ctx), submit, self.stream_batch_max_chunks
+            ),
+        )
         LIVE[task] = live
 
     def _chat_batch(self, live: LiveStream, chunks_json: list[str], end: StreamEnd | None) -> None:

@@ -162,8 +162,10 @@ class LiveStream:
         self,
         chunks: Callable[[], AsyncIterator[Chunk]],
         submit: Callable[[list[str], StreamEnd | None], asyncio.Future[Any]],
+        max_batch_chunks: int | None = None,
     ) -> None:
-        """Produce with `chunks()`; hand each batch to `submit(chunks_json, end)` (a turn)."""
+        """Produce with `chunks()`; hand each batch (at most `max_batch_chunks` chunks) to
+        `submit(chunks_json, end)`, one turn each."""
         queue: asyncio.Queue[str | StreamEnd] = asyncio.Queue()
         self._producer = asyncio.create_task(self._produce(chunks, queue))
         try:
@@ -176,7 +178,7 @@ class LiveStream:
                         end = item
                         break
                     batch.append(item)
-                    if queue.empty():
+                    if queue.empty() or len(batch) == max_batch_chunks:
                         break
                     item = queue.get_nowait()
                 # Shielded: a batch handed to the agent is stored and sent even if this
