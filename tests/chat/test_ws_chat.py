@@ -299,3 +299,27 @@ async def test_a_stream_goes_on_across_hibernation_of_its_agent(serve):
         assert frames[-1]["status"] == "complete"
         assert [c["seq"] for c in chunks_of(frames)] == [2, 3]
         assert (await a.messages())[1]["parts"] == [{"type": "text", "text": "w0 w1 w2 w3 "}]
+
+
+class DeviceAware(ChatAgent):
+    backend = EchoBackend()
+
+    def should_send_protocol_messages(self, conn, ctx):
+        return "role=device" not in ctx["path"]
+
+
+async def test_protocol_disabled_connections_get_no_chat_frames(serve):
+    from websockets.asyncio.client import connect
+
+    async with (
+        serve({"chat": DeviceAware}) as served,
+        served.client("chat", "c1") as a,
+        connect(served.url("chat", "c1") + "?role=device") as device,
+    ):
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "hi")])
+        assert (await a.until_type("gw.chat.done"))[-1]["status"] == "complete"
+        await device.send(b"ping")  # a binary frame: the agent's on_message ignores it
+        await a.send("gw.chat.get_messages")  # one more turn after the stream's last
+        await a.until_type("gw.chat.messages")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(device.recv(), 0.2)
