@@ -56,8 +56,9 @@ class ChatAgent(Agent):
     # -- what a subclass overrides ----------------------------------------------------------
 
     def on_chat_message(self, messages: list[Message], ctx: ChatContext) -> AsyncIterator[Chunk]:
-        """The answer to `messages` (full content, oldest first) as chunks. Runs outside a
-        turn: use `await self.submit(fn)`-style turns, not `self.sql`, from here."""
+        """The answer to `messages` (full content, oldest first) as chunks (an async iterator,
+        or an `async def` returning one). It runs outside any turn, in a task the runtime owns:
+        `self.sql` and `set_state` are not available here (NotInTurnError)."""
         if self.backend is None:
             raise NotImplementedError(
                 f"{type(self).__name__}: set `backend = ...` or override on_chat_message"
