@@ -16,7 +16,8 @@ then a new transaction and savepoint continue the turn. COMMIT therefore happens
 both releasing through `BatchRunner._release`.
 
 A batch wakes a hibernated agent first (opens its database, runs `on_start` as a turn).
-Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn` and `metrics`.
+Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn`, `metrics` and
+`outbox` (device outputs written in the batch leave as outbox rows, tracked to delivery).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection, deliver
 from gatewayd.agents.errors import CommitError
 from gatewayd.agents.metrics import COMMIT_ERRORS, COMMITS
+from gatewayd.agents.outbox import Outbox, OutboxRow
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.scheduler import SlotScheduler
 from gatewayd.agents.settings import AgentSettings
@@ -70,6 +72,7 @@ class BatchRunner:
         after_wake: Callable[[Slot], None],
         after_commit: Callable[[Slot], None],
         wake_failed: Callable[[Slot], None],
+        outputs: Outbox,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
@@ -81,6 +84,7 @@ class BatchRunner:
         self._after_wake = after_wake
         self._after_commit = after_commit
         self._wake_failed = wake_failed
+        self._outputs = outputs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._committer: GroupCommitter | None = None
@@ -110,6 +114,7 @@ class BatchRunner:
             db = slot.db
             assert db is not None
             db.begin()
+            self._outputs.begin_batch(slot.key, slot.stores, db.connection)
             mailbox = slot.mailbox
             budget = self.settings.max_turns_per_commit
             try:
@@ -150,6 +155,10 @@ class BatchRunner:
         assert self._loop is not None
         assert self._committer is not None
         try:
+            if self._outputs.needs_mark(slot.key):
+                # The outbox index must list the agent before its rows are durable, or a crash
+                # right after this commit would hide them from the next start (outbox.py).
+                await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
             if db.commit_fsyncs:
                 await self._committer.commit(db)
             else:
@@ -182,12 +191,18 @@ class BatchRunner:
     def _release(self, slot: Slot, outbox: list[Output], done: list[Done]) -> None:
         """Open the output gate for committed work: outputs to the transports, then the
         events' futures (acknowledgements, call results). The one place committed outputs
-        leave, at the end of a batch and at a commit point."""
+        leave, at the end of a batch and at a commit point. Outputs for devices are outbox
+        rows: they go to their transport tracked (outbox.py), even if their link closed."""
+        rows: list[OutboxRow] = []
         for conn, data in outbox:
+            if isinstance(data, OutboxRow):
+                rows.append(data)
+                continue
             try:
                 deliver(conn, data)
             except Exception:
                 logger.exception("agents: transport failed to take output for %r", conn)
+        self._outputs.committed(slot.key, rows)
         for future, result, is_error in done:
             if future is None or future.done():
                 continue
@@ -206,7 +221,9 @@ class BatchRunner:
         db = slot.db
         if db is None or not self._at_commit_point(slot, turn):
             return _RELEASED  # the turn is over: the chunk went out or goes out with its batch
-        if db.commit_fsyncs:
+        self._write_outputs_so_far(slot, turn, db)
+        if db.commit_fsyncs or self._outputs.needs_mark(slot.key):
+            # (The outbox index is written off the loop before such a commit: see commit_batch.)
             return _OnAwait(lambda: self._commit_point_off_loop(slot, turn))
         db.release()
         try:
@@ -215,6 +232,14 @@ class BatchRunner:
             raise self._commit_point_failed(slot, turn, db, err) from err
         self._commit_point_done(slot, turn, db)
         return _RELEASED
+
+    def _write_outputs_so_far(self, slot: Slot, turn: Turn, db: AgentDatabase) -> None:
+        """At a commit point: the turn's outputs for devices so far become outbox rows of the
+        transaction about to commit (at the end of a turn, turn.py does the same)."""
+        assert slot.outbox is not None
+        self._outputs.write_turn_outputs(
+            slot.key, slot.stores, db.connection, slot.outbox, turn.outbox_mark
+        )  # (entries already written are OutboxRows and are skipped)
 
     def _at_commit_point(self, slot: Slot, turn: Turn) -> bool:
         return slot.turn is turn and slot.outbox is not None and turn.lost is None
@@ -230,6 +255,9 @@ class BatchRunner:
         # the turn waits for it before it ends, and storage is refused meanwhile (turn.py).
         point = turn.committing = self._loop.create_future()
         try:
+            self._write_outputs_so_far(slot, turn, db)  # what the turn sent while waiting
+            if self._outputs.needs_mark(slot.key):
+                await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
             db.release()
             commit = self._committer.commit(db)
             cancelled = False
@@ -297,6 +325,7 @@ class BatchRunner:
             f"{len(done)} events not acknowledged, agent reloaded from disk"
         )
         logger.error("agents: %s", error)
+        self._outputs.aborted(slot.key)
         for conn, old_state in reversed(undo_conns):
             conn._state = old_state
         for future, result, is_error in done:

@@ -315,12 +315,15 @@ async def test_failed_turn_is_retried_without_ack_and_refusal_is_final(
     assert stats.extra["retries"] == 3 and stats.rejected >= 1 and stats.extra["pending"] == 0
     await bridge.stop()
 
-    # Everything above was acked (the refusal too): nothing comes back on restart.
+    # Everything above was acked (the refusal too): nothing comes back on restart. A barrier
+    # message published after the reconnect arrives after anything the broker would resend.
     again = MqttBridge(settings, handler)
     await again.start()
     await again.wait_connected(timeout_s=5)
-    await asyncio.sleep(0.3)
-    assert len(read_messages(db)) == 2 and again.stats.rejected == 0
+    await publish_all(mosquitto, [("devices/a/telemetry", b"barrier")])
+    await wait_until(lambda: len(read_messages(db)) >= 3, 5, "the barrier message")
+    assert sorted(p for *_, p in read_messages(db)) == [b"barrier", b"flaky", b"ok"]
+    assert again.stats.rejected == 0
     await again.stop()
 
 
@@ -343,7 +346,7 @@ async def test_backpressure_bounds_pending_turns_and_keeps_order(
     await bridge.stop()
 
 
-async def test_outbound_queue_is_bounded_while_broker_is_down(
+async def test_outbound_backlog_keeps_every_reply_while_broker_is_down(
     mosquitto: MosquittoBroker, handler_factory
 ) -> None:
     handler = await handler_factory()
@@ -365,23 +368,27 @@ async def test_outbound_queue_is_bounded_while_broker_is_down(
     for n in range(50):
         link.send(f"cmd-{n}")
     stats = bridge.stats.extra
-    assert stats["outbound_queued"] + 2 >= 10 and stats["outbound_dropped"] >= 38
-    assert stats["outbound_queued"] + stats["outbound_dropped"] <= 50
+    # Over max_outbound_queue nothing is dropped: the backlog holds them (and the bridge
+    # stops reading device messages meanwhile, see test_mqtt_outbound.py).
+    assert stats["outbound_queued"] + stats["outbound_publishing"] == 50
+    assert "outbound_dropped_by_policy" not in stats
 
     mosquitto.start()
     await bridge.wait_connected(timeout_s=10)
     await wait_until(lambda: bridge.stats.extra["outbound_queued"] == 0, 5, "the queue to flush")
-    received: list[bytes] = []
+    expected = {f"cmd-{n}".encode() for n in range(50)}
+    received: set[bytes] = set()
     async with aiomqtt.Client(
         mosquitto.host, mosquitto.port, identifier="dev-7", clean_session=False
     ) as dev:
         await dev.subscribe("devices/7/cmd", qos=1)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(1.0):
-                async for message in dev.messages:
-                    received.append(bytes(message.payload))
-    sent = 50 - bridge.stats.extra["outbound_dropped"]
-    assert received == [f"cmd-{n}".encode() for n in range(sent)]  # the first ones, in order
+        async with asyncio.timeout(10):
+            async for message in dev.messages:
+                received.add(bytes(message.payload))
+                if received == expected:
+                    break
+    # At least once: a publish interrupted by the outage may arrive twice, none is missing.
+    assert received == expected
     await bridge.stop()
 
 
@@ -572,9 +579,10 @@ async def test_mutual_tls_with_ca_client_cert_and_insecure_flag(
         # The broker's certificate is not trusted without our CA ...
         untrusted = MqttBridge(settings_for(broker, **base, **client_cert), handler)
         await untrusted.start()
-        with pytest.raises(TimeoutError):
-            await untrusted.wait_connected(timeout_s=1.5)
-        assert untrusted.stats.extra["connect_failures"] >= 1
+        await wait_until(
+            lambda: untrusted.stats.extra.get("connect_failures", 0) >= 1, 10, "a refused handshake"
+        )
+        assert not untrusted.connected
         await untrusted.stop()
 
         # ... unless verification is switched off explicitly.
