@@ -26,6 +26,10 @@ RPC = "gw.rpc"
 
 MAX_RPC_ID_CHARS = 128
 
+# Families of protocol frames handled by an agent class rather than by the gateway itself
+# (`Agent.on_protocol_frame`): `gw.chat.*` are the chat agent's (see PROTOCOL.md, "Chat").
+EXTENSION_PREFIXES = ("gw.chat.",)
+
 
 class ProtocolError(ValueError):
     """A text frame claimed to be a protocol frame but is malformed; safe to show the peer."""
@@ -48,7 +52,15 @@ class StateUpdate:
     state: Any
 
 
-ClientFrame = RpcRequest | StateUpdate
+@dataclass(frozen=True, slots=True)
+class ExtensionFrame:
+    """A frame of an `EXTENSION_PREFIXES` family: `type` and the whole decoded object."""
+
+    type: str
+    body: dict[str, Any]
+
+
+ClientFrame = RpcRequest | StateUpdate | ExtensionFrame
 
 
 def _dumps(obj: dict[str, Any]) -> str:
@@ -83,6 +95,8 @@ def parse_client_text(text: str) -> ClientFrame | None:
         if "state" not in obj:
             raise ProtocolError("gw.set_state needs a 'state' field")
         return StateUpdate(obj["state"])
+    if frame_type.startswith(EXTENSION_PREFIXES):
+        return ExtensionFrame(frame_type, obj)
     raise ProtocolError(
         f"unknown protocol frame type {frame_type!r}; clients may send {RPC!r} or {SET_STATE!r}"
     )

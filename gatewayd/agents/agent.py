@@ -22,9 +22,10 @@ gateway before that commit.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -136,6 +137,21 @@ class AgentHost(Protocol):
 
     def protocol_default(self, transport: str) -> bool: ...
 
+    def submit(self, fn: Callable[[Agent], Any]) -> asyncio.Future[Any]:
+        """From any task (not only a turn): queue `fn(agent)` as a turn of this agent, in its
+        mailbox like any event; the future resolves to its result after the commit."""
+        ...
+
+    def start_task(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A background task of this agent, owned by the runtime: it runs outside any turn
+        (storage only through `submit`), survives hibernation, is cancelled (and awaited) when
+        the runtime closes, and its failure is logged. One running task per `name`."""
+        ...
+
+    def running_task(self, name: str) -> asyncio.Task[Any] | None:
+        """The task `start_task(name, ...)` started, while it runs."""
+        ...
+
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any: ...
 
 
@@ -178,6 +194,10 @@ class Agent:
     def on_error(self, err: BaseException) -> Any:
         """A turn, schedule, queue item or commit failed (after retries where they apply)."""
         logger.warning("agents: %s/%r: %s: %s", self.agent_class, self.id, type(err).__name__, err)
+
+    def on_protocol_frame(self, conn: Connection, frame_type: str, frame: dict[str, Any]) -> Any:
+        """A client protocol frame of a family the agent class speaks (`gw.chat.*`, see
+        PROTOCOL.md); the gateway answers `gw.error` for it unless a subclass overrides this."""
 
     def validate_state_change(self, new_state: Any, source: Connection | str) -> None:
         """Synchronous gate before a state change; raise to reject it."""

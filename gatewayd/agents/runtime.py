@@ -25,17 +25,22 @@ Different agents run concurrently on the one event loop. No fsync ever runs on t
 batch.py). Idle agents hibernate (SQLite closed, instance dropped) after `hibernate_after_s`;
 their connections stay with the runtime and the next event wakes the agent (`on_start` runs
 again).
+
+Agents' own background tasks (`AgentHost.start_task`: e.g. a chat agent's model stream) are
+owned here, outside any turn and any agent instance: they outlive hibernation, write only
+through turns they queue (`AgentHost.submit`), and are cancelled first in `drain()`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -110,6 +115,8 @@ class AgentRuntime(AlarmsMixin):
         self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
         self._supervisor = Supervisor("agents")  # the background loops (see supervisor.py)
         self._pending_calls = 0
+        # Agents' own background tasks (AgentHost.start_task), by agent and name.
+        self._agent_tasks: dict[AgentKey, dict[str, asyncio.Task[Any]]] = {}
         self._counters = new_counters()
         self._registry = ConnectionRegistry()
         self._outbox = Outbox(max_undelivered=settings.max_undelivered_outputs)
@@ -183,10 +190,16 @@ class AgentRuntime(AlarmsMixin):
 
     async def drain(self, timeout_s: float = 10.0) -> bool:
         """Stop accepting events (LinkRejected("shutting down")), finish queued turns and
-        commit them. Returns False if some agent was still busy after `timeout_s`."""
+        commit them. Returns False if some agent was still busy after `timeout_s`.
+
+        First the agents' own tasks (`AgentHost.start_task`) are cancelled while turns are
+        still accepted, so what they do on cancellation (a chat stream storing its end)
+        commits too."""
+        deadline = time.monotonic() + timeout_s
+        if self._accepting:
+            await self._stop_agent_tasks(timeout_s)
         self._accepting = False
         self._scheduler.open_every_room()  # held transports resubmit and get "shutting down"
-        deadline = time.monotonic() + timeout_s
         while True:
             tasks = self._scheduler.busy_tasks()
             if not tasks:
@@ -211,6 +224,9 @@ class AgentRuntime(AlarmsMixin):
         finally:
             self._closed = True
             self._accepting = False
+            for named in self._agent_tasks.values():  # any that outlived the drain
+                for task in named.values():
+                    task.cancel()
             try:
                 await self._stop_background()
             finally:
@@ -223,6 +239,48 @@ class AgentRuntime(AlarmsMixin):
                         self._executor.shutdown(wait=True)
                     self._on_closed()
                     logger.info("agents: runtime closed")
+
+    def _start_agent_task(
+        self, key: AgentKey, name: str, coro: Coroutine[Any, Any, Any]
+    ) -> asyncio.Task[Any]:
+        tasks = self._agent_tasks.setdefault(key, {})
+        running = tasks.get(name)
+        if running is not None and not running.done():
+            coro.close()
+            raise AgentError(f"agent {key[0]}/{key[1]!r}: task {name!r} is already running")
+        if self._closed or self._loop is None:
+            coro.close()
+            raise AgentError("AgentRuntime is not running: no new agent tasks")
+        # A fresh context: the task belongs to no turn (it inherits none).
+        task = self._loop.create_task(
+            coro, name=f"agent {key[0]}/{key[1]}: {name}", context=contextvars.Context()
+        )
+        tasks[name] = task
+
+        def finished(done: asyncio.Task[Any]) -> None:
+            if tasks.get(name) is done:
+                del tasks[name]
+                if not tasks and self._agent_tasks.get(key) is tasks:
+                    del self._agent_tasks[key]
+            if not done.cancelled() and done.exception() is not None:
+                logger.error(
+                    "agents: %s/%r: task %s failed", key[0], key[1], name, exc_info=done.exception()
+                )
+
+        task.add_done_callback(finished)
+        return task
+
+    def _running_agent_task(self, key: AgentKey, name: str) -> asyncio.Task[Any] | None:
+        task = self._agent_tasks.get(key, {}).get(name)
+        return task if task is not None and not task.done() else None
+
+    async def _stop_agent_tasks(self, timeout_s: float) -> None:
+        """Cancel the agents' tasks and give them up to `timeout_s` to finish (drain())."""
+        tasks = [task for named in self._agent_tasks.values() for task in named.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(timeout_s, 0.001))
 
     async def _stop_background(self) -> None:
         tasks, self._background = self._background, []
@@ -603,3 +661,13 @@ class _AgentHandle:
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         return await self._runtime._infer(model, inputs, **kwargs)
+
+    def submit(self, fn: Callable[[Agent], Any]) -> asyncio.Future[Any]:
+        runtime = self._runtime
+        return runtime._submit(Event(FN, runtime._new_future(), None, fn), *self._slot.key)
+
+    def start_task(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self._runtime._start_agent_task(self._slot.key, name, coro)
+
+    def running_task(self, name: str) -> asyncio.Task[Any] | None:
+        return self._runtime._running_agent_task(self._slot.key, name)

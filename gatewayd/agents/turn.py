@@ -245,6 +245,8 @@ class TurnRunner:
                 if frame is not None:
                     if isinstance(frame, jsonproto.RpcRequest):
                         return self.rpc.handle_request(slot, agent, conn, frame, turn)
+                    if isinstance(frame, jsonproto.ExtensionFrame):
+                        return self._extension_frame(slot, agent, conn, frame)
                     return self._client_state_update(slot, conn, frame.state)
             return agent.on_message(conn, data)
         if kind == CONNECT:
@@ -288,6 +290,21 @@ class TurnRunner:
         reason = err.reason if isinstance(err, LinkRejected) else "agent refused the connection"
         assert slot.outbox is not None
         slot.outbox.append((conn, CloseRequest(code, reason)))
+
+    def _extension_frame(
+        self, slot: Slot, agent: Agent, conn: Connection, frame: jsonproto.ExtensionFrame
+    ) -> Any:
+        """A `gw.chat.*`-like frame: the agent class's `on_protocol_frame`, when it has one."""
+        if not overrides(slot.cls, "on_protocol_frame"):
+            self.counters["protocol_errors"] += 1
+            conn.send(
+                jsonproto.encode_error(
+                    f"unknown protocol frame type {frame.type!r}: agent {slot.key[0]} does not "
+                    "speak it"
+                )
+            )
+            return None
+        return agent.on_protocol_frame(conn, frame.type, frame.body)
 
     def _client_state_update(self, slot: Slot, conn: Connection, new_state: Any) -> None:
         if conn.readonly:

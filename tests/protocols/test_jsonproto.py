@@ -94,3 +94,12 @@ def test_any_json_with_gw_type_parses_or_errors_clearly(value):
         assert not isinstance(value, list)
     else:
         assert isinstance(value, list) and frame == RpcRequest("1", "m", value)
+
+
+def test_extension_frames_are_passed_whole_to_the_agent_class():
+    from protocols.jsonproto import ExtensionFrame
+
+    text = '{"type":"gw.chat.send","id":"r1","messages":[]}'
+    assert parse_client_text(text) == ExtensionFrame(
+        "gw.chat.send", {"type": "gw.chat.send", "id": "r1", "messages": []}
+    )

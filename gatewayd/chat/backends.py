@@ -1,0 +1,213 @@
+"""Model backends: what turns a conversation into a stream of chunks (messages.py shapes).
+
+    backend = OpenAICompatibleBackend(base_url="http://127.0.0.1:8000/v1", model="qwen")
+    async for chunk in backend.stream(messages, system="You are a thermostat."):
+        ...
+
+- `OpenAICompatibleBackend`: any OpenAI-compatible server (vLLM, llama.cpp server, a cloud
+  API) through the official `openai` package (`pip install 'gatewayd[openai]'`), streaming.
+  Native tool calls are mapped to `tool-call` chunks.
+- `ScriptedBackend`: a test double of the model (not of gatewayd): replays fixed chunks,
+  optionally waiting on events between them, so tests pace a stream without sleeping.
+- `EchoBackend`: for the example and tests only: answers with the last user text, word by word.
+
+The local generation engine (engine/generate) comes as a third backend with that work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from gatewayd.chat.messages import Chunk, Message, text_of
+
+
+class ModelBackend(Protocol):
+    def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """Chunks of one assistant answer to `messages`. `tools`: OpenAI-style function specs."""
+        ...
+
+
+class ScriptedBackend:
+    """Replays `chunks` for every request; before chunk i it waits for `gates[i]` if given."""
+
+    def __init__(
+        self, chunks: Sequence[Chunk], gates: Mapping[int, asyncio.Event] | None = None
+    ) -> None:
+        self.chunks = list(chunks)
+        self.gates = dict(gates or {})
+        self.requests: list[list[Message]] = []  # what the model was given, in full
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        self.requests.append(list(messages))
+        for i, chunk in enumerate(self.chunks):
+            gate = self.gates.get(i)
+            if gate is not None:
+                await gate.wait()
+            yield dict(chunk)
+
+
+class EchoBackend:
+    """Example/tests only, not a model: answers "echo: <last user text>" one word per chunk."""
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+        words = ("echo: " + (text_of(last) if last else "")).split(" ")
+        yield {"type": "start"}
+        for i, word in enumerate(words):
+            yield {"type": "text-delta", "id": "t0", "delta": word if i == 0 else " " + word}
+            await asyncio.sleep(0)  # let other agents' turns interleave
+        yield {"type": "finish"}
+
+
+class OpenAICompatibleBackend:
+    """Streams chat completions from an OpenAI-compatible endpoint (see the module docstring).
+
+    `api_key_file`: a file holding the key (the key never goes in the TOML); without a key
+    "unused" is sent, which local servers accept."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        api_key_file: Path | str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            import openai
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "OpenAICompatibleBackend needs the `openai` package: pip install 'gatewayd[openai]'"
+            ) from err
+        if api_key is None and api_key_file is not None:
+            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        self.model = model
+        self.extra_body = dict(extra_body or {})
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "unused",
+            timeout=timeout_s,
+            max_retries=max_retries,
+        )
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": to_openai_messages(messages, system),
+            "stream": True,
+        }
+        if tools:
+            request["tools"] = list(tools)
+        if self.extra_body:
+            request["extra_body"] = self.extra_body
+        response = await self._client.chat.completions.create(**request)
+        calls: dict[int, dict[str, Any]] = {}
+        yield {"type": "start"}
+        finish_reason = None
+        try:
+            async for event in response:
+                for choice in event.choices:
+                    delta = choice.delta
+                    reasoning = getattr(delta, "reasoning_content", None)
+                    if reasoning:
+                        yield {"type": "reasoning-delta", "id": "r0", "delta": reasoning}
+                    if delta.content:
+                        yield {"type": "text-delta", "id": "t0", "delta": delta.content}
+                    for call in delta.tool_calls or ():
+                        slot = calls.setdefault(call.index, {"id": None, "name": "", "args": ""})
+                        slot["id"] = call.id or slot["id"]
+                        if call.function is not None:
+                            slot["name"] += call.function.name or ""
+                            slot["args"] += call.function.arguments or ""
+                    finish_reason = choice.finish_reason or finish_reason
+        finally:
+            await response.close()
+        for _index, call in sorted(calls.items()):
+            try:
+                arguments = json.loads(call["args"] or "{}")
+            except ValueError:
+                arguments = {"_unparsed": call["args"]}
+            yield {
+                "type": "tool-call",
+                "toolCallId": call["id"] or f"call_{uuid.uuid4().hex[:12]}",
+                "toolName": call["name"],
+                "input": arguments,
+            }
+        yield {"type": "finish", "metadata": {"finishReason": finish_reason}}
+
+
+def to_openai_messages(messages: Sequence[Message], system: str | None) -> list[dict[str, Any]]:
+    """UI messages (parts) -> OpenAI chat messages: text joined, tool parts as tool calls
+    followed by their results (a denied or failed call still gets a result)."""
+    out: list[dict[str, Any]] = []
+    if system:
+        out.append({"role": "system", "content": system})
+    for message in messages:
+        role = message.get("role")
+        text = text_of(message)
+        tools = [p for p in message.get("parts", ()) if p.get("type") == "tool"]
+        if role != "assistant" or not tools:
+            out.append({"role": role, "content": text})
+            continue
+        out.append(
+            {
+                "role": "assistant",
+                "content": text or None,
+                "tool_calls": [
+                    {
+                        "id": p.get("toolCallId"),
+                        "type": "function",
+                        "function": {
+                            "name": p.get("toolName"),
+                            "arguments": json.dumps(p.get("input") or {}),
+                        },
+                    }
+                    for p in tools
+                ],
+            }
+        )
+        for p in tools:
+            if p.get("state") == "output-available":
+                content = p.get("output")
+            else:
+                content = {"error": p.get("errorText") or f"no result ({p.get('state')})"}
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": p.get("toolCallId"),
+                    "content": content if isinstance(content, str) else json.dumps(content),
+                }
+            )
+    return out
