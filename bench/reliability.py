@@ -48,11 +48,13 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -447,6 +449,9 @@ class Site:
         await self.mqtt.open()
 
     async def close(self) -> None:
+        if os.environ.get("RELIABILITY_KEEP_LOGS"):
+            keep = Path(os.environ["RELIABILITY_KEEP_LOGS"]) / f"{self.client_id}.log"
+            keep.write_text(self.daemon.log_tail(10**9))
         for stop, load in self._loads:  # a phase that failed half-way left its load running
             stop.set()
             load.cancel()
@@ -754,6 +759,8 @@ async def run_disk_full(args: argparse.Namespace, broker: MosquittoBroker) -> di
         result["full_log_lines"] = len(full_log.splitlines())
         filler.unlink()
         freed_at = time.monotonic()
+        result["free_mb_after_freeing"] = round(shutil.disk_usage(state).free / 1e6, 1)
+        log(f"disk full for {freed_at - full_at:.1f}s: {result}")
         result["full_s"] = round(freed_at - full_at, 1)
         before = site.ledger.snapshot()
         while site.ledger.snapshot() == before and time.monotonic() - freed_at < 60:
@@ -773,6 +780,12 @@ async def run_disk_full(args: argparse.Namespace, broker: MosquittoBroker) -> di
         result.update(verdict(site))
         return result
     finally:
+        if os.environ.get("RELIABILITY_PAUSE_S"):  # debugging: inspect the daemon and tmpfs
+            log(f"pausing: daemon pid {site.daemon.pid}, state {state}")
+            await asyncio.sleep(float(os.environ["RELIABILITY_PAUSE_S"]))
+        usage = subprocess.run(["du", "-ab", str(state)], capture_output=True, text=True).stdout
+        log(f"disk full phase: {shutil.disk_usage(state).free} bytes free at the end; largest: "
+            + "; ".join(sorted(usage.splitlines(), key=lambda l: -int(l.split()[0]))[:6]))
         await site.close()
         subprocess.run(["umount", "-l", str(state)], capture_output=True)
         with contextlib.suppress(OSError):
@@ -888,6 +901,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 line[name] = await phase(args, broker)
             except Exception as err:  # report the others; this one failed
                 log(f"phase {name} failed: {type(err).__name__}: {err}")
+                traceback.print_exc()
                 line[name] = {"error": f"{type(err).__name__}: {err}"}
             log(f"{name}: {json.dumps({k: v for k, v in line[name].items() if k != 'soak'})}")
     finally:
