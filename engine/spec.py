@@ -52,7 +52,7 @@ class ModelSpec:
     priority_levels: int = 4
     request_timeout_s: float = 1.0
     intra_op_threads: int = 1
-    trt_fp16: bool = False
+    trt_fp16: bool = True
     cache_dir: Path | None = None
     cuda_graphs: bool = True
 

@@ -50,6 +50,15 @@ def _parse_bind(value: object) -> tuple[str, int]:
     return (host or "0.0.0.0", int(port_text))
 
 
+def _to_path(value: object) -> Path:
+    # Strict mode accepts only Path instances; TOML gives strings, and nothing else is a path.
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a file path string, found {value!r}")
+    return Path(value)
+
+
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     base_dir = (info.context or {}).get("base_dir")
     if base_dir is not None and not value.is_absolute():
@@ -66,15 +75,19 @@ def _must_exist(value: Path) -> Path:
 Duration = Annotated[float, BeforeValidator(parse_duration_s), Field(ge=0)]
 Size = Annotated[int, BeforeValidator(parse_size_bytes)]
 Bind = Annotated[tuple[str, int], BeforeValidator(_parse_bind)]
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_exist)]
+ConfigPath = Annotated[Path, BeforeValidator(_to_path), AfterValidator(_resolve_path)]
+ExistingFile = Annotated[
+    Path, BeforeValidator(_to_path), AfterValidator(_resolve_path), AfterValidator(_must_exist)
+]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class Section(BaseModel):
-    """Base of every config table: unknown keys are errors, values are immutable."""
+    """Base of every config table: unknown keys are errors, values are immutable, and types are
+    strict: `enabled = "yes"` or `cpu_threads = "1"` is an error, not a silent conversion.
+    Durations, sizes, binds and paths still parse from their documented string forms."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class GatewaySection(Section):
@@ -182,10 +195,23 @@ class MqttSection(Section):
         return self
 
     def resolved_password(self) -> str | None:
-        """The password, read from `password_file` when one is given (first line, stripped)."""
-        if self.password_file is not None:
-            return self.password_file.read_text(encoding="utf-8").splitlines()[0].strip()
-        return self.password
+        """The password, read from `password_file` when one is given (first line, stripped).
+
+        Raises ValueError naming the file when it is not UTF-8 or its first line is empty, and
+        OSError when it cannot be read: `check_references` turns both into a config error."""
+        if self.password_file is None:
+            return self.password
+        try:
+            lines = self.password_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"password_file {self.password_file}: not UTF-8 text") from None
+        password = lines[0].strip() if lines else ""
+        if not password:
+            raise ValueError(
+                f"password_file {self.password_file}: the first line is empty; "
+                "write the MQTT password on the first line of that file"
+            )
+        return password
 
 
 class ModelSection(Section):

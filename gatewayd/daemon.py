@@ -22,16 +22,13 @@ from gatewayd.config import ConfigError, GatewayConfig, load_config
 from gatewayd.http import HttpEndpoint
 from gatewayd.logs import set_level
 from gatewayd.sd_notify import Notifier, watchdog_interval_s
+from gatewayd.wiring import StartupError
 
 log = logging.getLogger(__name__)
 
 # How stale the event loop's heartbeat may be before /healthz and the watchdog call it stuck.
 LOOP_STALL_LIMIT_S = 5.0
 HEARTBEAT_INTERVAL_S = 0.5
-
-
-class StartupError(Exception):
-    """A component could not start; the message names it and says why."""
 
 
 class Daemon:

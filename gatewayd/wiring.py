@@ -1,8 +1,14 @@
 """Builds the running components from a `GatewayConfig` and starts/stops them in order.
 
+Below the daemon: it never imports `gatewayd.daemon` (the daemon drives the components, not
+the other way round; `StartupError` lives here for that reason).
+
 Start: engine (models warmed) -> agent runtime -> transports. Stop: transports stop accepting and
 flush their acknowledgements -> the runtime drains and commits -> engine closes. This is the only
-module that translates config sections into the components' own settings objects.
+module that translates config sections into the components' own settings objects, and the config
+model is the single source of defaults: the settings built from a config that sets nothing equal
+each component's own defaults (tests/gatewayd/test_wiring.py), so a component used alone behaves
+as the daemon does.
 """
 
 from __future__ import annotations
@@ -12,9 +18,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from gatewayd.config import GatewayConfig
+from gatewayd.config import BinaryListener, GatewayConfig, MqttSection, WebSocketListener
 
 log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """A component could not start; the message names it and says why."""
+
 
 # Keys whose new value a SIGHUP applies without a restart.
 LIVE_KEYS = ("gateway.log_level",)
@@ -42,7 +53,6 @@ class Components:
         classes = load_agent_classes(self.config, self.config_file)
         if self.config.models:
             from engine import EngineError
-            from gatewayd.daemon import StartupError
 
             self.engine = build_engine(self.config)
             try:
@@ -55,8 +65,6 @@ class Components:
             try:
                 await transport.start()
             except OSError as err:
-                from gatewayd.daemon import StartupError
-
                 raise StartupError(f"{name}: cannot start listener: {err}") from None
             self.transports[name] = transport
 
@@ -129,10 +137,11 @@ def agent_settings(config: GatewayConfig) -> Any:
     )
 
 
-def build_engine(config: GatewayConfig) -> Any:
-    from engine import Engine, ModelSpec
+def model_specs(config: GatewayConfig) -> list[Any]:
+    """One `engine.ModelSpec` per `[models.NAME]`; the config supplies every default."""
+    from engine import ModelSpec
 
-    specs = [
+    return [
         ModelSpec(
             name=name,
             path=model.path,
@@ -149,23 +158,33 @@ def build_engine(config: GatewayConfig) -> Any:
         )
         for name, model in config.models.items()
     ]
-    return Engine(specs)
+
+
+def build_engine(config: GatewayConfig) -> Any:
+    from engine import Engine
+
+    return Engine(model_specs(config))
+
+
+def ws_settings(ws: WebSocketListener) -> Any:
+    from protocols.ws import WsSettings
+
+    host, port = ws.bind
+    return WsSettings(
+        bind=host,
+        port=port,
+        max_frame_bytes=ws.max_frame_size,
+        max_connections=ws.max_connections,
+    )
 
 
 def build_transports(config: GatewayConfig, handler: Any) -> dict[str, Transport]:
     transports: dict[str, Transport] = {}
     ws = config.listeners.websocket
     if ws.enabled:
-        from protocols.ws import WsListener, WsSettings
+        from protocols.ws import WsListener
 
-        host, port = ws.bind
-        settings = WsSettings(
-            bind=host,
-            port=port,
-            max_frame_bytes=ws.max_frame_size,
-            max_connections=ws.max_connections,
-        )
-        transports["ws"] = WsListener(settings, handler)
+        transports["ws"] = WsListener(ws_settings(ws), handler)
     binary = config.listeners.binary
     if binary.enabled:
         transports["tcp"] = _tcp_listener(binary, handler)
@@ -176,13 +195,14 @@ def build_transports(config: GatewayConfig, handler: Any) -> dict[str, Transport
     return transports
 
 
-def _tcp_listener(binary: Any, handler: Any) -> Transport:
-    import ssl
+def tcp_settings(binary: BinaryListener) -> Any:
+    """The binary listener's settings, with the device secrets read from `secrets_file`."""
+    from protocols.tcp import TcpSettings, load_secrets_file
 
-    from protocols.tcp import TcpListener, TcpSettings, load_secrets_file
-
+    if binary.secrets_file is None:
+        raise ValueError("secrets_file is required when the binary listener is enabled")
     host, port = binary.bind
-    settings = TcpSettings(
+    return TcpSettings(
         host=host,
         port=port,
         agent_class=binary.agent_class,
@@ -194,6 +214,14 @@ def _tcp_listener(binary: Any, handler: Any) -> Transport:
         ping_interval_s=binary.ping_interval,
         ping_timeout_s=binary.ping_timeout,
     )
+
+
+def _tcp_listener(binary: BinaryListener, handler: Any) -> Transport:
+    import ssl
+
+    from protocols.tcp import TcpListener
+
+    settings = tcp_settings(binary)
     context = None
     if binary.tls_cert_file is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -201,7 +229,7 @@ def _tcp_listener(binary: Any, handler: Any) -> Transport:
     return TcpListener(settings, handler, ssl_context=context)
 
 
-def mqtt_settings(mqtt: Any) -> Any:
+def mqtt_settings(mqtt: MqttSection) -> Any:
     from protocols.mqtt_settings import MqttRoute, MqttSettings
 
     return MqttSettings(

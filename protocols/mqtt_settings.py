@@ -57,13 +57,13 @@ class MqttSettings:
     client_id: str = "gatewayd"
     routes: tuple[MqttRoute, ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # a secret: never in logs
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     tls_insecure: bool = False  # skip certificate and host name verification (testing only)
     protocol: str = "3.1.1"
-    session_expiry_s: int = 7 * 24 * 3600  # MQTT 5 only; 3.1.1 sessions never expire
+    session_expiry_s: int = 24 * 3600  # MQTT 5 only; 3.1.1 sessions never expire
     keepalive_s: int = 30
     qos: int = 1
     status_topic: str = "gatewayd/{client_id}/status"  # "" disables online/offline status

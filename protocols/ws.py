@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from protocols.link import LinkHandler, LinkIdentity, LinkRejected, Outcome, Route, TransportStats
+from protocols.ws_logs import library_logger
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class WsListener:
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
             compression=None,  # cheaper on small frames; devices rarely negotiate it
-            logger=logging.getLogger("protocols.ws.library"),
+            logger=library_logger(),  # redacts keys, tokens and payloads (ws_logs.py)
         )
         logger.info("ws: listening on %s:%d", s.bind, self.bound_port)
 

@@ -26,12 +26,14 @@ import builtins
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from gatewayd.agents.connection import Connection
 
 if TYPE_CHECKING:
-    from gatewayd.agents.runtime import AgentRuntime, _Slot
+    from gatewayd.agents.queue import QueueStore
+    from gatewayd.agents.schedules import ScheduleStore
+    from gatewayd.agents.storage import AgentDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -79,28 +81,76 @@ class RpcStream:
         self.chunks_sent += 1
 
 
+class AgentHost(Protocol):
+    """What an `Agent` needs from the runtime that runs it: the whole surface between the two
+    (the runtime gives each instance one, as `_gw_host`; agent.py imports no runtime module).
+    Methods marked "in a turn" raise `NotInTurnError` when no turn of the agent is running."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """`(agent class name, agent id)`."""
+        ...
+
+    @property
+    def state(self) -> Any: ...
+
+    @property
+    def engine(self) -> Any: ...
+
+    def set_state(self, new_state: Any, source: Connection | str) -> None:
+        """In a turn: validate, persist, broadcast, notify."""
+        ...
+
+    def database(self) -> AgentDatabase:
+        """In a turn: the agent's database, inside the turn's transaction."""
+        ...
+
+    def connections(self) -> list[Connection]:
+        """The agent's open connections."""
+        ...
+
+    def schedule(self, when: Any, method: str, payload: Any, **options: Any) -> Any: ...
+
+    def schedules(self) -> ScheduleStore: ...
+
+    def cancel_schedule(self, schedule_id: str) -> bool: ...
+
+    def queue_push(self, method: str, payload: Any, **options: Any) -> Any: ...
+
+    def queue(self) -> QueueStore: ...
+
+    async def retry(self, fn: Callable[[], Awaitable[Any] | Any], **options: Any) -> Any: ...
+
+    def request_destroy(self) -> None:
+        """In a turn: destroy the agent once the turn has committed."""
+        ...
+
+    def protocol_default(self, transport: str) -> bool: ...
+
+    async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any: ...
+
+
 class Agent:
     """Base class of all agents. See the module docstring for an example."""
 
     initial_state: ClassVar[Any] = None
 
-    _gw_runtime: AgentRuntime
-    _gw_slot: _Slot
+    _gw_host: AgentHost
 
     # -- identity -------------------------------------------------------------------------
 
     @property
     def agent_class(self) -> str:
-        return self._gw_slot.key[0]
+        return self._gw_host.key[0]
 
     @property
     def name(self) -> str:
         """The agent id (the SDK calls it `name`)."""
-        return self._gw_slot.key[1]
+        return self._gw_host.key[1]
 
     @property
     def id(self) -> str:
-        return self._gw_slot.key[1]
+        return self._gw_host.key[1]
 
     # -- hooks (override any; plain or async) ------------------------------------------------
 
@@ -128,7 +178,7 @@ class Agent:
 
     def should_send_protocol_messages(self, conn: Connection, ctx: dict[str, Any]) -> bool:
         """Asked once per new connection before anything is sent to it."""
-        return self._gw_runtime.settings.protocol_default(conn.transport)
+        return self._gw_host.protocol_default(conn.transport)
 
     def should_connection_be_readonly(self, conn: Connection, ctx: dict[str, Any]) -> bool:
         """Read-only connections may not change the agent's state (see PROTOCOL.md)."""
@@ -142,22 +192,22 @@ class Agent:
 
     @property
     def state(self) -> Any:
-        return self._gw_slot.state
+        return self._gw_host.state
 
     def set_state(self, new_state: Any) -> None:
         """Replace (not merge) the state: validate -> persist -> broadcast -> notify."""
-        self._gw_runtime._set_state(self._gw_slot, new_state, "server")
+        self._gw_host.set_state(new_state, "server")
 
     # -- storage --------------------------------------------------------------------------------
 
     def sql(self, query: str, *params: Any) -> list[dict[str, Any]]:
         """One SQL statement with bound parameters, inside the current turn's transaction."""
-        return self._gw_runtime._db_for_turn(self._gw_slot).sql(query, params)
+        return self._gw_host.database().sql(query, params)
 
     # -- connections ------------------------------------------------------------------------------
 
     def get_connections(self, tag: str | None = None) -> list[Connection]:
-        conns = self._gw_runtime._connections_of(self._gw_slot.key)
+        conns = self._gw_host.connections()
         if tag is None:
             return list(conns)
         return [conn for conn in conns if tag in conn.tags]
@@ -167,7 +217,7 @@ class Agent:
     ) -> None:
         """Send to every connection of this agent (protocol-enabled or not) except `without`."""
         excluded = {c.id if isinstance(c, Connection) else c for c in (without or ())}
-        for conn in self._gw_runtime._connections_of(self._gw_slot.key):
+        for conn in self._gw_host.connections():
             if conn.id not in excluded:
                 conn.send(message)
 
@@ -179,39 +229,37 @@ class Agent:
         returns the existing one), overdue ones run after a restart. Option `retry`: a
         `RetryPolicy` or `{"max_attempts", "base_delay_s", "max_delay_s"}`; after the last
         failed attempt `on_error` gets a `ScheduleFailedError`. Returns the `Schedule`."""
-        return self._gw_runtime._schedule(self._gw_slot, when, method, payload, **options)
+        return self._gw_host.schedule(when, method, payload, **options)
 
     def schedule_every(self, seconds: float, method: str, payload: Any = None, **kw: Any) -> Any:
-        return self._gw_runtime._schedule(
-            self._gw_slot, seconds, method, payload, every_s=seconds, **kw
-        )
+        return self._gw_host.schedule(seconds, method, payload, every_s=seconds, **kw)
 
     def get_schedule(self, schedule_id: str) -> Any:
-        return self._gw_runtime._schedules(self._gw_slot).get(schedule_id)
+        return self._gw_host.schedules().get(schedule_id)
 
     def get_schedules(self, **criteria: Any) -> list[Any]:
         """Filter with `kind=` ("delayed", "at", "cron", "interval"), `method=`, `due_before=`."""
-        return self._gw_runtime._schedules(self._gw_slot).list(**criteria)
+        return self._gw_host.schedules().list(**criteria)
 
     def cancel_schedule(self, schedule_id: str) -> bool:
-        return self._gw_runtime._cancel_schedule(self._gw_slot, schedule_id)
+        return self._gw_host.cancel_schedule(schedule_id)
 
     def queue(self, method: str, payload: Any = None, **options: Any) -> Any:
         """Persist a call of `method(payload)`; runs after this turn commits, in FIFO order
         (also drained whenever the agent wakes). Option `retry` as for `schedule`; an item
         that keeps failing becomes a dead letter (`get_queues(status="dead")`) and `on_error`
         gets a `QueueItemFailedError`. Returns the `QueueItem`."""
-        return self._gw_runtime._queue_push(self._gw_slot, method, payload, **options)
+        return self._gw_host.queue_push(method, payload, **options)
 
     def dequeue(self, item_id: str) -> bool:
-        return self._gw_runtime._queue(self._gw_slot).remove(item_id)
+        return self._gw_host.queue().remove(item_id)
 
     def get_queue(self, item_id: str) -> Any:
-        return self._gw_runtime._queue(self._gw_slot).get(item_id)
+        return self._gw_host.queue().get(item_id)
 
     def get_queues(self, **criteria: Any) -> list[Any]:
         """Filter with `method=`, `status=` ("pending" by default, "dead", or None for all)."""
-        return self._gw_runtime._queue(self._gw_slot).list(**criteria)
+        return self._gw_host.queue().list(**criteria)
 
     async def retry(
         self,
@@ -223,7 +271,7 @@ class Agent:
         should_retry: Callable[[BaseException, int], bool] | None = None,
     ) -> Any:
         """Call `fn` until it succeeds: exponential backoff with full jitter."""
-        return await self._gw_runtime._retry(
+        return await self._gw_host.retry(
             fn,
             max_attempts=max_attempts,
             base_delay=base_delay,
@@ -235,15 +283,15 @@ class Agent:
 
     def destroy(self) -> None:
         """After this turn: close this agent's connections, delete its storage and schedules."""
-        self._gw_runtime._request_destroy(self._gw_slot)
+        self._gw_host.request_destroy()
 
     @property
     def has_engine(self) -> bool:
-        return self._gw_runtime.engine is not None
+        return self._gw_host.engine is not None
 
     def has_model(self, model: str) -> bool:
         """True when an engine is configured and (if it can tell) serves `model`."""
-        engine = self._gw_runtime.engine
+        engine = self._gw_host.engine
         if engine is None:
             return False
         names = getattr(engine, "model_names", None)
@@ -251,4 +299,4 @@ class Agent:
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         """Batched inference through the runtime's engine (`NoEngineError` without one)."""
-        return await self._gw_runtime._infer(model, inputs, **kwargs)
+        return await self._gw_host.infer(model, inputs, **kwargs)

@@ -33,12 +33,15 @@ from gatewayd.agents.queue import QueueStore
 from gatewayd.agents.retry import RetryPolicy, retry
 from gatewayd.agents.schedule_index import ScheduleIndex
 from gatewayd.agents.schedules import ScheduleStore
+from gatewayd.agents.slot import ALARM as _ALARM
+from gatewayd.agents.slot import SCHEDULED as _SCHEDULED
+from gatewayd.agents.slot import Event as _Event
+from gatewayd.agents.slot import Slot as _Slot
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
     from gatewayd.agents.agent import Agent
-    from gatewayd.agents.runtime import _Event, _Slot
     from gatewayd.agents.settings import AgentSettings
     from gatewayd.agents.storage import AgentDatabase
 
@@ -174,16 +177,12 @@ class AlarmsMixin:
     def _enqueue_alarm(self: _Runtime, key: tuple[str, str]) -> None:
         if key in self._alarm_pending or not self._accepting:
             return
-        from gatewayd.agents.runtime import _ALARM, _Event
-
         self._alarm_pending.add(key)
         self._enqueue(key, _Event(_ALARM, None))
 
     # -- one alarm: due schedules, then ready queue items -----------------------------------
 
     async def _run_alarm(self: _Runtime, slot: _Slot, done: list[Any], undo: list[Any]) -> None:
-        from gatewayd.agents.runtime import _SCHEDULED, _Event
-
         self._alarm_pending.discard(slot.key)
         slot.index_dirty = True
         db = slot.db

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gatewayd.agents.errors import AgentError, ValueTooLargeError
 
 if TYPE_CHECKING:
-    from gatewayd.agents.runtime import _Slot
     from protocols.link import Link
 
 
@@ -27,6 +26,18 @@ class CloseRequest:
         self.reason = reason
 
 
+class OutputGate(Protocol):
+    """The agent side a connection writes through (the runtime's `slot.Slot`)."""
+
+    def gate_output(self, conn: Connection, data: bytes | str | CloseRequest) -> bool:
+        """Hold `data` until the running batch commits; False when no batch is open."""
+        ...
+
+    def note_connection_state(self, conn: Connection, old_state: Any) -> None:
+        """Record `old_state` so that a rolled-back turn restores it."""
+        ...
+
+
 class Connection:
     """One session: `id`, `transport`, `tags`, `state`, `send()`, `close()`.
 
@@ -35,8 +46,8 @@ class Connection:
     """
 
     __slots__ = (
+        "_gate",
         "_max_state_bytes",
-        "_slot",
         "_state",
         "closed",
         "context",
@@ -55,7 +66,8 @@ class Connection:
         self.closed = False
         self._state: Any = None
         self._max_state_bytes = max_state_bytes
-        self._slot: _Slot | None = None
+        # Set by the runtime to the agent's slot (also while it hibernates).
+        self._gate: OutputGate | None = None
 
     @property
     def id(self) -> str:
@@ -86,9 +98,8 @@ class Connection:
                 f"connection {self.id}: state of {size} bytes exceeds "
                 f"agents.max_connection_state_bytes={self._max_state_bytes}"
             )
-        slot = self._slot
-        if slot is not None and slot.turn is not None:
-            slot.turn.conn_undo.append((self, self._state))
+        if self._gate is not None:
+            self._gate.note_connection_state(self, self._state)
         self._state = new_state
 
     def send(self, data: bytes | str) -> None:
@@ -108,10 +119,8 @@ class Connection:
     def _output(self, data: bytes | str | CloseRequest) -> None:
         if self.closed:
             return
-        slot = self._slot
-        if slot is not None and slot.outbox is not None:
-            slot.outbox.append((self, data))
-        else:
+        gate = self._gate
+        if gate is None or not gate.gate_output(self, data):
             deliver(self, data)
 
     def __repr__(self) -> str:

@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _OPTION_NAMES = ("max_attempts", "base_delay_s", "max_delay_s")
+# `Agent.retry()` spells the delays without the unit (base_delay=, max_delay=), like the SDK;
+# errors name both spellings so whoever typed either one finds it.
+_AGENT_KEYWORDS = {"base_delay_s": "base_delay", "max_delay_s": "max_delay"}
+
+
+def _named(option: str) -> str:
+    return f"{option} (self.retry(): {_AGENT_KEYWORDS[option]})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +55,13 @@ class RetryPolicy:
                 or not math.isfinite(value)
                 or value <= 0
             ):
-                raise ValueError(f"retry: {name} must be a finite number > 0, got {value!r}")
+                raise ValueError(
+                    f"retry: {_named(name)} must be a finite number of seconds > 0, got {value!r}"
+                )
         if self.base_delay_s > self.max_delay_s:
             raise ValueError(
-                f"retry: base_delay_s ({self.base_delay_s}) must be <= "
-                f"max_delay_s ({self.max_delay_s})"
+                f"retry: {_named('base_delay_s')} = {self.base_delay_s} must be <= "
+                f"{_named('max_delay_s')} = {self.max_delay_s}"
             )
 
     @classmethod

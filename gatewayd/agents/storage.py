@@ -359,7 +359,7 @@ class AgentDatabase:
             if "full" in str(err):
                 raise StorageFullError(
                     f"{self._label}: database reached its cap of {self._max_db_bytes} bytes "
-                    f"(agents.max_db_bytes) or the disk is full: {err}"
+                    f"(agents.max_db_size) or the disk is full: {err}"
                 ) from err
             raise
         except sqlite3.DataError as err:  # e.g. SQLITE_TOOBIG if the guard was bypassed

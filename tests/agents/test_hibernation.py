@@ -77,5 +77,5 @@ async def test_hibernated_agents_hold_no_memory_in_the_runtime(make_runtime):
         await asyncio.gather(*(rt.call("s", f"a{i}", "tags") for i in range(200)))
         assert rt.hibernate_idle() == 200
         await asyncio.sleep(0.05)
-        assert rt._slots == {} and rt.stats()["active_agents"] == 0
+        assert rt._scheduler.slots == {} and rt.stats()["active_agents"] == 0
         assert await rt.call("s", "a7", "tags") == {}

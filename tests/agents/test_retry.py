@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gatewayd.agents import Agent, callable
 from gatewayd.agents.retry import (
     FailureDecision,
     RetryPolicy,
@@ -216,3 +217,22 @@ async def test_retry_does_not_retry_cancellation_or_base_exceptions() -> None:
     with pytest.raises(Shutdown):
         await retry(stop, base_delay_s=0.001, max_delay_s=0.002)
     assert calls == 1
+
+
+class _Retrier(Agent):
+    @callable
+    async def flaky(self, base_delay: float, max_delay: float) -> str:
+        return await self.retry(lambda: "ok", base_delay=base_delay, max_delay=max_delay)
+
+
+@pytest.mark.parametrize(
+    ("base_delay", "max_delay", "named"),
+    [(-1.0, 3.0, "base_delay"), (0.1, math.inf, "max_delay"), (5.0, 1.0, "base_delay")],
+)
+async def test_agent_retry_errors_name_the_keywords_the_agent_passed(
+    make_runtime, base_delay: float, max_delay: float, named: str
+) -> None:
+    async with make_runtime({"r": _Retrier}) as rt:
+        with pytest.raises(Exception, match=rf"self\.retry\(\): {named}\)") as caught:
+            await rt.call("r", "a", "flaky", base_delay, max_delay)
+    assert "retry:" in str(caught.value)

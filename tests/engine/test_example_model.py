@@ -1,13 +1,17 @@
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from engine import ModelSpec
-from engine.example_model import main, normal_windows
+from engine.example_model import ONNX_MISSING, ONNX_REQUIREMENT, main, normal_windows
 from tests.engine.onnx_models import serving
 
-COMMITTED = Path(__file__).resolve().parents[2] / "engine" / "models" / "anomaly.onnx"
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "engine" / "models" / "anomaly.onnx"
 
 
 def _threshold(path: Path) -> float:
@@ -47,3 +51,24 @@ def test_generator_reproduces_the_committed_model(tmp_path: Path) -> None:
         atol=1e-6,
     )
     assert abs(_threshold(out) - _threshold(COMMITTED)) < 1e-4 * _threshold(COMMITTED)
+
+
+def test_without_onnx_the_command_says_exactly_what_to_install(tmp_path: Path) -> None:
+    """After a plain `pip install '.[cpu]'` onnx is absent: the command says what to install."""
+    out = tmp_path / "anomaly.onnx"
+    blocked = (
+        "import runpy, sys; sys.modules['onnx'] = None; "  # `import onnx` fails as if not installed
+        f"sys.argv = ['example_model', {str(out)!r}]; "
+        "runpy.run_module('engine.example_model', run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == ONNX_MISSING
+    assert f"pip install '{ONNX_REQUIREMENT}'" in ONNX_MISSING
+    assert not out.exists()
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert ONNX_REQUIREMENT in extras["test"] and ONNX_REQUIREMENT in extras["bench"]

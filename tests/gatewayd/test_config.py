@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,71 @@ def test_sizes(text: object, size: int) -> None:
 def test_bad_sizes(bad: object) -> None:
     with pytest.raises(ValueError, match="expected a size"):
         parse_size_bytes(bad)
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "found"),
+    [
+        ({"http": {"enabled": "yes"}}, "http.enabled", "'yes'"),
+        ({"listeners": {"websocket": {"enabled": 1}}}, "listeners.websocket.enabled", "1"),
+        ({"agents": {"max_active": "10"}}, "agents.max_active", "'10'"),
+        ({"agents": {"max_active": 10.0}}, "agents.max_active", "10.0"),
+        ({"mqtt": {"qos": "1"}}, "mqtt.qos", "'1'"),
+        ({"mqtt": {"broker_urls": "mqtt://h:1883"}}, "mqtt.broker_urls", "'mqtt://h:1883'"),
+        ({"gateway": {"state_dir": 5}}, "gateway.state_dir", "5"),
+    ],
+)
+def test_types_are_strict(data: dict, key: str, found: str, tmp_path: Path) -> None:
+    message = _error(data, tmp_path)
+    assert f"{key}:" in message and f"found {found}" in message
+
+
+def test_strict_model_types(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    message = _error({"models": {"m": {"path": str(model), "cpu_threads": "1"}}}, tmp_path)
+    assert "models.m.cpu_threads: Input should be a valid integer; found '1'" in message
+
+
+def test_strict_types_keep_units_binds_and_paths_working(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "gateway": {"state_dir": "st", "drain_timeout": "250ms"},
+            "agents": {"max_db_size": "64MiB", "max_message_size": 4096},
+            "listeners": {"websocket": {"bind": "127.0.0.1:1", "enabled": False}},
+            "mqtt": {"qos": 0},
+        },
+        tmp_path / "gw.toml",
+    )
+    assert config.gateway.state_dir == tmp_path / "st"
+    assert config.gateway.drain_timeout == pytest.approx(0.25)
+    assert (config.agents.max_db_size, config.agents.max_message_size) == (64 * 1024**2, 4096)
+    assert config.listeners.websocket.bind == ("127.0.0.1", 1)
+    assert config.listeners.websocket.enabled is False and config.mqtt.qos == 0
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gatewayd", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize("content", ["", "\n", "   \nsecond-line\n"])
+def test_empty_password_file_is_a_config_error_naming_the_file(
+    content: str, tmp_path: Path
+) -> None:
+    (tmp_path / "mqtt.pass").write_text(content)
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[mqtt]\nenabled = true\nusername = "gw"\npassword_file = "mqtt.pass"\n'
+        '[[mqtt.routes]]\ntopic = "d/{id}/t"\nagent_class = "thermostat"\nreply_topic = "d/{id}/c"\n'
+        '[agents.classes.thermostat]\nclass = "gatewayd.examples.thermostat:Thermostat"\n'
+    )
+    result = _check_config(path)
+    assert result.returncode == 78, result.stderr
+    assert f"password_file {tmp_path / 'mqtt.pass'}: the first line is empty" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,268 @@
+"""`BatchRunner`: one batch of an agent's turns, one transaction, behind the output gate.
+
+A batch is one SQLite transaction: consecutive events of the agent's mailbox (up to
+`max_turns_per_commit`) each run as a turn (turn.py) in its own SAVEPOINT. Every output of
+every turn (sends, broadcasts, RPC replies, closes) is buffered in the slot's outbox and,
+with the transport's futures, released only after the batch's COMMIT (`commit_batch`, the one
+commit path). No fsync runs on the event loop: with durability="full" the COMMIT runs on the
+shared executor grouped with other agents' commits (committer.py); with "normal" it does not
+fsync and runs inline, and the WAL checkpoint (which does) runs on that executor afterwards.
+If the transaction is lost, nothing of the batch leaves and the agent is reloaded from disk.
+
+A batch wakes a hibernated agent first (opens its database, runs `on_start` as a turn).
+Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn` and `metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gatewayd.agents.agent import Agent, AgentHost
+from gatewayd.agents.committer import GroupCommitter
+from gatewayd.agents.connection import Connection, deliver
+from gatewayd.agents.errors import CommitError
+from gatewayd.agents.metrics import COMMIT_ERRORS, COMMITS
+from gatewayd.agents.registry import ConnectionRegistry
+from gatewayd.agents.scheduler import SlotScheduler
+from gatewayd.agents.settings import AgentSettings
+from gatewayd.agents.slot import (
+    ALARM,
+    START,
+    Done,
+    Event,
+    Output,
+    Slot,
+    TransactionLost,
+    fail,
+)
+from gatewayd.agents.storage import AgentDatabase
+from gatewayd.agents.turn import TurnRunner
+
+logger = logging.getLogger(__name__)
+
+
+class BatchRunner:
+    """Wakes agents and runs their batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        scheduler: SlotScheduler,
+        registry: ConnectionRegistry,
+        turns: TurnRunner,
+        counters: dict[str, int],
+        *,
+        make_host: Callable[[Slot], AgentHost],
+        run_alarm: Callable[[Slot, list[Done], list[tuple[Connection, Any]]], Any],
+        after_wake: Callable[[Slot], None],
+        after_commit: Callable[[Slot], None],
+        wake_failed: Callable[[Slot], None],
+    ) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.registry = registry
+        self.turns = turns
+        self.counters = counters
+        self._make_host = make_host
+        self._run_alarm = run_alarm
+        self._after_wake = after_wake
+        self._after_commit = after_commit
+        self._wake_failed = wake_failed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._committer: GroupCommitter | None = None
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: ThreadPoolExecutor,
+        committer: GroupCommitter,
+    ) -> None:
+        self._loop = loop
+        self._executor = executor
+        self._committer = committer
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    async def run_batch(self, slot: Slot) -> None:
+        outbox: list[Output] = []
+        done: list[Done] = []
+        undo_conns: list[tuple[Connection, Any]] = []
+        slot.outbox = outbox
+        try:
+            if slot.agent is None and not await self._wake(slot, done, undo_conns):
+                return
+            db = slot.db
+            assert db is not None
+            db.begin()
+            mailbox = slot.mailbox
+            budget = self.settings.max_turns_per_commit
+            try:
+                while mailbox and budget > 0:
+                    budget -= 1
+                    event = mailbox.popleft()
+                    if event.kind == ALARM:
+                        await self._run_alarm(slot, done, undo_conns)
+                    else:
+                        await self.turns.run(slot, event, done, undo_conns)
+                    if slot.destroy_requested:
+                        break
+            except TransactionLost as lost:
+                await self._abort_batch(slot, str(lost), done, outbox, undo_conns)
+                return
+            except Exception as err:
+                logger.exception("agents: %s/%r: internal error in a turn", *slot.key)
+                await self._abort_batch(
+                    slot, f"internal error ({type(err).__name__}: {err})", done, outbox, undo_conns
+                )
+                return
+            await self.commit_batch(slot, db, outbox, done, undo_conns)
+        finally:
+            slot.outbox = None
+
+    async def commit_batch(
+        self,
+        slot: Slot,
+        db: AgentDatabase,
+        outbox: list[Output],
+        done: list[Done],
+        undo_conns: list[tuple[Connection, Any]],
+    ) -> None:
+        """The commit path: COMMIT the batch, then open the output gate (release `outbox` to
+        the transports, settle the events' futures), then checkpoint if the WAL is due."""
+        assert self._loop is not None
+        assert self._committer is not None
+        try:
+            if db.commit_fsyncs:
+                await self._committer.commit(db)
+            else:
+                # durability="normal": this COMMIT never fsyncs (storage.py), so it runs
+                # inline; a thread hand-off would cost more than the commit itself.
+                db.commit()
+        except Exception as err:
+            self.counters["commit_errors"] += 1
+            COMMIT_ERRORS.inc()
+            await self._abort_batch(
+                slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns
+            )
+            return
+        self.counters["commits_total"] += 1
+        COMMITS.inc()
+        for conn, data in outbox:
+            try:
+                deliver(conn, data)
+            except Exception:
+                logger.exception("agents: transport failed to take output for %r", conn)
+        for future, result, is_error in done:
+            if future is None or future.done():
+                continue
+            if is_error:
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        self._after_commit(slot)
+        if db.needs_checkpoint():
+            # The outputs are already released (a checkpoint adds no durability against a
+            # process crash); the agent stays busy until it returns, so nothing else uses the
+            # connection meanwhile.
+            try:
+                await self._loop.run_in_executor(self._executor, db.checkpoint)
+            except Exception as err:
+                logger.warning(
+                    "agents: %s/%r: WAL checkpoint failed (retried after more commits): %s",
+                    slot.key[0],
+                    slot.key[1],
+                    err,
+                )
+
+    async def _abort_batch(
+        self,
+        slot: Slot,
+        why: str,
+        done: list[Done],
+        outbox: list[Output],
+        undo_conns: list[tuple[Connection, Any]],
+    ) -> None:
+        """The batch's transaction is lost: nothing of it may leave or be acknowledged."""
+        error = CommitError(
+            f"agent {slot.key[0]}/{slot.key[1]!r}: {why}; {len(outbox)} outputs dropped, "
+            f"{len(done)} events not acknowledged, agent reloaded from disk"
+        )
+        logger.error("agents: %s", error)
+        for conn, old_state in reversed(undo_conns):
+            conn._state = old_state
+        for future, result, is_error in done:
+            fail(future, result if is_error else error)
+        self._drop_failed_connects(done)
+        slot.destroy_requested = False  # a destroy() whose turn did not commit did not happen
+        agent = slot.agent
+        if agent is not None:
+            self.scheduler.evict(slot, count=False)
+            await self.turns.notify_error_outside_turn(slot, agent, error)
+
+    def _drop_failed_connects(self, done: list[Done]) -> None:
+        """Connections whose connect turn did not commit are not open: close them."""
+        for future, _result, _is_error in done:
+            conn = getattr(future, "_gw_connecting", None)
+            if conn is not None:
+                self.registry.unregister(conn)
+                if not conn.closed:
+                    conn.closed = True
+                    conn.link.close(1011, "agent could not accept the connection")
+
+    # -- waking ---------------------------------------------------------------------------------
+
+    async def _wake(
+        self, slot: Slot, done: list[Done], undo_conns: list[tuple[Connection, Any]]
+    ) -> bool:
+        await self.scheduler.wait_for_close(slot.key)
+        settings = self.settings
+        try:
+            # Opening touches the file system (creating -wal/-shm files, a new database's
+            # header): off the loop, on the shared executor.
+            assert self._loop is not None
+            db = await self._loop.run_in_executor(
+                self._executor,
+                functools.partial(
+                    AgentDatabase.open,
+                    settings.state_dir,
+                    slot.key[0],
+                    slot.key[1],
+                    durability=settings.durability,
+                    max_db_bytes=settings.max_db_bytes,
+                    max_value_bytes=settings.max_value_bytes,
+                ),
+            )
+        except Exception as err:
+            logger.error("agents: cannot wake %s/%r: %s", slot.key[0], slot.key[1], err)
+            self._wake_failed(slot)
+            for event in slot.mailbox:
+                fail(event.future, err)
+            slot.mailbox.clear()
+            return False
+        db.begin()
+        found, state = db.load_state()
+        if not found:
+            state = copy.deepcopy(slot.cls.initial_state)
+        agent: Agent = slot.cls.__new__(slot.cls)
+        agent._gw_host = self._make_host(slot)
+        slot.agent = agent
+        slot.db = db
+        slot.state = state
+        slot.stores = {}
+        self.scheduler.mark_awake()
+        for conn in self.registry.registered(slot.key):
+            conn._gate = slot
+        if slot.cls.__init__ is not object.__init__:
+            slot.cls.__init__(agent)
+        await self.turns.run(slot, Event(START, None), done, undo_conns)
+        self._after_wake(slot)
+        if self.scheduler.awake > settings.max_active_agents:
+            self.scheduler.evict_lru()
+        return True

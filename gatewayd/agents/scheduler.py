@@ -1,0 +1,257 @@
+"""`SlotScheduler`: which agents are in memory and when each one runs.
+
+It owns the slots (one per agent identity that is awake or has events queued), each slot's
+FIFO mailbox and the task that drains it batch after batch (what one batch does is
+batch.py's job, handed in as `run_batch`), hibernation of idle agents, LRU eviction beyond
+`max_active_agents`, and `destroy()`'s teardown. Different agents run concurrently on the one
+event loop; one agent never runs two batches at once.
+
+Imports no other runtime module but `slot`, `registry` and `metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from gatewayd.agents.agent import Agent
+from gatewayd.agents.connection import CloseRequest, deliver
+from gatewayd.agents.errors import AgentError
+from gatewayd.agents.memory import release_free_memory
+from gatewayd.agents.metrics import ACTIVE, HIBERNATIONS, WAKES
+from gatewayd.agents.registry import ConnectionRegistry
+from gatewayd.agents.settings import AgentSettings
+from gatewayd.agents.slot import AgentKey, Event, Slot, fail
+from gatewayd.agents.storage import AgentDatabase
+from protocols.link import LinkRejected
+
+logger = logging.getLogger(__name__)
+
+# Return freed memory to the OS once this many agents were evicted (see memory.py).
+_TRIM_AFTER_EVICTIONS = 100
+
+
+class SlotScheduler:
+    """Slots, mailboxes, the per-agent run loop, hibernation and eviction."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        classes: Mapping[str, type[Agent]],
+        registry: ConnectionRegistry,
+        counters: dict[str, int],
+        *,
+        run_batch: Callable[[Slot], Awaitable[None]],
+        on_destroyed: Callable[[AgentKey], None],
+    ) -> None:
+        self.settings = settings
+        self.classes = classes
+        self.registry = registry
+        self.counters = counters
+        self._run_batch = run_batch
+        self._on_destroyed = on_destroyed
+        self.slots: OrderedDict[AgentKey, Slot] = OrderedDict()
+        # Databases being closed off the loop, by agent: a wake waits for its close first.
+        self.closing: dict[AgentKey, asyncio.Future[None]] = {}
+        self.awake = 0
+        self._evicted_since_trim = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+        self._loop = loop
+        self._executor = executor
+
+    def now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    # -- what is running ---------------------------------------------------------------------
+
+    def busy_tasks(self) -> list[asyncio.Task[None]]:
+        return [slot.task for slot in self.slots.values() if slot.task is not None]
+
+    def events_queued(self) -> int:
+        return sum(len(slot.mailbox) for slot in self.slots.values())
+
+    def is_awake(self, key: AgentKey) -> bool:
+        slot = self.slots.get(key)
+        return slot is not None and slot.agent is not None
+
+    # -- the mailbox and the run loop ----------------------------------------------------------
+
+    def enqueue(self, key: AgentKey, event: Event) -> Slot:
+        """Append `event` to the agent's mailbox and make sure its run loop is running."""
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = Slot(key, self.classes[key[0]])
+            self.slots[key] = slot
+        slot.mailbox.append(event)
+        if slot.task is None:
+            assert self._loop is not None
+            slot.task = self._loop.create_task(self._run(slot))
+        return slot
+
+    async def _run(self, slot: Slot) -> None:
+        try:
+            while slot.mailbox:
+                await self._run_batch(slot)
+                if slot.destroy_requested:
+                    # Still this slot's task: events that arrive meanwhile queue behind the
+                    # ones already waiting, in order, and go to a fresh agent afterwards.
+                    await self._destroy(slot)
+                if slot.mailbox:
+                    # An inline commit does not yield: let other agents and the transports
+                    # run between batches.
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug in the runtime itself: keep the gateway serving, reload this agent.
+            logger.exception("agents: %s/%r: internal error; reloading agent", *slot.key)
+            for event in slot.mailbox:
+                fail(event.future, AgentError("internal error in the agent runtime"))
+            slot.mailbox.clear()
+            if slot.agent is not None:
+                self.evict(slot)
+        finally:
+            slot.task = None
+            slot.last_active = self.now()
+        if slot.mailbox:  # events arrived while tearing down
+            slot.task = asyncio.get_running_loop().create_task(self._run(slot))
+            return
+        if self.slots.get(slot.key) is slot:
+            if slot.agent is None:
+                del self.slots[slot.key]  # nothing in memory: forget it
+            else:
+                self.slots.move_to_end(slot.key)
+                if self.awake > self.settings.max_active_agents:
+                    self.evict_lru()
+
+    # -- waking and hibernating ----------------------------------------------------------------
+
+    async def wait_for_close(self, key: AgentKey) -> None:
+        """Wait until an earlier close of the agent's database (after eviction) finished."""
+        closing = self.closing.get(key)
+        if closing is not None:
+            await asyncio.shield(closing)
+
+    def mark_awake(self) -> None:
+        self.awake += 1
+        ACTIVE.set(self.awake)
+        self.counters["wakes_total"] += 1
+        WAKES.inc()
+
+    async def hibernate_idle_forever(self) -> None:
+        interval_s = min(1.0, self.settings.hibernate_after_s / 4)
+        while True:
+            await asyncio.sleep(interval_s)
+            self.evict_idle(self.now() - self.settings.hibernate_after_s)
+            if self._evicted_since_trim >= _TRIM_AFTER_EVICTIONS and not self.closing:
+                # After the closes finished: hand the freed SQLite memory back to the OS.
+                self._evicted_since_trim = 0
+                assert self._loop is not None
+                await self._loop.run_in_executor(self._executor, release_free_memory)
+
+    def evict_idle(self, idle_since: float) -> int:
+        evicted = 0
+        for slot in list(self.slots.values()):
+            if slot.task is not None or slot.mailbox or slot.agent is None:
+                continue
+            if slot.last_active > idle_since:
+                break  # LRU order: everything after is more recent
+            self.evict(slot)
+            evicted += 1
+        return evicted
+
+    def evict_lru(self) -> None:
+        # The least recently used are at the front; look a little past the excess in case
+        # some of them are busy, instead of copying the whole (large) dict.
+        excess = self.awake - self.settings.max_active_agents
+        for slot in list(itertools.islice(self.slots.values(), excess + 64)):
+            if self.awake <= self.settings.max_active_agents:
+                return
+            if slot.task is None and not slot.mailbox and slot.agent is not None:
+                self.evict(slot)
+
+    def evict(self, slot: Slot, *, count: bool = True) -> None:
+        """Drop the instance and close its database off the loop (a close checkpoints)."""
+        db = slot.db
+        slot.agent = None
+        slot.db = None
+        slot.state = None
+        slot.stores = {}
+        self.awake -= 1
+        ACTIVE.set(self.awake)
+        self._evicted_since_trim += 1
+        if count:
+            self.counters["hibernations_total"] += 1
+            HIBERNATIONS.inc()
+        if self.slots.get(slot.key) is slot and slot.task is None and not slot.mailbox:
+            del self.slots[slot.key]
+        if db is not None:
+            self._close_db_later(slot.key, db)
+
+    def _close_db_later(self, key: AgentKey, db: AgentDatabase) -> None:
+        assert self._loop is not None
+
+        def close() -> None:
+            try:
+                db.close()
+            except Exception:
+                logger.exception("agents: %s/%r: closing the database failed", *key)
+
+        future = self._loop.run_in_executor(self._executor, close)
+        self.closing[key] = future
+
+        def forget(done: asyncio.Future[None]) -> None:
+            if self.closing.get(key) is done:
+                del self.closing[key]
+
+        future.add_done_callback(forget)
+
+    # -- destroy ---------------------------------------------------------------------------------
+
+    async def _destroy(self, slot: Slot) -> None:
+        """Close the agent's connections and delete its storage, from the slot's own task (so
+        the slot stays registered and busy: nothing else wakes the agent meanwhile)."""
+        key = slot.key
+        slot.destroy_requested = False
+        for conn in self.registry.open_of(key):
+            deliver(conn, CloseRequest(1000, "agent destroyed"))
+            self.registry.unregister(conn)
+        db = slot.db
+        path = db.path if db is not None else None
+        if slot.agent is not None:
+            self.evict(slot, count=False)
+        await self.wait_for_close(key)
+        if path is not None:
+            AgentDatabase.delete_files(path)
+        self._on_destroyed(key)
+        logger.info("agents: %s/%r destroyed (storage deleted)", *key)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def shut_down(self) -> None:
+        """Cancel every agent's run loop, fail what is still queued, close every database
+        (each agent's teardown on its own: one that fails does not keep the others open)."""
+        for slot in list(self.slots.values()):
+            try:
+                if slot.task is not None:
+                    slot.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await slot.task
+                for event in slot.mailbox:
+                    fail(event.future, LinkRejected("shutting down", code=1001))
+                slot.mailbox.clear()
+                if slot.agent is not None:
+                    self.evict(slot)
+            except Exception:
+                logger.exception("agents: %s/%r: shutting the agent down failed", *slot.key)
+        if self.closing:
+            await asyncio.gather(*self.closing.values(), return_exceptions=True)
