@@ -784,8 +784,10 @@ async def run_disk_full(args: argparse.Namespace, broker: MosquittoBroker) -> di
             log(f"pausing: daemon pid {site.daemon.pid}, state {state}")
             await asyncio.sleep(float(os.environ["RELIABILITY_PAUSE_S"]))
         usage = subprocess.run(["du", "-ab", str(state)], capture_output=True, text=True).stdout
-        log(f"disk full phase: {shutil.disk_usage(state).free} bytes free at the end; largest: "
-            + "; ".join(sorted(usage.splitlines(), key=lambda l: -int(l.split()[0]))[:6]))
+        log(
+            f"disk full phase: {shutil.disk_usage(state).free} bytes free at the end; largest: "
+            + "; ".join(sorted(usage.splitlines(), key=lambda row: -int(row.split()[0]))[:6])
+        )
         await site.close()
         subprocess.run(["umount", "-l", str(state)], capture_output=True)
         with contextlib.suppress(OSError):

@@ -177,6 +177,7 @@ class AgentRuntime(AlarmsMixin):
             self._closed = True
             self._accepting = False
             try:
+                await self._batches.disk.close()
                 await self._stop_background()
             finally:
                 try:
@@ -209,6 +210,8 @@ class AgentRuntime(AlarmsMixin):
             "busy_agents": len(self._scheduler.busy_tasks()),
             "events_queued": self._scheduler.events_queued(),
             "connections_open": len(self._registry),
+            "disk_full": int(self._batches.disk.full),
+            "agents_quarantined": len(self._batches.quarantine),
         }
 
     def healthy(self) -> bool:
@@ -245,6 +248,9 @@ class AgentRuntime(AlarmsMixin):
         future = self._new_future()
         if not self._accepting:
             return self._reject(future, "shutting down", link, code=1001)
+        disk_full = self._batches.disk.refusal()
+        if disk_full is not None:
+            raise disk_full  # nothing enqueued: the transport holds it until space is back
         conn = self._registry.get(link.link_id)
         if conn is None:
             return self._reject(future, "connection is not open (open_link first)", link)

@@ -33,6 +33,7 @@ from typing import Any
 
 from gatewayd.agents.errors import (
     AgentError,
+    CorruptDatabaseError,
     StorageError,
     StorageFullError,
     ValueTooLargeError,
@@ -176,7 +177,9 @@ class AgentDatabase:
         the write that starts the WAL, and no transaction is left open."""
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
         label = f"agent {agent_class}/{agent_id!r}"
-        is_new = not os.path.exists(path)
+        # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
+        # it must still be switched to WAL.
+        is_new = not os.path.exists(path) or os.path.getsize(path) == 0
         if is_new:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
@@ -213,7 +216,7 @@ class AgentDatabase:
             else:
                 stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 if stored.get("agent_class") != agent_class or stored.get("agent_id") != agent_id:
-                    raise StorageError(
+                    raise CorruptDatabaseError(
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
