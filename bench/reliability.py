@@ -770,7 +770,7 @@ async def run_disk_full(args: argparse.Namespace, broker: MosquittoBroker) -> di
         )
         recovered_log = site.daemon.log_tail(10**9)[log_mark + len(full_log) :]
         result["log_says_recovered"] = next(
-            (line for line in recovered_log.splitlines() if "space" in line.lower()), None
+            (line for line in recovered_log.splitlines() if "space is back" in line), None
         )
         await asyncio.sleep(3.0)
         stop.set()
@@ -935,7 +935,7 @@ def main() -> None:
     parser.add_argument("--max-s", type=float, default=8.0, help="closed-loop max-rate phase")
     parser.add_argument("--settle-s", type=float, default=60.0, help="catch-up limit at the end")
     parser.add_argument("--corrupt-s", type=float, default=6.0, help="load after the corruption")
-    parser.add_argument("--tmpfs-mb", type=int, default=24, help="disk-full state dir size")
+    parser.add_argument("--tmpfs-mb", type=int, default=96, help="disk-full state dir size")
     parser.add_argument("--mqtt-devices", type=int, default=20)
     parser.add_argument("--tcp-devices", type=int, default=10)
     parser.add_argument("--ws-clients", type=int, default=4)

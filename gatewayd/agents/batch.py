@@ -41,6 +41,7 @@ from gatewayd.agents.scheduler import SlotScheduler
 from gatewayd.agents.settings import AgentSettings
 from gatewayd.agents.slot import (
     ALARM,
+    CONNECT,
     START,
     Done,
     Event,
@@ -261,8 +262,13 @@ class BatchRunner:
         return corruption_of(err) is not None or await self.disk.check(err)
 
     def _refuse_all(self, slot: Slot, refusal: BaseException) -> bool:
+        """The agent cannot wake: fail every queued event. A connection whose connect event is
+        among them is not open (the transport may open the same link id again later)."""
         self._wake_failed(slot)
         for event in slot.mailbox:
+            if event.kind == CONNECT and event.conn is not None:
+                self.registry.unregister(event.conn)
+                event.conn.closed = True
             fail(event.future, refusal)
         slot.mailbox.clear()
         return False

@@ -148,3 +148,20 @@ async def test_damage_found_inside_a_turn_quarantines_the_agent(
             await rt.call("r", "one", "total")
         assert len(quarantine_lines(caplog)) == 1
         assert await rt.call("r", "two", "total") == 10
+
+
+async def test_refused_connect_leaves_the_link_free_to_open_again(
+    make_runtime, tmp_path: Path
+) -> None:
+    """A transport whose open was refused opens the same link again later (MQTT does, per
+    device): that must meet the quarantine again, not 'link id already open'."""
+    state_dir = tmp_path / "state"
+    async with make_runtime({"notes": Notes}, state_dir=state_dir) as rt:
+        await rt.call("notes", "bad", "add", "one")
+    damage(agent_db_path(state_dir, "notes", "bad"))
+    async with make_runtime({"notes": Notes}, state_dir=state_dir) as rt:
+        link = MemoryLink("notes", "bad", transport="mqtt")
+        for _ in range(3):
+            with pytest.raises(AgentQuarantinedError):
+                await rt.open_link(link, {})
+        assert rt.stats()["connections_open"] == 0
