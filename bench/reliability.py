@@ -89,6 +89,7 @@ AGENT_CLASS = "rel"
 TARGET_RSS_SLOPE_MB_PER_10MIN = 1.0
 TICK_S = 0.01
 RECONNECT_S = 0.2
+PUBLISH_TIMEOUT_S = 60.0
 
 GATEWAY_CONFIG = """
 [gateway]
@@ -139,6 +140,7 @@ class Ledger:
     replies: dict[str, set[bytes]] = field(default_factory=lambda: {"mqtt": set(), "tcp": set()})
     rejected: dict[str, set[bytes]] = field(default_factory=lambda: {"mqtt": set(), "tcp": set()})
     sent = 0
+    publish_failed = 0
 
     def acked_total(self) -> int:
         return sum(len(s) for s in self.acked.values())
@@ -252,7 +254,16 @@ class MqttDevices:
             task.add_done_callback(self.publishes.discard)
 
     async def _publish(self, d: int, body: bytes) -> None:
-        await self.publisher.publish(f"devices/m{d}/telemetry", body, qos=1)
+        try:
+            await self.publisher.publish(
+                f"devices/m{d}/telemetry", body, qos=1, timeout=PUBLISH_TIMEOUT_S
+            )
+        except aiomqtt.MqttError:
+            # Not PUBACKed: not acknowledged, so not counted (a busy 2-core box can be slow).
+            self.ledger.publish_failed += 1
+            self.outstanding[d] = max(0, self.outstanding[d] - 1)
+            self.freed[d].set()
+            return
         self.ledger.acked["mqtt"].add(body)  # the broker PUBACKed it
 
     async def _receive(self, client: aiomqtt.Client) -> None:
@@ -577,6 +588,7 @@ def verdict(site: Site, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
         result[f"{transport}_replies_expected"] = len(committed)
         result[f"{transport}_replies_dropped"] = len(dropped)
     result["tcp_rejected"] = len(ledger.rejected["tcp"])
+    result["mqtt_publish_failed"] = ledger.publish_failed
     result["lost"] = lost_total
     result["replies_dropped"] = dropped_total
     return result

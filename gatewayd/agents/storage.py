@@ -42,6 +42,11 @@ from gatewayd.agents.errors import (
 SCHEMA_VERSION = 1
 # Only our own process opens an agent file; a short wait covers a close still checkpointing.
 _BUSY_TIMEOUT_S = 5.0
+# SQLite's page cache per open agent database. Its default (2 MiB) times `max_active` awake
+# agents (10,000) would be 20 GB, and each cache keeps growing with its agent's tables, so a
+# steady telemetry load showed as a steadily rising RSS. A turn touches a handful of pages;
+# the OS page cache holds the rest of the file.
+CACHE_KIB_PER_AGENT = 256
 MAX_AGENT_ID_BYTES = 1024
 # durability="normal": checkpoint after this many commits (a small turn's commit appends 2-4
 # pages to the WAL, so ~1,000 pages, SQLite's own autocheckpoint default). Counting commits
@@ -196,6 +201,7 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}")
             if not full:
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
