@@ -300,6 +300,11 @@ class AgentDatabase:
                 self.in_transaction_ = self._conn.in_transaction
                 if self.in_transaction_:
                     self.rollback()
+            # Hand the page cache back: an appending agent's cache otherwise fills with pages
+            # it will not read again, slowly (a quiet agent takes half an hour), which shows
+            # as RSS creeping up under steady load. Its next turns re-read a handful of pages
+            # from the OS page cache.
+            self._conn.execute("PRAGMA shrink_memory")
 
     def rollback(self) -> None:
         if self._conn.in_transaction:
