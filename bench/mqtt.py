@@ -82,6 +82,8 @@ max_pending_messages = {pending}
 topic = "devices/{{id}}/telemetry"
 agent_class = "telemetry"
 reply_topic = "devices/{{id}}/cmd"
+# Every simulated device is new at start: the new-agent cap would refuse past 600.
+max_new_agents_per_minute = 0
 """
 
 

@@ -76,7 +76,8 @@ async def serve_bridge(broker_url: str, client_id: str) -> None:
     settings = MqttSettings(
         broker_urls=(broker_url,),
         client_id=client_id,
-        routes=(MqttRoute(TELEMETRY, "echo", COMMAND),),
+        # Every simulated device is new at start: no new-agent cap.
+        routes=(MqttRoute(TELEMETRY, "echo", COMMAND, max_new_agents_per_minute=0),),
         max_inflight_publishes=100,
         max_pending_messages=1000,
     )

@@ -20,6 +20,7 @@ at its deadline completes normally. The queue is bounded in rows (`queue_limit`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -45,6 +46,9 @@ from engine.runner import Runner
 from engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# How long a closing batcher waits for an idle worker thread to end.
+_WORKER_EXIT_S = 1.0
 
 Outputs = dict[str, np.ndarray]
 
@@ -88,6 +92,7 @@ class Batcher:
         self._drained: asyncio.Future[None] | None = None
         self._jobs: SimpleQueue[Any] = SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._worker_exited: asyncio.Future[None] | None = None
         self._validate: RequestValidator | None = None
         self._accepted = 0  # requests queued so far; the worker flushes it to the metric
         self._accepted_reported = 0
@@ -111,6 +116,7 @@ class Batcher:
         """Start the worker, load the model on it and warm every bucket; then accept work."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._worker_exited = loop.create_future()
         self._thread = threading.Thread(
             target=self._worker_main, name=f"engine-{self.spec.name}", daemon=True
         )
@@ -121,17 +127,25 @@ class Batcher:
         try:
             await done
         except BaseException:
-            await self._stop_worker()
+            # Cancelled (a stop signal during a long warm-up) or failed: do not wait for a
+            # warm-up that may take minutes; the worker ends when its current job does.
+            self._terminate_runs()
+            await self._stop_worker(_WORKER_EXIT_S)
             raise
         self.warmup_s = time.perf_counter() - started
         metrics.WARMUP_SECONDS.labels(self.spec.name).set(self.warmup_s)
         self._accepting = True
 
-    async def close(self) -> None:
-        """Stop accepting, let queued requests run (or time out), then stop the worker."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stop accepting, let queued requests run (or time out), then stop the worker.
+
+        With `timeout_s`, requests still queued at the deadline fail with `EngineNotRunning`,
+        and a worker still inside a run (a stuck GPU, a model that never returns) is abandoned
+        with an error log instead of holding the shutdown."""
         self._accepting = False
         if self._loop is None:
             return
+        deadline = None if timeout_s is None else self._loop.time() + timeout_s
         if self._busy or self._queued_rows:
             self._drained = self._loop.create_future()
             if self._dispatch_is_timer and self._dispatch_handle is not None:
@@ -139,17 +153,60 @@ class Batcher:
                 self._dispatch_handle.cancel()
                 self._dispatch_handle = None
             self._schedule_dispatch()
-            await self._drained
-        await self._stop_worker()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(self._drained)
+            except TimeoutError:
+                log.error(
+                    "engine: model %r: close timed out after %.1fs; failing %d queued rows and "
+                    "terminating the run in progress",
+                    self.spec.name,
+                    timeout_s,
+                    self._queued_rows,
+                )
+                self._fail_queued(
+                    EngineNotRunning(f"model {self.spec.name!r}: engine closed before it ran")
+                )
+                self._terminate_runs()
+        worker_s = None if deadline is None else max(deadline - self._loop.time(), _WORKER_EXIT_S)
+        await self._stop_worker(worker_s)
         self._report_accepted()
 
-    async def _stop_worker(self) -> None:
+    def _terminate_runs(self) -> None:
+        runner = self.runner  # set by the worker; a run started before this sees the flag
+        if runner is not None:
+            runner.terminate()
+
+    def _fail_queued(self, error: BaseException) -> None:
+        for level in self._levels:
+            for request in level:
+                if not request.done:
+                    request.done = True
+                    _set_exception(request.future, error)
+            level.clear()
+        self._queued_rows = 0
+        self._m_queued.set(0)
+
+    async def _stop_worker(self, timeout_s: float | None) -> None:
         thread = self._thread
         if thread is None:
             return
         self._thread = None
         self._jobs.put(None)
-        await asyncio.to_thread(thread.join)
+        exited = self._worker_exited
+        assert exited is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(exited)
+        except TimeoutError:
+            # Never a blocking join (nor one on the default executor, which the interpreter
+            # joins at exit): the thread is a daemon thread and ends with the process.
+            log.error(
+                "engine: model %r: worker still busy in a run after %.1fs; abandoning it "
+                "(its requests fail; the process can exit)",
+                self.spec.name,
+                timeout_s,
+            )
 
     # -- event-loop side -------------------------------------------------------------------
 
@@ -336,12 +393,18 @@ class Batcher:
 
     def _worker_main(self) -> None:
         jobs = self._jobs
-        while (job := jobs.get()) is not None:
-            function, args = job
-            try:
-                function(*args)
-            except Exception:  # never let the worker die: every later request would hang
-                log.exception("engine: model %r: worker job failed", self.spec.name)
+        try:
+            while (job := jobs.get()) is not None:
+                function, args = job
+                try:
+                    function(*args)
+                except Exception:  # never let the worker die: every later request would hang
+                    log.exception("engine: model %r: worker job failed", self.spec.name)
+        finally:
+            exited = self._worker_exited
+            if self._loop is not None and exited is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self._loop.call_soon_threadsafe(_set_result, exited, None)
 
     def _load_and_warm(self, done: asyncio.Future[None]) -> None:
         loop = self._loop

@@ -9,6 +9,7 @@ await engine.close()
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -122,11 +123,11 @@ class Engine:
             raise UnknownModel(self._unknown(model))
         return await batcher.submit(inputs, priority, timeout_s)
 
-    async def close(self) -> None:
-        """Stop accepting requests, finish (or time out) queued ones, stop the workers."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Stop accepting requests, finish (or time out) queued ones, stop the workers; with
+        `timeout_s`, within that time (see `Batcher.close`)."""
         self._ready = False
-        for batcher in self._batchers.values():
-            await batcher.close()
+        await asyncio.gather(*(b.close(timeout_s) for b in self._batchers.values()))
 
     def _batcher(self, model: str) -> Batcher:
         batcher = self._batchers.get(model)

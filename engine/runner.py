@@ -76,6 +76,12 @@ class Runner:
             for phase in ("warmup", "serve")
         }
 
+    def terminate(self) -> None:
+        """Make the run in progress, and every later one, fail at once (a closing engine that
+        cannot wait). Safe from any thread: ORT polls `RunOptions.terminate` between kernels."""
+        for bucket in self._buckets:
+            bucket.run_options.terminate = True
+
     def bucket_for(self, rows: int) -> int:
         """Index of the smallest bucket holding `rows` (callers never exceed the largest)."""
         for index, size in enumerate(self.spec.buckets):

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gatewayd import __version__
+from gatewayd import __version__, deadletters_cli
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -24,6 +24,7 @@ _EPILOG = """\
 commands:
   gatewayd run -c /etc/gatewayd/gatewayd.toml     run the daemon in the foreground
   gatewayd check-config /etc/gatewayd/gatewayd.toml validate a config file and exit
+  gatewayd dead-letters list -c FILE               MQTT messages given up on (replay ID|--all)
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file; exit 0 when valid, 78 when not"
     )
     check.add_argument("config", type=Path, metavar="FILE")
+    deadletters_cli.add_parser(commands)
     return parser
 
 
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args.config)
     if args.command == "run":
         return _run(args.config, args.log_level)
+    if args.command == "dead-letters":
+        return deadletters_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 

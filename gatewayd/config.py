@@ -114,6 +114,8 @@ class AgentsSection(Section):
     turn_timeout: Duration = 30.0
     max_db_size: Size = 1024**3
     max_message_size: Size = 1024**2
+    max_mailbox_events: int = Field(default=1000, ge=1)
+    max_pending_calls: int = Field(default=10_000, ge=1)
     python_path: list[ConfigPath] = []
     classes: dict[str, AgentClassSection] = {}
 
@@ -159,6 +161,10 @@ class MqttRouteSection(Section):
     topic: str = Field(pattern=r"\{id\}")
     agent_class: str
     reply_topic: str = ""
+    # Admission of device ids (checked when an id has no open link); see README "MQTT".
+    allowed_ids_file: ExistingFile | None = None
+    allowed_id_pattern: str | None = None
+    max_new_agents_per_minute: int = Field(default=600, ge=0)
 
 
 class MqttSection(Section):
@@ -186,6 +192,8 @@ class MqttSection(Section):
     reconnect_max: Duration = 30.0
     max_payload_size: Size = 256 * 1024
     protocol_messages: bool = False
+    link_idle_timeout: Duration = 600.0
+    max_attempts: int = Field(default=5, ge=0)
     routes: list[MqttRouteSection] = []
 
     @model_validator(mode="after")

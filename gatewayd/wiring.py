@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from gatewayd.config import BinaryListener, GatewayConfig, MqttSection, WebSocketListener
+from gatewayd.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Components:
         self.engine: Any = None
         self.runtime: Any = None
         self.transports: dict[str, Any] = {}
+        self.supervisor = Supervisor("transports")
 
     async def start(self) -> None:
         """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
@@ -62,6 +65,8 @@ class Components:
         self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
         await self.runtime.start()
         for name, transport in build_transports(self.config, self.runtime).items():
+            if hasattr(transport, "spawn_loop"):  # its background loops run supervised
+                transport.spawn_loop = self.supervisor.spawn
             try:
                 await transport.start()
             except OSError as err:
@@ -69,19 +74,28 @@ class Components:
             self.transports[name] = transport
 
     async def stop(self, drain_timeout_s: float) -> None:
-        """Transports stop accepting and flush acks, then the runtime drains, then the engine."""
+        """Transports stop accepting and flush acks, then the runtime drains, then the engine.
+
+        `drain_timeout_s` is one deadline for all of it: each stage gets what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         await asyncio.gather(
-            *(t.stop(drain_timeout_s) for t in self.transports.values()), return_exceptions=True
+            *(t.stop(left()) for t in self.transports.values()), return_exceptions=True
         )
         if self.runtime is not None:
-            drained = await self.runtime.drain(drain_timeout_s)
+            drained = await self.runtime.drain(left())
             if not drained:
                 log.warning(
                     "drain timed out after %.1fs; uncommitted turns were abandoned", drain_timeout_s
                 )
             await self.runtime.close()
         if self.engine is not None:
-            await self.engine.close()
+            await self.engine.close(timeout_s=left())
+        await self.supervisor.stop()
 
     def check_reloadable(self, new: GatewayConfig) -> None:
         """Raise ConfigError when `new` cannot be applied (e.g. its agent classes do not import)."""
@@ -91,8 +105,14 @@ class Components:
         """Apply the settings that may change without a restart (see LIVE_KEYS)."""
 
     def health(self) -> tuple[bool, str]:
+        ok, reason = self.supervisor.healthy()
+        if not ok:
+            return ok, reason
         if self.runtime is not None and not self.runtime.healthy():
-            return False, "agent runtime unhealthy"
+            return (
+                False,
+                "agent runtime unhealthy (a background loop is down or a commit is stuck; see the log)",
+            )
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
@@ -129,6 +149,8 @@ def agent_settings(config: GatewayConfig) -> Any:
         turn_timeout_s=agents.turn_timeout,
         max_db_bytes=agents.max_db_size,
         max_message_bytes=agents.max_message_size,
+        max_mailbox_events=agents.max_mailbox_events,
+        max_pending_calls=agents.max_pending_calls,
         protocol_messages_default={
             "ws": listeners.websocket.protocol_messages,
             "tcp": listeners.binary.protocol_messages,
@@ -189,9 +211,7 @@ def build_transports(config: GatewayConfig, handler: Any) -> dict[str, Transport
     if binary.enabled:
         transports["tcp"] = _tcp_listener(binary, handler)
     if config.mqtt.enabled:
-        from protocols.mqtt import MqttBridge
-
-        transports["mqtt"] = MqttBridge(mqtt_settings(config.mqtt), handler)
+        transports["mqtt"] = _mqtt_bridge(config, handler)
     return transports
 
 
@@ -229,13 +249,48 @@ def _tcp_listener(binary: BinaryListener, handler: Any) -> Transport:
     return TcpListener(settings, handler, ssl_context=context)
 
 
+def _mqtt_bridge(config: GatewayConfig, handler: Any) -> Transport:
+    from gatewayd.agents.storage import agent_db_path
+    from protocols.dead_letters import DeadLetterStore
+    from protocols.mqtt import MqttBridge
+
+    state_dir = config.gateway.state_dir
+
+    def known_agent(agent_class: str, agent_id: str) -> bool:
+        return agent_db_path(state_dir, agent_class, agent_id).exists()
+
+    return MqttBridge(
+        mqtt_settings(config.mqtt),
+        handler,
+        dead_letters=DeadLetterStore(mqtt_dead_letters_path(config)),
+        known_agent=known_agent,
+    )
+
+
+def mqtt_dead_letters_path(config: GatewayConfig) -> Path:
+    """The MQTT dead-letter file (`gatewayd dead-letters` reads it)."""
+    return config.gateway.state_dir / "mqtt-dead-letters.sqlite3"
+
+
 def mqtt_settings(mqtt: MqttSection) -> Any:
-    from protocols.mqtt_settings import MqttRoute, MqttSettings
+    from protocols.mqtt_settings import MqttRoute, MqttSettings, load_id_list
 
     return MqttSettings(
         broker_urls=tuple(mqtt.broker_urls),
         client_id=mqtt.client_id,
-        routes=tuple(MqttRoute(r.topic, r.agent_class, r.reply_topic) for r in mqtt.routes),
+        routes=tuple(
+            MqttRoute(
+                r.topic,
+                r.agent_class,
+                r.reply_topic,
+                allowed_ids=(
+                    None if r.allowed_ids_file is None else load_id_list(str(r.allowed_ids_file))
+                ),
+                allowed_id_pattern=r.allowed_id_pattern,
+                max_new_agents_per_minute=r.max_new_agents_per_minute,
+            )
+            for r in mqtt.routes
+        ),
         username=mqtt.username,
         password=mqtt.resolved_password(),
         ca_file=_str_or_none(mqtt.ca_file),
@@ -254,6 +309,8 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
         max_pending_messages=mqtt.max_pending_messages,
         max_payload_bytes=mqtt.max_payload_size,
         accept_retained=mqtt.accept_retained,
+        link_idle_timeout_s=mqtt.link_idle_timeout,
+        max_attempts=mqtt.max_attempts,
     )
 
 

@@ -13,13 +13,32 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
 * **Acks follow commits, not arrival order.** Each message is acked as soon as its own turn
   committed, so a slow agent never holds back other devices' acks. (MQTT asks for PUBACKs in
   arrival order; brokers track in-flight messages by packet id and accept this.)
-* **Failed turns are retried in-process**, with exponential backoff and full jitter between
-  `retry_min_s` and `retry_max_s`, without limit and without acking: a broker redelivers only
-  on reconnect, and reconnecting would redeliver (and re-apply) every other in-flight message
-  too. A message keeps its pending slot while it is retried, so a poison message shows up as
-  a growing `retry` counter, never as loss. `LinkRejected` is final: the message is acked and
-  counted in `rejected` (a redelivery would be refused again). A retried message may be
-  applied after later messages of the same device.
+* **Failed turns are retried in-process, a bounded number of times**, with exponential
+  backoff and full jitter between `retry_min_s` and `retry_max_s`, without acking: a broker
+  redelivers only on reconnect, and reconnecting would redeliver (and re-apply) every other
+  in-flight message too. After `max_attempts` failed turns (0 = retry forever) the message is
+  a *poison message*: it is written to the dead-letter store (topic, payload, QoS, last error,
+  attempts, first/last failure time; `protocols.dead_letters`) and acked only once that row
+  is durable, so it never holds a pending slot forever and is never silently lost. Without a
+  store it is acked and dropped with an error log. A store that cannot be written leaves the
+  message unacked and retried. `LinkRejected` is final: the message is acked and counted in
+  `rejected` (a redelivery would be refused again), except code 1001 (the handler is shutting
+  down), which leaves it to the broker's redelivery. A retried message may be applied after
+  later messages of the same device.
+* **A full agent mailbox holds, never fails.** When the handler answers `Backpressure` (at
+  once: nothing was enqueued), the message keeps its pending slot, is not acked and not
+  counted as a failed attempt (`backpressure` counter); it and every later message of that
+  device wait, in arrival order (`held` in stats), until `ready` resolves, then are submitted
+  again. Other devices go on; once every pending slot is held, reading stops (below).
+* **Bounded device links.** Any publisher chooses the ids in its topics, and each new id costs
+  a link, a runtime connection and an agent's SQLite file. A route may name the ids it serves
+  (`allowed_ids`, `allowed_id_pattern`: other ids are acked and counted in `not_allowed`) and
+  caps ids without an agent yet at `max_new_agents_per_minute` (token bucket; refusals are
+  acked and counted in `new_agent_refused`, with one warning per refusal episode); ids the
+  `known_agent` callback recognises are never capped (see `mqtt_admission`). A link with no
+  inbound message for `link_idle_timeout_s` and none pending is closed through the handler's
+  `close_link` (the runtime drops its connection; `links_evicted`); the device's next message
+  opens a new link, after the old one's close has committed.
 * **Backpressure, never drops.** At most `max_pending_messages` messages are between
   "pulled from the client" and "committed"; past that the bridge stops pulling. Messages the
   socket delivers meanwhile wait in the client's queue; when that queue reaches
@@ -50,6 +69,7 @@ QoS 2 is refused in the settings (see `MqttSettings`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import logging
@@ -57,8 +77,9 @@ import random
 import ssl
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -67,7 +88,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
 from protocols.link import (
-    DedupKey,
+    Backpressure,
     LinkHandler,
     LinkIdentity,
     LinkRejected,
@@ -75,6 +96,7 @@ from protocols.link import (
     Route,
     TransportStats,
 )
+from protocols.mqtt_admission import RouteAdmission, Verdict
 from protocols.mqtt_client import ManualAckClient
 from protocols.mqtt_settings import (
     BrokerAddress,
@@ -84,6 +106,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
+from protocols.tasks import SpawnLoop, spawn_unsupervised
 
 __all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettings"]
 
@@ -93,13 +116,19 @@ TRANSPORT = "mqtt"
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
 LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
+IDLE_CLOSE_CODE = 1000
+GOING_AWAY = 1001  # LinkRejected code of a handler that is shutting down: not final
+# The idle sweep runs every half idle timeout, within these bounds.
+MIN_SWEEP_INTERVAL_S = 0.05
+MAX_SWEEP_INTERVAL_S = 30.0
 
 _LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
 
 MQTT_EVENTS = Counter(
     "gatewayd_mqtt_events_total",
-    "MQTT bridge events: applied, acked, rejected, retries, unrouted, oversized, "
-    "retained_skipped, read_pauses, outbound_dropped, connects, disconnects, ...",
+    "MQTT bridge events: applied, acked, rejected, retries, dead_lettered, backpressure, "
+    "not_allowed, new_agent_refused, links_evicted, unrouted, oversized, retained_skipped, "
+    "read_pauses, outbound_dropped, connects, disconnects, ...",
     ["event"],
 )
 _EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
@@ -151,6 +180,28 @@ class MqttLink(LinkIdentity):
         return f"MqttLink({self._link_id!r} -> {self._route.agent_class}:{self._route.agent_id})"
 
 
+class DeadLetterSink(Protocol):
+    """Where poison messages go (`protocols.dead_letters.DeadLetterStore`); `add` blocks (the
+    bridge calls it in a worker thread) and returns once the row is durable."""
+
+    path: Any
+
+    def add(
+        self,
+        *,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        error: str,
+        attempts: int,
+        first_failed_at: float,
+        last_failed_at: float,
+    ) -> int: ...
+
+
+LinkKey = tuple[int, str]  # (route index, device id)
+
+
 @dataclass(slots=True)
 class _Inbound:
     """One message between 'pulled from the client' and 'acked' (or given up)."""
@@ -161,7 +212,14 @@ class _Inbound:
     topic: str
     match: RouteMatch
     payload: bytes
-    attempts: int = 0
+    seq: int  # arrival order, to keep a device's held messages in order
+    attempts: int = 0  # failed turns so far (a backpressure refusal is not one)
+    first_failed_at: float = 0.0  # Unix time of the first failed turn
+    last_error: str = ""
+
+    @property
+    def key(self) -> LinkKey:
+        return (self.match.route_index, self.match.device_id)
 
 
 class MqttBridge:
@@ -174,7 +232,22 @@ class MqttBridge:
     await bridge.stop(drain_timeout_s=10)
     """
 
-    def __init__(self, settings: MqttSettings, handler: LinkHandler) -> None:
+    # Starts the long-lived loops (connection, idle eviction, publish workers); the gateway
+    # sets its supervisor's spawn (protocols/tasks.py).
+    spawn_loop: SpawnLoop = staticmethod(spawn_unsupervised)
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        handler: LinkHandler,
+        *,
+        dead_letters: DeadLetterSink | None = None,
+        known_agent: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        """`dead_letters` stores messages given up after `max_attempts` failed turns (without
+        one they are acked and dropped, with an error log). `known_agent(agent_class, id)` says
+        whether an id already has an agent, so that the new-agent cap spares it; without it,
+        every id without an open link counts as new."""
         self.settings = settings
         self._handler = handler
         self._routes = RouteTable(settings.routes)
@@ -200,6 +273,16 @@ class MqttBridge:
         self._broker: BrokerAddress | None = None
         self._ssl_context: ssl.SSLContext | None = None
         self._peak_seen = 0
+        self._dead_letters = dead_letters
+        self._known_agent = known_agent
+        now = time.monotonic()
+        self._admission = [RouteAdmission(route, now) for route in settings.routes]
+        self._next_seq = 0
+        self._busy: dict[LinkKey, int] = {}  # messages pending per device
+        self._last_active: dict[LinkKey, float] = {}  # least recently active first
+        self._closing: dict[LinkKey, asyncio.Future[Outcome]] = {}  # close not yet committed
+        self._waiting: dict[LinkKey, list[_Inbound]] = {}  # held messages, in arrival order
+        self._dead_letter_tasks: set[asyncio.Task[None]] = set()
         _LIVE_BRIDGES.add(self)
 
     # ----------------------------------------------------------------- public surface
@@ -224,6 +307,7 @@ class MqttBridge:
         extra = dict(self._counts)
         extra["connected"] = int(self.connected)
         extra["pending"] = self._pending
+        extra["held"] = sum(len(items) for items in self._waiting.values())
         extra["outbound_queued"] = self._outbound.qsize()
         client = self._client
         extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
@@ -242,9 +326,11 @@ class MqttBridge:
             raise RuntimeError("MqttBridge.start() called twice")
         if self._ssl_context is None and any(a.tls for a in self.settings.addresses):
             self._ssl_context = await asyncio.to_thread(self._make_ssl_context)
-        self._tasks.append(asyncio.create_task(self._connection_loop(), name="mqtt-connection"))
+        self._tasks.append(self.spawn_loop("mqtt-connection", self._connection_loop))
+        if self.settings.link_idle_timeout_s > 0:
+            self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
         for n in range(self.settings.max_inflight_publishes):
-            self._tasks.append(asyncio.create_task(self._publish_worker(), name=f"mqtt-pub-{n}"))
+            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publish_worker))
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Wait until connected and subscribed (raises TimeoutError)."""
@@ -261,6 +347,8 @@ class MqttBridge:
         self._wakeup.set()
         for task in list(self._retry_tasks):  # failed turns are left to the broker's redelivery
             task.cancel()
+        for key in list(self._waiting):  # so are held messages
+            self._release_waiting(key)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained.wait(), _left(deadline))
         closes = [
@@ -295,14 +383,7 @@ class MqttBridge:
     # ----------------------------------------------------------------- connection
 
     def _make_ssl_context(self) -> ssl.SSLContext:
-        s = self.settings
-        context = ssl.create_default_context(cafile=s.ca_file)
-        if s.cert_file is not None:
-            context.load_cert_chain(s.cert_file, s.key_file)
-        if s.tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return make_ssl_context(self.settings)
 
     def _make_client(self, address: BrokerAddress) -> ManualAckClient:
         s = self.settings
@@ -372,6 +453,7 @@ class MqttBridge:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._client = None
+                self._release_held_from(client)
                 self._peak_seen = max(self._peak_seen, client.incoming.peak)
                 self._connected_event.clear()
                 if not self._stopping:
@@ -512,8 +594,17 @@ class MqttBridge:
                 topic,
             )
             return
-        item = _Inbound(client, message.mid, qos, topic, match, payload)
+        key = (match.route_index, match.device_id)
+        # Admission is for ids with neither an open link nor a message already in flight
+        # (e.g. held while its link waits to open): those were admitted already.
+        admitted = key in self._links or key in self._busy
+        if not admitted and not self._admit(client, message, match):
+            return
+        item = _Inbound(client, message.mid, qos, topic, match, payload, self._next_seq)
+        self._next_seq += 1
         self._pending += 1
+        self._busy[key] = self._busy.get(key, 0) + 1
+        self._touch(key)
         self._drained.clear()
         self._submit(item)
 
@@ -522,7 +613,70 @@ class MqttBridge:
         self._log_limited(outcome, *log)
         self._ack(client, message.mid, message.qos)
 
+    # ----------------------------------------------------------------- admission of new ids
+
+    def _admit(self, client: ManualAckClient, message: aiomqtt.Message, match: RouteMatch) -> bool:
+        """An id without an open link: is it allowed, and may it become a new agent now?
+        Refused messages are acked (a redelivery would be refused again) and counted."""
+        key = (match.route_index, match.device_id)
+        admission = self._admission[match.route_index]
+        decision = admission.check(
+            match.device_id,
+            is_known=lambda: key in self._closing or self._is_known_agent(match),
+            now=time.monotonic(),
+        )
+        route = match.route
+        if decision.verdict is Verdict.ADMIT:
+            if decision.episode_ended is not None:
+                episode = decision.episode_ended
+                logger.info(
+                    "mqtt: route %r admits new device ids again; %d messages from new ids were "
+                    "acked and dropped over the last %.0fs (max_new_agents_per_minute=%d)",
+                    route.topic,
+                    episode.refused,
+                    time.monotonic() - episode.started_at,
+                    route.max_new_agents_per_minute,
+                )
+            return True
+        if decision.verdict is Verdict.NOT_ALLOWED:
+            self._skip(
+                client,
+                message,
+                Verdict.NOT_ALLOWED.value,
+                "mqtt: device id %r on %r is not in the allow-list of route %r; acked and "
+                "ignored (add it to allowed_ids_file or allowed_id_pattern if it is yours)",
+                match.device_id,
+                message.topic.value,
+                route.topic,
+            )
+            return False
+        self._count(Verdict.RATE_LIMITED.value)
+        self._ack(client, message.mid, message.qos)
+        if decision.episode_started is not None:
+            logger.warning(
+                "mqtt: route %r reached max_new_agents_per_minute=%d: messages from device ids "
+                "without an agent (first: %r) are acked and dropped until the rate falls; "
+                "known devices are unaffected. If these devices are yours, raise the cap; if "
+                "not, set an allow-list (allowed_ids_file, allowed_id_pattern) for the route",
+                route.topic,
+                route.max_new_agents_per_minute,
+                match.device_id,
+            )
+        return False
+
+    def _is_known_agent(self, match: RouteMatch) -> bool:
+        if self._known_agent is None:
+            return False
+        try:
+            return self._known_agent(match.route.agent_class, match.device_id)
+        except Exception:  # e.g. an id the runtime cannot map to a file: treat it as new
+            return False
+
+    # ----------------------------------------------------------------- submission
+
     def _link_for(self, match: RouteMatch, topic: str) -> MqttLink:
+        """The device's open link, opened now if needed. Raises `Backpressure` (and forgets
+        the link) when the handler cannot take the open event yet."""
         key = (match.route_index, match.device_id)
         link = self._links.get(key)
         if link is None:
@@ -541,6 +695,10 @@ class MqttBridge:
                 opened = self._handler.open_link(link, context)
             except Exception as exc:  # a handler bug must not kill the bridge
                 opened = _failed_future(exc)
+            refused = _backpressure_of(opened)
+            if refused is not None:
+                del self._links[key]
+                raise refused
             opened.add_done_callback(functools.partial(self._on_opened, link))
         return link
 
@@ -565,14 +723,86 @@ class MqttBridge:
             self._log_limited("open_failed", "mqtt: opening %s failed: %r", link.remote, exc)
 
     def _submit(self, item: _Inbound) -> None:
-        item.attempts += 1
-        link = self._link_for(item.match, item.topic)
-        dedup: DedupKey | None = None
+        """Submit now, or queue behind the device's held messages, or wait for the device's
+        previous link to finish closing (the handler refuses a link id that is still open)."""
+        key = item.key
+        if key in self._waiting:
+            bisect.insort(self._waiting[key], item, key=_arrival)
+            return
+        closing = self._closing.get(key)
+        if closing is not None and not closing.done():
+            self._wait(item, closing)
+            return
         try:
-            future = self._handler.submit_message(link, item.payload, dedup)
+            link = self._link_for(item.match, item.topic)
+            future = self._handler.submit_message(link, item.payload, None)
         except Exception as exc:  # a handler bug is a failed turn, not a dead bridge
             future = _failed_future(exc)
+        refused = _backpressure_of(future)
+        if refused is not None:
+            self._hold(item, refused)
+            return
         future.add_done_callback(functools.partial(self._on_committed, item))
+
+    def _hold(self, item: _Inbound, refusal: Backpressure) -> None:
+        """The agent's mailbox is full: keep the message (unacked, in its pending slot) and
+        submit it again when the handler says there is room. Not a failed attempt."""
+        self._count("backpressure")
+        self._log_limited(
+            "backpressure",
+            "mqtt: agent %s:%s cannot take more messages now (%s); holding the message on %r "
+            "unacked until it has room",
+            item.match.route.agent_class,
+            item.match.device_id,
+            refusal.reason,
+            item.topic,
+        )
+        self._wait(item, refusal.ready)
+
+    def _wait(self, item: _Inbound, until: asyncio.Future[Any]) -> None:
+        waiting = self._waiting.get(item.key)
+        if waiting is not None:
+            bisect.insort(waiting, item, key=_arrival)
+            return
+        self._waiting[item.key] = [item]
+        until.add_done_callback(functools.partial(self._resume, item.key))
+
+    def _resume(self, key: LinkKey, _: asyncio.Future[Any]) -> None:
+        """Submit a device's held messages in arrival order, until one is held again."""
+        waiting = self._waiting.pop(key, None)
+        if not waiting:
+            return
+        for index, item in enumerate(waiting):
+            if not self._accepting or item.client is not self._client:
+                # Shutting down, or its connection is gone: the broker redelivers it.
+                self._count("failed_left_for_redelivery")
+                self._release(item)
+                continue
+            self._submit(item)
+            if key in self._waiting:  # held again: the rest wait behind it
+                self._waiting[key].extend(waiting[index + 1 :])
+                return
+
+    def _release_held_from(self, client: ManualAckClient) -> None:
+        """The connection is gone: its held messages give back their pending slots (the
+        broker redelivers them on the next connection), so they cannot slow its reading."""
+        for key, items in list(self._waiting.items()):
+            stale = [item for item in items if item.client is client]
+            if not stale:
+                continue
+            kept = [item for item in items if item.client is not client]
+            if kept:
+                self._waiting[key] = kept
+            else:
+                del self._waiting[key]
+            for item in stale:
+                self._count("failed_left_for_redelivery")
+                self._release(item)
+
+    def _release_waiting(self, key: LinkKey) -> None:
+        for item in self._waiting.pop(key, ()):
+            self._count("failed_left_for_redelivery")
+            self._release(item)
 
     def _on_committed(self, item: _Inbound, future: asyncio.Future[Outcome]) -> None:
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
@@ -581,7 +811,9 @@ class MqttBridge:
             outcome = "duplicate" if future.result() is Outcome.DUPLICATE else "applied"
             self._count(outcome)
             self._finish(item)
-        elif isinstance(exc, LinkRejected):
+        elif isinstance(exc, Backpressure):
+            self._hold(item, exc)
+        elif isinstance(exc, LinkRejected) and exc.code != GOING_AWAY:
             self._stats.rejected += 1
             self._count("rejected")
             self._log_limited(
@@ -592,26 +824,48 @@ class MqttBridge:
                 exc.reason,
             )
             self._finish(item)
-        elif self._stopping or not self._accepting or item.client is not self._client:
+        elif (
+            self._stopping
+            or not self._accepting
+            or item.client is not self._client
+            or isinstance(exc, LinkRejected)
+        ):
             # Shutting down, or the connection it came on is gone: the broker redelivers it.
             self._count("failed_left_for_redelivery")
             self._release(item)
         else:
-            self._count("retries")
-            delay = _full_jitter(
-                item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s
-            )
-            self._log_limited(
-                "retry",
-                "mqtt: turn for %r failed (attempt %d: %r); not acked, retrying in %.1fs",
-                item.topic,
-                item.attempts,
-                exc,
-                delay,
-            )
-            task = asyncio.get_running_loop().create_task(self._retry_later(item, delay))
-            self._retry_tasks.add(task)
-            task.add_done_callback(self._retry_tasks.discard)
+            self._on_failed_turn(item, exc)
+
+    def _on_failed_turn(self, item: _Inbound, exc: BaseException) -> None:
+        now = time.time()
+        item.attempts += 1
+        item.first_failed_at = item.first_failed_at or now
+        item.last_error = repr(exc)
+        max_attempts = self.settings.max_attempts
+        if max_attempts and item.attempts >= max_attempts:
+            self._give_up(item, now)
+            return
+        self._count("retries")
+        delay = _full_jitter(
+            item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s
+        )
+        self._log_limited(
+            "retry",
+            "mqtt: turn for %r (device %r) failed (attempt %d of %s: %s); not acked, "
+            "retrying in %.1fs",
+            item.topic,
+            item.match.device_id,
+            item.attempts,
+            max_attempts or "unlimited",
+            item.last_error,
+            delay,
+        )
+        self._retry_in(item, delay)
+
+    def _retry_in(self, item: _Inbound, delay_s: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry_later(item, delay_s))
+        self._retry_tasks.add(task)
+        task.add_done_callback(self._retry_tasks.discard)
 
     async def _retry_later(self, item: _Inbound, delay_s: float) -> None:
         try:
@@ -625,6 +879,77 @@ class MqttBridge:
             return
         self._submit(item)
 
+    # ----------------------------------------------------------------- poison messages
+
+    def _give_up(self, item: _Inbound, now: float) -> None:
+        """`max_attempts` failed turns: store the message as a dead letter, then ack it."""
+        store = self._dead_letters
+        if store is None:
+            self._count("dead_letters_dropped")
+            logger.error(
+                "mqtt: gave up on a message on %r (device %r, agent class %s) after %d "
+                "attempts, last error: %s; acked and DROPPED (no dead-letter store configured)",
+                item.topic,
+                item.match.device_id,
+                item.match.route.agent_class,
+                item.attempts,
+                item.last_error,
+            )
+            self._finish(item)
+            return
+        task = asyncio.get_running_loop().create_task(self._dead_letter(store, item, now))
+        self._dead_letter_tasks.add(task)
+        task.add_done_callback(self._dead_letter_tasks.discard)
+
+    async def _dead_letter(self, store: DeadLetterSink, item: _Inbound, now: float) -> None:
+        try:
+            row_id = await asyncio.to_thread(
+                functools.partial(
+                    store.add,
+                    topic=item.topic,
+                    payload=item.payload,
+                    qos=item.qos,
+                    error=item.last_error,
+                    attempts=item.attempts,
+                    first_failed_at=item.first_failed_at,
+                    last_failed_at=now,
+                )
+            )
+        except Exception as exc:
+            # Not stored, so not acked: keep retrying the message; a later attempt stores it.
+            self._count("dead_letter_errors")
+            delay = self.settings.retry_max_s
+            self._log_limited(
+                "dead_letter_error",
+                "mqtt: cannot write the dead letter for a message on %r (device %r) to %s: "
+                "%r; not acked, retrying the message in %.0fs (check the state dir's disk)",
+                item.topic,
+                item.match.device_id,
+                store.path,
+                exc,
+                delay,
+            )
+            self._retry_in(item, delay)
+            return
+        self._count("dead_lettered")
+        self._log_limited(
+            "dead_lettered",
+            "mqtt: gave up on a message on %r (device %r, agent class %s) after %d attempts, "
+            "last error: %s; acked and stored as dead letter #%d in %s (inspect: gatewayd "
+            "dead-letters list -c CONFIG; replay: gatewayd dead-letters replay -c CONFIG %d)",
+            item.topic,
+            item.match.device_id,
+            item.match.route.agent_class,
+            item.attempts,
+            item.last_error,
+            row_id,
+            store.path,
+            row_id,
+        )
+        self._finish(item)
+
+    # ----------------------------------------------------------------- completion
+
     def _finish(self, item: _Inbound) -> None:
         if item.qos == 0:
             pass
@@ -637,6 +962,13 @@ class MqttBridge:
 
     def _release(self, item: _Inbound) -> None:
         self._pending -= 1
+        key = item.key
+        busy = self._busy.get(key, 1) - 1
+        if busy > 0:
+            self._busy[key] = busy
+        else:
+            self._busy.pop(key, None)
+        self._touch(key)
         if self._pending == 0:
             self._drained.set()
         self._wakeup.set()
@@ -649,6 +981,52 @@ class MqttBridge:
             return False
         return client.ack(mid, qos)
 
+    # ----------------------------------------------------------------- idle links
+
+    def _touch(self, key: LinkKey) -> None:
+        if self.settings.link_idle_timeout_s > 0:
+            self._last_active.pop(key, None)  # re-insert: the dict stays oldest-first
+            self._last_active[key] = time.monotonic()
+
+    async def _evict_idle_links(self) -> None:
+        idle_s = self.settings.link_idle_timeout_s
+        interval_s = min(MAX_SWEEP_INTERVAL_S, max(MIN_SWEEP_INTERVAL_S, idle_s / 2))
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._close_idle_links(time.monotonic() - idle_s)
+            except Exception:  # a bug here must not leave links growing for good
+                logger.exception(
+                    "mqtt: closing idle links failed; trying again in %.1fs", interval_s
+                )
+
+    def _close_idle_links(self, cutoff: float) -> None:
+        """Close the links of devices with no message since `cutoff` and none pending: the
+        handler drops their connections; a device's next message opens its link again."""
+        if not self._accepting:
+            return
+        closed = 0
+        idle_s = self.settings.link_idle_timeout_s
+        while self._last_active:
+            key, last_active = next(iter(self._last_active.items()))
+            if last_active > cutoff:
+                break
+            del self._last_active[key]
+            link = self._links.get(key)
+            if link is None or self._busy.get(key):  # a busy one is touched again when done
+                continue
+            self._forget_link(link, IDLE_CLOSE_CODE, f"no message for {idle_s:g}s")
+            closed += 1
+        if closed:
+            self._count("links_evicted", closed)
+            logger.info(
+                "mqtt: closed %d idle device links (no message for %gs, mqtt.link_idle_timeout); "
+                "%d stay open; a device's next message opens its link again",
+                closed,
+                idle_s,
+                len(self._links),
+            )
+
     # ----------------------------------------------------------------- links & outbound
 
     def _close_link(self, link: MqttLink, code: int, reason: str) -> asyncio.Future[Outcome]:
@@ -658,11 +1036,22 @@ class MqttBridge:
         except Exception as exc:
             return _failed_future(exc)
 
-    def _link_closed_by_gateway(self, link: MqttLink, code: int, reason: str) -> None:
+    def _forget_link(self, link: MqttLink, code: int, reason: str) -> None:
+        """Close `link`; the device's next message waits until the close has committed, then
+        opens a new link (the handler holds the old link id until its on_close ran)."""
         if self._links.get(link.key) is link:
             del self._links[link.key]
         future = self._close_link(link, code, reason)
-        future.add_done_callback(_consume_exception)
+        self._closing[link.key] = future
+        future.add_done_callback(functools.partial(self._on_link_closed, link.key))
+
+    def _on_link_closed(self, key: LinkKey, future: asyncio.Future[Outcome]) -> None:
+        if self._closing.get(key) is future:
+            del self._closing[key]
+        _consume_exception(future)
+
+    def _link_closed_by_gateway(self, link: MqttLink, code: int, reason: str) -> None:
+        self._forget_link(link, code, reason)
 
     def _enqueue_publish(self, link: MqttLink, payload: bytes) -> None:
         if len(payload) > self.settings.max_payload_bytes:
@@ -760,6 +1149,17 @@ class MqttBridge:
         logger.warning(msg, *args)
 
 
+def make_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
+    """The client TLS context for `mqtts://` brokers (blocking: reads the files)."""
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if settings.cert_file is not None:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
     """`random() * min(cap, base * 2**attempt)`, at least 10 ms (AWS 'full jitter')."""
     return max(0.01, random.random() * min(cap_s, base_s * (2 ** min(attempt, 30))))
@@ -773,6 +1173,19 @@ def _failed_future(exc: BaseException) -> asyncio.Future[Outcome]:
     future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
     future.set_exception(exc)
     return future
+
+
+def _backpressure_of(future: asyncio.Future[Any]) -> Backpressure | None:
+    """The `Backpressure` a handler answered with at once (nothing enqueued), if any."""
+    if future.done() and not future.cancelled():
+        exc = future.exception()
+        if isinstance(exc, Backpressure):
+            return exc
+    return None
+
+
+def _arrival(item: _Inbound) -> int:
+    return item.seq
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

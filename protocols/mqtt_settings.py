@@ -5,11 +5,14 @@ A route topic has one `{id}` placeholder as a whole topic level (`devices/{id}/t
 it becomes the subscription filter `devices/+/telemetry`, and an incoming topic is matched
 level by level to get the device id back. Ids may be any non-empty MQTT topic level (unicode,
 long, `..`, spaces, `:` ...); MQTT itself forbids `/`, `+`, `#` and NUL inside a level.
+A route may restrict which ids it accepts (`allowed_ids`, `allowed_id_pattern`) and how many
+new agents it creates per minute (`max_new_agents_per_minute`); see `mqtt_admission`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -25,11 +28,20 @@ class MqttConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class MqttRoute:
     """Messages on `topic` (with `{id}`) go to agent `(agent_class, id)`; replies that agent
-    sends on the device's link are published to `reply_topic` with the same `{id}`."""
+    sends on the device's link are published to `reply_topic` with the same `{id}`.
+
+    Admission (checked when an id has no open link): with `allowed_ids` and/or
+    `allowed_id_pattern` (a regex that must match the whole id) set, only ids in the set or
+    matching the pattern are served; `max_new_agents_per_minute` (0 = no cap) bounds how fast
+    ids without an agent yet create one. Messages refused either way are acked and counted.
+    """
 
     topic: str
     agent_class: str
     reply_topic: str
+    allowed_ids: frozenset[str] | None = None
+    allowed_id_pattern: str | None = None
+    max_new_agents_per_minute: int = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +88,11 @@ class MqttSettings:
     max_pending_messages: int = 1_000
     max_payload_bytes: int = 256 * 1024
     accept_retained: bool = False
+    # A device link with no inbound message for this long is closed (its runtime connection
+    # dropped); the device's next message opens it again. 0 = never.
+    link_idle_timeout_s: float = 600.0
+    # Failed turns per message before it is acked and dead-lettered; 0 = retry forever.
+    max_attempts: int = 5
     publish_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
@@ -120,6 +137,16 @@ class MqttSettings:
             lo, hi = getattr(self, low), getattr(self, high)
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
                 raise MqttConfigError(f"mqtt.{low}/{high}: need 0 < {low} <= {high}")
+        if not (math.isfinite(self.link_idle_timeout_s) and self.link_idle_timeout_s >= 0):
+            raise MqttConfigError("mqtt.link_idle_timeout: must be >= 0 seconds (0 = never)")
+        if (
+            not isinstance(self.max_attempts, int)
+            or isinstance(self.max_attempts, bool)
+            or self.max_attempts < 0
+        ):
+            raise MqttConfigError(
+                f"mqtt.max_attempts: {self.max_attempts!r} is not an integer >= 0 (0 = forever)"
+            )
         for name in ("publish_timeout_s", "connect_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -136,6 +163,18 @@ class MqttSettings:
 def _require_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise MqttConfigError(f"mqtt.{name}: {value!r} is not a positive integer")
+
+
+def load_id_list(path: str) -> frozenset[str]:
+    """The ids in an allow-list file: one id per line; blank lines and lines starting with
+    `#` are ignored; surrounding whitespace is stripped."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MqttConfigError(f"cannot read the allowed_ids_file {path!r}: {exc}") from None
+    stripped = (line.strip() for line in lines)
+    return frozenset(line for line in stripped if line and not line.startswith("#"))
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -197,6 +236,20 @@ class RouteTable:
                 raise MqttConfigError(
                     f"{where}.reply_topic: {route.reply_topic!r} needs exactly one '{{id}}' "
                     "and no wildcards, e.g. 'devices/{id}/cmd'"
+                )
+            if route.allowed_id_pattern is not None:
+                try:
+                    re.compile(route.allowed_id_pattern)
+                except re.error as exc:
+                    raise MqttConfigError(
+                        f"{where}.allowed_id_pattern: {route.allowed_id_pattern!r} is not a "
+                        f"valid regular expression ({exc})"
+                    ) from None
+            limit = route.max_new_agents_per_minute
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise MqttConfigError(
+                    f"{where}.max_new_agents_per_minute: {limit!r} is not an integer >= 0 "
+                    "(0 = no cap)"
                 )
             topic_filter = "/".join("+" if i == id_levels[0] else x for i, x in enumerate(levels))
             if topic_filter in filters:

@@ -25,7 +25,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from protocols.link import LinkHandler, LinkIdentity, LinkRejected, Outcome, Route, TransportStats
+from protocols.link import (
+    Backpressure,
+    LinkHandler,
+    LinkIdentity,
+    LinkRejected,
+    Outcome,
+    Route,
+    TransportStats,
+)
 from protocols.ws_logs import library_logger
 
 logger = logging.getLogger(__name__)
@@ -219,10 +227,19 @@ class WsListener:
         inflight: deque[asyncio.Future[Outcome]] = deque()
         try:
             opened = self._handler.open_link(link, context)
+            while (held := _held_back(opened)) is not None:
+                await held.ready  # the agent's mailbox is full: wait, then open again
+                opened = self._handler.open_link(link, context)
             opened.add_done_callback(lambda fut: self._after_open(link, fut))
             async for message in ws:
                 stats.messages_in += 1
                 future = self._handler.submit_message(link, message)
+                while (held := _held_back(future)) is not None:
+                    # The agent's mailbox is full: stop reading from this client (TCP flow
+                    # control pushes back on it) and submit the same message again once
+                    # there is room. Nothing is dropped.
+                    await held.ready
+                    future = self._handler.submit_message(link, message)
                 future.add_done_callback(_consume_error)
                 inflight.append(future)
                 # Read backpressure: a client can't queue unbounded work in the agent.
@@ -259,6 +276,15 @@ class WsListener:
         else:
             logger.warning("ws: %s: connect failed: %s", link.remote, err)
             link.close(1011, "connect failed")
+
+
+def _held_back(future: asyncio.Future[Any]) -> Backpressure | None:
+    """The `Backpressure` the handler answered with at once (nothing was queued), if any."""
+    if future.done() and not future.cancelled():
+        err = future.exception()
+        if isinstance(err, Backpressure):
+            return err
+    return None
 
 
 def _consume_error(future: asyncio.Future[Any]) -> None:

@@ -4,6 +4,11 @@
 
 One live instance per `(class, id)`, one event at a time, its own SQLite file, and an output
 gate: nothing a turn sends (and no acknowledgement to a device) leaves before its writes commit.
+
+Must never import the daemon's assembly (`gatewayd.daemon`, `gatewayd.wiring`,
+`gatewayd.config`, `gatewayd.cli`): those build the runtime from `AgentSettings`. Transports
+are reached only through `protocols.link`. Inside the package, `agent` and `connection` import
+no runtime module (an `Agent` talks to the runtime through its `AgentHost`).
 """
 
 from gatewayd.agents.agent import Agent, RpcStream, callable
@@ -11,6 +16,7 @@ from gatewayd.agents.connection import Connection
 from gatewayd.agents.errors import (
     AgentError,
     CommitError,
+    MailboxFullError,
     NoEngineError,
     NotInTurnError,
     ReadonlyConnectionError,
@@ -32,6 +38,7 @@ __all__ = [
     "AgentSettings",
     "CommitError",
     "Connection",
+    "MailboxFullError",
     "NoEngineError",
     "NotInTurnError",
     "ReadonlyConnectionError",

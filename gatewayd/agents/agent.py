@@ -68,17 +68,26 @@ def callable_info(method: Any) -> CallableInfo | None:
 
 
 class RpcStream:
-    """Handed to `@callable(streaming=True)` methods; chunks pass the output gate in order."""
+    """Handed to `@callable(streaming=True)` methods: `stream.send(chunk)` sends one chunk.
 
-    __slots__ = ("_conn", "_rpc_id", "_send", "chunks_sent")
+    Each chunk leaves once the writes before it are committed (a *commit point*: everything
+    the turn wrote so far commits, then the chunk is released), not at the end of the turn;
+    a failure later in the turn rolls back only what was written after the last chunk. With
+    `durability="normal"` that happens inside `send()`. With "full" the commit fsyncs, which
+    never runs on the event loop: `await stream.send(chunk)` to release the chunk at once (a
+    chunk not awaited goes out at the next awaited one or when the turn ends).
+    """
 
-    def __init__(self, send: Callable[[Any], None]) -> None:
+    __slots__ = ("_send", "chunks_sent")
+
+    def __init__(self, send: Callable[[Any], Awaitable[None]]) -> None:
         self._send = send
         self.chunks_sent = 0
 
-    def send(self, chunk: Any) -> None:
-        self._send(chunk)
+    def send(self, chunk: Any) -> Awaitable[None]:
+        released = self._send(chunk)
         self.chunks_sent += 1
+        return released
 
 
 class AgentHost(Protocol):

@@ -13,7 +13,10 @@ modules; this one decides *when* they run:
   retries are used up `on_error` gets a `ScheduleFailedError` / `QueueItemFailedError` and the
   failure stays visible (`_gw_schedule_failures`, queue dead letters).
 - After the commit the agent's next due time is written to the index (agent DB first, index
-  second: a stale index entry costs one needless wake, never a lost schedule).
+  second: a stale index entry costs one needless wake, never a lost schedule). The index file
+  is only touched on its own thread (`LoopScheduleIndex`): no fsync on the event loop.
+- The timer loop runs under the runtime's `Supervisor`: if it crashes it is logged, restarted
+  with backoff, and the runtime reports unhealthy until it runs again.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from gatewayd.agents.errors import (
 )
 from gatewayd.agents.queue import QueueStore
 from gatewayd.agents.retry import RetryPolicy, retry
-from gatewayd.agents.schedule_index import ScheduleIndex
+from gatewayd.agents.schedule_index import LoopScheduleIndex
 from gatewayd.agents.schedules import ScheduleStore
 from gatewayd.agents.slot import ALARM as _ALARM
 from gatewayd.agents.slot import SCHEDULED as _SCHEDULED
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from gatewayd.agents.agent import Agent
     from gatewayd.agents.settings import AgentSettings
     from gatewayd.agents.storage import AgentDatabase
+    from gatewayd.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,8 @@ class _Runtime(Protocol):
     _executor: ThreadPoolExecutor | None
     _background: list[asyncio.Task[None]]
     _accepting: bool
-    _index: ScheduleIndex | None
+    _supervisor: Supervisor
+    _index: LoopScheduleIndex | None
     _alarm_changed: asyncio.Event | None
     _alarm_pending: set[tuple[str, str]]
     _next_alarm_at: float
@@ -95,7 +100,7 @@ class _Runtime(Protocol):
 class AlarmsMixin:
     """Schedules/queue/retry for `AgentRuntime` (see the module docstring)."""
 
-    _index: ScheduleIndex | None = None
+    _index: LoopScheduleIndex | None = None
     _alarm_changed: asyncio.Event | None = None
     _alarm_pending: set[tuple[str, str]]
     _next_alarm_at: float = 0.0
@@ -103,14 +108,13 @@ class AlarmsMixin:
     # -- lifecycle hooks called by AgentRuntime ----------------------------------------------
 
     def _on_started(self: _Runtime) -> None:
-        self._index = ScheduleIndex(
+        self._index = LoopScheduleIndex(
             self.settings.state_dir / INDEX_FILE,
             synchronous_full=self.settings.durability == "full",
         )
         self._alarm_pending = set()
         self._alarm_changed = asyncio.Event()
-        assert self._loop is not None
-        self._background.append(self._loop.create_task(self._alarm_forever()))
+        self._background.append(self._supervisor.spawn("alarms", self._alarm_forever))
 
     def _on_closed(self: _Runtime) -> None:
         if self._index is not None:
@@ -153,7 +157,7 @@ class AlarmsMixin:
             self._alarm_changed.clear()
             now = time.time()
             if self._accepting:
-                for due in self._index.due(now, limit=_WAKE_BATCH):
+                for due in await self._index.due(now, limit=_WAKE_BATCH):
                     key = (due.agent_class, due.agent_id)
                     if key[0] not in self.classes:
                         logger.warning(
@@ -165,7 +169,7 @@ class AlarmsMixin:
                         self._index.set_next(key[0], key[1], None)
                         continue
                     self._enqueue_alarm(key)
-            next_at = self._index.next_wake_at()
+            next_at = await self._index.next_wake_at()
             sleep_s = _MAX_ALARM_SLEEP_S if next_at is None else next_at - time.time()
             sleep_s = min(max(sleep_s, _MIN_ALARM_SLEEP_S), _MAX_ALARM_SLEEP_S)
             self._next_alarm_at = time.time() + sleep_s

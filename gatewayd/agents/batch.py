@@ -13,6 +13,12 @@ Two storage failures are not retried agent by agent: a full disk (diskspace.py: 
 Backpressure to every transport until space returns) and a corrupt database file
 (quarantine.py: that agent's events are refused at once, every other agent keeps serving).
 
+A streaming RPC chunk is a *commit point* inside a turn (`commit_point`): the batch's writes so
+far commit, the outputs so far (the chunk last) are released and the finished events settled,
+then a new transaction and savepoint continue the turn. COMMIT therefore happens in two places,
+`commit_batch` and the commit point, both through `_commit_inline`/the group committer and
+both releasing through `BatchRunner._release`.
+
 A batch wakes a hibernated agent first (opens its database, runs `on_start` as a turn).
 Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn`, `metrics`,
 `diskspace` and `quarantine`.
@@ -25,7 +31,7 @@ import copy
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,6 +54,7 @@ from gatewayd.agents.slot import (
     Output,
     Slot,
     TransactionLost,
+    Turn,
     fail,
 )
 from gatewayd.agents.storage import AgentDatabase, agent_db_file
@@ -107,6 +114,8 @@ class BatchRunner:
         done: list[Done] = []
         undo_conns: list[tuple[Connection, Any]] = []
         slot.outbox = outbox
+        slot.done = done
+        slot.undo_conns = undo_conns
         try:
             if slot.agent is None and not await self._wake(slot, done, undo_conns):
                 return
@@ -146,6 +155,8 @@ class BatchRunner:
             await self.commit_batch(slot, db, outbox, done, undo_conns)
         finally:
             slot.outbox = None
+            slot.done = None
+            slot.undo_conns = None
 
     async def commit_batch(
         self,
@@ -163,9 +174,7 @@ class BatchRunner:
             if db.commit_fsyncs:
                 await self._committer.commit(db)
             else:
-                # durability="normal": this COMMIT never fsyncs (storage.py), so it runs
-                # inline; a thread hand-off would cost more than the commit itself.
-                db.commit()
+                _commit_inline(db)
         except Exception as err:
             self.counters["commit_errors"] += 1
             COMMIT_ERRORS.inc()
@@ -176,18 +185,7 @@ class BatchRunner:
             return
         self.counters["commits_total"] += 1
         COMMITS.inc()
-        for conn, data in outbox:
-            try:
-                deliver(conn, data)
-            except Exception:
-                logger.exception("agents: transport failed to take output for %r", conn)
-        for future, result, is_error in done:
-            if future is None or future.done():
-                continue
-            if is_error:
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        self._release(slot, outbox, done)
         self._after_commit(slot)
         if db.needs_checkpoint():
             # The outputs are already released (a checkpoint adds no durability against a
@@ -202,6 +200,110 @@ class BatchRunner:
                     slot.key[1],
                     err,
                 )
+
+    def _release(self, slot: Slot, outbox: list[Output], done: list[Done]) -> None:
+        """Open the output gate for committed work: outputs to the transports, then the
+        events' futures (acknowledgements, call results). The one place committed outputs
+        leave, at the end of a batch and at a commit point."""
+        for conn, data in outbox:
+            try:
+                deliver(conn, data)
+            except Exception:
+                logger.exception("agents: transport failed to take output for %r", conn)
+        for future, result, is_error in done:
+            if future is None or future.done():
+                continue
+            if is_error:
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    # -- commit points (streaming RPC chunks) ---------------------------------------------------
+
+    def commit_point(self, slot: Slot, turn: Turn) -> Awaitable[None]:
+        """A chunk of a streaming RPC of `turn` was just put in the outbox: commit what the
+        batch wrote so far and release every output up to it. Inline with
+        durability="normal" (that COMMIT does not fsync); with "full", when the returned
+        awaitable is awaited (the COMMIT runs off the loop)."""
+        db = slot.db
+        if db is None or not self._at_commit_point(slot, turn):
+            return _RELEASED  # the turn is over: the chunk went out or goes out with its batch
+        if db.commit_fsyncs:
+            return _OnAwait(lambda: self._commit_point_off_loop(slot, turn))
+        db.release()
+        try:
+            _commit_inline(db)
+        except Exception as err:
+            raise self._commit_point_failed(slot, turn, db, err) from err
+        self._commit_point_done(slot, turn, db)
+        return _RELEASED
+
+    def _at_commit_point(self, slot: Slot, turn: Turn) -> bool:
+        return slot.turn is turn and slot.outbox is not None and turn.lost is None
+
+    async def _commit_point_off_loop(self, slot: Slot, turn: Turn) -> None:
+        while turn.committing is not None:  # a task of this turn awaits another chunk's commit
+            await asyncio.wait([turn.committing])
+        db = slot.db
+        if db is None or not self._at_commit_point(slot, turn):
+            return
+        assert self._committer is not None and self._loop is not None
+        # Set until this commit point is complete (new transaction open, outputs released):
+        # the turn waits for it before it ends, and storage is refused meanwhile (turn.py).
+        point = turn.committing = self._loop.create_future()
+        try:
+            db.release()
+            commit = self._committer.commit(db)
+            cancelled = False
+            while not commit.done():
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    # The turn timed out (or shutdown) while its writes were committing:
+                    # finish this commit point first, so only what follows is rolled back.
+                    cancelled = True
+                except Exception:
+                    break
+            err = commit.exception()
+            if err is not None:
+                raise self._commit_point_failed(slot, turn, db, err) from err
+            self._commit_point_done(slot, turn, db)
+        finally:
+            turn.committing = None
+            point.set_result(None)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _commit_point_done(self, slot: Slot, turn: Turn, db: AgentDatabase) -> None:
+        assert slot.outbox is not None and slot.done is not None and slot.undo_conns is not None
+        self.counters["commits_total"] += 1
+        COMMITS.inc()
+        outbox, done = list(slot.outbox), list(slot.done)
+        slot.outbox.clear()
+        slot.done.clear()
+        slot.undo_conns.clear()
+        turn.conn_undo.clear()
+        turn.outbox_mark = 0
+        turn.state_before = slot.state
+        self._after_commit(slot)
+        db.begin()
+        db.savepoint()
+        self._release(slot, outbox, done)
+
+    def _commit_point_failed(
+        self, slot: Slot, turn: Turn, db: AgentDatabase, err: BaseException
+    ) -> TransactionLost:
+        """The batch's transaction is lost: the turn fails when it ends, whatever it does with
+        the error; until then it writes into a transaction that is never committed."""
+        self.counters["commit_errors"] += 1
+        COMMIT_ERRORS.inc()
+        turn.lost = TransactionLost(
+            f"commit failed at a streaming RPC chunk ({type(err).__name__}: {err})"
+        )
+        db.rollback()
+        db.begin()
+        db.savepoint()
+        return turn.lost
 
     async def _abort_batch(
         self,
@@ -330,3 +432,35 @@ class BatchRunner:
         if self.scheduler.awake > settings.max_active_agents:
             self.scheduler.evict_lru()
         return True
+
+
+def _commit_inline(db: AgentDatabase) -> None:
+    # durability="normal": this COMMIT never fsyncs (storage.py), so it runs inline; a thread
+    # hand-off would cost more than the commit itself.
+    assert not db.commit_fsyncs
+    db.commit()
+
+
+class _Released:
+    """An awaitable that is already complete (the chunk is out)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # pragma: no cover - makes this a generator
+
+
+_RELEASED = _Released()
+
+
+class _OnAwait:
+    """Runs `start()` only when awaited: a chunk nobody awaits costs nothing (and warns not)."""
+
+    __slots__ = ("_start",)
+
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._start = start
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._start().__await__()

@@ -45,6 +45,11 @@ class NoEngineError(AgentError):
     """`infer()` was called but the runtime has no inference engine."""
 
 
+class MailboxFullError(AgentError):
+    """A call was refused because the agent's mailbox (`max_mailbox_events`) or the runtime's
+    pending calls (`max_pending_calls`) are full; nothing was queued. Retry later."""
+
+
 class CommitError(AgentError):
     """The turn's transaction could not be committed; its outputs were dropped."""
 

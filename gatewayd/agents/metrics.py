@@ -14,6 +14,11 @@ COMMITS = Counter("gatewayd_agent_commits_total", "Agent transactions committed"
 COMMIT_ERRORS = Counter("gatewayd_agent_commit_errors_total", "Agent commits that failed")
 WAKES = Counter("gatewayd_agent_wakes_total", "Agents woken from hibernation or first start")
 HIBERNATIONS = Counter("gatewayd_agent_hibernations_total", "Agents evicted from memory")
+MAILBOX_FULL = Counter(
+    "gatewayd_agent_mailbox_full_total",
+    "Events and calls refused because an agent's mailbox (or the pending calls) was full; "
+    "transports hold and resubmit them (Backpressure), calls fail with MailboxFullError",
+)
 ACTIVE = Gauge("gatewayd_agents_active", "Agents currently in memory")
 COMMIT_SECONDS = Histogram(
     "gatewayd_agent_commit_group_seconds",
@@ -33,6 +38,7 @@ COUNTER_NAMES = (
     "duplicates_total",
     "protocol_errors",
     "rejected_total",
+    "mailbox_full_total",
 )
 
 

@@ -1,27 +1,33 @@
 """RPC: finding an agent's `@callable` method, checking arguments, and its replies/streams.
 
 Used by the turn (turn.py) for `gw.rpc` frames from clients and for `runtime.call`. Every
-reply goes out through the connection's output gate like any other output of the turn.
-Imports no other runtime module but `slot` (for `Turn`).
+reply goes out through the connection's output gate like any other output of the turn; each
+chunk of a streaming method is followed by a *commit point* (`commit_point`, batch.py) that
+commits the writes before it and releases it at once, instead of at the end of the turn.
+Imports no other runtime module but `slot`.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gatewayd.agents.agent import Agent, RpcStream, callable_info
 from gatewayd.agents.connection import Connection
 from gatewayd.agents.errors import RpcError
-from gatewayd.agents.slot import Turn
+from gatewayd.agents.slot import Slot, Turn
 from protocols import jsonproto
 
 
 class RpcDispatcher:
-    """Looks up and invokes `@callable` methods (argument signatures are cached per class)."""
+    """Looks up and invokes `@callable` methods (argument signatures are cached per class).
 
-    def __init__(self) -> None:
+    `commit_point(slot, turn)` runs after each stream chunk was put in the outbox."""
+
+    def __init__(self, commit_point: Callable[[Slot, Turn], Awaitable[None]]) -> None:
         self._signatures: dict[Any, inspect.Signature] = {}
+        self._commit_point = commit_point
 
     def find_callable(self, agent: Agent, name: Any) -> Any:
         """The bound `@callable` method `name` of `agent`, or RpcError saying why not."""
@@ -51,7 +57,12 @@ class RpcDispatcher:
         return method(*args, **kwargs)
 
     def handle_request(
-        self, agent: Agent, conn: Connection, request: jsonproto.RpcRequest, turn: Turn
+        self,
+        slot: Slot,
+        agent: Agent,
+        conn: Connection,
+        request: jsonproto.RpcRequest,
+        turn: Turn,
     ) -> Any:
         """Run a client's `gw.rpc` in `turn`; returns an awaitable when the method is async.
         The reply (and any stream chunk) is sent on `conn` through the output gate."""
@@ -64,9 +75,12 @@ class RpcDispatcher:
         args: list[Any] = list(request.args)
         if info.streaming:
             rpc_id = request.id
-            args.insert(
-                0, RpcStream(lambda chunk: conn.send(jsonproto.encode_rpc_chunk(rpc_id, chunk)))
-            )
+
+            def send_chunk(chunk: Any) -> Awaitable[None]:
+                conn.send(jsonproto.encode_rpc_chunk(rpc_id, chunk))
+                return self._commit_point(slot, turn)
+
+            args.insert(0, RpcStream(send_chunk))
         self.check_arguments(method, request.method, args, request.kwargs)
         result = method(*args, **request.kwargs)
         if result is not None and inspect.isawaitable(result):

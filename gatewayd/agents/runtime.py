@@ -2,15 +2,18 @@
 
 It implements `protocols.link.LinkHandler`: transports call `open_link`, `submit_message` and
 `close_link`, which enqueue an event for the route's agent synchronously and return a future
-resolved only after the turn that consumed the event has committed.
+resolved only after the turn that consumed the event has committed. Mailboxes are bounded
+(`max_mailbox_events`): when the agent's is full, `open_link`/`submit_message` return a future
+failed with `Backpressure` (nothing queued; resubmit once its `ready` resolves) and in-process
+calls fail with `MailboxFullError` (also beyond `max_pending_calls` calls in flight).
 
 This module is the facade (lifecycle, the LinkHandler and in-process API, and the `AgentHost`
 each agent instance talks to); the work is split by job:
 
-- scheduler.py: slots, each agent's FIFO mailbox and the task that drains it in batches;
-  hibernation of idle agents and LRU eviction beyond `max_active_agents`; `destroy()`.
+- scheduler.py: slots, each agent's bounded FIFO mailbox and the task that drains it in
+  batches; hibernation of idle agents and LRU eviction beyond `max_active_agents`; `destroy()`.
 - batch.py: one batch = one SQLite transaction and its output gate; waking an agent; the
-  commit path (`BatchRunner.commit_batch`).
+  commit path (`BatchRunner.commit_batch`) and the commit points of streaming RPC chunks.
 - turn.py: one event as one turn in its own SAVEPOINT; state changes; hook errors.
 - registry.py: the open connections of every agent (they outlive hibernation).
 - rpc.py: `@callable` lookup, argument checks, RPC replies and streams.
@@ -37,8 +40,8 @@ from gatewayd.agents.alarms import AlarmsMixin
 from gatewayd.agents.batch import BatchRunner
 from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection
-from gatewayd.agents.errors import AgentError, NoEngineError
-from gatewayd.agents.metrics import COMMIT_SECONDS, new_counters
+from gatewayd.agents.errors import AgentError, MailboxFullError, NoEngineError
+from gatewayd.agents.metrics import COMMIT_SECONDS, MAILBOX_FULL, new_counters
 from gatewayd.agents.queue import QueueStore
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.rpc import RpcDispatcher
@@ -58,9 +61,12 @@ from gatewayd.agents.slot import (
 )
 from gatewayd.agents.storage import AgentDatabase, validate_agent_id, validate_class_name
 from gatewayd.agents.turn import TurnRunner
-from protocols.link import DedupKey, Link, LinkRejected, Outcome
+from gatewayd.supervisor import Supervisor
+from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
+
+_STUCK_LOG_INTERVAL_S = 60.0  # how often a stuck commit is logged again while it lasts
 
 
 class AgentRuntime(AlarmsMixin):
@@ -91,12 +97,15 @@ class AgentRuntime(AlarmsMixin):
         self._background: list[asyncio.Task[None]] = []
         self._accepting = False
         self._closed = False
+        self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
+        self._supervisor = Supervisor("agents")  # the background loops (see supervisor.py)
+        self._pending_calls = 0
         self._counters = new_counters()
         self._registry = ConnectionRegistry()
         self._turns = TurnRunner(
             settings,
             self._registry,
-            RpcDispatcher(),
+            RpcDispatcher(commit_point=lambda slot, turn: self._batches.commit_point(slot, turn)),
             self._counters,
             named_method=self._named_method,
         )
@@ -138,7 +147,9 @@ class AgentRuntime(AlarmsMixin):
         self._scheduler.start(self._loop, self._executor)
         self._batches.start(self._loop, self._executor, self._committer)
         self._accepting = True
-        self._background.append(self._loop.create_task(self._scheduler.hibernate_idle_forever()))
+        self._background.append(
+            self._supervisor.spawn("hibernation", self._scheduler.hibernate_idle_forever)
+        )
         self._on_started()
         logger.info(
             "agents: runtime started (%d classes, state in %s, durability=%s)",
@@ -151,6 +162,7 @@ class AgentRuntime(AlarmsMixin):
         """Stop accepting events (LinkRejected("shutting down")), finish queued turns and
         commit them. Returns False if some agent was still busy after `timeout_s`."""
         self._accepting = False
+        self._scheduler.open_every_room()  # held transports resubmit and get "shutting down"
         deadline = time.monotonic() + timeout_s
         while True:
             tasks = self._scheduler.busy_tasks()
@@ -215,14 +227,25 @@ class AgentRuntime(AlarmsMixin):
         }
 
     def healthy(self) -> bool:
-        """Started, not closed, and no commit stuck (a hung disk) for more than
-        `turn_timeout_s`."""
+        """Started, not closed, every background loop running, and no commit stuck (a hung
+        disk) for more than `turn_timeout_s`."""
         if self._loop is None or self._closed or self._committer is None:
+            return False
+        if self._supervisor.failing():
             return False
         stuck_s = self._committer.oldest_in_flight_s()
         if stuck_s > self.settings.turn_timeout_s:
-            logger.error("agents: a commit has been running for %.1fs (disk stuck?)", stuck_s)
+            # Health is sampled twice a second: say it once per stuck episode, then every minute.
+            now = time.monotonic()
+            if now - self._stuck_logged_at >= _STUCK_LOG_INTERVAL_S:
+                self._stuck_logged_at = now
+                logger.error(
+                    "agents: a commit has been running for %.1fs (disk stuck? check the state "
+                    "directory's file system); reporting unhealthy",
+                    stuck_s,
+                )
             return False
+        self._stuck_logged_at = -_STUCK_LOG_INTERVAL_S
         return True
 
     # -- LinkHandler ---------------------------------------------------------------------------
@@ -236,6 +259,8 @@ class AgentRuntime(AlarmsMixin):
             rejection = f"link id {link.link_id!r} is already open"
         if rejection is not None:
             return self._reject(future, rejection, link)
+        if self._scheduler.mailbox_full(key):
+            return self._hold_back(future, key)
         conn = Connection(link, context, self.settings.max_connection_state_bytes)
         self._registry.register(key, conn)
         slot = self._enqueue(key, Event(CONNECT, future, conn, context))
@@ -267,9 +292,10 @@ class AgentRuntime(AlarmsMixin):
                 code=1009,
             )
         route = link.route
-        self._enqueue(
-            (route.agent_class, route.agent_id), Event(MESSAGE, future, conn, data, dedup)
-        )
+        key = (route.agent_class, route.agent_id)
+        if self._scheduler.mailbox_full(key):
+            return self._hold_back(future, key)
+        self._enqueue(key, Event(MESSAGE, future, conn, data, dedup))
         return future
 
     def close_link(self, link: Link, code: int, reason: str) -> asyncio.Future[Outcome]:
@@ -292,14 +318,11 @@ class AgentRuntime(AlarmsMixin):
         self, agent_class: str, agent_id: str, method: str, *args: Any, **kwargs: Any
     ) -> asyncio.Future[Any]:
         """Enqueue a call of the `@callable` `method`; the future resolves to its return value
-        after the turn committed."""
-        future = self._new_future()
-        key = (agent_class, agent_id)
-        rejection = self._check_route(key)
-        if rejection is not None:
-            return self._reject(future, rejection, None)
-        self._enqueue(key, Event(CALL, future, None, method, args, kwargs))
-        return future
+        after the turn committed. It fails at once with `MailboxFullError` when the agent's
+        mailbox (`max_mailbox_events`) or the pending calls (`max_pending_calls`) are full."""
+        return self._submit(
+            Event(CALL, self._new_future(), None, method, args, kwargs), agent_class, agent_id
+        )
 
     async def call(
         self, agent_class: str, agent_id: str, method: str, *args: Any, **kw: Any
@@ -310,13 +333,7 @@ class AgentRuntime(AlarmsMixin):
         self, agent_class: str, agent_id: str, fn: Callable[[Agent], Any]
     ) -> Any:
         """Run `fn(agent)` as a turn (it may use `agent.sql`, `set_state`...). For tests, tools."""
-        future = self._new_future()
-        key = (agent_class, agent_id)
-        rejection = self._check_route(key)
-        if rejection is not None:
-            return await self._reject(future, rejection, None)
-        self._enqueue(key, Event(FN, future, None, fn))
-        return await future
+        return await self._submit(Event(FN, self._new_future(), None, fn), agent_class, agent_id)
 
     async def get_agent_state(self, agent_class: str, agent_id: str) -> Any:
         """The agent's committed state (wakes it if it is hibernating)."""
@@ -330,6 +347,57 @@ class AgentRuntime(AlarmsMixin):
         return self._scheduler.evict_idle(self._scheduler.now() - idle_for_s)
 
     # -- enqueueing ----------------------------------------------------------------------------
+
+    def _submit(self, event: Event, agent_class: str, agent_id: str) -> asyncio.Future[Any]:
+        """Enqueue an in-process call (CALL or FN) within the mailbox and pending-call bounds."""
+        future = event.future
+        assert future is not None
+        key = (agent_class, agent_id)
+        rejection = self._check_route(key)
+        if rejection is not None:
+            return self._reject(future, rejection, None)
+        if self._pending_calls >= self.settings.max_pending_calls:
+            self._counters["mailbox_full_total"] += 1
+            MAILBOX_FULL.inc()
+            future.set_exception(
+                MailboxFullError(
+                    f"{self._pending_calls} calls are already waiting for agents "
+                    f"(agents.max_pending_calls={self.settings.max_pending_calls}); "
+                    "retry later or raise the limit"
+                )
+            )
+            return future
+        if self._scheduler.mailbox_full(key):
+            self._counters["mailbox_full_total"] += 1
+            MAILBOX_FULL.inc()
+            future.set_exception(
+                MailboxFullError(
+                    f"agent {agent_class}/{agent_id!r}: mailbox full "
+                    f"(agents.max_mailbox_events={self.settings.max_mailbox_events}); "
+                    "retry later or raise the limit"
+                )
+            )
+            return future
+        self._pending_calls += 1
+        future.add_done_callback(self._call_settled)
+        self._enqueue(key, event)
+        return future
+
+    def _call_settled(self, _future: asyncio.Future[Any]) -> None:
+        self._pending_calls -= 1
+
+    def _hold_back(self, future: asyncio.Future[Any], key: AgentKey) -> asyncio.Future[Any]:
+        """Fail `future` with Backpressure: nothing was queued; resubmit once `ready`."""
+        self._counters["mailbox_full_total"] += 1
+        MAILBOX_FULL.inc()
+        future.set_exception(
+            Backpressure(
+                f"agent {key[0]}/{key[1]!r}: mailbox full "
+                f"(agents.max_mailbox_events={self.settings.max_mailbox_events})",
+                self._scheduler.when_room(key),
+            )
+        )
+        return future
 
     def _new_future(self) -> asyncio.Future[Any]:
         loop = self._loop

@@ -14,19 +14,32 @@ Storage: its own small SQLite file (e.g. `<state dir>/schedule-index.sqlite3`), 
 That survives a process crash; a power cut can lose the last updates since the previous WAL
 checkpoint (pass `synchronous_full=True` to fsync every write, slower on SD cards).
 
-Calls are synchronous and fast (microseconds, no fsync with NORMAL), so the runtime may call them
-from the event loop directly; `set_many` batches updates in one transaction. The object is
-thread-safe (one lock), so calling it via `asyncio.to_thread` also works.
+`ScheduleIndex` is synchronous and thread-safe (one lock); `set_many` batches updates in one
+transaction. The runtime never calls it on the event loop: a write may fsync (always with
+`synchronous_full`, and in every automatic WAL checkpoint), and a read waits on the lock a
+writer holds while it fsyncs. It uses `LoopScheduleIndex` instead: every file access runs on one
+dedicated thread in submission order; `set_next` only records the update on the loop, and the
+updates recorded in one loop iteration (and while a write is in flight) go to the file as one
+transaction; a read runs after every update recorded before it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# After a failed write (disk full, I/O error) the updates are kept and retried this much later.
+_WRITE_RETRY_S = 1.0
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS _gw_schedule_index (
     agent_class TEXT NOT NULL,
@@ -156,6 +169,85 @@ class ScheduleIndex:
         if self._db is None:
             raise ScheduleIndexClosedError(f"schedule index {self._path}: used after close()")
         return self._db
+
+
+class LoopScheduleIndex:
+    """The `ScheduleIndex` at `path`, used from the event loop: nothing here blocks the loop on
+    the file (see the module docstring). Open with `open()` (it waits for the file to open, on
+    the index thread, so start-up still fails fast); close with `close()`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous_full: bool = False) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatewayd-index")
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[tuple[str, str], float | None] = {}
+        self._flush_scheduled = False
+        self._writing = 0
+        try:
+            self._index = self._thread.submit(
+                ScheduleIndex, path, synchronous_full=synchronous_full
+            ).result()
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            raise
+
+    def set_next(self, agent_class: str, agent_id: str, next_due_at: float | None) -> None:
+        """Record an update (checked now, written soon, on the index thread)."""
+        agent_class, agent_id, next_due_at = _check_entry(agent_class, agent_id, next_due_at)
+        self._pending[agent_class, agent_id] = next_due_at
+        if not self._flush_scheduled and not self._writing:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    async def due(self, now: float, limit: int | None = None) -> list[DueAgent]:
+        return await self._read(self._index.due, now, limit)
+
+    async def next_wake_at(self) -> float | None:
+        return await self._read(self._index.next_wake_at)
+
+    async def get(self, agent_class: str, agent_id: str) -> float | None:
+        return await self._read(self._index.get, agent_class, agent_id)
+
+    def close(self) -> None:
+        """Write what is recorded, close the file and end the thread (waits for both: called
+        once, at shut-down)."""
+        self._flush(force=True)
+        self._thread.submit(self._index.close)
+        self._thread.shutdown(wait=True)
+
+    async def _read(self, read: Callable[..., T], *args: object) -> T:
+        self._flush(force=True)  # the thread runs jobs in order: the read sees every update
+        return await self._loop.run_in_executor(self._thread, read, *args)
+
+    def _flush(self, *, force: bool = False) -> None:
+        self._flush_scheduled = False
+        if not self._pending or (self._writing and not force):
+            return
+        entries = [(key[0], key[1], due_at) for key, due_at in self._pending.items()]
+        self._pending.clear()
+        self._writing += 1
+        written = self._loop.run_in_executor(self._thread, self._index.set_many, entries)
+        written.add_done_callback(lambda done: self._written(done, entries))
+
+    def _written(
+        self, done: asyncio.Future[None], entries: list[tuple[str, str, float | None]]
+    ) -> None:
+        self._writing -= 1
+        error = None if done.cancelled() else done.exception()
+        if error is not None:
+            logger.error(
+                "agents: schedule index: writing %d updates failed (%s: %s); retrying in %gs. "
+                "Until then those agents' schedules wait for their next wake",
+                len(entries),
+                type(error).__name__,
+                error,
+                _WRITE_RETRY_S,
+            )
+            for agent_class, agent_id, due_at in entries:
+                self._pending.setdefault((agent_class, agent_id), due_at)  # newer ones win
+            self._loop.call_later(_WRITE_RETRY_S, self._flush)
+            return
+        if self._pending and not self._writing:
+            self._flush()
 
 
 def _check_entry(

@@ -2,8 +2,9 @@
 
 It owns the slots (one per agent identity that is awake or has events queued), each slot's
 FIFO mailbox and the task that drains it batch after batch (what one batch does is
-batch.py's job, handed in as `run_batch`), hibernation of idle agents, LRU eviction beyond
-`max_active_agents`, and `destroy()`'s teardown. Different agents run concurrently on the one
+batch.py's job, handed in as `run_batch`), the mailbox bound (`max_mailbox_events`: callers
+check `mailbox_full` and wait on `when_room`), hibernation of idle agents, LRU eviction beyond
+`max_active_agents`, and `destroy()`'s teardown (inside the slot's task, so FIFO holds). Different agents run concurrently on the one
 event loop; one agent never runs two batches at once.
 
 Imports no other runtime module but `slot`, `registry` and `metrics`.
@@ -83,6 +84,44 @@ class SlotScheduler:
         slot = self.slots.get(key)
         return slot is not None and slot.agent is not None
 
+    # -- the mailbox bound -----------------------------------------------------------------------
+
+    def mailbox_full(self, key: AgentKey) -> bool:
+        slot = self.slots.get(key)
+        return slot is not None and len(slot.mailbox) >= self.settings.max_mailbox_events
+
+    def when_room(self, key: AgentKey) -> asyncio.Future[None]:
+        """A future resolved (never failed) once the agent's full mailbox has room again, or
+        when the runtime stops accepting events."""
+        slot = self.slots[key]
+        if slot.room is None or slot.room.done():
+            assert self._loop is not None
+            slot.room = self._loop.create_future()
+            logger.warning(
+                "agents: %s/%r: mailbox full (%d events waiting, agents.max_mailbox_events=%d); "
+                "its transports hold new input until it drains. If this persists the agent is "
+                "too slow for its input rate (see turn times) or the limit is too low",
+                slot.key[0],
+                slot.key[1],
+                len(slot.mailbox),
+                self.settings.max_mailbox_events,
+            )
+        return slot.room
+
+    def _open_room(self, slot: Slot) -> None:
+        room = slot.room
+        if room is not None and len(slot.mailbox) < self.settings.max_mailbox_events:
+            slot.room = None
+            if not room.done():
+                room.set_result(None)
+
+    def open_every_room(self) -> None:
+        """Resolve every pending `when_room` future (the runtime is shutting down)."""
+        for slot in self.slots.values():
+            room, slot.room = slot.room, None
+            if room is not None and not room.done():
+                room.set_result(None)
+
     # -- the mailbox and the run loop ----------------------------------------------------------
 
     def enqueue(self, key: AgentKey, event: Event) -> Slot:
@@ -101,6 +140,7 @@ class SlotScheduler:
         try:
             while slot.mailbox:
                 await self._run_batch(slot)
+                self._open_room(slot)
                 if slot.destroy_requested:
                     # Still this slot's task: events that arrive meanwhile queue behind the
                     # ones already waiting, in order, and go to a fresh agent afterwards.
@@ -122,6 +162,7 @@ class SlotScheduler:
         finally:
             slot.task = None
             slot.last_active = self.now()
+            self._open_room(slot)
         if slot.mailbox:  # events arrived while tearing down
             slot.task = asyncio.get_running_loop().create_task(self._run(slot))
             return
@@ -240,6 +281,7 @@ class SlotScheduler:
     async def shut_down(self) -> None:
         """Cancel every agent's run loop, fail what is still queued, close every database
         (each agent's teardown on its own: one that fails does not keep the others open)."""
+        self.open_every_room()
         for slot in list(self.slots.values()):
             try:
                 if slot.task is not None:

@@ -45,6 +45,11 @@ class AgentSettings:
     max_turns_per_commit: int = 256
     # Threads shared by all agents for commits (fsync); never one per agent.
     commit_threads: int = 4
+    # Events waiting in one agent's mailbox; beyond it transports get `Backpressure` and
+    # `call()` gets `MailboxFullError` (nothing is queued without bound).
+    max_mailbox_events: int = 1000
+    # In-process calls (`submit_call`, `call`, `run_in_agent`) not yet answered, all agents.
+    max_pending_calls: int = 10_000
 
     def __post_init__(self) -> None:
         if self.durability not in ("normal", "full"):
@@ -62,6 +67,8 @@ class AgentSettings:
             "max_message_bytes",
             "max_turns_per_commit",
             "commit_threads",
+            "max_mailbox_events",
+            "max_pending_calls",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"agents.{name} must be >= 1, got {getattr(self, name)!r}")

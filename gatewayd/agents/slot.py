@@ -59,25 +59,35 @@ class Turn:
     """What one running turn may change besides SQL (undone when it rolls back)."""
 
     __slots__ = (
+        "committing",
         "conn_undo",
         "destroy",
+        "lost",
         "notifications",
+        "outbox_mark",
         "readonly",
         "rpc_conn",
         "rpc_id",
         "source",
-        "woke_queue",
+        "state_before",
     )
 
     def __init__(self, source: Connection | None) -> None:
         self.source = source
+        # What a failure rolls back to: the outbox length and the agent state at the start
+        # of the turn, or at its last commit point (a streaming RPC chunk, see batch.py).
+        self.outbox_mark = 0
+        self.state_before: Any = None
+        # Set when a commit point of this turn failed: the batch's transaction is gone.
+        self.lost: TransactionLost | None = None
+        # The COMMIT of a commit point running off the loop (durability="full"), if any.
+        self.committing: asyncio.Future[None] | None = None
         self.conn_undo: list[tuple[Connection, Any]] = []
         self.notifications: list[Any] = []
         self.readonly = False
         self.rpc_id: str | None = None
         self.rpc_conn: Connection | None = None
         self.destroy = False
-        self.woke_queue = False
 
 
 class Slot:
@@ -88,16 +98,19 @@ class Slot:
         "cls",
         "db",
         "destroy_requested",
+        "done",
         "drain_queued",
         "index_dirty",
         "key",
         "last_active",
         "mailbox",
         "outbox",
+        "room",
         "state",
         "stores",
         "task",
         "turn",
+        "undo_conns",
     )
 
     def __init__(self, key: AgentKey, cls: type[Agent]) -> None:
@@ -111,6 +124,12 @@ class Slot:
         self.turn: Turn | None = None
         # The open batch's buffered outputs (None between batches: output goes out at once).
         self.outbox: list[Output] | None = None
+        # The open batch's events to settle after its commit, and connection states to
+        # restore if it is lost (None between batches, like `outbox`).
+        self.done: list[Done] | None = None
+        self.undo_conns: list[tuple[Connection, Any]] | None = None
+        # Set while the mailbox is full: resolved once it has room again (see scheduler.py).
+        self.room: asyncio.Future[None] | None = None
         self.last_active = 0.0
         self.destroy_requested = False
         self.drain_queued = False

@@ -2,7 +2,13 @@
 
 A turn runs in its own SAVEPOINT: its SQL, state and connection-state changes are undone if
 it fails, and its outputs (appended to the batch's outbox through the output gate) are
-dropped with them. What is released, and when, is batch.py's job (after the COMMIT).
+dropped with them. What is released, and when, is batch.py's job (after the COMMIT, or at a
+commit point: a streaming RPC chunk, after which a failure rolls back only what followed it).
+
+Every hook the turn runs is bounded by `turn_timeout_s`: the handler (cancelled, the turn
+rolled back), `on_state_changed` and `on_error` (cancelled and logged; they undo nothing).
+Storage (`db_for_turn`, `set_state`) is for the task that runs the turn only, and the tasks it
+creates while it runs (they inherit `_RUNNING_TURN`); anyone else gets `NotInTurnError`.
 
 Event kinds and what `Event.a/b/c` carry:
   START (on_start), CONNECT (conn, a=context), MESSAGE (conn, a=data, b=DedupKey|None),
@@ -26,6 +32,7 @@ from gatewayd.agents.agent import Agent
 from gatewayd.agents.connection import CloseRequest, Connection
 from gatewayd.agents.errors import (
     AgentError,
+    CommitError,
     NotInTurnError,
     ReadonlyConnectionError,
     SequenceGapError,
@@ -119,9 +126,9 @@ class TurnRunner:
         if kind == CONNECT and event.future is not None:
             # If the batch is lost, `drop_failed_connects` (batch.py) finds the connection here.
             event.future._gw_connecting = event.conn  # type: ignore[attr-defined]
-        state_before = slot.state
+        turn.state_before = slot.state
         outbox = slot.outbox
-        outbox_mark = len(outbox)
+        turn.outbox_mark = len(outbox)
         timeout_cm: asyncio.Timeout | None = None
         db.savepoint()
         try:
@@ -130,13 +137,19 @@ class TurnRunner:
                 timeout_cm = asyncio.timeout(self.settings.turn_timeout_s)
                 async with timeout_cm:
                     result = await result
+            if turn.committing is not None:
+                await _commit_points_settled(turn)
             for note in turn.notifications:
                 await self._notify_state_changed(slot, note)
+            if turn.lost is not None:
+                raise turn.lost  # a commit point failed, whatever the handler did with it
             if dedup is not None:
                 db.set_last_seq(dedup.stream, dedup.seq)
             db.release()
         except Exception as raised:
             err: BaseException = raised
+            if turn.committing is not None:  # a task of the turn may still be at one
+                await _commit_points_settled(turn)
             if timeout_cm is not None and timeout_cm.expired():
                 err = TurnTimeoutError(
                     f"agent {slot.key[0]}/{slot.key[1]!r}: {EVENT_NAMES[kind]} handler did not "
@@ -144,17 +157,21 @@ class TurnRunner:
                     "turn rolled back"
                 )
                 self.counters["turn_timeouts"] += 1
-            del outbox[outbox_mark:]
-            slot.state = state_before
+            del outbox[turn.outbox_mark :]
+            slot.state = turn.state_before
             slot.turn = None
             slot.stores.clear()  # a store created in this turn may have lost its tables
-            if not db.connection.in_transaction:
+            if turn.lost is not None or not db.connection.in_transaction:
                 # SQLite rolled back the whole transaction (SQLITE_FULL, IOERR...): the
                 # earlier turns of this batch are gone too.
                 for conn, old_state in reversed(turn.conn_undo):
                     conn._state = old_state
                 self.counters["turn_errors"] += 1
+                if isinstance(err, TransactionLost):  # a commit point failed (batch.py)
+                    err = CommitError(f"agent {slot.key[0]}/{slot.key[1]!r}: {err}")
                 done.append((event.future, err, True))
+                if turn.lost is not None:
+                    raise TransactionLost(str(turn.lost)) from err
                 raise TransactionLost(
                     f"transaction rolled back by SQLite in a {EVENT_NAMES[kind]} turn "
                     f"({type(err).__name__}: {err})"
@@ -179,8 +196,8 @@ class TurnRunner:
         except BaseException:
             if db.connection.in_transaction:
                 db.rollback_to_savepoint()
-            del outbox[outbox_mark:]
-            slot.state = state_before
+            del outbox[turn.outbox_mark :]
+            slot.state = turn.state_before
             raise
         finally:
             slot.turn = None
@@ -219,7 +236,7 @@ class TurnRunner:
                     return None
                 if frame is not None:
                     if isinstance(frame, jsonproto.RpcRequest):
-                        return self.rpc.handle_request(agent, conn, frame, turn)
+                        return self.rpc.handle_request(slot, agent, conn, frame, turn)
                     return self._client_state_update(slot, conn, frame.state)
             return agent.on_message(conn, data)
         if kind == CONNECT:
@@ -359,6 +376,11 @@ class TurnRunner:
                 "earlier turn?); await the task inside the turn that started it, or hand the "
                 "write to a turn with queue() or schedule()"
             )
+        if turn.committing is not None:
+            raise AgentError(
+                f"agent {slot.key[0]}/{slot.key[1]!r}: storage used while a streaming chunk of "
+                "this turn is being committed; await stream.send(...) before writing again"
+            )
         return turn
 
     def db_for_turn(self, slot: Slot) -> AgentDatabase:
@@ -413,3 +435,10 @@ class TurnRunner:
         if slot.turn is None or _RUNNING_TURN.get() is not slot.turn:
             raise NotInTurnError("destroy() must be called from within a turn")
         slot.turn.destroy = True
+
+
+async def _commit_points_settled(turn: Turn) -> None:
+    """Wait until no commit point of `turn` (a streaming chunk committing off the loop, in a
+    task the turn started) is in progress: the turn may end or roll back only after it."""
+    while turn.committing is not None:
+        await asyncio.wait([turn.committing])

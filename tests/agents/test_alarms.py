@@ -187,11 +187,11 @@ async def test_destroy_deletes_storage_schedules_and_connections(make_runtime, t
         await rt.open_link(link, {})
         await rt.call("p", "gone", "plan", 60, "never")
         path = agent_db_path(tmp_path / "state", "p", "gone")
-        assert path.exists() and rt._index.get("p", "gone") is not None
+        assert path.exists() and await rt._index.get("p", "gone") is not None
         await rt.call("p", "gone", "goodbye")
         await wait_for(lambda: _async(not path.exists()))
         assert link.closed == (1000, "agent destroyed")
-        assert rt._index.get("p", "gone") is None
+        assert await rt._index.get("p", "gone") is None
         assert await rt.call("p", "gone", "schedules") == ["hourly"]  # a fresh agent
 
 

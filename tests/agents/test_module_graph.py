@@ -49,3 +49,13 @@ def test_agent_and_connection_import_no_runtime_module() -> None:
 def test_agent_calls_no_private_runtime_method() -> None:
     source = (PACKAGE / "agent.py").read_text(encoding="utf-8")
     assert "_gw_runtime" not in source and "_gw_slot" not in source
+
+
+def test_the_agents_package_never_imports_the_daemon_assembly() -> None:
+    forbidden = ("gatewayd.daemon", "gatewayd.wiring", "gatewayd.config", "gatewayd.cli")
+    offenders = {}
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(forbidden):
+                offenders[path.name] = node.module
+    assert offenders == {}

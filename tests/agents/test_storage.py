@@ -98,7 +98,7 @@ async def test_values_over_the_limit_fail_the_turn_clearly(make_runtime):
 
 async def test_database_size_cap(make_runtime):
     async with make_runtime({"blobs": Blobs}, max_db_bytes=256 * 1024) as rt:
-        with pytest.raises(StorageFullError, match="agents.max_db_size"):
+        with pytest.raises(StorageFullError, match=r"agents\.max_db_size"):
             for _ in range(100):
                 await rt.call("blobs", "cap", "put", 50_000)
         count = await rt.call("blobs", "cap", "count")

@@ -141,3 +141,43 @@ async def serving(*specs: ModelSpec) -> AsyncIterator[Engine]:
 def metric(name: str, **labels: str) -> float:
     """Current value of a sample in the default registry (0 when never observed)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def build_spin(path: Path, iterations: int | None = None) -> Path:
+    """x float32[N, 1] -> y = x, after a Loop of `iterations` empty steps, or of max(x) steps
+    when `iterations` is None (the warm-up's zeros: none). One step takes about a microsecond,
+    so 1e9 steps keep the worker busy for good; only `RunOptions.terminate` ends such a run."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["v_in"], ["v_out"]),
+        ],
+        "spin_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
+    initializers = [numpy_helper.from_array(np.array(True), "true")]
+    nodes = []
+    if iterations is None:
+        nodes += [
+            helper.make_node("ReduceMax", ["x"], ["x_max"], keepdims=0),
+            helper.make_node("Cast", ["x_max"], ["trips"], to=TensorProto.INT64),
+        ]
+    else:
+        initializers.append(numpy_helper.from_array(np.array(iterations, np.int64), "trips"))
+    nodes.append(helper.make_node("Loop", ["trips", "true", "x"], ["y"], body=body))
+    graph = helper.make_graph(
+        nodes,
+        "spin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        initializers,
+    )
+    return save(graph, path)

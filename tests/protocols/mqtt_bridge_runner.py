@@ -3,7 +3,9 @@
 `SqliteLinkHandler` plays the gateway: it applies each event in a real SQLite transaction
 (batched, like group commit) and resolves the event's future only after COMMIT; it can be
 slowed down, made to fail chosen messages, refuse an agent class, and echo replies through
-`link.send` after the commit (the output gate).
+`link.send` after the commit (the output gate). With `strict_links` it holds a link id as the
+agent runtime does: open until its close event committed (opening it again before is refused,
+as is a message on a link that is not the open one); `close_gate` delays committing closes.
 
 Run as a module it is the bridge process used by the crash tests:
 
@@ -62,6 +64,8 @@ class SqliteLinkHandler:
         refuse_classes: frozenset[str] = frozenset(),
         reply: Callable[[Link, bytes | str], bytes | str | None] | None = None,
         batch_max: int = 256,
+        strict_links: bool = False,
+        close_gate: asyncio.Event | None = None,
     ) -> None:
         self.db_path = Path(db_path)
         self.commit_delay_s = commit_delay_s
@@ -69,6 +73,9 @@ class SqliteLinkHandler:
         self.refuse_classes = refuse_classes
         self.reply = reply
         self.batch_max = batch_max
+        self.strict_links = strict_links
+        self.close_gate = close_gate
+        self.open_links: dict[str, Link] = {}  # strict_links: open until the close committed
         self.links: dict[str, Link] = {}
         self.outstanding = 0  # events submitted whose future has not resolved yet
         self.max_outstanding = 0
@@ -90,12 +97,18 @@ class SqliteLinkHandler:
 
     # LinkHandler -------------------------------------------------------------------
     def open_link(self, link: Link, context: dict[str, Any]) -> asyncio.Future[Outcome]:
+        if self.strict_links:
+            if link.link_id in self.open_links:
+                return _rejected(f"link id {link.link_id!r} is already open")
+            self.open_links[link.link_id] = link
         self.links[link.link_id] = link
         return self._enqueue("open", link, None, repr(sorted(context.items())))
 
     def submit_message(
         self, link: Link, data: bytes | str, dedup: DedupKey | None = None
     ) -> asyncio.Future[Outcome]:
+        if self.strict_links and self.open_links.get(link.link_id) is not link:
+            return _rejected("connection is not open (open_link first)")
         return self._enqueue("message", link, data, "")
 
     def close_link(self, link: Link, code: int, reason: str) -> asyncio.Future[Outcome]:
@@ -120,6 +133,8 @@ class SqliteLinkHandler:
                 batch.append(self._queue.get_nowait())
             if self.commit_delay_s:
                 await asyncio.sleep(self.commit_delay_s)
+            if self.close_gate is not None and any(e.kind == "close" for e in batch):
+                await self.close_gate.wait()
             refused = [e for e in batch if e.link.route.agent_class in self.refuse_classes]
             failed = [
                 e
@@ -133,6 +148,8 @@ class SqliteLinkHandler:
             for event in failed:
                 event.future.set_exception(TurnFailed(f"turn failed for {event.data!r}"))
             for event in done:  # output gate: replies only after the commit
+                if event.kind == "close" and self.open_links.get(event.link.link_id) is event.link:
+                    del self.open_links[event.link.link_id]
                 event.future.set_result(Outcome.APPLIED)
                 if event.kind == "message" and self.reply is not None:
                     answer = self.reply(event.link, event.data)
@@ -156,6 +173,12 @@ class SqliteLinkHandler:
                     (e.kind, route.agent_class, route.agent_id, e.link.link_id, e.context),
                 )
         self._db.execute("COMMIT")
+
+
+def _rejected(reason: str) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_exception(LinkRejected(reason))
+    return future
 
 
 def read_messages(db_path: str | Path) -> list[tuple[str, str, str, bytes]]:
