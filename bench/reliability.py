@@ -457,6 +457,13 @@ class Site:
         """Start the daemon (its MQTT session exists before anything is published), then the
         MQTT devices."""
         await asyncio.to_thread(self.start)
+        # READY=1 comes before the MQTT subscription: a message published before it would be
+        # PUBACKed by the broker and routed to nobody (later restarts keep the session).
+        deadline = time.monotonic() + 30
+        while "mqtt: connected" not in self.daemon.log_tail(10**9):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gatewayd never connected to MQTT: {self.daemon.log_tail()}")
+            await asyncio.sleep(0.05)
         await self.mqtt.open()
 
     async def close(self) -> None:
