@@ -789,7 +789,7 @@ async def run_disk_full(args: argparse.Namespace, broker: MosquittoBroker) -> di
         )
         recovered_log = site.daemon.log_tail(10**9)[log_mark + len(full_log) :]
         result["log_says_recovered"] = next(
-            (line for line in recovered_log.splitlines() if "space is back" in line), None
+            (line for line in recovered_log.splitlines() if "disk space is back" in line), None
         )
         await asyncio.sleep(3.0)
         stop.set()
