@@ -787,10 +787,15 @@ async def run_disk_full(args: argparse.Namespace, broker: MosquittoBroker) -> di
         result["recovered_after_s"] = (
             round(time.monotonic() - freed_at, 2) if site.ledger.snapshot() != before else None
         )
-        recovered_log = site.daemon.log_tail(10**9)[log_mark + len(full_log) :]
-        result["log_says_recovered"] = next(
-            (line for line in recovered_log.splitlines() if "disk space is back" in line), None
-        )
+        result["log_says_recovered"] = None
+        while time.monotonic() - freed_at < 15:  # the daemon probes for space every second
+            recovered_log = site.daemon.log_tail(10**9)[log_mark + len(full_log) :]
+            line = next((x for x in recovered_log.splitlines() if "disk space is back" in x), None)
+            if line is not None:
+                result["log_says_recovered"] = line
+                result["log_recovered_after_s"] = round(time.monotonic() - freed_at, 2)
+                break
+            await asyncio.sleep(0.05)
         await asyncio.sleep(3.0)
         stop.set()
         await asyncio.wait_for(load, args.settle_s + 30)
