@@ -259,6 +259,10 @@ class AgentRuntime(AlarmsMixin):
             rejection = f"link id {link.link_id!r} is already open"
         if rejection is not None:
             return self._reject(future, rejection, link)
+        quarantined = self._batches.quarantine.refusal(key)
+        if quarantined is not None:  # not registered: the transport may try again later
+            future.set_exception(quarantined)
+            return future
         if self._scheduler.mailbox_full(key):
             return self._hold_back(future, key)
         conn = Connection(link, context, self.settings.max_connection_state_bytes)
@@ -278,6 +282,13 @@ class AgentRuntime(AlarmsMixin):
             raise disk_full  # nothing enqueued: the transport holds it until space is back
         conn = self._registry.get(link.link_id)
         if conn is None:
+            route = link.route
+            # A quarantined agent's link could not open: say why (not final: the message is
+            # kept and retried, or dead-lettered by the transport), instead of a rejection.
+            quarantined = self._batches.quarantine.refusal((route.agent_class, route.agent_id))
+            if quarantined is not None:
+                future.set_exception(quarantined)
+                return future
             return self._reject(future, "connection is not open (open_link first)", link)
         size = len(data)  # chars for str: a cheap lower bound before encoding
         if size > self.settings.max_message_bytes or (

@@ -165,3 +165,20 @@ async def test_refused_connect_leaves_the_link_free_to_open_again(
             with pytest.raises(AgentQuarantinedError):
                 await rt.open_link(link, {})
         assert rt.stats()["connections_open"] == 0
+
+
+async def test_messages_on_a_link_refused_by_quarantine_say_quarantined(
+    make_runtime, tmp_path: Path
+) -> None:
+    """A transport that pipelines messages behind its open (MQTT) must learn the reason, not
+    'connection is not open', which is a final rejection (acked and dropped)."""
+    state_dir = tmp_path / "state"
+    async with make_runtime({"notes": Notes}, state_dir=state_dir) as rt:
+        await rt.call("notes", "bad", "add", "one")
+    damage(agent_db_path(state_dir, "notes", "bad"))
+    async with make_runtime({"notes": Notes}, state_dir=state_dir) as rt:
+        link = MemoryLink("notes", "bad", transport="mqtt")
+        with pytest.raises(AgentQuarantinedError):
+            await rt.open_link(link, {})
+        with pytest.raises(AgentQuarantinedError):
+            await rt.submit_message(link, "pipelined behind the refused open")
