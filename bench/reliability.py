@@ -36,6 +36,9 @@ than once; replies dropped = committed MQTT/TCP messages whose echo never arrive
     python bench/reliability.py                         # ~15 min: 20 kills, 10 min soak
     python bench/reliability.py --kills 3 --soak-s 60   # development run, ~2 min
 
+Debugging: RELIABILITY_KEEP_LOGS=DIR keeps each daemon's log there; RELIABILITY_PAUSE_S=N
+pauses before the disk-full phase unmounts its tmpfs (inspect the daemon and the files).
+
 Targets (issue 8): 0 acknowledged messages lost, 0 frames applied twice, 0 device replies
 dropped, RSS slope < 1 MB per 10 minutes after warm-up. Prints a table, then one JSON line.
 """
