@@ -9,8 +9,9 @@ loop, so the codec is exhaustively testable and reusable by device firmware test
     sock.sendall(encode(Ack(seq=7)))
 
 Every failure is a `FrameError` whose `code` is the spec's error code and whose message says
-what is wrong and where (frame number and stream offset). Lengths are checked as soon as the
-4-byte prefix is read, before any body byte is buffered.
+what is wrong and where (frame number and stream offset). Checks run in wire order (FRAMES.md
+4.1): each header field (length, magic, type, flags, seq) as soon as its bytes arrive, so a bad
+length is refused before any body byte is buffered; then the body (CBOR, then its shape).
 
 This module must never import `gatewayd` or `engine`.
 """
@@ -149,6 +150,9 @@ class Hello:
     device_id: str
     secret: str = field(repr=False)
     client: str = ""
+    # The seq of the first DATA frame the device sends on this connection (its oldest
+    # unacknowledged frame, or its next new seq); 0 = not announced. FRAMES.md 5.5.
+    resume_seq: int = 0
 
     def __post_init__(self) -> None:
         _check_text("device_id", self.device_id, min_bytes=1, max_bytes=MAX_DEVICE_ID_BYTES)
@@ -156,6 +160,7 @@ class Hello:
             raise _fail(ErrorCode.BAD_BODY, "device_id must not contain control characters")
         _check_text("secret", self.secret, min_bytes=1, max_bytes=MAX_SECRET_BYTES)
         _check_text("client", self.client, min_bytes=0, max_bytes=MAX_CLIENT_BYTES)
+        _check_uint("resume_seq", self.resume_seq, high=MAX_SEQ)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,15 @@ Frame = Hello | HelloOk | Data | Ack | Push | Ping | Pong | Error | Close
 _EMPTY_BODY_TYPES = frozenset({FrameType.ACK, FrameType.PING, FrameType.PONG})
 _PAYLOAD_TYPES = frozenset({FrameType.DATA, FrameType.PUSH})
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+# The seq range of each type (FRAMES.md section 2), checked from the header, before the body.
+_SEQ_RANGES = {
+    FrameType.HELLO: (0, 0),
+    FrameType.HELLO_OK: (0, 0),
+    FrameType.CLOSE: (0, 0),
+    FrameType.DATA: (1, MAX_SEQ),
+    FrameType.ACK: (1, MAX_SEQ),
+    FrameType.PUSH: (1, MAX_SEQ),
+}
 
 
 # ---------------------------------------------------------------- encoding
@@ -293,6 +307,8 @@ def _body_bytes(frame: Frame) -> bytes:
         body: dict[str, object] = {"device_id": frame.device_id, "secret": frame.secret}
         if frame.client:
             body["client"] = frame.client
+        if frame.resume_seq:
+            body["resume_seq"] = frame.resume_seq
     elif isinstance(frame, HelloOk):
         body = {
             "max_frame_bytes": frame.max_frame_bytes,
@@ -395,14 +411,16 @@ def _build_frame(frame_type: FrameType, flags: int, seq: int, body: bytes) -> Fr
         return Push(seq, payload, resend)
     fields = _decode_map(name, body)
     if frame_type is FrameType.HELLO:
-        _check_seq(name, seq, low=0, high=0)
+        resume_seq = fields.get("resume_seq")
+        if resume_seq is not None:
+            _check_uint("resume_seq", resume_seq, low=1, high=MAX_SEQ)
         return Hello(
             device_id=_require(name, fields, "device_id"),  # type: ignore[arg-type]
             secret=_require(name, fields, "secret"),  # type: ignore[arg-type]
             client=fields.get("client", ""),  # type: ignore[arg-type]
+            resume_seq=resume_seq or 0,  # type: ignore[arg-type]
         )
     if frame_type is FrameType.HELLO_OK:
-        _check_seq(name, seq, low=0, high=0)
         return HelloOk(
             **{  # type: ignore[arg-type]
                 key: _require(name, fields, key)
@@ -415,7 +433,6 @@ def _build_frame(frame_type: FrameType, flags: int, seq: int, body: bytes) -> Fr
             message=_require(name, fields, "message"),  # type: ignore[arg-type]
             seq=seq,
         )
-    _check_seq(name, seq, low=0, high=0)
     return Close(
         code=_require(name, fields, "code"),  # type: ignore[arg-type]
         reason=_require(name, fields, "reason"),  # type: ignore[arg-type]
@@ -450,6 +467,11 @@ class FrameDecoder:
     @property
     def failed(self) -> bool:
         return self._error is not None
+
+    @property
+    def frames_decoded(self) -> int:
+        """Complete, valid frames decoded so far (whether or not `next_frame` returned them)."""
+        return self._frames_seen
 
     def receive_data(self, data: bytes) -> None:
         if self._error is not None:
@@ -561,17 +583,23 @@ class FrameDecoder:
                         pos,
                         6,
                     )
+            if available < MIN_FRAME_BYTES:
+                break
+            seq = int.from_bytes(buf[pos + 7 : pos + 15], "big")
+            seq_range = _SEQ_RANGES.get(frame_type)
+            if seq_range is not None:
+                try:
+                    _check_seq(frame_type.name, seq, low=seq_range[0], high=seq_range[1])
+                except FrameError as error:
+                    raise self._located(error, pos, 7) from None
             end = pos + LENGTH_PREFIX_BYTES + length
             if end > size:
                 break
-            seq = int.from_bytes(buf[pos + 7 : pos + 15], "big")
             body = bytes(buf[pos + 15 : end])
             try:
                 frame = _build_frame(frame_type, flags, seq, body)
             except FrameError as error:
-                raise self._located(
-                    error, pos, 7 if error.code is ErrorCode.BAD_SEQ else 15
-                ) from None
+                raise self._located(error, pos, 15) from None
             self._ready.append(frame)
             self._frames_seen += 1
             pos = end

@@ -32,11 +32,17 @@ class DedupKey:
     `stream` names a sender's sequence space (e.g. the TCP device id); `seq` increases by one
     per new message on that stream. The gateway records the last applied `seq` per stream in the
     agent's own transaction, so a message with `seq <= last applied` is a retransmission and is
-    not applied again (its future resolves with `Outcome.DUPLICATE`).
+    not applied again (its future resolves with `Outcome.DUPLICATE`). A `seq` above
+    `last applied + 1` is not applied while an earlier seq is missing (the handler fails it and
+    the sender resends in order), unless the sender declared with `resume_seq` that it resumes
+    there: it holds nothing below `resume_seq` any more (e.g. a device that reserves seqs in
+    blocks rebooted), so the unapplied seqs below it are skipped for good; the jump is recorded
+    when `seq` commits. 0 = nothing declared.
     """
 
     stream: str
     seq: int
+    resume_seq: int = 0
 
 
 class Outcome(enum.Enum):

@@ -1,17 +1,26 @@
 """TCP (optionally TLS) listener for binary-frame devices (wire spec: protocols/FRAMES.md).
 
-Each accepted connection feeds `protocols.frames.FrameDecoder`; after the device authenticates
-in its HELLO, the connection becomes a `Link` routed to `Route(settings.agent_class, device_id)`
-and its DATA frames are submitted to the `LinkHandler` in arrival order, pipelined up to the
-unacked window. An ACK leaves only when the handler's future resolves (the agent's turn
-committed): that plus the agent's dedup on `DedupKey(device_id, seq)` gives exactly-once.
+The asyncio plumbing around `protocols.tcp_session.TcpSession`, which owns the session rules
+(HELLO first, seq order and window, liveness, close): each accepted connection feeds its bytes
+to a session and acts on the session's events. After the device authenticates
+(`protocols.tcp_auth`), the connection becomes a `Link` routed to
+`Route(settings.agent_class, device_id)` and its DATA frames are submitted to the `LinkHandler`
+in arrival order, pipelined up to the unacked window. An ACK leaves only when the handler's
+future resolves (the agent's turn committed): that plus the agent's dedup on
+`DedupKey(device_id, seq, resume_seq)` gives exactly-once.
 
-    listener = TcpListener(TcpSettings(port=7700, agent_class="thermostat",
+    listener = TcpListener(TcpSettings(port=7878, agent_class="thermostat",
                                        secrets=load_secrets_file("/etc/gatewayd/devices.toml")),
                            handler)
     await listener.start()
     ...
     await listener.stop(drain_timeout_s=10.0)
+
+When the handler answers a DATA frame with `protocols.link.Backpressure` (the agent's mailbox
+is full; raised, or as an already failed future), the connection neither ACKs nor errors that
+frame: it stops reading the socket and submits the same frame again once `Backpressure.ready`
+resolves, so order is kept. A pushed-back `open_link` is retried the same way, within the
+hello timeout.
 
 Pushes (`link.send`) belong to the device, not to one connection: they get the gateway's push
 seq, are kept until the device ACKs them (bounded per device), and are resent after the device
@@ -26,43 +35,19 @@ This module must never import `gatewayd` or `engine`.
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
-import hmac
 import itertools
 import logging
-import os
 import secrets as secrets_module
 import ssl
-import stat
-import tomllib
-from collections import OrderedDict, deque
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
-from protocols.frames import (
-    DEFAULT_MAX_FRAME_BYTES,
-    MIN_FRAME_BYTES,
-    Ack,
-    Close,
-    Data,
-    Error,
-    ErrorCode,
-    Frame,
-    FrameDecoder,
-    FrameError,
-    FrameType,
-    Hello,
-    HelloOk,
-    Ping,
-    Pong,
-    Push,
-    encode,
-)
+from protocols.frames import MIN_FRAME_BYTES, Data, ErrorCode, FrameType
 from protocols.link import (
+    Backpressure,
     DedupKey,
     LinkHandler,
     LinkIdentity,
@@ -71,10 +56,36 @@ from protocols.link import (
     Route,
     TransportStats,
 )
+from protocols.tcp_auth import Authenticator, AuthFailureLimiter, AuthResult
+from protocols.tcp_secrets import SecretsFileError, load_secrets_file
+from protocols.tcp_session import (
+    CONNECTION_LOST_CODE,
+    DataReceived,
+    Event,
+    HelloReceived,
+    PeerClosing,
+    PushAcked,
+    SessionFailed,
+    SessionState,
+    SettleTimedOut,
+    TcpSession,
+)
+from protocols.tcp_settings import TcpSettings
+
+__all__ = [
+    "CONNECTION_LOST_CODE",
+    "SecretsFileError",
+    "TcpLink",
+    "TcpListener",
+    "TcpSettings",
+    "load_secrets_file",
+]
 
 logger = logging.getLogger(__name__)
 
-CONNECTION_LOST_CODE = 1006  # close_link code when the TCP connection ended without a CLOSE
+# A shutting-down handler refuses with this code (WebSocket's "going away"): the frame is not
+# refused for good, so the device must keep it and resend it (NOT_APPLIED, not REJECTED).
+_GOING_AWAY_CODE = 1001
 
 TCP_CONNECTIONS = Gauge("gatewayd_tcp_connections", "Open TCP frame connections (any state)")
 TCP_FRAMES_RECEIVED = Counter(
@@ -95,135 +106,14 @@ TCP_AUTH_FAILURES = Counter("gatewayd_tcp_auth_failures_total", "Failed or rate-
 TCP_PUSHES = Counter(
     "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, dropped, acked)", ["event"]
 )
+TCP_BACKPRESSURE_PAUSES = Counter(
+    "gatewayd_tcp_backpressure_pauses_total",
+    "Times a connection stopped reading because its agent's mailbox was full",
+)
 
 
-@dataclass(frozen=True, slots=True)
-class TcpSettings:
-    """Listener settings; plain types so the daemon's TOML layer can build them."""
-
-    host: str = "0.0.0.0"
-    port: int = 7700
-    agent_class: str = "device"
-    # device id -> pre-shared secret (see load_secrets_file); kept out of repr.
-    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    max_unacked_window: int = 32
-    max_connections: int = 1024
-    hello_timeout_s: float = 10.0
-    ping_interval_s: float = 30.0
-    ping_timeout_s: float = 10.0
-    # How long a closing connection waits for its in-flight DATA to settle (ACK or ERROR).
-    settle_timeout_s: float = 10.0
-    send_buffer_limit_bytes: int = 1024 * 1024
-    max_pending_pushes: int = 256
-    auth_failure_limit: int = 10
-    auth_failure_window_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"tcp port must be 0..65535, got {self.port}")
-        if not self.agent_class:
-            raise ValueError("tcp agent_class must not be empty")
-        if self.max_frame_bytes < 256:
-            raise ValueError(f"tcp max_frame_bytes must be >= 256, got {self.max_frame_bytes}")
-        for name in ("max_unacked_window", "max_connections", "max_pending_pushes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"tcp {name} must be >= 1, got {getattr(self, name)}")
-        if self.auth_failure_limit < 1:
-            raise ValueError(f"tcp auth_failure_limit must be >= 1, got {self.auth_failure_limit}")
-        for name in (
-            "hello_timeout_s",
-            "ping_interval_s",
-            "ping_timeout_s",
-            "settle_timeout_s",
-            "auth_failure_window_s",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"tcp {name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.send_buffer_limit_bytes < self.max_frame_bytes:
-            raise ValueError(
-                f"tcp send_buffer_limit_bytes ({self.send_buffer_limit_bytes}) must be >= "
-                f"max_frame_bytes ({self.max_frame_bytes})"
-            )
-
-
-class SecretsFileError(ValueError):
-    """The device secrets file is missing, unreadable or malformed."""
-
-
-def load_secrets_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read device secrets from a TOML file of top-level `"device-id" = "secret"` pairs.
-
-        # /etc/gatewayd/devices.toml  (chmod 600, owned by the gatewayd user)
-        "thermo-42" = "6f1c0d...e9"
-        "pump-7"    = "a93b44...01"
-
-    Device ids follow FRAMES.md (1..128 UTF-8 bytes, no control characters); secrets are
-    1..256 UTF-8 bytes. A file that other users may read is accepted with a warning.
-    """
-    try:
-        with open(path, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            document = tomllib.load(file)
-    except OSError as exc:
-        raise SecretsFileError(f"tcp secrets file {path}: cannot read ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SecretsFileError(f"tcp secrets file {path}: not valid TOML ({exc})") from None
-    if mode & stat.S_IRWXO:
-        logger.warning(
-            "tcp: secrets file %s is accessible by all users (mode %o); chmod 600 or 640 it",
-            path,
-            stat.S_IMODE(mode),
-        )
-    result: dict[str, str] = {}
-    for device_id, secret in document.items():
-        if not isinstance(secret, str):
-            raise SecretsFileError(
-                f"tcp secrets file {path}: value of {device_id!r} must be a string secret, "
-                f"got {type(secret).__name__}"
-            )
-        try:
-            Hello(device_id, secret)  # the same rules a HELLO frame must pass
-        except FrameError as exc:
-            raise SecretsFileError(f"tcp secrets file {path}: entry {device_id!r}: {exc}") from None
-        result[device_id] = secret
-    return result
-
-
-class _AuthFailureLimiter:
-    """Counts failed HELLOs per remote IP in a sliding window (bounded number of IPs)."""
-
-    _MAX_TRACKED_IPS = 10_000
-
-    def __init__(self, limit: int, window_s: float) -> None:
-        self._limit = limit
-        self._window_s = window_s
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def _recent(self, ip: str, now: float) -> deque[float] | None:
-        times = self._failures.get(ip)
-        if times is not None:
-            while times and now - times[0] >= self._window_s:
-                times.popleft()
-            if not times:
-                del self._failures[ip]
-                return None
-        return times
-
-    def is_limited(self, ip: str, now: float) -> bool:
-        times = self._recent(ip, now)
-        return times is not None and len(times) >= self._limit
-
-    def record_failure(self, ip: str, now: float) -> bool:
-        """Record one failure; True when this failure reached the limit."""
-        times = self._recent(ip, now)
-        if times is None:
-            times = self._failures[ip] = deque()
-            if len(self._failures) > self._MAX_TRACKED_IPS:
-                self._failures.popitem(last=False)
-        self._failures.move_to_end(ip)
-        times.append(now)
-        return len(times) == self._limit
+def _count_frame(frame_type: FrameType) -> None:
+    _FRAMES_RECEIVED_BY_TYPE[frame_type].inc()
 
 
 class _PushStore:
@@ -263,14 +153,6 @@ class _PushStore:
         return self.pending.pop(seq, None) is not None
 
 
-class _State(enum.Enum):
-    AWAIT_HELLO = "await_hello"
-    OPENING = "opening"  # authenticated, waiting for handler.open_link's future
-    OPEN = "open"
-    CLOSING = "closing"  # reading stopped, settling in-flight DATA
-    CLOSED = "closed"
-
-
 class TcpLink(LinkIdentity):
     """The `protocols.link.Link` of one authenticated TCP connection."""
 
@@ -298,36 +180,36 @@ class TcpLink(LinkIdentity):
 
 
 class _DeviceConnection(asyncio.Protocol):
-    """One TCP connection: decoder, authentication, the DATA window, timers."""
+    """One TCP connection: a `TcpSession` driven by the transport, the timer and the handler."""
 
     def __init__(self, listener: TcpListener) -> None:
         self.listener = listener
         self.settings = listener.settings
         self._loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder(self.settings.max_frame_bytes)
+        self.session = TcpSession(self.settings, self._loop.time(), on_frame=_count_frame)
         self._transport: asyncio.Transport | None = None
         self.remote = "?"
         self._remote_ip = "?"
-        self.state = _State.AWAIT_HELLO
-        self.device_id: str | None = None
         self.link: TcpLink | None = None
         self._link_released = False
         self._counted_open = False  # links_open counts links that got HELLO_OK
-        self._client = ""
-        self._in_flight: dict[int, asyncio.Future[Outcome]] = {}
-        self._last_data_seq = 0
-        self._last_received_at = self._loop.time()
-        self._ping_seq = 0
-        self._ping_sent_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._settle_timer: asyncio.TimerHandle | None = None
-        self._close_frame: Close | None = None
-        self._close_code = CONNECTION_LOST_CODE
-        self._close_reason = "connection lost"
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
+        self._held: Data | None = None
+        self._reading = True
+        self._open_context: dict[str, Any] = {}
+        self._open_held = False  # open_link answered Backpressure; retried when ready
         self.closed: asyncio.Future[None] = self._loop.create_future()
-        # ACKs settled in this loop iteration (the turns of one commit settle together): sent
-        # with one write at its end instead of one send() each.
-        self._pending_acks: list[bytes] | None = None
+
+    @property
+    def device_id(self) -> str | None:
+        return self.session.device_id
+
+    @property
+    def is_open(self) -> bool:
+        return self.session.state is SessionState.OPEN
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -346,160 +228,175 @@ class _DeviceConnection(asyncio.Protocol):
                 self.remote,
                 self.settings.max_connections,
             )
-            self.fail(ErrorCode.SERVER_BUSY, "gateway at its connection limit; retry later")
-            return
-        self._timer = self._loop.call_later(self.settings.hello_timeout_s, self._hello_timed_out)
+            self.session.fail(ErrorCode.SERVER_BUSY, "gateway at its connection limit; retry later")
+        self._sync()
 
     def data_received(self, data: bytes) -> None:
-        if self.state not in (_State.AWAIT_HELLO, _State.OPENING, _State.OPEN):
-            return
-        self._decoder.receive_data(data)
-        self._drain_decoder()
+        self.session.receive_data(data, self._loop.time())
+        self._run_session()
 
     def eof_received(self) -> bool:
-        if self.state in (_State.CLOSING, _State.CLOSED):
-            return True
-        self._decoder.end_of_stream()
-        self._drain_decoder()
-        if self.state is _State.OPEN:
-            # Half-closed: the device may still read ACKs for what it sent.
-            self._close_reason = "device closed the connection without CLOSE"
-            self.close_after_settling(ErrorCode.NORMAL, "", peer_initiated=True)
-        elif self.state in (_State.AWAIT_HELLO, _State.OPENING):
-            self._close_reason = "device closed before HELLO_OK"
-            self._shutdown_transport()
-        return True  # keep the write side open until we close it
+        self.session.receive_eof(self._loop.time())
+        self._run_session()
+        return True  # keep the write side open until the session is done with it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = _State.CLOSED
-        for timer in (self._timer, self._settle_timer):
-            if timer is not None:
-                timer.cancel()
+        self.session.connection_lost()
+        self._held = None
+        self._cancel_timer()
         TCP_CONNECTIONS.dec()
         self.listener.unregister(self)
-        self._release_link(self._close_code, self._close_reason)
+        self._release_link(self.session.close_code, self.session.close_reason)
         if not self.closed.done():
             self.closed.set_result(None)
 
-    # ------------------------------------------------------------ frames
+    # ------------------------------------------------------------ the session's events
 
-    def _drain_decoder(self) -> None:
-        while self.state in (_State.AWAIT_HELLO, _State.OPENING, _State.OPEN):
-            try:
-                frame = self._decoder.next_frame()
-            except FrameError as exc:
-                self._protocol_error(exc.code, str(exc))
-                return
-            if frame is None:
-                return
-            # Liveness counts whole frames, so a trickle of bytes cannot keep a link alive.
-            self._last_received_at = self._loop.time()
-            _FRAMES_RECEIVED_BY_TYPE[frame.TYPE].inc()
-            self._handle(frame)
+    def _run_session(self) -> None:
+        session = self.session
+        while (event := session.next_event()) is not None:
+            self._handle(event)
+        self._sync()
 
-    def _handle(self, frame: Frame) -> None:
-        if isinstance(frame, Close):
-            self._close_code, self._close_reason = frame.code, frame.reason
-            self.close_after_settling(ErrorCode.NORMAL, "", peer_initiated=True)
-        elif isinstance(frame, Error):
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            self._submit(event.frame)
+        elif isinstance(event, PushAcked):
+            assert self.device_id is not None
+            if self.listener.push_acked(self.device_id, event.seq):
+                TCP_PUSHES.labels("acked").inc()
+        elif isinstance(event, HelloReceived):
+            self._authenticate(event)
+        elif isinstance(event, PeerClosing):
+            if event.error:
+                logger.warning(
+                    "tcp: device %r (%s) reported error %d on seq %d: %s; closing",
+                    self.device_id,
+                    self.remote,
+                    event.code,
+                    event.seq,
+                    event.reason,
+                )
+        elif isinstance(event, SessionFailed):
+            self._session_failed(event)
+        elif isinstance(event, SettleTimedOut):
             logger.warning(
-                "tcp: device %r (%s) reported error %d on seq %d: %s; closing",
+                "tcp: device %r (%s): %d DATA frames still unsettled at close; the device "
+                "resends them",
                 self.device_id,
                 self.remote,
-                frame.code,
-                frame.seq,
-                frame.message,
-            )
-            self._close_code, self._close_reason = frame.code, frame.message
-            self.close_after_settling(ErrorCode.NORMAL, "", peer_initiated=True)
-        elif self.state is _State.AWAIT_HELLO:
-            if isinstance(frame, Hello):
-                self._authenticate(frame)
-            else:
-                self._protocol_error(
-                    ErrorCode.HELLO_REQUIRED, f"{frame.TYPE.name} frame before HELLO"
-                )
-        elif self.state is _State.OPENING:
-            self._protocol_error(
-                ErrorCode.HELLO_REQUIRED, f"{frame.TYPE.name} frame before HELLO_OK was sent"
-            )
-        elif isinstance(frame, Data):
-            self._submit(frame)
-        elif isinstance(frame, Ack):
-            assert self.device_id is not None
-            if self.listener.push_acked(self.device_id, frame.seq):
-                TCP_PUSHES.labels("acked").inc()
-        elif isinstance(frame, Ping):
-            self._write(Pong(frame.seq))
-        elif isinstance(frame, Pong):
-            pass  # receiving anything already counts as liveness
-        else:
-            self._protocol_error(
-                ErrorCode.UNEXPECTED, f"{frame.TYPE.name} frame is not valid from a device"
+                event.unsettled,
             )
 
-    def _authenticate(self, hello: Hello) -> None:
-        now = self._loop.time()
-        limiter = self.listener.auth_limiter
-        if limiter.is_limited(self._remote_ip, now):
-            TCP_AUTH_FAILURES.inc()
-            self.listener.stats_extra_inc("auth_rate_limited")
-            self.fail(ErrorCode.RATE_LIMITED, "too many failed HELLOs from this address")
+    def _session_failed(self, event: SessionFailed) -> None:
+        if event.code is ErrorCode.NOT_APPLIED:  # the agent did not open the link in time
+            logger.error(
+                "tcp: the agent for device %r did not accept its link within %gs; closing, "
+                "the device will retry",
+                self.device_id,
+                self.settings.hello_timeout_s,
+            )
             return
-        expected = self.settings.secrets.get(hello.device_id)
-        # Compare against a dummy for unknown ids too, so timing does not reveal valid ids.
-        candidate = expected if expected is not None else "\x00unknown-device"
-        secret_ok = hmac.compare_digest(candidate.encode(), hello.secret.encode())
-        if expected is None or not secret_ok:
+        TCP_PROTOCOL_ERRORS.labels(event.code.name).inc()
+        self.listener.stats.rejected += 1
+        self.listener.stats_extra_inc("protocol_errors")
+        device = f"device {self.device_id!r}" if self.device_id else "unauthenticated"
+        logger.warning(
+            "tcp: protocol error from %s (%s): %s [%s]; closing",
+            self.remote,
+            device,
+            event.message,
+            event.code.name,
+        )
+
+    def _authenticate(self, event: HelloReceived) -> None:
+        hello = event.hello
+        now = self._loop.time()
+        listener = self.listener
+        result = listener.authenticator.check(hello, self._remote_ip, now)
+        if result is AuthResult.RATE_LIMITED:
             TCP_AUTH_FAILURES.inc()
-            self.listener.stats.rejected += 1
-            self.listener.stats_extra_inc("auth_failures")
-            why = "unknown device id" if expected is None else "wrong secret"
+            listener.stats_extra_inc("auth_rate_limited")
+            self.session.fail(ErrorCode.RATE_LIMITED, "too many failed HELLOs from this address")
+            return
+        if result is not AuthResult.OK:
+            TCP_AUTH_FAILURES.inc()
+            listener.stats.rejected += 1
+            listener.stats_extra_inc("auth_failures")
+            limiter = listener.authenticator.limiter
             if limiter.record_failure(self._remote_ip, now):
                 logger.warning(
                     "tcp: %d failed HELLOs from %s within %.0fs (last: device %r, %s); refusing "
                     "HELLOs from that address until the window passes",
-                    self.settings.auth_failure_limit,
+                    limiter.limit,
                     self._remote_ip,
-                    self.settings.auth_failure_window_s,
+                    limiter.window_s,
                     hello.device_id,
-                    why,
+                    result.value,
                 )
             elif not limiter.is_limited(self._remote_ip, now):
                 logger.warning(
                     "tcp: authentication failed for device %r from %s (%s)",
                     hello.device_id,
                     self.remote,
-                    why,
+                    result.value,
                 )
-            self.fail(ErrorCode.AUTH_FAILED, "authentication failed")
+            self.session.fail(ErrorCode.AUTH_FAILED, "authentication failed")
             return
-        # The hello timer keeps running until HELLO_OK: it also bounds a stuck open_link.
-        self.device_id = hello.device_id
-        self._client = hello.client
-        self.state = _State.OPENING
-        self.listener.claim_device(self)
-        self.link = TcpLink(self, self.listener.next_link_id(), hello.device_id)
-        context: dict[str, Any] = {
+        # The session's hello timeout keeps running until HELLO_OK: it also bounds open_link.
+        self.session.authenticated()
+        listener.claim_device(self)
+        self.link = TcpLink(self, listener.next_link_id(), hello.device_id)
+        transport = self._transport
+        self._open_context = {
             "transport": "tcp",
             "device_id": hello.device_id,
             "remote": self.remote,
             "client": hello.client,
-            "tls": self._transport is not None
-            and self._transport.get_extra_info("sslcontext") is not None,
-            "peercert": self._transport.get_extra_info("peercert") if self._transport else None,
+            "tls": transport is not None and transport.get_extra_info("sslcontext") is not None,
+            "peercert": transport.get_extra_info("peercert") if transport else None,
         }
+        self._open()
+
+    def _open(self) -> None:
+        assert self.link is not None
+        self._open_held = False
         try:
-            opened = self.listener.handler.open_link(self.link, context)
-        except Exception as exc:  # the handler must not take the listener down with it
-            logger.exception("tcp: handler.open_link failed for device %r", hello.device_id)
-            self._forget_link()
-            self.fail(ErrorCode.NOT_APPLIED, f"could not open the device's agent ({exc})")
+            opened = self.listener.handler.open_link(self.link, self._open_context)
+        except Backpressure as pushed_back:
+            self._hold_open(pushed_back)
             return
+        except Exception as exc:  # the handler must not take the listener down with it
+            logger.exception("tcp: handler.open_link failed for device %r", self.device_id)
+            self._forget_link()
+            self.session.fail(ErrorCode.NOT_APPLIED, f"could not open the device's agent ({exc})")
+            return
+        if opened.done() and not opened.cancelled():
+            refused = opened.exception()
+            if isinstance(refused, Backpressure):
+                self._hold_open(refused)
+                return
         opened.add_done_callback(self._opened)
 
+    def _hold_open(self, pushed_back: Backpressure) -> None:
+        """The agent has no room for the connect event: open again once it has (the hello
+        timeout still bounds the wait). Nothing was enqueued, so no close_link is owed yet."""
+        self._open_held = True
+        logger.debug(
+            "tcp: device %r: agent busy (%s); opening its link once it has room",
+            self.device_id,
+            pushed_back.reason,
+        )
+        pushed_back.ready.add_done_callback(self._open_when_ready)
+
+    def _open_when_ready(self, _ready: asyncio.Future[None]) -> None:
+        if self._open_held and self.session.state is SessionState.OPENING:
+            self._open()
+            self._sync()
+
     def _opened(self, opened: asyncio.Future[Outcome]) -> None:
-        if self.state is not _State.OPENING:
+        session = self.session
+        if session.state is not SessionState.OPENING:
             return  # closed or replaced meanwhile; close_link was or will be called
         exc = None if opened.cancelled() else opened.exception()
         if opened.cancelled() or exc is not None:
@@ -508,7 +405,7 @@ class _DeviceConnection(asyncio.Protocol):
                 logger.info(
                     "tcp: agent refused device %r from %s: %s", self.device_id, self.remote, exc
                 )
-                self.fail(ErrorCode.REJECTED, exc.reason)
+                session.fail(ErrorCode.REJECTED, exc.reason)
             else:
                 logger.error(
                     "tcp: opening device %r from %s failed (%r); closing, device will retry",
@@ -516,67 +413,83 @@ class _DeviceConnection(asyncio.Protocol):
                     self.remote,
                     exc or "cancelled",
                 )
-                self.fail(ErrorCode.NOT_APPLIED, "could not open the device's agent; retry later")
+                session.fail(
+                    ErrorCode.NOT_APPLIED, "could not open the device's agent; retry later"
+                )
+            self._sync()
             return
-        settings = self.settings
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.state = _State.OPEN
+        session.accept(self.listener.push_epoch, self._loop.time())
         self.listener.stats.links_open += 1
         self._counted_open = True
         logger.info(
-            "tcp: device %r connected from %s%s",
+            "tcp: device %r connected from %s%s%s",
             self.device_id,
             self.remote,
-            f" ({self._client})" if self._client else "",
-        )
-        self._write(
-            HelloOk(
-                max_frame_bytes=settings.max_frame_bytes,
-                max_unacked=settings.max_unacked_window,
-                ping_interval_ms=round(settings.ping_interval_s * 1000),
-                push_epoch=self.listener.push_epoch,
-            )
+            f" ({session.client})" if session.client else "",
+            f", resuming at DATA seq {session.resume_seq}" if session.resume_seq else "",
         )
         assert self.device_id is not None
         for seq, payload, resend in self.listener.pending_pushes(self.device_id):
             self.write_push(seq, payload, resend)
-        self._schedule_ping_check(settings.ping_interval_s)
+        self._sync()
+
+    # ------------------------------------------------------------ DATA
 
     def _submit(self, frame: Data) -> None:
-        if frame.seq <= self._last_data_seq:
-            self._protocol_error(
-                ErrorCode.BAD_SEQ,
-                f"DATA seq {frame.seq} is not above the previous seq {self._last_data_seq} "
-                "on this connection",
-            )
-            return
-        if len(self._in_flight) >= self.settings.max_unacked_window:
-            self._protocol_error(
-                ErrorCode.WINDOW_EXCEEDED,
-                f"DATA seq {frame.seq} exceeds the window of "
-                f"{self.settings.max_unacked_window} unacknowledged frames",
-            )
-            return
         assert self.link is not None and self.device_id is not None
-        self._last_data_seq = frame.seq
-        self.listener.stats.messages_in += 1
-        if frame.resend:
-            self.listener.stats_extra_inc("data_resent")
+        key = DedupKey(self.device_id, frame.seq, self.session.resume_seq)
         try:
-            settled = self.listener.handler.submit_message(
-                self.link, frame.payload, DedupKey(self.device_id, frame.seq)
-            )
+            settled = self.listener.handler.submit_message(self.link, frame.payload, key)
+        except Backpressure as pushed_back:
+            self._hold(frame, pushed_back)
+            return
         except Exception as exc:
             logger.exception("tcp: handler.submit_message failed for device %r", self.device_id)
             settled = self._loop.create_future()
             settled.set_exception(exc)
-        self._in_flight[frame.seq] = settled
+        if settled.done() and not settled.cancelled():
+            refused = settled.exception()
+            if isinstance(refused, Backpressure):
+                self._hold(frame, refused)
+                return
+        self._count_in(frame)
         settled.add_done_callback(functools.partial(self._settled, frame.seq))
 
+    def _count_in(self, frame: Data) -> None:
+        self.listener.stats.messages_in += 1
+        if frame.resend:
+            self.listener.stats_extra_inc("data_resent")
+
+    def _hold(self, frame: Data, pushed_back: Backpressure) -> None:
+        """The agent has no room: keep the frame, read nothing more until `ready`."""
+        self._held = frame
+        self.session.pause_input()
+        TCP_BACKPRESSURE_PAUSES.inc()
+        self.listener.stats_extra_inc("backpressure_pauses")
+        self._set_reading(False)
+        logger.debug(
+            "tcp: device %r: agent busy (%s); holding DATA seq %d and pausing reads",
+            self.device_id,
+            pushed_back.reason,
+            frame.seq,
+        )
+        pushed_back.ready.add_done_callback(self._ready_again)
+
+    def _ready_again(self, _ready: asyncio.Future[None]) -> None:
+        frame = self._held
+        if frame is None or self.session.state is SessionState.CLOSED:
+            return  # the connection ended meanwhile; the device resends the frame
+        self._held = None
+        self.session.resume_input(self._loop.time())
+        self._submit(frame)
+        if self._held is not None:
+            return  # pushed back again
+        if self.session.accepts_input:
+            self._set_reading(True)
+        self._run_session()
+
     def _settled(self, seq: int, settled: asyncio.Future[Outcome]) -> None:
-        self._in_flight.pop(seq, None)
+        session = self.session
         exc: BaseException | None = (
             asyncio.CancelledError() if settled.cancelled() else settled.exception()
         )
@@ -585,106 +498,86 @@ class _DeviceConnection(asyncio.Protocol):
             _DATA_OUTCOME_BY_VALUE[outcome].inc()
             if outcome is Outcome.DUPLICATE:
                 self.listener.stats_extra_inc("data_duplicates")
-            self._queue_ack(seq)
-        else:
-            if isinstance(exc, LinkRejected):
-                code, message = ErrorCode.REJECTED, exc.reason
-                TCP_DATA_OUTCOMES.labels("rejected").inc()
-            else:
-                code, message = ErrorCode.NOT_APPLIED, "not applied; retransmit after reconnecting"
-                TCP_DATA_OUTCOMES.labels("not_applied").inc()
-            logger.warning(
-                "tcp: DATA seq %d from device %r not applied (%r); closing so the device "
-                "resends from its oldest unacknowledged frame",
-                seq,
-                self.device_id,
-                exc,
-            )
-            self.listener.stats_extra_inc("data_not_applied")
-            self._write(Error(code, message[:1024], seq))
-            if self.state in (_State.OPEN, _State.CLOSING):
-                self.close_after_settling(code, message)
-        if self.state is _State.CLOSING and not self._in_flight:
-            self._finish_close()
-
-    # ------------------------------------------------------------ timers
-
-    def _hello_timed_out(self) -> None:
-        self._timer = None
-        if self.state is _State.AWAIT_HELLO:
-            self._protocol_error(
-                ErrorCode.HELLO_TIMEOUT,
-                f"no HELLO within {self.settings.hello_timeout_s:g}s of connecting",
-            )
-        elif self.state is _State.OPENING:
-            logger.error(
-                "tcp: the agent for device %r did not accept its link within %gs; closing, "
-                "the device will retry",
-                self.device_id,
-                self.settings.hello_timeout_s,
-            )
-            self.fail(ErrorCode.NOT_APPLIED, "the device's agent did not answer; retry later")
-
-    def _schedule_ping_check(self, delay_s: float) -> None:
-        self._timer = self._loop.call_later(delay_s, self._ping_check)
-
-    def _ping_check(self) -> None:
-        self._timer = None
-        if self.state is not _State.OPEN:
+            session.data_applied(seq)
+            self._flush_soon()  # ACKs settled in one loop iteration leave in one write
             return
-        now = self._loop.time()
-        settings = self.settings
-        if self._ping_sent_at is not None:
-            if self._last_received_at < self._ping_sent_at:
-                waited_s = now - self._ping_sent_at
-                if waited_s >= settings.ping_timeout_s:
-                    self._protocol_error(
-                        ErrorCode.PING_TIMEOUT,
-                        f"nothing received for {settings.ping_timeout_s:g}s after a PING",
-                    )
-                else:
-                    self._schedule_ping_check(settings.ping_timeout_s - waited_s)
-                return
-            self._ping_sent_at = None
-        idle_s = now - self._last_received_at
-        if idle_s >= settings.ping_interval_s:
-            self._ping_seq += 1
-            self._ping_sent_at = now
-            self._write(Ping(self._ping_seq))
-            self._schedule_ping_check(settings.ping_timeout_s)
+        if isinstance(exc, LinkRejected) and exc.code != _GOING_AWAY_CODE:
+            code, message = ErrorCode.REJECTED, exc.reason
+            TCP_DATA_OUTCOMES.labels("rejected").inc()
         else:
-            self._schedule_ping_check(settings.ping_interval_s - idle_s)
+            code, message = ErrorCode.NOT_APPLIED, "not applied; retransmit after reconnecting"
+            TCP_DATA_OUTCOMES.labels("not_applied").inc()
+        logger.warning(
+            "tcp: DATA seq %d from device %r not applied (%r); closing so the device "
+            "resends from its oldest unacknowledged frame",
+            seq,
+            self.device_id,
+            exc,
+        )
+        self.listener.stats_extra_inc("data_not_applied")
+        session.data_not_applied(seq, code, message, self._loop.time())
+        self._run_session()
 
-    # ------------------------------------------------------------ output and closing
+    # ------------------------------------------------------------ output, timer, closing
 
-    def _queue_ack(self, seq: int) -> None:
-        pending = self._pending_acks
-        if pending is None:
-            self._pending_acks = [encode(Ack(seq))]
-            self._loop.call_soon(self._flush_acks)
-        else:
-            pending.append(encode(Ack(seq)))
-
-    def _flush_acks(self) -> None:
-        pending = self._pending_acks
-        if pending is None:
-            return
-        self._pending_acks = None
+    def _sync(self) -> None:
+        """Write what the session queued; close the transport once it is done; re-arm the
+        timer for the session's next deadline."""
+        self._flush()
+        session = self.session
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if session.state is SessionState.CLOSED:
+            self._cancel_timer()
+            if transport is not None and not transport.is_closing():
+                transport.close()
             return
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        self._check_send_buffer(transport)
+        if not session.accepts_input:
+            self._set_reading(False)
+        deadline = session.next_deadline()
+        # A later deadline is picked up when the earlier timer fires: moving the timer on every
+        # frame would cost a heap operation per frame.
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            self._cancel_timer()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._timer_fired)
 
-    def _write(self, frame: Frame) -> None:
-        self._flush_acks()  # frames leave in the order they were written
+    def _set_reading(self, reading: bool) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if reading == self._reading or transport is None or transport.is_closing():
             return
-        transport.write(encode(frame))
-        self._check_send_buffer(transport)
+        self._reading = reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
-    def _check_send_buffer(self, transport: asyncio.Transport) -> None:
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.session.handle_timeout(self._loop.time())
+        self._run_session()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    def _flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_and_sync)
+
+    def _flush_and_sync(self) -> None:
+        self._flush_scheduled = False
+        self._sync()
+
+    def _flush(self) -> None:
+        data = self.session.data_to_send()
+        transport = self._transport
+        if not data or transport is None or transport.is_closing():
+            return
+        transport.write(data)
         if transport.get_write_buffer_size() > self.settings.send_buffer_limit_bytes:
             TCP_PROTOCOL_ERRORS.labels(ErrorCode.SLOW_CONSUMER.name).inc()
             self.listener.stats_extra_inc("slow_consumers")
@@ -694,92 +587,23 @@ class _DeviceConnection(asyncio.Protocol):
                 self.remote,
                 self.settings.send_buffer_limit_bytes,
             )
-            self._close_code, self._close_reason = ErrorCode.SLOW_CONSUMER, "not reading"
-            self.state = _State.CLOSING
+            self.session.abort(ErrorCode.SLOW_CONSUMER, "not reading")
             transport.abort()
 
     def write_push(self, seq: int, payload: bytes, resend: bool) -> None:
-        if self.state is not _State.OPEN:
-            return
-        TCP_PUSHES.labels("resent" if resend else "sent").inc()
-        self.listener.stats.messages_out += 1
-        self._write(Push(seq, payload, resend))
+        if self.session.send_push(seq, payload, resend):
+            TCP_PUSHES.labels("resent" if resend else "sent").inc()
+            self.listener.stats.messages_out += 1
+            self._flush()
 
-    def _protocol_error(self, code: ErrorCode, message: str) -> None:
-        TCP_PROTOCOL_ERRORS.labels(code.name).inc()
-        self.listener.stats.rejected += 1
-        self.listener.stats_extra_inc("protocol_errors")
-        device = f"device {self.device_id!r}" if self.device_id else "unauthenticated"
-        logger.warning(
-            "tcp: protocol error from %s (%s): %s [%s]; closing",
-            self.remote,
-            device,
-            message,
-            code.name,
-        )
-        self.fail(code, message)
+    def close_after_settling(self, code: int, reason: str, timeout_s: float | None = None) -> None:
+        """Stop reading, wait for in-flight DATA to be ACKed/ERRORed, send CLOSE, close."""
+        self.session.close(code, reason, self._loop.time(), timeout_s)
+        self._sync()
 
-    def fail(self, code: ErrorCode, message: str) -> None:
-        """Fatal: send ERROR(code), nothing after it, and close now."""
-        if self.state is _State.CLOSED:
-            return
-        self._close_code, self._close_reason = code, message
-        self._write(Error(code, message[:1024]))
-        self.state = _State.CLOSING
-        self._shutdown_transport()
-
-    def close_after_settling(
-        self,
-        code: int,
-        reason: str,
-        timeout_s: float | None = None,
-        *,
-        peer_initiated: bool = False,
-    ) -> None:
-        """Stop reading, wait for in-flight DATA to be ACKed/ERRORed, send CLOSE, close.
-
-        `code`/`reason` go into our CLOSE frame; when the gateway initiates, they are also
-        what `close_link` reports (a peer-initiated close reports the peer's code instead).
-        """
-        if self.state is _State.CLOSED:
-            return
-        if self._close_frame is None:
-            self._close_frame = Close(code, reason[:1024])
-            if not peer_initiated and self._close_code == CONNECTION_LOST_CODE:
-                self._close_code, self._close_reason = code, reason
-        if self.state is not _State.CLOSING:
-            self.state = _State.CLOSING
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._transport is not None and not self._transport.is_closing():
-                self._transport.pause_reading()
-        if not self._in_flight:
-            self._finish_close()
-        elif self._settle_timer is None:
-            wait_s = self.settings.settle_timeout_s if timeout_s is None else timeout_s
-            self._settle_timer = self._loop.call_later(wait_s, self._settle_timed_out)
-
-    def _settle_timed_out(self) -> None:
-        self._settle_timer = None
-        logger.warning(
-            "tcp: device %r (%s): %d DATA frames still unsettled at close; the device resends them",
-            self.device_id,
-            self.remote,
-            len(self._in_flight),
-        )
-        self._in_flight.clear()
-        self._finish_close()
-
-    def _finish_close(self) -> None:
-        if self._close_frame is not None:
-            self._write(self._close_frame)
-        self._shutdown_transport()
-
-    def _shutdown_transport(self) -> None:
-        self._flush_acks()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def replace(self, newer: _DeviceConnection) -> None:
         """A newer connection authenticated as this device: close this one right away."""
@@ -793,10 +617,8 @@ class _DeviceConnection(asyncio.Protocol):
         reason = f"replaced by a newer connection from {newer.remote}"
         # The handler must see close_link(old) before open_link(new).
         self._release_link(ErrorCode.REPLACED, reason)
-        if self.state is not _State.CLOSED:
-            self._write(Close(ErrorCode.REPLACED, reason))
-            self.state = _State.CLOSING
-            self._shutdown_transport()
+        self.session.replace(reason)
+        self._sync()
 
     def _forget_link(self) -> None:
         """open_link failed: the handler never had this link, so no close_link for it."""
@@ -805,6 +627,9 @@ class _DeviceConnection(asyncio.Protocol):
 
     def _release_link(self, code: int, reason: str) -> None:
         if self.link is None or self._link_released:
+            return
+        if self._open_held:  # open_link never took it: no close_link for it
+            self._forget_link()
             return
         self._link_released = True
         if self._counted_open:
@@ -837,8 +662,9 @@ class TcpListener:
         self.handler = handler
         self.ssl_context = ssl_context
         self.stats = TransportStats()
-        self.auth_limiter = _AuthFailureLimiter(
-            settings.auth_failure_limit, settings.auth_failure_window_s
+        self.authenticator = Authenticator(
+            settings.secrets,
+            AuthFailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_s),
         )
         # Identifies this process's push seq space; a restart starts a new one (FRAMES.md 6).
         self.push_epoch = secrets_module.randbits(64)
@@ -886,8 +712,8 @@ class TcpListener:
         if waiting:
             _, still_open = await asyncio.wait(waiting, timeout=drain_timeout_s + 1.0)
             for connection in connections:
-                if not connection.closed.done() and connection._transport is not None:
-                    connection._transport.abort()
+                if not connection.closed.done():
+                    connection.abort()
             if still_open:
                 await asyncio.wait(still_open, timeout=1.0)
         if self._server is not None:
@@ -953,7 +779,7 @@ class TcpListener:
         store = self._push_store(device_id)
         seq = store.add(payload)
         live = self._live_by_device.get(device_id)
-        if live is not None and live.state is _State.OPEN:
+        if live is not None and live.is_open:
             store.sent_before.add(seq)
             live.write_push(seq, payload, resend=False)
 

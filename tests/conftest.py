@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: a real Mosquitto per test, on its own free port."""
+"""Shared pytest fixtures: a real Mosquitto per test, on its own free port; no leaked process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,25 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import MosquittoBroker
+from tests.processes import command_line, descendants, kill_and_wait
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """A test stops every process it starts (brokers, daemons, helpers) by the end of its
+    teardown. One still running is killed here and fails the test: a fixture that leaks is found
+    where it leaks, not as a port clash or a slow machine three tests later."""
+    before = set(descendants())
+    yield
+    left = [pid for pid in descendants() if pid not in before]
+    if left:
+        described = [f"{pid} ({command_line(pid)})" for pid in left]
+        still_running = kill_and_wait(left)
+        pytest.fail(
+            f"processes left running by this test, now killed: {', '.join(described)}"
+            + (f"; still running after SIGKILL: {still_running}" if still_running else ""),
+            pytrace=False,
+        )
 
 
 @pytest.fixture

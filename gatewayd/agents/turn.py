@@ -114,10 +114,11 @@ class TurnRunner:
                 self.counters["duplicates_total"] += 1
                 done.append((event.future, Outcome.DUPLICATE, False))
                 return None
-            if last is not None and dedup.seq > last + 1:
+            if last is not None and dedup.seq > last + 1 and dedup.seq > dedup.resume_seq:
                 # An earlier seq of this stream is still unapplied (its turn failed while this
                 # one was in flight): applying this one now would make that one look like a
                 # retransmission later and lose it. The sender resends both, in order.
+                # Seqs below the sender's declared resume_seq are never coming: not a gap.
                 done.append((event.future, SequenceGapError(dedup, last), True))
                 return None
         turn = Turn(event.conn)

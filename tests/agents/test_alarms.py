@@ -11,6 +11,7 @@ from gatewayd.agents import Agent, callable
 from gatewayd.agents.errors import QueueItemFailedError, ScheduleFailedError
 from gatewayd.agents.storage import agent_db_path
 from tests.agents.conftest import MemoryLink
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,8 +126,10 @@ async def test_registration_in_on_start_is_idempotent(make_runtime):
     async with make_runtime({"p": Planner}) as rt:
         for _ in range(3):
             await rt.call("p", "i", "schedules")
-            rt.hibernate_idle()
-            await asyncio.sleep(0.01)
+            # Idle only once its turn has fully ended: ask until it goes (it used to be asked
+            # once, too early, and the agent never hibernated: on_start never ran again).
+            await wait_until(lambda: rt.hibernate_idle() == 1, 5, "the agent to hibernate")
+        assert rt.stats()["hibernations_total"] == 3
         assert await rt.call("p", "i", "schedules") == ["hourly"]
         with pytest.raises(Exception, match="no method 'nope'"):
             await rt.call("p", "i", "bad_schedule")

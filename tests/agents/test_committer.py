@@ -48,6 +48,30 @@ async def test_commits_of_one_iteration_are_grouped_and_isolated(tmp_path):
     platform.libc_ver()[0] != "glibc", reason="malloc_trim exists only in glibc (not musl)"
 )
 def test_release_free_memory_on_glibc():
+    import ctypes
+    import ctypes.util
+    import os
+
     from gatewayd.agents.memory import release_free_memory
 
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    block, count = 64 * 1024, 1024  # 64 MiB in blocks below glibc's mmap threshold: the heap
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    blocks = [libc.malloc(block) for _ in range(count)]
+    for address in blocks:
+        ctypes.memset(address, 1, block)  # touched: resident
+    keep = libc.malloc(block)  # on top of the heap, so free() alone cannot shrink it
+    for address in blocks:
+        libc.free(address)
+    before = rss_bytes()
     assert release_free_memory() is True
+    released = before - rss_bytes()
+    libc.free(keep)
+    assert released > block * count // 2, f"only {released} bytes went back to the OS"

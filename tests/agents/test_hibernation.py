@@ -9,6 +9,7 @@ import pytest
 
 from gatewayd.agents import Agent, callable
 from tests.agents.conftest import MemoryLink
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,11 +48,7 @@ async def test_idle_agent_hibernates_and_wakes_with_connections_intact(make_runt
         await rt.open_link(device, {"who": "device"})
         await rt.submit_message(device, b"\x01")
         assert rt.is_awake("s", "x")
-        for _ in range(40):
-            await asyncio.sleep(0.05)
-            if not rt.is_awake("s", "x"):
-                break
-        assert not rt.is_awake("s", "x")
+        await wait_until(lambda: not rt.is_awake("s", "x"), 10, "the idle agent to hibernate")
         stats = rt.stats()
         assert stats["active_agents"] == 0 and stats["hibernations_total"] == 1
         assert stats["connections_open"] == 2
@@ -76,6 +73,6 @@ async def test_hibernated_agents_hold_no_memory_in_the_runtime(make_runtime):
     async with make_runtime({"s": Sleepy}) as rt:
         await asyncio.gather(*(rt.call("s", f"a{i}", "tags") for i in range(200)))
         assert rt.hibernate_idle() == 200
-        await asyncio.sleep(0.05)
-        assert rt._scheduler.slots == {} and rt.stats()["active_agents"] == 0
+        await wait_until(lambda: rt._scheduler.slots == {}, 5, "every slot to be released")
+        assert rt.stats()["active_agents"] == 0
         assert await rt.call("s", "a7", "tags") == {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from typing import ClassVar
 
 import pytest
@@ -24,6 +23,7 @@ from gatewayd.agents.errors import SequenceGapError
 from gatewayd.agents.storage import AgentDatabase, agent_db_path
 from protocols.link import DedupKey, LinkRejected, Outcome
 from tests.agents.conftest import MemoryLink
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,6 +32,7 @@ class Recorder(Agent):
     initial_state: ClassVar[dict] = {"count": 0}
     instances: list[int] = []  # noqa: RUF012 - test bookkeeping across instances
     starts = 0
+    meeting: ClassVar[asyncio.Barrier | None] = None
 
     def on_start(self) -> None:
         type(self).starts += 1
@@ -60,6 +61,14 @@ class Recorder(Agent):
         self.sql("INSERT INTO log (text) VALUES (?)", f"start {label}")
         await asyncio.sleep(delay_s)
         self.sql("INSERT INTO log (text) VALUES (?)", f"end {label}")
+        return label
+
+    @callable
+    async def meet(self, label: str) -> str:
+        """Returns only once every agent of the meeting is inside its own turn at once."""
+        assert Recorder.meeting is not None
+        async with asyncio.timeout(10):
+            await Recorder.meeting.wait()
         return label
 
     @callable
@@ -98,12 +107,12 @@ async def test_one_live_instance_per_identity_and_fifo(make_runtime):
 
 async def test_different_agents_run_concurrently_same_agent_serially(make_runtime):
     async with make_runtime({"rec": Recorder}) as rt:
-        started = time.perf_counter()
+        # A rendezvous, not a stopwatch: run one at a time, the first would wait for ever.
+        Recorder.meeting = asyncio.Barrier(5)
         labels = await asyncio.gather(
-            *(rt.call("rec", f"agent{i}", "slow", 0.2, f"x{i}") for i in range(5))
+            *(rt.call("rec", f"agent{i}", "meet", f"x{i}") for i in range(5))
         )
         assert labels == [f"x{i}" for i in range(5)]
-        assert time.perf_counter() - started < 0.8  # concurrent, not 5 x 0.2 s
 
         await asyncio.gather(
             rt.call("rec", "one", "slow", 0.05, "a"), rt.call("rec", "one", "slow", 0.01, "b")
@@ -398,15 +407,18 @@ async def test_healthy_reports_a_stuck_commit(make_runtime, monkeypatch):
     async with make_runtime({"rec": Recorder}, turn_timeout_s=0.2, durability="full") as rt:
         await rt.call("rec", "h", "log")
         real_commit = AgentDatabase.commit
+        disk_back = threading.Event()
 
-        def slow_commit(self):
-            time.sleep(0.5)  # a disk that stalls (fault injection at the disk boundary)
+        def stalled_commit(self):
+            disk_back.wait(10)  # a disk that stalls (fault injection at the disk boundary)
             real_commit(self)
 
-        monkeypatch.setattr(AgentDatabase, "commit", slow_commit)
+        monkeypatch.setattr(AgentDatabase, "commit", stalled_commit)
         pending = rt.submit_call("rec", "h", "slow", 0, "x")
-        await asyncio.sleep(0.35)
-        assert not rt.healthy()
+        try:
+            await wait_until(lambda: not rt.healthy(), 5, "the stuck commit to be reported")
+        finally:
+            disk_back.set()
         assert await pending == "x"
         assert rt.healthy()
 

@@ -12,6 +12,7 @@ from websockets.asyncio.client import connect
 
 from gatewayd.agents import Agent, callable
 from protocols.ws import WsListener, WsSettings
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,9 +46,12 @@ async def recv_json(client, timeout_s=2.0):
     return json.loads(await asyncio.wait_for(client.recv(), timeout_s))
 
 
-async def assert_silent(client, wait_s=0.15):
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(client.recv(), wait_s)
+async def assert_nothing_else_before_a_poke(dash, device, rpc_id):
+    """A barrier instead of a silence: the device's next message must be this poke's byte, so
+    anything else sent to it (a JSON protocol frame) would be seen first."""
+    await dash.send(json.dumps({"type": "gw.rpc", "id": rpc_id, "method": "poke", "args": [9]}))
+    assert await asyncio.wait_for(device.recv(), 10) == b"\x09"
+    assert (await recv_json(dash))["result"] == "poked"
 
 
 async def test_dashboard_and_binary_device_across_hibernation(make_runtime):
@@ -86,16 +90,14 @@ async def test_dashboard_and_binary_device_across_hibernation(make_runtime):
                     await dash.send("{not json")
                     assert await dash.recv() == "text:{not json"
 
-                    await assert_silent(device)  # never a JSON protocol frame
+                    # never a JSON protocol frame
+                    await assert_nothing_else_before_a_poke(dash, device, f"barrier{round_}")
                     if round_ == 0:
-                        for _ in range(40):
-                            await asyncio.sleep(0.05)
-                            if not rt.is_awake("sensor", "room 1"):
-                                break
-                        assert not rt.is_awake("sensor", "room 1"), "agent should hibernate"
+                        await wait_until(
+                            lambda: not rt.is_awake("sensor", "room 1"), 10, "the hibernation"
+                        )
                 assert rt.stats()["hibernations_total"] >= 1
                 assert await rt.get_agent_state("sensor", "room 1") == {"last": 41, "count": 2}
         finally:
             await listener.stop()
-        await asyncio.sleep(0.05)
-        assert rt.stats()["connections_open"] == 0
+        await wait_until(lambda: rt.stats()["connections_open"] == 0, 5, "the links to close")

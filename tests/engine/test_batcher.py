@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine import (
+    Engine,
     EngineNotRunning,
     EngineOverloaded,
     InferenceFailed,
@@ -15,6 +16,12 @@ from engine import (
     ModelSpec,
 )
 from tests.engine.onnx_models import metric, serving
+from tests.waiting import wait_until
+
+
+def queued_rows(engine: Engine, model_name: str) -> int:
+    """Rows waiting in the model's batcher (queued, not yet handed to its worker)."""
+    return engine._batchers[model_name].queued_rows()
 
 
 async def test_256_concurrent_callers_get_their_own_rows(two_inputs_path: Path) -> None:
@@ -52,12 +59,12 @@ async def test_batch_waits_for_max_queue_delay_then_runs(mlp_path: Path, model_n
         x = np.zeros((1, 8), np.float32)
         started = time.perf_counter()
         first = asyncio.ensure_future(engine.infer(model_name, x))
-        await asyncio.sleep(0.03)
+        await wait_until(lambda: queued_rows(engine, model_name) == 1, 5, "the first request")
         second = asyncio.ensure_future(engine.infer(model_name, x))
         await asyncio.gather(first, second)
         waited = time.perf_counter() - started
     assert 0.29 <= waited < 2.0
-    # Both requests, submitted 30 ms apart, shared one batch.
+    # Both requests, the second submitted after the first was queued, shared one batch.
     assert metric("gatewayd_engine_batch_rows_count", model=model_name) == 1
     assert metric("gatewayd_engine_batch_rows_sum", model=model_name) == 2
 
@@ -68,7 +75,7 @@ async def test_full_bucket_runs_without_waiting(mlp_path: Path, model_name: str)
         x = np.zeros((1, 8), np.float32)
         started = time.perf_counter()
         first = asyncio.ensure_future(engine.infer(model_name, x))
-        await asyncio.sleep(0.01)  # waiting for the batch to fill
+        await wait_until(lambda: queued_rows(engine, model_name) == 1, 5, "the first request")
         rest = [engine.infer(model_name, x) for _ in range(3)]  # fills the largest bucket
         await asyncio.gather(first, *rest)
         assert time.perf_counter() - started < 5.0
@@ -93,8 +100,10 @@ async def test_requests_behind_a_slow_batch_time_out(slow_path: Path, model_name
     async with serving(spec) as engine:
         x = np.ones((16, 4), np.float32)
         running = asyncio.ensure_future(engine.infer(model_name, x))
-        await asyncio.sleep(0)  # submit
-        await asyncio.sleep(0)  # dispatch: the worker is busy from here on
+        # Polled every loop turn: the slow batch lasts only tens of ms.
+        await wait_until(
+            lambda: engine._batchers[model_name]._busy, 5, "the worker to take the batch", poll_s=0
+        )
         with pytest.raises(InferenceTimeout):
             await engine.infer(model_name, x[:1], timeout_s=0.001)
         assert (await running)["y"].shape == (16,)
@@ -153,7 +162,7 @@ async def test_cancelled_caller_is_dropped_from_the_queue(mlp_path: Path, model_
         x = np.zeros((1, 8), np.float32)
         cancelled = asyncio.ensure_future(engine.infer(model_name, x))
         kept = asyncio.ensure_future(engine.infer(model_name, x))
-        await asyncio.sleep(0.01)
+        await wait_until(lambda: queued_rows(engine, model_name) == 2, 5, "both requests")
         cancelled.cancel()
         assert (await kept)["logits"].shape == (1, 3)
     assert metric("gatewayd_engine_batch_rows_sum", model=model_name) == 1
@@ -164,7 +173,7 @@ async def test_close_finishes_queued_requests_then_refuses(mlp_path: Path, model
     async with serving(spec) as engine:
         x = np.zeros((1, 8), np.float32)
         pending = asyncio.ensure_future(engine.infer(model_name, x))
-        await asyncio.sleep(0.01)  # queued, waiting for the batch to fill
+        await wait_until(lambda: queued_rows(engine, model_name) == 1, 5, "the request")
         started = time.perf_counter()
         await engine.close()
         assert time.perf_counter() - started < 5.0  # close does not wait out the delay

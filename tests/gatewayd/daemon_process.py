@@ -25,6 +25,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_ready: bool = True) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "stop or kill it first"
         env = {**os.environ, **self.notify.env, **self.extra_env, "PYTHONUNBUFFERED": "1"}
         env.pop("JOURNAL_STREAM", None)
         env["PYTHONPATH"] = str(REPO)
@@ -58,9 +59,19 @@ class GatewayProcess:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
-    def stop(self) -> int:
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait for the exit status; a daemon that does not stop in time is
+        SIGKILLed (never left running) and the test fails."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(
+                f"gatewayd did not stop within {timeout_s} s of SIGTERM (killed); log:\n"
+                + self.log_text()[-4000:]
+            ) from None

@@ -33,11 +33,3 @@ class TcpDevice:
         if isinstance(frame, Push):
             self.writer.write(encode(Ack(frame.seq)))  # firmware acknowledges every push
         return frame
-
-    async def frames(self) -> list[object]:
-        """Everything received so far plus whatever arrives within 0.3 s."""
-        try:
-            while True:
-                await asyncio.wait_for(self.next_frame(), 0.3)
-        except TimeoutError:
-            return self.received

@@ -49,6 +49,12 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
+def http_port(daemon: DaemonProcess) -> int:
+    """The HTTP endpoint's port (bound to port 0), from the daemon's log."""
+    daemon.wait_log("http: serving")
+    return int(daemon.log_text().split("http: serving")[1].split("port=")[1].split()[0])
+
+
 def _start(tmp_path: Path, notify: NotifySocket, **env: str) -> DaemonProcess:
     daemon = DaemonProcess(tmp_path, notify, env)
     return daemon
@@ -107,6 +113,9 @@ def test_sighup_applies_a_good_config(tmp_path: Path, notify: NotifySocket) -> N
     daemon = _start(tmp_path, notify)
     try:
         notify.wait_for("READY", "1")
+        base = f"http://127.0.0.1:{http_port(daemon)}"
+        urllib.request.urlopen(f"{base}/healthz").read()
+        assert " level=debug " not in daemon.log_text()  # at info, requests are not logged
         daemon.write_config(log_level="debug")
         mark = len(notify.messages)
         daemon.send_signal(signal.SIGHUP)
@@ -114,7 +123,10 @@ def test_sighup_applies_a_good_config(tmp_path: Path, notify: NotifySocket) -> N
         assert int(reloading["MONOTONIC_USEC"]) > 0
         notify.wait_for("READY", "1", after=mark)
         daemon.wait_log("reload applied")
-        assert "level=debug" in daemon.log_text() or "log_level=debug" in daemon.log_text()
+        # The new level takes effect: an HTTP request is now logged at debug, which it was
+        # not before (a bare "level=debug" would also match the reload line's log_level=debug).
+        urllib.request.urlopen(f"{base}/healthz").read()
+        daemon.wait_log(" level=debug logger=gatewayd.http ")
     finally:
         assert daemon.stop() == 0
 
@@ -152,9 +164,7 @@ def test_http_endpoints(tmp_path: Path, notify: NotifySocket) -> None:
     daemon = _start(tmp_path, notify)
     try:
         notify.wait_for("READY", "1")
-        daemon.wait_log("http: serving")
-        port = int(daemon.log_text().split("http: serving")[1].split("port=")[1].split()[0])
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{http_port(daemon)}"
         assert urllib.request.urlopen(f"{base}/healthz").read().startswith(b"ok")
         assert urllib.request.urlopen(f"{base}/readyz").read().startswith(b"ok")
         assert b"python_info" in urllib.request.urlopen(f"{base}/metrics").read()
@@ -214,7 +224,10 @@ def test_unread_notify_socket_never_blocks_the_daemon(tmp_path: Path, notify: No
     drop notifications rather than block its event loop on sendto()."""
     daemon = _start(tmp_path, notify, WATCHDOG_USEC="100000")
     try:
-        time.sleep(3.0)  # ~30 status and watchdog datagrams, none read
+        # Ready (from its log: the notify socket stays unread), so SIGTERM meets its handler
+        # and not a half-started interpreter, as it did on a loaded machine.
+        daemon.wait_log("msg=ready", timeout_s=30)
+        time.sleep(1.0)  # the workload: ~30 status and watchdog datagrams, none read
         started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         assert daemon.proc is not None

@@ -8,6 +8,7 @@ systemd watchdog pings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
@@ -25,6 +26,7 @@ from tests.brokers import MosquittoBroker, free_port
 from tests.gatewayd.daemon_process import REPO, GatewayProcess
 from tests.gatewayd.devices import TcpDevice
 from tests.gatewayd.notify import NotifySocket
+from tests.waiting import wait_until
 
 CONFIG = """
 [gateway]
@@ -79,7 +81,14 @@ class Site:
         path = agent_db_path(self.state_dir, "recorder", agent_id)
         if not path.exists():
             return []
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        # Read-write, as any reader after a crash: a SIGKILL during a commit leaves a WAL index
+        # that needs recovery, which a read-only connection refuses ("attempt to write a
+        # readonly database"). Reading changes nothing that was committed.
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            # A daemon killed between creating the file and committing `on_start`'s CREATE
+            # TABLE leaves a file without the table: that agent has committed nothing yet.
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
+                return []
             return [
                 (t, bytes(b))
                 for t, b in db.execute("SELECT transport, body FROM messages ORDER BY n")
@@ -93,8 +102,10 @@ def site(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[Site]:
     try:
         yield site
     finally:
-        site.gateway.stop()
-        notify.close()
+        try:
+            site.gateway.stop()
+        finally:
+            notify.close()
 
 
 async def test_one_agent_serves_mqtt_tcp_and_a_dashboard(site: Site) -> None:
@@ -120,20 +131,30 @@ async def test_one_agent_serves_mqtt_tcp_and_a_dashboard(site: Site) -> None:
             assert json.loads(await dashboard.recv())["state"] == {"count": 3}
             assert await dashboard.recv() == "ack 3"
 
-            received = await tcp.frames()
-            assert sorted(type(f).__name__ for f in received) == ["Ack", "HelloOk", "Push"]
-            push = next(f for f in received if isinstance(f, Push))
-            assert push.payload == b"ack 2"  # the agent's reply; never a JSON protocol frame
+            # Barriers instead of "nothing within 0.5 s": one more message on each transport.
+            # Replies keep the agent's order, so an identity or state frame wrongly sent to the
+            # MQTT or TCP device would arrive before the barrier's reply.
+            await device.publish("devices/dev-1/telemetry", b"barrier", qos=1)
+            reply = await asyncio.wait_for(anext(aiter(device.messages)), 10)
+            assert reply.payload == b"ack 4", "the MQTT device gets its replies and nothing else"
+            tcp.writer.write(encode(Data(2, b"barrier")))
 
-            # The MQTT device got its one reply and nothing else (no identity, no state sync).
-            with pytest.raises(TimeoutError):
-                extra = await asyncio.wait_for(anext(aiter(device.messages)), 0.5)
-                pytest.fail(f"unexpected MQTT message {extra.payload!r}")
+            def pushed() -> list[bytes]:
+                return [f.payload for f in tcp.received if isinstance(f, Push)]
+
+            while Ack(2) not in tcp.received or b"ack 5" not in pushed():
+                await tcp.next_frame()
+            kinds = sorted(type(f).__name__ for f in tcp.received)
+            assert kinds == ["Ack", "Ack", "HelloOk", "Push", "Push"], tcp.received
+            assert [f.seq for f in tcp.received if isinstance(f, Ack)] == [1, 2]
+            assert pushed() == [b"ack 2", b"ack 5"]  # the agent's replies; never a JSON frame
     assert site.gateway.stop() == 0
     assert site.rows("dev-1") == [
         ("mqtt", b"from-mqtt"),
         ("tcp", b"from-tcp"),
         ("ws", b"from-dashboard"),
+        ("mqtt", b"barrier"),
+        ("tcp", b"barrier"),
     ]
 
 
@@ -156,7 +177,13 @@ async def _send_frames(device: TcpDevice, count: int, window: int, progress: asy
                     if acked >= 50:
                         progress.set()
         except (ConnectionError, OSError, TimeoutError):
-            await asyncio.sleep(0.2)
+            # Python 3.11's wait_for raises the connection error that raced a cancellation
+            # instead of CancelledError; retrying then would loop forever against a stopped
+            # gateway (pytest-asyncio's teardown hung on exactly that).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            await asyncio.sleep(0.2)  # the device's reconnect back-off
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_applies_no_frame_twice(site: Site) -> None:
@@ -172,25 +199,22 @@ async def test_sigkill_mid_stream_loses_nothing_and_applies_no_frame_twice(site:
     device = TcpDevice(site.tcp_port, "dev-1", "s1")
     progress = asyncio.Event()
     sender = asyncio.create_task(_send_frames(device, 400, 32, progress))
-    await asyncio.wait_for(progress.wait(), 20)
-    site.gateway.kill()  # SIGKILL: no drain, no goodbye
-    applied_at_kill = sum(
-        1
-        for i in range(10)
-        if agent_db_path(site.state_dir, "recorder", f"dev-{i}").exists()
-        for t, _ in site.rows(f"dev-{i}")
-        if t == "mqtt"
-    )
-    assert applied_at_kill < messages, "the kill should land mid-stream"
+    try:
+        await asyncio.wait_for(progress.wait(), 20)
+        site.gateway.kill()  # SIGKILL: no drain, no goodbye
+        applied_at_kill = sum(1 for i in range(10) for t, _ in site.rows(f"dev-{i}") if t == "mqtt")
+        assert applied_at_kill < messages, "the kill should land mid-stream"
 
-    site.gateway.start()
-    await asyncio.wait_for(sender, 60)
-    deadline = asyncio.get_running_loop().time() + 60
-    while True:
-        mqtt_bodies = {b for i in range(10) for t, b in site.rows(f"dev-{i}") if t == "mqtt"}
-        if len(mqtt_bodies) == messages or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.3)
+        site.gateway.start()
+        await asyncio.wait_for(sender, 60)
+
+        def stored() -> int:
+            return len({b for i in range(10) for t, b in site.rows(f"dev-{i}") if t == "mqtt"})
+
+        await wait_until(lambda: stored() == messages, 60, "every MQTT message", poll_s=0.2)
+    finally:
+        sender.cancel()
+        await asyncio.wait({sender}, timeout=10)  # wait() never waits past its timeout
     assert site.gateway.stop() == 0
 
     mqtt_bodies = {b for i in range(10) for t, b in site.rows(f"dev-{i}") if t == "mqtt"}
@@ -213,3 +237,13 @@ async def test_wedged_event_loop_stops_watchdog_pings(tmp_path: Path, site: Site
     assert max(gaps) >= 2.0, "no pings while the loop was wedged"
     assert len(pings) >= 4, "pings resume once the loop turns again"
     site.gateway.send_signal(signal.SIGTERM)
+
+
+def test_an_agent_file_without_its_table_has_no_rows_yet(site: Site) -> None:
+    # What a SIGKILL between creating the file and committing on_start's CREATE TABLE leaves
+    # behind (the flaky "no such table: messages" right after the kill).
+    path = agent_db_path(site.state_dir, "recorder", "dev-1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(path).close()
+    assert path.exists()
+    assert site.rows("dev-1") == []

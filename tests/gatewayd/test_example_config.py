@@ -39,13 +39,15 @@ class ExampleSite:
 @pytest.fixture
 def example(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[ExampleSite]:
     site = ExampleSite(tmp_path, mosquitto)
-    site.gateway.start()
-    site.gateway.wait_log("mqtt: connected")
     try:
+        site.gateway.start()
+        site.gateway.wait_log("mqtt: connected")
         yield site
     finally:
-        assert site.gateway.stop() == 0
-        site.notify.close()
+        try:
+            assert site.gateway.stop() == 0
+        finally:
+            site.notify.close()
 
 
 async def test_readme_examples_against_the_example_config(

@@ -315,12 +315,15 @@ async def test_failed_turn_is_retried_without_ack_and_refusal_is_final(
     assert stats.extra["retries"] == 3 and stats.rejected >= 1 and stats.extra["pending"] == 0
     await bridge.stop()
 
-    # Everything above was acked (the refusal too): nothing comes back on restart.
+    # Everything above was acked (the refusal too): nothing comes back on restart. A barrier
+    # message published after the reconnect arrives after anything the broker would resend.
     again = MqttBridge(settings, handler)
     await again.start()
     await again.wait_connected(timeout_s=5)
-    await asyncio.sleep(0.3)
-    assert len(read_messages(db)) == 2 and again.stats.rejected == 0
+    await publish_all(mosquitto, [("devices/a/telemetry", b"barrier")])
+    await wait_until(lambda: len(read_messages(db)) >= 3, 5, "the barrier message")
+    assert sorted(p for *_, p in read_messages(db)) == [b"barrier", b"flaky", b"ok"]
+    assert again.stats.rejected == 0
     await again.stop()
 
 
@@ -572,9 +575,10 @@ async def test_mutual_tls_with_ca_client_cert_and_insecure_flag(
         # The broker's certificate is not trusted without our CA ...
         untrusted = MqttBridge(settings_for(broker, **base, **client_cert), handler)
         await untrusted.start()
-        with pytest.raises(TimeoutError):
-            await untrusted.wait_connected(timeout_s=1.5)
-        assert untrusted.stats.extra["connect_failures"] >= 1
+        await wait_until(
+            lambda: untrusted.stats.extra.get("connect_failures", 0) >= 1, 10, "a refused handshake"
+        )
+        assert not untrusted.connected
         await untrusted.stop()
 
         # ... unless verification is switched off explicitly.

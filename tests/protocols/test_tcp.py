@@ -66,6 +66,7 @@ class SqliteLinkHandler:
         self.released.set()
         self.fail_once: set[int] = set()
         self.reject_devices: set[str] = set()
+        self.submitted: list[int | None] = []  # DATA seqs handed to the agent, in order
         self._queues: dict[Route, asyncio.Queue] = {}
         self._workers: list[asyncio.Task] = []
 
@@ -85,6 +86,7 @@ class SqliteLinkHandler:
     def submit_message(
         self, link: Link, data: bytes | str, dedup: DedupKey | None = None
     ) -> asyncio.Future[Outcome]:
+        self.submitted.append(dedup.seq if dedup is not None else None)
         return self._enqueue(link, ("message", data, dedup))
 
     def close_link(self, link: Link, code: int, reason: str) -> asyncio.Future[Outcome]:
@@ -208,10 +210,12 @@ class Device:
                 frames.append(await self.recv(timeout_s))
         return frames
 
-    async def expect_silence(self, within_s: float = 0.2) -> None:
-        with pytest.raises(asyncio.TimeoutError):
-            frame = await self.recv(within_s)
-            pytest.fail(f"expected no frame, got {frame}")
+    async def expect_only_pong(self, seq: int = 1) -> None:
+        """A barrier instead of a silence: the gateway handles a connection's frames in order,
+        so anything it sends because of earlier frames comes before this PING's PONG."""
+        self.send(Ping(seq))
+        frame = await self.recv()
+        assert frame == Pong(seq), f"expected nothing before PONG {seq}, got {frame}"
 
     async def close(self) -> None:
         self.writer.close()
@@ -223,6 +227,19 @@ async def connect_device(port: int, device_id: str = "dev-a") -> Device:
     device = await Device.connect(port)
     await device.hello(device_id)
     return device
+
+
+async def until_refused(port: int, timeout_s: float = 3.0) -> None:
+    """Wait until the listener no longer accepts connections on `port`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            device = await Device.connect(port)
+        except OSError:
+            return
+        await device.close()
+        assert asyncio.get_running_loop().time() < deadline, f"port {port} still accepts"
+        await asyncio.sleep(0.01)
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 3.0) -> None:
@@ -336,14 +353,14 @@ async def test_agent_refusing_the_link_gets_rejected(
     device.send(Hello("dev-b", "secret-b"))
     frames = await device.recv_until_closed()
     assert frames == [Error(ErrorCode.REJECTED, "device disabled by its agent")]
-    await asyncio.sleep(0.05)
-    # The agent refused the link: it never existed for the handler, so no close_link for it.
-    assert [e[0] for e in handler.events] == ["open_called"]
     # The refused connection does not linger as the device's live connection.
     handler.reject_devices.clear()
     device = await connect_device(listener.bound_port, "dev-b")
     handler.links["dev-b"].send(b"hello")
     assert await device.recv() == Push(1, b"hello")
+    # The agent refused the first link: it never existed for the handler, so no close_link
+    # for it (checked once the second link is up: a barrier instead of a fixed sleep).
+    assert [e[0] for e in handler.events] == ["open_called", "open_called"]
 
 
 async def test_an_agent_that_never_opens_the_link_times_out(
@@ -367,6 +384,32 @@ async def test_hello_timeout_closes_a_silent_connection(make_listener: ListenerF
     assert [f.code for f in frames] == [ErrorCode.HELLO_TIMEOUT]
 
 
+async def test_data_pipelined_behind_hello_is_refused_and_the_link_closed(
+    listener: TcpListener, handler: SqliteLinkHandler
+) -> None:
+    device = await Device.connect(listener.bound_port)
+    device.send(Hello("dev-a", "secret-a"), Data(1, b"too early"))  # one segment
+    frames = await device.recv_until_closed()
+    assert frames == [Error(ErrorCode.HELLO_REQUIRED, "DATA frame before HELLO_OK was sent")]
+    await eventually(lambda: handler.events[-1][0] == "close_called")
+    assert handler.events[-1][3] == ErrorCode.HELLO_REQUIRED
+    assert handler.applied("dev-a") == []
+    # Sent properly, the same frame goes through.
+    device = await connect_device(listener.bound_port)
+    device.send(Data(1, b"on time"))
+    assert await device.recv() == Ack(1)
+
+
+async def test_a_wrong_secret_with_pipelined_data_is_auth_failed(
+    listener: TcpListener, handler: SqliteLinkHandler
+) -> None:
+    device = await Device.connect(listener.bound_port)
+    device.send(Hello("dev-a", "wrong"), Data(1, b"x"))
+    frames = await device.recv_until_closed()
+    assert frames == [Error(ErrorCode.AUTH_FAILED, "authentication failed")]
+    assert handler.events == []
+
+
 # ---------------------------------------------------------------- data, acks, exactly-once
 
 
@@ -376,7 +419,8 @@ async def test_ack_is_sent_only_after_the_commit(
     device = await connect_device(listener.bound_port)
     handler.released.clear()  # the agent's turn does not run yet
     device.send(Data(1, b"reading-1"))
-    await device.expect_silence(0.3)
+    await eventually(lambda: handler.submitted == [1])
+    await device.expect_only_pong()  # no ACK while the turn has not committed
     assert handler.applied("dev-a") == []
     handler.released.set()
     assert await device.recv() == Ack(1)
@@ -403,8 +447,7 @@ async def test_retransmission_after_reconnect_is_acked_but_not_applied_twice(
     # Seq 3 is committed but its ACK is lost: the device drops the connection at once.
     handler.released.clear()
     device.send(Data(3, b"c"))
-    await device.writer.drain()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: handler.submitted[-1:] == [3])
     await device.close()
     handler.released.set()
     await eventually(lambda: len(handler.applied("dev-a")) == 3)
@@ -466,7 +509,7 @@ async def test_window_is_enforced(
     device = await connect_device(listener.bound_port)
     handler.released.clear()
     device.send(Data(1, b"a"), Data(2, b"b"))  # a full window is fine
-    await device.expect_silence(0.2)
+    await device.expect_only_pong()
     device.send(Data(3, b"c"))
     frame = await device.recv()
     assert frame.code == ErrorCode.WINDOW_EXCEEDED
@@ -496,7 +539,7 @@ async def test_push_delivered_acked_and_resent_on_reconnect(
     assert await device.recv() == Push(1, b"set 21.5")
     assert await device.recv() == Push(2, b"text from the agent")
     device.send(Ack(1))  # push 2 stays unacknowledged
-    await asyncio.sleep(0.05)
+    await device.expect_only_pong()  # the ACK was handled
     await device.close()
     await eventually(lambda: listener.stats.links_open == 0)
     handler.links["dev-a"].send(b"while offline")
@@ -506,12 +549,12 @@ async def test_push_delivered_acked_and_resent_on_reconnect(
     assert await device.recv() == Push(2, b"text from the agent", resend=True)
     assert await device.recv() == Push(3, b"while offline")
     device.send(Ack(2), Ack(3), Ack(99))  # an unknown push seq is ignored
-    await asyncio.sleep(0.05)
+    await device.expect_only_pong()  # the ACKs were handled
     await device.close()
     await eventually(lambda: listener.stats.links_open == 0)
 
     device = await connect_device(listener.bound_port)
-    await device.expect_silence(0.2)  # everything was acknowledged
+    await device.expect_only_pong()  # everything was acknowledged: no resend after HELLO_OK
 
 
 # ---------------------------------------------------------------- liveness
@@ -577,6 +620,11 @@ BAD_INPUTS = {
     ),
     "data before hello": (encode(Data(1, b"x")), ErrorCode.HELLO_REQUIRED),
     "push from device": (encode(Push(1, b"x")), ErrorCode.UNEXPECTED),
+    "hello_ok with a bad body": (
+        b"\x00\x00\x00\x0c\xa1\x02\x00" + bytes(8) + b"\xa0",
+        ErrorCode.BAD_BODY,
+    ),
+    "hello_ok from a device": (encode(HelloOk(65536, 1, 0, 0)), ErrorCode.UNEXPECTED),
     "truncated": (encode(Data(1, b"abcdef"))[:10], ErrorCode.TRUNCATED),
 }
 
@@ -696,12 +744,10 @@ async def test_stop_drains_in_flight_acks_before_closing(
     device = await connect_device(port)
     handler.released.clear()
     device.send(Data(1, b"in flight"))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: handler.submitted == [1])
     stopping = asyncio.create_task(listener.stop(drain_timeout_s=2.0))
-    await asyncio.sleep(0.1)
-    # Stopped accepting already.
-    with pytest.raises(OSError):
-        await Device.connect(port)
+    await until_refused(port)  # stopped accepting, while the frame is still in flight
+    assert not stopping.done()
     handler.released.set()
     await stopping
     frames = await device.recv_until_closed()
@@ -833,9 +879,23 @@ def test_load_secrets_file_errors_name_the_entry(
 )
 def test_settings_are_validated(overrides: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValueError) as info:
-        TcpSettings(**overrides)
+        TcpSettings(agent_class="thermostat", **overrides)
     assert fragment in str(info.value)
 
 
 def test_settings_repr_hides_secrets() -> None:
-    assert "secret-a" not in repr(TcpSettings(secrets=SECRETS))
+    assert "secret-a" not in repr(TcpSettings(agent_class="t", secrets=SECRETS))
+
+
+def test_settings_defaults_are_the_config_models() -> None:
+    """One schema: a listener built without the daemon behaves like an empty [listeners.binary]."""
+    from gatewayd.config import BinaryListener
+
+    config, settings = BinaryListener(), TcpSettings(agent_class="thermostat")
+    assert (settings.host, settings.port) == config.bind == ("127.0.0.1", 7878)
+    assert settings.max_unacked_window == config.max_unacked == 64
+    assert settings.max_frame_bytes == config.max_frame_size
+    assert settings.max_connections == config.max_connections
+    assert settings.hello_timeout_s == config.hello_timeout
+    assert settings.ping_interval_s == config.ping_interval
+    assert settings.ping_timeout_s == config.ping_timeout

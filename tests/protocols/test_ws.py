@@ -11,6 +11,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from protocols.link import Link, LinkRejected, Outcome
 from protocols.ws import BadPath, WsListener, WsSettings, parse_agent_path
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -86,7 +87,7 @@ async def test_text_and_binary_round_trip(listener):
         await client.send(b"\x00\xffbinary")
         assert await client.recv() == "text"
         assert await client.recv() == b"\x00\xffbinary"
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: handler.closed and ws.stats.links_open == 0, 5, "the link's close")
     assert handler.messages == ["text", b"\x00\xffbinary"]
     assert handler.opened[0][1]["path"] == "/agents/echo/dev%201"
     assert handler.closed and handler.closed[0][1] == 1000
