@@ -18,6 +18,7 @@ from gatewayd.agents import Agent, callable
 from gatewayd.agents.errors import AgentQuarantinedError
 from gatewayd.agents.storage import agent_db_path
 from tests.agents.conftest import MemoryLink
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,8 +137,9 @@ async def test_damage_found_inside_a_turn_quarantines_the_agent(
             ]["rootpage"],
         )
         assert rt.hibernate_idle() == 2
-        await rt.call("r", "two", "total")  # waits for the closes (and checkpoints) to finish
         path = agent_db_path(state_dir, "r", "one")
+        # The close (a checkpoint) runs off the loop; the last close deletes the WAL.
+        await wait_until(lambda: not Path(f"{path}-wal").exists(), 10, "one's database closed")
         with open(path, "r+b") as db:
             db.seek((root_page - 1) * 4096)
             db.write(b"\xff" * 4096)
