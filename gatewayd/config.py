@@ -116,6 +116,9 @@ class AgentsSection(Section):
     max_message_size: Size = 1024**2
     max_mailbox_events: int = Field(default=1000, ge=1)
     max_pending_calls: int = Field(default=10_000, ge=1)
+    # Outputs for devices (MQTT replies, TCP pushes) one agent may owe before its sending
+    # turns fail (they are durable rows of its outbox; see DURABILITY.md).
+    max_undelivered_outputs: int = Field(default=10_000, ge=1)
     python_path: list[ConfigPath] = []
     classes: dict[str, AgentClassSection] = {}
 
@@ -165,6 +168,9 @@ class MqttRouteSection(Section):
     allowed_ids_file: ExistingFile | None = None
     allowed_id_pattern: str | None = None
     max_new_agents_per_minute: int = Field(default=600, ge=0)
+    # When max_outbound_queue replies wait: "backpressure" (stop reading device messages,
+    # drop nothing) or "drop_oldest" (drop this route's oldest queued reply; counted, logged).
+    on_overflow: Literal["backpressure", "drop_oldest"] = "backpressure"
 
 
 class MqttSection(Section):

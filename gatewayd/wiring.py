@@ -151,6 +151,7 @@ def agent_settings(config: GatewayConfig) -> Any:
         max_message_bytes=agents.max_message_size,
         max_mailbox_events=agents.max_mailbox_events,
         max_pending_calls=agents.max_pending_calls,
+        max_undelivered_outputs=agents.max_undelivered_outputs,
         protocol_messages_default={
             "ws": listeners.websocket.protocol_messages,
             "tcp": listeners.binary.protocol_messages,
@@ -288,6 +289,7 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
                 ),
                 allowed_id_pattern=r.allowed_id_pattern,
                 max_new_agents_per_minute=r.max_new_agents_per_minute,
+                on_overflow=r.on_overflow,
             )
             for r in mqtt.routes
         ),

@@ -6,6 +6,18 @@ runtime). The handler's methods enqueue synchronously, in call order, and return
 resolves once the agent's turn that consumed the event has *committed* (the output gate): only
 then may the transport acknowledge the event to the device or broker.
 
+Outputs (agent -> device) come in two kinds. A plain `Link.send` is *live*: the transport
+delivers it if it can (WebSocket dashboards). A transport whose links have a `DurableLink`
+address (MQTT, TCP) also implements `DurableOutputs`: the gateway first writes each output to
+the agent's outbox table in the turn's own transaction, then hands it over with
+`send_tracked(address, seq, payload, on_delivered)`; the transport calls `on_delivered(seq)`
+once the device side has it (MQTT: PUBACK for QoS 1, handed to the socket for QoS 0; TCP: the
+device's push ACK), and only then does the gateway delete the row. A transport never drops a
+tracked output because it is busy: it keeps it and pushes back on its own input instead (stops
+reading or acknowledging device messages) until it has room. After a restart the gateway
+hands the undelivered rows over again, in seq order per address, through the transport's
+`DurableOutputs` (it announces itself with `OutputRecovery.attach_outputs` on start).
+
 This module has no dependencies besides the standard library.
 """
 
@@ -13,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +92,93 @@ class Link(Protocol):
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close the session from the gateway side (idempotent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputAddress:
+    """Where a durable output goes, independent of any live session (so that it can be sent
+    again after a restart, before the device reconnects).
+
+    `transport` names the `DurableOutputs` that delivers it ("mqtt", "tcp"); `target` is the
+    MQTT topic or the TCP device id; `qos` is the MQTT QoS (0 or 1; unused by TCP).
+    """
+
+    transport: str
+    target: str
+    qos: int = 1
+
+
+DeliveredCallback = Callable[[int], None]
+"""Called with an output's `seq` once the transport delivered it (or dropped it under an
+explicit, documented per-route overflow policy): the gateway may then forget the output."""
+
+
+class DurableOutputs(Protocol):
+    """A transport that can track outputs until they are delivered (MQTT, TCP).
+
+    `send_tracked` never blocks and never drops an output because the transport is busy: the
+    transport keeps it (in memory; the gateway keeps it on disk), resends it across reconnects
+    in `seq` order per address, and calls `on_delivered(seq)` exactly once when it is done. An
+    output is dropped only under an explicit per-route policy (then `on_delivered` is called
+    too, and the drop is counted and logged) or when it can never be delivered (e.g. larger
+    than the transport allows; logged as an error). When its outbound capacity is exhausted
+    the transport applies backpressure upstream: it stops reading or acknowledging new device
+    messages until the backlog shrinks. `seq` increases with each output of one agent and
+    survives restarts (gaps allowed): the TCP transport uses it as the PUSH seq.
+    """
+
+    @property
+    def transport(self) -> str: ...
+
+    def send_tracked(
+        self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
+    ) -> None: ...
+
+
+class DurableLink(Protocol):
+    """A `Link` whose outputs are durable: they go to `output_address` through `outputs`."""
+
+    @property
+    def output_address(self) -> OutputAddress: ...
+
+    @property
+    def outputs(self) -> DurableOutputs: ...
+
+
+def durable_target(link: Link) -> tuple[DurableOutputs, OutputAddress] | None:
+    """`(outputs, address)` for a link with durable outputs, None for a live-only link."""
+    address = getattr(link, "output_address", None)
+    outputs = getattr(link, "outputs", None)
+    if isinstance(address, OutputAddress) and outputs is not None:
+        return outputs, address
+    return None
+
+
+class OutputRecovery(Protocol):
+    """Optional half of a `LinkHandler` that keeps durable outputs (the gateway's runtime).
+
+    A transport implementing `DurableOutputs` calls `attach_outputs(self)` when it starts and
+    `detach_outputs(self)` when it stops. On attach the handler hands it the outputs left
+    undelivered by an earlier run or by a stopped transport of the same name, in seq order per
+    address; after detach it ignores that transport's late delivery reports (at least once).
+    """
+
+    def attach_outputs(self, outputs: DurableOutputs) -> None: ...
+
+    def detach_outputs(self, outputs: DurableOutputs) -> None: ...
+
+
+def attach_outputs(handler: object, outputs: DurableOutputs) -> None:
+    """Announce `outputs` to `handler` if it keeps durable outputs (see `OutputRecovery`)."""
+    attach = getattr(handler, "attach_outputs", None)
+    if attach is not None:
+        attach(outputs)
+
+
+def detach_outputs(handler: object, outputs: DurableOutputs) -> None:
+    detach = getattr(handler, "detach_outputs", None)
+    if detach is not None:
+        detach(outputs)
 
 
 class LinkIdentity:

@@ -53,12 +53,25 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   by an older config), empty ids, payloads over `max_payload_bytes`, and retained messages
   (replays of old state on subscribe, unless `accept_retained`) are logged, counted and
   acked, so they are neither processed nor redelivered forever.
-* **Outbound.** `link.send` never blocks: data goes into one bounded queue
-  (`max_outbound_queue`), published by `max_inflight_publishes` workers at the route's QoS.
-  When the queue is full the new message is dropped, counted (`outbound_dropped`) and logged.
-  A publish interrupted by a disconnect is retried after the reconnect (at least once).
-  Replies leave in `send` order, except that retries around a reconnect may reorder them.
-  At most `max_outbound_queue` + `max_inflight_publishes` replies are held in memory.
+* **Outbound: durable, never dropped by load.** Each link is a `DurableLink`: the gateway
+  writes a reply to the agent's outbox (in the turn's transaction) and hands it over with
+  `send_tracked`; the bridge publishes it at the route's QoS and reports it delivered on the
+  PUBACK (QoS 1) or once paho wrote it to the socket (QoS 0). A publish interrupted by a
+  disconnect is published again after the reconnect (at least once); after a gateway restart
+  the gateway hands over the rows still undelivered. `max_inflight_publishes` workers publish
+  from one FIFO backlog. When the backlog reaches `max_outbound_queue`, nothing is dropped:
+  the bridge stops pulling device messages (backpressure, counted as
+  `outbound_backpressure_pauses`) until it is below the limit again, so new turns stop
+  producing replies; replies of turns already in flight are still queued (the backlog
+  overshoots by at most their replies). A route with `on_overflow = "drop_oldest"` instead
+  drops its own oldest queued reply (counted `outbound_dropped_by_policy`, logged, and
+  reported delivered so that it is not resent). A reply that can never be published (over
+  `max_payload_bytes`, a topic paho refuses) is logged as an error and counted. While
+  Replies go out on a second broker connection of their own (client id `<client_id>-out`,
+  clean session, no subscriptions): the device connection stops reading the socket for
+  backpressure, and the PUBACKs of replies must not wait behind the device messages it holds
+  back (one connection would deadlock the two directions).
+  Untracked `link.send` (a handler without an outbox) goes through the same backlog.
 * **Connection.** Reconnects forever with exponential backoff and full jitter; resubscribes
   and publishes a retained "online" to the status topic on every connect; the broker
   publishes the retained "offline" last will if we vanish, and `stop()` publishes it itself.
@@ -77,6 +90,7 @@ import random
 import ssl
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -89,12 +103,16 @@ from prometheus_client import Counter, Gauge
 
 from protocols.link import (
     Backpressure,
+    DeliveredCallback,
     LinkHandler,
     LinkIdentity,
     LinkRejected,
     Outcome,
+    OutputAddress,
     Route,
     TransportStats,
+    attach_outputs,
+    detach_outputs,
 )
 from protocols.mqtt_admission import RouteAdmission, Verdict
 from protocols.mqtt_client import ManualAckClient
@@ -114,6 +132,7 @@ logger = logging.getLogger(__name__)
 
 TRANSPORT = "mqtt"
 STATUS_ONLINE = b"online"
+OUTBOUND_CLIENT_SUFFIX = "-out"  # client id of the replies' connection: `<client_id>-out`
 STATUS_OFFLINE = b"offline"
 LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
 IDLE_CLOSE_CODE = 1000
@@ -128,7 +147,8 @@ MQTT_EVENTS = Counter(
     "gatewayd_mqtt_events_total",
     "MQTT bridge events: applied, acked, rejected, retries, dead_lettered, backpressure, "
     "not_allowed, new_agent_refused, links_evicted, unrouted, oversized, retained_skipped, "
-    "read_pauses, outbound_dropped, connects, disconnects, ...",
+    "read_pauses, outbound_backpressure_pauses, outbound_dropped_by_policy, connects, "
+    "disconnects, ...",
     ["event"],
 )
 _EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
@@ -164,10 +184,21 @@ class MqttLink(LinkIdentity):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def output_address(self) -> OutputAddress:
+        return OutputAddress(TRANSPORT, self.reply_topic, self._bridge.settings.qos)
+
+    @property
+    def outputs(self) -> MqttBridge:
+        return self._bridge
+
     def send(self, data: bytes | str) -> None:
-        """Queue `data` (str as UTF-8) for the device's reply topic; never blocks."""
+        """Queue `data` (str as UTF-8) for the device's reply topic, untracked (a handler with
+        an outbox uses `MqttBridge.send_tracked`); never blocks, never dropped for load."""
         payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._bridge._enqueue_publish(self, payload)
+        self._bridge._enqueue_publish(
+            _Outbound(self.reply_topic, self._bridge.settings.qos, payload, self.key[0])
+        )
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Forget this device's link (runs the agent's on_close); its next message opens a
@@ -222,6 +253,110 @@ class _Inbound:
         return (self.match.route_index, self.match.device_id)
 
 
+@dataclass(slots=True)
+class _Outbound:
+    """One reply waiting to be published (and, if tracked, reported delivered)."""
+
+    topic: str
+    qos: int
+    payload: bytes
+    route_index: int | None  # None: no route's reply topic matches (its policy: backpressure)
+    seq: int = 0
+    on_delivered: DeliveredCallback | None = None
+
+    def delivered(self) -> None:
+        if self.on_delivered is not None:
+            callback, self.on_delivered = self.on_delivered, None
+            callback(self.seq)
+
+
+class _OutboundConnection:
+    """The bridge's second broker connection, for replies only (see the module docstring).
+    It follows the device connection: it connects to the broker that one is connected to,
+    and reconnects with the same backoff when it is lost. `close()` ends it, and `run()` then
+    ends as cancelled (a supervisor must not restart it); cancelling alone is not enough:
+    aiomqtt's connect swallows a cancellation that arrives while it connects."""
+
+    def __init__(self, bridge: MqttBridge) -> None:
+        self._bridge = bridge
+        self.client: ManualAckClient | None = None
+        self.connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self.finished = asyncio.Event()  # set while `run()` is not running
+        self.finished.set()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.finished.set()
+        raise asyncio.CancelledError  # closed: ended for good
+
+    async def _until_closing(self, awaitable: Any) -> bool:
+        """Wait for `awaitable` or `close()`; True when closing. Raises what it raises."""
+        waiter = asyncio.ensure_future(awaitable)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if self._closing.is_set():
+            waiter.cancel()
+            return True
+        waiter.result()
+        return False
+
+    async def _run(self) -> None:
+        self.finished.clear()
+        bridge = self._bridge
+        attempt = 0
+        while not self._closing.is_set():
+            if await self._until_closing(bridge._connected_event.wait()):
+                return
+            address = bridge._broker
+            assert address is not None
+            client = bridge._make_outbound_client(address)
+            reason = ""
+            try:
+                async with client:
+                    self.client = client
+                    self.connected.set()
+                    attempt = 0
+                    # Shielded: ending the wait must not cancel aiomqtt's own future (whose
+                    # error, if it comes after we stopped waiting, nobody needs).
+                    disconnected = client.disconnected
+                    disconnected.add_done_callback(_retrieve)
+                    if await self._until_closing(asyncio.shield(disconnected)):
+                        return
+            except aiomqtt.MqttError as exc:
+                reason = _describe(exc)
+            except OSError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.client = None
+                self.connected.clear()
+            if self._closing.is_set():
+                return
+            delay = _full_jitter(
+                attempt, bridge.settings.reconnect_min_s, bridge.settings.reconnect_max_s
+            )
+            attempt += 1
+            bridge._count("outbound_disconnects")
+            logger.warning(
+                "mqtt: replies' connection to %s lost or refused (%s); retrying in %.1fs "
+                "(replies wait meanwhile; the broker must accept client id %r)",
+                address,
+                reason or "closed",
+                delay,
+                f"{bridge.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
+            )
+            if await self._until_closing(asyncio.sleep(delay)):
+                return
+
+
 class MqttBridge:
     """Bridges an MQTT broker to a `LinkHandler`; see the module docstring for guarantees.
 
@@ -261,9 +396,11 @@ class MqttBridge:
         self._wakeup = asyncio.Event()  # set whenever a pending message finished (or stop)
         self._drained = asyncio.Event()
         self._drained.set()
-        self._outbound: asyncio.Queue[tuple[MqttLink, bytes]] = asyncio.Queue(
-            maxsize=settings.max_outbound_queue
-        )
+        self._outbound: deque[_Outbound] = deque()
+        self._outbound_ready = asyncio.Event()  # set while `_outbound` is not empty
+        self._publishing = 0  # publishes handed to the client, not yet acknowledged
+        self._outbound_idle = asyncio.Event()  # set while nothing is queued or publishing
+        self._outbound_idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._stats = TransportStats()
@@ -283,6 +420,9 @@ class MqttBridge:
         self._closing: dict[LinkKey, asyncio.Future[Outcome]] = {}  # close not yet committed
         self._waiting: dict[LinkKey, list[_Inbound]] = {}  # held messages, in arrival order
         self._dead_letter_tasks: set[asyncio.Task[None]] = set()
+        self._queued_by_route: dict[int | None, int] = {}
+        self._blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
+        self._outbound_connection = _OutboundConnection(self)
         _LIVE_BRIDGES.add(self)
 
     # ----------------------------------------------------------------- public surface
@@ -308,7 +448,8 @@ class MqttBridge:
         extra["connected"] = int(self.connected)
         extra["pending"] = self._pending
         extra["held"] = sum(len(items) for items in self._waiting.values())
-        extra["outbound_queued"] = self._outbound.qsize()
+        extra["outbound_queued"] = len(self._outbound)
+        extra["outbound_publishing"] = self._publishing
         client = self._client
         extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
         extra["incoming_queue_peak"] = self._incoming_peak(client)
@@ -320,6 +461,25 @@ class MqttBridge:
             extra=extra,
         )
 
+    @property
+    def transport(self) -> str:
+        return TRANSPORT
+
+    def send_tracked(
+        self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
+    ) -> None:
+        """`protocols.link.DurableOutputs`: publish `payload` to `address.target` at
+        `address.qos`; `on_delivered(seq)` after the PUBACK (QoS 1) or the socket write (0)."""
+        item = _Outbound(
+            address.target,
+            address.qos,
+            payload,
+            self._reply_route(address.target),
+            seq,
+            on_delivered,
+        )
+        self._enqueue_publish(item)
+
     async def start(self) -> None:
         """Start connecting (in the background; a broker that is down is retried forever)."""
         if self._tasks:
@@ -327,10 +487,14 @@ class MqttBridge:
         if self._ssl_context is None and any(a.tls for a in self.settings.addresses):
             self._ssl_context = await asyncio.to_thread(self._make_ssl_context)
         self._tasks.append(self.spawn_loop("mqtt-connection", self._connection_loop))
+        self._tasks.append(
+            self.spawn_loop("mqtt-outbound-connection", self._outbound_connection.run)
+        )
         if self.settings.link_idle_timeout_s > 0:
             self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
         for n in range(self.settings.max_inflight_publishes):
             self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publish_worker))
+        attach_outputs(self._handler, self)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         """Wait until connected and subscribed (raises TimeoutError)."""
@@ -361,7 +525,8 @@ class MqttBridge:
                     asyncio.gather(*closes, return_exceptions=True), _left(deadline)
                 )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbound.join(), _left(deadline))
+            await asyncio.wait_for(self._outbound_idle.wait(), _left(deadline))
+        detach_outputs(self._handler, self)
         client = self._client
         if client is not None and self.connected and self.settings.status_topic:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
@@ -373,17 +538,51 @@ class MqttBridge:
                     timeout=max(0.1, min(2.0, _left(deadline))),
                 )
         self._stopping = True
+        self._outbound_connection.close()
+        # Let it leave on its own (a cancel while it connects leaves aiomqtt in a bad state).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._outbound_connection.finished.wait(), max(1.0, _left(deadline))
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._set_state(ConnectionState.STOPPED)
-        logger.info("mqtt: bridge stopped (%d messages left unacked for redelivery)", self._pending)
+        logger.info(
+            "mqtt: bridge stopped (%d messages left unacked for redelivery, %d replies left "
+            "unpublished: tracked ones are sent again on the next start)",
+            self._pending,
+            len(self._outbound) + self._publishing,
+        )
 
     # ----------------------------------------------------------------- connection
 
     def _make_ssl_context(self) -> ssl.SSLContext:
         return make_ssl_context(self.settings)
+
+    def _make_outbound_client(self, address: BrokerAddress) -> ManualAckClient:
+        """The replies' connection: clean session, no will, no subscriptions."""
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = ManualAckClient(
+            address.host,
+            address.port,
+            high_water=s.max_pending_messages,  # nothing is subscribed: nothing comes in
+            username=s.username,
+            password=s.password,
+            identifier=f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}",
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else True,
+            clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=s.keepalive_s,
+            timeout=s.connect_timeout_s,
+            max_inflight_messages=s.max_inflight_publishes,
+            tls_context=self._ssl_context if address.tls else None,
+            tls_insecure=s.tls_insecure if address.tls else None,
+        )
+        client.pending_calls_threshold = s.max_inflight_publishes + 8
+        return client
 
     def _make_client(self, address: BrokerAddress) -> ManualAckClient:
         s = self.settings
@@ -534,16 +733,27 @@ class MqttBridge:
                 client.resume_reading()
             self._on_message(client, message)
 
+    def _has_capacity(self) -> bool:
+        return (
+            self._accepting
+            and self._pending < self.settings.max_pending_messages
+            and self._blocking_queued < self.settings.max_outbound_queue
+        )
+
     async def _wait_for_capacity(self, client: ManualAckClient) -> None:
-        """Backpressure: block while too many messages await their commit, or while stopping.
-        A disconnect ends the wait too, so a stuck turn never delays reconnecting."""
-        if self._pending < self.settings.max_pending_messages and self._accepting:
+        """Backpressure: block while too many messages await their commit, while too many
+        replies await publishing, or while stopping. A disconnect ends the wait too, so a
+        stuck turn never delays reconnecting."""
+        if self._has_capacity():
             return
         disconnected = client.disconnected
-        self._count("backpressure_pauses")
+        if self._blocking_queued >= self.settings.max_outbound_queue:
+            self._count("outbound_backpressure_pauses")
+        else:
+            self._count("backpressure_pauses")
 
         async def until_capacity() -> None:
-            while not (self._accepting and self._pending < self.settings.max_pending_messages):
+            while not self._has_capacity():
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
@@ -1053,72 +1263,121 @@ class MqttBridge:
     def _link_closed_by_gateway(self, link: MqttLink, code: int, reason: str) -> None:
         self._forget_link(link, code, reason)
 
-    def _enqueue_publish(self, link: MqttLink, payload: bytes) -> None:
-        if len(payload) > self.settings.max_payload_bytes:
+    def _reply_route(self, topic: str) -> int | None:
+        """The route whose reply topic `topic` is (for its overflow policy), None if none."""
+        for index, route in enumerate(self.settings.routes):
+            head, _, tail = route.reply_topic.partition("{id}")
+            if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head + tail):
+                return index
+        return None
+
+    def _enqueue_publish(self, item: _Outbound) -> None:
+        if len(item.payload) > self.settings.max_payload_bytes:
             self._count("outbound_oversized")
-            self._log_limited(
-                "outbound_oversized",
-                "mqtt: reply of %d bytes to %r over max_payload_bytes=%d; dropped",
-                len(payload),
-                link.reply_topic,
+            logger.error(
+                "mqtt: a %d-byte reply to %r is over max_payload_bytes=%d and can never be "
+                "published; dropped (make the agent send less, or raise the limit)",
+                len(item.payload),
+                item.topic,
                 self.settings.max_payload_bytes,
             )
+            item.delivered()
             return
-        try:
-            self._outbound.put_nowait((link, payload))
-        except asyncio.QueueFull:
-            self._count("outbound_dropped")
-            self._log_limited(
-                "outbound_dropped",
-                "mqtt: outbound queue full (%d replies, broker %s); dropped a reply to %r",
-                self.settings.max_outbound_queue,
-                "connected" if self.connected else "disconnected",
-                link.reply_topic,
-            )
+        drops = self._drops_oldest(item.route_index)
+        if drops and self._queued_by_route.get(item.route_index, 0) >= (
+            self.settings.max_outbound_queue
+        ):
+            self._drop_oldest_of(item.route_index)
+        self._outbound.append(item)
+        self._queued_by_route[item.route_index] = self._queued_by_route.get(item.route_index, 0) + 1
+        if not drops:
+            self._blocking_queued += 1
+        self._outbound_idle.clear()
+        self._outbound_ready.set()
+
+    def _drops_oldest(self, route_index: int | None) -> bool:
+        return (
+            route_index is not None
+            and self.settings.routes[route_index].on_overflow == "drop_oldest"
+        )
+
+    def _dequeued(self, item: _Outbound) -> None:
+        self._queued_by_route[item.route_index] -= 1
+        if not self._drops_oldest(item.route_index):
+            self._blocking_queued -= 1
+
+    def _drop_oldest_of(self, route_index: int | None) -> None:
+        """A "drop_oldest" route's backlog is at max_outbound_queue: its oldest reply goes.
+        (Routes with the default policy are never dropped: the read loop stops instead.)"""
+        for queued in self._outbound:
+            if queued.route_index == route_index:
+                self._outbound.remove(queued)
+                self._dequeued(queued)
+                self._count("outbound_dropped_by_policy")
+                self._log_limited(
+                    "outbound_dropped_by_policy",
+                    "mqtt: %d replies queued for route %r (max_outbound_queue); dropped the "
+                    'oldest, to %r, as its on_overflow = "drop_oldest" says',
+                    self.settings.max_outbound_queue,
+                    self.settings.routes[route_index].topic if route_index is not None else "?",
+                    queued.topic,
+                )
+                queued.delivered()
+                return
 
     async def _publish_worker(self) -> None:
-        qos = self.settings.qos
         while True:
-            link, payload = await self._outbound.get()
+            while not self._outbound:
+                self._outbound_ready.clear()
+                await self._outbound_ready.wait()
+            item = self._outbound.popleft()
+            self._dequeued(item)
+            self._publishing += 1
             try:
-                while True:
-                    await self._connected_event.wait()
-                    client = self._client
-                    if client is None:
-                        continue
-                    try:
-                        await client.publish(
-                            link.reply_topic,
-                            payload,
-                            qos=qos,
-                            timeout=self.settings.publish_timeout_s,
-                        )
-                    except aiomqtt.MqttError as exc:
-                        # Lost the connection mid-publish: publish again after the reconnect.
-                        self._count("publish_retries")
-                        self._log_limited(
-                            "publish_retry",
-                            "mqtt: publish to %r failed (%s); will retry",
-                            link.reply_topic,
-                            exc,
-                        )
-                        if client is self._client:
-                            await asyncio.sleep(self.settings.reconnect_min_s)
-                        continue
-                    except Exception as exc:  # e.g. paho refusing the topic: drop this reply
-                        self._count("publish_errors")
-                        self._log_limited(
-                            "publish_error",
-                            "mqtt: cannot publish to %r (%r); reply dropped",
-                            link.reply_topic,
-                            exc,
-                        )
-                        break
-                    self._stats.messages_out += 1
-                    MQTT_PUBLISHED.inc()
-                    break
+                await self._publish(item)
             finally:
-                self._outbound.task_done()
+                self._publishing -= 1
+                if not self._outbound and self._publishing == 0:
+                    self._outbound_idle.set()
+                self._wakeup.set()  # the read loop may be waiting for outbound room
+
+    async def _publish(self, item: _Outbound) -> None:
+        outbound = self._outbound_connection
+        while True:
+            await outbound.connected.wait()
+            client = outbound.client
+            if client is None:
+                continue
+            try:
+                await client.publish(
+                    item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
+                )
+            except aiomqtt.MqttError as exc:
+                # Lost the connection mid-publish: publish again after the reconnect.
+                self._count("publish_retries")
+                self._log_limited(
+                    "publish_retry",
+                    "mqtt: publish to %r failed (%s); will retry",
+                    item.topic,
+                    exc,
+                )
+                if client is outbound.client:
+                    await asyncio.sleep(self.settings.reconnect_min_s)
+                continue
+            except Exception as exc:  # e.g. paho refusing the topic: it can never be sent
+                self._count("publish_errors")
+                logger.error(
+                    "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
+                    "reply_topic and the agent id)",
+                    item.topic,
+                    exc,
+                )
+                item.delivered()
+                return
+            self._stats.messages_out += 1
+            MQTT_PUBLISHED.inc()
+            item.delivered()
+            return
 
     # ----------------------------------------------------------------- helpers
 
@@ -1163,6 +1422,11 @@ def make_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
 def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
     """`random() * min(cap, base * 2**attempt)`, at least 10 ms (AWS 'full jitter')."""
     return max(0.01, random.random() * min(cap_s, base_s * (2 ** min(attempt, 30))))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _left(deadline: float) -> float:

@@ -25,6 +25,9 @@ class MqttConfigError(ValueError):
     """An MQTT setting is invalid; the message names the setting and what to change."""
 
 
+OVERFLOW_POLICIES = ("backpressure", "drop_oldest")
+
+
 @dataclass(frozen=True, slots=True)
 class MqttRoute:
     """Messages on `topic` (with `{id}`) go to agent `(agent_class, id)`; replies that agent
@@ -34,7 +37,12 @@ class MqttRoute:
     `allowed_id_pattern` (a regex that must match the whole id) set, only ids in the set or
     matching the pattern are served; `max_new_agents_per_minute` (0 = no cap) bounds how fast
     ids without an agent yet create one. Messages refused either way are acked and counted.
-    """
+
+    `on_overflow` says what happens to this route's replies when the bridge's outbound
+    backlog is over `max_outbound_queue`: "backpressure" (the default: nothing is dropped,
+    the bridge stops reading device messages until the backlog shrinks) or "drop_oldest"
+    (for replies that only matter while fresh, e.g. telemetry echoes: the oldest queued reply
+    of this route is dropped, counted in `outbound_dropped_by_policy` and logged)."""
 
     topic: str
     agent_class: str
@@ -42,6 +50,14 @@ class MqttRoute:
     allowed_ids: frozenset[str] | None = None
     allowed_id_pattern: str | None = None
     max_new_agents_per_minute: int = 600
+    on_overflow: str = "backpressure"
+
+    def __post_init__(self) -> None:
+        if self.on_overflow not in OVERFLOW_POLICIES:
+            raise MqttConfigError(
+                f"mqtt route {self.topic!r}: on_overflow must be one of "
+                f"{', '.join(OVERFLOW_POLICIES)}, got {self.on_overflow!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,16 @@ frame: it stops reading the socket and submits the same frame again once `Backpr
 resolves, so order is kept. A pushed-back `open_link` is retried the same way, within the
 hello timeout.
 
-Pushes (`link.send`) belong to the device, not to one connection: they get the gateway's push
-seq, are kept until the device ACKs them (bounded per device), and are resent after the device
-reconnects. `close_link` is called exactly once for each link whose `open_link` did not fail
+Pushes belong to the device, not to one connection: they are kept until the device ACKs them
+and are resent after it reconnects, oldest first, at most `max_pending_pushes` unACKed at a time
+(protocols/tcp_pushes.py). The gateway's runtime sends them tracked
+(`TcpListener.send_tracked`, `protocols.link.DurableOutputs`): the push seq is the agent's
+outbox row id, so it survives a gateway restart (no new epoch: `push_epoch` stays
+`DURABLE_PUSH_EPOCH`), the runtime hands undelivered pushes over again after a restart, and the
+device's ACK reports them delivered. Nothing is dropped for load: the runtime bounds how many
+undelivered outputs an agent may hold. A plain `link.send` (a handler without an outbox) gets
+the next seq after the highest one this process has seen for the device, in memory only.
+`close_link` is called exactly once for each link whose `open_link` did not fail
 (also when the connection ends while the open is still pending), with the close code: the code
 from the device's CLOSE, the ErrorCode the gateway failed it with, or 1006 when the connection
 dropped without a CLOSE.
@@ -38,9 +45,7 @@ import asyncio
 import functools
 import itertools
 import logging
-import secrets as secrets_module
 import ssl
-from collections import OrderedDict
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
@@ -49,14 +54,19 @@ from protocols.frames import MIN_FRAME_BYTES, Data, ErrorCode, FrameType
 from protocols.link import (
     Backpressure,
     DedupKey,
+    DeliveredCallback,
     LinkHandler,
     LinkIdentity,
     LinkRejected,
     Outcome,
+    OutputAddress,
     Route,
     TransportStats,
+    attach_outputs,
+    detach_outputs,
 )
 from protocols.tcp_auth import Authenticator, AuthFailureLimiter, AuthResult
+from protocols.tcp_pushes import DURABLE_PUSH_EPOCH, PushOutbox
 from protocols.tcp_secrets import SecretsFileError, load_secrets_file
 from protocols.tcp_session import (
     CONNECTION_LOST_CODE,
@@ -83,6 +93,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+TRANSPORT = "tcp"
+
 # A shutting-down handler refuses with this code (WebSocket's "going away"): the frame is not
 # refused for good, so the device must keep it and resend it (NOT_APPLIED, not REJECTED).
 _GOING_AWAY_CODE = 1001
@@ -104,7 +116,7 @@ _FRAMES_RECEIVED_BY_TYPE = {t: TCP_FRAMES_RECEIVED.labels(t.name) for t in Frame
 _DATA_OUTCOME_BY_VALUE = {o: TCP_DATA_OUTCOMES.labels(o.value) for o in Outcome}
 TCP_AUTH_FAILURES = Counter("gatewayd_tcp_auth_failures_total", "Failed or rate-limited HELLOs")
 TCP_PUSHES = Counter(
-    "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, dropped, acked)", ["event"]
+    "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, oversized, acked)", ["event"]
 )
 TCP_BACKPRESSURE_PAUSES = Counter(
     "gatewayd_tcp_backpressure_pauses_total",
@@ -116,47 +128,10 @@ def _count_frame(frame_type: FrameType) -> None:
     _FRAMES_RECEIVED_BY_TYPE[frame_type].inc()
 
 
-class _PushStore:
-    """A device's unACKed pushes, kept across its connections (bounded, oldest dropped)."""
-
-    def __init__(self, device_id: str, max_pending: int) -> None:
-        self.device_id = device_id
-        self._max_pending = max_pending
-        self._next_seq = 1
-        self.pending: OrderedDict[int, bytes] = OrderedDict()
-        self.sent_before: set[int] = set()  # seqs written to some connection already
-        self._dropped_in_a_row = 0  # one log line per overflow episode, not one per push
-
-    def add(self, payload: bytes) -> int:
-        seq = self._next_seq
-        self._next_seq += 1
-        self.pending[seq] = payload
-        if len(self.pending) > self._max_pending:
-            dropped, _ = self.pending.popitem(last=False)
-            self.sent_before.discard(dropped)
-            TCP_PUSHES.labels("dropped").inc()
-            if self._dropped_in_a_row % 1000 == 0:
-                logger.warning(
-                    "tcp: device %r has %d unacknowledged pushes; dropping the oldest until it "
-                    "acknowledges (push seq %d dropped, %d so far in this episode)",
-                    self.device_id,
-                    self._max_pending,
-                    dropped,
-                    self._dropped_in_a_row + 1,
-                )
-            self._dropped_in_a_row += 1
-        return seq
-
-    def ack(self, seq: int) -> bool:
-        self._dropped_in_a_row = 0
-        self.sent_before.discard(seq)
-        return self.pending.pop(seq, None) is not None
-
-
 class TcpLink(LinkIdentity):
     """The `protocols.link.Link` of one authenticated TCP connection."""
 
-    TRANSPORT = "tcp"
+    TRANSPORT = TRANSPORT
 
     def __init__(self, connection: _DeviceConnection, link_id: str, device_id: str) -> None:
         route = Route(connection.listener.settings.agent_class, device_id)
@@ -166,6 +141,14 @@ class TcpLink(LinkIdentity):
     @property
     def device_id(self) -> str:
         return self._route.agent_id
+
+    @property
+    def output_address(self) -> OutputAddress:
+        return OutputAddress(TRANSPORT, self.device_id)
+
+    @property
+    def outputs(self) -> TcpListener:
+        return self._connection.listener
 
     def send(self, data: bytes | str) -> None:
         """Queue a PUSH for the device (text is sent UTF-8 encoded); never blocks."""
@@ -666,12 +649,12 @@ class TcpListener:
             settings.secrets,
             AuthFailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_s),
         )
-        # Identifies this process's push seq space; a restart starts a new one (FRAMES.md 6).
-        self.push_epoch = secrets_module.randbits(64)
+        # Push seqs are durable (FRAMES.md 6): the epoch never changes.
+        self.push_epoch = DURABLE_PUSH_EPOCH
         self._server: asyncio.Server | None = None
         self._connections: set[_DeviceConnection] = set()
         self._live_by_device: dict[str, _DeviceConnection] = {}
-        self._pushes: dict[str, _PushStore] = {}
+        self._pushes = PushOutbox(settings.max_pending_pushes)
         self._link_ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -684,6 +667,7 @@ class TcpListener:
             ssl_handshake_timeout=self.settings.hello_timeout_s if self.ssl_context else None,
             reuse_address=True,
         )
+        attach_outputs(self.handler, self)
         logger.info(
             "tcp: listening on %s:%d%s for agent class %r (%d devices configured)",
             self.settings.host,
@@ -719,6 +703,7 @@ class TcpListener:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        detach_outputs(self.handler, self)
         logger.info("tcp: listener stopped")
 
     async def __aenter__(self) -> TcpListener:
@@ -757,42 +742,66 @@ class TcpListener:
     def stats_extra_inc(self, name: str) -> None:
         self.stats.extra[name] = self.stats.extra.get(name, 0) + 1
 
-    def _push_store(self, device_id: str) -> _PushStore:
-        store = self._pushes.get(device_id)
-        if store is None:
-            store = self._pushes[device_id] = _PushStore(
-                device_id, self.settings.max_pending_pushes
-            )
-        return store
+    @property
+    def transport(self) -> str:
+        return TRANSPORT
+
+    def send_tracked(
+        self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
+    ) -> None:
+        """`protocols.link.DurableOutputs`: PUSH `payload` with `seq` to device
+        `address.target` now if it is connected (and the push window has room), else later;
+        `on_delivered(seq)` when the device ACKs it."""
+        self._push(address.target, payload, seq, on_delivered)
 
     def push(self, device_id: str, payload: bytes) -> None:
+        """An untracked push (memory only; see the module docstring)."""
+        self._push(device_id, payload, None, None)
+
+    def _push(
+        self,
+        device_id: str,
+        payload: bytes,
+        seq: int | None,
+        on_delivered: DeliveredCallback | None,
+    ) -> None:
         limit = self.settings.max_frame_bytes - MIN_FRAME_BYTES - 5  # 5: CBOR bstr header
         if len(payload) > limit:
-            TCP_PUSHES.labels("dropped").inc()
+            TCP_PUSHES.labels("oversized").inc()
             logger.error(
-                "tcp: dropped a %d-byte push to device %r: over the %d-byte payload limit",
+                "tcp: a %d-byte push to device %r is over the %d-byte payload limit of "
+                "max_frame_bytes and can never be sent; dropped (send less, or raise the limit)",
                 len(payload),
                 device_id,
                 limit,
             )
+            if on_delivered is not None and seq is not None:
+                on_delivered(seq)
             return
-        store = self._push_store(device_id)
-        seq = store.add(payload)
-        live = self._live_by_device.get(device_id)
-        if live is not None and live.is_open:
-            store.sent_before.add(seq)
-            live.write_push(seq, payload, resend=False)
+        if seq is None:
+            self._pushes.add(device_id, payload)
+        else:
+            self._pushes.add_tracked(device_id, seq, payload, on_delivered)
+        self._write_pushes(device_id)
 
     def pending_pushes(self, device_id: str) -> list[tuple[int, bytes, bool]]:
-        store = self._pushes.get(device_id)
-        if store is None:
-            return []
-        result = [
-            (seq, payload, seq in store.sent_before) for seq, payload in store.pending.items()
-        ]
-        store.sent_before.update(store.pending)
-        return result
+        """For a connection that just opened: the oldest unACKed pushes, at most
+        `max_pending_pushes` (the push window), as (seq, payload, sent before)."""
+        return self._pushes.reopen(device_id)
 
     def push_acked(self, device_id: str, seq: int) -> bool:
-        store = self._pushes.get(device_id)
-        return store is not None and store.ack(seq)
+        if not self._pushes.ack(device_id, seq):
+            return False
+        self._write_pushes(device_id)
+        return True
+
+    def push_backlog(self, device_id: str) -> int:
+        """Pushes the device has not ACKed yet (written or waiting for the window)."""
+        return self._pushes.backlog(device_id)
+
+    def _write_pushes(self, device_id: str) -> None:
+        """Fill the push window of the device's open connection, if it has one."""
+        live = self._live_by_device.get(device_id)
+        if live is not None and live.is_open:
+            for seq, payload, resend in self._pushes.take_window(device_id):
+                live.write_push(seq, payload, resend)

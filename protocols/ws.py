@@ -1,9 +1,13 @@
 """WebSocket transport: each client session on `/agents/{class}/{id}` becomes a `Link`.
 
 Text frames reach the gateway as `str` (JSON protocol frames or user text), binary frames as
-`bytes`, untouched. A wrong path is answered with HTTP 404 before the upgrade. Outbound data
-goes through a bounded per-connection buffer; a peer that does not read is disconnected
-(close code 1013) instead of growing memory. Oversized inbound frames close the connection
+`bytes`, untouched. A wrong path is answered with HTTP 404 before the upgrade. Outbound frames
+are live, not durable (no outbox: a dashboard that reconnects gets the current state again).
+They go through a bounded per-connection buffer (`max_outbound_frames`, `max_outbound_bytes`);
+`send` never blocks, so a slow dashboard never slows an agent. A peer whose buffer passes its
+limit is disconnected at once: its buffer is dropped, it gets close code 1013 ("try again
+later", with a reason) if its socket still takes it within `slow_close_timeout_s`, else the
+TCP connection is aborted; the handler's `close_link` reports 1013 either way. Oversized inbound frames close the connection
 with 1009 (done by the websockets library, `max_frame_bytes`).
 
 Must never import `gatewayd` or `engine`: it talks to the gateway only through `LinkHandler`.
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from prometheus_client import Counter
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -52,13 +57,21 @@ class WsSettings:
     max_connections: int = 10_000
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 20.0
-    # Outbound frames buffered per connection before the peer counts as too slow.
+    # Outbound frames (and their total size: bytes, or characters of text frames) buffered per
+    # connection before the peer counts as too slow and is disconnected (1013).
     max_outbound_frames: int = 1024
+    max_outbound_bytes: int = 8 * 1024 * 1024
+    slow_close_timeout_s: float = 1.0
     # Inbound messages submitted but not yet committed per connection (read backpressure).
     max_inflight_messages: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_frame_bytes", "max_connections", "max_outbound_frames"):
+        for name in (
+            "max_frame_bytes",
+            "max_connections",
+            "max_outbound_frames",
+            "max_outbound_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ws.{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
@@ -86,6 +99,12 @@ def parse_agent_path(path: str) -> Route:
 
 
 _CLOSE = object()
+SLOW_CONSUMER_CODE = 1013  # "try again later": the client may reconnect and resync
+SLOW_CONSUMER_REASON = "too slow: outbound buffer full"
+WS_SLOW_CONSUMER_CLOSES = Counter(
+    "gatewayd_ws_slow_consumer_closes_total",
+    "WebSocket clients disconnected (1013) for not reading their frames",
+)
 
 
 class WsLink(LinkIdentity):
@@ -101,27 +120,67 @@ class WsLink(LinkIdentity):
         self._ws = ws
         self._listener = listener
         self._outbound: deque[Any] = deque()
+        self._queued_size = 0
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self.dropped_as_slow = False  # closed by the gateway with SLOW_CONSUMER_CODE
 
     def send(self, data: bytes | str) -> None:
+        """Queue a frame; never blocks. Past the buffer limit the peer is disconnected."""
         if self._closing:
             return
-        if len(self._outbound) >= self._listener.settings.max_outbound_frames:
-            self._listener._stats.extra["slow_consumer_closes"] = (
-                self._listener._stats.extra.get("slow_consumer_closes", 0) + 1
-            )
-            logger.warning(
-                "ws: %s (%s) is not reading; %d frames buffered; disconnecting it",
-                self._remote,
-                self._link_id,
-                len(self._outbound),
-            )
-            self._outbound.clear()
-            self.close(1013, "too slow: outbound buffer full")
+        settings = self._listener.settings
+        size = len(data)
+        if (
+            len(self._outbound) >= settings.max_outbound_frames
+            or self._queued_size + size > settings.max_outbound_bytes
+        ):
+            self._disconnect_slow()
             return
         self._outbound.append(data)
+        self._queued_size += size
         self._wakeup.set()
+
+    def _disconnect_slow(self) -> None:
+        stats = self._listener._stats
+        stats.extra["slow_consumer_closes"] = stats.extra.get("slow_consumer_closes", 0) + 1
+        WS_SLOW_CONSUMER_CLOSES.inc()
+        logger.warning(
+            "ws: client %s (%s, agent %s/%s) is not reading: %d frames / %d bytes buffered "
+            "(ws max_outbound_frames=%d, max_outbound_bytes=%d); disconnecting it with %d. "
+            "Live frames only: it gets the current state when it reconnects",
+            self._remote,
+            self._link_id,
+            self._route.agent_class,
+            self._route.agent_id,
+            len(self._outbound),
+            self._queued_size,
+            self._listener.settings.max_outbound_frames,
+            self._listener.settings.max_outbound_bytes,
+            SLOW_CONSUMER_CODE,
+        )
+        self._outbound.clear()
+        self._queued_size = 0
+        self._closing = True
+        self.dropped_as_slow = True
+        # The writer may be stuck in ws.send() waiting for the peer to read: stop it, then
+        # close from a task of our own, bounded, and abort the connection if that stalls.
+        if self._writer is not None:
+            self._writer.cancel()
+        task = asyncio.get_running_loop().create_task(self._close_slow())
+        self._listener._background.add(task)
+        task.add_done_callback(self._listener._background.discard)
+
+    async def _close_slow(self) -> None:
+        ws = self._ws
+        try:
+            async with asyncio.timeout(self._listener.settings.slow_close_timeout_s):
+                await ws.close(SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            ws.transport.abort()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closing:
@@ -143,6 +202,7 @@ class WsLink(LinkIdentity):
                     if isinstance(item, tuple) and item and item[0] is _CLOSE:
                         await ws.close(item[1], item[2])
                         return
+                    self._queued_size -= len(item)
                     await ws.send(item)
                     stats.messages_out += 1
         except ConnectionClosed:
@@ -158,6 +218,7 @@ class WsListener:
         self._server: Server | None = None
         self._ids = itertools.count(1)
         self._stats = TransportStats()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -224,6 +285,7 @@ class WsListener:
         stats = self._stats
         stats.links_open += 1
         writer = asyncio.get_running_loop().create_task(link._write_forever())
+        link._writer = writer
         inflight: deque[asyncio.Future[Outcome]] = deque()
         try:
             opened = self._handler.open_link(link, context)
@@ -253,7 +315,10 @@ class WsListener:
         finally:
             stats.links_open -= 1
             code = ws.close_code if ws.close_code is not None else 1006
-            closed = self._handler.close_link(link, code, ws.close_reason or "")
+            reason = ws.close_reason or ""
+            if link.dropped_as_slow:
+                code, reason = SLOW_CONSUMER_CODE, SLOW_CONSUMER_REASON
+            closed = self._handler.close_link(link, code, reason)
             closed.add_done_callback(_consume_error)
             link._closing = True
             # Let queued frames (e.g. a close we initiated) go out, then stop the writer.

@@ -21,6 +21,7 @@ both releasing through `BatchRunner._release`.
 
 A batch wakes a hibernated agent first (opens its database, runs `on_start` as a turn).
 Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn`, `metrics`,
+`outbox` (device outputs written in the batch leave as outbox rows, tracked to delivery),
 `diskspace` and `quarantine`.
 """
 
@@ -41,6 +42,7 @@ from gatewayd.agents.connection import Connection, deliver
 from gatewayd.agents.diskspace import DiskSpaceGuard
 from gatewayd.agents.errors import CommitError
 from gatewayd.agents.metrics import COMMIT_ERRORS, COMMITS
+from gatewayd.agents.outbox import Outbox, OutboxRow
 from gatewayd.agents.quarantine import Quarantine, corruption_of
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.scheduler import SlotScheduler
@@ -79,6 +81,7 @@ class BatchRunner:
         after_wake: Callable[[Slot], None],
         after_commit: Callable[[Slot], None],
         wake_failed: Callable[[Slot], None],
+        outputs: Outbox,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
@@ -90,6 +93,7 @@ class BatchRunner:
         self._after_wake = after_wake
         self._after_commit = after_commit
         self._wake_failed = wake_failed
+        self._outputs = outputs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._committer: GroupCommitter | None = None
@@ -122,6 +126,7 @@ class BatchRunner:
             db = slot.db
             assert db is not None
             db.begin()
+            self._outputs.begin_batch(slot.key, slot.stores, db.connection)
             mailbox = slot.mailbox
             budget = self.settings.max_turns_per_commit
             try:
@@ -171,6 +176,10 @@ class BatchRunner:
         assert self._loop is not None
         assert self._committer is not None
         try:
+            if self._outputs.needs_mark(slot.key):
+                # The outbox index must list the agent before its rows are durable, or a crash
+                # right after this commit would hide them from the next start (outbox.py).
+                await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
             if db.commit_fsyncs:
                 await self._committer.commit(db)
             else:
@@ -204,12 +213,18 @@ class BatchRunner:
     def _release(self, slot: Slot, outbox: list[Output], done: list[Done]) -> None:
         """Open the output gate for committed work: outputs to the transports, then the
         events' futures (acknowledgements, call results). The one place committed outputs
-        leave, at the end of a batch and at a commit point."""
+        leave, at the end of a batch and at a commit point. Outputs for devices are outbox
+        rows: they go to their transport tracked (outbox.py), even if their link closed."""
+        rows: list[OutboxRow] = []
         for conn, data in outbox:
+            if isinstance(data, OutboxRow):
+                rows.append(data)
+                continue
             try:
                 deliver(conn, data)
             except Exception:
                 logger.exception("agents: transport failed to take output for %r", conn)
+        self._outputs.committed(slot.key, rows)
         for future, result, is_error in done:
             if future is None or future.done():
                 continue
@@ -228,7 +243,9 @@ class BatchRunner:
         db = slot.db
         if db is None or not self._at_commit_point(slot, turn):
             return _RELEASED  # the turn is over: the chunk went out or goes out with its batch
-        if db.commit_fsyncs:
+        self._write_outputs_so_far(slot, turn, db)
+        if db.commit_fsyncs or self._outputs.needs_mark(slot.key):
+            # (The outbox index is written off the loop before such a commit: see commit_batch.)
             return _OnAwait(lambda: self._commit_point_off_loop(slot, turn))
         db.release()
         try:
@@ -237,6 +254,14 @@ class BatchRunner:
             raise self._commit_point_failed(slot, turn, db, err) from err
         self._commit_point_done(slot, turn, db)
         return _RELEASED
+
+    def _write_outputs_so_far(self, slot: Slot, turn: Turn, db: AgentDatabase) -> None:
+        """At a commit point: the turn's outputs for devices so far become outbox rows of the
+        transaction about to commit (at the end of a turn, turn.py does the same)."""
+        assert slot.outbox is not None
+        self._outputs.write_turn_outputs(
+            slot.key, slot.stores, db.connection, slot.outbox, turn.outbox_mark
+        )  # (entries already written are OutboxRows and are skipped)
 
     def _at_commit_point(self, slot: Slot, turn: Turn) -> bool:
         return slot.turn is turn and slot.outbox is not None and turn.lost is None
@@ -252,6 +277,9 @@ class BatchRunner:
         # the turn waits for it before it ends, and storage is refused meanwhile (turn.py).
         point = turn.committing = self._loop.create_future()
         try:
+            self._write_outputs_so_far(slot, turn, db)  # what the turn sent while waiting
+            if self._outputs.needs_mark(slot.key):
+                await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
             db.release()
             commit = self._committer.commit(db)
             cancelled = False
@@ -324,6 +352,7 @@ class BatchRunner:
             f"agent {slot.key[0]}/{slot.key[1]!r}: {why}; {len(outbox)} outputs dropped, "
             f"{len(done)} events not acknowledged, agent reloaded from disk"
         )
+        self._outputs.aborted(slot.key)
         refusal: BaseException | None = None
         if cause is not None and await self.disk.check(cause):
             refusal = self.disk.refusal()

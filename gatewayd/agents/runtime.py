@@ -18,6 +18,8 @@ each agent instance talks to); the work is split by job:
 - registry.py: the open connections of every agent (they outlive hibernation).
 - rpc.py: `@callable` lookup, argument checks, RPC replies and streams.
 - alarms.py: schedules, the queue and retry (a mixin of this class).
+- outbox.py: outputs for devices, durable until delivered (rows written by turn.py, released
+  and deleted by batch.py and scheduler.py, sent again after a restart from here).
 
 Different agents run concurrently on the one event loop. No fsync ever runs on the loop (see
 batch.py). Idle agents hibernate (SQLite closed, instance dropped) after `hibernate_after_s`;
@@ -28,8 +30,10 @@ again).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +46,7 @@ from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection
 from gatewayd.agents.errors import AgentError, MailboxFullError, NoEngineError
 from gatewayd.agents.metrics import COMMIT_SECONDS, MAILBOX_FULL, new_counters
+from gatewayd.agents.outbox import Outbox, Settlement
 from gatewayd.agents.queue import QueueStore
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.rpc import RpcDispatcher
@@ -59,10 +64,15 @@ from gatewayd.agents.slot import (
     Event,
     Slot,
 )
-from gatewayd.agents.storage import AgentDatabase, validate_agent_id, validate_class_name
+from gatewayd.agents.storage import (
+    AgentDatabase,
+    agent_db_file,
+    validate_agent_id,
+    validate_class_name,
+)
 from gatewayd.agents.turn import TurnRunner
 from gatewayd.supervisor import Supervisor
-from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
+from protocols.link import Backpressure, DedupKey, DurableOutputs, Link, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +112,14 @@ class AgentRuntime(AlarmsMixin):
         self._pending_calls = 0
         self._counters = new_counters()
         self._registry = ConnectionRegistry()
+        self._outbox = Outbox(max_undelivered=settings.max_undelivered_outputs)
         self._turns = TurnRunner(
             settings,
             self._registry,
             RpcDispatcher(commit_point=lambda slot, turn: self._batches.commit_point(slot, turn)),
             self._counters,
             named_method=self._named_method,
+            outputs=self._outbox,
         )
         self._scheduler = SlotScheduler(
             settings,
@@ -116,6 +128,7 @@ class AgentRuntime(AlarmsMixin):
             self._counters,
             run_batch=lambda slot: self._batches.run_batch(slot),
             on_destroyed=self._on_destroyed,
+            outputs=self._outbox,
         )
         self._batches = BatchRunner(
             settings,
@@ -128,6 +141,7 @@ class AgentRuntime(AlarmsMixin):
             after_wake=self._after_wake,
             after_commit=self._after_commit,
             wake_failed=lambda slot: self._alarm_pending.discard(slot.key),
+            outputs=self._outbox,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -146,7 +160,16 @@ class AgentRuntime(AlarmsMixin):
         )
         self._scheduler.start(self._loop, self._executor)
         self._batches.start(self._loop, self._executor, self._committer)
+        await self._loop.run_in_executor(
+            self._executor,
+            functools.partial(
+                self._outbox.open_index,
+                self.settings.state_dir / "outbox-index.sqlite3",
+                synchronous_full=self.settings.durability == "full",
+            ),
+        )
         self._accepting = True
+        await self._recover_outputs()
         self._background.append(
             self._supervisor.spawn("hibernation", self._scheduler.hibernate_idle_forever)
         )
@@ -194,8 +217,10 @@ class AgentRuntime(AlarmsMixin):
             finally:
                 try:
                     await self._scheduler.shut_down()
+                    await self._settle_outputs_of_hibernated()
                 finally:
                     if self._executor is not None:
+                        self._executor.submit(self._outbox.close_index)
                         self._executor.shutdown(wait=True)
                     self._on_closed()
                     logger.info("agents: runtime closed")
@@ -322,6 +347,65 @@ class AgentRuntime(AlarmsMixin):
         route = link.route
         self._enqueue((route.agent_class, route.agent_id), Event(CLOSE, future, conn, code, reason))
         return future
+
+    # -- durable outputs (protocols.link.OutputRecovery) ---------------------------------------
+
+    def attach_outputs(self, outputs: DurableOutputs) -> None:
+        """A transport with durable outputs started: it gets the outputs that waited for it
+        (agents whose outputs were with a stopped transport are woken to read them again)."""
+        for key in self._outbox.attach(outputs):
+            if self._check_route(key) is None:
+                self._enqueue(key, Event(FN, None, None, _wake_only))
+
+    def detach_outputs(self, outputs: DurableOutputs) -> None:
+        self._outbox.detach(outputs)
+
+    async def _recover_outputs(self) -> None:
+        """Wake every agent the outbox index lists: its first batch sends its undelivered
+        outputs again (to transports that attach later, as soon as they attach)."""
+        assert self._loop is not None
+        keys = await self._loop.run_in_executor(self._executor, self._outbox.index.marked)
+        self._outbox.recover(keys)
+        for key in keys:
+            if self._check_route(key) is not None:
+                logger.warning(
+                    "agents: %s/%r has undelivered outputs on disk but its class is not "
+                    "configured; they stay there until it is",
+                    *key,
+                )
+                continue
+            self._enqueue(key, Event(FN, None, None, _wake_only))
+        if keys:
+            logger.info(
+                "agents: %d agents have outputs left undelivered by the last run; sending them",
+                len(keys),
+            )
+
+    async def _settle_outputs_of_hibernated(self) -> None:
+        """Shutdown: delete the rows of outputs delivered after their agent hibernated (else
+        the next start would send them again)."""
+        if self._loop is None:
+            return  # never started
+        for key in self._outbox.needs_settling():
+            settlement = self._outbox.settlement(key)
+            if settlement is None:
+                continue
+            path = agent_db_file(str(self.settings.state_dir), key[0], key[1])
+            try:
+                await self._loop.run_in_executor(
+                    self._executor, _settle_in_file, self._outbox, settlement, path
+                )
+            except Exception as err:
+                logger.warning(
+                    "agents: %s/%r: could not delete %d delivered outputs (%s); they are sent "
+                    "again after the restart",
+                    key[0],
+                    key[1],
+                    len(settlement.seqs),
+                    err,
+                )
+                continue
+            self._outbox.settled(settlement)
 
     # -- in-process API -------------------------------------------------------------------------
 
@@ -466,6 +550,18 @@ class AgentRuntime(AlarmsMixin):
                 f"infer({model!r}): this gateway has no inference engine configured"
             )
         return await self.engine.infer(model, inputs, **kwargs)
+
+
+def _wake_only(agent: Agent) -> None:
+    """A turn that only wakes its agent (its batch sends outputs left by the last run)."""
+
+
+def _settle_in_file(outbox: Outbox, settlement: Settlement, path: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        outbox.settle(settlement, conn)
+    finally:
+        conn.close()
 
 
 class _AgentHandle:

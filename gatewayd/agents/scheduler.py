@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections import OrderedDict
@@ -21,13 +22,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from gatewayd.agents.agent import Agent
-from gatewayd.agents.connection import CloseRequest, deliver
+from gatewayd.agents.connection import CloseRequest, Connection, deliver
 from gatewayd.agents.errors import AgentError
 from gatewayd.agents.memory import release_free_memory
 from gatewayd.agents.metrics import ACTIVE, HIBERNATIONS, WAKES
+from gatewayd.agents.outbox import Outbox
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.settings import AgentSettings
-from gatewayd.agents.slot import AgentKey, Event, Slot, fail
+from gatewayd.agents.slot import FN, AgentKey, Event, Slot, fail
 from gatewayd.agents.storage import AgentDatabase
 from protocols.link import LinkRejected
 
@@ -49,6 +51,7 @@ class SlotScheduler:
         *,
         run_batch: Callable[[Slot], Awaitable[None]],
         on_destroyed: Callable[[AgentKey], None],
+        outputs: Outbox,
     ) -> None:
         self.settings = settings
         self.classes = classes
@@ -56,10 +59,12 @@ class SlotScheduler:
         self.counters = counters
         self._run_batch = run_batch
         self._on_destroyed = on_destroyed
+        self._outputs = outputs
         self.slots: OrderedDict[AgentKey, Slot] = OrderedDict()
         # Databases being closed off the loop, by agent: a wake waits for its close first.
         self.closing: dict[AgentKey, asyncio.Future[None]] = {}
         self.awake = 0
+        self._shutting_down = False
         self._evicted_since_trim = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -124,11 +129,26 @@ class SlotScheduler:
 
     # -- the mailbox and the run loop ----------------------------------------------------------
 
+    def _send_in_a_turn(self, key: AgentKey, conn: Connection, data: bytes | str) -> None:
+        """An output for a device sent outside any turn (e.g. from a task the agent started)
+        is sent from a turn of its own: outbox rows are only written inside transactions."""
+        if self._shutting_down:
+            logger.warning(
+                "agents: %s/%r: output to %s %s sent outside a turn during shutdown; dropped",
+                key[0],
+                key[1],
+                conn.transport,
+                conn.remote,
+            )
+            return
+        self.enqueue(key, Event(FN, None, None, lambda _agent: conn.send(data)))
+
     def enqueue(self, key: AgentKey, event: Event) -> Slot:
         """Append `event` to the agent's mailbox and make sure its run loop is running."""
         slot = self.slots.get(key)
         if slot is None:
             slot = Slot(key, self.classes[key[0]])
+            slot.defer_output = functools.partial(self._send_in_a_turn, key)
             self.slots[key] = slot
         slot.mailbox.append(event)
         if slot.task is None:
@@ -240,8 +260,22 @@ class SlotScheduler:
 
     def _close_db_later(self, key: AgentKey, db: AgentDatabase) -> None:
         assert self._loop is not None
+        outputs = self._outputs
+        # Delivered outputs' rows go before the file closes (outbox.py).
+        settlement = outputs.settlement(key)
 
         def close() -> None:
+            if settlement is not None:
+                try:
+                    outputs.settle(settlement, db.connection)
+                except Exception as err:
+                    settlement.seqs = []
+                    logger.warning(
+                        "agents: %s/%r: deleting delivered outputs failed (%s); they are sent "
+                        "again after a restart",
+                        *key,
+                        err,
+                    )
             try:
                 db.close()
             except Exception:
@@ -253,6 +287,8 @@ class SlotScheduler:
         def forget(done: asyncio.Future[None]) -> None:
             if self.closing.get(key) is done:
                 del self.closing[key]
+            if settlement is not None:
+                outputs.settled(settlement)
 
         future.add_done_callback(forget)
 
@@ -273,6 +309,7 @@ class SlotScheduler:
         await self.wait_for_close(key)
         if path is not None:
             AgentDatabase.delete_files(path)
+        self._outputs.forget(key)
         self._on_destroyed(key)
         logger.info("agents: %s/%r destroyed (storage deleted)", *key)
 
@@ -281,6 +318,7 @@ class SlotScheduler:
     async def shut_down(self) -> None:
         """Cancel every agent's run loop, fail what is still queued, close every database
         (each agent's teardown on its own: one that fails does not keep the others open)."""
+        self._shutting_down = True
         self.open_every_room()
         for slot in list(self.slots.values()):
             try:

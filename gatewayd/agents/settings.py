@@ -50,6 +50,9 @@ class AgentSettings:
     max_mailbox_events: int = 1000
     # In-process calls (`submit_call`, `call`, `run_in_agent`) not yet answered, all agents.
     max_pending_calls: int = 10_000
+    # Outputs for devices (MQTT replies, TCP pushes) one agent may hold undelivered (they are
+    # rows of its outbox); past that its turns that send fail (OutboxFullError), see outbox.py.
+    max_undelivered_outputs: int = 10_000
 
     def __post_init__(self) -> None:
         if self.durability not in ("normal", "full"):
@@ -69,6 +72,7 @@ class AgentSettings:
             "commit_threads",
             "max_mailbox_events",
             "max_pending_calls",
+            "max_undelivered_outputs",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"agents.{name} must be >= 1, got {getattr(self, name)!r}")

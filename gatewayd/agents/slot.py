@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gatewayd.agents.agent import Agent
 from gatewayd.agents.connection import CloseRequest, Connection
+from protocols.link import durable_target
 
 if TYPE_CHECKING:
     from gatewayd.agents.storage import AgentDatabase
@@ -97,6 +99,7 @@ class Slot:
         "agent",
         "cls",
         "db",
+        "defer_output",
         "destroy_requested",
         "done",
         "drain_queued",
@@ -135,6 +138,9 @@ class Slot:
         self.drain_queued = False
         self.index_dirty = False
         self.stores: dict[str, Any] = {}
+        # Set by the scheduler: runs an output for a device that was sent outside any batch
+        # in a turn of its own, so that it, too, becomes a durable outbox row (outbox.py).
+        self.defer_output: Callable[[Connection, bytes | str], None] | None = None
 
     # -- connection.OutputGate ----------------------------------------------------------------
 
@@ -142,7 +148,11 @@ class Slot:
         """Buffer `data` until the open batch commits; False when no batch is open."""
         outbox = self.outbox
         if outbox is None:
-            return False
+            defer = self.defer_output
+            if defer is None or isinstance(data, CloseRequest) or durable_target(conn.link) is None:
+                return False
+            defer(conn, data)
+            return True
         outbox.append((conn, data))
         return True
 

@@ -40,6 +40,7 @@ from gatewayd.agents.errors import (
     TurnTimeoutError,
 )
 from gatewayd.agents.metrics import TURNS_ERROR, TURNS_OK
+from gatewayd.agents.outbox import Outbox
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.rpc import RpcDispatcher
 from gatewayd.agents.settings import AgentSettings
@@ -85,12 +86,14 @@ class TurnRunner:
         counters: dict[str, int],
         *,
         named_method: Callable[[Agent, Any], Any],
+        outputs: Outbox,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.rpc = rpc
         self.counters = counters
         self._named_method = named_method
+        self._outputs = outputs
 
     # -- one turn ----------------------------------------------------------------------------
 
@@ -146,6 +149,10 @@ class TurnRunner:
                 raise turn.lost  # a commit point failed, whatever the handler did with it
             if dedup is not None:
                 db.set_last_seq(dedup.stream, dedup.seq)
+            # Outputs for devices become outbox rows of this turn (outbox.py): durable with it.
+            self._outputs.write_turn_outputs(
+                slot.key, slot.stores, db.connection, outbox, turn.outbox_mark
+            )
             db.release()
         except Exception as raised:
             err: BaseException = raised

@@ -1,5 +1,6 @@
-"""The MQTT bridge's background loops (connection, idle-link eviction, publish workers) run under the gateway's
-transport supervisor, through the `spawn_loop` hook of protocols/tasks.py."""
+"""The MQTT bridge's background loops (connection, replies' connection, idle-link eviction,
+publish workers) run under the gateway's transport supervisor, through the `spawn_loop` hook
+of protocols/tasks.py."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ async def test_mqtt_loops_are_started_by_the_transport_supervisor(
         await components.transports["mqtt"].wait_connected(timeout_s=10)
         assert set(components.supervisor.restarts) == {
             "mqtt-connection",
+            "mqtt-outbound-connection",  # the replies' own connection (protocols/mqtt.py)
             "mqtt-idle",
             "mqtt-publish-0",
             "mqtt-publish-1",

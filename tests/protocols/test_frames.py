@@ -181,7 +181,7 @@ def test_hello_repr_hides_the_secret() -> None:
 DOCUMENTED = {
     "HELLO": Hello("thermo-42", "s3cret", "fw/1.0"),
     "HELLO (resuming)": Hello("thermo-42", "s3cret", resume_seq=1001),
-    "HELLO_OK": HelloOk(65536, 64, 30000, 1764150000),
+    "HELLO_OK": HelloOk(65536, 64, 30000, 1),  # push_epoch: constant since seqs are durable
     "DATA": Data(1, b"hello"),
     "DATA (resend)": Data(7, b"\x01\x02", resend=True),
     "ACK": Ack(1),

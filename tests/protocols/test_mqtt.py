@@ -346,7 +346,7 @@ async def test_backpressure_bounds_pending_turns_and_keeps_order(
     await bridge.stop()
 
 
-async def test_outbound_queue_is_bounded_while_broker_is_down(
+async def test_outbound_backlog_keeps_every_reply_while_broker_is_down(
     mosquitto: MosquittoBroker, handler_factory
 ) -> None:
     handler = await handler_factory()
@@ -368,23 +368,27 @@ async def test_outbound_queue_is_bounded_while_broker_is_down(
     for n in range(50):
         link.send(f"cmd-{n}")
     stats = bridge.stats.extra
-    assert stats["outbound_queued"] + 2 >= 10 and stats["outbound_dropped"] >= 38
-    assert stats["outbound_queued"] + stats["outbound_dropped"] <= 50
+    # Over max_outbound_queue nothing is dropped: the backlog holds them (and the bridge
+    # stops reading device messages meanwhile, see test_mqtt_outbound.py).
+    assert stats["outbound_queued"] + stats["outbound_publishing"] == 50
+    assert "outbound_dropped_by_policy" not in stats
 
     mosquitto.start()
     await bridge.wait_connected(timeout_s=10)
     await wait_until(lambda: bridge.stats.extra["outbound_queued"] == 0, 5, "the queue to flush")
-    received: list[bytes] = []
+    expected = {f"cmd-{n}".encode() for n in range(50)}
+    received: set[bytes] = set()
     async with aiomqtt.Client(
         mosquitto.host, mosquitto.port, identifier="dev-7", clean_session=False
     ) as dev:
         await dev.subscribe("devices/7/cmd", qos=1)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(1.0):
-                async for message in dev.messages:
-                    received.append(bytes(message.payload))
-    sent = 50 - bridge.stats.extra["outbound_dropped"]
-    assert received == [f"cmd-{n}".encode() for n in range(sent)]  # the first ones, in order
+        async with asyncio.timeout(10):
+            async for message in dev.messages:
+                received.add(bytes(message.payload))
+                if received == expected:
+                    break
+    # At least once: a publish interrupted by the outage may arrive twice, none is missing.
+    assert received == expected
     await bridge.stop()
 
 

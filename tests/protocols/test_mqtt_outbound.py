@@ -1,0 +1,148 @@
+"""The MQTT bridge's outbound path against a real Mosquitto: replies are never dropped for load
+(backpressure on reading instead), tracked replies are reported delivered on the PUBACK, and
+the only drops are those of a route that asked for them (`on_overflow = "drop_oldest"`)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from protocols.link import OutputAddress
+from protocols.mqtt import MqttBridge, MqttRoute
+from tests.brokers import MosquittoBroker
+from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler
+from tests.protocols.test_mqtt import publish_all, settings_for, wait_until
+
+
+@pytest.fixture
+async def handler_factory(tmp_path: Path):
+    handlers: list[SqliteLinkHandler] = []
+
+    async def make(**kw: Any) -> SqliteLinkHandler:
+        handler = SqliteLinkHandler(tmp_path / "agents.sqlite", **kw)
+        await handler.start()
+        handlers.append(handler)
+        return handler
+
+    yield make
+    for handler in handlers:
+        await handler.stop()
+
+
+ECHO = MqttRoute("echo/{id}/in", "echo", "echo/{id}/out", on_overflow="drop_oldest")
+
+
+async def test_reply_flood_is_never_dropped_and_pauses_reading(
+    mosquitto: MosquittoBroker, handler_factory, tmp_path: Path
+) -> None:
+    # Every message gets a reply; the outbound backlog (5) is far smaller than the flood.
+    handler = await handler_factory(reply=lambda link, data: b"re:" + bytes(data))
+    settings = settings_for(
+        mosquitto, max_outbound_queue=5, max_inflight_publishes=1, max_pending_messages=50
+    )
+    bridge = MqttBridge(settings, handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    payloads = [f"{n:05d}".encode() for n in range(2000)]
+    received: set[bytes] = set()
+    async with aiomqtt.Client(
+        mosquitto.host, mosquitto.port, max_queued_incoming_messages=0
+    ) as dev:
+        await dev.subscribe("devices/+/cmd", qos=1)
+        flood = asyncio.create_task(
+            publish_all(
+                mosquitto, [(f"devices/d{n % 4}/telemetry", p) for n, p in enumerate(payloads)]
+            )
+        )
+        async with asyncio.timeout(60):
+            async for message in dev.messages:
+                received.add(bytes(message.payload))
+                if len(received) == len(payloads):
+                    break
+        await flood
+    assert received == {b"re:" + p for p in payloads}
+    stats = bridge.stats.extra
+    assert stats["outbound_backpressure_pauses"] > 0  # the backlog limit was reached...
+    assert "outbound_dropped_by_policy" not in stats  # ...and nothing was dropped for it
+    # Backpressure reached the socket: what waits unread in memory stays bounded (replies'
+    # PUBACKs come on their own connection, so pausing the device connection is safe).
+    assert stats["incoming_queue_peak"] <= 50 + 5
+    await bridge.stop()
+
+
+async def test_tracked_reply_is_delivered_only_after_the_broker_has_it(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    handler = await handler_factory()
+    bridge = MqttBridge(settings_for(mosquitto), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    async with aiomqtt.Client(
+        mosquitto.host, mosquitto.port, identifier="dev-9", clean_session=False
+    ) as dev:
+        await dev.subscribe("devices/9/cmd", qos=1)
+    mosquitto.stop()
+    await wait_until(lambda: not bridge.connected, 5, "the bridge to notice")
+
+    delivered: list[int] = []
+    all_delivered = asyncio.get_running_loop().create_future()
+
+    def on_delivered(seq: int) -> None:
+        delivered.append(seq)
+        if len(delivered) == 3:
+            all_delivered.set_result(None)
+
+    for seq in (11, 12, 13):
+        bridge.send_tracked(
+            OutputAddress("mqtt", "devices/9/cmd", 1), seq, b"c%d" % seq, on_delivered
+        )
+    assert delivered == []  # no broker, no PUBACK: nothing may count as delivered
+
+    mosquitto.start()
+    async with asyncio.timeout(10):
+        await all_delivered
+    assert sorted(delivered) == [11, 12, 13]
+    received: set[bytes] = set()
+    async with aiomqtt.Client(
+        mosquitto.host, mosquitto.port, identifier="dev-9", clean_session=False
+    ) as dev:
+        await dev.subscribe("devices/9/cmd", qos=1)
+        async with asyncio.timeout(10):
+            async for message in dev.messages:
+                received.add(bytes(message.payload))
+                if received == {b"c11", b"c12", b"c13"}:
+                    break
+    await bridge.stop()
+
+
+async def test_drop_oldest_route_drops_counts_and_reports_its_oldest_replies(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    handler = await handler_factory()
+    settings = settings_for(
+        mosquitto, routes=(ECHO,), max_outbound_queue=10, max_inflight_publishes=1
+    )
+    bridge = MqttBridge(settings, handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    mosquitto.stop()
+    await wait_until(lambda: not bridge.connected, 5, "the bridge to notice")
+    delivered: list[int] = []
+    for seq in range(1, 31):
+        bridge.send_tracked(OutputAddress("mqtt", "echo/x/out", 1), seq, b"e", delivered.append)
+    stats = bridge.stats.extra
+    # No await in between, so the publisher took none yet: ten are queued, the 20 oldest
+    # went, each reported as done so that the gateway does not send it again after a restart.
+    assert stats["outbound_dropped_by_policy"] == 20
+    assert delivered == list(range(1, 21))
+    assert stats["outbound_queued"] == 10
+    # A drop_oldest route never makes the bridge stop reading device messages.
+    assert "outbound_backpressure_pauses" not in stats and bridge._has_capacity()
+    mosquitto.start()
+    await bridge.wait_connected(timeout_s=10)
+    await wait_until(lambda: len(delivered) == 30, 10, "the rest to be published")
+    await bridge.stop()
