@@ -54,6 +54,7 @@ class GatewayDaemon:
 
     def start(self) -> None:
         notify_path = self.directory / "notify.sock"
+        notify_path.unlink(missing_ok=True)  # left by an earlier start (restart after a kill)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)}

@@ -40,3 +40,26 @@ class FrameCounter(Agent):
     def on_message(self, conn: Connection, message: bytes | str) -> None:
         self.sql("INSERT INTO frames (size) VALUES (?)", len(message))
         self.set_state({"frames": self.state["frames"] + 1, "last_bytes": len(message)})
+
+
+class ReliabilityRecorder(Agent):
+    """bench/reliability.py: stores every message with its transport and echoes it back.
+
+    No UNIQUE constraint on purpose: the benchmark counts a TCP frame stored twice as a frame
+    applied twice. Each sender gets the body back (MQTT reply, TCP PUSH, WebSocket frame), so
+    the benchmark can count replies against committed messages.
+    """
+
+    initial_state: ClassVar[dict[str, object]] = {"messages": 0}
+
+    def on_start(self) -> None:
+        self.sql(
+            "CREATE TABLE IF NOT EXISTS messages ("
+            " n INTEGER PRIMARY KEY AUTOINCREMENT, transport TEXT NOT NULL, body BLOB NOT NULL)"
+        )
+
+    def on_message(self, conn: Connection, message: bytes | str) -> None:
+        body = message.encode() if isinstance(message, str) else message
+        self.sql("INSERT INTO messages (transport, body) VALUES (?, ?)", conn.transport, body)
+        self.set_state({"messages": self.state["messages"] + 1})
+        conn.send(body)

@@ -9,6 +9,10 @@ shared executor grouped with other agents' commits (committer.py); with "normal"
 fsync and runs inline, and the WAL checkpoint (which does) runs on that executor afterwards.
 If the transaction is lost, nothing of the batch leaves and the agent is reloaded from disk.
 
+Two storage failures are not retried agent by agent: a full disk (diskspace.py: one log line,
+Backpressure to every transport until space returns) and a corrupt database file
+(quarantine.py: that agent's events are refused at once, every other agent keeps serving).
+
 A streaming RPC chunk is a *commit point* inside a turn (`commit_point`): the batch's writes so
 far commit, the outputs so far (the chunk last) are released and the finished events settled,
 then a new transaction and savepoint continue the turn. COMMIT therefore happens in two places,
@@ -16,8 +20,9 @@ then a new transaction and savepoint continue the turn. COMMIT therefore happens
 both releasing through `BatchRunner._release`.
 
 A batch wakes a hibernated agent first (opens its database, runs `on_start` as a turn).
-Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn`, `metrics` and
-`outbox` (device outputs written in the batch leave as outbox rows, tracked to delivery).
+Imports no other runtime module but `slot`, `registry`, `scheduler`, `turn`, `metrics`,
+`outbox` (device outputs written in the batch leave as outbox rows, tracked to delivery),
+`diskspace` and `quarantine`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import copy
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,14 +39,17 @@ from typing import Any
 from gatewayd.agents.agent import Agent, AgentHost
 from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection, deliver
+from gatewayd.agents.diskspace import DiskSpaceGuard
 from gatewayd.agents.errors import CommitError
 from gatewayd.agents.metrics import COMMIT_ERRORS, COMMITS
 from gatewayd.agents.outbox import Outbox, OutboxRow
+from gatewayd.agents.quarantine import Quarantine, corruption_of
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.scheduler import SlotScheduler
 from gatewayd.agents.settings import AgentSettings
 from gatewayd.agents.slot import (
     ALARM,
+    CONNECT,
     START,
     Done,
     Event,
@@ -50,7 +59,7 @@ from gatewayd.agents.slot import (
     Turn,
     fail,
 )
-from gatewayd.agents.storage import AgentDatabase
+from gatewayd.agents.storage import AgentDatabase, agent_db_file
 from gatewayd.agents.turn import TurnRunner
 
 logger = logging.getLogger(__name__)
@@ -88,6 +97,8 @@ class BatchRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._committer: GroupCommitter | None = None
+        self.disk = DiskSpaceGuard(os.fspath(settings.state_dir))
+        self.quarantine = Quarantine()
 
     def start(
         self,
@@ -98,6 +109,7 @@ class BatchRunner:
         self._loop = loop
         self._executor = executor
         self._committer = committer
+        self.disk.start(loop, executor)
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -123,18 +135,27 @@ class BatchRunner:
                     event = mailbox.popleft()
                     if event.kind == ALARM:
                         await self._run_alarm(slot, done, undo_conns)
-                    else:
-                        await self.turns.run(slot, event, done, undo_conns)
+                        continue
+                    err = await self.turns.run(slot, event, done, undo_conns)
+                    if err is not None and await self._storage_failed(err):
+                        # A full disk or a damaged file: the other turns of this batch would
+                        # meet it too; give up the batch (see _abort_batch).
+                        raise TransactionLost(
+                            f"storage failed in a turn ({type(err).__name__}: {err})"
+                        ) from err
                     if slot.destroy_requested:
                         break
             except TransactionLost as lost:
-                await self._abort_batch(slot, str(lost), done, outbox, undo_conns)
+                await self._abort_batch(
+                    slot, str(lost), done, outbox, undo_conns, cause=lost.__cause__
+                )
                 return
             except Exception as err:
                 logger.exception("agents: %s/%r: internal error in a turn", *slot.key)
                 await self._abort_batch(
-                    slot, f"internal error ({type(err).__name__}: {err})", done, outbox, undo_conns
-                )
+                    slot, f"internal error ({type(err).__name__}: {err})", done, outbox, undo_conns,
+                    cause=err,
+                )  # fmt: skip
                 return
             await self.commit_batch(slot, db, outbox, done, undo_conns)
         finally:
@@ -167,8 +188,9 @@ class BatchRunner:
             self.counters["commit_errors"] += 1
             COMMIT_ERRORS.inc()
             await self._abort_batch(
-                slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns
-            )
+                slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns,
+                cause=err,
+            )  # fmt: skip
             return
         self.counters["commits_total"] += 1
         COMMITS.inc()
@@ -318,18 +340,35 @@ class BatchRunner:
         done: list[Done],
         outbox: list[Output],
         undo_conns: list[tuple[Connection, Any]],
+        *,
+        cause: BaseException | None = None,
     ) -> None:
-        """The batch's transaction is lost: nothing of it may leave or be acknowledged."""
-        error = CommitError(
+        """The batch's transaction is lost: nothing of it may leave or be acknowledged.
+
+        On a full disk every event fails with the guard's `Backpressure` (the transports hold
+        and resubmit once space is back); on a corrupt file with the quarantine's refusal;
+        otherwise with its own error or a `CommitError`."""
+        error: BaseException = CommitError(
             f"agent {slot.key[0]}/{slot.key[1]!r}: {why}; {len(outbox)} outputs dropped, "
             f"{len(done)} events not acknowledged, agent reloaded from disk"
         )
-        logger.error("agents: %s", error)
         self._outputs.aborted(slot.key)
+        refusal: BaseException | None = None
+        if cause is not None and await self.disk.check(cause):
+            refusal = self.disk.refusal()
+            # The guard logged the one line an operator needs; this is one of many batches.
+            logger.info("agents: %s", error)
+        else:
+            corrupt = corruption_of(cause)
+            if corrupt is not None and slot.db is not None:
+                refusal = self.quarantine.add(slot.key, slot.db.path, corrupt)
+            logger.error("agents: %s", error)
+        if refusal is not None:
+            error = refusal
         for conn, old_state in reversed(undo_conns):
             conn._state = old_state
         for future, result, is_error in done:
-            fail(future, result if is_error else error)
+            fail(future, refusal or (result if is_error else error))
         self._drop_failed_connects(done)
         slot.destroy_requested = False  # a destroy() whose turn did not commit did not happen
         agent = slot.agent
@@ -349,11 +388,31 @@ class BatchRunner:
 
     # -- waking ---------------------------------------------------------------------------------
 
+    async def _storage_failed(self, err: BaseException) -> bool:
+        """Whether a turn's error was the disk filling up or the file being damaged."""
+        return corruption_of(err) is not None or await self.disk.check(err)
+
+    def _refuse_all(self, slot: Slot, refusal: BaseException) -> bool:
+        """The agent cannot wake: fail every queued event. A connection whose connect event is
+        among them is not open (the transport may open the same link id again later)."""
+        self._wake_failed(slot)
+        for event in slot.mailbox:
+            if event.kind == CONNECT and event.conn is not None:
+                self.registry.unregister(event.conn)
+                event.conn.closed = True
+            fail(event.future, refusal)
+        slot.mailbox.clear()
+        return False
+
     async def _wake(
         self, slot: Slot, done: list[Done], undo_conns: list[tuple[Connection, Any]]
     ) -> bool:
         await self.scheduler.wait_for_close(slot.key)
         settings = self.settings
+        # Neither a full disk nor a quarantined file is worth opening the database for.
+        refused = self.disk.refusal() or self.quarantine.refusal(slot.key)
+        if refused is not None:
+            return self._refuse_all(slot, refused)
         try:
             # Opening touches the file system (creating -wal/-shm files, a new database's
             # header): off the loop, on the shared executor.
@@ -371,12 +430,17 @@ class BatchRunner:
                 ),
             )
         except Exception as err:
-            logger.error("agents: cannot wake %s/%r: %s", slot.key[0], slot.key[1], err)
-            self._wake_failed(slot)
-            for event in slot.mailbox:
-                fail(event.future, err)
-            slot.mailbox.clear()
-            return False
+            refusal: BaseException | None = None
+            if await self.disk.check(err):
+                refusal = self.disk.refusal()
+            else:
+                corrupt = corruption_of(err)
+                if corrupt is not None:
+                    path = agent_db_file(os.fspath(settings.state_dir), *slot.key)
+                    refusal = self.quarantine.add(slot.key, path, corrupt)
+                else:
+                    logger.error("agents: cannot wake %s/%r: %s", slot.key[0], slot.key[1], err)
+            return self._refuse_all(slot, refusal or err)
         db.begin()
         found, state = db.load_state()
         if not found:

@@ -70,3 +70,16 @@ class SequenceGapError(AgentError):
             f"stream {dedup.stream!r}: seq {dedup.seq} not applied because seq "
             f"{last_applied + 1} is still unapplied (last applied {last_applied}); resend in order"
         )
+
+
+class CorruptDatabaseError(StorageError):
+    """The agent's SQLite file is damaged, or belongs to another agent: it gets quarantined."""
+
+
+class AgentQuarantinedError(AgentError):
+    """The agent is quarantined because its database file is corrupt; its events are refused
+    (not acknowledged) until the file is restored or moved aside (see quarantine.py)."""
+
+
+class DiskFullError(StorageFullError):
+    """The file system of the state directory is full: nothing commits until space returns."""

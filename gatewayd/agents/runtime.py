@@ -228,6 +228,7 @@ class AgentRuntime(AlarmsMixin):
                 for task in named.values():
                     task.cancel()
             try:
+                await self._batches.disk.close()
                 await self._stop_background()
             finally:
                 try:
@@ -304,6 +305,8 @@ class AgentRuntime(AlarmsMixin):
             "busy_agents": len(self._scheduler.busy_tasks()),
             "events_queued": self._scheduler.events_queued(),
             "connections_open": len(self._registry),
+            "disk_full": int(self._batches.disk.full),
+            "agents_quarantined": len(self._batches.quarantine),
         }
 
     def healthy(self) -> bool:
@@ -339,6 +342,10 @@ class AgentRuntime(AlarmsMixin):
             rejection = f"link id {link.link_id!r} is already open"
         if rejection is not None:
             return self._reject(future, rejection, link)
+        quarantined = self._batches.quarantine.refusal(key)
+        if quarantined is not None:  # not registered: the transport may try again later
+            future.set_exception(quarantined)
+            return future
         if self._scheduler.mailbox_full(key):
             return self._hold_back(future, key)
         conn = Connection(link, context, self.settings.max_connection_state_bytes)
@@ -353,8 +360,18 @@ class AgentRuntime(AlarmsMixin):
         future = self._new_future()
         if not self._accepting:
             return self._reject(future, "shutting down", link, code=1001)
+        disk_full = self._batches.disk.refusal()
+        if disk_full is not None:
+            raise disk_full  # nothing enqueued: the transport holds it until space is back
         conn = self._registry.get(link.link_id)
         if conn is None:
+            route = link.route
+            # A quarantined agent's link could not open: say why (not final: the message is
+            # kept and retried, or dead-lettered by the transport), instead of a rejection.
+            quarantined = self._batches.quarantine.refusal((route.agent_class, route.agent_id))
+            if quarantined is not None:
+                future.set_exception(quarantined)
+                return future
             return self._reject(future, "connection is not open (open_link first)", link)
         size = len(data)  # chars for str: a cheap lower bound before encoding
         if size > self.settings.max_message_bytes or (

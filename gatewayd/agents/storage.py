@@ -33,6 +33,7 @@ from typing import Any
 
 from gatewayd.agents.errors import (
     AgentError,
+    CorruptDatabaseError,
     StorageError,
     StorageFullError,
     ValueTooLargeError,
@@ -41,6 +42,11 @@ from gatewayd.agents.errors import (
 SCHEMA_VERSION = 1
 # Only our own process opens an agent file; a short wait covers a close still checkpointing.
 _BUSY_TIMEOUT_S = 5.0
+# SQLite's page cache per open agent database. Its default (2 MiB) times `max_active` awake
+# agents (10,000) would be 20 GB, and each cache keeps growing with its agent's tables, so a
+# steady telemetry load showed as a steadily rising RSS. A turn touches a handful of pages;
+# the OS page cache holds the rest of the file.
+CACHE_KIB_PER_AGENT = 256
 MAX_AGENT_ID_BYTES = 1024
 # durability="normal": checkpoint after this many commits (a small turn's commit appends 2-4
 # pages to the WAL, so ~1,000 pages, SQLite's own autocheckpoint default). Counting commits
@@ -176,7 +182,9 @@ class AgentDatabase:
         the write that starts the WAL, and no transaction is left open."""
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
         label = f"agent {agent_class}/{agent_id!r}"
-        is_new = not os.path.exists(path)
+        # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
+        # it must still be switched to WAL.
+        is_new = not os.path.exists(path) or os.path.getsize(path) == 0
         if is_new:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
@@ -193,6 +201,7 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}")
             if not full:
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
@@ -213,7 +222,7 @@ class AgentDatabase:
             else:
                 stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 if stored.get("agent_class") != agent_class or stored.get("agent_id") != agent_id:
-                    raise StorageError(
+                    raise CorruptDatabaseError(
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
@@ -291,6 +300,11 @@ class AgentDatabase:
                 self.in_transaction_ = self._conn.in_transaction
                 if self.in_transaction_:
                     self.rollback()
+            # Hand the page cache back: an appending agent's cache otherwise fills with pages
+            # it will not read again, slowly (a quiet agent takes half an hour), which shows
+            # as RSS creeping up under steady load. Its next turns re-read a handful of pages
+            # from the OS page cache.
+            self._conn.execute("PRAGMA shrink_memory")
 
     def rollback(self) -> None:
         if self._conn.in_transaction:
