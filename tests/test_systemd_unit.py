@@ -40,7 +40,9 @@ def test_security_exposure_is_two_or_better(tmp_path: Path) -> None:
     unit = _unit_pointing_at_this_install(tmp_path)
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", str(unit)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     match = re.search(r"Overall exposure level for gatewayd.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -49,8 +51,14 @@ def test_security_exposure_is_two_or_better(tmp_path: Path) -> None:
 
 def test_unit_speaks_notify_and_reload() -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
-                 "StateDirectory=gatewayd", "ConfigurationDirectory=gatewayd", "User=gatewayd"):
+    for line in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "StateDirectory=gatewayd",
+        "ConfigurationDirectory=gatewayd",
+        "User=gatewayd",
+    ):
         assert line in text
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
     assert not re.search(r"^MemoryDenyWriteExecute=", text, re.M)
