@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import sqlite3
 import ssl
 import subprocess
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,6 @@ from protocols.frames import (
     Data,
     Error,
     ErrorCode,
-    Frame,
-    FrameDecoder,
     Hello,
     HelloOk,
     Ping,
@@ -39,6 +35,7 @@ from protocols.tcp import (
     TcpSettings,
     load_secrets_file,
 )
+from tests.frame_device import FrameDevice
 
 SECRETS = {"dev-a": "secret-a", "dev-b": "secret-b", "dev-c": "secret-c"}
 
@@ -162,40 +159,10 @@ class SqliteLinkHandler:
         self.db.close()
 
 
-class ConnectionClosed(Exception):
-    pass
+class Device(FrameDevice):
+    """The device of these tests: HELLO with the test secrets, and a PONG barrier."""
 
-
-class Device:
-    """A minimal device: the codec over an asyncio stream."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.decoder = FrameDecoder()
-        self.frames: deque[Frame] = deque()
-
-    @classmethod
-    async def connect(cls, port: int, **kwargs: Any) -> Device:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, **kwargs)
-        return cls(reader, writer)
-
-    def send(self, *frames: Frame) -> None:
-        self.writer.write(b"".join(encode(f) for f in frames))
-
-    def send_raw(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def recv(self, timeout_s: float = 3.0) -> Frame:
-        while not self.frames:
-            try:
-                data = await asyncio.wait_for(self.reader.read(65536), timeout_s)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                raise ConnectionClosed
-            self.frames.extend(self.decoder.feed(data))
-        return self.frames.popleft()
+    timeout_s = 3.0
 
     async def hello(self, device_id: str = "dev-a", secret: str | None = None) -> HelloOk:
         self.send(Hello(device_id, SECRETS[device_id] if secret is None else secret))
@@ -203,24 +170,12 @@ class Device:
         assert isinstance(reply, HelloOk), reply
         return reply
 
-    async def recv_until_closed(self, timeout_s: float = 3.0) -> list[Frame]:
-        frames = []
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                frames.append(await self.recv(timeout_s))
-        return frames
-
     async def expect_only_pong(self, seq: int = 1) -> None:
         """A barrier instead of a silence: the gateway handles a connection's frames in order,
         so anything it sends because of earlier frames comes before this PING's PONG."""
         self.send(Ping(seq))
         frame = await self.recv()
         assert frame == Pong(seq), f"expected nothing before PONG {seq}, got {frame}"
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
 
 
 async def connect_device(port: int, device_id: str = "dev-a") -> Device:

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
-from protocols.frames import Ack, Close, Data, Error, ErrorCode, Frame, FrameDecoder, Hello, encode
+from protocols.frames import Ack, Close, Data, Error, ErrorCode, Hello
 from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 from protocols.tcp import TcpListener, TcpSettings
+from tests.frame_device import FrameDevice
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,31 +119,6 @@ class BoundedHandler:
             await self._worker
 
 
-class Device:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.decoder = FrameDecoder()
-        self.frames: deque[Frame] = deque()
-
-    def send(self, *frames: Frame) -> None:
-        self.writer.write(b"".join(encode(f) for f in frames))
-
-    async def recv(self) -> Frame:
-        while not self.frames:
-            data = await asyncio.wait_for(self.reader.read(65536), 5.0)
-            if not data:
-                raise ConnectionError("closed")
-            self.frames.extend(self.decoder.feed(data))
-        return self.frames.popleft()
-
-    async def recv_until_closed(self) -> list[Frame]:
-        frames = []
-        with contextlib.suppress(ConnectionError):
-            while True:
-                frames.append(await self.recv())
-        return frames
-
-
 async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not check():
@@ -152,7 +128,7 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
 @contextlib.asynccontextmanager
 async def serving(
     handler: BoundedHandler, *, hello: bool = True, hello_timeout_s: float = 5.0
-) -> AsyncIterator[tuple[TcpListener, Device]]:
+) -> AsyncIterator[tuple[TcpListener, FrameDevice]]:
     settings = TcpSettings(
         host="127.0.0.1",
         port=0,
@@ -164,7 +140,7 @@ async def serving(
     listener = TcpListener(settings, handler)  # type: ignore[arg-type]
     await listener.start()
     try:
-        device = Device(*await asyncio.open_connection("127.0.0.1", listener.bound_port))
+        device = await FrameDevice.connect(listener.bound_port)
         if hello:
             device.send(Hello("dev-a", SECRETS["dev-a"]))
             assert (await device.recv()).TYPE.name == "HELLO_OK"
@@ -287,7 +263,7 @@ async def test_a_real_runtime_with_a_full_mailbox_applies_everything_once_in_ord
     listener = TcpListener(settings, runtime)
     await listener.start()
     try:
-        device = Device(*await asyncio.open_connection("127.0.0.1", listener.bound_port))
+        device = await FrameDevice.connect(listener.bound_port)
         device.send(Hello("dev-a", SECRETS["dev-a"]))
         assert (await device.recv()).TYPE.name == "HELLO_OK"
         device.send(*(Data(seq, f"m{seq}".encode()) for seq in range(1, 31)))

@@ -3,7 +3,6 @@ socket, against a real AgentRuntime with its SQLite files, across a gateway rest
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
-from protocols.frames import Ack, Close, Data, Error, ErrorCode, Frame, FrameDecoder, Hello, encode
+from protocols.frames import Ack, Close, Data, Error, ErrorCode, Hello
 from protocols.tcp import TcpListener, TcpSettings
+from tests.frame_device import FrameDevice
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,37 +33,16 @@ class Logger(Agent):
         return [row["payload"] for row in self.sql("SELECT payload FROM readings ORDER BY rowid")]
 
 
-class Device:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.decoder = FrameDecoder()
-        self.frames: list[Frame] = []
+class Device(FrameDevice):
+    """Connects as thermo-42 (HELLO with `resume_seq`) and sends DATA the gateway ACKs."""
 
     @classmethod
-    async def connect(cls, port: int, resume_seq: int = 0) -> Device:
-        device = cls(*await asyncio.open_connection("127.0.0.1", port))
+    async def connect_hello(cls, port: int, resume_seq: int = 0) -> Device:
+        device = await cls.connect(port)
         device.send(Hello("thermo-42", SECRETS["thermo-42"], resume_seq=resume_seq))
         reply = await device.recv()
         assert reply.TYPE.name == "HELLO_OK", reply
         return device
-
-    def send(self, *frames: Frame) -> None:
-        self.writer.write(b"".join(encode(f) for f in frames))
-
-    async def recv(self) -> Frame:
-        while not self.frames:
-            data = await asyncio.wait_for(self.reader.read(65536), 5.0)
-            if not data:
-                raise ConnectionError("gateway closed the connection")
-            self.frames.extend(self.decoder.feed(data))
-        return self.frames.pop(0)
-
-    async def recv_until_closed(self) -> list[Frame]:
-        frames = []
-        with contextlib.suppress(ConnectionError):
-            while True:
-                frames.append(await self.recv())
-        return frames
 
     async def send_and_ack(self, *seqs: int, resend: bool = False) -> None:
         self.send(*(Data(seq, f"reading {seq}".encode(), resend) for seq in seqs))
@@ -99,16 +78,16 @@ async def test_reboot_with_a_gap_resumes_at_resume_seq_and_the_jump_survives_a_r
 ) -> None:
     async with gateway(tmp_path / "state") as (runtime, port):
         # The device reserved 1..10 in flash; 1..5 are applied when it reboots.
-        device = await Device.connect(port)
+        device = await Device.connect_hello(port)
         await device.send_and_ack(1, 2, 3, 4, 5)
         await device.close()
 
         # After the reboot it holds nothing and its next block starts at 11.
-        device = await Device.connect(port, resume_seq=11)
+        device = await Device.connect_hello(port, resume_seq=11)
         await device.send_and_ack(11, 12)
         await device.close()
         # Had the ACK of 12 been lost, 12 comes again: acknowledged, not applied twice.
-        device = await Device.connect(port, resume_seq=12)
+        device = await Device.connect_hello(port, resume_seq=12)
         await device.send_and_ack(12, resend=True)
         await device.close()
         assert await runtime.call("thermostat", "thermo-42", "readings") == readings(
@@ -118,10 +97,10 @@ async def test_reboot_with_a_gap_resumes_at_resume_seq_and_the_jump_survives_a_r
     # The jump was committed with seq 11: after a gateway restart, 13 follows on from 12 even
     # from firmware that does not send resume_seq, and 6..10 stay skipped.
     async with gateway(tmp_path / "state") as (runtime, port):
-        device = await Device.connect(port)
+        device = await Device.connect_hello(port)
         await device.send_and_ack(13)
         await device.close()
-        device = await Device.connect(port)
+        device = await Device.connect_hello(port)
         device.send(Data(6, b"reading 6"))  # below the last applied: a retransmission
         assert await device.recv() == Ack(6)
         await device.close()
@@ -134,11 +113,11 @@ async def test_without_resume_seq_a_gap_is_not_applied_and_stays_retryable(
     tmp_path: Path,
 ) -> None:
     async with gateway(tmp_path / "state") as (runtime, port):
-        device = await Device.connect(port)
+        device = await Device.connect_hello(port)
         await device.send_and_ack(1, 2)
         await device.close()
 
-        device = await Device.connect(port)  # old firmware: no resume_seq
+        device = await Device.connect_hello(port)  # old firmware: no resume_seq
         device.send(Data(11, b"reading 11"))
         frames = await device.recv_until_closed()
         assert frames[0] == Error(
@@ -146,7 +125,7 @@ async def test_without_resume_seq_a_gap_is_not_applied_and_stays_retryable(
         )
         assert frames[-1].code == ErrorCode.NOT_APPLIED
         # The same device, now announcing where it resumes, gets through.
-        device = await Device.connect(port, resume_seq=11)
+        device = await Device.connect_hello(port, resume_seq=11)
         await device.send_and_ack(11)
         await device.close()
         assert await runtime.call("thermostat", "thermo-42", "readings") == readings(1, 2, 11)
@@ -171,15 +150,15 @@ async def test_resume_seq_keeps_order_when_a_resumed_frame_fails(tmp_path: Path)
     listener = TcpListener(settings, runtime)
     await listener.start()
     try:
-        device = await Device.connect(listener.bound_port)
+        device = await Device.connect_hello(listener.bound_port)
         await device.send_and_ack(1)
         await device.close()
-        device = await Device.connect(listener.bound_port, resume_seq=20)
+        device = await Device.connect_hello(listener.bound_port, resume_seq=20)
         await device.send_and_ack(20)
         device.send(Data(21, b"reading 21"), Data(22, b"reading 22"))
         frames = await device.recv_until_closed()
         assert Ack(21) not in frames and Ack(22) not in frames
-        device = await Device.connect(listener.bound_port, resume_seq=21)
+        device = await Device.connect_hello(listener.bound_port, resume_seq=21)
         await device.send_and_ack(21, 22, resend=True)
         await device.close()
         assert await runtime.call("thermostat", "thermo-42", "readings") == readings(1, 20, 21, 22)
