@@ -19,7 +19,7 @@ import pytest
 from protocols.mqtt import MqttBridge, MqttConfigError, MqttRoute, MqttSettings
 from protocols.mqtt_settings import RouteTable, parse_broker_url
 from tests.brokers import MosquittoBroker, free_port
-from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
+from tests.protocols.mqtt_bridge_runner import read_messages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THERMOSTAT = MqttRoute("devices/{id}/telemetry", "thermostat", "devices/{id}/cmd")
@@ -86,21 +86,6 @@ def link_events(db_path: Path) -> list[tuple[str, str, str]]:
         ).fetchall()
     db.close()
     return rows
-
-
-@pytest.fixture
-async def handler_factory(tmp_path: Path):
-    handlers: list[SqliteLinkHandler] = []
-
-    async def make(**kw: Any) -> SqliteLinkHandler:
-        handler = SqliteLinkHandler(tmp_path / "agents.sqlite", **kw)
-        await handler.start()
-        handlers.append(handler)
-        return handler
-
-    yield make
-    for handler in handlers:
-        await handler.stop()
 
 
 # ----------------------------------------------------------------- settings and routes (pure)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +16,9 @@ from protocols.link import Backpressure, DedupKey, Link, LinkRejected, Outcome
 from protocols.mqtt import MqttBridge, MqttRoute
 from protocols.mqtt_admission import IdAllowList, RouteAdmission, TokenBucket, Verdict
 from tests.brokers import MosquittoBroker
+from tests.protocols.conftest import HandlerFactory
 from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
 from tests.protocols.test_mqtt import link_events, publish_all, settings_for, wait_until
-
-HandlerFactory = Callable[..., Awaitable[SqliteLinkHandler]]
-
-
-@pytest.fixture
-async def make_handler(tmp_path: Path) -> AsyncIterator[HandlerFactory]:
-    handlers: list[SqliteLinkHandler] = []
-
-    async def make(cls: type[SqliteLinkHandler] = SqliteLinkHandler, **kw: Any) -> Any:
-        handler = cls(tmp_path / "agents.sqlite", **kw)
-        await handler.start()
-        handlers.append(handler)
-        return handler
-
-    yield make
-    for handler in handlers:
-        await handler.stop()
 
 
 def stored(db: Path) -> list[tuple[str, bytes]]:
@@ -97,10 +81,10 @@ def test_refusals_form_episodes_and_known_ids_are_never_capped() -> None:
 
 
 async def test_ids_outside_the_allow_list_are_acked_and_never_reach_an_agent(
-    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path
+    mosquitto: MosquittoBroker, handler_factory: HandlerFactory, tmp_path: Path
 ) -> None:
     db = tmp_path / "agents.sqlite"
-    handler = await make_handler()
+    handler = await handler_factory()
     route = MqttRoute(
         "devices/{id}/telemetry",
         "thermostat",
@@ -123,12 +107,12 @@ async def test_ids_outside_the_allow_list_are_acked_and_never_reach_an_agent(
 
 async def test_new_agents_per_minute_are_capped_with_one_log_line_per_episode(
     mosquitto: MosquittoBroker,
-    make_handler: HandlerFactory,
+    handler_factory: HandlerFactory,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     db = tmp_path / "agents.sqlite"
-    handler = await make_handler()
+    handler = await handler_factory()
     route = MqttRoute(
         "devices/{id}/telemetry", "thermostat", "devices/{id}/cmd", max_new_agents_per_minute=3
     )
@@ -161,11 +145,11 @@ async def test_new_agents_per_minute_are_capped_with_one_log_line_per_episode(
 
 
 async def test_idle_links_are_closed_and_reopened_by_the_next_message(
-    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path
+    mosquitto: MosquittoBroker, handler_factory: HandlerFactory, tmp_path: Path
 ) -> None:
     db = tmp_path / "agents.sqlite"
     close_gate = asyncio.Event()
-    handler = await make_handler(strict_links=True, close_gate=close_gate)
+    handler = await handler_factory(strict_links=True, close_gate=close_gate)
     bridge = MqttBridge(settings_for(mosquitto, link_idle_timeout_s=0.2), handler)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
@@ -217,10 +201,10 @@ class FullMailboxHandler(SqliteLinkHandler):
 
 @pytest.mark.parametrize("form", ["raise", "future"])
 async def test_full_mailbox_holds_messages_unacked_in_order_without_counting_attempts(
-    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path, form: str
+    mosquitto: MosquittoBroker, handler_factory: HandlerFactory, tmp_path: Path, form: str
 ) -> None:
     db = tmp_path / "agents.sqlite"
-    handler: FullMailboxHandler = await make_handler(FullMailboxHandler, form=form)
+    handler: FullMailboxHandler = await handler_factory(FullMailboxHandler, form=form)
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     handler.full["busy"] = ready
     # max_attempts=1: were a refusal counted as a failed turn, the message would be given up.
@@ -253,10 +237,10 @@ async def test_full_mailbox_holds_messages_unacked_in_order_without_counting_att
 
 
 async def test_held_messages_give_back_their_slots_when_the_connection_drops(
-    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path
+    mosquitto: MosquittoBroker, handler_factory: HandlerFactory, tmp_path: Path
 ) -> None:
     db = tmp_path / "agents.sqlite"
-    handler: FullMailboxHandler = await make_handler(FullMailboxHandler, form="raise")
+    handler: FullMailboxHandler = await handler_factory(FullMailboxHandler, form="raise")
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     handler.full["busy"] = ready
     bridge = MqttBridge(settings_for(mosquitto), handler)
@@ -295,10 +279,10 @@ class ShuttingDownHandler(FullMailboxHandler):
 
 
 async def test_a_held_message_refused_by_a_shutdown_is_left_for_redelivery_not_acked(
-    mosquitto: MosquittoBroker, make_handler: HandlerFactory, tmp_path: Path
+    mosquitto: MosquittoBroker, handler_factory: HandlerFactory, tmp_path: Path
 ) -> None:
     db = tmp_path / "agents.sqlite"
-    handler: ShuttingDownHandler = await make_handler(ShuttingDownHandler, form="raise")
+    handler: ShuttingDownHandler = await handler_factory(ShuttingDownHandler, form="raise")
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     handler.full["busy"] = ready
     settings = settings_for(mosquitto)
@@ -315,7 +299,7 @@ async def test_a_held_message_refused_by_a_shutdown_is_left_for_redelivery_not_a
     await bridge.stop()
 
     # Not acked: the next gateway gets it from the broker.
-    again = MqttBridge(settings, await make_handler())
+    again = MqttBridge(settings, await handler_factory())
     await again.start()
     await again.wait_connected(timeout_s=5)
     await wait_until(lambda: stored(db) == [("busy", b"keep me")], 5, "the redelivery")

@@ -6,32 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
-import pytest
 
 from protocols.link import OutputAddress
 from protocols.mqtt import MqttBridge, MqttRoute
 from tests.brokers import MosquittoBroker
-from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler
 from tests.protocols.test_mqtt import publish_all, settings_for, wait_until
-
-
-@pytest.fixture
-async def handler_factory(tmp_path: Path):
-    handlers: list[SqliteLinkHandler] = []
-
-    async def make(**kw: Any) -> SqliteLinkHandler:
-        handler = SqliteLinkHandler(tmp_path / "agents.sqlite", **kw)
-        await handler.start()
-        handlers.append(handler)
-        return handler
-
-    yield make
-    for handler in handlers:
-        await handler.stop()
-
 
 ECHO = MqttRoute("echo/{id}/in", "echo", "echo/{id}/out", on_overflow="drop_oldest")
 
