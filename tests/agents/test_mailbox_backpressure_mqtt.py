@@ -16,7 +16,8 @@ from gatewayd.config import parse_config
 from gatewayd.wiring import agent_settings, build_transports
 from protocols.mqtt import MqttBridge
 from tests.brokers import MosquittoBroker
-from tests.protocols.test_mqtt import publish_all, wait_until
+from tests.protocols.test_mqtt import publish_all
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 
 from gatewayd.agents import Agent
 from protocols.ws import WsListener, WsSettings
-from tests.protocols.test_mqtt import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -26,7 +26,8 @@ from protocols.dead_letters import DeadLetterStore
 from protocols.mqtt import MqttBridge
 from tests.brokers import MosquittoBroker
 from tests.gatewayd.e2e_agents import Recorder
-from tests.protocols.test_mqtt import publish_all, wait_until
+from tests.protocols.test_mqtt import publish_all
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from protocols.mqtt import MqttBridge, MqttConfigError, MqttRoute, MqttSettings
 from protocols.mqtt_settings import RouteTable, parse_broker_url
 from tests.brokers import MosquittoBroker, free_port
 from tests.protocols.mqtt_bridge_runner import read_messages
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THERMOSTAT = MqttRoute("devices/{id}/telemetry", "thermostat", "devices/{id}/cmd")
@@ -48,14 +47,6 @@ def settings_for(broker: MosquittoBroker, **overrides: Any) -> MqttSettings:
     }
     values.update(overrides)
     return MqttSettings(**values)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def publish_all(broker: MosquittoBroker, items: list[tuple[str, bytes]], **kw: Any) -> None:

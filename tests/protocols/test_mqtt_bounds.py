@@ -18,7 +18,8 @@ from protocols.mqtt_admission import IdAllowList, RouteAdmission, TokenBucket, V
 from tests.brokers import MosquittoBroker
 from tests.protocols.conftest import HandlerFactory
 from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
-from tests.protocols.test_mqtt import link_events, publish_all, settings_for, wait_until
+from tests.protocols.test_mqtt import link_events, publish_all, settings_for
+from tests.waiting import wait_until
 
 
 def stored(db: Path) -> list[tuple[str, bytes]]:

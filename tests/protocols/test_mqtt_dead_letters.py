@@ -15,7 +15,8 @@ from protocols.mqtt import MqttBridge
 from protocols.mqtt_replay import replay_dead_letters
 from tests.brokers import MosquittoBroker, free_port
 from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
-from tests.protocols.test_mqtt import publish_all, settings_for, wait_until
+from tests.protocols.test_mqtt import publish_all, settings_for
+from tests.waiting import wait_until
 
 
 class Poison:

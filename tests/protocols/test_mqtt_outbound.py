@@ -12,7 +12,8 @@ import aiomqtt
 from protocols.link import OutputAddress
 from protocols.mqtt import MqttBridge, MqttRoute
 from tests.brokers import MosquittoBroker
-from tests.protocols.test_mqtt import publish_all, settings_for, wait_until
+from tests.protocols.test_mqtt import publish_all, settings_for
+from tests.waiting import wait_until
 
 ECHO = MqttRoute("echo/{id}/in", "echo", "echo/{id}/out", on_overflow="drop_oldest")
 
