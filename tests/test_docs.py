@@ -47,6 +47,7 @@ def protocol_example() -> list[tuple[str, dict[str, Any]]]:
 
 
 def matches(documented: Any, real: Any) -> bool:
+    """`real` has the documented shape: same keys, same lengths, equal values but for `ANY`."""
     if documented == ANY:
         return True
     if isinstance(documented, dict):
@@ -54,6 +55,12 @@ def matches(documented: Any, real: Any) -> bool:
             isinstance(real, dict)
             and documented.keys() == real.keys()
             and all(matches(v, real[k]) for k, v in documented.items())
+        )
+    if isinstance(documented, list):
+        return (
+            isinstance(real, list)
+            and len(documented) == len(real)
+            and all(matches(d, r) for d, r in zip(documented, real, strict=True))
         )
     return bool(documented == real)
 

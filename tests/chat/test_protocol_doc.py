@@ -8,31 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd.chat import ChatAgent, EchoBackend
-from tests.test_docs import ANY
+from tests.test_docs import ANY, matches
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "protocols" / "PROTOCOL.md"
 
 
 class Echo(ChatAgent):
     backend = EchoBackend()
-
-
-def matches(documented: Any, real: Any) -> bool:
-    if documented == ANY:
-        return True
-    if isinstance(documented, dict):
-        return (
-            isinstance(real, dict)
-            and documented.keys() == real.keys()
-            and all(matches(v, real[k]) for k, v in documented.items())
-        )
-    if isinstance(documented, list):
-        return (
-            isinstance(real, list)
-            and len(documented) == len(real)
-            and all(matches(d, r) for d, r in zip(documented, real, strict=True))
-        )
-    return bool(documented == real)
 
 
 def chat_example() -> list[tuple[str, dict[str, Any]]]:
