@@ -58,6 +58,25 @@ async def publish_all(broker: MosquittoBroker, items: list[tuple[str, bytes]], *
             await asyncio.gather(*(client.publish(t, p, qos=1, **kw) for t, p in chunk))
 
 
+async def receive_queued(
+    broker: MosquittoBroker, device_id: str, topic: str, expected: set[bytes]
+) -> set[bytes]:
+    """Connect as `device_id` with a persistent session (so what the broker queued for it while
+    it was away comes too), subscribe to `topic` at QoS 1, collect payloads until all of
+    `expected` arrived; fails after 10 s."""
+    received: set[bytes] = set()
+    async with aiomqtt.Client(
+        broker.host, broker.port, identifier=device_id, clean_session=False
+    ) as device:
+        await device.subscribe(topic, qos=1)
+        async with asyncio.timeout(10):
+            async for message in device.messages:
+                received.add(bytes(message.payload))
+                if received == expected:
+                    break
+    return received
+
+
 async def retained(broker: MosquittoBroker, topic: str) -> bytes | None:
     async with aiomqtt.Client(broker.host, broker.port) as client:
         await client.subscribe(topic, qos=1)
@@ -353,16 +372,7 @@ async def test_outbound_backlog_keeps_every_reply_while_broker_is_down(
     await bridge.wait_connected(timeout_s=10)
     await wait_until(lambda: bridge.stats.extra["outbound_queued"] == 0, 5, "the queue to flush")
     expected = {f"cmd-{n}".encode() for n in range(50)}
-    received: set[bytes] = set()
-    async with aiomqtt.Client(
-        mosquitto.host, mosquitto.port, identifier="dev-7", clean_session=False
-    ) as dev:
-        await dev.subscribe("devices/7/cmd", qos=1)
-        async with asyncio.timeout(10):
-            async for message in dev.messages:
-                received.add(bytes(message.payload))
-                if received == expected:
-                    break
+    received = await receive_queued(mosquitto, "dev-7", "devices/7/cmd", expected)
     # At least once: a publish interrupted by the outage may arrive twice, none is missing.
     assert received == expected
     await bridge.stop()

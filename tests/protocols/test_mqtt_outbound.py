@@ -12,7 +12,7 @@ import aiomqtt
 from protocols.link import OutputAddress
 from protocols.mqtt import MqttBridge, MqttRoute
 from tests.brokers import MosquittoBroker
-from tests.protocols.test_mqtt import publish_all, settings_for
+from tests.protocols.test_mqtt import publish_all, receive_queued, settings_for
 from tests.waiting import wait_until
 
 ECHO = MqttRoute("echo/{id}/in", "echo", "echo/{id}/out", on_overflow="drop_oldest")
@@ -88,16 +88,7 @@ async def test_tracked_reply_is_delivered_only_after_the_broker_has_it(
     async with asyncio.timeout(10):
         await all_delivered
     assert sorted(delivered) == [11, 12, 13]
-    received: set[bytes] = set()
-    async with aiomqtt.Client(
-        mosquitto.host, mosquitto.port, identifier="dev-9", clean_session=False
-    ) as dev:
-        await dev.subscribe("devices/9/cmd", qos=1)
-        async with asyncio.timeout(10):
-            async for message in dev.messages:
-                received.add(bytes(message.payload))
-                if received == {b"c11", b"c12", b"c13"}:
-                    break
+    await receive_queued(mosquitto, "dev-9", "devices/9/cmd", {b"c11", b"c12", b"c13"})
     await bridge.stop()
 
 
