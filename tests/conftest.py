@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: a real Mosquitto per test, on its own free port; no leaked process."""
+"""Shared pytest fixtures: a real Mosquitto per test, on its own free port; a systemd-notify
+socket; no leaked process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import MosquittoBroker
+from tests.gatewayd.notify import NotifySocket
 from tests.processes import command_line, descendants, kill_and_wait
 
 
@@ -38,3 +40,11 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    """A systemd-notify receiver in `tmp_path` for the daemon a test starts."""
+    sock = NotifySocket(tmp_path)
+    yield sock
+    sock.close()

@@ -9,7 +9,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,13 +39,6 @@ class DaemonProcess(GatewayProcess):
 
     def write_config(self, *, log_level: str, extra: str = "") -> None:
         self.config.write_text(BASE_CONFIG.format(log_level=log_level) + extra)
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path)
-    yield sock
-    sock.close()
 
 
 def http_port(daemon: DaemonProcess) -> int:

@@ -39,13 +39,6 @@ enabled = false
 """
 
 
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path)
-    yield sock
-    sock.close()
-
-
 class Daemon(GatewayProcess):
     def __init__(self, tmp_path: Path, notify: NotifySocket, drain: str = "60s") -> None:
         super().__init__(tmp_path / "gatewayd.toml", notify)
