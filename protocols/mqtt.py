@@ -1349,9 +1349,7 @@ class MqttBridge:
             if client is None:
                 continue
             try:
-                await client.publish(
-                    item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
-                )
+                await self._publish_until_lost(client, item)
             except aiomqtt.MqttError as exc:
                 # Lost the connection mid-publish: publish again after the reconnect.
                 self._count("publish_retries")
@@ -1378,6 +1376,28 @@ class MqttBridge:
             MQTT_PUBLISHED.inc()
             item.delivered()
             return
+
+    async def _publish_until_lost(self, client: ManualAckClient, item: _Outbound) -> None:
+        """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
+        QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
+        connection died, and the reply should go out on the next connection at once."""
+        publish = asyncio.ensure_future(
+            client.publish(
+                item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
+            )
+        )
+        lost = client.disconnected
+        if lost.done():
+            publish.cancel()
+            raise aiomqtt.MqttError("the replies' connection was lost")
+        await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if publish.done():
+            publish.result()
+            return
+        publish.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await publish
+        raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
 
     # ----------------------------------------------------------------- helpers
 

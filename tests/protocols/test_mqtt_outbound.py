@@ -5,6 +5,8 @@ the only drops are those of a route that asked for them (`on_overflow = "drop_ol
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import aiomqtt
@@ -118,4 +120,29 @@ async def test_drop_oldest_route_drops_counts_and_reports_its_oldest_replies(
     mosquitto.start()
     await bridge.wait_connected(timeout_s=10)
     await wait_until(lambda: len(delivered) == 30, 10, "the rest to be published")
+    await bridge.stop()
+
+
+async def test_a_reply_caught_by_a_dying_connection_goes_out_on_the_next_one_at_once(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    # aiomqtt keeps a QoS 1 publish waiting for its PUBACK until the publish timeout even after
+    # the connection died; the bridge must instead republish as soon as it has a new one.
+    handler = await handler_factory()
+    bridge = MqttBridge(settings_for(mosquitto, publish_timeout_s=120.0), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    outbound = bridge._outbound_connection
+    await wait_until(lambda: outbound.client is not None, 5, "the replies' connection")
+    assert mosquitto._process is not None
+    os.kill(mosquitto._process.pid, signal.SIGSTOP)  # takes the PUBLISH, never answers it
+    delivered = asyncio.get_running_loop().create_future()
+    bridge.send_tracked(
+        OutputAddress("mqtt", "devices/7/cmd", 1), 1, b"late", lambda seq: delivered.set_result(seq)
+    )
+    await wait_until(lambda: bridge._publishing == 1, 5, "the publish to be in flight")
+    mosquitto.kill()  # its sockets close: the bridge sees the connection end
+    mosquitto.start()
+    async with asyncio.timeout(30):  # well under the 120 s publish timeout
+        assert await delivered == 1
     await bridge.stop()
