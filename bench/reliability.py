@@ -92,6 +92,7 @@ AGENT_CLASS = "rel"
 TARGET_RSS_SLOPE_MB_PER_10MIN = 1.0
 TICK_S = 0.01
 RECONNECT_S = 0.2
+PUSH_WAIT_S = 30.0  # after the stop, how long a TCP device waits for the pushes it is owed
 PUBLISH_TIMEOUT_S = 60.0
 
 GATEWAY_CONFIG = """
@@ -290,15 +291,29 @@ class TcpDevice:
         self.unacked: dict[int, bytes] = {}
         self.progress = asyncio.Event()
         self.connects = 0
+        # Frames ACKed whose PUSH has not arrived yet: the agent pushes one per applied frame,
+        # after the same commit as the ACK, so it may come just after the device's last ACK.
+        # A device that hung up then would leave it in the gateway's outbox (sent on the next
+        # connection), which the verdict would count as a dropped reply.
+        self.awaiting_push: set[bytes] = set()
+        self.push_wait_until = 0.0
+
+    def done(self, stop: asyncio.Event) -> bool:
+        """Stopped, nothing unACKed, and every push received (or PUSH_WAIT_S after the stop)."""
+        if not stop.is_set() or self.unacked:
+            return False
+        if not self.push_wait_until:
+            self.push_wait_until = time.monotonic() + PUSH_WAIT_S
+        return not self.awaiting_push or time.monotonic() > self.push_wait_until
 
     def body(self, seq: int) -> bytes:
         return f"t:{self.index}:{seq}".encode()
 
     async def run(self, pacer: Pacer, stop: asyncio.Event) -> None:
-        while not (stop.is_set() and not self.unacked):
+        while not self.done(stop):
             with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
                 await self._session(pacer, stop)  # (TimeoutError is an OSError)
-            if not (stop.is_set() and not self.unacked):
+            if not self.done(stop):
                 await asyncio.sleep(RECONNECT_S)
 
     async def _session(self, pacer: Pacer, stop: asyncio.Event) -> None:
@@ -322,7 +337,7 @@ class TcpDevice:
             reading = asyncio.create_task(self._read(reader, writer, decoder))
             try:
                 while not reading.done():
-                    if stop.is_set() and not self.unacked:
+                    if self.done(stop):
                         writer.write(encode(Close(1000, "bench done")))
                         return
                     if stop.is_set() or len(self.unacked) >= self.window:
@@ -356,9 +371,13 @@ class TcpDevice:
                     body = self.unacked.pop(frame.seq, None)
                     if body is not None:
                         self.ledger.acked["tcp"].add(body)
+                        if body not in self.ledger.replies["tcp"]:
+                            self.awaiting_push.add(body)
                     self.progress.set()
                 elif isinstance(frame, Push):
                     self.ledger.replies["tcp"].add(bytes(frame.payload))
+                    self.awaiting_push.discard(bytes(frame.payload))
+                    self.progress.set()
                     writer.write(encode(Ack(frame.seq)))
                 elif isinstance(frame, Ping):
                     writer.write(encode(Pong(frame.seq)))
