@@ -42,14 +42,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount_point = tmp_path / "state"
     mount_point.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.skip(
+            "a real full disk needs a small tmpfs, and mounting one needs root "
+            "(CI and scripts/test run as root here); run the suite as root to include it"
+        )
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m", "tmpfs", str(mount_point)],
         capture_output=True,
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"mount -t tmpfs is not permitted here: {mounted.stderr.strip()}")
+        pytest.skip(
+            "a real full disk needs a small tmpfs, and this machine refused the mount "
+            f"(a container without CAP_SYS_ADMIN?): {mounted.stderr.strip()}"
+        )
     try:
         yield mount_point
     finally:
