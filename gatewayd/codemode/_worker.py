@@ -1,0 +1,169 @@
+"""A Code Mode sandbox worker process: runs one program at a time in a fresh V8 context.
+
+Started by the host (`pool.py`) as `python -I -m gatewayd.codemode._worker`. It reads messages
+on stdin and writes them on the file descriptor that was stdout (stdout itself is pointed at
+stderr, so nothing V8 or Python prints can corrupt the protocol). Messages (`_wire.py`):
+
+    host -> worker   config {heap_bytes, memory_bytes, max_log_chars, max_log_lines,
+                             max_result_chars}             once, first
+                     run {code, tools: [js names]}          one at a time
+                     result {id, ok, text}                  the answer to a tool call
+    worker -> host   ready {pid}                            after config, and after each run
+                     call {id, tool, input}                 `await codemode.<tool>(input)`
+                     log {level, text}                      console.*
+                     done {outcome}                         "ok:<json>", "error:<message>",
+                                                            "limit-<kind>:<message>"
+
+The worker enforces what V8 can: the heap limit (V8's hard memory limit), and memory outside
+the JS heap (array buffers, wasm) with RLIMIT_DATA. Time limits are the host's: a program stuck
+in a loop may block this process entirely, so the host kills it. Each context is prepared before
+the run that uses it (so a run does not wait for V8 start-up) and closed right after it.
+
+Imports only the standard library, `py_mini_racer` and `_wire` (never the rest of gatewayd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from gatewayd.codemode import _wire
+
+HARNESS_SOURCE = (Path(__file__).parent / "harness.js").read_text()
+MAX_INBOUND_BYTES = 64 << 20
+
+
+def _data_segment_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    match = re.search(r"^VmData:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _limit_process(memory_bytes: int) -> None:
+    """Cap memory outside the V8 heap, and forbid files and core dumps. Called once V8 has
+    reserved its address ranges (the first context), so the cap counts what programs add."""
+    limit = _data_segment_bytes() + memory_bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+class _Context:
+    """One V8 context with the harness compiled and the notification function wrapped."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._stack = contextlib.AsyncExitStack()
+        self.make: Any = None
+        self.notify: Any = None
+        self.racer: Any = None
+
+    async def open(self, heap_bytes: int) -> None:
+        from py_mini_racer import mini_racer
+
+        self.racer = self._stack.enter_context(mini_racer(asyncio.get_running_loop()))
+        self.racer.set_hard_memory_limit(heap_bytes)
+        self.notify = await self._stack.enter_async_context(
+            self.racer.wrap_py_function(self._worker.on_notify)
+        )
+        self.make = self.racer.eval(HARNESS_SOURCE)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+class Worker:
+    def __init__(self, reader: asyncio.StreamReader, out_fd: int) -> None:
+        self._reader = reader
+        self._out_fd = out_fd
+        self._config: dict[str, Any] = {}
+        self._settle: Any = None
+        self._next: asyncio.Task[_Context] | None = None
+        self._run: asyncio.Task[None] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = _wire.encode(message)
+        view = memoryview(data)
+        while view:  # blocking writes: the host always reads, and order must be kept
+            written = os.write(self._out_fd, view)
+            view = view[written:]
+
+    async def on_notify(self, kind: Any, *args: Any) -> None:
+        if kind == "call":
+            call_id, tool, text = args
+            self.send({"type": "call", "id": int(call_id), "tool": str(tool), "input": str(text)})
+        elif kind == "log":
+            level, text = args
+            self.send({"type": "log", "level": str(level), "text": str(text)})
+
+    async def _prepare(self) -> _Context:
+        context = _Context(self)
+        await context.open(int(self._config["heap_bytes"]))
+        return context
+
+    async def serve(self) -> None:
+        while True:
+            message = await _wire.read_message(self._reader, MAX_INBOUND_BYTES)
+            if message is None:
+                return
+            kind = message["type"]
+            if kind == "config":
+                self._config = message
+                first = await self._prepare()  # reserves V8's ranges before the data cap
+                _limit_process(int(message["memory_bytes"]))
+                self._next = asyncio.get_running_loop().create_task(asyncio.sleep(0, first))
+                self.send({"type": "ready", "pid": os.getpid()})
+            elif kind == "run":
+                self._run = asyncio.get_running_loop().create_task(self._execute(message))
+            elif kind == "result" and self._settle is not None:
+                self._settle(int(message["id"]), bool(message["ok"]), str(message["text"]))
+
+    async def _execute(self, message: dict[str, Any]) -> None:
+        assert self._next is not None
+        context = await self._next
+        config = self._config
+        try:
+            start, self._settle = context.make(
+                context.notify,
+                list(message["tools"]),
+                int(config["max_log_chars"]),
+                int(config["max_log_lines"]),
+                int(config["max_result_chars"]),
+            )
+            outcome = await start(str(message["code"]))
+        except Exception as exc:  # py_mini_racer's JSOOMException, JSEvalException, ...
+            outcome = _describe_failure(exc, context)
+        self._settle = None
+        self.send({"type": "done", "outcome": str(outcome)})
+        with contextlib.suppress(Exception):
+            await context.close()
+        self._next = asyncio.get_running_loop().create_task(self._prepare())
+        await self._next
+        self.send({"type": "ready", "pid": os.getpid()})
+
+
+def _describe_failure(exc: Exception, context: _Context) -> str:
+    from py_mini_racer import JSOOMException
+
+    if isinstance(exc, JSOOMException) or context.racer.was_hard_memory_limit_reached():
+        return "limit-heap:the program used more than its JavaScript heap limit"
+    return f"error:{exc}"
+
+
+async def _main() -> None:
+    out_fd = os.dup(1)  # the protocol's channel; stdout itself becomes stderr
+    os.dup2(2, 1)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_INBOUND_BYTES)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await Worker(reader, out_fd).serve()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
