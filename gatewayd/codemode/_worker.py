@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import resource
@@ -55,24 +56,36 @@ def _limit_process(memory_bytes: int) -> None:
 
 
 class _Context:
-    """One V8 context with the harness compiled and the notification function wrapped."""
+    """One V8 context with the harness installed, used for exactly one run."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         self._stack = contextlib.AsyncExitStack()
-        self.make: Any = None
-        self.notify: Any = None
         self.racer: Any = None
 
-    async def open(self, heap_bytes: int) -> None:
+    async def open(self, config: dict[str, Any]) -> None:
         from py_mini_racer import mini_racer
 
         self.racer = self._stack.enter_context(mini_racer(asyncio.get_running_loop()))
-        self.racer.set_hard_memory_limit(heap_bytes)
-        self.notify = await self._stack.enter_async_context(
+        self.racer.set_hard_memory_limit(int(config["heap_bytes"]))
+        notify = await self._stack.enter_async_context(
             self.racer.wrap_py_function(self._worker.on_notify)
         )
-        self.make = self.racer.eval(HARNESS_SOURCE)
+        install = self.racer.eval(HARNESS_SOURCE)
+        install(
+            notify,
+            int(config["max_log_chars"]),
+            int(config["max_log_lines"]),
+            int(config["max_result_chars"]),
+        )
+
+    def evaluate(self, expression: str) -> str | None:
+        """Evaluate `expression`; None, or the outcome when V8 stopped it (a limit)."""
+        try:
+            self.racer.eval(expression)
+        except Exception as exc:  # py_mini_racer's JSOOMException, JSEvalException, ...
+            return _describe_failure(exc, self)
+        return None
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -83,8 +96,9 @@ class Worker:
         self._reader = reader
         self._out_fd = out_fd
         self._config: dict[str, Any] = {}
-        self._settle: Any = None
         self._next: asyncio.Task[_Context] | None = None
+        self._current: _Context | None = None
+        self._done: asyncio.Future[str] | None = None
         self._run: asyncio.Task[None] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
@@ -101,10 +115,16 @@ class Worker:
         elif kind == "log":
             level, text = args
             self.send({"type": "log", "level": str(level), "text": str(text)})
+        elif kind == "done":
+            self._finish(str(args[0]))
+
+    def _finish(self, outcome: str) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(outcome)
 
     async def _prepare(self) -> _Context:
         context = _Context(self)
-        await context.open(int(self._config["heap_bytes"]))
+        await context.open(self._config)
         return context
 
     async def serve(self) -> None:
@@ -121,26 +141,25 @@ class Worker:
                 self.send({"type": "ready", "pid": os.getpid()})
             elif kind == "run":
                 self._run = asyncio.get_running_loop().create_task(self._execute(message))
-            elif kind == "result" and self._settle is not None:
-                self._settle(int(message["id"]), bool(message["ok"]), str(message["text"]))
+            elif kind == "result" and self._current is not None:
+                args = f"{int(message['id'])},{'true' if message['ok'] else 'false'}"
+                stopped = self._current.evaluate(
+                    f"__codemode_settle({args},{json.dumps(str(message['text']))})"
+                )
+                if stopped is not None:
+                    self._finish(stopped)
 
     async def _execute(self, message: dict[str, Any]) -> None:
         assert self._next is not None
-        context = await self._next
-        config = self._config
-        try:
-            start, self._settle = context.make(
-                context.notify,
-                list(message["tools"]),
-                int(config["max_log_chars"]),
-                int(config["max_log_lines"]),
-                int(config["max_result_chars"]),
-            )
-            outcome = await start(str(message["code"]))
-        except Exception as exc:  # py_mini_racer's JSOOMException, JSEvalException, ...
-            outcome = _describe_failure(exc, context)
-        self._settle = None
-        self.send({"type": "done", "outcome": str(outcome)})
+        context = self._current = await self._next
+        self._done = asyncio.get_running_loop().create_future()
+        tools = json.dumps([str(name) for name in message["tools"]])
+        stopped = context.evaluate(f"__codemode_start({tools},{json.dumps(str(message['code']))})")
+        if stopped is not None:
+            self._finish(stopped)
+        outcome = await self._done
+        self._current = None
+        self.send({"type": "done", "outcome": outcome})
         with contextlib.suppress(Exception):
             await context.close()
         self._next = asyncio.get_running_loop().create_task(self._prepare())
@@ -153,7 +172,7 @@ def _describe_failure(exc: Exception, context: _Context) -> str:
 
     if isinstance(exc, JSOOMException) or context.racer.was_hard_memory_limit_reached():
         return "limit-heap:the program used more than its JavaScript heap limit"
-    return f"error:{exc}"
+    return f"error:{type(exc).__name__}: {exc}"
 
 
 async def _main() -> None:

@@ -1,9 +1,12 @@
 // The per-run harness of a Code Mode sandbox, evaluated first in each fresh V8 context.
 // It captures the intrinsics it needs before any program runs, so a program that tampers with
 // JSON, Promise or Object.prototype breaks only itself; host-side checks never trust it.
-// It evaluates to a function that the worker calls once with the host notification function
-// and the run's settings, and which returns [start, settle].
-(function (notify, jsNames, maxLogChars, maxLogLines, maxResultChars) {
+// It evaluates to a function that the worker calls once, with the host notification function
+// and the limits, when it prepares the context. That defines two globals the worker evaluates:
+// __codemode_start(toolNames, source), once, which reports how the program ended with
+// notify("done", outcome), and __codemode_settle(id, ok, text), which answers a tool call.
+// A program can see and call them; that only lets it lie to itself.
+(function (notify, maxLogChars, maxLogLines, maxResultChars) {
   "use strict";
   const stringify = JSON.stringify;
   const parse = JSON.parse;
@@ -12,6 +15,8 @@
   const create = Object.create;
   const hasOwn = Object.hasOwn;
   const PromiseCtor = Promise;
+  const promiseThen = Promise.prototype.then;
+  const apply = Reflect.apply;
   const ErrorCtor = Error;
   const TypeErrorCtor = TypeError;
   const StringCtor = String;
@@ -76,26 +81,6 @@
     });
   }
 
-  const api = create(null);
-  for (const name of jsNames) {
-    const fn = function (input) { return callTool(name, input); };
-    defineProperty(fn, "name", { value: name });
-    api[name] = freeze(fn);
-  }
-  freeze(api);
-  const known = jsNames.join(", ") || "none";
-  const codemode = new Proxy(api, {
-    get(target, key) {
-      if (typeof key !== "string" || key === "then" || hasOwn(target, key)) return target[key];
-      throw new TypeErrorCtor("codemode." + key + " is not a tool here; the tools are: " + known);
-    },
-    set() { return false; },
-    defineProperty() { return false; },
-    deleteProperty() { return false; },
-    setPrototypeOf() { return false; },
-  });
-  defineProperty(globalThis, "codemode", { value: codemode, writable: false, configurable: false });
-
   function settle(id, ok, text) {
     const entry = pending[id];
     if (entry === undefined) return;
@@ -109,13 +94,36 @@
     }
   }
 
+  const split = String.prototype.split;
+  const exec = RegExp.prototype.exec;
+  const programFrame = /^\s*at (.*?) ?\(?eval at compile \(.*\), <anonymous>:(\d+):(\d+)\)$/;
+  let lineOffset = 0; // lines the compiled wrapper adds before the program's first line
+
+  // "Name: message" and the program's own frames ("at f (line 3:14)"), without the harness's.
   function describe(e) {
     try {
-      if (e instanceof ErrorCtor) {
-        const stack = typeof e.stack === "string" ? e.stack : "";
-        return stack || (StringCtor(e.name) + ": " + StringCtor(e.message));
+      if (!(e instanceof ErrorCtor)) return "Uncaught " + formatArg(e);
+      let text = StringCtor(e.name) + ": " + StringCtor(e.message);
+      if (e.name === "ToolError" || typeof e.stack !== "string") return text;
+      const lines = apply(split, e.stack, ["\n"]);
+      let previous = "";
+      let repeats = 0;
+      for (let i = 1; i < lines.length && i < 12; i++) {
+        const match = apply(exec, programFrame, [lines[i]]);
+        if (match === null) continue;
+        const where = "line " + (match[2] - lineOffset) + ":" + match[3];
+        const frame = "\n    at " + (match[1] === "eval" ? where : match[1] + " (" + where + ")");
+        if (frame === previous) {
+          repeats += 1;
+          continue;
+        }
+        if (repeats) text += " (and " + repeats + " more times)";
+        text += frame;
+        previous = frame;
+        repeats = 0;
       }
-      return "Uncaught " + formatArg(e);
+      if (repeats) text += " (and " + repeats + " more times)";
+      return text;
     } catch (inner) {
       return "an error that cannot be described";
     }
@@ -132,10 +140,35 @@
       }
       if (typeof candidate === "function") return candidate;
     }
+    lineOffset = 2; // "(async function anonymous(\n) {\n"
     return new AsyncFunction(source);
   }
 
-  async function start(source) {
+  function bindTools(jsNames) {
+    const api = create(null);
+    for (const name of jsNames) {
+      const fn = function (input) { return callTool(name, input); };
+      defineProperty(fn, "name", { value: name });
+      api[name] = freeze(fn);
+    }
+    freeze(api);
+    const known = jsNames.join(", ") || "none";
+    const codemode = new Proxy(api, {
+      get(target, key) {
+        if (typeof key !== "string" || key === "then" || hasOwn(target, key)) return target[key];
+        throw new TypeErrorCtor("codemode." + key + " is not a tool here; the tools are: " + known);
+      },
+      set() { return false; },
+      defineProperty() { return false; },
+      deleteProperty() { return false; },
+      setPrototypeOf() { return false; },
+    });
+    defineProperty(globalThis, "codemode", { value: codemode, writable: false, configurable: false });
+  }
+
+  let started = false;
+
+  async function run(source) {
     let value;
     try {
       value = await compile(source)();
@@ -156,5 +189,22 @@
     return "ok:" + text;
   }
 
-  return [start, settle];
+  function start(jsNames, source) {
+    if (started) return;
+    started = true;
+    bindTools(jsNames);
+    apply(promiseThen, run(source), [
+      function (outcome) { notify("done", outcome); },
+      function (e) { notify("done", "error:" + describe(e)); },
+    ]);
+  }
+
+  // The host notification (mini-racer's wrapper) uses Promise.withResolvers at each call: a
+  // program that could replace it would cut its own line to the host and hang until killed.
+  freeze(PromiseCtor);
+  freeze(PromiseCtor.prototype);
+
+  const fixed = { writable: false, enumerable: false, configurable: false };
+  defineProperty(globalThis, "__codemode_start", { value: start, ...fixed });
+  defineProperty(globalThis, "__codemode_settle", { value: settle, ...fixed });
 })
