@@ -14,9 +14,11 @@ library, `py_mini_racer` and `_wire`.
 """
 
 from gatewayd.codemode.bindings import Approve, ToolCall, js_name
+from gatewayd.codemode.code_tool import code_tool
 from gatewayd.codemode.executor import CodeExecutor, RunResult
 from gatewayd.codemode.limits import CodeModeError, Limits
 from gatewayd.codemode.process import LogLine
+from gatewayd.codemode.typed_api import render_api
 
 __all__ = [
     "Approve",
@@ -26,5 +28,7 @@ __all__ = [
     "LogLine",
     "RunResult",
     "ToolCall",
+    "code_tool",
     "js_name",
+    "render_api",
 ]

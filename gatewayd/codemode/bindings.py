@@ -10,21 +10,25 @@ the tool, which the program sees as a rejected promise (a `ToolError`).
 from __future__ import annotations
 
 import json
-import keyword
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.codemode.process import RunClock
 from gatewayd.tools import Tool, ToolError, ToolInputError
 
 # JavaScript reserved words (and strict-mode ones): a tool named like one gets a "_" suffix.
-JS_RESERVED = frozenset(
-    """await break case catch class const continue debugger default delete do else enum export
-    extends false finally for function if implements import in instanceof interface let new null
-    package private protected public return static super switch this throw true try typeof var
-    void while with yield arguments eval undefined NaN Infinity""".split()
-)
+# fmt: off
+JS_RESERVED = frozenset((
+    "await", "break", "case", "catch", "class", "const", "continue", "debugger", "default",
+    "delete", "do", "else", "enum", "export", "extends", "false", "finally", "for", "function",
+    "if", "implements", "import", "in", "instanceof", "interface", "let", "new", "null",
+    "package", "private", "protected", "public", "return", "static", "super", "switch", "this",
+    "throw", "true", "try", "typeof", "var", "void", "while", "with", "yield", "arguments",
+    "eval", "undefined", "NaN", "Infinity",
+))
+# fmt: on
 _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_$]")
 
 
@@ -45,7 +49,7 @@ def js_name(name: str) -> str:
     ident = _NOT_IDENTIFIER.sub("_", name) or "_"
     if ident[0].isdigit():
         ident = "_" + ident
-    if ident in JS_RESERVED or keyword.iskeyword(ident):
+    if ident in JS_RESERVED:
         ident += "_"
     return ident
 
@@ -72,7 +76,7 @@ class Caller:
         self._approve = approve
         self._validators: dict[str, Callable[[Mapping[str, Any]], None]] = {}
 
-    async def __call__(self, name: str, input_json: str) -> tuple[bool, str]:
+    async def __call__(self, name: str, input_json: str, clock: RunClock) -> tuple[bool, str]:
         tool = self._tools.get(name)
         if tool is None:
             return False, f"codemode.{name}: no such tool in this run"
@@ -89,7 +93,9 @@ class Caller:
         if tool.approval_required(args):
             if self._approve is None:
                 return False, f"{tool.name} needs a person's approval, and none can be asked here"
-            if not await self._approve(ToolCall(tool, args)):
+            with clock.paused():
+                approved = await self._approve(ToolCall(tool, args))
+            if not approved:
                 return False, f"{tool.name}: the call was denied by the person approving it"
         try:
             value = await tool.invoke(args)

@@ -12,8 +12,9 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,11 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _WIRE_SLACK_BYTES = 64 * 1024
 
 # A JS error whose message says V8 refused memory: the program met `memory_bytes`.
-_MEMORY_ERRORS = ("Array buffer allocation failed", "Unable to grow instance memory", "Out of memory")
+_MEMORY_ERRORS = (
+    "Array buffer allocation failed",
+    "Unable to grow instance memory",
+    "Out of memory",
+)
 _STACK_ERRORS = ("Maximum call stack size exceeded",)
 
 
@@ -55,8 +60,45 @@ class Outcome:
         return self.limit is not None
 
 
-# Answers one tool call: (js name, input JSON text) -> (ok, JSON text or error message).
-CallHandler = Callable[[str, str], Awaitable[tuple[bool, str]]]
+class RunClock:
+    """A run's wall-clock budget, which stops while someone is asked to approve a tool call:
+    a person's answer may take minutes, and the program is not running meanwhile."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+        self._start = time.monotonic()
+        self._paused_s = 0.0
+        self._pausing = 0
+        self._pause_start = 0.0
+
+    def used_s(self) -> float:
+        now = time.monotonic()
+        current = now - self._pause_start if self._pausing else 0.0
+        return now - self._start - self._paused_s - current
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self._pausing == 0:
+            self._pause_start = time.monotonic()
+        self._pausing += 1
+        try:
+            yield
+        finally:
+            self._pausing -= 1
+            if self._pausing == 0:
+                self._paused_s += time.monotonic() - self._pause_start
+
+    async def expired(self) -> None:
+        """Returns once the budget is spent (never while paused)."""
+        while True:
+            remaining = self.budget_s - self.used_s()
+            if remaining <= 0 and not self._pausing:
+                return
+            await asyncio.sleep(max(remaining, CPU_POLL_S))
+
+
+# Answers one tool call: (js name, input JSON text, the run's clock) -> (ok, JSON or message).
+CallHandler = Callable[[str, str, RunClock], Awaitable[tuple[bool, str]]]
 
 
 def _worker_env() -> dict[str, str]:
@@ -136,18 +178,16 @@ class WorkerProcess:
         outcome = Outcome(ok=False)
         calls: set[asyncio.Task[None]] = set()
         gate = asyncio.Semaphore(self.limits.max_concurrent_tool_calls)
-        cpu_start = _cpu_seconds(self._proc.pid)
-        cpu_watch = asyncio.create_task(self._watch_cpu(cpu_start))
+        clock = RunClock(self.limits.wall_time_s)
+        watches = [
+            asyncio.create_task(self._watch_cpu(_cpu_seconds(self._proc.pid)), name="cpu_time"),
+            asyncio.create_task(clock.expired(), name="wall_time"),
+        ]
         self._send({"type": "run", "code": code, "tools": tools})
         try:
-            async with asyncio.timeout(self.limits.wall_time_s):
-                await self._converse(outcome, calls, gate, on_call, cpu_watch)
-        except TimeoutError:
-            self._fail(outcome, "wall_time", "the program ran past its wall-clock limit of "
-                       f"{self.limits.wall_time_s:g} s and was stopped")  # fmt: skip
+            await self._converse(outcome, calls, gate, lambda n, i: on_call(n, i, clock), watches)
         finally:
-            cpu_watch.cancel()
-            for task in calls:
+            for task in [*watches, *calls]:
                 task.cancel()
         if outcome.worker_must_go:
             await self.kill()
@@ -158,17 +198,16 @@ class WorkerProcess:
         outcome: Outcome,
         calls: set[asyncio.Task[None]],
         gate: asyncio.Semaphore,
-        on_call: CallHandler,
-        cpu_watch: asyncio.Task[None],
+        on_call: Callable[[str, str], Awaitable[tuple[bool, str]]],
+        watches: list[asyncio.Task[None]],
     ) -> None:
         inbox_get: asyncio.Task[dict[str, Any] | None] | None = None
         try:
             while True:
                 inbox_get = asyncio.create_task(self._inbox.get())
-                await asyncio.wait({inbox_get, cpu_watch}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({inbox_get, *watches}, return_when=asyncio.FIRST_COMPLETED)
                 if not inbox_get.done():
-                    self._fail(outcome, "cpu_time", "the program used more than its CPU time "
-                               f"limit of {self.limits.cpu_time_s:g} s and was stopped")  # fmt: skip
+                    self._fail_on_watch(outcome, watches)
                     return
                 message = inbox_get.result()
                 if message is None:
@@ -194,15 +233,29 @@ class WorkerProcess:
             if inbox_get is not None and not inbox_get.done():
                 inbox_get.cancel()
 
+    def _fail_on_watch(self, outcome: Outcome, watches: list[asyncio.Task[None]]) -> None:
+        if watches[0].done():
+            self._fail(outcome, "cpu_time", "the program used more than its CPU time limit of "
+                       f"{self.limits.cpu_time_s:g} s and was stopped")  # fmt: skip
+        else:
+            self._fail(outcome, "wall_time", "the program ran past its wall-clock limit of "
+                       f"{self.limits.wall_time_s:g} s and was stopped")  # fmt: skip
+
     async def _answer(
-        self, message: dict[str, Any], gate: asyncio.Semaphore, on_call: CallHandler
+        self,
+        message: dict[str, Any],
+        gate: asyncio.Semaphore,
+        on_call: Callable[[str, str], Awaitable[tuple[bool, str]]],
     ) -> None:
         async with gate:
             ok, text = await on_call(str(message["tool"]), str(message["input"]))
         if ok and len(text) > self.limits.max_tool_result_chars:
-            ok, text = False, (
-                f"codemode.{message['tool']}: the result is {len(text)} characters of JSON, "
-                f"over the limit of {self.limits.max_tool_result_chars}"
+            ok, text = (
+                False,
+                (
+                    f"codemode.{message['tool']}: the result is {len(text)} characters of JSON, "
+                    f"over the limit of {self.limits.max_tool_result_chars}"
+                ),
             )
         if self.alive:
             self._send({"type": "result", "id": message["id"], "ok": ok, "text": text})
@@ -299,4 +352,3 @@ class WorkerProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), 1.0)
         await self.kill()
-
