@@ -5,7 +5,7 @@ on stdin and writes them on the file descriptor that was stdout (stdout itself i
 stderr, so nothing V8 or Python prints can corrupt the protocol). Messages (`_wire.py`):
 
     host -> worker   config {heap_bytes, memory_bytes, max_log_chars, max_log_lines,
-                             max_result_chars}             once, first
+                             max_result_chars, max_tool_input_chars}   once, first
                      run {code, tools: [js names]}          one at a time
                      result {id, ok, text}                  the answer to a tool call
     worker -> host   ready {pid}                            after config, and after each run
@@ -77,6 +77,7 @@ class _Context:
             int(config["max_log_chars"]),
             int(config["max_log_lines"]),
             int(config["max_result_chars"]),
+            int(config["max_tool_input_chars"]),
         )
 
     def evaluate(self, expression: str) -> str | None:

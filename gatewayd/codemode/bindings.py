@@ -9,6 +9,7 @@ the tool, which the program sees as a rejected promise (a `ToolError`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -89,7 +90,7 @@ class Caller:
         try:
             args = self._check(tool, args)
         except ToolInputError as exc:
-            return False, str(exc)
+            return False, _named(tool, exc)
         if tool.approval_required(args):
             if self._approve is None:
                 return False, f"{tool.name} needs a person's approval, and none can be asked here"
@@ -98,9 +99,11 @@ class Caller:
             if not approved:
                 return False, f"{tool.name}: the call was denied by the person approving it"
         try:
-            value = await tool.invoke(args)
+            value = tool.fn(**args)  # Tool.invoke without its check: `args` are checked
+            if inspect.isawaitable(value):
+                value = await value
         except ToolError as exc:
-            return False, f"{tool.name}: {exc}"
+            return False, _named(tool, exc)
         except Exception as exc:
             return False, f"{tool.name} failed: {type(exc).__name__}: {exc}"
         try:
@@ -116,6 +119,11 @@ class Caller:
             validator = self._validators[tool.name] = schema_validator(tool)
         validator(args)
         return args
+
+
+def _named(tool: Tool, exc: Exception) -> str:
+    text = str(exc)
+    return text if text.startswith(tool.name) else f"{tool.name}: {text}"
 
 
 def schema_validator(tool: Tool) -> Callable[[Mapping[str, Any]], None]:

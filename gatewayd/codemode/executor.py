@@ -41,6 +41,7 @@ class RunResult:
     logs: list[LogLine] = field(default_factory=list)
     tool_calls: int = 0
     elapsed_s: float = 0.0
+    worker_pid: int | None = None  # the process that ran it (tests check replacement)
 
     def for_model(self) -> dict[str, Any]:
         """What a model is shown: the result or the error, and the logs."""
@@ -109,6 +110,7 @@ class CodeExecutor:
             )  # fmt: skip
         bound = bind(tools)
         worker = await self._acquire()
+        pid = worker.pid
         try:
             outcome = await worker.run(code, list(bound), Caller(bound, approve))
         except BaseException:
@@ -120,7 +122,7 @@ class CodeExecutor:
             self._after_run(worker)
         result = RunResult(
             ok=outcome.ok, error=outcome.error, limit=outcome.limit, logs=outcome.logs,
-            tool_calls=outcome.tool_calls,
+            tool_calls=outcome.tool_calls, worker_pid=pid,
         )  # fmt: skip
         if outcome.ok and outcome.result_json:
             result.result = json.loads(outcome.result_json)

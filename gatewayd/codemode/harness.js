@@ -6,7 +6,7 @@
 // __codemode_start(toolNames, source), once, which reports how the program ended with
 // notify("done", outcome), and __codemode_settle(id, ok, text), which answers a tool call.
 // A program can see and call them; that only lets it lie to itself.
-(function (notify, maxLogChars, maxLogLines, maxResultChars) {
+(function (notify, maxLogChars, maxLogLines, maxResultChars, maxInputChars) {
   "use strict";
   const stringify = JSON.stringify;
   const parse = JSON.parse;
@@ -73,6 +73,11 @@
     if (typeof text !== "string") {
       return PromiseCtor.reject(new TypeErrorCtor(
         "codemode." + name + "(input): the input must be a JSON object"));
+    }
+    if (text.length > maxInputChars) {
+      return PromiseCtor.reject(new RangeError(
+        "codemode." + name + "(input): the input is " + text.length +
+        " characters of JSON, over the limit of " + maxInputChars));
     }
     return new PromiseCtor(function (resolve, reject) {
       const id = nextCallId++;

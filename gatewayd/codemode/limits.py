@@ -17,6 +17,7 @@ class Limits:
     memory_bytes: int = 256 * MiB  # array buffers, wasm memory: everything outside the heap
     max_code_chars: int = 100_000
     max_result_chars: int = 100_000  # the program's return value, as JSON
+    max_tool_input_chars: int = 100_000  # one tool call's input, as JSON, out of the sandbox
     max_tool_result_chars: int = 1_000_000  # one tool's result, as JSON, into the sandbox
     max_log_lines: int = 200
     max_log_chars: int = 20_000

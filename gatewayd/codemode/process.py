@@ -123,7 +123,7 @@ class WorkerProcess:
         self._stderr: deque[bytes] = deque()
         self._tasks: list[asyncio.Task[None]] = []
         self._max_inbound = (
-            max(limits.max_result_chars, limits.max_log_chars, limits.max_tool_result_chars) * 4
+            max(limits.max_result_chars, limits.max_log_chars, limits.max_tool_input_chars) * 8
             + _WIRE_SLACK_BYTES
         )
 
@@ -151,6 +151,7 @@ class WorkerProcess:
             "type": "config", "heap_bytes": limits.heap_bytes, "memory_bytes": limits.memory_bytes,
             "max_log_chars": limits.max_log_chars, "max_log_lines": limits.max_log_lines,
             "max_result_chars": limits.max_result_chars,
+            "max_tool_input_chars": limits.max_tool_input_chars,
         })  # fmt: skip
         try:
             await asyncio.wait_for(self.wait_ready(), START_TIMEOUT_S)
