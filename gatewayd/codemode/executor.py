@@ -63,6 +63,7 @@ class CodeExecutor:
         self.limits = limits or Limits()
         self._size = workers
         self._idle: list[WorkerProcess] = []
+        self._workers: set[WorkerProcess] = set()  # every started worker not yet killed
         self._live = 0  # idle + busy + starting
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
@@ -94,7 +95,8 @@ class CodeExecutor:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [w.pid for w in self._idle if w.pid is not None]
+        """The process ids of the live workers, idle or busy."""
+        return sorted(w.pid for w in self._workers if w.pid is not None and w.alive)
 
     async def run(
         self, code: str, tools: Sequence[Tool] = (), *, approve: Approve | None = None
@@ -136,13 +138,19 @@ class CodeExecutor:
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        idle, self._idle = self._idle, []
-        await asyncio.gather(*(worker.close() for worker in idle))
+        self._idle = []
+        workers, self._workers = list(self._workers), set()
+        await asyncio.gather(*(worker.close() for worker in workers))
         self._live = 0
 
     async def _spawn(self) -> WorkerProcess:
         worker = WorkerProcess(self.limits)
-        await worker.start()
+        self._workers.add(worker)
+        try:
+            await worker.start()
+        except BaseException:
+            self._workers.discard(worker)
+            raise
         return worker
 
     async def _acquire(self) -> WorkerProcess:
@@ -179,6 +187,7 @@ class CodeExecutor:
             except CodeModeError as exc:
                 logger.warning("codemode: a worker died between runs: %s", exc)
                 await worker.kill()
+                self._workers.discard(worker)
                 await self._lost()
                 self._replace()
                 return
@@ -192,6 +201,7 @@ class CodeExecutor:
 
         async def retire() -> None:
             await worker.kill()
+            self._workers.discard(worker)
             await self._lost()
             self._replace()
 

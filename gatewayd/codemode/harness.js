@@ -204,6 +204,13 @@
     ]);
   }
 
+  // mini-racer's setTimeout fails for a delay of 0 (Atomics.waitAsync answers at once).
+  const innerSetTimeout = setTimeout;
+  const max = Math.max;
+  globalThis.setTimeout = function (callback, delay, ...args) {
+    return innerSetTimeout(callback, max(1, +delay || 0), ...args);
+  };
+
   // The host notification (mini-racer's wrapper) uses Promise.withResolvers at each call: a
   // program that could replace it would cut its own line to the host and hang until killed.
   freeze(PromiseCtor);

@@ -136,6 +136,19 @@ class WorkerProcess:
         return self._proc is not None and self._proc.returncode is None
 
     async def start(self) -> None:
+        """Start the process and wait until its first context is ready. Raises CodeModeError;
+        on any failure or cancellation the process is killed, never left behind."""
+        try:
+            await self._start()
+        except BaseException as exc:
+            await self.kill()
+            if isinstance(exc, TimeoutError | CodeModeError):
+                raise CodeModeError(
+                    f"a Code Mode worker did not start: {exc}{self._tail()}"
+                ) from exc
+            raise
+
+    async def _start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-m", "gatewayd.codemode._worker",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -153,11 +166,7 @@ class WorkerProcess:
             "max_result_chars": limits.max_result_chars,
             "max_tool_input_chars": limits.max_tool_input_chars,
         })  # fmt: skip
-        try:
-            await asyncio.wait_for(self.wait_ready(), START_TIMEOUT_S)
-        except (TimeoutError, CodeModeError) as exc:
-            await self.kill()
-            raise CodeModeError(f"a Code Mode worker did not start: {exc}{self._tail()}") from exc
+        await asyncio.wait_for(self.wait_ready(), START_TIMEOUT_S)
 
     async def wait_ready(self) -> None:
         """Until the worker has a fresh context prepared. Raises CodeModeError if it died."""
@@ -212,6 +221,8 @@ class WorkerProcess:
                     return
                 message = inbox_get.result()
                 if message is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._reaped(), 1.0)
                     self._fail(outcome, "worker_died", "the sandbox worker died "
                                f"({self._exit_description()}){self._tail()}")  # fmt: skip
                     return
@@ -332,6 +343,10 @@ class WorkerProcess:
             with contextlib.suppress(ValueError):
                 return f"killed by {signal.Signals(-code).name}"
         return f"exit status {code}"
+
+    async def _reaped(self) -> None:
+        assert self._proc is not None
+        await self._proc.wait()
 
     async def kill(self) -> None:
         if self._proc is None:

@@ -1,17 +1,22 @@
 """Fixtures for Code Mode tests: real sandbox worker processes (V8 through mini-racer).
 
 Executors are shared by the tests of a module (one event loop per module, see `pytestmark`
-in each module), so workers are started once per module, not once per test."""
+in each module), so workers are started once per module, not once per test. Their workers
+(and the replacements a test causes) outlive single tests by design: the leak check below
+lets them run until the module ends, and then checks that closing the executor ended them."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
+import pytest
 import pytest_asyncio
 
 from gatewayd.codemode import CodeExecutor, Limits
 from gatewayd.tools import Tool, tool_from_function
+from tests.processes import command_line, descendants, kill_and_wait, running
 
 # Tight enough that every abuse test ends in seconds, loose enough for a loaded 2-core machine.
 ESCAPE_LIMITS = Limits(
@@ -22,20 +27,50 @@ ESCAPE_LIMITS = Limits(
     max_result_chars=10_000,
     max_log_lines=20,
     max_log_chars=2_000,
-    max_tool_calls=300,
+    max_tool_calls=100,
 )
+
+
+WORKER_COMMAND = "gatewayd.codemode._worker"
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """tests/conftest.py's check, except for the sandbox workers of module-wide executors."""
+    before = set(descendants())
+    yield
+    left = [p for p in descendants() if p not in before and WORKER_COMMAND not in command_line(p)]
+    if left:
+        described = [f"{pid} ({command_line(pid)})" for pid in left]
+        kill_and_wait(left)
+        pytest.fail(f"processes left running by this test, now killed: {', '.join(described)}")
+
+
+@asynccontextmanager
+async def shared_executor(limits: Limits, workers: int) -> AsyncIterator[CodeExecutor]:
+    pool = CodeExecutor(limits, workers=workers)
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        pids = pool.worker_pids
+        await pool.close()
+    left = [pid for pid in pids if running(pid)] + pool.worker_pids
+    if left:
+        kill_and_wait(left)
+        pytest.fail(f"sandbox workers still running after the executor closed: {left}")
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def executor() -> AsyncIterator[CodeExecutor]:
     """One worker: consecutive runs reuse the same process, each with a fresh context."""
-    async with CodeExecutor(Limits(wall_time_s=20.0), workers=1) as pool:
+    async with shared_executor(Limits(wall_time_s=20.0), workers=1) as pool:
         yield pool
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def strict_executor() -> AsyncIterator[CodeExecutor]:
-    async with CodeExecutor(ESCAPE_LIMITS, workers=2) as pool:
+    async with shared_executor(ESCAPE_LIMITS, workers=2) as pool:
         yield pool
 
 
