@@ -13,12 +13,36 @@ This package builds on `gatewayd.tools`; it never imports `gatewayd.chat`, `gate
 library, `py_mini_racer` and `_wire`.
 """
 
-from gatewayd.codemode.bindings import Approve, ToolCall, js_name
-from gatewayd.codemode.code_tool import code_tool
-from gatewayd.codemode.executor import CodeExecutor, RunResult
-from gatewayd.codemode.limits import CodeModeError, Limits
-from gatewayd.codemode.process import LogLine
-from gatewayd.codemode.typed_api import render_api
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gatewayd.codemode.bindings import Approve, ToolCall, js_name
+    from gatewayd.codemode.code_tool import code_tool
+    from gatewayd.codemode.executor import CodeExecutor, RunResult
+    from gatewayd.codemode.limits import CodeModeError, Limits
+    from gatewayd.codemode.process import LogLine
+    from gatewayd.codemode.typed_api import render_api
+
+# Lazy, so the sandbox worker (`python -m gatewayd.codemode._worker`) loads none of the host's
+# modules (pydantic, gatewayd.tools) when Python imports this package on its way.
+_HOMES = {
+    "Approve": "bindings", "ToolCall": "bindings", "js_name": "bindings",
+    "code_tool": "code_tool", "CodeExecutor": "executor", "RunResult": "executor",
+    "CodeModeError": "limits", "Limits": "limits", "LogLine": "process",
+    "render_api": "typed_api",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'gatewayd.codemode' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"gatewayd.codemode.{home}"), name)
+
 
 __all__ = [
     "Approve",
