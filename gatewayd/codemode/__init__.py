@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gatewayd.codemode.bindings import Approve, ToolCall, js_name
-    from gatewayd.codemode.code_tool import code_tool
+    from gatewayd.codemode.tool import code_tool
     from gatewayd.codemode.executor import CodeExecutor, RunResult
     from gatewayd.codemode.limits import CodeModeError, Limits
     from gatewayd.codemode.process import LogLine
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # modules (pydantic, gatewayd.tools) when Python imports this package on its way.
 _HOMES = {
     "Approve": "bindings", "ToolCall": "bindings", "js_name": "bindings",
-    "code_tool": "code_tool", "CodeExecutor": "executor", "RunResult": "executor",
+    "code_tool": "tool", "CodeExecutor": "executor", "RunResult": "executor",
     "CodeModeError": "limits", "Limits": "limits", "LogLine": "process",
     "render_api": "typed_api",
 }  # fmt: skip
