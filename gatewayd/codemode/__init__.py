@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gatewayd.codemode.bindings import Approve, ToolCall, js_name
-    from gatewayd.codemode.tool import code_tool
     from gatewayd.codemode.executor import CodeExecutor, RunResult
     from gatewayd.codemode.limits import CodeModeError, Limits
     from gatewayd.codemode.process import LogLine
+    from gatewayd.codemode.tool import code_tool
     from gatewayd.codemode.typed_api import render_api
 
 # Lazy, so the sandbox worker (`python -m gatewayd.codemode._worker`) loads none of the host's

@@ -4,7 +4,9 @@
 // It evaluates to a function that the worker calls once, with the host notification function
 // and the limits, when it prepares the context. That defines two globals the worker evaluates:
 // __codemode_start(toolNames, source), once, which reports how the program ended with
-// notify("done", outcome), and __codemode_settle(id, ok, text), which answers a tool call.
+// a "done" notification, and __codemode_settle(id, ok, text), which answers a tool call.
+// A notification is one string: "send\n" + a wire message for the host (a tool call, a log
+// line), or "done\n" + the outcome ("ok:<json>", "error:<message>", "limit-<kind>:<message>").
 // A program can see and call them; that only lets it lie to itself.
 (function (notify, maxLogChars, maxLogLines, maxResultChars, maxInputChars) {
   "use strict";
@@ -29,6 +31,10 @@
   let logLines = 0;
   let logsCut = false;
 
+  function send(message) {
+    notify("send\n" + stringify(message));
+  }
+
   function formatArg(value) {
     if (typeof value === "string") return value;
     try {
@@ -46,13 +52,13 @@
       for (let i = 0; i < args.length; i++) text += (i ? " " : "") + formatArg(args[i]);
       if (logLines + 1 > maxLogLines || logChars + text.length > maxLogChars) {
         logsCut = true;
-        notify("log", "warn", "[further logs dropped: the limit is " + maxLogLines +
-          " lines or " + maxLogChars + " characters]");
+        send({ type: "log", level: "warn", text: "[further logs dropped: the limit is " +
+          maxLogLines + " lines or " + maxLogChars + " characters]" });
         return;
       }
       logLines += 1;
       logChars += text.length;
-      notify("log", level, text);
+      send({ type: "log", level: level, text: text });
     };
   }
 
@@ -82,7 +88,7 @@
     return new PromiseCtor(function (resolve, reject) {
       const id = nextCallId++;
       pending[id] = [resolve, reject];
-      notify("call", id, name, text);
+      send({ type: "call", id: id, tool: name, input: text });
     });
   }
 
@@ -199,8 +205,8 @@
     started = true;
     bindTools(jsNames);
     apply(promiseThen, run(source), [
-      function (outcome) { notify("done", outcome); },
-      function (e) { notify("done", "error:" + describe(e)); },
+      function (outcome) { notify("done\n" + outcome); },
+      function (e) { notify("done\n" + "error:" + describe(e)); },
     ]);
   }
 

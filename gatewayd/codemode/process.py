@@ -114,6 +114,20 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime + stime
 
 
+_FIELDS: dict[str, dict[str, type]] = {
+    "log": {"level": str, "text": str},
+    "call": {"id": int, "tool": str, "input": str},
+    "done": {"outcome": str},
+}
+
+
+def _well_formed(message: dict[str, Any]) -> bool:
+    fields = _FIELDS.get(message["type"])
+    return fields is not None and all(
+        isinstance(message.get(name), kind) for name, kind in fields.items()
+    )
+
+
 class WorkerProcess:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -227,6 +241,10 @@ class WorkerProcess:
                                f"({self._exit_description()}){self._tail()}")  # fmt: skip
                     return
                 kind = message["type"]
+                if not _well_formed(message):
+                    self._fail(outcome, "protocol", f"the sandbox worker sent a malformed "
+                               f"{kind!r} message")  # fmt: skip
+                    return
                 if kind == "log":
                     outcome.logs.append(LogLine(str(message["level"]), str(message["text"])))
                 elif kind == "call":
