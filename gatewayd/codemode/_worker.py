@@ -59,6 +59,8 @@ def _limit_process(memory_bytes: int) -> None:
 class _Context:
     """One V8 context with the harness installed, used for exactly one run."""
 
+    one_way_notifications = True  # False: always mini-racer's public wrap_py_function
+
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         self._stack = contextlib.AsyncExitStack()
@@ -87,7 +89,7 @@ class _Context:
         context = self.racer._ctx
         register = getattr(context, "_register_js_notification", None)
         to_python = getattr(context, "_value_handle_to_python", None)
-        if register is not None and to_python is not None:
+        if self.one_way_notifications and register is not None and to_python is not None:
 
             def on_raw(handle: Any) -> None:
                 self._worker.on_notify(str(to_python(handle)[0]))

@@ -111,5 +111,5 @@ def test_names_become_javascript_identifiers(name: str, ident: str) -> None:
 def test_two_tools_with_the_same_javascript_name_are_refused() -> None:
     one = Tool("a.b", "x", {"type": "object"}, fn=lambda: None)
     two = Tool("a-b", "x", {"type": "object"}, fn=lambda: None)
-    with pytest.raises(ValueError, match="'a.b' and 'a-b' both become codemode.a_b"):
+    with pytest.raises(ValueError, match=r"'a\.b' and 'a-b' both become codemode\.a_b"):
         render_api([one, two])
