@@ -157,7 +157,11 @@ class CodeExecutor:
         if self._closed:
             raise CodeModeError("the Code Mode executor is closed")
         async with self._changed:
-            while not self._idle and self._live >= self._size:
+            while True:
+                while self._idle and not self._idle[-1].alive:  # died while idle
+                    self._retire(self._idle.pop())
+                if self._idle or self._live < self._size:
+                    break
                 await self._changed.wait()
             if self._idle:
                 return self._idle.pop()

@@ -136,6 +136,7 @@ class WorkerProcess:
         self._ready = asyncio.Event()
         self._stderr: deque[bytes] = deque()
         self._tasks: list[asyncio.Task[None]] = []
+        self._hung_up = False  # its end of the pipe closed: dead or dying
         self._max_inbound = (
             max(limits.max_result_chars, limits.max_log_chars, limits.max_tool_input_chars) * 8
             + _WIRE_SLACK_BYTES
@@ -147,7 +148,7 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._proc is not None and self._proc.returncode is None and not self._hung_up
 
     async def start(self) -> None:
         """Start the process and wait until its first context is ready. Raises CodeModeError;
@@ -204,7 +205,7 @@ class WorkerProcess:
         gate = asyncio.Semaphore(self.limits.max_concurrent_tool_calls)
         clock = RunClock(self.limits.wall_time_s)
         watches = [
-            asyncio.create_task(self._watch_cpu(_cpu_seconds(self._proc.pid)), name="cpu_time"),
+            asyncio.create_task(self._watch_cpu(), name="cpu_time"),
             asyncio.create_task(clock.expired(), name="wall_time"),
         ]
         self._send({"type": "run", "code": code, "tools": tools})
@@ -310,10 +311,14 @@ class WorkerProcess:
         outcome.limit = limit
         outcome.error = message
 
-    async def _watch_cpu(self, start_s: float) -> None:
+    async def _watch_cpu(self) -> None:
+        """Returns once the worker has used its CPU budget in this run. The first poll interval
+        counts as fully used, so a run shorter than that costs no read of /proc at all."""
         assert self._proc is not None
-        budget = self.limits.cpu_time_s
-        while _cpu_seconds(self._proc.pid) - start_s <= budget:
+        pid, budget = self._proc.pid, self.limits.cpu_time_s
+        await asyncio.sleep(CPU_POLL_S)
+        start = _cpu_seconds(pid) - CPU_POLL_S
+        while _cpu_seconds(pid) - start <= budget:
             await asyncio.sleep(CPU_POLL_S)
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -337,6 +342,7 @@ class WorkerProcess:
             if self._proc.returncode is None:
                 self._proc.kill()
         finally:
+            self._hung_up = True
             self._inbox.put_nowait(None)
 
     async def _read_stderr(self) -> None:

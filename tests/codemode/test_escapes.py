@@ -298,3 +298,26 @@ async def test_a_worker_that_dies_mid_run_is_replaced(strict_executor: CodeExecu
         "await codemode.crash(); return 'unreachable'", [tool_from_function(crash)]
     )
     await contained(strict_executor, result, "worker_died", "the sandbox worker died (")
+
+
+async def test_a_cancelled_run_kills_its_worker(strict_executor: CodeExecutor) -> None:
+    started = asyncio.Event()
+    from gatewayd.tools import tool_from_function
+
+    async def begin() -> None:
+        """Signal that the program runs."""
+        started.set()
+
+    busy = set(strict_executor.worker_pids)
+    run = asyncio.create_task(
+        strict_executor.run("await codemode.begin(); for (;;) {}", [tool_from_function(begin)])
+    )
+    await asyncio.wait_for(started.wait(), WAIT_S)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    await wait_until(
+        lambda: len(busy - set(strict_executor.worker_pids)) == 1, WAIT_S, "the worker to go"
+    )
+    after = await strict_executor.run("return 'fine'")
+    assert after.ok and after.result == "fine"
