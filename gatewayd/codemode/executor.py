@@ -111,17 +111,21 @@ class CodeExecutor:
                 f"{self.limits.max_code_chars}",
             )  # fmt: skip
         bound = bind(tools)
-        worker = await self._acquire()
-        pid = worker.pid
-        try:
-            outcome = await worker.run(code, list(bound), Caller(bound, approve))
-        except BaseException:
-            self._retire(worker)
-            raise
-        if outcome.worker_must_go:
-            self._retire(worker)
-        else:
-            self._after_run(worker)
+        for attempt in range(2):
+            worker = await self._acquire()
+            pid = worker.pid
+            try:
+                outcome = await worker.run(code, list(bound), Caller(bound, approve))
+            except BaseException:
+                self._retire(worker)
+                raise
+            if outcome.worker_must_go:
+                self._retire(worker)
+            else:
+                self._after_run(worker)
+            # A worker found dead before it read the program: run it once more on another.
+            if not (outcome.limit == "worker_died" and outcome.messages == 0 and attempt == 0):
+                break
         result = RunResult(
             ok=outcome.ok, error=outcome.error, limit=outcome.limit, logs=outcome.logs,
             tool_calls=outcome.tool_calls, worker_pid=pid,

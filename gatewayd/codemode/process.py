@@ -54,6 +54,7 @@ class Outcome:
     limit: str | None = None  # wall_time, cpu_time, heap, memory, stack, result, tool_calls, ...
     logs: list[LogLine] = field(default_factory=list)
     tool_calls: int = 0
+    messages: int = 0  # how many the worker sent in this run (0: it never saw the program)
 
     @property
     def worker_must_go(self) -> bool:
@@ -241,6 +242,7 @@ class WorkerProcess:
                     self._fail(outcome, "worker_died", "the sandbox worker died "
                                f"({self._exit_description()}){self._tail()}")  # fmt: skip
                     return
+                outcome.messages += 1
                 kind = message["type"]
                 if not _well_formed(message):
                     self._fail(outcome, "protocol", f"the sandbox worker sent a malformed "

@@ -298,6 +298,11 @@ async def test_a_worker_that_dies_mid_run_is_replaced(strict_executor: CodeExecu
         "await codemode.crash(); return 'unreachable'", [tool_from_function(crash)]
     )
     await contained(strict_executor, result, "worker_died", "the sandbox worker died (")
+    # Workers killed while idle: the next program still runs, on a replacement.
+    for pid in strict_executor.worker_pids:
+        os.kill(pid, 9)
+    after = await strict_executor.run("return 3")
+    assert after.ok and after.result == 3
 
 
 async def test_a_cancelled_run_kills_its_worker(strict_executor: CodeExecutor) -> None:
