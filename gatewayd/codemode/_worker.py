@@ -137,6 +137,8 @@ class Worker:
             view = view[written:]
 
     def on_notify(self, text: str) -> None:
+        if self._done is None or self._done.done():
+            return  # after its outcome a program may not speak (a late timer's log, say)
         kind, _, payload = text.partition("\n")
         if kind == "send":
             self.send_raw(payload.encode())

@@ -201,6 +201,10 @@ class WorkerProcess:
         """Run `code` with `tools` (JS names) bound; tool calls are answered by `on_call`."""
         assert self._proc is not None
         self._ready.clear()
+        while not self._inbox.empty():  # nothing from an earlier run may reach this one
+            if self._inbox.get_nowait() is None:
+                self._inbox.put_nowait(None)
+                break
         outcome = Outcome(ok=False)
         calls: set[asyncio.Task[None]] = set()
         gate = asyncio.Semaphore(self.limits.max_concurrent_tool_calls)

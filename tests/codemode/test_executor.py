@@ -156,3 +156,22 @@ async def test_code_over_the_limit_is_refused_before_running(executor: CodeExecu
     result = await executor.run("//" + "x" * executor.limits.max_code_chars)
     assert not result.ok and result.limit == "code"
     assert result.worker_pid is None
+
+
+async def test_nothing_a_finished_program_does_reaches_the_next_run(executor: CodeExecutor) -> None:
+    calls = Calls()
+    for _ in range(5):
+        first = await executor.run(
+            "setTimeout(() => { console.log('late'); codemode.add({a: 1, b: 2}) }, 1);"
+            "Promise.resolve().then(() => console.log('after return'));"
+            "return 1",
+            calls.tools(),
+        )
+        second = await executor.run(
+            "await new Promise(r => setTimeout(r, 50)); return 2", calls.tools()
+        )
+        assert first.worker_pid == second.worker_pid
+        assert first.ok and second.ok and second.result == 2
+        assert [line.text for line in second.logs] == []
+        assert all(line.text != "late" for line in first.logs)
+    assert calls.seen == []

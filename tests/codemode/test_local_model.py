@@ -46,7 +46,7 @@ async def test_the_local_model_writes_a_program_that_runs_safely(
             {"role": "system", "content": code.description + "\nReply with the program only."},
             {"role": "user", "content": TASK},
         ]
-        deltas = [d async for d in generator.generate(messages, max_tokens=160)]
+        deltas = [d async for d in generator.generate(messages, max_tokens=120)]
         answer = "".join(d.text for d in deltas)
         shown = await code.invoke({"code": program_in(answer)})
         targets = await the_site.targets()
