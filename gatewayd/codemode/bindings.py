@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import to_jsonable_python
 
 from gatewayd.codemode.process import RunClock
 from gatewayd.tools import Tool, ToolError, ToolInputError
@@ -30,6 +33,7 @@ JS_RESERVED = frozenset((
     "eval", "undefined", "NaN", "Infinity",
 ))
 # fmt: on
+logger = logging.getLogger(__name__)
 _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_$]")
 
 
@@ -95,7 +99,11 @@ class Caller:
             if self._approve is None:
                 return False, f"{tool.name} needs a person's approval, and none can be asked here"
             with clock.paused():
-                approved = await self._approve(ToolCall(tool, args))
+                try:
+                    approved = await self._approve(ToolCall(tool, args))
+                except Exception as exc:  # the approver failed: nobody said yes
+                    logger.warning("codemode: approving %s failed: %r", tool.name, exc)
+                    approved = False
             if not approved:
                 return False, f"{tool.name}: the call was denied by the person approving it"
         try:
@@ -107,7 +115,9 @@ class Caller:
         except Exception as exc:
             return False, f"{tool.name} failed: {type(exc).__name__}: {exc}"
         try:
-            return True, "" if value is None else json.dumps(value, separators=(",", ":"))
+            if value is None:
+                return True, ""
+            return True, json.dumps(value, separators=(",", ":"), default=to_jsonable_python)
         except (TypeError, ValueError) as exc:
             return False, f"{tool.name}: its result cannot be turned into JSON: {exc}"
 

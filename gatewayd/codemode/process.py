@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -21,6 +22,8 @@ from typing import Any
 
 from gatewayd.codemode import _wire
 from gatewayd.codemode.limits import CodeModeError, Limits
+
+logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 20.0
 CPU_POLL_S = 0.05
@@ -285,7 +288,11 @@ class WorkerProcess:
         on_call: Callable[[str, str], Awaitable[tuple[bool, str]]],
     ) -> None:
         async with gate:
-            ok, text = await on_call(str(message["tool"]), str(message["input"]))
+            try:
+                ok, text = await on_call(str(message["tool"]), str(message["input"]))
+            except Exception as exc:  # a bug on the host side: the program still gets an answer
+                logger.exception("codemode: answering a call to %s failed", message["tool"])
+                ok, text = False, f"codemode.{message['tool']}: the host failed: {exc!r}"
         if ok and len(text) > self.limits.max_tool_result_chars:
             ok, text = (
                 False,
