@@ -44,7 +44,9 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def serving(state_dir: Path, mcp: dict[str, Any] | None = None) -> AsyncIterator[Gateway]:
+async def serving(
+    state_dir: Path, mcp: dict[str, Any] | None = None, engine: Any = None
+) -> AsyncIterator[Gateway]:
     config = parse_config(
         {
             "gateway": {"state_dir": str(state_dir)},
@@ -57,9 +59,11 @@ async def serving(state_dir: Path, mcp: dict[str, Any] | None = None) -> AsyncIt
             "mcp": mcp or {"classes": {"meter": ["add"]}},
         }
     )
-    runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"lamp": Lamp, "meter": Meter})
+    runtime = AgentRuntime(
+        AgentSettings(state_dir=state_dir), {"lamp": Lamp, "meter": Meter}, engine=engine
+    )
     await runtime.start()
-    app, features = build_app(Components(config, runtime), Tokens.of(*TOKENS))
+    app, features = build_app(Components(config, runtime, engine), Tokens.of(*TOKENS))
     server = ApiServer(
         app, "127.0.0.1", 0, lifespans=[f.lifespan for f in features.values() if f.lifespan]
     )
