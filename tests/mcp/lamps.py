@@ -31,6 +31,14 @@ class Lamp(Agent):
         """The lamp's state."""
         return dict(self.state)
 
+    fuse_ok: ClassVar[bool] = False
+
+    def replace_bulb(self, payload: Any = None) -> None:
+        """A queued job that fails (its item becomes a dead letter) until the fuse is fixed."""
+        if not Lamp.fuse_ok:
+            raise RuntimeError("the bulb blew a fuse")
+        self.set_state({**self.state, "bulb": "new"})
+
     @callable
     def factory_reset(self) -> str:
         """Not marked for MCP: never served as a tool of its own."""
