@@ -51,10 +51,26 @@ def class_tools(
     runtime: Any, classes: Mapping[str, type], configured: Mapping[str, Sequence[str]]
 ) -> list[ServedTool]:
     """The marked `@callable` methods of every class, as `<class>_<method>` tools."""
+    check_configured_methods(classes, configured)
     served: list[ServedTool] = []
     for class_name, cls in classes.items():
         listed = set(configured.get(class_name, ()))
-        unknown = listed - {
+        for tool in callable_tools(runtime, class_name, cls):
+            method = tool.name[len(class_name) + 1 :]
+            if method in listed or tool_marker(getattr(cls, method)) is not None:
+                served.append(ServedTool(tool, f"class:{class_name}", agent_class=class_name))
+    return served
+
+
+def check_configured_methods(
+    classes: Mapping[str, type], configured: Mapping[str, Sequence[str]]
+) -> None:
+    """ValueError naming `mcp.classes` entries that are not `@callable` methods."""
+    for class_name, methods in configured.items():
+        cls = classes.get(class_name)
+        if cls is None:
+            continue  # the config's own validation names unknown classes
+        unknown = set(methods) - {
             attr for attr in dir(cls) if hasattr(getattr(cls, attr, None), "__gw_callable__")
         }
         if unknown:
@@ -63,11 +79,6 @@ def class_tools(
                 f"{'is not a @callable method' if len(unknown) == 1 else 'are not @callable methods'}"
                 f" of {cls.__module__}.{cls.__qualname__}"
             )
-        for tool in callable_tools(runtime, class_name, cls):
-            method = tool.name[len(class_name) + 1 :]
-            if method in listed or tool_marker(getattr(cls, method)) is not None:
-                served.append(ServedTool(tool, f"class:{class_name}", agent_class=class_name))
-    return served
 
 
 def build_catalog(
