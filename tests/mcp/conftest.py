@@ -45,23 +45,25 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def serving(
-    state_dir: Path, mcp: dict[str, Any] | None = None, engine: Any = None
+    state_dir: Path,
+    mcp: dict[str, Any] | None = None,
+    engine: Any = None,
+    classes: dict[str, type] | None = None,
 ) -> AsyncIterator[Gateway]:
+    classes = classes or {"lamp": Lamp, "meter": Meter}
     config = parse_config(
         {
             "gateway": {"state_dir": str(state_dir)},
             "agents": {
                 "classes": {
-                    "lamp": {"class": "tests.mcp.lamps:Lamp"},
-                    "meter": {"class": "tests.mcp.lamps:Meter"},
+                    name: {"class": f"{cls.__module__}:{cls.__qualname__}"}
+                    for name, cls in classes.items()
                 }
             },
             "mcp": mcp or {"classes": {"meter": ["add"]}},
         }
     )
-    runtime = AgentRuntime(
-        AgentSettings(state_dir=state_dir), {"lamp": Lamp, "meter": Meter}, engine=engine
-    )
+    runtime = AgentRuntime(AgentSettings(state_dir=state_dir), classes, engine=engine)
     await runtime.start()
     app, features = build_app(Components(config, runtime, engine), Tokens.of(*TOKENS))
     server = ApiServer(
