@@ -12,7 +12,7 @@
 Every tool call reaches agents through the runtime (`runtime.call`, `run_in_agent`): a normal
 turn with its output gate, durability and validation.
 
-This package never imports `gatewayd.daemon` or `gatewayd.cli`; `gatewayd.api` and
-`gatewayd.wiring` import it (lazily), not the other way round, except `gatewayd.api.tokens`
-for the token type.
+This package never imports `gatewayd.daemon` or `gatewayd.cli` (the CLI imports `mcp.cli`,
+which imports the SDK only when the verb runs, so `gatewayd` works without the `mcp` extra);
+of the API it uses only `gatewayd.api.tokens` (`gatewayd.api.mcp` mounts it).
 """

@@ -119,9 +119,7 @@ class McpProxy:
     async def _list_templates(
         self, ctx: Any, params: types.PaginatedRequestParams | None
     ) -> types.ListResourceTemplatesResult:
-        return await self.client.list_resource_templates(
-            cursor=params.cursor if params else None
-        )
+        return await self.client.list_resource_templates(cursor=params.cursor if params else None)
 
     async def _read_resource(
         self, ctx: Any, params: types.ReadResourceRequestParams
