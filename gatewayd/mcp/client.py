@@ -257,8 +257,9 @@ class McpClientMixin:
         headers: Mapping[str, str] | None = None,
         token_file: str | None = None,
     ) -> dict[str, Any]:
-        """Remember the MCP server `name` at `url` and connect to it (replacing a server of
-        that name). Returns its status (connecting at first: see `mcp_servers()`)."""
+        """Remember the MCP server `name` at `url` and connect to it once this turn has
+        committed (replacing a server of that name). Returns its status (connecting at
+        first: see `mcp_servers()`)."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(
                 f"MCP server name {name!r}: 1-32 letters, digits, '_' or '-', starting with a "
@@ -279,9 +280,12 @@ class McpClientMixin:
             time.time(),
         )
         self._mcp_stop(name)
-        link = self._mcp_start(spec)
         self.schedule_every(self.mcp_keepalive_every_s, "mcp_keepalive")  # type: ignore[attr-defined]
-        return link.status()
+        # Connect in a turn of its own, after this one committed (a rolled-back add connects
+        # nothing); were the mailbox full, the keep-alive schedule connects it instead.
+        queued = self._gw_host.submit(lambda agent: agent._mcp_restore())
+        queued.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return McpServerLink(spec).status()
 
     def remove_mcp_server(self, name: str) -> bool:
         """Forget the server `name` and close its connection; False if there was none."""

@@ -34,6 +34,11 @@ class Assistant(McpClientMixin, Agent):
         return await self.add_mcp_server(name, url, token_file=token_file)
 
     @callable
+    async def connect_then_fail(self, name: str, url: str, token_file: str) -> None:
+        await self.add_mcp_server(name, url, token_file=token_file)
+        raise RuntimeError("changed my mind")
+
+    @callable
     def disconnect(self, name: str) -> bool:
         return self.remove_mcp_server(name)
 
@@ -99,6 +104,12 @@ async def test_agent_uses_a_remote_mcp_servers_tools_across_outages_and_restarts
             "weather_fail",
             "weather_temperature",
         ]
+        # Hibernation drops the agent instance, not its connection: the wake finds it running.
+        assert runtime.hibernate_idle() == 1 and not runtime.is_awake("assistant", "a1")
+        assert (await weather_status(runtime, "connected"))["connected_since"] == status[
+            "connected_since"
+        ]
+        assert len([t for t in runtime._agent_tasks[("assistant", "a1")]]) == 1
         assert await runtime.call(
             "assistant", "a1", "use", "weather_temperature", {"city": "Oslo"}
         ) == {"city": "Oslo", "celsius": 21.5}
@@ -167,6 +178,13 @@ async def test_a_refused_token_shows_in_the_servers_status(
         )
         assert refused["weather"]["state"] in ("disconnected", "connecting")
         assert "401" in refused["weather"]["last_error"]
+        # An add in a turn that rolls back is not remembered and connects nothing.
+        with pytest.raises(RuntimeError, match="changed my mind"):
+            await runtime.call(
+                "assistant", "a1", "connect_then_fail", "other", remote.url, str(token_file)
+            )
+        assert list(await runtime.call("assistant", "a1", "servers")) == ["weather"]
+        assert list(runtime._agent_tasks[("assistant", "a1")]) == ["mcp-server:weather"]
         with pytest.raises(ValueError, match="MCP server name 'no spaces'"):
             await runtime.call(
                 "assistant", "a1", "connect", "no spaces", remote.url, str(token_file)
