@@ -16,14 +16,18 @@ import mcp_types as types
 import pytest
 from mcp import Client, StdioServerParameters
 
+from gatewayd.api import ApiToken
 from gatewayd.config import ConfigError, load_config
+from gatewayd.mcp.stdio_proxy import daemon_url
 from gatewayd.wiring import check_references
 from tests.gatewayd.daemon_process import REPO, GatewayProcess
 from tests.gatewayd.notify import NotifySocket
+from tests.mcp.conftest import mcp_client
 from tests.mcp.remote import free_port
 
 OPS = "ops-secret-0123456789"
 VIEWER = "viewer-secret-0123456789"
+OPS_TOKEN = ApiToken("ops", OPS)
 
 
 def write_config(tmp_path: Path, port: int, classes: str = '{ meter = ["add"] }') -> Path:
@@ -90,6 +94,13 @@ async def test_desktop_client_over_stdio_reaches_the_daemon(tmp_path: Path) -> N
         async with Client(stdio_params(config, tmp_path / "viewer.token")) as viewer:
             refused = await viewer.call_tool("meter_add", {"agent_id": "m1", "kwh": 1.0})
             assert refused.is_error and "token 'viewer' is read-only" in text_of(refused)
+            # A 2026-protocol client listens; the change comes from an HTTP client of the
+            # daemon itself.
+            async with viewer.listen(resource_subscriptions=["agent://lamp/hall"]) as events:
+                async with mcp_client(daemon_url(load_config(config)), OPS_TOKEN) as ops:
+                    await ops.call_tool("lamp_switch", {"agent_id": "hall", "on": True})
+                event = await asyncio.wait_for(anext(aiter(events)), 15)
+                assert event.uri == "agent://lamp/hall"
     finally:
         assert await asyncio.to_thread(daemon.stop) == 0
     log = daemon.log_text()
