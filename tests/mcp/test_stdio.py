@@ -16,6 +16,7 @@ import mcp_types as types
 import pytest
 from mcp import Client, StdioServerParameters
 
+from gatewayd import cli
 from gatewayd.api import ApiToken
 from gatewayd.config import ConfigError, load_config
 from gatewayd.mcp.stdio_proxy import daemon_url
@@ -109,24 +110,21 @@ async def test_desktop_client_over_stdio_reaches_the_daemon(tmp_path: Path) -> N
     )
 
 
-async def test_without_a_token_or_daemon_the_verb_says_what_is_wrong(tmp_path: Path) -> None:
+def test_without_a_token_or_daemon_the_verb_says_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = write_config(tmp_path, free_port())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("GATEWAYD_MCP_TOKEN", None)
-    no_token = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatewayd", "mcp", "-c", str(config),
-        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    _, err = await no_token.communicate()
-    assert no_token.returncode == 2 and b"pass --token-file FILE or set GATEWAYD_MCP_TOKEN" in err
+    monkeypatch.delenv("GATEWAYD_MCP_TOKEN", raising=False)
+    assert cli.main(["mcp", "-c", str(config)]) == 2
+    assert "pass --token-file FILE or set GATEWAYD_MCP_TOKEN" in capsys.readouterr().err
 
-    no_daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatewayd", "mcp", "-c", str(config),
-        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**env, "GATEWAYD_MCP_TOKEN": OPS},
-    )  # fmt: skip
-    _, err = await no_daemon.communicate()
-    assert no_daemon.returncode == 1 and b"cannot serve through http://127.0.0.1:" in err
+    monkeypatch.setenv("GATEWAYD_MCP_TOKEN", OPS)  # no daemon listens there
+    assert cli.main(["mcp", "-c", str(config)]) == 1
+    assert "gatewayd mcp: cannot serve through http://127.0.0.1:" in capsys.readouterr().err
+
+    (tmp_path / "missing.toml").write_text("[mcp]\ntool_groups = ['everything']\n")
+    assert cli.main(["mcp", "-c", str(tmp_path / "missing.toml")]) == 78
+    assert "mcp.tool_groups.0: Input should be 'agents'" in capsys.readouterr().err
 
 
 def test_check_config_names_an_mcp_class_method_that_is_not_callable(tmp_path: Path) -> None:
