@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,19 @@ async def test_desktop_client_over_stdio_reaches_the_daemon(tmp_path: Path) -> N
     )
 
 
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """The verb routes logging to stderr (setup_logging); give the test run its own back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_logging")
 def test_without_a_token_or_daemon_the_verb_says_what_is_wrong(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
