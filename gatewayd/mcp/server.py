@@ -22,6 +22,7 @@ import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.server.subscriptions import ListenHandler
 from mcp.shared.exceptions import MCPError
+from prometheus_client import Counter
 
 from gatewayd import __version__
 from gatewayd.api.tokens import ApiToken
@@ -33,6 +34,12 @@ from gatewayd.mcp.resources import StateNotifier, agent_uri, parse_agent_uri
 from gatewayd.tools import ToolError
 
 log = logging.getLogger(__name__)
+
+TOOL_CALLS = Counter(
+    "gatewayd_mcp_tool_calls_total",
+    "MCP tool calls, by tool and outcome (ok, failed, refused)",
+    ["tool", "outcome"],
+)
 
 INSTRUCTIONS = (
     "gatewayd: an edge gateway whose devices and services are stateful agents, each of a class "
@@ -132,6 +139,7 @@ class McpGateway:
             outcome = "failed"
             return _error_result(f"{served.name} failed: {type(err).__name__}: {err}")
         finally:
+            TOOL_CALLS.labels(served.name, outcome).inc()
             log.info(
                 "mcp: %s called %s: %s",
                 token.name,

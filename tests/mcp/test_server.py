@@ -14,6 +14,7 @@ import httpx
 import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
+from prometheus_client import REGISTRY
 
 from tests.mcp.conftest import LAMPS_ONLY, NO_MCP, OPERATOR, READER, Gateway, mcp_client
 
@@ -38,6 +39,9 @@ async def test_tools_are_listed_discovery_first_and_a_call_is_a_turn_of_the_agen
         assert tools["lamp_status"].annotations.read_only_hint is True
         assert tools["lamp_switch"].annotations.read_only_hint is False
 
+        calls_before = REGISTRY.get_sample_value(
+            "gatewayd_mcp_tool_calls_total", {"tool": "lamp_switch", "outcome": "ok"}
+        )
         with caplog.at_level(logging.INFO, logger="gatewayd.mcp.server"):
             result = await client.call_tool(
                 "lamp_switch", {"agent_id": "hall", "on": True, "brightness": 40}
@@ -49,6 +53,12 @@ async def test_tools_are_listed_discovery_first_and_a_call_is_a_turn_of_the_agen
             "on": True, "brightness": 40
         }  # fmt: skip
         assert "mcp: operator called lamp_switch: ok" in caplog.text
+        assert (
+            REGISTRY.get_sample_value(
+                "gatewayd_mcp_tool_calls_total", {"tool": "lamp_switch", "outcome": "ok"}
+            )
+            == (calls_before or 0) + 1
+        )
 
         # Discovery, then the generic call.
         listed = await client.call_tool("agents_list", {"agent_class": "lamp"})
