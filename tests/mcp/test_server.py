@@ -195,3 +195,35 @@ async def test_tokens_are_checked_before_any_mcp_and_limit_what_a_client_sees(
             async with lamps.listen(resource_subscriptions=["agent://meter/m1"]):
                 pass
     assert await gateway.runtime.get_agent_state("meter", "m1") == {"kwh": 1.0}
+
+
+async def test_a_session_belongs_to_the_token_that_opened_it(gateway: Gateway) -> None:
+    initialize = {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "curl", "version": "0"}},
+    }  # fmt: skip
+    accept = {"Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient() as http:
+        opened = await http.post(
+            gateway.url, json=initialize,
+            headers={**accept, "Authorization": f"Bearer {OPERATOR.secret}"},
+        )  # fmt: skip
+        assert opened.status_code == 200
+        session = opened.headers["mcp-session-id"]
+        listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        session_headers = {
+            **accept,
+            "mcp-session-id": session,
+            "mcp-protocol-version": "2025-06-18",
+        }
+        stolen = await http.post(
+            gateway.url, json=listing,
+            headers={**session_headers, "Authorization": f"Bearer {READER.secret}"},
+        )  # fmt: skip
+        assert stolen.status_code == 404
+        own = await http.post(
+            gateway.url, json=listing,
+            headers={**session_headers, "Authorization": f"Bearer {OPERATOR.secret}"},
+        )  # fmt: skip
+        assert own.status_code == 200 and "lamp_switch" in own.text
