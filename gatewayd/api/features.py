@@ -41,6 +41,7 @@ class FeatureRoutes:
 
 
 FEATURES: tuple[Feature, ...] = (Feature("index", "gatewayd.api.index:routes"),)
+FEATURES += (Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),)
 
 
 def load_features(
