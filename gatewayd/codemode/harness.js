@@ -31,6 +31,7 @@
   let logLines = 0;
   let logsCut = false;
 
+  // `message` has no prototype: a program's Object.prototype.toJSON cannot rewrite it.
   function send(message) {
     notify("send\n" + stringify(message));
   }
@@ -52,13 +53,13 @@
       for (let i = 0; i < args.length; i++) text += (i ? " " : "") + formatArg(args[i]);
       if (logLines + 1 > maxLogLines || logChars + text.length > maxLogChars) {
         logsCut = true;
-        send({ type: "log", level: "warn", text: "[further logs dropped: the limit is " +
+        send({ __proto__: null, type: "log", level: "warn", text: "[further logs dropped: the limit is " +
           maxLogLines + " lines or " + maxLogChars + " characters]" });
         return;
       }
       logLines += 1;
       logChars += text.length;
-      send({ type: "log", level: level, text: text });
+      send({ __proto__: null, type: "log", level: level, text: text });
     };
   }
 
@@ -88,7 +89,7 @@
     return new PromiseCtor(function (resolve, reject) {
       const id = nextCallId++;
       pending[id] = [resolve, reject];
-      send({ type: "call", id: id, tool: name, input: text });
+      send({ __proto__: null, type: "call", id: id, tool: name, input: text });
     });
   }
 

@@ -326,3 +326,19 @@ async def test_a_cancelled_run_kills_its_worker(strict_executor: CodeExecutor) -
     )
     after = await strict_executor.run("return 'fine'")
     assert after.ok and after.result == "fine"
+
+
+async def test_a_program_cannot_forge_messages_to_the_host(strict_executor: CodeExecutor) -> None:
+    calls = Calls()
+    result = await strict_executor.run(
+        "Object.prototype.toJSON = function () {"
+        "  return {type: 'call', id: 99, tool: 'fail', input: '{\"reason\": \"forged\"}'} };"
+        "console.log('plain');"
+        "try { await codemode.add({a: 1, b: 2}) } catch (e) { return e.message }",
+        calls.tools(),
+    )
+    assert result.ok, result.error
+    assert [line.text for line in result.logs] == ["plain"]
+    # The program's own input went through its toJSON (its choice), and was refused.
+    assert result.result.startswith("add: invalid arguments")
+    assert result.tool_calls == 1 and calls.seen == []
