@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from gatewayd.codemode.process import RunClock
+from gatewayd.codemode.clock import RunClock
 from gatewayd.tools import Tool, ToolError, ToolInputError
 
 # JavaScript reserved words (and strict-mode ones): a tool named like one gets a "_" suffix.

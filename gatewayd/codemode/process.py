@@ -13,14 +13,14 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gatewayd.codemode import _wire
+from gatewayd.codemode.clock import RunClock
 from gatewayd.codemode.limits import CodeModeError, Limits
 
 logger = logging.getLogger(__name__)
@@ -62,43 +62,6 @@ class Outcome:
     @property
     def worker_must_go(self) -> bool:
         return self.limit is not None
-
-
-class RunClock:
-    """A run's wall-clock budget, which stops while someone is asked to approve a tool call:
-    a person's answer may take minutes, and the program is not running meanwhile."""
-
-    def __init__(self, budget_s: float) -> None:
-        self.budget_s = budget_s
-        self._start = time.monotonic()
-        self._paused_s = 0.0
-        self._pausing = 0
-        self._pause_start = 0.0
-
-    def used_s(self) -> float:
-        now = time.monotonic()
-        current = now - self._pause_start if self._pausing else 0.0
-        return now - self._start - self._paused_s - current
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        if self._pausing == 0:
-            self._pause_start = time.monotonic()
-        self._pausing += 1
-        try:
-            yield
-        finally:
-            self._pausing -= 1
-            if self._pausing == 0:
-                self._paused_s += time.monotonic() - self._pause_start
-
-    async def expired(self) -> None:
-        """Returns once the budget is spent (never while paused)."""
-        while True:
-            remaining = self.budget_s - self.used_s()
-            if remaining <= 0 and not self._pausing:
-                return
-            await asyncio.sleep(max(remaining, CPU_POLL_S))
 
 
 # Answers one tool call: (js name, input JSON text, the run's clock) -> (ok, JSON or message).
@@ -214,7 +177,7 @@ class WorkerProcess:
         clock = RunClock(self.limits.wall_time_s)
         watches = [
             asyncio.create_task(self._watch_cpu(), name="cpu_time"),
-            asyncio.create_task(clock.expired(), name="wall_time"),
+            asyncio.create_task(clock.expired(CPU_POLL_S), name="wall_time"),
         ]
         self._send({"type": "run", "code": code, "tools": tools})
         try:
