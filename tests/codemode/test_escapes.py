@@ -309,11 +309,14 @@ async def test_a_cancelled_run_kills_its_worker(strict_executor: CodeExecutor) -
     started = asyncio.Event()
     from gatewayd.tools import tool_from_function
 
+    during: list[int] = []
+
     async def begin() -> None:
         """Signal that the program runs."""
+        during.extend(strict_executor.worker_pids)  # the busy worker is one of them
         started.set()
 
-    busy = set(strict_executor.worker_pids)
+    replaced = strict_executor.replaced
     run = asyncio.create_task(
         strict_executor.run("await codemode.begin(); for (;;) {}", [tool_from_function(begin)])
     )
@@ -321,8 +324,9 @@ async def test_a_cancelled_run_kills_its_worker(strict_executor: CodeExecutor) -
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
+    assert strict_executor.replaced == replaced + 1  # killed, and a replacement is on its way
     await wait_until(
-        lambda: len(busy - set(strict_executor.worker_pids)) == 1, WAIT_S, "the worker to go"
+        lambda: any(not running(pid) for pid in during), WAIT_S, "the busy worker to be killed"
     )
     after = await strict_executor.run("return 'fine'")
     assert after.ok and after.result == "fine"
