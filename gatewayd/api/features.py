@@ -40,7 +40,10 @@ class FeatureRoutes:
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
-FEATURES: tuple[Feature, ...] = (Feature("index", "gatewayd.api.index:routes"),)
+FEATURES: tuple[Feature, ...] = (
+    Feature("index", "gatewayd.api.index:routes"),
+    Feature("openai", "gatewayd.api.openai:routes", extra="llm"),
+)
 
 
 def load_features(
