@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -118,14 +118,16 @@ async def _unless_disconnected(awaitable: Awaitable[T], receive: Receive) -> T:
     return work.result()
 
 
-class EventStream(Response):
+class EventStream(StreamingResponse):
     """Server-sent events from `events` (each already `data: ...\\n\\n`); when the client
     disconnects, `events` is cancelled and closed at once (not at its next chunk)."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, events: AsyncIterator[bytes], on_end: Any) -> None:
-        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.events = events
         self.on_end = on_end  # called with "done", "disconnected" or "error"
 
@@ -381,6 +383,9 @@ async def get_model(request: Request) -> Response:
 
 
 def routes(components: Any) -> list[BaseRoute]:
+    """The routes, when the gateway has generators (else the feature is off: no routes)."""
+    if not getattr(components, "generators", None):
+        return []
     return [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
