@@ -488,5 +488,11 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
 def _check_generators(config: GatewayConfig) -> None:
     from gatewayd.generation.prepare import check_section
 
+    problems = []
     for name, section in config.generators.items():
-        check_section(name, section)
+        try:
+            check_section(name, section)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))

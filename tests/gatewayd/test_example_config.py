@@ -15,8 +15,8 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from protocols.frames import Data, Push, encode
-from tests.engine.generate.tiny_llama import write_tiny_llama
 from tests.brokers import MosquittoBroker, free_port
+from tests.engine.generate.tiny_llama import write_tiny_llama
 from tests.gatewayd.daemon_process import REPO, GatewayProcess
 from tests.gatewayd.devices import TcpDevice
 from tests.gatewayd.notify import NotifySocket
