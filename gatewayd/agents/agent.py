@@ -343,7 +343,7 @@ class Agent:
             async for delta in self.generate([{"role": "user", "content": "Hi"}]):
                 text += delta.text            # delta.finish_reason on the last one
 
-        or `text = await self.generate(prompt).text()`. It runs outside the agent's storage:
-        a long generation belongs in `start_task` (a turn has `turn_timeout`). Breaking out
-        of the loop cancels it. `NoEngineError` when no such model is configured."""
+        or `text = await self.generate(prompt).text()`. A long generation belongs in a
+        background task (`AgentHost.start_task`): a turn has `turn_timeout`. Breaking out of
+        the loop cancels it. `NoEngineError` when no such model is configured."""
         return self._gw_host.generate(prompt, model, sampling)
