@@ -41,6 +41,8 @@ DEFAULT_MAX_TOKENS = 1024  # when the generator's section is not known (app buil
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 T = TypeVar("T")
+# The engine's finish reasons that OpenAI's clients do not know: a deadline cut the answer short.
+FINISH_REASONS = {"deadline": "length"}
 
 
 class ClientGone(Exception):
@@ -226,6 +228,8 @@ class _Call:
     def _choice(
         self, text: str | None, finish_reason: str | None, *, role: bool = False
     ) -> dict[str, Any]:
+        if finish_reason is not None:
+            finish_reason = FINISH_REASONS.get(finish_reason, finish_reason)
         if not self.chat:
             return {
                 "index": 0,

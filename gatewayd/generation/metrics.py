@@ -5,7 +5,7 @@ both count): requests by finish reason, prompt (prefill) and completion (decode)
 counters (`rate()` gives tokens/s), time to first token and inter-token latency histograms,
 requests in flight. Sampled from each generator at scrape time (`GeneratorCollector`):
 running and waiting sequences, KV blocks used and free, the prefix cache hit rate and
-preemptions.
+preemptions, and the prefill and decode tokens the engine computed (when it counts them).
 """
 
 from __future__ import annotations
@@ -63,17 +63,27 @@ _SAMPLED = {
         "gatewayd_generate_prefix_cache_hit_rate",
         "Share of full prompt blocks found in the prefix cache",
     ),
-    "preemptions": (
+    "preemptions_total": (
         "gatewayd_generate_preemptions",
         "Sequences preempted (KV blocks freed, recomputed later)",
     ),
+    "prefill_tokens_total": (
+        "gatewayd_generate_prefill_tokens_computed",
+        "Prompt tokens the engine computed (a prefix-cache hit is not computed; a preempted "
+        "sequence is computed again)",
+    ),
+    "decode_tokens_total": (
+        "gatewayd_generate_decode_tokens_computed",
+        "Tokens the engine decoded",
+    ),
 }
-_COUNTERS = {"preemptions"}
+_COUNTERS = {"preemptions_total", "prefill_tokens_total", "decode_tokens_total"}
 
 
 def generator_stats(generator: Any) -> dict[str, float]:
     """`generator.stats()` as a flat dict of numbers; for an engine without `stats()` the
-    same keys read from its scheduler (best effort, sampled from another thread)."""
+    main keys read from its scheduler (best effort, sampled from another thread; remove once
+    every engine has `stats()`)."""
     stats = getattr(generator, "stats", None)
     if callable(stats):
         raw = stats()
@@ -101,7 +111,7 @@ def generator_stats(generator: Any) -> dict[str, float]:
         "kv_blocks_used": float(pool.usable_blocks - available),
         "kv_blocks_free": float(available),
         "prefix_cache_hit_rate": pool.prefix_hits / lookups if lookups else 0.0,
-        "preemptions": float(scheduler.preemptions),
+        "preemptions_total": float(scheduler.preemptions),
     }
 
 

@@ -308,11 +308,14 @@ async def test_metrics_count_requests_tokens_and_latency(base_url: str, tiny: Ge
         )
         assert sample("gatewayd_generate_inter_token_seconds_count", model="tiny") > 0
         assert sample("gatewayd_generate_prompt_tokens_total", model="tiny") > 0
-        assert sample("gatewayd_generate_running_sequences", model="tiny") == 0
-        free = sample("gatewayd_generate_kv_blocks_free", model="tiny")
-        assert free == generator_stats(tiny)["kv_blocks_free"] > 0
-        assert (
-            REGISTRY.get_sample_value("gatewayd_generate_preemptions_total", {"model": "tiny"}) == 0
-        )
+        sampled = {  # None: not exported
+            name: REGISTRY.get_sample_value(f"gatewayd_generate_{name}", {"model": "tiny"})
+            for name in ("running_sequences", "waiting_sequences", "kv_blocks_free",
+                         "kv_blocks_used", "prefix_cache_hit_rate", "preemptions_total")
+        }  # fmt: skip
+        assert sampled["running_sequences"] == sampled["waiting_sequences"] == 0
+        assert sampled["kv_blocks_used"] == 0 and sampled["preemptions_total"] == 0
+        assert sampled["kv_blocks_free"] == generator_stats(tiny)["kv_blocks_free"] > 0
+        assert sampled["prefix_cache_hit_rate"] is not None
     finally:
         COLLECTOR.untrack("tiny")
