@@ -88,6 +88,8 @@ async def http_client(base_url: str, streams: int, tokens: int) -> dict[str, Any
     """The client side, run in its own process (`--client`): N concurrent streams."""
     ttfts: list[float] = []
     async with AsyncOpenAI(base_url=f"{base_url}/v1", api_key=TOKEN.secret, max_retries=0) as api:
+        await http_stream(api, 0, 1, [])  # the client's own first-call set-up is not measured
+        print("go", flush=True)  # the server starts counting its CPU here
         wall = time.perf_counter()
         counts = await asyncio.gather(*(http_stream(api, i, tokens, ttfts) for i in range(streams)))
         wall = time.perf_counter() - wall
@@ -106,17 +108,22 @@ async def one_run(
         )
         wall = time.perf_counter() - wall
         total = sum(counts)
+        cpu_end = 0.0
     else:  # the clients in another process: their JSON parsing is not the server's cost
         client = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--client", base_url, str(streams), str(tokens),
             str(FILLERS), stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, _ = await client.communicate()
-        if client.returncode != 0:
+        assert client.stdout is not None
+        if (await client.stdout.readline()).strip() != b"go":
+            raise RuntimeError("the benchmark client failed before its requests")
+        cpu = time.process_time()  # not the fork/exec of the client, nor its warm-up call
+        report = json.loads(await client.stdout.readline())
+        cpu_end = time.process_time()
+        if await client.wait() != 0:
             raise RuntimeError(f"the benchmark client failed ({client.returncode})")
-        report = json.loads(out)
         total, wall, ttfts = report["tokens"], report["wall_s"], report["ttfts"]
-    cpu = time.process_time() - cpu
+    cpu = (cpu_end if kind == "http" else time.process_time()) - cpu
     return {
         "tokens_per_s": total / wall,
         "ttft_p50_s": percentile(ttfts, 50),
@@ -165,7 +172,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await server.stop(2)
         generator.close()
     print(
-        f"{'streams':>7} {'side':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'cpu ms/tok':>10}"
+        f"{'streams':>7} {'side':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'server cpu ms/tok':>17}"
     )
     for streams, sides in results.items():
         for side, r in sides.items():
