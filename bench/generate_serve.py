@@ -164,9 +164,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[str, list[dict[str, float]]] = {"direct": [], "http": []}
             for _ in range(args.repeats):
                 for kind in ("direct", "http"):
-                    runs[kind].append(
-                        await one_run(kind, generator, base_url, streams, args.tokens)
-                    )
+                    run = await one_run(kind, generator, base_url, streams, args.tokens)
+                    runs[kind].append(run)
+                    print(f"{streams:>3} streams {kind:>6}: {run}", file=sys.stderr, flush=True)
             results[str(streams)] = {kind: median_of(r) for kind, r in runs.items()}
     finally:
         await server.stop(2)

@@ -207,6 +207,8 @@ class Components:
             summary["mqtt"] = self.transports["mqtt"].state
         if self.engine is not None:
             summary["models"] = len(self.engine.model_names())
+        if self.generators:
+            summary["generators"] = len(self.generators)
         return summary
 
 

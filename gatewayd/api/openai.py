@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
@@ -72,9 +72,11 @@ def _validation_error(err: ValidationError) -> JSONResponse:
     return openai_error(400, f"{param}: {message}" if param else message, param=param)
 
 
-async def _read_body(request: Request, model: type[T]) -> T | JSONResponse:
+async def _read_body(request: Request, model: type[T]) -> T | Response:
     try:
         data = json.loads(await request.body())
+    except ClientDisconnect:
+        return Response(status_code=499)  # gone before its request was read: nothing to do
     except ValueError as err:
         return openai_error(400, f"the request body is not valid JSON: {err}")
     if not isinstance(data, dict):
@@ -115,6 +117,8 @@ async def _unless_disconnected(awaitable: Awaitable[T], receive: Receive) -> T:
             work.cancel()
             with contextlib.suppress(BaseException):
                 await work
+    if watch.done() and not watch.cancelled() and watch.exception() is not None:
+        log.debug("openai: watching for a disconnect failed", exc_info=watch.exception())
     if work.cancelled():
         raise ClientGone
     return work.result()
