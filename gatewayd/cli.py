@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from gatewayd import __version__, deadletters_cli
+from gatewayd.generation import cli as generation_cli
 from gatewayd.mcp import cli as mcp_cli
 
 EXIT_OK = 0
@@ -27,6 +28,7 @@ commands:
   gatewayd check-config /etc/gatewayd/gatewayd.toml validate a config file and exit
   gatewayd dead-letters list -c FILE               MQTT messages given up on (replay ID|--all)
   gatewayd mcp -c FILE --token-file TOKEN          MCP over stdio, through the daemon's /mcp
+  gatewayd model build -c FILE                     fetch and convert the [generators] models
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path, metavar="FILE")
     deadletters_cli.add_parser(commands)
     mcp_cli.add_parser(commands)
+    generation_cli.add_parser(commands)
     return parser
 
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return deadletters_cli.main(args)
     if args.command == "mcp":
         return mcp_cli.main(args)
+    if args.command == "model":
+        return generation_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 
