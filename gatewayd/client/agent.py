@@ -80,6 +80,7 @@ class RpcCall:
     def _fail(self, err: BaseException) -> None:
         if not self._result.done():
             self._result.set_exception(err)
+            self._result.exception()  # raised to whoever awaits; no "never retrieved"
         self._chunks.put_nowait(_END)
 
     @property

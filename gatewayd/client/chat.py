@@ -44,6 +44,8 @@ class ChatResponse:
         self.status: str | None = None  # complete, cancelled, error, interrupted, or None
         self.error: str | None = None
         self.last_seq = -1
+        self._early: dict[int, Chunk] = {}  # chunks ahead of a gap, by seq
+        self._final: tuple[str, str | None] | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -71,10 +73,18 @@ class ChatResponse:
                 return
             await self._queue.get()
 
-    def _add(self, seq: int, chunk: Chunk) -> bool:
+    def _add(self, seq: int, chunk: Chunk) -> None:
+        """Take chunk `seq`: in order; a replayed one this client has is skipped, one that
+        comes early (live chunks can overtake a resume's replay) waits for the gap to fill."""
         if seq <= self.last_seq:
-            return False  # a replayed chunk this client already has
-        self.last_seq = seq
+            return
+        self._early[seq] = chunk
+        while self.last_seq + 1 in self._early:
+            self.last_seq += 1
+            self._apply(self._early.pop(self.last_seq))
+        self._finish_if_complete()
+
+    def _apply(self, chunk: Chunk) -> None:
         self.chunks.append(chunk)
         kind = chunk.get("type")
         if kind == "text-delta":
@@ -88,7 +98,22 @@ class ChatResponse:
                 entry.update({k: v for k, v in chunk.items() if k != "type"})
                 entry["state"] = kind
         self._queue.put_nowait(None)
-        return True
+
+    def _end(self, status: str, error: str | None = None) -> None:
+        """The gateway said the answer ended; it finishes once no chunk is missing."""
+        self._final = (status, error)
+        self._finish_if_complete()
+
+    def _flush(self) -> None:
+        """No more chunks will come (the replay is over): apply what waits, gaps or not."""
+        for seq in sorted(self._early):
+            self.last_seq = seq
+            self._apply(self._early.pop(seq))
+        self._finish_if_complete()
+
+    def _finish_if_complete(self) -> None:
+        if self._final is not None and not self._early:
+            self._finish(*self._final)
 
     def _finish(self, status: str, error: str | None = None) -> None:
         if self._done.done():
@@ -102,6 +127,7 @@ class ChatResponse:
             return
         self.status, self.error = "error", str(err)
         self._done.set_exception(err)
+        self._done.exception()  # the error is raised to whoever waits; no "never retrieved"
         self._queue.put_nowait(_END)
 
 
@@ -138,6 +164,7 @@ class ChatClient(AgentClient):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(lost)
+                waiter.exception()
 
     def on_response(self, listener: Callable[[ChatResponse], None]) -> Callable[[], None]:
         """Call `listener(response)` for each answer this client did not start itself (another
@@ -219,7 +246,7 @@ class ChatClient(AgentClient):
                 response._add(seq, chunk)
         elif kind == "gw.chat.done":
             response = self._response_for(frame)
-            response._finish(str(frame.get("status", "complete")), frame.get("error"))
+            response._end(str(frame.get("status", "complete")), frame.get("error"))
             self._spawn(self._refresh_messages())
         elif kind == "gw.chat.resuming":
             response = self._response_for(frame)
@@ -249,7 +276,7 @@ class ChatClient(AgentClient):
             else:
                 self._report(err)
         elif kind == "gw.chat.replay_complete":
-            pass
+            self._response_for(frame)._flush()
         elif isinstance(kind, str) and kind.startswith("gw.chat."):
             pass  # a frame of a newer gateway: send_frame/raw listeners may use it
         else:
@@ -291,6 +318,7 @@ class ChatClient(AgentClient):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(lost)
+                waiter.exception()
         self._messages_waiters, self._resume_waiters = [], []
 
     async def _settle_offline(self, unfinished: list[ChatResponse]) -> None:
