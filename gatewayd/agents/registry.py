@@ -43,6 +43,10 @@ class ConnectionRegistry:
             if not conns:
                 del self._by_agent[key]
 
+    def all(self) -> list[Connection]:
+        """Every registered connection (a copy)."""
+        return list(self._by_id.values())
+
     def registered(self, key: AgentKey) -> Collection[Connection]:
         """Every registered connection of the agent `key`, closed by the peer or not (a live
         view: do not register or unregister while iterating it)."""

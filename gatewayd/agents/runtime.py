@@ -495,6 +495,19 @@ class AgentRuntime(AlarmsMixin):
     def is_awake(self, agent_class: str, agent_id: str) -> bool:
         return self._scheduler.is_awake((agent_class, agent_id))
 
+    def awake_agents(self) -> list[tuple[str, str]]:
+        """The (class, id) of every agent in memory now (a read-only view, e.g. dashboards)."""
+        return [key for key, slot in self._scheduler.slots.items() if slot.agent is not None]
+
+    def open_connections(
+        self, agent_class: str | None = None, agent_id: str | None = None
+    ) -> list[Connection]:
+        """Open connections, of one agent when `agent_class` and `agent_id` are given (a
+        read-only view: do not send through them)."""
+        if agent_class is not None and agent_id is not None:
+            return self._registry.open_of((agent_class, agent_id))
+        return [c for c in self._registry.all() if not c.closed]
+
     def hibernate_idle(self, idle_for_s: float = 0.0) -> int:
         """Evict every idle agent idle for at least `idle_for_s` now; returns how many."""
         return self._scheduler.evict_idle(self._scheduler.now() - idle_for_s)

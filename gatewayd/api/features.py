@@ -40,7 +40,11 @@ class FeatureRoutes:
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
-FEATURES: tuple[Feature, ...] = (Feature("index", "gatewayd.api.index:routes"),)
+FEATURES: tuple[Feature, ...] = (
+    Feature("index", "gatewayd.api.index:routes"),
+    Feature("client", "gatewayd.api.static:routes"),
+    Feature("dashboard", "gatewayd.api.dashboard:routes"),
+)
 
 
 def load_features(

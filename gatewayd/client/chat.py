@@ -42,6 +42,9 @@ class ChatResponse:
         # Tool calls by id: {"toolName", "input", "state", "output"|"error"|"approval"...}.
         self.tool_calls: dict[str, dict[str, Any]] = {}
         self.status: str | None = None  # complete, cancelled, error, interrupted, or None
+        # Tool calls the answer paused on: [{"toolCallId", "toolName", "kind"}] (gw.chat.done).
+        self.waiting: list[dict[str, Any]] = []
+        self.message_id: str | None = None  # the message it writes (a continuation's start)
         self.error: str | None = None
         self.last_seq = -1
         self._early: dict[int, Chunk] = {}  # chunks ahead of a gap, by seq
@@ -87,6 +90,8 @@ class ChatResponse:
     def _apply(self, chunk: Chunk) -> None:
         self.chunks.append(chunk)
         kind = chunk.get("type")
+        if kind == "start" and isinstance(chunk.get("messageId"), str):
+            self.message_id = chunk["messageId"]
         if kind == "text-delta":
             self.text += str(chunk.get("delta", ""))
         elif kind == "reasoning-delta":
@@ -179,9 +184,19 @@ class ChatClient(AgentClient):
 
     # -- frames out ------------------------------------------------------------------------
 
-    async def send(self, message: str | Message, **body: Any) -> ChatResponse:
+    async def send(
+        self,
+        message: str | Message,
+        *,
+        client_tools: list[dict[str, Any]] | None = None,
+        **body: Any,
+    ) -> ChatResponse:
         """Append a user message (text, or a whole message dict) and ask for the answer.
-        Extra keyword fields reach the agent as `ctx.body`."""
+        `client_tools` (`[{"name", "description"?, "parameters"?}]`) are tools this client
+        runs (answer their calls with `tool_result`); other keyword fields reach the agent as
+        `ctx.body`."""
+        if client_tools is not None:
+            body["clientTools"] = client_tools
         if isinstance(message, str):
             message = {
                 "id": uuid.uuid4().hex,
@@ -196,6 +211,47 @@ class ChatClient(AgentClient):
             await self._send(
                 {**body, "type": "gw.chat.send", "id": request, "messages": self.messages}
             )
+        except ClientError as err:
+            self._responses.pop(request, None)
+            response._fail(err)
+            raise
+        return response
+
+    async def approve(
+        self, tool_call_id: str, approved: bool = True, reason: str | None = None
+    ) -> ChatResponse:
+        """Approve (or deny) a tool call waiting in state `approval-requested`. Returns the
+        response of the continuation the gateway streams once no call of the answer waits
+        any more (with other calls still waiting, it starts when the last is answered)."""
+        frame: dict[str, Any] = {
+            "type": "gw.chat.tool_approval",
+            "toolCallId": tool_call_id,
+            "approved": approved,
+        }
+        if reason is not None:
+            frame["reason"] = reason
+        return await self._answer(frame)
+
+    async def deny(self, tool_call_id: str, reason: str | None = None) -> ChatResponse:
+        return await self.approve(tool_call_id, False, reason)
+
+    async def tool_result(
+        self, tool_call_id: str, output: Any = None, *, error_text: str | None = None
+    ) -> ChatResponse:
+        """Answer a client tool call (a `tool-call` chunk with `"client": true`)."""
+        frame: dict[str, Any] = {"type": "gw.chat.tool_result", "toolCallId": tool_call_id}
+        if error_text is not None:
+            frame["errorText"] = error_text
+        else:
+            frame["output"] = output
+        return await self._answer(frame)
+
+    async def _answer(self, frame: dict[str, Any]) -> ChatResponse:
+        request = f"py-{uuid.uuid4().hex[:8]}-{next(self._requests)}"
+        response = ChatResponse(request)
+        self._responses[request] = response
+        try:
+            await self._send({**frame, "id": request})
         except ClientError as err:
             self._responses.pop(request, None)
             response._fail(err)
@@ -246,6 +302,8 @@ class ChatClient(AgentClient):
                 response._add(seq, chunk)
         elif kind == "gw.chat.done":
             response = self._response_for(frame)
+            waiting = frame.get("waiting")
+            response.waiting = waiting if isinstance(waiting, list) else []
             response._end(str(frame.get("status", "complete")), frame.get("error"))
             self._spawn(self._refresh_messages())
         elif kind == "gw.chat.resuming":
@@ -265,6 +323,16 @@ class ChatClient(AgentClient):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(self.messages)
+        elif kind == "gw.chat.message_updated":
+            message = frame.get("message")
+            if isinstance(message, dict) and "id" in message:
+                ids = [m.get("id") for m in self.messages]
+                if message["id"] in ids:
+                    self.messages = [
+                        message if m.get("id") == message["id"] else m for m in self.messages
+                    ]
+                else:
+                    self.messages = [*self.messages, message]
         elif kind == "gw.chat.cleared":
             self.messages = []
         elif kind == "gw.chat.error":
