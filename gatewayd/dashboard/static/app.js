@@ -71,7 +71,7 @@ function table(caption, columns, rows, empty = "None.") {
   if (!rows.length) return el("p", { class: "hint", text: empty });
   return el("div", { class: "table-wrap" },
     el("table", {},
-      el("caption", { class: "hint", style: "text-align:left", text: caption }),
+      el("caption", { class: "sr-only", text: caption }),
       el("thead", {}, el("tr", {}, columns.map((c) => el("th", { scope: "col", text: c[0] })))),
       el("tbody", {}, rows.map((row) => el("tr", {}, columns.map((c) => {
         const value = c[1](row);
