@@ -83,8 +83,10 @@ async def test_sign_in_overview_agent_page_and_devices(
     # The token survives a reload (sessionStorage), so the page does not ask again.
     await page.reload()
     await page.get_by_role("heading", name="Overview").wait_for(timeout=WAIT_MS)
-    if os.environ.get("GATEWAYD_SCREENSHOT_DIR"):
-        await page.wait_for_timeout(3000)  # a few more samples in the charts
+    if os.environ.get("GATEWAYD_SCREENSHOT_DIR"):  # the README's picture: some traffic first
+        for i in range(60):
+            await reading(device, f"room-{i % 4}", 18.0 + (i % 7) / 2)
+            await page.wait_for_timeout(150)
         await page.screenshot(
             path=str(Path(os.environ["GATEWAYD_SCREENSHOT_DIR"]) / "dashboard.png")
         )

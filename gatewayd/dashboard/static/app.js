@@ -186,22 +186,27 @@ function overviewView(view) {
   let stopped = false;
 
   function render(data) {
-    const latest = { ...data.latest, agents_hibernated: data.agents.hibernated };
+    // Each tile shows its key's newest value (latencies exist only where something ran).
+    const latest = {};
+    for (const sample of samples) Object.assign(latest, sample);
+    Object.assign(latest, data.latest, { agents_hibernated: data.agents.hibernated });
     tiles.replaceChildren(...TILES.filter(([key]) => latest[key] !== undefined && latest[key] !== null)
       .map(([key, label, format]) => {
         let value = format ? format(latest[key]) : fmt.num(latest[key]);
         let cls = null;
         if (key === "mqtt_state") cls = latest[key] === "connected" ? "status-ok" : "status-bad";
+        if (typeof latest[key] === "string" && key !== "mqtt_state") cls = "text";
         return el("div", { class: "tile" }, el("dt", { text: label }),
           el("dd", { "data-metric": key, class: cls, text: value }));
       }));
-    const windowS = samples.length ? Math.min(600, samples[samples.length - 1].t - samples[0].t || 60) : 60;
+    const span = samples.length > 1 ? samples[samples.length - 1].t - samples[0].t : 0;
+    const windowS = Math.min(600, Math.max(10, span));
     const figures = CHARTS.filter(([key]) => samples.some((s) => typeof s[key] === "number")).map(([key, label]) => {
       const points = samples.map((s) => [s.t, s[key]]);
       const last = points[points.length - 1][1];
       return el("figure", { class: "chart", "data-chart": key },
         el("figcaption", {}, el("span", { text: label }), el("span", { text: fmt.num(last) })),
-        lineChart(points, { windowS: Math.max(windowS, 60), label: `${label}, last ${Math.round(windowS / 60) || 1} min` }));
+        lineChart(points, { windowS, label: `${label}, last ${windowS < 90 ? `${Math.round(windowS)} s` : `${Math.round(windowS / 60)} min`}` }));
     });
     const histogram = data.latest.batch_size_histogram;
     if (histogram && histogram.some((b) => b[1] > 0)) {
