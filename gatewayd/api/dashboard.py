@@ -236,7 +236,9 @@ def _float(value: str | None, name: str) -> float:
 
 
 def routes(components: Any) -> FeatureRoutes:
-    if not components.config.dashboard.enabled:
+    config = getattr(components, "config", None)
+    if config is None or not config.dashboard.enabled or components.runtime is None:
+        # An app built without a running gateway (tests, tools) has nothing to show.
         return FeatureRoutes([])
     dashboard = Dashboard(components)
     return FeatureRoutes(

@@ -31,7 +31,7 @@ CHAT_TOOLS = "replies" in inspect.signature(ScriptedBackend).parameters  # the t
 def gateway(tmp_path: Path, notify: NotifySocket, mosquitto: MosquittoBroker) -> Iterator[Gateway]:
     extra = ""
     if CHAT_TOOLS:
-        extra = '[agents.classes.site]\nclass = "tests.dashboard.dash_agents:Site"\n'
+        extra = '[agents.classes.site]\nclass = "tests.dashboard.tool_chat_agents:Site"\n'
     gw = Gateway(tmp_path, notify, api=True, broker_url=mosquitto.url, extra=extra)
     gw.process.start()
     try:
