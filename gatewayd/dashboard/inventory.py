@@ -296,20 +296,13 @@ def _allowed(agent_id: str, transports: list[str], admissions: list[_Admission])
 
 
 def _callables(cls: type) -> list[dict[str, Any]]:
+    """The class's `@callable` methods (what a client may call), by name."""
     found = []
-    for name in dir(cls):
-        if name.startswith("_"):
-            continue
-        info = getattr(getattr(cls, name, None), "__gw_callable__", None) or getattr(
-            getattr(cls, name, None), "_gw_callable", None
-        )
-        if info is not None:
+    for name in sorted(dir(cls)):
+        info = getattr(getattr(cls, name, None), "__gw_callable__", None)
+        if info is not None and not name.startswith("_"):
             found.append(
-                {
-                    "name": name,
-                    "streaming": bool(getattr(info, "streaming", False)),
-                    "description": str(getattr(info, "description", "")),
-                }
+                {"name": name, "streaming": info.streaming, "description": info.description}
             )
     return found
 

@@ -111,10 +111,41 @@ async def test_sign_in_overview_agent_page_and_devices(
     await page.locator("#call-result", has_text="→ 23").wait_for(timeout=WAIT_MS)
     await state.filter(has_text='"target": 23,').wait_for(timeout=WAIT_MS)
 
+    assert await unlabelled_controls(page) == []
+
     await page.get_by_role("link", name="Devices").click()
     row = page.get_by_role("row").filter(has_text="dev-1")
     await row.filter(has_text="open (no allow-list)").wait_for(timeout=WAIT_MS)
     assert "yes" in await row.inner_text()  # connected: its MQTT link is open
+
+    # A phone: nothing wider than the screen but the tables, which scroll on their own.
+    await page.set_viewport_size({"width": 390, "height": 844})
+    for view in ("overview", "agents", "devices"):
+        await page.goto(f"{gateway.api_url}/dashboard/#/{view}")
+        await page.locator("#view h2").first.wait_for(timeout=WAIT_MS)
+        assert await page.evaluate(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        ), f"the {view} page is wider than a phone"
+        assert await unlabelled_controls(page) == []
+    # The keyboard reaches the sections: the first Tab shows the skip link, then the nav.
+    await page.reload()
+    await page.locator("#view h2").first.wait_for(timeout=WAIT_MS)
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent") == "Overview"
+
+
+async def unlabelled_controls(page: Any) -> list[str]:
+    """Form controls a screen reader could not name."""
+    names: list[str] = await page.evaluate(
+        """() => [...document.querySelectorAll("input, select, textarea, button")]
+            .filter((el) => el.offsetParent !== null)
+            .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
+                            && !(el.tagName === "BUTTON" && el.textContent.trim()))
+            .map((el) => el.outerHTML)"""
+    )
+    return names
 
 
 @pytest.mark.skipif(not CHAT_TOOLS, reason="needs the chat tool loop (gw.chat.tool_approval)")
