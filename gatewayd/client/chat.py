@@ -149,6 +149,7 @@ class ChatClient(AgentClient):
         self._resume_waiters: list[asyncio.Future[ChatResponse | None]] = []
         self._requests = itertools.count(1)
         self._background: set[asyncio.Task[Any]] = set()
+        self._cut_off: list[ChatResponse] = []  # answers streaming when the connection dropped
 
     async def connect(self) -> ChatClient:
         await super().connect()
@@ -312,7 +313,8 @@ class ChatClient(AgentClient):
         elif kind == "gw.chat.resume_none":
             self._answer_resume(None)
             # Answers that were streaming when the connection dropped ended meanwhile.
-            unfinished = [r for r in self._responses.values() if not r.finished]
+            unfinished = [r for r in self._cut_off if not r.finished]
+            self._cut_off = []
             if unfinished:
                 self._spawn(self._settle_offline(unfinished))
         elif kind == "gw.chat.messages":
@@ -376,6 +378,7 @@ class ChatClient(AgentClient):
     def _on_connected(self, reconnected: bool) -> None:
         # Follow an answer that is streaming: the one this client was reading before the
         # connection dropped, or one another client started.
+        self._cut_off = [r for r in self._responses.values() if not r.finished]
         self._spawn(self._send_quietly({"type": "gw.chat.resume"}))
         if reconnected:
             self._spawn(self._refresh_messages())

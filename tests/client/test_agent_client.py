@@ -13,6 +13,7 @@ import pytest
 from gatewayd.client import (
     AgentClient,
     BadArgumentsError,
+    ChatClient,
     ConnectionLostError,
     MethodNotFoundError,
     ProtocolError,
@@ -94,9 +95,14 @@ async def test_unknown_class_is_refused_at_connect(gateway: Gateway) -> None:
 async def test_reconnects_after_a_daemon_restart_with_the_state_restored(
     gateway: Gateway,
 ) -> None:
-    async with AgentClient(
-        gateway.ws_url, "thermostat", "t-restart", backoff_min_s=0.05, backoff_max_s=0.5
-    ) as agent:
+    async with (
+        AgentClient(
+            gateway.ws_url, "thermostat", "t-restart", backoff_min_s=0.05, backoff_max_s=0.5
+        ) as agent,
+        ChatClient(gateway.ws_url, "chat", "c-restart", backoff_min_s=0.05) as chat,
+    ):
+        first = await chat.send("before the restart")
+        assert await first.wait() == "complete"
         await agent.call("set_target", 24.0)
         pending = agent.stream("history", 1)  # answered before the stop
         await pending.result()
@@ -110,3 +116,15 @@ async def test_reconnects_after_a_daemon_restart_with_the_state_restored(
         assert agent.connects == 2
         assert agent.state["target"] == 24.0  # sent again by the new process, from disk
         assert await agent.call("set_target", 22.0) == 22.0
+
+        # The chat client came back too, with the stored conversation, and goes on.
+        await chat.wait_connected(WAIT_S)
+        second = await chat.send("after it")
+        assert await second.wait() == "complete" and second.text == "echo: after it"
+        texts = [m["parts"][0]["text"] for m in await chat.get_messages()]
+        assert texts == [
+            "before the restart",
+            "echo: before the restart",
+            "after it",
+            "echo: after it",
+        ]

@@ -366,6 +366,7 @@ export class ChatClient extends AgentClient {
     this._byStream = new Map();
     this._messagesWaiters = [];
     this._resumeWaiters = [];
+    this._cutOff = [];
     this._requests = 0;
     this._listeners.response = new Set();
     this._listeners.messages = new Set();
@@ -440,7 +441,9 @@ export class ChatClient extends AgentClient {
       this._responseFor(frame)._flush();
     } else if (kind === "gw.chat.resume_none") {
       this._answerResume(null);
-      for (const r of this._responses.values()) if (!r.finished) { r._finish("ended while disconnected"); this._refresh(); }
+      // Answers that were streaming when the connection dropped ended meanwhile.
+      for (const r of this._cutOff) if (!r.finished) { r._finish("ended while disconnected"); this._refresh(); }
+      this._cutOff = [];
     } else if (kind === "gw.chat.messages") {
       if (Array.isArray(frame.messages)) this.messages = frame.messages;
       this._emit("messages", this.messages);
@@ -482,6 +485,7 @@ export class ChatClient extends AgentClient {
   }
   _refresh() { this.getMessages().catch(() => {}); }
   _onConnected(reconnected) {
+    this._cutOff = [...this._responses.values()].filter((r) => !r.finished);
     try { this._send({ type: "gw.chat.resume" }); } catch { /* closed again already */ }
     if (reconnected) this._refresh();
   }
