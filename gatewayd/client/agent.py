@@ -259,15 +259,28 @@ class AgentClient:
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call the agent's `@callable` `method`; its return value, or a typed `RpcError`."""
-        return await self.stream(method, *args, **kwargs).result()
+        call, rpc_id, frame = self._new_call(method, args, kwargs)
+        if rpc_id:
+            await self._send_for(call, rpc_id, frame)
+        return await call._result
 
     def stream(self, method: str, *args: Any, **kwargs: Any) -> RpcCall:
         """Call a streaming `@callable`: iterate the result for its chunks, then
         `await call.result()` for its return value. The frame is sent at once."""
+        call, rpc_id, frame = self._new_call(method, args, kwargs)
+        if rpc_id:
+            task = asyncio.ensure_future(self._send_for(call, rpc_id, frame))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return call
+
+    def _new_call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[RpcCall, str, dict[str, Any]]:
+        """A registered call and its frame; no id when it failed at once (not connected)."""
         call = RpcCall(method)
         if self._ws is None or not self._ready.is_set():
             call._fail(self._not_connected())
-            return call
+            return call, "", {}
         rpc_id = str(next(self._ids))
         self._calls[rpc_id] = call
         frame: dict[str, Any] = {"type": "gw.rpc", "id": rpc_id, "method": method}
@@ -275,9 +288,7 @@ class AgentClient:
             frame["args"] = list(args)
         if kwargs:
             frame["kwargs"] = kwargs
-        task = asyncio.ensure_future(self._send_for(call, rpc_id, frame))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return call
+        return call, rpc_id, frame
 
     async def send_message(self, message: str | bytes) -> None:
         """Send user data (delivered to the agent's `on_message` untouched)."""
