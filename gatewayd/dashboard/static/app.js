@@ -349,7 +349,7 @@ function agentView(view, [agentClass, agentId]) {
 
     const render = () => {
       const items = chat.messages.map((m) => messageItem(m));
-      if (streaming && !streaming.finished) {
+      if (streaming && !streaming.finished && streaming.chunks.length) {
         items.push(el("li", { "data-role": "assistant" }, el("div", { class: "role", text: "assistant (streaming)" }),
           el("div", { text: streaming.text })));
       }
@@ -371,7 +371,7 @@ function agentView(view, [agentClass, agentId]) {
         if (p.state === "approval-requested") {
           const answer = (approved) => () => {
             try {
-              chat.sendFrame("gw.chat.tool_approval", { id: `dash-${Date.now()}`, toolCallId: p.toolCallId, approved });
+              follow(chat.approve(p.toolCallId, approved));
               for (const b of box.querySelectorAll("button")) b.disabled = true;
             } catch (err) { note.textContent = err.message; }
           };
@@ -391,15 +391,6 @@ function agentView(view, [agentClass, agentId]) {
     };
     chat.on("messages", render);
     chat.on("response", follow);
-    chat.on("message", (raw) => {  // gw.chat.message_updated and other newer frames
-      try {
-        const frame = JSON.parse(raw);
-        if (frame.type === "gw.chat.message_updated" && frame.message) {
-          chat.messages = chat.messages.map((m) => (m.id === frame.message.id ? frame.message : m));
-          render();
-        }
-      } catch { /* user data */ }
-    });
     chat.on("error", (err) => { note.textContent = err.message; });
     form.onsubmit = (event) => {
       event.preventDefault();
