@@ -36,6 +36,9 @@ RATES = {
     "gatewayd_agent_hibernations": "hibernations_per_s",
     "gatewayd_mqtt_published": "mqtt_published_per_s",
     "gatewayd_engine_requests": "engine_requests_per_s",
+    # Local generation (gatewayd/generation/metrics.py), when generators run.
+    "gatewayd_generate_completion_tokens": "gen_tokens_per_s",
+    "gatewayd_generate_prompt_tokens": "gen_prompt_tokens_per_s",
 }
 # gauge family -> sample key of its value (summed over labels)
 GAUGES = {
@@ -45,26 +48,19 @@ GAUGES = {
     "gatewayd_tcp_connections": "tcp_devices",
     "gatewayd_outbox_undelivered": "outbox_undelivered",
     "gatewayd_engine_queued_rows": "engine_queued_rows",
+    "gatewayd_generate_running_sequences": "gen_running",
+    "gatewayd_generate_waiting_sequences": "gen_waiting",
 }
+KV_USED, KV_FREE = "gatewayd_generate_kv_blocks_used", "gatewayd_generate_kv_blocks_free"
 # histogram family -> sample key of its mean over the interval, in milliseconds
 MEANS_MS = {
     "gatewayd_agent_commit_group_seconds": "commit_latency_ms",
     "gatewayd_agent_turn_seconds": "turn_latency_ms",
     "gatewayd_engine_run_seconds": "engine_run_ms",
+    "gatewayd_generate_time_to_first_token_seconds": "gen_ttft_ms",
 }
 BATCH_ROWS = "gatewayd_engine_batch_rows"  # histogram: the batch-size distribution
 ENGINE_BATCHES = "gatewayd_engine_batches"  # counter with a `phase` label
-
-
-def _generation_key(name: str, kind: str) -> str | None:
-    """Generation metrics, by name pattern (their module may or may not be installed)."""
-    if "generat" not in name and "llm" not in name:
-        return None
-    if kind == "counter" and "token" in name:
-        return "gen_tokens_per_s"
-    if kind == "gauge" and ("kv" in name or "cache" in name):
-        return "kv_usage"
-    return None
 
 
 class Sampler:
@@ -149,6 +145,7 @@ class Sampler:
         totals: dict[str, float] = {}
         sample: Sample = {}
         batch_buckets: dict[str, float] = {}
+        kv: dict[str, float] = {}
         for family in self._registry.collect():
             name, kind = family.name, family.type
             if name == "process_start_time_seconds":
@@ -184,18 +181,13 @@ class Sampler:
                         sample["mqtt_not_allowed_total"] = (
                             sample.get("mqtt_not_allowed_total", 0) + s.value
                         )
-            else:
-                generation = _generation_key(name, kind)
-                if generation == "gen_tokens_per_s":
-                    totals[generation] = totals.get(generation, 0.0) + _sum(
-                        s.value for s in family.samples if s.name.endswith("_total")
-                    )
-                elif generation == "kv_usage":
-                    sample[generation] = sample.get(generation, 0.0) + _sum(
-                        s.value for s in family.samples
-                    )
+            elif name in (KV_USED, KV_FREE):
+                kv[name] = kv.get(name, 0.0) + _sum(s.value for s in family.samples)
         if batch_buckets:
             sample["batch_size_histogram"] = _distribution(batch_buckets)
+        kv_blocks = kv.get(KV_USED, 0.0) + kv.get(KV_FREE, 0.0)
+        if kv_blocks > 0:
+            sample["kv_usage_pct"] = round(kv.get(KV_USED, 0.0) / kv_blocks * 100.0, 1)
         return totals, sample
 
     def _add_transports(self, totals: dict[str, float], sample: Sample) -> None:

@@ -194,6 +194,9 @@ def test_sampler_rates_means_and_the_batch_histogram() -> None:
     rows = Histogram(
         "gatewayd_engine_batch_rows", "r", ["model"], buckets=(1, 4, 16), registry=registry
     )
+    tokens = Counter("gatewayd_generate_completion_tokens", "t", ["model"], registry=registry)
+    kv_used = Gauge("gatewayd_generate_kv_blocks_used", "u", ["model"], registry=registry)
+    kv_free = Gauge("gatewayd_generate_kv_blocks_free", "f", ["model"], registry=registry)
     now = [1000.0]
     sampler = Sampler(
         types.SimpleNamespace(transports={}, runtime=None),
@@ -210,8 +213,14 @@ def test_sampler_rates_means_and_the_batch_histogram() -> None:
     latency.observe(0.004)
     for n in (1, 3, 3, 9, 40):
         rows.labels("m").observe(n)
+    tokens.labels("a").inc(60)
+    tokens.labels("b").inc(40)
+    kv_used.labels("a").set(30)
+    kv_free.labels("a").set(90)
     now[0] += 2.0
     second = sampler.sample()
+    assert second["gen_tokens_per_s"] == 50.0
+    assert second["kv_usage_pct"] == 25.0
     assert second["commits_per_s"] == 5.0
     assert second["agents_awake"] == 3.0
     assert second["commit_latency_ms"] == pytest.approx(3.0)

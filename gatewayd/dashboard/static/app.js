@@ -159,7 +159,9 @@ const TILES = [
   ["commit_latency_ms", "Commit latency (ms)"],
   ["engine_batches_per_s", "Engine batches /s"],
   ["gen_tokens_per_s", "Generation tokens /s"],
-  ["kv_usage", "KV cache usage"],
+  ["gen_running", "Generating sequences"],
+  ["gen_ttft_ms", "Time to first token (ms)"],
+  ["kv_usage_pct", "KV cache used (%)"],
 ];
 const CHARTS = [
   ["mqtt_in_per_s", "MQTT messages in /s"],
@@ -172,7 +174,7 @@ const CHARTS = [
   ["turn_latency_ms", "Turn latency (ms)"],
   ["engine_batches_per_s", "Engine batches /s"],
   ["gen_tokens_per_s", "Generation tokens /s"],
-  ["kv_usage", "KV cache usage"],
+  ["kv_usage_pct", "KV cache used (%)"],
 ];
 
 function overviewView(view) {
