@@ -174,3 +174,36 @@ class SyncChatClient(SyncAgentClient):
 
     def get_messages(self) -> list[Message]:
         return self._thread.run(self.chat.get_messages())
+
+    def approve(
+        self,
+        tool_call_id: str,
+        approved: bool = True,
+        reason: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ChatResponse:
+        """Approve (or deny) a waiting tool call; waits for the continuation to end."""
+
+        async def answer() -> ChatResponse:
+            response = await self.chat.approve(tool_call_id, approved, reason)
+            await response.wait()
+            return response
+
+        return self._thread.run(answer(), timeout_s)
+
+    def tool_result(
+        self,
+        tool_call_id: str,
+        output: Any = None,
+        *,
+        error_text: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ChatResponse:
+        """Answer a client tool call; waits for the continuation to end."""
+
+        async def answer() -> ChatResponse:
+            response = await self.chat.tool_result(tool_call_id, output, error_text=error_text)
+            await response.wait()
+            return response
+
+        return self._thread.run(answer(), timeout_s)
