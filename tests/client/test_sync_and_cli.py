@@ -38,7 +38,7 @@ def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_sync_client_and_cli_verbs(gateway: Gateway) -> None:
+def test_sync_client_and_cli_verbs_call_state_set_state_and_watch(gateway: Gateway) -> None:
     with SyncAgentClient(gateway.ws_url, "thermostat", "thermo-1") as agent:
         assert agent.call("set_target", 22) == 22.0
         agent.send_message('{"temp": 19.5}')
@@ -67,13 +67,15 @@ def test_sync_client_and_cli_verbs(gateway: Gateway) -> None:
     failed = cli(gateway, "call", "thermostat", "thermo-1", "nope")
     assert failed.returncode == 1 and "has no method 'nope'" in failed.stderr
 
+    watch_prints_each_change(gateway)
+
     with SyncChatClient(gateway.ws_url, "chat", "c-1") as chat:
         answer = chat.send("hello there")
         assert answer.status == "complete" and answer.text == "echo: hello there"
         assert [m["role"] for m in chat.get_messages()] == ["user", "assistant"]
 
 
-def test_watch_prints_each_change(gateway: Gateway) -> None:
+def watch_prints_each_change(gateway: Gateway) -> None:
     watcher = subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "agent", "watch", "thermostat", "w-1", "--count", "1",
          "--url", gateway.ws_url],

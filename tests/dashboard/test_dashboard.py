@@ -127,6 +127,8 @@ async def test_sign_in_overview_agent_page_and_devices(
             "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
         ), f"the {view} page is wider than a phone"
         assert await unlabelled_controls(page) == []
+    await served_browser_client_works(page, gateway)
+
     # The keyboard reaches the sections: the first Tab shows the skip link, then the nav.
     await page.reload()
     await page.locator("#view h2").first.wait_for(timeout=WAIT_MS)
@@ -171,9 +173,8 @@ async def test_an_approval_clicked_in_the_page_lets_the_chat_continue(
     assert await approve.count() == 0  # the call is no longer waiting
 
 
-async def test_the_browser_client_module_is_served_without_a_token(
-    gateway: Gateway, page: Any
-) -> None:
+async def served_browser_client_works(page: Any, gateway: Gateway) -> None:
+    """/client/gatewayd.js needs no token and works from a page: sync, RPC, typed errors."""
     response = await page.goto(f"{gateway.api_url}/client/gatewayd.js")
     assert response is not None and response.ok
     assert "export class AgentClient" in await response.text()
