@@ -223,6 +223,8 @@ class Dashboard:
             raise ApiError(400, "class and id are required (the agent's class and id)")
         if agent_class not in self.components.runtime.classes:
             raise ApiError(404, f"no agent class {agent_class!r}", code="not_found")
+        if not self.inventory.exists(agent_class, agent_id):
+            raise ApiError(404, f"no agent {agent_class}/{agent_id}", code="not_found")
         return agent_class, agent_id
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from gatewayd.client.errors import (
     ClientError,
@@ -350,7 +350,7 @@ class AgentClient:
                     await self._read(ws)
                     code = ws.close_code
                     reason = ws.close_reason or ""
-            except (OSError, InvalidStatus, TimeoutError, ConnectionClosed) as err:
+            except (OSError, TimeoutError, WebSocketException) as err:
                 code, reason = None, str(err)
                 if isinstance(err, InvalidStatus) and err.response.status_code == 404:
                     code = 1008

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.agents.storage import agent_db_file
+
 MAX_LISTED = 5000  # agents listed per request; the page searches within them
 
 
@@ -124,6 +126,18 @@ class Inventory:
             "agents": listed[:MAX_LISTED],
             "truncated": len(listed) > MAX_LISTED,
         }
+
+    def exists(self, agent_class: str, agent_id: str) -> bool:
+        """The agent is awake or has a database: looking at it must not create it."""
+        if self._runtime.is_awake(agent_class, agent_id):
+            return True
+        try:
+            path = agent_db_file(
+                str(self.components.config.gateway.state_dir), agent_class, agent_id
+            )
+        except ValueError:  # not a valid id at all
+            return False
+        return os.path.exists(path)
 
     async def agent(self, agent_class: str, agent_id: str, logs: Any = None) -> dict[str, Any]:
         """One agent: state, schedules, queue, dead letters, failures, connections, errors."""

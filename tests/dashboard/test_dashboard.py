@@ -158,6 +158,7 @@ async def test_an_approval_clicked_in_the_page_lets_the_chat_continue(
     await sign_in(page, gateway)
     await page.get_by_role("heading", name="Overview").wait_for(timeout=WAIT_MS)
     await page.goto(f"{gateway.api_url}/dashboard/#/agent/site/site-1")
+    await page.get_by_role("button", name="Connect (creates site/site-1)").click()
     await page.locator("#live-status", has_text="live").wait_for(timeout=WAIT_MS)
     await page.get_by_label("Message").fill("set room 2 to 21")
     await page.keyboard.press("Enter")

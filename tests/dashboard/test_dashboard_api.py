@@ -115,6 +115,10 @@ async def test_tokens_scopes_and_classes(gateway: tuple[Components, httpx.AsyncC
     assert hidden.status_code == 403
     bad = await http.get("/ops/api/agent?class=nope&id=x", headers=auth(OPERATOR))
     assert bad.status_code == 404 and "nope" in bad.json()["error"]["message"]
+    unknown = await http.get("/ops/api/agent?class=worker&id=never-seen", headers=auth(OPERATOR))
+    assert unknown.status_code == 404  # looking does not create the agent
+    listing = (await http.get("/ops/api/agents?class=worker", headers=auth(OPERATOR))).json()
+    assert [a["id"] for a in listing["agents"]] == ["w-1"]
     assert (
         await http.get("/ops/api/overview?since=soon", headers=auth(OPERATOR))
     ).status_code == 400

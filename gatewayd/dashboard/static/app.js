@@ -444,7 +444,18 @@ function agentView(view, [agentClass, agentId]) {
   (async () => {
     const data = await loadDetails(true);
     if (stopped) return;
-    if (session.ws.enabled) await connect(Boolean(data && data.chat));
+    if (!data) {
+      // Looking never creates an agent; connecting to it does (e.g. to start a new chat).
+      live.textContent = "not found"; live.className = "badge status-bad";
+      if (session.ws.enabled && !session.read_only) {
+        details.append(el("button", {
+          type: "button", id: "create-agent",
+          onclick: async () => { await connect(false); route(); },
+        }, `Connect (creates ${agentClass}/${agentId})`));
+      }
+      return;
+    }
+    if (session.ws.enabled) await connect(Boolean(data.chat));
     else live.textContent = "WebSocket listener off";
     const tick = async () => { if (stopped) return; await loadDetails(false); timer = setTimeout(tick, 3000); };
     timer = setTimeout(tick, 3000);
