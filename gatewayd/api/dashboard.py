@@ -31,7 +31,8 @@ from starlette.routing import BaseRoute, Route
 from gatewayd import __version__
 from gatewayd.api.errors import ApiError
 from gatewayd.api.features import FeatureRoutes
-from gatewayd.api.tokens import require_token
+from gatewayd.api.tokens import ApiToken, require_token
+from gatewayd.config import DashboardSection
 from gatewayd.dashboard.inventory import Inventory
 from gatewayd.dashboard.logbuffer import LogBuffer
 from gatewayd.dashboard.sampler import Sampler
@@ -78,7 +79,10 @@ def file_response(name: str, body: bytes) -> Response:
 
 class Dashboard:
     def __init__(self, components: Any) -> None:
-        section = components.config.dashboard
+        # Without a running gateway (an app built for tests or tools) the page is served and
+        # every /api/ route answers 503.
+        config = getattr(components, "config", None)
+        section = config.dashboard if config is not None else DashboardSection()
         self.components = components
         self.path = section.path.rstrip("/")
         self.files = static_files()
@@ -130,8 +134,16 @@ class Dashboard:
 
     # -- the data ----------------------------------------------------------------------------
 
+    def _authorize(
+        self, request: Request, *, agent_class: str | None = None, write: bool = False
+    ) -> ApiToken:
+        token = require_token(request, SCOPE, agent_class=agent_class, write=write)
+        if getattr(self.components, "runtime", None) is None:
+            raise ApiError(503, "no gateway is running in this process", code="no_gateway")
+        return token
+
     async def session(self, request: Request) -> JSONResponse:
-        token = require_token(request, SCOPE)
+        token = self._authorize(request)
         ws = self.components.config.listeners.websocket
         host, port = ws.bind
         return JSONResponse(
@@ -155,7 +167,7 @@ class Dashboard:
         return int(getattr(listener, "bound_port", configured)) if listener else configured
 
     async def overview(self, request: Request) -> JSONResponse:
-        require_token(request, SCOPE)
+        self._authorize(request)
         since = _float(request.query_params.get("since"), "since")
         listing = await self.inventory.agents()
         latest = self.sampler.latest or {}
@@ -177,7 +189,7 @@ class Dashboard:
         )
 
     async def agents(self, request: Request) -> JSONResponse:
-        token = require_token(request, SCOPE)
+        token = self._authorize(request)
         agent_class = request.query_params.get("class") or None
         listing = await self.inventory.agents(request.query_params.get("q", ""), agent_class)
         listing["agents"] = [a for a in listing["agents"] if token.allows_class(a["class"])]
@@ -185,8 +197,9 @@ class Dashboard:
         return JSONResponse(listing)
 
     async def agent(self, request: Request) -> JSONResponse:
+        self._authorize(request)
         agent_class, agent_id = self._agent_params(dict(request.query_params))
-        require_token(request, SCOPE, agent_class=agent_class)
+        self._authorize(request, agent_class=agent_class)
         return JSONResponse(await self.inventory.agent(agent_class, agent_id, self.logs))
 
     async def replay(self, request: Request) -> JSONResponse:
@@ -196,8 +209,9 @@ class Dashboard:
             raise ApiError(400, 'the body must be JSON: {"class", "id", "item"}') from None
         if not isinstance(body, dict):
             raise ApiError(400, 'the body must be a JSON object: {"class", "id", "item"}')
+        self._authorize(request)
         agent_class, agent_id = self._agent_params(body)
-        require_token(request, SCOPE, agent_class=agent_class, write=True)
+        self._authorize(request, agent_class=agent_class, write=True)
         item = body.get("item")
         if not isinstance(item, str) or not item:
             raise ApiError(400, "item: the dead letter's id (a string) is required")
@@ -208,13 +222,13 @@ class Dashboard:
         return JSONResponse({"replayed": item})
 
     async def devices(self, request: Request) -> JSONResponse:
-        token = require_token(request, SCOPE)
+        token = self._authorize(request)
         listing = await self.inventory.devices()
         listing["devices"] = [d for d in listing["devices"] if token.allows_class(d["class"])]
         return JSONResponse(listing)
 
     async def recent_logs(self, request: Request) -> JSONResponse:
-        require_token(request, SCOPE)
+        self._authorize(request)
         return JSONResponse({"entries": [e.to_json() for e in self.logs.recent(100)]})
 
     def _agent_params(self, params: dict[str, Any]) -> tuple[str, str]:
@@ -239,8 +253,7 @@ def _float(value: str | None, name: str) -> float:
 
 def routes(components: Any) -> FeatureRoutes:
     config = getattr(components, "config", None)
-    if config is None or not config.dashboard.enabled or components.runtime is None:
-        # An app built without a running gateway (tests, tools) has nothing to show.
+    if config is not None and not config.dashboard.enabled:
         return FeatureRoutes([])
     dashboard = Dashboard(components)
     return FeatureRoutes(
