@@ -253,8 +253,8 @@ def _float(value: str | None, name: str) -> float:
 
 def routes(components: Any) -> FeatureRoutes:
     config = getattr(components, "config", None)
-    if config is not None and not config.dashboard.enabled:
-        return FeatureRoutes([])
+    if config is None or not config.dashboard.enabled:
+        return FeatureRoutes([])  # off, or an app built without a gateway (tests, tools)
     dashboard = Dashboard(components)
     return FeatureRoutes(
         dashboard.routes(), lifespan=dashboard.lifespan(), summary=dashboard.path + "/"

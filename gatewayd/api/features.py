@@ -45,6 +45,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("client", "gatewayd.api.static:routes"),
     Feature("dashboard", "gatewayd.api.dashboard:routes"),
 )
+FEATURES += (Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),)
 
 
 def load_features(

@@ -22,6 +22,8 @@ FILES = {
 
 
 def routes(components: Any) -> list[BaseRoute]:
+    if components is None:
+        return []  # an app built without a gateway (tests, tools): no agents to talk to
     web = resources.files("gatewayd.client") / "web"
     bodies = {name: (web / name).read_bytes() for name in FILES}
 

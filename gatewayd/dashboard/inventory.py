@@ -100,8 +100,7 @@ class Inventory:
         """Known agents (on disk or awake), filtered by class and a substring of the id."""
         awake = set(self._runtime.awake_agents())
         connections: dict[tuple[str, str], int] = {}
-        for conn in self._runtime.open_connections():
-            key = (conn.link.route.agent_class, conn.link.route.agent_id)
+        for key, _conn in self._runtime.open_connections():
             connections[key] = connections.get(key, 0) + 1
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for f in await self.agent_files():
@@ -187,7 +186,9 @@ class Inventory:
             **detail,
             "errors": errors[:50],
             "connections": [
-                _connection_json(c) for c in runtime.open_connections(agent_class, agent_id)
+                _connection_json(c)
+                for key, c in runtime.open_connections()
+                if key == (agent_class, agent_id)
             ],
         }
 
@@ -220,10 +221,9 @@ class Inventory:
         if config.listeners.binary.enabled:
             device_classes.setdefault(config.listeners.binary.agent_class, "tcp")
         links: dict[tuple[str, str], list[Any]] = {}
-        for conn in self._runtime.open_connections():
+        for key, conn in self._runtime.open_connections():
             if conn.transport in ("mqtt", "tcp"):
-                route = conn.link.route
-                links.setdefault((route.agent_class, route.agent_id), []).append(conn)
+                links.setdefault(key, []).append(conn)
         seen: dict[tuple[str, str], float | None] = {
             (f.agent_class, f.agent_id): f.last_write
             for f in await self.agent_files()
