@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ class LogBuffer(logging.Handler):
     def __init__(self, capacity: int = 500, level: int = logging.WARNING) -> None:
         super().__init__(level)
         self.entries: deque[LogEntry] = deque(maxlen=capacity)
+        self._guard = threading.Lock()  # records may come from the commit threads
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -36,13 +38,22 @@ class LogBuffer(logging.Handler):
         except Exception:  # a bad format string must not break logging
             message = str(record.msg)
         raw = record.args if isinstance(record.args, tuple) else ()
-        self.entries.append(
-            LogEntry(record.created, record.levelname, record.name, message, tuple(map(str, raw)))
+        entry = LogEntry(
+            record.created, record.levelname, record.name, message, tuple(map(str, raw))
         )
+        with self._guard:
+            self.entries.append(entry)
+
+    def _copy(self) -> list[LogEntry]:
+        with self._guard:
+            return list(self.entries)
 
     def recent(self, limit: int = 50) -> list[LogEntry]:
-        return list(self.entries)[-limit:][::-1]
+        """The newest `limit` entries, newest first."""
+        return self._copy()[-limit:][::-1]
 
     def about(self, agent_class: str, agent_id: str, limit: int = 20) -> list[LogEntry]:
-        found = [e for e in self.entries if e.about(agent_class, agent_id)]
+        """The newest entries logged about one agent (its class and id among the record's
+        arguments, as the runtime logs them), newest first."""
+        found = [e for e in self._copy() if e.about(agent_class, agent_id)]
         return found[-limit:][::-1]

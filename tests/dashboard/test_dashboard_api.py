@@ -5,6 +5,7 @@ metrics sampler on a registry of its own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -236,3 +237,23 @@ def test_sampler_rates_means_and_the_batch_histogram() -> None:
     sampler.sample()
     assert [s["t"] for s in sampler.samples()] == [1002.0, 1003.0, 1004.0]  # the last 3 s
     assert [s["t"] for s in sampler.samples(since=1002.0)] == [1003.0, 1004.0]
+
+
+def test_the_log_buffer_finds_an_agents_own_warnings() -> None:
+    from gatewayd.dashboard.logbuffer import LogBuffer
+
+    buffer = LogBuffer(capacity=3)
+    log = logging.getLogger("tests.dashboard.logbuffer")
+    log.addHandler(buffer)
+    try:
+        log.info("not kept: below WARNING")
+        log.warning("agents: %s/%r: message failed: %s", "worker", "w-1", "boom")
+        log.error("agents: %s/%r: message failed: %s", "worker", "w-10", "bang")
+        log.warning("mqtt: broker %s unreachable", "mqtt://x")
+    finally:
+        log.removeHandler(buffer)
+    assert [e.message for e in buffer.about("worker", "w-1")] == [
+        "agents: worker/'w-1': message failed: boom"
+    ]  # not w-10's, whose id merely starts the same
+    assert [e.level for e in buffer.recent()] == ["WARNING", "ERROR", "WARNING"]
+    assert buffer.recent()[0].message == "mqtt: broker mqtt://x unreachable"
