@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gatewayd import __version__, deadletters_cli
 from gatewayd.client import cli as client_cli
+from gatewayd.generation import cli as generation_cli
 from gatewayd.mcp import cli as mcp_cli
 
 EXIT_OK = 0
@@ -29,6 +30,7 @@ commands:
   gatewayd dead-letters list -c FILE               MQTT messages given up on (replay ID|--all)
   gatewayd agent call thermostat t1 set_target 22  call an agent (also: state, watch, set-state)
   gatewayd mcp -c FILE --token-file TOKEN          MCP over stdio, through the daemon's /mcp
+  gatewayd model build -c FILE                     fetch and convert the [generators] models
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     deadletters_cli.add_parser(commands)
     client_cli.add_parser(commands)
     mcp_cli.add_parser(commands)
+    generation_cli.add_parser(commands)
     return parser
 
 
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return client_cli.main(args)
     if args.command == "mcp":
         return mcp_cli.main(args)
+    if args.command == "model":
+        return generation_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 

@@ -99,6 +99,7 @@ class AgentRuntime(AlarmsMixin):
         settings: AgentSettings,
         classes: Mapping[str, type[Agent]],
         engine: Any = None,
+        generators: Mapping[str, Any] | None = None,
     ) -> None:
         for name, cls in classes.items():
             validate_class_name(name)
@@ -109,6 +110,8 @@ class AgentRuntime(AlarmsMixin):
         self.settings = settings
         self.classes: dict[str, type[Agent]] = dict(classes)
         self.engine = engine
+        # Local language models by name (engine.generate.Generator), for Agent.generate.
+        self.generators: dict[str, Any] = dict(generators or {})
         self._executor: ThreadPoolExecutor | None = None
         self._committer: GroupCommitter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -644,6 +647,15 @@ class AgentRuntime(AlarmsMixin):
             )
         return await self.engine.infer(model, inputs, **kwargs)
 
+    def _generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
+        from gatewayd.generation import Generation, GenerationError, pick_generator
+
+        try:
+            name, generator = pick_generator(self.generators, model)
+        except GenerationError as err:
+            raise NoEngineError(f"generate(model={model!r}): {err}") from None
+        return Generation(generator, name, prompt, **sampling)
+
 
 def _wake_only(agent: Agent) -> None:
     """A turn that only wakes its agent (its batch sends outputs left by the last run)."""
@@ -713,6 +725,9 @@ class _AgentHandle:
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         return await self._runtime._infer(model, inputs, **kwargs)
+
+    def generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
+        return self._runtime._generate(prompt, model, sampling)
 
     def submit(self, fn: Callable[[Agent], Any]) -> asyncio.Future[Any]:
         runtime = self._runtime

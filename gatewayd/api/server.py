@@ -104,7 +104,10 @@ class ApiServer:
     async def start(self) -> None:
         """Bind (OSError if the port is taken), enter the features' lifespans, serve."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: accepted sockets inherit it, and asyncio sets TCP_NODELAY only
+        # on sockets whose proto says TCP; without it every response written in two parts
+        # (headers, body; each SSE chunk) waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self._requested_port))
