@@ -112,6 +112,16 @@ class ApiSection(Section):
     shutdown_grace: Duration = 5.0
 
 
+class DashboardSection(Section):
+    # The operator's web page (README "Dashboard"), served by the HTTP API ([api]) at `path`
+    # to tokens with the "dashboard" scope.
+    enabled: bool = True
+    path: str = Field(default="/dashboard", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
+    # How often the daemon samples its metrics for the charts, and how much it keeps.
+    sample_interval: Duration = Field(default=1.0, gt=0)
+    history: Duration = Field(default=600.0, gt=0)
+
+
 McpToolGroup = Literal["agents", "devices", "schedules", "observability", "models"]
 
 
@@ -308,6 +318,7 @@ class GatewayConfig(Section):
     gateway: GatewaySection = GatewaySection()
     http: HttpSection = HttpSection()
     api: ApiSection = ApiSection()
+    dashboard: DashboardSection = DashboardSection()
     mcp: McpSection = McpSection()
     agents: AgentsSection = AgentsSection()
     listeners: ListenersSection = ListenersSection()

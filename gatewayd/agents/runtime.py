@@ -519,6 +519,10 @@ class AgentRuntime(AlarmsMixin):
     def is_awake(self, agent_class: str, agent_id: str) -> bool:
         return self._scheduler.is_awake((agent_class, agent_id))
 
+    def awake_agents(self) -> list[tuple[str, str]]:
+        """The (class, id) of every agent in memory now (a read-only view, e.g. dashboards)."""
+        return [key for key, slot in self._scheduler.slots.items() if slot.agent is not None]
+
     def hibernate_idle(self, idle_for_s: float = 0.0) -> int:
         """Evict every idle agent idle for at least `idle_for_s` now; returns how many."""
         return self._scheduler.evict_idle(self._scheduler.now() - idle_for_s)

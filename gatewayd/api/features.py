@@ -42,6 +42,8 @@ class FeatureRoutes:
 
 FEATURES: tuple[Feature, ...] = (
     Feature("index", "gatewayd.api.index:routes"),
+    Feature("client", "gatewayd.api.static:routes"),
+    Feature("dashboard", "gatewayd.api.dashboard:routes"),
     Feature("openai", "gatewayd.api.openai:routes", extra="llm"),
     Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),
 )
