@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from gatewayd import __version__, deadletters_cli
+from gatewayd.client import cli as client_cli
+from gatewayd.generation import cli as generation_cli
 from gatewayd.mcp import cli as mcp_cli
 
 EXIT_OK = 0
@@ -26,7 +28,9 @@ commands:
   gatewayd run -c /etc/gatewayd/gatewayd.toml     run the daemon in the foreground
   gatewayd check-config /etc/gatewayd/gatewayd.toml validate a config file and exit
   gatewayd dead-letters list -c FILE               MQTT messages given up on (replay ID|--all)
+  gatewayd agent call thermostat t1 set_target 22  call an agent (also: state, watch, set-state)
   gatewayd mcp -c FILE --token-file TOKEN          MCP over stdio, through the daemon's /mcp
+  gatewayd model build -c FILE                     fetch and convert the [generators] models
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -65,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", type=Path, metavar="FILE")
     deadletters_cli.add_parser(commands)
+    client_cli.add_parser(commands)
     mcp_cli.add_parser(commands)
+    generation_cli.add_parser(commands)
     return parser
 
 
@@ -77,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args.config, args.log_level)
     if args.command == "dead-letters":
         return deadletters_cli.main(args)
+    if args.command == "agent":
+        return client_cli.main(args)
     if args.command == "mcp":
         return mcp_cli.main(args)
+    if args.command == "model":
+        return generation_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 

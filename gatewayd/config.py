@@ -112,6 +112,16 @@ class ApiSection(Section):
     shutdown_grace: Duration = 5.0
 
 
+class DashboardSection(Section):
+    # The operator's web page (README "Dashboard"), served by the HTTP API ([api]) at `path`
+    # to tokens with the "dashboard" scope.
+    enabled: bool = True
+    path: str = Field(default="/dashboard", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
+    # How often the daemon samples its metrics for the charts, and how much it keeps.
+    sample_interval: Duration = Field(default=1.0, gt=0)
+    history: Duration = Field(default=600.0, gt=0)
+
+
 McpToolGroup = Literal["agents", "devices", "schedules", "observability", "models"]
 
 
@@ -269,15 +279,52 @@ class ModelSection(Section):
     trt_fp16: bool = True
 
 
+class GeneratorSection(Section):
+    """A local language model served by `engine.generate` (README "Local LLM generation").
+
+    Exactly one source: `model` (a built-in recipe, fetched and converted once), `gguf` (any
+    Llama-architecture GGUF file, converted once) or `onnx_dir` (an already converted model
+    directory). The other keys default to `engine.generate.Generator`'s own defaults."""
+
+    model: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    gguf: ExistingFile | None = None
+    onnx_dir: ConfigPath | None = None
+    # Weights of a converted model: "fp32" (dequantised) or "q4" (4-bit MatMulNBits).
+    weights: Literal["fp32", "q4"] = "fp32"
+    # Where `model`/`gguf` are converted (default: the model cache for `model`,
+    # STATE_DIR/generators/NAME for `gguf`).
+    cache_dir: ConfigPath | None = None
+    max_batch: int = Field(default=16, ge=1)
+    prefill_tokens: int = Field(default=512, ge=1)
+    kv_cache_tokens: int = Field(default=8192, ge=1)
+    block_size: int = Field(default=16, ge=1)
+    prefix_cache: bool = True
+    cpu_threads: int = Field(default=0, ge=0)
+    # max_tokens of a request that sets none.
+    max_tokens: int = Field(default=1024, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GeneratorSection:
+        given = [k for k in ("model", "gguf", "onnx_dir") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of model (a built-in recipe such as \"smollm2\"), gguf (a "
+                f"GGUF file) or onnx_dir (a converted model directory); found {given or 'none'}"
+            )
+        return self
+
+
 class GatewayConfig(Section):
     gateway: GatewaySection = GatewaySection()
     http: HttpSection = HttpSection()
     api: ApiSection = ApiSection()
+    dashboard: DashboardSection = DashboardSection()
     mcp: McpSection = McpSection()
     agents: AgentsSection = AgentsSection()
     listeners: ListenersSection = ListenersSection()
     mqtt: MqttSection = MqttSection()
     models: dict[str, ModelSection] = {}
+    generators: dict[str, GeneratorSection] = {}
 
     @model_validator(mode="after")
     def _routes_name_known_classes(self) -> GatewayConfig:

@@ -3,7 +3,7 @@
 Below the daemon: it never imports `gatewayd.daemon` (the daemon drives the components, not
 the other way round; `StartupError` lives here for that reason).
 
-Start: engine (models warmed) -> agent runtime -> transports. Stop: transports stop accepting and
+Start: engine (models warmed) -> generators (LLMs loaded) -> agent runtime -> transports. Stop: transports stop accepting and
 flush their acknowledgements -> the runtime drains and commits -> engine closes. This is the only
 module that translates config sections into the components' own settings objects, and the config
 model is the single source of defaults: the settings built from a config that sets nothing equal
@@ -64,7 +64,11 @@ class Components:
                 await self.engine.start()
             except EngineError as err:  # a model file that will not load: name it, no traceback
                 raise StartupError(str(err)) from None
-        self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
+        for name, section in self.config.generators.items():
+            await self._start_generator(name, section)
+        self.runtime = AgentRuntime(
+            agent_settings(self.config), classes, engine=self.engine, generators=self.generators
+        )
         await self.runtime.start()
         for name, transport in build_transports(self.config, self.runtime).items():
             if hasattr(transport, "spawn_loop"):  # its background loops run supervised
@@ -76,6 +80,34 @@ class Components:
             self.transports[name] = transport
         if self.config.api.enabled:
             await self._start_api()
+
+    async def _start_generator(self, name: str, section: Any) -> None:
+        """Prepare (fetch and convert once, with progress lines) and load one generator."""
+        from gatewayd.generation.metrics import COLLECTOR
+        from gatewayd.generation.prepare import PrepareError, start_generator
+
+        def progress(message: str) -> None:
+            log.info("generators: %s", message, extra={"fields": {"generator": name}})
+
+        started = asyncio.get_running_loop().time()
+        try:
+            generator = await start_generator(
+                name, section, self.config.gateway.state_dir, progress
+            )
+        except PrepareError as err:
+            raise StartupError(str(err)) from None
+        self.generators[name] = generator
+        COLLECTOR.track(name, generator)
+        log.info(
+            "generators: %s loaded",
+            name,
+            extra={
+                "fields": {
+                    "model_dir": str(generator.model_dir),
+                    "load_s": f"{asyncio.get_running_loop().time() - started:.2f}",
+                }
+            },
+        )
 
     async def _start_api(self) -> None:
         from gatewayd.api import ApiServer, TokenFileError, Tokens, build_app
@@ -126,7 +158,17 @@ class Components:
             await self.runtime.close()
         if self.engine is not None:
             await self.engine.close(timeout_s=left())
+        await self._close_generators(left())
         await self.supervisor.stop()
+
+    async def _close_generators(self, timeout_s: float) -> None:
+        from gatewayd.generation.metrics import COLLECTOR
+
+        for name, generator in self.generators.items():
+            COLLECTOR.untrack(name)
+            closing = asyncio.ensure_future(asyncio.to_thread(generator.close))
+            if not (await asyncio.wait({closing}, timeout=max(timeout_s, 0.1)))[0]:
+                log.warning("generators: %s did not finish its requests in time", name)
 
     def check_reloadable(self, new: GatewayConfig) -> None:
         """Raise ConfigError when `new` cannot be applied (e.g. its agent classes do not import)."""
@@ -165,6 +207,8 @@ class Components:
             summary["mqtt"] = self.transports["mqtt"].state
         if self.engine is not None:
             summary["models"] = len(self.engine.model_names())
+        if self.generators:
+            summary["generators"] = len(self.generators)
         return summary
 
 
@@ -433,6 +477,8 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
         checks.append(("models", lambda: build_engine(config)))
     if config.api.enabled and config.mcp.enabled and config.mcp.classes:
         checks.append(("mcp", lambda: _check_mcp_classes(config, config_file)))
+    if config.generators:
+        checks.append(("generators", lambda: _check_generators(config)))
     problems = []
     for key, build in checks:
         try:
@@ -450,3 +496,14 @@ def _check_mcp_classes(config: GatewayConfig, config_file: object) -> None:
         check_configured_methods(load_agent_classes(config, config_file), config.mcp.classes)
     except ValueError as err:  # reported as "mcp: classes.NAME: ..."
         raise ValueError(str(err).removeprefix("mcp.")) from None
+def _check_generators(config: GatewayConfig) -> None:
+    from gatewayd.generation.prepare import check_section
+
+    problems = []
+    for name, section in config.generators.items():
+        try:
+            check_section(name, section)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; ".join(problems))

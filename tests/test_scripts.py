@@ -82,7 +82,7 @@ def test_setup_reinstalls_for_a_new_extra_or_a_changed_pyproject(checkout: Path)
 
 
 def test_run_starts_the_daemon_without_pip_once_set_up(checkout: Path) -> None:
-    _run(checkout, "scripts/setup", "cpu")
+    _run(checkout, "scripts/setup", "cpu,llm,mcp")  # what scripts/run installs
     assert _run(checkout, "scripts/run", "--log-level", "debug") == [
         "gatewayd run -c config.example.toml --log-level debug"
     ]

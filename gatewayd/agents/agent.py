@@ -154,6 +154,11 @@ class AgentHost(Protocol):
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any: ...
 
+    def generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
+        """A `gatewayd.generation.Generation` (an async iterator of deltas) on a local
+        language model; `NoEngineError` when none (or no such one) is configured."""
+        ...
+
 
 class Agent:
     """Base class of all agents. See the module docstring for an example."""
@@ -329,3 +334,16 @@ class Agent:
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         """Batched inference through the runtime's engine (`NoEngineError` without one)."""
         return await self._gw_host.infer(model, inputs, **kwargs)
+
+    def generate(self, prompt: Any, *, model: str | None = None, **sampling: Any) -> Any:
+        """Stream text from a local language model (`[generators.NAME]`; `model` defaults to
+        the first one): `prompt` is a string or chat messages (`[{"role", "content"}]`),
+        `sampling` takes `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop` ...
+
+            async for delta in self.generate([{"role": "user", "content": "Hi"}]):
+                text += delta.text            # delta.finish_reason on the last one
+
+        or `text = await self.generate(prompt).text()`. A long generation belongs in a
+        background task (`AgentHost.start_task`): a turn has `turn_timeout`. Breaking out of
+        the loop cancels it. `NoEngineError` when no such model is configured."""
+        return self._gw_host.generate(prompt, model, sampling)

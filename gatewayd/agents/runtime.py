@@ -99,6 +99,7 @@ class AgentRuntime(AlarmsMixin):
         settings: AgentSettings,
         classes: Mapping[str, type[Agent]],
         engine: Any = None,
+        generators: Mapping[str, Any] | None = None,
     ) -> None:
         for name, cls in classes.items():
             validate_class_name(name)
@@ -109,6 +110,8 @@ class AgentRuntime(AlarmsMixin):
         self.settings = settings
         self.classes: dict[str, type[Agent]] = dict(classes)
         self.engine = engine
+        # Local language models by name (engine.generate.Generator), for Agent.generate.
+        self.generators: dict[str, Any] = dict(generators or {})
         self._executor: ThreadPoolExecutor | None = None
         self._committer: GroupCommitter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -516,6 +519,10 @@ class AgentRuntime(AlarmsMixin):
     def is_awake(self, agent_class: str, agent_id: str) -> bool:
         return self._scheduler.is_awake((agent_class, agent_id))
 
+    def awake_agents(self) -> list[tuple[str, str]]:
+        """The (class, id) of every agent in memory now (a read-only view, e.g. dashboards)."""
+        return [key for key, slot in self._scheduler.slots.items() if slot.agent is not None]
+
     def hibernate_idle(self, idle_for_s: float = 0.0) -> int:
         """Evict every idle agent idle for at least `idle_for_s` now; returns how many."""
         return self._scheduler.evict_idle(self._scheduler.now() - idle_for_s)
@@ -640,6 +647,15 @@ class AgentRuntime(AlarmsMixin):
             )
         return await self.engine.infer(model, inputs, **kwargs)
 
+    def _generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
+        from gatewayd.generation import Generation, GenerationError, pick_generator
+
+        try:
+            name, generator = pick_generator(self.generators, model)
+        except GenerationError as err:
+            raise NoEngineError(f"generate(model={model!r}): {err}") from None
+        return Generation(generator, name, prompt, **sampling)
+
 
 def _wake_only(agent: Agent) -> None:
     """A turn that only wakes its agent (its batch sends outputs left by the last run)."""
@@ -709,6 +725,9 @@ class _AgentHandle:
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         return await self._runtime._infer(model, inputs, **kwargs)
+
+    def generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
+        return self._runtime._generate(prompt, model, sampling)
 
     def submit(self, fn: Callable[[Agent], Any]) -> asyncio.Future[Any]:
         runtime = self._runtime

@@ -40,8 +40,13 @@ class FeatureRoutes:
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
-FEATURES: tuple[Feature, ...] = (Feature("index", "gatewayd.api.index:routes"),)
-FEATURES += (Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),)
+FEATURES: tuple[Feature, ...] = (
+    Feature("index", "gatewayd.api.index:routes"),
+    Feature("client", "gatewayd.api.static:routes"),
+    Feature("dashboard", "gatewayd.api.dashboard:routes"),
+    Feature("openai", "gatewayd.api.openai:routes", extra="llm"),
+    Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),
+)
 
 
 def load_features(

@@ -26,6 +26,9 @@ from gatewayd.api.features import FEATURES, Feature, FeatureRoutes, load_feature
 from gatewayd.api.tokens import Tokens
 
 log = logging.getLogger(__name__)
+# On stop, requests still open after this long are likely feature-owned listeners (MCP event
+# streams): the features' lifespans are then left so that those end too.
+LISTENER_GRACE_S = 0.5
 # uvicorn's start/stop chatter duplicates the daemon's own lines; its warnings still show.
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
@@ -104,7 +107,10 @@ class ApiServer:
     async def start(self) -> None:
         """Bind (OSError if the port is taken), enter the features' lifespans, serve."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: accepted sockets inherit it, and asyncio sets TCP_NODELAY only
+        # on sockets whose proto says TCP; without it every response written in two parts
+        # (headers, body; each SSE chunk) waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self._requested_port))
@@ -134,17 +140,30 @@ class ApiServer:
             await asyncio.sleep(0.005)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop accepting, let open requests (e.g. SSE streams) finish up to `timeout_s`,
-        then close what is left and leave the features' lifespans."""
+        """Stop accepting and let open requests (e.g. SSE streams) finish, up to `timeout_s`.
+
+        Long-lived listeners owned by a feature (MCP's event streams) never end by themselves:
+        if requests are still open after a moment, the features' lifespans are left first,
+        which ends those, and the rest keep what is left of `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout_s, 0.1)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
-            done, _ = await asyncio.wait({self._task}, timeout=max(timeout_s, 0.1))
-            if not done:
+            await asyncio.wait({self._task}, timeout=min(LISTENER_GRACE_S, timeout_s))
+            if not self._task.done():
+                await self._leave_lifespans()
+                await asyncio.wait({self._task}, timeout=max(0.0, deadline - loop.time()))
+            if not self._task.done():
                 self._server.force_exit = True
                 await asyncio.wait({self._task}, timeout=2.0)
                 if not self._task.done():
                     self._task.cancel()
-        with contextlib.suppress(Exception):
-            await self._stack.aclose()
+        await self._leave_lifespans()
         if self._socket is not None:
             self._socket.close()
+
+    async def _leave_lifespans(self) -> None:
+        try:
+            await self._stack.aclose()
+        except Exception:
+            log.exception("api: a feature failed while stopping")

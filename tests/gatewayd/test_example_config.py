@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from protocols.frames import Data, Push, encode
 from tests.brokers import MosquittoBroker, free_port
+from tests.engine.generate.tiny_llama import write_tiny_llama
 from tests.gatewayd.daemon_process import REPO, GatewayProcess
 from tests.gatewayd.devices import TcpDevice
 from tests.gatewayd.notify import NotifySocket
@@ -30,6 +31,10 @@ class ExampleSite:
         text = text.replace('"127.0.0.1:9184"', '"127.0.0.1:0"')
         text = text.replace('"127.0.0.1:8780"', '"127.0.0.1:0"')
         text = text.replace('"mqtt://127.0.0.1:1883"', f'"{broker.url}"')
+        # [generators.smollm2] on the tiny random Llama (converted at start-up in a second):
+        # the real SmolLM2 through this config is tests/generation/test_daemon.py's model test.
+        tiny = write_tiny_llama(tmp_path / "tiny.gguf")
+        text = text.replace('model = "smollm2"', f'gguf = "{tiny}"')
         text = re.sub(r'(secrets_file|tokens_file|path) = "([^"/][^"]*)"', rf'\1 = "{REPO}/\2"', text)
         config = tmp_path / "gatewayd.toml"
         config.write_text(text)

@@ -1,0 +1,371 @@
+"""What the dashboard lists: agents (on disk and in memory), one agent in detail, devices.
+
+Agents on disk are found by walking `state_dir/agents/<class>/` (each database stores its
+agent's id in `_gw_meta`; ids are cached by file, they never change). The walk runs off the
+event loop and is cached for `rescan_s`. An agent's detail is read in a turn of its own
+(`run_in_agent`: it wakes a hibernated agent, as opening its page over WebSocket does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gatewayd.agents.storage import agent_db_file
+
+MAX_LISTED = 5000  # agents listed per request; the page searches within them
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFile:
+    agent_class: str
+    agent_id: str
+    path: str
+    last_write: float  # mtime of the database or its WAL, whichever is newer
+
+
+def _read_agent_id(path: str) -> str | None:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM _gw_meta WHERE key = 'agent_id'").fetchone()
+        return None if row is None else str(row[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
+def _last_write(path: str) -> float:
+    times = []
+    for candidate in (path, path + "-wal"):
+        with contextlib.suppress(OSError):
+            times.append(os.stat(candidate).st_mtime)
+    return max(times, default=0.0)
+
+
+class Inventory:
+    """Agents and devices of one running daemon (`components`: `wiring.Components`)."""
+
+    def __init__(self, components: Any, *, rescan_s: float = 2.0) -> None:
+        self.components = components
+        self.rescan_s = rescan_s
+        self._ids: dict[str, str] = {}  # database path -> agent id
+        self._files: list[AgentFile] = []
+        self._scanned_at = -1e9
+        self._scan_lock = asyncio.Lock()
+
+    @property
+    def _runtime(self) -> Any:
+        return self.components.runtime
+
+    # -- agents ------------------------------------------------------------------------------
+
+    async def agent_files(self) -> list[AgentFile]:
+        async with self._scan_lock:
+            if time.monotonic() - self._scanned_at >= self.rescan_s:
+                classes = list(self._runtime.classes)
+                state_dir = str(self.components.config.gateway.state_dir)
+                self._files = await asyncio.to_thread(self._scan, state_dir, classes)
+                self._scanned_at = time.monotonic()
+            return self._files
+
+    def _scan(self, state_dir: str, classes: list[str]) -> list[AgentFile]:
+        found: list[AgentFile] = []
+        for agent_class in classes:
+            root = os.path.join(state_dir, "agents", agent_class)
+            for folder, _dirs, names in os.walk(root):
+                for name in names:
+                    if not name.endswith(".sqlite3"):
+                        continue
+                    path = os.path.join(folder, name)
+                    agent_id = self._ids.get(path)
+                    if agent_id is None:
+                        agent_id = _read_agent_id(path)
+                        if agent_id is None:
+                            continue  # being created, or not an agent database
+                        self._ids[path] = agent_id
+                    found.append(AgentFile(agent_class, agent_id, path, _last_write(path)))
+        return found
+
+    async def agents(self, query: str = "", agent_class: str | None = None) -> dict[str, Any]:
+        """Known agents (on disk or awake), filtered by class and a substring of the id."""
+        awake = set(self._runtime.awake_agents())
+        connections: dict[tuple[str, str], int] = {}
+        for key, _conn in self._runtime.open_connections():
+            connections[key] = connections.get(key, 0) + 1
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for f in await self.agent_files():
+            rows[(f.agent_class, f.agent_id)] = {
+                "class": f.agent_class,
+                "id": f.agent_id,
+                "last_write": f.last_write,
+            }
+        for key in awake:
+            rows.setdefault(key, {"class": key[0], "id": key[1], "last_write": None})
+        needle = query.lower()
+        listed = [
+            {**row, "awake": key in awake, "connections": connections.get(key, 0)}
+            for key, row in sorted(rows.items())
+            if (agent_class is None or key[0] == agent_class) and needle in key[1].lower()
+        ]
+        return {
+            "classes": sorted(self._runtime.classes),
+            "total": len(rows),
+            "awake": len(awake),
+            "hibernated": len(rows) - len(awake & rows.keys()),
+            "agents": listed[:MAX_LISTED],
+            "truncated": len(listed) > MAX_LISTED,
+        }
+
+    def exists(self, agent_class: str, agent_id: str) -> bool:
+        """The agent is awake or has a database: looking at it must not create it."""
+        if self._runtime.is_awake(agent_class, agent_id):
+            return True
+        try:
+            path = agent_db_file(
+                str(self.components.config.gateway.state_dir), agent_class, agent_id
+            )
+        except ValueError:  # not a valid id at all
+            return False
+        return os.path.exists(path)
+
+    async def agent(self, agent_class: str, agent_id: str, logs: Any = None) -> dict[str, Any]:
+        """One agent: state, schedules, queue, dead letters, failures, connections, errors."""
+        runtime = self._runtime
+        cls = runtime.classes[agent_class]
+
+        def read(agent: Any) -> dict[str, Any]:
+            queue = agent.get_queues(status=None)
+            # Schedule occurrences that used up their retries (no public Agent accessor yet).
+            failures = agent._gw_host.schedules().failures()
+            return {
+                "state": agent.state,
+                "schedules": [_schedule_json(s) for s in agent.get_schedules()],
+                "queue": [_queue_json(q) for q in queue if q.status != "dead"],
+                "dead_letters": [_queue_json(q) for q in queue if q.status == "dead"],
+                "schedule_failures": [_failure_json(f) for f in failures[-50:]],
+            }
+
+        detail = await runtime.run_in_agent(agent_class, agent_id, read)
+        errors = [] if logs is None else [e.to_json() for e in logs.about(agent_class, agent_id)]
+        for item in detail["dead_letters"]:
+            if item["last_error"]:
+                errors.append(
+                    {
+                        "at": item["dead_at"],
+                        "level": "DEAD",
+                        "logger": "queue",
+                        "message": f"{item['method']}: {item['last_error']}",
+                    }
+                )
+        for failure in detail["schedule_failures"]:
+            errors.append(
+                {
+                    "at": failure["failed_at"],
+                    "level": "FAILED",
+                    "logger": "schedule",
+                    "message": f"{failure['method']}: {failure['error']}",
+                }
+            )
+        errors.sort(key=lambda e: e["at"] or 0, reverse=True)
+        return {
+            "class": agent_class,
+            "id": agent_id,
+            "chat": any(c.__name__ == "ChatAgent" for c in cls.__mro__),
+            "callables": _callables(cls),
+            "awake": runtime.is_awake(agent_class, agent_id),
+            **detail,
+            "errors": errors[:50],
+            "connections": [
+                _connection_json(c)
+                for key, c in runtime.open_connections()
+                if key == (agent_class, agent_id)
+            ],
+        }
+
+    async def replay(self, agent_class: str, agent_id: str, item_id: str) -> bool:
+        """Put a dead letter back in the agent's queue (as a new item, same method and
+        payload); False when there is no such dead letter."""
+
+        def requeue(agent: Any) -> bool:
+            item = agent.get_queue(item_id)
+            if item is None or item.status != "dead":
+                return False
+            agent.dequeue(item_id)
+            options = {} if item.retry is None else {"retry": item.retry}
+            agent.queue(item.method, item.payload, **options)
+            return True
+
+        return bool(await self._runtime.run_in_agent(agent_class, agent_id, requeue))
+
+    # -- devices -----------------------------------------------------------------------------
+
+    async def devices(self) -> dict[str, Any]:
+        """Agents behind MQTT routes and the TCP listener: connected now or seen before."""
+        config = self.components.config
+        device_classes: dict[str, str] = {}
+        admissions: dict[str, list[_Admission]] = {}
+        if config.mqtt.enabled:
+            for route in config.mqtt.routes:
+                device_classes.setdefault(route.agent_class, "mqtt")
+                admissions.setdefault(route.agent_class, []).append(_Admission.of(route))
+        if config.listeners.binary.enabled:
+            device_classes.setdefault(config.listeners.binary.agent_class, "tcp")
+        links: dict[tuple[str, str], list[Any]] = {}
+        for key, conn in self._runtime.open_connections():
+            if conn.transport in ("mqtt", "tcp"):
+                links.setdefault(key, []).append(conn)
+        seen: dict[tuple[str, str], float | None] = {
+            (f.agent_class, f.agent_id): f.last_write
+            for f in await self.agent_files()
+            if f.agent_class in device_classes
+        }
+        for key in links:
+            seen.setdefault(key, None)
+        devices = []
+        for (agent_class, agent_id), last_write in sorted(seen.items()):
+            conns = links.get((agent_class, agent_id), [])
+            transports = sorted({c.transport for c in conns}) or [
+                device_classes.get(agent_class, "?")
+            ]
+            devices.append(
+                {
+                    "class": agent_class,
+                    "id": agent_id,
+                    "transports": transports,
+                    "connected": bool(conns),
+                    "remote": [c.remote for c in conns],
+                    "last_message": last_write,
+                    "allowed": _allowed(agent_id, transports, admissions.get(agent_class, [])),
+                }
+            )
+        mqtt = self.components.transports.get("mqtt")
+        return {
+            "devices": devices,
+            "mqtt": None
+            if mqtt is None
+            else {
+                "state": mqtt.state,
+                "broker": mqtt.broker,
+                "refused_not_allowed": mqtt.stats.extra.get("not_allowed", 0),
+                "routes": [
+                    {
+                        "topic": r.topic,
+                        "class": r.agent_class,
+                        "allow_list": r.allowed_ids_file is not None
+                        or r.allowed_id_pattern is not None,
+                    }
+                    for r in config.mqtt.routes
+                ],
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    ids: frozenset[str] | None
+    pattern: re.Pattern[str] | None
+
+    @classmethod
+    def of(cls, route: Any) -> _Admission:
+        ids = None
+        if route.allowed_ids_file is not None:
+            from protocols.mqtt_settings import load_id_list
+
+            with contextlib.suppress(OSError, ValueError):
+                ids = load_id_list(str(route.allowed_ids_file))
+        pattern = None if route.allowed_id_pattern is None else re.compile(route.allowed_id_pattern)
+        return cls(ids, pattern)
+
+    def verdict(self, agent_id: str) -> str | None:
+        """ "listed", "pattern", "not allowed", or None when the route admits every id."""
+        if self.ids is None and self.pattern is None:
+            return None
+        if self.ids is not None and agent_id in self.ids:
+            return "listed"
+        if self.pattern is not None and self.pattern.fullmatch(agent_id):
+            return "pattern"
+        return "not allowed"
+
+
+def _allowed(agent_id: str, transports: list[str], admissions: list[_Admission]) -> str:
+    if "tcp" in transports and "mqtt" not in transports:
+        return "authenticated (device secret)"
+    verdicts = [a.verdict(agent_id) for a in admissions]
+    if not verdicts or any(v is None for v in verdicts):
+        return "open (no allow-list)"
+    for wanted in ("listed", "pattern"):
+        if wanted in verdicts:
+            return f"allowed ({'in the list' if wanted == 'listed' else 'matches the pattern'})"
+    return "not allowed"
+
+
+def _callables(cls: type) -> list[dict[str, Any]]:
+    """The class's `@callable` methods (what a client may call), by name."""
+    found = []
+    for name in sorted(dir(cls)):
+        info = getattr(getattr(cls, name, None), "__gw_callable__", None)
+        if info is not None and not name.startswith("_"):
+            found.append(
+                {"name": name, "streaming": info.streaming, "description": info.description}
+            )
+    return found
+
+
+def _schedule_json(s: Any) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "method": s.method,
+        "kind": s.kind,
+        "next_at": s.time,
+        "cron": s.cron,
+        "every_s": s.every_s,
+        "status": s.status,
+        "attempts": s.attempts,
+        "last_error": s.last_error,
+    }
+
+
+def _queue_json(q: Any) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "method": q.method,
+        "payload": q.payload,
+        "status": q.status,
+        "attempts": q.attempts,
+        "ready_at": q.ready_at,
+        "last_error": q.last_error,
+        "created_at": q.created_at,
+        "dead_at": q.dead_at,
+    }
+
+
+def _failure_json(f: Any) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "schedule_id": f.schedule_id,
+        "method": f.method,
+        "attempts": f.attempts,
+        "error": f.error,
+        "failed_at": f.failed_at,
+    }
+
+
+def _connection_json(c: Any) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "transport": c.transport,
+        "remote": c.remote,
+        "tags": list(c.tags),
+        "readonly": c.readonly,
+        "protocol": c.protocol_enabled,
+    }
