@@ -513,7 +513,7 @@ def main() -> None:
         help="20 mosquitto_pub processes + mosquitto_sub watchers (bench/mqtt_real.py)",
     )
     parser.add_argument(
-        "--sat-rate", type=float, default=12000, help="--real-clients: saturated offered msg/s"
+        "--sat-rate", type=float, default=5000, help="--real-clients: saturated offered msg/s"
     )
     parser.add_argument(
         "--drain-s", type=float, default=15, help="--real-clients: most to wait for a backlog"
