@@ -13,7 +13,9 @@ engine's own overhead). Prints a table, then one JSON line with the target ratio
   engine@256 / naive@256                    (target >= 3)
   engine@1 p50 - raw@1 p50                  (target <= 100 us), with max_queue_delay_s=0
                                             and with the default 2 ms (adaptive batching)
-Every figure is the median over `--repeats` interleaved repeats.
+The three target figures come from back-to-back slices (raw, then the engine, 5 pairs per
+repeat: both sides of a ratio see the same load on a shared machine), median of the pairs;
+every figure is then the median over `--repeats` interleaved repeats.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONCURRENCY = (1, 16, 64, 256)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PAIRS = 5  # back-to-back raw/engine slices behind each target ratio
 
 
 def build_mlp(path: Path, widths: tuple[int, ...] = (256, 512, 512, 512, 16)) -> Path:
@@ -114,7 +117,7 @@ def bench_raw(sess: ort.InferenceSession, name: str, row: np.ndarray, seconds: f
 
 async def closed_loop(call, concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
+    stop_at = 0.0
 
     async def caller() -> None:
         while time.perf_counter() < stop_at:
@@ -124,6 +127,7 @@ async def closed_loop(call, concurrency: int, seconds: float) -> dict:
 
     for _ in range(max(1, 32 // concurrency)):  # warm the path
         await call()
+    stop_at = time.perf_counter() + seconds  # after the warm-up, which may take a while
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -190,6 +194,64 @@ async def bench_naive(sess: ort.InferenceSession, name: str, row: np.ndarray, se
     return results
 
 
+def raw_slice(sess: ort.InferenceSession, feed: dict, seconds: float) -> dict:
+    latencies = []
+    t0 = time.perf_counter()
+    while True:
+        start = time.perf_counter()
+        sess.run(None, feed)
+        end = time.perf_counter()
+        latencies.append(end - start)
+        if end - t0 > seconds and len(latencies) >= 10:
+            break
+    rows = feed[next(iter(feed))].shape[0]
+    return {
+        "samples_per_s": rows * len(latencies) / (time.perf_counter() - t0),
+        "p50_us": float(np.median(latencies) * 1e6),
+    }
+
+
+async def paired(
+    path: Path, model: str, sess: ort.InferenceSession, name: str, row: np.ndarray,
+    used: int, seconds: float, pairs: int,
+) -> dict:  # fmt: skip
+    """The target ratios from back-to-back slices (raw, then the engine, `pairs` times), so
+    both sides of each ratio see the same machine load; medians of the per-pair ratios."""
+    fast = Engine([ModelSpec(model, path, buckets=BUCKETS, max_queue_delay_s=0, queue_limit=4096)])
+    default = Engine([ModelSpec(f"{model}_d", path, buckets=BUCKETS, queue_limit=4096)])
+    await fast.start()
+    await default.start()
+    feed1 = {name: row}
+    feed_used = {name: np.repeat(row, used, axis=0)}
+
+    async def call_fast() -> None:
+        await fast.infer(model, feed1)
+
+    async def call_default() -> None:
+        await default.infer(f"{model}_d", feed1)
+
+    ratios, overheads, default_overheads = [], [], []
+    try:
+        for _ in range(pairs):
+            raw_used = raw_slice(sess, feed_used, seconds)
+            eng256 = await closed_loop(call_fast, 256, seconds)
+            ratios.append(eng256["samples_per_s"] / raw_used["samples_per_s"])
+            raw1 = raw_slice(sess, feed1, seconds)
+            eng1 = await closed_loop(call_fast, 1, seconds)
+            eng1_default = await closed_loop(call_default, 1, seconds)
+            overheads.append(eng1["p50_us"] - raw1["p50_us"])
+            default_overheads.append(eng1_default["p50_us"] - raw1["p50_us"])
+    finally:
+        await fast.close()
+        await default.close()
+    return {
+        "engine256_vs_raw_at_used_batch": float(np.median(ratios)),
+        "engine1_overhead_us": float(np.median(overheads)),
+        "engine1_default_delay_overhead_us": float(np.median(default_overheads)),
+        "pairs": pairs,
+    }
+
+
 def nearest_bucket(rows: float) -> int:
     return min(RAW_BATCHES, key=lambda b: abs(b - rows))
 
@@ -201,12 +263,14 @@ async def bench_model(label: str, path: Path, name: str, row: np.ndarray, second
     engine_default = await bench_default_delay(path, f"bench_{label}_d", name, row, seconds)
     naive = await bench_naive(sess, name, row, seconds)
     used = nearest_bucket(engine[256]["mean_batch_rows"])
+    pair = await paired(path, f"bench_{label}_p", sess, name, row, used, seconds / 2, PAIRS)
     summary = {
-        "engine256_vs_raw_at_used_batch": engine[256]["samples_per_s"] / raw[used]["samples_per_s"],
+        "engine256_vs_raw_at_used_batch": pair["engine256_vs_raw_at_used_batch"],
         "raw_batch_compared": used,
         "engine256_vs_naive256": engine[256]["samples_per_s"] / naive[256]["samples_per_s"],
-        "engine1_overhead_us": engine[1]["p50_us"] - raw[1]["p50_us"],
-        "engine1_default_delay_overhead_us": engine_default["p50_us"] - raw[1]["p50_us"],
+        "engine1_overhead_us": pair["engine1_overhead_us"],
+        "engine1_default_delay_overhead_us": pair["engine1_default_delay_overhead_us"],
+        "paired_slices": pair["pairs"],
     }
     return {
         "raw": raw,
