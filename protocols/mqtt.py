@@ -1397,23 +1397,24 @@ class MqttBridge:
         """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
         QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
         connection died, and the reply should go out on the next connection at once."""
-        publish = asyncio.ensure_future(
-            client.publish(
-                item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
-            )
-        )
         lost = client.disconnected
         if lost.done():
-            publish.cancel()
             raise aiomqtt.MqttError("the replies' connection was lost")
-        await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
-        if publish.done():
-            publish.result()
+        mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
+        if not published.done():
+            await asyncio.wait(
+                {published, lost},
+                timeout=self.settings.publish_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        if published.done():
             return
-        publish.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await publish
-        raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
+        client.forget_publish(mid)
+        if lost.done():
+            raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
+        raise aiomqtt.MqttError(
+            f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s"
+        )
 
     # ----------------------------------------------------------------- helpers
 

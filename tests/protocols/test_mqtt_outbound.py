@@ -146,3 +146,31 @@ async def test_a_reply_caught_by_a_dying_connection_goes_out_on_the_next_one_at_
     async with asyncio.timeout(30):  # well under the 120 s publish timeout
         assert await delivered == 1
     await bridge.stop()
+
+
+async def test_a_reply_without_puback_in_publish_timeout_is_published_again(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    # The bridge tracks its own PUBLISHes (one future per reply, ManualAckClient.publish_nowait);
+    # a PUBACK that does not come within publish_timeout means: publish again, and count it.
+    handler = await handler_factory()
+    bridge = MqttBridge(settings_for(mosquitto, publish_timeout_s=0.5), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    outbound = bridge._outbound_connection
+    await wait_until(lambda: outbound.client is not None, 5, "the replies' connection")
+    assert mosquitto._process is not None
+    os.kill(mosquitto._process.pid, signal.SIGSTOP)
+    delivered: list[int] = []
+    try:
+        bridge.send_tracked(OutputAddress("mqtt", "devices/8/cmd", 1), 1, b"slow", delivered.append)
+        await wait_until(
+            lambda: bridge.stats.extra.get("publish_retries", 0) >= 1, 10, "a timed-out publish"
+        )
+        assert delivered == []
+    finally:
+        os.kill(mosquitto._process.pid, signal.SIGCONT)
+    await wait_until(lambda: delivered == [1], 15, "the reply to be acknowledged")
+    assert not outbound.client._acked  # no PUBACK left tracked
+    await bridge.stop()
+    assert delivered == [1]
