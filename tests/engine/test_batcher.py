@@ -234,6 +234,12 @@ async def test_adaptive_burst_and_requests_behind_a_running_batch_share_batches(
         # Submitted in one loop iteration: one batch, dispatched without waiting 30 s.
         started = time.perf_counter()
         await asyncio.gather(*(engine.infer(model_name, x) for _ in range(3)))
+        # The worker records a batch's metrics just after handing its results back.
+        await wait_until(
+            lambda: metric("gatewayd_engine_batch_rows_count", model=model_name) >= 1,
+            5,
+            "the batch's metrics",
+        )
         assert metric("gatewayd_engine_batch_rows_count", model=model_name) == 1
         # Requests arriving while a batch runs queue and leave together once it ends.
         running = asyncio.ensure_future(engine.infer(model_name, np.ones((16, 4), np.float32)))
