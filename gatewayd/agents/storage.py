@@ -140,6 +140,13 @@ def _file_identity(path: str) -> str:
     return f"{status.st_ino}:{status.st_size}"
 
 
+def _has_frames(wal_path: str) -> bool:
+    try:
+        return os.path.getsize(wal_path) > 32  # the WAL header is 32 bytes
+    except OSError:
+        return False
+
+
 def _delete_wal_files(path: str) -> None:
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -242,6 +249,10 @@ class AgentDatabase:
             # A -wal/-shm left by a file moved or deleted (it stays after a close, see above)
             # would be replayed into the new, empty file.
             _delete_wal_files(path)
+        # The WAL-ownership record is only checked when a WAL is there to replay: a record
+        # that reached the database file itself (another connection checkpointed the kept
+        # WAL) says nothing about a WAL, and the first transaction below forgets it.
+        wal_present = not _stale_wal_retry and _has_frames(path + "-wal")
         try:
             conn = sqlite3.connect(
                 path,
@@ -280,12 +291,7 @@ class AgentDatabase:
             else:
                 stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 wal_for = stored.get(_WAL_FOR)
-                if wal_for is not None and wal_for != _file_identity(path):
-                    if _stale_wal_retry:
-                        raise CorruptDatabaseError(
-                            f"{label}: {path}-wal does not match the database file even after "
-                            "it was set aside"
-                        )
+                if wal_present and wal_for is not None and wal_for != _file_identity(path):
                     # The file was replaced (say, a backup restored) after the agent closed
                     # it: the kept WAL belongs to the earlier file and must not be replayed.
                     conn.close()

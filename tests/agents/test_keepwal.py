@@ -99,3 +99,29 @@ def test_a_wal_without_its_database_file_is_not_replayed_into_a_new_one(tmp_path
         assert tables.fetchall() == []
     finally:
         fresh.close()
+
+
+def test_a_record_checkpointed_into_the_file_by_another_connection_is_not_a_stale_wal(
+    tmp_path: Path,
+) -> None:
+    # A plain connection (the runtime settles delivered outputs of a hibernated agent with
+    # one) checkpoints the kept WAL, record included, into the file and deletes the WAL; the
+    # file then grows: the record no longer matches, but there is no WAL to distrust.
+    db = _open(tmp_path)
+    _add(db, 1)
+    path = db.path
+    db.close()
+    with sqlite3.connect(path, isolation_level=None) as plain:
+        plain.execute("BEGIN")
+        plain.executemany("INSERT INTO t VALUES (?)", [(n,) for n in range(2, 2000)])
+        plain.execute("COMMIT")
+    plain.close()
+    assert not os.path.exists(path + "-wal")
+    reopened = _open(tmp_path)
+    try:
+        assert not os.path.exists(path + "-wal.stale")
+        assert _values(reopened) == list(range(1, 2000))
+        record = "SELECT count(*) FROM _gw_meta WHERE key = 'wal_for_file'"
+        assert reopened.connection.execute(record).fetchone()[0] == 0  # forgotten on open
+    finally:
+        reopened.close()
