@@ -1,6 +1,6 @@
 """Benchmark: the engine's dynamic batcher vs raw ONNX Runtime vs a naive thread pool.
 
-    python bench/engine.py [--seconds 1.5] [--uvloop]
+    python bench/engine.py [--seconds 1.5] [--repeats 3] [--models mlp,anomaly] [--uvloop]
 
 Same process, same models, side by side:
   raw      session.run on one thread at batch 1..256 (the ceiling for each batch size)
@@ -11,7 +11,11 @@ and the example anomaly autoencoder (so small that per-request cost dominates: i
 engine's own overhead). Prints a table, then one JSON line with the target ratios:
   engine@256 / raw@(batch the engine used)  (target >= 0.6)
   engine@256 / naive@256                    (target >= 3)
-  engine@1 p50 - raw@1 p50                  (target <= 100 us)
+  engine@1 p50 - raw@1 p50                  (target <= 100 us), with max_queue_delay_s=0
+                                            and with the default 2 ms (adaptive batching)
+The three target figures come from back-to-back slices (raw, then the engine, 5 pairs per
+repeat: both sides of a ratio see the same load on a shared machine), median of the pairs;
+every figure is then the median over `--repeats` interleaved repeats.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONCURRENCY = (1, 16, 64, 256)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PAIRS = 5  # back-to-back raw/engine slices behind each target ratio
 
 
 def build_mlp(path: Path, widths: tuple[int, ...] = (256, 512, 512, 512, 16)) -> Path:
@@ -112,7 +117,7 @@ def bench_raw(sess: ort.InferenceSession, name: str, row: np.ndarray, seconds: f
 
 async def closed_loop(call, concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
+    stop_at = 0.0
 
     async def caller() -> None:
         while time.perf_counter() < stop_at:
@@ -122,6 +127,7 @@ async def closed_loop(call, concurrency: int, seconds: float) -> dict:
 
     for _ in range(max(1, 32 // concurrency)):  # warm the path
         await call()
+    stop_at = time.perf_counter() + seconds  # after the warm-up, which may take a while
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -132,6 +138,22 @@ def batch_metrics(model: str) -> tuple[float, float]:
     count = REGISTRY.get_sample_value("gatewayd_engine_batch_rows_count", {"model": model}) or 0
     total = REGISTRY.get_sample_value("gatewayd_engine_batch_rows_sum", {"model": model}) or 0
     return count, total
+
+
+async def bench_default_delay(path: Path, model: str, name: str, row: np.ndarray, seconds: float):
+    """One closed-loop caller on a model with the default settings (2 ms max_queue_delay,
+    adaptive batching): the lone request must not wait for the delay."""
+    engine = Engine([ModelSpec(model, path, buckets=BUCKETS, queue_limit=4096)])
+    await engine.start()
+    feed = {name: row}
+
+    async def call() -> None:
+        await engine.infer(model, feed)
+
+    try:
+        return await closed_loop(call, 1, seconds)
+    finally:
+        await engine.close()
 
 
 async def bench_engine(path: Path, model: str, name: str, row: np.ndarray, seconds: float):
@@ -172,6 +194,64 @@ async def bench_naive(sess: ort.InferenceSession, name: str, row: np.ndarray, se
     return results
 
 
+def raw_slice(sess: ort.InferenceSession, feed: dict, seconds: float) -> dict:
+    latencies = []
+    t0 = time.perf_counter()
+    while True:
+        start = time.perf_counter()
+        sess.run(None, feed)
+        end = time.perf_counter()
+        latencies.append(end - start)
+        if end - t0 > seconds and len(latencies) >= 10:
+            break
+    rows = feed[next(iter(feed))].shape[0]
+    return {
+        "samples_per_s": rows * len(latencies) / (time.perf_counter() - t0),
+        "p50_us": float(np.median(latencies) * 1e6),
+    }
+
+
+async def paired(
+    path: Path, model: str, sess: ort.InferenceSession, name: str, row: np.ndarray,
+    used: int, seconds: float, pairs: int,
+) -> dict:  # fmt: skip
+    """The target ratios from back-to-back slices (raw, then the engine, `pairs` times), so
+    both sides of each ratio see the same machine load; medians of the per-pair ratios."""
+    fast = Engine([ModelSpec(model, path, buckets=BUCKETS, max_queue_delay_s=0, queue_limit=4096)])
+    default = Engine([ModelSpec(f"{model}_d", path, buckets=BUCKETS, queue_limit=4096)])
+    await fast.start()
+    await default.start()
+    feed1 = {name: row}
+    feed_used = {name: np.repeat(row, used, axis=0)}
+
+    async def call_fast() -> None:
+        await fast.infer(model, feed1)
+
+    async def call_default() -> None:
+        await default.infer(f"{model}_d", feed1)
+
+    ratios, overheads, default_overheads = [], [], []
+    try:
+        for _ in range(pairs):
+            raw_used = raw_slice(sess, feed_used, seconds)
+            eng256 = await closed_loop(call_fast, 256, seconds)
+            ratios.append(eng256["samples_per_s"] / raw_used["samples_per_s"])
+            raw1 = raw_slice(sess, feed1, seconds)
+            eng1 = await closed_loop(call_fast, 1, seconds)
+            eng1_default = await closed_loop(call_default, 1, seconds)
+            overheads.append(eng1["p50_us"] - raw1["p50_us"])
+            default_overheads.append(eng1_default["p50_us"] - raw1["p50_us"])
+    finally:
+        await fast.close()
+        await default.close()
+    return {
+        "engine256_vs_raw_at_used_batch": float(np.median(ratios)),
+        "engine1_overhead_us": float(np.median(overheads)),
+        "engine1_default_delay_overhead_us": float(np.median(default_overheads)),
+        "pairs": pairs,
+    }
+
+
 def nearest_bucket(rows: float) -> int:
     return min(RAW_BATCHES, key=lambda b: abs(b - rows))
 
@@ -180,15 +260,39 @@ async def bench_model(label: str, path: Path, name: str, row: np.ndarray, second
     sess = session(path)
     raw = bench_raw(sess, name, row, seconds)
     engine = await bench_engine(path, f"bench_{label}", name, row, seconds)
+    engine_default = await bench_default_delay(path, f"bench_{label}_d", name, row, seconds)
     naive = await bench_naive(sess, name, row, seconds)
     used = nearest_bucket(engine[256]["mean_batch_rows"])
+    pair = await paired(path, f"bench_{label}_p", sess, name, row, used, seconds / 2, PAIRS)
     summary = {
-        "engine256_vs_raw_at_used_batch": engine[256]["samples_per_s"] / raw[used]["samples_per_s"],
+        "engine256_vs_raw_at_used_batch": pair["engine256_vs_raw_at_used_batch"],
         "raw_batch_compared": used,
         "engine256_vs_naive256": engine[256]["samples_per_s"] / naive[256]["samples_per_s"],
-        "engine1_overhead_us": engine[1]["p50_us"] - raw[1]["p50_us"],
+        "engine1_overhead_us": pair["engine1_overhead_us"],
+        "engine1_default_delay_overhead_us": pair["engine1_default_delay_overhead_us"],
+        "paired_slices": pair["pairs"],
     }
-    return {"raw": raw, "engine": engine, "naive": naive, "summary": summary}
+    return {
+        "raw": raw,
+        "engine": engine,
+        "engine_default_delay": {1: engine_default},
+        "naive": naive,
+        "summary": summary,
+    }
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Element-wise median of repeated bench_model results (same keys in every run)."""
+
+    def merge(values: list) -> object:
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: merge([v[k] for v in values]) for k in first}
+        if isinstance(first, float):
+            return float(np.median(values))
+        return first if all(v == first for v in values) else max(set(values), key=values.count)
+
+    return merge(runs)  # type: ignore[return-value]
 
 
 def print_table(label: str, result: dict) -> None:
@@ -197,6 +301,7 @@ def print_table(label: str, result: dict) -> None:
     print(header + f"{'cpu us/sample':>15}{'batch rows':>12}")
     rows = [("raw", k, v) for k, v in result["raw"].items()]
     rows += [("engine", k, v) for k, v in result["engine"].items()]
+    rows += [("eng-2ms", k, v) for k, v in result["engine_default_delay"].items()]
     rows += [("naive", k, v) for k, v in result["naive"].items()]
     for mode, key, v in rows:
         batch = f"{v['mean_batch_rows']:.1f}" if "mean_batch_rows" in v else ""
@@ -208,11 +313,12 @@ def print_table(label: str, result: dict) -> None:
     print(
         f"engine@256 / raw@{s['raw_batch_compared']}: {s['engine256_vs_raw_at_used_batch']:.2f}x"
         f" (target >= 0.6); engine@256 / naive@256: {s['engine256_vs_naive256']:.2f}x"
-        f" (target >= 3); engine@1 overhead: {s['engine1_overhead_us']:.0f} us (target <= 100)"
+        f" (target >= 3); engine@1 overhead: {s['engine1_overhead_us']:.0f} us, with the"
+        f" default 2 ms delay {s['engine1_default_delay_overhead_us']:.0f} us (target <= 100)"
     )
 
 
-async def main(seconds: float) -> None:
+async def main(seconds: float, repeats: int, only: set[str] | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mlp = build_mlp(Path(tmp) / "mlp.onnx")
         wide = build_mlp(Path(tmp) / "mlp1024.onnx", (256, 1024, 1024, 1024, 16))
@@ -226,12 +332,19 @@ async def main(seconds: float) -> None:
                 np.random.default_rng(2).normal(20, 1, size=(1, 32)).astype(np.float32),
             ),
         }
+        if only:
+            models = {k: v for k, v in models.items() if k in only}
+        runs: dict[str, list[dict]] = {label: [] for label in models}
+        for _ in range(repeats):  # interleaved: every model once per repeat
+            for label, (path, name, row) in models.items():
+                runs[label].append(await bench_model(label, path, name, row, seconds))
         results = {}
-        for label, (path, name, row) in models.items():
-            results[label] = await bench_model(label, path, name, row, seconds)
-            print_table(label, results[label])
+        for label, model_runs in runs.items():
+            results[label] = median_result(model_runs)
+            print_table(f"{label} (medians of {repeats})", results[label])
     line = {
         "bench": "engine",
+        "repeats": repeats,
         "cpu_count": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "loop": type(asyncio.get_running_loop()).__module__,
@@ -254,6 +367,7 @@ async def main(seconds: float) -> None:
             "naive_samples_per_s": {
                 c: round(v["samples_per_s"]) for c, v in result["naive"].items()
             },
+            "engine_default_delay_p50_us_c1": round(result["engine_default_delay"][1]["p50_us"]),
             "raw_p50_us_batch1": round(result["raw"][1]["p50_us"]),
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()},
         }
@@ -263,11 +377,14 @@ async def main(seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians)")
+    parser.add_argument("--models", default="", help="comma list of mlp,mlp1024,anomaly")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
+    only = {m for m in args.models.split(",") if m} or None
     if args.uvloop:
         import uvloop
 
-        uvloop.run(main(args.seconds))
+        uvloop.run(main(args.seconds, args.repeats, only))
     else:
-        asyncio.run(main(args.seconds))
+        asyncio.run(main(args.seconds, args.repeats, only))

@@ -19,6 +19,7 @@ measured window / replies in the window; the echo process's CPU is reported the 
 
     python bench/mqtt.py                               # ~1 min: baseline + gateway at normal
     python bench/mqtt.py --durability normal,full --repeats 3 --duration-s 5
+    python bench/mqtt.py --real-clients --durability normal,full --repeats 3   # see mqtt_real.py
 
 Targets (issue #4): gateway (normal) >= 1.0x the echo's msgs/s, p99 < 20 ms at half the max
 rate, <= 100 us gateway CPU per message. Prints a table, then one JSON line.
@@ -50,6 +51,7 @@ from protocols.mqtt_settings import parse_broker_url  # noqa: E402
 from tests.brokers import MosquittoBroker  # noqa: E402
 
 TARGET_RATIO = 1.0
+TARGET_FULL_RATIO = 0.5
 TARGET_HALF_P99_MS = 20.0
 TARGET_CPU_US = 100.0
 TICK_S = 0.005
@@ -314,6 +316,100 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
     return results
 
 
+async def bench_real_clients(args: argparse.Namespace) -> None:
+    """--real-clients: mosquitto_pub/mosquitto_sub processes, timed from outside (mqtt_real)."""
+    from bench.mqtt_real import run_real_clients
+
+    broker = BenchBroker(
+        persistence=False, max_inflight_messages=1000, max_queued_messages=1_000_000
+    )
+    broker.start()
+    broker_url = broker.url
+
+    async def start_echo() -> asyncio.subprocess.Process:
+        return await spawn_server("baseline", broker_url)
+
+    async def stop_echo(process: asyncio.subprocess.Process) -> None:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)
+
+    responders: dict[str, Any] = {"echo": (start_echo, stop_echo)}
+    for durability in args.durability.split(","):
+
+        async def start_gateway(durability: str = durability) -> GatewayDaemon:
+            client_id = f"gw-real-{os.getpid()}-{durability}-{time.monotonic_ns()}"
+            config = GATEWAY_CONFIG.format(
+                durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
+                inflight=args.gateway_inflight, pending=args.gateway_pending,
+            )  # fmt: skip
+            daemon = GatewayDaemon(config)
+            daemon.client_id = client_id  # type: ignore[attr-defined]
+            await asyncio.to_thread(daemon.start)
+            return daemon
+
+        async def stop_gateway(daemon: GatewayDaemon) -> None:
+            await asyncio.to_thread(daemon.close)
+            await drop_session(broker_url, daemon.client_id)  # type: ignore[attr-defined]
+
+        responders[f"gateway_{durability}"] = (start_gateway, stop_gateway)
+    try:
+        result = await run_real_clients(
+            responders, lambda server: server.pid, proc_cpu_s, broker.port,
+            repeats=args.repeats, sat_rate=args.sat_rate, warmup_s=args.warmup_s,
+            duration_s=args.duration_s, drain_s=args.drain_s,
+        )  # fmt: skip
+    finally:
+        broker.stop()
+    medians = result["median"]
+    print(
+        f"{'responder':<16}{'sat replies/s':>14}{'cpu us/msg':>12}{'half rate/s':>13}"
+        f"{'half p50 ms':>13}{'half p99 ms':>13}{'unanswered':>12}"
+    )
+    for name, m in medians.items():
+        sat, half = m["saturated"], m["half"]
+        print(
+            f"{name:<16}{sat['replies_per_s']!s:>14}{sat['server_cpu_us_per_msg']!s:>12}"
+            f"{half.get('offered_per_s')!s:>13}{half.get('p50_ms')!s:>13}"
+            f"{half.get('p99_ms')!s:>13}{half.get('unanswered')!s:>12}"
+        )
+    echo = medians["echo"]["saturated"]["replies_per_s"] or 0
+    targets: dict[str, Any] = {}
+    for name, m in medians.items():
+        if not name.startswith("gateway_"):
+            continue
+        ratio = round(m["saturated"]["replies_per_s"] / echo, 3) if echo else None
+        need = TARGET_RATIO if name.endswith("normal") else TARGET_FULL_RATIO
+        p99 = m["half"].get("p99_ms")
+        cpu = m["saturated"]["server_cpu_us_per_msg"]
+        targets[name] = {
+            "vs_echo_replies_per_s": ratio,
+            "ratio_target": need,
+            "ratio_met": ratio is not None and ratio >= need,
+            "half_echo_rate_p99_met": p99 is not None and p99 < TARGET_HALF_P99_MS,
+            "cpu_us_per_msg_met": cpu is not None and cpu <= TARGET_CPU_US,
+        }
+    print(
+        json.dumps(
+            {
+                "bench": "mqtt",
+                "mode": "real-clients",
+                "publishers": "20 x mosquitto_pub -l -q 1",
+                "sat_rate": args.sat_rate,
+                "duration_s": args.duration_s,
+                "repeats": args.repeats,
+                "cpus": os.cpu_count(),
+                "median": medians,
+                "targets": {
+                    "half_echo_rate_p99_ms_max": TARGET_HALF_P99_MS,
+                    "cpu_us_per_msg_max": TARGET_CPU_US,
+                    **targets,
+                },
+                "runs": result["runs"],
+            }
+        )
+    )
+
+
 def median_of(runs: list[dict[str, Any]], server: str, phase: str, key: str) -> float | None:
     values = [r[server][phase].get(key) for r in runs if r[server].get(phase)]
     values = [v for v in values if v is not None]
@@ -411,6 +507,17 @@ def main() -> None:
     parser.add_argument(
         "--gateway-pending", type=int, default=1000, help="mqtt.max_pending_messages"
     )
+    parser.add_argument(
+        "--real-clients",
+        action="store_true",
+        help="20 mosquitto_pub processes + mosquitto_sub watchers (bench/mqtt_real.py)",
+    )
+    parser.add_argument(
+        "--sat-rate", type=float, default=5000, help="--real-clients: saturated offered msg/s"
+    )
+    parser.add_argument(
+        "--drain-s", type=float, default=15, help="--real-clients: most to wait for a backlog"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -418,7 +525,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(bench(args))
+    asyncio.run(bench_real_clients(args) if args.real_clients else bench(args))
 
 
 if __name__ == "__main__":

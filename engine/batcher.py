@@ -1,12 +1,17 @@
 """The dynamic batcher of one model: queue, priorities, deadlines, one worker thread.
 
 Event-loop side (cheap, no locks): `submit()` validates a request, appends it to the queue of
-its priority level and returns a future. A batch is dispatched when the worker is free and
-either the queued rows fill the largest bucket or the oldest request has waited
-`max_queue_delay_s` (0: at the end of the current loop iteration, so requests arriving
-together share a batch). Dispatch takes requests highest priority first, FIFO within a level,
-until the next one would overflow the largest bucket, and hands them to the worker thread in
-one `SimpleQueue.put`.
+its priority level and returns a future. While the worker runs a batch, requests queue; when
+it is free, a batch is dispatched:
+  - at once when the queued rows fill the largest bucket;
+  - adaptive batching (the default): at the end of the loop iteration in which the batch
+    stopped growing. A lone request on an idle model runs at the end of its own iteration;
+    a burst still arriving (new rows in each iteration) is waited for, at most
+    `max_queue_delay_s` after its oldest request;
+  - fixed batching (`adaptive_batching=False`): when the oldest request has waited
+    `max_queue_delay_s` (0: at the end of the current loop iteration).
+Dispatch takes requests highest priority first, FIFO within a level, until the next one would
+overflow the largest bucket, and hands them to the worker thread in one `SimpleQueue.put`.
 
 Worker side: the runner copies the rows into the bucket's buffers and runs the session (ONNX
 Runtime releases the GIL), then one `call_soon_threadsafe` hands the whole batch's results
@@ -87,6 +92,10 @@ class Batcher:
         self._accepting = False
         self._dispatch_handle: asyncio.Handle | None = None
         self._dispatch_is_timer = False
+        self._adaptive = spec.adaptive_batching and spec.max_queue_delay_s > 0
+        self._grew = False  # (adaptive) rows arrived since the pending dispatch was scheduled
+        self._default_timeout_s = spec.request_timeout_s
+        self._priority_levels = spec.priority_levels
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._expiry_at = math.inf
         self._drained: asyncio.Future[None] | None = None
@@ -217,51 +226,55 @@ class Batcher:
         timeout_s: float | None,
     ) -> asyncio.Future[Outputs]:
         """Queue one request; its future resolves to that request's rows of every output."""
-        spec = self.spec
         if not self._accepting:
             raise EngineNotRunning(
-                f"model {spec.name!r} is not serving (engine not started or closing)"
+                f"model {self.spec.name!r} is not serving (engine not started or closing)"
             )
         validate = self._validate
-        assert validate is not None and self._loop is not None
+        loop = self._loop
+        assert validate is not None and loop is not None
         try:
             checked, rows = validate(inputs)
-            if type(priority) is not int or not 0 <= priority < spec.priority_levels:
+            if priority.__class__ is not int or not 0 <= priority < self._priority_levels:
                 raise InvalidInput(
-                    f"model {spec.name!r}: priority must be an integer "
-                    f"0..{spec.priority_levels - 1}, got {priority!r}"
+                    f"model {self.spec.name!r}: priority must be an integer "
+                    f"0..{self._priority_levels - 1}, got {priority!r}"
                 )
             if timeout_s is None:
-                timeout_s = spec.request_timeout_s
+                timeout_s = self._default_timeout_s
             elif not (isinstance(timeout_s, int | float) and 0 < timeout_s < math.inf):
                 raise InvalidInput(
-                    f"model {spec.name!r}: timeout_s must be a positive number of seconds, "
-                    f"got {timeout_s!r}"
+                    f"model {self.spec.name!r}: timeout_s must be a positive number of "
+                    f"seconds, got {timeout_s!r}"
                 )
         except InvalidInput:
             self._m_invalid.inc()
             raise
-        if self._queued_rows + rows > spec.queue_limit:
+        queued = self._queued_rows + rows
+        if queued > self.spec.queue_limit:
             self._m_overloaded.inc()
             raise EngineOverloaded(
-                f"model {spec.name!r}: queue full ({self._queued_rows} of {spec.queue_limit} "
-                f"rows waiting, request has {rows}); retry later or raise queue_limit"
+                f"model {self.spec.name!r}: queue full ({self._queued_rows} of "
+                f"{self.spec.queue_limit} rows waiting, request has {rows}); retry later or "
+                "raise queue_limit"
             )
-        loop = self._loop
         now = loop.time()
         request = _Request(loop.create_future(), checked, rows, now, now + timeout_s)
         self._levels[priority].append(request)
-        self._queued_rows += rows
+        self._queued_rows = queued
         self._accepted += 1  # a plain int here; the worker adds it to the metric per batch
         if request.deadline < self._expiry_at:
             self._arm_expiry(request.deadline)
         if not self._busy:
             if self._dispatch_handle is None:
                 self._schedule_dispatch()
-            elif self._dispatch_is_timer and self._queued_rows >= self._max_rows:
-                self._dispatch_handle.cancel()
-                self._dispatch_handle = None
-                self._schedule_dispatch()
+            elif self._dispatch_is_timer:
+                if queued >= self._max_rows:
+                    self._dispatch_handle.cancel()
+                    self._dispatch_handle = None
+                    self._schedule_dispatch()
+            else:
+                self._grew = True
         return request.future
 
     def queued_rows(self) -> int:
@@ -274,9 +287,15 @@ class Batcher:
         loop = self._loop
         assert loop is not None
         delay_s = self.spec.max_queue_delay_s
-        if delay_s == 0 or self._queued_rows >= self._max_rows or not self._accepting:
+        if (
+            self._adaptive
+            or delay_s == 0
+            or self._queued_rows >= self._max_rows
+            or not self._accepting
+        ):
             self._dispatch_handle = loop.call_soon(self._dispatch)
             self._dispatch_is_timer = False
+            self._grew = False
         else:
             oldest = min(level[0].enqueued_at for level in self._levels if level)
             self._dispatch_handle = loop.call_at(oldest + delay_s, self._dispatch)
@@ -286,6 +305,17 @@ class Batcher:
         self._dispatch_handle = None
         if self._busy:
             return
+        if self._grew and self._queued_rows < self._max_rows and self._accepting:
+            # Adaptive: rows arrived during this iteration; the batch may still grow.
+            loop = self._loop
+            assert loop is not None
+            oldest = min(level[0].enqueued_at for level in self._levels if level)
+            if loop.time() - oldest < self.spec.max_queue_delay_s:
+                self._grew = False
+                self._dispatch_handle = loop.call_soon(self._dispatch)
+                self._dispatch_is_timer = False
+                return
+        self._grew = False
         entries: list[_Request] = []
         rows = 0
         capacity = self._max_rows

@@ -97,9 +97,23 @@ class RequestValidator:
             assert spec.row_shape is not None  # describe_io guarantees inputs have row shapes
             self._checks.append((spec.name, spec.dtype, spec.row_shape, len(spec.row_shape) + 1))
         self._single = inputs_spec[0].name if len(inputs_spec) == 1 else None
+        self._fast = self._checks[0] if len(self._checks) == 1 else None
 
     def __call__(self, inputs: object) -> tuple[dict[str, np.ndarray], int]:
         """The request as `{name: array}` and its row count, or `InvalidInput`."""
+        fast = self._fast
+        if fast is not None and type(inputs) is dict and len(inputs) == 1:
+            # The common case, a one-input model called with a plain dict: a few compares.
+            name, dtype, row_shape, ndim = fast
+            array = inputs.get(name)
+            if type(array) is np.ndarray and array.dtype == dtype and array.ndim == ndim:
+                shape = array.shape
+                rows = shape[0]
+                if shape[1:] == row_shape and 0 < rows <= self.max_rows:
+                    return inputs, rows
+        return self._check(inputs)
+
+    def _check(self, inputs: object) -> tuple[dict[str, np.ndarray], int]:
         model = self.model
         if type(inputs) is np.ndarray or isinstance(inputs, np.ndarray):
             if self._single is None:

@@ -137,6 +137,14 @@ class Runner:
             batch_out = {s.name: a[:rows] for s, a in zip(self.outputs, copied, strict=True)}
         if len(entries) == 1:
             return [batch_out]
+        if rows == len(entries):
+            # One row per request (the common case): numpy iterates the rows as views in C.
+            if len(batch_out) == 1:
+                ((name, array),) = batch_out.items()
+                return [{name: view} for view in array[:, None]]
+            names = list(batch_out)
+            columns = [array[:, None] for array in batch_out.values()]
+            return [dict(zip(names, views, strict=True)) for views in zip(*columns, strict=True)]
         results = []
         offset = 0
         for entry in entries:

@@ -30,6 +30,10 @@ class ModelSpec:
         max_queue_delay_s: how long the oldest queued request may wait for the batch to fill
             to the largest bucket while the model is idle. 0 = run as soon as the worker is
             free, batching whatever queued meanwhile (lowest latency).
+        adaptive_batching: True (default): a partial batch waits only while it can still grow
+            (rows keep arriving, up to `max_queue_delay_s` after the oldest): a lone request
+            on an idle model runs at once. False: a partial batch always waits
+            `max_queue_delay_s` for more rows (throughput over latency).
         queue_limit: the most *rows* that may be queued (not yet running) for this model;
             a request that would exceed it fails at once with `EngineOverloaded`.
         priority_levels: requests take priorities 0 .. priority_levels-1; higher runs first,
@@ -48,6 +52,7 @@ class ModelSpec:
     providers: tuple[str, ...] = ("cpu",)
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     max_queue_delay_s: float = 0.002
+    adaptive_batching: bool = True
     queue_limit: int = 1024
     priority_levels: int = 4
     request_timeout_s: float = 1.0
@@ -90,7 +95,7 @@ class ModelSpec:
                 f"got {self.priority_levels}"
             )
         _require_int(where, "intra_op_threads", self.intra_op_threads, minimum=0)
-        for flag in ("trt_fp16", "cuda_graphs"):
+        for flag in ("trt_fp16", "cuda_graphs", "adaptive_batching"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{where}: {flag} must be true or false")
 

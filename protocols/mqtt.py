@@ -397,7 +397,9 @@ class MqttBridge:
         self._drained = asyncio.Event()
         self._drained.set()
         self._outbound: deque[_Outbound] = deque()
-        self._outbound_ready = asyncio.Event()  # set while `_outbound` is not empty
+        # Publish workers waiting for an item: one is woken per item queued (an Event shared
+        # by all `max_inflight_publishes` workers woke every one of them for every reply).
+        self._idle_workers: deque[asyncio.Future[None]] = deque()
         self._publishing = 0  # publishes handed to the client, not yet acknowledged
         self._outbound_idle = asyncio.Event()  # set while nothing is queued or publishing
         self._outbound_idle.set()
@@ -1293,7 +1295,14 @@ class MqttBridge:
         if not drops:
             self._blocking_queued += 1
         self._outbound_idle.clear()
-        self._outbound_ready.set()
+        self._wake_one_worker()
+
+    def _wake_one_worker(self) -> None:
+        while self._idle_workers:
+            waiter = self._idle_workers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _drops_oldest(self, route_index: int | None) -> bool:
         return (
@@ -1326,10 +1335,17 @@ class MqttBridge:
                 return
 
     async def _publish_worker(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while not self._outbound:
-                self._outbound_ready.clear()
-                await self._outbound_ready.wait()
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle_workers.append(waiter)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake_one_worker()  # it was woken for an item: pass it on
+                    raise
             item = self._outbound.popleft()
             self._dequeued(item)
             self._publishing += 1
@@ -1381,23 +1397,24 @@ class MqttBridge:
         """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
         QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
         connection died, and the reply should go out on the next connection at once."""
-        publish = asyncio.ensure_future(
-            client.publish(
-                item.topic, item.payload, qos=item.qos, timeout=self.settings.publish_timeout_s
-            )
-        )
         lost = client.disconnected
         if lost.done():
-            publish.cancel()
             raise aiomqtt.MqttError("the replies' connection was lost")
-        await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
-        if publish.done():
-            publish.result()
+        mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
+        if not published.done():
+            await asyncio.wait(
+                {published, lost},
+                timeout=self.settings.publish_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        if published.done():
             return
-        publish.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await publish
-        raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
+        client.forget_publish(mid)
+        if lost.done():
+            raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
+        raise aiomqtt.MqttError(
+            f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s"
+        )
 
     # ----------------------------------------------------------------- helpers
 

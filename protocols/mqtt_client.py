@@ -116,6 +116,7 @@ class ManualAckClient(aiomqtt.Client):
         self._paused_socket: Any = None
         self._loop_thread_id = threading.get_ident()
         self._write_scheduled = False
+        self._acked: dict[int, asyncio.Future[None]] = {}  # publish_nowait's, by packet id
         self._client.manual_ack_set(True)
 
     @property
@@ -130,6 +131,36 @@ class ManualAckClient(aiomqtt.Client):
     def ack(self, mid: int, qos: int) -> bool:
         """PUBACK (QoS 1) / PUBCOMP (QoS 2) on this connection; False if it is gone."""
         return self._client.ack(mid, qos) == paho.MQTT_ERR_SUCCESS
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, qos: int
+    ) -> tuple[int, asyncio.Future[None]]:
+        """Queue a PUBLISH; the future completes when it is done (QoS 1: the broker's PUBACK;
+        QoS 0: written). aiomqtt's `publish()` costs two tasks, an Event and a timer per
+        message; this costs one future. Never completes if the connection is lost: wait on
+        `disconnected` too. Raises `aiomqtt.MqttCodeError` if paho refuses the message."""
+        info = self._client.publish(topic, payload, qos)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        done: asyncio.Future[None] = self._loop.create_future()
+        if info.is_published():
+            done.set_result(None)
+        else:
+            self._acked[info.mid] = done
+        return info.mid, done
+
+    def forget_publish(self, mid: int) -> None:
+        """Stop tracking a `publish_nowait` nobody waits for any more (it timed out)."""
+        self._acked.pop(mid, None)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        done = self._acked.pop(mid, None)
+        if done is None:
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+        elif not done.done():
+            done.set_result(None)
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         """paho queued packets. aiomqtt arms a writer per burst (via call_soon_threadsafe,

@@ -13,6 +13,14 @@ The invariant: no fsync ever runs on the event loop thread.
   that agent's commit path (the agent is busy until it returns), and `close()` (which
   checkpoints) on the executor too.
 
+Wakes: a hibernating agent's `close()` (executor) checkpoints and then restarts the WAL with
+the tiny write, and the connection closes without SQLite's own checkpoint and keeps its -wal
+and -shm files (keepwal.py). So the WAL is already started when the agent wakes: `open()`'s
+write appends to it instead of restarting it, and a wake costs no fsync. A hibernated agent
+keeps a small WAL (a few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB
+-shm file next to its database. Where keepwal.py cannot apply (see there), closes checkpoint
+and delete the files as SQLite does by default and wakes pay the fsync in `open()`.
+
 The runtime guarantees the loop does not touch a database while an executor call on it is in
 flight (the agent is busy until then); `_io_lock` additionally serialises the executor-side
 `checkpoint()` and `close()` (a runtime shutdown may cancel a turn task mid-checkpoint).
@@ -24,6 +32,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -31,6 +40,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from gatewayd.agents import keepwal
 from gatewayd.agents.errors import (
     AgentError,
     CorruptDatabaseError,
@@ -38,6 +48,8 @@ from gatewayd.agents.errors import (
     StorageFullError,
     ValueTooLargeError,
 )
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Only our own process opens an agent file; a short wait covers a close still checkpointing.
@@ -59,6 +71,14 @@ _RESTART_WAL = (
     "INSERT INTO _gw_meta (key, value) VALUES ('wal_restarts', '1') "
     "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
 )
+# The kept WAL's record of the database file it belongs to (inode and size after the closing
+# checkpoint), written into the WAL only; `open()` refuses to replay a WAL whose record does
+# not match the file, and forgets the record in its first transaction.
+_WAL_FOR = "wal_for_file"
+_FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
+# WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
+# transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
+_WAL_BYTES_KEPT = 64 * 1024
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
 _READABLE_PREFIX_CHARS = 32
@@ -115,6 +135,39 @@ def agent_db_file(state_dir: str, agent_class: str, agent_id: str) -> str:
     return os.path.join(state_dir, "agents", agent_class, hashed[:2], f"{prefix}.{hashed}.sqlite3")
 
 
+def _file_identity(path: str) -> str:
+    status = os.stat(path)
+    return f"{status.st_ino}:{status.st_size}"
+
+
+def _has_frames(wal_path: str) -> bool:
+    try:
+        return os.path.getsize(wal_path) > 32  # the WAL header is 32 bytes
+    except OSError:
+        return False
+
+
+def _delete_wal_files(path: str) -> None:
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
+
+
+def _set_aside_stale_wal(path: str, label: str) -> None:
+    """Keep the stale WAL for inspection (`-wal.stale`), never replay it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path + "-wal", path + "-wal.stale")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + "-shm")
+    logger.warning(
+        "agents: %s: %s-wal belongs to an earlier copy of the database file (replaced after "
+        "the agent hibernated); set aside as %s-wal.stale, not replayed",
+        label,
+        path,
+        path,
+    )
+
+
 def _check_value_size(value: Any, max_value_bytes: int, where: str) -> None:
     if isinstance(value, str):
         # A str encodes to at most 4 bytes per character: only encode when it could matter.
@@ -142,6 +195,7 @@ class AgentDatabase:
         "_max_value_bytes",
         "commit_fsyncs",
         "in_transaction_",
+        "keeps_wal",
         "path",
     )
 
@@ -164,6 +218,8 @@ class AgentDatabase:
         self.commit_fsyncs = commit_fsyncs
         self._commits_since_checkpoint = 0
         self._io_lock = threading.Lock()
+        # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
+        self.keeps_wal = False
 
     @classmethod
     def open(
@@ -175,6 +231,7 @@ class AgentDatabase:
         durability: str,
         max_db_bytes: int,
         max_value_bytes: int,
+        _stale_wal_retry: bool = False,
     ) -> AgentDatabase:
         """Open (creating if needed) the agent's file; executor only (it may fsync). With
         durability="full" a new file's schema is written inside an open transaction that the
@@ -184,9 +241,18 @@ class AgentDatabase:
         label = f"agent {agent_class}/{agent_id!r}"
         # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
         # it must still be switched to WAL.
-        is_new = not os.path.exists(path) or os.path.getsize(path) == 0
+        exists = os.path.exists(path)
+        is_new = not exists or os.path.getsize(path) == 0
         if is_new:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not exists:
+            # A -wal/-shm left by a file moved or deleted (it stays after a close, see above)
+            # would be replayed into the new, empty file.
+            _delete_wal_files(path)
+        # The WAL-ownership record is only checked when a WAL is there to replay: a record
+        # that reached the database file itself (another connection checkpointed the kept
+        # WAL) says nothing about a WAL, and the first transaction below forgets it.
+        wal_present = not _stale_wal_retry and _has_frames(path + "-wal")
         try:
             conn = sqlite3.connect(
                 path,
@@ -200,6 +266,9 @@ class AgentDatabase:
         full = durability == "full"
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
+            db.keeps_wal = not full and keepwal.keep_wal(conn, path)
+            if db.keeps_wal:
+                conn.execute(f"PRAGMA journal_size_limit={_WAL_BYTES_KEPT}")
             conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}")
             if not full:
@@ -221,6 +290,21 @@ class AgentDatabase:
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             else:
                 stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
+                wal_for = stored.get(_WAL_FOR)
+                if wal_present and wal_for is not None and wal_for != _file_identity(path):
+                    # The file was replaced (say, a backup restored) after the agent closed
+                    # it: the kept WAL belongs to the earlier file and must not be replayed.
+                    conn.close()
+                    _set_aside_stale_wal(path, label)
+                    return cls.open(
+                        state_dir,
+                        agent_class,
+                        agent_id,
+                        durability=durability,
+                        max_db_bytes=max_db_bytes,
+                        max_value_bytes=max_value_bytes,
+                        _stale_wal_retry=True,
+                    )
                 if stored.get("agent_class") != agent_class or stored.get("agent_id") != agent_id:
                     raise CorruptDatabaseError(
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
@@ -232,6 +316,7 @@ class AgentDatabase:
                 if not db.in_transaction_:
                     db.begin()
                 conn.execute(_RESTART_WAL)
+                conn.execute(_FORGET_WAL_FOR)  # the WAL is this connection's from here on
                 conn.execute("COMMIT")
                 db.in_transaction_ = False
         except sqlite3.Error as err:
@@ -312,12 +397,41 @@ class AgentDatabase:
         self.in_transaction_ = False
 
     def close(self) -> None:
-        """Closing the last connection checkpoints the WAL: run it off the loop."""
+        """Executor only (fsyncs). Checkpoints the WAL; with `keeps_wal`, restarts it with the
+        tiny write (so the next `open()` appends without an fsync) and keeps the files."""
         with self._io_lock:
             try:
                 self.rollback()
+                if self.keeps_wal:
+                    self._restart_wal_for_next_open()
             finally:
                 self._conn.close()
+
+    def _restart_wal_for_next_open(self) -> None:
+        conn = self._conn
+        try:
+            busy, _log_pages, _done_pages = conn.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+            if busy:
+                return  # the WAL keeps its frames: the next open appends to it
+            identity = _file_identity(self.path)  # after the checkpoint wrote the file
+            conn.execute("BEGIN")
+            try:
+                conn.execute(_RESTART_WAL)
+                conn.execute(
+                    "INSERT INTO _gw_meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (_WAL_FOR, identity),
+                )
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # E.g. a full disk: the WAL still holds every committed frame (the close does not
+            # delete it), and the next open restarts it if it has to.
+            return
 
     # -- agent data -------------------------------------------------------------------------
 
@@ -381,6 +495,6 @@ class AgentDatabase:
 
     @staticmethod
     def delete_files(path: str) -> None:
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in ("", "-wal", "-shm", "-journal", "-wal.stale"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path + suffix)

@@ -138,8 +138,8 @@ async def test_damage_found_inside_a_turn_quarantines_the_agent(
         )
         assert rt.hibernate_idle() == 2
         path = agent_db_path(state_dir, "r", "one")
-        # The close (a checkpoint) runs off the loop; the last close deletes the WAL.
-        await wait_until(lambda: not Path(f"{path}-wal").exists(), 10, "one's database closed")
+        # The close (a checkpoint) runs off the loop.
+        await wait_until(lambda: not rt._scheduler.closing, 10, "one's database closed")
         with open(path, "r+b") as db:
             db.seek((root_page - 1) * 4096)
             db.write(b"\xff" * 4096)

@@ -54,7 +54,9 @@ async def test_256_concurrent_callers_get_their_own_rows(two_inputs_path: Path) 
 
 
 async def test_batch_waits_for_max_queue_delay_then_runs(mlp_path: Path, model_name: str) -> None:
-    spec = ModelSpec(model_name, mlp_path, buckets=(1, 2, 4, 8), max_queue_delay_s=0.3)
+    spec = ModelSpec(
+        model_name, mlp_path, buckets=(1, 2, 4, 8), max_queue_delay_s=0.3, adaptive_batching=False
+    )
     async with serving(spec) as engine:
         x = np.zeros((1, 8), np.float32)
         started = time.perf_counter()
@@ -70,7 +72,9 @@ async def test_batch_waits_for_max_queue_delay_then_runs(mlp_path: Path, model_n
 
 
 async def test_full_bucket_runs_without_waiting(mlp_path: Path, model_name: str) -> None:
-    spec = ModelSpec(model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=30.0)
+    spec = ModelSpec(
+        model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=30.0, adaptive_batching=False
+    )
     async with serving(spec) as engine:
         x = np.zeros((1, 8), np.float32)
         started = time.perf_counter()
@@ -83,7 +87,9 @@ async def test_full_bucket_runs_without_waiting(mlp_path: Path, model_name: str)
 
 async def test_queued_request_times_out_and_never_runs(mlp_path: Path, model_name: str) -> None:
     # A long queue delay keeps the lone request waiting past its own deadline.
-    spec = ModelSpec(model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=30.0)
+    spec = ModelSpec(
+        model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=30.0, adaptive_batching=False
+    )
     async with serving(spec) as engine:
         started = time.perf_counter()
         with pytest.raises(InferenceTimeout, match="not run"):
@@ -157,7 +163,9 @@ async def test_failed_run_fails_its_batch_and_keeps_serving(lookup_path: Path) -
 
 
 async def test_cancelled_caller_is_dropped_from_the_queue(mlp_path: Path, model_name: str) -> None:
-    spec = ModelSpec(model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=0.5)
+    spec = ModelSpec(
+        model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=0.5, adaptive_batching=False
+    )
     async with serving(spec) as engine:
         x = np.zeros((1, 8), np.float32)
         cancelled = asyncio.ensure_future(engine.infer(model_name, x))
@@ -169,7 +177,9 @@ async def test_cancelled_caller_is_dropped_from_the_queue(mlp_path: Path, model_
 
 
 async def test_close_finishes_queued_requests_then_refuses(mlp_path: Path, model_name: str) -> None:
-    spec = ModelSpec(model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=10.0)
+    spec = ModelSpec(
+        model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=10.0, adaptive_batching=False
+    )
     async with serving(spec) as engine:
         x = np.zeros((1, 8), np.float32)
         pending = asyncio.ensure_future(engine.infer(model_name, x))
@@ -181,3 +191,63 @@ async def test_close_finishes_queued_requests_then_refuses(mlp_path: Path, model
         assert not engine.ready
         with pytest.raises(EngineNotRunning):
             await engine.infer(model_name, x)
+
+
+async def test_one_row_callers_of_a_two_output_model_get_their_own_rows(
+    two_inputs_path: Path,
+) -> None:
+    # One row per request takes the runner's row-view scatter; every caller sees its own row.
+    spec = ModelSpec("rows", two_inputs_path, buckets=(1, 8, 32), max_queue_delay_s=0)
+    async with serving(spec) as engine:
+
+        async def caller(caller_id: int) -> None:
+            a = np.full((1, 4), caller_id, np.float32)
+            b = np.array([[caller_id, -caller_id]], np.int64)
+            out = await engine.infer("rows", {"a": a, "b": b})
+            np.testing.assert_array_equal(out["doubled"], a * 2)
+            np.testing.assert_array_equal(out["b_float"], b.astype(np.float32))
+
+        await asyncio.gather(*(caller(i) for i in range(64)))
+    assert metric("gatewayd_engine_batch_rows_count", model="rows") < 64
+
+
+async def test_adaptive_lone_request_runs_without_waiting_for_the_delay(
+    mlp_path: Path, model_name: str
+) -> None:
+    # Nothing else queued or running: the batch cannot grow, so the 30 s delay never applies.
+    spec = ModelSpec(model_name, mlp_path, buckets=(1, 2, 4), max_queue_delay_s=30.0)
+    async with serving(spec) as engine:
+        x = np.zeros((1, 8), np.float32)
+        started = time.perf_counter()
+        for _ in range(3):
+            assert (await engine.infer(model_name, x))["logits"].shape == (1, 3)
+        assert time.perf_counter() - started < 5.0
+    assert metric("gatewayd_engine_batch_rows_count", model=model_name) == 3
+
+
+async def test_adaptive_burst_and_requests_behind_a_running_batch_share_batches(
+    slow_path: Path, model_name: str
+) -> None:
+    spec = ModelSpec(model_name, slow_path, buckets=(1, 2, 4, 16), max_queue_delay_s=30.0)
+    async with serving(spec) as engine:
+        x = np.ones((1, 4), np.float32)
+        # Submitted in one loop iteration: one batch, dispatched without waiting 30 s.
+        started = time.perf_counter()
+        await asyncio.gather(*(engine.infer(model_name, x) for _ in range(3)))
+        # The worker records a batch's metrics just after handing its results back.
+        await wait_until(
+            lambda: metric("gatewayd_engine_batch_rows_count", model=model_name) >= 1,
+            5,
+            "the batch's metrics",
+        )
+        assert metric("gatewayd_engine_batch_rows_count", model=model_name) == 1
+        # Requests arriving while a batch runs queue and leave together once it ends.
+        running = asyncio.ensure_future(engine.infer(model_name, np.ones((16, 4), np.float32)))
+        await wait_until(
+            lambda: engine._batchers[model_name]._busy, 5, "the worker to take the batch", poll_s=0
+        )
+        behind = [asyncio.ensure_future(engine.infer(model_name, x)) for _ in range(3)]
+        await asyncio.gather(running, *behind)
+        assert time.perf_counter() - started < 10.0
+    assert metric("gatewayd_engine_batch_rows_count", model=model_name) == 3
+    assert metric("gatewayd_engine_batch_rows_sum", model=model_name) == 3 + 16 + 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections import deque
 from pathlib import Path
 
 import aiomqtt
@@ -145,4 +146,60 @@ async def test_a_reply_caught_by_a_dying_connection_goes_out_on_the_next_one_at_
     mosquitto.start()
     async with asyncio.timeout(30):  # well under the 120 s publish timeout
         assert await delivered == 1
+    await bridge.stop()
+
+
+async def test_a_reply_without_puback_in_publish_timeout_is_published_again(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    # The bridge tracks its own PUBLISHes (one future per reply, ManualAckClient.publish_nowait);
+    # a PUBACK that does not come within publish_timeout means: publish again, and count it.
+    handler = await handler_factory()
+    bridge = MqttBridge(settings_for(mosquitto, publish_timeout_s=0.5), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    outbound = bridge._outbound_connection
+    await wait_until(lambda: outbound.client is not None, 5, "the replies' connection")
+    assert mosquitto._process is not None
+    os.kill(mosquitto._process.pid, signal.SIGSTOP)
+    delivered: list[int] = []
+    try:
+        bridge.send_tracked(OutputAddress("mqtt", "devices/8/cmd", 1), 1, b"slow", delivered.append)
+        await wait_until(
+            lambda: bridge.stats.extra.get("publish_retries", 0) >= 1, 10, "a timed-out publish"
+        )
+        assert delivered == []
+    finally:
+        os.kill(mosquitto._process.pid, signal.SIGCONT)
+    await wait_until(lambda: delivered == [1], 15, "the reply to be acknowledged")
+    assert not outbound.client._acked  # no PUBACK left tracked
+    await bridge.stop()
+    assert delivered == [1]
+
+
+async def test_each_reply_wakes_one_publish_worker(
+    mosquitto: MosquittoBroker, handler_factory
+) -> None:
+    # With max_inflight_publishes workers idle, a reply must wake one of them, not all: a
+    # shared Event made every reply cost max_inflight_publishes coroutine wake-ups.
+    handler = await handler_factory()
+    bridge = MqttBridge(settings_for(mosquitto, max_inflight_publishes=32), handler)
+    await bridge.start()
+    await bridge.wait_connected(timeout_s=5)
+    await wait_until(lambda: len(bridge._idle_workers) == 32, 5, "every worker idle")
+
+    class CountingDeque(deque):  # type: ignore[type-arg]
+        appends = 0
+
+        def append(self, waiter: asyncio.Future[None]) -> None:
+            CountingDeque.appends += 1
+            super().append(waiter)
+
+    bridge._idle_workers = CountingDeque(bridge._idle_workers)
+    delivered: list[int] = []
+    for seq in range(1, 11):  # one at a time: each finds every worker idle
+        bridge.send_tracked(OutputAddress("mqtt", "devices/9/cmd", 1), seq, b"r", delivered.append)
+        await wait_until(lambda seq=seq: delivered == list(range(1, seq + 1)), 10, "the reply")
+    # Each reply: the one worker woken waits again once it is done (10); 64 if all woke.
+    assert CountingDeque.appends == 10
     await bridge.stop()
