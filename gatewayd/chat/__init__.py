@@ -20,14 +20,17 @@ from gatewayd.chat.backends import (
     OpenAICompatibleBackend,
     ScriptedBackend,
 )
+from gatewayd.chat.devices import AgentDevice, DeviceCommand
 from gatewayd.chat.guard import MAX_MESSAGE_BYTES, guard_message
 from gatewayd.chat.messages import InvalidMessageError, MessageBuilder
 from gatewayd.chat.store import MessageStore
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "AgentDevice",
     "ChatAgent",
     "ChatContext",
+    "DeviceCommand",
     "EchoBackend",
     "InvalidMessageError",
     "MessageBuilder",

@@ -169,23 +169,22 @@ class OpenAICompatibleBackend:
 
 
 def to_openai_messages(messages: Sequence[Message], system: str | None) -> list[dict[str, Any]]:
-    """UI messages (parts) -> OpenAI chat messages: text joined, tool parts as tool calls
-    followed by their results (a denied or failed call still gets a result)."""
+    """UI messages (parts) -> OpenAI chat messages. An assistant message with tool parts is
+    cut into its steps: each step's text and tool calls, then one result per call (a denied,
+    failed or unanswered call still gets a result, so the model always sees one)."""
     out: list[dict[str, Any]] = []
     if system:
         out.append({"role": "system", "content": system})
     for message in messages:
         role = message.get("role")
-        text = text_of(message)
-        tools = [p for p in message.get("parts", ()) if p.get("type") == "tool"]
-        if role != "assistant" or not tools:
-            out.append({"role": role, "content": text})
+        parts = message.get("parts", ())
+        if role != "assistant" or not any(p.get("type") == "tool" for p in parts):
+            out.append({"role": role, "content": text_of(message)})
             continue
-        out.append(
-            {
-                "role": "assistant",
-                "content": text or None,
-                "tool_calls": [
+        for text, calls in _steps(parts):
+            entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                entry["tool_calls"] = [
                     {
                         "id": p.get("toolCallId"),
                         "type": "function",
@@ -194,20 +193,47 @@ def to_openai_messages(messages: Sequence[Message], system: str | None) -> list[
                             "arguments": json.dumps(p.get("input") or {}),
                         },
                     }
-                    for p in tools
-                ],
-            }
-        )
-        for p in tools:
-            if p.get("state") == "output-available":
-                content = p.get("output")
-            else:
-                content = {"error": p.get("errorText") or f"no result ({p.get('state')})"}
-            out.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": p.get("toolCallId"),
-                    "content": content if isinstance(content, str) else json.dumps(content),
-                }
-            )
+                    for p in calls
+                ]
+            out.append(entry)
+            for p in calls:
+                content = tool_result_of(p)
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": p.get("toolCallId"),
+                        "content": content if isinstance(content, str) else json.dumps(content),
+                    }
+                )
     return out
+
+
+def _steps(parts: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """(text, tool parts) per step: a text part after tool parts starts the next step."""
+    steps: list[tuple[str, list[Mapping[str, Any]]]] = []
+    text, calls = "", list[Mapping[str, Any]]()
+    for part in parts:
+        if part.get("type") == "text":
+            if calls:
+                steps.append((text, calls))
+                text, calls = "", []
+            text += str(part.get("text", ""))
+        elif part.get("type") == "tool":
+            calls.append(part)
+    if text or calls:
+        steps.append((text, calls))
+    return steps
+
+
+def tool_result_of(part: Mapping[str, Any]) -> Any:
+    """What the model is told a tool call gave."""
+    state = part.get("state")
+    if state == "output-available":
+        return part.get("output")
+    if state == "output-denied":
+        approval = part.get("approval") or {}
+        denied: dict[str, Any] = {"denied": True, "reason": approval.get("reason")}
+        return denied
+    if state == "output-error":
+        return {"error": part.get("errorText")}
+    return {"error": f"no result ({state})"}

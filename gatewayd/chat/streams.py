@@ -151,6 +151,7 @@ class LiveStream:
         self.stream_id = stream_id
         self.request_id = request_id
         self.subscribers = subscribers
+        self.answers_pending = False  # tool answers came while it streamed
         self._producer: asyncio.Task[None] | None = None
 
     def cancel(self) -> None:

@@ -74,7 +74,7 @@ async def test_a_client_that_reconnects_mid_stream_gets_every_chunk_once_in_orde
             live = chunks_of(await b.until_type("gw.chat.done"))
             assert not any(c["replay"] for c in live)
             seqs = [c["seq"] for c in replay + live]
-            assert seqs == list(range(9))  # exactly once, in order
+            assert seqs == list(range(11))  # start, 9 words, finish: exactly once, in order
             assert [c["chunk"] for c in first] == [c["chunk"] for c in replay[:3]]
 
 
@@ -97,7 +97,7 @@ async def test_resuming_while_chunks_flow_freely_never_loses_or_repeats_one(serv
             last.set()  # the stream stays live until the resume was answered
             frames += await third.until_type("gw.chat.done")
         seqs = [c["seq"] for c in chunks_of(frames)]
-        assert seqs == list(range(300))
+        assert seqs == list(range(302))  # start, 300 words, finish
         assert frames[0]["type"] == "gw.chat.resuming"
         assert [c["seq"] for c in chunks_of(await a.until_type("gw.chat.done"))] == seqs
 
@@ -138,7 +138,14 @@ async def test_data_parts_are_streamed_and_reconciled_and_transient_ones_never_s
     async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "weather?")])
         streamed = [c["chunk"]["type"] for c in chunks_of(await a.until_type("gw.chat.done"))]
-        assert streamed == ["data-weather", "data-progress", "data-weather", "text-delta"]
+        assert streamed == [
+            "start",
+            "data-weather",
+            "data-progress",
+            "data-weather",
+            "text-delta",
+            "finish",
+        ]
         answer = (await a.messages())[1]
         assert answer["parts"] == [
             {"type": "data-weather", "id": "w", "data": {"status": "done", "temp": 4}},
@@ -237,7 +244,7 @@ async def test_chunks_are_written_in_batches_not_one_commit_each(serve):
         before = served.runtime.stats()["commits_total"]
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
         frames = await a.until_type("gw.chat.done")
-        assert [c["seq"] for c in chunks_of(frames)] == list(range(500))
+        assert [c["seq"] for c in chunks_of(frames)] == list(range(502))
         commits = served.runtime.stats()["commits_total"] - before
         assert commits <= 50, f"{commits} commits for 500 chunks"
 
@@ -252,7 +259,7 @@ async def test_a_failing_model_still_ends_the_stream_and_keeps_what_it_said(serv
     async with serve({"chat": Failing}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
         frames = await a.until_type("gw.chat.done")
-        assert [c["chunk"]["type"] for c in chunks_of(frames)] == ["text-delta", "error"]
+        assert [c["chunk"]["type"] for c in chunks_of(frames)] == ["start", "text-delta", "error"]
         assert frames[-1]["status"] == "error"
         assert "model went away" in frames[-1]["error"]
         answer = (await a.messages())[1]
@@ -291,13 +298,13 @@ async def test_a_stream_goes_on_across_hibernation_of_its_agent(serve):
     Scripted.backend = ScriptedBackend(words(4), {2: gate})
     async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
-        await a.until(lambda f: f.get("seq") == 1)
+        await a.until(lambda f: f.get("seq") == 2)  # start, w0, w1; the model waits
         assert served.runtime.hibernate_idle() == 1  # a slow model: the agent sleeps
         assert not served.runtime.is_awake("chat", "c1")
         gate.set()  # the next batch wakes it; the live stream is not taken for an orphan
         frames = await a.until_type("gw.chat.done")
         assert frames[-1]["status"] == "complete"
-        assert [c["seq"] for c in chunks_of(frames)] == [2, 3]
+        assert [c["seq"] for c in chunks_of(frames)] == [3, 4, 5]
         assert (await a.messages())[1]["parts"] == [{"type": "text", "text": "w0 w1 w2 w3 "}]
 
 
