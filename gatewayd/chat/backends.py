@@ -17,6 +17,7 @@ The local generation engine (engine/generate) comes as a third backend with that
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -39,14 +40,22 @@ class ModelBackend(Protocol):
 
 
 class ScriptedBackend:
-    """Replays `chunks` for every request; before chunk i it waits for `gates[i]` if given."""
+    """Replays `chunks` for every request; before chunk i it waits for `gates[i]` if given.
+    With `replies`, request n gets `replies[n]` instead (the last one again once they run
+    out): a scripted tool loop (a tool call, then an answer that uses its result)."""
 
     def __init__(
-        self, chunks: Sequence[Chunk], gates: Mapping[int, asyncio.Event] | None = None
+        self,
+        chunks: Sequence[Chunk] = (),
+        gates: Mapping[int, asyncio.Event] | None = None,
+        *,
+        replies: Sequence[Sequence[Chunk]] | None = None,
     ) -> None:
         self.chunks = list(chunks)
         self.gates = dict(gates or {})
+        self.replies = [list(r) for r in replies] if replies else None
         self.requests: list[list[Message]] = []  # what the model was given, in full
+        self.tools: list[list[dict[str, Any]]] = []  # the tools offered with each request
 
     async def stream(
         self,
@@ -55,8 +64,12 @@ class ScriptedBackend:
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> AsyncIterator[Chunk]:
-        self.requests.append(list(messages))
-        for i, chunk in enumerate(self.chunks):
+        self.requests.append(copy.deepcopy(list(messages)))
+        self.tools.append([dict(t) for t in tools or ()])
+        chunks = self.chunks
+        if self.replies:
+            chunks = self.replies[min(len(self.requests) - 1, len(self.replies) - 1)]
+        for i, chunk in enumerate(chunks):
             gate = self.gates.get(i)
             if gate is not None:
                 await gate.wait()

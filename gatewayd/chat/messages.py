@@ -135,6 +135,9 @@ class MessageBuilder:
                 part.pop("errorText", None)
                 if kind == "tool-result":
                     part.update(state="output-available", output=chunk.get("output"))
+                    if chunk.get("compacted"):  # stored compacted (guard.compact_chunk)
+                        metadata = self.message.setdefault("metadata", {})
+                        metadata.setdefault("compactedToolOutputs", []).append(part["toolCallId"])
                 else:
                     part.update(state="output-error", errorText=chunk.get("errorText"))
         elif kind == "file":

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.chat.guard import compact_chunk
 from gatewayd.chat.messages import Chunk, check_chunk
 from protocols import chat as wire
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 Sql = Callable[..., list[dict[str, Any]]]
 
 FINISHED_STREAM_TTL_S = 24 * 3600.0
-MAX_CHUNK_BYTES = 1_800_000  # a bigger chunk is streamed live but stored as a stub
+MAX_CHUNK_BYTES = 1_800_000  # a bigger chunk is streamed live in full, stored compacted
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS gw_chat_streams ("
@@ -98,8 +99,7 @@ class StreamStore:
             )[0]["n"]
         )
         for offset, chunk_json in enumerate(chunks_json):
-            if len(chunk_json.encode("utf-8")) > MAX_CHUNK_BYTES:
-                chunk_json = json.dumps({"type": "gw-omitted", "bytes": len(chunk_json)})
+            chunk_json = compact_chunk(chunk_json, MAX_CHUNK_BYTES)
             self._sql(
                 "INSERT INTO gw_chat_chunks (stream_id, seq, chunk) VALUES (?, ?, ?)",
                 stream_id,
