@@ -40,7 +40,10 @@ class FeatureRoutes:
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
-FEATURES: tuple[Feature, ...] = (Feature("index", "gatewayd.api.index:routes"),)
+FEATURES: tuple[Feature, ...] = (
+    Feature("index", "gatewayd.api.index:routes"),
+    Feature("messages", "gatewayd.chat.http:routes"),
+)
 
 
 def load_features(

@@ -6,12 +6,13 @@
 
 - `OpenAICompatibleBackend`: any OpenAI-compatible server (vLLM, llama.cpp server, a cloud
   API) through the official `openai` package (`pip install 'gatewayd[openai]'`), streaming.
-  Native tool calls are mapped to `tool-call` chunks.
+  Native tool calls are mapped to `tool-call` chunks; `tool_calls="prompt"` describes the
+  tools in the prompt instead, for servers whose model has no tool-call format.
 - `ScriptedBackend`: a test double of the model (not of gatewayd): replays fixed chunks,
   optionally waiting on events between them, so tests pace a stream without sleeping.
 - `EchoBackend`: for the example and tests only: answers with the last user text, word by word.
 
-The local generation engine (engine/generate) comes as a third backend with that work.
+The local generation engine (engine/generate) is `gatewayd.chat.local.LocalBackend`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gatewayd.chat.messages import Chunk, Message, text_of
+from gatewayd.chat.prompt_tools import STOP, ToolCallParser, prompt_messages
 
 
 class ModelBackend(Protocol):
@@ -111,7 +113,11 @@ class OpenAICompatibleBackend:
         timeout_s: float = 60.0,
         max_retries: int = 2,
         extra_body: Mapping[str, Any] | None = None,
+        tool_calls: str = "native",
     ) -> None:
+        if tool_calls not in ("native", "prompt"):
+            raise ValueError(f"tool_calls must be 'native' or 'prompt', got {tool_calls!r}")
+        self.tool_calls = tool_calls
         try:
             import openai
         except ImportError as err:  # pragma: no cover - depends on the install
@@ -136,13 +142,23 @@ class OpenAICompatibleBackend:
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> AsyncIterator[Chunk]:
-        request: dict[str, Any] = {
-            "model": self.model,
-            "messages": to_openai_messages(messages, system),
-            "stream": True,
-        }
-        if tools:
-            request["tools"] = list(tools)
+        parser = None
+        if tools and self.tool_calls == "prompt":  # a server without native tool calls
+            parser = ToolCallParser()
+            request: dict[str, Any] = {
+                "model": self.model,
+                "messages": prompt_messages(messages, system, tools),
+                "stream": True,
+                "stop": list(STOP),
+            }
+        else:
+            request = {
+                "model": self.model,
+                "messages": to_openai_messages(messages, system),
+                "stream": True,
+            }
+            if tools:
+                request["tools"] = list(tools)
         if self.extra_body:
             request["extra_body"] = self.extra_body
         response = await self._client.chat.completions.create(**request)
@@ -156,7 +172,10 @@ class OpenAICompatibleBackend:
                     reasoning = getattr(delta, "reasoning_content", None)
                     if reasoning:
                         yield {"type": "reasoning-delta", "id": "r0", "delta": reasoning}
-                    if delta.content:
+                    if delta.content and parser is not None:
+                        for chunk in parser.feed(delta.content):
+                            yield chunk
+                    elif delta.content:
                         yield {"type": "text-delta", "id": "t0", "delta": delta.content}
                     for call in delta.tool_calls or ():
                         slot = calls.setdefault(call.index, {"id": None, "name": "", "args": ""})
@@ -167,6 +186,8 @@ class OpenAICompatibleBackend:
                     finish_reason = choice.finish_reason or finish_reason
         finally:
             await response.close()
+        for chunk in parser.flush() if parser is not None else ():
+            yield chunk
         for _index, call in sorted(calls.items()):
             try:
                 arguments = json.loads(call["args"] or "{}")
