@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gatewayd.chat import ChatAgent, EchoBackend
@@ -50,11 +52,11 @@ def test_a_missing_generator_is_named_when_the_backend_is_used():
                 "backends": {"box": {"kind": "local", "generator": "nope"}},
                 "agents": {"assistant": {"backend": "box"}},
             }
-        )  # fmt: skip
+        )
     )
     served = configure_chat_classes({"assistant": Assistant}, parsed.chat, {})["assistant"]
     with pytest.raises(
-        ChatConfigError, match=r"chat.backends.box.generator: no generator named 'nope'"
+        ChatConfigError, match=r"chat\.backends\.box\.generator: no generator named 'nope'"
     ):
         served.backend.generator()
 
@@ -73,7 +75,7 @@ def test_a_missing_generator_is_named_when_the_backend_is_used():
     ],
 )  # fmt: skip
 def test_bad_chat_config_is_refused_with_the_key(chat, problem):
-    with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
         parse_config(config(chat))
 
 
@@ -83,7 +85,7 @@ def test_a_class_that_is_not_a_chat_agent_is_refused():
     parsed = parse_config(
         config({"backends": {"e": {"kind": "echo"}}, "agents": {"assistant": {"backend": "e"}}})
     )
-    with pytest.raises(ChatConfigError, match="chat.agents.assistant: .* is not a ChatAgent"):
+    with pytest.raises(ChatConfigError, match=r"chat\.agents\.assistant: .* is not a ChatAgent"):
         configure_chat_classes({"assistant": Agent}, parsed.chat, {})
     classes = configure_chat_classes({"assistant": Assistant}, parsed.chat, {})
     assert isinstance(classes["assistant"].backend, EchoBackend)
