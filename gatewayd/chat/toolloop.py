@@ -138,7 +138,8 @@ async def run_steps(
             if kind in ("text-delta", "reasoning-delta") and step > 1:
                 chunk = {**chunk, "id": f"s{step}-{chunk.get('id', '')}"}
             elif kind == "tool-call":
-                if not isinstance(chunk.get("toolCallId"), str) or not chunk["toolCallId"]:
+                call_id = chunk.get("toolCallId")
+                if not isinstance(call_id, str) or not call_id or _has_call(builder, call_id):
                     chunk = {**chunk, "toolCallId": f"call_{uuid.uuid4().hex[:12]}"}
                 if chunk.get("toolName") in tools.client:
                     chunk = {**chunk, "client": True}
@@ -223,6 +224,10 @@ async def _run_call(call: Chunk, tools: ToolSet, *, check_approval: bool) -> Asy
         yield _error(call_id, f"{name} failed: {type(err).__name__}: {err}")
         return
     yield {"type": "tool-result", "toolCallId": call_id, "output": output}
+
+
+def _has_call(builder: MessageBuilder, call_id: str) -> bool:
+    return any(p.get("toolCallId") == call_id for p in builder.message["parts"])
 
 
 def _error(call_id: str, text: str) -> Chunk:
