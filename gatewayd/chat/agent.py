@@ -76,7 +76,10 @@ class ChatAgent(Agent):
     # Tools besides the agent's own `@tool` methods, and the devices it exposes as tools.
     tools: ClassVar[Sequence[Tool]] = ()
     devices: ClassVar[Sequence[DeviceTools]] = ()
-    # Chunks stored and sent per turn at most (None: all that arrived during the last commit).
+    # How answers are stored (streams.LiveStream): > 0: each chunk is sent at once and stored
+    # within this many seconds (one commit per window); 0: stored before it is sent.
+    stream_flush_s: ClassVar[float] = 0.1
+    # flush 0: chunks stored and sent per turn at most (None: all that arrived meanwhile).
     stream_batch_max_chunks: ClassVar[int | None] = None
 
     # -- what a subclass overrides ----------------------------------------------------------
@@ -194,13 +197,21 @@ class ChatAgent(Agent):
         toolset = ToolSet.of(self.chat_tools(), client_tools)
         ctx = ChatContext(request_id, stream_id, connection_id, body, toolset.specs())
         subscribers = {c.id for c in self.get_connections() if c.protocol_enabled}
-        live = LiveStream(stream_id, request_id, subscribers)
+        live = LiveStream(stream_id, request_id, subscribers, self.stream_flush_s)
         host = self._gw_host
         builder = MessageBuilder(message_id, continues)
         max_steps = self.max_steps
 
-        def submit(chunks_json: list[str], end: StreamEnd | None) -> Any:
-            return host.submit(lambda agent: _as_chat(agent)._chat_batch(live, chunks_json, end))
+        def submit(first: int | None, chunks_json: list[str], end: StreamEnd | None) -> Any:
+            return host.submit(
+                lambda agent: _as_chat(agent)._chat_batch(live, first, chunks_json, end)
+            )
+
+        def send_live(seq: int, chunk_json: str) -> None:  # outside any turn
+            frame = wire.encode_chunk(stream_id, request_id, seq, chunk_json)
+            for conn in host.connections():
+                if conn.protocol_enabled and conn.id in live.subscribers:
+                    conn.send(frame)
 
         def answer() -> AsyncIterator[Chunk]:
             return run_steps(
@@ -213,12 +224,17 @@ class ChatAgent(Agent):
 
         # If this turn rolls back, the stream row goes with it and the first batch finds
         # no stream: see _chat_batch.
-        task = host.start_task(_TASK, live.run(answer, submit, self.stream_batch_max_chunks))
+        task = host.start_task(
+            _TASK, live.run(answer, submit, self.stream_batch_max_chunks, send_live)
+        )
         task.add_done_callback(lambda _task: _after_stream(host, live))
         LIVE[task] = live
 
-    def _chat_batch(self, live: LiveStream, chunks_json: list[str], end: StreamEnd | None) -> None:
-        """One turn of a live stream: store `chunks_json`, send them; at `end`, close it."""
+    def _chat_batch(
+        self, live: LiveStream, first: int | None, chunks_json: list[str], end: StreamEnd | None
+    ) -> None:
+        """One turn of a live stream: store `chunks_json` (from seq `first`: they were sent
+        already; None: send them after they are stored); at `end`, close the stream."""
         streams = self._chat_stores()[1]
         row = streams.get(live.stream_id)
         frames: list[str] = []
@@ -229,11 +245,12 @@ class ChatAgent(Agent):
             if end is not None:
                 frames.append(wire.encode_done(live.stream_id, live.request_id, wire.CANCELLED))
         else:
-            first = streams.append(live.stream_id, chunks_json) if chunks_json else 0
-            frames = [
-                wire.encode_chunk(live.stream_id, live.request_id, first + i, chunk)
-                for i, chunk in enumerate(chunks_json)
-            ]
+            stored_from = streams.append(live.stream_id, chunks_json, first) if chunks_json else 0
+            if first is None:  # stored before sent
+                frames = [
+                    wire.encode_chunk(live.stream_id, live.request_id, stored_from + i, chunk)
+                    for i, chunk in enumerate(chunks_json)
+                ]
             if end is not None:
                 message = self._chat_finish(row, end)
                 frames.append(
@@ -351,7 +368,8 @@ class ChatAgent(Agent):
             conn.send(wire.encode_resume_none())
             return
         conn.send(wire.encode_resuming(live.stream_id, live.request_id))
-        for seq, chunk_json in self._chat_stores()[1].chunks(live.stream_id):
+        stored = self._chat_stores()[1].chunks(live.stream_id)
+        for seq, chunk_json in live.replay_after(stored):
             conn.send(
                 wire.encode_chunk(live.stream_id, live.request_id, seq, chunk_json, replay=True)
             )

@@ -13,6 +13,7 @@ import pytest
 from gatewayd.agents.storage import agent_db_path
 from gatewayd.chat import ChatAgent, EchoBackend, ScriptedBackend
 from tests.chat.conftest import WAIT_S, user
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,16 +197,36 @@ async def test_a_stop_mid_stream_keeps_the_partial_answer_and_a_new_message_work
         assert (await b.messages())[-1]["parts"][0]["text"] == "echo: still there?"
 
 
-async def test_a_crash_mid_stream_is_recovered_from_what_was_committed(serve, tmp_path: Path):
+class Strict(Scripted):
+    stream_flush_s = 0  # stored before sent
+
+
+def stored_chunks(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM gw_chat_chunks").fetchone()[0])
+        except sqlite3.OperationalError:  # no table yet
+            return 0
+
+
+@pytest.mark.parametrize("cls", [Strict, Scripted], ids=["stored-before-sent", "flush-window"])
+async def test_a_crash_mid_stream_is_recovered_from_what_was_committed(
+    serve, tmp_path: Path, cls: type[ChatAgent]
+):
     """A crash leaves the agent's file as last committed: copied mid-stream with SQLite's
-    backup API (what a SIGKILL leaves), then served by a fresh runtime."""
+    backup API (what a SIGKILL leaves), then served by a fresh runtime. Stored before sent:
+    what the client saw is on disk at once; with a flush window, within `stream_flush_s`."""
     never = asyncio.Event()
     Scripted.backend = ScriptedBackend(words(5), {3: never})
     crashed = tmp_path / "crashed"
-    async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
+    async with serve({"chat": cls}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
-        await a.until(lambda f: f.get("seq") == 2)
+        await a.until(lambda f: f.get("seq") == 3)  # start, w0, w1, w2
         source = agent_db_path(tmp_path / "state", "chat", "c1")
+        if cls is Scripted:
+            await wait_until(lambda: stored_chunks(source) == 4, WAIT_S, "the flush")
+        else:
+            assert stored_chunks(source) == 4
         target = agent_db_path(crashed, "chat", "c1")
         target.parent.mkdir(parents=True)
         with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
