@@ -78,7 +78,7 @@ class ChatAgent(Agent):
     devices: ClassVar[Sequence[DeviceTools]] = ()
     # How answers are stored (streams.LiveStream): > 0: each chunk is sent at once and stored
     # within this many seconds (one commit per window); 0: stored before it is sent.
-    stream_flush_s: ClassVar[float] = 0.1
+    stream_flush_s: ClassVar[float] = 0.25
     # flush 0: chunks stored and sent per turn at most (None: all that arrived meanwhile).
     stream_batch_max_chunks: ClassVar[int | None] = None
 
@@ -207,11 +207,11 @@ class ChatAgent(Agent):
                 lambda agent: _as_chat(agent)._chat_batch(live, first, chunks_json, end)
             )
 
-        def send_live(seq: int, chunk_json: str) -> None:  # outside any turn
+        def send_live(seq: int, chunk_json: str) -> None:  # outside any turn: not gated
             frame = wire.encode_chunk(stream_id, request_id, seq, chunk_json)
             for conn in host.connections():
                 if conn.protocol_enabled and conn.id in live.subscribers:
-                    conn.send(frame)
+                    conn.send_now(frame)
 
         def answer() -> AsyncIterator[Chunk]:
             return run_steps(
@@ -367,13 +367,14 @@ class ChatAgent(Agent):
             self._recover_orphans()
             conn.send(wire.encode_resume_none())
             return
-        conn.send(wire.encode_resuming(live.stream_id, live.request_id))
+        # With a flush window the live chunks are sent past the output gate: the replay must
+        # be too, or a live chunk could overtake it (it holds nothing uncommitted).
+        send = conn.send_now if live.flush_s > 0 else conn.send
+        send(wire.encode_resuming(live.stream_id, live.request_id))
         stored = self._chat_stores()[1].chunks(live.stream_id)
         for seq, chunk_json in live.replay_after(stored):
-            conn.send(
-                wire.encode_chunk(live.stream_id, live.request_id, seq, chunk_json, replay=True)
-            )
-        conn.send(wire.encode_replay_complete(live.stream_id, live.request_id))
+            send(wire.encode_chunk(live.stream_id, live.request_id, seq, chunk_json, replay=True))
+        send(wire.encode_replay_complete(live.stream_id, live.request_id))
         live.subscribers.add(conn.id)
 
     def _chat_clear(self) -> None:
