@@ -372,3 +372,48 @@ async def test_devices_and_the_agents_own_tools_are_tools(serve):
         }
         assert results_told(Building.backend.requests[1]) == {"c1": {"target": 21.5}, "c2": 1}
         assert await served.runtime.get_agent_state("thermostat", "room2") == {"target": 21.5}
+
+
+RELEASE: dict[str, Any] = {}
+
+
+async def slow_check(room: str) -> str:
+    """A slow inspection of a room."""
+    await RELEASE["gate"].wait()
+    return f"room {room} checked"
+
+
+class Slow(Site):
+    tools = (*Site.tools, tool_from_function(slow_check))
+
+
+async def test_an_approval_sent_while_the_answer_still_streams_is_applied_when_it_ends(serve):
+    import asyncio
+
+    RELEASE["gate"] = asyncio.Event()
+    Site.backend = ScriptedBackend(
+        replies=[
+            [
+                call("c2", "set_temperature", room="2", celsius=22),
+                call("c3", "slow_check", room="2"),
+            ],
+            [say("Set and checked.")],
+        ]
+    )
+    async with serve({"site": Slow}) as served, served.client("site", "s1") as a:
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", "set and check")])
+        await a.until(lambda f: f.get("chunk", {}).get("type") == "tool-approval-request")
+        await a.send("gw.chat.tool_approval", id="a1", toolCallId="c2", approved=True)
+        await a.send("gw.chat.tool_approval", id="a2", toolCallId="c2", approved=False)
+        error = (await a.until_type("gw.chat.error"))[-1]
+        assert error["request"] == "a2" and "already has an answer" in error["error"]
+        assert SET_CALLS == []
+        RELEASE["gate"].set()  # the first answer ends, waiting; the stored approval applies
+        first = await a.until(lambda f: f["type"] == "gw.chat.done")
+        assert first[-1]["request"] == "r1" and first[-1]["waiting"][0]["toolCallId"] == "c2"
+        frames = await a.until(lambda f: f["type"] == "gw.chat.done")
+        assert frames[-1]["request"] == "a1" and frames[-1]["status"] == "complete"
+        assert chunk_types(frames) == ["start", "tool-result", "text-delta", "finish"]
+        assert SET_CALLS == [{"room": "2", "celsius": 22.0}]
+        told = results_told(Site.backend.requests[-1])
+        assert told == {"c2": "room 2 set to 22.0", "c3": "room 2 checked"}
