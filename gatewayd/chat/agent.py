@@ -8,11 +8,14 @@
 
 Clients speak the `gw.chat.*` frames (protocols/PROTOCOL.md, "Chat"). A `gw.chat.send`
 persists the conversation (store.py), then the answer is produced outside the turn, by a task
-the runtime owns, and stored and sent in batches of chunks, each batch one turn of the agent
+the runtime owns: the steps of the tool loop (toolloop.py: model call, tool calls, model call
+...), its chunks sent at once and stored within `stream_flush_s`, or stored first and sent
 (streams.py). When the stream ends, its message is rebuilt from the stored chunks and
 persisted. A stream cut by a stop or a crash is closed on the next wake, its partial message
-rebuilt from what was stored. Override `on_chat_message(messages, ctx)` to produce the answer
-another way; call `super().on_start()` if you override `on_start`.
+rebuilt from what was stored. Tool calls that wait (approval, client tools) stay in the stored
+message; answers (approvals.py) are stored, applied, and the answer continues in a new stream.
+Override `on_chat_message(messages, ctx)` to make one model call another way; call
+`super().on_start()` if you override `on_start`.
 """
 
 from __future__ import annotations
