@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from gatewayd import __version__, deadletters_cli
+from gatewayd.mcp import cli as mcp_cli
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,6 +26,7 @@ commands:
   gatewayd run -c /etc/gatewayd/gatewayd.toml     run the daemon in the foreground
   gatewayd check-config /etc/gatewayd/gatewayd.toml validate a config file and exit
   gatewayd dead-letters list -c FILE               MQTT messages given up on (replay ID|--all)
+  gatewayd mcp -c FILE --token-file TOKEN          MCP over stdio, through the daemon's /mcp
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", type=Path, metavar="FILE")
     deadletters_cli.add_parser(commands)
+    mcp_cli.add_parser(commands)
     return parser
 
 
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args.config, args.log_level)
     if args.command == "dead-letters":
         return deadletters_cli.main(args)
+    if args.command == "mcp":
+        return mcp_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 

@@ -112,6 +112,24 @@ class ApiSection(Section):
     shutdown_grace: Duration = 5.0
 
 
+McpToolGroup = Literal["agents", "devices", "schedules", "observability", "models"]
+
+
+class McpSection(Section):
+    # The MCP server (README "MCP"): on the API server at `path` when [api] is enabled.
+    enabled: bool = True
+    path: str = Field(default="/mcp", pattern=r"^/[\w./-]*$")
+    # Built-in tool groups, each enabled by name (agents: list, state, call).
+    tool_groups: list[McpToolGroup] = ["agents"]
+    # Per agent class, @callable methods served as `<class>_<method>` tools besides those
+    # marked @tool in the code.
+    classes: dict[str, list[str]] = {}
+    # Log lines kept in memory for the observability group's tools.
+    log_lines: int = Field(default=1000, ge=0)
+    # At most this many items per listing tool call (agents, devices, schedules ...).
+    max_list_items: int = Field(default=200, ge=1)
+
+
 class AgentClassSection(Section):
     # "package.module:ClassName"; `class` is a Python keyword, hence the alias.
     class_path: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
@@ -308,6 +326,7 @@ class GatewayConfig(Section):
     gateway: GatewaySection = GatewaySection()
     http: HttpSection = HttpSection()
     api: ApiSection = ApiSection()
+    mcp: McpSection = McpSection()
     agents: AgentsSection = AgentsSection()
     listeners: ListenersSection = ListenersSection()
     mqtt: MqttSection = MqttSection()
@@ -322,6 +341,7 @@ class GatewayConfig(Section):
         wanted += [
             (f"mqtt.routes.{i}.agent_class", r.agent_class) for i, r in enumerate(self.mqtt.routes)
         ]
+        wanted += [(f"mcp.classes.{name}", name) for name in self.mcp.classes]
         for key, name in wanted:
             if name and name not in known:
                 raise ValueError(

@@ -443,6 +443,8 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
         checks.append(("models", lambda: build_engine(config)))
     if config.chat.agents:
         checks.append(("chat", lambda: _chat_classes(config, config_file)))
+    if config.api.enabled and config.mcp.enabled and config.mcp.classes:
+        checks.append(("mcp", lambda: _check_mcp_classes(config, config_file)))
     problems = []
     for key, build in checks:
         try:
@@ -451,3 +453,12 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
             problems.append(f"{key}: {err}")
     if problems:
         raise ConfigError(str(config_file), problems)
+
+
+def _check_mcp_classes(config: GatewayConfig, config_file: object) -> None:
+    from gatewayd.mcp.catalog import check_configured_methods
+
+    try:
+        check_configured_methods(load_agent_classes(config, config_file), config.mcp.classes)
+    except ValueError as err:  # reported as "mcp: classes.NAME: ..."
+        raise ValueError(str(err).removeprefix("mcp.")) from None

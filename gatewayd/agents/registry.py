@@ -53,3 +53,12 @@ class ConnectionRegistry:
         """The connections of the agent `key` that are still open."""
         conns = self._by_agent.get(key)
         return [c for c in conns.values() if not c.closed] if conns else []
+
+    def all_open(self) -> list[tuple[AgentKey, Connection]]:
+        """Every open connection with its agent's key."""
+        return [
+            (key, conn)
+            for key, conns in self._by_agent.items()
+            for conn in conns.values()
+            if not conn.closed
+        ]

@@ -81,6 +81,9 @@ from protocols.link import Backpressure, DedupKey, DurableOutputs, Link, LinkRej
 
 logger = logging.getLogger(__name__)
 
+StateObserver = Callable[[str, str, Any], None]
+"""`observer(agent_class, agent_id, state)`: see `AgentRuntime.add_state_observer`."""
+
 _STUCK_LOG_INTERVAL_S = 60.0  # how often a stuck commit is logged again while it lasts
 
 
@@ -118,6 +121,7 @@ class AgentRuntime(AlarmsMixin):
         # Agents' own background tasks (AgentHost.start_task), by agent and name.
         self._agent_tasks: dict[AgentKey, dict[str, asyncio.Task[Any]]] = {}
         self._counters = new_counters()
+        self._state_observers: list[StateObserver] = []
         self._registry = ConnectionRegistry()
         self._outbox = Outbox(max_undelivered=settings.max_undelivered_outputs)
         self._turns = TurnRunner(
@@ -146,7 +150,7 @@ class AgentRuntime(AlarmsMixin):
             make_host=lambda slot: _AgentHandle(self, slot),
             run_alarm=self._run_alarm,
             after_wake=self._after_wake,
-            after_commit=self._after_commit,
+            after_commit=self._committed,
             wake_failed=lambda slot: self._alarm_pending.discard(slot.key),
             outputs=self._outbox,
         )
@@ -492,12 +496,39 @@ class AgentRuntime(AlarmsMixin):
         """The agent's committed state (wakes it if it is hibernating)."""
         return await self.run_in_agent(agent_class, agent_id, lambda agent: agent.state)
 
+    def add_state_observer(self, observer: StateObserver) -> Callable[[], None]:
+        """Call `observer(agent_class, agent_id, state)` after each commit that changed an
+        agent's state (once per commit, with the committed state; a turn that rolled back its
+        change may still report the unchanged state). It runs on the event loop and must not
+        block or raise (errors are logged). Returns a function that removes it."""
+        self._state_observers.append(observer)
+
+        def remove() -> None:
+            if observer in self._state_observers:
+                self._state_observers.remove(observer)
+
+        return remove
+
+    def open_connections(self) -> list[tuple[AgentKey, Connection]]:
+        """Every open connection with its agent's key (devices, dashboards), any transport."""
+        return self._registry.all_open()
+
     def is_awake(self, agent_class: str, agent_id: str) -> bool:
         return self._scheduler.is_awake((agent_class, agent_id))
 
     def hibernate_idle(self, idle_for_s: float = 0.0) -> int:
         """Evict every idle agent idle for at least `idle_for_s` now; returns how many."""
         return self._scheduler.evict_idle(self._scheduler.now() - idle_for_s)
+
+    def _committed(self, slot: Slot) -> None:
+        self._after_commit(slot)
+        if slot.state_changed:
+            slot.state_changed = False
+            for observer in list(self._state_observers):
+                try:
+                    observer(slot.key[0], slot.key[1], slot.state)
+                except Exception:
+                    logger.exception("agents: a state observer failed")
 
     # -- enqueueing ----------------------------------------------------------------------------
 

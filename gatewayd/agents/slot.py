@@ -110,6 +110,7 @@ class Slot:
         "outbox",
         "room",
         "state",
+        "state_changed",
         "stores",
         "task",
         "turn",
@@ -124,6 +125,9 @@ class Slot:
         self.agent: Agent | None = None
         self.db: AgentDatabase | None = None
         self.state: Any = None
+        # Set by set_state; cleared after the commit that made the change durable (state
+        # observers, see AgentRuntime.add_state_observer, are told then).
+        self.state_changed = False
         self.turn: Turn | None = None
         # The open batch's buffered outputs (None between batches: output goes out at once).
         self.outbox: list[Output] | None = None

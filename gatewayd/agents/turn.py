@@ -434,6 +434,7 @@ class TurnRunner:
             raise StateRejectedError(f"state must be JSON-serialisable: {err}") from err
         db.save_state(state_json)
         slot.state = new_state
+        slot.state_changed = True
         conns = self.registry.registered(slot.key)
         if conns:
             frame = '{"type":"gw.state","state":' + state_json + "}"

@@ -40,10 +40,9 @@ class FeatureRoutes:
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
-FEATURES: tuple[Feature, ...] = (
-    Feature("index", "gatewayd.api.index:routes"),
-    Feature("messages", "gatewayd.chat.http:routes"),
-)
+FEATURES: tuple[Feature, ...] = (Feature("index", "gatewayd.api.index:routes"),)
+FEATURES += (Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),)
+FEATURES += (Feature("messages", "gatewayd.chat.http:routes"),)
 
 
 def load_features(
