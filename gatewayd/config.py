@@ -314,6 +314,59 @@ class GeneratorSection(Section):
         return self
 
 
+class ChatBackendSection(Section):
+    """[chat.backends.NAME]: a model for chat agents (README "Chat agents")."""
+
+    kind: Literal["openai", "local", "echo", "scripted"]
+    # openai: any OpenAI-compatible server (vLLM, llama.cpp, a cloud API).
+    base_url: str | None = None
+    model: str | None = None
+    api_key_file: ConfigPath | None = None
+    timeout: Duration = 60.0
+    tool_calls: Literal["native", "prompt"] = "native"
+    # local: a [generators.NAME] of this gateway.
+    generator: str | None = None
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    # scripted: always answers this text (a stand-in model for demos and tests).
+    reply: str = ""
+
+    @model_validator(mode="after")
+    def _needs_its_keys(self) -> ChatBackendSection:
+        if self.kind == "openai" and (not self.base_url or not self.model):
+            raise ValueError('kind = "openai" needs base_url and model')
+        if self.kind == "local" and not self.generator:
+            raise ValueError('kind = "local" needs generator (the name of a [generators.NAME])')
+        return self
+
+
+class ChatAgentSection(Section):
+    """[chat.agents.CLASS]: the chat settings of the agent class CLASS ([agents.classes.CLASS])."""
+
+    backend: str
+    system_prompt: str | None = None
+    max_steps: int = Field(default=10, ge=1)
+    max_persisted_messages: int | None = Field(default=None, ge=1)
+
+
+class ChatSection(Section):
+    backends: dict[str, ChatBackendSection] = {}
+    agents: dict[str, ChatAgentSection] = {}
+
+    @model_validator(mode="after")
+    def _agents_name_known_backends(self) -> ChatSection:
+        for name, agent in self.agents.items():
+            if agent.backend not in self.backends:
+                known = ", ".join(sorted(self.backends)) or "none"
+                raise ValueError(
+                    f"chat.agents.{name}.backend: no backend named {agent.backend!r} "
+                    f"(known: {known}; declare it as [chat.backends.{agent.backend}])"
+                )
+        return self
+
+
 class GatewayConfig(Section):
     gateway: GatewaySection = GatewaySection()
     http: HttpSection = HttpSection()
@@ -325,11 +378,13 @@ class GatewayConfig(Section):
     mqtt: MqttSection = MqttSection()
     models: dict[str, ModelSection] = {}
     generators: dict[str, GeneratorSection] = {}
+    chat: ChatSection = ChatSection()
 
     @model_validator(mode="after")
     def _routes_name_known_classes(self) -> GatewayConfig:
         known = set(self.agents.classes)
         wanted = [("listeners.binary.agent_class", self.listeners.binary.agent_class)]
+        wanted += [(f"chat.agents.{name}", name) for name in self.chat.agents]
         wanted += [
             (f"mqtt.routes.{i}.agent_class", r.agent_class) for i, r in enumerate(self.mqtt.routes)
         ]

@@ -56,6 +56,10 @@ class Components:
         from gatewayd.agents import AgentRuntime
 
         classes = load_agent_classes(self.config, self.config_file)
+        if self.config.chat.agents:  # [chat.agents.CLASS]: configured chat agent classes
+            from gatewayd.chat.config import configure_chat_classes
+
+            classes = configure_chat_classes(classes, self.config.chat, self.generators)
         if self.config.models:
             from engine import EngineError
 
@@ -462,6 +466,12 @@ def _agent_class_problem(target: Any) -> str | None:
     return None
 
 
+def _chat_classes(config: GatewayConfig, config_file: object) -> Any:
+    from gatewayd.chat.config import configure_chat_classes
+
+    return configure_chat_classes(load_agent_classes(config, config_file), config.chat, {})
+
+
 def check_references(config: GatewayConfig, config_file: object = "<config>") -> None:
     """Checks beyond the schema, shared by `check-config`, start-up and reload: agent classes
     import, the secrets file parses, every component accepts its settings."""
@@ -475,6 +485,8 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
         checks.append(("mqtt", lambda: mqtt_settings(config.mqtt)))
     if config.models:
         checks.append(("models", lambda: build_engine(config)))
+    if config.chat.agents:
+        checks.append(("chat", lambda: _chat_classes(config, config_file)))
     if config.api.enabled and config.mcp.enabled and config.mcp.classes:
         checks.append(("mcp", lambda: _check_mcp_classes(config, config_file)))
     if config.generators:

@@ -17,6 +17,8 @@ CANCEL = "gw.chat.cancel"
 CLEAR = "gw.chat.clear"
 SYNC = "gw.chat.sync"
 GET_MESSAGES = "gw.chat.get_messages"
+TOOL_RESULT = "gw.chat.tool_result"
+TOOL_APPROVAL = "gw.chat.tool_approval"
 # gateway -> client
 CHUNK = "gw.chat.chunk"
 DONE = "gw.chat.done"
@@ -25,6 +27,7 @@ REPLAY_COMPLETE = "gw.chat.replay_complete"
 RESUME_NONE = "gw.chat.resume_none"
 MESSAGES = "gw.chat.messages"
 CLEARED = "gw.chat.cleared"
+MESSAGE_UPDATED = "gw.chat.message_updated"
 ERROR = "gw.chat.error"
 
 # How a stream ended (`gw.chat.done` `status`).
@@ -49,8 +52,15 @@ def encode_chunk(
 
 
 def encode_done(
-    stream_id: str, request_id: str, status: str, error: str | None = None, *, replay: bool = False
+    stream_id: str,
+    request_id: str,
+    status: str,
+    error: str | None = None,
+    *,
+    replay: bool = False,
+    waiting: list[dict[str, Any]] | None = None,
 ) -> str:
+    """`waiting`: the tool calls the answer paused on (omitted when none)."""
     frame: dict[str, Any] = {
         "type": DONE,
         "stream": stream_id,
@@ -60,6 +70,8 @@ def encode_done(
     }
     if error is not None:
         frame["error"] = error
+    if waiting:
+        frame["waiting"] = waiting
     return _dumps(frame)
 
 
@@ -77,6 +89,10 @@ def encode_resume_none() -> str:
 
 def encode_messages(messages: list[dict[str, Any]]) -> str:
     return _dumps({"type": MESSAGES, "messages": messages})
+
+
+def encode_message_updated(message: dict[str, Any]) -> str:
+    return _dumps({"type": MESSAGE_UPDATED, "message": message})
 
 
 def encode_cleared() -> str:

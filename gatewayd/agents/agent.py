@@ -107,6 +107,12 @@ class AgentHost(Protocol):
     @property
     def engine(self) -> Any: ...
 
+    @property
+    def runtime(self) -> Any:
+        """The `AgentRuntime` (other agents' `classes`, `call`, `run_in_agent`): for tools
+        that reach other agents (a chat agent's devices)."""
+        ...
+
     def set_state(self, new_state: Any, source: Connection | str) -> None:
         """In a turn: validate, persist, broadcast, notify."""
         ...

@@ -107,6 +107,14 @@ class Connection:
             raise TypeError(f"Connection.send takes bytes or str, got {type(data).__name__}")
         self._output(data)
 
+    def send_now(self, data: bytes | str) -> None:
+        """Send at once, past the output gate, even while a turn of the agent is open: for
+        live data that must not wait for a commit and is stored (or not) by other means (a
+        chat's live chunks). Its order relative to gated sends is not kept."""
+        if not isinstance(data, bytes | str):
+            raise TypeError(f"Connection.send_now takes bytes or str, got {type(data).__name__}")
+        deliver(self, data)
+
     def close(self, code: int = 1000, reason: str = "") -> None:
         self._output(CloseRequest(code, reason))
 

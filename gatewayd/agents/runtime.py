@@ -690,6 +690,10 @@ class _AgentHandle:
     def engine(self) -> Any:
         return self._runtime.engine
 
+    @property
+    def runtime(self) -> AgentRuntime:
+        return self._runtime
+
     def set_state(self, new_state: Any, source: Connection | str) -> None:
         self._runtime._turns.set_state(self._slot, new_state, source)
 

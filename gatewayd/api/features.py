@@ -46,6 +46,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("dashboard", "gatewayd.api.dashboard:routes"),
     Feature("openai", "gatewayd.api.openai:routes", extra="llm"),
     Feature("mcp", "gatewayd.api.mcp:routes", extra="mcp"),
+    Feature("messages", "gatewayd.chat.http:routes"),
 )
 
 

@@ -6,17 +6,19 @@
 
 - `OpenAICompatibleBackend`: any OpenAI-compatible server (vLLM, llama.cpp server, a cloud
   API) through the official `openai` package (`pip install 'gatewayd[openai]'`), streaming.
-  Native tool calls are mapped to `tool-call` chunks.
+  Native tool calls are mapped to `tool-call` chunks; `tool_calls="prompt"` describes the
+  tools in the prompt instead, for servers whose model has no tool-call format.
 - `ScriptedBackend`: a test double of the model (not of gatewayd): replays fixed chunks,
   optionally waiting on events between them, so tests pace a stream without sleeping.
 - `EchoBackend`: for the example and tests only: answers with the last user text, word by word.
 
-The local generation engine (engine/generate) comes as a third backend with that work.
+The local generation engine (engine/generate) is `gatewayd.chat.local.LocalBackend`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gatewayd.chat.messages import Chunk, Message, text_of
+from gatewayd.chat.prompt_tools import STOP, ToolCallParser, prompt_messages
 
 
 class ModelBackend(Protocol):
@@ -39,14 +42,22 @@ class ModelBackend(Protocol):
 
 
 class ScriptedBackend:
-    """Replays `chunks` for every request; before chunk i it waits for `gates[i]` if given."""
+    """Replays `chunks` for every request; before chunk i it waits for `gates[i]` if given.
+    With `replies`, request n gets `replies[n]` instead (the last one again once they run
+    out): a scripted tool loop (a tool call, then an answer that uses its result)."""
 
     def __init__(
-        self, chunks: Sequence[Chunk], gates: Mapping[int, asyncio.Event] | None = None
+        self,
+        chunks: Sequence[Chunk] = (),
+        gates: Mapping[int, asyncio.Event] | None = None,
+        *,
+        replies: Sequence[Sequence[Chunk]] | None = None,
     ) -> None:
         self.chunks = list(chunks)
         self.gates = dict(gates or {})
+        self.replies = [list(r) for r in replies] if replies else None
         self.requests: list[list[Message]] = []  # what the model was given, in full
+        self.tools: list[list[dict[str, Any]]] = []  # the tools offered with each request
 
     async def stream(
         self,
@@ -55,8 +66,12 @@ class ScriptedBackend:
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> AsyncIterator[Chunk]:
-        self.requests.append(list(messages))
-        for i, chunk in enumerate(self.chunks):
+        self.requests.append(copy.deepcopy(list(messages)))
+        self.tools.append([dict(t) for t in tools or ()])
+        chunks = self.chunks
+        if self.replies:
+            chunks = self.replies[min(len(self.requests) - 1, len(self.replies) - 1)]
+        for i, chunk in enumerate(chunks):
             gate = self.gates.get(i)
             if gate is not None:
                 await gate.wait()
@@ -98,7 +113,11 @@ class OpenAICompatibleBackend:
         timeout_s: float = 60.0,
         max_retries: int = 2,
         extra_body: Mapping[str, Any] | None = None,
+        tool_calls: str = "native",
     ) -> None:
+        if tool_calls not in ("native", "prompt"):
+            raise ValueError(f"tool_calls must be 'native' or 'prompt', got {tool_calls!r}")
+        self.tool_calls = tool_calls
         try:
             import openai
         except ImportError as err:  # pragma: no cover - depends on the install
@@ -123,13 +142,23 @@ class OpenAICompatibleBackend:
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> AsyncIterator[Chunk]:
-        request: dict[str, Any] = {
-            "model": self.model,
-            "messages": to_openai_messages(messages, system),
-            "stream": True,
-        }
-        if tools:
-            request["tools"] = list(tools)
+        parser = None
+        if tools and self.tool_calls == "prompt":  # a server without native tool calls
+            parser = ToolCallParser()
+            request: dict[str, Any] = {
+                "model": self.model,
+                "messages": prompt_messages(messages, system, tools),
+                "stream": True,
+                "stop": list(STOP),
+            }
+        else:
+            request = {
+                "model": self.model,
+                "messages": to_openai_messages(messages, system),
+                "stream": True,
+            }
+            if tools:
+                request["tools"] = list(tools)
         if self.extra_body:
             request["extra_body"] = self.extra_body
         response = await self._client.chat.completions.create(**request)
@@ -143,7 +172,10 @@ class OpenAICompatibleBackend:
                     reasoning = getattr(delta, "reasoning_content", None)
                     if reasoning:
                         yield {"type": "reasoning-delta", "id": "r0", "delta": reasoning}
-                    if delta.content:
+                    if delta.content and parser is not None:
+                        for chunk in parser.feed(delta.content):
+                            yield chunk
+                    elif delta.content:
                         yield {"type": "text-delta", "id": "t0", "delta": delta.content}
                     for call in delta.tool_calls or ():
                         slot = calls.setdefault(call.index, {"id": None, "name": "", "args": ""})
@@ -154,6 +186,8 @@ class OpenAICompatibleBackend:
                     finish_reason = choice.finish_reason or finish_reason
         finally:
             await response.close()
+        for chunk in parser.flush() if parser is not None else ():
+            yield chunk
         for _index, call in sorted(calls.items()):
             try:
                 arguments = json.loads(call["args"] or "{}")
@@ -169,23 +203,22 @@ class OpenAICompatibleBackend:
 
 
 def to_openai_messages(messages: Sequence[Message], system: str | None) -> list[dict[str, Any]]:
-    """UI messages (parts) -> OpenAI chat messages: text joined, tool parts as tool calls
-    followed by their results (a denied or failed call still gets a result)."""
+    """UI messages (parts) -> OpenAI chat messages. An assistant message with tool parts is
+    cut into its steps: each step's text and tool calls, then one result per call (a denied,
+    failed or unanswered call still gets a result, so the model always sees one)."""
     out: list[dict[str, Any]] = []
     if system:
         out.append({"role": "system", "content": system})
     for message in messages:
         role = message.get("role")
-        text = text_of(message)
-        tools = [p for p in message.get("parts", ()) if p.get("type") == "tool"]
-        if role != "assistant" or not tools:
-            out.append({"role": role, "content": text})
+        parts = message.get("parts", ())
+        if role != "assistant" or not any(p.get("type") == "tool" for p in parts):
+            out.append({"role": role, "content": text_of(message)})
             continue
-        out.append(
-            {
-                "role": "assistant",
-                "content": text or None,
-                "tool_calls": [
+        for text, calls in _steps(parts):
+            entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                entry["tool_calls"] = [
                     {
                         "id": p.get("toolCallId"),
                         "type": "function",
@@ -194,20 +227,47 @@ def to_openai_messages(messages: Sequence[Message], system: str | None) -> list[
                             "arguments": json.dumps(p.get("input") or {}),
                         },
                     }
-                    for p in tools
-                ],
-            }
-        )
-        for p in tools:
-            if p.get("state") == "output-available":
-                content = p.get("output")
-            else:
-                content = {"error": p.get("errorText") or f"no result ({p.get('state')})"}
-            out.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": p.get("toolCallId"),
-                    "content": content if isinstance(content, str) else json.dumps(content),
-                }
-            )
+                    for p in calls
+                ]
+            out.append(entry)
+            for p in calls:
+                content = tool_result_of(p)
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": p.get("toolCallId"),
+                        "content": content if isinstance(content, str) else json.dumps(content),
+                    }
+                )
     return out
+
+
+def _steps(parts: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """(text, tool parts) per step: a text part after tool parts starts the next step."""
+    steps: list[tuple[str, list[Mapping[str, Any]]]] = []
+    text, calls = "", list[Mapping[str, Any]]()
+    for part in parts:
+        if part.get("type") == "text":
+            if calls:
+                steps.append((text, calls))
+                text, calls = "", []
+            text += str(part.get("text", ""))
+        elif part.get("type") == "tool":
+            calls.append(part)
+    if text or calls:
+        steps.append((text, calls))
+    return steps
+
+
+def tool_result_of(part: Mapping[str, Any]) -> Any:
+    """What the model is told a tool call gave."""
+    state = part.get("state")
+    if state == "output-available":
+        return part.get("output")
+    if state == "output-denied":
+        approval = part.get("approval") or {}
+        denied: dict[str, Any] = {"denied": True, "reason": approval.get("reason")}
+        return denied
+    if state == "output-error":
+        return {"error": part.get("errorText")}
+    return {"error": f"no result ({state})"}

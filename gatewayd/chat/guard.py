@@ -126,3 +126,30 @@ def _compact_other(part: dict[str, Any]) -> None:
     else:
         raw = json.dumps(part.get("data"), ensure_ascii=False)
         part["data"] = {"compacted": _note("data", len(raw.encode("utf-8")), raw)}
+
+
+def compact_chunk(chunk_json: str, max_bytes: int) -> str:
+    """A stream chunk (serialised) that fits `max_bytes` for storage: a big tool output, text
+    delta or data payload becomes a note plus a preview (the live stream had it in full)."""
+    size = len(chunk_json.encode("utf-8"))
+    if size <= max_bytes:
+        return chunk_json
+    chunk = json.loads(chunk_json)
+    kind = chunk.get("type")
+    if kind == "tool-result":
+        output = chunk.get("output")
+        raw = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+        chunk["output"] = _note("tool output", size, raw)
+        chunk["compacted"] = True
+    elif kind in ("text-delta", "reasoning-delta"):
+        chunk["delta"] = _note("text", size, str(chunk.get("delta", "")))
+        chunk["compacted"] = True
+    elif is_data_type(str(kind)):
+        raw = json.dumps(chunk.get("data"), ensure_ascii=False)
+        chunk["data"] = {"compacted": _note("data", size, raw)}
+    else:
+        chunk = {"type": "gw-omitted", "of": str(kind)[:64], "bytes": size}
+    compacted = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
+    if len(compacted.encode("utf-8")) > max_bytes:  # a huge id or metadata: drop it all
+        compacted = json.dumps({"type": "gw-omitted", "of": str(kind)[:64], "bytes": size})
+    return compacted

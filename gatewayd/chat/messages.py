@@ -7,17 +7,20 @@ A message is `{"id", "role", "parts": [...], "metadata"?}` (JSON). Parts:
     {"type": "file", "url", "mediaType", "filename"?}
     {"type": "data-<name>", "id"?, "data": ...}
 
-Tool part states: "input-streaming", "input-available", "output-available", "output-error"
-(approval states come with the tools slice). A stream chunk is a JSON object with a `type`:
+Tool part states: "input-streaming", "input-available", "approval-requested",
+"approval-responded", "output-available", "output-error", "output-denied" (PROTOCOL.md,
+"Tools, client tools and approvals"); a tool part may carry `client: true` and
+`approval: {"id", "approved"?, "reason"?}`. A stream chunk is a JSON object with a `type`:
 
     {"type": "start", "messageId"?, "metadata"?}  {"type": "finish", "metadata"?}
     {"type": "text-delta", "id"?, "delta"}         {"type": "reasoning-delta", "id"?, "delta"}
-    {"type": "tool-call", "toolCallId", "toolName", "input"}
+    {"type": "tool-call", "toolCallId", "toolName", "input", "client"?}
+    {"type": "tool-approval-request", "toolCallId", "approvalId"}
     {"type": "tool-result", "toolCallId", "output"}  {"type": "tool-error", "toolCallId", "errorText"}
     {"type": "file", "url", "mediaType"}           {"type": "error", "errorText"}
     {"type": "data-<name>", "id"?, "data", "transient"?}
 
-`MessageBuilder` applies chunks in order: deltas with the same `id` extend one part (a delta
+`MessageBuilder` applies chunks in order (to a new message, or to a stored one it continues): deltas with the same `id` extend one part (a delta
 without `id` extends the last part of its kind when that part is the last part); a data chunk
 replaces the `data` of the part with the same type and id (no deep merge), else it is
 appended; a transient data chunk is streamed (and replayed) but never becomes a part.
@@ -92,8 +95,12 @@ def upsert_data_part(parts: list[dict[str, Any]], part: dict[str, Any]) -> None:
 class MessageBuilder:
     """Builds the assistant message of one stream from its chunks (see the module docstring)."""
 
-    def __init__(self, message_id: str) -> None:
-        self.message: Message = {"id": message_id, "role": "assistant", "parts": []}
+    def __init__(self, message_id: str, continues: Message | None = None) -> None:
+        self.message: Message = (
+            copy.deepcopy(continues)
+            if continues is not None
+            else {"id": message_id, "role": "assistant", "parts": []}
+        )
         self._open: dict[tuple[str, str], dict[str, Any]] = {}  # (kind, chunk id) -> part
 
     def apply(self, chunk: Chunk) -> None:
@@ -106,20 +113,31 @@ class MessageBuilder:
         elif kind in ("text-delta", "reasoning-delta"):
             self._delta("text" if kind == "text-delta" else "reasoning", chunk)
         elif kind == "tool-call":
-            parts.append(
-                {
-                    "type": "tool",
-                    "toolCallId": chunk.get("toolCallId"),
-                    "toolName": chunk.get("toolName"),
-                    "state": "input-available",
-                    "input": chunk.get("input"),
-                }
-            )
+            part: dict[str, Any] | None = {
+                "type": "tool",
+                "toolCallId": chunk.get("toolCallId"),
+                "toolName": chunk.get("toolName"),
+                "state": "input-available",
+                "input": chunk.get("input"),
+            }
+            assert part is not None
+            if chunk.get("client"):
+                part["client"] = True
+            parts.append(part)
+        elif kind == "tool-approval-request":
+            part = self._tool_part(chunk.get("toolCallId"))
+            if part is not None:
+                part.update(state="approval-requested", approval={"id": chunk.get("approvalId")})
         elif kind in ("tool-result", "tool-error"):
             part = self._tool_part(chunk.get("toolCallId"))
             if part is not None:
+                part.pop("output", None)
+                part.pop("errorText", None)
                 if kind == "tool-result":
                     part.update(state="output-available", output=chunk.get("output"))
+                    if chunk.get("compacted"):  # stored compacted (guard.compact_chunk)
+                        metadata = self.message.setdefault("metadata", {})
+                        metadata.setdefault("compactedToolOutputs", []).append(part["toolCallId"])
                 else:
                     part.update(state="output-error", errorText=chunk.get("errorText"))
         elif kind == "file":

@@ -77,6 +77,14 @@ class MessageStore:
             for row in self._sql("SELECT message FROM gw_chat_messages ORDER BY seq")
         ]
 
+    def get(self, message_id: str) -> Message | None:
+        rows = self._sql("SELECT message FROM gw_chat_messages WHERE id = ?", message_id)
+        return json.loads(rows[0]["message"]) if rows else None
+
+    def load_last(self) -> Message | None:
+        rows = self._sql("SELECT message FROM gw_chat_messages ORDER BY seq DESC LIMIT 1")
+        return json.loads(rows[0]["message"]) if rows else None
+
     def count(self) -> int:
         return int(self._sql("SELECT COUNT(*) AS n FROM gw_chat_messages")[0]["n"])
 

@@ -46,6 +46,7 @@ import os
 from gatewayd.chat import ChatAgent, OpenAICompatibleBackend
 
 class Assistant(ChatAgent):
+    stream_flush_s = 0  # stored before sent: what a client saw survives a SIGKILL
     backend = OpenAICompatibleBackend(
         base_url=os.environ["CHAT_MODEL_URL"], model="tiny", max_retries=0, timeout_s=600
     )

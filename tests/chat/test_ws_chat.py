@@ -13,6 +13,7 @@ import pytest
 from gatewayd.agents.storage import agent_db_path
 from gatewayd.chat import ChatAgent, EchoBackend, ScriptedBackend
 from tests.chat.conftest import WAIT_S, user
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,7 +75,7 @@ async def test_a_client_that_reconnects_mid_stream_gets_every_chunk_once_in_orde
             live = chunks_of(await b.until_type("gw.chat.done"))
             assert not any(c["replay"] for c in live)
             seqs = [c["seq"] for c in replay + live]
-            assert seqs == list(range(9))  # exactly once, in order
+            assert seqs == list(range(11))  # start, 9 words, finish: exactly once, in order
             assert [c["chunk"] for c in first] == [c["chunk"] for c in replay[:3]]
 
 
@@ -97,7 +98,7 @@ async def test_resuming_while_chunks_flow_freely_never_loses_or_repeats_one(serv
             last.set()  # the stream stays live until the resume was answered
             frames += await third.until_type("gw.chat.done")
         seqs = [c["seq"] for c in chunks_of(frames)]
-        assert seqs == list(range(300))
+        assert seqs == list(range(302))  # start, 300 words, finish
         assert frames[0]["type"] == "gw.chat.resuming"
         assert [c["seq"] for c in chunks_of(await a.until_type("gw.chat.done"))] == seqs
 
@@ -138,7 +139,14 @@ async def test_data_parts_are_streamed_and_reconciled_and_transient_ones_never_s
     async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "weather?")])
         streamed = [c["chunk"]["type"] for c in chunks_of(await a.until_type("gw.chat.done"))]
-        assert streamed == ["data-weather", "data-progress", "data-weather", "text-delta"]
+        assert streamed == [
+            "start",
+            "data-weather",
+            "data-progress",
+            "data-weather",
+            "text-delta",
+            "finish",
+        ]
         answer = (await a.messages())[1]
         assert answer["parts"] == [
             {"type": "data-weather", "id": "w", "data": {"status": "done", "temp": 4}},
@@ -189,16 +197,36 @@ async def test_a_stop_mid_stream_keeps_the_partial_answer_and_a_new_message_work
         assert (await b.messages())[-1]["parts"][0]["text"] == "echo: still there?"
 
 
-async def test_a_crash_mid_stream_is_recovered_from_what_was_committed(serve, tmp_path: Path):
+class Strict(Scripted):
+    stream_flush_s = 0  # stored before sent
+
+
+def stored_chunks(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM gw_chat_chunks").fetchone()[0])
+        except sqlite3.OperationalError:  # no table yet
+            return 0
+
+
+@pytest.mark.parametrize("cls", [Strict, Scripted], ids=["stored-before-sent", "flush-window"])
+async def test_a_crash_mid_stream_is_recovered_from_what_was_committed(
+    serve, tmp_path: Path, cls: type[ChatAgent]
+):
     """A crash leaves the agent's file as last committed: copied mid-stream with SQLite's
-    backup API (what a SIGKILL leaves), then served by a fresh runtime."""
+    backup API (what a SIGKILL leaves), then served by a fresh runtime. Stored before sent:
+    what the client saw is on disk at once; with a flush window, within `stream_flush_s`."""
     never = asyncio.Event()
     Scripted.backend = ScriptedBackend(words(5), {3: never})
     crashed = tmp_path / "crashed"
-    async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
+    async with serve({"chat": cls}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
-        await a.until(lambda f: f.get("seq") == 2)
+        await a.until(lambda f: f.get("seq") == 3)  # start, w0, w1, w2
         source = agent_db_path(tmp_path / "state", "chat", "c1")
+        if cls is Scripted:
+            await wait_until(lambda: stored_chunks(source) == 4, WAIT_S, "the flush")
+        else:
+            assert stored_chunks(source) == 4
         target = agent_db_path(crashed, "chat", "c1")
         target.parent.mkdir(parents=True)
         with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
@@ -237,7 +265,7 @@ async def test_chunks_are_written_in_batches_not_one_commit_each(serve):
         before = served.runtime.stats()["commits_total"]
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
         frames = await a.until_type("gw.chat.done")
-        assert [c["seq"] for c in chunks_of(frames)] == list(range(500))
+        assert [c["seq"] for c in chunks_of(frames)] == list(range(502))
         commits = served.runtime.stats()["commits_total"] - before
         assert commits <= 50, f"{commits} commits for 500 chunks"
 
@@ -252,7 +280,7 @@ async def test_a_failing_model_still_ends_the_stream_and_keeps_what_it_said(serv
     async with serve({"chat": Failing}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
         frames = await a.until_type("gw.chat.done")
-        assert [c["chunk"]["type"] for c in chunks_of(frames)] == ["text-delta", "error"]
+        assert [c["chunk"]["type"] for c in chunks_of(frames)] == ["start", "text-delta", "error"]
         assert frames[-1]["status"] == "error"
         assert "model went away" in frames[-1]["error"]
         answer = (await a.messages())[1]
@@ -291,13 +319,13 @@ async def test_a_stream_goes_on_across_hibernation_of_its_agent(serve):
     Scripted.backend = ScriptedBackend(words(4), {2: gate})
     async with serve({"chat": Scripted}) as served, served.client("chat", "c1") as a:
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
-        await a.until(lambda f: f.get("seq") == 1)
+        await a.until(lambda f: f.get("seq") == 2)  # start, w0, w1; the model waits
         assert served.runtime.hibernate_idle() == 1  # a slow model: the agent sleeps
         assert not served.runtime.is_awake("chat", "c1")
         gate.set()  # the next batch wakes it; the live stream is not taken for an orphan
         frames = await a.until_type("gw.chat.done")
         assert frames[-1]["status"] == "complete"
-        assert [c["seq"] for c in chunks_of(frames)] == [2, 3]
+        assert [c["seq"] for c in chunks_of(frames)] == [3, 4, 5]
         assert (await a.messages())[1]["parts"] == [{"type": "text", "text": "w0 w1 w2 w3 "}]
 
 
