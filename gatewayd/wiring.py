@@ -14,6 +14,7 @@ as the daemon does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ class Components:
         self.runtime: Any = None
         self.transports: dict[str, Any] = {}
         self.supervisor = Supervisor("transports")
+        self.cluster: Any = None  # gatewayd.cluster.member.ClusterMember in cluster mode
 
     async def start(self) -> None:
         """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
@@ -62,8 +64,13 @@ class Components:
                 await self.engine.start()
             except EngineError as err:  # a model file that will not load: name it, no traceback
                 raise StartupError(str(err)) from None
-        self.runtime = AgentRuntime(agent_settings(self.config), classes, engine=self.engine)
+        settings = agent_settings(self.config)
+        if self.config.cluster.enabled:  # the agents' files are a cache of the group's log
+            settings = dataclasses.replace(settings, state_dir=cluster_state_dir(self.config))
+        self.runtime = AgentRuntime(settings, classes, engine=self.engine)
         await self.runtime.start()
+        if self.config.cluster.enabled:
+            await self._start_cluster()
         for name, transport in build_transports(self.config, self.runtime).items():
             if hasattr(transport, "spawn_loop"):  # its background loops run supervised
                 transport.spawn_loop = self.supervisor.spawn
@@ -72,6 +79,17 @@ class Components:
             except OSError as err:
                 raise StartupError(f"{name}: cannot start listener: {err}") from None
             self.transports[name] = transport
+
+    async def _start_cluster(self) -> None:
+        from gatewayd.cluster.member import ClusterMember
+
+        self.cluster = ClusterMember(
+            cluster_settings(self.config), self.runtime, cluster_state_dir(self.config)
+        )
+        try:
+            await self.cluster.start()
+        except (OSError, TimeoutError) as err:
+            raise StartupError(f"cluster: cannot join the group: {err}") from None
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Transports stop accepting and flush acks, then the runtime drains, then the engine.
@@ -86,6 +104,8 @@ class Components:
         await asyncio.gather(
             *(t.stop(left()) for t in self.transports.values()), return_exceptions=True
         )
+        if self.cluster is not None:  # partitions handed over before the runtime drains
+            await self.cluster.stop(left())
         if self.runtime is not None:
             drained = await self.runtime.drain(left())
             if not drained:
@@ -157,6 +177,37 @@ def agent_settings(config: GatewayConfig) -> Any:
             "tcp": listeners.binary.protocol_messages,
             "mqtt": config.mqtt.protocol_messages,
         },
+    )
+
+
+def cluster_state_dir(config: GatewayConfig) -> Path:
+    """Cluster mode's agent files: a cache of the partitions this member owns."""
+    return config.gateway.state_dir / "cluster"
+
+
+def cluster_settings(config: GatewayConfig) -> Any:
+    from gatewayd.cluster import ClusterSettings
+
+    c = config.cluster
+    if c.agent_class and c.agent_class not in config.agents.classes:
+        raise ValueError(f"agent_class: no agent class named {c.agent_class!r}")
+    return ClusterSettings(
+        agent_class=c.agent_class,
+        group=c.group,
+        member=c.member,
+        servers=tuple(c.servers),
+        credentials_file=_str_or_none(c.credentials_file),
+        ca_file=_str_or_none(c.ca_file),
+        cert_file=_str_or_none(c.cert_file),
+        key_file=_str_or_none(c.key_file),
+        ingest_subject=c.ingest_subject,
+        reply_subject=c.reply_subject,
+        partitions=c.partitions,
+        replicas=c.replicas,
+        lease_s=c.lease,
+        heartbeat_s=c.heartbeat,
+        snapshot_every=c.snapshot_every,
+        fetch_batch=c.fetch_batch,
     )
 
 
@@ -400,6 +451,8 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
         checks.append(("mqtt", lambda: mqtt_settings(config.mqtt)))
     if config.models:
         checks.append(("models", lambda: build_engine(config)))
+    if config.cluster.enabled:
+        checks.append(("cluster", lambda: cluster_settings(config)))
     problems = []
     for key, build in checks:
         try:
