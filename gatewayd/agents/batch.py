@@ -71,8 +71,7 @@ class Replicator(Protocol):
     before its COMMIT (the transaction still open on `connection`); raising aborts the batch
     (nothing of it commits, leaves or is acknowledged)."""
 
-    async def before_commit(self, key: tuple[str, str], connection: sqlite3.Connection) -> None:
-        ...
+    async def before_commit(self, key: tuple[str, str], connection: sqlite3.Connection) -> None: ...
 
 
 class BatchRunner:
