@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cbor2
@@ -31,7 +32,7 @@ from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from gatewayd.cluster.naming import Names
-from gatewayd.cluster.pages import PageChange, apply, decode_batch, encode_batch
+from gatewayd.cluster.pages import LogMessage, PageChange, apply
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class FencedError(ChangelogError):
 @dataclass(slots=True)
 class RestoreReport:
     images: dict[AgentKey, bytes]
+    floor: int
     snapshot_seq: int
     replayed: int
     last_seq: int
@@ -85,6 +87,10 @@ class PartitionLog:
         self._queue: list[tuple[PageChange, bytes, asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self.failed: ChangelogError | None = None
+        # The ingest floor each append records (see pages.LogMessage): the restored one until
+        # the partition's consumer reports its own.
+        self.floor = 0
+        self.floor_source: Callable[[], int] | None = None
         self.append_seconds = 0.0
         self.append_count = 0
 
@@ -102,6 +108,7 @@ class PartitionLog:
         if found is not None and found.data:
             raw = cbor2.loads(found.data)
             snapshot_seq = int(raw["seq"])
+            self.floor = max(self.floor, int(raw.get("floor", 0)))
             for agent_class, agent_id, image in raw["agents"]:
                 images[(agent_class, agent_id)] = image
         last = await self._last_subject_seq()
@@ -111,7 +118,7 @@ class PartitionLog:
         self.last_seq = max(last, snapshot_seq)
         self.images = images
         return RestoreReport(
-            images, snapshot_seq, replayed, self.last_seq, time.perf_counter() - started
+            images, self.floor, snapshot_seq, replayed, self.last_seq, time.perf_counter() - started
         )
 
     async def _last_subject_seq(self) -> int:
@@ -139,8 +146,9 @@ class PartitionLog:
             while seq < last:
                 for msg in await sub.fetch(_READ_BATCH, timeout=5.0):
                     seq = msg.metadata.sequence.stream
-                    _epoch, _member, changes = decode_batch(msg.data)
-                    for change in changes:
+                    message = LogMessage.decode(msg.data)
+                    self.floor = max(self.floor, message.floor)
+                    for change in message.changes:
                         key = (change.agent_class, change.agent_id)
                         images[key] = apply(images.get(key, b""), change)
                     replayed += 1
@@ -155,7 +163,7 @@ class PartitionLog:
 
     async def mark(self) -> None:
         """Append this owner's marker: every later append of an earlier owner fails."""
-        await self._publish(encode_batch(self.epoch, self.member, []))
+        await self._publish(self._message([]))
 
     async def append(self, change: PageChange, image: bytes) -> None:
         """Returns once `change` (making the agent's image `image`) is durable in the log
@@ -189,7 +197,7 @@ class PartitionLog:
                             "max_payload)"
                         )
                     changes = [change for change, _, _ in group]
-                    await self._publish(encode_batch(self.epoch, self.member, changes))
+                    await self._publish(self._message(changes))
                 except ChangelogError as err:
                     if not isinstance(err, FencedError) or self.failed is None:
                         self.failed = self.failed or err
@@ -204,6 +212,11 @@ class PartitionLog:
                         future.set_result(None)
         finally:
             self._flushing = None
+
+    def _message(self, changes: list[PageChange]) -> bytes:
+        if self.floor_source is not None:
+            self.floor = max(self.floor, self.floor_source())
+        return LogMessage(self.epoch, self.member, self.floor, changes).encode()
 
     async def _publish(self, payload: bytes) -> None:
         started = time.perf_counter()
@@ -244,7 +257,11 @@ class PartitionLog:
         seq = self.last_seq
         current = dict(self.images)  # taken now: consistent with `seq` (no await between)
         data = cbor2.dumps(
-            {"seq": seq, "agents": [[k[0], k[1], image] for k, image in current.items()]}
+            {
+                "seq": seq,
+                "floor": self.floor,
+                "agents": [[k[0], k[1], image] for k, image in current.items()],
+            }
         )
         await snapshots.put(self._names.snapshot_name(self.partition), data)
         # Keep the last message: the expected-sequence check needs the subject's last seq.

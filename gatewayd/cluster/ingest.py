@@ -22,6 +22,7 @@ holds the partition. Failures:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -46,6 +47,7 @@ from protocols.link import Backpressure, DedupKey, LinkIdentity, LinkRejected, O
 logger = logging.getLogger(__name__)
 
 DEDUP_STREAM = "jetstream"  # the agents' dedup stream name for JetStream sequences
+_CHECK_AFTER_IDLE_FETCHES = 5  # one-second fetches that found nothing
 _POISON = (CommitError, StorageError, AgentQuarantinedError, SequenceGapError, Backpressure)
 
 
@@ -81,10 +83,16 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 
 
 async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoch: int, *,
-                        max_ack_pending: int) -> str:  # fmt: skip
-    """Create this epoch's consumer of `partition` at the earlier consumers' ack floor and
-    delete theirs. Returns its name."""
-    floor = 0
+                        log_floor: int, max_ack_pending: int) -> tuple[str, int]:  # fmt: skip
+    """Create this epoch's consumer of `partition` after the ingest floor (the changelog's, or
+    a surviving earlier consumer's ack floor if higher) and delete the earlier consumers.
+    Returns its name and the floor it starts after.
+
+    The consumer has one replica: creating a replicated consumer forms a Raft group (half a
+    second and more), which would add to every failover. Losing it with its NATS node loses
+    nothing: the floor is in the replicated changelog, and the owner takes the partition
+    again with a new consumer."""
+    floor = log_floor
     older: list[str] = []
     for info in await js.consumers_info(names.ingest_stream):
         parsed = Names.consumer_partition_epoch(info.name)
@@ -92,8 +100,7 @@ async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoc
             continue
         older.append(info.name)
         acked = info.ack_floor.stream_seq if info.ack_floor else 0
-        start = (info.config.opt_start_seq or 1) - 1 if info.config else 0
-        floor = max(floor, acked or 0, start)
+        floor = max(floor, acked or 0)
     name = names.consumer(partition, epoch)
     await js.add_consumer(
         names.ingest_stream,
@@ -106,12 +113,13 @@ async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoc
             ack_wait=60.0,
             max_ack_pending=max_ack_pending,
             max_deliver=-1,
+            num_replicas=1,
         ),
     )
     for old in older:
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(names.ingest_stream, old)
-    return name
+    return name, floor
 
 
 class IngestWorker:
@@ -126,6 +134,7 @@ class IngestWorker:
         *,
         partition: int,
         consumer: str,
+        floor: int,
         agent_class: str,
         reply_subject: str,
         fetch_batch: int,
@@ -155,6 +164,10 @@ class IngestWorker:
         self.duplicates = 0
         self.dead_lettered = 0
         self.last_acked_seq = 0
+        # Ingest floor: every message up to it is settled (applied, duplicate or dead-lettered).
+        self.floor = floor
+        self._delivered: collections.deque[int] = collections.deque()
+        self._settled_seqs: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -191,6 +204,7 @@ class IngestWorker:
         sub = await self._js.pull_subscribe_bind(
             durable=self._consumer, stream=self._names.ingest_stream
         )
+        idle = 0
         try:
             while not self._stopping and self.poison is None:
                 room = self._fetch_batch * 2 - len(self._in_flight)
@@ -200,10 +214,15 @@ class IngestWorker:
                 try:
                     msgs = await sub.fetch(min(room, self._fetch_batch), timeout=1.0)
                 except TimeoutError:
+                    idle += 1
+                    if idle % _CHECK_AFTER_IDLE_FETCHES == 0:
+                        # Quiet, or is its consumer gone with a NATS node? Ask.
+                        await self._js.consumer_info(self._names.ingest_stream, self._consumer)
                     continue
                 except NotFoundError:
                     self._poison("its consumer was deleted (another member took the partition)")
                     return
+                idle = 0
                 for msg in msgs:
                     if self._stopping or self.poison is not None:
                         return  # not acked: delivered again to whoever consumes next
@@ -230,6 +249,10 @@ class IngestWorker:
             return
         agent_id = parsed[1]
         seq = msg.metadata.sequence.stream
+        if seq <= self.floor:
+            await msg.ack()  # settled before (a redelivery below the floor)
+            return
+        self._delivered.append(seq)
         dedup = DedupKey(DEDUP_STREAM, seq, resume_seq=seq)
         link = self.links.get(agent_id)
         while True:
@@ -270,6 +293,7 @@ class IngestWorker:
                 self.duplicates += 1
             else:
                 self.applied += 1
+            self._settle(msg)
             self._ack(msg)
         elif isinstance(err, _POISON) or (isinstance(err, LinkRejected) and err.code == 1001):
             self._poison(f"{type(err).__name__}: {err}")
@@ -284,7 +308,17 @@ class IngestWorker:
                 err,
             )
             if self.poison is None and self._may_ack():
+                self._settle(msg)
                 asyncio.get_running_loop().create_task(msg.term()).add_done_callback(_log_failure)
+
+    def _settle(self, msg: Msg) -> None:
+        """Advance the floor over the messages settled in delivery (= stream) order."""
+        self._settled_seqs.add(msg.metadata.sequence.stream)
+        delivered, settled = self._delivered, self._settled_seqs
+        while delivered and delivered[0] in settled:
+            seq = delivered.popleft()
+            settled.discard(seq)
+            self.floor = seq
 
     def _poison(self, why: str) -> None:
         if self.poison is None:

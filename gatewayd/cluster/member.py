@@ -84,6 +84,8 @@ class ClusterMember:
         self._loop_task: asyncio.Task[None] | None = None
         self._transitions: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
+        self._alive: set[str] = set()
+        self._joined_at = time.monotonic()
         self.counters = {"taken": 0, "released": 0, "lost": 0, "snapshots": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class ClusterMember:
         self.runtime.set_replicator(self.replicator)
         if not await self.ownership.heartbeat(sorted(self.partitions)):
             raise ConnectionError("cluster: the first heartbeat was not confirmed by JetStream")
+        self._joined_at = time.monotonic()
         self._loop_task = asyncio.get_running_loop().create_task(
             self._heartbeat_forever(), name="cluster heartbeat"
         )
@@ -246,6 +249,12 @@ class ClusterMember:
                     self._lose(part, "this member's lease expired (paused or cut off?)")
             return
         alive = ownership.alive()
+        watched_a_lease = time.monotonic() - self._joined_at >= self.settings.lease_s
+        for gone in sorted(self._alive - set(alive)):
+            logger.info("cluster: %s: member %s is silent past its lease", self.name, gone)
+        for new in sorted(set(alive) - self._alive):
+            logger.info("cluster: %s: member %s is alive", self.name, new)
+        self._alive = set(alive)
         for number in range(self.settings.partitions):
             if number in self._transitions:
                 continue
@@ -260,12 +269,11 @@ class ClusterMember:
                 continue
             if wanted != self.name:
                 continue
-            if (
-                record is None
-                or not record.owner
-                or record.owner not in alive
-                or (record.owner == self.name)
-            ):
+            if record is None or not record.owner or record.owner == self.name:
+                self._spawn(number, self._take(number))
+            elif record.owner not in alive and watched_a_lease:
+                # (Until this member has watched for a whole lease, an owner it has not seen
+                # heartbeat yet may well be alive.)
                 self._spawn(number, self._take(number))
 
     def _spawn(self, number: int, work: Any) -> None:
@@ -313,8 +321,13 @@ class ClusterMember:
             part.restore_s = time.monotonic() - part.taken_at
             part.restored_agents = len(report.images)
             part.replayed = report.replayed
-            consumer = await open_consumer(
-                self.js, self.names, number, epoch, max_ack_pending=self.settings.fetch_batch * 4
+            consumer, floor = await open_consumer(
+                self.js,
+                self.names,
+                number,
+                epoch,
+                log_floor=report.floor,
+                max_ack_pending=self.settings.fetch_batch * 4,
             )
         except Exception as err:
             self._lose(part, f"taking it failed ({type(err).__name__}: {err})")
@@ -328,6 +341,7 @@ class ClusterMember:
             self.runtime,
             partition=number,
             consumer=consumer,
+            floor=floor,
             agent_class=self.settings.agent_class,
             reply_subject=self.settings.reply_subject,
             fetch_batch=self.settings.fetch_batch,
@@ -335,6 +349,7 @@ class ClusterMember:
             poisoned=functools.partial(self._poisoned, part),
             touched=part.agents.add,
         )
+        log.floor_source = lambda worker=part.worker: worker.floor
         part.state = "serving"
         part.worker.start()
         self.counters["taken"] += 1

@@ -77,13 +77,30 @@ def apply(old: bytes, change: PageChange) -> bytes:
     return bytes(image)
 
 
-def encode_batch(epoch: int, member: str, changes: list[PageChange]) -> bytes:
-    """One changelog message: the changes of one or more commit batches of one partition."""
-    return cbor2.dumps({"epoch": epoch, "member": member, "changes": [c.encode() for c in changes]})
+@dataclass(frozen=True, slots=True)
+class LogMessage:
+    """One changelog message: the changes of one or more commit batches of one partition, by
+    the owner at `epoch`, and `floor`: every ingest message of the partition up to that stream
+    sequence had been applied (in this or an earlier message) or dead-lettered when it was
+    written. A marker (a new owner's first message) has no changes."""
 
+    epoch: int
+    member: str
+    floor: int
+    changes: list[PageChange]
 
-def decode_batch(data: bytes) -> tuple[int, str, list[PageChange]]:
-    """`(epoch, member, changes)` of a changelog message (a marker has no changes)."""
-    raw = cbor2.loads(data)
-    changes = [PageChange.decode(item) for item in raw.get("changes", [])]
-    return int(raw["epoch"]), str(raw.get("member", "")), changes
+    def encode(self) -> bytes:
+        return cbor2.dumps(
+            {
+                "epoch": self.epoch,
+                "member": self.member,
+                "floor": self.floor,
+                "changes": [c.encode() for c in self.changes],
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> LogMessage:
+        raw = cbor2.loads(data)
+        changes = [PageChange.decode(item) for item in raw.get("changes", [])]
+        return cls(int(raw["epoch"]), str(raw.get("member", "")), int(raw.get("floor", 0)), changes)
