@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gatewayd import __version__, deadletters_cli
+from gatewayd import __version__, cluster_cli, deadletters_cli
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,6 +25,7 @@ commands:
   gatewayd run -c /etc/gatewayd/gatewayd.toml     run the daemon in the foreground
   gatewayd check-config /etc/gatewayd/gatewayd.toml validate a config file and exit
   gatewayd dead-letters list -c FILE               MQTT messages given up on (replay ID|--all)
+  gatewayd cluster status -c FILE                  a group's members and partitions (--json)
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", type=Path, metavar="FILE")
     deadletters_cli.add_parser(commands)
+    cluster_cli.add_parser(commands)
     return parser
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args.config, args.log_level)
     if args.command == "dead-letters":
         return deadletters_cli.main(args)
+    if args.command == "cluster":
+        return cluster_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 

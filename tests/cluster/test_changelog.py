@@ -9,11 +9,11 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js.api import StreamConfig
 
 from gatewayd.cluster.changelog import FencedError, PartitionLog
 from gatewayd.cluster.naming import Names, partition_of
 from gatewayd.cluster.pages import apply, diff
-from nats.js.api import StreamConfig
 from tests.cluster.group import Group
 
 

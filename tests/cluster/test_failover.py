@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import nats
@@ -125,3 +128,24 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
     await publishing
     state = await _wait_all_applied(nc, group, publisher, timeout_s=30)
     _assert_exactly_once(state, publisher)
+
+    # The operator's view agrees.
+    config = str(group.members["m1"].config)
+    shown = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "cluster", "status", "--json", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    status = json.loads(shown.stdout)
+    assert {m["member"] for m in status["members"]} == {"m1", "m2", "m3"}
+    assert {p["partition"]: p["owner"] for p in status["partitions"]} == after
+    text = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "cluster", "status", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "PARTITION" in text and "m3" in text, text
