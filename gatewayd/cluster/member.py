@@ -136,7 +136,16 @@ class ClusterMember:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
-        logger.info("cluster: member %s left group %s", self.name, self.settings.group)
+        replicator = self.replicator
+        logger.info(
+            "cluster: member %s left group %s; changelog: %d commits, %d bytes, %.3f ms per "
+            "commit (serialise, diff, replicated append)",
+            self.name,
+            self.settings.group,
+            replicator.commits,
+            replicator.bytes,
+            1000 * replicator.seconds / max(1, replicator.commits),
+        )
 
     def _connect_options(self) -> dict[str, Any]:
         s = self.settings

@@ -6,7 +6,8 @@ from gatewayd.agents import Agent, Connection
 
 
 class Recorder(Agent):
-    """Appends each message to `seen` (no unique key: a message applied twice shows twice)."""
+    """Appends each message to `seen` (no unique key: a message applied twice shows twice) and
+    echoes it to the device (published once the turn committed)."""
 
     def on_start(self) -> None:
         self.sql("CREATE TABLE IF NOT EXISTS seen (message TEXT NOT NULL)")
@@ -16,3 +17,4 @@ class Recorder(Agent):
         self.sql("INSERT INTO seen (message) VALUES (?)", text)
         count = self.state.get("count", 0) if isinstance(self.state, dict) else 0
         self.set_state({"count": count + 1, "last": text})
+        conn.send(message)
