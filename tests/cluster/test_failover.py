@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -14,9 +15,11 @@ import subprocess
 import sys
 import time
 
+import aiomqtt
 import nats
 
 from tests.cluster.group import Group, Publisher, log_epochs, read_group_state, wait_serving
+from tests.waiting import wait_until
 
 DEVICES = 24
 
@@ -149,3 +152,74 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
         check=True,
     ).stdout
     assert "PARTITION" in text and "m3" in text, text
+
+
+async def _mqtt_client(port: int, name: str) -> aiomqtt.Client:
+    """Connected; NATS 2.9 creates its MQTT streams on the first connects and may time them
+    out under load (the client is told to try again): retry a few times."""
+    for attempt in range(6):
+        client = aiomqtt.Client("127.0.0.1", port, identifier=name, timeout=10)
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError:
+            if attempt == 5:
+                raise
+            continue
+        return client
+    raise AssertionError("unreachable")
+
+
+async def test_mqtt_devices_on_the_nats_mqtt_listener_survive_a_member_kill(
+    group: Group, nc: nats.NATS
+) -> None:
+    """Devices do not change: real MQTT clients publish QoS 1 to NATS's MQTT listener (a
+    PUBACK = acknowledged), their topics become the partitioned subjects, and the agents'
+    echoes come back on `gw/out/<id>`."""
+    group.add_member("m1")
+    group.add_member("m2")
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    acked: list[tuple[str, str]] = []
+    echoed: list[str] = []
+    killed = asyncio.Event()
+    clients = []
+    for index in range(6):  # one at a time: see _mqtt_client
+        port = group.nats.nodes[index % len(group.nats.nodes)].mqtt_port
+        clients.append(await _mqtt_client(port, f"mqtt{index}"))
+
+    async def device(index: int, client: aiomqtt.Client, count: int) -> None:
+        name = f"mqtt{index}"
+        await client.subscribe(f"gw/out/{name}", qos=0)
+
+        async def read() -> None:
+            async for message in client.messages:
+                echoed.append(bytes(message.payload).decode())
+
+        reader = asyncio.create_task(read())
+        try:
+            for serial in range(count):
+                text = f"{name}:{serial}"
+                await client.publish(f"devices/{name}/telemetry", text.encode(), qos=1)
+                acked.append((name, text))
+                if serial == count // 3 and index == 0:
+                    killed.set()
+            await wait_until(lambda: f"{name}:{count - 1}" in echoed, 30, f"{name}'s last echo")
+        finally:
+            reader.cancel()
+
+    try:
+        devices = asyncio.gather(*(device(i, c, 60) for i, c in enumerate(clients)))
+        await killed.wait()
+        group.members["m1"].process.kill()
+        await devices
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+    state: dict[str, list[str]] = {}
+    deadline = time.monotonic() + 30
+    while sum(len(v) for v in state.values()) < len(acked) and time.monotonic() < deadline:
+        state = await read_group_state(nc, group.partitions)
+        await asyncio.sleep(0.5)
+    counts = collections.Counter((agent, m) for agent, ms in state.items() for m in ms)
+    assert [key for key in acked if counts[key] != 1] == []
+    assert sum(counts.values()) == len(acked)
