@@ -472,9 +472,12 @@ class AgentRuntime(AlarmsMixin):
         self._batches.replicator = replicator
 
     async def release_agents(self, keys: list[AgentKey]) -> None:
-        """Hand these agents over: close their connections (no close turn runs), wait for
-        their running batches, hibernate them and wait until their files are closed."""
+        """Hand these agents over: close their connections (no close turn runs), forget their
+        alarms (their new owner wakes them), wait for their running batches, hibernate them
+        and wait until their files are closed."""
         for key in keys:
+            if self._index is not None:
+                self._index.set_next(key[0], key[1], None)
             for conn in list(self._registry.registered(key)):
                 conn.closed = True
                 self._registry.unregister(conn)

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import shutil
+import sqlite3
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -361,6 +362,7 @@ class ClusterMember:
         log.floor_source = lambda worker=part.worker: worker.floor
         part.state = "serving"
         part.worker.start()
+        self._spawn(number, self._wake_scheduled(part, list(report.images)))
         self.counters["taken"] += 1
         logger.info(
             "cluster: %s took partition %d (epoch %d): %d agents restored, %d log messages "
@@ -380,6 +382,19 @@ class ClusterMember:
         await asyncio.get_running_loop().run_in_executor(
             None, _write_image_files, state_dir, dict(images)
         )
+
+    async def _wake_scheduled(self, part: OwnedPartition, keys: list[AgentKey]) -> None:
+        """Wake the restored agents that have schedules or queued calls: overdue ones run (once:
+        what an earlier owner ran and committed is in the log), the rest are armed here."""
+        state_dir = os.fspath(self.state_dir)
+        due = await asyncio.get_running_loop().run_in_executor(None, _with_alarms, state_dir, keys)
+        for key in due:
+            if part.state != "serving":
+                return
+            try:
+                await self.runtime.run_in_agent(key[0], key[1], _wake_only)
+            except Exception as err:
+                logger.warning("cluster: could not wake %s/%r after takeover: %s", *key, err)
 
     # -- giving a partition up ----------------------------------------------------------------
 
@@ -484,6 +499,30 @@ def _write_image_files(state_dir: str, images: dict[AgentKey, bytes]) -> None:
         with open(temporary, "wb") as out:
             out.write(image)
         os.replace(temporary, path)
+
+
+def _wake_only(agent: Any) -> None:
+    """A turn that only wakes its agent (waking drains overdue schedules and queued calls)."""
+
+
+def _with_alarms(state_dir: str, keys: list[AgentKey]) -> list[AgentKey]:
+    found = []
+    for key in keys:
+        path = agent_db_file(state_dir, *key)
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                tables = conn.execute(
+                    "SELECT count(*) FROM sqlite_master "
+                    "WHERE name IN ('_gw_schedules', '_gw_queue')"
+                ).fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            continue
+        if tables:
+            found.append(key)
+    return found
 
 
 def _delete_files(state_dir: str, keys: list[AgentKey]) -> None:

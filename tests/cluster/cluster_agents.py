@@ -15,6 +15,12 @@ class Recorder(Agent):
     def on_message(self, conn: Connection, message: bytes | str) -> None:
         text = message.decode() if isinstance(message, bytes) else message
         self.sql("INSERT INTO seen (message) VALUES (?)", text)
+        if text.startswith("schedule:"):  # "schedule:<seconds>:<name>"
+            _, delay, name = text.split(":", 2)
+            self.schedule(float(delay), "fired", name)
         count = self.state.get("count", 0) if isinstance(self.state, dict) else 0
         self.set_state({"count": count + 1, "last": text})
         conn.send(message)
+
+    def fired(self, name: str) -> None:
+        self.sql("INSERT INTO seen (message) VALUES (?)", f"fired:{name}")

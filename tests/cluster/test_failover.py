@@ -18,6 +18,7 @@ import time
 import aiomqtt
 import nats
 
+from gatewayd.cluster.naming import partition_of
 from tests.cluster.group import Group, Publisher, log_epochs, read_group_state, wait_serving
 from tests.waiting import wait_until
 
@@ -223,3 +224,36 @@ async def test_mqtt_devices_on_the_nats_mqtt_listener_survive_a_member_kill(
     counts = collections.Counter((agent, m) for agent, ms in state.items() for m in ms)
     assert [key for key in acked if counts[key] != 1] == []
     assert sum(counts.values()) == len(acked)
+
+
+async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover(
+    group: Group, nc: nats.NATS
+) -> None:
+    group.add_member("m1")
+    group.add_member("m2")
+    owned = await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    agent = "sched1"
+    owner = owned[partition_of(agent, group.partitions)]
+    js = nc.jetstream()
+
+    async def messages() -> list[str]:
+        return (await read_group_state(nc, group.partitions)).get(agent, [])
+
+    async def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 30
+        while text not in await messages():
+            assert time.monotonic() < deadline, f"{text!r} never applied"
+            await asyncio.sleep(0.2)
+
+    # One schedule fires on the owner before it dies, one is still due when it dies.
+    await js.publish(f"devices.{agent}.telemetry", b"schedule:0.1:early")
+    await js.publish(f"devices.{agent}.telemetry", b"schedule:4:late")
+    await wait_for("fired:early")
+    group.members[owner].process.kill()
+    survivor = ({"m1", "m2"} - {owner}).pop()
+    await wait_serving(nc, group.partitions, {survivor}, timeout_s=20)
+    await wait_for("fired:late")
+    await js.publish(f"devices.{agent}.telemetry", b"after")
+    await wait_for("after")
+    seen = await messages()
+    assert seen.count("fired:early") == 1 and seen.count("fired:late") == 1, seen
