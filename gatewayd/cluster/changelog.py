@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import cbor2
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from gatewayd.cluster.naming import Names
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 AgentKey = tuple[str, str]
 _WRONG_LAST_SEQUENCE = 10071
-_PUBLISH_TIMEOUT_S = 5.0
+_PUBLISH_TIMEOUT_S = 2.0
+_RETRY_FOR_S = 6.0  # then the append fails and the partition is taken again
 _READ_BATCH = 256
 
 
@@ -129,6 +132,40 @@ class PartitionLog:
         return int(msg.seq or 0)
 
     async def _replay(self, images: dict[AgentKey, bytes], start: int, last: int) -> int:
+        try:
+            return await self._replay_by_consumer(images, start, last)
+        except (TimeoutError, NatsTimeoutError):
+            # The consumer's single replica went to a NATS node that is down: read message by
+            # message from the stream's leader instead (slower, needs no consumer).
+            logger.warning(
+                "cluster: partition %d: no replay consumer (a NATS node down?); reading the "
+                "log message by message",
+                self.partition,
+            )
+            return await self._replay_by_get(images, start, last)
+
+    async def _replay_by_get(self, images: dict[AgentKey, bytes], start: int, last: int) -> int:
+        replayed = 0
+        seq = start
+        while seq <= last:
+            msg = await self._js.get_msg(
+                self._names.log_stream, seq=seq, subject=self.subject, next=True
+            )
+            self._apply(images, msg.data or b"")
+            replayed += 1
+            seq = int(msg.seq or last) + 1
+        return replayed
+
+    def _apply(self, images: dict[AgentKey, bytes], data: bytes) -> None:
+        message = LogMessage.decode(data)
+        self.floor = max(self.floor, message.floor)
+        for change in message.changes:
+            key = (change.agent_class, change.agent_id)
+            images[key] = apply(images.get(key, b""), change)
+
+    async def _replay_by_consumer(
+        self, images: dict[AgentKey, bytes], start: int, last: int
+    ) -> int:
         sub = await self._js.pull_subscribe(
             self.subject,
             stream=self._names.log_stream,
@@ -146,11 +183,7 @@ class PartitionLog:
             while seq < last:
                 for msg in await sub.fetch(_READ_BATCH, timeout=5.0):
                     seq = msg.metadata.sequence.stream
-                    message = LogMessage.decode(msg.data)
-                    self.floor = max(self.floor, message.floor)
-                    for change in message.changes:
-                        key = (change.agent_class, change.agent_id)
-                        images[key] = apply(images.get(key, b""), change)
+                    self._apply(images, msg.data)
                     replayed += 1
         finally:
             try:
@@ -220,14 +253,32 @@ class PartitionLog:
 
     async def _publish(self, payload: bytes) -> None:
         started = time.perf_counter()
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(self.last_seq),
+            # A retry of a publish that did land is recognised (JetStream's duplicate window)
+            # and answered with the first one's acknowledgement.
+            "Nats-Msg-Id": f"{self.subject}/{self.epoch}/{self.last_seq}",
+        }
+        deadline = time.monotonic() + _RETRY_FOR_S
         try:
-            ack = await self._js.publish(
-                self.subject,
-                payload,
-                timeout=_PUBLISH_TIMEOUT_S,
-                stream=self._names.log_stream,
-                headers={"Nats-Expected-Last-Subject-Sequence": str(self.last_seq)},
-            )
+            while True:
+                try:
+                    ack = await self._js.publish(
+                        self.subject,
+                        payload,
+                        timeout=_PUBLISH_TIMEOUT_S,
+                        stream=self._names.log_stream,
+                        headers=headers,
+                    )
+                    break
+                except (NoStreamResponseError, NatsTimeoutError, ConnectionClosedError,
+                        NoRespondersError) as err:  # fmt: skip
+                    # A NATS node went away (the client reconnects) or the stream is electing
+                    # a leader: the same message again, for a while.
+                    if time.monotonic() > deadline:
+                        raise
+                    logger.info("cluster: partition %d: append retried (%s)", self.partition, err)
+                    await asyncio.sleep(0.2)
         except APIError as err:
             if err.err_code == _WRONG_LAST_SEQUENCE:
                 self.failed = FencedError(

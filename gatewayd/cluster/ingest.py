@@ -31,6 +31,7 @@ from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -83,7 +84,7 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 
 
 async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoch: int, *,
-                        log_floor: int, max_ack_pending: int) -> tuple[str, int]:  # fmt: skip
+                        log_floor: int, max_ack_pending: int, replicas: int) -> tuple[str, int]:  # fmt: skip
     """Create this epoch's consumer of `partition` after the ingest floor (the changelog's, or
     a surviving earlier consumer's ack floor if higher) and delete the earlier consumers.
     Returns its name and the floor it starts after.
@@ -101,10 +102,9 @@ async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoc
         older.append(info.name)
         acked = info.ack_floor.stream_seq if info.ack_floor else 0
         floor = max(floor, acked or 0)
-    name = names.consumer(partition, epoch)
-    await js.add_consumer(
-        names.ingest_stream,
-        ConsumerConfig(
+
+    def config(name: str, replicas: int) -> ConsumerConfig:
+        return ConsumerConfig(
             durable_name=name,
             filter_subject=names.ingest_filter(partition),
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if floor else DeliverPolicy.ALL,
@@ -113,9 +113,24 @@ async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoc
             ack_wait=60.0,
             max_ack_pending=max_ack_pending,
             max_deliver=-1,
-            num_replicas=1,
-        ),
-    )
+            num_replicas=replicas,
+        )
+
+    name = names.consumer(partition, epoch)
+    try:
+        await js.add_consumer(names.ingest_stream, config(name, 1), timeout=2.0)
+    except (TimeoutError, NatsTimeoutError):
+        # Its one replica was placed on a NATS node that is down: a replicated consumer
+        # (slower to create) works as long as the stream has a quorum.
+        logger.warning(
+            "cluster: partition %d: consumer %s not created (a NATS node down?); creating a "
+            "replicated one",
+            partition,
+            name,
+        )
+        older.append(name)
+        name = names.consumer(partition, epoch, replicated=True)
+        await js.add_consumer(names.ingest_stream, config(name, replicas), timeout=10.0)
     for old in older:
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(names.ingest_stream, old)

@@ -154,8 +154,8 @@ class ClusterMember:
             "servers": list(s.servers),
             "name": f"gatewayd {self.name}",
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.5,
-            "connect_timeout": 5,
+            "reconnect_time_wait": 0.2,
+            "connect_timeout": 1,
         }
         if s.credentials_file:
             options["user_credentials"] = s.credentials_file
@@ -338,6 +338,7 @@ class ClusterMember:
                 epoch,
                 log_floor=report.floor,
                 max_ack_pending=self.settings.fetch_batch * 4,
+                replicas=self.settings.replicas,
             )
         except Exception as err:
             self._lose(part, f"taking it failed ({type(err).__name__}: {err})")

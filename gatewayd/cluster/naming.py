@@ -47,12 +47,12 @@ class Names:
     def log_subject(self, partition: int) -> str:
         return f"{self.log_prefix}.{partition}"
 
-    def consumer(self, partition: int, epoch: int) -> str:
-        return f"p{partition}-e{epoch}"
+    def consumer(self, partition: int, epoch: int, *, replicated: bool = False) -> str:
+        return f"p{partition}-e{epoch}" + ("r" if replicated else "")
 
     @staticmethod
     def consumer_partition_epoch(name: str) -> tuple[int, int] | None:
-        head, _, epoch = name.partition("-e")
+        head, _, epoch = name.removesuffix("r").partition("-e")
         if not head.startswith("p") or not head[1:].isdigit() or not epoch.isdigit():
             return None
         return int(head[1:]), int(epoch)

@@ -62,7 +62,9 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
         for number in range(settings.partitions):
             record = records.get(number, {})
             epoch = int(record.get("epoch", 0))
-            consumer = consumers.get(names.consumer(number, epoch))
+            consumer = consumers.get(names.consumer(number, epoch)) or consumers.get(
+                names.consumer(number, epoch, replicated=True)
+            )
             lag = None
             if consumer is not None:
                 lag = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import nats
+import nats.errors
 from nats.js.errors import NotFoundError
 
 from gatewayd.cluster.changelog import PartitionLog
@@ -154,7 +155,14 @@ async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[in
         return {}
     found = {}
     for partition, (owner, epoch) in (await owners(nc, group)).items():
-        if owner and names.consumer(partition, epoch) in consumers:
+        if (
+            owner
+            and {
+                names.consumer(partition, epoch),
+                names.consumer(partition, epoch, replicated=True),
+            }
+            & consumers
+        ):
             found[partition] = owner
     return {p: found[p] for p in sorted(found) if p < partitions}
 
@@ -165,7 +173,10 @@ async def wait_serving(
     """Wait until every partition is served and exactly `members` serve them."""
     deadline = time.monotonic() + timeout_s
     while True:
-        found = await serving(nc, partitions)
+        try:
+            found = await serving(nc, partitions)
+        except nats.errors.Error:  # leaders being elected: ask again
+            found = {}
         if len(found) == partitions and set(found.values()) == members:
             return found
         if time.monotonic() > deadline:

@@ -17,6 +17,8 @@ import time
 
 import aiomqtt
 import nats
+import nats.errors
+import pytest
 
 from gatewayd.cluster.naming import partition_of
 from tests.cluster.group import Group, Publisher, log_epochs, read_group_state, wait_serving
@@ -31,7 +33,10 @@ async def _wait_all_applied(
     deadline = time.monotonic() + timeout_s
     wanted = len(publisher.acked)
     while True:
-        state = await read_group_state(nc, group.partitions)
+        try:
+            state = await read_group_state(nc, group.partitions)
+        except nats.errors.Error:  # e.g. a NATS node just died: JetStream elects leaders
+            state = {}
         applied = sum(len(messages) for messages in state.values())
         if applied >= wanted:
             return state
@@ -257,3 +262,25 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
     await wait_for("after")
     seen = await messages()
     assert seen.count("fired:early") == 1 and seen.count("fired:late") == 1, seen
+
+
+@pytest.mark.skip(
+    reason="known gap (issue 14): after a NATS node is SIGKILLed, partitions whose single-replica "
+    "consumer lived on it recover only after 10-60 s of retakes on this 2-core machine (consumer "
+    "placement keeps choosing the dead peer); nothing acknowledged is lost when it finishes, "
+    "but it does not finish reliably within the test's limit"
+)
+async def test_sigkill_a_nats_node_mid_stream_loses_nothing(group: Group, nc: nats.NATS) -> None:
+    group.add_member("m1")
+    group.add_member("m2")
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    publisher = Publisher(nc, DEVICES, 1500)
+    publishing = await _publish_until(publisher, 0.3)
+    group.nats.kill(1)  # a replica (perhaps the leader) of every stream and bucket
+    killed_at = time.monotonic()
+    await publishing
+    print(f"published {time.monotonic() - killed_at:.1f} s after the kill")
+    state = await _wait_all_applied(nc, group, publisher, timeout_s=40)
+    print(f"applied {time.monotonic() - killed_at:.1f} s after the kill")
+    _assert_exactly_once(state, publisher)
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
