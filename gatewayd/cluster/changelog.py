@@ -33,6 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from gatewayd.cluster.metrics import APPEND_SECONDS
 from gatewayd.cluster.naming import Names
 from gatewayd.cluster.pages import LogMessage, PageChange, apply
 
@@ -294,6 +295,7 @@ class PartitionLog:
             )
             raise self.failed from err
         self.last_seq = ack.seq
+        APPEND_SECONDS.observe(time.perf_counter() - started)
         self.append_seconds += time.perf_counter() - started
         self.append_count += 1
 

@@ -37,6 +37,7 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.object_store import ObjectStore
 
 from gatewayd.agents.storage import AgentDatabase, agent_db_file
+from gatewayd.cluster import metrics
 from gatewayd.cluster.changelog import PartitionLog
 from gatewayd.cluster.ingest import IngestWorker, open_consumer
 from gatewayd.cluster.naming import Names, partition_of, preferred_owner
@@ -234,6 +235,8 @@ class ClusterMember:
         while not self._stopping:
             started = time.monotonic()
             await self.ownership.heartbeat(sorted(self.partitions))
+            metrics.PARTITIONS_OWNED.set(len(self.partitions))
+            metrics.LEASE_LEFT.set(max(0.0, self.ownership.lease_left_s()))
             try:
                 self._balance()
             except Exception:
@@ -365,6 +368,8 @@ class ClusterMember:
         part.worker.start()
         self._spawn(number, self._wake_scheduled(part, list(report.images)))
         self.counters["taken"] += 1
+        metrics.TAKEN.inc()
+        metrics.RESTORE_SECONDS.observe(part.restore_s)
         logger.info(
             "cluster: %s took partition %d (epoch %d): %d agents restored, %d log messages "
             "replayed in %.2fs",
@@ -412,6 +417,7 @@ class ClusterMember:
         assert self.ownership is not None
         await self.ownership.release(part.number, part.epoch)
         self.counters["released"] += 1
+        metrics.RELEASED.inc()
         logger.info(
             "cluster: %s gave back partition %d (epoch %d)", self.name, part.number, part.epoch
         )
@@ -424,6 +430,7 @@ class ClusterMember:
         )
         part.state = "lost"
         self.counters["lost"] += 1
+        metrics.LOST.inc()
         self._spawn(part.number, self._after_loss(part))
 
     def _poisoned(self, part: OwnedPartition, why: str) -> None:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from gatewayd.agents.errors import CommitError
 from gatewayd.cluster.changelog import PartitionLog
+from gatewayd.cluster.metrics import APPENDED_BYTES
 from gatewayd.cluster.pages import diff
 
 AgentKey = tuple[str, str]
@@ -52,6 +53,7 @@ class Replicator:
         if change is not None:
             await log.append(change, image)
             self.bytes += change.size
+            APPENDED_BYTES.inc(change.size)
             self._partitions.appended(log, key)
         self.commits += 1
         self.seconds += self._clock() - started
