@@ -42,7 +42,7 @@ import nats
 from gatewayd.agents import AgentRuntime, AgentSettings
 from gatewayd.cluster import ClusterSettings
 from gatewayd.cluster.member import ClusterMember
-from gatewayd.cluster.naming import partition_of
+from gatewayd.cluster.naming import partition_of, preferred_owner
 from tests.cluster.cluster_agents import Recorder
 from tests.cluster.group import GROUP, Group, serving, wait_serving
 
@@ -142,6 +142,19 @@ async def throughput(work_dir: Path, members: int, count: int, window: int) -> d
     }
 
 
+async def _settled(nc: nats.NATS, alive: set[str]) -> dict[int, str]:
+    """Every partition served by its preferred owner among `alive` (no handover under way)."""
+    wanted = {p: preferred_owner(p, sorted(alive)) for p in range(PARTITIONS)}
+    deadline = time.monotonic() + 60
+    while True:
+        owned = await wait_serving(nc, PARTITIONS, alive, timeout_s=60)
+        if owned == wanted:
+            return owned
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"partitions did not settle: {owned} != {wanted}")
+        await asyncio.sleep(0.2)
+
+
 async def failover(work_dir: Path, kills: int, lease_s: float) -> dict[str, Any]:
     group = Group(work_dir / "failover", partitions=PARTITIONS, lease_s=lease_s)
     group.start_nats()
@@ -156,7 +169,7 @@ async def failover(work_dir: Path, kills: int, lease_s: float) -> dict[str, Any]
             next_name = 4
             for kill in range(kills):
                 alive = {n for n, m in group.members.items() if m.process.proc.poll() is None}  # type: ignore[union-attr]
-                owned = await wait_serving(nc, PARTITIONS, alive, timeout_s=60)
+                owned = await _settled(nc, alive)
                 victim = sorted(alive)[kill % len(alive)]
                 parts = {p for p, owner in owned.items() if owner == victim}
                 devices = [f"dev{i}" for i in range(DEVICES)]

@@ -66,6 +66,9 @@ class Components:
                 raise StartupError(str(err)) from None
         settings = agent_settings(self.config)
         if self.config.cluster.enabled:  # the agents' files are a cache of the group's log
+            from gatewayd.cluster.member import ClusterMember
+
+            ClusterMember.prepare_state_dir(cluster_state_dir(self.config))
             settings = dataclasses.replace(settings, state_dir=cluster_state_dir(self.config))
         self.runtime = AgentRuntime(settings, classes, engine=self.engine)
         await self.runtime.start()

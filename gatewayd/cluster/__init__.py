@@ -14,7 +14,8 @@ database's changed pages), `changelog` (append, fencing, snapshot, restore), `ow
 `replicator` (the agent runtime's hook), `member` (one member's lifecycle), `status` (the
 operator's view).
 
-Must never import the daemon's assembly (`gatewayd.daemon`, `gatewayd.wiring`, `gatewayd.cli`):
+Must never import the daemon's assembly (`gatewayd.daemon`, `gatewayd.wiring`, `gatewayd.cli`,
+`gatewayd.config`):
 `gatewayd.wiring` builds a member from `ClusterSettings`. Reaches the agent runtime only through
 its public methods (`submit_message`, `open_link`, `set_replicator`, `release_agents`).
 """

@@ -92,6 +92,13 @@ class ClusterMember:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @staticmethod
+    def prepare_state_dir(state_dir: Path) -> None:
+        """Before the agent runtime opens it: empty the member's cache (agent files, and the
+        schedule and outbox indexes naming agents this member may no longer own)."""
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
+
     async def start(self) -> None:
         """Connect, make sure the group's streams and buckets exist, start heartbeating."""
         agents_dir = self.state_dir / "agents"
