@@ -102,6 +102,16 @@ class HttpSection(Section):
     bind: Bind = ("127.0.0.1", 9184)
 
 
+class ApiSection(Section):
+    # Off unless configured: the API can change things (the example config switches it on).
+    enabled: bool = False
+    bind: Bind = ("127.0.0.1", 8780)
+    # TOML file of bearer tokens (gatewayd/api/tokens.py); without one every request is refused.
+    tokens_file: ConfigPath | None = None
+    # Open requests (streams) get this long to finish when the daemon stops.
+    shutdown_grace: Duration = 5.0
+
+
 class AgentClassSection(Section):
     # "package.module:ClassName"; `class` is a Python keyword, hence the alias.
     class_path: str = Field(alias="class", pattern=r"^[\w.]+:[\w.]+$")
@@ -277,6 +287,7 @@ class ClusterSection(Section):
 class GatewayConfig(Section):
     gateway: GatewaySection = GatewaySection()
     http: HttpSection = HttpSection()
+    api: ApiSection = ApiSection()
     agents: AgentsSection = AgentsSection()
     listeners: ListenersSection = ListenersSection()
     mqtt: MqttSection = MqttSection()

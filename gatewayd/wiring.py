@@ -48,6 +48,8 @@ class Components:
         self.engine: Any = None
         self.runtime: Any = None
         self.transports: dict[str, Any] = {}
+        self.generators: dict[str, Any] = {}
+        self.api: Any = None
         self.supervisor = Supervisor("transports")
         self.cluster: Any = None  # gatewayd.cluster.member.ClusterMember in cluster mode
 
@@ -82,6 +84,34 @@ class Components:
             except OSError as err:
                 raise StartupError(f"{name}: cannot start listener: {err}") from None
             self.transports[name] = transport
+        if self.config.api.enabled:
+            await self._start_api()
+
+    async def _start_api(self) -> None:
+        from gatewayd.api import ApiServer, TokenFileError, Tokens, build_app
+
+        section = self.config.api
+        try:
+            tokens = Tokens(section.tokens_file)
+        except TokenFileError as err:
+            raise StartupError(f"api: {err}") from None
+        if not len(tokens):
+            log.warning("api: no tokens configured (api.tokens_file): every request is refused")
+        app, features = build_app(self, tokens)
+        host, port = section.bind
+        server = ApiServer(
+            app, host, port, lifespans=[f.lifespan for f in features.values() if f.lifespan]
+        )
+        try:
+            await server.start()
+        except OSError as err:
+            raise StartupError(f"api: cannot listen on {host}:{port}: {err.strerror}") from None
+        self.api = server
+        log.info(
+            "api: serving %s",
+            ", ".join(features) or "nothing",
+            extra={"fields": {"port": server.port, "tokens": len(tokens)}},
+        )
 
     async def _start_cluster(self) -> None:
         from gatewayd.cluster.member import ClusterMember
@@ -104,9 +134,10 @@ class Components:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
-        await asyncio.gather(
-            *(t.stop(left()) for t in self.transports.values()), return_exceptions=True
-        )
+        stopping = [t.stop(left()) for t in self.transports.values()]
+        if self.api is not None:
+            stopping.append(self.api.stop(min(left(), self.config.api.shutdown_grace)))
+        await asyncio.gather(*stopping, return_exceptions=True)
         if self.cluster is not None:  # partitions handed over before the runtime drains
             await self.cluster.stop(left())
         if self.runtime is not None:

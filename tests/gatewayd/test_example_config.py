@@ -28,8 +28,9 @@ class ExampleSite:
         text = text.replace('"127.0.0.1:8765"', f'"127.0.0.1:{self.ws_port}"')
         text = text.replace('"127.0.0.1:7878"', f'"127.0.0.1:{self.tcp_port}"')
         text = text.replace('"127.0.0.1:9184"', '"127.0.0.1:0"')
+        text = text.replace('"127.0.0.1:8780"', '"127.0.0.1:0"')
         text = text.replace('"mqtt://127.0.0.1:1883"', f'"{broker.url}"')
-        text = re.sub(r'(secrets_file|path) = "([^"/][^"]*)"', rf'\1 = "{REPO}/\2"', text)
+        text = re.sub(r'(secrets_file|tokens_file|path) = "([^"/][^"]*)"', rf'\1 = "{REPO}/\2"', text)
         config = tmp_path / "gatewayd.toml"
         config.write_text(text)
         self.notify = NotifySocket(tmp_path)
