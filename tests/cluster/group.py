@@ -80,8 +80,8 @@ class Group:
         *,
         partitions: int = 8,
         nats_nodes: int = 3,
-        lease_s: float = 3.0,
-        heartbeat_s: float = 0.5,
+        lease_s: float = 5.0,
+        heartbeat_s: float = 1.0,
         snapshot_every: int = 1000,
     ) -> None:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gw-group-"))
@@ -132,7 +132,7 @@ async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]
     import json
 
     names = Names(group, "gw.in")
-    kv = await nc.jetstream().key_value(names.partitions_bucket)
+    kv = await nc.jetstream(timeout=15).key_value(names.partitions_bucket)
     found: dict[int, tuple[str, int]] = {}
     try:
         keys = await kv.keys()
@@ -148,7 +148,7 @@ async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]
 async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[int, str]:
     """Partitions whose current owner has created its epoch's consumer: `{partition: owner}`."""
     names = Names(group, "gw.in")
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=15)
     try:
         consumers = {c.name for c in await js.consumers_info(names.ingest_stream)}
     except NotFoundError:
@@ -189,7 +189,7 @@ async def read_group_state(
 ) -> dict[str, list[str]]:
     """Every agent's `seen` messages as the group's changelog (snapshot + log) holds them."""
     names = Names(group, "gw.in")
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=15)
     snapshots = await js.object_store(names.snapshots_bucket)
     state: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -218,7 +218,7 @@ async def log_epochs(nc: nats.NATS, partition: int, group: str = GROUP) -> list[
     from gatewayd.cluster.pages import LogMessage
 
     names = Names(group, "gw.in")
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=15)
     try:
         last = (await js.get_last_msg(names.log_stream, names.log_subject(partition))).seq or 0
     except NotFoundError:
@@ -246,7 +246,7 @@ class Publisher:
     `window` at a time; `acked` lists the messages JetStream confirmed."""
 
     def __init__(self, nc: nats.NATS, devices: int, count: int, window: int = 64) -> None:
-        self._js = nc.jetstream()
+        self._js = nc.jetstream(timeout=15)
         self.devices = devices
         self.count = count
         self.window = window
@@ -277,7 +277,7 @@ class Publisher:
                 await self._js.publish(
                     f"devices.{device}.telemetry",
                     message.encode(),
-                    timeout=5,
+                    timeout=15,
                     headers={"Nats-Msg-Id": message},
                 )
             except Exception:

@@ -56,7 +56,7 @@ def test_page_diffs_rebuild_the_database_including_an_open_transaction(tmp_path:
 async def test_partition_of_matches_the_servers_subject_mapping(group: Group) -> None:
     client = await nats.connect(servers=group.urls)
     try:
-        js = client.jetstream()
+        js = client.jetstream(timeout=15)
         await js.add_stream(StreamConfig(name="MAPPED", subjects=["gw.in.>"], num_replicas=1))
         ids = [f"dev{i}" for i in range(40)] + ["thermo-ä", "x_y-z", "0"]
         for agent_id in ids:
@@ -72,7 +72,7 @@ async def test_partition_of_matches_the_servers_subject_mapping(group: Group) ->
 async def test_an_owner_whose_partition_was_taken_cannot_append(group: Group) -> None:
     client = await nats.connect(servers=group.urls)
     try:
-        js = client.jetstream()
+        js = client.jetstream(timeout=15)
         names = Names("fence", "gw.in")
         await js.add_stream(
             StreamConfig(name=names.log_stream, subjects=[f"{names.log_prefix}.>"], num_replicas=3)
@@ -111,7 +111,7 @@ async def test_an_owner_whose_partition_was_taken_cannot_append(group: Group) ->
 async def test_restore_from_a_snapshot_and_the_log_after_it(group: Group) -> None:
     client = await nats.connect(servers=group.urls)
     try:
-        js = client.jetstream()
+        js = client.jetstream(timeout=15)
         names = Names("snap", "gw.in")
         await js.add_stream(
             StreamConfig(name=names.log_stream, subjects=[f"{names.log_prefix}.>"], num_replicas=3)

@@ -69,18 +69,17 @@ async def test_sigkill_a_member_mid_stream_loses_nothing_and_applies_nothing_twi
 ) -> None:
     for name in ("m1", "m2", "m3"):
         group.add_member(name)
-    owned = await wait_serving(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=20)
+    owned = await wait_serving(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
     victim_partitions = {p for p, owner in owned.items() if owner == "m2"}
 
-    publisher = Publisher(nc, DEVICES, 3000)
+    publisher = Publisher(nc, DEVICES, 2000)
     publishing = await _publish_until(publisher, 0.3)
     group.members["m2"].process.kill()
     killed_at = time.monotonic()
-    print(f"m2 killed at {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}")
     # The killed member's partitions are served by the others within the lease (+ a
     # heartbeat to notice, + the restore).
     while True:
-        now_owned = await wait_serving(nc, group.partitions, {"m1", "m3"}, timeout_s=20)
+        now_owned = await wait_serving(nc, group.partitions, {"m1", "m3"}, timeout_s=30)
         if not victim_partitions & {p for p, o in now_owned.items() if o == "m2"}:
             break
     takeover_s = time.monotonic() - killed_at
@@ -98,13 +97,13 @@ async def test_a_member_paused_past_its_lease_writes_nothing_after_losing_owners
 ) -> None:
     m1 = group.add_member("m1")
     group.add_member("m2")
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
 
     publisher = Publisher(nc, DEVICES, 1500)
     publishing = await _publish_until(publisher, 0.3)
     os.kill(m1.pid, signal.SIGSTOP)
     try:
-        await wait_serving(nc, group.partitions, {"m2"}, timeout_s=20)
+        await wait_serving(nc, group.partitions, {"m2"}, timeout_s=30)
         assert m1.process.proc is not None and m1.process.proc.poll() is None
     finally:
         os.kill(m1.pid, signal.SIGCONT)
@@ -126,12 +125,12 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
 ) -> None:
     group.add_member("m1")
     group.add_member("m2")
-    before = await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    before = await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
 
-    publisher = Publisher(nc, DEVICES, 2000)
+    publisher = Publisher(nc, DEVICES, 1500)
     publishing = await _publish_until(publisher, 0.3)
     group.add_member("m3")
-    after = await wait_serving(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=20)
+    after = await wait_serving(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
     moved = [p for p in after if after[p] != before[p]]
     assert moved and all(after[p] == "m3" for p in moved), (before, after)
     await publishing
@@ -183,7 +182,7 @@ async def test_mqtt_devices_on_the_nats_mqtt_listener_survive_a_member_kill(
     echoes come back on `gw/out/<id>`."""
     group.add_member("m1")
     group.add_member("m2")
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
     acked: list[tuple[str, str]] = []
     echoed: list[str] = []
     killed = asyncio.Event()
@@ -236,10 +235,10 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
 ) -> None:
     group.add_member("m1")
     group.add_member("m2")
-    owned = await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    owned = await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
     agent = "sched1"
     owner = owned[partition_of(agent, group.partitions)]
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=15)
 
     async def messages() -> list[str]:
         return (await read_group_state(nc, group.partitions)).get(agent, [])
@@ -256,7 +255,7 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
     await wait_for("fired:early")
     group.members[owner].process.kill()
     survivor = ({"m1", "m2"} - {owner}).pop()
-    await wait_serving(nc, group.partitions, {survivor}, timeout_s=20)
+    await wait_serving(nc, group.partitions, {survivor}, timeout_s=30)
     await wait_for("fired:late")
     await js.publish(f"devices.{agent}.telemetry", b"after")
     await wait_for("after")
@@ -273,14 +272,11 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
 async def test_sigkill_a_nats_node_mid_stream_loses_nothing(group: Group, nc: nats.NATS) -> None:
     group.add_member("m1")
     group.add_member("m2")
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
     publisher = Publisher(nc, DEVICES, 1500)
     publishing = await _publish_until(publisher, 0.3)
     group.nats.kill(1)  # a replica (perhaps the leader) of every stream and bucket
-    killed_at = time.monotonic()
     await publishing
-    print(f"published {time.monotonic() - killed_at:.1f} s after the kill")
     state = await _wait_all_applied(nc, group, publisher, timeout_s=40)
-    print(f"applied {time.monotonic() - killed_at:.1f} s after the kill")
     _assert_exactly_once(state, publisher)
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=20)
+    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
