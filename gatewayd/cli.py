@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gatewayd import __version__, deadletters_cli
+from gatewayd import __version__, cluster_cli, deadletters_cli
 from gatewayd.client import cli as client_cli
 from gatewayd.generation import cli as generation_cli
 from gatewayd.mcp import cli as mcp_cli
@@ -31,6 +31,7 @@ commands:
   gatewayd agent call thermostat t1 set_target 22  call an agent (also: state, watch, set-state)
   gatewayd mcp -c FILE --token-file TOKEN          MCP over stdio, through the daemon's /mcp
   gatewayd model build -c FILE                     fetch and convert the [generators] models
+  gatewayd cluster status -c FILE                  a group's members and partitions (--json)
 
 signals (under systemd: systemctl reload/stop):
   SIGHUP   re-read the config; apply what can change live, keep the old config if invalid
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_parser(commands)
     mcp_cli.add_parser(commands)
     generation_cli.add_parser(commands)
+    cluster_cli.add_parser(commands)
     return parser
 
 
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return mcp_cli.main(args)
     if args.command == "model":
         return generation_cli.main(args)
+    if args.command == "cluster":
+        return cluster_cli.main(args)
     build_parser().print_help()
     return EXIT_USAGE
 

@@ -314,6 +314,39 @@ class GeneratorSection(Section):
         return self
 
 
+class ClusterSection(Section):
+    """Cluster mode (gatewayd/cluster): a group of gateways on NATS JetStream."""
+
+    enabled: bool = False
+    group: str = Field(default="gatewayd", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    member: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    servers: list[str] = Field(default=["nats://127.0.0.1:4222"], min_length=1)
+    credentials_file: ExistingFile | None = None
+    ca_file: ExistingFile | None = None
+    cert_file: ExistingFile | None = None
+    key_file: ExistingFile | None = None
+    agent_class: str = ""
+    ingest_subject: str = Field(default="gw.in", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    reply_subject: str = Field(default="gw.out", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    partitions: int = Field(default=16, ge=1, le=1024)
+    replicas: int = Field(default=3, ge=1, le=5)
+    lease: Duration = 8.0
+    heartbeat: Duration = 2.0
+    snapshot_every: int = Field(default=1000, ge=1)
+    fetch_batch: int = Field(default=256, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ClusterSection:
+        if self.enabled and not self.agent_class:
+            raise ValueError("agent_class is required when cluster mode is enabled")
+        if not 0 < self.heartbeat * 2 <= self.lease:
+            raise ValueError(
+                f"heartbeat ({self.heartbeat}s) must be more than 0 and at most half the lease "
+                f"({self.lease}s)"
+            )
+        return self
+
+
 class ChatBackendSection(Section):
     """[chat.backends.NAME]: a model for chat agents (README "Chat agents")."""
 
@@ -379,6 +412,7 @@ class GatewayConfig(Section):
     models: dict[str, ModelSection] = {}
     generators: dict[str, GeneratorSection] = {}
     chat: ChatSection = ChatSection()
+    cluster: ClusterSection = ClusterSection()
 
     @model_validator(mode="after")
     def _routes_name_known_classes(self) -> GatewayConfig:

@@ -14,6 +14,7 @@ as the daemon does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,7 @@ class Components:
         self.generators: dict[str, Any] = {}
         self.api: Any = None
         self.supervisor = Supervisor("transports")
+        self.cluster: Any = None  # gatewayd.cluster.member.ClusterMember in cluster mode
 
     async def start(self) -> None:
         """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
@@ -70,10 +72,18 @@ class Components:
                 raise StartupError(str(err)) from None
         for name, section in self.config.generators.items():
             await self._start_generator(name, section)
+        settings = agent_settings(self.config)
+        if self.config.cluster.enabled:  # the agents' files are a cache of the group's log
+            from gatewayd.cluster.member import ClusterMember
+
+            ClusterMember.prepare_state_dir(cluster_state_dir(self.config))
+            settings = dataclasses.replace(settings, state_dir=cluster_state_dir(self.config))
         self.runtime = AgentRuntime(
-            agent_settings(self.config), classes, engine=self.engine, generators=self.generators
+            settings, classes, engine=self.engine, generators=self.generators
         )
         await self.runtime.start()
+        if self.config.cluster.enabled:
+            await self._start_cluster()
         for name, transport in build_transports(self.config, self.runtime).items():
             if hasattr(transport, "spawn_loop"):  # its background loops run supervised
                 transport.spawn_loop = self.supervisor.spawn
@@ -139,6 +149,17 @@ class Components:
             extra={"fields": {"port": server.port, "tokens": len(tokens)}},
         )
 
+    async def _start_cluster(self) -> None:
+        from gatewayd.cluster.member import ClusterMember
+
+        self.cluster = ClusterMember(
+            cluster_settings(self.config), self.runtime, cluster_state_dir(self.config)
+        )
+        try:
+            await self.cluster.start()
+        except (OSError, TimeoutError) as err:
+            raise StartupError(f"cluster: cannot join the group: {err}") from None
+
     async def stop(self, drain_timeout_s: float) -> None:
         """Transports stop accepting and flush acks, then the runtime drains, then the engine.
 
@@ -153,6 +174,8 @@ class Components:
         if self.api is not None:
             stopping.append(self.api.stop(min(left(), self.config.api.shutdown_grace)))
         await asyncio.gather(*stopping, return_exceptions=True)
+        if self.cluster is not None:  # partitions handed over before the runtime drains
+            await self.cluster.stop(left())
         if self.runtime is not None:
             drained = await self.runtime.drain(left())
             if not drained:
@@ -236,6 +259,37 @@ def agent_settings(config: GatewayConfig) -> Any:
             "tcp": listeners.binary.protocol_messages,
             "mqtt": config.mqtt.protocol_messages,
         },
+    )
+
+
+def cluster_state_dir(config: GatewayConfig) -> Path:
+    """Cluster mode's agent files: a cache of the partitions this member owns."""
+    return config.gateway.state_dir / "cluster"
+
+
+def cluster_settings(config: GatewayConfig) -> Any:
+    from gatewayd.cluster import ClusterSettings
+
+    c = config.cluster
+    if c.agent_class and c.agent_class not in config.agents.classes:
+        raise ValueError(f"agent_class: no agent class named {c.agent_class!r}")
+    return ClusterSettings(
+        agent_class=c.agent_class,
+        group=c.group,
+        member=c.member,
+        servers=tuple(c.servers),
+        credentials_file=_str_or_none(c.credentials_file),
+        ca_file=_str_or_none(c.ca_file),
+        cert_file=_str_or_none(c.cert_file),
+        key_file=_str_or_none(c.key_file),
+        ingest_subject=c.ingest_subject,
+        reply_subject=c.reply_subject,
+        partitions=c.partitions,
+        replicas=c.replicas,
+        lease_s=c.lease,
+        heartbeat_s=c.heartbeat,
+        snapshot_every=c.snapshot_every,
+        fetch_batch=c.fetch_batch,
     )
 
 
@@ -491,6 +545,8 @@ def check_references(config: GatewayConfig, config_file: object = "<config>") ->
         checks.append(("mcp", lambda: _check_mcp_classes(config, config_file)))
     if config.generators:
         checks.append(("generators", lambda: _check_generators(config)))
+    if config.cluster.enabled:
+        checks.append(("cluster", lambda: cluster_settings(config)))
     problems = []
     for key, build in checks:
         try:
@@ -508,6 +564,8 @@ def _check_mcp_classes(config: GatewayConfig, config_file: object) -> None:
         check_configured_methods(load_agent_classes(config, config_file), config.mcp.classes)
     except ValueError as err:  # reported as "mcp: classes.NAME: ..."
         raise ValueError(str(err).removeprefix("mcp.")) from None
+
+
 def _check_generators(config: GatewayConfig) -> None:
     from gatewayd.generation.prepare import check_section
 

@@ -32,9 +32,10 @@ import copy
 import functools
 import logging
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from gatewayd.agents.agent import Agent, AgentHost
 from gatewayd.agents.committer import GroupCommitter
@@ -63,6 +64,14 @@ from gatewayd.agents.storage import AgentDatabase, agent_db_file
 from gatewayd.agents.turn import TurnRunner
 
 logger = logging.getLogger(__name__)
+
+
+class Replicator(Protocol):
+    """Cluster mode's view of every batch: `before_commit` runs after the batch's turns and
+    before its COMMIT (the transaction still open on `connection`); raising aborts the batch
+    (nothing of it commits, leaves or is acknowledged)."""
+
+    async def before_commit(self, key: tuple[str, str], connection: sqlite3.Connection) -> None: ...
 
 
 class BatchRunner:
@@ -99,6 +108,9 @@ class BatchRunner:
         self._committer: GroupCommitter | None = None
         self.disk = DiskSpaceGuard(os.fspath(settings.state_dir))
         self.quarantine = Quarantine()
+        # Cluster mode (gatewayd/cluster): sees each batch's writes before its COMMIT and may
+        # refuse them (raise), e.g. when this member no longer owns the agent.
+        self.replicator: Replicator | None = None
 
     def start(
         self,
@@ -180,6 +192,8 @@ class BatchRunner:
                 # The outbox index must list the agent before its rows are durable, or a crash
                 # right after this commit would hide them from the next start (outbox.py).
                 await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
+            if self.replicator is not None:
+                await self.replicator.before_commit(slot.key, db.connection)
             if db.commit_fsyncs:
                 await self._committer.commit(db)
             else:

@@ -472,6 +472,31 @@ class AgentRuntime(AlarmsMixin):
                 continue
             self._outbox.settled(settlement)
 
+    # -- cluster mode (gatewayd/cluster) ------------------------------------------------------
+
+    def set_replicator(self, replicator: Any) -> None:
+        """Every batch's writes go through `replicator.before_commit` (batch.Replicator)."""
+        self._batches.replicator = replicator
+
+    async def release_agents(self, keys: list[AgentKey]) -> None:
+        """Hand these agents over: close their connections (no close turn runs), forget their
+        alarms (their new owner wakes them), wait for their running batches, hibernate them
+        and wait until their files are closed."""
+        for key in keys:
+            if self._index is not None:
+                self._index.set_next(key[0], key[1], None)
+            for conn in list(self._registry.registered(key)):
+                conn.closed = True
+                self._registry.unregister(conn)
+        for key in keys:
+            slot = self._scheduler.slots.get(key)
+            while slot is not None and slot.task is not None:
+                await asyncio.wait([slot.task])
+                slot = self._scheduler.slots.get(key)
+            if slot is not None and slot.agent is not None:
+                self._scheduler.evict(slot, count=False)
+            await self._scheduler.wait_for_close(key)
+
     # -- in-process API -------------------------------------------------------------------------
 
     def submit_call(

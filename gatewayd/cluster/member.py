@@ -1,0 +1,562 @@
+"""One member of a group: connects to NATS, keeps its lease, takes and gives up partitions.
+
+Every heartbeat the member renews its lease, then compares what it holds with what the group
+wants: each partition's preferred owner among the live members (rendezvous hashing, so a
+member joining or leaving moves only about P/N partitions). It takes a partition that should
+be its own when the partition is unowned or its owner is dead (compare-and-set, epoch + 1),
+and gives back, gracefully, one that should now be another's (a member joined): it stops
+fetching, lets the turns in flight commit and acks them, hibernates the agents and clears the
+owner, and the preferred member takes it on its next heartbeat.
+
+Taking a partition: restore the agents' images from the snapshot and the changelog, write them
+as the agents' SQLite files, append the epoch's marker to the changelog (fencing every earlier
+owner), create this epoch's consumer at the ack floor, then serve. Losing one (fenced, lease
+expired, a failure that poisoned it): stop at once, acknowledge nothing more, hibernate and
+delete the local files (they may hold what the log does not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import sqlite3
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.object_store import ObjectStore
+
+from gatewayd.agents.storage import AgentDatabase, agent_db_file
+from gatewayd.cluster import metrics
+from gatewayd.cluster.changelog import PartitionLog
+from gatewayd.cluster.ingest import IngestWorker, open_consumer
+from gatewayd.cluster.naming import Names, partition_of, preferred_owner
+from gatewayd.cluster.ownership import Ownership
+from gatewayd.cluster.replicator import Replicator
+from gatewayd.cluster.settings import ClusterSettings
+
+logger = logging.getLogger(__name__)
+
+AgentKey = tuple[str, str]
+_TAKE_ATTEMPTS = 5
+
+
+@dataclass(slots=True)
+class OwnedPartition:
+    number: int
+    epoch: int
+    log: PartitionLog
+    state: str = "starting"  # starting -> serving -> releasing | lost
+    worker: IngestWorker | None = None
+    agents: set[AgentKey] = field(default_factory=set)
+    taken_at: float = field(default_factory=time.monotonic)
+    restore_s: float = 0.0
+    restored_agents: int = 0
+    replayed: int = 0
+
+
+class ClusterMember:
+    """Cluster mode for one gatewayd process (see the module docstring).
+
+    `state_dir` holds the agents' files as a cache of the partitions this member owns; it is
+    emptied at start (the group's changelog is the truth)."""
+
+    def __init__(self, settings: ClusterSettings, runtime: Any, state_dir: Path) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.state_dir = state_dir
+        self.name = settings.member_name
+        self.names = Names(settings.group, settings.ingest_subject)
+        self.partitions: dict[int, OwnedPartition] = {}
+        self.replicator = Replicator(self)
+        self.nc: NatsClient | None = None
+        self.js: JetStreamContext | None = None
+        self.ownership: Ownership | None = None
+        self._snapshots: ObjectStore | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._transitions: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._alive: set[str] = set()
+        self._joined_at = time.monotonic()
+        self.counters = {"taken": 0, "released": 0, "lost": 0, "snapshots": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @staticmethod
+    def prepare_state_dir(state_dir: Path) -> None:
+        """Before the agent runtime opens it: empty the member's cache (agent files, and the
+        schedule and outbox indexes naming agents this member may no longer own)."""
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        """Connect, make sure the group's streams and buckets exist, start heartbeating."""
+        agents_dir = self.state_dir / "agents"
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(shutil.rmtree, agents_dir, ignore_errors=True)
+        )
+        self.nc = await nats.connect(**self._connect_options())
+        self.js = self.nc.jetstream(timeout=5.0)
+        await self._ensure_streams()
+        self._snapshots = await _object_store(self.js, self.names.snapshots_bucket, self.settings)
+        self.ownership = Ownership(self.js, self.names, self.settings, self.name)
+        await self.ownership.open()
+        self.runtime.set_replicator(self.replicator)
+        if not await self.ownership.heartbeat(sorted(self.partitions)):
+            raise ConnectionError("cluster: the first heartbeat was not confirmed by JetStream")
+        self._joined_at = time.monotonic()
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._heartbeat_forever(), name="cluster heartbeat"
+        )
+        logger.info(
+            "cluster: member %s joined group %s (%d partitions, lease %.1fs)",
+            self.name,
+            self.settings.group,
+            self.settings.partitions,
+            self.settings.lease_s,
+        )
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Give every partition back gracefully, leave the group, close the connection."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        for task in list(self._transitions.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.gather(
+            *(self._release(part, timeout_s) for part in list(self.partitions.values())),
+            return_exceptions=True,
+        )
+        if self.ownership is not None:
+            await self.ownership.close(leave=True)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        replicator = self.replicator
+        logger.info(
+            "cluster: member %s left group %s; changelog: %d commits, %d bytes, %.3f ms per "
+            "commit (serialise, diff, replicated append)",
+            self.name,
+            self.settings.group,
+            replicator.commits,
+            replicator.bytes,
+            1000 * replicator.seconds / max(1, replicator.commits),
+        )
+
+    def _connect_options(self) -> dict[str, Any]:
+        s = self.settings
+        options: dict[str, Any] = {
+            "servers": list(s.servers),
+            "name": f"gatewayd {self.name}",
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.2,
+            "connect_timeout": 1,
+        }
+        if s.credentials_file:
+            options["user_credentials"] = s.credentials_file
+        if s.ca_file or s.cert_file:
+            context = ssl.create_default_context(cafile=s.ca_file)
+            if s.cert_file:
+                context.load_cert_chain(s.cert_file, s.key_file)
+            options["tls"] = context
+        return options
+
+    async def _ensure_streams(self) -> None:
+        assert self.js is not None
+        replicas = self.settings.replicas
+        for config in (
+            StreamConfig(
+                name=self.names.ingest_stream,
+                subjects=[f"{self.settings.ingest_subject}.>"],
+                num_replicas=replicas,
+                storage=StorageType.FILE,
+            ),
+            StreamConfig(
+                name=self.names.log_stream,
+                subjects=[f"{self.names.log_prefix}.>"],
+                num_replicas=replicas,
+                storage=StorageType.FILE,
+            ),
+        ):
+            try:
+                await self.js.stream_info(config.name or "")
+            except Exception:
+                try:
+                    await self.js.add_stream(config)
+                except Exception:
+                    await self.js.stream_info(config.name or "")  # created by another member
+
+    # -- what the replicator asks ------------------------------------------------------------
+
+    def writable_log(self, agent_id: str) -> tuple[PartitionLog | None, str]:
+        number = partition_of(agent_id, self.settings.partitions)
+        part = self.partitions.get(number)
+        if part is None:
+            return None, f"partition {number} is owned by another member"
+        if part.state not in ("serving", "releasing"):
+            return None, f"partition {number} is {part.state} on this member"
+        assert self.ownership is not None
+        if not self.ownership.lease_valid():
+            return None, "this member's lease expired"
+        if part.log.failed is not None:
+            return None, f"partition {number}: {part.log.failed}"
+        return part.log, ""
+
+    def appended(self, log: PartitionLog, key: AgentKey) -> None:
+        part = self.partitions.get(log.partition)
+        if part is None or part.log is not log:
+            return
+        part.agents.add(key)
+        if (
+            log.snapshot_due(self.settings.snapshot_every)
+            and log.partition not in self._transitions
+        ):
+            self._spawn(log.partition, self._snapshot(part))
+
+    def _may_ack(self, part: OwnedPartition) -> bool:
+        assert self.ownership is not None
+        return (
+            self.partitions.get(part.number) is part
+            and part.state in ("serving", "releasing")
+            and self.ownership.lease_valid()
+            and part.log.failed is None
+        )
+
+    # -- the heartbeat loop ------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        assert self.ownership is not None
+        while not self._stopping:
+            started = time.monotonic()
+            await self.ownership.heartbeat(sorted(self.partitions))
+            metrics.PARTITIONS_OWNED.set(len(self.partitions))
+            metrics.LEASE_LEFT.set(max(0.0, self.ownership.lease_left_s()))
+            try:
+                self._balance()
+            except Exception:
+                logger.exception("cluster: balancing failed")
+            delay = self.settings.heartbeat_s - (time.monotonic() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ownership.changed.wait(), max(0.01, delay))
+            self.ownership.changed.clear()
+            if time.monotonic() - started < self.settings.heartbeat_s:
+                # A record changed: balance at once, but heartbeat only on schedule.
+                with contextlib.suppress(Exception):
+                    self._balance()
+                rest = self.settings.heartbeat_s - (time.monotonic() - started)
+                if rest > 0:
+                    await asyncio.sleep(rest)
+
+    def _balance(self) -> None:
+        ownership = self.ownership
+        assert ownership is not None
+        if not ownership.lease_valid():
+            for part in list(self.partitions.values()):
+                if part.state != "lost":
+                    self._lose(part, "this member's lease expired (paused or cut off?)")
+            return
+        alive = ownership.alive()
+        watched_a_lease = time.monotonic() - self._joined_at >= self.settings.lease_s
+        for gone in sorted(self._alive - set(alive)):
+            logger.info("cluster: %s: member %s is silent past its lease", self.name, gone)
+        for new in sorted(set(alive) - self._alive):
+            logger.info("cluster: %s: member %s is alive", self.name, new)
+        self._alive = set(alive)
+        for number in range(self.settings.partitions):
+            if number in self._transitions:
+                continue
+            record = ownership.records.get(number)
+            held = self.partitions.get(number)
+            wanted = preferred_owner(number, alive)
+            if held is not None:
+                if not ownership.holds(number, held.epoch):
+                    self._lose(held, f"the partition record moved on ({record})")
+                elif wanted != self.name and held.state == "serving":
+                    self._spawn(number, self._release(held, 10.0))
+                continue
+            if wanted != self.name:
+                continue
+            if record is None or not record.owner or record.owner == self.name:
+                self._spawn(number, self._take(number))
+            elif record.owner not in alive and watched_a_lease:
+                # (Until this member has watched for a whole lease, an owner it has not seen
+                # heartbeat yet may well be alive.)
+                self._spawn(number, self._take(number))
+
+    def _spawn(self, number: int, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"cluster p{number}")
+        self._transitions[number] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._transitions.get(number) is finished:
+                del self._transitions[number]
+            if not finished.cancelled() and finished.exception() is not None:
+                logger.error(
+                    "cluster: partition %d: %s", number, finished.exception(),
+                    exc_info=finished.exception(),
+                )  # fmt: skip
+
+        task.add_done_callback(done)
+
+    # -- taking a partition ------------------------------------------------------------------
+
+    async def _take(self, number: int) -> None:
+        assert self.ownership is not None and self.js is not None and self.nc is not None
+        assert self._snapshots is not None
+        epoch = await self.ownership.take(number)
+        if epoch is None:
+            return
+        log = PartitionLog(
+            self.js, self.names, number, epoch, self.name, max_payload=self.nc.max_payload
+        )
+        part = OwnedPartition(number, epoch, log)
+        self.partitions[number] = part
+        try:
+            for _attempt in range(_TAKE_ATTEMPTS):
+                report = await log.restore(self._snapshots)
+                await self._write_images(part, report.images)
+                try:
+                    await log.mark()
+                except Exception:
+                    if not self.ownership.holds(number, epoch):
+                        raise
+                    log.failed = None  # an earlier owner appended meanwhile: read again
+                    continue
+                break
+            else:
+                raise RuntimeError(f"the changelog kept changing during {_TAKE_ATTEMPTS} restores")
+            part.restore_s = time.monotonic() - part.taken_at
+            part.restored_agents = len(report.images)
+            part.replayed = report.replayed
+            consumer, floor = await open_consumer(
+                self.js,
+                self.names,
+                number,
+                epoch,
+                log_floor=report.floor,
+                max_ack_pending=self.settings.fetch_batch * 4,
+                replicas=self.settings.replicas,
+            )
+        except Exception as err:
+            self._lose(part, f"taking it failed ({type(err).__name__}: {err})")
+            return
+        if self.partitions.get(number) is not part or part.state != "starting":
+            return
+        part.worker = IngestWorker(
+            self.nc,
+            self.js,
+            self.names,
+            self.runtime,
+            partition=number,
+            consumer=consumer,
+            floor=floor,
+            agent_class=self.settings.agent_class,
+            reply_subject=self.settings.reply_subject,
+            fetch_batch=self.settings.fetch_batch,
+            may_ack=functools.partial(self._may_ack, part),
+            poisoned=functools.partial(self._poisoned, part),
+            touched=part.agents.add,
+        )
+        log.floor_source = lambda worker=part.worker: worker.floor
+        part.state = "serving"
+        part.worker.start()
+        self._spawn(number, self._wake_scheduled(part, list(report.images)))
+        self.counters["taken"] += 1
+        metrics.TAKEN.inc()
+        metrics.RESTORE_SECONDS.observe(part.restore_s)
+        logger.info(
+            "cluster: %s took partition %d (epoch %d): %d agents restored, %d log messages "
+            "replayed in %.2fs",
+            self.name,
+            number,
+            epoch,
+            part.restored_agents,
+            part.replayed,
+            part.restore_s,
+        )
+
+    async def _write_images(self, part: OwnedPartition, images: dict[AgentKey, bytes]) -> None:
+        await self.runtime.release_agents(list(images))
+        part.agents.update(images)
+        state_dir = os.fspath(self.state_dir)
+        await asyncio.get_running_loop().run_in_executor(
+            None, _write_image_files, state_dir, dict(images)
+        )
+
+    async def _wake_scheduled(self, part: OwnedPartition, keys: list[AgentKey]) -> None:
+        """Wake the restored agents that have schedules or queued calls: overdue ones run (once:
+        what an earlier owner ran and committed is in the log), the rest are armed here."""
+        state_dir = os.fspath(self.state_dir)
+        due = await asyncio.get_running_loop().run_in_executor(None, _with_alarms, state_dir, keys)
+        for key in due:
+            if part.state != "serving":
+                return
+            try:
+                await self.runtime.run_in_agent(key[0], key[1], _wake_only)
+            except Exception as err:
+                logger.warning("cluster: could not wake %s/%r after takeover: %s", *key, err)
+
+    # -- giving a partition up ----------------------------------------------------------------
+
+    async def _release(self, part: OwnedPartition, timeout_s: float) -> None:
+        """Graceful: finish and ack what is in flight, then clear the owner."""
+        if part.state != "serving":
+            return
+        part.state = "releasing"
+        if part.worker is not None:
+            await part.worker.stop(graceful=True, timeout_s=timeout_s)
+        await self.runtime.release_agents(sorted(part.agents))
+        part.state = "released"
+        await self._forget(part)
+        assert self.ownership is not None
+        await self.ownership.release(part.number, part.epoch)
+        self.counters["released"] += 1
+        metrics.RELEASED.inc()
+        logger.info(
+            "cluster: %s gave back partition %d (epoch %d)", self.name, part.number, part.epoch
+        )
+
+    def _lose(self, part: OwnedPartition, why: str) -> None:
+        if part.state in ("lost", "released"):
+            return
+        logger.warning(
+            "cluster: %s lost partition %d (epoch %d): %s", self.name, part.number, part.epoch, why
+        )
+        part.state = "lost"
+        self.counters["lost"] += 1
+        metrics.LOST.inc()
+        self._spawn(part.number, self._after_loss(part))
+
+    def _poisoned(self, part: OwnedPartition, why: str) -> None:
+        if part.state in ("serving", "releasing"):
+            self._lose(part, f"a message could not be applied in order ({why}); taking it again")
+
+    async def _after_loss(self, part: OwnedPartition) -> None:
+        if part.worker is not None:
+            await part.worker.stop(graceful=False)
+        await self.runtime.release_agents(sorted(part.agents | set(part.log.images)))
+        await self._forget(part)
+        assert self.ownership is not None
+        if self.ownership.lease_valid():
+            await self.ownership.release(part.number, part.epoch)
+
+    async def _forget(self, part: OwnedPartition) -> None:
+        if self.partitions.get(part.number) is part:
+            del self.partitions[part.number]
+        keys = sorted(part.agents | set(part.log.images))
+        state_dir = os.fspath(self.state_dir)
+        await asyncio.get_running_loop().run_in_executor(None, _delete_files, state_dir, keys)
+
+    async def _snapshot(self, part: OwnedPartition) -> None:
+        assert self._snapshots is not None
+        size = await part.log.snapshot(self._snapshots)
+        self.counters["snapshots"] += 1
+        logger.info(
+            "cluster: partition %d: snapshot of %d agents (%d bytes) at log seq %d",
+            part.number,
+            len(part.log.images),
+            size,
+            part.log.last_seq,
+        )
+
+    # -- operator view -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        ownership = self.ownership
+        parts = {}
+        for number, part in sorted(self.partitions.items()):
+            worker = part.worker
+            parts[str(number)] = {
+                "epoch": part.epoch,
+                "state": part.state,
+                "agents": len(part.agents),
+                "log_seq": part.log.last_seq,
+                "applied": worker.applied if worker else 0,
+                "duplicates": worker.duplicates if worker else 0,
+                "acked_seq": worker.last_acked_seq if worker else 0,
+                "restore_s": round(part.restore_s, 3),
+                "append_ms": round(
+                    1000 * part.log.append_seconds / max(1, part.log.append_count), 2
+                ),
+                "appends": part.log.append_count,
+            }
+        return {
+            "member": self.name,
+            "group": self.settings.group,
+            "lease_left_s": round(ownership.lease_left_s(), 2) if ownership else 0.0,
+            "alive": ownership.alive() if ownership else [],
+            "partitions": parts,
+            "changelog_commits": self.replicator.commits,
+            "changelog_bytes": self.replicator.bytes,
+            **self.counters,
+        }
+
+
+def _write_image_files(state_dir: str, images: dict[AgentKey, bytes]) -> None:
+    for (agent_class, agent_id), image in images.items():
+        path = agent_db_file(state_dir, agent_class, agent_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        AgentDatabase.delete_files(path)
+        temporary = path + ".restoring"
+        with open(temporary, "wb") as out:
+            out.write(image)
+        os.replace(temporary, path)
+
+
+def _wake_only(agent: Any) -> None:
+    """A turn that only wakes its agent (waking drains overdue schedules and queued calls)."""
+
+
+def _with_alarms(state_dir: str, keys: list[AgentKey]) -> list[AgentKey]:
+    found = []
+    for key in keys:
+        path = agent_db_file(state_dir, *key)
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                tables = conn.execute(
+                    "SELECT count(*) FROM sqlite_master "
+                    "WHERE name IN ('_gw_schedules', '_gw_queue')"
+                ).fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            continue
+        if tables:
+            found.append(key)
+    return found
+
+
+def _delete_files(state_dir: str, keys: list[AgentKey]) -> None:
+    for agent_class, agent_id in keys:
+        AgentDatabase.delete_files(agent_db_file(state_dir, agent_class, agent_id))
+
+
+async def _object_store(
+    js: JetStreamContext, bucket: str, settings: ClusterSettings
+) -> ObjectStore:
+    from nats.js.api import ObjectStoreConfig
+
+    try:
+        return await js.object_store(bucket)
+    except Exception:
+        pass
+    try:
+        return await js.create_object_store(
+            bucket, config=ObjectStoreConfig(replicas=settings.replicas)
+        )
+    except Exception:
+        return await js.object_store(bucket)

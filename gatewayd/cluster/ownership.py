@@ -1,0 +1,227 @@
+"""Who owns which partition: member heartbeats and partition records in JetStream KV.
+
+- `GW_<group>_MEMBERS`: one key per member, rewritten every heartbeat. A member is alive, in
+  another member's eyes, while its key's revision keeps changing: a member whose revision has
+  not changed for `lease_s` (measured on the observer's own monotonic clock: no clock sync is
+  needed) is dead, and its partitions go to the others.
+- `GW_<group>_PARTITIONS`: one key per partition, `{"owner", "epoch"}`, changed only by
+  compare-and-set on the key's revision. Taking a partition increments its epoch; releasing
+  it clears the owner and keeps the epoch.
+
+A member trusts its own lease only until `lease_s - heartbeat_s` after sending its last
+heartbeat that JetStream confirmed: past that the others may already have declared it dead,
+so it stops committing and acknowledging at once (a member paused by SIGSTOP finds its lease
+expired the moment it runs again), before it even learns who took its partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from gatewayd.cluster.naming import Names
+from gatewayd.cluster.settings import ClusterSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRecord:
+    owner: str  # "" = released
+    epoch: int
+    revision: int
+
+
+class Ownership:
+    """This member's view of the members and partition records (kept current by watches)."""
+
+    def __init__(self, js: JetStreamContext, names: Names, settings: ClusterSettings, me: str):
+        self._js = js
+        self._names = names
+        self._settings = settings
+        self.me = me
+        self.members: dict[str, tuple[int, float]] = {}  # name -> (revision, seen at)
+        self.records: dict[int, PartitionRecord] = {}
+        self._members_kv: KeyValue | None = None
+        self._partitions_kv: KeyValue | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self._lease_until = 0.0
+        self.changed = asyncio.Event()
+
+    async def open(self) -> None:
+        lease = self._settings.lease_s
+        self._members_kv = await _bucket(
+            self._js,
+            KeyValueConfig(
+                bucket=self._names.members_bucket,
+                history=1,
+                ttl=max(60.0, lease * 10),
+                replicas=self._settings.replicas,
+            ),
+        )
+        self._partitions_kv = await _bucket(
+            self._js,
+            KeyValueConfig(
+                bucket=self._names.partitions_bucket, history=1, replicas=self._settings.replicas
+            ),
+        )
+        loop = asyncio.get_running_loop()
+        self._watchers = [
+            loop.create_task(self._watch(self._members_kv, self._on_member)),
+            loop.create_task(self._watch(self._partitions_kv, self._on_partition)),
+        ]
+
+    async def close(self, *, leave: bool) -> None:
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if leave and self._members_kv is not None:
+            with contextlib.suppress(Exception):
+                await self._members_kv.delete(self.me)
+
+    # -- heartbeats and liveness ------------------------------------------------------------
+
+    async def heartbeat(self, partitions: list[int]) -> bool:
+        """Renew this member's lease; False when JetStream did not confirm it."""
+        assert self._members_kv is not None
+        sent = time.monotonic()
+        body = json.dumps({"member": self.me, "at": time.time(), "partitions": partitions})
+        try:
+            await self._members_kv.put(self.me, body.encode())
+        except Exception as err:
+            logger.warning("cluster: heartbeat failed: %s", err)
+            return False
+        self._lease_until = sent + self._settings.lease_s - self._settings.heartbeat_s
+        return True
+
+    def lease_valid(self) -> bool:
+        return time.monotonic() < self._lease_until
+
+    def lease_left_s(self) -> float:
+        return self._lease_until - time.monotonic()
+
+    def alive(self) -> list[str]:
+        """Members whose heartbeat this member saw change within the lease (itself included
+        while its own lease holds)."""
+        now = time.monotonic()
+        names = {
+            name for name, (_, seen) in self.members.items() if now - seen < self._settings.lease_s
+        }
+        names.discard(self.me)
+        if self.lease_valid():
+            names.add(self.me)
+        return sorted(names)
+
+    # -- partition records --------------------------------------------------------------------
+
+    async def take(self, partition: int) -> int | None:
+        """Compare-and-set the partition to this member with the next epoch; its epoch or None
+        when the record changed meanwhile."""
+        assert self._partitions_kv is not None
+        key = self._names.partition_key(partition)
+        record = self.records.get(partition)
+        try:
+            if record is None:
+                epoch = 1
+                revision = await self._partitions_kv.create(key, _encode(self.me, epoch))
+            else:
+                epoch = record.epoch + 1
+                revision = await self._partitions_kv.update(
+                    key, _encode(self.me, epoch), last=record.revision
+                )
+        except (KeyWrongLastSequenceError, Exception) as err:
+            logger.debug("cluster: could not take partition %d: %s", partition, err)
+            return None
+        self.records[partition] = PartitionRecord(self.me, epoch, revision)
+        return epoch
+
+    async def release(self, partition: int, epoch: int) -> bool:
+        """Clear the owner if the record is still this member's `epoch`."""
+        assert self._partitions_kv is not None
+        record = self.records.get(partition)
+        if record is None or record.owner != self.me or record.epoch != epoch:
+            return False
+        try:
+            revision = await self._partitions_kv.update(
+                self._names.partition_key(partition), _encode("", epoch), last=record.revision
+            )
+        except Exception as err:
+            logger.debug("cluster: could not release partition %d: %s", partition, err)
+            return False
+        self.records[partition] = PartitionRecord("", epoch, revision)
+        return True
+
+    def holds(self, partition: int, epoch: int) -> bool:
+        """The record (as last seen) says this member owns `partition` at `epoch`."""
+        record = self.records.get(partition)
+        return record is not None and record.owner == self.me and record.epoch == epoch
+
+    # -- watches ------------------------------------------------------------------------------
+
+    async def _watch(self, kv: KeyValue, apply: object) -> None:
+        while True:
+            try:
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    apply(entry)  # type: ignore[operator]
+                    self.changed.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                logger.warning("cluster: KV watch of %s failed (%s); watching again", kv, err)
+                await asyncio.sleep(0.5)
+
+    def _on_member(self, entry: object) -> None:
+        key = getattr(entry, "key", "")
+        if getattr(entry, "operation", None) in ("DEL", "PURGE"):
+            self.members.pop(key, None)
+            return
+        revision = int(getattr(entry, "revision", 0) or 0)
+        known = self.members.get(key)
+        if known is None or known[0] != revision:
+            self.members[key] = (revision, time.monotonic())
+
+    def _on_partition(self, entry: object) -> None:
+        key = getattr(entry, "key", "")
+        if not key.startswith("p") or not key[1:].isdigit():
+            return
+        partition = int(key[1:])
+        revision = int(getattr(entry, "revision", 0) or 0)
+        known = self.records.get(partition)
+        if known is not None and known.revision >= revision:
+            return  # our own compare-and-set already recorded it
+        if getattr(entry, "operation", None) in ("DEL", "PURGE"):
+            self.records.pop(partition, None)
+            return
+        raw = json.loads(getattr(entry, "value", b"") or b"{}")
+        self.records[partition] = PartitionRecord(
+            str(raw.get("owner", "")), int(raw.get("epoch", 0)), revision
+        )
+
+
+def _encode(owner: str, epoch: int) -> bytes:
+    return json.dumps({"owner": owner, "epoch": epoch}).encode()
+
+
+async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except (BucketNotFoundError, KeyNotFoundError, Exception):
+        pass
+    try:
+        return await js.create_key_value(config)
+    except Exception:
+        return await js.key_value(config.bucket)  # another member created it meanwhile

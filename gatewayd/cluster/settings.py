@@ -1,0 +1,40 @@
+"""Settings of one cluster member (a frozen dataclass the config layer builds)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def default_member_name() -> str:
+    """`<host>-<pid>`: a restarted member is a new member (its old name's lease runs out)."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"{host[:40] or 'host'}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Where the NATS cluster is, how the group is named and partitioned, and how fast a silent
+    member loses its partitions (`lease_s`; members heartbeat every `heartbeat_s`)."""
+
+    agent_class: str
+    group: str = "gatewayd"
+    member: str = ""
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    credentials_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    ingest_subject: str = "gw.in"
+    reply_subject: str = "gw.out"
+    partitions: int = 16
+    replicas: int = 3
+    lease_s: float = 8.0
+    heartbeat_s: float = 2.0
+    snapshot_every: int = 1000
+    fetch_batch: int = 256
+
+    @property
+    def member_name(self) -> str:
+        return self.member or default_member_name()

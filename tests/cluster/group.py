@@ -1,0 +1,288 @@
+"""A real group for tests and bench/cluster.py: a NATS JetStream cluster plus gatewayd member
+processes (`python -m gatewayd run`), and a reader of the group's truth (the changelog).
+
+    group = Group(tmp_path, partitions=8)
+    group.start_nats()
+    member = group.add_member("m1")
+    ...
+    state = await read_group_state(group.urls, partitions=8)   # {agent id: [messages]}
+    group.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+import nats.errors
+from nats.js.errors import NotFoundError
+
+from gatewayd.cluster.changelog import PartitionLog
+from gatewayd.cluster.naming import Names
+from tests.cluster.nats_cluster import NatsCluster
+from tests.gatewayd.daemon_process import GatewayProcess
+from tests.gatewayd.notify import NotifySocket
+
+GROUP = "test"
+AGENT_CLASS = "rec"
+DEVICE_SUBJECT = "devices.*.telemetry"
+
+
+def device_mapping(partitions: int) -> dict[str, str]:
+    """The NATS subject mapping that partitions device subjects for the group."""
+    return {DEVICE_SUBJECT: f"gw.in.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"}
+
+
+class Member:
+    """One gatewayd member process."""
+
+    def __init__(self, group: Group, name: str) -> None:
+        self.name = name
+        self.dir = group.work_dir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "gatewayd.toml"
+        servers = ", ".join(f'"{url}"' for url in group.urls)
+        self.config.write_text(
+            f'[gateway]\nstate_dir = "{self.dir / "state"}"\nlog_level = "info"\n'
+            "[http]\nenabled = false\n"
+            "[listeners.websocket]\nenabled = false\n"
+            f'[agents.classes.{AGENT_CLASS}]\nclass = "tests.cluster.cluster_agents:Recorder"\n'
+            "[cluster]\nenabled = true\n"
+            f'group = "{GROUP}"\nmember = "{name}"\nservers = [{servers}]\n'
+            f'agent_class = "{AGENT_CLASS}"\npartitions = {group.partitions}\n'
+            f'replicas = {group.replicas}\nlease = "{group.lease_s}s"\n'
+            f'heartbeat = "{group.heartbeat_s}s"\nsnapshot_every = {group.snapshot_every}\n'
+        )
+        self.notify = NotifySocket(self.dir, abstract=True)
+        self.process = GatewayProcess(self.config, self.notify)
+
+    def start(self) -> None:
+        self.process.start(wait_ready=True)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.proc is not None
+        return self.process.proc.pid
+
+    def log_text(self) -> str:
+        return self.process.log_text()
+
+
+class Group:
+    def __init__(
+        self,
+        work_dir: Path | str | None = None,
+        *,
+        partitions: int = 8,
+        nats_nodes: int = 3,
+        lease_s: float = 5.0,
+        heartbeat_s: float = 1.0,
+        snapshot_every: int = 1000,
+    ) -> None:
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gw-group-"))
+        self.partitions = partitions
+        self.replicas = min(3, nats_nodes)
+        self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s
+        self.snapshot_every = snapshot_every
+        self.nats = NatsCluster(
+            self.work_dir / "nats", nodes=nats_nodes, mappings=device_mapping(partitions)
+        )
+        self.members: dict[str, Member] = {}
+
+    @property
+    def urls(self) -> list[str]:
+        return self.nats.urls
+
+    def start_nats(self) -> None:
+        self.nats.start()
+
+    def add_member(self, name: str) -> Member:
+        member = Member(self, name)
+        self.members[name] = member
+        member.start()
+        return member
+
+    def stop(self) -> None:
+        for member in self.members.values():
+            proc = member.process.proc
+            if proc is not None and proc.poll() is None:
+                with _suppress():
+                    os.kill(proc.pid, 18)  # SIGCONT: a paused member must be able to stop
+                member.process.stop(timeout_s=20)
+            member.notify.sock.close()
+        self.nats.stop()
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]]:
+    """`{partition: (owner, epoch)}` from the group's KV bucket."""
+    import json
+
+    names = Names(group, "gw.in")
+    kv = await nc.jetstream(timeout=15).key_value(names.partitions_bucket)
+    found: dict[int, tuple[str, int]] = {}
+    try:
+        keys = await kv.keys()
+    except Exception:
+        return found
+    for key in keys:
+        entry = await kv.get(key)
+        raw = json.loads(entry.value or b"{}")
+        found[int(key[1:])] = (raw.get("owner", ""), int(raw.get("epoch", 0)))
+    return found
+
+
+async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[int, str]:
+    """Partitions whose current owner has created its epoch's consumer: `{partition: owner}`."""
+    names = Names(group, "gw.in")
+    js = nc.jetstream(timeout=15)
+    try:
+        consumers = {c.name for c in await js.consumers_info(names.ingest_stream)}
+    except NotFoundError:
+        return {}
+    found = {}
+    for partition, (owner, epoch) in (await owners(nc, group)).items():
+        if (
+            owner
+            and {
+                names.consumer(partition, epoch),
+                names.consumer(partition, epoch, replicated=True),
+            }
+            & consumers
+        ):
+            found[partition] = owner
+    return {p: found[p] for p in sorted(found) if p < partitions}
+
+
+async def wait_serving(
+    nc: nats.NATS, partitions: int, members: set[str], timeout_s: float
+) -> dict[int, str]:
+    """Wait until every partition is served and exactly `members` serve them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            found = await serving(nc, partitions)
+        except nats.errors.Error:  # leaders being elected: ask again
+            found = {}
+        if len(found) == partitions and set(found.values()) == members:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"partitions not served by {sorted(members)} in time: {found}")
+        await asyncio.sleep(0.1)
+
+
+async def read_group_state(
+    nc: nats.NATS, partitions: int, group: str = GROUP
+) -> dict[str, list[str]]:
+    """Every agent's `seen` messages as the group's changelog (snapshot + log) holds them."""
+    names = Names(group, "gw.in")
+    js = nc.jetstream(timeout=15)
+    snapshots = await js.object_store(names.snapshots_bucket)
+    state: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for partition in range(partitions):
+            log = PartitionLog(js, names, partition, 0, "reader", max_payload=nc.max_payload)
+            report = await log.restore(snapshots)
+            for (_cls, agent_id), image in report.images.items():
+                path = os.path.join(scratch, f"{partition}-{len(state)}.sqlite3")
+                with open(path, "wb") as out:
+                    out.write(image)
+                conn = sqlite3.connect(path)
+                try:
+                    rows = conn.execute("SELECT message FROM seen ORDER BY rowid").fetchall()
+                except sqlite3.OperationalError:
+                    rows = []
+                finally:
+                    conn.close()
+                state[agent_id] = [row[0] for row in rows]
+    return state
+
+
+async def log_epochs(nc: nats.NATS, partition: int, group: str = GROUP) -> list[tuple[int, str]]:
+    """`(epoch, member)` of every message in a partition's changelog, in order."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    from gatewayd.cluster.pages import LogMessage
+
+    names = Names(group, "gw.in")
+    js = nc.jetstream(timeout=15)
+    try:
+        last = (await js.get_last_msg(names.log_stream, names.log_subject(partition))).seq or 0
+    except NotFoundError:
+        return []
+    sub = await js.pull_subscribe(
+        names.log_subject(partition),
+        stream=names.log_stream,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=5.0
+        ),
+    )
+    found: list[tuple[int, str]] = []
+    seq = 0
+    while seq < last:
+        for msg in await sub.fetch(256, timeout=5.0):
+            seq = msg.metadata.sequence.stream
+            message = LogMessage.decode(msg.data)
+            found.append((message.epoch, message.member))
+    await sub.unsubscribe()
+    return found
+
+
+class Publisher:
+    """Publishes `count` device messages through JetStream (each acknowledged by a PubAck),
+    `window` at a time; `acked` lists the messages JetStream confirmed."""
+
+    def __init__(self, nc: nats.NATS, devices: int, count: int, window: int = 64) -> None:
+        self._js = nc.jetstream(timeout=15)
+        self.devices = devices
+        self.count = count
+        self.window = window
+        self.acked: list[tuple[str, str]] = []  # (device id, message)
+        self.failed = 0
+        self.sent = 0
+
+    @staticmethod
+    def device(index: int) -> str:
+        return f"dev{index}"
+
+    async def run(self) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        for index in range(self.count):
+            device = self.device(index % self.devices)
+            message = f"m{index}"
+            pending.add(asyncio.create_task(self._one(device, message)))
+            self.sent += 1
+            if len(pending) >= self.window:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _one(self, device: str, message: str) -> None:
+        for _attempt in range(20):
+            try:
+                # The message id lets JetStream drop a retry of a publish that did land.
+                await self._js.publish(
+                    f"devices.{device}.telemetry",
+                    message.encode(),
+                    timeout=15,
+                    headers={"Nats-Msg-Id": message},
+                )
+            except Exception:
+                await asyncio.sleep(0.2)
+                continue
+            self.acked.append((device, message))
+            return
+        self.failed += 1
