@@ -184,6 +184,27 @@ async def wait_serving(
         await asyncio.sleep(0.1)
 
 
+async def wait_settled(
+    nc: nats.NATS, partitions: int, members: set[str], timeout_s: float
+) -> dict[int, str]:
+    """Wait until every partition is served by its preferred owner among `members` (the
+    rendezvous choice): hand-overs still in flight when `wait_serving` returns are done."""
+    from gatewayd.cluster.naming import preferred_owner
+
+    wanted = {p: preferred_owner(p, sorted(members)) for p in range(partitions)}
+    deadline = time.monotonic() + timeout_s
+    found: dict[int, str] = {}
+    while found != wanted:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"partitions not settled on {wanted} in time: {found}")
+        await asyncio.sleep(0.1)
+        try:
+            found = await serving(nc, partitions)
+        except nats.errors.Error:  # leaders being elected: ask again
+            found = {}
+    return found
+
+
 async def read_group_state(
     nc: nats.NATS, partitions: int, group: str = GROUP
 ) -> dict[str, list[str]]:

@@ -21,7 +21,14 @@ import nats.errors
 import pytest
 
 from gatewayd.cluster.naming import partition_of
-from tests.cluster.group import Group, Publisher, log_epochs, read_group_state, wait_serving
+from tests.cluster.group import (
+    Group,
+    Publisher,
+    log_epochs,
+    read_group_state,
+    wait_serving,
+    wait_settled,
+)
 from tests.waiting import wait_until
 
 DEVICES = 24
@@ -125,12 +132,12 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
 ) -> None:
     group.add_member("m1")
     group.add_member("m2")
-    before = await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
+    before = await wait_settled(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
 
     publisher = Publisher(nc, DEVICES, 1500)
     publishing = await _publish_until(publisher, 0.3)
     group.add_member("m3")
-    after = await wait_serving(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
+    after = await wait_settled(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
     moved = [p for p in after if after[p] != before[p]]
     assert moved and all(after[p] == "m3" for p in moved), (before, after)
     await publishing
