@@ -308,7 +308,7 @@ class GeneratorSection(Section):
         given = [k for k in ("model", "gguf", "onnx_dir") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of model (a built-in recipe such as \"smollm2\"), gguf (a "
+                'give exactly one of model (a built-in recipe such as "smollm2"), gguf (a '
                 f"GGUF file) or onnx_dir (a converted model directory); found {given or 'none'}"
             )
         return self

@@ -34,8 +34,8 @@ from gatewayd.api.features import FeatureRoutes
 from gatewayd.api.tokens import ApiToken, require_token
 from gatewayd.config import DashboardSection
 from gatewayd.dashboard.inventory import Inventory
-from gatewayd.dashboard.logbuffer import LogBuffer
 from gatewayd.dashboard.sampler import Sampler
+from gatewayd.logring import LogRing
 
 SCOPE = "dashboard"
 CONTENT_TYPES = {
@@ -90,7 +90,7 @@ class Dashboard:
             components, interval_s=section.sample_interval, history_s=section.history
         )
         self.inventory = Inventory(components)
-        self.logs = LogBuffer()
+        self.logs = LogRing(500, logging.WARNING)  # the last warnings and errors
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -229,7 +229,7 @@ class Dashboard:
 
     async def recent_logs(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse({"entries": [e.to_json() for e in self.logs.recent(100)]})
+        return JSONResponse({"entries": [e.to_json() for e in self.logs.entries()[-100:][::-1]]})
 
     def _agent_params(self, params: dict[str, Any]) -> tuple[str, str]:
         agent_class, agent_id = params.get("class"), params.get("id")

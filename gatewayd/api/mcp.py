@@ -23,9 +23,9 @@ from starlette.types import Receive, Scope, Send
 from gatewayd.api.errors import ApiError, error_response
 from gatewayd.api.features import FeatureRoutes
 from gatewayd.api.tokens import require_token
+from gatewayd.logring import LogRing
 from gatewayd.mcp.agent_index import AgentIndex
 from gatewayd.mcp.catalog import GroupContext, build_catalog
-from gatewayd.mcp.logring import LogRing
 from gatewayd.mcp.resources import StateNotifier
 from gatewayd.mcp.server import McpGateway
 

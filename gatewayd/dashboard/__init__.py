@@ -5,7 +5,6 @@
   server needed, nothing fetched from outside.
 - inventory.py: agents (on disk and in memory), one agent's schedules, queue, dead letters
   and connections, and the devices the transports have seen.
-- logbuffer.py: the last warnings and errors the daemon logged (an agent's page shows its own).
 - static/: the page itself (vanilla HTML, CSS and JS modules, no build step).
 
 Served by `gatewayd.api.dashboard` (a feature of the HTTP API). Must never import

@@ -156,7 +156,11 @@ class Inventory:
             }
 
         detail = await runtime.run_in_agent(agent_class, agent_id, read)
-        errors = [] if logs is None else [e.to_json() for e in logs.about(agent_class, agent_id)]
+        errors = (
+            []
+            if logs is None
+            else [e.to_json() for e in logs.about(agent_class, agent_id)[-20:][::-1]]
+        )
         for item in detail["dead_letters"]:
             if item["last_error"]:
                 errors.append(

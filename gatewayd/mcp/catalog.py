@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.logring import LogRing
 from gatewayd.mcp.agent_index import AgentIndex
-from gatewayd.mcp.logring import LogRing
 from gatewayd.tools import Tool, callable_tools
 from gatewayd.tools.tool import tool_marker
 

@@ -240,9 +240,9 @@ def test_sampler_rates_means_and_the_batch_histogram() -> None:
 
 
 def test_the_log_buffer_finds_an_agents_own_warnings() -> None:
-    from gatewayd.dashboard.logbuffer import LogBuffer
+    from gatewayd.logring import LogRing
 
-    buffer = LogBuffer(capacity=3)
+    buffer = LogRing(capacity=3, level=logging.WARNING)
     log = logging.getLogger("tests.dashboard.logbuffer")
     log.addHandler(buffer)
     try:
@@ -255,5 +255,5 @@ def test_the_log_buffer_finds_an_agents_own_warnings() -> None:
     assert [e.message for e in buffer.about("worker", "w-1")] == [
         "agents: worker/'w-1': message failed: boom"
     ]  # not w-10's, whose id merely starts the same
-    assert [e.level for e in buffer.recent()] == ["WARNING", "ERROR", "WARNING"]
-    assert buffer.recent()[0].message == "mqtt: broker mqtt://x unreachable"
+    assert [e.level for e in buffer.entries()] == ["WARNING", "ERROR", "WARNING"]
+    assert buffer.entries()[-1].message == "mqtt: broker mqtt://x unreachable"

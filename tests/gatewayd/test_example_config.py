@@ -35,7 +35,9 @@ class ExampleSite:
         # the real SmolLM2 through this config is tests/generation/test_daemon.py's model test.
         tiny = write_tiny_llama(tmp_path / "tiny.gguf")
         text = text.replace('model = "smollm2"', f'gguf = "{tiny}"')
-        text = re.sub(r'(secrets_file|tokens_file|path) = "([^"/][^"]*)"', rf'\1 = "{REPO}/\2"', text)
+        text = re.sub(
+            r'(secrets_file|tokens_file|path) = "([^"/][^"]*)"', rf'\1 = "{REPO}/\2"', text
+        )
         config = tmp_path / "gatewayd.toml"
         config.write_text(text)
         self.notify = NotifySocket(tmp_path)

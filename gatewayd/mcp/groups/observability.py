@@ -27,7 +27,7 @@ def tools(context: GroupContext) -> list[ServedTool]:
             if agent_id is not None:
                 raise ToolError("agent_id needs agent_class")
             require_all_classes("log lines of every agent")
-            picked = context.logs.recent(min_level=min_level, contains=contains, limit=100_000)
+            picked = context.logs.entries(min_level=min_level, contains=contains)
         else:
             known_class(context, agent_class)
             check_class(caller(), agent_class)
@@ -38,14 +38,12 @@ def tools(context: GroupContext) -> list[ServedTool]:
             )
             picked = [
                 line
-                for line in context.logs.recent(
-                    min_level=min_level, contains=contains, limit=100_000
-                )
+                for line in context.logs.entries(min_level=min_level, contains=contains)
                 if any(name in line.message for name in names)
             ]
         limit = max(1, min(limit, context.max_items))
         return [
-            {"time": ln.time, "level": ln.level, "logger": ln.logger, "message": ln.message}
+            {"time": ln.time, "level": ln.level.lower(), "logger": ln.logger, "message": ln.message}
             for ln in picked[-limit:]
         ]
 
