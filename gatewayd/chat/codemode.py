@@ -11,6 +11,9 @@ while the answer is still streaming. Approved: the call runs and its part gets t
 denied: the program's call rejects with a catchable error. Those parts are for people: the
 model never sees them (`without_program_calls`), only what the program returns and logs.
 
+`FencedPrograms(backend)` lets a small model that writes its program as a fenced code block
+(not as a tool call) work in Code Mode: the block becomes the `code` call.
+
 A program cannot outlive the process: when the answer ends any other way than complete (the
 gateway stopped or crashed, the answer was cancelled), `end_cut_programs` turns the `code`
 call and its waiting calls into tool errors that say so.
@@ -24,13 +27,14 @@ import asyncio
 import contextvars
 import dataclasses
 import inspect
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from gatewayd.chat.messages import Message
+from gatewayd.chat.messages import Chunk, Message
 from gatewayd.chat.toolloop import TOOL_EVENTS
 from gatewayd.tools import Tool, ToolError
 
@@ -218,3 +222,52 @@ def _reporting(tool: Tool) -> Tool:
         return value
 
     return dataclasses.replace(tool, fn=run)
+
+
+_FENCED = re.compile(r"```(?:js|javascript|ts|typescript)?[ \t]*\n(.*?)(?:```|$)", re.S)
+
+
+class FencedPrograms:
+    """A backend wrapper for small models that write a program as a fenced code block rather
+    than as a `code` tool call: when a model step offered `code` makes no tool call but its
+    text has a fenced block, the first block becomes a `code` call (after the text). Only
+    for a step that answers a person (not one that answers the program's result).
+
+        backend = FencedPrograms(LocalBackend(generator))
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        offers_code = any(
+            spec.get("function", spec).get("name") == CODE_TOOL for spec in tools or ()
+        )
+        answers_person = bool(messages) and messages[-1].get("role") == "user"
+        text, called, finish = "", False, None
+        async for chunk in self.backend.stream(messages, system=system, tools=tools):
+            kind = chunk.get("type")
+            if kind == "finish":
+                finish = chunk
+                continue
+            if kind == "text-delta":
+                text += str(chunk.get("delta", ""))
+            elif kind == "tool-call":
+                called = True
+            yield chunk
+        match = _FENCED.search(text) if offers_code and answers_person and not called else None
+        if match is not None and match.group(1).strip():
+            yield {
+                "type": "tool-call",
+                "toolCallId": f"call_{uuid.uuid4().hex[:12]}",
+                "toolName": CODE_TOOL,
+                "input": {"code": match.group(1).strip()},
+            }
+        if finish is not None:
+            yield finish

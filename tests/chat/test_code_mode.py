@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from gatewayd.chat import ChatAgent, ScriptedBackend
+from gatewayd.chat import ChatAgent, FencedPrograms, ScriptedBackend
 from gatewayd.codemode import CodeExecutor, Limits
 from gatewayd.tools import Tool
 from tests.chat.conftest import ChatClient, Served, user
@@ -101,6 +101,24 @@ async def test_the_site_task_in_one_program(serve):
         assert after == {d: 21.0 if d in cold else 20.0 for d in after}
         stored = (await a.messages())[-1]
         assert tool_parts(stored)[0]["output"] == {"result": expected_rooms()}
+
+
+async def test_a_fenced_program_in_the_text_is_run_as_the_code_call(serve):
+    model = ScriptedBackend(
+        replies=[[say(f"Here it is:\n```js\n{PROGRAM}\n```\n")], [say("```js\nnot run\n```")]]
+    )
+    SiteChat.backend = FencedPrograms(model)  # type: ignore[assignment]
+    async with site_served(serve) as served, served.client("chat", "s1") as a:
+        await a.send("gw.chat.send", id="r1", messages=[user("u1", TASK)])
+        frames = await a.until_type("gw.chat.done")
+        assert frames[-1]["status"] == "complete"
+        answer = (await a.messages())[-1]
+        assert [p["type"] for p in answer["parts"]] == ["text", "tool", "text"]
+        code = answer["parts"][1]
+        assert code["toolName"] == "code" and code["input"] == {"code": PROGRAM}
+        assert code["output"] == {"result": expected_rooms()}
+        assert len(model.requests) == 2  # the answer to the result is not run again
+        assert (await targets(served))["t01"] == 21.0
 
 
 APPROVAL_PROGRAM = """async () => {
