@@ -235,3 +235,28 @@ async def test_a_program_waiting_for_approval_ends_interrupted_by_a_restart(serv
         error = (await b.until(lambda f: f["type"] == "gw.chat.error"))[-1]
         assert error["request"] == "late" and "not waiting" in error["error"]
         assert (await served.runtime.get_agent_state("thermostat", "t01"))["target_c"] == 20
+
+
+async def test_cancelling_the_answer_ends_a_waiting_program(serve):
+    SiteChat.backend = ScriptedBackend(
+        replies=[[code_call("c1", APPROVAL_PROGRAM)], [code_call("c2", PROGRAM)], [say("ok")]]
+    )
+    async with site_served(serve, tools=[]) as served:
+        SiteChat.tools = approval_tools(served)
+        async with served.client("chat", "s1") as a:
+            await a.send("gw.chat.send", id="r1", messages=[user("u1", "set t01 and t02")])
+            first = await next_approval_request(a)
+            await a.send("gw.chat.cancel")
+            done = (await a.until_type("gw.chat.done"))[-1]
+            assert done["status"] == "cancelled"
+            parts = {p["toolCallId"]: p for p in tool_parts((await a.messages())[-1])}
+            for call_id in ("c1", first["toolCallId"]):
+                assert parts[call_id]["state"] == "output-error"
+                assert "interrupted: " in parts[call_id]["errorText"]
+            # The chat and the sandbox go on: the next program solves the site task.
+            SiteChat.tools = Site(served.runtime).tools
+            await a.send("gw.chat.send", id="r2", messages=[user("u2", TASK)])
+            frames = await a.until(lambda f: f["type"] == "gw.chat.done" and f["request"] == "r2")
+            assert frames[-1]["status"] == "complete"
+            parts = {p["toolCallId"]: p for p in tool_parts((await a.messages())[-1])}
+            assert parts["c2"]["output"] == {"result": expected_rooms()}
