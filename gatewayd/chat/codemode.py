@@ -50,7 +50,7 @@ _APPROVED_PART: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 @dataclasses.dataclass(slots=True)
 class _Waiting:
-    host: Any
+    owner: tuple[Any, Any]  # (runtime, agent key): a host is new at each wake
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[tuple[bool, str | None]]
 
@@ -92,10 +92,11 @@ def missing_executor_tool(agent_class: str) -> Tool:
 
 
 def answer_program_call(host: Any, tool_call_id: str, approved: bool, reason: str | None) -> bool:
-    """Give a waiting program call of `host`'s chat its answer; False if none waits by that
-    id (the answer is then handled as any other)."""
+    """Give a waiting program call of the chat `host` serves (the same agent of the same
+    runtime, awake since or not) its answer; False if none waits by that id (the answer is
+    then handled as any other)."""
     waiting = _WAITING.get(tool_call_id)
-    if waiting is None or waiting.host is not host:
+    if waiting is None or not _same_agent(waiting.owner, _owner(host)):
         return False
     del _WAITING[tool_call_id]
 
@@ -141,7 +142,7 @@ async def _approve_in_chat(host: Any, tool: Tool, args: dict[str, Any]) -> bool:
     call_id = f"call_{uuid.uuid4().hex[:12]}"
     loop = asyncio.get_running_loop()
     future: asyncio.Future[tuple[bool, str | None]] = loop.create_future()
-    _WAITING[call_id] = _Waiting(host, loop, future)
+    _WAITING[call_id] = _Waiting(_owner(host), loop, future)
     try:
         events.emit(
             {
@@ -174,6 +175,14 @@ async def _approve_in_chat(host: Any, tool: Tool, args: dict[str, Any]) -> bool:
         return False
     _APPROVED_PART.set(call_id)
     return True
+
+
+def _owner(host: Any) -> tuple[Any, Any]:
+    return getattr(host, "runtime", None), host.key
+
+
+def _same_agent(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
 
 
 def _as_schema_names(tool: Tool, args: Any) -> dict[str, Any]:

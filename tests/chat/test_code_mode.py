@@ -25,6 +25,7 @@ from tests.codemode.site import (
     expected_rooms,
     seeded,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,11 +53,14 @@ def tool_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @asynccontextmanager
-async def site_served(serve: Any, tools: list[Tool] | None = None) -> AsyncIterator[Served]:
+async def site_served(
+    serve: Any, tools: list[Tool] | None = None, **settings: Any
+) -> AsyncIterator[Served]:
     async with CodeExecutor(Limits(wall_time_s=20.0), workers=1) as executor:
         SiteChat.code_executor = executor
         try:
-            async with serve({"chat": SiteChat, "thermostat": SiteThermostat}) as served:
+            classes = {"chat": SiteChat, "thermostat": SiteThermostat}
+            async with serve(classes, **settings) as served:
                 for i in range(DEVICES):
                     room, temperature, target = seeded(i)
                     await served.runtime.call(
@@ -260,3 +264,22 @@ async def test_cancelling_the_answer_ends_a_waiting_program(serve):
             assert frames[-1]["status"] == "complete"
             parts = {p["toolCallId"]: p for p in tool_parts((await a.messages())[-1])}
             assert parts["c2"]["output"] == {"result": expected_rooms()}
+
+
+async def test_an_approval_reaches_a_program_whose_agent_hibernated_meanwhile(serve):
+    SiteChat.backend = ScriptedBackend(replies=[[code_call("c1", APPROVAL_PROGRAM)], [say("ok")]])
+    async with site_served(serve, tools=[], hibernate_after_s=0.2) as served:
+        SiteChat.tools = approval_tools(served)
+        async with served.client("chat", "s1") as a:
+            await a.send("gw.chat.send", id="r1", messages=[user("u1", "set t01 and t02")])
+            first = await next_approval_request(a)
+            await wait_until(
+                lambda: not served.runtime.is_awake("chat", "s1"), 10, "the chat agent to hibernate"
+            )
+            await a.send("gw.chat.tool_approval", toolCallId=first["toolCallId"], approved=True)
+            second = await next_approval_request(a)
+            await a.send("gw.chat.tool_approval", toolCallId=second["toolCallId"], approved=True)
+            frames = await a.until_type("gw.chat.done")
+            assert frames[-1]["status"] == "complete"
+            parts = {p["toolCallId"]: p for p in tool_parts((await a.messages())[-1])}
+            assert parts["c1"]["output"] == {"result": [25, 25]}
