@@ -382,6 +382,9 @@ class ChatAgentSection(Section):
     system_prompt: str | None = None
     max_steps: int = Field(default=10, ge=1)
     max_persisted_messages: int | None = Field(default=None, ge=1)
+    # Code Mode (README "Code Mode"): one `code` tool instead of the agent's tools; unset: the
+    # class's own `code_mode`.
+    code_mode: bool | None = None
 
 
 class ChatSection(Section):
@@ -400,6 +403,17 @@ class ChatSection(Section):
         return self
 
 
+class CodeModeSection(Section):
+    """[codemode]: the daemon's one Code Mode executor (README "Code Mode"), used by chat
+    agents in Code Mode; its worker processes start on the first program."""
+
+    workers: int = Field(default=2, ge=1)
+    wall_time: Duration = Field(default=30.0, gt=0)
+    cpu_time: Duration = Field(default=10.0, gt=0)
+    heap_size: Size = Field(default=64 * 1024**2, gt=0)
+    max_tool_calls: int = Field(default=1000, ge=1)
+
+
 class GatewayConfig(Section):
     gateway: GatewaySection = GatewaySection()
     http: HttpSection = HttpSection()
@@ -412,6 +426,7 @@ class GatewayConfig(Section):
     models: dict[str, ModelSection] = {}
     generators: dict[str, GeneratorSection] = {}
     chat: ChatSection = ChatSection()
+    codemode: CodeModeSection = CodeModeSection()
     cluster: ClusterSection = ClusterSection()
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,16 +53,22 @@ class Components:
         self.api: Any = None
         self.supervisor = Supervisor("transports")
         self.cluster: Any = None  # gatewayd.cluster.member.ClusterMember in cluster mode
+        self.codemode: Any = None  # the Code Mode executor, when a chat agent uses Code Mode
 
     async def start(self) -> None:
         """Engine (every bucket of every model warmed) -> agent runtime -> transports."""
         from gatewayd.agents import AgentRuntime
 
         classes = load_agent_classes(self.config, self.config_file)
-        if self.config.chat.agents:  # [chat.agents.CLASS]: configured chat agent classes
+        # (a class that is a ChatAgent has imported gatewayd.chat.agent)
+        if self.config.chat.agents or "gatewayd.chat.agent" in sys.modules:
             from gatewayd.chat.config import configure_chat_classes
 
-            classes = configure_chat_classes(classes, self.config.chat, self.generators)
+            # [chat.agents.CLASS]: configured chat agent classes; Code Mode ones share one
+            # executor (its workers start on the first program)
+            classes = configure_chat_classes(
+                classes, self.config.chat, self.generators, self._code_executor
+            )
         if self.config.models:
             from engine import EngineError
 
@@ -94,6 +101,22 @@ class Components:
             self.transports[name] = transport
         if self.config.api.enabled:
             await self._start_api()
+
+    def _code_executor(self) -> Any:
+        if self.codemode is None:
+            import importlib.util
+
+            if importlib.util.find_spec("py_mini_racer") is None:
+                raise StartupError(
+                    "codemode: a chat agent uses Code Mode, which needs mini-racer "
+                    "(scripts/setup cpu,codemode)"
+                )
+            from gatewayd.codemode import CodeExecutor
+
+            self.codemode = CodeExecutor(
+                codemode_limits(self.config), workers=self.config.codemode.workers
+            )
+        return self.codemode
 
     async def _start_generator(self, name: str, section: Any) -> None:
         """Prepare (fetch and convert once, with progress lines) and load one generator."""
@@ -183,6 +206,8 @@ class Components:
                     "drain timed out after %.1fs; uncommitted turns were abandoned", drain_timeout_s
                 )
             await self.runtime.close()
+        if self.codemode is not None:  # after the runtime: no program runs any more
+            await self.codemode.close()
         if self.engine is not None:
             await self.engine.close(timeout_s=left())
         await self._close_generators(left())
@@ -518,6 +543,19 @@ def _agent_class_problem(target: Any) -> str | None:
     if not isinstance(target, type) or not issubclass(target, Agent):
         return "is not a subclass of gatewayd.Agent"
     return None
+
+
+def codemode_limits(config: GatewayConfig) -> Any:
+    """The Code Mode executor's `Limits` from `[codemode]` (the rest: `Limits`' defaults)."""
+    from gatewayd.codemode import Limits
+
+    section = config.codemode
+    return Limits(
+        wall_time_s=section.wall_time,
+        cpu_time_s=section.cpu_time,
+        heap_bytes=section.heap_size,
+        max_tool_calls=section.max_tool_calls,
+    )
 
 
 def _chat_classes(config: GatewayConfig, config_file: object) -> Any:

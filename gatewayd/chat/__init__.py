@@ -5,7 +5,7 @@ tools with human approval, devices as tools.
 
 `ChatAgent` (agent.py) on top of the agent runtime; the message store and its row size guard
 (store.py, guard.py); stored, resumable streams (streams.py); the tool loop (toolloop.py),
-answers to waiting tool calls (approvals.py), devices as tools (devices.py); model backends
+answers to waiting tool calls (approvals.py), devices as tools (devices.py), Code Mode (codemode.py); model backends
 (backends.py, local.py, prompt_tools.py) and their TOML config (config.py); the history over
 HTTP (http.py). The `gw.chat.*` wire frames live in `protocols.chat`.
 
@@ -23,6 +23,7 @@ from gatewayd.chat.backends import (
     OpenAICompatibleBackend,
     ScriptedBackend,
 )
+from gatewayd.chat.codemode import FencedPrograms
 from gatewayd.chat.devices import AgentDevice, DeviceCommand
 from gatewayd.chat.guard import MAX_MESSAGE_BYTES, guard_message
 from gatewayd.chat.messages import InvalidMessageError, MessageBuilder
@@ -35,6 +36,7 @@ __all__ = [
     "ChatContext",
     "DeviceCommand",
     "EchoBackend",
+    "FencedPrograms",
     "InvalidMessageError",
     "MessageBuilder",
     "MessageStore",

@@ -39,6 +39,13 @@ from gatewayd.chat.approvals import (
     waiting_calls,
 )
 from gatewayd.chat.backends import ModelBackend
+from gatewayd.chat.codemode import (
+    answer_program_call,
+    build_code_tool,
+    end_cut_programs,
+    missing_executor_tool,
+    without_program_calls,
+)
 from gatewayd.chat.devices import DeviceTools
 from gatewayd.chat.messages import Chunk, InvalidMessageError, Message, MessageBuilder
 from gatewayd.chat.store import MessageStore
@@ -84,6 +91,11 @@ class ChatAgent(Agent):
     stream_flush_s: ClassVar[float] = 0.25
     # flush 0: chunks stored and sent per turn at most (None: all that arrived meanwhile).
     stream_batch_max_chunks: ClassVar[int | None] = None
+    # Code Mode (codemode.py): the model gets one `code` tool whose programs use the server
+    # tools, instead of those tools; programs run on `code_executor` (a CodeExecutor; the
+    # daemon sets its own on code-mode classes).
+    code_mode: ClassVar[bool] = False
+    code_executor: ClassVar[Any] = None
 
     # -- what a subclass overrides ----------------------------------------------------------
 
@@ -107,6 +119,16 @@ class ChatAgent(Agent):
         runtime = getattr(host, "runtime", None)
         device_tools = [t for device in self.devices for t in device.tools(runtime)]
         return [*own, *self.tools, *device_tools]
+
+    def offered_tools(self) -> list[Tool]:
+        """The server tools the model is offered: `chat_tools()`, or in Code Mode the one
+        `code` tool whose programs may call them. Called in a turn."""
+        tools = self.chat_tools()
+        if not self.code_mode:
+            return tools
+        if self.code_executor is None:
+            return [missing_executor_tool(type(self).__name__)]
+        return [build_code_tool(self.code_executor, tools, self._gw_host)]
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -197,7 +219,7 @@ class ChatAgent(Agent):
         stream_id = uuid.uuid4().hex
         message_id = continues["id"] if continues is not None else f"msg_{uuid.uuid4().hex}"
         self._chat_stores()[1].begin(stream_id, request_id, message_id)
-        toolset = ToolSet.of(self.chat_tools(), client_tools)
+        toolset = ToolSet.of(self.offered_tools(), client_tools)
         ctx = ChatContext(request_id, stream_id, connection_id, body, toolset.specs())
         subscribers = {c.id for c in self.get_connections() if c.protocol_enabled}
         live = LiveStream(stream_id, request_id, subscribers, self.stream_flush_s)
@@ -218,7 +240,7 @@ class ChatAgent(Agent):
 
         def answer() -> AsyncIterator[Chunk]:
             return run_steps(
-                lambda messages: self.on_chat_message(messages, ctx),
+                lambda messages: self.on_chat_message(without_program_calls(messages), ctx),
                 history,
                 builder,
                 toolset,
@@ -282,6 +304,8 @@ class ChatAgent(Agent):
         message = builder.message
         if end.status != wire.COMPLETE:
             message.setdefault("metadata", {})["streamStatus"] = end.status
+            if self.code_mode:
+                end_cut_programs(message, end.status)
         if message["parts"]:
             messages.save(message)
         streams.end(row.id, end.status, end.error)
@@ -296,6 +320,10 @@ class ChatAgent(Agent):
         if conn.readonly:
             conn.send(wire.encode_error("connection is read-only", answer.request_id))
             return
+        if answer.kind == APPROVAL and answer_program_call(
+            self._gw_host, answer.tool_call_id, answer.approved, answer.reason
+        ):
+            return  # a running program's call: it goes on (its chunks tell the clients)
         live = self._live()
         if live is None:
             problem = self._answer_problem(answer)

@@ -11,7 +11,7 @@ module never imports the daemon's assembly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gatewayd.chat.agent import ChatAgent
@@ -77,12 +77,40 @@ def build_backend(name: str, section: Any, generators: Mapping[str, Any]) -> Mod
 
 
 def configure_chat_classes(
-    classes: Mapping[str, type], chat: Any, generators: Mapping[str, Any]
+    classes: Mapping[str, type],
+    chat: Any,
+    generators: Mapping[str, Any],
+    code_executor: Callable[[], Any] | None = None,
 ) -> dict[str, type]:
-    """`classes` with each `[chat.agents.CLASS]` replaced by a configured subclass."""
+    """`classes` with each `[chat.agents.CLASS]` replaced by a configured subclass; with
+    `code_executor` (called once, only if a class needs it), each chat class in Code Mode
+    without an executor of its own gets that one."""
     out = dict(classes)
-    if chat is None or not chat.agents:
-        return out
+    if chat is not None and chat.agents:
+        _apply_chat_sections(out, chat, generators)
+    if code_executor is not None:
+        executor = None
+        for class_name, cls in out.items():
+            if (
+                isinstance(cls, type)
+                and issubclass(cls, ChatAgent)
+                and cls.code_mode
+                and cls.code_executor is None
+            ):
+                executor = executor or code_executor()
+                out[class_name] = type(
+                    cls.__name__,
+                    (cls,),
+                    {
+                        "code_executor": executor,
+                        "__module__": cls.__module__,
+                        "__qualname__": cls.__qualname__,
+                    },
+                )
+    return out
+
+
+def _apply_chat_sections(out: dict[str, type], chat: Any, generators: Mapping[str, Any]) -> None:
     backends = {name: build_backend(name, s, generators) for name, s in chat.backends.items()}
     for class_name, settings in chat.agents.items():
         cls = out.get(class_name)
@@ -105,5 +133,6 @@ def configure_chat_classes(
             attrs["system_prompt"] = settings.system_prompt
         if settings.max_persisted_messages is not None:
             attrs["max_persisted_messages"] = settings.max_persisted_messages
+        if settings.code_mode is not None:
+            attrs["code_mode"] = settings.code_mode
         out[class_name] = type(cls.__name__, (cls,), attrs)
-    return out

@@ -14,7 +14,7 @@ Tool part states: "input-streaming", "input-available", "approval-requested",
 
     {"type": "start", "messageId"?, "metadata"?}  {"type": "finish", "metadata"?}
     {"type": "text-delta", "id"?, "delta"}         {"type": "reasoning-delta", "id"?, "delta"}
-    {"type": "tool-call", "toolCallId", "toolName", "input", "client"?}
+    {"type": "tool-call", "toolCallId", "toolName", "input", "client"?, "programCallId"?}
     {"type": "tool-approval-request", "toolCallId", "approvalId"}
     {"type": "tool-result", "toolCallId", "output"}  {"type": "tool-error", "toolCallId", "errorText"}
     {"type": "file", "url", "mediaType"}           {"type": "error", "errorText"}
@@ -123,6 +123,8 @@ class MessageBuilder:
             assert part is not None
             if chunk.get("client"):
                 part["client"] = True
+            if isinstance(chunk.get("programCallId"), str):  # a Code Mode program's call
+                part["programCallId"] = chunk["programCallId"]
             parts.append(part)
         elif kind == "tool-approval-request":
             part = self._tool_part(chunk.get("toolCallId"))

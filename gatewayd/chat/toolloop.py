@@ -14,10 +14,15 @@ A tool call is run at once (server tool), or waits: for a person when the tool's
 answer after the step's other calls ran; `continue_calls` runs the approved ones when the
 answer is continued. `max_steps` bounds the model calls: the calls asked for by the last
 allowed step are not run (each gets a "step limit reached" tool error).
+
+A server tool may add chunks to the answer while it runs (`TOOL_EVENTS`: Code Mode's program
+calls that wait for approval, chat/codemode.py); they are yielded as they come.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -36,6 +41,21 @@ STEP_LIMIT = "step-limit"
 WAITING = "waiting"
 
 Model = Callable[[list[Message]], Any]  # -> AsyncIterator[Chunk] (or an awaitable of one)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEvents:
+    """What a server tool sees of the call it runs (`TOOL_EVENTS.get()`): the call's id, and
+    `emit(chunk)` to add chunks to the answer while it runs (Code Mode: a program's calls
+    that wait for a person's approval)."""
+
+    call_id: str
+    emit: Callable[[Chunk], None]
+
+
+TOOL_EVENTS: contextvars.ContextVar[ToolEvents | None] = contextvars.ContextVar(
+    "gatewayd_chat_tool_events", default=None
+)
 
 
 @dataclass(slots=True)
@@ -165,7 +185,11 @@ async def run_steps(
                 waiting = True
                 continue
             async for chunk in _run_call(call, tools, check_approval=True):
-                if chunk["type"] == "tool-approval-request":
+                # (a program's own calls may ask for approval while it runs: not this call)
+                if (
+                    chunk["type"] == "tool-approval-request"
+                    and chunk["toolCallId"] == call["toolCallId"]
+                ):
                     waiting = True
                 yield emit(chunk)
         if waiting:
@@ -211,7 +235,12 @@ async def _run_call(call: Chunk, tools: ToolSet, *, check_approval: bool) -> Asy
                 "approvalId": f"apr_{uuid.uuid4().hex[:16]}",
             }
             return
-        output = await tool.invoke(call.get("input"))  # it validates (and may rename) again
+        output = None
+        async for event in _invoke_with_events(tool, call):  # it validates again
+            if isinstance(event, _Output):
+                output = event.value
+            else:
+                yield event
         json.dumps(output)  # the result must be JSON: say so here, not when it is stored
     except ToolError as err:
         yield _error(call_id, str(err))
@@ -224,6 +253,37 @@ async def _run_call(call: Chunk, tools: ToolSet, *, check_approval: bool) -> Asy
         yield _error(call_id, f"{name} failed: {type(err).__name__}: {err}")
         return
     yield {"type": "tool-result", "toolCallId": call_id, "output": output}
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    value: Any
+
+
+async def _invoke_with_events(tool: Tool, call: Chunk) -> AsyncIterator[Chunk | _Output]:
+    """Run the tool; the chunks it emits meanwhile (`TOOL_EVENTS`), then its `_Output`.
+    Its exceptions propagate; closing this generator cancels the tool."""
+    queue: asyncio.Queue[Chunk] = asyncio.Queue()
+    context = contextvars.copy_context()
+    context.run(TOOL_EVENTS.set, ToolEvents(call["toolCallId"], queue.put_nowait))
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(tool.invoke(call.get("input")), context=context)
+    try:
+        while not task.done():
+            getter = loop.create_task(queue.get())
+            try:
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                getter.cancel()
+            if getter.done() and not getter.cancelled():
+                yield getter.result()
+        while not queue.empty():
+            yield queue.get_nowait()
+        yield _Output(task.result())
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
 
 
 def _has_call(builder: MessageBuilder, call_id: str) -> bool:
