@@ -15,23 +15,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.generate.batching import Delta, Request, Scheduler
+from engine.generate.batching import Delta, Request, Scheduler, Usage
 from engine.generate.decoder_io import DECODER_FILE, GENERATION_FILE, TOKENIZER_FILE
 from engine.generate.errors import GenerateError
 from engine.generate.gguf_model import LlamaConfig
 from engine.generate.sampling import SamplingParams
 from engine.generate.tokenizer import ChatTemplate
 
-__all__ = ["Delta", "Generator", "Messages"]
+__all__ = ["Delta", "Generator", "GeneratorStats", "Messages", "Usage"]
 
 Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class GeneratorStats:
+    """A snapshot of the scheduler, for metrics. Sequences: `running` (admitted: prefilling or
+    decoding), `waiting` (queued, or preempted and to be recomputed). KV blocks: `used`, `free`
+    (free or held only by the prefix cache, hence reclaimable). `prefix_cache_hit_rate`: the
+    share of full prompt blocks looked up that were found cached. Token and preemption counts
+    since start. Latency percentiles (seconds) over the latest 4,096 samples, 0.0 before any:
+    time to first token (from submission) and inter-token latency."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_cache_hit_rate: float
+    prefill_tokens_total: int
+    decode_tokens_total: int
+    preemptions_total: int
+    ttft_p50_s: float
+    ttft_p99_s: float
+    inter_token_p50_s: float
+    inter_token_p99_s: float
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(samples, q)) if samples else 0.0
 
 
 class Generator:
@@ -75,10 +104,12 @@ class Generator:
         self.chat_template = ChatTemplate(template) if template else None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        self._ort = ort
         self._session = ort.InferenceSession(
             str(model_dir / DECODER_FILE), options, providers=["CPUExecutionProvider"]
         )
         self._output_names = [o.name for o in self._session.get_outputs()]
+        self._pinned: dict[str, tuple[NDArray[Any], Any]] = {}  # pool arrays as OrtValues
         self._scheduler = Scheduler(
             self._run_decoder,
             self.config,
@@ -107,9 +138,49 @@ class Generator:
         """Finish the requests already submitted, then stop the worker thread."""
         self._scheduler.close()
 
+    def stats(self) -> GeneratorStats:
+        """The scheduler's state now (cheap; safe from any thread)."""
+        scheduler = self._scheduler
+        admitted, waiting, available = scheduler.counts
+        pool = scheduler.pool
+        ttft = list(scheduler.latencies.ttft)
+        inter_token = list(scheduler.latencies.inter_token)
+        lookups = pool.prefix_lookups
+        return GeneratorStats(
+            running=admitted,
+            waiting=waiting,
+            kv_blocks_used=pool.usable_blocks - available,
+            kv_blocks_free=available,
+            prefix_cache_hit_rate=pool.prefix_hits / lookups if lookups else 0.0,
+            prefill_tokens_total=scheduler.prefill_tokens_total,
+            decode_tokens_total=scheduler.decode_tokens_total,
+            preemptions_total=scheduler.preemptions,
+            ttft_p50_s=_percentile(ttft, 50),
+            ttft_p99_s=_percentile(ttft, 99),
+            inter_token_p50_s=_percentile(inter_token, 50),
+            inter_token_p99_s=_percentile(inter_token, 99),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV memory one token of a sequence takes."""
+        return self._scheduler.pool.bytes_per_token
+
     def _run_decoder(self, feeds: dict[str, NDArray[Any]]) -> dict[str, NDArray[np.float32]]:
-        outputs = self._session.run(self._output_names, feeds)
-        return dict(zip(self._output_names, outputs, strict=True))
+        """One session run. The KV pool's arrays go in as OrtValues made once over their
+        memory (ONNX Runtime reads the pool in place, never a copy of it)."""
+        values = {}
+        for name, array in feeds.items():
+            pinned = self._pinned.get(name)
+            if pinned is None or pinned[0] is not array:
+                if not name.startswith("pool_"):
+                    values[name] = self._ort.OrtValue.ortvalue_from_numpy(array)
+                    continue
+                pinned = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
+                self._pinned[name] = pinned
+            values[name] = pinned[1]
+        outputs = self._session.run_with_ort_values(self._output_names, values)
+        return {n: o.numpy() for n, o in zip(self._output_names, outputs, strict=True)}
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -135,18 +206,32 @@ class Generator:
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        priority: int = 0,
+        deadline_s: float | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream the continuation of `prompt` (text, or chat messages rendered with the
-        model's template). The last delta has a `finish_reason`; stop strings are not part of
-        the text. Raises `ValueError` for bad arguments, `GenerateError` if the prompt does
-        not fit the context."""
+        model's template). The last delta has a `finish_reason` ("stop": a stop token, one of
+        `stop_token_ids` or a `stop` string, which is not part of the text; "length";
+        "cancelled"; "deadline": `deadline_s` seconds passed, the text so far is kept) and
+        the token `usage`. Higher `priority` is admitted first and preempted last. Raises
+        `ValueError` for bad arguments, `GenerateError` if the prompt does not fit the
+        context."""
         if isinstance(stop, str):
             stop = [stop]
-        sampling = SamplingParams(temperature, top_p, top_k)
+        sampling = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0 seconds, got {deadline_s}")
+        bad_ids = [t for t in stop_token_ids if not 0 <= int(t) < self.config.vocab_size]
+        if bad_ids:
+            raise ValueError(
+                f"stop_token_ids {bad_ids} are not in the vocabulary (0..{self.config.vocab_size - 1})"
+            )
         text = prompt if isinstance(prompt, str) else self.render(prompt)
         prompt_ids = self.encode(text)
         if not prompt_ids:
@@ -170,6 +255,9 @@ class Generator:
             seed=seed,
             stop=tuple(s for s in stop if s),
             emit=emit,
+            stop_token_ids=frozenset(int(t) for t in stop_token_ids),
+            priority=int(priority),
+            deadline=None if deadline_s is None else time.monotonic() + deadline_s,
         )
         self._scheduler.submit(request)
         try:
