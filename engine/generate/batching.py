@@ -269,7 +269,8 @@ class Scheduler:
         self.preemptions = 0
         self.prefill_tokens_total = 0  # prompt tokens computed (cached prefixes excluded)
         self.decode_tokens_total = 0  # tokens computed by decode calls
-        self.counts = (0, 0, 0)  # (admitted, waiting, blocks available), after each step
+        # (admitted, waiting, blocks available) after the latest step, for stats()
+        self.counts = (0, 0, self.pool.available_blocks)
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 

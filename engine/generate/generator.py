@@ -139,7 +139,7 @@ class Generator:
         self._scheduler.close()
 
     def stats(self) -> GeneratorStats:
-        """The scheduler's state now (cheap; safe from any thread)."""
+        """The scheduler's state after its latest step (cheap; safe from any thread)."""
         scheduler = self._scheduler
         admitted, waiting, available = scheduler.counts
         pool = scheduler.pool

@@ -210,7 +210,7 @@ async def test_no_block_leaks_after_1000_random_requests_with_cancellations(
         for _ in range(1000 // 50):
             await asyncio.gather(*(one() for _ in range(50)))
         generator.close()  # finishes whatever is still queued, then the pool must be whole
-        assert not scheduler._waiting and not scheduler._running
+        assert not scheduler._waiting and not scheduler._running and not scheduler._prefilling
         assert_every_block_returns(generator)
     finally:
         generator.close()
