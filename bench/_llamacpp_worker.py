@@ -1,0 +1,59 @@
+"""llama-cpp-python side of bench/generate.py, run with bench/.venv-llamacpp/bin/python.
+
+Reads a JSON job on stdin: {"gguf", "threads", "new_tokens", "runs": [[prompt, ...], ...]};
+each run's prompts all arrive at once and are served one at a time (llama.cpp's Python
+binding has no batching across requests), greedy. Prints one JSON result per run: tokens,
+wall seconds, process CPU seconds, time to first token of every request (from the run's
+start, so later requests include their wait), plus the load time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    started = time.perf_counter()
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=job["gguf"],
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=job["threads"],
+        verbose=False,
+    )
+    load_s = time.perf_counter() - started
+    for _ in llm.create_completion("Hello", max_tokens=4, temperature=0.0, stream=True):
+        pass  # warm-up
+    results = []
+    for prompts in job["runs"]:
+        cpu_started = time.process_time()
+        run_started = time.perf_counter()
+        ttft, tokens = [], 0
+        for prompt in prompts:
+            llm.reset()  # no KV reuse between different requests, like a fresh request
+            first = None
+            for chunk in llm.create_completion(
+                prompt, max_tokens=job["new_tokens"], temperature=0.0, stream=True
+            ):
+                if first is None:
+                    first = time.perf_counter() - run_started
+                tokens += 1 if chunk["choices"][0]["text"] is not None else 0
+            ttft.append(first if first is not None else time.perf_counter() - run_started)
+        results.append(
+            {
+                "tokens": tokens,
+                "wall_s": time.perf_counter() - run_started,
+                "cpu_s": time.process_time() - cpu_started,
+                "ttft": ttft,
+            }
+        )
+    print(json.dumps({"load_s": load_s, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
