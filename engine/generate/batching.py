@@ -45,6 +45,7 @@ from numpy.typing import NDArray
 from engine.generate.decoder_io import MASKED, pool_key, pool_value
 from engine.generate.errors import GenerateError
 from engine.generate.gguf_model import LlamaConfig
+from engine.generate.json_constraint import JsonPrefix, choose_token
 from engine.generate.kv_pool import BlockPool, BlockTable
 from engine.generate.sampling import SamplingParams, sample
 
@@ -80,7 +81,8 @@ class Delta:
 class Request:
     """One generation, as the scheduler receives it. `emit` must be thread-safe; it gets
     Deltas, then an exception or nothing, then None (the end). Higher `priority` is admitted
-    first and preempted last; `deadline` is a `time.monotonic()` instant."""
+    first and preempted last; `deadline` is a `time.monotonic()` instant; `json_mode` keeps
+    the answer a JSON object or array and ends it when the value is complete."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -91,6 +93,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     priority: int = 0
     deadline: float | None = None
+    json_mode: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -123,6 +126,7 @@ class SequenceState:
         pool: BlockPool,
         latencies: Latencies | None = None,
         order: int = 0,
+        token_text: Callable[[int], str] | None = None,
     ) -> None:
         self.request = request
         self.order = order  # arrival: ties of priority go oldest first
@@ -145,6 +149,8 @@ class SequenceState:
         self._stable_tokens = 0
         self._last_token_at: float | None = None
         self._prefill: list[int] = []  # what the current admission must compute
+        self._token_text = token_text or (lambda token: str(decode([token])))
+        self.json: JsonPrefix | None = JsonPrefix() if request.json_mode else None
 
     @property
     def priority(self) -> int:
@@ -180,7 +186,21 @@ class SequenceState:
     def accept(self, logits: F32) -> bool:
         """Sample the next token from `logits`, hand out text; True when finished."""
         request = self.request
-        token = sample(logits, request.sampling, self.rng, self.seen)
+        json_done = False
+        if self.json is None:
+            token = sample(logits, request.sampling, self.rng, self.seen)
+        else:
+            chosen = choose_token(
+                logits,
+                lambda row: sample(row, request.sampling, self.rng, self.seen),
+                self.json,
+                self._token_text,
+            )
+            if chosen is None:  # no token continues the document: end here
+                self._finish(self._text(), "stop")
+                return True
+            token, self.json = chosen
+            json_done = self.json.complete
         now = time.monotonic()
         if self._last_token_at is None:
             self._latencies.ttft.append(now - request.submitted)
@@ -198,6 +218,9 @@ class SequenceState:
         cut = min((i for s in request.stop if (i := text.find(s)) >= 0), default=-1)
         if cut >= 0:
             self._finish(text[:cut], "stop")
+            return True
+        if json_done:
+            self._finish(text, "stop")
             return True
         if len(self.generated) >= request.max_tokens or self.cache.length + 1 >= self.limit:
             self._finish(text, "length")
@@ -261,6 +284,7 @@ class Scheduler:
         self._running: list[SequenceState] = []  # decoding, in admission order
         self._closed = False
         self._arrivals = itertools.count()
+        self._token_texts: dict[int, str] = {}
         self.latencies = Latencies()
         # decode batch size of the latest steps (bounded: the scheduler runs for months)
         self.batch_sizes: deque[int] = deque(maxlen=BATCH_SIZE_HISTORY)
@@ -287,6 +311,7 @@ class Scheduler:
             self.pool,
             self.latencies,
             next(self._arrivals),
+            self.token_text,
         )
         needed = self.pool.blocks_for(state.limit)
         if needed > self.pool.usable_blocks:
@@ -296,6 +321,13 @@ class Scheduler:
                 "kv_cache_tokens"
             )
         self._inbox.put(state)
+
+    def token_text(self, token: int) -> str:
+        """The text of one token alone (cached; JSON mode tries many per step)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self._decode([token])
+        return text
 
     def close(self) -> None:
         """Finish every request already submitted, then stop the thread."""

@@ -215,12 +215,15 @@ class Generator:
         stop_token_ids: Sequence[int] = (),
         priority: int = 0,
         deadline_s: float | None = None,
+        json_mode: bool = False,
     ) -> AsyncIterator[Delta]:
         """Stream the continuation of `prompt` (text, or chat messages rendered with the
         model's template). The last delta has a `finish_reason` ("stop": a stop token, one of
         `stop_token_ids` or a `stop` string, which is not part of the text; "length";
         "cancelled"; "deadline": `deadline_s` seconds passed, the text so far is kept) and
-        the token `usage`. Higher `priority` is admitted first and preempted last. Raises
+        the token `usage`. Higher `priority` is admitted first and preempted last. With
+        `json_mode` the answer is a JSON object or array: tokens that would break it are never
+        chosen, and it ends ("stop") when the value is complete ("length" leaves it cut). Raises
         `ValueError` for bad arguments, `GenerateError` if the prompt does not fit the
         context."""
         if isinstance(stop, str):
@@ -261,6 +264,7 @@ class Generator:
             stop_token_ids=frozenset(int(t) for t in stop_token_ids),
             priority=int(priority),
             deadline=None if deadline_s is None else time.monotonic() + deadline_s,
+            json_mode=json_mode,
         )
         self._scheduler.submit(request)
         try:

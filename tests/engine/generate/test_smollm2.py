@@ -82,3 +82,15 @@ async def test_concurrent_chats_get_the_tokens_they_get_alone(smollm2: Generator
     assert list(together) == alone
     steps = smollm2.decode_steps - steps_before
     assert max(smollm2.batch_sizes[-steps:]) == len(questions)
+
+
+async def test_json_mode_returns_a_json_object(smollm2: Generator) -> None:
+    import json
+
+    messages = [
+        {"role": "user", "content": "Describe a thermostat as JSON with keys room and celsius."}
+    ]
+    deltas = [d async for d in smollm2.generate(messages, max_tokens=80, json_mode=True)]
+    text = "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict), text
