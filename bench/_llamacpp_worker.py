@@ -24,6 +24,7 @@ def main() -> None:
         n_ctx=2048,
         n_batch=512,
         n_threads=job["threads"],
+        n_threads_batch=job["threads"],  # default: every core, spinning
         verbose=False,
     )
     load_s = time.perf_counter() - started
