@@ -260,7 +260,7 @@ class Scheduler:
         decode: Callable[[list[int]], str],
         *,
         max_batch: int = 16,
-        prefill_tokens: int = 512,
+        prefill_tokens: int = 256,
         kv_cache_tokens: int = 8192,
         block_size: int = 16,
         prefix_cache: bool = True,
@@ -544,7 +544,17 @@ class Scheduler:
         by the graph) and, causally, its own sequence's new tokens. Stores the new K/V in the
         sequences' blocks; returns the logits of each sequence's last new token, in order."""
         size = self.pool.block_size
-        width = max(1, max(sum(-(-s.cache.length // size) for s, _ in row) for row in rows))
+        # Each row's table lists the blocks its sequences read, each block once: sequences
+        # sharing a cached prefix (a system prompt) share its columns, so packing them costs
+        # the attention of one copy of the prefix, not one per sequence.
+        tables: list[dict[int, int]] = []
+        for row in rows:
+            columns: dict[int, int] = {}
+            for seq, _ in row:
+                for block in seq.cache.blocks[: -(-seq.cache.length // size)]:
+                    columns.setdefault(block, len(columns))
+            tables.append(columns)
+        width = max(1, max(len(columns) for columns in tables))
         seq_len = max(sum(len(t) for _, t in row) for row in rows)
         past = width * size
         n_rows, per_row = len(rows), max(len(row) for row in rows)
@@ -553,15 +563,18 @@ class Scheduler:
         table = np.zeros((n_rows, width), np.int64)
         bias = np.full((n_rows, seq_len, past + seq_len), MASKED, np.float32)
         logits_index = np.zeros((n_rows, per_row), np.int64)
+        offsets = np.arange(size)
         store_rows, store_cols, store_slots = [], [], []
-        for r, row in enumerate(rows):
-            column, start = 0, 0
+        for r, (row, columns) in enumerate(zip(rows, tables, strict=True)):
+            table[r, : len(columns)] = list(columns)
+            start = 0
             for j, (seq, new) in enumerate(row):
                 cache, n = seq.cache, len(new)
                 length, stop = cache.length, start + n
-                used = -(-length // size)
-                table[r, column : column + used] = cache.blocks[:used]
-                bias[r, start:stop, column * size : column * size + length] = 0.0
+                if length:
+                    used = [columns[b] for b in cache.blocks[: -(-length // size)]]
+                    visible = (np.asarray(used)[:, None] * size + offsets).ravel()[:length]
+                    bias[r, start:stop, visible] = 0.0
                 bias[r, start:stop, past + start : past + stop] = np.triu(
                     np.full((n, n), MASKED, np.float32), k=1
                 )
@@ -572,7 +585,7 @@ class Scheduler:
                 store_rows.append(np.full(n, r))
                 store_cols.append(np.arange(start, stop))
                 store_slots.append(cache.slots(length, length + n))
-                column, start = column + used, stop
+                start = stop
         feeds: dict[str, NDArray[Any]] = {
             "input_ids": ids,
             "position_ids": positions,

@@ -66,11 +66,13 @@ def _percentile(samples: list[float], q: float) -> float:
 class Generator:
     """Text generation with one converted model directory (see `engine.generate.build`).
 
-    `max_batch` bounds how many sequences share one decoder call; `prefill_tokens` bounds the
-    prompt tokens admitted in one step (a longer prompt is still admitted, alone);
+    `max_batch` bounds how many sequences are admitted (decoding or prefilling) at once;
+    `prefill_tokens` is the per-step budget of prompt tokens (chunked prefill: a longer prompt
+    goes in over several steps, and each step also advances every decoding sequence, so the
+    budget bounds the inter-token latency a prompt adds: ~1 CPU-s for 256 tokens of SmolLM2);
     `kv_cache_tokens` sizes the KV pool, allocated once in blocks of `block_size` tokens
-    (fp32: 45 KiB a token for SmolLM2); when it runs out the newest sequences are preempted
-    and recomputed later; with `prefix_cache`, prompts that start like an earlier one (a shared
+    (fp32: 45 KiB a token for SmolLM2); when it runs out the lowest-priority, newest sequences
+    are preempted and recomputed later; with `prefix_cache`, prompts that start like an earlier one (a shared
     system prompt) reuse its KV blocks instead of recomputing them;
     `intra_op_threads` is ONNX Runtime's thread count for the decoder (0: one per core)."""
 
@@ -79,7 +81,7 @@ class Generator:
         model_dir: Path,
         *,
         max_batch: int = 16,
-        prefill_tokens: int = 512,
+        prefill_tokens: int = 256,
         kv_cache_tokens: int = 8192,
         block_size: int = 16,
         prefix_cache: bool = True,
