@@ -1,6 +1,7 @@
 """llama-cpp-python side of bench/generate.py, run with bench/.venv-llamacpp/bin/python.
 
-Reads a JSON job on stdin: {"gguf", "threads", "new_tokens", "runs": [[prompt, ...], ...]};
+Reads a JSON job on stdin: {"gguf", "threads", "new_tokens", "runs": [[prompt, ...], ...],
+"ban": [token ids never to sample: the model's stop tokens, for fixed-length answers]};
 each run's prompts all arrive at once and are served one at a time (llama.cpp's Python
 binding has no batching across requests), greedy. Prints one JSON result per run: tokens,
 wall seconds, process CPU seconds, time to first token of every request (from the run's
@@ -39,7 +40,11 @@ def main() -> None:
             llm.reset()  # no KV reuse between different requests, like a fresh request
             first = None
             for chunk in llm.create_completion(
-                prompt, max_tokens=job["new_tokens"], temperature=0.0, stream=True
+                prompt,
+                max_tokens=job["new_tokens"],
+                temperature=0.0,
+                stream=True,
+                logit_bias={token: -1e4 for token in job.get("ban", [])} or None,
             ):
                 if first is None:
                     first = time.perf_counter() - run_started

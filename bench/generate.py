@@ -11,8 +11,10 @@ The real SmolLM2-135M-Instruct (converted into the model cache on first use), si
   llamacpp  llama-cpp-python on the same GGUF (Q4_1), one request at a time (its Python
             binding does not batch requests), in its own environment: bench/setup_llamacpp.sh
             creates bench/.venv-llamacpp; absent, the column says so
-Each stream has its own ~200-token chat prompt, greedy, up to 64 new tokens (a stop token may
-end one sooner: tokens are counted, not assumed). All N requests arrive at once; TTFT is from
+Each stream has its own ~200-token chat prompt, greedy, exactly 64 new tokens (the model's
+stop tokens are ignored, in llama.cpp by a logit bias, as vLLM's benchmarks do with
+ignore_eos: SmolLM2 would end most answers near 40; --stop-at-eos lets it, and tokens are
+counted, not assumed). All N requests arrive at once; TTFT is from
 then (so a queued request's wait counts). tok/s is generated tokens / wall seconds of the
 whole run (prefill included); tok/CPU-s divides by this process's user+system CPU time (the
 figure to compare on a shared machine, where wall-clock rates move with other jobs' load).
@@ -70,6 +72,9 @@ def summary(tokens: int, wall: float, cpu: float, ttft: list[float]) -> dict[str
     }
 
 
+IGNORE_EOS = True  # set from --stop-at-eos in main()
+
+
 async def run(generator: Generator, texts: list[str], new_tokens: int) -> dict[str, float]:
     cpu_started = time.process_time()
     started = time.perf_counter()
@@ -78,7 +83,7 @@ async def run(generator: Generator, texts: list[str], new_tokens: int) -> dict[s
 
     async def stream(text: str) -> None:
         count, first = 0, None
-        async for delta in generator.generate(text, max_tokens=new_tokens):
+        async for delta in generator.generate(text, max_tokens=new_tokens, ignore_eos=IGNORE_EOS):
             if first is None and delta.token_ids:
                 first = time.perf_counter() - started
             count += len(delta.token_ids)
@@ -102,14 +107,22 @@ def shared_prefix_prompts(generator: Generator, n: int, system_tokens: int) -> l
     ]
 
 
-def llamacpp(gguf: Path, runs: list[list[str]], new_tokens: int, threads: int) -> dict | None:
+def llamacpp(
+    gguf: Path, runs: list[list[str]], new_tokens: int, threads: int, ban: list[int]
+) -> dict | None:
     """llama-cpp-python's results for `runs`, or None when its environment is absent."""
     if not LLAMACPP_PYTHON.exists():
         return None
     probe = subprocess.run([str(LLAMACPP_PYTHON), "-c", "import llama_cpp"], capture_output=True)
     if probe.returncode != 0:  # the environment is there, the package not (yet)
         return None
-    job = {"gguf": str(gguf), "threads": threads, "new_tokens": new_tokens, "runs": runs}
+    job = {
+        "gguf": str(gguf),
+        "threads": threads,
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "ban": ban,
+    }
     done = subprocess.run(
         [str(LLAMACPP_PYTHON), str(ROOT / "bench" / "_llamacpp_worker.py")],
         input=json.dumps(job),
@@ -156,7 +169,14 @@ async def main() -> None:
     parser.add_argument("--prefix-streams", type=int, default=16)
     parser.add_argument("--prefix-new-tokens", type=int, default=16)
     parser.add_argument("--write", action="store_true", help="save bench/results/generate.*")
+    parser.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="let the model end answers (default: exactly --new-tokens each, as vLLM's ignore_eos)",
+    )
     args = parser.parse_args()
+    global IGNORE_EOS
+    IGNORE_EOS = not args.stop_at_eos
     model_dir = args.model_dir or ensure_model("smollm2", progress=print, weights=args.weights)
     streams = [int(s) for s in args.streams.split(",")]
     modes = args.modes.split(",")
@@ -168,6 +188,7 @@ async def main() -> None:
         "model": f"SmolLM2-135M-Instruct {args.weights} ONNX (llama.cpp: the Q4_1 GGUF)",
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
+        "ignore_eos": IGNORE_EOS,
         "threads": args.threads,
         "load_avg_start": round(os.getloadavg()[0], 1),
     }
@@ -215,7 +236,10 @@ async def main() -> None:
             texts_by_n.update({n: prompts(helper, n, args.prompt_tokens) for n in wanted})
             helper.close()
         gguf = fetch_gguf("smollm2", default_cache_dir())
-        got = llamacpp(gguf, [texts_by_n[n] for n in wanted], args.new_tokens, args.threads)
+        probe = Generator(model_dir, max_batch=1, intra_op_threads=1)
+        ban = sorted(probe.stop_token_ids) if IGNORE_EOS else []
+        probe.close()
+        got = llamacpp(gguf, [texts_by_n[n] for n in wanted], args.new_tokens, args.threads, ban)
         if got is None:
             notes.append(
                 "llama-cpp-python: not installed (bench/setup_llamacpp.sh creates "

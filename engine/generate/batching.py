@@ -94,6 +94,7 @@ class Request:
     priority: int = 0
     deadline: float | None = None
     json_mode: bool = False
+    ignore_eos: bool = False  # the model's own stop tokens do not end it (benchmarks)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -130,7 +131,7 @@ class SequenceState:
     ) -> None:
         self.request = request
         self.order = order  # arrival: ties of priority go oldest first
-        self._stop_ids = stop_ids | request.stop_token_ids
+        self._stop_ids = (frozenset() if request.ignore_eos else stop_ids) | request.stop_token_ids
         self._decode = decode
         self._latencies = latencies or Latencies()
         self.rng = np.random.default_rng(request.seed)

@@ -218,6 +218,7 @@ class Generator:
         priority: int = 0,
         deadline_s: float | None = None,
         json_mode: bool = False,
+        ignore_eos: bool = False,
     ) -> AsyncIterator[Delta]:
         """Stream the continuation of `prompt` (text, or chat messages rendered with the
         model's template). The last delta has a `finish_reason` ("stop": a stop token, one of
@@ -225,7 +226,9 @@ class Generator:
         "cancelled"; "deadline": `deadline_s` seconds passed, the text so far is kept) and
         the token `usage`. Higher `priority` is admitted first and preempted last. With
         `json_mode` the answer is a JSON object or array: tokens that would break it are never
-        chosen, and it ends ("stop") when the value is complete ("length" leaves it cut). Raises
+        chosen, and it ends ("stop") when the value is complete ("length" leaves it cut).
+        `ignore_eos` lets the model's own stop tokens pass (for benchmarks of a fixed answer
+        length; `stop_token_ids` still end it). Raises
         `ValueError` for bad arguments, `GenerateError` if the prompt does not fit the
         context."""
         if isinstance(stop, str):
@@ -267,6 +270,7 @@ class Generator:
             priority=int(priority),
             deadline=None if deadline_s is None else time.monotonic() + deadline_s,
             json_mode=json_mode,
+            ignore_eos=ignore_eos,
         )
         self._scheduler.submit(request)
         try:

@@ -263,3 +263,16 @@ async def test_stats_count_tokens_latencies_and_blocks(tiny_generator: Generator
     assert (stats.running, stats.waiting) == (0, 0)
     with pytest.raises(AttributeError):
         stats.running = 3  # type: ignore[misc]
+
+
+async def test_ignore_eos_generates_past_the_model_stop_token(tiny_generator: Generator) -> None:
+    kwargs: dict[str, Any] = {"max_tokens": 40, "temperature": 1.0}
+    for seed in range(200):  # a sampled answer the model itself ends early
+        stopped = await collect(tiny_generator, "hello", seed=seed, **kwargs)
+        if stopped[-1].finish_reason == "stop":
+            break
+    else:
+        pytest.fail("no seed made the tiny model stop within 40 tokens")
+    going = await collect(tiny_generator, "hello", seed=seed, ignore_eos=True, **kwargs)
+    assert going[-1].finish_reason == "length" and len(ids_of(going)) == 40
+    assert ids_of(going)[: len(ids_of(stopped))] == ids_of(stopped)
