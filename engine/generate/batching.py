@@ -266,6 +266,7 @@ class Scheduler:
         block_size: int = 16,
         prefix_cache: bool = True,
         name: str = "generate",
+        prefill_rows: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -275,6 +276,7 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.pool = BlockPool(config, -(-kv_cache_tokens // block_size) + 1, block_size)
         self.prefix_cache = prefix_cache
+        self.prefill_rows = max(1, prefill_rows)  # packed prefill rows (one per replica)
         self._run_decoder = run_decoder
         self._config = config
         self._stop_ids = stop_token_ids
@@ -535,9 +537,20 @@ class Scheduler:
         return self._call([[(s, t)] for s, t in zip(batch, tokens, strict=True)])
 
     def _run_packed(self, batch: list[SequenceState], tokens: list[list[int]]) -> F32:
-        """One decoder call, every sequence's tokens packed into one row (no padding);
-        [sequences, vocab]."""
-        return self._call([list(zip(batch, tokens, strict=True))])
+        """One decoder call, the sequences' tokens packed into `prefill_rows` rows balanced by
+        token count (one row: no padding at all); [sequences, vocab] in `batch` order."""
+        n_rows = min(self.prefill_rows, len(batch))
+        rows: list[list[tuple[SequenceState, list[int]]]] = [[] for _ in range(n_rows)]
+        loads = [0] * n_rows
+        placed: list[tuple[int, int]] = [(0, 0)] * len(batch)  # (row, place in row)
+        for i in sorted(range(len(batch)), key=lambda i: -len(tokens[i])):
+            r = loads.index(min(loads))
+            placed[i] = (r, len(rows[r]))
+            rows[r].append((batch[i], tokens[i]))
+            loads[r] += len(tokens[i])
+        logits = self._call(rows)
+        starts = np.cumsum([0] + [len(row) for row in rows])
+        return logits[[starts[r] + j for r, j in placed]]
 
     def _call(self, rows: list[list[tuple[SequenceState, list[int]]]]) -> F32:
         """Run the decoder over `rows`, each a list of (sequence, new tokens) sharing one

@@ -13,6 +13,7 @@ Events reach the caller's loop with `call_soon_threadsafe`. Breaking out of the 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import time
@@ -74,7 +75,11 @@ class Generator:
     (fp32: 45 KiB a token for SmolLM2); when it runs out the lowest-priority, newest sequences
     are preempted and recomputed later; with `prefix_cache`, prompts that start like an earlier one (a shared
     system prompt) reuse its KV blocks instead of recomputing them;
-    `intra_op_threads` is ONNX Runtime's thread count for the decoder (0: one per core)."""
+    `intra_op_threads` is ONNX Runtime's thread count for the decoder (0: one per core);
+    `replicas` > 1 loads that many decoder sessions (the weights once each) and runs the rows
+    of a step on them in parallel, prefill spread over as many packed rows: on a small CPU,
+    one single-threaded replica per core uses the cores better than one session's threads
+    (bench/generate.py)."""
 
     def __init__(
         self,
@@ -86,6 +91,7 @@ class Generator:
         block_size: int = 16,
         prefix_cache: bool = True,
         intra_op_threads: int = 0,
+        replicas: int = 1,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -110,8 +116,19 @@ class Generator:
         # cost 35-45% more CPU per decoder call for the same work (and starves neighbours).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
-        self._session = ort.InferenceSession(
-            str(model_dir / DECODER_FILE), options, providers=["CPUExecutionProvider"]
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self._sessions = [
+            ort.InferenceSession(
+                str(model_dir / DECODER_FILE), options, providers=["CPUExecutionProvider"]
+            )
+            for _ in range(replicas)
+        ]
+        self._session = self._sessions[0]
+        self._helpers = (
+            concurrent.futures.ThreadPoolExecutor(replicas - 1, f"generate-{self.name}-replica")
+            if replicas > 1
+            else None
         )
         self._output_names = [o.name for o in self._session.get_outputs()]
         self._pinned: dict[str, tuple[NDArray[Any], Any]] = {}  # pool arrays as OrtValues
@@ -126,6 +143,7 @@ class Generator:
             block_size=block_size,
             prefix_cache=prefix_cache,
             name=f"generate-{self.name}",
+            prefill_rows=replicas,
         )
 
     @property
@@ -142,6 +160,8 @@ class Generator:
     def close(self) -> None:
         """Finish the requests already submitted, then stop the worker thread."""
         self._scheduler.close()
+        if self._helpers is not None:
+            self._helpers.shutdown()
 
     def stats(self) -> GeneratorStats:
         """The scheduler's state after its latest step (cheap; safe from any thread)."""
@@ -172,6 +192,31 @@ class Generator:
         return self._scheduler.pool.bytes_per_token
 
     def _run_decoder(self, feeds: dict[str, NDArray[Any]]) -> dict[str, NDArray[np.float32]]:
+        """One decoder call; with replicas, its rows split among them and run in parallel
+        (the pool is shared: the graph only reads it)."""
+        rows = feeds["input_ids"].shape[0]
+        parts = min(len(self._sessions), rows)
+        if parts == 1 or self._helpers is None:
+            return self._run_session(self._session, feeds)
+        bounds = np.linspace(0, rows, parts + 1).astype(int)
+        split = [
+            {
+                name: value if name.startswith("pool_") else value[bounds[k] : bounds[k + 1]]
+                for name, value in feeds.items()
+            }
+            for k in range(parts)
+        ]
+        futures = [
+            self._helpers.submit(self._run_session, self._sessions[k], split[k])
+            for k in range(1, parts)
+        ]
+        results = [self._run_session(self._sessions[0], split[0])]
+        results += [future.result() for future in futures]
+        return {name: np.concatenate([r[name] for r in results]) for name in self._output_names}
+
+    def _run_session(
+        self, session: Any, feeds: dict[str, NDArray[Any]]
+    ) -> dict[str, NDArray[np.float32]]:
         """One session run. The KV pool's arrays go in as OrtValues made once over their
         memory (ONNX Runtime reads the pool in place, never a copy of it)."""
         values = {}
@@ -184,7 +229,7 @@ class Generator:
                 pinned = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
                 self._pinned[name] = pinned
             values[name] = pinned[1]
-        outputs = self._session.run_with_ort_values(self._output_names, values)
+        outputs = session.run_with_ort_values(self._output_names, values)
         return {n: o.numpy() for n, o in zip(self._output_names, outputs, strict=True)}
 
     # -- prompts ---------------------------------------------------------------------------

@@ -250,3 +250,26 @@ async def test_a_shared_prefix_is_computed_once_and_changes_no_token(
         cold.close()
         warm.close()
     assert_every_block_returns(warm)
+
+
+async def test_two_replicas_split_the_rows_and_change_no_token(
+    tiny_model_dir: Path, alone: Generator
+) -> None:
+    expected = [await ids(alone, i) for i in range(len(PROMPTS))]
+    replicated = Generator(tiny_model_dir, max_batch=6, replicas=2, intra_op_threads=1)
+    calls: list[int] = []
+    second = replicated._sessions[1]
+    run = second.run_with_ort_values
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    second.run_with_ort_values = counted  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(*(ids(replicated, i) for i in range(len(PROMPTS))))
+    finally:
+        replicated.close()
+    assert results == expected
+    assert calls  # the second replica ran rows (prefill rows and decode halves)
+    assert_every_block_returns(replicated)
