@@ -2,7 +2,8 @@
 
     python bench/generate.py [--streams 1,4,16,64] [--prompt-tokens 200] [--new-tokens 64]
                              [--modes gatewayd,naive,llamacpp] [--sequential-max 16]
-                             [--threads 2] [--weights fp32] [--model-dir DIR] [--write]
+                             [--threads 2] [--replicas 1] [--weights fp32] [--model-dir DIR]
+                             [--stop-at-eos] [--write]
 
 The real SmolLM2-135M-Instruct (converted into the model cache on first use), side by side:
   gatewayd  Generator with continuous batching (max_batch 64, chunked prefill, paged KV):
@@ -164,6 +165,13 @@ async def main() -> None:
     parser.add_argument("--modes", default="gatewayd,naive,llamacpp")
     parser.add_argument("--sequential-max", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="gatewayd decoder replicas, threads // replicas threads each (naive and "
+        "llama.cpp use --threads in one session)",
+    )
     parser.add_argument("--weights", default="fp32", choices=("fp32", "q4"))
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--prefix-streams", type=int, default=16)
@@ -190,6 +198,7 @@ async def main() -> None:
         "new_tokens": args.new_tokens,
         "ignore_eos": IGNORE_EOS,
         "threads": args.threads,
+        "gatewayd_replicas": args.replicas,
         "load_avg_start": round(os.getloadavg()[0], 1),
     }
     start = startup_s(model_dir, args.threads)
@@ -201,11 +210,13 @@ async def main() -> None:
         # a pool that holds every stream at once (64 x 264 tokens: 780 MB), so the figure is
         # batching's, not preemption's
         kv_tokens = max(8192, max(streams) * (args.prompt_tokens + args.new_tokens + 32))
+        batched = mode == "gatewayd"
         generator = Generator(
             model_dir,
-            max_batch=64 if mode == "gatewayd" else 1,
-            intra_op_threads=args.threads,
+            max_batch=64 if batched else 1,
+            intra_op_threads=max(1, args.threads // args.replicas) if batched else args.threads,
             kv_cache_tokens=kv_tokens,
+            replicas=args.replicas if batched else 1,
         )
         try:
             await run(generator, prompts(generator, 1, 16), 4)  # warm-up
@@ -263,7 +274,11 @@ async def main() -> None:
     prefix_rows = []
     for prefix_cache in (False, True) if args.prefix_streams else ():
         generator = Generator(
-            model_dir, max_batch=64, prefix_cache=prefix_cache, intra_op_threads=args.threads
+            model_dir,
+            max_batch=64,
+            prefix_cache=prefix_cache,
+            intra_op_threads=max(1, args.threads // args.replicas),
+            replicas=args.replicas,
         )
         try:
             texts = shared_prefix_prompts(generator, args.prefix_streams, 500)
