@@ -14,6 +14,8 @@ import json
 import sys
 import time
 
+import numpy as np
+
 
 def main() -> None:
     job = json.load(sys.stdin)
@@ -29,6 +31,7 @@ def main() -> None:
         verbose=False,
     )
     load_s = time.perf_counter() - started
+    ban = list(job.get("ban", []))
     for _ in llm.create_completion("Hello", max_tokens=4, temperature=0.0, stream=True):
         pass  # warm-up
     results = []
@@ -39,16 +42,24 @@ def main() -> None:
         for prompt in prompts:
             llm.reset()  # no KV reuse between different requests, like a fresh request
             first = None
-            for chunk in llm.create_completion(
-                prompt,
-                max_tokens=job["new_tokens"],
-                temperature=0.0,
-                stream=True,
-                logit_bias={token: -1e4 for token in job.get("ban", [])} or None,
-            ):
-                if first is None:
-                    first = time.perf_counter() - run_started
-                tokens += 1 if chunk["choices"][0]["text"] is not None else 0
+            if ban:  # greedy by hand, the banned ids masked (create_completion's logit_bias
+                # runs a Python processor over the whole vocabulary per token: 2.5x slower)
+                ids = llm.tokenize(prompt.encode(), special=True)
+                for _ in range(job["new_tokens"]):
+                    llm.eval(ids)
+                    logits = np.array(llm.scores[llm.n_tokens - 1], copy=True)
+                    logits[ban] = -np.inf
+                    ids = [int(np.argmax(logits))]
+                    if first is None:
+                        first = time.perf_counter() - run_started
+                    tokens += 1
+            else:
+                for chunk in llm.create_completion(
+                    prompt, max_tokens=job["new_tokens"], temperature=0.0, stream=True
+                ):
+                    if first is None:
+                        first = time.perf_counter() - run_started
+                    tokens += 1 if chunk["choices"][0]["text"] is not None else 0
             ttft.append(first if first is not None else time.perf_counter() - run_started)
         results.append(
             {
