@@ -10,7 +10,9 @@ anomaly model, and measures through the engine:
     thread CPU from the engine's metrics, and whole-process CPU per batch);
   - TensorRT EP if present, in a subprocess with a time limit (skipped with a reason if absent
     or if the engine build does not finish in time);
-  - a raw session.run reference at the largest bucket.
+  - a raw session.run reference at the largest bucket;
+  - generation (bench/_gpu_generate.py): the paged-KV LLM decoder with IOBinding, CUDA graphs
+    per decode batch size vs none, host CPU per step (skipped without CUDA).
 Without CUDAExecutionProvider it says so and measures the CPU path (small shapes, quick).
 Writes $OUT/gpu_check.json and $OUT/gpu_check.md and prints the table. Never downloads.
 """
@@ -530,8 +532,22 @@ async def main(budget_s: float) -> int:
         big = {"image": np.repeat(row["image"], buckets[-1], axis=0)}
         resnet_results.append(raw_reference(resnet_path, ["CPUExecutionProvider"], big, 1.0))
         resnet_results.append({"config": "tensorrt", "skipped": "no CUDA in this build"})
+    from bench._gpu_generate import generation_section
+    from bench._gpu_generate import markdown as generation_markdown
+
+    if not has_cuda:
+        generation = {"skipped": "no CUDAExecutionProvider in this onnxruntime build"}
+    elif remaining_s(budget_s) < 60:
+        generation = {"skipped": f"budget: {remaining_s(budget_s):.0f} s left"}
+    else:
+        try:
+            generation = generation_section("cuda", seconds=2.0)
+        except Exception as exc:  # report it, keep the rest of the check
+            generation = {"skipped": f"failed: {exc!r}"}
+            traceback.print_exc()
+    report["generation"] = generation  # its own table (see bench/_gpu_generate.py)
     report["total_s"] = round(time.monotonic() - T0, 1)
-    table = markdown(report)
+    table = markdown(report) + generation_markdown(generation)
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
     (out_dir / "gpu_check.md").write_text(table)
     print()

@@ -10,14 +10,16 @@ It needs the `llm` extra (`pip install 'gatewayd[cpu,llm]'`). Building a model d
 """
 
 from engine.generate.errors import GenerateError, ModelBuildError, ModelFetchError
-from engine.generate.generator import Delta, Generator
+from engine.generate.generator import Delta, Generator, GeneratorStats, Usage
 from engine.generate.sampling import SamplingParams
 
 __all__ = [
     "Delta",
     "GenerateError",
     "Generator",
+    "GeneratorStats",
     "ModelBuildError",
     "ModelFetchError",
     "SamplingParams",
+    "Usage",
 ]

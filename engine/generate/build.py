@@ -233,6 +233,12 @@ def verify(out_dir: Path) -> list[str]:
     ]
 
 
+def model_dir_name(weights: str) -> str:
+    """The cache's directory name of a converted model: weights and graph format, so builds of
+    different format versions (two checkouts sharing one cache) never overwrite each other."""
+    return f"onnx-{weights}-v{FORMAT_VERSION}"
+
+
 def ensure_model(
     name: str,
     out_dir: Path | None = None,
@@ -242,9 +248,9 @@ def ensure_model(
     weights: str = "fp32",
 ) -> Path:
     """The converted directory of known model `name`, fetching and converting only if needed
-    (default: `CACHE/NAME/onnx-WEIGHTS`)."""
+    (default: `CACHE/NAME/onnx-WEIGHTS-vFORMAT`)."""
     cache = cache_dir or default_cache_dir()
-    target = out_dir or cache / name / f"onnx-{weights}"
+    target = out_dir or cache / name / model_dir_name(weights)
     known = KNOWN_MODELS.get(name)
     if known is not None and is_built(target, known.sha256, weights):
         return target
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             convert(Path(args.model), out, progress, weights=args.weights)
         else:
             cache = args.cache_dir or default_cache_dir()
-            out = args.out or cache / args.model / f"onnx-{args.weights}"
+            out = args.out or cache / args.model / model_dir_name(args.weights)
             if args.force:
                 gguf = fetch_gguf(args.model, cache, progress)
                 convert(gguf, out, progress, weights=args.weights)

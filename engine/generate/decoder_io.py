@@ -4,7 +4,7 @@ graph's inputs and outputs (kept apart so running a converted model needs neithe
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1  # bump when the graph's I/O or the directory layout changes
+FORMAT_VERSION = 2  # bump when the graph's I/O or the directory layout changes
 DECODER_FILE = "decoder.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation.json"
@@ -12,12 +12,12 @@ GENERATION_FILE = "generation.json"
 MASKED = -1e30  # attention_bias value that hides a key; finite, so a fully hidden row is no NaN
 
 
-def past_key(layer: int) -> str:
-    return f"past_key.{layer}"
+def pool_key(layer: int) -> str:
+    return f"pool_key.{layer}"
 
 
-def past_value(layer: int) -> str:
-    return f"past_value.{layer}"
+def pool_value(layer: int) -> str:
+    return f"pool_value.{layer}"
 
 
 def new_key(layer: int) -> str:

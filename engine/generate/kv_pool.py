@@ -1,9 +1,11 @@
 """Paged KV memory: one pool of fixed-size blocks allocated at start-up, a block table per
 sequence (vLLM's layout, on the host).
 
-Per layer the pool holds keys and values as [blocks * block_size, kv_heads, head_dim]; a
-token's *slot* is block * block_size + offset. Block 0 is reserved and stays zero: padding
-slots of a batch point at it, so gathered padding is finite (and masked by the bias).
+Per layer the pool holds keys and values as [kv_heads, blocks, block_size, head_dim], the
+layout the decoder graph reads in place (it gathers a row's blocks on axis 1: no copy on the
+host, no transpose in the graph); a token's *slot* is block * block_size + offset, its index
+in the flat [kv_heads, blocks * block_size, head_dim] view. Block 0 is reserved and stays zero:
+padding columns of a block table point at it, so gathered padding is finite (and masked).
 
 Prefix cache: a block completely filled by prompt tokens is indexed by the whole token prefix
 up to its end (exact bytes, no hash collisions), and the index holds a reference to it. A new
@@ -36,7 +38,7 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
+        shape = (config.n_kv_heads, num_blocks, block_size, config.head_dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
         self._free = list(range(num_blocks - 1, 0, -1))  # popped from the end: lowest first
@@ -44,6 +46,34 @@ class BlockPool:
         self._prefixes: OrderedDict[bytes, int] = OrderedDict()  # token prefix -> block, LRU
         self.prefix_hits = 0  # blocks shared instead of computed
         self.prefix_lookups = 0  # full prompt blocks looked up
+
+    def flat_keys(self, layer: int) -> F32:
+        """Layer `layer`'s keys as [kv_heads, slots, head_dim] (a view)."""
+        k = self.keys[layer]
+        return k.reshape(k.shape[0], -1, k.shape[3])
+
+    def flat_values(self, layer: int) -> F32:
+        v = self.values[layer]
+        return v.reshape(v.shape[0], -1, v.shape[3])
+
+    def write(
+        self,
+        outputs: dict[str, F32],
+        rows: NDArray[np.int64],
+        cols: NDArray[np.int64],
+        slots: NDArray[np.int64],
+    ) -> None:
+        """Store new token j (`outputs[new_key(i)][rows[j], cols[j]]`, [kv_heads, head_dim])
+        of every layer i at slot `slots[j]`: one vectorised assignment per layer and kind."""
+        for i in range(len(self.keys)):
+            self.flat_keys(i)[:, slots] = outputs[new_key(i)][rows, cols].transpose(1, 0, 2)
+            self.flat_values(i)[:, slots] = outputs[new_value(i)][rows, cols].transpose(1, 0, 2)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV memory one token takes (every layer, keys and values)."""
+        k = self.keys[0]
+        return 2 * len(self.keys) * k.shape[0] * k.shape[3] * k.itemsize
 
     @property
     def usable_blocks(self) -> int:
@@ -145,6 +175,11 @@ class BlockTable:
         self.length = len(self.blocks) * self.pool.block_size
         return self.length
 
+    def reserve(self, tokens: int) -> None:
+        """Take blocks now so that the table can hold `tokens` tokens in all."""
+        for _ in range(self.pool.blocks_for(tokens) - len(self.blocks)):
+            self.blocks.append(self.pool.allocate())
+
     def blocks_needed(self, new_tokens: int) -> int:
         return max(0, self.pool.blocks_for(self.length + new_tokens) - len(self.blocks))
 
@@ -157,12 +192,9 @@ class BlockTable:
 
     def store(self, outputs: dict[str, F32], row: int, n: int) -> None:
         """Append the first `n` new tokens of batch row `row`, taking blocks as needed."""
-        for _ in range(self.blocks_needed(n)):
-            self.blocks.append(self.pool.allocate())
+        self.reserve(self.length + n)
         slots = self.slots(self.length, self.length + n)
-        for i in range(len(self.pool.keys)):
-            self.pool.keys[i][slots] = outputs[new_key(i)][row, :n]
-            self.pool.values[i][slots] = outputs[new_value(i)][row, :n]
+        self.pool.write(outputs, np.full(n, row), np.arange(n), slots)
         self.length += n
 
     def free(self) -> None:

@@ -1,19 +1,24 @@
-"""Build an ONNX Llama decoder graph from `LlamaWeights` (fp32), with onnx alone (no torch).
+"""Build an ONNX Llama decoder graph from `LlamaWeights` (fp32 or 4-bit), with onnx alone.
 
-The graph's I/O is designed for a host-managed KV cache (contiguous today, paged next):
+The graph reads a paged KV cache (`engine.generate.kv_pool`) in place and returns the new
+tokens' K/V for the host to store:
 
 | name | dtype, shape | meaning |
 |---|---|---|
 | `input_ids` | int64 [batch, seq] | new tokens (padding rows/columns allowed) |
 | `position_ids` | int64 [batch, seq] | their positions (rotary) |
-| `attention_bias` | float32 [batch, seq, past + seq] | added to attention scores: 0 attends, `MASKED` hides (causal mask and padding are the host's) |
+| `block_table` | int64 [batch, blocks] | each row's KV blocks, in order (padding: block 0); at least one column |
+| `attention_bias` | float32 [batch, seq, blocks * block_size + seq] | added to attention scores: 0 attends, `MASKED` hides (causal mask and padding are the host's) |
 | `logits_index` | int64 [batch, n] | which of the `seq` positions get logits (usually the last real token) |
-| `past_key.{i}`, `past_value.{i}` | float32 [batch, past, kv_heads, head_dim] | the cache as the host gathered it; past may be 0 |
+| `pool_key.{i}`, `pool_value.{i}` | float32 [kv_heads, pool_blocks, block_size, head_dim] | the whole block pool of layer i, as the host holds it (passed without copying) |
 | → `logits` | float32 [batch, n, vocab] | |
 | → `new_key.{i}`, `new_value.{i}` | float32 [batch, seq, kv_heads, head_dim] | the new tokens' K (after rotary) and V, for the host to store |
 
-The KV layout is sequence-major (`[.., tokens, kv_heads, head_dim]`) so a sequence's cache, or a
-run of fixed-size blocks, is one contiguous slab the host can pass without copying.
+Attention runs KV-head-major: the rows' blocks are gathered straight out of the pool
+(`Gather` on the block axis: the only copy of the past), the past's and the new tokens' scores
+are computed apart (`FusedMatMul` with a transposed operand, no cache transpose or concat)
+and joined, softmaxed, and applied to each part. Measured on SmolLM2 at 16 rows x 264 cached
+tokens this replaced a host gather plus in-graph Concat and Transpose that took ~60% of a step.
 
 Conventions inside: rotary in the "rotate half" layout (Q/K rows un-permuted from llama.cpp's
 interleaved order), the 1/sqrt(head_dim) scale folded into the Q weights, Q/K/V and gate/up
@@ -31,7 +36,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from engine.generate.decoder_io import MASKED, new_key, new_value, past_key, past_value
+from engine.generate.decoder_io import MASKED, new_key, new_value, pool_key, pool_value
 from engine.generate.gguf_model import F32, Q4_BLOCK, BlockQ4, LlamaConfig, LlamaWeights
 
 __all__ = [
@@ -126,15 +131,14 @@ def build_decoder(
     neg_one = g.const("neg_one", np.array(-1.0, dtype=np.float32))
     shape_heads = g.const("shape_heads", np.array([0, 0, n_heads, hd], dtype=i64))
     shape_kv = g.const("shape_kv", np.array([0, 0, n_kv, hd], dtype=i64))
-    shape_grouped = g.const("shape_grouped", np.array([0, n_kv, group, -1, hd], dtype=i64))
-    shape_ungrouped = g.const("shape_ungrouped", np.array([0, n_heads, -1, hd], dtype=i64))
+    shape_grouped = g.const("shape_grouped", np.array([0, 0, n_kv, group, hd], dtype=i64))
     shape_model = g.const("shape_model", np.array([0, 0, cfg.d_model], dtype=i64))
     shape_rows = g.const("shape_rows", np.array([-1, cfg.d_model], dtype=i64))
     split_qkv = g.const("split_qkv", np.array([cfg.d_model, n_kv * hd, n_kv * hd], dtype=i64))
     split_ffn = g.const("split_ffn", np.array([cfg.d_ff, cfg.d_ff], dtype=i64))
     axis_last = g.const("axis_last", np.array([-1], dtype=i64))
     axes_2 = g.const("axes_2", np.array([2], dtype=i64))
-    axes_12 = g.const("axes_12", np.array([1, 2], dtype=i64))
+    axes_02 = g.const("axes_02", np.array([0, 2], dtype=i64))
     vocab = g.const("vocab", np.array([cfg.vocab_size], dtype=i64))
 
     def rms_norm(x: str, weight: F32, name: str) -> str:
@@ -157,7 +161,31 @@ def build_decoder(
     cos_table, sin_table = rotary_tables(cfg)
     cos = g.op("Unsqueeze", g.op("Gather", g.const("rope_cos", cos_table), "position_ids"), axes_2)
     sin = g.op("Unsqueeze", g.op("Gather", g.const("rope_sin", sin_table), "position_ids"), axes_2)
-    bias = g.op("Unsqueeze", "attention_bias", axes_12)  # [B, 1, 1, S, T]
+    bias = g.op("Unsqueeze", "attention_bias", axes_02)  # [1, B, 1, S, T + S]
+    # T, the gathered past: blocks per row x block size; the split of scores into past | new
+    table_shape = g.op("Shape", "block_table")
+    past_tokens = g.op(
+        "Mul",
+        g.op("Slice", table_shape, g.const("at_1", np.array([1], dtype=i64)), axes_2),
+        g.op("Slice", g.op("Shape", pool_key(0)), axes_2, g.const("at_3", np.array([3], i64))),
+    )
+    new_tokens = g.op(
+        "Slice", g.op("Shape", "input_ids"), g.const("at_1b", np.array([1], i64)), axes_2
+    )
+    split_attention = g.op("Concat", past_tokens, new_tokens, axis=0)
+    shape_past = g.op(
+        "Concat",
+        g.const("kv_heads", np.array([n_kv], dtype=i64)),
+        g.op(
+            "Slice",
+            table_shape,
+            g.const("at_0", np.array([0], i64)),
+            g.const("at_1c", np.array([1], i64)),
+        ),
+        past_tokens,
+        g.const("head_dim", np.array([hd], dtype=i64)),
+        axis=0,
+    )  # [KV, B, T, hd]
 
     embedding = g.const("token_embd", weights.token_embd.astype(np.float32))
     h = g.op("Gather", embedding, "input_ids")
@@ -238,18 +266,37 @@ def build_decoder(
         k = g.op("Identity", k, name=new_key(i))
         v = g.op("Reshape", v, shape_kv, name=new_value(i))
         outputs += [k, v]
-        keys = g.op("Concat", past_key(i), k, axis=1)  # [B, T, KV, hd]
-        values = g.op("Concat", past_value(i), v, axis=1)
-        q_grouped = g.op("Reshape", g.op("Transpose", q, perm=[0, 2, 1, 3]), shape_grouped)
-        k_t = g.op("Unsqueeze", g.op("Transpose", keys, perm=[0, 2, 3, 1]), axes_2)
-        v_t = g.op("Unsqueeze", g.op("Transpose", values, perm=[0, 2, 1, 3]), axes_2)
-        scores = g.op("Add", g.op("MatMul", q_grouped, k_t), bias)  # [B, KV, G, S, T]
-        attended = g.op("MatMul", g.op("Softmax", scores, axis=-1), v_t)  # [B, KV, G, S, hd]
-        merged = g.op(
-            "Reshape",
-            g.op("Transpose", g.op("Reshape", attended, shape_ungrouped), perm=[0, 2, 1, 3]),
-            shape_model,
+        # Attention, KV-head-major ([KV, B, ...]) so the gathered past needs no transpose:
+        # the past comes straight out of the pool by block, the new tokens' K/V are separate
+        # operands (no concatenation of the cache), scores and probabilities are the only
+        # things joined.
+        past_k = g.op(
+            "Unsqueeze",
+            g.op("Reshape", g.op("Gather", pool_key(i), "block_table", axis=1), shape_past),
+            axes_2,
+        )  # [KV,B,1,T,hd]
+        past_v = g.op(
+            "Unsqueeze",
+            g.op("Reshape", g.op("Gather", pool_value(i), "block_table", axis=1), shape_past),
+            axes_2,
         )
+        new_k = g.op("Unsqueeze", g.op("Transpose", k, perm=[2, 0, 1, 3]), axes_2)  # [KV,B,1,S,hd]
+        new_v = g.op("Unsqueeze", g.op("Transpose", v, perm=[2, 0, 1, 3]), axes_2)
+        q_grouped = g.op(
+            "Transpose", g.op("Reshape", q, shape_grouped), perm=[2, 0, 3, 1, 4]
+        )  # [KV, B, G, S, hd]
+        scores = g.op(
+            "Concat",
+            g.op("FusedMatMul", q_grouped, past_k, domain="com.microsoft", transB=1),
+            g.op("FusedMatMul", q_grouped, new_k, domain="com.microsoft", transB=1),
+            axis=-1,
+        )  # [KV, B, G, S, T + S]
+        probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
+        p_past, p_new = g.op_n("Split", [probs, split_attention], 2, axis=-1)
+        attended = g.op(
+            "Add", g.op("MatMul", p_past, past_v), g.op("MatMul", p_new, new_v)
+        )  # [KV, B, G, S, hd]
+        merged = g.op("Reshape", g.op("Transpose", attended, perm=[1, 3, 0, 2, 4]), shape_model)
         wo = layer["attn_output"]
         attn_out = linear(
             merged, f"blk.{i}.attn_output", wo, stacked(i, [("attn_output", None, 1.0)])
@@ -274,7 +321,7 @@ def build_decoder(
     logits_shape = g.op("Concat", g.op("Shape", "logits_index"), vocab, axis=0)
     g.op("Reshape", rows, logits_shape, name="logits")
 
-    kv_shape: list[str | int | None] = ["batch", "past", n_kv, hd]
+    pool_shape: list[str | int | None] = [n_kv, "pool_blocks", "block_size", hd]
     new_shape: list[str | int | None] = ["batch", "seq", n_kv, hd]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -283,6 +330,7 @@ def build_decoder(
             "attention_bias", TensorProto.FLOAT, ["batch", "seq", "total"]
         ),
         helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "n"]),
+        helper.make_tensor_value_info("block_table", TensorProto.INT64, ["batch", "blocks"]),
     ]
     graph_outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "n", cfg.vocab_size])
@@ -290,7 +338,7 @@ def build_decoder(
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
             inputs.append(
-                helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, kv_shape)
+                helper.make_tensor_value_info(f"pool_{kind}.{i}", TensorProto.FLOAT, pool_shape)
             )
             graph_outputs.append(
                 helper.make_tensor_value_info(f"new_{kind}.{i}", TensorProto.FLOAT, new_shape)

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus), seeded."""
+"""Choosing the next token from logits: repetition penalty, then greedy or temperature with
+top-k and top-p (nucleus), seeded."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from numpy.typing import NDArray
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 is greedy (argmax); top_k 0 and top_p 1.0 disable those filters;
+    repetition_penalty > 1 makes every token already in the prompt or the answer less likely
+    (its logit divided by the penalty when positive, multiplied when negative, as in the CTRL
+    paper and Hugging Face), 1.0 disables it."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -23,10 +28,27 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def sample(logits: NDArray[np.float32], params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from a [vocab] row of logits."""
+def penalise(logits: NDArray[np.float32], seen: NDArray[np.bool_], penalty: float) -> None:
+    """Apply the repetition penalty in place to the logits of the `seen` tokens."""
+    chosen = logits[seen]
+    logits[seen] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
+
+
+def sample(
+    logits: NDArray[np.float32],
+    params: SamplingParams,
+    rng: np.random.Generator,
+    seen: NDArray[np.bool_] | None = None,
+) -> int:
+    """One token id from a [vocab] row of logits; `seen` marks the tokens of the prompt and the
+    answer so far (for the repetition penalty; logits are then not modified, a copy is)."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = logits.copy()
+        penalise(logits, seen, params.repetition_penalty)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature

@@ -114,13 +114,13 @@ async def test_leaving_the_loop_early_frees_the_worker_for_the_next_request(
 async def test_the_decoder_runs_off_the_event_loop_thread(tiny_generator: Generator) -> None:
     loop_thread = threading.get_ident()
     seen: list[int] = []
-    run = tiny_generator._session.run
+    run = tiny_generator._session.run_with_ort_values
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(threading.get_ident())
         return run(*args, **kwargs)
 
-    tiny_generator._session.run = spy  # type: ignore[method-assign]
+    tiny_generator._session.run_with_ort_values = spy  # type: ignore[method-assign]
     await collect(tiny_generator, PROMPT, max_tokens=3)
     assert seen and loop_thread not in seen
 

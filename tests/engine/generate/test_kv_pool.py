@@ -32,11 +32,13 @@ def test_tokens_land_in_their_blocks_and_the_pool_gets_them_back() -> None:
     assert len(table.blocks) == 2 and table.length == 7 and pool.free_blocks == 2
     assert PAD_SLOT // pool.block_size not in table.blocks
     slots = table.slots(0, 7)
-    np.testing.assert_array_equal(pool.keys[1][slots][:, 0, 0], [100, 101, 102, 103, 104, 105, 200])
+    np.testing.assert_array_equal(
+        pool.flat_keys(1)[0, slots, 0], [100, 101, 102, 103, 104, 105, 200]
+    )
     assert table.blocks_needed(1) == 0 and table.blocks_needed(2) == 1
     table.free()
     assert pool.free_blocks == 4 and table.blocks == [] and table.length == 0
-    assert not pool.keys[0][PAD_SLOT].any()
+    assert not pool.flat_keys(0)[:, PAD_SLOT].any()
 
 
 def test_an_empty_pool_refuses_and_a_block_is_released_once() -> None:

@@ -1,6 +1,6 @@
 """The ONNX decoder computes what llama.cpp computes: its logits equal a float64 numpy reference
 forward pass over the same GGUF weights, within rtol = atol = 1e-4 (fp32 against fp64), for a
-whole prompt at once, token by token through the past-KV inputs, and for a padded batch of
+whole prompt at once, token by token through the paged KV-pool inputs, and for a padded batch of
 sequences of different lengths (the layout continuous batching uses). Both weight formats:
 fp32 (dequantised) and q4 (the Q4_1 matrices kept 4-bit in MatMulNBits)."""
 
@@ -43,18 +43,36 @@ def run(
     logits_index: list[list[int]],
     past: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """logits and [new_key.0, new_value.0, new_key.1, ...]."""
+    """logits and [new_key.0, new_value.0, new_key.1, ...], for a contiguous past per row
+    ([batch, past, kv_heads, head_dim] per layer and kind), fed as the graph wants it: a pool
+    of one-token blocks (block 0 the zero block) and a block table (block 0 once when there
+    is no past, with its score column hidden)."""
     batch = len(ids)
-    empty = np.zeros((batch, 0, *KV_SHAPE), np.float32)
+    width = 0 if past is None else past[0].shape[1]
+    bias = bias.astype(np.float32)
+    if width == 0:
+        bias = np.concatenate([np.full((*bias.shape[:2], 1), MASKED, np.float32), bias], axis=2)
+        table = np.zeros((batch, 1), np.int64)
+    else:
+        table = 1 + np.arange(batch * width, dtype=np.int64).reshape(batch, width)
     feeds: dict[str, Any] = {
         "input_ids": np.array(ids, np.int64),
         "position_ids": np.array(positions, np.int64),
-        "attention_bias": bias.astype(np.float32),
+        "attention_bias": bias,
         "logits_index": np.array(logits_index, np.int64),
+        "block_table": table,
     }
     for layer in range(tiny_llama.N_LAYERS):
         for j, kind in enumerate(("key", "value")):
-            feeds[f"past_{kind}.{layer}"] = empty if past is None else past[2 * layer + j]
+            pool = np.zeros((KV_SHAPE[0], 1 + batch * width, 1, KV_SHAPE[1]), np.float32)
+            if past is not None:  # [B, T, KV, hd] -> [KV, B * T, 1, hd] after the zero block
+                rows = (
+                    past[2 * layer + j]
+                    .transpose(2, 0, 1, 3)
+                    .reshape(KV_SHAPE[0], -1, 1, KV_SHAPE[1])
+                )
+                pool[:, 1:] = rows
+            feeds[f"pool_{kind}.{layer}"] = pool
     logits, *new = session.run(None, feeds)
     return logits, new
 

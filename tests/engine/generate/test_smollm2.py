@@ -13,7 +13,7 @@ import pytest
 
 from engine.generate import Generator
 from engine.generate.build import fetch_gguf
-from engine.generate.decoder_io import past_key, past_value
+from engine.generate.decoder_io import MASKED, pool_key, pool_value
 from tests.engine.generate.llama_reference import ReferenceLlama
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
@@ -49,12 +49,17 @@ def test_logits_equal_the_reference_on_the_real_file(smollm2_dir: Path) -> None:
     feeds = {
         "input_ids": np.array([ids], np.int64),
         "position_ids": np.arange(n, dtype=np.int64)[None],
-        "attention_bias": np.triu(np.full((n, n), -1e30, np.float32), k=1)[None],
+        # one hidden column: the zero block the empty block table points at (block size 1)
+        "attention_bias": np.concatenate(
+            [np.full((n, 1), MASKED, np.float32), np.triu(np.full((n, n), MASKED, np.float32), 1)],
+            axis=1,
+        )[None],
         "logits_index": np.array([[n - 1]], np.int64),
+        "block_table": np.zeros((1, 1), np.int64),
     }
     for layer in range(30):
-        for name in (past_key(layer), past_value(layer)):
-            feeds[name] = np.zeros((1, 0, 3, 64), np.float32)
+        for name in (pool_key(layer), pool_value(layer)):
+            feeds[name] = np.zeros((3, 1, 1, 64), np.float32)
     logits = session.run(["logits"], feeds)[0][0, 0]
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()  # measured 1.4e-6
     assert int(np.argmax(logits)) == int(np.argmax(expected))
@@ -77,3 +82,15 @@ async def test_concurrent_chats_get_the_tokens_they_get_alone(smollm2: Generator
     assert list(together) == alone
     steps = smollm2.decode_steps - steps_before
     assert max(smollm2.batch_sizes[-steps:]) == len(questions)
+
+
+async def test_json_mode_returns_a_json_object(smollm2: Generator) -> None:
+    import json
+
+    messages = [
+        {"role": "user", "content": "Describe a thermostat as JSON with keys room and celsius."}
+    ]
+    deltas = [d async for d in smollm2.generate(messages, max_tokens=80, json_mode=True)]
+    text = "".join(d.text for d in deltas)
+    assert deltas[-1].finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict), text
