@@ -81,9 +81,7 @@ _COUNTERS = {"preemptions_total", "prefill_tokens_total", "decode_tokens_total"}
 
 
 def generator_stats(generator: Any) -> dict[str, float]:
-    """`generator.stats()` as a flat dict of numbers; for an engine without `stats()` the
-    main keys read from its scheduler (best effort, sampled from another thread; remove once
-    every engine has `stats()`)."""
+    """`generator.stats()` as a flat dict of numbers (empty for an engine without one)."""
     stats = getattr(generator, "stats", None)
     if callable(stats):
         raw = stats()
@@ -92,27 +90,7 @@ def generator_stats(generator: Any) -> dict[str, float]:
         elif not isinstance(raw, Mapping):
             raw = vars(raw)
         return {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
-    scheduler = getattr(generator, "_scheduler", None)
-    if scheduler is None:
-        return {}
-    pool = scheduler.pool
-    for _ in range(3):  # the scheduler thread may change the prefix map while we count
-        try:
-            available = pool.available_blocks
-            break
-        except RuntimeError:
-            continue
-    else:
-        return {}
-    lookups = pool.prefix_lookups
-    return {
-        "running": float(len(scheduler._running)),
-        "waiting": float(len(scheduler._waiting)),
-        "kv_blocks_used": float(pool.usable_blocks - available),
-        "kv_blocks_free": float(available),
-        "prefix_cache_hit_rate": pool.prefix_hits / lookups if lookups else 0.0,
-        "preemptions_total": float(scheduler.preemptions),
-    }
+    return {}
 
 
 class GeneratorCollector(Collector):
