@@ -7,13 +7,14 @@ check `mailbox_full` and wait on `when_room`), hibernation of idle agents, LRU e
 `max_active_agents`, and `destroy()`'s teardown (inside the slot's task, so FIFO holds). Different agents run concurrently on the one
 event loop; one agent never runs two batches at once.
 
-Parking: an agent that hibernates (idle, or evicted beyond `max_active_agents`) gets its
-database prepared exactly as for a close (outputs settled, WAL checkpointed and restarted, see
-storage.py) but the connection stays open, in a small LRU of the `PARKED_DATABASES` most
-recently hibernated agents; beyond that bound the oldest ones close. A wake takes its parked
-connection back (`take_parked`) instead of opening the file, unless the files changed since
-(then it closes it and opens the file afresh). Nothing durable changes: a parked database is
-in the state a closed one would be in, with its files on disk.
+Parking: an agent that hibernates when idle (not one evicted beyond `max_active_agents`)
+gets its database prepared exactly as for a close (outputs settled, WAL checkpointed and
+restarted, see storage.py) but the connection stays open, in a small LRU of the
+`PARKED_DATABASES` most recently hibernated agents, for at most `hibernate_after_s`; beyond
+either bound they close. A wake takes its parked connection back (`take_parked`) instead of
+opening the file, unless the files changed since (then it closes it and opens the file
+afresh). Nothing durable changes: a parked database is in the state a closed one would be in,
+with its files on disk.
 
 Imports no other runtime module but `slot`, `registry` and `metrics`.
 """
@@ -47,8 +48,8 @@ logger = logging.getLogger(__name__)
 # Return freed memory to the OS once this many agents were evicted (see memory.py).
 _TRIM_AFTER_EVICTIONS = 100
 # Hibernated agents whose database connection stays open for a quick wake (3 file
-# descriptors and a few KiB each; the page cache is released when parking).
-PARKED_DATABASES = 64
+# descriptors and ~90 KiB of memory each; the page cache is released when parking).
+PARKED_DATABASES = 32
 
 
 class SlotScheduler:
@@ -76,7 +77,8 @@ class SlotScheduler:
         # Databases being closed off the loop, by agent: a wake waits for its close first.
         self.closing: dict[AgentKey, asyncio.Future[Any]] = {}
         # Hibernated agents' databases still open, least recently parked first (see above).
-        self.parked: OrderedDict[AgentKey, tuple[AgentDatabase, ParkedFiles]] = OrderedDict()
+        # Values: (database, its files when parked, loop time when parked).
+        self.parked: OrderedDict[AgentKey, tuple[AgentDatabase, ParkedFiles, float]] = OrderedDict()
         self.awake = 0
         self._shutting_down = False
         self._evicted_since_trim = 0
@@ -227,6 +229,9 @@ class SlotScheduler:
         while True:
             await asyncio.sleep(interval_s)
             self.evict_idle(self.now() - self.settings.hibernate_after_s)
+            # Parked no longer than an agent idles before hibernating: a quiet gateway
+            # ends up holding no hibernated agent's database open.
+            self.close_parked_before(self.now() - self.settings.hibernate_after_s)
             if self._evicted_since_trim >= _TRIM_AFTER_EVICTIONS and not self.closing:
                 # After the closes finished: hand the freed SQLite memory back to the OS.
                 self._evicted_since_trim = 0
@@ -252,7 +257,9 @@ class SlotScheduler:
             if self.awake <= self.settings.max_active_agents:
                 return
             if slot.task is None and not slot.mailbox and slot.agent is not None:
-                self.evict(slot, park=True)
+                # Not parked: the least recently used of more agents than max_active_agents
+                # are the least likely to wake soon.
+                self.evict(slot)
 
     def evict(self, slot: Slot, *, count: bool = True, park: bool = False) -> None:
         """Drop the instance and close its database off the loop (a close checkpoints); with
@@ -279,7 +286,7 @@ class SlotScheduler:
         entry = self.parked.pop(key, None)
         if entry is None:
             return None
-        db, files = entry
+        db, files, _parked_at = entry
         if db.resume(files):
             self.counters["parked_wakes_total"] = self.counters.get("parked_wakes_total", 0) + 1
             return db
@@ -290,10 +297,19 @@ class SlotScheduler:
         if self._shutting_down:
             self._close_parked_later(key, db)
             return
-        self.parked[key] = (db, files)
+        self.parked[key] = (db, files, self.now())
         while len(self.parked) > PARKED_DATABASES:
-            oldest, (oldest_db, _files) = self.parked.popitem(last=False)
+            oldest, (oldest_db, _files, _at) = self.parked.popitem(last=False)
             self._close_parked_later(oldest, oldest_db)
+
+    def close_parked_before(self, parked_before: float) -> None:
+        """Close the databases parked before that loop time (oldest first)."""
+        while self.parked:
+            key, (db, _files, parked_at) = next(iter(self.parked.items()))
+            if parked_at >= parked_before:
+                return
+            del self.parked[key]
+            self._close_parked_later(key, db)
 
     def _close_parked_later(self, key: AgentKey, db: AgentDatabase) -> None:
         assert self._loop is not None
@@ -402,9 +418,7 @@ class SlotScheduler:
                     self.evict(slot)
             except Exception:
                 logger.exception("agents: %s/%r: shutting the agent down failed", *slot.key)
-        while self.parked:
-            key, (db, _files) = self.parked.popitem(last=False)
-            self._close_parked_later(key, db)
+        self.close_parked_before(float("inf"))
         while self.closing:
             # Parks finishing meanwhile close at once (`_park`), adding to `closing`.
             await asyncio.gather(*list(self.closing.values()), return_exceptions=True)

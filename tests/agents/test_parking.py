@@ -161,3 +161,17 @@ def test_a_parked_database_whose_files_changed_is_not_resumed(tmp_path: Path) ->
         assert [r[0] for r in reopened.connection.execute("SELECT i FROM t ORDER BY i")] == [1, 2]
     finally:
         reopened.close()
+
+
+async def test_a_parked_connection_closes_after_hibernate_after_s(make_runtime):
+    async with make_runtime({"c": Counter}, hibernate_after_s=0.2) as rt:
+        assert await rt.call("c", "a", "hit") == 1
+        # The idle sweeper hibernates it (parked), then closes it after another 0.2 s.
+        await wait_until(lambda: ("c", "a") in rt._scheduler.parked, 10, "the agent parked")
+        await wait_until(
+            lambda: not rt._scheduler.parked and not rt._scheduler.closing,
+            10,
+            "the parked connection to close",
+        )
+        assert await rt.call("c", "a", "hit") == 2
+        assert _parked_wakes(rt) == 0
