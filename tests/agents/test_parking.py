@@ -175,3 +175,14 @@ async def test_a_parked_connection_closes_after_hibernate_after_s(make_runtime):
         )
         assert await rt.call("c", "a", "hit") == 2
         assert _parked_wakes(rt) == 0
+
+
+async def test_agents_evicted_beyond_max_active_are_closed_not_parked(make_runtime):
+    async with make_runtime({"c": Counter}, max_active_agents=2) as rt:
+        for i in range(5):
+            await rt.call("c", f"a{i}", "hit")
+        await wait_until(lambda: not rt._scheduler.closing, 10, "the evictions to finish")
+        assert rt.stats()["hibernations_total"] >= 3
+        assert not rt._scheduler.parked
+        assert await rt.call("c", "a0", "hit") == 2
+        assert _parked_wakes(rt) == 0
