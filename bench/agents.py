@@ -175,8 +175,29 @@ async def wake_latency(state_dir: Path, agents: int) -> dict:
         started = time.perf_counter()
         await runtime.call("bench", f"w{i}", "touch")
         latencies.append(time.perf_counter() - started)
-    await runtime.close()
     latencies.sort()
+    # Wakes of agents that hibernated a moment ago, each on its parked connection (the
+    # scheduler keeps the most recent ones open), and the same call on an awake agent.
+    scheduler = runtime._scheduler
+    runtime.hibernate_idle()
+    await asyncio.gather(*list(scheduler.closing.values()))
+    parked, awake = [], []
+    for i in range(min(agents, 500)):
+        await runtime.call("bench", f"w{i}", "touch")
+        started = time.perf_counter()
+        await runtime.call("bench", f"w{i}", "touch")
+        awake.append(time.perf_counter() - started)
+        runtime.hibernate_idle()
+        await asyncio.gather(*list(scheduler.closing.values()))
+        started = time.perf_counter()
+        await runtime.call("bench", f"w{i}", "touch")
+        parked.append(time.perf_counter() - started)
+        runtime.hibernate_idle()
+        await asyncio.gather(*list(scheduler.closing.values()))
+    parked_wakes = runtime.stats().get("parked_wakes_total", 0)
+    await runtime.close()
+    parked.sort()
+    awake.sort()
     # Baseline in the same run, on the same files: what a wake costs at the least, a plain
     # sqlite3 open + read of the state + one INSERT and COMMIT (synchronous=NORMAL), on the
     # loop thread, with no runtime, no executor hop and no agent.
@@ -198,6 +219,11 @@ async def wake_latency(state_dir: Path, agents: int) -> dict:
         "wake_p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3,
         "plain_sqlite_wake_p50_ms": statistics.median(plain) * 1e3,
         "plain_sqlite_wake_p99_ms": plain[int(len(plain) * 0.99) - 1] * 1e3,
+        "parked_wake_p50_ms": statistics.median(parked) * 1e3,
+        "parked_wake_p99_ms": parked[int(len(parked) * 0.99) - 1] * 1e3,
+        "awake_call_p50_ms": statistics.median(awake) * 1e3,
+        "awake_call_p99_ms": awake[int(len(awake) * 0.99) - 1] * 1e3,
+        "parked_wakes": parked_wakes,
     }
 
 
@@ -283,6 +309,13 @@ async def main_async(opts: argparse.Namespace) -> dict:
                 f" (target < 1 / < 3); plain sqlite3 open+read+commit, same files: p50 "
                 f"{results['plain_sqlite_wake_p50_ms']:.3f} ms, p99 "
                 f"{results['plain_sqlite_wake_p99_ms']:.3f} ms"
+            )
+            print(
+                f"wake of a just-hibernated agent (parked connection): p50 "
+                f"{results['parked_wake_p50_ms']:.3f} ms, p99 {results['parked_wake_p99_ms']:.3f}"
+                f" ms ({results['parked_wakes']} parked wakes); the same call on an awake agent:"
+                f" p50 {results['awake_call_p50_ms']:.3f} ms, p99 "
+                f"{results['awake_call_p99_ms']:.3f} ms"
             )
             return results
         # Two fresh processes: the active-agent measurement must not leave its high-water

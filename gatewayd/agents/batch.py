@@ -428,21 +428,25 @@ class BatchRunner:
         if refused is not None:
             return self._refuse_all(slot, refused)
         try:
-            # Opening touches the file system (creating -wal/-shm files, a new database's
-            # header): off the loop, on the shared executor.
+            # A recently hibernated agent's connection may still be open (scheduler.py:
+            # parking); else opening touches the file system (creating -wal/-shm files, a new
+            # database's header): off the loop, on the shared executor.
             assert self._loop is not None
-            db = await self._loop.run_in_executor(
-                self._executor,
-                functools.partial(
-                    AgentDatabase.open,
-                    settings.state_dir,
-                    slot.key[0],
-                    slot.key[1],
-                    durability=settings.durability,
-                    max_db_bytes=settings.max_db_bytes,
-                    max_value_bytes=settings.max_value_bytes,
-                ),
-            )
+            db = self.scheduler.take_parked(slot.key)
+            if db is None:
+                await self.scheduler.wait_for_close(slot.key)  # a parked one found changed
+                db = await self._loop.run_in_executor(
+                    self._executor,
+                    functools.partial(
+                        AgentDatabase.open,
+                        settings.state_dir,
+                        slot.key[0],
+                        slot.key[1],
+                        durability=settings.durability,
+                        max_db_bytes=settings.max_db_bytes,
+                        max_value_bytes=settings.max_value_bytes,
+                    ),
+                )
         except Exception as err:
             refusal: BaseException | None = None
             if await self.disk.check(err):

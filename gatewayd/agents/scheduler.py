@@ -7,6 +7,15 @@ check `mailbox_full` and wait on `when_room`), hibernation of idle agents, LRU e
 `max_active_agents`, and `destroy()`'s teardown (inside the slot's task, so FIFO holds). Different agents run concurrently on the one
 event loop; one agent never runs two batches at once.
 
+Parking: an agent that hibernates when idle (not one evicted beyond `max_active_agents`)
+gets its database prepared exactly as for a close (outputs settled, WAL checkpointed and
+restarted, see storage.py) but the connection stays open, in a small LRU of the
+`PARKED_DATABASES` most recently hibernated agents, for at most `hibernate_after_s`; beyond
+either bound they close. A wake takes its parked connection back (`take_parked`) instead of
+opening the file, unless the files changed since (then it closes it and opens the file
+afresh). Nothing durable changes: a parked database is in the state a closed one would be in,
+with its files on disk.
+
 Imports no other runtime module but `slot`, `registry` and `metrics`.
 """
 
@@ -20,6 +29,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from gatewayd.agents.agent import Agent
 from gatewayd.agents.connection import CloseRequest, Connection, deliver
@@ -30,13 +40,16 @@ from gatewayd.agents.outbox import Outbox
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.settings import AgentSettings
 from gatewayd.agents.slot import FN, AgentKey, Event, Slot, fail
-from gatewayd.agents.storage import AgentDatabase
+from gatewayd.agents.storage import AgentDatabase, ParkedFiles
 from protocols.link import LinkRejected
 
 logger = logging.getLogger(__name__)
 
 # Return freed memory to the OS once this many agents were evicted (see memory.py).
 _TRIM_AFTER_EVICTIONS = 100
+# Hibernated agents whose database connection stays open for a quick wake (3 file
+# descriptors and ~90 KiB of memory each; the page cache is released when parking).
+PARKED_DATABASES = 32
 
 
 class SlotScheduler:
@@ -62,7 +75,10 @@ class SlotScheduler:
         self._outputs = outputs
         self.slots: OrderedDict[AgentKey, Slot] = OrderedDict()
         # Databases being closed off the loop, by agent: a wake waits for its close first.
-        self.closing: dict[AgentKey, asyncio.Future[None]] = {}
+        self.closing: dict[AgentKey, asyncio.Future[Any]] = {}
+        # Hibernated agents' databases still open, least recently parked first (see above).
+        # Values: (database, its files when parked, loop time when parked).
+        self.parked: OrderedDict[AgentKey, tuple[AgentDatabase, ParkedFiles, float]] = OrderedDict()
         self.awake = 0
         self._shutting_down = False
         self._evicted_since_trim = 0
@@ -213,6 +229,9 @@ class SlotScheduler:
         while True:
             await asyncio.sleep(interval_s)
             self.evict_idle(self.now() - self.settings.hibernate_after_s)
+            # Parked no longer than an agent idles before hibernating: a quiet gateway
+            # ends up holding no hibernated agent's database open.
+            self.close_parked_before(self.now() - self.settings.hibernate_after_s)
             if self._evicted_since_trim >= _TRIM_AFTER_EVICTIONS and not self.closing:
                 # After the closes finished: hand the freed SQLite memory back to the OS.
                 self._evicted_since_trim = 0
@@ -226,7 +245,7 @@ class SlotScheduler:
                 continue
             if slot.last_active > idle_since:
                 break  # LRU order: everything after is more recent
-            self.evict(slot)
+            self.evict(slot, park=True)
             evicted += 1
         return evicted
 
@@ -238,10 +257,13 @@ class SlotScheduler:
             if self.awake <= self.settings.max_active_agents:
                 return
             if slot.task is None and not slot.mailbox and slot.agent is not None:
+                # Not parked: the least recently used of more agents than max_active_agents
+                # are the least likely to wake soon.
                 self.evict(slot)
 
-    def evict(self, slot: Slot, *, count: bool = True) -> None:
-        """Drop the instance and close its database off the loop (a close checkpoints)."""
+    def evict(self, slot: Slot, *, count: bool = True, park: bool = False) -> None:
+        """Drop the instance and close its database off the loop (a close checkpoints); with
+        `park`, keep the connection open for a quick wake (see the module docstring)."""
         db = slot.db
         slot.agent = None
         slot.db = None
@@ -256,15 +278,64 @@ class SlotScheduler:
         if self.slots.get(slot.key) is slot and slot.task is None and not slot.mailbox:
             del self.slots[slot.key]
         if db is not None:
-            self._close_db_later(slot.key, db)
+            self._close_db_later(slot.key, db, park=park and not self._shutting_down)
 
-    def _close_db_later(self, key: AgentKey, db: AgentDatabase) -> None:
+    def take_parked(self, key: AgentKey) -> AgentDatabase | None:
+        """Loop, at a wake: the agent's parked database with a transaction open, or None
+        (none parked, or its files changed since: then it closes, see `wait_for_close`)."""
+        entry = self.parked.pop(key, None)
+        if entry is None:
+            return None
+        db, files, _parked_at = entry
+        if db.resume(files):
+            self.counters["parked_wakes_total"] = self.counters.get("parked_wakes_total", 0) + 1
+            return db
+        self._close_parked_later(key, db)
+        return None
+
+    def _park(self, key: AgentKey, db: AgentDatabase, files: ParkedFiles) -> None:
+        if self._shutting_down:
+            self._close_parked_later(key, db)
+            return
+        self.parked[key] = (db, files, self.now())
+        while len(self.parked) > PARKED_DATABASES:
+            oldest, (oldest_db, _files, _at) = self.parked.popitem(last=False)
+            self._close_parked_later(oldest, oldest_db)
+
+    def close_parked_before(self, parked_before: float) -> None:
+        """Close the databases parked before that loop time (oldest first)."""
+        while self.parked:
+            key, (db, _files, parked_at) = next(iter(self.parked.items()))
+            if parked_at >= parked_before:
+                return
+            del self.parked[key]
+            self._close_parked_later(key, db)
+
+    def _close_parked_later(self, key: AgentKey, db: AgentDatabase) -> None:
+        assert self._loop is not None
+
+        def close() -> None:
+            try:
+                db.close_parked()
+            except Exception:
+                logger.exception("agents: %s/%r: closing the database failed", *key)
+
+        future = self._loop.run_in_executor(self._executor, close)
+        self.closing[key] = future
+
+        def forget(done: asyncio.Future[None]) -> None:
+            if self.closing.get(key) is done:
+                del self.closing[key]
+
+        future.add_done_callback(forget)
+
+    def _close_db_later(self, key: AgentKey, db: AgentDatabase, *, park: bool = False) -> None:
         assert self._loop is not None
         outputs = self._outputs
         # Delivered outputs' rows go before the file closes (outbox.py).
         settlement = outputs.settlement(key)
 
-        def close() -> None:
+        def close() -> ParkedFiles | None:
             if settlement is not None:
                 try:
                     outputs.settle(settlement, db.connection)
@@ -277,18 +348,29 @@ class SlotScheduler:
                         err,
                     )
             try:
+                if park:
+                    files = db.park()
+                    if files is not None:
+                        return files
                 db.close()
             except Exception:
                 logger.exception("agents: %s/%r: closing the database failed", *key)
+                with contextlib.suppress(Exception):
+                    db.close_parked()
+            return None
 
         future = self._loop.run_in_executor(self._executor, close)
         self.closing[key] = future
 
-        def forget(done: asyncio.Future[None]) -> None:
+        def forget(done: asyncio.Future[ParkedFiles | None]) -> None:
             if self.closing.get(key) is done:
                 del self.closing[key]
             if settlement is not None:
                 outputs.settled(settlement)
+            files = None if done.cancelled() or done.exception() else done.result()
+            if files is not None:
+                # Before a wake waiting on this close resumes (its callback runs after).
+                self._park(key, db, files)
 
         future.add_done_callback(forget)
 
@@ -306,6 +388,9 @@ class SlotScheduler:
         path = db.path if db is not None else None
         if slot.agent is not None:
             self.evict(slot, count=False)
+        parked = self.parked.pop(key, None)
+        if parked is not None:
+            self._close_parked_later(key, parked[0])
         await self.wait_for_close(key)
         if path is not None:
             AgentDatabase.delete_files(path)
@@ -333,5 +418,7 @@ class SlotScheduler:
                     self.evict(slot)
             except Exception:
                 logger.exception("agents: %s/%r: shutting the agent down failed", *slot.key)
-        if self.closing:
-            await asyncio.gather(*self.closing.values(), return_exceptions=True)
+        self.close_parked_before(float("inf"))
+        while self.closing:
+            # Parks finishing meanwhile close at once (`_park`), adding to `closing`.
+            await asyncio.gather(*list(self.closing.values()), return_exceptions=True)

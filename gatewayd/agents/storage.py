@@ -140,6 +140,19 @@ def _file_identity(path: str) -> str:
     return f"{status.st_ino}:{status.st_size}"
 
 
+ParkedFiles = tuple[tuple[int, int, int], tuple[int, int, int]]
+"""(inode, size, mtime ns) of a parked database's file and of its -wal file."""
+
+
+def _parked_files(path: str) -> ParkedFiles | None:
+    try:
+        db = os.stat(path)
+        wal = os.stat(path + "-wal")
+    except OSError:
+        return None
+    return (db.st_ino, db.st_size, db.st_mtime_ns), (wal.st_ino, wal.st_size, wal.st_mtime_ns)
+
+
 def _has_frames(wal_path: str) -> bool:
     try:
         return os.path.getsize(wal_path) > 32  # the WAL header is 32 bytes
@@ -407,14 +420,51 @@ class AgentDatabase:
             finally:
                 self._conn.close()
 
-    def _restart_wal_for_next_open(self) -> None:
+    # -- parking: a hibernated agent's connection kept open for a quick wake --------------
+
+    def park(self) -> ParkedFiles | None:
+        """Executor only (fsyncs): everything `close()` does except closing the connection,
+        so that a wake soon after can take the connection back instead of opening the file.
+        Returns what the files look like afterwards (`resume` compares), or None when the
+        database cannot be parked (no kept WAL, or its restart did not happen): then close
+        it with `close()`."""
+        with self._io_lock:
+            self.rollback()
+            if not self.keeps_wal or not self._restart_wal_for_next_open():
+                return None
+            self._commits_since_checkpoint = 0
+            self._conn.execute("PRAGMA shrink_memory")  # a parked agent holds no page cache
+            return _parked_files(self.path)
+
+    def resume(self, parked: ParkedFiles) -> bool:
+        """Loop: take a parked connection back for the agent's wake. False (use `close_parked`
+        and `open()` instead) when the files changed since `park()` (another process wrote,
+        replaced, moved or damaged them: only a fresh `open()` checks them). True: a
+        transaction is open whose first write forgets the WAL-ownership record, as `open()`
+        does (the caller's first commit makes that durable)."""
+        if _parked_files(self.path) != parked:
+            return False
+        self.begin()
+        try:
+            self._conn.execute(_FORGET_WAL_FOR)
+        except sqlite3.Error:
+            self.rollback()
+            return False
+        return True
+
+    def close_parked(self) -> None:
+        """Executor only: close a parked connection; `park()` already did the rest."""
+        with self._io_lock:
+            self._conn.close()
+
+    def _restart_wal_for_next_open(self) -> bool:
         conn = self._conn
         try:
             busy, _log_pages, _done_pages = conn.execute(
                 "PRAGMA wal_checkpoint(PASSIVE)"
             ).fetchone()
             if busy:
-                return  # the WAL keeps its frames: the next open appends to it
+                return False  # the WAL keeps its frames: the next open appends to it
             identity = _file_identity(self.path)  # after the checkpoint wrote the file
             conn.execute("BEGIN")
             try:
@@ -431,7 +481,8 @@ class AgentDatabase:
         except sqlite3.Error:
             # E.g. a full disk: the WAL still holds every committed frame (the close does not
             # delete it), and the next open restarts it if it has to.
-            return
+            return False
+        return True
 
     # -- agent data -------------------------------------------------------------------------
 
