@@ -295,7 +295,7 @@ class GeneratorSection(Section):
     # STATE_DIR/generators/NAME for `gguf`).
     cache_dir: ConfigPath | None = None
     max_batch: int = Field(default=16, ge=1)
-    prefill_tokens: int = Field(default=512, ge=1)
+    prefill_tokens: int = Field(default=256, ge=1)
     kv_cache_tokens: int = Field(default=8192, ge=1)
     block_size: int = Field(default=16, ge=1)
     prefix_cache: bool = True
