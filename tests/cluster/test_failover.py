@@ -270,12 +270,15 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
     assert seen.count("fired:early") == 1 and seen.count("fired:late") == 1, seen
 
 
-@pytest.mark.skip(
-    reason="known gap (issue 14): after a NATS node is SIGKILLed, partitions whose single-replica "
-    "consumer lived on it recover only after 10-60 s of retakes on this 2-core machine (consumer "
-    "placement keeps choosing the dead peer); in the runs that finished nothing acknowledged "
-    "was lost, but it does not finish reliably within the test's limit"
+@pytest.mark.skipif(
+    os.environ.get("GATEWAYD_TEST_NATS_NODE_KILL") != "1",
+    reason="known gap (issue 14), opt-in: after a NATS node is SIGKILLed, partitions whose "
+    "single-replica consumer lived on it recover only after 10-60 s of retakes on a 2-core "
+    "machine (consumer placement keeps choosing the dead peer), past the suite's time budget; "
+    "in the runs that finished nothing acknowledged was lost. Run it with "
+    "GATEWAYD_TEST_NATS_NODE_KILL=1 scripts/test tests/cluster -k nats_node",
 )
+@pytest.mark.timeout(300)
 async def test_sigkill_a_nats_node_mid_stream_loses_nothing(group: Group, nc: nats.NATS) -> None:
     group.add_member("m1")
     group.add_member("m2")
