@@ -94,7 +94,10 @@ class ApiServer:
         self.host = host
         self._requested_port = port
         self._lifespans = list(lifespans)
-        self._stack = AsyncExitStack()
+        # The lifespans are entered and left by one task of their own: anyio task groups
+        # inside them (MCP's session manager) must be left by the task that entered them.
+        self._lifespan_task: asyncio.Task[None] | None = None
+        self._release_lifespans = asyncio.Event()
         self._socket: socket.socket | None = None
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -120,8 +123,16 @@ class ApiServer:
             sock.close()
             raise
         self._socket = sock
-        for lifespan in self._lifespans:
-            await self._stack.enter_async_context(lifespan)
+        if self._lifespans:
+            entered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._lifespan_task = asyncio.create_task(
+                self._hold_lifespans(entered), name="api-lifespans"
+            )
+            try:
+                await entered  # raises what a feature raised while starting
+            except BaseException:
+                sock.close()
+                raise
         config = uvicorn.Config(
             self.app,
             lifespan="off",
@@ -162,8 +173,29 @@ class ApiServer:
         if self._socket is not None:
             self._socket.close()
 
-    async def _leave_lifespans(self) -> None:
+    async def _hold_lifespans(self, entered: asyncio.Future[None]) -> None:
         try:
-            await self._stack.aclose()
+            async with AsyncExitStack() as stack:
+                for lifespan in self._lifespans:
+                    await stack.enter_async_context(lifespan)
+                entered.set_result(None)
+                await self._release_lifespans.wait()
+        except Exception as err:
+            if entered.done():
+                raise
+            entered.set_exception(err)  # start() raises it
+        except BaseException:
+            entered.cancel()
+            raise
+
+    async def _leave_lifespans(self) -> None:
+        task = self._lifespan_task
+        if task is None:
+            return
+        self._release_lifespans.set()
+        try:
+            await task
         except Exception:
             log.exception("api: a feature failed while stopping")
+        finally:
+            self._lifespan_task = None

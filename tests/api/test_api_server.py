@@ -3,6 +3,7 @@ lifespan brackets the server, and the daemon serving it from its config."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -105,6 +106,44 @@ async def test_tokens_scopes_classes_and_read_only() -> None:
         assert unknown.status_code == 404
         assert unknown.json()["error"]["message"] == "no such endpoint: GET /nowhere"
     assert events == ["enter", "exit"]
+
+
+async def test_lifespans_with_task_groups_stop_from_another_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemon starts the server in its start-up task and stops it in its shutdown task; a
+    feature's anyio task group (MCP's session manager has one) must still be left cleanly."""
+    import anyio
+
+    finished: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def with_task_group() -> AsyncIterator[None]:
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.sleep_forever)
+            yield
+            group.cancel_scope.cancel()
+        finished.append("left")
+
+    app, _ = build_app(None, Tokens.of(OPERATOR), FEATURES)
+    server = ApiServer(app, "127.0.0.1", 0, lifespans=[with_task_group()])
+    await asyncio.create_task(server.start())
+    await asyncio.create_task(server.stop(2))
+    assert finished == ["left"]
+    assert "failed while stopping" not in caplog.text
+
+
+async def test_a_feature_that_fails_to_start_fails_the_server_start() -> None:
+    @contextlib.asynccontextmanager
+    async def broken() -> AsyncIterator[None]:
+        raise RuntimeError("the feature cannot start")
+        yield
+
+    app, _ = build_app(None, Tokens.of(OPERATOR), FEATURES)
+    server = ApiServer(app, "127.0.0.1", 0, lifespans=[broken()])
+    with pytest.raises(RuntimeError, match="cannot start"):
+        await server.start()
+    await server.stop(1)
 
 
 async def test_without_tokens_every_request_is_refused_with_how_to_fix() -> None:
