@@ -27,6 +27,7 @@ from tests.agents.conftest import MemoryLink
 from tests.agents.outbox_gateway import Echo, settings
 from tests.brokers import MosquittoBroker
 from tests.protocols.test_tcp import SECRETS, Device, connect_device, eventually
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,9 +92,16 @@ async def test_flood_into_a_durable_agent_gets_every_reply(
             await flood
         assert received == expected
         assert bridge.stats.extra["outbound_backpressure_pauses"] > 0
-        # Every reply was delivered (PUBACK), so nothing is owed and, once the agents
+        # Every reply was delivered, so once the broker's PUBACKs are in (the device may see a
+        # reply before the gateway reads its PUBACK) nothing is owed and, once the agents
         # hibernate, their outbox rows are gone.
-        assert all(runtime._outbox.undelivered(("echo", f"d{p}")) == 0 for p in range(publishers))
+        await wait_until(
+            lambda: all(
+                runtime._outbox.undelivered(("echo", f"d{p}")) == 0 for p in range(publishers)
+            ),
+            10,
+            "every reply's PUBACK",
+        )
         assert runtime.hibernate_idle() == publishers
     finally:
         await bridge.stop(drain_timeout_s=5)
