@@ -4,11 +4,9 @@ the loop is restarted with backoff and serves schedules again once the cause is 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 
 import pytest
@@ -17,15 +15,13 @@ from gatewayd.agents.alarms import INDEX_FILE
 from gatewayd.agents.schedule_index import ScheduleIndex
 from gatewayd.agents.storage import agent_db_path
 from tests.agents.test_alarms import Planner
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
+    await wait_until(predicate, timeout_s, "condition")
 
 
 async def test_crashed_alarm_loop_is_logged_reported_and_restarted(

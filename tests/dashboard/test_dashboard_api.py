@@ -4,9 +4,7 @@ metrics sampler on a registry of its own."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,9 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gatewayd.config import parse_config
 from gatewayd.dashboard.sampler import Sampler
 from gatewayd.wiring import Components
+from tests import waiting
 from tests.brokers import free_port
 from tests.gatewayd.daemon_process import REPO
-from tests.waiting import POLL_INTERVAL_S
 
 OPERATOR = "operator-secret-0123456789"
 READER = "reader-secret-0123456789"
@@ -72,12 +70,8 @@ async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Components, httpx.Async
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    """`tests.waiting.wait_until` for a check that is itself async (an HTTP request)."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(POLL_INTERVAL_S)
+    """`tests.waiting.eventually` for a check that answers true or false."""
+    await waiting.eventually(check, bool, timeout_s, what)
 
 
 def auth(token: str) -> dict[str, str]:
