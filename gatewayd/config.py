@@ -334,6 +334,10 @@ class ClusterSection(Section):
     heartbeat: Duration = 2.0
     snapshot_every: int = Field(default=1000, ge=1)
     fetch_batch: int = Field(default=256, ge=1, le=10_000)
+    # The host name or address other members and clients reach this member's listeners at
+    # (advertised for routing); "" = each listener's bind host, or this machine's name when
+    # it binds every interface.
+    advertise_host: str = ""
 
     @model_validator(mode="after")
     def _coherent(self) -> ClusterSection:

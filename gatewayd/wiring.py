@@ -53,6 +53,9 @@ class Components:
         self.api: Any = None
         self.supervisor = Supervisor("transports")
         self.cluster: Any = None  # gatewayd.cluster.member.ClusterMember in cluster mode
+        self.router: Any = None  # gatewayd.cluster.routing.Router in cluster mode
+        self.routed_runtime: Any = None  # the runtime with calls routed to agents' owners
+        self._rpc_server: Any = None
         self.codemode: Any = None  # the Code Mode executor, when a chat agent uses Code Mode
 
     async def start(self) -> None:
@@ -94,6 +97,8 @@ class Components:
         for name, transport in build_transports(self.config, self.runtime).items():
             if hasattr(transport, "spawn_loop"):  # its background loops run supervised
                 transport.spawn_loop = self.supervisor.spawn
+            if self.router is not None and hasattr(transport, "router"):  # cluster: routed
+                transport.router = self.router.ws_hook
             try:
                 await transport.start()
             except OSError as err:
@@ -101,6 +106,22 @@ class Components:
             self.transports[name] = transport
         if self.config.api.enabled:
             await self._start_api()
+        if self.router is not None:
+            self.router.advertise(self._client_addresses())
+
+    def _client_addresses(self) -> dict[str, str]:
+        """Where clients and other members reach this member (its heartbeat carries them)."""
+        from gatewayd.cluster.routing import advertised_host
+
+        configured = self.config.cluster.advertise_host
+        addresses = {}
+        if "ws" in self.transports:
+            host = advertised_host(self.config.listeners.websocket.bind[0], configured)
+            addresses["ws"] = f"ws://{_url_host(host)}:{self.transports['ws'].bound_port}"
+        if self.api is not None:
+            host = advertised_host(self.config.api.bind[0], configured)
+            addresses["api"] = f"http://{_url_host(host)}:{self.api.port}"
+        return addresses
 
     def _code_executor(self) -> Any:
         if self.codemode is None:
@@ -182,6 +203,13 @@ class Components:
             await self.cluster.start()
         except (OSError, TimeoutError) as err:
             raise StartupError(f"cluster: cannot join the group: {err}") from None
+        from gatewayd.cluster.routing import Router
+        from gatewayd.cluster.rpc import RoutedRuntime, RpcServer
+
+        self.router = Router(self.cluster)
+        self._rpc_server = RpcServer(self.router, self.runtime)
+        await self._rpc_server.start()
+        self.routed_runtime = RoutedRuntime(self.runtime, self.router)
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Transports stop accepting and flush acks, then the runtime drains, then the engine.
@@ -197,6 +225,8 @@ class Components:
         if self.api is not None:
             stopping.append(self.api.stop(min(left(), self.config.api.shutdown_grace)))
         await asyncio.gather(*stopping, return_exceptions=True)
+        if self._rpc_server is not None:
+            await self._rpc_server.stop()
         if self.cluster is not None:  # partitions handed over before the runtime drains
             await self.cluster.stop(left())
         if self.runtime is not None:
@@ -472,6 +502,10 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
         link_idle_timeout_s=mqtt.link_idle_timeout,
         max_attempts=mqtt.max_attempts,
     )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _str_or_none(path: Any) -> str | None:

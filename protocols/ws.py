@@ -21,6 +21,7 @@ import http
 import itertools
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -219,6 +220,10 @@ class WsListener:
         self._ids = itertools.count(1)
         self._stats = TransportStats()
         self._background: set[asyncio.Task[None]] = set()
+        # Cluster mode's routing (gatewayd/cluster/routing.py): called with each connection's
+        # route before its link opens; None serves the connection here, an awaitable serves
+        # it instead (relays it to the member that owns the agent, or closes it).
+        self.router: Callable[[Route, ServerConnection], Awaitable[None] | None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -275,6 +280,18 @@ class WsListener:
         request = ws.request
         assert request is not None
         route = parse_agent_path(request.path)
+        if self.router is not None:
+            elsewhere = self.router(route, ws)
+            if elsewhere is not None:
+                self._stats.extra["routed_elsewhere"] = (
+                    self._stats.extra.get("routed_elsewhere", 0) + 1
+                )
+                self._stats.links_open += 1  # counts against max_connections too
+                try:
+                    await elsewhere
+                finally:
+                    self._stats.links_open -= 1
+                return
         link = WsLink(ws, f"ws-{next(self._ids)}", route, self)
         context = {
             "transport": "ws",

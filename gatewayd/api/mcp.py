@@ -53,7 +53,8 @@ class _Endpoint:
 
 def build_gateway(components: Any) -> tuple[McpGateway, LogRing | None]:
     section = components.config.mcp
-    runtime = components.runtime
+    # Cluster mode: calls of agents another member serves are forwarded to it.
+    runtime = getattr(components, "routed_runtime", None) or components.runtime
     logs = (
         LogRing(section.log_lines)
         if "observability" in section.tool_groups and section.log_lines > 0

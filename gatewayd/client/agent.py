@@ -15,6 +15,14 @@ sends the current state again on every connect, so `state` is restored and liste
 Calls in flight when the connection dropped fail with `ConnectionLostError` (the gateway may
 or may not have run them: the protocol has no call ids that survive a connection). A close
 the gateway means for good (1008: unknown class, bad id, refused) ends the client.
+
+A group of gateways (cluster mode): give every member's URL, `AgentClient([url1, url2,
+...], ...)`. Any member serves any agent (a member relays a client to the agent's owner), so
+the client connects to the first member that answers and moves on to the next one when a
+member cannot be reached (killed, restarting). When the agent's owner changes, the member
+closes the connection with 1012 or 1013 and the client reconnects and is routed to the new
+owner; while no member serves the agent (a partition moving), 1013 closes are retried, also
+during the first `connect()` (bounded by `connect_timeout_s`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import itertools
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -48,6 +56,10 @@ MessageListener = Callable[[str | bytes], None]
 
 # Close codes after which reconnecting cannot help: the gateway refused this agent or route.
 PERMANENT_CLOSE_CODES = frozenset({1008, 1009})
+# Close codes after which trying again soon can help, even before the first connection was
+# ready: going away (a member stopping), service restart (the agent moved to another member),
+# try again later (too slow, or the agent's partition is moving between members).
+RETRY_CLOSE_CODES = frozenset({1001, 1012, 1013})
 _END = object()
 
 
@@ -107,7 +119,8 @@ class RpcCall:
 
 
 class AgentClient:
-    """One agent (`agent_class`, `agent_id`) of the gateway at `url` (`ws://HOST:PORT`).
+    """One agent (`agent_class`, `agent_id`) of the gateway at `url` (`ws://HOST:PORT`), or
+    of a group of gateways at any of `url`'s URLs (tried in turn, see the module docstring).
 
     `token` is sent as `Authorization: Bearer ...` (for agents whose `on_connect` checks it);
     `query` adds URL parameters (e.g. `{"device": "1"}`). `reconnect=False` makes a dropped
@@ -116,7 +129,7 @@ class AgentClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         agent_class: str,
         agent_id: str,
         *,
@@ -129,7 +142,11 @@ class AgentClient:
         connect_timeout_s: float = 10.0,
         max_frame_bytes: int | None = 64 * 1024 * 1024,
     ) -> None:
-        self.url = agent_url(url, agent_class, agent_id, query)
+        bases = [url] if isinstance(url, str) else list(url)
+        if not bases:
+            raise ValueError("give at least one gateway URL")
+        self.urls = [agent_url(base, agent_class, agent_id, query) for base in bases]
+        self._url_index = 0
         self.agent_class = agent_class
         self.agent_id = agent_id
         self.reconnect = reconnect
@@ -155,6 +172,11 @@ class AgentClient:
         self._previous_states: list[Any] = []  # the state before each recent set_state
         self.identity: dict[str, Any] = {}
         self.connects = 0  # how many times a connection was established (1 + reconnects)
+
+    @property
+    def url(self) -> str:
+        """The agent's URL on the gateway this client connects to now."""
+        return self.urls[self._url_index]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -337,7 +359,9 @@ class AgentClient:
 
     async def _run(self) -> None:
         attempt = 0
+        unreachable = 0  # URLs in a row that could not be reached
         while not self._closing:
+            reached = was_ready = False
             try:
                 async with connect(
                     self.url,
@@ -345,8 +369,9 @@ class AgentClient:
                     max_size=self._max_frame_bytes,
                     open_timeout=self.connect_timeout_s,
                 ) as ws:
+                    reached = True
+                    unreachable = 0
                     self._ws = ws
-                    attempt = 0
                     await self._read(ws)
                     code = ws.close_code
                     reason = ws.close_reason or ""
@@ -355,9 +380,16 @@ class AgentClient:
                 if isinstance(err, InvalidStatus) and err.response.status_code == 404:
                     code = 1008
                     reason = err.response.body.decode(errors="replace").strip() or "HTTP 404"
-                elif self._first is not None and not self._first.done():
-                    self._first.set_exception(err)  # the first connect fails at once
-                    return
+                elif not reached:  # this gateway is unreachable: the next URL is tried
+                    unreachable += 1
+                    self._url_index = (self._url_index + 1) % len(self.urls)
+                    if (
+                        self._first is not None
+                        and not self._first.done()
+                        and unreachable >= len(self.urls)
+                    ):
+                        self._first.set_exception(err)  # the first connect fails at once
+                        return
             finally:
                 was_ready = self._ready.is_set()
                 self._ws = None
@@ -365,11 +397,13 @@ class AgentClient:
                 if was_ready:
                     self._on_disconnected()
                 self._fail_calls(ConnectionLostError(f"connection to {self.url} closed"))
-            first_failed = self._first is not None and not self._first.done()
+            if was_ready:
+                attempt = 0
+            first_pending = self._first is not None and not self._first.done()
             if (
-                first_failed
-                or code in PERMANENT_CLOSE_CODES
+                code in PERMANENT_CLOSE_CODES
                 or (code is not None and 4000 <= code < 5000)
+                or (first_pending and code is not None and code not in RETRY_CLOSE_CODES)
             ):
                 refused = ProtocolError(
                     f"{self.url}: the gateway closed the connection ({code}: {reason})"
@@ -379,12 +413,14 @@ class AgentClient:
                     self._first.set_exception(refused)
                 self._end_subscribers()
                 return
-            if self._closing or not self.reconnect:
+            if self._closing or (not self.reconnect and not first_pending):
                 self._closed_for_good = ConnectionLostError(
                     f"{self.url}: connection closed ({code})"
                 )
                 self._end_subscribers()
                 return
+            if not reached and 0 < unreachable < len(self.urls):
+                continue  # another URL not tried yet in this round: at once
             delay = min(self.backoff_max_s, self.backoff_min_s * 2**attempt)
             attempt += 1
             log.debug(

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from gatewayd.client.agent import AgentClient
@@ -139,7 +139,9 @@ class ChatResponse:
 class ChatClient(AgentClient):
     """An `AgentClient` for a chat agent; `messages` is the stored conversation."""
 
-    def __init__(self, url: str, agent_class: str, agent_id: str, **options: Any) -> None:
+    def __init__(
+        self, url: str | Sequence[str], agent_class: str, agent_id: str, **options: Any
+    ) -> None:
         super().__init__(url, agent_class, agent_id, **options)
         self.messages: list[Message] = []
         self._responses: dict[str, ChatResponse] = {}  # by request id

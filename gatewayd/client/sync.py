@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from gatewayd.client.agent import AgentClient
@@ -46,7 +46,9 @@ class SyncAgentClient:
 
     _client_type: type[AgentClient] = AgentClient
 
-    def __init__(self, url: str, agent_class: str, agent_id: str, **options: Any) -> None:
+    def __init__(
+        self, url: str | Sequence[str], agent_class: str, agent_id: str, **options: Any
+    ) -> None:
         self._thread = _LoopThread()
 
         async def make() -> AgentClient:

@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,9 @@ class ClusterMember:
         self._alive: set[str] = set()
         self._joined_at = time.monotonic()
         self.counters = {"taken": 0, "released": 0, "lost": 0, "snapshots": 0}
+        # Called with a partition's number when this member stops serving it (given back or
+        # lost): routing closes the clients connected here to its agents.
+        self.partition_moving: list[Callable[[int], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -416,6 +420,7 @@ class ClusterMember:
         if part.state != "serving":
             return
         part.state = "releasing"
+        self._announce_moving(part.number)
         if part.worker is not None:
             await part.worker.stop(graceful=True, timeout_s=timeout_s)
         await self.runtime.release_agents(sorted(part.agents))
@@ -436,9 +441,17 @@ class ClusterMember:
             "cluster: %s lost partition %d (epoch %d): %s", self.name, part.number, part.epoch, why
         )
         part.state = "lost"
+        self._announce_moving(part.number)
         self.counters["lost"] += 1
         metrics.LOST.inc()
         self._spawn(part.number, self._after_loss(part))
+
+    def _announce_moving(self, number: int) -> None:
+        for listener in list(self.partition_moving):
+            try:
+                listener(number)
+            except Exception:
+                logger.exception("cluster: a partition-moving listener failed")
 
     def _poisoned(self, part: OwnedPartition, why: str) -> None:
         if part.state in ("serving", "releasing"):

@@ -50,6 +50,10 @@ class Ownership:
         self._settings = settings
         self.me = me
         self.members: dict[str, tuple[int, float]] = {}  # name -> (revision, seen at)
+        # What each member's heartbeat says (its client-facing `addresses`, for routing).
+        self.member_info: dict[str, dict[str, object]] = {}
+        # This member's client-facing addresses ({"ws": url, ...}), sent with each heartbeat.
+        self.addresses: dict[str, str] = {}
         self.records: dict[int, PartitionRecord] = {}
         self._members_kv: KeyValue | None = None
         self._partitions_kv: KeyValue | None = None
@@ -96,7 +100,10 @@ class Ownership:
         """Renew this member's lease; False when JetStream did not confirm it."""
         assert self._members_kv is not None
         sent = time.monotonic()
-        body = json.dumps({"member": self.me, "at": time.time(), "partitions": partitions})
+        record: dict[str, object] = {"member": self.me, "at": time.time(), "partitions": partitions}
+        if self.addresses:
+            record["addresses"] = self.addresses
+        body = json.dumps(record)
         try:
             await self._members_kv.put(self.me, body.encode())
         except Exception as err:
@@ -188,8 +195,13 @@ class Ownership:
         key = getattr(entry, "key", "")
         if getattr(entry, "operation", None) in ("DEL", "PURGE"):
             self.members.pop(key, None)
+            self.member_info.pop(key, None)
             return
         revision = int(getattr(entry, "revision", 0) or 0)
+        with contextlib.suppress(ValueError):
+            info = json.loads(getattr(entry, "value", b"") or b"{}")
+            if isinstance(info, dict):
+                self.member_info[key] = info
         known = self.members.get(key)
         if known is None or known[0] != revision:
             self.members[key] = (revision, time.monotonic())

@@ -31,6 +31,14 @@ from tests.gatewayd.notify import NotifySocket
 GROUP = "test"
 AGENT_CLASS = "rec"
 DEVICE_SUBJECT = "devices.*.telemetry"
+API_TOKEN = "cluster-test-token-0123456789"
+_NO_CLIENTS = "[listeners.websocket]\nenabled = false\n"
+# Group(clients=True): each member serves WebSocket clients and the HTTP API (MCP) on free
+# ports, and advertises them in its heartbeat record (`addresses`, read by `addresses()`).
+_CLIENTS = (
+    '[listeners.websocket]\nenabled = true\nbind = "127.0.0.1:0"\n'
+    '[api]\nenabled = true\nbind = "127.0.0.1:0"\ntokens_file = "{tokens}"\n'
+)
 
 
 def device_mapping(partitions: int) -> dict[str, str]:
@@ -50,8 +58,9 @@ class Member:
         self.config.write_text(
             f'[gateway]\nstate_dir = "{self.dir / "state"}"\nlog_level = "info"\n'
             "[http]\nenabled = false\n"
-            "[listeners.websocket]\nenabled = false\n"
-            f'[agents.classes.{AGENT_CLASS}]\nclass = "tests.cluster.cluster_agents:Recorder"\n'
+            + (_CLIENTS.format(tokens=group.tokens_file) if group.clients else _NO_CLIENTS)
+            + group.extra_config
+            + f'[agents.classes.{AGENT_CLASS}]\nclass = "tests.cluster.cluster_agents:Recorder"\n'
             "[cluster]\nenabled = true\n"
             f'group = "{GROUP}"\nmember = "{name}"\nservers = [{servers}]\n'
             f'agent_class = "{AGENT_CLASS}"\npartitions = {group.partitions}\n'
@@ -83,8 +92,18 @@ class Group:
         lease_s: float = 5.0,
         heartbeat_s: float = 1.0,
         snapshot_every: int = 1000,
+        clients: bool = False,
+        extra_config: str = "",
     ) -> None:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gw-group-"))
+        self.clients = clients
+        self.extra_config = extra_config  # TOML appended to every member's config
+        self.tokens_file = self.work_dir / "api-tokens.toml"
+        if clients:
+            self.tokens_file.write_text(
+                f'[tokens.test]\ntoken = "{API_TOKEN}"\nscopes = ["*"]\nclasses = ["*"]\n'
+            )
+            self.tokens_file.chmod(0o600)
         self.partitions = partitions
         self.replicas = min(3, nats_nodes)
         self.lease_s = lease_s
@@ -142,6 +161,24 @@ async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]
         entry = await kv.get(key)
         raw = json.loads(entry.value or b"{}")
         found[int(key[1:])] = (raw.get("owner", ""), int(raw.get("epoch", 0)))
+    return found
+
+
+async def addresses(nc: nats.NATS, group: str = GROUP) -> dict[str, dict[str, str]]:
+    """`{member: {"ws": url, "api": url}}` as the members' heartbeat records advertise them."""
+    import json
+
+    names = Names(group, "gw.in")
+    kv = await nc.jetstream(timeout=15).key_value(names.members_bucket)
+    found: dict[str, dict[str, str]] = {}
+    try:
+        keys = await kv.keys()
+    except Exception:
+        return found
+    for key in keys:
+        with _suppress():
+            entry = await kv.get(key)
+            found[key] = dict(json.loads(entry.value or b"{}").get("addresses") or {})
     return found
 
 

@@ -1,0 +1,143 @@
+"""Where a client's agent is served: here, on another member (and at which address), or
+nowhere right now (its partition is moving).
+
+Each member advertises its client-facing addresses (`{"ws": "ws://host:port", "api":
+"http://host:port"}`) in its heartbeat record (`Ownership.addresses`); the partition records
+say who owns what. `Router.decide(agent_id)` reads both, as this member last saw them (KV
+watches keep them current), and never blocks.
+
+WebSocket clients (`ws_hook`, installed on the WebSocket listener): a connection for an agent
+served here is served as usual and remembered, so that it can be closed with 1012 ("service
+restart": reconnect) the moment this member stops serving the agent's partition; a
+connection for an agent another member serves is relayed to that member (`forward.relay`); a
+connection while the partition moves is closed with 1013 ("try again later"). Both codes make
+`gatewayd.client` (and gatewayd.js) reconnect, and the new connection is routed afresh.
+
+Must never import the daemon's assembly (see the package docstring) nor `protocols` (the
+listener calls `ws_hook` through its `router` attribute).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import weakref
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from gatewayd.cluster import forward
+from gatewayd.cluster.naming import partition_of
+
+logger = logging.getLogger(__name__)
+
+MOVED_CODE = 1012  # "service restart": the agent is now served elsewhere, reconnect
+MOVING_CODE = 1013  # "try again later": no member serves the agent's partition right now
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """`kind` is "local", "forward" (to `member` at `addresses`) or "unavailable"."""
+
+    kind: str
+    partition: int
+    member: str = ""
+    addresses: dict[str, str] | None = None
+    reason: str = ""
+
+
+class Router:
+    """Routing for one cluster member (`member`: a `ClusterMember`, started)."""
+
+    def __init__(self, member: Any) -> None:
+        self.member = member
+        self._local: dict[int, weakref.WeakSet[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.forwarded = 0  # WebSocket connections relayed to another member
+        member.partition_moving.append(self._partition_moving)
+
+    # -- addresses -----------------------------------------------------------------------
+
+    def advertise(self, addresses: dict[str, str]) -> None:
+        """This member's client-facing addresses; the next heartbeat carries them."""
+        self.member.ownership.addresses = dict(addresses)
+
+    # -- decisions -----------------------------------------------------------------------
+
+    def decide(self, agent_id: str) -> Decision:
+        member = self.member
+        number = partition_of(agent_id, member.settings.partitions)
+        held = member.partitions.get(number)
+        if held is not None:
+            if held.state == "serving":
+                return Decision("local", number)
+            return Decision("unavailable", number, reason=f"partition {number} is {held.state}")
+        ownership = member.ownership
+        record = ownership.records.get(number)
+        if record is None or not record.owner or record.owner == member.name:
+            return Decision("unavailable", number, reason=f"partition {number} has no owner yet")
+        if record.owner not in ownership.alive():
+            return Decision(
+                "unavailable", number, reason=f"partition {number}: owner {record.owner} is silent"
+            )
+        info = ownership.member_info.get(record.owner, {})
+        addresses = info.get("addresses") if isinstance(info, dict) else None
+        if not isinstance(addresses, dict):
+            addresses = {}
+        return Decision(
+            "forward", number, record.owner, {str(k): str(v) for k, v in addresses.items()}
+        )
+
+    # -- WebSocket -----------------------------------------------------------------------
+
+    def ws_hook(self, route: Any, ws: Any) -> Awaitable[None] | None:
+        """The WebSocket listener's router: None to serve `ws` here, else an awaitable that
+        serves it (relays it to the owner, or closes it)."""
+        decision = self.decide(route.agent_id)
+        if decision.kind == "local":
+            self._local.setdefault(decision.partition, weakref.WeakSet()).add(ws)
+            return None
+        request = ws.request
+        already = request.headers.get(forward.FORWARDED_HEADER) if request is not None else None
+        url = (decision.addresses or {}).get("ws")
+        if decision.kind == "unavailable" or not url or already:
+            reason = decision.reason or (
+                f"partition {decision.partition}: owner {decision.member} "
+                + ("has no WebSocket address" if not url else "does not serve it yet")
+            )
+            return _close(ws, MOVING_CODE, f"agent moving ({reason}); try again")
+        self.forwarded += 1
+        return forward.relay(ws, url, self.member.name)
+
+    def _partition_moving(self, number: int) -> None:
+        connections = self._local.pop(number, None)
+        if not connections:
+            return
+        loop = asyncio.get_running_loop()
+        for ws in list(connections):
+            task = loop.create_task(_close(ws, MOVED_CODE, "agent moved to another member"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        logger.info(
+            "cluster: partition %d moves: %d WebSocket clients told to reconnect",
+            number,
+            len(connections),
+        )
+
+
+async def _close(ws: Any, code: int, reason: str) -> None:
+    try:
+        await ws.close(code, reason.encode()[:120].decode(errors="ignore"))
+    except Exception as err:  # already closed, or the socket failed: nothing to tell
+        logger.debug("cluster: closing a WebSocket client failed: %s", err)
+
+
+def advertised_host(bind_host: str, configured: str) -> str:
+    """The host other members and clients reach this member at: `configured`, else the
+    listener's own bind host, else (bound to every interface) this machine's name."""
+    if configured:
+        return configured
+    if bind_host not in ("", "0.0.0.0", "::"):
+        return bind_host
+    return socket.getfqdn()

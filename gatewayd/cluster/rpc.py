@@ -1,0 +1,184 @@
+"""In-process calls of an agent another member serves, forwarded over NATS request/reply.
+
+Every member answers requests on its own subject `gw.<group>.rpc.<member>` (it is on NATS
+anyway; no HTTP hop, no address to advertise). `RoutedRuntime` wraps the agent runtime for
+the HTTP API's MCP tools (`agent_call`, `<class>_<method>`, `agent_state_get`'s read):
+`call` and `get_agent_state` of an agent served here run here; of an agent another member
+serves, they are sent to that member, which runs them as a turn of the agent, as a local
+call would. While the partition moves (no owner, or the owner answers that it no longer
+serves it) the request waits and tries again, up to `timeout_s`. A request that timed out
+is not sent again (the owner may have run it): the caller gets the timeout.
+
+Must never import the daemon's assembly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import nats.errors
+
+from gatewayd.cluster.routing import Router
+
+logger = logging.getLogger(__name__)
+
+RETRY_EVERY_S = 0.1
+
+
+class ForwardedCallError(RuntimeError):
+    """The call failed on the member that serves the agent; `remote_type` names the
+    exception raised there."""
+
+    def __init__(self, remote_type: str, message: str) -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.detail = message
+
+
+class AgentUnavailableError(RuntimeError):
+    """No member served the agent's partition within the call's timeout."""
+
+
+def rpc_subject(group: str, member: str) -> str:
+    return f"gw.{group}.rpc.{member}"
+
+
+class RpcServer:
+    """Answers forwarded calls addressed to this member (each one a task of its own)."""
+
+    def __init__(self, router: Router, runtime: Any) -> None:
+        self._router = router
+        self._runtime = runtime
+        self._sub: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        member = self._router.member
+        self._sub = await member.nc.subscribe(
+            rpc_subject(member.settings.group, member.name), cb=self._on_request
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as err:  # the connection is already closed
+                logger.debug("cluster: rpc unsubscribe: %s", err)
+            self._sub = None
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+
+    async def _on_request(self, msg: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Any) -> None:
+        try:
+            request = json.loads(msg.data)
+            agent_class, agent_id = str(request["class"]), str(request["id"])
+            op = request.get("op")
+        except (ValueError, KeyError, TypeError) as err:
+            await _reply(msg, {"ok": False, "type": "BadRequest", "error": str(err)})
+            return
+        decision = self._router.decide(agent_id)
+        if decision.kind != "local":
+            await _reply(msg, {"ok": False, "moved": True, "error": decision.reason or "moved"})
+            return
+        try:
+            if op == "call":
+                result = await self._runtime.call(
+                    agent_class,
+                    agent_id,
+                    str(request["method"]),
+                    *request.get("args", []),
+                    **request.get("kwargs", {}),
+                )
+            elif op == "state":
+                result = await self._runtime.get_agent_state(agent_class, agent_id)
+            else:
+                raise ValueError(f"unknown forwarded operation {op!r}")
+        except Exception as err:
+            await _reply(msg, {"ok": False, "type": type(err).__name__, "error": str(err)})
+            return
+        await _reply(msg, {"ok": True, "result": result})
+
+
+async def _reply(msg: Any, answer: dict[str, Any]) -> None:
+    try:
+        await msg.respond(json.dumps(answer, default=str).encode())
+    except Exception as err:  # the caller gave up, or the connection closed
+        logger.debug("cluster: rpc reply failed: %s", err)
+
+
+class RoutedRuntime:
+    """The agent runtime, with `call` and `get_agent_state` routed to the agent's owner.
+    Everything else is the runtime's own (`run_in_agent` runs here: a Python function cannot
+    travel)."""
+
+    def __init__(self, runtime: Any, router: Router, timeout_s: float = 30.0) -> None:
+        self._runtime = runtime
+        self._router = router
+        self.timeout_s = timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+    async def call(
+        self, agent_class: str, agent_id: str, method: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        request = {
+            "op": "call",
+            "class": agent_class,
+            "id": agent_id,
+            "method": method,
+            "args": list(args),
+            "kwargs": kwargs,
+        }
+        return await self._routed(
+            request, lambda: self._runtime.call(agent_class, agent_id, method, *args, **kwargs)
+        )
+
+    async def get_agent_state(self, agent_class: str, agent_id: str) -> Any:
+        request = {"op": "state", "class": agent_class, "id": agent_id}
+        return await self._routed(
+            request, lambda: self._runtime.get_agent_state(agent_class, agent_id)
+        )
+
+    async def _routed(self, request: dict[str, Any], here: Any) -> Any:
+        member = self._router.member
+        deadline = time.monotonic() + self.timeout_s
+        payload = json.dumps(request).encode()
+        why = ""
+        while True:
+            decision = self._router.decide(str(request["id"]))
+            if decision.kind == "local":
+                return await here()
+            left = deadline - time.monotonic()
+            if decision.kind == "forward":
+                subject = rpc_subject(member.settings.group, decision.member)
+                try:
+                    reply = await member.nc.request(subject, payload, timeout=max(0.1, left))
+                except nats.errors.NoRespondersError:
+                    why = f"{decision.member} does not answer"
+                else:
+                    answer = json.loads(reply.data)
+                    if answer.get("ok"):
+                        return answer.get("result")
+                    if not answer.get("moved"):
+                        raise ForwardedCallError(
+                            str(answer.get("type", "Error")), str(answer.get("error", ""))
+                        )
+                    why = str(answer.get("error", "moved"))
+            else:
+                why = decision.reason
+            if time.monotonic() + RETRY_EVERY_S > deadline:
+                raise AgentUnavailableError(
+                    f"agent {request['class']}/{request['id']!r}: no member served it within "
+                    f"{self.timeout_s:.0f}s ({why})"
+                )
+            await asyncio.sleep(RETRY_EVERY_S)
