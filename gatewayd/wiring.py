@@ -93,6 +93,8 @@ class Components:
         )
         await self.runtime.start()
         if self.config.cluster.enabled:
+            if self.config.api.enabled:  # seconds of imports: before joining, not after
+                _import_api_features()  # (they would stall the member's heartbeats)
             await self._start_cluster()
         for name, transport in build_transports(self.config, self.runtime).items():
             if hasattr(transport, "spawn_loop"):  # its background loops run supervised
@@ -502,6 +504,17 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
         link_idle_timeout_s=mqtt.link_idle_timeout,
         max_attempts=mqtt.max_attempts,
     )
+
+
+def _import_api_features() -> None:
+    import contextlib
+    import importlib
+
+    from gatewayd.api.features import FEATURES
+
+    for feature in FEATURES:
+        with contextlib.suppress(ImportError):  # reported when the API starts
+            importlib.import_module(feature.target.partition(":")[0])
 
 
 def _url_host(host: str) -> str:

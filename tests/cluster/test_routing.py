@@ -31,23 +31,36 @@ class _Token:  # what tests.mcp.conftest.mcp_client needs of a token
 
 def _agent_owned_by(owner: str, members: list[str], partitions: int, prefix: str) -> str:
     """An agent id whose partition `owner` serves once the group settled on `members`."""
+    return _agent_id(partitions, prefix, {owner: members})
+
+
+def _agent_id(partitions: int, prefix: str, owners: dict[str, list[str]]) -> str:
+    """An agent id whose partition each `owner` serves once the group settled on `members`
+    (`owners`: {owner: members})."""
     for index in range(1000):
         agent = f"{prefix}{index}"
-        if preferred_owner(partition_of(agent, partitions), members) == owner:
+        number = partition_of(agent, partitions)
+        if all(preferred_owner(number, members) == owner for owner, members in owners.items()):
             return agent
-    raise AssertionError(f"no agent id lands on {owner}")
+    raise AssertionError(f"no agent id lands on {owners}")
 
 
 def _start(group: Group, names: list[str]) -> None:
-    """The NATS cluster, then the members, started together (each process takes seconds)."""
+    """The NATS cluster, the first member (it creates the group's streams and buckets), then
+    the others together (each process takes seconds to start)."""
     if not Path(NATS_BIN).exists():
         pytest.fail(f"nats-server not found at {NATS_BIN}: run scripts/setup")
     group.start_nats()
-    for name in names:
-        group.members[name] = Member(group, name)
-        group.members[name].process.start(wait_ready=False)
-    for name in names:
+    _start_member(group, names[0])
+    for name in names[1:]:
+        _start_member(group, name, wait_ready=False)
+    for name in names[1:]:
         group.members[name].notify.wait_for("READY", "1", timeout_s=30)
+
+
+def _start_member(group: Group, name: str, *, wait_ready: bool = True) -> None:
+    group.members[name] = Member(group, name)
+    group.members[name].process.start(wait_ready=wait_ready)
 
 
 async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> dict[str, dict[str, str]]:
@@ -64,10 +77,16 @@ async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    """Members m1 and m2 serving WebSocket and the HTTP API (shared by the tests that do
-    not change the group)."""
-    group = Group(tmp_path_factory.mktemp("routing"), clients=True, extra_config=EXTRA)
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    """Two members serving WebSocket and the HTTP API, shared by the tests that do not
+    change the group."""
+    group = Group(
+        tmp_path_factory.mktemp("routing"),
+        clients=True,
+        extra_config=EXTRA,
+        lease_s=2.0,
+        heartbeat_s=0.5,
+    )
     try:
         _start(group, ["m1", "m2"])
         yield group
@@ -76,12 +95,20 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
 
 
 @pytest.fixture
-async def pair_nc(pair: Group) -> AsyncIterator[nats.NATS]:
-    client = await nats.connect(servers=pair.urls, max_reconnect_attempts=-1)
+async def routed_nc(routed: Group) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(servers=routed.urls, max_reconnect_attempts=-1)
     try:
         yield client
     finally:
         await client.close()
+
+
+def _alive(group: Group) -> list[str]:
+    return sorted(
+        name
+        for name, member in group.members.items()
+        if member.process.proc is not None and member.process.proc.poll() is None
+    )
 
 
 def _is(**wanted: Any) -> Any:
@@ -91,42 +118,45 @@ def _is(**wanted: Any) -> Any:
 
 
 async def test_a_websocket_client_connected_to_the_wrong_member_reaches_the_agent(
-    pair: Group, pair_nc: nats.NATS
+    routed: Group, routed_nc: nats.NATS
 ) -> None:
-    urls = await _settled(pair, pair_nc, {"m1", "m2"})
-    agent = _agent_owned_by("m2", ["m1", "m2"], pair.partitions, "ws")
-    owner_pid = pair.members["m2"].pid
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "ws")
+    owner_pid = routed.members[owner].pid
     async with (
-        AgentClient(urls["m1"]["ws"], CLASS, agent) as via_m1,
-        AgentClient(urls["m2"]["ws"], CLASS, agent) as at_owner,
+        AgentClient(urls[other]["ws"], CLASS, agent) as via_other,
+        AgentClient(urls[owner]["ws"], CLASS, agent) as at_owner,
     ):
         echoes: list[str | bytes] = []
-        via_m1.on_message(echoes.append)
-        await via_m1.send_message("hello")
+        via_other.on_message(echoes.append)
+        await via_other.send_message("hello")
         # The owner ran the turn; the relayed client gets the state sync and the echo.
-        state = await via_m1.wait_for_state(_is(last="hello"), 10)
+        state = await via_other.wait_for_state(_is(last="hello"), 10)
         assert state["pid"] == owner_pid and state["count"] == 1
         await wait_until(lambda: echoes == ["echo:hello"], 5, "the echo through the relay")
         # One agent: the owner's own client sees the same state, and a state set through
         # the relay is the owner's state.
         await at_owner.wait_for_state(_is(last="hello", count=1), 5)
-        await via_m1.set_state({**state, "note": "set through m1"})
-        await at_owner.wait_for_state(_is(note="set through m1"), 5)
+        await via_other.set_state({**state, "note": "set through the relay"})
+        await at_owner.wait_for_state(_is(note="set through the relay"), 5)
         await at_owner.send_message("again")
-        await via_m1.wait_for_state(_is(last="again", count=2, note="set through m1"), 5)
+        await via_other.wait_for_state(_is(last="again", count=2, note="set through the relay"), 5)
     # The member that does not own the agent holds no copy of it.
-    m1_state = pair.members["m1"].dir / "state" / "cluster"
-    assert not Path(agent_db_file(str(m1_state), CLASS, agent)).exists()
-    assert Path(agent_db_file(str(pair.members["m2"].dir / "state" / "cluster"), CLASS, agent))
-    assert "relay" not in pair.members["m1"].log_text()  # no relay failed
+    other_state = routed.members[other].dir / "state" / "cluster"
+    assert not Path(agent_db_file(str(other_state), CLASS, agent)).exists()
+    owner_state = routed.members[owner].dir / "state" / "cluster"
+    assert Path(agent_db_file(str(owner_state), CLASS, agent)).exists()
+    assert "relay to" not in routed.members[other].log_text()  # no relay failed
 
 
 async def test_an_mcp_call_through_the_wrong_member_runs_on_the_owner(
-    pair: Group, pair_nc: nats.NATS
+    routed: Group, routed_nc: nats.NATS
 ) -> None:
-    urls = await _settled(pair, pair_nc, {"m1", "m2"})
-    agent = _agent_owned_by("m2", ["m1", "m2"], pair.partitions, "rpc")
-    owner_pid = pair.members["m2"].pid
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "rpc")
+    owner_pid = routed.members[owner].pid
 
     async def add(member: str, n: int) -> Any:
         async with mcp_client(f"{urls[member]['api']}/mcp", _Token()) as client:  # type: ignore[arg-type]
@@ -137,10 +167,10 @@ async def test_an_mcp_call_through_the_wrong_member_runs_on_the_owner(
         assert not result.is_error, result
         return result.structured_content
 
-    assert await add("m1", 5) == {"total": 5, "pid": owner_pid}  # forwarded to m2
-    assert await add("m2", 2) == {"total": 7, "pid": owner_pid}  # m2's own call: same agent
-    assert await add("m1", 1) == {"total": 8, "pid": owner_pid}
-    async with mcp_client(f"{urls['m1']['api']}/mcp", _Token()) as client:  # type: ignore[arg-type]
+    assert await add(other, 5) == {"total": 5, "pid": owner_pid}  # forwarded to the owner
+    assert await add(owner, 2) == {"total": 7, "pid": owner_pid}  # the owner's own: same agent
+    assert await add(other, 1) == {"total": 8, "pid": owner_pid}
+    async with mcp_client(f"{urls[other]['api']}/mcp", _Token()) as client:  # type: ignore[arg-type]
         failed = await client.call_tool(
             "agent_call",
             {"agent_class": CLASS, "agent_id": agent, "method": "add", "args": {"n": "x"}},
@@ -149,43 +179,70 @@ async def test_an_mcp_call_through_the_wrong_member_runs_on_the_owner(
     assert "TypeError" in json.dumps([c.model_dump() for c in failed.content])
 
 
-async def test_clients_follow_the_agent_when_its_owner_is_killed(tmp_path: Path) -> None:
+@pytest.fixture
+def own_group(tmp_path: Path) -> Iterator[Group]:
+    """Members m1 and m2 of a group of this test's own (it kills one and adds another)."""
     group = Group(tmp_path, clients=True, extra_config=EXTRA, lease_s=2.0, heartbeat_s=0.5)
     try:
         _start(group, ["m1", "m2"])
-        nc = await nats.connect(servers=group.urls, max_reconnect_attempts=-1)
-        try:
-            urls = await _settled(group, nc, {"m1", "m2"})
-            agent = _agent_owned_by("m2", ["m1", "m2"], group.partitions, "move")
-            pids = {name: member.pid for name, member in group.members.items()}
-            async with (
-                # Straight to the owner, with the other member as the next URL to try.
-                AgentClient([urls["m2"]["ws"], urls["m1"]["ws"]], CLASS, agent) as direct,
-                # Relayed by m1.
-                AgentClient(urls["m1"]["ws"], CLASS, agent) as relayed,
-            ):
-                await direct.send_message("before")
-                await relayed.wait_for_state(_is(last="before", pid=pids["m2"]), 10)
-                group.members["m2"].process.kill()
-                # Both end up on m1 (the new owner) once it took the partition, with the state
-                # the killed owner committed.
-                for client in (direct, relayed):
-                    await wait_until(
-                        lambda c=client: c.connects >= 2 and c.connected, 20, "a reconnect"
-                    )
-                await eventually(
-                    lambda: _send_when_connected(relayed, "after"),
-                    bool,
-                    20,
-                    "a message through the relayed client",
-                )
-                state = await direct.wait_for_state(_is(last="after", pid=pids["m1"]), 20)
-                assert state["count"] >= 2  # "before" survived the owner's death
-                assert direct.url.startswith(urls["m1"]["ws"])
-        finally:
-            await nc.close()
+        yield group
     finally:
         group.stop()
+
+
+async def test_clients_follow_the_agent_when_its_owner_is_killed_and_when_it_moves(
+    own_group: Group,
+) -> None:
+    nc = await nats.connect(servers=own_group.urls, max_reconnect_attempts=-1)
+    try:
+        await _follow(own_group, nc, survivor="m1", owner="m2", joiner="m3")
+    finally:
+        await nc.close()
+
+
+async def _follow(group: Group, nc: nats.NATS, survivor: str, owner: str, joiner: str) -> None:
+    urls = await _settled(group, nc, {survivor, owner})
+    # On `owner` while it serves with `survivor`; on `joiner` once that joins `survivor`.
+    agent = _agent_id(
+        group.partitions, "move", {owner: [survivor, owner], joiner: [survivor, joiner]}
+    )
+    pids = {name: group.members[name].pid for name in (survivor, owner)}
+    async with (
+        # Straight to the owner, with the other member as the next URL to try.
+        AgentClient([urls[owner]["ws"], urls[survivor]["ws"]], CLASS, agent) as direct,
+        # Relayed by the other member.
+        AgentClient(urls[survivor]["ws"], CLASS, agent) as relayed,
+    ):
+        await direct.send_message("before")
+        await relayed.wait_for_state(_is(last="before", pid=pids[owner]), 10)
+
+        # The owner is killed: both clients end up on the survivor (the new owner) once it
+        # took the partition, with the state the killed owner committed.
+        group.members[owner].process.kill()
+        for client in (direct, relayed):
+            await wait_until(lambda c=client: c.connects >= 2 and c.connected, 20, "a reconnect")
+        await _deliver(relayed, "after the kill")
+        state = await direct.wait_for_state(_is(last="after the kill", pid=pids[survivor]), 20)
+        assert state["count"] >= 2  # "before" survived the owner's death
+        assert direct.url.startswith(urls[survivor]["ws"])
+
+        # A member joins and the partition is handed over to it: the survivor tells its
+        # clients to reconnect, and relays them to the new owner.
+        _start_member(group, joiner)
+        await wait_settled(nc, group.partitions, {survivor, joiner}, timeout_s=30)
+        for client in (direct, relayed):
+            await wait_until(lambda c=client: c.connects >= 3 and c.connected, 20, "a reconnect")
+        await _deliver(direct, "after the move")
+        joiner_pid = group.members[joiner].pid
+        state = await relayed.wait_for_state(_is(last="after the move", pid=joiner_pid), 20)
+        assert state["count"] >= 3
+
+
+async def _deliver(client: AgentClient, message: str) -> None:
+    """Send `message` once the client is connected (again)."""
+    await eventually(
+        lambda: _send_when_connected(client, message), bool, 20, f"sending {message!r}"
+    )
 
 
 async def _send_when_connected(client: AgentClient, message: str) -> bool:
