@@ -52,8 +52,11 @@ export class RpcCall<Result = Json, Chunk = Json> implements AsyncIterable<Chunk
 export type ClientEvent = "state" | "error" | "message" | "connection";
 
 export class AgentClient<State = Json> {
-  constructor(url: string, agentClass: string, agentId: string, options?: ClientOptions);
+  /** `url`: a gateway's base URL, or every member's of a group (tried in turn). */
+  constructor(url: string | string[], agentClass: string, agentId: string, options?: ClientOptions);
+  /** The agent's URL on the gateway this client connects to now. */
   readonly url: string;
+  readonly urls: string[];
   readonly agentClass: string;
   readonly agentId: string;
   /** The state as last received (or as this client last set it). */

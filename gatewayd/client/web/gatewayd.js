@@ -10,6 +10,11 @@
 // A dropped connection is reopened with exponential backoff; the gateway sends the current
 // state on every connect, so `state` is restored. A chat client resumes the answer that was
 // streaming and gets each chunk once, in order (chunks it has are skipped by their seq).
+//
+// A group of gateways (cluster mode): pass every member's URL, `new AgentClient(["ws://gw1:8765",
+// "ws://gw2:8765"], ...)`. Any member serves any agent (it relays the client to the agent's
+// owner); a member that cannot be reached is skipped for the next one, and the 1012/1013
+// closes a member sends while the agent moves are retried (also during the first connect).
 
 /** Base class of every error this module throws. */
 export class ClientError extends Error {
@@ -59,6 +64,8 @@ export function agentUrl(url, agentClass, agentId, query) {
 }
 
 const PERMANENT = new Set([1008, 1009]);
+// Going away, service restart (the agent moved), try again later (too slow, or moving).
+const RETRY = new Set([1001, 1012, 1013]);
 const END = Symbol("end");
 
 /** A queue that an async iterator drains. */
@@ -103,7 +110,11 @@ export class AgentClient {
   constructor(url, agentClass, agentId, options = {}) {
     const query = { ...(options.query || {}) };
     if (options.token) query.token = options.token;
-    this.url = agentUrl(url, agentClass, agentId, query);
+    const bases = Array.isArray(url) ? url : [url];
+    if (!bases.length) throw new ClientError("give at least one gateway URL");
+    this.urls = bases.map((base) => agentUrl(base, agentClass, agentId, query));
+    this._urlIndex = 0;
+    this._unreachable = 0; // URLs in a row that could not be reached
     this.agentClass = agentClass;
     this.agentId = agentId;
     this.options = { reconnect: true, backoffMinMs: 100, backoffMaxMs: 5000, connectTimeoutMs: 10000, ...options };
@@ -121,6 +132,9 @@ export class AgentClient {
     this._previous = [];
     this._timer = null;
   }
+
+  /** The agent's URL on the gateway this client connects to now. */
+  get url() { return this.urls[this._urlIndex]; }
 
   /** Open the connection; resolves once identity and state arrived. */
   connect() {
@@ -211,6 +225,8 @@ export class AgentClient {
     const ws = new WS(this.url);
     this._ws = ws;
     let identified = false;
+    let opened = false;
+    ws.onopen = () => { opened = true; this._unreachable = 0; };
     ws.onmessage = (event) => {
       const data = event.data;
       if (typeof data !== "string" || data[0] !== "{") { this._emit("message", data); return; }
@@ -238,13 +254,20 @@ export class AgentClient {
       if (wasConnected) { this._emit("connection", false); this._onDisconnected(); }
       this._failCalls(new ConnectionLostError(`connection to ${this.url} closed`));
       const code = event.code;
-      if (this._first || PERMANENT.has(code) || (code >= 4000 && code < 5000)) {
+      if (!opened) { // this gateway is unreachable: the next URL is tried
+        this._unreachable += 1;
+        this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      }
+      const untried = !opened && this._unreachable < this.urls.length;
+      const retry = untried || (opened && RETRY.has(code));
+      if ((this._first && !retry) || PERMANENT.has(code) || (code >= 4000 && code < 5000)) {
         const err = new ProtocolError(`${this.url}: the gateway closed the connection (${code}: ${event.reason || ""})`);
         this._closedForGood = err;
         if (this._first) { const first = this._first; this._first = null; first.reject(err); }
         return;
       }
-      if (this._closing || !this.options.reconnect) return;
+      if (this._closing || (!this.options.reconnect && !this._first)) return;
+      if (untried) { this._timer = setTimeout(() => this._open(), 0); return; }
       const delay = Math.min(this.options.backoffMaxMs, this.options.backoffMinMs * 2 ** this._attempt);
       this._attempt += 1;
       this._timer = setTimeout(() => this._open(), delay * (0.8 + Math.random() * 0.4));
