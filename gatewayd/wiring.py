@@ -100,7 +100,10 @@ class Components:
             if hasattr(transport, "spawn_loop"):  # its background loops run supervised
                 transport.spawn_loop = self.supervisor.spawn
             if self.router is not None and hasattr(transport, "router"):  # cluster: routed
-                transport.router = self.router.ws_hook
+                if name == "ws":
+                    transport.router = self.router.ws_hook
+                elif name == "tcp" and self.config.listeners.binary.tls_cert_file is None:
+                    transport.router = self.router.tcp_hook  # (TLS devices are not relayed)
             try:
                 await transport.start()
             except OSError as err:
@@ -120,6 +123,9 @@ class Components:
         if "ws" in self.transports:
             host = advertised_host(self.config.listeners.websocket.bind[0], configured)
             addresses["ws"] = f"ws://{_url_host(host)}:{self.transports['ws'].bound_port}"
+        if "tcp" in self.transports and self.config.listeners.binary.tls_cert_file is None:
+            host = advertised_host(self.config.listeners.binary.bind[0], configured)
+            addresses["tcp"] = f"{_url_host(host)}:{self.transports['tcp'].bound_port}"
         if self.api is not None:
             host = advertised_host(self.config.api.bind[0], configured)
             addresses["api"] = f"http://{_url_host(host)}:{self.api.port}"

@@ -46,11 +46,20 @@ import functools
 import itertools
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
-from protocols.frames import MIN_FRAME_BYTES, Data, ErrorCode, FrameType
+from protocols.frames import (
+    MIN_FRAME_BYTES,
+    Data,
+    ErrorCode,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    Hello,
+)
 from protocols.link import (
     Backpressure,
     DedupKey,
@@ -185,6 +194,8 @@ class _DeviceConnection(asyncio.Protocol):
         self._open_context: dict[str, Any] = {}
         self._open_held = False  # open_link answered Backpressure; retried when ready
         self.closed: asyncio.Future[None] = self._loop.create_future()
+        # Cluster mode (listener.router): the first bytes, held until the HELLO is complete.
+        self._first_bytes: bytearray | None = bytearray() if listener.router else None
 
     @property
     def device_id(self) -> str | None:
@@ -215,8 +226,54 @@ class _DeviceConnection(asyncio.Protocol):
         self._sync()
 
     def data_received(self, data: bytes) -> None:
+        if self._first_bytes is not None:
+            data = self._route_first(data)
+            if not data:
+                return
         self.session.receive_data(data, self._loop.time())
         self._run_session()
+
+    def _route_first(self, data: bytes) -> bytes:
+        """Cluster mode: hold the bytes until the HELLO is complete; once it authenticates,
+        ask the listener's router. Returns the bytes this connection serves itself (b"": none
+        yet, or the connection was handed over)."""
+        assert self._first_bytes is not None
+        self._first_bytes += data
+        held = bytes(self._first_bytes)
+        try:
+            decoder = FrameDecoder(self.settings.max_frame_bytes)
+            decoder.receive_data(held)
+            frame = decoder.next_frame()
+        except FrameError:
+            frame = None
+            self._first_bytes = None  # the session reports it
+            return held
+        if frame is None:
+            return b""
+        self._first_bytes = None
+        router, transport = self.listener.router, self._transport
+        if (
+            router is None
+            or transport is None
+            or not isinstance(frame, Hello)
+            or self.listener.authenticator.check(frame, self._remote_ip, self._loop.time())
+            is not AuthResult.OK
+        ):
+            return held
+        takeover = router(Route(self.settings.agent_class, frame.device_id), transport, held)
+        if takeover is None:
+            return held
+        # Served elsewhere: the router's protocol owns the connection from now on.
+        self._cancel_timer()
+        self.listener.unregister(self)
+        self.listener.stats_extra_inc("routed_elsewhere")
+        TCP_CONNECTIONS.dec()
+        self._transport = None
+        transport.set_protocol(takeover)
+        takeover.connection_made(transport)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        return b""
 
     def eof_received(self) -> bool:
         self.session.receive_eof(self._loop.time())
@@ -656,6 +713,13 @@ class TcpListener:
         self._live_by_device: dict[str, _DeviceConnection] = {}
         self._pushes = PushOutbox(settings.max_pending_pushes)
         self._link_ids = itertools.count(1)
+        # Cluster mode's routing (gatewayd/cluster/routing.py): called once a connection's
+        # HELLO authenticated, with its route, transport and the bytes received so far; None
+        # serves the connection here, a protocol takes the connection over (relays it to the
+        # member that owns the agent).
+        self.router: Callable[[Route, asyncio.Transport, bytes], asyncio.Protocol | None] | None = (
+            None
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

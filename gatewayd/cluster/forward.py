@@ -120,3 +120,114 @@ def _sendable(code: int) -> bool:
 async def _close(connection: Any, code: int, reason: str) -> None:
     with contextlib.suppress(Exception):
         await connection.close(code, reason.encode()[:120].decode(errors="ignore"))
+
+
+# -- TCP binary-frame devices -----------------------------------------------------------------
+
+
+class TcpRelay(asyncio.Protocol):
+    """Takes over one device's TCP connection once its HELLO authenticated here (the TCP
+    listener hands it over with the bytes received so far) and relays it, byte for byte, to
+    the owner's TCP listener, which authenticates the device again and serves it. Either side
+    closing closes the other; a device that is not reading pauses the owner's side, and the
+    other way round. An owner that cannot be reached: the device gets ERROR SERVER_BUSY
+    ("reconnect with backoff") and the connection closes."""
+
+    def __init__(self, host: str, port: int, first: bytes, busy: bytes) -> None:
+        self._host, self._port = host, port
+        self._first = first
+        self._busy = busy
+        self.down: asyncio.Transport | None = None
+        self.up: asyncio.Transport | None = None
+        self._opening: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.down = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self._opening = asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        assert self.down is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                up, _ = await loop.create_connection(
+                    lambda: _TcpUpstream(self), self._host, self._port
+                )
+        except (OSError, TimeoutError) as err:
+            logger.info("cluster: relay to tcp %s:%d failed: %s", self._host, self._port, err)
+            if not self.down.is_closing():
+                self.down.write(self._busy)
+                self.down.close()
+            return
+        if self.down.is_closing():
+            up.close()
+            return
+        self.up = up  # type: ignore[assignment]
+        up.write(self._first)  # type: ignore[attr-defined]
+        self.down.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None:
+            self.up.write(data)
+
+    def eof_received(self) -> bool:
+        if self.up is not None and self.up.can_write_eof():
+            self.up.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+        if self.up is not None:
+            self.up.close()
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+
+class _TcpUpstream(asyncio.Protocol):
+    def __init__(self, relay: TcpRelay) -> None:
+        self._relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        down = self._relay.down
+        if down is not None and not down.is_closing():
+            down.write(data)
+
+    def eof_received(self) -> bool:
+        down = self._relay.down
+        if down is not None and not down.is_closing() and down.can_write_eof():
+            down.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        down = self._relay.down
+        if down is not None:
+            down.close()
+
+    def pause_writing(self) -> None:
+        if self._relay.down is not None:
+            self._relay.down.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._relay.down is not None:
+            self._relay.down.resume_reading()
+
+
+class TcpRefusal(asyncio.Protocol):
+    """Takes over a device's connection only to send it one ERROR frame and close."""
+
+    def __init__(self, frame: bytes) -> None:
+        self._frame = frame
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self._frame)  # type: ignore[attr-defined]
+        transport.close()

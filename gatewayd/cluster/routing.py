@@ -13,8 +13,15 @@ connection for an agent another member serves is relayed to that member (`forwar
 connection while the partition moves is closed with 1013 ("try again later"). Both codes make
 `gatewayd.client` (and gatewayd.js) reconnect, and the new connection is routed afresh.
 
-Must never import the daemon's assembly (see the package docstring) nor `protocols` (the
-listener calls `ws_hook` through its `router` attribute).
+TCP binary-frame devices (`tcp_hook`, on the TCP listener, once a HELLO authenticated here):
+served here, or relayed byte for byte to the owner's TCP listener (`forward.TcpRelay`; the
+owner authenticates the device again), or refused with ERROR SERVER_BUSY while the agent
+moves; a device connected here is closed with CLOSE GOING_AWAY when its partition moves.
+Devices already reconnect with backoff on both.
+
+Must never import the daemon's assembly (see the package docstring); of `protocols` only the
+wire format (`protocols.frames`, for the ERROR frame a refused device gets): the listeners
+call the hooks through their `router` attribute.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MOVED_CODE = 1012  # "service restart": the agent is now served elsewhere, reconnect
 MOVING_CODE = 1013  # "try again later": no member serves the agent's partition right now
+GOING_AWAY = 1001  # TCP CLOSE: "reconnect with backoff" (protocols/FRAMES.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +118,42 @@ class Router:
         self.forwarded += 1
         return forward.relay(ws, url, self.member.name)
 
+    # -- TCP binary-frame devices ---------------------------------------------------------
+
+    def tcp_hook(self, route: Any, transport: Any, first: bytes) -> asyncio.Protocol | None:
+        """The TCP listener's router, once a device's HELLO authenticated here: None to serve
+        it here, else a protocol that takes the connection over (relays it to the owner's TCP
+        listener, or refuses it with ERROR SERVER_BUSY while the agent moves)."""
+        decision = self.decide(route.agent_id)
+        if decision.kind == "local":
+            return None
+        address = (decision.addresses or {}).get("tcp", "")
+        host, _, port = address.rpartition(":")
+        if decision.kind == "unavailable" or not host or not port.isdigit():
+            reason = decision.reason or f"owner {decision.member} has no TCP address"
+            return forward.TcpRefusal(_busy_frame(f"agent moving ({reason}); reconnect"))
+        self.forwarded += 1
+        return forward.TcpRelay(
+            host.strip("[]"), int(port), first, _busy_frame("the agent's member is unreachable")
+        )
+
+    # -- partitions moving away ------------------------------------------------------------
+
     def _partition_moving(self, number: int) -> None:
+        partitions = self.member.settings.partitions
+        devices = 0
+        for key, conn in self.member.runtime.open_connections():
+            link = getattr(conn, "link", None)
+            if (
+                getattr(link, "transport", "") == "tcp"
+                and partition_of(key[1], partitions) == number
+            ):
+                link.close(GOING_AWAY, "agent moved to another member")  # type: ignore[union-attr]
+                devices += 1
+        if devices:
+            logger.info(
+                "cluster: partition %d moves: %d TCP devices told to reconnect", number, devices
+            )
         connections = self._local.pop(number, None)
         if not connections:
             return
@@ -124,6 +167,12 @@ class Router:
             number,
             len(connections),
         )
+
+
+def _busy_frame(reason: str) -> bytes:
+    from protocols.frames import Error, ErrorCode, encode
+
+    return encode(Error(ErrorCode.SERVER_BUSY, reason.encode()[:200].decode(errors="ignore")))
 
 
 async def _close(ws: Any, code: int, reason: str) -> None:

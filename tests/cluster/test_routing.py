@@ -16,13 +16,29 @@ import pytest
 from gatewayd.agents.storage import agent_db_file
 from gatewayd.client import AgentClient
 from gatewayd.cluster.naming import partition_of, preferred_owner
+from protocols.frames import Ack, Data, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, Group, Member, addresses, wait_settled
 from tests.cluster.nats_cluster import NATS_BIN
+from tests.frame_device import FrameDevice
 from tests.mcp.conftest import mcp_client
 from tests.waiting import eventually, wait_until
 
 CLASS = "tally"
-EXTRA = f'[agents.classes.{CLASS}]\nclass = "tests.cluster.routing_agents:Tally"\n'
+SECRET = "device-secret-0123456789"
+DEVICES = [f"dev{index}" for index in range(64)]  # the TCP devices the secrets file knows
+
+
+def routing_config(work_dir: Path) -> str:
+    """What the routing tests add to each member's config: the `Tally` agent class, and the
+    TCP listener (a free port; the devices' secrets in `work_dir`) serving it."""
+    secrets = work_dir / "devices.toml"
+    secrets.write_text("".join(f'"{device}" = "{SECRET}"\n' for device in DEVICES))
+    secrets.chmod(0o600)
+    return (
+        f'[agents.classes.{CLASS}]\nclass = "tests.cluster.routing_agents:Tally"\n'
+        '[listeners.binary]\nenabled = true\nbind = "127.0.0.1:0"\n'
+        f'agent_class = "{CLASS}"\nsecrets_file = "{secrets}"\n'
+    )
 
 
 class _Token:  # what tests.mcp.conftest.mcp_client needs of a token
@@ -70,7 +86,7 @@ async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> dict[str, 
 
     async def advertised() -> bool:
         found.update(await addresses(nc))
-        return all({"ws", "api"} <= set(found.get(name, {})) for name in members)
+        return all({"ws", "api", "tcp"} <= set(found.get(name, {})) for name in members)
 
     await eventually(advertised, bool, 15, "members' advertised addresses")
     return found
@@ -80,10 +96,11 @@ async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> dict[str, 
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
     """Two members serving WebSocket and the HTTP API, shared by the tests that do not
     change the group."""
+    work_dir = tmp_path_factory.mktemp("routing")
     group = Group(
-        tmp_path_factory.mktemp("routing"),
+        work_dir,
         clients=True,
-        extra_config=EXTRA,
+        extra_config=routing_config(work_dir),
         lease_s=2.0,
         heartbeat_s=0.5,
     )
@@ -179,10 +196,42 @@ async def test_an_mcp_call_through_the_wrong_member_runs_on_the_owner(
     assert "TypeError" in json.dumps([c.model_dump() for c in failed.content])
 
 
+async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    device_id = _agent_id(routed.partitions, "dev", {owner: [other, owner]})
+    assert device_id in DEVICES
+    device = await FrameDevice.connect(int(urls[other]["tcp"].rpartition(":")[2]))
+    try:
+        device.send(Hello(device_id, SECRET))
+        assert isinstance(await device.recv(), HelloOk)  # the owner's, through the relay
+        device.send(Data(1, b"over tcp"))
+        frames = [await device.recv(), await device.recv()]
+        assert Ack(1) in frames  # committed on the owner
+        (push,) = [frame for frame in frames if isinstance(frame, Push)]
+        assert push.payload == b"echo:over tcp"  # the agent's reply, a durable push
+        device.send(Ack(push.seq))
+    finally:
+        await device.close()
+    async with AgentClient(urls[owner]["ws"], CLASS, device_id) as at_owner:
+        state = await at_owner.wait_for_state(_is(last="over tcp"), 5)
+    assert state["pid"] == routed.members[owner].pid
+    other_state = routed.members[other].dir / "state" / "cluster"
+    assert not Path(agent_db_file(str(other_state), CLASS, device_id)).exists()
+
+
 @pytest.fixture
 def own_group(tmp_path: Path) -> Iterator[Group]:
     """Members m1 and m2 of a group of this test's own (it kills one and adds another)."""
-    group = Group(tmp_path, clients=True, extra_config=EXTRA, lease_s=2.0, heartbeat_s=0.5)
+    group = Group(
+        tmp_path,
+        clients=True,
+        extra_config=routing_config(tmp_path),
+        lease_s=2.0,
+        heartbeat_s=0.5,
+    )
     try:
         _start(group, ["m1", "m2"])
         yield group
