@@ -229,6 +229,8 @@ class Components:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
+        if self.router is not None:  # relayed TCP devices: their listener no longer has them
+            self.router.close_relays()
         stopping = [t.stop(left()) for t in self.transports.values()]
         if self.api is not None:
             stopping.append(self.api.stop(min(left(), self.config.api.shutdown_grace)))

@@ -12,7 +12,8 @@ Modules, one job each: `naming` (subjects, streams, the partition function), `pa
 database's changed pages), `changelog` (append, fencing, snapshot, restore), `ownership`
 (heartbeats, liveness, assignment, compare-and-set), `ingest` (one partition's consumer),
 `replicator` (the agent runtime's hook), `member` (one member's lifecycle), `status` (the
-operator's view).
+operator's view), `routing` (where a client's agent is served), `forward` (relaying a
+WebSocket or TCP client to the owner), `rpc` (in-process calls forwarded over NATS).
 
 Must never import the daemon's assembly (`gatewayd.daemon`, `gatewayd.wiring`, `gatewayd.cli`,
 `gatewayd.config`):

@@ -167,6 +167,12 @@ class TcpRelay(asyncio.Protocol):
         up.write(self._first)  # type: ignore[attr-defined]
         self.down.resume_reading()
 
+    def close(self) -> None:
+        if self.down is not None:
+            self.down.close()
+        if self.up is not None:
+            self.up.close()
+
     def data_received(self, data: bytes) -> None:
         if self.up is not None:
             self.up.write(data)

@@ -62,6 +62,7 @@ class Router:
         self.member = member
         self._local: dict[int, weakref.WeakSet[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._relays: weakref.WeakSet[forward.TcpRelay] = weakref.WeakSet()
         self.forwarded = 0  # WebSocket connections relayed to another member
         member.partition_moving.append(self._partition_moving)
 
@@ -133,9 +134,17 @@ class Router:
             reason = decision.reason or f"owner {decision.member} has no TCP address"
             return forward.TcpRefusal(_busy_frame(f"agent moving ({reason}); reconnect"))
         self.forwarded += 1
-        return forward.TcpRelay(
+        relay = forward.TcpRelay(
             host.strip("[]"), int(port), first, _busy_frame("the agent's member is unreachable")
         )
+        self._relays.add(relay)
+        return relay
+
+    def close_relays(self) -> None:
+        """Close every relayed TCP device (the member stops; its TCP listener does not know
+        them any more). The devices reconnect with backoff, to another member."""
+        for relay in list(self._relays):
+            relay.close()
 
     # -- partitions moving away ------------------------------------------------------------
 

@@ -16,9 +16,10 @@ import pytest
 from gatewayd.agents.storage import agent_db_file
 from gatewayd.client import AgentClient
 from gatewayd.cluster.naming import partition_of, preferred_owner
-from protocols.frames import Ack, Data, Hello, HelloOk, Push
+from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, Group, Member, addresses, wait_settled
 from tests.cluster.nats_cluster import NATS_BIN
+from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
 from tests.mcp.conftest import mcp_client
 from tests.waiting import eventually, wait_until
@@ -274,17 +275,62 @@ async def _follow(group: Group, nc: nats.NATS, survivor: str, owner: str, joiner
         state = await direct.wait_for_state(_is(last="after the kill", pid=pids[survivor]), 20)
         assert state["count"] >= 2  # "before" survived the owner's death
         assert direct.url.startswith(urls[survivor]["ws"])
+        # A TCP device of an agent that moves the same way, on the survivor (its owner now).
+        device_id = _agent_id(
+            group.partitions, "dev", {owner: [survivor, owner], joiner: [survivor, joiner]}
+        )
+        survivor_tcp = int(urls[survivor]["tcp"].rpartition(":")[2])
+        device = await _tcp_data(survivor_tcp, device_id, 1, b"tcp before the move")
 
         # A member joins and the partition is handed over to it: the survivor tells its
         # clients to reconnect, and relays them to the new owner.
         _start_member(group, joiner)
-        await wait_settled(nc, group.partitions, {survivor, joiner}, timeout_s=30)
+        urls = await _settled(group, nc, {survivor, joiner})
         for client in (direct, relayed):
             await wait_until(lambda c=client: c.connects >= 3 and c.connected, 20, "a reconnect")
         await _deliver(direct, "after the move")
         joiner_pid = group.members[joiner].pid
         state = await relayed.wait_for_state(_is(last="after the move", pid=joiner_pid), 20)
         assert state["count"] >= 3
+        # The device was told to reconnect, and is relayed to the new owner when it does.
+        try:
+            closing = await device.recv(timeout_s=20)
+        finally:
+            await device.close()
+        assert isinstance(closing, Close) and closing.code == ErrorCode.GOING_AWAY, closing
+        device = await _tcp_data(survivor_tcp, device_id, 2, b"tcp after the move")
+        await device.close()
+    async with AgentClient(urls[joiner]["ws"], CLASS, device_id) as at_joiner:
+        await at_joiner.wait_for_state(_is(last="tcp after the move", pid=joiner_pid), 10)
+
+
+async def _tcp_data(port: int, device_id: str, seq: int, payload: bytes) -> FrameDevice:
+    """A device connected to `port` whose DATA `seq` was acknowledged and whose echo it got
+    (and acknowledged), retrying while a member refuses it because the agent moves."""
+
+    async def attempt() -> FrameDevice | None:
+        device = await FrameDevice.connect(port)
+        try:
+            device.send(Hello(device_id, SECRET))
+            if not isinstance(await device.recv(), HelloOk):
+                await device.close()
+                return None  # ERROR SERVER_BUSY: the agent moves, reconnect
+            device.send(Data(seq, payload))
+            acked = echoed = False
+            while not (acked and echoed):
+                frame = await device.recv()
+                acked = acked or frame == Ack(seq)
+                if isinstance(frame, Push):
+                    device.send(Ack(frame.seq))
+                    echoed = echoed or frame.payload == b"echo:" + payload
+            return device
+        except (DeviceClosed, TimeoutError):
+            await device.close()
+            return None
+
+    found = await eventually(attempt, lambda d: d is not None, 20, f"DATA {seq} acknowledged")
+    assert isinstance(found, FrameDevice)
+    return found
 
 
 async def _deliver(client: AgentClient, message: str) -> None:
