@@ -7,7 +7,8 @@
     gatewayd agent set-state thermostat thermo-1 '{"target": 20}'
 
 Arguments are JSON when they parse as JSON (`22`, `true`, `"22"`, `{"a": 1}`), else strings.
-The gateway is `--url` (default `$GATEWAYD_URL`, else ws://127.0.0.1:8765); `--token` (default
+The gateway is `--url` (default `$GATEWAYD_URL`, else ws://127.0.0.1:8765; a group's members:
+several URLs, comma-separated, tried in turn); `--token` (default
 `$GATEWAYD_TOKEN`) is sent as a bearer token. Exit codes: 0 ok, 1 the call failed or the
 gateway is unreachable, 2 usage.
 """
@@ -44,7 +45,8 @@ def add_parser(commands: Any) -> None:
         verb.add_argument(
             "--url",
             default=os.environ.get("GATEWAYD_URL", DEFAULT_URL),
-            help=f"the gateway's WebSocket listener (default $GATEWAYD_URL or {DEFAULT_URL})",
+            help=f"the gateway's WebSocket listener (default $GATEWAYD_URL or {DEFAULT_URL}); "
+            "a group's members: several, comma-separated",
         )
         verb.add_argument(
             "--token", default=os.environ.get("GATEWAYD_TOKEN"), help="bearer token to send"
@@ -79,8 +81,9 @@ async def _main(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"{where}: the state is not valid JSON: {err}", file=sys.stderr)
             return EXIT_USAGE
+    urls = [url.strip() for url in args.url.split(",") if url.strip()]
     client = AgentClient(
-        args.url,
+        urls,
         args.agent_class,
         args.agent_id,
         token=args.token,
@@ -104,7 +107,7 @@ async def _main(args: argparse.Namespace) -> int:
                 # The protocol only answers a refusal: read the state back to confirm.
                 await client.close()
                 async with AgentClient(
-                    args.url, args.agent_class, args.agent_id, token=args.token
+                    urls, args.agent_class, args.agent_id, token=args.token
                 ) as check:
                     if check.state != new_state:
                         print(

@@ -34,6 +34,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
+
 from gatewayd.cluster import forward
 from gatewayd.cluster.naming import partition_of
 
@@ -42,6 +44,14 @@ logger = logging.getLogger(__name__)
 MOVED_CODE = 1012  # "service restart": the agent is now served elsewhere, reconnect
 MOVING_CODE = 1013  # "try again later": no member serves the agent's partition right now
 GOING_AWAY = 1001  # TCP CLOSE: "reconnect with backoff" (protocols/FRAMES.md)
+
+
+ROUTED = Counter(
+    "gatewayd_cluster_routed_total",
+    "Clients of agents another member serves: relayed (ws, tcp), calls forwarded (rpc), or "
+    "refused while the agent moves (ws_moving, tcp_moving)",
+    ["outcome"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +125,10 @@ class Router:
                 f"partition {decision.partition}: owner {decision.member} "
                 + ("has no WebSocket address" if not url else "does not serve it yet")
             )
+            ROUTED.labels("ws_moving").inc()
             return _close(ws, MOVING_CODE, f"agent moving ({reason}); try again")
         self.forwarded += 1
+        ROUTED.labels("ws").inc()
         return forward.relay(ws, url, self.member.name)
 
     # -- TCP binary-frame devices ---------------------------------------------------------
@@ -132,8 +144,10 @@ class Router:
         host, _, port = address.rpartition(":")
         if decision.kind == "unavailable" or not host or not port.isdigit():
             reason = decision.reason or f"owner {decision.member} has no TCP address"
+            ROUTED.labels("tcp_moving").inc()
             return forward.TcpRefusal(_busy_frame(f"agent moving ({reason}); reconnect"))
         self.forwarded += 1
+        ROUTED.labels("tcp").inc()
         relay = forward.TcpRelay(
             host.strip("[]"), int(port), first, _busy_frame("the agent's member is unreachable")
         )

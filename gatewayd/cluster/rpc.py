@@ -22,7 +22,7 @@ from typing import Any
 
 import nats.errors
 
-from gatewayd.cluster.routing import Router
+from gatewayd.cluster.routing import ROUTED, Router
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class RoutedRuntime:
             left = deadline - time.monotonic()
             if decision.kind == "forward":
                 subject = rpc_subject(member.settings.group, decision.member)
+                ROUTED.labels("rpc").inc()
                 try:
                     reply = await member.nc.request(subject, payload, timeout=max(0.1, left))
                 except nats.errors.NoRespondersError:

@@ -1,8 +1,11 @@
-"""The Python client given several gateway URLs (a group of gateways): it skips a gateway
-that cannot be reached for the next one, and fails at once only when none can be reached."""
+"""The Python client (and `gatewayd agent --url A,B`) given several gateway URLs (a group of
+gateways): it skips a gateway that cannot be reached for the next one, and fails at once only
+when none can be reached."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from gatewayd.client import AgentClient
 from tests.brokers import free_port
 from tests.client.daemon import Gateway
+from tests.gatewayd.daemon_process import REPO
 from tests.gatewayd.notify import NotifySocket
 
 
@@ -34,3 +38,13 @@ async def test_an_unreachable_gateway_is_skipped_for_the_next_url(gateway: Gatew
         await AgentClient(
             [nobody, f"ws://127.0.0.1:{free_port()}"], "thermostat", "t-urls"
         ).connect()
+    urls = f"{nobody},{gateway.ws_url}"
+    shown = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "agent", "state", "thermostat", "t-urls", "--url", urls],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert '"target": 21.0' in shown.stdout
