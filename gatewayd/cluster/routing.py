@@ -32,7 +32,7 @@ import socket
 import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Counter
 
@@ -58,7 +58,7 @@ ROUTED = Counter(
 class Decision:
     """`kind` is "local", "forward" (to `member` at `addresses`) or "unavailable"."""
 
-    kind: str
+    kind: Literal["local", "forward", "unavailable"]
     partition: int
     member: str = ""
     addresses: dict[str, str] | None = None
@@ -73,7 +73,7 @@ class Router:
         self._local: dict[int, weakref.WeakSet[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: weakref.WeakSet[forward.TcpRelay] = weakref.WeakSet()
-        self.forwarded = 0  # WebSocket connections relayed to another member
+        self.forwarded = 0  # WebSocket and TCP connections relayed to another member
         member.partition_moving.append(self._partition_moving)
 
     # -- addresses -----------------------------------------------------------------------
