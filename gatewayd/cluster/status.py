@@ -47,6 +47,7 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
                         "member": key,
                         "heartbeat_age_s": round(time.time() - float(raw.get("at", 0)), 1),
                         "partitions": raw.get("partitions", []),
+                        "addresses": raw.get("addresses", {}),  # where clients reach it
                     }
                 )
         records: dict[int, dict[str, Any]] = {}
