@@ -1,7 +1,8 @@
 """Clients of a group reach an agent whichever member they reach (real NATS cluster, real
-member processes, real WebSocket and HTTP sockets): a WebSocket client on a member that does
-not own the agent is relayed to its owner, an MCP call through such a member is forwarded to
-the owner over NATS, and clients follow the agent when its owner is killed."""
+member processes, real WebSocket, TCP and HTTP sockets): a WebSocket client or a TCP device on
+a member that does not own the agent is relayed to its owner, an MCP call through such a
+member is forwarded to the owner over NATS, and clients and devices follow the agent when its
+owner is killed and when it is handed over to a member that joins."""
 
 from __future__ import annotations
 
