@@ -182,6 +182,10 @@ class _DeviceConnection(asyncio.Protocol):
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
         self._held: Data | None = None
         self._reading = True
+        # DATA held while the device's pushes or our send buffer are backed up (hold_data).
+        self._write_blocked = False  # pause_writing .. resume_writing
+        self._pushes_blocked = False  # push backlog over max_push_backlog
+        self._run_scheduled = False
         self._open_context: dict[str, Any] = {}
         self._open_held = False  # open_link answered Backpressure; retried when ready
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -223,6 +227,17 @@ class _DeviceConnection(asyncio.Protocol):
         self._run_session()
         return True  # keep the write side open until the session is done with it
 
+    def pause_writing(self) -> None:
+        """The send buffer is over its high-water mark (the device reads slower than we write):
+        accept no more DATA from it until it drains (`resume_writing`)."""
+        self._write_blocked = True
+        self.listener.stats_extra_inc("write_pauses")
+        self._update_data_hold()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._update_data_hold()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost()
         self._held = None
@@ -234,6 +249,16 @@ class _DeviceConnection(asyncio.Protocol):
             self.closed.set_result(None)
 
     # ------------------------------------------------------------ the session's events
+
+    def _run_session_soon(self) -> None:
+        if not self._run_scheduled:
+            self._run_scheduled = True
+            self._loop.call_soon(self._run_session_later)
+
+    def _run_session_later(self) -> None:
+        self._run_scheduled = False
+        if self.session.state is not SessionState.CLOSED:
+            self._run_session()
 
     def _run_session(self) -> None:
         session = self.session
@@ -414,6 +439,7 @@ class _DeviceConnection(asyncio.Protocol):
         assert self.device_id is not None
         for seq, payload, resend in self.listener.pending_pushes(self.device_id):
             self.write_push(seq, payload, resend)
+        self.push_backlog_changed(self.listener.push_backlog(self.device_id))
         self._sync()
 
     # ------------------------------------------------------------ DATA
@@ -578,6 +604,35 @@ class _DeviceConnection(asyncio.Protocol):
             TCP_PUSHES.labels("resent" if resend else "sent").inc()
             self.listener.stats.messages_out += 1
             self._flush()
+
+    def push_backlog_changed(self, backlog: int) -> None:
+        """Backpressure from pushes: while the device owes ACKs for `max_push_backlog` pushes
+        or more, accept none of its DATA (each could make its agent push more); accept again
+        once it is down to half of that."""
+        limit = self.settings.max_push_backlog
+        if not self._pushes_blocked and backlog >= limit:
+            self._pushes_blocked = True
+            self.listener.stats_extra_inc("push_backlog_holds")
+            logger.debug(
+                "tcp: device %r owes ACKs for %d pushes (max_push_backlog=%d); holding its DATA",
+                self.device_id,
+                backlog,
+                limit,
+            )
+            self._update_data_hold()
+        elif self._pushes_blocked and backlog <= limit // 2:
+            self._pushes_blocked = False
+            self._update_data_hold()
+
+    def _update_data_hold(self) -> None:
+        session = self.session
+        if self._write_blocked or self._pushes_blocked:
+            session.hold_data()
+        elif session.data_held:
+            session.release_data()
+            # Not from inside whatever called us (possibly this connection's own event loop
+            # in _run_session): the kept frames are handed out on the next iteration.
+            self._run_session_soon()
 
     def close_after_settling(self, code: int, reason: str, timeout_s: float | None = None) -> None:
         """Stop reading, wait for in-flight DATA to be ACKed/ERRORed, send CLOSE, close."""
@@ -795,13 +850,21 @@ class TcpListener:
         self._write_pushes(device_id)
         return True
 
+    def held_frames(self, device_id: str) -> int:
+        """Frames the device's live connection received and holds back while its pushes or
+        send buffer are backed up (0 without a live connection)."""
+        live = self._live_by_device.get(device_id)
+        return 0 if live is None else live.session.held_frames
+
     def push_backlog(self, device_id: str) -> int:
         """Pushes the device has not ACKed yet (written or waiting for the window)."""
         return self._pushes.backlog(device_id)
 
     def _write_pushes(self, device_id: str) -> None:
-        """Fill the push window of the device's open connection, if it has one."""
+        """Fill the push window of the device's open connection, if it has one, and hold or
+        release its DATA by its push backlog."""
         live = self._live_by_device.get(device_id)
         if live is not None and live.is_open:
             for seq, payload, resend in self._pushes.take_window(device_id):
                 live.write_push(seq, payload, resend)
+            live.push_backlog_changed(self._pushes.backlog(device_id))
