@@ -124,10 +124,6 @@ TCP_BACKPRESSURE_PAUSES = Counter(
 )
 
 
-def _count_frame(frame_type: FrameType) -> None:
-    _FRAMES_RECEIVED_BY_TYPE[frame_type].inc()
-
-
 class TcpLink(LinkIdentity):
     """The `protocols.link.Link` of one authenticated TCP connection."""
 
@@ -169,7 +165,7 @@ class _DeviceConnection(asyncio.Protocol):
         self.listener = listener
         self.settings = listener.settings
         self._loop = asyncio.get_running_loop()
-        self.session = TcpSession(self.settings, self._loop.time(), on_frame=_count_frame)
+        self.session = TcpSession(self.settings, self._loop.time(), on_frame=listener.count_frame)
         self._transport: asyncio.Transport | None = None
         self.remote = "?"
         self._remote_ip = "?"
@@ -178,7 +174,7 @@ class _DeviceConnection(asyncio.Protocol):
         self._counted_open = False  # links_open counts links that got HELLO_OK
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_scheduled = False
+        self.flush_pending = False  # in the listener's list of connections to flush
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
         self._held: Data | None = None
         self._reading = True
@@ -504,11 +500,15 @@ class _DeviceConnection(asyncio.Protocol):
         )
         if exc is None:
             outcome = settled.result()
-            _DATA_OUTCOME_BY_VALUE[outcome].inc()
+            listener = self.listener
+            listener.count_outcome(outcome)
             if outcome is Outcome.DUPLICATE:
-                self.listener.stats_extra_inc("data_duplicates")
+                listener.stats_extra_inc("data_duplicates")
             session.data_applied(seq)
-            self._flush_soon()  # ACKs settled in one loop iteration leave in one write
+            # ACKs settled in one loop iteration leave in one write per connection, all
+            # connections' writes at the end of the iteration (TcpListener.flush_soon).
+            if not self.flush_pending:
+                listener.flush_soon(self)
             return
         if isinstance(exc, LinkRejected) and exc.code != _GOING_AWAY_CODE:
             code, message = ErrorCode.REJECTED, exc.reason
@@ -572,14 +572,11 @@ class _DeviceConnection(asyncio.Protocol):
         self._timer = None
         self._timer_at = None
 
-    def _flush_soon(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_and_sync)
-
-    def _flush_and_sync(self) -> None:
-        self._flush_scheduled = False
-        self._sync()
+    def flush_and_sync(self) -> None:
+        """The listener's end-of-iteration flush: write the queued ACKs, then `_sync`."""
+        self.flush_pending = False
+        if self._transport is not None:
+            self._sync()
 
     def _flush(self) -> None:
         data = self.session.data_to_send()
@@ -711,9 +708,17 @@ class TcpListener:
         self._live_by_device: dict[str, _DeviceConnection] = {}
         self._pushes = PushOutbox(settings.max_pending_pushes)
         self._link_ids = itertools.count(1)
+        # Work left for the end of the loop iteration, done by one callback for all
+        # connections: their queued ACKs, and the per-frame counters (plain ints until then,
+        # then one Counter.inc(n) per label instead of one per frame).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._end_of_iteration_scheduled = False
+        self._to_flush: list[_DeviceConnection] = []
+        self._frames_by_type: dict[FrameType, int] = {}
+        self._outcomes: dict[Outcome, int] = {}
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _DeviceConnection(self),
             self.settings.host,
@@ -790,6 +795,42 @@ class TcpListener:
         device_id = connection.device_id
         if device_id is not None and self._live_by_device.get(device_id) is connection:
             del self._live_by_device[device_id]
+
+    def count_frame(self, frame_type: FrameType) -> None:
+        counts = self._frames_by_type
+        counts[frame_type] = counts.get(frame_type, 0) + 1
+        if not self._end_of_iteration_scheduled:
+            self._schedule_end_of_iteration()
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        counts = self._outcomes
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if not self._end_of_iteration_scheduled:
+            self._schedule_end_of_iteration()
+
+    def flush_soon(self, connection: _DeviceConnection) -> None:
+        """Write `connection`'s queued frames at the end of this loop iteration."""
+        connection.flush_pending = True
+        self._to_flush.append(connection)
+        if not self._end_of_iteration_scheduled:
+            self._schedule_end_of_iteration()
+
+    def _schedule_end_of_iteration(self) -> None:
+        self._end_of_iteration_scheduled = True
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_soon(self._end_of_iteration)
+
+    def _end_of_iteration(self) -> None:
+        self._end_of_iteration_scheduled = False
+        to_flush, self._to_flush = self._to_flush, []
+        for connection in to_flush:
+            connection.flush_and_sync()
+        frames, self._frames_by_type = self._frames_by_type, {}
+        for frame_type, n in frames.items():
+            _FRAMES_RECEIVED_BY_TYPE[frame_type].inc(n)
+        outcomes, self._outcomes = self._outcomes, {}
+        for outcome, n in outcomes.items():
+            _DATA_OUTCOME_BY_VALUE[outcome].inc(n)
 
     def next_link_id(self) -> str:
         return f"tcp-{next(self._link_ids)}"

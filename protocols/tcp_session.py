@@ -49,6 +49,7 @@ from protocols.frames import (
     Pong,
     Push,
     encode,
+    encode_ack,
 )
 from protocols.tcp_settings import TcpSettings
 
@@ -420,7 +421,7 @@ class TcpSession:
         if seq not in self._in_flight:
             return  # forgotten (settle timeout, connection gone)
         self._in_flight.discard(seq)
-        self._queue(Ack(seq))
+        self._out.append(encode_ack(seq))
         if self.state is SessionState.CLOSING and not self._in_flight:
             self._finish_close()
 
@@ -507,6 +508,8 @@ class TcpSession:
     def _handle(self, frame: Frame) -> Event | None:
         # The order of checks is FRAMES.md 4.1: the frame itself (decoder), then direction,
         # then CLOSE/ERROR in any state, then the state, then the type's own rules.
+        if type(frame) is Data and self.state is SessionState.OPEN:
+            return self._data(frame)  # the common case, same checks in fewer steps
         if frame.TYPE in _GATEWAY_ONLY:
             return self._failed(
                 ErrorCode.UNEXPECTED, f"{frame.TYPE.name} frame is not valid from a device"
