@@ -714,8 +714,11 @@ class TcpListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._end_of_iteration_scheduled = False
         self._to_flush: list[_DeviceConnection] = []
-        self._frames_by_type: dict[FrameType, int] = {}
-        self._outcomes: dict[Outcome, int] = {}
+        # Indexed by the type's byte / counted by identity: hashing an Enum member runs Python.
+        self._frames_by_type = [0] * 256
+        self._frames_counted = False
+        self._applied = 0
+        self._duplicates = 0
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -797,14 +800,16 @@ class TcpListener:
             del self._live_by_device[device_id]
 
     def count_frame(self, frame_type: FrameType) -> None:
-        counts = self._frames_by_type
-        counts[frame_type] = counts.get(frame_type, 0) + 1
+        self._frames_by_type[frame_type] += 1
+        self._frames_counted = True
         if not self._end_of_iteration_scheduled:
             self._schedule_end_of_iteration()
 
     def count_outcome(self, outcome: Outcome) -> None:
-        counts = self._outcomes
-        counts[outcome] = counts.get(outcome, 0) + 1
+        if outcome is Outcome.APPLIED:
+            self._applied += 1
+        else:
+            self._duplicates += 1
         if not self._end_of_iteration_scheduled:
             self._schedule_end_of_iteration()
 
@@ -825,12 +830,19 @@ class TcpListener:
         to_flush, self._to_flush = self._to_flush, []
         for connection in to_flush:
             connection.flush_and_sync()
-        frames, self._frames_by_type = self._frames_by_type, {}
-        for frame_type, n in frames.items():
-            _FRAMES_RECEIVED_BY_TYPE[frame_type].inc(n)
-        outcomes, self._outcomes = self._outcomes, {}
-        for outcome, n in outcomes.items():
-            _DATA_OUTCOME_BY_VALUE[outcome].inc(n)
+        if self._frames_counted:
+            self._frames_counted = False
+            counts = self._frames_by_type
+            for frame_type, counter in _FRAMES_RECEIVED_BY_TYPE.items():
+                if counts[frame_type]:
+                    counter.inc(counts[frame_type])
+                    counts[frame_type] = 0
+        if self._applied:
+            _DATA_OUTCOME_BY_VALUE[Outcome.APPLIED].inc(self._applied)
+            self._applied = 0
+        if self._duplicates:
+            _DATA_OUTCOME_BY_VALUE[Outcome.DUPLICATE].inc(self._duplicates)
+            self._duplicates = 0
 
     def next_link_id(self) -> str:
         return f"tcp-{next(self._link_ids)}"
