@@ -207,6 +207,8 @@ def paced_pass(
         ),
         "errors": sum(r["error_count"] for r in results),
         "gateway_cpu_us_per_frame": round(cpu_s * 1e6 / max(1, acked), 1),
+        # Of one core: the event loop is one thread, so near 100 the server is saturated.
+        "gateway_cpu_pct": round(100 * cpu_s / duration_s, 1),
     }
     if errors:
         summary["error_samples"] = sorted(set(errors))[:3]
