@@ -315,12 +315,16 @@ def main() -> None:
     baselines = {kind: BaselineServer(kind, args.devices) for kind in ("raw", "null")}
     try:
         with GatewayDaemon(config, files={"devices.toml": secrets_toml(devices)}) as daemon:
-            warm = _run(
-                run_load("127.0.0.1", port, devices, frames_per_device=args.warmup_frames,
-                         window=args.window, payload_bytes=args.payload_bytes)
-            )  # fmt: skip
-            if warm.errors:
-                raise SystemExit(f"warm-up failed: {warm.errors[:3]}\n{daemon.log_tail()}")
+            # Wake (create) every agent, a few hundred at a time: a thousand first opens at
+            # once can outlast the hello timeout on a busy disk.
+            for first in range(0, len(devices), 200):
+                warm = _run(
+                    run_load("127.0.0.1", port, devices[first : first + 200],
+                             frames_per_device=args.warmup_frames, window=args.window,
+                             payload_bytes=args.payload_bytes)
+                )  # fmt: skip
+                if warm.errors:
+                    raise SystemExit(f"warm-up failed: {warm.errors[:3]}\n{daemon.log_tail()}")
             servers = {kind: (b.port, b.child.pid) for kind, b in baselines.items()}
             servers["gateway"] = (port, daemon.pid)
             next_seq = {kind: args.warmup_frames + 1 for kind in servers}  # contiguous per device

@@ -200,6 +200,7 @@ def main() -> None:
         result = uvloop.run(run(args))
     except ImportError:
         result = asyncio.run(run(args))
+    os.set_blocking(sys.stdout.fileno(), True)  # the event loop may have left it non-blocking
     print("RESULT " + json.dumps(result), flush=True)
 
 
