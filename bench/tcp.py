@@ -134,6 +134,8 @@ def paced_pass(
 ) -> tuple[dict[str, Any], int]:  # fmt: skip
     """Open loop at `rate_per_s` in total: `--senders` processes (bench/tcp_paced.py), each
     device at a fixed interval. Returns the summary and the next free seq of every device."""
+    results_dir = tempfile.TemporaryDirectory(prefix="tcp-paced-")
+    result_files = [Path(results_dir.name) / f"sender-{p}.json" for p in range(args.senders)]
     senders = [
         subprocess.Popen(
             [
@@ -155,6 +157,8 @@ def paced_pass(
                 str(args.window),
                 "--payload-bytes",
                 str(args.payload_bytes),
+                "--result-file",
+                str(result_files[p]),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -179,12 +183,12 @@ def paced_pass(
         time.sleep(max(0.0, t0 + warmup_s + duration_s - time.monotonic()))
         cpu_s = proc_cpu_s(pid) - cpu_before
         results = []
-        for sender in senders:
+        for sender, result_file in zip(senders, result_files, strict=True):
             assert sender.stdout is not None
             line = sender.stdout.readline()
-            if not line.startswith("RESULT "):
+            if line.strip() != "DONE":
                 raise SystemExit(f"paced sender failed: {line!r}")
-            results.append(json.loads(line[len("RESULT ") :]))
+            results.append(json.loads(result_file.read_text()))
     finally:
         for sender in senders:
             try:
@@ -192,6 +196,7 @@ def paced_pass(
             except subprocess.TimeoutExpired:
                 sender.kill()
                 sender.wait()
+        results_dir.cleanup()
     latencies = sorted(x for r in results for x in r["latencies_us"])
     acked = len(latencies)
     errors = [e for r in results for e in r["errors"]]

@@ -10,8 +10,9 @@ with `window` frames unACKed skips its slot (counted: the offered rate was then 
 Protocol with the parent (bench/tcp.py), one line each:
     child  -> parent   READY                      (every device got HELLO_OK)
     parent -> child    GO <t0> <warmup_s> <duration_s>   (t0: time.monotonic(), shared)
-    child  -> parent   RESULT {json}              (latencies in µs of the measured window,
-                                                   next free seq, counters)
+    child  -> parent   DONE                       (--result-file holds the JSON: latencies in
+                                                   µs of the measured window, next free seq,
+                                                   counters)
 Connections are asyncio.Protocol objects on uvloop when available (cheap per frame).
 
     python bench/tcp_paced.py --port P --first-device 0 --stride 4 --total-devices 1000 \
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--first-seq", type=int, required=True)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--payload-bytes", type=int, default=64)
+    parser.add_argument("--result-file", required=True, help="where the result JSON goes")
     args = parser.parse_args()
     try:
         import uvloop
@@ -200,8 +202,8 @@ def main() -> None:
         result = uvloop.run(run(args))
     except ImportError:
         result = asyncio.run(run(args))
-    os.set_blocking(sys.stdout.fileno(), True)  # the event loop may have left it non-blocking
-    print("RESULT " + json.dumps(result), flush=True)
+    Path(args.result_file).write_text(json.dumps(result))
+    print("DONE", flush=True)
 
 
 if __name__ == "__main__":
