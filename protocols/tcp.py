@@ -99,6 +99,10 @@ TRANSPORT = "tcp"
 # refused for good, so the device must keep it and resend it (NOT_APPLIED, not REJECTED).
 _GOING_AWAY_CODE = 1001
 
+# A push at least this large is written at once; smaller ones wait for the end of the loop
+# iteration, to leave in one write with the other pushes and the ACKs of the same commit.
+_WRITE_NOW_BYTES = 16 * 1024
+
 TCP_CONNECTIONS = Gauge("gatewayd_tcp_connections", "Open TCP frame connections (any state)")
 TCP_FRAMES_RECEIVED = Counter(
     "gatewayd_tcp_frames_received_total", "Frames received from devices", ["type"]
@@ -175,6 +179,8 @@ class _DeviceConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.flush_pending = False  # in the listener's list of connections to flush
+        # DATA handed to the handler and not settled yet, by seq (see flush_and_sync).
+        self._unsettled: dict[int, asyncio.Future[Outcome]] = {}
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
         self._held: Data | None = None
         self._reading = True
@@ -458,6 +464,7 @@ class _DeviceConnection(asyncio.Protocol):
                 self._hold(frame, refused)
                 return
         self._count_in(frame)
+        self._unsettled[frame.seq] = settled
         settled.add_done_callback(functools.partial(self._settled, frame.seq))
 
     def _count_in(self, frame: Data) -> None:
@@ -494,6 +501,8 @@ class _DeviceConnection(asyncio.Protocol):
         self._run_session()
 
     def _settled(self, seq: int, settled: asyncio.Future[Outcome]) -> None:
+        if self._unsettled.pop(seq, None) is None:
+            return  # settled already, by flush_and_sync
         session = self.session
         exc: BaseException | None = (
             asyncio.CancelledError() if settled.cancelled() else settled.exception()
@@ -573,7 +582,18 @@ class _DeviceConnection(asyncio.Protocol):
         self._timer_at = None
 
     def flush_and_sync(self) -> None:
-        """The listener's end-of-iteration flush: write the queued ACKs, then `_sync`."""
+        """The listener's end-of-iteration flush: write what is queued, then `_sync`.
+
+        DATA whose agent turn committed since the last flush is settled here first, even if
+        its future's own callback has not run yet: the runtime releases a batch's outputs
+        (pushes, queued here) and then resolves its futures in the same call, so the replies
+        and the ACKs of one commit leave in one write. (An ACK still never leaves before its
+        future resolved, i.e. before the commit.)"""
+        unsettled = self._unsettled
+        if unsettled:
+            for seq, future in list(unsettled.items()):
+                if future.done():
+                    self._settled(seq, future)
         self.flush_pending = False
         if self._transport is not None:
             self._sync()
@@ -600,7 +620,10 @@ class _DeviceConnection(asyncio.Protocol):
         if self.session.send_push(seq, payload, resend):
             TCP_PUSHES.labels("resent" if resend else "sent").inc()
             self.listener.stats.messages_out += 1
-            self._flush()
+            if len(payload) >= _WRITE_NOW_BYTES or self.session.queued_frames >= 64:
+                self._flush()  # large: not held in memory until the end of the iteration
+            elif not self.flush_pending:
+                self.listener.flush_soon(self)  # with the ACKs settled meanwhile
 
     def push_backlog_changed(self, backlog: int) -> None:
         """Backpressure from pushes: while the device owes ACKs for `max_push_backlog` pushes

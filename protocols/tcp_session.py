@@ -205,6 +205,11 @@ class TcpSession:
         return len(self._held)
 
     @property
+    def queued_frames(self) -> int:
+        """Frames queued for the device and not yet taken by `data_to_send`."""
+        return len(self._out)
+
+    @property
     def in_flight(self) -> int:
         """DATA frames handed out as DataReceived and not yet settled."""
         return len(self._in_flight)
