@@ -1,22 +1,31 @@
-"""TCP binary frames through the REAL daemon: 1,000 connected devices, a state write per frame.
+"""TCP binary frames through the REAL daemon: many connected devices, a state write per frame.
 
-A `gatewayd run` child process serves `[listeners.binary]` with the `FrameCounter` agent
-(bench/gateway_agents.py: one small SQL insert + one `set_state` per DATA frame, durability
-`normal`); every device is its own agent with its own SQLite file. The load generator
-(bench/tcp_load.py `run_load`, in this process) connects all devices, then streams pipelined
-DATA frames (`--window` unacked per device) and measures each frame's send -> ACK latency and
-its own encode cost. A warm-up pass first wakes every agent (creates its database), so the
-measured pass is the steady state; the daemon's CPU (utime+stime, all threads) is read around
-the measured pass.
+A `gatewayd run` child process serves `[listeners.binary]` with the `--agent` class
+(bench/gateway_agents.py; `FrameCounter`: one small SQL insert + one `set_state` per DATA
+frame; `TelemetryEcho`: the same plus a reply, a PUSH, per frame), durability `normal` by
+default; every device is its own agent with its own SQLite file. A warm-up wakes every agent
+first, so the measured passes are the steady state.
 
-Baseline in the same run: tcp_load's `null` gateway (TcpListener + a handler that resolves
-every frame at once: transport + codec only, no agent, no storage), in its own child process.
+Baselines in the same run, each its own child process, measured in every repeat right before
+the daemon: `raw` (a bare asyncio.Protocol with the frame codec that ACKs every DATA at once:
+no session rules, no auth, no state) and `null` (TcpListener + a handler that resolves every
+frame at once: the transport's own cost).
 
-    python bench/tcp.py                          # 1,000 devices, ~1 min
-    python bench/tcp.py --devices 1000 --frames 100 --window 8 --repeats 3
+Passes per server and repeat:
+- `max`: closed loop (bench/tcp_load.py `run_load`, in this process): every device streams
+  `--frames` DATA frames with `--window` unACKed;
+- `paced_<N>pct`: open loop at N% of that server's own max rate, from `--senders` processes
+  (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
+  evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
+The server's CPU (utime+stime, all threads) is read around each pass; `--profile DIR` runs
+py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py).
 
-Targets (issue #4): >= 30,000 acknowledged frames/s and ack p99 < 10 ms against the daemon.
-Prints a table, then one JSON line (medians over --repeats).
+    python bench/tcp.py                          # 1,000 devices
+    python bench/tcp.py --devices 500 --frames 40 --repeats 2 --profile /tmp/tcp-prof
+
+Targets (issue 9): >= 30,000 acknowledged frames/s with a state write per frame; ack p99
+< 10 ms at 50% of the max rate with paced senders. Prints a table, then one JSON line
+(medians over --repeats; ratios to the raw echo per repeat, then their median).
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ durability = "{durability}"
 python_path = ["{repo}"]
 hibernate_after = "10m"
 [agents.classes.frames]
-class = "bench.gateway_agents:FrameCounter"
+class = "bench.gateway_agents:{agent}"
 [listeners.websocket]
 enabled = false
 [listeners.binary]
@@ -305,13 +314,19 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="py-spy the gateway's phases into DIR")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--durability", default="normal", choices=("normal", "full"))
+    parser.add_argument(
+        "--agent",
+        default="FrameCounter",
+        choices=("FrameCounter", "TelemetryEcho"),
+        help="bench/gateway_agents.py class; TelemetryEcho also replies (a PUSH) per frame",
+    )
     args = parser.parse_args()
     fractions = [float(f) for f in args.paced.split(",") if f]
 
     devices = _bench_devices(args.devices)
     port, http_port = free_port(), free_port()
     config = GATEWAY_CONFIG.format(
-        durability=args.durability, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
+        durability=args.durability, agent=args.agent, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
         max_connections=args.devices + 100,
     )  # fmt: skip
     runs: list[dict[str, dict[str, Any]]] = []
@@ -413,6 +428,7 @@ def main() -> None:
         "window": args.window,
         "payload_bytes": args.payload_bytes,
         "durability": args.durability,
+        "agent": args.agent,
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
         "wall_s": round(time.monotonic() - started, 1),

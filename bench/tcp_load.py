@@ -52,6 +52,7 @@ from protocols.frames import (  # noqa: E402
     HelloOk,
     Ping,
     Pong,
+    Push,
     encode,
 )
 
@@ -169,6 +170,8 @@ async def _run_device(
                     if sent is not None:
                         tally.latencies_s.append(now - sent)
                         acked += 1
+                elif isinstance(frame, Push):  # an agent's reply: acknowledge it
+                    writer.write(encode(Ack(frame.seq)))
                 elif isinstance(frame, Ping):
                     writer.write(encode(Pong(frame.seq)))
                 elif isinstance(frame, Error | Close):

@@ -44,6 +44,7 @@ from protocols.frames import (  # noqa: E402
     HelloOk,
     Ping,
     Pong,
+    Push,
     encode,
 )
 
@@ -82,6 +83,9 @@ class PacedDevice(asyncio.Protocol):
                 self.window = min(self.window, frame.max_unacked)
                 if not self.hello_ok.done():
                     self.hello_ok.set_result(None)
+            elif isinstance(frame, Push):  # an agent's reply: acknowledge it
+                assert self.transport is not None
+                self.transport.write(encode(Ack(frame.seq)))
             elif isinstance(frame, Ping):
                 assert self.transport is not None
                 self.transport.write(encode(Pong(frame.seq)))
