@@ -22,6 +22,18 @@ frame: it stops reading the socket and submits the same frame again once `Backpr
 resolves, so order is kept. A pushed-back `open_link` is retried the same way, within the
 hello timeout.
 
+The other direction: while the device owes ACKs for `max_push_backlog` pushes, or while the
+transport's send buffer is over its high-water mark (`pause_writing`: the device does not read),
+the session holds the device's DATA (`TcpSession.hold_data`: DATA and a CLOSE/ERROR behind it
+wait in order, ACK/PING/PONG still pass), so neither the push backlog nor the send buffer
+grows with the device's input; the hold ends at half the backlog / `resume_writing`.
+
+Writes are coalesced per loop iteration: settled DATA queues its ACK and small pushes queue
+their PUSH, and one callback at the end of the iteration (`TcpListener.flush_soon`) writes each
+connection's queue in one `write`, settling first the DATA whose futures already resolved, so
+the replies and ACKs of one commit leave together. Per-frame metrics are counted as ints and
+published by that same callback.
+
 Pushes belong to the device, not to one connection: they are kept until the device ACKs them
 and are resent after it reconnects, oldest first, at most `max_pending_pushes` unACKed at a time
 (protocols/tcp_pushes.py). The gateway's runtime sends them tracked
