@@ -271,6 +271,8 @@ class Profiler:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         py_spy = Path(sys.executable).with_name("py-spy")
+        if not py_spy.exists():
+            raise SystemExit(f"--profile needs py-spy next to {sys.executable}: pip install py-spy")
         self._proc = subprocess.Popen(
             [str(py_spy), "record", "-p", str(pid), "-f", "raw", "-r", "250", "--gil",
              "--nonblocking", "-F", "-o", str(self.directory / f"{name}.txt")],
