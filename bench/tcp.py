@@ -1,22 +1,31 @@
-"""TCP binary frames through the REAL daemon: 1,000 connected devices, a state write per frame.
+"""TCP binary frames through the REAL daemon: many connected devices, a state write per frame.
 
-A `gatewayd run` child process serves `[listeners.binary]` with the `FrameCounter` agent
-(bench/gateway_agents.py: one small SQL insert + one `set_state` per DATA frame, durability
-`normal`); every device is its own agent with its own SQLite file. The load generator
-(bench/tcp_load.py `run_load`, in this process) connects all devices, then streams pipelined
-DATA frames (`--window` unacked per device) and measures each frame's send -> ACK latency and
-its own encode cost. A warm-up pass first wakes every agent (creates its database), so the
-measured pass is the steady state; the daemon's CPU (utime+stime, all threads) is read around
-the measured pass.
+A `gatewayd run` child process serves `[listeners.binary]` with the `--agent` class
+(bench/gateway_agents.py; `FrameCounter`: one small SQL insert + one `set_state` per DATA
+frame; `TelemetryEcho`: the same plus a reply, a PUSH, per frame), durability `normal` by
+default; every device is its own agent with its own SQLite file. A warm-up wakes every agent
+first, so the measured passes are the steady state.
 
-Baseline in the same run: tcp_load's `null` gateway (TcpListener + a handler that resolves
-every frame at once: transport + codec only, no agent, no storage), in its own child process.
+Baselines in the same run, each its own child process, measured in every repeat right before
+the daemon: `raw` (a bare asyncio.Protocol with the frame codec that ACKs every DATA at once:
+no session rules, no auth, no state) and `null` (TcpListener + a handler that resolves every
+frame at once: the transport's own cost).
 
-    python bench/tcp.py                          # 1,000 devices, ~1 min
-    python bench/tcp.py --devices 1000 --frames 100 --window 8 --repeats 3
+Passes per server and repeat:
+- `max`: closed loop (bench/tcp_load.py `run_load`, in this process): every device streams
+  `--frames` DATA frames with `--window` unACKed;
+- `paced_<N>pct`: open loop at N% of that server's own max rate, from `--senders` processes
+  (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
+  evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
+The server's CPU (utime+stime, all threads) is read around each pass; `--profile DIR` runs
+py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py).
 
-Targets (issue #4): >= 30,000 acknowledged frames/s and ack p99 < 10 ms against the daemon.
-Prints a table, then one JSON line (medians over --repeats).
+    python bench/tcp.py                          # 1,000 devices
+    python bench/tcp.py --devices 500 --frames 40 --repeats 2 --profile /tmp/tcp-prof
+
+Targets (issue 9): >= 30,000 acknowledged frames/s with a state write per frame; ack p99
+< 10 ms at 50% of the max rate with paced senders. Prints a table, then one JSON line
+(medians over --repeats; ratios to the raw echo per repeat, then their median).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,18 +49,6 @@ sys.path.insert(0, str(REPO))
 
 from bench._gateway import CLOCK_TICKS_PER_S, GatewayDaemon  # noqa: E402
 from bench.tcp_load import LoadResult, _bench_devices, run_load  # noqa: E402
-from protocols.frames import (  # noqa: E402
-    Ack,
-    Close,
-    Data,
-    Error,
-    FrameDecoder,
-    Hello,
-    HelloOk,
-    Ping,
-    Pong,
-    encode,
-)
 from tests.brokers import free_port  # noqa: E402
 
 TARGET_FRAMES_PER_S = 30_000.0
@@ -69,7 +67,7 @@ durability = "{durability}"
 python_path = ["{repo}"]
 hibernate_after = "10m"
 [agents.classes.frames]
-class = "bench.gateway_agents:FrameCounter"
+class = "bench.gateway_agents:{agent}"
 [listeners.websocket]
 enabled = false
 [listeners.binary]
@@ -104,13 +102,14 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
-class NullGateway:
-    """tcp_load's `null` gateway side (TcpListener + resolve-at-once handler) as a child."""
+class BaselineServer:
+    """A tcp_load baseline server as a child process: `raw` (bare asyncio.Protocol + codec,
+    ACKs at once) or `null` (TcpListener + a resolve-at-once handler)."""
 
-    def __init__(self, device_count: int) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="tcp-null-")
+    def __init__(self, kind: str, device_count: int) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"tcp-{kind}-")
         self.child = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "tcp_load.py"), "--serve", "null",
+            [sys.executable, str(REPO / "bench" / "tcp_load.py"), "--serve", kind,
              "--devices", str(device_count), "--state-dir", self._tmp.name],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -118,7 +117,7 @@ class NullGateway:
         line = self.child.stdout.readline()
         if not line.startswith("PORT "):
             self.close()
-            raise SystemExit(f"null gateway child did not start: {line!r}")
+            raise SystemExit(f"{kind} baseline child did not start: {line!r}")
         self.port = int(line.split()[1])
 
     def close(self) -> None:
@@ -132,151 +131,102 @@ class NullGateway:
         self._tmp.cleanup()
 
 
-class _PacedDevice:
-    """One connected device for the paced (open-loop) pass."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, window: int):
-        self.reader, self.writer, self.window = reader, writer, window
-        self.sent_at: dict[int, float] = {}
-        self.decoder = FrameDecoder()
-        self.next_seq = 0
+def _quantile_ms(ordered_us: list[int], q: float) -> float:
+    if not ordered_us:
+        return float("nan")
+    return round(ordered_us[min(len(ordered_us) - 1, int(q * len(ordered_us)))] / 1000, 3)
 
 
-async def _connect(host: str, port: int, device_id: str, secret: str, window: int) -> _PacedDevice:
-    reader, writer = await asyncio.open_connection(host, port)
-    device = _PacedDevice(reader, writer, window)
-    writer.write(encode(Hello(device_id, secret, "bench/tcp paced")))
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            raise ConnectionError(f"{device_id}: closed before HELLO_OK")
-        for frame in device.decoder.feed(data):
-            if isinstance(frame, HelloOk):
-                device.window = min(window, frame.max_unacked)
-                return device
-            if isinstance(frame, Error):
-                raise ConnectionError(f"{device_id}: {frame.code} {frame.message}")
-
-
-async def paced_load(
-    host: str, port: int, devices: list[tuple[str, str]], *, rate_per_s: float, duration_s: float,
-    warmup_s: float, first_seq: int, window: int, payload_bytes: int, cpu: Any = None,
+def paced_pass(
+    port: int, device_count: int, *, rate_per_s: float, first_seq: int, args: argparse.Namespace,
+    pid: int,
 ) -> tuple[dict[str, Any], int]:  # fmt: skip
-    """Open loop: DATA frames at `rate_per_s` in total, round robin over the devices.
-
-    A device with `window` frames unacked is skipped (counted in `skipped`): the offered rate
-    is then not met, which the result shows. Returns the summary and the next free seq.
-    """
-    connected = await asyncio.gather(
-        *(_connect(host, port, d, s, window) for d, s in devices), return_exceptions=True
-    )
-    errors = [str(c) for c in connected if isinstance(c, BaseException)]
-    conns = [c for c in connected if isinstance(c, _PacedDevice)]
-    payload = os.urandom(payload_bytes)
-    clock = time.perf_counter
-    latencies_s: list[float] = []
-    counting = False
-    acked = skipped = encode_ns = encoded = 0
-
-    async def read(device: _PacedDevice) -> None:
-        nonlocal acked
-        try:
-            while data := await device.reader.read(65536):
-                now = clock()
-                for frame in device.decoder.feed(data):
-                    if isinstance(frame, Ack):
-                        sent = device.sent_at.pop(frame.seq, None)
-                        if sent is not None and counting:
-                            latencies_s.append(now - sent)
-                            acked += 1
-                    elif isinstance(frame, Ping):
-                        device.writer.write(encode(Pong(frame.seq)))
-                    elif isinstance(frame, Error | Close):
-                        errors.append(repr(frame))
-        except OSError as exc:
-            errors.append(str(exc))
-
-    for c in conns:
-        c.next_seq = first_seq
-
-    async def pace() -> None:
-        nonlocal skipped, encode_ns, encoded
-        began = clock()
-        due = 0
-        turn = 0
-        while True:
-            await asyncio.sleep(0.002)
-            target = int((clock() - began) * rate_per_s)
-            while due < target:
-                due += 1
-                for _ in range(len(conns)):
-                    device = conns[turn % len(conns)]
-                    turn += 1
-                    if len(device.sent_at) < device.window:
-                        break
-                else:
-                    skipped += 1
-                    continue
-                t0 = time.perf_counter_ns()
-                frame = encode(Data(device.next_seq, payload))
-                encode_ns += time.perf_counter_ns() - t0
-                encoded += 1
-                device.sent_at[device.next_seq] = clock()
-                device.next_seq += 1
-                device.writer.write(frame)
-
-    readers = [asyncio.create_task(read(c)) for c in conns]
-    pacer = asyncio.create_task(pace())
-    await asyncio.sleep(warmup_s)
-    cpu_before = cpu() if cpu else None
-    counting, started = True, clock()
-    await asyncio.sleep(duration_s)
-    counting, elapsed_s = False, clock() - started
-    cpu_after = cpu() if cpu else None
-    pacer.cancel()
-    # Seqs must stay contiguous per device (the gateway never applies a seq past a missing
-    # one): bring every device to the same next seq, then wait until everything is ACKed.
-    top = max((c.next_seq for c in conns), default=first_seq)
-    deadline = clock() + 60
-    while clock() < deadline and any(c.sent_at or c.next_seq < top for c in conns):
-        for c in conns:
-            while c.next_seq < top and len(c.sent_at) < c.window:
-                c.sent_at[c.next_seq] = clock()
-                c.writer.write(encode(Data(c.next_seq, payload)))
-                c.next_seq += 1
-        await asyncio.sleep(0.005)
-    unacked = sum(len(c.sent_at) for c in conns)
-    if unacked:
-        errors.append(f"{unacked} frames still unacked 60 s after the paced pass")
-    for c in conns:
-        c.writer.write(encode(Close(1000, "bench done")))
-        c.writer.close()
-    for task in readers:
-        task.cancel()
-    await asyncio.gather(pacer, *readers, return_exceptions=True)
-    latencies_s.sort()
-
-    def q_ms(q: float) -> float:
-        if not latencies_s:
-            return float("nan")
-        return round(1000 * latencies_s[min(len(latencies_s) - 1, int(q * len(latencies_s)))], 3)
-
-    result: dict[str, Any] = {
+    """Open loop at `rate_per_s` in total: `--senders` processes (bench/tcp_paced.py), each
+    device at a fixed interval. Returns the summary and the next free seq of every device."""
+    results_dir = tempfile.TemporaryDirectory(prefix="tcp-paced-")
+    result_files = [Path(results_dir.name) / f"sender-{p}.json" for p in range(args.senders)]
+    senders = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "bench" / "tcp_paced.py"),
+                "--port",
+                str(port),
+                "--first-device",
+                str(p),
+                "--stride",
+                str(args.senders),
+                "--total-devices",
+                str(device_count),
+                "--rate",
+                str(rate_per_s),
+                "--first-seq",
+                str(first_seq),
+                "--window",
+                str(args.window),
+                "--payload-bytes",
+                str(args.payload_bytes),
+                "--result-file",
+                str(result_files[p]),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(args.senders)
+    ]
+    try:
+        for sender in senders:
+            assert sender.stdout is not None
+            line = sender.stdout.readline()
+            if line.strip() != "READY":
+                raise SystemExit(f"paced sender did not connect: {line!r}")
+        warmup_s, duration_s = 1.0, args.paced_s
+        t0 = time.monotonic() + 0.05
+        for sender in senders:
+            assert sender.stdin is not None
+            sender.stdin.write(f"GO {t0} {warmup_s} {duration_s}\n")
+            sender.stdin.flush()
+        time.sleep(max(0.0, t0 + warmup_s - time.monotonic()))
+        cpu_before = proc_cpu_s(pid)
+        time.sleep(max(0.0, t0 + warmup_s + duration_s - time.monotonic()))
+        cpu_s = proc_cpu_s(pid) - cpu_before
+        results = []
+        for sender, result_file in zip(senders, result_files, strict=True):
+            assert sender.stdout is not None
+            line = sender.stdout.readline()
+            if line.strip() != "DONE":
+                raise SystemExit(f"paced sender failed: {line!r}")
+            results.append(json.loads(result_file.read_text()))
+    finally:
+        for sender in senders:
+            try:
+                sender.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                sender.kill()
+                sender.wait()
+        results_dir.cleanup()
+    latencies = sorted(x for r in results for x in r["latencies_us"])
+    acked = len(latencies)
+    errors = [e for r in results for e in r["errors"]]
+    summary: dict[str, Any] = {
         "offered_frames_per_s": round(rate_per_s, 1),
-        "frames_per_s": round(acked / elapsed_s, 1),
-        "ack_p50_ms": q_ms(0.50),
-        "ack_p99_ms": q_ms(0.99),
-        "skipped_window_full": skipped,
-        "client_encode_us_per_frame": round(encode_ns / 1000 / max(1, encoded), 3),
-        "errors": len(errors),
+        "frames_per_s": round(acked / duration_s, 1),
+        "ack_p50_ms": _quantile_ms(latencies, 0.50),
+        "ack_p99_ms": _quantile_ms(latencies, 0.99),
+        "ack_max_ms": _quantile_ms(latencies, 1.0),
+        "skipped_window_full": sum(r["skipped_window_full"] for r in results),
+        "sent_late_pct": round(
+            100 * sum(r["sent_late"] for r in results) / max(1, sum(r["sent"] for r in results)), 2
+        ),
+        "errors": sum(r["error_count"] for r in results),
+        "gateway_cpu_us_per_frame": round(cpu_s * 1e6 / max(1, acked), 1),
+        # Of one core: the event loop is one thread, so near 100 the server is saturated.
+        "gateway_cpu_pct": round(100 * cpu_s / duration_s, 1),
     }
     if errors:
-        result["error_samples"] = sorted(set(errors))[:3]
-    if cpu_before is not None and cpu_after is not None:
-        result["gateway_cpu_us_per_frame"] = round(
-            (cpu_after - cpu_before) * 1e6 / max(1, acked), 1
-        )
-    return result, top
+        summary["error_samples"] = sorted(set(errors))[:3]
+    return summary, max(r["next_seq"] for r in results)
 
 
 def daemon_counters(http_port: int) -> dict[str, float]:
@@ -308,6 +258,34 @@ def summary(result: LoadResult, cpu_s: float) -> dict[str, Any]:
     return s
 
 
+class Profiler:
+    """py-spy on a server process for one phase (`--profile DIR`): raw collapsed stacks of
+    the threads holding the GIL, written to DIR/<kind>-<phase>.txt when the phase ends."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, pid: int, name: str) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        py_spy = Path(sys.executable).with_name("py-spy")
+        if not py_spy.exists():
+            raise SystemExit(f"--profile needs py-spy next to {sys.executable}: pip install py-spy")
+        self._proc = subprocess.Popen(
+            [str(py_spy), "record", "-p", str(pid), "-f", "raw", "-r", "250", "--gil",
+             "--nonblocking", "-F", "-o", str(self.directory / f"{name}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGINT)
+            self._proc.wait(timeout=60)
+            self._proc = None
+
+
 def closed_loop(
     port: int, devices: list[tuple[str, str]], args: argparse.Namespace, first_seq: int, pid: int
 ) -> dict[str, Any]:
@@ -332,48 +310,64 @@ def main() -> None:
     parser.add_argument("--warmup-frames", type=int, default=5, help="per device, before measuring")
     parser.add_argument("--paced-s", type=float, default=4.0, help="measured window per paced pass")
     parser.add_argument(
-        "--paced", default="0.5,0.1", help="open-loop passes at these fractions of the max rate"
+        "--paced", default="0.5", help="open-loop passes at these fractions of the max rate"
     )
+    parser.add_argument("--senders", type=int, default=2, help="paced sender processes")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the gateway's phases into DIR")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--durability", default="normal", choices=("normal", "full"))
+    parser.add_argument(
+        "--agent",
+        default="FrameCounter",
+        choices=("FrameCounter", "TelemetryEcho"),
+        help="bench/gateway_agents.py class; TelemetryEcho also replies (a PUSH) per frame",
+    )
     args = parser.parse_args()
     fractions = [float(f) for f in args.paced.split(",") if f]
 
     devices = _bench_devices(args.devices)
     port, http_port = free_port(), free_port()
     config = GATEWAY_CONFIG.format(
-        durability=args.durability, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
+        durability=args.durability, agent=args.agent, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
         max_connections=args.devices + 100,
     )  # fmt: skip
     runs: list[dict[str, dict[str, Any]]] = []
+    profiler = Profiler(args.profile)
     started = time.monotonic()
-    null = NullGateway(args.devices)
+    baselines = {kind: BaselineServer(kind, args.devices) for kind in ("raw", "null")}
     try:
         with GatewayDaemon(config, files={"devices.toml": secrets_toml(devices)}) as daemon:
-            warm = _run(
-                run_load("127.0.0.1", port, devices, frames_per_device=args.warmup_frames,
-                         window=args.window, payload_bytes=args.payload_bytes)
-            )  # fmt: skip
-            if warm.errors:
-                raise SystemExit(f"warm-up failed: {warm.errors[:3]}\n{daemon.log_tail()}")
-            servers = {"null": (null.port, null.child.pid), "gateway": (port, daemon.pid)}
+            # Wake (create) every agent, a few hundred at a time: a thousand first opens at
+            # once can outlast the hello timeout on a busy disk.
+            for first in range(0, len(devices), 200):
+                warm = _run(
+                    run_load("127.0.0.1", port, devices[first : first + 200],
+                             frames_per_device=args.warmup_frames, window=args.window,
+                             payload_bytes=args.payload_bytes)
+                )  # fmt: skip
+                if warm.errors:
+                    raise SystemExit(f"warm-up failed: {warm.errors[:3]}\n{daemon.log_tail()}")
+            servers = {kind: (b.port, b.child.pid) for kind, b in baselines.items()}
+            servers["gateway"] = (port, daemon.pid)
             next_seq = {kind: args.warmup_frames + 1 for kind in servers}  # contiguous per device
             for repeat in range(args.repeats):
                 run: dict[str, dict[str, Any]] = {}
                 for kind, (server_port, pid) in servers.items():
+                    profiling = kind == "gateway" and repeat == 0
+                    if profiling:
+                        profiler.start(pid, "gateway-max")
                     top = closed_loop(server_port, devices, args, next_seq[kind], pid)
+                    profiler.stop()
                     next_seq[kind] += args.frames
                     run[kind] = {"max": top}
                     for fraction in fractions:
-                        paced, next_seq[kind] = _run(
-                            paced_load(
-                                "127.0.0.1", server_port, devices,
-                                rate_per_s=top["frames_per_s"] * fraction, duration_s=args.paced_s,
-                                warmup_s=1.0, first_seq=next_seq[kind], window=args.window,
-                                payload_bytes=args.payload_bytes,
-                                cpu=lambda pid=pid: proc_cpu_s(pid),
-                            )
+                        if profiling:
+                            profiler.start(pid, f"gateway-{phase_name(fraction)}")
+                        paced, next_seq[kind] = paced_pass(
+                            server_port, len(devices), rate_per_s=top["frames_per_s"] * fraction,
+                            first_seq=next_seq[kind], args=args, pid=pid,
                         )  # fmt: skip
+                        profiler.stop()
                         run[kind][phase_name(fraction)] = paced
                     print(f"  repeat {repeat + 1} {kind}: " + "; ".join(
                         f"{phase} {r['frames_per_s']:.0f} frames/s p99 {r['ack_p99_ms']} ms"
@@ -384,7 +378,8 @@ def main() -> None:
                 raise SystemExit(f"gatewayd died: {daemon.log_tail()}")
             counters = daemon_counters(http_port)
     finally:
-        null.close()
+        for baseline in baselines.values():
+            baseline.close()
 
     def median(kind: str, phase: str, key: str) -> float | None:
         values = [r[kind][phase][key] for r in runs if key in r[kind][phase]]
@@ -400,21 +395,34 @@ def main() -> None:
             }
             for phase in phases
         }
-        for kind in ("null", "gateway")
+        for kind in servers
     }
     print(
-        f"{'gateway side':<20}{'load':<14}{'frames/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'enc us/fr':>10}{'gw cpu us/fr':>13}{'errors':>8}"
+        f"{'server':<20}{'load':<14}{'offered/s':>10}{'frames/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'max ms':>9}{'cpu us/fr':>10}{'errors':>8}"
     )
-    labels = {"null": "null (baseline)", "gateway": f"gatewayd ({args.durability})"}
+    labels = {
+        "raw": "raw echo (baseline)",
+        "null": "TcpListener, no agent",
+        "gateway": f"gatewayd ({args.durability})",
+    }
     for kind, m in medians.items():
         for phase, r in m.items():
+            offered = r.get("offered_frames_per_s")
             print(
-                f"{labels[kind]:<20}{phase:<14}{r['frames_per_s']:>10.0f}{r['ack_p50_ms']:>9.2f}"
-                f"{r['ack_p99_ms']:>9.2f}{r['client_encode_us_per_frame']:>10.2f}"
-                f"{r['gateway_cpu_us_per_frame']:>13.1f}{r['errors']:>8.0f}"
+                f"{labels[kind]:<20}{phase:<14}{offered or 0:>10.0f}{r['frames_per_s']:>10.0f}"
+                f"{r['ack_p50_ms']:>9.2f}{r['ack_p99_ms']:>9.2f}{r.get('ack_max_ms') or 0:>9.1f}"
+                f"{r['gateway_cpu_us_per_frame']:>10.1f}{r['errors']:>8.0f}"
             )
-    gw, base = medians["gateway"]["max"], medians["null"]["max"]
+    gw = medians["gateway"]["max"]
+
+    def ratio(kind: str, phase: str, key: str) -> float | None:
+        """Median over the repeats of gateway / `kind` (each repeat's own pair)."""
+        values = [
+            r["gateway"][phase][key] / r[kind][phase][key] for r in runs if r[kind][phase][key]
+        ]
+        return round(statistics.median(values), 3) if values else None
+
     output = {
         "bench": "tcp",
         "devices": args.devices,
@@ -422,13 +430,17 @@ def main() -> None:
         "window": args.window,
         "payload_bytes": args.payload_bytes,
         "durability": args.durability,
+        "agent": args.agent,
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
         "wall_s": round(time.monotonic() - started, 1),
         "median": medians,
-        "gateway_vs_null_frames_per_s": round(gw["frames_per_s"] / base["frames_per_s"], 3)
-        if base["frames_per_s"]
-        else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "gateway_vs_raw_frames_per_s": ratio("raw", "max", "frames_per_s"),
+        "gateway_vs_null_frames_per_s": ratio("null", "max", "frames_per_s"),
+        "gateway_vs_raw_cpu_per_frame": {
+            phase: ratio("raw", phase, "gateway_cpu_us_per_frame") for phase in phases
+        },
         "targets": {
             "frames_per_s_min": TARGET_FRAMES_PER_S,
             "ack_p99_ms_max": TARGET_P99_MS,

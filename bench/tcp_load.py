@@ -52,6 +52,7 @@ from protocols.frames import (  # noqa: E402
     HelloOk,
     Ping,
     Pong,
+    Push,
     encode,
 )
 
@@ -169,6 +170,8 @@ async def _run_device(
                     if sent is not None:
                         tally.latencies_s.append(now - sent)
                         acked += 1
+                elif isinstance(frame, Push):  # an agent's reply: acknowledge it
+                    writer.write(encode(Ack(frame.seq)))
                 elif isinstance(frame, Ping):
                     writer.write(encode(Pong(frame.seq)))
                 elif isinstance(frame, Error | Close):
@@ -296,9 +299,46 @@ class _SqliteHandler(_NullHandler):
         return future
 
 
+class _RawEcho(asyncio.Protocol):
+    """The `raw` baseline: a bare asyncio server that ACKs every DATA at once, with the frame
+    codec but nothing else (no session rules, no auth, no handler, no state)."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        out = []
+        for frame in self.decoder.feed(data):
+            if isinstance(frame, Data):
+                out.append(encode(Ack(frame.seq)))
+            elif isinstance(frame, Hello):
+                out.append(encode(HelloOk(1 << 20, 256, 30_000, 1)))
+            elif isinstance(frame, Ping):
+                out.append(encode(Pong(frame.seq)))
+            elif isinstance(frame, Close):
+                out.append(encode(Close(1000, "")))
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+async def _serve_raw() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_RawEcho, "127.0.0.1", 0)
+    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+    server.close()
+
+
 async def _serve(kind: str, device_count: int, state_dir: Path) -> None:
     from protocols.tcp import TcpListener, TcpSettings
 
+    if kind == "raw":
+        await _serve_raw()
+        return
     handler = _NullHandler() if kind == "null" else _SqliteHandler(state_dir)
     settings = TcpSettings(
         host="127.0.0.1",
@@ -380,7 +420,7 @@ def main() -> None:
     parser.add_argument("--connect", metavar="HOST:PORT", help="also load a running gateway")
     parser.add_argument("--secrets-file", help="devices for --connect (device-id = secret)")
     parser.add_argument("--first-seq", type=int, default=1, help="first DATA seq (--connect)")
-    parser.add_argument("--serve", choices=["null", "sqlite"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["raw", "null", "sqlite"], help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 

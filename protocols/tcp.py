@@ -22,6 +22,18 @@ frame: it stops reading the socket and submits the same frame again once `Backpr
 resolves, so order is kept. A pushed-back `open_link` is retried the same way, within the
 hello timeout.
 
+The other direction: while the device owes ACKs for `max_push_backlog` pushes, or while the
+transport's send buffer is over its high-water mark (`pause_writing`: the device does not read),
+the session holds the device's DATA (`TcpSession.hold_data`: DATA and a CLOSE/ERROR behind it
+wait in order, ACK/PING/PONG still pass), so neither the push backlog nor the send buffer
+grows with the device's input; the hold ends at half the backlog / `resume_writing`.
+
+Writes are coalesced per loop iteration: settled DATA queues its ACK and small pushes queue
+their PUSH, and one callback at the end of the iteration (`TcpListener.flush_soon`) writes each
+connection's queue in one `write`, settling first the DATA whose futures already resolved, so
+the replies and ACKs of one commit leave together. Per-frame metrics are counted as ints and
+published by that same callback.
+
 Pushes belong to the device, not to one connection: they are kept until the device ACKs them
 and are resent after it reconnects, oldest first, at most `max_pending_pushes` unACKed at a time
 (protocols/tcp_pushes.py). The gateway's runtime sends them tracked
@@ -108,6 +120,10 @@ TRANSPORT = "tcp"
 # refused for good, so the device must keep it and resend it (NOT_APPLIED, not REJECTED).
 _GOING_AWAY_CODE = 1001
 
+# A push at least this large is written at once; smaller ones wait for the end of the loop
+# iteration, to leave in one write with the other pushes and the ACKs of the same commit.
+_WRITE_NOW_BYTES = 16 * 1024
+
 TCP_CONNECTIONS = Gauge("gatewayd_tcp_connections", "Open TCP frame connections (any state)")
 TCP_FRAMES_RECEIVED = Counter(
     "gatewayd_tcp_frames_received_total", "Frames received from devices", ["type"]
@@ -131,10 +147,6 @@ TCP_BACKPRESSURE_PAUSES = Counter(
     "gatewayd_tcp_backpressure_pauses_total",
     "Times a connection stopped reading because its agent's mailbox was full",
 )
-
-
-def _count_frame(frame_type: FrameType) -> None:
-    _FRAMES_RECEIVED_BY_TYPE[frame_type].inc()
 
 
 class TcpLink(LinkIdentity):
@@ -178,7 +190,7 @@ class _DeviceConnection(asyncio.Protocol):
         self.listener = listener
         self.settings = listener.settings
         self._loop = asyncio.get_running_loop()
-        self.session = TcpSession(self.settings, self._loop.time(), on_frame=_count_frame)
+        self.session = TcpSession(self.settings, self._loop.time(), on_frame=listener.count_frame)
         self._transport: asyncio.Transport | None = None
         self.remote = "?"
         self._remote_ip = "?"
@@ -187,10 +199,16 @@ class _DeviceConnection(asyncio.Protocol):
         self._counted_open = False  # links_open counts links that got HELLO_OK
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._flush_scheduled = False
+        self.flush_pending = False  # in the listener's list of connections to flush
+        # DATA handed to the handler and not settled yet, by seq (see flush_and_sync).
+        self._unsettled: dict[int, asyncio.Future[Outcome]] = {}
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
         self._held: Data | None = None
         self._reading = True
+        # DATA held while the device's pushes or our send buffer are backed up (hold_data).
+        self._write_blocked = False  # pause_writing .. resume_writing
+        self._pushes_blocked = False  # push backlog over max_push_backlog
+        self._run_scheduled = False
         self._open_context: dict[str, Any] = {}
         self._open_held = False  # open_link answered Backpressure; retried when ready
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -280,6 +298,17 @@ class _DeviceConnection(asyncio.Protocol):
         self._run_session()
         return True  # keep the write side open until the session is done with it
 
+    def pause_writing(self) -> None:
+        """The send buffer is over its high-water mark (the device reads slower than we write):
+        accept no more DATA from it until it drains (`resume_writing`)."""
+        self._write_blocked = True
+        self.listener.stats_extra_inc("write_pauses")
+        self._update_data_hold()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._update_data_hold()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost()
         self._held = None
@@ -291,6 +320,16 @@ class _DeviceConnection(asyncio.Protocol):
             self.closed.set_result(None)
 
     # ------------------------------------------------------------ the session's events
+
+    def _run_session_soon(self) -> None:
+        if not self._run_scheduled:
+            self._run_scheduled = True
+            self._loop.call_soon(self._run_session_later)
+
+    def _run_session_later(self) -> None:
+        self._run_scheduled = False
+        if self.session.state is not SessionState.CLOSED:
+            self._run_session()
 
     def _run_session(self) -> None:
         session = self.session
@@ -471,6 +510,7 @@ class _DeviceConnection(asyncio.Protocol):
         assert self.device_id is not None
         for seq, payload, resend in self.listener.pending_pushes(self.device_id):
             self.write_push(seq, payload, resend)
+        self.push_backlog_changed(self.listener.push_backlog(self.device_id))
         self._sync()
 
     # ------------------------------------------------------------ DATA
@@ -493,6 +533,7 @@ class _DeviceConnection(asyncio.Protocol):
                 self._hold(frame, refused)
                 return
         self._count_in(frame)
+        self._unsettled[frame.seq] = settled
         settled.add_done_callback(functools.partial(self._settled, frame.seq))
 
     def _count_in(self, frame: Data) -> None:
@@ -529,17 +570,23 @@ class _DeviceConnection(asyncio.Protocol):
         self._run_session()
 
     def _settled(self, seq: int, settled: asyncio.Future[Outcome]) -> None:
+        if self._unsettled.pop(seq, None) is None:
+            return  # settled already, by flush_and_sync
         session = self.session
         exc: BaseException | None = (
             asyncio.CancelledError() if settled.cancelled() else settled.exception()
         )
         if exc is None:
             outcome = settled.result()
-            _DATA_OUTCOME_BY_VALUE[outcome].inc()
+            listener = self.listener
+            listener.count_outcome(outcome)
             if outcome is Outcome.DUPLICATE:
-                self.listener.stats_extra_inc("data_duplicates")
+                listener.stats_extra_inc("data_duplicates")
             session.data_applied(seq)
-            self._flush_soon()  # ACKs settled in one loop iteration leave in one write
+            # ACKs settled in one loop iteration leave in one write per connection, all
+            # connections' writes at the end of the iteration (TcpListener.flush_soon).
+            if not self.flush_pending:
+                listener.flush_soon(self)
             return
         if isinstance(exc, LinkRejected) and exc.code != _GOING_AWAY_CODE:
             code, message = ErrorCode.REJECTED, exc.reason
@@ -603,14 +650,22 @@ class _DeviceConnection(asyncio.Protocol):
         self._timer = None
         self._timer_at = None
 
-    def _flush_soon(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_and_sync)
+    def flush_and_sync(self) -> None:
+        """The listener's end-of-iteration flush: write what is queued, then `_sync`.
 
-    def _flush_and_sync(self) -> None:
-        self._flush_scheduled = False
-        self._sync()
+        DATA whose agent turn committed since the last flush is settled here first, even if
+        its future's own callback has not run yet: the runtime releases a batch's outputs
+        (pushes, queued here) and then resolves its futures in the same call, so the replies
+        and the ACKs of one commit leave in one write. (An ACK still never leaves before its
+        future resolved, i.e. before the commit.)"""
+        unsettled = self._unsettled
+        if unsettled:
+            for seq, future in list(unsettled.items()):
+                if future.done():
+                    self._settled(seq, future)
+        self.flush_pending = False
+        if self._transport is not None:
+            self._sync()
 
     def _flush(self) -> None:
         data = self.session.data_to_send()
@@ -634,7 +689,39 @@ class _DeviceConnection(asyncio.Protocol):
         if self.session.send_push(seq, payload, resend):
             TCP_PUSHES.labels("resent" if resend else "sent").inc()
             self.listener.stats.messages_out += 1
-            self._flush()
+            if len(payload) >= _WRITE_NOW_BYTES or self.session.queued_frames >= 64:
+                self._flush()  # large: not held in memory until the end of the iteration
+            elif not self.flush_pending:
+                self.listener.flush_soon(self)  # with the ACKs settled meanwhile
+
+    def push_backlog_changed(self, backlog: int) -> None:
+        """Backpressure from pushes: while the device owes ACKs for `max_push_backlog` pushes
+        or more, accept none of its DATA (each could make its agent push more); accept again
+        once it is down to half of that."""
+        limit = self.settings.max_push_backlog
+        if not self._pushes_blocked and backlog >= limit:
+            self._pushes_blocked = True
+            self.listener.stats_extra_inc("push_backlog_holds")
+            logger.debug(
+                "tcp: device %r owes ACKs for %d pushes (max_push_backlog=%d); holding its DATA",
+                self.device_id,
+                backlog,
+                limit,
+            )
+            self._update_data_hold()
+        elif self._pushes_blocked and backlog <= limit // 2:
+            self._pushes_blocked = False
+            self._update_data_hold()
+
+    def _update_data_hold(self) -> None:
+        session = self.session
+        if self._write_blocked or self._pushes_blocked:
+            session.hold_data()
+        elif session.data_held:
+            session.release_data()
+            # Not from inside whatever called us (possibly this connection's own event loop
+            # in _run_session): the kept frames are handed out on the next iteration.
+            self._run_session_soon()
 
     def close_after_settling(self, code: int, reason: str, timeout_s: float | None = None) -> None:
         """Stop reading, wait for in-flight DATA to be ACKed/ERRORed, send CLOSE, close."""
@@ -720,9 +807,20 @@ class TcpListener:
         self.router: Callable[[Route, asyncio.Transport, bytes], asyncio.Protocol | None] | None = (
             None
         )
+        # Work left for the end of the loop iteration, done by one callback for all
+        # connections: their queued ACKs, and the per-frame counters (plain ints until then,
+        # then one Counter.inc(n) per label instead of one per frame).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._end_of_iteration_scheduled = False
+        self._to_flush: list[_DeviceConnection] = []
+        # Indexed by the type's byte / counted by identity: hashing an Enum member runs Python.
+        self._frames_by_type = [0] * 256
+        self._frames_counted = False
+        self._applied = 0
+        self._duplicates = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _DeviceConnection(self),
             self.settings.host,
@@ -800,6 +898,51 @@ class TcpListener:
         if device_id is not None and self._live_by_device.get(device_id) is connection:
             del self._live_by_device[device_id]
 
+    def count_frame(self, frame_type: FrameType) -> None:
+        self._frames_by_type[frame_type] += 1
+        self._frames_counted = True
+        if not self._end_of_iteration_scheduled:
+            self._schedule_end_of_iteration()
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        if outcome is Outcome.APPLIED:
+            self._applied += 1
+        else:
+            self._duplicates += 1
+        if not self._end_of_iteration_scheduled:
+            self._schedule_end_of_iteration()
+
+    def flush_soon(self, connection: _DeviceConnection) -> None:
+        """Write `connection`'s queued frames at the end of this loop iteration."""
+        connection.flush_pending = True
+        self._to_flush.append(connection)
+        if not self._end_of_iteration_scheduled:
+            self._schedule_end_of_iteration()
+
+    def _schedule_end_of_iteration(self) -> None:
+        self._end_of_iteration_scheduled = True
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_soon(self._end_of_iteration)
+
+    def _end_of_iteration(self) -> None:
+        self._end_of_iteration_scheduled = False
+        to_flush, self._to_flush = self._to_flush, []
+        for connection in to_flush:
+            connection.flush_and_sync()
+        if self._frames_counted:
+            self._frames_counted = False
+            counts = self._frames_by_type
+            for frame_type, counter in _FRAMES_RECEIVED_BY_TYPE.items():
+                if counts[frame_type]:
+                    counter.inc(counts[frame_type])
+                    counts[frame_type] = 0
+        if self._applied:
+            _DATA_OUTCOME_BY_VALUE[Outcome.APPLIED].inc(self._applied)
+            self._applied = 0
+        if self._duplicates:
+            _DATA_OUTCOME_BY_VALUE[Outcome.DUPLICATE].inc(self._duplicates)
+            self._duplicates = 0
+
     def next_link_id(self) -> str:
         return f"tcp-{next(self._link_ids)}"
 
@@ -859,13 +1002,21 @@ class TcpListener:
         self._write_pushes(device_id)
         return True
 
+    def held_frames(self, device_id: str) -> int:
+        """Frames the device's live connection received and holds back while its pushes or
+        send buffer are backed up (0 without a live connection)."""
+        live = self._live_by_device.get(device_id)
+        return 0 if live is None else live.session.held_frames
+
     def push_backlog(self, device_id: str) -> int:
         """Pushes the device has not ACKed yet (written or waiting for the window)."""
         return self._pushes.backlog(device_id)
 
     def _write_pushes(self, device_id: str) -> None:
-        """Fill the push window of the device's open connection, if it has one."""
+        """Fill the push window of the device's open connection, if it has one, and hold or
+        release its DATA by its push backlog."""
         live = self._live_by_device.get(device_id)
         if live is not None and live.is_open:
             for seq, payload, resend in self._pushes.take_window(device_id):
                 live.write_push(seq, payload, resend)
+            live.push_backlog_changed(self._pushes.backlog(device_id))

@@ -49,6 +49,7 @@ from protocols.frames import (
     Pong,
     Push,
     encode,
+    encode_ack,
 )
 from protocols.tcp_settings import TcpSettings
 
@@ -132,6 +133,8 @@ _BEFORE_OPEN = frozenset(
     {SessionState.AWAIT_HELLO, SessionState.AUTHENTICATING, SessionState.OPENING}
 )
 _GATEWAY_ONLY = frozenset({FrameType.HELLO_OK, FrameType.PUSH})
+# What goes past DATA held by `hold_data` (everything else waits behind it, in order).
+_PASS_HELD_DATA = frozenset({FrameType.ACK, FrameType.PING, FrameType.PONG})
 
 
 def clip_text(text: str, max_bytes: int = _MAX_TEXT_BYTES) -> str:
@@ -171,6 +174,9 @@ class TcpSession:
         self._connected_at = now
         self._last_frame_at = now  # liveness counts whole frames, not bytes
         self._input_paused = False
+        # DATA held back (`hold_data`), with any CLOSE/ERROR/other frame behind it, in order.
+        self._data_held = False
+        self._held: deque[Frame] = deque()
         self._ping_seq = 0
         self._ping_sent_at: float | None = None
         self._close_frame: Close | None = None
@@ -182,6 +188,26 @@ class TcpSession:
     def accepts_input(self) -> bool:
         """Whether bytes from the device are still read (False once closing)."""
         return self.state in _READING
+
+    @property
+    def input_paused(self) -> bool:
+        """Whether `pause_input` holds the device's input."""
+        return self._input_paused
+
+    @property
+    def data_held(self) -> bool:
+        """Whether `hold_data` holds the device's DATA frames."""
+        return self._data_held
+
+    @property
+    def held_frames(self) -> int:
+        """Frames received and kept back by `hold_data` (DATA, and what came after it)."""
+        return len(self._held)
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames queued for the device and not yet taken by `data_to_send`."""
+        return len(self._out)
 
     @property
     def in_flight(self) -> int:
@@ -237,6 +263,11 @@ class TcpSession:
             and self.state is not SessionState.AUTHENTICATING
             and not self._input_paused
         ):
+            if self._held and not self._data_held:
+                event = self._handle(self._held.popleft())  # released: in arrival order
+                if event is not None:
+                    return event
+                continue
             try:
                 frame = self._decoder.next_frame()
             except FrameError as exc:
@@ -248,6 +279,15 @@ class TcpSession:
                 continue
             if self._on_frame is not None:
                 self._on_frame(frame.TYPE)
+            if (
+                (self._data_held or self._held)
+                and self.state is SessionState.OPEN
+                and frame.TYPE not in _PASS_HELD_DATA
+            ):
+                failed = self._keep(frame)
+                if failed is not None:
+                    return failed
+                continue
             event = self._handle(frame)
             if event is not None:
                 return event
@@ -386,7 +426,7 @@ class TcpSession:
         if seq not in self._in_flight:
             return  # forgotten (settle timeout, connection gone)
         self._in_flight.discard(seq)
-        self._queue(Ack(seq))
+        self._out.append(encode_ack(seq))
         if self.state is SessionState.CLOSING and not self._in_flight:
             self._finish_close()
 
@@ -407,6 +447,17 @@ class TcpSession:
         self._queue(Push(seq, payload, resend))
         return True
 
+    def hold_data(self) -> None:
+        """Stop handing out DATA (the device's pushes or the socket's send side are backed
+        up): DATA frames, and any CLOSE/ERROR behind them, are kept in arrival order until
+        `release_data`, while ACK, PING and PONG frames still go through (the device can still
+        acknowledge pushes and prove it is alive). The window bounds what is kept."""
+        self._data_held = True
+
+    def release_data(self) -> None:
+        """Hand out the kept frames again (from `next_event`), then new ones."""
+        self._data_held = False
+
     def pause_input(self) -> None:
         """The gateway holds the device's input (backpressure): `next_event` hands out no
         further frame, and since the device's silence is then not its fault, liveness checks
@@ -419,6 +470,19 @@ class TcpSession:
         self._ping_sent_at = None
 
     # ------------------------------------------------------------ internals
+
+    def _keep(self, frame: Frame) -> SessionFailed | None:
+        # Kept frames count against the window like frames in flight: the device may not have
+        # more than `max_unacked` DATA frames unACKed, kept or not (plus one CLOSE/ERROR).
+        window = self.settings.max_unacked_window
+        if len(self._in_flight) + len(self._held) >= window + 1:
+            return self._failed(
+                ErrorCode.WINDOW_EXCEEDED,
+                f"{frame.TYPE.name} frame beyond the window of {window} unacknowledged frames "
+                "while the gateway holds this device's DATA",
+            )
+        self._held.append(frame)
+        return None
 
     def _expect(self, state: SessionState, call: str) -> None:
         if self.state is not state:
@@ -449,6 +513,8 @@ class TcpSession:
     def _handle(self, frame: Frame) -> Event | None:
         # The order of checks is FRAMES.md 4.1: the frame itself (decoder), then direction,
         # then CLOSE/ERROR in any state, then the state, then the type's own rules.
+        if type(frame) is Data and self.state is SessionState.OPEN:
+            return self._data(frame)  # the common case, same checks in fewer steps
         if frame.TYPE in _GATEWAY_ONLY:
             return self._failed(
                 ErrorCode.UNEXPECTED, f"{frame.TYPE.name} frame is not valid from a device"

@@ -38,6 +38,9 @@ class TcpSettings:
     settle_timeout_s: float = 10.0
     send_buffer_limit_bytes: int = 1024 * 1024
     max_pending_pushes: int = 256
+    # Pushes a device may owe ACKs for (written or waiting) before the gateway stops accepting
+    # its DATA (each could make its agent push more); accepted again at half of it.
+    max_push_backlog: int = 1024
     auth_failure_limit: int = 10
     auth_failure_window_s: float = 60.0
 
@@ -48,7 +51,12 @@ class TcpSettings:
             raise ValueError("tcp agent_class must not be empty")
         if self.max_frame_bytes < 256:
             raise ValueError(f"tcp max_frame_bytes must be >= 256, got {self.max_frame_bytes}")
-        for name in ("max_unacked_window", "max_connections", "max_pending_pushes"):
+        for name in (
+            "max_unacked_window",
+            "max_connections",
+            "max_pending_pushes",
+            "max_push_backlog",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"tcp {name} must be >= 1, got {getattr(self, name)}")
         if self.auth_failure_limit < 1:

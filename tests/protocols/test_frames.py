@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocols.frames import (
+    FLAG_RESEND,
     MAX_SEQ,
     MIN_FRAME_BYTES,
     Ack,
@@ -28,6 +29,7 @@ from protocols.frames import (
     Pong,
     Push,
     encode,
+    encode_ack,
 )
 
 FRAMES_MD = Path(__file__).resolve().parents[2] / "protocols" / "FRAMES.md"
@@ -165,6 +167,41 @@ def test_indefinite_length_and_non_minimal_byte_strings_are_accepted() -> None:
     assert decode_one(raw_frame(FrameType.DATA, indefinite, seq=3)) == Data(3, b"abc")
     non_minimal = b"\x59\x00\x02hi"
     assert decode_one(raw_frame(FrameType.PUSH, non_minimal, seq=1)) == Push(1, b"hi")
+
+
+@FAST
+@given(
+    seq=st.integers(1, MAX_SEQ),
+    payload=st.binary(max_size=300),
+    resend=st.booleans(),
+    body_form=st.sampled_from(["minimal", "uint8", "uint16", "uint32", "uint64", "indefinite"]),
+)
+def test_data_decodes_the_same_in_any_byte_string_form(
+    seq: int, payload: bytes, resend: bool, body_form: str
+) -> None:
+    """The decoder's DATA fast path (definite-length bodies) and its general path (the rest)
+    agree, alone and behind another frame."""
+    n = len(payload)
+    header = {
+        "minimal": encode(Data(1, payload))[15 : -n or None],
+        "uint8": b"\x58" + n.to_bytes(1, "big") if n < 256 else b"\x59" + n.to_bytes(2, "big"),
+        "uint16": b"\x59" + n.to_bytes(2, "big"),
+        "uint32": b"\x5a" + n.to_bytes(4, "big"),
+        "uint64": b"\x5b" + n.to_bytes(8, "big"),
+        "indefinite": b"\x5f" + encode(Data(1, payload))[15 : -n or None],
+    }[body_form]
+    body = header + payload + (b"\xff" if body_form == "indefinite" else b"")
+    frame = raw_frame(FrameType.DATA, body, seq=seq, flags=FLAG_RESEND if resend else 0)
+    assert decode_one(frame) == Data(seq, payload, resend)
+    assert FrameDecoder().feed(encode(Ping(1)) + frame + frame[:-1]) == [
+        Ping(1),
+        Data(seq, payload, resend),
+    ]
+
+
+def test_encode_ack_is_encode_of_an_ack() -> None:
+    for seq in (1, 2, 255, 2**32, MAX_SEQ):
+        assert encode_ack(seq) == encode(Ack(seq))
 
 
 def test_unknown_map_keys_are_ignored() -> None:

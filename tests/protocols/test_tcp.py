@@ -393,6 +393,34 @@ async def test_pipelined_frames_are_applied_in_order_and_each_acked(
     assert listener.stats.messages_in == 20
 
 
+async def test_frames_and_outcomes_are_counted_in_the_metrics(
+    listener: TcpListener, handler: SqliteLinkHandler
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    frames = "gatewayd_tcp_frames_received_total"
+    outcomes = "gatewayd_tcp_data_outcomes_total"
+    before = (sample(frames, type="DATA"), sample(outcomes, outcome="applied"))
+    before_duplicates = sample(outcomes, outcome="duplicate")
+    device = await connect_device(listener.bound_port)
+    device.send(Data(1, b"a"), Data(2, b"b"), Data(3, b"c"))
+    assert [await device.recv() for _ in range(3)] == [Ack(1), Ack(2), Ack(3)]
+    await device.close()
+    device = await Device.connect(listener.bound_port)
+    await device.hello()
+    device.send(Data(3, b"c", resend=True))
+    assert await device.recv() == Ack(3)
+    # Published with the ACKs' write, at the end of the loop iteration that settled them.
+    assert (sample(frames, type="DATA"), sample(outcomes, outcome="applied")) == (
+        before[0] + 4,
+        before[1] + 3,
+    )
+    assert sample(outcomes, outcome="duplicate") == before_duplicates + 1
+
+
 async def test_retransmission_after_reconnect_is_acked_but_not_applied_twice(
     listener: TcpListener, handler: SqliteLinkHandler
 ) -> None:

@@ -537,6 +537,32 @@ def test_timeouts_and_gateway_calls_still_work_while_paused() -> None:
     assert sent(session) == [Close(ErrorCode.GOING_AWAY, "bye")]
 
 
+def test_held_data_keeps_data_and_close_in_order_but_lets_acks_and_pings_through() -> None:
+    session = open_session(now=0.0)
+    assert feed(session, Data(1, b"a")) == [DataReceived(Data(1, b"a"))]
+    session.hold_data()
+    events = feed(session, Data(2, b"b"), Ack(7), Ping(3), Close(1000, "bye"), Pong(1), now=1.0)
+    assert events == [PushAcked(7)]  # the push ACK goes past the held DATA
+    assert sent(session) == [Pong(3)]
+    assert session.held_frames == 2 and session.in_flight == 1
+    assert session.state is SessionState.OPEN  # the CLOSE waits behind DATA 2
+    session.release_data()
+    assert drain(session) == [DataReceived(Data(2, b"b")), PeerClosing(1000, "bye")]
+    assert session.state is SessionState.CLOSING
+    session.data_applied(1)
+    session.data_applied(2)
+    assert sent(session) == [Ack(1), Ack(2), Close(ErrorCode.NORMAL, "")]
+
+
+def test_held_data_counts_against_the_window() -> None:
+    session = open_session(now=0.0)  # window 3
+    feed(session, Data(1, b"a"))
+    session.hold_data()
+    assert feed(session, Data(2, b"b"), Data(3, b"c"), Close(1000, "")) == []
+    event = failed(ErrorCode.WINDOW_EXCEEDED, feed(session, Data(4, b"d")))
+    assert "while the gateway holds this device's DATA" in event.message
+
+
 def test_frames_are_counted_for_metrics() -> None:
     seen: list[FrameType] = []
     session = TcpSession(SETTINGS, 0.0, on_frame=seen.append)
