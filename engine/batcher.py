@@ -13,9 +13,14 @@ it is free, a batch is dispatched:
 Dispatch takes requests highest priority first, FIFO within a level, until the next one would
 overflow the largest bucket, and hands them to the worker thread in one `SimpleQueue.put`.
 
-Worker side: the runner copies the rows into the bucket's buffers and runs the session (ONNX
-Runtime releases the GIL), then one `call_soon_threadsafe` hands the whole batch's results
-back. So a request costs one thread hop each way, shared by every request in its batch.
+Worker side: the runner copies the rows into the bucket's buffers (one numpy concatenate per
+input) and runs the session (ONNX Runtime releases the GIL). When the run ends and a full
+bucket is already queued, the worker takes that next batch itself (under the queue lock) and
+starts it at once, so back-to-back batches need no thread hop at all; then one
+`call_soon_threadsafe` hands the finished batch back, and the loop cuts each request's rows
+out of the batch outputs (views, cut in C for one-row requests) while the next batch runs.
+So a request costs at most one thread hop each way, shared by every request in its batch.
+Per-batch metrics are kept as plain numbers and flushed to prometheus when the worker idles.
 
 Deadlines: a request still queued at its deadline fails with `InferenceTimeout` and is never
 run; one timer, armed for the earliest deadline, sweeps the queue. A request already running
@@ -26,13 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
-from queue import SimpleQueue
+from collections.abc import Callable, Mapping
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -47,13 +53,17 @@ from engine.errors import (
 )
 from engine.io import RequestValidator
 from engine.providers import load_session
-from engine.runner import Runner
+from engine.runner import Runner, split_rows
 from engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 # How long a closing batcher waits for an idle worker thread to end.
 _WORKER_EXIT_S = 1.0
+# The worker flushes its per-batch metrics after this long without a job (or every
+# _FLUSH_BATCHES batches under constant load), so metrics never add to request latency.
+_FLUSH_IDLE_S = 0.001
+_FLUSH_BATCHES = 64
 
 Outputs = dict[str, np.ndarray]
 
@@ -77,6 +87,18 @@ class _Request:
         self.done = False  # left the queue (dispatched, expired or dropped as cancelled)
 
 
+class _Staged:
+    """A batch formed on the loop while the worker runs another; the worker starts it."""
+
+    __slots__ = ("entries", "first_deadline", "rows", "staged_at")
+
+    def __init__(self, entries: list[_Request], rows: int, staged_at: float) -> None:
+        self.entries = entries
+        self.rows = rows
+        self.staged_at = staged_at
+        self.first_deadline = min(request.deadline for request in entries)
+
+
 class Batcher:
     """Queue and worker thread of one model. Create and use on the event loop's thread."""
 
@@ -95,6 +117,7 @@ class Batcher:
         self._adaptive = spec.adaptive_batching and spec.max_queue_delay_s > 0
         self._grew = False  # (adaptive) rows arrived since the pending dispatch was scheduled
         self._default_timeout_s = spec.request_timeout_s
+        self._queue_limit = spec.queue_limit
         self._priority_levels = spec.priority_levels
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._expiry_at = math.inf
@@ -103,9 +126,15 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._worker_exited: asyncio.Future[None] | None = None
         self._validate: RequestValidator | None = None
+        self._clock: Callable[[], float] = time.monotonic  # loop.time, see _fast_loop_calls
+        self._new_future: Callable[[], asyncio.Future[Any]] = asyncio.Future
         self._accepted = 0  # requests queued so far; the worker flushes it to the metric
         self._accepted_reported = 0
         self._report_lock = threading.Lock()
+        # The next full batch, formed on the loop while the worker runs one (at most one entry;
+        # deque append/popleft are atomic, so whichever thread pops it owns it, no lock).
+        self._staged: deque[_Staged] = deque()
+        self._batch_stats: list[tuple[list[_Request], int, float, float, float]] = []  # worker
         name = spec.name
         self._m_requests = metrics.REQUESTS.labels(name)
         self._m_overloaded = metrics.REJECTED.labels(name, "overloaded")
@@ -125,6 +154,7 @@ class Batcher:
         """Start the worker, load the model on it and warm every bucket; then accept work."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._clock, self._new_future = _fast_loop_calls(loop)
         self._worker_exited = loop.create_future()
         self._thread = threading.Thread(
             target=self._worker_main, name=f"engine-{self.spec.name}", daemon=True
@@ -187,13 +217,19 @@ class Batcher:
             runner.terminate()
 
     def _fail_queued(self, error: BaseException) -> None:
+        failed: list[_Request] = []
         for level in self._levels:
-            for request in level:
-                if not request.done:
-                    request.done = True
-                    _set_exception(request.future, error)
+            failed.extend(request for request in level if not request.done)
             level.clear()
+        while self._staged:
+            try:
+                failed.extend(self._staged.popleft().entries)
+            except IndexError:  # the worker took it first: it runs (or fails) there
+                break
         self._queued_rows = 0
+        for request in failed:
+            request.done = True
+            _set_exception(request.future, error)
         self._m_queued.set(0)
 
     async def _stop_worker(self, timeout_s: float | None) -> None:
@@ -250,31 +286,33 @@ class Batcher:
         except InvalidInput:
             self._m_invalid.inc()
             raise
-        queued = self._queued_rows + rows
-        if queued > self.spec.queue_limit:
+        now = self._clock()
+        request = _Request(self._new_future(), checked, rows, now, now + timeout_s)
+        waiting = self._queued_rows
+        queued = waiting + rows
+        if queued > self._queue_limit:
             self._m_overloaded.inc()
             raise EngineOverloaded(
-                f"model {self.spec.name!r}: queue full ({self._queued_rows} of "
-                f"{self.spec.queue_limit} rows waiting, request has {rows}); retry later or "
-                "raise queue_limit"
+                f"model {self.spec.name!r}: queue full ({waiting} of {self._queue_limit} rows "
+                f"waiting, request has {rows}); retry later or raise queue_limit"
             )
-        now = loop.time()
-        request = _Request(loop.create_future(), checked, rows, now, now + timeout_s)
         self._levels[priority].append(request)
         self._queued_rows = queued
-        self._accepted += 1  # a plain int here; the worker adds it to the metric per batch
+        self._accepted += 1  # a plain int here; the worker adds it to the metric
         if request.deadline < self._expiry_at:
             self._arm_expiry(request.deadline)
-        if not self._busy:
-            if self._dispatch_handle is None:
+        if self._busy:
+            if queued >= self._max_rows and not self._staged:
+                self._stage()
+        elif self._dispatch_handle is None:
+            self._schedule_dispatch()
+        elif self._dispatch_is_timer:
+            if queued >= self._max_rows:
+                self._dispatch_handle.cancel()
+                self._dispatch_handle = None
                 self._schedule_dispatch()
-            elif self._dispatch_is_timer:
-                if queued >= self._max_rows:
-                    self._dispatch_handle.cancel()
-                    self._dispatch_handle = None
-                    self._schedule_dispatch()
-            else:
-                self._grew = True
+        else:
+            self._grew = True
         return request.future
 
     def queued_rows(self) -> int:
@@ -316,10 +354,28 @@ class Batcher:
                 self._dispatch_is_timer = False
                 return
         self._grew = False
+        entries, rows = self._take()
+        if not entries:
+            self._check_drained()
+            return
+        self._busy = True
+        assert self._loop is not None
+        self._jobs.put((self._run_batches, (_Staged(entries, rows, self._clock()),)))
+
+    def _stage(self) -> None:
+        """While the worker runs a batch, form the next full one for it to start at once."""
+        entries, rows = self._take()
+        if entries:
+            self._staged.append(_Staged(entries, rows, self._clock()))
+
+    def _take(self) -> tuple[list[_Request], int]:
+        """Remove the next batch from the queue: highest priority first, FIFO within a level,
+        until the next request would overflow the largest bucket (it is never overtaken).
+        Requests already expired or cancelled are dropped. Loop thread only."""
         entries: list[_Request] = []
         rows = 0
         capacity = self._max_rows
-        full = False
+        dropped = 0
         for level in reversed(self._levels):  # highest priority first
             while level:
                 request = level[0]
@@ -327,48 +383,70 @@ class Batcher:
                     level.popleft()
                     if not request.done:
                         request.done = True
-                        self._queued_rows -= request.rows
+                        dropped += request.rows
                     continue
                 if rows + request.rows > capacity:
-                    full = True  # never let a later request overtake this one
-                    break
+                    self._queued_rows -= rows + dropped
+                    return entries, rows
                 level.popleft()
                 request.done = True
                 entries.append(request)
                 rows += request.rows
-            if full:
-                break
-        self._queued_rows -= rows
-        if not entries:
-            self._check_drained()
-            return
-        self._busy = True
-        assert self._loop is not None
-        self._jobs.put((self._run_batch, (entries, rows, self._loop.time())))
+        self._queued_rows -= rows + dropped
+        return entries, rows
 
     def _complete(
-        self, entries: list[_Request], results: list[Outputs] | None, error: str | None
+        self,
+        entries: list[_Request],
+        rows: int,
+        outputs: Outputs | None,
+        error: str | None,
+        last: bool,
     ) -> None:
-        self._busy = False
-        if self._queued_rows >= self._max_rows:
-            # A full batch waited while this one ran: start it before scattering results,
-            # so the worker computes while this loop wakes the callers (pipelining).
-            if self._dispatch_handle is not None:
-                self._dispatch_handle.cancel()
-            self._dispatch()
-        if results is not None:
-            for request, result in zip(entries, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
+        """A batch ended (on the loop). `last`: the worker found no staged batch to go on with."""
+        if last:
+            self._busy = False
+            if self._staged:
+                # Staged after the worker looked: it is the next batch, start it now.
+                with contextlib.suppress(IndexError):
+                    staged = self._staged.popleft()
+                    self._busy = True
+                    self._jobs.put((self._run_batches, (staged,)))
+            elif self._queued_rows >= self._max_rows:
+                # A full batch queued since the worker looked: start it before handing out
+                # results, so the worker computes while this loop wakes the callers.
+                if self._dispatch_handle is not None:
+                    self._dispatch_handle.cancel()
+                self._dispatch()
+        elif self._queued_rows >= self._max_rows and not self._staged:
+            self._stage()  # the worker went on with the staged batch: stage the one after
+        if outputs is not None:
+            for request, result in zip(entries, split_rows(outputs, entries, rows), strict=True):
+                future = request.future
+                if not future.done():
+                    future.set_result(result)
         else:
             self._m_failed.inc(len(entries))
             for request in entries:
                 if not request.future.done():
                     request.future.set_exception(InferenceFailed(error))
-        if self._queued_rows:
-            self._schedule_dispatch()
-        else:
-            self._check_drained()
+        if not self._busy:
+            if self._queued_rows:
+                self._schedule_dispatch()
+            else:
+                self._check_drained()
+
+    def _fail_expired(self, expired: list[_Request], now: float) -> None:
+        """Staged requests whose deadline passed before their batch started (on the loop)."""
+        for request in expired:
+            self._m_timed_out.inc()
+            _set_exception(request.future, self._timeout_error(now - request.enqueued_at))
+
+    def _timeout_error(self, waited_s: float) -> InferenceTimeout:
+        return InferenceTimeout(
+            f"model {self.spec.name!r}: request waited {waited_s * 1e3:.1f} ms in the queue, "
+            "past its deadline; it was not run"
+        )
 
     def _arm_expiry(self, deadline: float) -> None:
         if self._expiry_handle is not None:
@@ -396,13 +474,7 @@ class Batcher:
                     request.done = True
                     self._queued_rows -= request.rows
                     self._m_timed_out.inc()
-                    waited_s = now - request.enqueued_at
-                    request.future.set_exception(
-                        InferenceTimeout(
-                            f"model {self.spec.name!r}: request waited {waited_s * 1e3:.1f} ms "
-                            f"in the queue, past its deadline; it was not run"
-                        )
-                    )
+                    request.future.set_exception(self._timeout_error(now - request.enqueued_at))
                 else:
                     kept.append(request)
                     next_deadline = min(next_deadline, request.deadline)
@@ -424,13 +496,22 @@ class Batcher:
     def _worker_main(self) -> None:
         jobs = self._jobs
         try:
-            while (job := jobs.get()) is not None:
+            while True:
+                try:
+                    job = jobs.get(timeout=_FLUSH_IDLE_S)
+                except Empty:
+                    self._flush_metrics()  # idle: nobody waits on this thread now
+                    job = jobs.get()
+                if job is None:
+                    break
                 function, args = job
                 try:
                     function(*args)
                 except Exception:  # never let the worker die: every later request would hang
                     log.exception("engine: model %r: worker job failed", self.spec.name)
         finally:
+            with contextlib.suppress(Exception):
+                self._flush_metrics()
             exited = self._worker_exited
             if self._loop is not None and exited is not None:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -450,33 +531,79 @@ class Batcher:
         else:
             loop.call_soon_threadsafe(_set_result, done, None)
 
-    def _run_batch(self, entries: list[_Request], rows: int, dispatched_at: float) -> None:
+    def _run_batches(self, batch: _Staged) -> None:
+        """Run the batch the loop dispatched, then every batch it staged meanwhile."""
         runner = self.runner
-        assert runner is not None and self._loop is not None
-        cpu_started = time.thread_time()
-        started = time.perf_counter()
-        results: list[Outputs] | None = None
-        error: str | None = None
-        try:
-            results = runner.run(entries, rows)
-        except Exception as exc:  # ORT failure: fail this batch, keep serving
-            error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
-            log.error("engine: %s", error)
-        run_s = time.perf_counter() - started
-        cpu_s = time.thread_time() - cpu_started
-        try:
-            self._loop.call_soon_threadsafe(self._complete, entries, results, error)
-        except RuntimeError:  # loop closed under us: nobody is waiting any more
+        loop = self._loop
+        assert runner is not None and loop is not None
+        post = loop.call_soon_threadsafe
+        staged = self._staged
+        clock = self._clock
+        stats = self._batch_stats
+        while True:
+            entries = batch.entries
+            rows = batch.rows
+            cpu_started = time.thread_time()
+            started = time.perf_counter()
+            outputs: Outputs | None = None
+            error: str | None = None
+            try:
+                outputs = runner.run(entries, rows)
+            except Exception as exc:  # ORT failure: fail this batch, keep serving
+                error = (
+                    f"model {self.spec.name!r}: onnxruntime run failed: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                log.error("engine: %s", error)
+            run_s = time.perf_counter() - started
+            cpu_s = time.thread_time() - cpu_started
+            following: _Staged | None = None
+            while staged:
+                try:
+                    following = staged.popleft()
+                except IndexError:  # the loop took it back (closing)
+                    break
+                now = clock()
+                if following.first_deadline > now:
+                    break
+                # Requests whose deadline passed while staged never run late either.
+                expired = [r for r in following.entries if r.deadline <= now]
+                kept = [r for r in following.entries if r.deadline > now]
+                with contextlib.suppress(RuntimeError):
+                    post(self._fail_expired, expired, now)
+                if kept:
+                    following = _Staged(kept, sum(r.rows for r in kept), following.staged_at)
+                    break
+                following = None
+            try:
+                post(self._complete, entries, rows, outputs, error, following is None)
+            except RuntimeError:  # loop closed under us: nobody is waiting any more
+                return
+            stats.append((entries, rows, run_s, cpu_s, batch.staged_at))
+            if following is None:
+                return
+            if len(stats) >= _FLUSH_BATCHES:
+                self._flush_metrics()
+            batch = following
+
+    def _flush_metrics(self) -> None:
+        """Add the batches run since the last call to the metrics (worker thread)."""
+        stats = self._batch_stats
+        runner = self.runner
+        if not stats or runner is None:
             return
-        # Metrics after handing results back, so they never add to request latency.
-        self._m_run.observe(run_s)
-        self._m_cpu.observe(cpu_s)
-        self._m_batch_rows.observe(rows)
-        self._m_padding.inc(self.spec.buckets[runner.bucket_for(rows)] - rows)
+        buckets = self.spec.buckets
+        for entries, rows, run_s, cpu_s, formed_at in stats:
+            self._m_run.observe(run_s)
+            self._m_cpu.observe(cpu_s)
+            self._m_batch_rows.observe(rows)
+            self._m_padding.inc(buckets[runner.bucket_for(rows)] - rows)
+            oldest = min(request.enqueued_at for request in entries)
+            self._m_queue_delay.observe(max(formed_at - oldest, 0.0))
+        stats.clear()
+        runner.flush_metrics()
         self._m_queued.set(self._queued_rows)
         self._report_accepted()
-        oldest = min(request.enqueued_at for request in entries)
-        self._m_queue_delay.observe(dispatched_at - oldest)
 
     def _report_accepted(self) -> None:
         """Add requests accepted since the last call to the metric (any thread)."""
@@ -484,6 +611,19 @@ class Batcher:
             accepted = self._accepted  # only the loop thread writes it; int reads are atomic
             self._m_requests.inc(accepted - self._accepted_reported)
             self._accepted_reported = accepted
+
+
+def _fast_loop_calls(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Callable[[], float], Callable[[], asyncio.Future[Any]]]:
+    """`loop.time` and `loop.create_future`, minus a Python method call each where the loop
+    does not override asyncio's own (whose time() is time.monotonic() and whose
+    create_future() is Future(loop=loop)); other loops (uvloop) keep their own."""
+    cls = type(loop)
+    clock = time.monotonic if cls.time is asyncio.BaseEventLoop.time else loop.time
+    if cls.create_future is asyncio.BaseEventLoop.create_future:
+        return clock, functools.partial(asyncio.Future, loop=loop)
+    return clock, loop.create_future
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -53,6 +53,8 @@ class _Bucket:
     host_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # cpu device only
     device_outputs: dict[str, ort.OrtValue] = field(default_factory=dict)
     dirty_rows: int = 0  # rows holding data from an earlier batch (padding must be zeroed)
+    serve_count: int = 0  # serve runs so far (plain int: the metric is updated off the hot path)
+    serve_reported: int = 0
 
 
 class Runner:
@@ -70,6 +72,8 @@ class Runner:
         self.cuda_graphs = loaded.cuda_graphs
         self._on_cpu = loaded.device == "cpu" if staged is None else not staged
         self._buckets = [self._make_bucket(index, rows) for index, rows in enumerate(spec.buckets)]
+        # Bucket index by row count (0 .. largest bucket): one list lookup per batch.
+        self._bucket_of = [self.bucket_for(max(rows, 1)) for rows in range(spec.buckets[-1] + 1)]
         self._batches = {
             (b.rows, phase): metrics.BATCHES.labels(spec.name, str(b.rows), phase)
             for b in self._buckets
@@ -112,46 +116,38 @@ class Runner:
                 (time.perf_counter() - started) * 1e3,
             )
 
-    def run(self, entries: Sequence[RowSource], rows: int) -> list[dict[str, np.ndarray]]:
-        """Run `entries` (total `rows`) as one padded batch; results per entry, in order."""
-        bucket = self._buckets[self.bucket_for(rows)]
+    def run(self, entries: Sequence[RowSource], rows: int) -> dict[str, np.ndarray]:
+        """Run `entries` (total `rows`) as one padded batch: every output's first `rows` rows,
+        in entry order, as fresh arrays (`split_rows` cuts them per entry)."""
+        bucket = self._buckets[self._bucket_of[rows]]
+        host_inputs = bucket.host_inputs
         if len(entries) == 1:
             for name, array in entries[0].inputs.items():
-                bucket.host_inputs[name][:rows] = array
+                host_inputs[name][:rows] = array
         else:
-            for name, host in bucket.host_inputs.items():
+            for name, host in host_inputs.items():
                 # One C-level copy of every request's rows, straight into the bucket buffer.
                 np.concatenate([entry.inputs[name] for entry in entries], out=host[:rows])
         if bucket.dirty_rows > rows:
             # Zero stale rows so padding is deterministic (it never reaches a caller anyway).
-            for buffer in bucket.host_inputs.values():
+            for buffer in host_inputs.values():
                 buffer[rows : bucket.dirty_rows] = 0
         bucket.dirty_rows = rows
         self._run(bucket)
-        self._batches[bucket.rows, "serve"].inc()
+        bucket.serve_count += 1
         if self._on_cpu:
             # One copy out of the reused output buffers; callers get views of that copy.
-            batch_out = {n: a[:rows].copy() for n, a in bucket.host_outputs.items()}
-        else:
-            copied = bucket.binding.copy_outputs_to_cpu()  # fresh host arrays, bound order
-            batch_out = {s.name: a[:rows] for s, a in zip(self.outputs, copied, strict=True)}
-        if len(entries) == 1:
-            return [batch_out]
-        if rows == len(entries):
-            # One row per request (the common case): numpy iterates the rows as views in C.
-            if len(batch_out) == 1:
-                ((name, array),) = batch_out.items()
-                return [{name: view} for view in array[:, None]]
-            names = list(batch_out)
-            columns = [array[:, None] for array in batch_out.values()]
-            return [dict(zip(names, views, strict=True)) for views in zip(*columns, strict=True)]
-        results = []
-        offset = 0
-        for entry in entries:
-            end = offset + entry.rows
-            results.append({n: a[offset:end] for n, a in batch_out.items()})
-            offset = end
-        return results
+            return {n: a[:rows].copy() for n, a in bucket.host_outputs.items()}
+        copied = bucket.binding.copy_outputs_to_cpu()  # fresh host arrays, bound order
+        return {s.name: a[:rows] for s, a in zip(self.outputs, copied, strict=True)}
+
+    def flush_metrics(self) -> None:
+        """Add the serve runs counted since the last call to the batches metric."""
+        for bucket in self._buckets:
+            count = bucket.serve_count
+            if count != bucket.serve_reported:
+                self._batches[bucket.rows, "serve"].inc(count - bucket.serve_reported)
+                bucket.serve_reported = count
 
     def _run(self, bucket: _Bucket) -> None:
         if not self._on_cpu:
@@ -216,3 +212,28 @@ class Runner:
             spec.name: tuple(value.shape()[1:])
             for spec, value in zip(self.outputs, probe.get_outputs(), strict=True)
         }
+
+
+def split_rows(
+    outputs: Mapping[str, np.ndarray], entries: Sequence[RowSource], rows: int
+) -> list[dict[str, np.ndarray]]:
+    """Each entry's rows of a batch's `outputs` (entries in batch order, `rows` in all), as
+    views. One row per entry (the common case) lets numpy cut the rows in C: one pass per
+    output over `array[:, None]`, no Python slicing."""
+    if len(entries) == 1:
+        return [dict(outputs)]
+    if rows == len(entries):
+        items = iter(outputs.items())
+        first_name, first = next(items)
+        results = [{first_name: view} for view in first[:, None]]
+        for name, array in items:
+            for result, view in zip(results, array[:, None], strict=True):
+                result[name] = view
+        return results
+    results = []
+    offset = 0
+    for entry in entries:
+        end = offset + entry.rows
+        results.append({n: a[offset:end] for n, a in outputs.items()})
+        offset = end
+    return results

@@ -95,7 +95,7 @@ async def test_multi_input_rows_scatter_to_their_request(two_inputs_path: Path) 
 def test_staged_device_buffer_path_on_cpu(two_inputs_path: Path, mlp_path: Path) -> None:
     """The GPU code path (separate device buffers, update_inplace, copy out) run on CPU."""
     from engine.providers import load_session
-    from engine.runner import Runner
+    from engine.runner import Runner, split_rows
 
     class Entry:
         def __init__(self, inputs: dict[str, np.ndarray]) -> None:
@@ -109,7 +109,8 @@ def test_staged_device_buffer_path_on_cpu(two_inputs_path: Path, mlp_path: Path)
     rng = np.random.default_rng(4)
     for sizes in ([1], [2, 3], [1, 1, 1, 1, 1, 1, 1, 1], [5]):
         entries = [Entry({"x": rng.normal(size=(n, 8)).astype(np.float32)}) for n in sizes]
-        results = runner.run(entries, sum(sizes))
+        outputs = runner.run(entries, sum(sizes))
+        results = split_rows(outputs, entries, sum(sizes))
         for entry, result in zip(entries, results, strict=True):
             logits, total = raw.run(None, dict(entry.inputs))
             np.testing.assert_allclose(result["logits"], logits, rtol=1e-5, atol=1e-5)
