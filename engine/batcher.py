@@ -1,8 +1,8 @@
 """The dynamic batcher of one model: queue, priorities, deadlines, one worker thread.
 
-Event-loop side (cheap, no locks): `submit()` validates a request, appends it to the queue of
-its priority level and returns a future. While the worker runs a batch, requests queue; when
-it is free, a batch is dispatched:
+Event-loop side (cheap, no locks): `submit()` validates a request, appends it (a plain tuple)
+to the queue of its priority level and returns its future. While the worker runs a batch,
+requests queue; when it is free, a batch is dispatched:
   - at once when the queued rows fill the largest bucket;
   - adaptive batching (the default): at the end of the loop iteration in which the batch
     stopped growing. A lone request on an idle model runs at the end of its own iteration;
@@ -12,19 +12,28 @@ it is free, a batch is dispatched:
     `max_queue_delay_s` (0: at the end of the current loop iteration).
 Dispatch takes requests highest priority first, FIFO within a level, until the next one would
 overflow the largest bucket, and hands them to the worker thread in one `SimpleQueue.put`.
+While the worker runs a batch and a full bucket is queued, the loop forms that next batch
+at once ("staged"); the worker starts it as soon as its run ends, with no thread hop, and
+hands the finished batch back with one `call_soon_threadsafe`. The loop cuts each request's
+rows out of the batch outputs (views, cut in C for one-row requests) while the next batch
+runs. So a request costs at most one thread hop each way, shared by its whole batch, and
+under load none: the loop's per-request work overlaps the worker's ONNX Runtime run (which
+releases the GIL). Per-batch metrics are kept as plain numbers and flushed to prometheus
+when the worker idles.
 
-Worker side: the runner copies the rows into the bucket's buffers (one numpy concatenate per
-input) and runs the session (ONNX Runtime releases the GIL). When the run ends and a full
-bucket is already queued, the worker takes that next batch itself (under the queue lock) and
-starts it at once, so back-to-back batches need no thread hop at all; then one
-`call_soon_threadsafe` hands the finished batch back, and the loop cuts each request's rows
-out of the batch outputs (views, cut in C for one-row requests) while the next batch runs.
-So a request costs at most one thread hop each way, shared by every request in its batch.
-Per-batch metrics are kept as plain numbers and flushed to prometheus when the worker idles.
+Inline runs (`inline_max_run_s` > 0, CPU only): a batch whose bucket has recently run in at
+most that long is run on the loop's own thread when the worker is idle, skipping both thread
+hops; the loop is blocked for that run.
 
 Deadlines: a request still queued at its deadline fails with `InferenceTimeout` and is never
-run; one timer, armed for the earliest deadline, sweeps the queue. A request already running
-at its deadline completes normally. The queue is bounded in rows (`queue_limit`).
+run; one timer, armed for the earliest deadline, sweeps the queue, and the worker drops
+requests of a staged batch whose deadline passed before it could start. A request already
+running at its deadline completes normally. The queue is bounded in rows (`queue_limit`).
+
+Why one future per request, not one per batch: every caller is its own task and must be
+woken anyway, and a future shared by a batch's callers would be cancelled for all of them
+when one caller is cancelled (`Task.cancel` cancels the future it awaits); a C future costs
+less than the per-caller wrapper that would prevent that.
 """
 
 from __future__ import annotations
@@ -64,39 +73,47 @@ _WORKER_EXIT_S = 1.0
 # _FLUSH_BATCHES batches under constant load), so metrics never add to request latency.
 _FLUSH_IDLE_S = 0.001
 _FLUSH_BATCHES = 64
+_FLUSH_INLINE_S = 0.01  # inline runs leave the worker asleep: it is woken this often to flush
+# Inline runs: a bucket's recent run time is max(this run, previous estimate * _DECAY).
+_DECAY = 0.9
 
 Outputs = dict[str, np.ndarray]
 
+# A queued request is a plain tuple, the cheapest object Python builds:
+# (future, inputs, rows, enqueued_at, deadline), times in the loop's clock.
+_Request = tuple["asyncio.Future[Outputs]", dict[str, np.ndarray], int, float, float]
 
-class _Request:
-    __slots__ = ("deadline", "done", "enqueued_at", "future", "inputs", "rows")
+
+class _Batch:
+    """Requests taken from the queue to run together (one object per batch)."""
+
+    __slots__ = (
+        "first_deadline",
+        "formed_at",
+        "inputs",
+        "oldest",
+        "requests",
+        "row_counts",
+        "rows",
+    )
 
     def __init__(
         self,
-        future: asyncio.Future[Outputs],
-        inputs: dict[str, np.ndarray],
+        requests: list[_Request],
+        inputs: list[dict[str, np.ndarray]],
+        row_counts: list[int],
         rows: int,
-        enqueued_at: float,
-        deadline: float,
+        oldest: float,
+        first_deadline: float,
+        formed_at: float,
     ) -> None:
-        self.future = future
+        self.requests = requests
         self.inputs = inputs
+        self.row_counts = row_counts
         self.rows = rows
-        self.enqueued_at = enqueued_at
-        self.deadline = deadline
-        self.done = False  # left the queue (dispatched, expired or dropped as cancelled)
-
-
-class _Staged:
-    """A batch formed on the loop while the worker runs another; the worker starts it."""
-
-    __slots__ = ("entries", "first_deadline", "rows", "staged_at")
-
-    def __init__(self, entries: list[_Request], rows: int, staged_at: float) -> None:
-        self.entries = entries
-        self.rows = rows
-        self.staged_at = staged_at
-        self.first_deadline = min(request.deadline for request in entries)
+        self.oldest = oldest  # earliest enqueued_at
+        self.first_deadline = first_deadline
+        self.formed_at = formed_at
 
 
 class Batcher:
@@ -110,7 +127,7 @@ class Batcher:
         self._levels: list[deque[_Request]] = [deque() for _ in range(spec.priority_levels)]
         self._queued_rows = 0
         self._max_rows = spec.max_batch_rows
-        self._busy = False
+        self._busy = False  # the worker owns a batch (set and cleared on the loop only)
         self._accepting = False
         self._dispatch_handle: asyncio.Handle | None = None
         self._dispatch_is_timer = False
@@ -128,13 +145,20 @@ class Batcher:
         self._validate: RequestValidator | None = None
         self._clock: Callable[[], float] = time.monotonic  # loop.time, see _fast_loop_calls
         self._new_future: Callable[[], asyncio.Future[Any]] = asyncio.Future
+        # The next full batch, formed on the loop while the worker runs one (at most one entry;
+        # deque append/popleft are atomic, so whichever thread pops it owns it, no lock).
+        self._staged: deque[_Batch] = deque()
+        # Inline runs: the most a bucket's recent runs took, per bucket index (0: off).
+        self._inline_max_s = spec.inline_max_run_s
+        self._recent_run_s: list[float] = [math.inf] * len(spec.buckets)
+        self._flush_armed = False  # a timer will ask the worker to flush inline runs' metrics
+        # Per-batch numbers for the metrics, appended by whichever thread ran the batch and
+        # flushed by the worker when idle: (bucket rows, rows, run_s, cpu_s, queue_delay_s,
+        # inline).
+        self._batch_stats: deque[tuple[int, int, float, float, float, bool]] = deque()
         self._accepted = 0  # requests queued so far; the worker flushes it to the metric
         self._accepted_reported = 0
         self._report_lock = threading.Lock()
-        # The next full batch, formed on the loop while the worker runs one (at most one entry;
-        # deque append/popleft are atomic, so whichever thread pops it owns it, no lock).
-        self._staged: deque[_Staged] = deque()
-        self._batch_stats: list[tuple[list[_Request], int, float, float, float]] = []  # worker
         name = spec.name
         self._m_requests = metrics.REQUESTS.labels(name)
         self._m_overloaded = metrics.REJECTED.labels(name, "overloaded")
@@ -142,6 +166,7 @@ class Batcher:
         self._m_timed_out = metrics.TIMED_OUT.labels(name)
         self._m_failed = metrics.FAILED.labels(name)
         self._m_batch_rows = metrics.BATCH_ROWS.labels(name)
+        self._m_inline = metrics.INLINE_BATCHES.labels(name)
         self._m_padding = metrics.PADDING_ROWS.labels(name)
         self._m_queue_delay = metrics.QUEUE_DELAY.labels(name)
         self._m_run = metrics.RUN_SECONDS.labels(name)
@@ -219,17 +244,16 @@ class Batcher:
     def _fail_queued(self, error: BaseException) -> None:
         failed: list[_Request] = []
         for level in self._levels:
-            failed.extend(request for request in level if not request.done)
+            failed.extend(level)
             level.clear()
         while self._staged:
             try:
-                failed.extend(self._staged.popleft().entries)
+                failed.extend(self._staged.popleft().requests)
             except IndexError:  # the worker took it first: it runs (or fails) there
                 break
         self._queued_rows = 0
         for request in failed:
-            request.done = True
-            _set_exception(request.future, error)
+            _set_exception(request[0], error)
         self._m_queued.set(0)
 
     async def _stop_worker(self, timeout_s: float | None) -> None:
@@ -267,8 +291,7 @@ class Batcher:
                 f"model {self.spec.name!r} is not serving (engine not started or closing)"
             )
         validate = self._validate
-        loop = self._loop
-        assert validate is not None and loop is not None
+        assert validate is not None
         try:
             checked, rows = validate(inputs)
             if priority.__class__ is not int or not 0 <= priority < self._priority_levels:
@@ -286,8 +309,6 @@ class Batcher:
         except InvalidInput:
             self._m_invalid.inc()
             raise
-        now = self._clock()
-        request = _Request(self._new_future(), checked, rows, now, now + timeout_s)
         waiting = self._queued_rows
         queued = waiting + rows
         if queued > self._queue_limit:
@@ -296,11 +317,14 @@ class Batcher:
                 f"model {self.spec.name!r}: queue full ({waiting} of {self._queue_limit} rows "
                 f"waiting, request has {rows}); retry later or raise queue_limit"
             )
-        self._levels[priority].append(request)
+        now = self._clock()
+        future = self._new_future()
+        deadline = now + timeout_s
+        self._levels[priority].append((future, checked, rows, now, deadline))
         self._queued_rows = queued
         self._accepted += 1  # a plain int here; the worker adds it to the metric
-        if request.deadline < self._expiry_at:
-            self._arm_expiry(request.deadline)
+        if deadline < self._expiry_at:
+            self._arm_expiry(deadline)
         if self._busy:
             if queued >= self._max_rows and not self._staged:
                 self._stage()
@@ -313,11 +337,14 @@ class Batcher:
                 self._schedule_dispatch()
         else:
             self._grew = True
-        return request.future
+        return future
 
     def queued_rows(self) -> int:
         """Rows waiting to be dispatched (not counting the batch running now)."""
         return self._queued_rows
+
+    def _oldest_enqueued(self) -> float:
+        return min(level[0][3] for level in self._levels if level)
 
     def _schedule_dispatch(self) -> None:
         if self._busy or self._dispatch_handle is not None or not self._queued_rows:
@@ -335,8 +362,7 @@ class Batcher:
             self._dispatch_is_timer = False
             self._grew = False
         else:
-            oldest = min(level[0].enqueued_at for level in self._levels if level)
-            self._dispatch_handle = loop.call_at(oldest + delay_s, self._dispatch)
+            self._dispatch_handle = loop.call_at(self._oldest_enqueued() + delay_s, self._dispatch)
             self._dispatch_is_timer = True
 
     def _dispatch(self) -> None:
@@ -347,61 +373,93 @@ class Batcher:
             # Adaptive: rows arrived during this iteration; the batch may still grow.
             loop = self._loop
             assert loop is not None
-            oldest = min(level[0].enqueued_at for level in self._levels if level)
-            if loop.time() - oldest < self.spec.max_queue_delay_s:
+            if loop.time() - self._oldest_enqueued() < self.spec.max_queue_delay_s:
                 self._grew = False
                 self._dispatch_handle = loop.call_soon(self._dispatch)
                 self._dispatch_is_timer = False
                 return
         self._grew = False
-        entries, rows = self._take()
-        if not entries:
+        batch = self._take()
+        if batch is None:
             self._check_drained()
             return
+        if self._inline_max_s and self._recent_run_s[self._bucket_of(batch.rows)] <= (
+            self._inline_max_s
+        ):
+            self._run_inline(batch)
+            return
         self._busy = True
-        assert self._loop is not None
-        self._jobs.put((self._run_batches, (_Staged(entries, rows, self._clock()),)))
+        self._jobs.put((self._run_batches, (batch,)))
 
     def _stage(self) -> None:
         """While the worker runs a batch, form the next full one for it to start at once."""
-        entries, rows = self._take()
-        if entries:
-            self._staged.append(_Staged(entries, rows, self._clock()))
+        batch = self._take()
+        if batch is not None:
+            self._staged.append(batch)
 
-    def _take(self) -> tuple[list[_Request], int]:
+    def _take(self) -> _Batch | None:
         """Remove the next batch from the queue: highest priority first, FIFO within a level,
         until the next request would overflow the largest bucket (it is never overtaken).
-        Requests already expired or cancelled are dropped. Loop thread only."""
-        entries: list[_Request] = []
+        Requests whose caller was cancelled are dropped. Loop thread only."""
+        requests: list[_Request] = []
+        inputs: list[dict[str, np.ndarray]] = []
+        row_counts: list[int] = []
         rows = 0
         capacity = self._max_rows
         dropped = 0
+        oldest = first_deadline = math.inf
+        full = False
         for level in reversed(self._levels):  # highest priority first
             while level:
                 request = level[0]
-                if request.done or request.future.done():  # expired, or caller cancelled
+                future, request_inputs, request_rows, enqueued_at, deadline = request
+                if future.done():  # the caller was cancelled
                     level.popleft()
-                    if not request.done:
-                        request.done = True
-                        dropped += request.rows
+                    dropped += request_rows
                     continue
-                if rows + request.rows > capacity:
-                    self._queued_rows -= rows + dropped
-                    return entries, rows
+                if rows + request_rows > capacity:
+                    full = True  # never let a later request overtake this one
+                    break
                 level.popleft()
-                request.done = True
-                entries.append(request)
-                rows += request.rows
+                requests.append(request)
+                inputs.append(request_inputs)
+                row_counts.append(request_rows)
+                rows += request_rows
+                if enqueued_at < oldest:
+                    oldest = enqueued_at
+                if deadline < first_deadline:
+                    first_deadline = deadline
+            if full:
+                break
         self._queued_rows -= rows + dropped
-        return entries, rows
+        if not requests:
+            return None
+        return _Batch(requests, inputs, row_counts, rows, oldest, first_deadline, self._clock())
+
+    def _bucket_of(self, rows: int) -> int:
+        runner = self.runner
+        assert runner is not None
+        return runner.bucket_of(rows)
+
+    def _run_inline(self, batch: _Batch) -> None:
+        """Run `batch` on the loop's thread (the worker is idle) and hand out its results."""
+        outputs, error = self._run_one(batch, inline=True)
+        self._deliver(batch, outputs, error)
+        if not self._flush_armed:  # the idle worker flushes the metrics, off this thread
+            assert self._loop is not None
+            self._flush_armed = True
+            self._loop.call_later(_FLUSH_INLINE_S, self._request_flush)
+        if self._queued_rows:
+            self._schedule_dispatch()
+        else:
+            self._check_drained()
+
+    def _request_flush(self) -> None:
+        self._flush_armed = False
+        self._jobs.put((self._flush_metrics, ()))
 
     def _complete(
-        self,
-        entries: list[_Request],
-        rows: int,
-        outputs: Outputs | None,
-        error: str | None,
-        last: bool,
+        self, batch: _Batch, outputs: Outputs | None, error: str | None, last: bool
     ) -> None:
         """A batch ended (on the loop). `last`: the worker found no staged batch to go on with."""
         if last:
@@ -420,27 +478,30 @@ class Batcher:
                 self._dispatch()
         elif self._queued_rows >= self._max_rows and not self._staged:
             self._stage()  # the worker went on with the staged batch: stage the one after
-        if outputs is not None:
-            for request, result in zip(entries, split_rows(outputs, entries, rows), strict=True):
-                future = request.future
-                if not future.done():
-                    future.set_result(result)
-        else:
-            self._m_failed.inc(len(entries))
-            for request in entries:
-                if not request.future.done():
-                    request.future.set_exception(InferenceFailed(error))
+        self._deliver(batch, outputs, error)
         if not self._busy:
             if self._queued_rows:
                 self._schedule_dispatch()
             else:
                 self._check_drained()
 
+    def _deliver(self, batch: _Batch, outputs: Outputs | None, error: str | None) -> None:
+        if outputs is not None:
+            results = split_rows(outputs, batch.row_counts)
+            for request, result in zip(batch.requests, results, strict=True):
+                future = request[0]
+                if not future.done():  # not cancelled while it ran
+                    future.set_result(result)
+        else:
+            self._m_failed.inc(len(batch.requests))
+            for request in batch.requests:
+                _set_exception(request[0], InferenceFailed(error))
+
     def _fail_expired(self, expired: list[_Request], now: float) -> None:
         """Staged requests whose deadline passed before their batch started (on the loop)."""
         for request in expired:
             self._m_timed_out.inc()
-            _set_exception(request.future, self._timeout_error(now - request.enqueued_at))
+            _set_exception(request[0], self._timeout_error(now - request[3]))
 
     def _timeout_error(self, waited_s: float) -> InferenceTimeout:
         return InferenceTimeout(
@@ -465,19 +526,16 @@ class Batcher:
         for index, level in enumerate(self._levels):
             kept: deque[_Request] = deque()
             for request in level:
-                if request.done:
-                    continue
-                if request.future.done():  # caller cancelled: drop it now
-                    request.done = True
-                    self._queued_rows -= request.rows
-                elif request.deadline <= now:
-                    request.done = True
-                    self._queued_rows -= request.rows
+                future, _, rows, enqueued_at, deadline = request
+                if future.done():  # caller cancelled: drop it now
+                    self._queued_rows -= rows
+                elif deadline <= now:
+                    self._queued_rows -= rows
                     self._m_timed_out.inc()
-                    request.future.set_exception(self._timeout_error(now - request.enqueued_at))
+                    future.set_exception(self._timeout_error(now - enqueued_at))
                 else:
                     kept.append(request)
-                    next_deadline = min(next_deadline, request.deadline)
+                    next_deadline = min(next_deadline, deadline)
             self._levels[index] = kept
         if next_deadline < math.inf:
             self._arm_expiry(next_deadline)
@@ -526,81 +584,112 @@ class Batcher:
                 self.spec.name, self.runner.inputs, self.spec.max_batch_rows
             )
             self.runner.warm_up()
+            if self.runner.device == "cpu":
+                self._recent_run_s = list(self.runner.warm_run_s)
+            else:
+                self._inline_max_s = 0.0  # CUDA graphs replay only on the worker's thread
         except BaseException as exc:
             loop.call_soon_threadsafe(_set_exception, done, exc)
         else:
             loop.call_soon_threadsafe(_set_result, done, None)
 
-    def _run_batches(self, batch: _Staged) -> None:
+    def _run_batches(self, batch: _Batch) -> None:
         """Run the batch the loop dispatched, then every batch it staged meanwhile."""
-        runner = self.runner
         loop = self._loop
-        assert runner is not None and loop is not None
+        assert loop is not None
         post = loop.call_soon_threadsafe
         staged = self._staged
-        clock = self._clock
-        stats = self._batch_stats
         while True:
-            entries = batch.entries
-            rows = batch.rows
-            cpu_started = time.thread_time()
-            started = time.perf_counter()
-            outputs: Outputs | None = None
-            error: str | None = None
-            try:
-                outputs = runner.run(entries, rows)
-            except Exception as exc:  # ORT failure: fail this batch, keep serving
-                error = (
-                    f"model {self.spec.name!r}: onnxruntime run failed: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                log.error("engine: %s", error)
-            run_s = time.perf_counter() - started
-            cpu_s = time.thread_time() - cpu_started
-            following: _Staged | None = None
+            outputs, error = self._run_one(batch)
+            following: _Batch | None = None
             while staged:
                 try:
                     following = staged.popleft()
                 except IndexError:  # the loop took it back (closing)
                     break
-                now = clock()
-                if following.first_deadline > now:
+                following = self._drop_expired(following, post)
+                if following is not None:
                     break
-                # Requests whose deadline passed while staged never run late either.
-                expired = [r for r in following.entries if r.deadline <= now]
-                kept = [r for r in following.entries if r.deadline > now]
-                with contextlib.suppress(RuntimeError):
-                    post(self._fail_expired, expired, now)
-                if kept:
-                    following = _Staged(kept, sum(r.rows for r in kept), following.staged_at)
-                    break
-                following = None
             try:
-                post(self._complete, entries, rows, outputs, error, following is None)
+                post(self._complete, batch, outputs, error, following is None)
             except RuntimeError:  # loop closed under us: nobody is waiting any more
                 return
-            stats.append((entries, rows, run_s, cpu_s, batch.staged_at))
             if following is None:
                 return
-            if len(stats) >= _FLUSH_BATCHES:
+            if len(self._batch_stats) >= _FLUSH_BATCHES:
                 self._flush_metrics()
             batch = following
+
+    def _drop_expired(self, batch: _Batch, post: Callable[..., object]) -> _Batch | None:
+        """`batch` without requests whose deadline passed while it was staged (they fail
+        with `InferenceTimeout` on the loop); None if none is left."""
+        now = time.monotonic()
+        if batch.first_deadline > now:
+            return batch
+        expired = [r for r in batch.requests if r[4] <= now]
+        kept = [r for r in batch.requests if r[4] > now]
+        with contextlib.suppress(RuntimeError):
+            post(self._fail_expired, expired, now)
+        if not kept:
+            return None
+        return _Batch(
+            kept,
+            [r[1] for r in kept],
+            [r[2] for r in kept],
+            sum(r[2] for r in kept),
+            min(r[3] for r in kept),
+            min(r[4] for r in kept),
+            batch.formed_at,
+        )
+
+    def _run_one(self, batch: _Batch, inline: bool = False) -> tuple[Outputs | None, str | None]:
+        """Run one batch (worker thread, or the loop's for an inline run); record its stats."""
+        runner = self.runner
+        assert runner is not None
+        cpu_started = time.thread_time()
+        started = time.perf_counter()
+        outputs: Outputs | None = None
+        error: str | None = None
+        try:
+            outputs = runner.run(batch.inputs, batch.rows)
+        except Exception as exc:  # ORT failure: fail this batch, keep serving
+            error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
+            log.error("engine: %s", error)
+        run_s = time.perf_counter() - started
+        cpu_s = time.thread_time() - cpu_started
+        index = runner.bucket_of(batch.rows)
+        recent = self._recent_run_s[index] * _DECAY
+        self._recent_run_s[index] = run_s if run_s > recent else recent
+        self._batch_stats.append(
+            (
+                self.spec.buckets[index],
+                batch.rows,
+                run_s,
+                cpu_s,
+                batch.formed_at - batch.oldest,
+                inline,
+            )
+        )
+        return outputs, error
 
     def _flush_metrics(self) -> None:
         """Add the batches run since the last call to the metrics (worker thread)."""
         stats = self._batch_stats
         runner = self.runner
-        if not stats or runner is None:
+        if runner is None:
             return
-        buckets = self.spec.buckets
-        for entries, rows, run_s, cpu_s, formed_at in stats:
+        while stats:
+            try:
+                bucket_rows, rows, run_s, cpu_s, queue_delay_s, inline = stats.popleft()
+            except IndexError:
+                break
             self._m_run.observe(run_s)
             self._m_cpu.observe(cpu_s)
             self._m_batch_rows.observe(rows)
-            self._m_padding.inc(buckets[runner.bucket_for(rows)] - rows)
-            oldest = min(request.enqueued_at for request in entries)
-            self._m_queue_delay.observe(max(formed_at - oldest, 0.0))
-        stats.clear()
+            self._m_padding.inc(bucket_rows - rows)
+            self._m_queue_delay.observe(max(queue_delay_s, 0.0))
+            if inline:
+                self._m_inline.inc()
         runner.flush_metrics()
         self._m_queued.set(self._queued_rows)
         self._report_accepted()

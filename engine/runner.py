@@ -1,9 +1,10 @@
 """Runs batches of one model: fixed per-bucket buffers, IOBinding, one CUDA graph per bucket.
 
-Every method here runs on the model's single worker thread (CUDA graphs live in ONNX Runtime's
-per-thread context, so capture and replay must share a thread). Each bucket owns input and
-output buffers allocated once; a batch is written row by row into the bucket's host input
-buffer, uploaded in place (`OrtValue.update_inplace`) when the buffers live on the GPU, and
+Every method here runs on one thread at a time: the model's worker thread (CUDA graphs live in
+ONNX Runtime's per-thread context, so capture and replay must share a thread), or on CPU the
+event loop's thread for an inline run while the worker is idle. Each bucket owns input and
+output buffers allocated once; a batch is copied into the bucket's host input buffer with one
+numpy concatenate per input, uploaded in place (`OrtValue.update_inplace`) when the buffers live on the GPU, and
 run with the run option `gpu_graph_id` = the bucket's index. The first run of each bucket (at
 warm-up) captures its graph; later runs replay it. Because a bucket's buffers never change
 shape or address, a graph is never replayed with a shape other than the one it captured.
@@ -14,10 +15,10 @@ accepted and ignored, so the same code path is exercised by CPU tests.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -30,16 +31,6 @@ from engine.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 _NO_GRAPH = "-1"  # gpu_graph_id value that runs without capturing or replaying a graph
-
-
-class RowSource(Protocol):
-    """What a batch entry offers the runner: validated inputs and their row count."""
-
-    @property
-    def inputs(self) -> Mapping[str, np.ndarray]: ...
-
-    @property
-    def rows(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -72,6 +63,7 @@ class Runner:
         self.cuda_graphs = loaded.cuda_graphs
         self._on_cpu = loaded.device == "cpu" if staged is None else not staged
         self._buckets = [self._make_bucket(index, rows) for index, rows in enumerate(spec.buckets)]
+        self.warm_run_s = [math.inf] * len(self._buckets)  # each bucket's warm-up run
         # Bucket index by row count (0 .. largest bucket): one list lookup per batch.
         self._bucket_of = [self.bucket_for(max(rows, 1)) for rows in range(spec.buckets[-1] + 1)]
         self._batches = {
@@ -109,6 +101,7 @@ class Runner:
                         f"batch of {bucket.rows}; outputs must carry the batch on axis 0"
                     )
             self._batches[bucket.rows, "warmup"].inc()
+            self.warm_run_s[bucket.graph_id] = time.perf_counter() - started
             log.debug(
                 "engine: model %r: bucket %d warm in %.1f ms",
                 self.spec.name,
@@ -116,18 +109,23 @@ class Runner:
                 (time.perf_counter() - started) * 1e3,
             )
 
-    def run(self, entries: Sequence[RowSource], rows: int) -> dict[str, np.ndarray]:
-        """Run `entries` (total `rows`) as one padded batch: every output's first `rows` rows,
-        in entry order, as fresh arrays (`split_rows` cuts them per entry)."""
+    def bucket_of(self, rows: int) -> int:
+        """`bucket_for` by table lookup (1 <= rows <= largest bucket)."""
+        return self._bucket_of[rows]
+
+    def run(self, requests: Sequence[Mapping[str, np.ndarray]], rows: int) -> dict[str, np.ndarray]:
+        """Run `requests` (each `{input name: array}`, `rows` rows in all) as one padded batch:
+        every output's first `rows` rows, in request order, as fresh arrays (`split_rows` cuts
+        them per request)."""
         bucket = self._buckets[self._bucket_of[rows]]
         host_inputs = bucket.host_inputs
-        if len(entries) == 1:
-            for name, array in entries[0].inputs.items():
+        if len(requests) == 1:
+            for name, array in requests[0].items():
                 host_inputs[name][:rows] = array
         else:
             for name, host in host_inputs.items():
                 # One C-level copy of every request's rows, straight into the bucket buffer.
-                np.concatenate([entry.inputs[name] for entry in entries], out=host[:rows])
+                np.concatenate([inputs[name] for inputs in requests], out=host[:rows])
         if bucket.dirty_rows > rows:
             # Zero stale rows so padding is deterministic (it never reaches a caller anyway).
             for buffer in host_inputs.values():
@@ -215,16 +213,16 @@ class Runner:
 
 
 def split_rows(
-    outputs: Mapping[str, np.ndarray], entries: Sequence[RowSource], rows: int
+    outputs: Mapping[str, np.ndarray], row_counts: Sequence[int]
 ) -> list[dict[str, np.ndarray]]:
-    """Each entry's rows of a batch's `outputs` (entries in batch order, `rows` in all), as
-    views. One row per entry (the common case) lets numpy cut the rows in C: one pass per
-    output over `array[:, None]`, no Python slicing."""
-    if len(entries) == 1:
+    """Cut a batch's `outputs` into each request's rows (`row_counts`: rows per request, in
+    batch order), as views. One row per request (the common case) lets numpy cut the rows in
+    C: one pass per output over `array[:, None]`, no Python slicing."""
+    if len(row_counts) == 1:
         return [dict(outputs)]
-    if rows == len(entries):
-        items = iter(outputs.items())
-        first_name, first = next(items)
+    items = iter(outputs.items())
+    first_name, first = next(items)
+    if len(row_counts) == len(first):  # one row each
         results = [{first_name: view} for view in first[:, None]]
         for name, array in items:
             for result, view in zip(results, array[:, None], strict=True):
@@ -232,8 +230,8 @@ def split_rows(
         return results
     results = []
     offset = 0
-    for entry in entries:
-        end = offset + entry.rows
+    for count in row_counts:
+        end = offset + count
         results.append({n: a[offset:end] for n, a in outputs.items()})
         offset = end
     return results
