@@ -91,6 +91,7 @@ class _Batch:
         "first_deadline",
         "formed_at",
         "inputs",
+        "load_s",
         "oldest",
         "requests",
         "row_counts",
@@ -114,6 +115,7 @@ class _Batch:
         self.oldest = oldest  # earliest enqueued_at
         self.first_deadline = first_deadline
         self.formed_at = formed_at
+        self.load_s = 0.0  # copying the rows into the bucket (worker)
 
 
 class Batcher:
@@ -599,8 +601,9 @@ class Batcher:
         assert loop is not None
         post = loop.call_soon_threadsafe
         staged = self._staged
+        loaded = self._load(batch)
         while True:
-            outputs, error = self._run_one(batch)
+            outputs, error = self._execute(batch, loaded)
             following: _Batch | None = None
             while staged:
                 try:
@@ -610,6 +613,10 @@ class Batcher:
                 following = self._drop_expired(following, post)
                 if following is not None:
                     break
+            if following is not None:
+                # Copied in before the loop is woken: from the wake-up to the next run
+                # releasing the GIL, the loop and this thread would only contend for it.
+                loaded = self._load(following)
             try:
                 post(self._complete, batch, outputs, error, following is None)
             except RuntimeError:  # loop closed under us: nobody is waiting any more
@@ -643,7 +650,33 @@ class Batcher:
         )
 
     def _run_one(self, batch: _Batch, inline: bool = False) -> tuple[Outputs | None, str | None]:
-        """Run one batch (worker thread, or the loop's for an inline run); record its stats."""
+        """Load and run one batch (the worker, or the loop's thread for an inline run)."""
+        return self._execute(batch, self._load(batch), inline)
+
+    def _load(self, batch: _Batch) -> int | str:
+        """Copy the batch into its bucket: the bucket's index, or the error message."""
+        runner = self.runner
+        assert runner is not None
+        started = time.perf_counter()
+        try:
+            index = runner.load(batch.inputs, batch.rows)
+        except Exception as exc:  # never expected after validation; fail the batch, not us
+            return self._failure(exc)
+        finally:
+            batch.load_s = time.perf_counter() - started
+        return index
+
+    def _failure(self, exc: Exception) -> str:
+        error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
+        log.error("engine: %s", error)
+        return error
+
+    def _execute(
+        self, batch: _Batch, loaded: int | str, inline: bool = False
+    ) -> tuple[Outputs | None, str | None]:
+        """Run a loaded batch and record its stats; (outputs, None) or (None, error)."""
+        if isinstance(loaded, str):
+            return None, loaded
         runner = self.runner
         assert runner is not None
         cpu_started = time.thread_time()
@@ -651,18 +684,16 @@ class Batcher:
         outputs: Outputs | None = None
         error: str | None = None
         try:
-            outputs = runner.run(batch.inputs, batch.rows)
+            outputs = runner.run_loaded(loaded, batch.rows)
         except Exception as exc:  # ORT failure: fail this batch, keep serving
-            error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
-            log.error("engine: %s", error)
-        run_s = time.perf_counter() - started
+            error = self._failure(exc)
+        run_s = time.perf_counter() - started + batch.load_s
         cpu_s = time.thread_time() - cpu_started
-        index = runner.bucket_of(batch.rows)
-        recent = self._recent_run_s[index] * _DECAY
-        self._recent_run_s[index] = run_s if run_s > recent else recent
+        recent = self._recent_run_s[loaded] * _DECAY
+        self._recent_run_s[loaded] = run_s if run_s > recent else recent
         self._batch_stats.append(
             (
-                self.spec.buckets[index],
+                self.spec.buckets[loaded],
                 batch.rows,
                 run_s,
                 cpu_s,

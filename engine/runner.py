@@ -116,8 +116,14 @@ class Runner:
     def run(self, requests: Sequence[Mapping[str, np.ndarray]], rows: int) -> dict[str, np.ndarray]:
         """Run `requests` (each `{input name: array}`, `rows` rows in all) as one padded batch:
         every output's first `rows` rows, in request order, as fresh arrays (`split_rows` cuts
-        them per request)."""
-        bucket = self._buckets[self._bucket_of[rows]]
+        them per request). `load` then `run_loaded`."""
+        return self.run_loaded(self.load(requests, rows), rows)
+
+    def load(self, requests: Sequence[Mapping[str, np.ndarray]], rows: int) -> int:
+        """Copy `requests` into their bucket's input buffers; the bucket's index. The bucket's
+        previous run must have ended (its outputs are copied out before `run_loaded` returns)."""
+        index = self._bucket_of[rows]
+        bucket = self._buckets[index]
         host_inputs = bucket.host_inputs
         if len(requests) == 1:
             for name, array in requests[0].items():
@@ -131,6 +137,11 @@ class Runner:
             for buffer in host_inputs.values():
                 buffer[rows : bucket.dirty_rows] = 0
         bucket.dirty_rows = rows
+        return index
+
+    def run_loaded(self, index: int, rows: int) -> dict[str, np.ndarray]:
+        """Run bucket `index` as loaded by `load` (`rows` real rows); outputs as `run`."""
+        bucket = self._buckets[index]
         self._run(bucket)
         bucket.serve_count += 1
         if self._on_cpu:
