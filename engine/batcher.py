@@ -26,8 +26,8 @@ most that long is run on the loop's own thread when the worker is idle, skipping
 hops; the loop is blocked for that run.
 
 Deadlines: a request still queued at its deadline fails with `InferenceTimeout` and is never
-run; one timer, armed for the earliest deadline, sweeps the queue, and the worker drops
-requests of a staged batch whose deadline passed before it could start. A request already
+run; one timer, armed for the earliest deadline, sweeps the queue and the staged batch, and
+the worker drops requests of a staged batch whose deadline passed just before it starts it. A request already
 running at its deadline completes normally. The queue is bounded in rows (`queue_limit`).
 
 Why one future per request, not one per batch: every caller is its own task and must be
@@ -116,6 +116,22 @@ class _Batch:
         self.first_deadline = first_deadline
         self.formed_at = formed_at
         self.load_s = 0.0  # copying the rows into the bucket (worker)
+
+    def without(self, removed: list[_Request]) -> _Batch | None:
+        """This batch minus `removed` (expired requests); None if nothing is left."""
+        gone = {id(request) for request in removed}
+        kept = [request for request in self.requests if id(request) not in gone]
+        if not kept:
+            return None
+        return _Batch(
+            kept,
+            [r[1] for r in kept],
+            [r[2] for r in kept],
+            sum(r[2] for r in kept),
+            min(r[3] for r in kept),
+            min(r[4] for r in kept),
+            self.formed_at,
+        )
 
 
 class Batcher:
@@ -539,12 +555,33 @@ class Batcher:
                     kept.append(request)
                     next_deadline = min(next_deadline, deadline)
             self._levels[index] = kept
+        next_deadline = min(next_deadline, self._expire_staged(now))
         if next_deadline < math.inf:
             self._arm_expiry(next_deadline)
         self._m_queued.set(self._queued_rows)
         self._report_accepted()
         if not self._queued_rows:
             self._check_drained()
+
+    def _expire_staged(self, now: float) -> float:
+        """Fail the staged batch's requests whose deadline passed (a long run ahead of it must
+        not make them wait past it); the staged batch's next deadline, or inf."""
+        if not self._staged:
+            return math.inf
+        try:
+            batch: _Batch | None = self._staged.popleft()
+        except IndexError:  # the worker just took it: it drops expired requests itself
+            return math.inf
+        assert batch is not None
+        if batch.first_deadline <= now:
+            expired = [r for r in batch.requests if r[4] <= now]
+            self._fail_expired(expired, now)
+            batch = batch.without(expired)
+        if batch is None:
+            return math.inf
+        # If the worker ended meanwhile and found nothing, `_complete` starts this batch.
+        self._staged.append(batch)
+        return batch.first_deadline
 
     def _check_drained(self) -> None:
         drained = self._drained
@@ -634,20 +671,9 @@ class Batcher:
         if batch.first_deadline > now:
             return batch
         expired = [r for r in batch.requests if r[4] <= now]
-        kept = [r for r in batch.requests if r[4] > now]
         with contextlib.suppress(RuntimeError):
             post(self._fail_expired, expired, now)
-        if not kept:
-            return None
-        return _Batch(
-            kept,
-            [r[1] for r in kept],
-            [r[2] for r in kept],
-            sum(r[2] for r in kept),
-            min(r[3] for r in kept),
-            min(r[4] for r in kept),
-            batch.formed_at,
-        )
+        return batch.without(expired)
 
     def _run_one(self, batch: _Batch, inline: bool = False) -> tuple[Outputs | None, str | None]:
         """Load and run one batch (the worker, or the loop's thread for an inline run)."""

@@ -16,17 +16,18 @@ from tests.waiting import wait_until
 # About 0.05-0.15 s of Loop steps: long enough for a request to be staged behind it and for a
 # 10 ms deadline to pass, short enough to keep the test fast.
 BUSY = np.full((1, 1), 1e5, np.float32)
+LONG = np.full((1, 1), 3e5, np.float32)  # 0.1-0.5 s: outlasts a 10 ms deadline anywhere
 
 
 def _batcher(engine: Engine, model: str):  # type: ignore[no-untyped-def]
     return engine._batchers[model]
 
 
-async def test_staged_request_whose_deadline_passes_never_runs(tmp_path: Path) -> None:
+async def test_staged_request_fails_at_its_deadline_and_never_runs(tmp_path: Path) -> None:
     spec = ModelSpec("spin_staged", build_spin(tmp_path / "spin.onnx"), buckets=(1,))
     async with serving(spec) as engine:
         batcher = _batcher(engine, "spin_staged")
-        running = asyncio.ensure_future(engine.infer("spin_staged", BUSY, timeout_s=60))
+        running = asyncio.ensure_future(engine.infer("spin_staged", LONG, timeout_s=60))
         await wait_until(lambda: batcher._busy, 5, "the worker to take the batch", poll_s=0)
         # The bucket is full at once (1 row) while the worker is busy: the loop stages it.
         late = asyncio.ensure_future(
@@ -35,6 +36,9 @@ async def test_staged_request_whose_deadline_passes_never_runs(tmp_path: Path) -
         await wait_until(lambda: len(batcher._staged) == 1, 5, "the staged batch", poll_s=0)
         with pytest.raises(InferenceTimeout, match="past its deadline; it was not run"):
             await late
+        # At its deadline, not when the run ahead of it ended.
+        assert not running.done()
+        assert not batcher._staged
         assert (await running)["y"].shape == (1, 1)
         # The model still serves, and the staged request's slot is free again.
         out = await engine.infer("spin_staged", np.full((1, 1), 3.0, np.float32))
