@@ -1,6 +1,7 @@
 """Benchmark: the engine's dynamic batcher vs raw ONNX Runtime vs a naive thread pool.
 
     python bench/engine.py [--seconds 1.5] [--repeats 3] [--models mlp,anomaly] [--uvloop]
+                           [--pairs 7]
 
 Same process, same models, side by side:
   raw      session.run on one thread at batch 1..256 (the ceiling for each batch size)
@@ -11,11 +12,14 @@ and the example anomaly autoencoder (so small that per-request cost dominates: i
 engine's own overhead). Prints a table, then one JSON line with the target ratios:
   engine@256 / raw@(batch the engine used)  (target >= 0.6)
   engine@256 / naive@256                    (target >= 3)
-  engine@1 p50 - raw@1 p50                  (target <= 100 us), with max_queue_delay_s=0
-                                            and with the default 2 ms (adaptive batching)
-The three target figures come from back-to-back slices (raw, then the engine, 5 pairs per
+  engine@1 p50 - raw@1 p50                  (target <= 100 us), with max_queue_delay_s=0,
+                                            with the default 2 ms (adaptive batching), and
+                                            with inline runs (inline_max_run_s=0.5 ms)
+The target figures come from back-to-back slices (raw, then the engine, `--pairs` pairs per
 repeat: both sides of a ratio see the same load on a shared machine), median of the pairs;
-every figure is then the median over `--repeats` interleaved repeats.
+every figure is then the median over `--repeats` interleaved repeats. The JSON line also
+carries the load average before and after the run (the machine is shared) and whether each
+target was met.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONCURRENCY = (1, 16, 64, 256)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-PAIRS = 5  # back-to-back raw/engine slices behind each target ratio
+PAIRS = 7  # back-to-back raw/engine slices behind each target ratio (--pairs)
+INLINE_MAX_RUN_S = 0.0005  # the inline variant at concurrency 1
 
 
 def build_mlp(path: Path, widths: tuple[int, ...] = (256, 512, 512, 512, 16)) -> Path:
@@ -170,6 +175,7 @@ async def bench_engine(path: Path, model: str, name: str, row: np.ndarray, secon
         for concurrency in CONCURRENCY:
             before = batch_metrics(model)
             results[concurrency] = await closed_loop(call, concurrency, seconds)
+            await asyncio.sleep(0.05)  # the idle worker flushes its batch metrics (1 ms)
             count, total = (a - b for a, b in zip(batch_metrics(model), before, strict=True))
             results[concurrency]["mean_batch_rows"] = total / count if count else 0.0
     finally:
@@ -219,8 +225,20 @@ async def paired(
     both sides of each ratio see the same machine load; medians of the per-pair ratios."""
     fast = Engine([ModelSpec(model, path, buckets=BUCKETS, max_queue_delay_s=0, queue_limit=4096)])
     default = Engine([ModelSpec(f"{model}_d", path, buckets=BUCKETS, queue_limit=4096)])
+    inline = Engine(
+        [
+            ModelSpec(
+                f"{model}_i",
+                path,
+                buckets=BUCKETS,
+                queue_limit=4096,
+                inline_max_run_s=INLINE_MAX_RUN_S,
+            )
+        ]
+    )
     await fast.start()
     await default.start()
+    await inline.start()
     feed1 = {name: row}
     feed_used = {name: np.repeat(row, used, axis=0)}
 
@@ -230,7 +248,10 @@ async def paired(
     async def call_default() -> None:
         await default.infer(f"{model}_d", feed1)
 
-    ratios, overheads, default_overheads = [], [], []
+    async def call_inline() -> None:
+        await inline.infer(f"{model}_i", feed1)
+
+    ratios, overheads, default_overheads, inline_overheads = [], [], [], []
     try:
         for _ in range(pairs):
             raw_used = raw_slice(sess, feed_used, seconds)
@@ -239,15 +260,19 @@ async def paired(
             raw1 = raw_slice(sess, feed1, seconds)
             eng1 = await closed_loop(call_fast, 1, seconds)
             eng1_default = await closed_loop(call_default, 1, seconds)
+            eng1_inline = await closed_loop(call_inline, 1, seconds)
             overheads.append(eng1["p50_us"] - raw1["p50_us"])
             default_overheads.append(eng1_default["p50_us"] - raw1["p50_us"])
+            inline_overheads.append(eng1_inline["p50_us"] - raw1["p50_us"])
     finally:
         await fast.close()
         await default.close()
+        await inline.close()
     return {
         "engine256_vs_raw_at_used_batch": float(np.median(ratios)),
         "engine1_overhead_us": float(np.median(overheads)),
         "engine1_default_delay_overhead_us": float(np.median(default_overheads)),
+        "engine1_inline_overhead_us": float(np.median(inline_overheads)),
         "pairs": pairs,
     }
 
@@ -256,20 +281,23 @@ def nearest_bucket(rows: float) -> int:
     return min(RAW_BATCHES, key=lambda b: abs(b - rows))
 
 
-async def bench_model(label: str, path: Path, name: str, row: np.ndarray, seconds: float) -> dict:
+async def bench_model(
+    label: str, path: Path, name: str, row: np.ndarray, seconds: float, pairs: int
+) -> dict:
     sess = session(path)
     raw = bench_raw(sess, name, row, seconds)
     engine = await bench_engine(path, f"bench_{label}", name, row, seconds)
     engine_default = await bench_default_delay(path, f"bench_{label}_d", name, row, seconds)
     naive = await bench_naive(sess, name, row, seconds)
     used = nearest_bucket(engine[256]["mean_batch_rows"])
-    pair = await paired(path, f"bench_{label}_p", sess, name, row, used, seconds / 2, PAIRS)
+    pair = await paired(path, f"bench_{label}_p", sess, name, row, used, seconds / 2, pairs)
     summary = {
         "engine256_vs_raw_at_used_batch": pair["engine256_vs_raw_at_used_batch"],
         "raw_batch_compared": used,
         "engine256_vs_naive256": engine[256]["samples_per_s"] / naive[256]["samples_per_s"],
         "engine1_overhead_us": pair["engine1_overhead_us"],
         "engine1_default_delay_overhead_us": pair["engine1_default_delay_overhead_us"],
+        "engine1_inline_overhead_us": pair["engine1_inline_overhead_us"],
         "paired_slices": pair["pairs"],
     }
     return {
@@ -314,11 +342,13 @@ def print_table(label: str, result: dict) -> None:
         f"engine@256 / raw@{s['raw_batch_compared']}: {s['engine256_vs_raw_at_used_batch']:.2f}x"
         f" (target >= 0.6); engine@256 / naive@256: {s['engine256_vs_naive256']:.2f}x"
         f" (target >= 3); engine@1 overhead: {s['engine1_overhead_us']:.0f} us, with the"
-        f" default 2 ms delay {s['engine1_default_delay_overhead_us']:.0f} us (target <= 100)"
+        f" default 2 ms delay {s['engine1_default_delay_overhead_us']:.0f} us, inline"
+        f" {s['engine1_inline_overhead_us']:.0f} us (target <= 100)"
     )
 
 
-async def main(seconds: float, repeats: int, only: set[str] | None) -> None:
+async def main(seconds: float, repeats: int, only: set[str] | None, pairs: int) -> None:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         mlp = build_mlp(Path(tmp) / "mlp.onnx")
         wide = build_mlp(Path(tmp) / "mlp1024.onnx", (256, 1024, 1024, 1024, 16))
@@ -337,7 +367,7 @@ async def main(seconds: float, repeats: int, only: set[str] | None) -> None:
         runs: dict[str, list[dict]] = {label: [] for label in models}
         for _ in range(repeats):  # interleaved: every model once per repeat
             for label, (path, name, row) in models.items():
-                runs[label].append(await bench_model(label, path, name, row, seconds))
+                runs[label].append(await bench_model(label, path, name, row, seconds, pairs))
         results = {}
         for label, model_runs in runs.items():
             results[label] = median_result(model_runs)
@@ -348,6 +378,8 @@ async def main(seconds: float, repeats: int, only: set[str] | None) -> None:
         "cpu_count": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "loop": type(asyncio.get_running_loop()).__module__,
+        "load_average_before": round(load_before, 1),
+        "load_average_after": round(os.getloadavg()[0], 1),
     }
     for label, result in results.items():
         s = result["summary"]
@@ -370,6 +402,9 @@ async def main(seconds: float, repeats: int, only: set[str] | None) -> None:
             "engine_default_delay_p50_us_c1": round(result["engine_default_delay"][1]["p50_us"]),
             "raw_p50_us_batch1": round(result["raw"][1]["p50_us"]),
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()},
+            "met_ratio_0_6": s["engine256_vs_raw_at_used_batch"] >= 0.6,
+            "met_c1_100us": s["engine1_default_delay_overhead_us"] <= 100,
+            "met_c1_100us_inline": s["engine1_inline_overhead_us"] <= 100,
         }
     print(json.dumps(line))
 
@@ -379,12 +414,13 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=1.5, help="per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians)")
     parser.add_argument("--models", default="", help="comma list of mlp,mlp1024,anomaly")
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (as the daemon)")
+    parser.add_argument("--pairs", type=int, default=PAIRS, help="raw/engine slice pairs")
     args = parser.parse_args()
     only = {m for m in args.models.split(",") if m} or None
     if args.uvloop:
         import uvloop
 
-        uvloop.run(main(args.seconds, args.repeats, only))
+        uvloop.run(main(args.seconds, args.repeats, only, args.pairs))
     else:
-        asyncio.run(main(args.seconds, args.repeats, only))
+        asyncio.run(main(args.seconds, args.repeats, only, args.pairs))

@@ -1,8 +1,8 @@
 """The dynamic batcher of one model: queue, priorities, deadlines, one worker thread.
 
-Event-loop side (cheap, no locks): `submit()` validates a request, appends it to the queue of
-its priority level and returns a future. While the worker runs a batch, requests queue; when
-it is free, a batch is dispatched:
+Event-loop side (cheap, no locks): `submit()` validates a request, appends it (a plain tuple)
+to the queue of its priority level and returns its future. While the worker runs a batch,
+requests queue; when it is free, a batch is dispatched:
   - at once when the queued rows fill the largest bucket;
   - adaptive batching (the default): at the end of the loop iteration in which the batch
     stopped growing. A lone request on an idle model runs at the end of its own iteration;
@@ -12,27 +12,42 @@ it is free, a batch is dispatched:
     `max_queue_delay_s` (0: at the end of the current loop iteration).
 Dispatch takes requests highest priority first, FIFO within a level, until the next one would
 overflow the largest bucket, and hands them to the worker thread in one `SimpleQueue.put`.
+While the worker runs a batch and a full bucket is queued, the loop forms that next batch
+at once ("staged"); the worker starts it as soon as its run ends, with no thread hop, and
+hands the finished batch back with one `call_soon_threadsafe`. The loop cuts each request's
+rows out of the batch outputs (views, cut in C for one-row requests) while the next batch
+runs. So a request costs at most one thread hop each way, shared by its whole batch, and
+under load none: the loop's per-request work overlaps the worker's ONNX Runtime run (which
+releases the GIL). Per-batch metrics are kept as plain numbers and flushed to prometheus
+when the worker idles.
 
-Worker side: the runner copies the rows into the bucket's buffers and runs the session (ONNX
-Runtime releases the GIL), then one `call_soon_threadsafe` hands the whole batch's results
-back. So a request costs one thread hop each way, shared by every request in its batch.
+Inline runs (`inline_max_run_s` > 0, CPU only): a batch whose bucket has recently run in at
+most that long is run on the loop's own thread when the worker is idle, skipping both thread
+hops; the loop is blocked for that run.
 
 Deadlines: a request still queued at its deadline fails with `InferenceTimeout` and is never
-run; one timer, armed for the earliest deadline, sweeps the queue. A request already running
-at its deadline completes normally. The queue is bounded in rows (`queue_limit`).
+run; one timer, armed for the earliest deadline, sweeps the queue and the staged batch, and
+the worker drops requests of a staged batch whose deadline passed just before it starts it. A request already
+running at its deadline completes normally. The queue is bounded in rows (`queue_limit`).
+
+Why one future per request, not one per batch: every caller is its own task and must be
+woken anyway, and a future shared by a batch's callers would be cancelled for all of them
+when one caller is cancelled (`Task.cancel` cancels the future it awaits); a C future costs
+less than the per-caller wrapper that would prevent that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
-from queue import SimpleQueue
+from collections.abc import Callable, Mapping
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -47,34 +62,76 @@ from engine.errors import (
 )
 from engine.io import RequestValidator
 from engine.providers import load_session
-from engine.runner import Runner
+from engine.runner import Runner, split_rows
 from engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 # How long a closing batcher waits for an idle worker thread to end.
 _WORKER_EXIT_S = 1.0
+# The worker flushes its per-batch metrics after this long without a job (or every
+# _FLUSH_BATCHES batches under constant load), so metrics never add to request latency.
+_FLUSH_IDLE_S = 0.001
+_FLUSH_BATCHES = 64
+_FLUSH_INLINE_S = 0.01  # inline runs leave the worker asleep: it is woken this often to flush
+# Inline runs: a bucket's recent run time is max(this run, previous estimate * _DECAY).
+_DECAY = 0.9
 
 Outputs = dict[str, np.ndarray]
 
+# A queued request is a plain tuple, the cheapest object Python builds:
+# (future, inputs, rows, enqueued_at, deadline), times in the loop's clock.
+_Request = tuple["asyncio.Future[Outputs]", dict[str, np.ndarray], int, float, float]
 
-class _Request:
-    __slots__ = ("deadline", "done", "enqueued_at", "future", "inputs", "rows")
+
+class _Batch:
+    """Requests taken from the queue to run together (one object per batch)."""
+
+    __slots__ = (
+        "first_deadline",
+        "formed_at",
+        "inputs",
+        "load_s",
+        "oldest",
+        "requests",
+        "row_counts",
+        "rows",
+    )
 
     def __init__(
         self,
-        future: asyncio.Future[Outputs],
-        inputs: dict[str, np.ndarray],
+        requests: list[_Request],
+        inputs: list[dict[str, np.ndarray]],
+        row_counts: list[int],
         rows: int,
-        enqueued_at: float,
-        deadline: float,
+        oldest: float,
+        first_deadline: float,
+        formed_at: float,
     ) -> None:
-        self.future = future
+        self.requests = requests
         self.inputs = inputs
+        self.row_counts = row_counts
         self.rows = rows
-        self.enqueued_at = enqueued_at
-        self.deadline = deadline
-        self.done = False  # left the queue (dispatched, expired or dropped as cancelled)
+        self.oldest = oldest  # earliest enqueued_at
+        self.first_deadline = first_deadline
+        self.formed_at = formed_at
+        self.load_s = 0.0  # copying the rows into the bucket (worker)
+
+    def without(self, removed: list[_Request]) -> _Batch | None:
+        """This batch minus `removed` (expired requests); None if nothing is left."""
+        gone = {id(request) for request in removed}
+        kept = [request for request in self.requests if id(request) not in gone]
+        if not kept:
+            return None
+        return _Batch(
+            kept,
+            [r[1] for r in kept],
+            [r[2] for r in kept],
+            sum(r[2] for r in kept),
+            min(r[3] for r in kept),
+            min(r[4] for r in kept),
+            self.formed_at,
+        )
 
 
 class Batcher:
@@ -88,13 +145,14 @@ class Batcher:
         self._levels: list[deque[_Request]] = [deque() for _ in range(spec.priority_levels)]
         self._queued_rows = 0
         self._max_rows = spec.max_batch_rows
-        self._busy = False
+        self._busy = False  # the worker owns a batch (set and cleared on the loop only)
         self._accepting = False
         self._dispatch_handle: asyncio.Handle | None = None
         self._dispatch_is_timer = False
         self._adaptive = spec.adaptive_batching and spec.max_queue_delay_s > 0
         self._grew = False  # (adaptive) rows arrived since the pending dispatch was scheduled
         self._default_timeout_s = spec.request_timeout_s
+        self._queue_limit = spec.queue_limit
         self._priority_levels = spec.priority_levels
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._expiry_at = math.inf
@@ -103,6 +161,19 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._worker_exited: asyncio.Future[None] | None = None
         self._validate: RequestValidator | None = None
+        self._clock: Callable[[], float] = time.monotonic  # loop.time, see _fast_loop_calls
+        self._new_future: Callable[[], asyncio.Future[Any]] = asyncio.Future
+        # The next full batch, formed on the loop while the worker runs one (at most one entry;
+        # deque append/popleft are atomic, so whichever thread pops it owns it, no lock).
+        self._staged: deque[_Batch] = deque()
+        # Inline runs: the most a bucket's recent runs took, per bucket index (0: off).
+        self._inline_max_s = spec.inline_max_run_s
+        self._recent_run_s: list[float] = [math.inf] * len(spec.buckets)
+        self._flush_armed = False  # a timer will ask the worker to flush inline runs' metrics
+        # Per-batch numbers for the metrics, appended by whichever thread ran the batch and
+        # flushed by the worker when idle: (bucket rows, rows, run_s, cpu_s, queue_delay_s,
+        # inline).
+        self._batch_stats: deque[tuple[int, int, float, float, float, bool]] = deque()
         self._accepted = 0  # requests queued so far; the worker flushes it to the metric
         self._accepted_reported = 0
         self._report_lock = threading.Lock()
@@ -113,6 +184,7 @@ class Batcher:
         self._m_timed_out = metrics.TIMED_OUT.labels(name)
         self._m_failed = metrics.FAILED.labels(name)
         self._m_batch_rows = metrics.BATCH_ROWS.labels(name)
+        self._m_inline = metrics.INLINE_BATCHES.labels(name)
         self._m_padding = metrics.PADDING_ROWS.labels(name)
         self._m_queue_delay = metrics.QUEUE_DELAY.labels(name)
         self._m_run = metrics.RUN_SECONDS.labels(name)
@@ -125,6 +197,7 @@ class Batcher:
         """Start the worker, load the model on it and warm every bucket; then accept work."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._clock, self._new_future = _fast_loop_calls(loop)
         self._worker_exited = loop.create_future()
         self._thread = threading.Thread(
             target=self._worker_main, name=f"engine-{self.spec.name}", daemon=True
@@ -187,13 +260,18 @@ class Batcher:
             runner.terminate()
 
     def _fail_queued(self, error: BaseException) -> None:
+        failed: list[_Request] = []
         for level in self._levels:
-            for request in level:
-                if not request.done:
-                    request.done = True
-                    _set_exception(request.future, error)
+            failed.extend(level)
             level.clear()
+        while self._staged:
+            try:
+                failed.extend(self._staged.popleft().requests)
+            except IndexError:  # the worker took it first: it runs (or fails) there
+                break
         self._queued_rows = 0
+        for request in failed:
+            _set_exception(request[0], error)
         self._m_queued.set(0)
 
     async def _stop_worker(self, timeout_s: float | None) -> None:
@@ -231,8 +309,7 @@ class Batcher:
                 f"model {self.spec.name!r} is not serving (engine not started or closing)"
             )
         validate = self._validate
-        loop = self._loop
-        assert validate is not None and loop is not None
+        assert validate is not None
         try:
             checked, rows = validate(inputs)
             if priority.__class__ is not int or not 0 <= priority < self._priority_levels:
@@ -250,36 +327,42 @@ class Batcher:
         except InvalidInput:
             self._m_invalid.inc()
             raise
-        queued = self._queued_rows + rows
-        if queued > self.spec.queue_limit:
+        waiting = self._queued_rows
+        queued = waiting + rows
+        if queued > self._queue_limit:
             self._m_overloaded.inc()
             raise EngineOverloaded(
-                f"model {self.spec.name!r}: queue full ({self._queued_rows} of "
-                f"{self.spec.queue_limit} rows waiting, request has {rows}); retry later or "
-                "raise queue_limit"
+                f"model {self.spec.name!r}: queue full ({waiting} of {self._queue_limit} rows "
+                f"waiting, request has {rows}); retry later or raise queue_limit"
             )
-        now = loop.time()
-        request = _Request(loop.create_future(), checked, rows, now, now + timeout_s)
-        self._levels[priority].append(request)
+        now = self._clock()
+        future = self._new_future()
+        deadline = now + timeout_s
+        self._levels[priority].append((future, checked, rows, now, deadline))
         self._queued_rows = queued
-        self._accepted += 1  # a plain int here; the worker adds it to the metric per batch
-        if request.deadline < self._expiry_at:
-            self._arm_expiry(request.deadline)
-        if not self._busy:
-            if self._dispatch_handle is None:
+        self._accepted += 1  # a plain int here; the worker adds it to the metric
+        if deadline < self._expiry_at:
+            self._arm_expiry(deadline)
+        if self._busy:
+            if queued >= self._max_rows and not self._staged:
+                self._stage()
+        elif self._dispatch_handle is None:
+            self._schedule_dispatch()
+        elif self._dispatch_is_timer:
+            if queued >= self._max_rows:
+                self._dispatch_handle.cancel()
+                self._dispatch_handle = None
                 self._schedule_dispatch()
-            elif self._dispatch_is_timer:
-                if queued >= self._max_rows:
-                    self._dispatch_handle.cancel()
-                    self._dispatch_handle = None
-                    self._schedule_dispatch()
-            else:
-                self._grew = True
-        return request.future
+        else:
+            self._grew = True
+        return future
 
     def queued_rows(self) -> int:
         """Rows waiting to be dispatched (not counting the batch running now)."""
         return self._queued_rows
+
+    def _oldest_enqueued(self) -> float:
+        return min(level[0][3] for level in self._levels if level)
 
     def _schedule_dispatch(self) -> None:
         if self._busy or self._dispatch_handle is not None or not self._queued_rows:
@@ -297,8 +380,7 @@ class Batcher:
             self._dispatch_is_timer = False
             self._grew = False
         else:
-            oldest = min(level[0].enqueued_at for level in self._levels if level)
-            self._dispatch_handle = loop.call_at(oldest + delay_s, self._dispatch)
+            self._dispatch_handle = loop.call_at(self._oldest_enqueued() + delay_s, self._dispatch)
             self._dispatch_is_timer = True
 
     def _dispatch(self) -> None:
@@ -309,66 +391,141 @@ class Batcher:
             # Adaptive: rows arrived during this iteration; the batch may still grow.
             loop = self._loop
             assert loop is not None
-            oldest = min(level[0].enqueued_at for level in self._levels if level)
-            if loop.time() - oldest < self.spec.max_queue_delay_s:
+            if loop.time() - self._oldest_enqueued() < self.spec.max_queue_delay_s:
                 self._grew = False
                 self._dispatch_handle = loop.call_soon(self._dispatch)
                 self._dispatch_is_timer = False
                 return
         self._grew = False
-        entries: list[_Request] = []
+        batch = self._take()
+        if batch is None:
+            self._check_drained()
+            return
+        if self._inline_max_s and self._recent_run_s[self._bucket_of(batch.rows)] <= (
+            self._inline_max_s
+        ):
+            self._run_inline(batch)
+            return
+        self._busy = True
+        self._jobs.put((self._run_batches, (batch,)))
+
+    def _stage(self) -> None:
+        """While the worker runs a batch, form the next full one for it to start at once."""
+        batch = self._take()
+        if batch is not None:
+            self._staged.append(batch)
+
+    def _take(self) -> _Batch | None:
+        """Remove the next batch from the queue: highest priority first, FIFO within a level,
+        until the next request would overflow the largest bucket (it is never overtaken).
+        Requests whose caller was cancelled are dropped. Loop thread only."""
+        requests: list[_Request] = []
+        inputs: list[dict[str, np.ndarray]] = []
+        row_counts: list[int] = []
         rows = 0
         capacity = self._max_rows
+        dropped = 0
+        oldest = first_deadline = math.inf
         full = False
         for level in reversed(self._levels):  # highest priority first
             while level:
                 request = level[0]
-                if request.done or request.future.done():  # expired, or caller cancelled
+                future, request_inputs, request_rows, enqueued_at, deadline = request
+                if future.done():  # the caller was cancelled
                     level.popleft()
-                    if not request.done:
-                        request.done = True
-                        self._queued_rows -= request.rows
+                    dropped += request_rows
                     continue
-                if rows + request.rows > capacity:
+                if rows + request_rows > capacity:
                     full = True  # never let a later request overtake this one
                     break
                 level.popleft()
-                request.done = True
-                entries.append(request)
-                rows += request.rows
+                requests.append(request)
+                inputs.append(request_inputs)
+                row_counts.append(request_rows)
+                rows += request_rows
+                if enqueued_at < oldest:
+                    oldest = enqueued_at
+                if deadline < first_deadline:
+                    first_deadline = deadline
             if full:
                 break
-        self._queued_rows -= rows
-        if not entries:
-            self._check_drained()
-            return
-        self._busy = True
-        assert self._loop is not None
-        self._jobs.put((self._run_batch, (entries, rows, self._loop.time())))
+        self._queued_rows -= rows + dropped
+        if not requests:
+            return None
+        return _Batch(requests, inputs, row_counts, rows, oldest, first_deadline, self._clock())
 
-    def _complete(
-        self, entries: list[_Request], results: list[Outputs] | None, error: str | None
-    ) -> None:
-        self._busy = False
-        if self._queued_rows >= self._max_rows:
-            # A full batch waited while this one ran: start it before scattering results,
-            # so the worker computes while this loop wakes the callers (pipelining).
-            if self._dispatch_handle is not None:
-                self._dispatch_handle.cancel()
-            self._dispatch()
-        if results is not None:
-            for request, result in zip(entries, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
-        else:
-            self._m_failed.inc(len(entries))
-            for request in entries:
-                if not request.future.done():
-                    request.future.set_exception(InferenceFailed(error))
+    def _bucket_of(self, rows: int) -> int:
+        runner = self.runner
+        assert runner is not None
+        return runner.bucket_of(rows)
+
+    def _run_inline(self, batch: _Batch) -> None:
+        """Run `batch` on the loop's thread (the worker is idle) and hand out its results."""
+        outputs, error = self._run_one(batch, inline=True)
+        self._deliver(batch, outputs, error)
+        if not self._flush_armed:  # the idle worker flushes the metrics, off this thread
+            assert self._loop is not None
+            self._flush_armed = True
+            self._loop.call_later(_FLUSH_INLINE_S, self._request_flush)
         if self._queued_rows:
             self._schedule_dispatch()
         else:
             self._check_drained()
+
+    def _request_flush(self) -> None:
+        self._flush_armed = False
+        self._jobs.put((self._flush_metrics, ()))
+
+    def _complete(
+        self, batch: _Batch, outputs: Outputs | None, error: str | None, last: bool
+    ) -> None:
+        """A batch ended (on the loop). `last`: the worker found no staged batch to go on with."""
+        if last:
+            self._busy = False
+            if self._staged:
+                # Staged after the worker looked: it is the next batch, start it now.
+                with contextlib.suppress(IndexError):
+                    staged = self._staged.popleft()
+                    self._busy = True
+                    self._jobs.put((self._run_batches, (staged,)))
+            elif self._queued_rows >= self._max_rows:
+                # A full batch queued since the worker looked: start it before handing out
+                # results, so the worker computes while this loop wakes the callers.
+                if self._dispatch_handle is not None:
+                    self._dispatch_handle.cancel()
+                self._dispatch()
+        elif self._queued_rows >= self._max_rows and not self._staged:
+            self._stage()  # the worker went on with the staged batch: stage the one after
+        self._deliver(batch, outputs, error)
+        if not self._busy:
+            if self._queued_rows:
+                self._schedule_dispatch()
+            else:
+                self._check_drained()
+
+    def _deliver(self, batch: _Batch, outputs: Outputs | None, error: str | None) -> None:
+        if outputs is not None:
+            results = split_rows(outputs, batch.row_counts)
+            for request, result in zip(batch.requests, results, strict=True):
+                future = request[0]
+                if not future.done():  # not cancelled while it ran
+                    future.set_result(result)
+        else:
+            self._m_failed.inc(len(batch.requests))
+            for request in batch.requests:
+                _set_exception(request[0], InferenceFailed(error))
+
+    def _fail_expired(self, expired: list[_Request], now: float) -> None:
+        """Staged requests whose deadline passed before their batch started (on the loop)."""
+        for request in expired:
+            self._m_timed_out.inc()
+            _set_exception(request[0], self._timeout_error(now - request[3]))
+
+    def _timeout_error(self, waited_s: float) -> InferenceTimeout:
+        return InferenceTimeout(
+            f"model {self.spec.name!r}: request waited {waited_s * 1e3:.1f} ms in the queue, "
+            "past its deadline; it was not run"
+        )
 
     def _arm_expiry(self, deadline: float) -> None:
         if self._expiry_handle is not None:
@@ -387,32 +544,44 @@ class Batcher:
         for index, level in enumerate(self._levels):
             kept: deque[_Request] = deque()
             for request in level:
-                if request.done:
-                    continue
-                if request.future.done():  # caller cancelled: drop it now
-                    request.done = True
-                    self._queued_rows -= request.rows
-                elif request.deadline <= now:
-                    request.done = True
-                    self._queued_rows -= request.rows
+                future, _, rows, enqueued_at, deadline = request
+                if future.done():  # caller cancelled: drop it now
+                    self._queued_rows -= rows
+                elif deadline <= now:
+                    self._queued_rows -= rows
                     self._m_timed_out.inc()
-                    waited_s = now - request.enqueued_at
-                    request.future.set_exception(
-                        InferenceTimeout(
-                            f"model {self.spec.name!r}: request waited {waited_s * 1e3:.1f} ms "
-                            f"in the queue, past its deadline; it was not run"
-                        )
-                    )
+                    future.set_exception(self._timeout_error(now - enqueued_at))
                 else:
                     kept.append(request)
-                    next_deadline = min(next_deadline, request.deadline)
+                    next_deadline = min(next_deadline, deadline)
             self._levels[index] = kept
+        next_deadline = min(next_deadline, self._expire_staged(now))
         if next_deadline < math.inf:
             self._arm_expiry(next_deadline)
         self._m_queued.set(self._queued_rows)
         self._report_accepted()
         if not self._queued_rows:
             self._check_drained()
+
+    def _expire_staged(self, now: float) -> float:
+        """Fail the staged batch's requests whose deadline passed (a long run ahead of it must
+        not make them wait past it); the staged batch's next deadline, or inf."""
+        if not self._staged:
+            return math.inf
+        try:
+            batch: _Batch | None = self._staged.popleft()
+        except IndexError:  # the worker just took it: it drops expired requests itself
+            return math.inf
+        assert batch is not None
+        if batch.first_deadline <= now:
+            expired = [r for r in batch.requests if r[4] <= now]
+            self._fail_expired(expired, now)
+            batch = batch.without(expired)
+        if batch is None:
+            return math.inf
+        # If the worker ended meanwhile and found nothing, `_complete` starts this batch.
+        self._staged.append(batch)
+        return batch.first_deadline
 
     def _check_drained(self) -> None:
         drained = self._drained
@@ -424,13 +593,22 @@ class Batcher:
     def _worker_main(self) -> None:
         jobs = self._jobs
         try:
-            while (job := jobs.get()) is not None:
+            while True:
+                try:
+                    job = jobs.get(timeout=_FLUSH_IDLE_S)
+                except Empty:
+                    self._flush_metrics()  # idle: nobody waits on this thread now
+                    job = jobs.get()
+                if job is None:
+                    break
                 function, args = job
                 try:
                     function(*args)
                 except Exception:  # never let the worker die: every later request would hang
                     log.exception("engine: model %r: worker job failed", self.spec.name)
         finally:
+            with contextlib.suppress(Exception):
+                self._flush_metrics()
             exited = self._worker_exited
             if self._loop is not None and exited is not None:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -445,38 +623,133 @@ class Batcher:
                 self.spec.name, self.runner.inputs, self.spec.max_batch_rows
             )
             self.runner.warm_up()
+            if self.runner.device == "cpu":
+                self._recent_run_s = list(self.runner.warm_run_s)
+            else:
+                self._inline_max_s = 0.0  # CUDA graphs replay only on the worker's thread
         except BaseException as exc:
             loop.call_soon_threadsafe(_set_exception, done, exc)
         else:
             loop.call_soon_threadsafe(_set_result, done, None)
 
-    def _run_batch(self, entries: list[_Request], rows: int, dispatched_at: float) -> None:
+    def _run_batches(self, batch: _Batch) -> None:
+        """Run the batch the loop dispatched, then every batch it staged meanwhile."""
+        loop = self._loop
+        assert loop is not None
+        post = loop.call_soon_threadsafe
+        staged = self._staged
+        loaded = self._load(batch)
+        while True:
+            outputs, error = self._execute(batch, loaded)
+            following: _Batch | None = None
+            while staged:
+                try:
+                    following = staged.popleft()
+                except IndexError:  # the loop took it back (closing)
+                    break
+                following = self._drop_expired(following, post)
+                if following is not None:
+                    break
+            if following is not None:
+                # Copied in before the loop is woken: from the wake-up to the next run
+                # releasing the GIL, the loop and this thread would only contend for it.
+                loaded = self._load(following)
+            try:
+                post(self._complete, batch, outputs, error, following is None)
+            except RuntimeError:  # loop closed under us: nobody is waiting any more
+                return
+            if following is None:
+                return
+            if len(self._batch_stats) >= _FLUSH_BATCHES:
+                self._flush_metrics()
+            batch = following
+
+    def _drop_expired(self, batch: _Batch, post: Callable[..., object]) -> _Batch | None:
+        """`batch` without requests whose deadline passed while it was staged (they fail
+        with `InferenceTimeout` on the loop); None if none is left."""
+        now = time.monotonic()
+        if batch.first_deadline > now:
+            return batch
+        expired = [r for r in batch.requests if r[4] <= now]
+        with contextlib.suppress(RuntimeError):
+            post(self._fail_expired, expired, now)
+        return batch.without(expired)
+
+    def _run_one(self, batch: _Batch, inline: bool = False) -> tuple[Outputs | None, str | None]:
+        """Load and run one batch (the worker, or the loop's thread for an inline run)."""
+        return self._execute(batch, self._load(batch), inline)
+
+    def _load(self, batch: _Batch) -> int | str:
+        """Copy the batch into its bucket: the bucket's index, or the error message."""
         runner = self.runner
-        assert runner is not None and self._loop is not None
+        assert runner is not None
+        started = time.perf_counter()
+        try:
+            index = runner.load(batch.inputs, batch.rows)
+        except Exception as exc:  # never expected after validation; fail the batch, not us
+            return self._failure(exc)
+        finally:
+            batch.load_s = time.perf_counter() - started
+        return index
+
+    def _failure(self, exc: Exception) -> str:
+        error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
+        log.error("engine: %s", error)
+        return error
+
+    def _execute(
+        self, batch: _Batch, loaded: int | str, inline: bool = False
+    ) -> tuple[Outputs | None, str | None]:
+        """Run a loaded batch and record its stats; (outputs, None) or (None, error)."""
+        if isinstance(loaded, str):
+            return None, loaded
+        runner = self.runner
+        assert runner is not None
         cpu_started = time.thread_time()
         started = time.perf_counter()
-        results: list[Outputs] | None = None
+        outputs: Outputs | None = None
         error: str | None = None
         try:
-            results = runner.run(entries, rows)
+            outputs = runner.run_loaded(loaded, batch.rows)
         except Exception as exc:  # ORT failure: fail this batch, keep serving
-            error = f"model {self.spec.name!r}: onnxruntime run failed: {type(exc).__name__}: {exc}"
-            log.error("engine: %s", error)
-        run_s = time.perf_counter() - started
+            error = self._failure(exc)
+        run_s = time.perf_counter() - started + batch.load_s
         cpu_s = time.thread_time() - cpu_started
-        try:
-            self._loop.call_soon_threadsafe(self._complete, entries, results, error)
-        except RuntimeError:  # loop closed under us: nobody is waiting any more
+        recent = self._recent_run_s[loaded] * _DECAY
+        self._recent_run_s[loaded] = run_s if run_s > recent else recent
+        self._batch_stats.append(
+            (
+                self.spec.buckets[loaded],
+                batch.rows,
+                run_s,
+                cpu_s,
+                batch.formed_at - batch.oldest,
+                inline,
+            )
+        )
+        return outputs, error
+
+    def _flush_metrics(self) -> None:
+        """Add the batches run since the last call to the metrics (worker thread)."""
+        stats = self._batch_stats
+        runner = self.runner
+        if runner is None:
             return
-        # Metrics after handing results back, so they never add to request latency.
-        self._m_run.observe(run_s)
-        self._m_cpu.observe(cpu_s)
-        self._m_batch_rows.observe(rows)
-        self._m_padding.inc(self.spec.buckets[runner.bucket_for(rows)] - rows)
+        while stats:
+            try:
+                bucket_rows, rows, run_s, cpu_s, queue_delay_s, inline = stats.popleft()
+            except IndexError:
+                break
+            self._m_run.observe(run_s)
+            self._m_cpu.observe(cpu_s)
+            self._m_batch_rows.observe(rows)
+            self._m_padding.inc(bucket_rows - rows)
+            self._m_queue_delay.observe(max(queue_delay_s, 0.0))
+            if inline:
+                self._m_inline.inc()
+        runner.flush_metrics()
         self._m_queued.set(self._queued_rows)
         self._report_accepted()
-        oldest = min(request.enqueued_at for request in entries)
-        self._m_queue_delay.observe(dispatched_at - oldest)
 
     def _report_accepted(self) -> None:
         """Add requests accepted since the last call to the metric (any thread)."""
@@ -484,6 +757,19 @@ class Batcher:
             accepted = self._accepted  # only the loop thread writes it; int reads are atomic
             self._m_requests.inc(accepted - self._accepted_reported)
             self._accepted_reported = accepted
+
+
+def _fast_loop_calls(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Callable[[], float], Callable[[], asyncio.Future[Any]]]:
+    """`loop.time` and `loop.create_future`, minus a Python method call each where the loop
+    does not override asyncio's own (whose time() is time.monotonic() and whose
+    create_future() is Future(loop=loop)); other loops (uvloop) keep their own."""
+    cls = type(loop)
+    clock = time.monotonic if cls.time is asyncio.BaseEventLoop.time else loop.time
+    if cls.create_future is asyncio.BaseEventLoop.create_future:
+        return clock, functools.partial(asyncio.Future, loop=loop)
+    return clock, loop.create_future
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

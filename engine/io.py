@@ -106,11 +106,16 @@ class RequestValidator:
             # The common case, a one-input model called with a plain dict: a few compares.
             name, dtype, row_shape, ndim = fast
             array = inputs.get(name)
-            if type(array) is np.ndarray and array.dtype == dtype and array.ndim == ndim:
+            if type(array) is np.ndarray:
                 shape = array.shape
-                rows = shape[0]
-                if shape[1:] == row_shape and 0 < rows <= self.max_rows:
-                    return inputs, rows
+                # Builtin dtypes are singletons: `is` first, `==` only for an equal copy.
+                if (
+                    len(shape) == ndim
+                    and shape[1:] == row_shape
+                    and 0 < shape[0] <= self.max_rows
+                    and (array.dtype is dtype or array.dtype == dtype)
+                ):
+                    return inputs, shape[0]
         return self._check(inputs)
 
     def _check(self, inputs: object) -> tuple[dict[str, np.ndarray], int]:

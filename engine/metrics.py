@@ -30,6 +30,11 @@ BATCHES = Counter(
     "Session runs per bucket (phase: warmup or serve).",
     ["model", "bucket", "phase"],
 )
+INLINE_BATCHES = Counter(
+    "gatewayd_engine_inline_batches",
+    "Batches run on the event loop's thread instead of the worker (inline_max_run_s).",
+    ["model"],
+)
 BATCH_ROWS = Histogram(
     "gatewayd_engine_batch_rows",
     "Real (unpadded) rows per batch.",

@@ -7,7 +7,9 @@ last resort. Loading also validates that the file exists and parses (`ModelLoadE
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,13 @@ class LoadedSession:
 
 
 def load_session(spec: ModelSpec) -> LoadedSession:
-    """Create the session for `spec`, falling back through its providers to CPU."""
+    """Create the session for `spec`, falling back through its providers to CPU.
+
+    Logs one info line naming the provider chosen (and why preferred ones were skipped).
+    A GPU provider absent from this onnxruntime build, or on a host without a CUDA driver,
+    is expected on a CPU-only host and is not a warning; a warning is kept for a GPU
+    provider that should work but failed, and for a fallback to CPU the preference did not
+    list."""
     where = f"engine: model {spec.name!r}"
     path = spec.path
     if not path.is_file():
@@ -59,7 +67,12 @@ def load_session(spec: ModelSpec) -> LoadedSession:
         ) from exc
     inputs, outputs = describe_io(spec.name, cpu_session)
     available = ort.get_available_providers()
-    candidates = _usable_providers(spec, available, where)
+    needs_cuda = any(ORT_PROVIDER[p] in available for p in spec.providers if p != "cpu")
+    candidates, skipped = _usable_providers(
+        spec, available, cuda_driver=needs_cuda and cuda_driver_present()
+    )
+    note = "".join(f" (skipped {', '.join(names)}: {why})" for why, names in skipped.items())
+    preference = ", ".join(spec.providers)
     for provider in candidates:
         if provider == "cpu":
             break
@@ -70,49 +83,63 @@ def load_session(spec: ModelSpec) -> LoadedSession:
                 break  # its libraries are missing: retrying without graphs cannot help
             if isinstance(session, ort.InferenceSession):
                 log.info(
-                    "%s: using %s (cuda graphs %s); preference was %s",
+                    "%s: using %s (cuda graphs %s); preference was %s%s",
                     where,
                     ORT_PROVIDER[provider],
                     "on" if cuda_graphs else "off",
-                    ", ".join(spec.providers),
+                    preference,
+                    note,
                 )
                 return LoadedSession(session, inputs, outputs, provider, "cuda", cuda_graphs)
     if candidates[0] != "cpu":
         log.warning("%s: no GPU provider could be initialised; falling back to CPU", where)
-    else:
-        log.info(
-            "%s: using CPUExecutionProvider; preference was %s", where, ", ".join(spec.providers)
-        )
+    # Quiet (info) when CPU is among the preferences; a warning when it was not asked for.
+    level = logging.INFO if "cpu" in spec.providers else logging.WARNING
+    log.log(level, "%s: using CPUExecutionProvider; preference was %s%s", where, preference, note)
     return LoadedSession(cpu_session, inputs, outputs, "cpu", "cpu", cuda_graphs=False)
 
 
-def _usable_providers(spec: ModelSpec, available: list[str], where: str) -> list[str]:
-    """The preferred providers present in this build, in order, always ending with cpu."""
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads on this host (GPU providers need it)."""
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def _usable_providers(
+    spec: ModelSpec, available: list[str], *, cuda_driver: bool
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The preferred providers this build and host can run, in order, always ending with
+    cpu; and the other preferred ones by the reason they were skipped."""
     usable: list[str] = []
+    skipped: dict[str, list[str]] = {}
+    not_built = (
+        f"not in this onnxruntime build (available: {', '.join(available)}; install "
+        "onnxruntime-gpu for CUDA/TensorRT)"
+    )
     for provider in spec.providers:
-        if ORT_PROVIDER[provider] in available:
-            usable.append(provider)
-        else:
-            log.warning(
-                "%s: provider %s not used: %s is not in this onnxruntime build "
-                "(available: %s; install onnxruntime-gpu for CUDA/TensorRT)",
-                where,
-                provider,
-                ORT_PROVIDER[provider],
-                ", ".join(available),
+        if ORT_PROVIDER[provider] not in available:
+            skipped.setdefault(not_built, []).append(provider)
+        elif provider != "cpu" and not cuda_driver:
+            skipped.setdefault("no CUDA driver on this host (libcuda not found)", []).append(
+                provider
             )
-    if "tensorrt" in usable and "cuda" not in usable and ORT_PROVIDER["cuda"] in available:
+        else:
+            usable.append(provider)
+    if (
+        cuda_driver
+        and "tensorrt" in usable
+        and "cuda" not in usable
+        and ORT_PROVIDER["cuda"] in available
+    ):
         # TensorRT runs on top of CUDA anyway; if it cannot start, plain CUDA beats CPU.
         usable.insert(usable.index("tensorrt") + 1, "cuda")
     if "cpu" not in usable:
-        if not usable:
-            log.warning(
-                "%s: none of the requested providers (%s) is available; falling back to cpu",
-                where,
-                ", ".join(spec.providers),
-            )
         usable.append("cpu")
-    return usable
+    return usable, skipped
 
 
 def _try_gpu_session(

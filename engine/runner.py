@@ -1,9 +1,10 @@
 """Runs batches of one model: fixed per-bucket buffers, IOBinding, one CUDA graph per bucket.
 
-Every method here runs on the model's single worker thread (CUDA graphs live in ONNX Runtime's
-per-thread context, so capture and replay must share a thread). Each bucket owns input and
-output buffers allocated once; a batch is written row by row into the bucket's host input
-buffer, uploaded in place (`OrtValue.update_inplace`) when the buffers live on the GPU, and
+Every method here runs on one thread at a time: the model's worker thread (CUDA graphs live in
+ONNX Runtime's per-thread context, so capture and replay must share a thread), or on CPU the
+event loop's thread for an inline run while the worker is idle. Each bucket owns input and
+output buffers allocated once; a batch is copied into the bucket's host input buffer with one
+numpy concatenate per input, uploaded in place (`OrtValue.update_inplace`) when the buffers live on the GPU, and
 run with the run option `gpu_graph_id` = the bucket's index. The first run of each bucket (at
 warm-up) captures its graph; later runs replay it. Because a bucket's buffers never change
 shape or address, a graph is never replayed with a shape other than the one it captured.
@@ -14,10 +15,10 @@ accepted and ignored, so the same code path is exercised by CPU tests.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -32,16 +33,6 @@ log = logging.getLogger(__name__)
 _NO_GRAPH = "-1"  # gpu_graph_id value that runs without capturing or replaying a graph
 
 
-class RowSource(Protocol):
-    """What a batch entry offers the runner: validated inputs and their row count."""
-
-    @property
-    def inputs(self) -> Mapping[str, np.ndarray]: ...
-
-    @property
-    def rows(self) -> int: ...
-
-
 @dataclass(slots=True)
 class _Bucket:
     rows: int
@@ -53,6 +44,8 @@ class _Bucket:
     host_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # cpu device only
     device_outputs: dict[str, ort.OrtValue] = field(default_factory=dict)
     dirty_rows: int = 0  # rows holding data from an earlier batch (padding must be zeroed)
+    serve_count: int = 0  # serve runs so far (plain int: the metric is updated off the hot path)
+    serve_reported: int = 0
 
 
 class Runner:
@@ -70,6 +63,9 @@ class Runner:
         self.cuda_graphs = loaded.cuda_graphs
         self._on_cpu = loaded.device == "cpu" if staged is None else not staged
         self._buckets = [self._make_bucket(index, rows) for index, rows in enumerate(spec.buckets)]
+        self.warm_run_s = [math.inf] * len(self._buckets)  # each bucket's warm-up run
+        # Bucket index by row count (0 .. largest bucket): one list lookup per batch.
+        self._bucket_of = [self.bucket_for(max(rows, 1)) for rows in range(spec.buckets[-1] + 1)]
         self._batches = {
             (b.rows, phase): metrics.BATCHES.labels(spec.name, str(b.rows), phase)
             for b in self._buckets
@@ -105,6 +101,7 @@ class Runner:
                         f"batch of {bucket.rows}; outputs must carry the batch on axis 0"
                     )
             self._batches[bucket.rows, "warmup"].inc()
+            self.warm_run_s[bucket.graph_id] = time.perf_counter() - started
             log.debug(
                 "engine: model %r: bucket %d warm in %.1f ms",
                 self.spec.name,
@@ -112,46 +109,54 @@ class Runner:
                 (time.perf_counter() - started) * 1e3,
             )
 
-    def run(self, entries: Sequence[RowSource], rows: int) -> list[dict[str, np.ndarray]]:
-        """Run `entries` (total `rows`) as one padded batch; results per entry, in order."""
-        bucket = self._buckets[self.bucket_for(rows)]
-        if len(entries) == 1:
-            for name, array in entries[0].inputs.items():
-                bucket.host_inputs[name][:rows] = array
+    def bucket_of(self, rows: int) -> int:
+        """`bucket_for` by table lookup (1 <= rows <= largest bucket)."""
+        return self._bucket_of[rows]
+
+    def run(self, requests: Sequence[Mapping[str, np.ndarray]], rows: int) -> dict[str, np.ndarray]:
+        """Run `requests` (each `{input name: array}`, `rows` rows in all) as one padded batch:
+        every output's first `rows` rows, in request order, as fresh arrays (`split_rows` cuts
+        them per request). `load` then `run_loaded`."""
+        return self.run_loaded(self.load(requests, rows), rows)
+
+    def load(self, requests: Sequence[Mapping[str, np.ndarray]], rows: int) -> int:
+        """Copy `requests` into their bucket's input buffers; the bucket's index. The bucket's
+        previous run must have ended (its outputs are copied out before `run_loaded` returns)."""
+        index = self._bucket_of[rows]
+        bucket = self._buckets[index]
+        host_inputs = bucket.host_inputs
+        if len(requests) == 1:
+            for name, array in requests[0].items():
+                host_inputs[name][:rows] = array
         else:
-            for name, host in bucket.host_inputs.items():
+            for name, host in host_inputs.items():
                 # One C-level copy of every request's rows, straight into the bucket buffer.
-                np.concatenate([entry.inputs[name] for entry in entries], out=host[:rows])
+                np.concatenate([inputs[name] for inputs in requests], out=host[:rows])
         if bucket.dirty_rows > rows:
             # Zero stale rows so padding is deterministic (it never reaches a caller anyway).
-            for buffer in bucket.host_inputs.values():
+            for buffer in host_inputs.values():
                 buffer[rows : bucket.dirty_rows] = 0
         bucket.dirty_rows = rows
+        return index
+
+    def run_loaded(self, index: int, rows: int) -> dict[str, np.ndarray]:
+        """Run bucket `index` as loaded by `load` (`rows` real rows); outputs as `run`."""
+        bucket = self._buckets[index]
         self._run(bucket)
-        self._batches[bucket.rows, "serve"].inc()
+        bucket.serve_count += 1
         if self._on_cpu:
             # One copy out of the reused output buffers; callers get views of that copy.
-            batch_out = {n: a[:rows].copy() for n, a in bucket.host_outputs.items()}
-        else:
-            copied = bucket.binding.copy_outputs_to_cpu()  # fresh host arrays, bound order
-            batch_out = {s.name: a[:rows] for s, a in zip(self.outputs, copied, strict=True)}
-        if len(entries) == 1:
-            return [batch_out]
-        if rows == len(entries):
-            # One row per request (the common case): numpy iterates the rows as views in C.
-            if len(batch_out) == 1:
-                ((name, array),) = batch_out.items()
-                return [{name: view} for view in array[:, None]]
-            names = list(batch_out)
-            columns = [array[:, None] for array in batch_out.values()]
-            return [dict(zip(names, views, strict=True)) for views in zip(*columns, strict=True)]
-        results = []
-        offset = 0
-        for entry in entries:
-            end = offset + entry.rows
-            results.append({n: a[offset:end] for n, a in batch_out.items()})
-            offset = end
-        return results
+            return {n: a[:rows].copy() for n, a in bucket.host_outputs.items()}
+        copied = bucket.binding.copy_outputs_to_cpu()  # fresh host arrays, bound order
+        return {s.name: a[:rows] for s, a in zip(self.outputs, copied, strict=True)}
+
+    def flush_metrics(self) -> None:
+        """Add the serve runs counted since the last call to the batches metric."""
+        for bucket in self._buckets:
+            count = bucket.serve_count
+            if count != bucket.serve_reported:
+                self._batches[bucket.rows, "serve"].inc(count - bucket.serve_reported)
+                bucket.serve_reported = count
 
     def _run(self, bucket: _Bucket) -> None:
         if not self._on_cpu:
@@ -216,3 +221,28 @@ class Runner:
             spec.name: tuple(value.shape()[1:])
             for spec, value in zip(self.outputs, probe.get_outputs(), strict=True)
         }
+
+
+def split_rows(
+    outputs: Mapping[str, np.ndarray], row_counts: Sequence[int]
+) -> list[dict[str, np.ndarray]]:
+    """Cut a batch's `outputs` into each request's rows (`row_counts`: rows per request, in
+    batch order), as views. One row per request (the common case) lets numpy cut the rows in
+    C: one pass per output over `array[:, None]`, no Python slicing."""
+    if len(row_counts) == 1:
+        return [dict(outputs)]
+    items = iter(outputs.items())
+    first_name, first = next(items)
+    if len(row_counts) == len(first):  # one row each
+        results = [{first_name: view} for view in first[:, None]]
+        for name, array in items:
+            for result, view in zip(results, array[:, None], strict=True):
+                result[name] = view
+        return results
+    results = []
+    offset = 0
+    for count in row_counts:
+        end = offset + count
+        results.append({n: a[offset:end] for n, a in outputs.items()})
+        offset = end
+    return results

@@ -277,6 +277,7 @@ class ModelSection(Section):
     cpu_threads: int = Field(default=1, ge=0)
     cuda_graphs: bool = True
     trt_fp16: bool = True
+    inline_max_run: Duration = 0.0  # engine.ModelSpec.inline_max_run_s; 0 = off
 
 
 class GeneratorSection(Section):

@@ -376,6 +376,7 @@ def model_specs(config: GatewayConfig) -> list[Any]:
             trt_fp16=model.trt_fp16,
             cache_dir=config.gateway.state_dir / "tensorrt" / name,
             cuda_graphs=model.cuda_graphs,
+            inline_max_run_s=model.inline_max_run,
         )
         for name, model in config.models.items()
     ]
