@@ -181,6 +181,7 @@ class MqttClient:
         self._disconnected = loop.create_future()
         self._disconnected.add_done_callback(_retrieve)
         self._connack = loop.create_future()
+        self._connack.add_done_callback(_retrieve)
         self.incoming._items.clear()
         self._paused = False
         try:

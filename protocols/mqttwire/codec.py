@@ -594,7 +594,12 @@ def _encode_connect(packet: Connect, version: int) -> bytes:
 # the fixed header's flags each packet type must carry (PUBLISH's are free)
 _REQUIRED_FLAGS = {t: 0 for t in range(1, 16)}
 _REQUIRED_FLAGS.update({PUBREL: 0x02, SUBSCRIBE: 0x02, UNSUBSCRIBE: 0x02})
-_ACKS: dict[int, type[PubAck | PubRec | PubRel | PubComp]] = {PUBACK: PubAck, PUBREC: PubRec, PUBREL: PubRel, PUBCOMP: PubComp}
+_ACKS: dict[int, type[PubAck | PubRec | PubRel | PubComp]] = {
+    PUBACK: PubAck,
+    PUBREC: PubRec,
+    PUBREL: PubRel,
+    PUBCOMP: PubComp,
+}
 
 
 def decode_packet(first: int, body: bytes, version: int = V311) -> Packet:
