@@ -101,6 +101,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge
 
+from protocols import mqtt_native
 from protocols.link import (
     Backpressure,
     DeliveredCallback,
@@ -115,7 +116,7 @@ from protocols.link import (
     detach_outputs,
 )
 from protocols.mqtt_admission import RouteAdmission, Verdict
-from protocols.mqtt_client import ManualAckClient
+from protocols.mqtt_client import CLIENT_ERRORS, BridgeClient, ManualAckClient
 from protocols.mqtt_settings import (
     BrokerAddress,
     MqttConfigError,
@@ -124,6 +125,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
+from protocols.mqttwire.codec import Publish
 from protocols.tasks import SpawnLoop, spawn_unsupervised
 
 __all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettings"]
@@ -237,7 +239,7 @@ LinkKey = tuple[int, str]  # (route index, device id)
 class _Inbound:
     """One message between 'pulled from the client' and 'acked' (or given up)."""
 
-    client: ManualAckClient
+    client: BridgeClient
     mid: int
     qos: int
     topic: str
@@ -279,7 +281,7 @@ class _OutboundConnection:
 
     def __init__(self, bridge: MqttBridge) -> None:
         self._bridge = bridge
-        self.client: ManualAckClient | None = None
+        self.client: BridgeClient | None = None
         self.connected = asyncio.Event()
         self._closing = asyncio.Event()
         self.finished = asyncio.Event()  # set while `run()` is not running
@@ -331,7 +333,7 @@ class _OutboundConnection:
                     disconnected.add_done_callback(_retrieve)
                     if await self._until_closing(asyncio.shield(disconnected)):
                         return
-            except aiomqtt.MqttError as exc:
+            except CLIENT_ERRORS as exc:
                 reason = _describe(exc)
             except OSError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
@@ -388,7 +390,7 @@ class MqttBridge:
         self._routes = RouteTable(settings.routes)
         self._links: dict[tuple[int, str], MqttLink] = {}
         self._state = ConnectionState.IDLE
-        self._client: ManualAckClient | None = None
+        self._client: BridgeClient | None = None
         self._connected_event = asyncio.Event()
         self._stopping = False
         self._accepting = True  # False once stop() began: no more pulls from the client
@@ -531,7 +533,7 @@ class MqttBridge:
         detach_outputs(self._handler, self)
         client = self._client
         if client is not None and self.connected and self.settings.status_topic:
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            with contextlib.suppress(*CLIENT_ERRORS, TimeoutError):
                 await client.publish(
                     self.settings.resolved_status_topic,
                     STATUS_OFFLINE,
@@ -563,9 +565,13 @@ class MqttBridge:
     def _make_ssl_context(self) -> ssl.SSLContext:
         return make_ssl_context(self.settings)
 
-    def _make_outbound_client(self, address: BrokerAddress) -> ManualAckClient:
+    def _make_outbound_client(self, address: BrokerAddress) -> BridgeClient:
         """The replies' connection: clean session, no will, no subscriptions."""
         s = self.settings
+        if s.client == "native":
+            return mqtt_native.outbound_client(
+                s, address, self._ssl_context, f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}"
+            )
         v5 = s.protocol == "5"
         client = ManualAckClient(
             address.host,
@@ -586,8 +592,16 @@ class MqttBridge:
         client.pending_calls_threshold = s.max_inflight_publishes + 8
         return client
 
-    def _make_client(self, address: BrokerAddress) -> ManualAckClient:
+    def _make_client(self, address: BrokerAddress) -> BridgeClient:
         s = self.settings
+        if s.client == "native":
+            return mqtt_native.device_client(
+                s,
+                address,
+                self._ssl_context,
+                will=(s.resolved_status_topic, STATUS_OFFLINE) if s.status_topic else None,
+                on_pause=functools.partial(self._count, "read_pauses"),
+            )
         v5 = s.protocol == "5"
         properties = None
         if v5:
@@ -645,7 +659,7 @@ class MqttBridge:
                     finally:
                         reader.cancel()
                         await asyncio.gather(reader, return_exceptions=True)
-            except aiomqtt.MqttError as exc:
+            except CLIENT_ERRORS as exc:
                 reason = _describe(exc)
             except OSError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
@@ -682,7 +696,7 @@ class MqttBridge:
             await asyncio.sleep(delay)
 
     async def _on_connected(
-        self, client: ManualAckClient, address: BrokerAddress, reader: asyncio.Task[None]
+        self, client: BridgeClient, address: BrokerAddress, reader: asyncio.Task[None]
     ) -> None:
         s = self.settings
         # Answers may queue behind a paused backlog: allow for the keepalive to notice a dead
@@ -725,12 +739,11 @@ class MqttBridge:
 
     # ----------------------------------------------------------------- inbound
 
-    async def _read_loop(self, client: ManualAckClient) -> None:
-        messages = client.messages
+    async def _read_loop(self, client: BridgeClient) -> None:
         low_water = client.incoming.high_water // 2
         while True:
             await self._wait_for_capacity(client)
-            message = await messages.__anext__()  # raises MqttError once disconnected
+            message = await client.receive()  # raises a CLIENT_ERRORS once disconnected
             if client.reading_paused and client.incoming.qsize() <= low_water:
                 client.resume_reading()
             self._on_message(client, message)
@@ -742,20 +755,23 @@ class MqttBridge:
             and self._blocking_queued < self.settings.max_outbound_queue
         )
 
-    async def _wait_for_capacity(self, client: ManualAckClient) -> None:
+    async def _wait_for_capacity(self, client: BridgeClient) -> None:
         """Backpressure: block while too many messages await their commit, while too many
         replies await publishing, or while stopping. A disconnect ends the wait too, so a
         stuck turn never delays reconnecting."""
         if self._has_capacity():
             return
         disconnected = client.disconnected
-        if self._blocking_queued >= self.settings.max_outbound_queue:
-            self._count("outbound_backpressure_pauses")
-        else:
-            self._count("backpressure_pauses")
+        outbound_full = self._blocking_queued >= self.settings.max_outbound_queue
+        self._count("outbound_backpressure_pauses" if outbound_full else "backpressure_pauses")
 
         async def until_capacity() -> None:
+            nonlocal outbound_full
             while not self._has_capacity():
+                if not outbound_full and self._blocking_queued >= self.settings.max_outbound_queue:
+                    # A pause that began for pending turns goes on for the replies' backlog.
+                    outbound_full = True
+                    self._count("outbound_backpressure_pauses")
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
@@ -770,9 +786,9 @@ class MqttBridge:
                 "disconnected while waiting for pending turns to commit"
             ) from cause
 
-    def _on_message(self, client: ManualAckClient, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else bytes(message.payload)
+    def _on_message(self, client: BridgeClient, message: Publish) -> None:
+        topic = message.topic
+        payload = message.payload
         qos = message.qos
         if len(payload) > self.settings.max_payload_bytes:
             self._skip(
@@ -812,7 +828,7 @@ class MqttBridge:
         admitted = key in self._links or key in self._busy
         if not admitted and not self._admit(client, message, match):
             return
-        item = _Inbound(client, message.mid, qos, topic, match, payload, self._next_seq)
+        item = _Inbound(client, message.packet_id, qos, topic, match, payload, self._next_seq)
         self._next_seq += 1
         self._pending += 1
         self._busy[key] = self._busy.get(key, 0) + 1
@@ -820,14 +836,14 @@ class MqttBridge:
         self._drained.clear()
         self._submit(item)
 
-    def _skip(self, client: ManualAckClient, message: aiomqtt.Message, outcome: str, *log: Any):
+    def _skip(self, client: BridgeClient, message: Publish, outcome: str, *log: Any):
         self._count(outcome)
         self._log_limited(outcome, *log)
-        self._ack(client, message.mid, message.qos)
+        self._ack(client, message.packet_id, message.qos)
 
     # ----------------------------------------------------------------- admission of new ids
 
-    def _admit(self, client: ManualAckClient, message: aiomqtt.Message, match: RouteMatch) -> bool:
+    def _admit(self, client: BridgeClient, message: Publish, match: RouteMatch) -> bool:
         """An id without an open link: is it allowed, and may it become a new agent now?
         Refused messages are acked (a redelivery would be refused again) and counted."""
         key = (match.route_index, match.device_id)
@@ -858,12 +874,12 @@ class MqttBridge:
                 "mqtt: device id %r on %r is not in the allow-list of route %r; acked and "
                 "ignored (add it to allowed_ids_file or allowed_id_pattern if it is yours)",
                 match.device_id,
-                message.topic.value,
+                message.topic,
                 route.topic,
             )
             return False
         self._count(Verdict.RATE_LIMITED.value)
-        self._ack(client, message.mid, message.qos)
+        self._ack(client, message.packet_id, message.qos)
         if decision.episode_started is not None:
             logger.warning(
                 "mqtt: route %r reached max_new_agents_per_minute=%d: messages from device ids "
@@ -995,7 +1011,7 @@ class MqttBridge:
                 self._waiting[key].extend(waiting[index + 1 :])
                 return
 
-    def _release_held_from(self, client: ManualAckClient) -> None:
+    def _release_held_from(self, client: BridgeClient) -> None:
         """The connection is gone: its held messages give back their pending slots (the
         broker redelivers them on the next connection), so they cannot slow its reading."""
         for key, items in list(self._waiting.items()):
@@ -1185,7 +1201,7 @@ class MqttBridge:
             self._drained.set()
         self._wakeup.set()
 
-    def _ack(self, client: ManualAckClient, mid: int, qos: int) -> bool:
+    def _ack(self, client: BridgeClient, mid: int, qos: int) -> bool:
         """PUBACK on the connection the message came on; packet ids are per connection."""
         if qos == 0:
             return True
@@ -1366,7 +1382,7 @@ class MqttBridge:
                 continue
             try:
                 await self._publish_until_lost(client, item)
-            except aiomqtt.MqttError as exc:
+            except CLIENT_ERRORS as exc:
                 # Lost the connection mid-publish: publish again after the reconnect.
                 self._count("publish_retries")
                 self._log_limited(
@@ -1393,7 +1409,7 @@ class MqttBridge:
             item.delivered()
             return
 
-    async def _publish_until_lost(self, client: ManualAckClient, item: _Outbound) -> None:
+    async def _publish_until_lost(self, client: BridgeClient, item: _Outbound) -> None:
         """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
         QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
         connection died, and the reply should go out on the next connection at once."""
@@ -1418,7 +1434,7 @@ class MqttBridge:
 
     # ----------------------------------------------------------------- helpers
 
-    def _incoming_peak(self, client: ManualAckClient | None) -> int:
+    def _incoming_peak(self, client: BridgeClient | None) -> int:
         if client is not None:
             self._peak_seen = max(self._peak_seen, client.incoming.peak)
         return self._peak_seen
@@ -1494,7 +1510,7 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
         logger.warning("mqtt: on_close failed: %r", future.exception())
 
 
-def _describe(exc: aiomqtt.MqttError) -> str:
+def _describe(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     cause = exc.__cause__ or exc.__context__
     if cause is not None and str(cause) and str(cause) not in text:

@@ -15,10 +15,16 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
+
+from protocols.mqttwire import aio as native
+from protocols.mqttwire.codec import Publish
+
+# What a lost, refused or timed-out broker connection raises, for either client.
+CLIENT_ERRORS: tuple[type[Exception], ...] = (aiomqtt.MqttError, native.MqttError)
 
 # Small PUBACKs and replies must not wait for Nagle + delayed ACK (~40 ms each).
 TCP_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -72,6 +78,59 @@ def coalesce_out_packets(out_packets: deque[Any]) -> None:
         out_packets.extend(merged)
 
 
+class IncomingStats(Protocol):
+    high_water: int
+    peak: int
+
+    def qsize(self) -> int: ...
+
+
+class BridgeClient(Protocol):
+    """What the MQTT bridge needs of a broker connection: `ManualAckClient` (paho via
+    aiomqtt) and `protocols.mqttwire.aio.MqttClient` (the native codec) both are one. Their
+    errors for a lost or refused connection are `CLIENT_ERRORS`."""
+
+    @property
+    def incoming(self) -> IncomingStats: ...
+
+    @property
+    def disconnected(self) -> asyncio.Future[None]: ...
+
+    @property
+    def reading_paused(self) -> bool: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc_info: Any) -> Any: ...
+
+    async def receive(self) -> Publish: ...
+
+    def resume_reading(self) -> None: ...
+
+    def ack(self, mid: int, qos: int) -> bool: ...
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, qos: int
+    ) -> tuple[int, asyncio.Future[Any]]: ...
+
+    def forget_publish(self, mid: int) -> None: ...
+
+    async def subscribe(
+        self, topic: str, /, qos: int = 0, *, timeout: float | None = None
+    ) -> Any: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        /,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> Any: ...
+
+
 class IncomingQueue(asyncio.Queue):  # type: ignore[type-arg]
     """The client's queue of received messages. It never drops (aiomqtt drops when a bounded
     queue is full); it calls `on_high_water` once it holds `high_water` messages."""
@@ -123,6 +182,20 @@ class ManualAckClient(aiomqtt.Client):
     def disconnected(self) -> asyncio.Future[None]:
         """Completes (with the reason as exception) once the connection is lost."""
         return self._disconnected
+
+    async def receive(self) -> Publish:
+        """The next message, as the native client gives it (raises `aiomqtt.MqttError` once
+        disconnected)."""
+        message = await self.messages.__anext__()
+        payload = message.payload
+        return Publish(
+            message.topic.value,
+            payload if isinstance(payload, bytes) else bytes(payload),  # type: ignore[arg-type]
+            message.qos,
+            message.retain,
+            False,
+            message.mid,
+        )
 
     @property
     def reading_paused(self) -> bool:

@@ -269,17 +269,20 @@ class MqttClient:
 
     # ------------------------------------------------------------------ reading
 
-    def _data_received(self, protocol: _Protocol, data: bytes) -> None:
-        if protocol is not self._protocol:
+    def _data_received(self, protocol: _Protocol | None, data: bytes) -> None:
+        if protocol is not self._protocol or protocol is None:
             return
+        incoming = self.incoming
+        # Decode no more messages than `incoming` has room for: the rest stay as bytes until
+        # `resume_reading` (one read may hold hundreds of messages).
+        room = max(1, incoming.high_water - len(incoming._items))
         try:
-            events = self.connection.receive_data(data)
+            events = self.connection.receive_data(data, room)
         except ProtocolError as exc:
             self._abort(MqttError(f"broker {self.host}:{self.port} broke the protocol: {exc}"))
             return
         assert self._loop is not None
         self._last_received = self._loop.time()
-        incoming = self.incoming
         for event in events:
             if isinstance(event, Publish):
                 incoming._items.append(event)
@@ -316,6 +319,8 @@ class MqttClient:
                 receiver.set_result(None)
             if size >= incoming.high_water:
                 self.pause_reading()
+        if len(events) == room and not self._paused and self.connection.buffered:
+            self._loop.call_soon(self._data_received, protocol, b"")  # decode the rest
         if self.connection._out:
             self._schedule_flush()  # e.g. publishes released by a PUBACK
 
@@ -333,6 +338,7 @@ class MqttClient:
                 return items.popleft()
             assert self._loop is not None
             self._receiver = self._loop.create_future()
+            self._receiver.add_done_callback(_retrieve)
             try:
                 await self._receiver
             finally:
@@ -357,6 +363,8 @@ class MqttClient:
         self._paused = False
         if self._transport is not None:
             self._transport.resume_reading()
+            if self.connection.buffered and self._loop is not None:
+                self._loop.call_soon(self._data_received, self._protocol, b"")
 
     # ------------------------------------------------------------------ writing
 
@@ -432,6 +440,7 @@ class MqttClient:
         packet_id = self.connection.subscribe([(topic_filter, qos | options)])
         assert self._loop is not None
         request: asyncio.Future[list[int]] = self._loop.create_future()
+        request.add_done_callback(_retrieve)
         self._requests[packet_id] = request
         self._schedule_flush()
         return await self._until_lost(request, timeout, f"SUBACK for {topic_filter!r}")

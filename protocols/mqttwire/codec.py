@@ -799,7 +799,9 @@ class StreamDecoder:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Packet]:
+    def feed(self, data: bytes, limit: int = 0) -> list[Packet]:
+        """The packets `data` completes; with `limit` > 0 at most that many (the rest stay
+        buffered for the next call, which may pass b"")."""
         buffer = self._buffer + data if self._buffer else bytes(data)
         packets: list[Packet] = []
         pos = 0
@@ -843,6 +845,8 @@ class StreamDecoder:
                     break
                 packets.append(decode_packet(first, buffer[start:end], version))
                 pos = end
+                if len(packets) == limit:
+                    break
         except ProtocolError:
             self._buffer = b""
             raise

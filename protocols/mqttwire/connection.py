@@ -234,13 +234,15 @@ class ClientConnection:
 
     # ------------------------------------------------------------------ incoming
 
-    def receive_data(self, data: bytes) -> list[Packet]:
+    def receive_data(self, data: bytes, max_packets: int = 0) -> list[Packet]:
         """Feed the broker's bytes; returns the events they completed (see the module
-        docstring). Raises `ProtocolError` for bytes that are not MQTT or a packet a broker
-        must not send; the caller should then close the connection."""
+        docstring), at most `max_packets` when > 0: the rest wait, decoded by a later call
+        (`receive_data(b"")` once `buffered`). Raises `ProtocolError` for bytes that are not
+        MQTT or a packet a broker must not send; the caller should then close the
+        connection."""
         if self.state is State.DISCONNECTED:
             raise ProtocolError("data received without a connection (call connect() first)")
-        packets = self._decoder.feed(data)
+        packets = self._decoder.feed(data, max_packets)
         if not packets:
             return packets
         if self.state is State.CONNECTING:
@@ -334,6 +336,11 @@ class ClientConnection:
         packet.topic = topic
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not decoded yet (a partial packet, or packets past `max_packets`)."""
+        return self._decoder.buffered
 
     @property
     def inflight(self) -> int:

@@ -21,6 +21,8 @@ from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
 from tests.protocols.test_mqtt import link_events, publish_all, settings_for
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.usefixtures("mqtt_client")
+
 
 def stored(db: Path) -> list[tuple[str, bytes]]:
     return [(agent_id, payload) for _, agent_id, _, payload in read_messages(db)]

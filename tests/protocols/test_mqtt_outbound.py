@@ -9,8 +9,10 @@ import os
 import signal
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
+import pytest
 
 from protocols.link import OutputAddress
 from protocols.mqtt import MqttBridge, MqttRoute
@@ -18,21 +20,33 @@ from tests.brokers import MosquittoBroker
 from tests.protocols.test_mqtt import publish_all, receive_queued, settings_for
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.usefixtures("mqtt_client")
+
+REPLIES = 8  # per message in the reply flood test: more than the outbound backlog's limit
 ECHO = MqttRoute("echo/{id}/in", "echo", "echo/{id}/out", on_overflow="drop_oldest")
 
 
 async def test_reply_flood_is_never_dropped_and_pauses_reading(
     mosquitto: MosquittoBroker, handler_factory, tmp_path: Path
 ) -> None:
-    # Every message gets a reply; the outbound backlog (5) is far smaller than the flood.
-    handler = await handler_factory(reply=lambda link, data: b"re:" + bytes(data))
+    # Every message gets `replies` replies at once, more than the outbound backlog's limit
+    # (5), so the backlog fills whichever client publishes faster than it reads.
+    replies = REPLIES
+
+    def reply(link: Any, data: bytes | str) -> bytes:
+        for n in range(1, replies):
+            link.send(b"re%d:" % n + bytes(data))  # type: ignore[arg-type]
+        return b"re0:" + bytes(data)  # type: ignore[arg-type]
+
+    handler = await handler_factory(reply=reply)
     settings = settings_for(
         mosquitto, max_outbound_queue=5, max_inflight_publishes=1, max_pending_messages=50
     )
     bridge = MqttBridge(settings, handler)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
-    payloads = [f"{n:05d}".encode() for n in range(2000)]
+    payloads = [f"{n:05d}".encode() for n in range(2400 // replies)]
+    expected = {b"re%d:" % n + p for p in payloads for n in range(replies)}
     received: set[bytes] = set()
     async with aiomqtt.Client(
         mosquitto.host, mosquitto.port, max_queued_incoming_messages=0
@@ -46,10 +60,10 @@ async def test_reply_flood_is_never_dropped_and_pauses_reading(
         async with asyncio.timeout(60):
             async for message in dev.messages:
                 received.add(bytes(message.payload))
-                if len(received) == len(payloads):
+                if len(received) == len(expected):
                     break
         await flood
-    assert received == {b"re:" + p for p in payloads}
+    assert received == expected
     stats = bridge.stats.extra
     assert stats["outbound_backpressure_pauses"] > 0  # the backlog limit was reached...
     assert "outbound_dropped_by_policy" not in stats  # ...and nothing was dropped for it
