@@ -294,13 +294,15 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
             "bridge echo (transport only)", start_bridge, stop_bridge, lambda p: p.pid, 1, args,
             broker,
         )  # fmt: skip
-    for durability in args.durability.split(","):
+    clients = args.mqtt_clients.split(",")
+    for durability, mqtt_client in [(d, c) for d in args.durability.split(",") for c in clients]:
         client_id = f"gw-bench-{os.getpid()}-{durability}-{time.monotonic_ns()}"
         config = GATEWAY_CONFIG.format(
             durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
             inflight=args.gateway_inflight, pending=args.gateway_pending,
-            mqtt_client=args.mqtt_clients.split(",")[0],
+            mqtt_client=mqtt_client,
         )  # fmt: skip
+        suffix = "" if len(clients) == 1 else f"_{mqtt_client}"
 
         async def start_gateway(config: str = config) -> GatewayDaemon:
             daemon = GatewayDaemon(config)
@@ -311,8 +313,8 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
             await asyncio.to_thread(daemon.close)
             await drop_session(broker_url, client_id)
 
-        results[f"gateway_{durability}"] = await measure_server(
-            f"gateway ({durability})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
+        results[f"gateway_{durability}{suffix}"] = await measure_server(
+            f"gateway ({durability}{suffix})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
             broker,
         )  # fmt: skip
     return results
@@ -476,6 +478,7 @@ async def bench(args: argparse.Namespace) -> None:
         }
     line = {
         "bench": "mqtt",
+        "mqtt_clients": args.mqtt_clients.split(","),
         "devices": args.devices,
         "window": args.window,
         "connections": args.connections,

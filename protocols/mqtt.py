@@ -4,9 +4,9 @@
 each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turns every device
 (route + id) into one `MqttLink` that the gateway's `LinkHandler` sees. Delivery guarantees:
 
-* **Ack after commit.** paho's manual acks are switched on before the first CONNECT, so no
-  message (not even one queued by the broker while we were offline) is acknowledged before
-  `handler.submit_message(...)`'s future resolved. A SIGKILL at any moment therefore loses
+* **Ack after commit.** Manual acks (either client, `settings.client`) are on from the first
+  CONNECT, so no message (not even one queued by the broker while we were offline) is
+  acknowledged before `handler.submit_message(...)`'s future resolved. A SIGKILL at any moment therefore loses
   nothing: the persistent session (3.1.1 clean_session=False, or 5 with a session expiry)
   makes the broker redeliver every unacked message. Delivery is at least once: a turn that
   committed just before a crash or a disconnect is delivered and applied again.
@@ -56,7 +56,7 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
 * **Outbound: durable, never dropped by load.** Each link is a `DurableLink`: the gateway
   writes a reply to the agent's outbox (in the turn's transaction) and hands it over with
   `send_tracked`; the bridge publishes it at the route's QoS and reports it delivered on the
-  PUBACK (QoS 1) or once paho wrote it to the socket (QoS 0). A publish interrupted by a
+  PUBACK (QoS 1) or once the client wrote it (QoS 0). A publish interrupted by a
   disconnect is published again after the reconnect (at least once); after a gateway restart
   the gateway hands over the rows still undelivered. `max_inflight_publishes` workers publish
   from one FIFO backlog. When the backlog reaches `max_outbound_queue`, nothing is dropped:
@@ -66,7 +66,7 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   overshoots by at most their replies). A route with `on_overflow = "drop_oldest"` instead
   drops its own oldest queued reply (counted `outbound_dropped_by_policy`, logged, and
   reported delivered so that it is not resent). A reply that can never be published (over
-  `max_payload_bytes`, a topic paho refuses) is logged as an error and counted. While
+  `max_payload_bytes`, a topic the client refuses) is logged as an error and counted. While
   Replies go out on a second broker connection of their own (client id `<client_id>-out`,
   clean session, no subscriptions): the device connection stops reading the socket for
   backpressure, and the PUBACKs of replies must not wait behind the device messages it holds
@@ -77,6 +77,12 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   publishes the retained "offline" last will if we vanish, and `stop()` publishes it itself.
 
 QoS 2 is refused in the settings (see `MqttSettings`).
+
+Modules: this one is the bridge (inbound turns, acks, retries, links, the publish backlog);
+`mqtt_link` the link and small types, `mqtt_outbound` the replies' connection,
+`mqtt_metrics` the Prometheus metrics, `mqtt_settings` / `mqtt_admission` the configuration
+and id admission, `mqtt_native` / `mqtt_client` the two client libraries behind
+`BridgeClient`. None of them imports gatewayd.
 """
 
 from __future__ import annotations
@@ -86,37 +92,43 @@ import bisect
 import contextlib
 import functools
 import logging
-import random
 import ssl
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from prometheus_client import Counter, Gauge
-
-from protocols import mqtt_native
+from protocols import mqtt_client, mqtt_native
 from protocols.link import (
     Backpressure,
     DeliveredCallback,
     LinkHandler,
-    LinkIdentity,
     LinkRejected,
     Outcome,
     OutputAddress,
-    Route,
     TransportStats,
     attach_outputs,
     detach_outputs,
 )
 from protocols.mqtt_admission import RouteAdmission, Verdict
-from protocols.mqtt_client import CLIENT_ERRORS, BridgeClient, ManualAckClient
+from protocols.mqtt_client import CLIENT_ERRORS, BridgeClient
+from protocols.mqtt_link import (
+    TRANSPORT,
+    ConnectionState,
+    DeadLetterSink,
+    LinkKey,
+    MqttLink,
+)
+from protocols.mqtt_link import Inbound as _Inbound
+from protocols.mqtt_metrics import LIVE_BRIDGES as _LIVE_BRIDGES
+from protocols.mqtt_metrics import MQTT_PUBLISHED, count_event
+from protocols.mqtt_outbound import (
+    OUTBOUND_CLIENT_SUFFIX,
+    describe,
+    full_jitter,
+)
+from protocols.mqtt_outbound import Outbound as _Outbound
+from protocols.mqtt_outbound import OutboundConnection as _OutboundConnection
 from protocols.mqtt_settings import (
     BrokerAddress,
     MqttConfigError,
@@ -125,6 +137,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
+from protocols.mqttwire.aio import ConnectionLostError
 from protocols.mqttwire.codec import Publish
 from protocols.tasks import SpawnLoop, spawn_unsupervised
 
@@ -132,9 +145,7 @@ __all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettin
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT = "mqtt"
 STATUS_ONLINE = b"online"
-OUTBOUND_CLIENT_SUFFIX = "-out"  # client id of the replies' connection: `<client_id>-out`
 STATUS_OFFLINE = b"offline"
 LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
 IDLE_CLOSE_CODE = 1000
@@ -142,221 +153,6 @@ GOING_AWAY = 1001  # LinkRejected code of a handler that is shutting down: not f
 # The idle sweep runs every half idle timeout, within these bounds.
 MIN_SWEEP_INTERVAL_S = 0.05
 MAX_SWEEP_INTERVAL_S = 30.0
-
-_LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
-
-MQTT_EVENTS = Counter(
-    "gatewayd_mqtt_events_total",
-    "MQTT bridge events: applied, acked, rejected, retries, dead_lettered, backpressure, "
-    "not_allowed, new_agent_refused, links_evicted, unrouted, oversized, retained_skipped, "
-    "read_pauses, outbound_backpressure_pauses, outbound_dropped_by_policy, connects, "
-    "disconnects, ...",
-    ["event"],
-)
-_EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
-MQTT_PUBLISHED = Counter("gatewayd_mqtt_published_total", "Replies published to the broker")
-MQTT_CONNECTED = Gauge("gatewayd_mqtt_connected", "MQTT bridges connected to their broker")
-MQTT_CONNECTED.set_function(lambda: sum(b.connected for b in list(_LIVE_BRIDGES)))
-MQTT_PENDING = Gauge("gatewayd_mqtt_pending_messages", "MQTT messages awaiting their commit")
-MQTT_PENDING.set_function(lambda: sum(b._pending for b in list(_LIVE_BRIDGES)))
-
-
-class ConnectionState:
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    STOPPED = "stopped"
-
-
-class MqttLink(LinkIdentity):
-    """One device (route + id) as the gateway sees it; `send` publishes to its reply topic."""
-
-    TRANSPORT = TRANSPORT
-    __slots__ = ("_bridge", "_closed", "key", "reply_topic")
-
-    def __init__(self, bridge: MqttBridge, match: RouteMatch, topic: str, reply_topic: str):
-        super().__init__(f"mqtt:{topic}", Route(match.route.agent_class, match.device_id), topic)
-        self._bridge = bridge
-        self.key = (match.route_index, match.device_id)
-        self.reply_topic = reply_topic
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def output_address(self) -> OutputAddress:
-        return OutputAddress(TRANSPORT, self.reply_topic, self._bridge.settings.qos)
-
-    @property
-    def outputs(self) -> MqttBridge:
-        return self._bridge
-
-    def send(self, data: bytes | str) -> None:
-        """Queue `data` (str as UTF-8) for the device's reply topic, untracked (a handler with
-        an outbox uses `MqttBridge.send_tracked`); never blocks, never dropped for load."""
-        payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._bridge._enqueue_publish(
-            _Outbound(self.reply_topic, self._bridge.settings.qos, payload, self.key[0])
-        )
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Forget this device's link (runs the agent's on_close); its next message opens a
-        new link. MQTT devices have no session with us to tear down."""
-        if not self._closed:
-            self._closed = True
-            self._bridge._link_closed_by_gateway(self, code, reason)
-
-    def __repr__(self) -> str:
-        return f"MqttLink({self._link_id!r} -> {self._route.agent_class}:{self._route.agent_id})"
-
-
-class DeadLetterSink(Protocol):
-    """Where poison messages go (`protocols.dead_letters.DeadLetterStore`); `add` blocks (the
-    bridge calls it in a worker thread) and returns once the row is durable."""
-
-    path: Any
-
-    def add(
-        self,
-        *,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        error: str,
-        attempts: int,
-        first_failed_at: float,
-        last_failed_at: float,
-    ) -> int: ...
-
-
-LinkKey = tuple[int, str]  # (route index, device id)
-
-
-@dataclass(slots=True)
-class _Inbound:
-    """One message between 'pulled from the client' and 'acked' (or given up)."""
-
-    client: BridgeClient
-    mid: int
-    qos: int
-    topic: str
-    match: RouteMatch
-    payload: bytes
-    seq: int  # arrival order, to keep a device's held messages in order
-    attempts: int = 0  # failed turns so far (a backpressure refusal is not one)
-    first_failed_at: float = 0.0  # Unix time of the first failed turn
-    last_error: str = ""
-
-    @property
-    def key(self) -> LinkKey:
-        return (self.match.route_index, self.match.device_id)
-
-
-@dataclass(slots=True)
-class _Outbound:
-    """One reply waiting to be published (and, if tracked, reported delivered)."""
-
-    topic: str
-    qos: int
-    payload: bytes
-    route_index: int | None  # None: no route's reply topic matches (its policy: backpressure)
-    seq: int = 0
-    on_delivered: DeliveredCallback | None = None
-
-    def delivered(self) -> None:
-        if self.on_delivered is not None:
-            callback, self.on_delivered = self.on_delivered, None
-            callback(self.seq)
-
-
-class _OutboundConnection:
-    """The bridge's second broker connection, for replies only (see the module docstring).
-    It follows the device connection: it connects to the broker that one is connected to,
-    and reconnects with the same backoff when it is lost. `close()` ends it, and `run()` then
-    ends as cancelled (a supervisor must not restart it); cancelling alone is not enough:
-    aiomqtt's connect swallows a cancellation that arrives while it connects."""
-
-    def __init__(self, bridge: MqttBridge) -> None:
-        self._bridge = bridge
-        self.client: BridgeClient | None = None
-        self.connected = asyncio.Event()
-        self._closing = asyncio.Event()
-        self.finished = asyncio.Event()  # set while `run()` is not running
-        self.finished.set()
-
-    def close(self) -> None:
-        self._closing.set()
-
-    async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self.finished.set()
-        raise asyncio.CancelledError  # closed: ended for good
-
-    async def _until_closing(self, awaitable: Any) -> bool:
-        """Wait for `awaitable` or `close()`; True when closing. Raises what it raises."""
-        waiter = asyncio.ensure_future(awaitable)
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-        if self._closing.is_set():
-            waiter.cancel()
-            return True
-        waiter.result()
-        return False
-
-    async def _run(self) -> None:
-        self.finished.clear()
-        bridge = self._bridge
-        attempt = 0
-        while not self._closing.is_set():
-            if await self._until_closing(bridge._connected_event.wait()):
-                return
-            address = bridge._broker
-            assert address is not None
-            client = bridge._make_outbound_client(address)
-            reason = ""
-            try:
-                async with client:
-                    self.client = client
-                    self.connected.set()
-                    attempt = 0
-                    # Shielded: ending the wait must not cancel aiomqtt's own future (whose
-                    # error, if it comes after we stopped waiting, nobody needs).
-                    disconnected = client.disconnected
-                    disconnected.add_done_callback(_retrieve)
-                    if await self._until_closing(asyncio.shield(disconnected)):
-                        return
-            except CLIENT_ERRORS as exc:
-                reason = _describe(exc)
-            except OSError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            finally:
-                self.client = None
-                self.connected.clear()
-            if self._closing.is_set():
-                return
-            delay = _full_jitter(
-                attempt, bridge.settings.reconnect_min_s, bridge.settings.reconnect_max_s
-            )
-            attempt += 1
-            bridge._count("outbound_disconnects")
-            logger.warning(
-                "mqtt: replies' connection to %s lost or refused (%s); retrying in %.1fs "
-                "(replies wait meanwhile; the broker must accept client id %r)",
-                address,
-                reason or "closed",
-                delay,
-                f"{bridge.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
-            )
-            if await self._until_closing(asyncio.sleep(delay)):
-                return
 
 
 class MqttBridge:
@@ -572,69 +368,26 @@ class MqttBridge:
             return mqtt_native.outbound_client(
                 s, address, self._ssl_context, f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}"
             )
-        v5 = s.protocol == "5"
-        client = ManualAckClient(
-            address.host,
-            address.port,
-            high_water=s.max_pending_messages,  # nothing is subscribed: nothing comes in
-            username=s.username,
-            password=s.password,
-            identifier=f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}",
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else True,
-            clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            keepalive=s.keepalive_s,
-            timeout=s.connect_timeout_s,
-            max_inflight_messages=s.max_inflight_publishes,
-            tls_context=self._ssl_context if address.tls else None,
-            tls_insecure=s.tls_insecure if address.tls else None,
+        return mqtt_client.outbound_client(
+            s, address, self._ssl_context, f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}"
         )
-        client.pending_calls_threshold = s.max_inflight_publishes + 8
-        return client
 
     def _make_client(self, address: BrokerAddress) -> BridgeClient:
         s = self.settings
+        will = (s.resolved_status_topic, STATUS_OFFLINE) if s.status_topic else None
+        on_pause = functools.partial(self._count, "read_pauses")
         if s.client == "native":
             return mqtt_native.device_client(
-                s,
-                address,
-                self._ssl_context,
-                will=(s.resolved_status_topic, STATUS_OFFLINE) if s.status_topic else None,
-                on_pause=functools.partial(self._count, "read_pauses"),
+                s, address, self._ssl_context, will=will, on_pause=on_pause
             )
-        v5 = s.protocol == "5"
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = s.session_expiry_s
-            # Our window: the broker sends at most this many unacked QoS 1 messages.
-            properties.ReceiveMaximum = min(65_535, s.max_pending_messages)
-        will = None
-        if s.status_topic:
-            will = aiomqtt.Will(s.resolved_status_topic, STATUS_OFFLINE, qos=1, retain=True)
-        client = ManualAckClient(
-            address.host,
-            address.port,
-            high_water=s.max_pending_messages,
-            on_pause=functools.partial(self._count, "read_pauses"),
-            username=s.username,
-            password=s.password,
-            identifier=s.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else False,
-            # MQTT 5: never MQTT_CLEAN_START_FIRST_ONLY, it would drop the session on start.
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            keepalive=s.keepalive_s,
+        return mqtt_client.device_client(
+            s,
+            address,
+            self._ssl_context,
             will=will,
-            properties=properties,
-            timeout=s.connect_timeout_s,
-            max_inflight_messages=s.max_inflight_publishes,
-            tls_context=self._ssl_context if address.tls else None,
-            tls_insecure=s.tls_insecure if address.tls else None,
+            on_pause=on_pause,
+            subscriptions=len(self._routes.filters),
         )
-        # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
-        client.pending_calls_threshold = s.max_inflight_publishes + len(self._routes.filters) + 8
-        return client
 
     async def _connection_loop(self) -> None:
         attempt = 0
@@ -660,7 +413,7 @@ class MqttBridge:
                         reader.cancel()
                         await asyncio.gather(reader, return_exceptions=True)
             except CLIENT_ERRORS as exc:
-                reason = _describe(exc)
+                reason = describe(exc)
             except OSError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # a bug here must not end reconnecting for good
@@ -681,7 +434,7 @@ class MqttBridge:
                 attempt = 0  # a connection that lived long resets the backoff
             if connected_at is None:
                 self._address_index += 1  # try the next broker URL
-            delay = _full_jitter(
+            delay = full_jitter(
                 attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s
             )
             attempt += 1
@@ -711,12 +464,12 @@ class MqttBridge:
                 subscribing.cancel()
                 await asyncio.gather(subscribing, return_exceptions=True)
                 await reader  # raises its MqttError
-                raise aiomqtt.MqttError("connection closed while subscribing")
+                raise ConnectionLostError("connection closed while subscribing")
             result = subscribing.result()
             code = result[0]
             value = code.value if hasattr(code, "value") else code
             if value >= 0x80:
-                raise aiomqtt.MqttError(
+                raise ConnectionLostError(
                     f"broker refused the subscription to {topic_filter!r} (code {value:#x}); "
                     "check the broker's ACL for this user"
                 )
@@ -782,7 +535,7 @@ class MqttBridge:
             waiter.cancel()
         if disconnected.done():
             cause = None if disconnected.cancelled() else disconnected.exception()
-            raise aiomqtt.MqttError(
+            raise ConnectionLostError(
                 "disconnected while waiting for pending turns to commit"
             ) from cause
 
@@ -1074,9 +827,7 @@ class MqttBridge:
             self._give_up(item, now)
             return
         self._count("retries")
-        delay = _full_jitter(
-            item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s
-        )
+        delay = full_jitter(item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s)
         self._log_limited(
             "retry",
             "mqtt: turn for %r (device %r) failed (attempt %d of %s: %s); not acked, "
@@ -1394,7 +1145,7 @@ class MqttBridge:
                 if client is outbound.client:
                     await asyncio.sleep(self.settings.reconnect_min_s)
                 continue
-            except Exception as exc:  # e.g. paho refusing the topic: it can never be sent
+            except Exception as exc:  # e.g. a topic the client refuses: it can never be sent
                 self._count("publish_errors")
                 logger.error(
                     "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
@@ -1415,7 +1166,7 @@ class MqttBridge:
         connection died, and the reply should go out on the next connection at once."""
         lost = client.disconnected
         if lost.done():
-            raise aiomqtt.MqttError("the replies' connection was lost")
+            raise ConnectionLostError("the replies' connection was lost")
         mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
         if not published.done():
             await asyncio.wait(
@@ -1427,8 +1178,8 @@ class MqttBridge:
             return
         client.forget_publish(mid)
         if lost.done():
-            raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
-        raise aiomqtt.MqttError(
+            raise ConnectionLostError("the replies' connection was lost before the broker's PUBACK")
+        raise ConnectionLostError(
             f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s"
         )
 
@@ -1441,10 +1192,7 @@ class MqttBridge:
 
     def _count(self, name: str, n: int = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + n
-        child = _EVENT_CHILDREN.get(name)
-        if child is None:
-            child = _EVENT_CHILDREN[name] = MQTT_EVENTS.labels(name)
-        child.inc(n)
+        count_event(name, n)
 
     def _log_limited(self, key: str, msg: str, *args: Any) -> None:
         """Warn at most once per LOG_EVERY_S per kind, saying how many were suppressed."""
@@ -1470,16 +1218,6 @@ def make_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
-    """`random() * min(cap, base * 2**attempt)`, at least 10 ms (AWS 'full jitter')."""
-    return max(0.01, random.random() * min(cap_s, base_s * (2 ** min(attempt, 30))))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _left(deadline: float) -> float:
@@ -1508,11 +1246,3 @@ def _arrival(item: _Inbound) -> int:
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         logger.warning("mqtt: on_close failed: %r", future.exception())
-
-
-def _describe(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text = f"{text}: {cause}"
-    return text
