@@ -141,6 +141,7 @@ def test_routes_become_filters_and_ids_parse_back() -> None:
         ({"broker_urls": ()}, "broker_urls"),
         ({"qos": 2}, "mqtt.qos"),
         ({"protocol": "3.1"}, "mqtt.protocol"),
+        ({"client": "paho"}, "mqtt.client"),
         ({"client_id": ""}, "mqtt.client_id"),
         ({"max_pending_messages": 0}, "max_pending_messages"),
         ({"reconnect_min_s": 5.0, "reconnect_max_s": 1.0}, "reconnect_min_s"),
