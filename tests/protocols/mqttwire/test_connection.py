@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols.mqttwire import codec
 from protocols.mqttwire.codec import ProtocolError, StreamDecoder, encode
 from protocols.mqttwire.connection import ClientConnection, ConnectOptions, State
+from tests.protocols.mqttwire.test_codec import packets
 
 
 def _sent(conn: ClientConnection, version: int = codec.V311) -> list[codec.Packet]:
@@ -124,3 +127,34 @@ def test_packet_ids_skip_those_in_use_and_wrap():
     assert (a, b) == (0xFFFF, 1)
     conn._next_id = 0xFFFF
     assert conn.subscribe([("x", 1)]) == 2
+
+
+@pytest.mark.parametrize("version", [codec.V311, codec.V5])
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_any_bytes_from_the_broker_give_events_or_a_protocol_error(
+    version: int, data: st.DataObject
+) -> None:
+    """Valid packets of every kind, with garbage between them, cut anywhere."""
+    chunks = data.draw(
+        st.lists(
+            packets(version).map(lambda p: encode(p, version)) | st.binary(max_size=8), max_size=5
+        )
+    )
+    stream = b"".join(chunks)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=5))
+    conn = ClientConnection(ConnectOptions("c", version=version))
+    conn.connect()
+    conn.receive_data(encode(codec.ConnAck(), version))
+    conn.publish("t", b"x", qos=1)
+    bounds = sorted(cuts)
+    try:
+        for start, end in zip([0, *bounds], [*bounds, len(stream)], strict=True):
+            if conn.state is State.DISCONNECTED:
+                break  # the broker's DISCONNECT ended it
+            for event in conn.receive_data(stream[start:end]):
+                if isinstance(event, codec.Publish) and event.qos == 1:
+                    conn.ack(event.packet_id)
+    except ProtocolError as exc:
+        assert str(exc)
+    conn.data_to_send()
