@@ -137,7 +137,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
-from protocols.mqttwire.aio import ConnectionLostError
+from protocols.mqttwire.aio import ConnectionLostError, MqttError
 from protocols.mqttwire.codec import Publish
 from protocols.tasks import SpawnLoop, spawn_unsupervised
 
@@ -1175,13 +1175,22 @@ class MqttBridge:
                 return_when=asyncio.FIRST_COMPLETED,
             )
         if published.done():
+            code = published.result()  # MQTT 5 PUBACK reason (native client); paho: None
+            if isinstance(code, int) and code >= 0x80:
+                self._count("publish_refused")
+                self._log_limited(
+                    "publish_refused",
+                    "mqtt: the broker refused a reply to %r (MQTT 5 reason %#x, e.g. 0x87 not "
+                    "authorized: check its ACL for %r); not retried",
+                    item.topic,
+                    code,
+                    f"{self.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
+                )
             return
         client.forget_publish(mid)
         if lost.done():
             raise ConnectionLostError("the replies' connection was lost before the broker's PUBACK")
-        raise ConnectionLostError(
-            f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s"
-        )
+        raise MqttError(f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s")
 
     # ----------------------------------------------------------------- helpers
 

@@ -17,7 +17,7 @@ import pytest
 from protocols.link import OutputAddress
 from protocols.mqtt import MqttBridge, MqttRoute
 from tests.brokers import MosquittoBroker
-from tests.protocols.test_mqtt import publish_all, receive_queued, settings_for
+from tests.protocols.test_mqtt import NATIVE_ONLY, publish_all, receive_queued, settings_for
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("mqtt_client")
@@ -217,3 +217,29 @@ async def test_each_reply_wakes_one_publish_worker(
     # Each reply: the one worker woken waits again once it is done (10); 64 if all woke.
     assert CountingDeque.appends == 10
     await bridge.stop()
+
+
+@NATIVE_ONLY  # paho does not hand the PUBACK's reason code over
+async def test_a_reply_the_broker_refuses_is_counted_and_logged_not_retried_forever(
+    tmp_path: Path, handler_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite devices/#\ntopic readwrite gatewayd/#\n")  # not forbidden/#
+    broker = MosquittoBroker(tmp_path / "mosquitto", extra_config=f"acl_file {acl}")
+    broker.start()
+    try:
+        handler = await handler_factory(reply=lambda link, data: b"re:" + bytes(data))  # type: ignore[arg-type]
+        route = MqttRoute("devices/{id}/telemetry", "thermostat", "forbidden/{id}/cmd")
+        bridge = MqttBridge(settings_for(broker, protocol="5", routes=(route,)), handler)
+        await bridge.start()
+        await bridge.wait_connected(timeout_s=5)
+        await publish_all(broker, [("devices/d1/telemetry", b"m1")])
+        await wait_until(
+            lambda: bridge.stats.extra.get("publish_refused") == 1, 5, "the refused reply"
+        )
+        await wait_until(lambda: bridge._publishing == 0, 5, "the publish to finish")
+        assert "MQTT 5 reason 0x87" in caplog.text
+        assert "publish_retries" not in bridge.stats.extra
+        await bridge.stop()
+    finally:
+        broker.stop()

@@ -114,7 +114,7 @@ def _normalised(packet: codec.Packet) -> codec.Packet:
 
 
 @pytest.mark.parametrize("version", [codec.V311, codec.V5])
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_every_packet_round_trips(version: int, data: st.DataObject) -> None:
     packet = data.draw(packets(version))
@@ -141,7 +141,7 @@ def test_a_stream_cut_at_any_points_gives_the_same_packets(
 
 
 @pytest.mark.parametrize("version", [codec.V311, codec.V5])
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(stream=st.binary(max_size=200), cuts=st.lists(st.integers(0, 200), max_size=6))
 def test_arbitrary_bytes_cut_anywhere_decode_or_raise_protocol_error(
     version: int, stream: bytes, cuts: list[int]
@@ -156,7 +156,7 @@ def test_arbitrary_bytes_cut_anywhere_decode_or_raise_protocol_error(
 
 
 @pytest.mark.parametrize("version", [codec.V311, codec.V5])
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(first=st.integers(0, 255), body=st.binary(max_size=64))
 def test_any_packet_body_decodes_or_raises_protocol_error(
     version: int, first: int, body: bytes
