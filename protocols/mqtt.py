@@ -80,6 +80,7 @@ QoS 2 is refused in the settings (see `MqttSettings`).
 
 Modules: this one is the bridge (inbound turns, acks, retries, links, the publish backlog);
 `mqtt_link` the link and small types, `mqtt_outbound` the replies' connection,
+`mqtt_publisher` the replies' backlog and publish workers,
 `mqtt_metrics` the Prometheus metrics, `mqtt_settings` / `mqtt_admission` the configuration
 and id admission, `mqtt_native` / `mqtt_client` the two client libraries behind
 `BridgeClient`. None of them imports gatewayd.
@@ -94,7 +95,6 @@ import functools
 import logging
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +121,7 @@ from protocols.mqtt_link import (
 )
 from protocols.mqtt_link import Inbound as _Inbound
 from protocols.mqtt_metrics import LIVE_BRIDGES as _LIVE_BRIDGES
-from protocols.mqtt_metrics import MQTT_PUBLISHED, count_event
+from protocols.mqtt_metrics import count_event
 from protocols.mqtt_outbound import (
     OUTBOUND_CLIENT_SUFFIX,
     describe,
@@ -129,6 +129,7 @@ from protocols.mqtt_outbound import (
 )
 from protocols.mqtt_outbound import Outbound as _Outbound
 from protocols.mqtt_outbound import OutboundConnection as _OutboundConnection
+from protocols.mqtt_publisher import ReplyPublisher
 from protocols.mqtt_settings import (
     BrokerAddress,
     MqttConfigError,
@@ -137,7 +138,7 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
-from protocols.mqttwire.aio import ConnectionLostError, MqttError
+from protocols.mqttwire.aio import ConnectionLostError
 from protocols.mqttwire.codec import Publish
 from protocols.tasks import SpawnLoop, spawn_unsupervised
 
@@ -194,13 +195,6 @@ class MqttBridge:
         self._wakeup = asyncio.Event()  # set whenever a pending message finished (or stop)
         self._drained = asyncio.Event()
         self._drained.set()
-        self._outbound: deque[_Outbound] = deque()
-        # Publish workers waiting for an item: one is woken per item queued (an Event shared
-        # by all `max_inflight_publishes` workers woke every one of them for every reply).
-        self._idle_workers: deque[asyncio.Future[None]] = deque()
-        self._publishing = 0  # publishes handed to the client, not yet acknowledged
-        self._outbound_idle = asyncio.Event()  # set while nothing is queued or publishing
-        self._outbound_idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._stats = TransportStats()
@@ -220,8 +214,7 @@ class MqttBridge:
         self._closing: dict[LinkKey, asyncio.Future[Outcome]] = {}  # close not yet committed
         self._waiting: dict[LinkKey, list[_Inbound]] = {}  # held messages, in arrival order
         self._dead_letter_tasks: set[asyncio.Task[None]] = set()
-        self._queued_by_route: dict[int | None, int] = {}
-        self._blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
+        self._publisher = ReplyPublisher(self)  # the replies' backlog and publish workers
         self._outbound_connection = _OutboundConnection(self)
         _LIVE_BRIDGES.add(self)
 
@@ -248,8 +241,8 @@ class MqttBridge:
         extra["connected"] = int(self.connected)
         extra["pending"] = self._pending
         extra["held"] = sum(len(items) for items in self._waiting.values())
-        extra["outbound_queued"] = len(self._outbound)
-        extra["outbound_publishing"] = self._publishing
+        extra["outbound_queued"] = len(self._publisher.queue)
+        extra["outbound_publishing"] = self._publisher.publishing
         client = self._client
         extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
         extra["incoming_queue_peak"] = self._incoming_peak(client)
@@ -274,11 +267,11 @@ class MqttBridge:
             address.target,
             address.qos,
             payload,
-            self._reply_route(address.target),
+            self._publisher.reply_route(address.target),
             seq,
             on_delivered,
         )
-        self._enqueue_publish(item)
+        self._publisher.enqueue(item)
 
     async def start(self) -> None:
         """Start connecting (in the background; a broker that is down is retried forever)."""
@@ -293,7 +286,7 @@ class MqttBridge:
         if self.settings.link_idle_timeout_s > 0:
             self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
         for n in range(self.settings.max_inflight_publishes):
-            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publish_worker))
+            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publisher.worker))
         attach_outputs(self._handler, self)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
@@ -325,7 +318,7 @@ class MqttBridge:
                     asyncio.gather(*closes, return_exceptions=True), _left(deadline)
                 )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbound_idle.wait(), _left(deadline))
+            await asyncio.wait_for(self._publisher.idle.wait(), _left(deadline))
         detach_outputs(self._handler, self)
         client = self._client
         if client is not None and self.connected and self.settings.status_topic:
@@ -353,7 +346,7 @@ class MqttBridge:
             "mqtt: bridge stopped (%d messages left unacked for redelivery, %d replies left "
             "unpublished: tracked ones are sent again on the next start)",
             self._pending,
-            len(self._outbound) + self._publishing,
+            len(self._publisher.queue) + self._publisher.publishing,
         )
 
     # ----------------------------------------------------------------- connection
@@ -505,7 +498,7 @@ class MqttBridge:
         return (
             self._accepting
             and self._pending < self.settings.max_pending_messages
-            and self._blocking_queued < self.settings.max_outbound_queue
+            and self._publisher.blocking_queued < self.settings.max_outbound_queue
         )
 
     async def _wait_for_capacity(self, client: BridgeClient) -> None:
@@ -515,13 +508,16 @@ class MqttBridge:
         if self._has_capacity():
             return
         disconnected = client.disconnected
-        outbound_full = self._blocking_queued >= self.settings.max_outbound_queue
+        outbound_full = self._publisher.blocking_queued >= self.settings.max_outbound_queue
         self._count("outbound_backpressure_pauses" if outbound_full else "backpressure_pauses")
 
         async def until_capacity() -> None:
             nonlocal outbound_full
             while not self._has_capacity():
-                if not outbound_full and self._blocking_queued >= self.settings.max_outbound_queue:
+                if (
+                    not outbound_full
+                    and self._publisher.blocking_queued >= self.settings.max_outbound_queue
+                ):
                     # A pause that began for pending turns goes on for the replies' backlog.
                     outbound_full = True
                     self._count("outbound_backpressure_pauses")
@@ -1031,166 +1027,6 @@ class MqttBridge:
 
     def _link_closed_by_gateway(self, link: MqttLink, code: int, reason: str) -> None:
         self._forget_link(link, code, reason)
-
-    def _reply_route(self, topic: str) -> int | None:
-        """The route whose reply topic `topic` is (for its overflow policy), None if none."""
-        for index, route in enumerate(self.settings.routes):
-            head, _, tail = route.reply_topic.partition("{id}")
-            if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head + tail):
-                return index
-        return None
-
-    def _enqueue_publish(self, item: _Outbound) -> None:
-        if len(item.payload) > self.settings.max_payload_bytes:
-            self._count("outbound_oversized")
-            logger.error(
-                "mqtt: a %d-byte reply to %r is over max_payload_bytes=%d and can never be "
-                "published; dropped (make the agent send less, or raise the limit)",
-                len(item.payload),
-                item.topic,
-                self.settings.max_payload_bytes,
-            )
-            item.delivered()
-            return
-        drops = self._drops_oldest(item.route_index)
-        if drops and self._queued_by_route.get(item.route_index, 0) >= (
-            self.settings.max_outbound_queue
-        ):
-            self._drop_oldest_of(item.route_index)
-        self._outbound.append(item)
-        self._queued_by_route[item.route_index] = self._queued_by_route.get(item.route_index, 0) + 1
-        if not drops:
-            self._blocking_queued += 1
-        self._outbound_idle.clear()
-        self._wake_one_worker()
-
-    def _wake_one_worker(self) -> None:
-        while self._idle_workers:
-            waiter = self._idle_workers.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def _drops_oldest(self, route_index: int | None) -> bool:
-        return (
-            route_index is not None
-            and self.settings.routes[route_index].on_overflow == "drop_oldest"
-        )
-
-    def _dequeued(self, item: _Outbound) -> None:
-        self._queued_by_route[item.route_index] -= 1
-        if not self._drops_oldest(item.route_index):
-            self._blocking_queued -= 1
-
-    def _drop_oldest_of(self, route_index: int | None) -> None:
-        """A "drop_oldest" route's backlog is at max_outbound_queue: its oldest reply goes.
-        (Routes with the default policy are never dropped: the read loop stops instead.)"""
-        for queued in self._outbound:
-            if queued.route_index == route_index:
-                self._outbound.remove(queued)
-                self._dequeued(queued)
-                self._count("outbound_dropped_by_policy")
-                self._log_limited(
-                    "outbound_dropped_by_policy",
-                    "mqtt: %d replies queued for route %r (max_outbound_queue); dropped the "
-                    'oldest, to %r, as its on_overflow = "drop_oldest" says',
-                    self.settings.max_outbound_queue,
-                    self.settings.routes[route_index].topic if route_index is not None else "?",
-                    queued.topic,
-                )
-                queued.delivered()
-                return
-
-    async def _publish_worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._outbound:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._idle_workers.append(waiter)
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake_one_worker()  # it was woken for an item: pass it on
-                    raise
-            item = self._outbound.popleft()
-            self._dequeued(item)
-            self._publishing += 1
-            try:
-                await self._publish(item)
-            finally:
-                self._publishing -= 1
-                if not self._outbound and self._publishing == 0:
-                    self._outbound_idle.set()
-                self._wakeup.set()  # the read loop may be waiting for outbound room
-
-    async def _publish(self, item: _Outbound) -> None:
-        outbound = self._outbound_connection
-        while True:
-            await outbound.connected.wait()
-            client = outbound.client
-            if client is None:
-                continue
-            try:
-                await self._publish_until_lost(client, item)
-            except CLIENT_ERRORS as exc:
-                # Lost the connection mid-publish: publish again after the reconnect.
-                self._count("publish_retries")
-                self._log_limited(
-                    "publish_retry",
-                    "mqtt: publish to %r failed (%s); will retry",
-                    item.topic,
-                    exc,
-                )
-                if client is outbound.client:
-                    await asyncio.sleep(self.settings.reconnect_min_s)
-                continue
-            except Exception as exc:  # e.g. a topic the client refuses: it can never be sent
-                self._count("publish_errors")
-                logger.error(
-                    "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
-                    "reply_topic and the agent id)",
-                    item.topic,
-                    exc,
-                )
-                item.delivered()
-                return
-            self._stats.messages_out += 1
-            MQTT_PUBLISHED.inc()
-            item.delivered()
-            return
-
-    async def _publish_until_lost(self, client: BridgeClient, item: _Outbound) -> None:
-        """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
-        QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
-        connection died, and the reply should go out on the next connection at once."""
-        lost = client.disconnected
-        if lost.done():
-            raise ConnectionLostError("the replies' connection was lost")
-        mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
-        if not published.done():
-            await asyncio.wait(
-                {published, lost},
-                timeout=self.settings.publish_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        if published.done():
-            code = published.result()  # MQTT 5 PUBACK reason (native client); paho: None
-            if isinstance(code, int) and code >= 0x80:
-                self._count("publish_refused")
-                self._log_limited(
-                    "publish_refused",
-                    "mqtt: the broker refused a reply to %r (MQTT 5 reason %#x, e.g. 0x87 not "
-                    "authorized: check its ACL for %r); not retried",
-                    item.topic,
-                    code,
-                    f"{self.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
-                )
-            return
-        client.forget_publish(mid)
-        if lost.done():
-            raise ConnectionLostError("the replies' connection was lost before the broker's PUBACK")
-        raise MqttError(f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s")
 
     # ----------------------------------------------------------------- helpers
 

@@ -57,7 +57,7 @@ class MqttLink(LinkIdentity):
         """Queue `data` (str as UTF-8) for the device's reply topic, untracked (a handler with
         an outbox uses `MqttBridge.send_tracked`); never blocks, never dropped for load."""
         payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._bridge._enqueue_publish(
+        self._bridge._publisher.enqueue(
             Outbound(self.reply_topic, self._bridge.settings.qos, payload, self.key[0])
         )
 

@@ -155,7 +155,7 @@ async def test_a_reply_caught_by_a_dying_connection_goes_out_on_the_next_one_at_
     bridge.send_tracked(
         OutputAddress("mqtt", "devices/7/cmd", 1), 1, b"late", lambda seq: delivered.set_result(seq)
     )
-    await wait_until(lambda: bridge._publishing == 1, 5, "the publish to be in flight")
+    await wait_until(lambda: bridge._publisher.publishing == 1, 5, "the publish to be in flight")
     mosquitto.kill()  # its sockets close: the bridge sees the connection end
     mosquitto.start()
     async with asyncio.timeout(30):  # well under the 120 s publish timeout
@@ -200,7 +200,7 @@ async def test_each_reply_wakes_one_publish_worker(
     bridge = MqttBridge(settings_for(mosquitto, max_inflight_publishes=32), handler)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
-    await wait_until(lambda: len(bridge._idle_workers) == 32, 5, "every worker idle")
+    await wait_until(lambda: len(bridge._publisher.idle_workers) == 32, 5, "every worker idle")
 
     class CountingDeque(deque):  # type: ignore[type-arg]
         appends = 0
@@ -209,7 +209,7 @@ async def test_each_reply_wakes_one_publish_worker(
             CountingDeque.appends += 1
             super().append(waiter)
 
-    bridge._idle_workers = CountingDeque(bridge._idle_workers)
+    bridge._publisher.idle_workers = CountingDeque(bridge._publisher.idle_workers)
     delivered: list[int] = []
     for seq in range(1, 11):  # one at a time: each finds every worker idle
         bridge.send_tracked(OutputAddress("mqtt", "devices/9/cmd", 1), seq, b"r", delivered.append)
@@ -237,7 +237,7 @@ async def test_a_reply_the_broker_refuses_is_counted_and_logged_not_retried_fore
         await wait_until(
             lambda: bridge.stats.extra.get("publish_refused") == 1, 5, "the refused reply"
         )
-        await wait_until(lambda: bridge._publishing == 0, 5, "the publish to finish")
+        await wait_until(lambda: bridge._publisher.publishing == 0, 5, "the publish to finish")
         assert "MQTT 5 reason 0x87" in caplog.text
         assert "publish_retries" not in bridge.stats.extra
         await bridge.stop()
