@@ -77,6 +77,7 @@ enabled = false
 enabled = true
 broker_urls = ["{broker_url}"]
 client_id = "{client_id}"
+client = "{mqtt_client}"
 qos = 1
 max_inflight_publishes = {inflight}
 max_pending_messages = {pending}
@@ -293,12 +294,15 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
             "bridge echo (transport only)", start_bridge, stop_bridge, lambda p: p.pid, 1, args,
             broker,
         )  # fmt: skip
-    for durability in args.durability.split(","):
+    clients = args.mqtt_clients.split(",")
+    for durability, mqtt_client in [(d, c) for d in args.durability.split(",") for c in clients]:
         client_id = f"gw-bench-{os.getpid()}-{durability}-{time.monotonic_ns()}"
         config = GATEWAY_CONFIG.format(
             durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
             inflight=args.gateway_inflight, pending=args.gateway_pending,
+            mqtt_client=mqtt_client,
         )  # fmt: skip
+        suffix = "" if len(clients) == 1 else f"_{mqtt_client}"
 
         async def start_gateway(config: str = config) -> GatewayDaemon:
             daemon = GatewayDaemon(config)
@@ -309,8 +313,8 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
             await asyncio.to_thread(daemon.close)
             await drop_session(broker_url, client_id)
 
-        results[f"gateway_{durability}"] = await measure_server(
-            f"gateway ({durability})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
+        results[f"gateway_{durability}{suffix}"] = await measure_server(
+            f"gateway ({durability}{suffix})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
             broker,
         )  # fmt: skip
     return results
@@ -334,13 +338,17 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
         await asyncio.wait_for(process.wait(), 10)
 
     responders: dict[str, Any] = {"echo": (start_echo, stop_echo)}
-    for durability in args.durability.split(","):
+    clients = args.mqtt_clients.split(",")
+    for durability, mqtt_client in [(d, c) for d in args.durability.split(",") for c in clients]:
 
-        async def start_gateway(durability: str = durability) -> GatewayDaemon:
+        async def start_gateway(
+            durability: str = durability, mqtt_client: str = mqtt_client
+        ) -> GatewayDaemon:
             client_id = f"gw-real-{os.getpid()}-{durability}-{time.monotonic_ns()}"
             config = GATEWAY_CONFIG.format(
                 durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
                 inflight=args.gateway_inflight, pending=args.gateway_pending,
+                mqtt_client=mqtt_client,
             )  # fmt: skip
             daemon = GatewayDaemon(config)
             daemon.client_id = client_id  # type: ignore[attr-defined]
@@ -351,7 +359,8 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
             await asyncio.to_thread(daemon.close)
             await drop_session(broker_url, daemon.client_id)  # type: ignore[attr-defined]
 
-        responders[f"gateway_{durability}"] = (start_gateway, stop_gateway)
+        name = f"gateway_{durability}" + ("" if len(clients) == 1 else f"_{mqtt_client}")
+        responders[name] = (start_gateway, stop_gateway)
     try:
         result = await run_real_clients(
             responders, lambda server: server.pid, proc_cpu_s, broker.port,
@@ -378,7 +387,7 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
         if not name.startswith("gateway_"):
             continue
         ratio = round(m["saturated"]["replies_per_s"] / echo, 3) if echo else None
-        need = TARGET_RATIO if name.endswith("normal") else TARGET_FULL_RATIO
+        need = TARGET_RATIO if name.startswith("gateway_normal") else TARGET_FULL_RATIO
         p99 = m["half"].get("p99_ms")
         cpu = m["saturated"]["server_cpu_us_per_msg"]
         targets[name] = {
@@ -393,6 +402,7 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
             {
                 "bench": "mqtt",
                 "mode": "real-clients",
+                "mqtt_clients": clients,
                 "publishers": "20 x mosquitto_pub -l -q 1",
                 "sat_rate": args.sat_rate,
                 "duration_s": args.duration_s,
@@ -468,6 +478,7 @@ async def bench(args: argparse.Namespace) -> None:
         }
     line = {
         "bench": "mqtt",
+        "mqtt_clients": args.mqtt_clients.split(","),
         "devices": args.devices,
         "window": args.window,
         "connections": args.connections,
@@ -506,6 +517,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--gateway-pending", type=int, default=1000, help="mqtt.max_pending_messages"
+    )
+    parser.add_argument(
+        "--mqtt-clients",
+        default="native",
+        help="the gateway's [mqtt] client: native, aiomqtt or native,aiomqtt (one responder each)",
     )
     parser.add_argument(
         "--real-clients",

@@ -216,6 +216,8 @@ class MqttSection(Section):
     broker_urls: list[str] = ["mqtt://127.0.0.1:1883"]
     client_id: str = "gatewayd"
     protocol: Literal["3.1.1", "5"] = "3.1.1"
+    # The MQTT client library: "native" (protocols.mqttwire) or "aiomqtt" (paho); README "MQTT".
+    client: Literal["native", "aiomqtt"] = "native"
     session_expiry: Duration = 86400.0
     keepalive: Duration = 30.0
     # QoS 2 is refused: paho keeps its receive state in memory only (not crash-safe).

@@ -499,6 +499,7 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
         key_file=_str_or_none(mqtt.key_file),
         tls_insecure=mqtt.tls_insecure,
         protocol=mqtt.protocol,
+        client=mqtt.client,
         session_expiry_s=int(mqtt.session_expiry),
         keepalive_s=max(1, int(mqtt.keepalive)),
         qos=mqtt.qos,

@@ -4,9 +4,9 @@
 each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turns every device
 (route + id) into one `MqttLink` that the gateway's `LinkHandler` sees. Delivery guarantees:
 
-* **Ack after commit.** paho's manual acks are switched on before the first CONNECT, so no
-  message (not even one queued by the broker while we were offline) is acknowledged before
-  `handler.submit_message(...)`'s future resolved. A SIGKILL at any moment therefore loses
+* **Ack after commit.** Manual acks (either client, `settings.client`) are on from the first
+  CONNECT, so no message (not even one queued by the broker while we were offline) is
+  acknowledged before `handler.submit_message(...)`'s future resolved. A SIGKILL at any moment therefore loses
   nothing: the persistent session (3.1.1 clean_session=False, or 5 with a session expiry)
   makes the broker redeliver every unacked message. Delivery is at least once: a turn that
   committed just before a crash or a disconnect is delivered and applied again.
@@ -56,7 +56,7 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
 * **Outbound: durable, never dropped by load.** Each link is a `DurableLink`: the gateway
   writes a reply to the agent's outbox (in the turn's transaction) and hands it over with
   `send_tracked`; the bridge publishes it at the route's QoS and reports it delivered on the
-  PUBACK (QoS 1) or once paho wrote it to the socket (QoS 0). A publish interrupted by a
+  PUBACK (QoS 1) or once the client wrote it (QoS 0). A publish interrupted by a
   disconnect is published again after the reconnect (at least once); after a gateway restart
   the gateway hands over the rows still undelivered. `max_inflight_publishes` workers publish
   from one FIFO backlog. When the backlog reaches `max_outbound_queue`, nothing is dropped:
@@ -66,7 +66,7 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   overshoots by at most their replies). A route with `on_overflow = "drop_oldest"` instead
   drops its own oldest queued reply (counted `outbound_dropped_by_policy`, logged, and
   reported delivered so that it is not resent). A reply that can never be published (over
-  `max_payload_bytes`, a topic paho refuses) is logged as an error and counted. While
+  `max_payload_bytes`, a topic the client refuses) is logged as an error and counted. While
   Replies go out on a second broker connection of their own (client id `<client_id>-out`,
   clean session, no subscriptions): the device connection stops reading the socket for
   backpressure, and the PUBACKs of replies must not wait behind the device messages it holds
@@ -77,6 +77,13 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   publishes the retained "offline" last will if we vanish, and `stop()` publishes it itself.
 
 QoS 2 is refused in the settings (see `MqttSettings`).
+
+Modules: this one is the bridge (inbound turns, acks, retries, links, the publish backlog);
+`mqtt_link` the link and small types, `mqtt_outbound` the replies' connection,
+`mqtt_publisher` the replies' backlog and publish workers,
+`mqtt_metrics` the Prometheus metrics, `mqtt_settings` / `mqtt_admission` the configuration
+and id admission, `mqtt_native` / `mqtt_client` the two client libraries behind
+`BridgeClient`. None of them imports gatewayd.
 """
 
 from __future__ import annotations
@@ -86,36 +93,43 @@ import bisect
 import contextlib
 import functools
 import logging
-import random
 import ssl
 import time
-import weakref
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import aiomqtt
-import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from prometheus_client import Counter, Gauge
-
+from protocols import mqtt_client, mqtt_native
 from protocols.link import (
     Backpressure,
     DeliveredCallback,
     LinkHandler,
-    LinkIdentity,
     LinkRejected,
     Outcome,
     OutputAddress,
-    Route,
     TransportStats,
     attach_outputs,
     detach_outputs,
 )
 from protocols.mqtt_admission import RouteAdmission, Verdict
-from protocols.mqtt_client import ManualAckClient
+from protocols.mqtt_client import CLIENT_ERRORS, BridgeClient
+from protocols.mqtt_link import (
+    TRANSPORT,
+    ConnectionState,
+    DeadLetterSink,
+    LinkKey,
+    MqttLink,
+)
+from protocols.mqtt_link import Inbound as _Inbound
+from protocols.mqtt_metrics import LIVE_BRIDGES as _LIVE_BRIDGES
+from protocols.mqtt_metrics import count_event
+from protocols.mqtt_outbound import (
+    OUTBOUND_CLIENT_SUFFIX,
+    describe,
+    full_jitter,
+)
+from protocols.mqtt_outbound import Outbound as _Outbound
+from protocols.mqtt_outbound import OutboundConnection as _OutboundConnection
+from protocols.mqtt_publisher import ReplyPublisher
 from protocols.mqtt_settings import (
     BrokerAddress,
     MqttConfigError,
@@ -124,15 +138,15 @@ from protocols.mqtt_settings import (
     RouteMatch,
     RouteTable,
 )
+from protocols.mqttwire.aio import ConnectionLostError
+from protocols.mqttwire.codec import Publish
 from protocols.tasks import SpawnLoop, spawn_unsupervised
 
 __all__ = ["MqttBridge", "MqttConfigError", "MqttLink", "MqttRoute", "MqttSettings"]
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT = "mqtt"
 STATUS_ONLINE = b"online"
-OUTBOUND_CLIENT_SUFFIX = "-out"  # client id of the replies' connection: `<client_id>-out`
 STATUS_OFFLINE = b"offline"
 LOG_EVERY_S = 10.0  # rate limit for per-message warnings (unrouted, oversized, overflow)
 IDLE_CLOSE_CODE = 1000
@@ -140,221 +154,6 @@ GOING_AWAY = 1001  # LinkRejected code of a handler that is shutting down: not f
 # The idle sweep runs every half idle timeout, within these bounds.
 MIN_SWEEP_INTERVAL_S = 0.05
 MAX_SWEEP_INTERVAL_S = 30.0
-
-_LIVE_BRIDGES: weakref.WeakSet[MqttBridge] = weakref.WeakSet()
-
-MQTT_EVENTS = Counter(
-    "gatewayd_mqtt_events_total",
-    "MQTT bridge events: applied, acked, rejected, retries, dead_lettered, backpressure, "
-    "not_allowed, new_agent_refused, links_evicted, unrouted, oversized, retained_skipped, "
-    "read_pauses, outbound_backpressure_pauses, outbound_dropped_by_policy, connects, "
-    "disconnects, ...",
-    ["event"],
-)
-_EVENT_CHILDREN: dict[str, Any] = {}  # labels() takes a lock and a dict lookup: cache children
-MQTT_PUBLISHED = Counter("gatewayd_mqtt_published_total", "Replies published to the broker")
-MQTT_CONNECTED = Gauge("gatewayd_mqtt_connected", "MQTT bridges connected to their broker")
-MQTT_CONNECTED.set_function(lambda: sum(b.connected for b in list(_LIVE_BRIDGES)))
-MQTT_PENDING = Gauge("gatewayd_mqtt_pending_messages", "MQTT messages awaiting their commit")
-MQTT_PENDING.set_function(lambda: sum(b._pending for b in list(_LIVE_BRIDGES)))
-
-
-class ConnectionState:
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    STOPPED = "stopped"
-
-
-class MqttLink(LinkIdentity):
-    """One device (route + id) as the gateway sees it; `send` publishes to its reply topic."""
-
-    TRANSPORT = TRANSPORT
-    __slots__ = ("_bridge", "_closed", "key", "reply_topic")
-
-    def __init__(self, bridge: MqttBridge, match: RouteMatch, topic: str, reply_topic: str):
-        super().__init__(f"mqtt:{topic}", Route(match.route.agent_class, match.device_id), topic)
-        self._bridge = bridge
-        self.key = (match.route_index, match.device_id)
-        self.reply_topic = reply_topic
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def output_address(self) -> OutputAddress:
-        return OutputAddress(TRANSPORT, self.reply_topic, self._bridge.settings.qos)
-
-    @property
-    def outputs(self) -> MqttBridge:
-        return self._bridge
-
-    def send(self, data: bytes | str) -> None:
-        """Queue `data` (str as UTF-8) for the device's reply topic, untracked (a handler with
-        an outbox uses `MqttBridge.send_tracked`); never blocks, never dropped for load."""
-        payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._bridge._enqueue_publish(
-            _Outbound(self.reply_topic, self._bridge.settings.qos, payload, self.key[0])
-        )
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Forget this device's link (runs the agent's on_close); its next message opens a
-        new link. MQTT devices have no session with us to tear down."""
-        if not self._closed:
-            self._closed = True
-            self._bridge._link_closed_by_gateway(self, code, reason)
-
-    def __repr__(self) -> str:
-        return f"MqttLink({self._link_id!r} -> {self._route.agent_class}:{self._route.agent_id})"
-
-
-class DeadLetterSink(Protocol):
-    """Where poison messages go (`protocols.dead_letters.DeadLetterStore`); `add` blocks (the
-    bridge calls it in a worker thread) and returns once the row is durable."""
-
-    path: Any
-
-    def add(
-        self,
-        *,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        error: str,
-        attempts: int,
-        first_failed_at: float,
-        last_failed_at: float,
-    ) -> int: ...
-
-
-LinkKey = tuple[int, str]  # (route index, device id)
-
-
-@dataclass(slots=True)
-class _Inbound:
-    """One message between 'pulled from the client' and 'acked' (or given up)."""
-
-    client: ManualAckClient
-    mid: int
-    qos: int
-    topic: str
-    match: RouteMatch
-    payload: bytes
-    seq: int  # arrival order, to keep a device's held messages in order
-    attempts: int = 0  # failed turns so far (a backpressure refusal is not one)
-    first_failed_at: float = 0.0  # Unix time of the first failed turn
-    last_error: str = ""
-
-    @property
-    def key(self) -> LinkKey:
-        return (self.match.route_index, self.match.device_id)
-
-
-@dataclass(slots=True)
-class _Outbound:
-    """One reply waiting to be published (and, if tracked, reported delivered)."""
-
-    topic: str
-    qos: int
-    payload: bytes
-    route_index: int | None  # None: no route's reply topic matches (its policy: backpressure)
-    seq: int = 0
-    on_delivered: DeliveredCallback | None = None
-
-    def delivered(self) -> None:
-        if self.on_delivered is not None:
-            callback, self.on_delivered = self.on_delivered, None
-            callback(self.seq)
-
-
-class _OutboundConnection:
-    """The bridge's second broker connection, for replies only (see the module docstring).
-    It follows the device connection: it connects to the broker that one is connected to,
-    and reconnects with the same backoff when it is lost. `close()` ends it, and `run()` then
-    ends as cancelled (a supervisor must not restart it); cancelling alone is not enough:
-    aiomqtt's connect swallows a cancellation that arrives while it connects."""
-
-    def __init__(self, bridge: MqttBridge) -> None:
-        self._bridge = bridge
-        self.client: ManualAckClient | None = None
-        self.connected = asyncio.Event()
-        self._closing = asyncio.Event()
-        self.finished = asyncio.Event()  # set while `run()` is not running
-        self.finished.set()
-
-    def close(self) -> None:
-        self._closing.set()
-
-    async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self.finished.set()
-        raise asyncio.CancelledError  # closed: ended for good
-
-    async def _until_closing(self, awaitable: Any) -> bool:
-        """Wait for `awaitable` or `close()`; True when closing. Raises what it raises."""
-        waiter = asyncio.ensure_future(awaitable)
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-        if self._closing.is_set():
-            waiter.cancel()
-            return True
-        waiter.result()
-        return False
-
-    async def _run(self) -> None:
-        self.finished.clear()
-        bridge = self._bridge
-        attempt = 0
-        while not self._closing.is_set():
-            if await self._until_closing(bridge._connected_event.wait()):
-                return
-            address = bridge._broker
-            assert address is not None
-            client = bridge._make_outbound_client(address)
-            reason = ""
-            try:
-                async with client:
-                    self.client = client
-                    self.connected.set()
-                    attempt = 0
-                    # Shielded: ending the wait must not cancel aiomqtt's own future (whose
-                    # error, if it comes after we stopped waiting, nobody needs).
-                    disconnected = client.disconnected
-                    disconnected.add_done_callback(_retrieve)
-                    if await self._until_closing(asyncio.shield(disconnected)):
-                        return
-            except aiomqtt.MqttError as exc:
-                reason = _describe(exc)
-            except OSError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            finally:
-                self.client = None
-                self.connected.clear()
-            if self._closing.is_set():
-                return
-            delay = _full_jitter(
-                attempt, bridge.settings.reconnect_min_s, bridge.settings.reconnect_max_s
-            )
-            attempt += 1
-            bridge._count("outbound_disconnects")
-            logger.warning(
-                "mqtt: replies' connection to %s lost or refused (%s); retrying in %.1fs "
-                "(replies wait meanwhile; the broker must accept client id %r)",
-                address,
-                reason or "closed",
-                delay,
-                f"{bridge.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
-            )
-            if await self._until_closing(asyncio.sleep(delay)):
-                return
 
 
 class MqttBridge:
@@ -388,7 +187,7 @@ class MqttBridge:
         self._routes = RouteTable(settings.routes)
         self._links: dict[tuple[int, str], MqttLink] = {}
         self._state = ConnectionState.IDLE
-        self._client: ManualAckClient | None = None
+        self._client: BridgeClient | None = None
         self._connected_event = asyncio.Event()
         self._stopping = False
         self._accepting = True  # False once stop() began: no more pulls from the client
@@ -396,13 +195,6 @@ class MqttBridge:
         self._wakeup = asyncio.Event()  # set whenever a pending message finished (or stop)
         self._drained = asyncio.Event()
         self._drained.set()
-        self._outbound: deque[_Outbound] = deque()
-        # Publish workers waiting for an item: one is woken per item queued (an Event shared
-        # by all `max_inflight_publishes` workers woke every one of them for every reply).
-        self._idle_workers: deque[asyncio.Future[None]] = deque()
-        self._publishing = 0  # publishes handed to the client, not yet acknowledged
-        self._outbound_idle = asyncio.Event()  # set while nothing is queued or publishing
-        self._outbound_idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._stats = TransportStats()
@@ -422,8 +214,7 @@ class MqttBridge:
         self._closing: dict[LinkKey, asyncio.Future[Outcome]] = {}  # close not yet committed
         self._waiting: dict[LinkKey, list[_Inbound]] = {}  # held messages, in arrival order
         self._dead_letter_tasks: set[asyncio.Task[None]] = set()
-        self._queued_by_route: dict[int | None, int] = {}
-        self._blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
+        self._publisher = ReplyPublisher(self)  # the replies' backlog and publish workers
         self._outbound_connection = _OutboundConnection(self)
         _LIVE_BRIDGES.add(self)
 
@@ -450,8 +241,8 @@ class MqttBridge:
         extra["connected"] = int(self.connected)
         extra["pending"] = self._pending
         extra["held"] = sum(len(items) for items in self._waiting.values())
-        extra["outbound_queued"] = len(self._outbound)
-        extra["outbound_publishing"] = self._publishing
+        extra["outbound_queued"] = len(self._publisher.queue)
+        extra["outbound_publishing"] = self._publisher.publishing
         client = self._client
         extra["incoming_queued"] = client.incoming.qsize() if client is not None else 0
         extra["incoming_queue_peak"] = self._incoming_peak(client)
@@ -476,11 +267,11 @@ class MqttBridge:
             address.target,
             address.qos,
             payload,
-            self._reply_route(address.target),
+            self._publisher.reply_route(address.target),
             seq,
             on_delivered,
         )
-        self._enqueue_publish(item)
+        self._publisher.enqueue(item)
 
     async def start(self) -> None:
         """Start connecting (in the background; a broker that is down is retried forever)."""
@@ -495,7 +286,7 @@ class MqttBridge:
         if self.settings.link_idle_timeout_s > 0:
             self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
         for n in range(self.settings.max_inflight_publishes):
-            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publish_worker))
+            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publisher.worker))
         attach_outputs(self._handler, self)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
@@ -527,11 +318,11 @@ class MqttBridge:
                     asyncio.gather(*closes, return_exceptions=True), _left(deadline)
                 )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbound_idle.wait(), _left(deadline))
+            await asyncio.wait_for(self._publisher.idle.wait(), _left(deadline))
         detach_outputs(self._handler, self)
         client = self._client
         if client is not None and self.connected and self.settings.status_topic:
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            with contextlib.suppress(*CLIENT_ERRORS, TimeoutError):
                 await client.publish(
                     self.settings.resolved_status_topic,
                     STATUS_OFFLINE,
@@ -555,7 +346,7 @@ class MqttBridge:
             "mqtt: bridge stopped (%d messages left unacked for redelivery, %d replies left "
             "unpublished: tracked ones are sent again on the next start)",
             self._pending,
-            len(self._outbound) + self._publishing,
+            len(self._publisher.queue) + self._publisher.publishing,
         )
 
     # ----------------------------------------------------------------- connection
@@ -563,64 +354,33 @@ class MqttBridge:
     def _make_ssl_context(self) -> ssl.SSLContext:
         return make_ssl_context(self.settings)
 
-    def _make_outbound_client(self, address: BrokerAddress) -> ManualAckClient:
+    def _make_outbound_client(self, address: BrokerAddress) -> BridgeClient:
         """The replies' connection: clean session, no will, no subscriptions."""
         s = self.settings
-        v5 = s.protocol == "5"
-        client = ManualAckClient(
-            address.host,
-            address.port,
-            high_water=s.max_pending_messages,  # nothing is subscribed: nothing comes in
-            username=s.username,
-            password=s.password,
-            identifier=f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}",
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else True,
-            clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            keepalive=s.keepalive_s,
-            timeout=s.connect_timeout_s,
-            max_inflight_messages=s.max_inflight_publishes,
-            tls_context=self._ssl_context if address.tls else None,
-            tls_insecure=s.tls_insecure if address.tls else None,
+        if s.client == "native":
+            return mqtt_native.outbound_client(
+                s, address, self._ssl_context, f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}"
+            )
+        return mqtt_client.outbound_client(
+            s, address, self._ssl_context, f"{s.client_id}{OUTBOUND_CLIENT_SUFFIX}"
         )
-        client.pending_calls_threshold = s.max_inflight_publishes + 8
-        return client
 
-    def _make_client(self, address: BrokerAddress) -> ManualAckClient:
+    def _make_client(self, address: BrokerAddress) -> BridgeClient:
         s = self.settings
-        v5 = s.protocol == "5"
-        properties = None
-        if v5:
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = s.session_expiry_s
-            # Our window: the broker sends at most this many unacked QoS 1 messages.
-            properties.ReceiveMaximum = min(65_535, s.max_pending_messages)
-        will = None
-        if s.status_topic:
-            will = aiomqtt.Will(s.resolved_status_topic, STATUS_OFFLINE, qos=1, retain=True)
-        client = ManualAckClient(
-            address.host,
-            address.port,
-            high_water=s.max_pending_messages,
-            on_pause=functools.partial(self._count, "read_pauses"),
-            username=s.username,
-            password=s.password,
-            identifier=s.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else False,
-            # MQTT 5: never MQTT_CLEAN_START_FIRST_ONLY, it would drop the session on start.
-            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            keepalive=s.keepalive_s,
+        will = (s.resolved_status_topic, STATUS_OFFLINE) if s.status_topic else None
+        on_pause = functools.partial(self._count, "read_pauses")
+        if s.client == "native":
+            return mqtt_native.device_client(
+                s, address, self._ssl_context, will=will, on_pause=on_pause
+            )
+        return mqtt_client.device_client(
+            s,
+            address,
+            self._ssl_context,
             will=will,
-            properties=properties,
-            timeout=s.connect_timeout_s,
-            max_inflight_messages=s.max_inflight_publishes,
-            tls_context=self._ssl_context if address.tls else None,
-            tls_insecure=s.tls_insecure if address.tls else None,
+            on_pause=on_pause,
+            subscriptions=len(self._routes.filters),
         )
-        # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
-        client.pending_calls_threshold = s.max_inflight_publishes + len(self._routes.filters) + 8
-        return client
 
     async def _connection_loop(self) -> None:
         attempt = 0
@@ -645,8 +405,8 @@ class MqttBridge:
                     finally:
                         reader.cancel()
                         await asyncio.gather(reader, return_exceptions=True)
-            except aiomqtt.MqttError as exc:
-                reason = _describe(exc)
+            except CLIENT_ERRORS as exc:
+                reason = describe(exc)
             except OSError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # a bug here must not end reconnecting for good
@@ -667,7 +427,7 @@ class MqttBridge:
                 attempt = 0  # a connection that lived long resets the backoff
             if connected_at is None:
                 self._address_index += 1  # try the next broker URL
-            delay = _full_jitter(
+            delay = full_jitter(
                 attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s
             )
             attempt += 1
@@ -682,7 +442,7 @@ class MqttBridge:
             await asyncio.sleep(delay)
 
     async def _on_connected(
-        self, client: ManualAckClient, address: BrokerAddress, reader: asyncio.Task[None]
+        self, client: BridgeClient, address: BrokerAddress, reader: asyncio.Task[None]
     ) -> None:
         s = self.settings
         # Answers may queue behind a paused backlog: allow for the keepalive to notice a dead
@@ -697,12 +457,12 @@ class MqttBridge:
                 subscribing.cancel()
                 await asyncio.gather(subscribing, return_exceptions=True)
                 await reader  # raises its MqttError
-                raise aiomqtt.MqttError("connection closed while subscribing")
+                raise ConnectionLostError("connection closed while subscribing")
             result = subscribing.result()
             code = result[0]
             value = code.value if hasattr(code, "value") else code
             if value >= 0x80:
-                raise aiomqtt.MqttError(
+                raise ConnectionLostError(
                     f"broker refused the subscription to {topic_filter!r} (code {value:#x}); "
                     "check the broker's ACL for this user"
                 )
@@ -725,12 +485,11 @@ class MqttBridge:
 
     # ----------------------------------------------------------------- inbound
 
-    async def _read_loop(self, client: ManualAckClient) -> None:
-        messages = client.messages
+    async def _read_loop(self, client: BridgeClient) -> None:
         low_water = client.incoming.high_water // 2
         while True:
             await self._wait_for_capacity(client)
-            message = await messages.__anext__()  # raises MqttError once disconnected
+            message = await client.receive()  # raises a CLIENT_ERRORS once disconnected
             if client.reading_paused and client.incoming.qsize() <= low_water:
                 client.resume_reading()
             self._on_message(client, message)
@@ -739,23 +498,29 @@ class MqttBridge:
         return (
             self._accepting
             and self._pending < self.settings.max_pending_messages
-            and self._blocking_queued < self.settings.max_outbound_queue
+            and self._publisher.blocking_queued < self.settings.max_outbound_queue
         )
 
-    async def _wait_for_capacity(self, client: ManualAckClient) -> None:
+    async def _wait_for_capacity(self, client: BridgeClient) -> None:
         """Backpressure: block while too many messages await their commit, while too many
         replies await publishing, or while stopping. A disconnect ends the wait too, so a
         stuck turn never delays reconnecting."""
         if self._has_capacity():
             return
         disconnected = client.disconnected
-        if self._blocking_queued >= self.settings.max_outbound_queue:
-            self._count("outbound_backpressure_pauses")
-        else:
-            self._count("backpressure_pauses")
+        outbound_full = self._publisher.blocking_queued >= self.settings.max_outbound_queue
+        self._count("outbound_backpressure_pauses" if outbound_full else "backpressure_pauses")
 
         async def until_capacity() -> None:
+            nonlocal outbound_full
             while not self._has_capacity():
+                if (
+                    not outbound_full
+                    and self._publisher.blocking_queued >= self.settings.max_outbound_queue
+                ):
+                    # A pause that began for pending turns goes on for the replies' backlog.
+                    outbound_full = True
+                    self._count("outbound_backpressure_pauses")
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
@@ -766,13 +531,13 @@ class MqttBridge:
             waiter.cancel()
         if disconnected.done():
             cause = None if disconnected.cancelled() else disconnected.exception()
-            raise aiomqtt.MqttError(
+            raise ConnectionLostError(
                 "disconnected while waiting for pending turns to commit"
             ) from cause
 
-    def _on_message(self, client: ManualAckClient, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else bytes(message.payload)
+    def _on_message(self, client: BridgeClient, message: Publish) -> None:
+        topic = message.topic
+        payload = message.payload
         qos = message.qos
         if len(payload) > self.settings.max_payload_bytes:
             self._skip(
@@ -812,7 +577,7 @@ class MqttBridge:
         admitted = key in self._links or key in self._busy
         if not admitted and not self._admit(client, message, match):
             return
-        item = _Inbound(client, message.mid, qos, topic, match, payload, self._next_seq)
+        item = _Inbound(client, message.packet_id, qos, topic, match, payload, self._next_seq)
         self._next_seq += 1
         self._pending += 1
         self._busy[key] = self._busy.get(key, 0) + 1
@@ -820,14 +585,14 @@ class MqttBridge:
         self._drained.clear()
         self._submit(item)
 
-    def _skip(self, client: ManualAckClient, message: aiomqtt.Message, outcome: str, *log: Any):
+    def _skip(self, client: BridgeClient, message: Publish, outcome: str, *log: Any):
         self._count(outcome)
         self._log_limited(outcome, *log)
-        self._ack(client, message.mid, message.qos)
+        self._ack(client, message.packet_id, message.qos)
 
     # ----------------------------------------------------------------- admission of new ids
 
-    def _admit(self, client: ManualAckClient, message: aiomqtt.Message, match: RouteMatch) -> bool:
+    def _admit(self, client: BridgeClient, message: Publish, match: RouteMatch) -> bool:
         """An id without an open link: is it allowed, and may it become a new agent now?
         Refused messages are acked (a redelivery would be refused again) and counted."""
         key = (match.route_index, match.device_id)
@@ -858,12 +623,12 @@ class MqttBridge:
                 "mqtt: device id %r on %r is not in the allow-list of route %r; acked and "
                 "ignored (add it to allowed_ids_file or allowed_id_pattern if it is yours)",
                 match.device_id,
-                message.topic.value,
+                message.topic,
                 route.topic,
             )
             return False
         self._count(Verdict.RATE_LIMITED.value)
-        self._ack(client, message.mid, message.qos)
+        self._ack(client, message.packet_id, message.qos)
         if decision.episode_started is not None:
             logger.warning(
                 "mqtt: route %r reached max_new_agents_per_minute=%d: messages from device ids "
@@ -995,7 +760,7 @@ class MqttBridge:
                 self._waiting[key].extend(waiting[index + 1 :])
                 return
 
-    def _release_held_from(self, client: ManualAckClient) -> None:
+    def _release_held_from(self, client: BridgeClient) -> None:
         """The connection is gone: its held messages give back their pending slots (the
         broker redelivers them on the next connection), so they cannot slow its reading."""
         for key, items in list(self._waiting.items()):
@@ -1058,9 +823,7 @@ class MqttBridge:
             self._give_up(item, now)
             return
         self._count("retries")
-        delay = _full_jitter(
-            item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s
-        )
+        delay = full_jitter(item.attempts - 1, self.settings.retry_min_s, self.settings.retry_max_s)
         self._log_limited(
             "retry",
             "mqtt: turn for %r (device %r) failed (attempt %d of %s: %s); not acked, "
@@ -1185,7 +948,7 @@ class MqttBridge:
             self._drained.set()
         self._wakeup.set()
 
-    def _ack(self, client: ManualAckClient, mid: int, qos: int) -> bool:
+    def _ack(self, client: BridgeClient, mid: int, qos: int) -> bool:
         """PUBACK on the connection the message came on; packet ids are per connection."""
         if qos == 0:
             return True
@@ -1265,170 +1028,16 @@ class MqttBridge:
     def _link_closed_by_gateway(self, link: MqttLink, code: int, reason: str) -> None:
         self._forget_link(link, code, reason)
 
-    def _reply_route(self, topic: str) -> int | None:
-        """The route whose reply topic `topic` is (for its overflow policy), None if none."""
-        for index, route in enumerate(self.settings.routes):
-            head, _, tail = route.reply_topic.partition("{id}")
-            if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head + tail):
-                return index
-        return None
-
-    def _enqueue_publish(self, item: _Outbound) -> None:
-        if len(item.payload) > self.settings.max_payload_bytes:
-            self._count("outbound_oversized")
-            logger.error(
-                "mqtt: a %d-byte reply to %r is over max_payload_bytes=%d and can never be "
-                "published; dropped (make the agent send less, or raise the limit)",
-                len(item.payload),
-                item.topic,
-                self.settings.max_payload_bytes,
-            )
-            item.delivered()
-            return
-        drops = self._drops_oldest(item.route_index)
-        if drops and self._queued_by_route.get(item.route_index, 0) >= (
-            self.settings.max_outbound_queue
-        ):
-            self._drop_oldest_of(item.route_index)
-        self._outbound.append(item)
-        self._queued_by_route[item.route_index] = self._queued_by_route.get(item.route_index, 0) + 1
-        if not drops:
-            self._blocking_queued += 1
-        self._outbound_idle.clear()
-        self._wake_one_worker()
-
-    def _wake_one_worker(self) -> None:
-        while self._idle_workers:
-            waiter = self._idle_workers.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    def _drops_oldest(self, route_index: int | None) -> bool:
-        return (
-            route_index is not None
-            and self.settings.routes[route_index].on_overflow == "drop_oldest"
-        )
-
-    def _dequeued(self, item: _Outbound) -> None:
-        self._queued_by_route[item.route_index] -= 1
-        if not self._drops_oldest(item.route_index):
-            self._blocking_queued -= 1
-
-    def _drop_oldest_of(self, route_index: int | None) -> None:
-        """A "drop_oldest" route's backlog is at max_outbound_queue: its oldest reply goes.
-        (Routes with the default policy are never dropped: the read loop stops instead.)"""
-        for queued in self._outbound:
-            if queued.route_index == route_index:
-                self._outbound.remove(queued)
-                self._dequeued(queued)
-                self._count("outbound_dropped_by_policy")
-                self._log_limited(
-                    "outbound_dropped_by_policy",
-                    "mqtt: %d replies queued for route %r (max_outbound_queue); dropped the "
-                    'oldest, to %r, as its on_overflow = "drop_oldest" says',
-                    self.settings.max_outbound_queue,
-                    self.settings.routes[route_index].topic if route_index is not None else "?",
-                    queued.topic,
-                )
-                queued.delivered()
-                return
-
-    async def _publish_worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._outbound:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._idle_workers.append(waiter)
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake_one_worker()  # it was woken for an item: pass it on
-                    raise
-            item = self._outbound.popleft()
-            self._dequeued(item)
-            self._publishing += 1
-            try:
-                await self._publish(item)
-            finally:
-                self._publishing -= 1
-                if not self._outbound and self._publishing == 0:
-                    self._outbound_idle.set()
-                self._wakeup.set()  # the read loop may be waiting for outbound room
-
-    async def _publish(self, item: _Outbound) -> None:
-        outbound = self._outbound_connection
-        while True:
-            await outbound.connected.wait()
-            client = outbound.client
-            if client is None:
-                continue
-            try:
-                await self._publish_until_lost(client, item)
-            except aiomqtt.MqttError as exc:
-                # Lost the connection mid-publish: publish again after the reconnect.
-                self._count("publish_retries")
-                self._log_limited(
-                    "publish_retry",
-                    "mqtt: publish to %r failed (%s); will retry",
-                    item.topic,
-                    exc,
-                )
-                if client is outbound.client:
-                    await asyncio.sleep(self.settings.reconnect_min_s)
-                continue
-            except Exception as exc:  # e.g. paho refusing the topic: it can never be sent
-                self._count("publish_errors")
-                logger.error(
-                    "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
-                    "reply_topic and the agent id)",
-                    item.topic,
-                    exc,
-                )
-                item.delivered()
-                return
-            self._stats.messages_out += 1
-            MQTT_PUBLISHED.inc()
-            item.delivered()
-            return
-
-    async def _publish_until_lost(self, client: ManualAckClient, item: _Outbound) -> None:
-        """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
-        QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
-        connection died, and the reply should go out on the next connection at once."""
-        lost = client.disconnected
-        if lost.done():
-            raise aiomqtt.MqttError("the replies' connection was lost")
-        mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
-        if not published.done():
-            await asyncio.wait(
-                {published, lost},
-                timeout=self.settings.publish_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        if published.done():
-            return
-        client.forget_publish(mid)
-        if lost.done():
-            raise aiomqtt.MqttError("the replies' connection was lost before the broker's PUBACK")
-        raise aiomqtt.MqttError(
-            f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s"
-        )
-
     # ----------------------------------------------------------------- helpers
 
-    def _incoming_peak(self, client: ManualAckClient | None) -> int:
+    def _incoming_peak(self, client: BridgeClient | None) -> int:
         if client is not None:
             self._peak_seen = max(self._peak_seen, client.incoming.peak)
         return self._peak_seen
 
     def _count(self, name: str, n: int = 1) -> None:
         self._counts[name] = self._counts.get(name, 0) + n
-        child = _EVENT_CHILDREN.get(name)
-        if child is None:
-            child = _EVENT_CHILDREN[name] = MQTT_EVENTS.labels(name)
-        child.inc(n)
+        count_event(name, n)
 
     def _log_limited(self, key: str, msg: str, *args: Any) -> None:
         """Warn at most once per LOG_EVERY_S per kind, saying how many were suppressed."""
@@ -1454,16 +1063,6 @@ def make_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def _full_jitter(attempt: int, base_s: float, cap_s: float) -> float:
-    """`random() * min(cap, base * 2**attempt)`, at least 10 ms (AWS 'full jitter')."""
-    return max(0.01, random.random() * min(cap_s, base_s * (2 ** min(attempt, 30))))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _left(deadline: float) -> float:
@@ -1492,11 +1091,3 @@ def _arrival(item: _Inbound) -> int:
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         logger.warning("mqtt: on_close failed: %r", future.exception())
-
-
-def _describe(exc: aiomqtt.MqttError) -> str:
-    text = str(exc) or type(exc).__name__
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text = f"{text}: {cause}"
-    return text

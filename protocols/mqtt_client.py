@@ -12,13 +12,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocols.mqtt_settings import BrokerAddress, MqttSettings
+from protocols.mqttwire import aio as native
+from protocols.mqttwire.codec import Publish
+
+# What a lost, refused or timed-out broker connection raises, for either client.
+CLIENT_ERRORS: tuple[type[Exception], ...] = (aiomqtt.MqttError, native.MqttError)
 
 # Small PUBACKs and replies must not wait for Nagle + delayed ACK (~40 ms each).
 TCP_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -72,6 +82,59 @@ def coalesce_out_packets(out_packets: deque[Any]) -> None:
         out_packets.extend(merged)
 
 
+class IncomingStats(Protocol):
+    high_water: int
+    peak: int
+
+    def qsize(self) -> int: ...
+
+
+class BridgeClient(Protocol):
+    """What the MQTT bridge needs of a broker connection: `ManualAckClient` (paho via
+    aiomqtt) and `protocols.mqttwire.aio.MqttClient` (the native codec) both are one. Their
+    errors for a lost or refused connection are `CLIENT_ERRORS`."""
+
+    @property
+    def incoming(self) -> IncomingStats: ...
+
+    @property
+    def disconnected(self) -> asyncio.Future[None]: ...
+
+    @property
+    def reading_paused(self) -> bool: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc_info: Any) -> Any: ...
+
+    async def receive(self) -> Publish: ...
+
+    def resume_reading(self) -> None: ...
+
+    def ack(self, mid: int, qos: int) -> bool: ...
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, qos: int
+    ) -> tuple[int, asyncio.Future[Any]]: ...
+
+    def forget_publish(self, mid: int) -> None: ...
+
+    async def subscribe(
+        self, topic: str, /, qos: int = 0, *, timeout: float | None = None
+    ) -> Any: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        /,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> Any: ...
+
+
 class IncomingQueue(asyncio.Queue):  # type: ignore[type-arg]
     """The client's queue of received messages. It never drops (aiomqtt drops when a bounded
     queue is full); it calls `on_high_water` once it holds `high_water` messages."""
@@ -123,6 +186,20 @@ class ManualAckClient(aiomqtt.Client):
     def disconnected(self) -> asyncio.Future[None]:
         """Completes (with the reason as exception) once the connection is lost."""
         return self._disconnected
+
+    async def receive(self) -> Publish:
+        """The next message, as the native client gives it (raises `aiomqtt.MqttError` once
+        disconnected)."""
+        message = await self.messages.__anext__()
+        payload = message.payload
+        return Publish(
+            message.topic.value,
+            payload if isinstance(payload, bytes) else bytes(payload),  # type: ignore[arg-type]
+            message.qos,
+            message.retain,
+            False,
+            message.mid,
+        )
 
     @property
     def reading_paused(self) -> bool:
@@ -231,3 +308,77 @@ class ManualAckClient(aiomqtt.Client):
         except Exception as exc:
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
+
+
+def outbound_client(
+    settings: MqttSettings,
+    address: BrokerAddress,
+    ssl_context: ssl.SSLContext | None,
+    client_id: str,
+) -> ManualAckClient:
+    """The bridge's replies' connection on paho: clean session, no will, no subscriptions."""
+    s = settings
+    v5 = s.protocol == "5"
+    client = ManualAckClient(
+        address.host,
+        address.port,
+        high_water=s.max_pending_messages,  # nothing is subscribed: nothing comes in
+        username=s.username,
+        password=s.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else True,
+        clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        keepalive=s.keepalive_s,
+        timeout=s.connect_timeout_s,
+        max_inflight_messages=s.max_inflight_publishes,
+        tls_context=ssl_context if address.tls else None,
+        tls_insecure=s.tls_insecure if address.tls else None,
+    )
+    client.pending_calls_threshold = s.max_inflight_publishes + 8
+    return client
+
+
+def device_client(
+    settings: MqttSettings,
+    address: BrokerAddress,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    will: tuple[str, bytes] | None,
+    on_pause: Callable[[], None],
+    subscriptions: int,
+) -> ManualAckClient:
+    """The bridge's device messages' connection on paho: persistent session (3.1.1
+    clean_session=False; 5: clean_start=False with `session_expiry_s`), manual acks, the
+    offline will."""
+    s = settings
+    v5 = s.protocol == "5"
+    properties = None
+    if v5:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = s.session_expiry_s
+        # Our window: the broker sends at most this many unacked QoS 1 messages.
+        properties.ReceiveMaximum = min(65_535, s.max_pending_messages)
+    client = ManualAckClient(
+        address.host,
+        address.port,
+        high_water=s.max_pending_messages,
+        on_pause=on_pause,
+        username=s.username,
+        password=s.password,
+        identifier=s.client_id,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else False,
+        # MQTT 5: never MQTT_CLEAN_START_FIRST_ONLY, it would drop the session on start.
+        clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        keepalive=s.keepalive_s,
+        will=None if will is None else aiomqtt.Will(will[0], will[1], qos=1, retain=True),
+        properties=properties,
+        timeout=s.connect_timeout_s,
+        max_inflight_messages=s.max_inflight_publishes,
+        tls_context=ssl_context if address.tls else None,
+        tls_insecure=s.tls_insecure if address.tls else None,
+    )
+    # Silence aiomqtt's "N pending publish calls" warning: our workers bound them.
+    client.pending_calls_threshold = s.max_inflight_publishes + subscriptions + 8
+    return client

@@ -111,6 +111,9 @@ class MqttSettings:
     max_attempts: int = 5
     publish_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # "native": protocols.mqttwire (sans-I/O codec on asyncio.Protocol); "aiomqtt": paho via
+    # aiomqtt (protocols.mqtt_client.ManualAckClient). See README "MQTT" for the numbers.
+    client: str = "native"
     addresses: tuple[BrokerAddress, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class MqttSettings:
             )
         if self.protocol not in ("3.1.1", "5"):
             raise MqttConfigError(f"mqtt.protocol: {self.protocol!r} is not '3.1.1' or '5'")
+        if self.client not in ("native", "aiomqtt"):
+            raise MqttConfigError(f"mqtt.client: {self.client!r} is not 'native' or 'aiomqtt'")
         if self.qos not in (0, 1):
             raise MqttConfigError(
                 f"mqtt.qos: {self.qos!r} is not 0 or 1 (QoS 2 is not crash-safe with paho: "

@@ -35,8 +35,14 @@ ODD_IDS = [
 ]
 
 
+CLIENT_KIND = "native"  # set by the `mqtt_client` fixture (conftest)
+NATIVE_ONLY = pytest.mark.parametrize("mqtt_client", ["native"], indirect=True)
+pytestmark = pytest.mark.usefixtures("mqtt_client")
+
+
 def settings_for(broker: MosquittoBroker, **overrides: Any) -> MqttSettings:
     values: dict[str, Any] = {
+        "client": CLIENT_KIND,
         "broker_urls": (broker.url,),
         "client_id": "gw-test",
         "routes": (THERMOSTAT,),
@@ -135,6 +141,7 @@ def test_routes_become_filters_and_ids_parse_back() -> None:
         ({"broker_urls": ()}, "broker_urls"),
         ({"qos": 2}, "mqtt.qos"),
         ({"protocol": "3.1"}, "mqtt.protocol"),
+        ({"client": "paho"}, "mqtt.client"),
         ({"client_id": ""}, "mqtt.client_id"),
         ({"max_pending_messages": 0}, "max_pending_messages"),
         ({"reconnect_min_s": 5.0, "reconnect_max_s": 1.0}, "reconnect_min_s"),
@@ -378,6 +385,7 @@ async def test_outbound_backlog_keeps_every_reply_while_broker_is_down(
     await bridge.stop()
 
 
+@NATIVE_ONLY
 async def test_broker_restart_mid_stream_loses_nothing(
     mosquitto: MosquittoBroker, handler_factory, tmp_path: Path
 ) -> None:
@@ -430,6 +438,7 @@ async def _wait_ready(process: Any) -> None:
     assert line.strip() == b"READY", line
 
 
+@NATIVE_ONLY
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_sigkill_mid_stream_loses_no_message(
     mosquitto: MosquittoBroker, tmp_path: Path, protocol: str
@@ -500,6 +509,7 @@ async def test_fails_over_to_the_next_broker_url(
     await bridge.stop()
 
 
+@NATIVE_ONLY
 async def test_qos0_flood_pauses_reading_instead_of_dropping_or_buffering(
     mosquitto: MosquittoBroker, handler_factory, tmp_path: Path
 ) -> None:

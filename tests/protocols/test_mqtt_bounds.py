@@ -21,6 +21,8 @@ from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
 from tests.protocols.test_mqtt import link_events, publish_all, settings_for
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.usefixtures("mqtt_client")
+
 
 def stored(db: Path) -> list[tuple[str, bytes]]:
     return [(agent_id, payload) for _, agent_id, _, payload in read_messages(db)]
@@ -102,7 +104,8 @@ async def test_ids_outside_the_allow_list_are_acked_and_never_reach_an_agent(
     await wait_until(lambda: len(stored(db)) == 4, 5, "the 4 allowed messages")
     assert sorted(stored(db)) == sorted((i, i.encode()) for i in ["a", "b", "th-7", "a"])
     assert sorted(agent_id for _, agent_id, _ in link_events(db)) == ["a", "b", "th-7"]
-    assert bridge.stats.links_open == 3 and bridge.stats.extra["pending"] == 0
+    await wait_until(lambda: bridge.stats.extra["pending"] == 0, 5, "the allowed messages acked")
+    assert bridge.stats.links_open == 3
     await bridge.stop()
 
 
@@ -136,7 +139,10 @@ async def test_new_agents_per_minute_are_capped_with_one_log_line_per_episode(
     assert sorted(p for _, p in stored(db)) == sorted(
         [b"new-0", b"new-1", b"new-2", b"new-0 again"] + [f"known-{n}".encode() for n in range(5)]
     )
-    assert bridge.stats.links_open == 3 + 5 and bridge.stats.extra["pending"] == 0
+    # The rows are visible once committed; the bridge counts a message done (acked) when the
+    # commit's future resolves on its loop, a moment later.
+    await wait_until(lambda: bridge.stats.extra["pending"] == 0, 5, "the admitted messages acked")
+    assert bridge.stats.links_open == 3 + 5
     assert ("thermostat", "known-0") in asked
     episode_lines = [r for r in caplog.records if "max_new_agents_per_minute=3" in r.getMessage()]
     assert len(episode_lines) == 1, [r.getMessage() for r in episode_lines]

@@ -18,6 +18,8 @@ from tests.protocols.mqtt_bridge_runner import SqliteLinkHandler, read_messages
 from tests.protocols.test_mqtt import publish_all, settings_for
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.usefixtures("mqtt_client")
+
 
 class Poison:
     """Fails every turn for the payload b"poison" while `active`; counts its attempts."""

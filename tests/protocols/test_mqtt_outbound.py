@@ -9,30 +9,44 @@ import os
 import signal
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
+import pytest
 
 from protocols.link import OutputAddress
 from protocols.mqtt import MqttBridge, MqttRoute
 from tests.brokers import MosquittoBroker
-from tests.protocols.test_mqtt import publish_all, receive_queued, settings_for
+from tests.protocols.test_mqtt import NATIVE_ONLY, publish_all, receive_queued, settings_for
 from tests.waiting import wait_until
 
+pytestmark = pytest.mark.usefixtures("mqtt_client")
+
+REPLIES = 8  # per message in the reply flood test: more than the outbound backlog's limit
 ECHO = MqttRoute("echo/{id}/in", "echo", "echo/{id}/out", on_overflow="drop_oldest")
 
 
 async def test_reply_flood_is_never_dropped_and_pauses_reading(
     mosquitto: MosquittoBroker, handler_factory, tmp_path: Path
 ) -> None:
-    # Every message gets a reply; the outbound backlog (5) is far smaller than the flood.
-    handler = await handler_factory(reply=lambda link, data: b"re:" + bytes(data))
+    # Every message gets `replies` replies at once, more than the outbound backlog's limit
+    # (5), so the backlog fills whichever client publishes faster than it reads.
+    replies = REPLIES
+
+    def reply(link: Any, data: bytes | str) -> bytes:
+        for n in range(1, replies):
+            link.send(b"re%d:" % n + bytes(data))  # type: ignore[arg-type]
+        return b"re0:" + bytes(data)  # type: ignore[arg-type]
+
+    handler = await handler_factory(reply=reply)
     settings = settings_for(
         mosquitto, max_outbound_queue=5, max_inflight_publishes=1, max_pending_messages=50
     )
     bridge = MqttBridge(settings, handler)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
-    payloads = [f"{n:05d}".encode() for n in range(2000)]
+    payloads = [f"{n:05d}".encode() for n in range(2400 // replies)]
+    expected = {b"re%d:" % n + p for p in payloads for n in range(replies)}
     received: set[bytes] = set()
     async with aiomqtt.Client(
         mosquitto.host, mosquitto.port, max_queued_incoming_messages=0
@@ -46,10 +60,10 @@ async def test_reply_flood_is_never_dropped_and_pauses_reading(
         async with asyncio.timeout(60):
             async for message in dev.messages:
                 received.add(bytes(message.payload))
-                if len(received) == len(payloads):
+                if len(received) == len(expected):
                     break
         await flood
-    assert received == {b"re:" + p for p in payloads}
+    assert received == expected
     stats = bridge.stats.extra
     assert stats["outbound_backpressure_pauses"] > 0  # the backlog limit was reached...
     assert "outbound_dropped_by_policy" not in stats  # ...and nothing was dropped for it
@@ -141,7 +155,7 @@ async def test_a_reply_caught_by_a_dying_connection_goes_out_on_the_next_one_at_
     bridge.send_tracked(
         OutputAddress("mqtt", "devices/7/cmd", 1), 1, b"late", lambda seq: delivered.set_result(seq)
     )
-    await wait_until(lambda: bridge._publishing == 1, 5, "the publish to be in flight")
+    await wait_until(lambda: bridge._publisher.publishing == 1, 5, "the publish to be in flight")
     mosquitto.kill()  # its sockets close: the bridge sees the connection end
     mosquitto.start()
     async with asyncio.timeout(30):  # well under the 120 s publish timeout
@@ -186,7 +200,7 @@ async def test_each_reply_wakes_one_publish_worker(
     bridge = MqttBridge(settings_for(mosquitto, max_inflight_publishes=32), handler)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
-    await wait_until(lambda: len(bridge._idle_workers) == 32, 5, "every worker idle")
+    await wait_until(lambda: len(bridge._publisher.idle_workers) == 32, 5, "every worker idle")
 
     class CountingDeque(deque):  # type: ignore[type-arg]
         appends = 0
@@ -195,7 +209,7 @@ async def test_each_reply_wakes_one_publish_worker(
             CountingDeque.appends += 1
             super().append(waiter)
 
-    bridge._idle_workers = CountingDeque(bridge._idle_workers)
+    bridge._publisher.idle_workers = CountingDeque(bridge._publisher.idle_workers)
     delivered: list[int] = []
     for seq in range(1, 11):  # one at a time: each finds every worker idle
         bridge.send_tracked(OutputAddress("mqtt", "devices/9/cmd", 1), seq, b"r", delivered.append)
@@ -203,3 +217,29 @@ async def test_each_reply_wakes_one_publish_worker(
     # Each reply: the one worker woken waits again once it is done (10); 64 if all woke.
     assert CountingDeque.appends == 10
     await bridge.stop()
+
+
+@NATIVE_ONLY  # paho does not hand the PUBACK's reason code over
+async def test_a_reply_the_broker_refuses_is_counted_and_logged_not_retried_forever(
+    tmp_path: Path, handler_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite devices/#\ntopic readwrite gatewayd/#\n")  # not forbidden/#
+    broker = MosquittoBroker(tmp_path / "mosquitto", extra_config=f"acl_file {acl}")
+    broker.start()
+    try:
+        handler = await handler_factory(reply=lambda link, data: b"re:" + bytes(data))  # type: ignore[arg-type]
+        route = MqttRoute("devices/{id}/telemetry", "thermostat", "forbidden/{id}/cmd")
+        bridge = MqttBridge(settings_for(broker, protocol="5", routes=(route,)), handler)
+        await bridge.start()
+        await bridge.wait_connected(timeout_s=5)
+        await publish_all(broker, [("devices/d1/telemetry", b"m1")])
+        await wait_until(
+            lambda: bridge.stats.extra.get("publish_refused") == 1, 5, "the refused reply"
+        )
+        await wait_until(lambda: bridge._publisher.publishing == 0, 5, "the publish to finish")
+        assert "MQTT 5 reason 0x87" in caplog.text
+        assert "publish_retries" not in bridge.stats.extra
+        await bridge.stop()
+    finally:
+        broker.stop()

@@ -1,0 +1,214 @@
+"""`MqttClient` against a real Mosquitto: manual acks, session resume, QoS 1 resend with DUP
+after a broker crash, keepalive, MQTT 5 session expiry and TLS. The broker's debug log (what
+it received and sent, with the DUP flag) is the witness."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import signal
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from protocols.mqttwire.aio import ConnectionLostError, MqttClient, MqttError
+from protocols.mqttwire.connection import ConnectOptions
+from tests.brokers import MosquittoBroker, free_port
+from tests.waiting import wait_until
+
+TIMEOUT_S = 5.0
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    broker = MosquittoBroker(tmp_path / "mosquitto", extra_config="log_type debug")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        if broker._process is not None:
+            os.kill(broker._process.pid, signal.SIGCONT)  # in case a test left it stopped
+        broker.stop()
+
+
+def _log(broker: MosquittoBroker) -> str:
+    return broker.log_path.read_text(errors="replace")
+
+
+def _client(broker: MosquittoBroker, client_id: str, **options: object) -> MqttClient:
+    return MqttClient(
+        broker.host,
+        broker.port,
+        ConnectOptions(client_id, **options),  # type: ignore[arg-type]
+        connect_timeout_s=TIMEOUT_S,
+    )
+
+
+async def _receive(client: MqttClient):  # type: ignore[no-untyped-def]
+    return await asyncio.wait_for(client.receive(), TIMEOUT_S)
+
+
+async def test_nothing_is_acked_before_ack_and_an_unacked_message_comes_back_with_dup(broker):
+    sub = _client(broker, "sub", clean_start=False)
+    await sub.connect()
+    assert await sub.subscribe("d/#", qos=1, timeout=TIMEOUT_S) == [1]
+    async with _client(broker, "pub") as pub:
+        assert await pub.publish("d/1", b"m1", qos=1, timeout=TIMEOUT_S) == 0
+    message = await _receive(sub)
+    assert (message.topic, message.payload, message.qos, message.dup) == ("d/1", b"m1", 1, False)
+    assert "Sending PUBLISH to sub (d0, q1" in _log(broker)
+    assert "Received PUBACK from sub" not in _log(broker)  # the "commit" has not happened
+
+    await sub.disconnect()  # without acking: the persistent session keeps the message
+    connack = await sub.connect()
+    assert connack.session_present
+    again = await _receive(sub)
+    assert (again.payload, again.dup) == (b"m1", True)
+    assert sub.ack(again.packet_id, again.qos)
+    await wait_until(lambda: "Received PUBACK from sub" in _log(broker), TIMEOUT_S, "sub's PUBACK")
+    await sub.disconnect()
+    assert not sub.ack(again.packet_id, 1)  # its connection is gone
+
+
+async def test_a_qos1_publish_lost_in_a_broker_crash_is_resent_with_dup_after_the_restart(broker):
+    watcher = _client(broker, "watcher", clean_start=False)
+    await watcher.connect()
+    await watcher.subscribe("r/#", qos=1, timeout=TIMEOUT_S)
+    pub = _client(broker, "pub", clean_start=False)
+    await pub.connect()
+    # A graceful restart saves both sessions; the crash below then loses nothing but the publish.
+    broker.restart()
+    await wait_until(lambda: pub.disconnected.done(), TIMEOUT_S, "pub to see the restart")
+    assert (await pub.connect()).session_present
+    assert (await watcher.connect()).session_present
+
+    assert broker._process is not None
+    os.kill(broker._process.pid, signal.SIGSTOP)  # the PUBLISH reaches the kernel, not Mosquitto
+    packet_id, done = pub.publish_nowait("r/1", b"x", qos=1)
+    await wait_until(lambda: not pub._flush_scheduled, TIMEOUT_S, "the PUBLISH written")
+    broker.kill()
+    await wait_until(lambda: pub.disconnected.done(), TIMEOUT_S, "pub to see the crash")
+    assert not done.done() and pub.connection.inflight_ids == [packet_id]
+    broker.start()
+    assert (await watcher.connect()).session_present
+    assert (await pub.connect()).session_present
+    assert await asyncio.wait_for(done, TIMEOUT_S) == 0  # the resend's PUBACK
+    assert f"Received PUBLISH from pub (d1, q1, r0, m{packet_id}, 'r/1'" in _log(broker)
+    message = await _receive(watcher)
+    assert (message.topic, message.payload) == ("r/1", b"x")
+    await pub.disconnect()
+    await watcher.disconnect()
+
+
+async def test_keepalive_pings_and_a_silent_broker_ends_the_connection(broker):
+    client = _client(broker, "ka", keepalive=1)
+    await client.connect()
+    await wait_until(
+        lambda: (
+            "Sending PINGRESP to ka" in _log(broker) and not client.connection.pings_outstanding
+        ),
+        TIMEOUT_S,
+        "a PINGREQ answered",
+    )
+    assert broker._process is not None
+    os.kill(broker._process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ConnectionLostError, match="keepalive timeout"):
+            await asyncio.wait_for(asyncio.shield(client.disconnected), TIMEOUT_S)
+    finally:
+        os.kill(broker._process.pid, signal.SIGCONT)
+    assert not client.is_connected
+
+
+async def test_mqtt5_session_expiry_decides_whether_the_session_survives(broker):
+    keeps = _client(
+        broker,
+        "v5-keeps",
+        version=5,
+        clean_start=False,
+        properties={"session_expiry_interval": 300},
+    )
+    await keeps.connect()
+    await keeps.subscribe("s/#", qos=1, timeout=TIMEOUT_S)
+    await keeps.disconnect()
+    async with _client(broker, "pub5", version=5) as pub:
+        await pub.publish("s/1", b"while away", qos=1, timeout=TIMEOUT_S)
+    assert (await keeps.connect()).session_present
+    message = await _receive(keeps)
+    assert message.payload == b"while away" and keeps.ack(message.packet_id, 1)
+    await keeps.disconnect()
+
+    ends = _client(
+        broker, "v5-ends", version=5, clean_start=False, properties={"session_expiry_interval": 0}
+    )
+    await ends.connect()
+    await ends.subscribe("s/#", qos=1, timeout=TIMEOUT_S)
+    await ends.disconnect()
+    assert not (await ends.connect()).session_present
+    await ends.disconnect()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path: Path):
+    cert, key = _self_signed(tmp_path)
+    tls_port = free_port()
+    broker = MosquittoBroker(
+        tmp_path / "mosquitto",
+        extra_config=f"listener {tls_port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}",
+    )
+    broker.start()
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        options = ConnectOptions("tls", version=5)
+        async with MqttClient("127.0.0.1", tls_port, options, ssl_context=context) as client:
+            await client.subscribe("t/#", qos=1, timeout=TIMEOUT_S)
+            await client.publish("t/1", b"secret", qos=1, timeout=TIMEOUT_S)
+            message = await _receive(client)
+            assert message.payload == b"secret"
+            assert client._transport is not None
+            assert client._transport.get_extra_info("ssl_object") is not None
+        untrusting = MqttClient(
+            "127.0.0.1", tls_port, ConnectOptions("x"), ssl_context=ssl.create_default_context()
+        )
+        with pytest.raises(MqttError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.connect()
+    finally:
+        broker.stop()
