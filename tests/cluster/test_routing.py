@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 
 from gatewayd.agents.storage import agent_db_file
 from gatewayd.client import AgentClient
 from gatewayd.cluster.naming import partition_of, preferred_owner
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
-from tests.cluster.group import API_TOKEN, Group, Member, addresses, wait_settled
+from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.nats_cluster import NATS_BIN
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
@@ -295,6 +296,39 @@ async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
     assert state["pid"] == routed.members[owner].pid
     other_state = routed.members[other].dir / "state" / "cluster"
     assert not Path(agent_db_file(str(other_state), CLASS, device_id)).exists()
+
+
+async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    """A group of its own ("retry") on the module's NATS cluster, whose members bucket first
+    refuses every heartbeat (records larger than it takes): the member logs each failure
+    with its reason and retries with backoff, and starts once JetStream takes the write."""
+    js = routed_nc.jetstream()
+    await js.create_key_value(
+        KeyValueConfig(bucket="GW_retry_MEMBERS", history=1, max_value_size=16, replicas=3)
+    )
+    member = Member(routed, "retry1")  # not in routed.members: the other tests never see it
+    member.config.write_text(
+        member.config.read_text()
+        .replace(f'group = "{GROUP}"', 'group = "retry"')
+        .replace("[cluster]\n", '[cluster]\ningest_subject = "gw.retry_in"\n')
+    )
+    member.process.start(wait_ready=False)
+    try:
+        await wait_until(
+            lambda: "first heartbeat not confirmed (attempt 1)" in member.log_text(),
+            15,
+            "a failed first heartbeat",
+        )
+        assert "heartbeat failed:" in member.log_text()  # each failure, with its reason
+        info = await js.stream_info("KV_GW_retry_MEMBERS")
+        info.config.max_msg_size = -1
+        await js.update_stream(info.config)
+        member.notify.wait_for("READY", "1", timeout_s=15)
+        assert "cannot join the group" not in member.log_text()
+    finally:
+        member.process.kill()  # the group "retry" is its own: nothing to hand over
 
 
 @pytest.fixture
