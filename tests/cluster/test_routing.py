@@ -246,6 +246,23 @@ async def test_state_and_schedules_read_through_the_wrong_member_are_the_owners(
     assert not Path(agent_db_file(str(other_state), CLASS, agent)).exists()
 
 
+async def test_a_device_command_sent_through_the_wrong_member_reaches_the_owners_client(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "cmd")
+    ref = {"agent_class": CLASS, "agent_id": agent}
+    async with AgentClient(urls[owner]["ws"], CLASS, agent) as device:
+        got: list[str | bytes] = []
+        device.on_message(got.append)
+        await device.send_message("hello")  # the agent exists (stored) from this turn on
+        await wait_until(lambda: got == ["echo:hello"], 5, "the echo")
+        sent = await _tool(urls[other]["api"], "device_command_send", {**ref, "command": "blink"})
+        assert isinstance(sent, dict) and len(sent["sent_to"]) == 1, sent
+        await wait_until(lambda: got[-1:] == ["blink"], 5, "the command on the owner's client")
+
+
 async def test_chat_messages_read_through_the_wrong_member_are_the_owners(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
