@@ -20,13 +20,16 @@ from starlette.routing import BaseRoute, Route
 from gatewayd.api.errors import ApiError
 from gatewayd.api.tokens import require_token
 from gatewayd.chat.agent import ChatAgent
+from gatewayd.cluster.operations import ChatMessages
 
 
 async def _messages(request: Request) -> JSONResponse:
     agent_class = request.path_params["agent_class"]
     agent_id = request.path_params["agent_id"]
     require_token(request, "messages", agent_class=agent_class)
-    runtime = request.app.state.components.runtime
+    components = request.app.state.components
+    # In cluster mode the runtime with calls routed to the agent's owner.
+    runtime = getattr(components, "routed_runtime", None) or components.runtime
     cls = runtime.classes.get(agent_class)
     if cls is None:
         raise ApiError(404, f"no agent class named {agent_class!r}", code="unknown_class")
@@ -36,7 +39,7 @@ async def _messages(request: Request) -> JSONResponse:
         )
     limit = _limit(request.query_params.get("limit"))
     try:
-        messages = await runtime.run_in_agent(agent_class, agent_id, lambda a: a.messages)
+        messages = await runtime.run_in_agent(agent_class, agent_id, ChatMessages())
     except ValueError as err:  # a malformed agent id
         raise ApiError(400, str(err), code="bad_agent_id") from None
     if limit is not None:

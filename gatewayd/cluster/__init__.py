@@ -13,7 +13,8 @@ database's changed pages), `changelog` (append, fencing, snapshot, restore), `ow
 (heartbeats, liveness, assignment, compare-and-set), `ingest` (one partition's consumer),
 `replicator` (the agent runtime's hook), `member` (one member's lifecycle), `status` (the
 operator's view), `routing` (where a client's agent is served), `forward` (relaying a
-WebSocket or TCP client to the owner), `rpc` (in-process calls forwarded over NATS).
+WebSocket or TCP client to the owner), `rpc` (in-process calls forwarded over NATS),
+`operations` (named, typed operations on an agent that its owner runs; no NATS).
 
 Must never import the daemon's assembly (`gatewayd.daemon`, `gatewayd.wiring`, `gatewayd.cli`,
 `gatewayd.config`):

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 AgentKey = tuple[str, str]
 _TAKE_ATTEMPTS = 5
+FIRST_HEARTBEAT_S = 10.0  # how long `start` retries its first heartbeat
 
 
 @dataclass(slots=True)
@@ -116,8 +117,22 @@ class ClusterMember:
         self.ownership = Ownership(self.js, self.names, self.settings, self.name)
         await self.ownership.open()
         self.runtime.set_replicator(self.replicator)
-        if not await self.ownership.heartbeat(sorted(self.partitions)):
-            raise ConnectionError("cluster: the first heartbeat was not confirmed by JetStream")
+        # Right after its bucket is created, JetStream may not take the first write yet ("no
+        # response from stream", a timeout; `heartbeat` logs why): retry with backoff a while.
+        attempt, delay, give_up = 1, 0.25, time.monotonic() + FIRST_HEARTBEAT_S
+        while not await self.ownership.heartbeat(sorted(self.partitions)):
+            if time.monotonic() + delay > give_up:
+                raise ConnectionError(
+                    f"cluster: the first heartbeat was not confirmed by JetStream "
+                    f"({attempt} attempts in {FIRST_HEARTBEAT_S:.0f}s)"
+                )
+            logger.warning(
+                "cluster: first heartbeat not confirmed (attempt %d); retrying in %.2fs",
+                attempt,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            attempt, delay = attempt + 1, min(2 * delay, 2.0)
         self._joined_at = time.monotonic()
         self._loop_task = asyncio.get_running_loop().create_task(
             self._heartbeat_forever(), name="cluster heartbeat"

@@ -2,10 +2,10 @@
 
 Every member answers requests on its own subject `gw.<group>.rpc.<member>` (it is on NATS
 anyway; no HTTP hop, no address to advertise). `RoutedRuntime` wraps the agent runtime for
-the HTTP API's MCP tools (`agent_call`, `<class>_<method>`, `agent_state_get`'s read):
-`call` and `get_agent_state` of an agent served here run here; of an agent another member
-serves, they are sent to that member, which runs them as a turn of the agent, as a local
-call would. While the partition moves (no owner, or the owner answers that it no longer
+the HTTP API (MCP tools, the chat messages route): `call`, `get_agent_state`, `agent_exists`
+and `run_in_agent` of an `AgentOperation` (`cluster.operations`: a registered name and JSON
+arguments, never code) of an agent served here run here; of an agent another member serves,
+they are sent to that member, which runs them as a turn of the agent, as a local call would. While the partition moves (no owner, or the owner answers that it no longer
 serves it) the request waits and tries again, up to `timeout_s`. A request that timed out
 is not sent again (the owner may have run it): the caller gets the timeout.
 
@@ -18,10 +18,12 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import nats.errors
 
+from gatewayd.cluster.operations import AgentOperation, operation_from, stored_here
 from gatewayd.cluster.routing import ROUTED, Router
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,11 @@ class RpcServer:
                 )
             elif op == "state":
                 result = await self._runtime.get_agent_state(agent_class, agent_id)
+            elif op == "exists":
+                result = stored_here(self._runtime, agent_class, agent_id)
+            elif op == "run":
+                operation = operation_from(str(request.get("name")), request.get("args"))
+                result = await self._runtime.run_in_agent(agent_class, agent_id, operation)
             else:
                 raise ValueError(f"unknown forwarded operation {op!r}")
         except Exception as err:
@@ -116,9 +123,9 @@ async def _reply(msg: Any, answer: dict[str, Any]) -> None:
 
 
 class RoutedRuntime:
-    """The agent runtime, with `call` and `get_agent_state` routed to the agent's owner.
-    Everything else is the runtime's own (`run_in_agent` runs here: a Python function cannot
-    travel)."""
+    """The agent runtime, with `call`, `get_agent_state`, `agent_exists` and `run_in_agent`
+    of an `AgentOperation` routed to the agent's owner. Everything else is the runtime's own
+    (`run_in_agent` of a plain function runs here: code never travels)."""
 
     def __init__(self, runtime: Any, router: Router, timeout_s: float = 30.0) -> None:
         self._runtime = runtime
@@ -147,6 +154,31 @@ class RoutedRuntime:
         request = {"op": "state", "class": agent_class, "id": agent_id}
         return await self._routed(
             request, lambda: self._runtime.get_agent_state(agent_class, agent_id)
+        )
+
+    async def agent_exists(self, agent_class: str, agent_id: str) -> bool:
+        """Whether the agent has stored state where it is served (never creates it)."""
+        request = {"op": "exists", "class": agent_class, "id": agent_id}
+
+        async def here() -> bool:
+            return stored_here(self._runtime, agent_class, agent_id)
+
+        return bool(await _bad_id_as_here(self._routed(request, here)))
+
+    async def run_in_agent(self, agent_class: str, agent_id: str, fn: Any) -> Any:
+        """`fn(agent)` as a turn of the agent: on its owner when `fn` is an `AgentOperation`,
+        here when it is a plain function."""
+        if not isinstance(fn, AgentOperation):
+            return await self._runtime.run_in_agent(agent_class, agent_id, fn)
+        request = {
+            "op": "run",
+            "class": agent_class,
+            "id": agent_id,
+            "name": fn.name,
+            "args": fn.args(),
+        }
+        return await _bad_id_as_here(
+            self._routed(request, lambda: self._runtime.run_in_agent(agent_class, agent_id, fn))
         )
 
     async def _routed(self, request: dict[str, Any], here: Any) -> Any:
@@ -183,3 +215,13 @@ class RoutedRuntime:
                     f"{self.timeout_s:.0f}s ({why})"
                 )
             await asyncio.sleep(RETRY_EVERY_S)
+
+
+async def _bad_id_as_here(routed: Awaitable[Any]) -> Any:
+    """A `ValueError` on the owner (a malformed agent id) raised as it would be here."""
+    try:
+        return await routed
+    except ForwardedCallError as err:
+        if err.remote_type == "ValueError":
+            raise ValueError(err.detail) from None
+        raise

@@ -2,7 +2,8 @@
 member processes, real WebSocket, TCP and HTTP sockets): a WebSocket client or a TCP device on
 a member that does not own the agent is relayed to its owner, an MCP call through such a
 member is forwarded to the owner over NATS, and clients and devices follow the agent when its
-owner is killed and when it is handed over to a member that joins."""
+owner is killed and when it is handed over to a member that joins. MCP state reads, the
+schedules tools and the chat messages route through such a member run on the owner too."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 
 from gatewayd.agents.storage import agent_db_file
 from gatewayd.client import AgentClient
 from gatewayd.cluster.naming import partition_of, preferred_owner
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
-from tests.cluster.group import API_TOKEN, Group, Member, addresses, wait_settled
+from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.nats_cluster import NATS_BIN
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
@@ -26,6 +29,7 @@ from tests.mcp.conftest import mcp_client
 from tests.waiting import eventually, wait_until
 
 CLASS = "tally"
+CHAT_CLASS = "notes"
 SECRET = "device-secret-0123456789"
 DEVICES = [f"dev{index}" for index in range(64)]  # the TCP devices the secrets file knows
 
@@ -38,6 +42,8 @@ def routing_config(work_dir: Path) -> str:
     secrets.chmod(0o600)
     return (
         f'[agents.classes.{CLASS}]\nclass = "tests.cluster.routing_agents:Tally"\n'
+        f'[agents.classes.{CHAT_CLASS}]\nclass = "tests.cluster.routing_agents:Notes"\n'
+        '[mcp]\ntool_groups = ["agents", "schedules", "devices"]\n'
         '[listeners.binary]\nenabled = true\nbind = "127.0.0.1:0"\n'
         f'agent_class = "{CLASS}"\nsecrets_file = "{secrets}"\n'
     )
@@ -198,6 +204,91 @@ async def test_an_mcp_call_through_the_wrong_member_runs_on_the_owner(
     assert "TypeError" in json.dumps([c.model_dump() for c in failed.content])
 
 
+async def _tool(url: str, name: str, arguments: dict[str, Any]) -> Any:
+    """Call the MCP tool `name` at `url`; its structured result (or the failed result)."""
+    async with mcp_client(f"{url}/mcp", _Token()) as client:  # type: ignore[arg-type]
+        result = await client.call_tool(name, arguments)
+    return result if result.is_error else result.structured_content
+
+
+def _text(result: Any) -> str:
+    return json.dumps([c.model_dump() for c in result.content])
+
+
+async def test_state_and_schedules_read_through_the_wrong_member_are_the_owners(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "sched")
+    owner_pid = routed.members[owner].pid
+    ref = {"agent_class": CLASS, "agent_id": agent}
+    via = urls[other]["api"]
+
+    # An agent nobody made yet: "no agent" on either member (asking does not create it).
+    missing = await _tool(via, "agent_state_get", ref)
+    assert missing.is_error and "no agent" in _text(missing)
+    made = await _tool(via, "agent_call", {**ref, "method": "remind", "args": {"after_s": 3600}})
+    assert made["pid"] == owner_pid  # made on the owner, through the other member
+    await _tool(urls[owner]["api"], "agent_call", {**ref, "method": "add", "args": {"n": 2}})
+    # The state the owner holds, read through the member that holds no copy of the agent.
+    assert await _tool(via, "agent_state_get", ref) == {"total": 2, "pid": owner_pid}
+
+    listed = await _tool(via, "schedules_list", ref)
+    assert [(s["id"], s["method"]) for s in listed["schedules"]] == [(made["schedule_id"], "add")]
+    cancelled = await _tool(via, "schedule_cancel", {**ref, "schedule_id": made["schedule_id"]})
+    assert cancelled == {"cancelled": made["schedule_id"]}
+    assert (await _tool(urls[owner]["api"], "schedules_list", ref))["schedules"] == []
+    again = await _tool(via, "schedule_cancel", {**ref, "schedule_id": made["schedule_id"]})
+    assert again.is_error and "has no schedule" in _text(again)  # the owner's answer
+    assert (await _tool(via, "queue_list", ref)) == {"items": [], "truncated": False}
+    other_state = routed.members[other].dir / "state" / "cluster"
+    assert not Path(agent_db_file(str(other_state), CLASS, agent)).exists()
+
+
+async def test_a_device_command_sent_through_the_wrong_member_reaches_the_owners_client(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "cmd")
+    ref = {"agent_class": CLASS, "agent_id": agent}
+    async with AgentClient(urls[owner]["ws"], CLASS, agent) as device:
+        got: list[str | bytes] = []
+        device.on_message(got.append)
+        await device.send_message("hello")  # the agent exists (stored) from this turn on
+        await wait_until(lambda: got == ["echo:hello"], 5, "the echo")
+        sent = await _tool(urls[other]["api"], "device_command_send", {**ref, "command": "blink"})
+        assert isinstance(sent, dict) and len(sent["sent_to"]) == 1, sent
+        await wait_until(lambda: got[-1:] == ["blink"], 5, "the command on the owner's client")
+
+
+async def test_chat_messages_read_through_the_wrong_member_are_the_owners(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "chat")
+    ref = {"agent_class": CHAT_CLASS, "agent_id": agent}
+    for text in ("first", "second"):
+        await _tool(
+            urls[owner]["api"], "agent_call", {**ref, "method": "note", "args": {"text": text}}
+        )
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
+        answer = await http.get(f"{urls[other]['api']}/agents/{CHAT_CLASS}/{agent}/messages")
+        assert answer.status_code == 200, answer.text
+        messages = answer.json()["messages"]
+        assert [m["parts"][0]["text"] for m in messages] == ["first", "second"]
+        # Written by the owner's process: the ids name its pid, not the relaying member's.
+        assert all(m["id"].startswith(f"m{routed.members[owner].pid}-") for m in messages)
+        newest = await http.get(
+            f"{urls[other]['api']}/agents/{CHAT_CLASS}/{agent}/messages", params={"limit": 1}
+        )
+        assert [m["parts"][0]["text"] for m in newest.json()["messages"]] == ["second"]
+    other_state = routed.members[other].dir / "state" / "cluster"
+    assert not Path(agent_db_file(str(other_state), CHAT_CLASS, agent)).exists()
+
+
 async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
@@ -222,6 +313,39 @@ async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
     assert state["pid"] == routed.members[owner].pid
     other_state = routed.members[other].dir / "state" / "cluster"
     assert not Path(agent_db_file(str(other_state), CLASS, device_id)).exists()
+
+
+async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    """A group of its own ("retry") on the module's NATS cluster, whose members bucket first
+    refuses every heartbeat (records larger than it takes): the member logs each failure
+    with its reason and retries with backoff, and starts once JetStream takes the write."""
+    js = routed_nc.jetstream()
+    await js.create_key_value(
+        KeyValueConfig(bucket="GW_retry_MEMBERS", history=1, max_value_size=16, replicas=3)
+    )
+    member = Member(routed, "retry1")  # not in routed.members: the other tests never see it
+    member.config.write_text(
+        member.config.read_text()
+        .replace(f'group = "{GROUP}"', 'group = "retry"')
+        .replace("[cluster]\n", '[cluster]\ningest_subject = "gw.retry_in"\n')
+    )
+    member.process.start(wait_ready=False)
+    try:
+        await wait_until(
+            lambda: "first heartbeat not confirmed (attempt 1)" in member.log_text(),
+            15,
+            "a failed first heartbeat",
+        )
+        assert "heartbeat failed:" in member.log_text()  # each failure, with its reason
+        info = await js.stream_info("KV_GW_retry_MEMBERS")
+        info.config.max_msg_size = -1
+        await js.update_stream(info.config)
+        member.notify.wait_for("READY", "1", timeout_s=15)
+        assert "cannot join the group" not in member.log_text()
+    finally:
+        member.process.kill()  # the group "retry" is its own: nothing to hand over
 
 
 @pytest.fixture

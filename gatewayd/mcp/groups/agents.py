@@ -59,7 +59,7 @@ def tools(context: GroupContext) -> list[ServedTool]:
             agent_class: The agent's class (agents_list shows them).
             agent_id: The agent's id.
         """
-        existing_agent(context, agent_class, agent_id)
+        await existing_agent(context, agent_class, agent_id)
         return jsonable(await context.runtime.get_agent_state(agent_class, agent_id))
 
     async def agent_call(

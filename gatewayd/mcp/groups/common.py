@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gatewayd.agents.storage import agent_db_path
+from gatewayd.cluster.operations import agent_exists
 from gatewayd.mcp.access import AccessDenied, caller, check_class
 from gatewayd.mcp.catalog import GroupContext
 from gatewayd.tools import ToolError
@@ -27,10 +27,11 @@ def known_class(context: GroupContext, agent_class: str) -> None:
         raise ToolError(f"no agent class {agent_class!r} (configured: {known})")
 
 
-def existing_agent(context: GroupContext, agent_class: str, agent_id: str) -> None:
+async def existing_agent(context: GroupContext, agent_class: str, agent_id: str) -> None:
+    """`ToolError` unless the agent has stored state (in cluster mode, where it is served)."""
     known_class(context, agent_class)
     try:
-        exists = agent_db_path(context.runtime.settings.state_dir, agent_class, agent_id).exists()
+        exists = await agent_exists(context.runtime, agent_class, agent_id)
     except ValueError as err:
         raise ToolError(f"bad agent id: {err}") from None
     if not exists:

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from gatewayd.agents.storage import agent_db_path
+from gatewayd.cluster.operations import SendToConnections
 from gatewayd.mcp.agent_index import last_seen
 from gatewayd.mcp.catalog import GroupContext, ServedTool
 from gatewayd.mcp.groups.common import agent_label, existing_agent, reachable_classes
@@ -53,7 +54,7 @@ def tools(context: GroupContext) -> list[ServedTool]:
             agent_class: The agent's class.
             agent_id: The agent's id.
         """
-        existing_agent(context, agent_class, agent_id)
+        await existing_agent(context, agent_class, agent_id)
         path = agent_db_path(runtime.settings.state_dir, agent_class, agent_id)
         open_now = [
             {"connection_id": conn.id, "transport": conn.transport, "remote": conn.remote}
@@ -77,20 +78,11 @@ def tools(context: GroupContext) -> list[ServedTool]:
             command: Text, or a JSON object (sent as JSON text).
             connection_id: Only this connection (devices_list shows them).
         """
-        existing_agent(context, agent_class, agent_id)
+        await existing_agent(context, agent_class, agent_id)
         text = command if isinstance(command, str) else json.dumps(command)
-
-        def send(agent: Any) -> list[str]:
-            conns = [
-                conn
-                for conn in agent.get_connections()
-                if connection_id is None or conn.id == connection_id
-            ]
-            for conn in conns:
-                conn.send(text)
-            return [conn.id for conn in conns]
-
-        sent = await runtime.run_in_agent(agent_class, agent_id, send)
+        sent = await runtime.run_in_agent(
+            agent_class, agent_id, SendToConnections(text, connection_id)
+        )
         if not sent:
             which = f"connection {connection_id!r}" if connection_id else "connection"
             raise ToolError(f"{agent_label(agent_class, agent_id)} has no open {which}")

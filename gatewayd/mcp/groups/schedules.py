@@ -5,9 +5,15 @@ items (inspect, replay), and the MQTT messages given up on (inspect, replay: as
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Literal
 
+from gatewayd.cluster.operations import (
+    CancelSchedule,
+    ListQueue,
+    ListSchedules,
+    RemoveQueueItem,
+    RequeueDeadItem,
+)
 from gatewayd.mcp.catalog import GroupContext, ServedTool
 from gatewayd.mcp.groups.common import (
     agent_label,
@@ -31,8 +37,8 @@ def tools(context: GroupContext) -> list[ServedTool]:
             agent_id: The agent's id.
             limit: At most this many schedules.
         """
-        existing_agent(context, agent_class, agent_id)
-        found = await runtime.run_in_agent(agent_class, agent_id, lambda a: a.get_schedules())
+        await existing_agent(context, agent_class, agent_id)
+        found = await runtime.run_in_agent(agent_class, agent_id, ListSchedules())
         shown, more = clip(jsonable(found), limit, context.max_items)
         return {"schedules": shown, "truncated": more}
 
@@ -44,10 +50,8 @@ def tools(context: GroupContext) -> list[ServedTool]:
             agent_id: The agent's id.
             schedule_id: The schedule's id (schedules_list shows them).
         """
-        existing_agent(context, agent_class, agent_id)
-        cancelled = await runtime.run_in_agent(
-            agent_class, agent_id, lambda a: a.cancel_schedule(schedule_id)
-        )
+        await existing_agent(context, agent_class, agent_id)
+        cancelled = await runtime.run_in_agent(agent_class, agent_id, CancelSchedule(schedule_id))
         if not cancelled:
             raise ToolError(f"{agent_label(agent_class, agent_id)} has no schedule {schedule_id!r}")
         return {"cancelled": schedule_id}
@@ -67,10 +71,8 @@ def tools(context: GroupContext) -> list[ServedTool]:
             status: "pending", "dead", or null for both.
             limit: At most this many items.
         """
-        existing_agent(context, agent_class, agent_id)
-        found = await runtime.run_in_agent(
-            agent_class, agent_id, lambda a: a.get_queues(status=status)
-        )
+        await existing_agent(context, agent_class, agent_id)
+        found = await runtime.run_in_agent(agent_class, agent_id, ListQueue(status))
         shown, more = clip(jsonable(found), limit, context.max_items)
         return {"items": shown, "truncated": more}
 
@@ -82,8 +84,8 @@ def tools(context: GroupContext) -> list[ServedTool]:
             agent_id: The agent's id.
             item_id: The item's id (queue_list shows them).
         """
-        existing_agent(context, agent_class, agent_id)
-        removed = await runtime.run_in_agent(agent_class, agent_id, lambda a: a.dequeue(item_id))
+        await existing_agent(context, agent_class, agent_id)
+        removed = await runtime.run_in_agent(agent_class, agent_id, RemoveQueueItem(item_id))
         if not removed:
             raise ToolError(f"{agent_label(agent_class, agent_id)} has no queue item {item_id!r}")
         return {"removed": item_id}
@@ -99,12 +101,8 @@ def tools(context: GroupContext) -> list[ServedTool]:
             agent_id: The agent's id.
             item_id: The dead item's id (queue_list with status "dead").
         """
-        existing_agent(context, agent_class, agent_id)
-
-        def requeue(agent: Any) -> bool:
-            return bool(agent._gw_host.queue().requeue(item_id, now=time.time()))
-
-        if not await runtime.run_in_agent(agent_class, agent_id, requeue):
+        await existing_agent(context, agent_class, agent_id)
+        if not await runtime.run_in_agent(agent_class, agent_id, RequeueDeadItem(item_id)):
             raise ToolError(
                 f"{agent_label(agent_class, agent_id)} has no dead queue item {item_id!r}"
             )
