@@ -42,7 +42,7 @@ from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection, deliver
 from gatewayd.agents.diskspace import DiskSpaceGuard
 from gatewayd.agents.errors import CommitError
-from gatewayd.agents.metrics import COMMIT_ERRORS, COMMITS
+from gatewayd.agents.metrics import HOT
 from gatewayd.agents.outbox import Outbox, OutboxRow
 from gatewayd.agents.quarantine import Quarantine, corruption_of
 from gatewayd.agents.registry import ConnectionRegistry
@@ -188,6 +188,9 @@ class BatchRunner:
         assert self._loop is not None
         assert self._committer is not None
         try:
+            # Rows of outputs delivered meanwhile go in this transaction (not at its start:
+            # then the batch's first turn needs no SAVEPOINT, see turn.py).
+            self._outputs.delete_delivered(slot.key, slot.stores, db.connection)
             if self._outputs.needs_mark(slot.key):
                 # The outbox index must list the agent before its rows are durable, or a crash
                 # right after this commit would hide them from the next start (outbox.py).
@@ -200,14 +203,14 @@ class BatchRunner:
                 _commit_inline(db)
         except Exception as err:
             self.counters["commit_errors"] += 1
-            COMMIT_ERRORS.inc()
+            HOT.commit_errors += 1
             await self._abort_batch(
                 slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns,
                 cause=err,
             )  # fmt: skip
             return
         self.counters["commits_total"] += 1
-        COMMITS.inc()
+        HOT.commits += 1
         self._release(slot, outbox, done)
         self._after_commit(slot)
         if db.needs_checkpoint():
@@ -261,7 +264,7 @@ class BatchRunner:
         if db.commit_fsyncs or self._outputs.needs_mark(slot.key):
             # (The outbox index is written off the loop before such a commit: see commit_batch.)
             return _OnAwait(lambda: self._commit_point_off_loop(slot, turn))
-        db.release()
+        db.end_turn(turn.savepoint)
         try:
             _commit_inline(db)
         except Exception as err:
@@ -294,7 +297,7 @@ class BatchRunner:
             self._write_outputs_so_far(slot, turn, db)  # what the turn sent while waiting
             if self._outputs.needs_mark(slot.key):
                 await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
-            db.release()
+            db.end_turn(turn.savepoint)
             commit = self._committer.commit(db)
             cancelled = False
             while not commit.done():
@@ -319,7 +322,7 @@ class BatchRunner:
     def _commit_point_done(self, slot: Slot, turn: Turn, db: AgentDatabase) -> None:
         assert slot.outbox is not None and slot.done is not None and slot.undo_conns is not None
         self.counters["commits_total"] += 1
-        COMMITS.inc()
+        HOT.commits += 1
         outbox, done = list(slot.outbox), list(slot.done)
         slot.outbox.clear()
         slot.done.clear()
@@ -330,6 +333,7 @@ class BatchRunner:
         self._after_commit(slot)
         db.begin()
         db.savepoint()
+        turn.savepoint = True
         self._release(slot, outbox, done)
 
     def _commit_point_failed(
@@ -338,13 +342,14 @@ class BatchRunner:
         """The batch's transaction is lost: the turn fails when it ends, whatever it does with
         the error; until then it writes into a transaction that is never committed."""
         self.counters["commit_errors"] += 1
-        COMMIT_ERRORS.inc()
+        HOT.commit_errors += 1
         turn.lost = TransactionLost(
             f"commit failed at a streaming RPC chunk ({type(err).__name__}: {err})"
         )
         db.rollback()
         db.begin()
         db.savepoint()
+        turn.savepoint = True
         return turn.lost
 
     async def _abort_batch(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -79,6 +80,8 @@ _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
 # transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
 _WAL_BYTES_KEPT = 64 * 1024
+# Dedup streams whose last seq an open database remembers (a device per stream: usually 1).
+_LAST_SEQS_CACHED = 64
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
 _READABLE_PREFIX_CHARS = 32
@@ -181,6 +184,18 @@ def _set_aside_stale_wal(path: str, label: str) -> None:
     )
 
 
+def _first_word(query: str) -> str:
+    """The statement's first word, upper-case."""
+    if len(query) <= 1024:
+        return _first_word_cached(query)  # an agent runs the same few queries again
+    return query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+
+
+@functools.lru_cache(maxsize=512)
+def _first_word_cached(query: str) -> str:
+    return query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+
+
 def _check_value_size(value: Any, max_value_bytes: int, where: str) -> None:
     if isinstance(value, str):
         # A str encodes to at most 4 bytes per character: only encode when it could matter.
@@ -200,10 +215,12 @@ class AgentDatabase:
     """An open agent database. Create with `AgentDatabase.open(...)`."""
 
     __slots__ = (
+        "_changes_at_begin",
         "_commits_since_checkpoint",
         "_conn",
         "_io_lock",
         "_label",
+        "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
         "commit_fsyncs",
@@ -230,6 +247,12 @@ class AgentDatabase:
         # False (durability="normal"): COMMIT never fsyncs and may run on the loop.
         self.commit_fsyncs = commit_fsyncs
         self._commits_since_checkpoint = 0
+        # `total_changes` when the open transaction began: a turn needs no SAVEPOINT while
+        # nothing changed since (see `turn_savepoint`).
+        self._changes_at_begin = -1
+        # Dedup streams' last applied seq as committed or written in the open transaction by
+        # turns that ended well (`remember_seq`); forgotten with any rollback.
+        self._last_seqs: dict[str, int | None] = {}
         self._io_lock = threading.Lock()
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
@@ -351,6 +374,7 @@ class AgentDatabase:
         if not self.in_transaction_:
             self._conn.execute("BEGIN")
             self.in_transaction_ = True
+            self._changes_at_begin = self._conn.total_changes
 
     def savepoint(self) -> None:
         self._conn.execute("SAVEPOINT gw_turn")
@@ -361,6 +385,33 @@ class AgentDatabase:
     def rollback_to_savepoint(self) -> None:
         self._conn.execute("ROLLBACK TO gw_turn")
         self._conn.execute("RELEASE gw_turn")
+
+    def turn_savepoint(self) -> bool:
+        """Start a turn: a SAVEPOINT, unless no row changed in the open transaction yet (the
+        first turn of a batch, usually): then undoing the turn is undoing the transaction
+        (`undo_turn(False)`: ROLLBACK, BEGIN), and two statements per batch are saved.
+        Returns whether a savepoint was opened. (Schema changes do not count as changes:
+        what a rollback undoes of them is re-created by its store, see turn.py.)"""
+        if self._changes_at_begin == self._conn.total_changes and self.in_transaction_:
+            return False
+        self._conn.execute("SAVEPOINT gw_turn")
+        return True
+
+    def end_turn(self, savepoint: bool) -> None:
+        """The turn ended well: what it did stays in the transaction (the next turn of the
+        batch gets a savepoint, even if this one only changed the schema)."""
+        if savepoint:
+            self._conn.execute("RELEASE gw_turn")
+        self._changes_at_begin = -1
+
+    def undo_turn(self, savepoint: bool) -> None:
+        """Undo what the turn wrote; the batch's transaction stays open."""
+        if savepoint:
+            self._conn.execute("ROLLBACK TO gw_turn")
+            self._conn.execute("RELEASE gw_turn")
+        else:
+            self.rollback()
+            self.begin()
 
     def commit(self) -> None:
         """With durability=full this fsyncs the WAL: run it on the commit executor. With
@@ -405,6 +456,7 @@ class AgentDatabase:
             self._conn.execute("PRAGMA shrink_memory")
 
     def rollback(self) -> None:
+        self._last_seqs.clear()
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
         self.in_transaction_ = False
@@ -501,12 +553,25 @@ class AgentDatabase:
         )
 
     def last_seq(self, stream: str) -> int | None:
+        cached = self._last_seqs.get(stream, -1)
+        if cached != -1:
+            return cached
         row = self._conn.execute(
             "SELECT last_seq FROM _gw_dedup WHERE stream = ?", (stream,)
         ).fetchone()
-        return None if row is None else row[0]
+        last = None if row is None else int(row[0])
+        if len(self._last_seqs) >= _LAST_SEQS_CACHED:
+            self._last_seqs.clear()
+        self._last_seqs[stream] = last
+        return last
+
+    def remember_seq(self, stream: str, seq: int) -> None:
+        """A turn that wrote `set_last_seq(stream, seq)` ended well (its savepoint released):
+        the next `last_seq` need not read it back. A rollback forgets every remembered seq."""
+        self._last_seqs[stream] = seq
 
     def set_last_seq(self, stream: str, seq: int) -> None:
+        self._last_seqs.pop(stream, None)  # re-read until `remember_seq` (the turn ended well)
         self._execute(
             "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
             "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
@@ -515,7 +580,7 @@ class AgentDatabase:
 
     def sql(self, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         """Run one statement with bound parameters; rows as dicts."""
-        first_word = query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+        first_word = _first_word(query)
         if first_word in _FORBIDDEN_FIRST_WORDS:
             raise AgentError(
                 f"{self._label}: sql({first_word} ...) is not allowed: the runtime manages "

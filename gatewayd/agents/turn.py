@@ -25,6 +25,7 @@ import contextvars
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ from gatewayd.agents.errors import (
     StateRejectedError,
     TurnTimeoutError,
 )
-from gatewayd.agents.metrics import TURNS_ERROR, TURNS_OK
+from gatewayd.agents.metrics import HOT
 from gatewayd.agents.outbox import Outbox
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.rpc import RpcDispatcher
@@ -66,6 +67,9 @@ from protocols import jsonproto
 from protocols.link import DedupKey, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
+
+# json.dumps(..., separators=..., ensure_ascii=False) builds this encoder on every call.
+_STATE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 # The turn the current asyncio task runs. A task inherits it from the task that created it,
 # so a task an agent starts inside a turn (and awaits there) may use storage in that turn,
@@ -124,6 +128,7 @@ class TurnRunner:
                 # Seqs below the sender's declared resume_seq are never coming: not a gap.
                 done.append((event.future, SequenceGapError(dedup, last), True))
                 return None
+        started = time.perf_counter()
         turn = Turn(event.conn)
         slot.turn = turn
         running = _RUNNING_TURN.set(turn)
@@ -134,7 +139,7 @@ class TurnRunner:
         outbox = slot.outbox
         turn.outbox_mark = len(outbox)
         timeout_cm: asyncio.Timeout | None = None
-        db.savepoint()
+        turn.savepoint = db.turn_savepoint()
         try:
             result = self._dispatch(slot, event, turn)
             if result is not None and inspect.isawaitable(result):
@@ -153,7 +158,9 @@ class TurnRunner:
             self._outputs.write_turn_outputs(
                 slot.key, slot.stores, db.connection, outbox, turn.outbox_mark
             )
-            db.release()
+            db.end_turn(turn.savepoint)
+            if dedup is not None:
+                db.remember_seq(dedup.stream, dedup.seq)
         except Exception as raised:
             err: BaseException = raised
             if turn.committing is not None:  # a task of the turn may still be at one
@@ -172,6 +179,7 @@ class TurnRunner:
             if turn.lost is not None or not db.connection.in_transaction:
                 # SQLite rolled back the whole transaction (SQLITE_FULL, IOERR...): the
                 # earlier turns of this batch are gone too.
+                db.rollback()  # (forgets what the database remembered of the transaction)
                 for conn, old_state in reversed(turn.conn_undo):
                     conn._state = old_state
                 self.counters["turn_errors"] += 1
@@ -184,7 +192,7 @@ class TurnRunner:
                     f"transaction rolled back by SQLite in a {EVENT_NAMES[kind]} turn "
                     f"({type(err).__name__}: {err})"
                 ) from err
-            db.rollback_to_savepoint()
+            db.undo_turn(turn.savepoint)
             if dedup is not None and isinstance(err, LinkRejected):
                 # The agent will never accept this message: its seq counts as consumed, or
                 # every later seq of the stream would wait behind it forever.
@@ -193,7 +201,8 @@ class TurnRunner:
                 conn._state = old_state
             slot.turn = None
             self.counters["turn_errors"] += 1
-            TURNS_ERROR.inc()
+            HOT.turns_error += 1
+            HOT.latency_of(slot.key[0]).observe(time.perf_counter() - started)
             self._report_error(slot, event, turn, err)
             done.append((event.future, err, True))
             if kind == CONNECT and event.future is not None:
@@ -203,7 +212,7 @@ class TurnRunner:
             return err
         except BaseException:
             if db.connection.in_transaction:
-                db.rollback_to_savepoint()
+                db.undo_turn(turn.savepoint)
             del outbox[turn.outbox_mark :]
             slot.state = turn.state_before
             raise
@@ -214,7 +223,8 @@ class TurnRunner:
         if turn.destroy:
             slot.destroy_requested = True
         self.counters["turns_total"] += 1
-        TURNS_OK.inc()
+        HOT.turns_ok += 1
+        HOT.latency_of(slot.key[0]).observe(time.perf_counter() - started)
         if event.future is not None:
             if kind in (CALL, FN):
                 done.append((event.future, result, False))
@@ -429,7 +439,7 @@ class TurnRunner:
             except Exception as err:
                 raise StateRejectedError(f"state change rejected: {err}") from err
         try:
-            state_json = json.dumps(new_state, separators=(",", ":"), ensure_ascii=False)
+            state_json = _STATE_ENCODER.encode(new_state)
         except (TypeError, ValueError) as err:
             raise StateRejectedError(f"state must be JSON-serialisable: {err}") from err
         db.save_state(state_json)
@@ -437,9 +447,11 @@ class TurnRunner:
         slot.state_changed = True
         conns = self.registry.registered(slot.key)
         if conns:
-            frame = '{"type":"gw.state","state":' + state_json + "}"
+            frame = None
             for conn in conns:
                 if conn.protocol_enabled and conn is not source:
+                    if frame is None:
+                        frame = '{"type":"gw.state","state":' + state_json + "}"
                     conn.send(frame)
         if overrides(slot.cls, "on_state_changed"):
             turn.notifications.append((new_state, source))
