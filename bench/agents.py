@@ -32,8 +32,6 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiosqlite
-
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
 from protocols.link import Route
 
@@ -128,6 +126,8 @@ async def gatewayd_turns(state_dir: Path, agents: int, durability: str, duration
 
 
 async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s: float) -> dict:
+    import aiosqlite  # the bench extra
+
     state_dir.mkdir(parents=True, exist_ok=True)
     conns = []
     for i in range(agents):

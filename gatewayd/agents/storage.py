@@ -80,6 +80,8 @@ _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
 # transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
 _WAL_BYTES_KEPT = 64 * 1024
+_WAL_HEADER_BYTES = 32
+_WAL_FRAME_HEADER_BYTES = 24
 # Dedup streams whose last seq an open database remembers (a device per stream: usually 1).
 _LAST_SEQS_CACHED = 64
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -161,6 +163,27 @@ def _has_frames(wal_path: str) -> bool:
         return os.path.getsize(wal_path) > 32  # the WAL header is 32 bytes
     except OSError:
         return False
+
+
+def _wal_started(wal_path: str) -> bool:
+    """Whether the WAL's first frame belongs to its header (same salts): the WAL was started
+    and holds frames, so the next write appends to it without restarting it (which would
+    sync its header). A header with no frame after it, or a stale frame, says False."""
+    try:
+        fd = os.open(wal_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        head = os.pread(fd, _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(head) < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES:
+        return False
+    salts = head[16:24]
+    frame_salts = head[_WAL_HEADER_BYTES + 8 : _WAL_HEADER_BYTES + 16]
+    return head[:3] == b"\x37\x7f\x06" and salts == frame_salts
 
 
 def _delete_wal_files(path: str) -> None:
@@ -267,18 +290,36 @@ class AgentDatabase:
         durability: str,
         max_db_bytes: int,
         max_value_bytes: int,
-        _stale_wal_retry: bool = False,
     ) -> AgentDatabase:
         """Open (creating if needed) the agent's file; executor only (it may fsync). With
         durability="full" a new file's schema is written inside an open transaction that the
-        caller's first commit makes durable; with "normal" it is committed here, together with
-        the write that starts the WAL, and no transaction is left open."""
+        caller's first commit makes durable. With "normal", a kept WAL that holds frames
+        (keepwal.py) is appended to by the caller's first COMMIT without an fsync: the open
+        leaves a transaction open whose first write forgets the WAL-ownership record (as
+        `resume` does); otherwise the write that (re)starts the WAL, and a new file's schema,
+        are committed here and no transaction is left open."""
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
+        return cls._open(path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes)
+
+    @classmethod
+    def _open(
+        cls,
+        path: str,
+        agent_class: str,
+        agent_id: str,
+        durability: str,
+        max_db_bytes: int,
+        max_value_bytes: int,
+        *,
+        _stale_wal_retry: bool = False,
+    ) -> AgentDatabase:
         label = f"agent {agent_class}/{agent_id!r}"
         # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
         # it must still be switched to WAL.
-        exists = os.path.exists(path)
-        is_new = not exists or os.path.getsize(path) == 0
+        try:
+            exists, is_new = True, os.stat(path).st_size == 0
+        except FileNotFoundError:
+            exists, is_new = False, True
         if is_new:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         if not exists:
@@ -288,7 +329,7 @@ class AgentDatabase:
         # The WAL-ownership record is only checked when a WAL is there to replay: a record
         # that reached the database file itself (another connection checkpointed the kept
         # WAL) says nothing about a WAL, and the first transaction below forgets it.
-        wal_present = not _stale_wal_retry and _has_frames(path + "-wal")
+        wal_present = not _stale_wal_retry and exists and _has_frames(path + "-wal")
         try:
             conn = sqlite3.connect(
                 path,
@@ -303,17 +344,23 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             db.keeps_wal = not full and keepwal.keep_wal(conn, path)
+            # The connection's settings in one call (its first statement opens the -wal and
+            # -shm files and, for the first connection, rebuilds the WAL index).
+            settings = [
+                f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}",
+                f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}",
+            ]
             if db.keeps_wal:
-                conn.execute(f"PRAGMA journal_size_limit={_WAL_BYTES_KEPT}")
-            conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
-            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}")
+                settings.append(f"PRAGMA journal_size_limit={_WAL_BYTES_KEPT}")
             if not full:
-                conn.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
+                settings.append("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
-                conn.execute("PRAGMA journal_mode=WAL")
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                settings.append("PRAGMA journal_mode=WAL")
+            conn.executescript(";".join(settings))
+            page_size, version = conn.execute(
+                "SELECT page_size, user_version FROM pragma_page_size, pragma_user_version"
+            ).fetchone()
             conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.begin()
                 for statement in _SCHEMA:
@@ -332,13 +379,13 @@ class AgentDatabase:
                     # it: the kept WAL belongs to the earlier file and must not be replayed.
                     conn.close()
                     _set_aside_stale_wal(path, label)
-                    return cls.open(
-                        state_dir,
+                    return cls._open(
+                        path,
                         agent_class,
                         agent_id,
-                        durability=durability,
-                        max_db_bytes=max_db_bytes,
-                        max_value_bytes=max_value_bytes,
+                        durability,
+                        max_db_bytes,
+                        max_value_bytes,
                         _stale_wal_retry=True,
                     )
                 if stored.get("agent_class") != agent_class or stored.get("agent_id") != agent_id:
@@ -346,6 +393,14 @@ class AgentDatabase:
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
+                if db.keeps_wal and wal_present and _wal_started(path + "-wal"):
+                    # The WAL holds frames: the first COMMIT appends to it (no fsync), so
+                    # there is nothing to start here; forget the ownership record in the
+                    # caller's first transaction (committed before any checkpoint can copy
+                    # it into the file).
+                    db.begin()
+                    conn.execute(_FORGET_WAL_FOR)
+                    return db
             if not full:
                 # Start the WAL here, on the executor, not in the first COMMIT on the loop
                 # (a new file's schema is committed here too).
