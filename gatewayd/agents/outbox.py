@@ -101,9 +101,18 @@ class OutboxStore:
         ]
 
     def delete(self, seqs: list[int]) -> None:
+        """Delete these rows: one statement when the seqs are one run without gaps (outputs
+        are usually delivered in order), else one execution per seq."""
         if len(seqs) == 1:
             self._db.execute("DELETE FROM _gw_outbox WHERE seq = ?", (seqs[0],))
-        elif seqs:
+            return
+        if not seqs:
+            return
+        low, high = min(seqs), max(seqs)
+        if high - low + 1 == len(seqs) == len(set(seqs)):
+            # Every seq from low to high is in `seqs` (seqs are unique row ids): exact.
+            self._db.execute("DELETE FROM _gw_outbox WHERE seq BETWEEN ? AND ?", (low, high))
+        else:
             self._db.executemany("DELETE FROM _gw_outbox WHERE seq = ?", [(seq,) for seq in seqs])
 
     def count(self) -> int:
