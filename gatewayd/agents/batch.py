@@ -188,8 +188,9 @@ class BatchRunner:
         assert self._loop is not None
         assert self._committer is not None
         try:
-            # Rows of outputs delivered meanwhile go in this transaction (not at its start:
-            # then the batch's first turn needs no SAVEPOINT, see turn.py).
+            # The batch's dedup seqs, once per stream; rows of outputs delivered meanwhile
+            # (not at the transaction's start: then its first turn needs no SAVEPOINT).
+            db.write_seqs()
             self._outputs.delete_delivered(slot.key, slot.stores, db.connection)
             if self._outputs.needs_mark(slot.key):
                 # The outbox index must list the agent before its rows are durable, or a crash

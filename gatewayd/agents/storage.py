@@ -7,16 +7,19 @@ The invariant: no fsync ever runs on the event loop thread.
 - durability="normal" (WAL, synchronous=NORMAL): a COMMIT only appends to the WAL, so the
   runtime runs `commit()` inline on the loop. The fsyncs of this mode happen (1) inside a
   checkpoint, and (2) when a writer (re)starts the WAL and syncs its header. Both are kept off
-  the loop: SQLite's automatic checkpoint is disabled (`wal_autocheckpoint=0`), `open()` and
-  `checkpoint()` (both executor-only) end with a tiny write that (re)starts the WAL there, and
+  the loop: SQLite's automatic checkpoint is disabled (`wal_autocheckpoint=0`), `open()` (when
+  the WAL is not already started, see below) and `checkpoint()` (both executor-only) end with
+  a tiny write that (re)starts the WAL there, and
   the runtime calls `checkpoint()` on the executor once `needs_checkpoint()`, at the end of
   that agent's commit path (the agent is busy until it returns), and `close()` (which
   checkpoints) on the executor too.
 
 Wakes: a hibernating agent's `close()` (executor) checkpoints and then restarts the WAL with
 the tiny write, and the connection closes without SQLite's own checkpoint and keeps its -wal
-and -shm files (keepwal.py). So the WAL is already started when the agent wakes: `open()`'s
-write appends to it instead of restarting it, and a wake costs no fsync. A hibernated agent
+and -shm files (keepwal.py). So the WAL is already started when the agent wakes (its first
+frame carries the header's salts): `open()` commits nothing of its own then (it leaves a
+transaction open that forgets the WAL-ownership record, see below), the first batch's COMMIT
+appends to the WAL instead of restarting it, and a wake costs no fsync. A hibernated agent
 keeps a small WAL (a few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB
 -shm file next to its database. Where keepwal.py cannot apply (see there), closes checkpoint
 and delete the files as SQLite does by default and wakes pay the fsync in `open()`.
@@ -246,6 +249,7 @@ class AgentDatabase:
         "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
+        "_unwritten_seqs",
         "commit_fsyncs",
         "in_transaction_",
         "keeps_wal",
@@ -273,9 +277,11 @@ class AgentDatabase:
         # `total_changes` when the open transaction began: a turn needs no SAVEPOINT while
         # nothing changed since (see `turn_savepoint`).
         self._changes_at_begin = -1
-        # Dedup streams' last applied seq as committed or written in the open transaction by
-        # turns that ended well (`remember_seq`); forgotten with any rollback.
+        # Dedup streams' last applied seq as read or written (a cache), and the seqs that the
+        # open transaction's turns applied, written before its COMMIT (`write_seqs`); both
+        # forgotten with any rollback.
         self._last_seqs: dict[str, int | None] = {}
+        self._unwritten_seqs: dict[str, int] = {}
         self._io_lock = threading.Lock()
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
@@ -470,7 +476,9 @@ class AgentDatabase:
 
     def commit(self) -> None:
         """With durability=full this fsyncs the WAL: run it on the commit executor. With
-        "normal" it never fsyncs (no autocheckpoint, WAL already started) and runs inline."""
+        "normal" it never fsyncs (no autocheckpoint, WAL already started) and runs inline.
+        Writes the batch's dedup seqs first (`write_seqs`), if that was not done yet."""
+        self.write_seqs()
         try:
             self._conn.execute("COMMIT")
         finally:
@@ -512,6 +520,7 @@ class AgentDatabase:
 
     def rollback(self) -> None:
         self._last_seqs.clear()
+        self._unwritten_seqs.clear()
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
         self.in_transaction_ = False
@@ -608,6 +617,9 @@ class AgentDatabase:
         )
 
     def last_seq(self, stream: str) -> int | None:
+        unwritten = self._unwritten_seqs.get(stream)
+        if unwritten is not None:
+            return unwritten
         cached = self._last_seqs.get(stream, -1)
         if cached != -1:
             return cached
@@ -620,18 +632,38 @@ class AgentDatabase:
         self._last_seqs[stream] = last
         return last
 
-    def remember_seq(self, stream: str, seq: int) -> None:
-        """A turn that wrote `set_last_seq(stream, seq)` ended well (its savepoint released):
-        the next `last_seq` need not read it back. A rollback forgets every remembered seq."""
-        self._last_seqs[stream] = seq
-
     def set_last_seq(self, stream: str, seq: int) -> None:
-        self._last_seqs.pop(stream, None)  # re-read until `remember_seq` (the turn ended well)
-        self._execute(
-            "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
-            "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-            (stream, seq),
-        )
+        """The turn that applied (or consumed) `seq` of `stream` ended well. The row is
+        written once per stream and batch, in its transaction, by `write_seqs` before the
+        COMMIT (a batch of 50 frames from one device writes it once, not 50 times); until
+        then `last_seq` answers from memory. A rollback forgets it (the turns are undone)."""
+        self._unwritten_seqs[stream] = seq
+        self._changes_at_begin = -1  # the transaction holds work now (see turn_savepoint)
+
+    def write_seqs(self) -> None:
+        """Before the COMMIT (and before cluster mode sees the transaction): write the seqs
+        the batch's turns applied."""
+        unwritten = self._unwritten_seqs
+        if not unwritten:
+            return
+        rows = list(unwritten.items())
+        try:
+            self._conn.executemany(
+                "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+                rows,
+            )
+        except sqlite3.OperationalError as err:
+            if "full" in str(err):
+                raise StorageFullError(
+                    f"{self._label}: database reached its cap of {self._max_db_bytes} bytes "
+                    f"(agents.max_db_size) or the disk is full: {err}"
+                ) from err
+            raise
+        unwritten.clear()
+        if len(self._last_seqs) + len(rows) > _LAST_SEQS_CACHED:
+            self._last_seqs.clear()
+        self._last_seqs.update(rows)
 
     def sql(self, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         """Run one statement with bound parameters; rows as dicts."""

@@ -2,7 +2,9 @@
 
 A turn runs in its own SAVEPOINT: its SQL, state and connection-state changes are undone if
 it fails, and its outputs (appended to the batch's outbox through the output gate) are
-dropped with them. What is released, and when, is batch.py's job (after the COMMIT, or at a
+dropped with them. A turn that starts before any row of the batch's transaction changed (the
+first turn of a batch, usually) needs no savepoint: undoing it is ROLLBACK and a new BEGIN
+(`AgentDatabase.turn_savepoint`), which saves two statements on every batch of one turn. What is released, and when, is batch.py's job (after the COMMIT, or at a
 commit point: a streaming RPC chunk, after which a failure rolls back only what followed it).
 
 Every hook the turn runs is bounded by `turn_timeout_s`: the handler (cancelled, the turn
@@ -152,15 +154,14 @@ class TurnRunner:
                 await self._notify_state_changed(slot, note)
             if turn.lost is not None:
                 raise turn.lost  # a commit point failed, whatever the handler did with it
-            if dedup is not None:
-                db.set_last_seq(dedup.stream, dedup.seq)
             # Outputs for devices become outbox rows of this turn (outbox.py): durable with it.
             self._outputs.write_turn_outputs(
                 slot.key, slot.stores, db.connection, outbox, turn.outbox_mark
             )
             db.end_turn(turn.savepoint)
             if dedup is not None:
-                db.remember_seq(dedup.stream, dedup.seq)
+                # Applied: written with the batch, before its COMMIT (storage.py).
+                db.set_last_seq(dedup.stream, dedup.seq)
         except Exception as raised:
             err: BaseException = raised
             if turn.committing is not None:  # a task of the turn may still be at one

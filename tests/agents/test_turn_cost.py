@@ -171,7 +171,25 @@ async def test_dedup_seqs_are_remembered_and_still_exactly_once(make_runtime) ->
         # A fresh connection reads the seqs back from the file.
         assert await send("s5", 5) is Outcome.DUPLICATE
         assert await send("s6", 6) is Outcome.APPLIED
-        assert await rt.call("echo", "d", "bodies") == ["s1", "s2", "s4", "s5", "s6"]
+        # A batch of frames from one device writes its dedup row once, before the COMMIT.
+        statements: list[str] = []
+        db = rt._scheduler.slots[("echo", "d")].db
+        db.connection.set_trace_callback(statements.append)
+        results = await asyncio.gather(*(send(f"s{n}", n) for n in range(7, 12)))
+        assert results == [Outcome.APPLIED] * 5
+        dedup_writes = [sql for sql in statements if "_gw_dedup" in sql]
+        assert len(dedup_writes) == 1 and statements.index(dedup_writes[0]) < statements.index(
+            "COMMIT"
+        )
+        assert await send("s11", 11) is Outcome.DUPLICATE
+        bodies = await rt.call("echo", "d", "bodies")
+        assert bodies == ["s1", "s2", "s4", "s5", "s6", *(f"s{n}" for n in range(7, 12))]
+    # After a restart the seqs are read back from the file: exactly once across it.
+    async with make_runtime({"echo": Echo}) as rt:
+        link = MemoryLink("echo", "d", transport="tcp")
+        await rt.open_link(link, {})
+        assert await send("s11", 11) is Outcome.DUPLICATE
+        assert await send("s12", 12) is Outcome.APPLIED
 
 
 async def test_turn_latency_histogram_by_agent_class(make_runtime) -> None:
