@@ -458,6 +458,12 @@ class AgentDatabase:
         self._conn.execute("SAVEPOINT gw_turn")
         return True
 
+    def keep_savepoints(self) -> None:
+        """The open transaction holds work that undoing a turn must not undo, though no row
+        changed (a store's tables created outside any turn): every turn takes a savepoint
+        until the next BEGIN."""
+        self._changes_at_begin = -1
+
     def end_turn(self, savepoint: bool) -> None:
         """The turn ended well: what it did stays in the transaction (the next turn of the
         batch gets a savepoint, even if this one only changed the schema)."""

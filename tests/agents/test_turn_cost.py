@@ -6,7 +6,12 @@ kept WAL opens without a COMMIT of its own. Real runtime, real SQLite files."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,7 +89,7 @@ def _trace(rt: Any, agent_id: str) -> list[str]:
     return seen
 
 
-async def test_a_durable_reply_turn_is_five_statements(make_runtime) -> None:
+async def test_a_durable_reply_turn_runs_one_statement_per_write(make_runtime) -> None:
     async with make_runtime({"echo": Echo}) as rt:
         outputs = Outputs()
         rt.attach_outputs(outputs)
@@ -243,3 +248,54 @@ def test_a_wake_with_a_kept_wal_commits_nothing_itself(tmp_path: Path) -> None:
             assert other.execute("SELECT i FROM t").fetchall() == [(1,)]
     finally:
         reopened.close()
+
+
+_WAKE_PROBE = """
+import asyncio, sys, threading
+from pathlib import Path
+from gatewayd.agents import AgentRuntime, AgentSettings, scheduler
+from tests.agents.test_turn_cost import Echo
+scheduler.PARKED_DATABASES = 0  # every wake opens its file
+
+async def main():
+    rt = AgentRuntime(AgentSettings(state_dir=Path(sys.argv[1])), {"echo": Echo})
+    await rt.start()
+    for _ in range(3):  # created, then woken twice from a kept WAL
+        await asyncio.gather(*(rt.call("echo", f"a{i}", "bodies") for i in range(20)))
+        rt.hibernate_idle()
+        while rt.stats()["active_agents"] or rt._scheduler.closing:
+            await asyncio.sleep(0.01)
+    print("LOOP", threading.get_native_id(), rt.stats()["wakes_total"], flush=True)
+    await rt.close()
+
+asyncio.run(main())
+"""
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-o", os.devnull, "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _strace_works(), reason="needs strace with ptrace permitted")
+def test_wakes_from_a_kept_wal_never_fsync_on_the_loop(tmp_path: Path) -> None:
+    """durability="normal": the open commits nothing of its own when the kept WAL is started,
+    so the first COMMIT of a wake runs on the loop; it must only append (no fsync there)."""
+    trace = tmp_path / "sync.strace"
+    done = subprocess.run(
+        [
+            *("strace", "-f", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
+            *(sys.executable, "-c", _WAKE_PROBE, str(tmp_path / "state")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    _, loop_tid, wakes = done.stdout.split()
+    assert int(wakes) == 60
+    calls = re.findall(r"^(\d+)\s+f(?:data)?sync\(", trace.read_text(), flags=re.MULTILINE)
+    assert calls, "no fsync at all: the trace did not work"
+    assert loop_tid not in calls
