@@ -6,6 +6,7 @@ kept WAL opens without a COMMIT of its own. Real runtime, real SQLite files."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -18,11 +19,12 @@ from typing import Any, ClassVar
 import pytest
 from prometheus_client import REGISTRY
 
-from gatewayd.agents import Agent, callable
+from gatewayd.agents import Agent, StateRejectedError, callable
 from gatewayd.agents.storage import (
     AgentDatabase,
     agent_db_path,
 )
+from gatewayd.agents.turn import encode_state
 from protocols.link import DedupKey, DeliveredCallback, LinkRejected, Outcome, OutputAddress
 from tests.agents.conftest import MemoryLink
 from tests.waiting import wait_until
@@ -299,3 +301,36 @@ def test_wakes_from_a_kept_wal_never_fsync_on_the_loop(tmp_path: Path) -> None:
     calls = re.findall(r"^(\d+)\s+f(?:data)?sync\(", trace.read_text(), flags=re.MULTILINE)
     assert calls, "no fsync at all: the trace did not work"
     assert loop_tid not in calls
+
+
+def test_state_json_is_what_json_dumps_gives() -> None:
+    values: list[Any] = [
+        {"n": 1, "f": 1.5, "s": 'é\n"', "none": None, "b": True, "l": [1, [2, {"k": "v"}]]},
+        "text",
+        3,
+        [],
+        {"nan": float("nan"), 1: "int key"},
+    ]
+    for value in values:
+        assert encode_state(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        encode_state({"s": {1, 2}})
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    with pytest.raises(RecursionError):
+        encode_state(circular)
+
+
+class Circular(Agent):
+    @callable
+    def loop(self) -> None:
+        state: dict[str, Any] = {}
+        state["self"] = state
+        self.set_state(state)
+
+
+async def test_a_state_that_contains_itself_is_refused(make_runtime) -> None:
+    async with make_runtime({"c": Circular}) as rt:
+        with pytest.raises(StateRejectedError, match="JSON-serialisable"):
+            await rt.call("c", "x", "loop")
+        assert await rt.get_agent_state("c", "x") is None
