@@ -441,6 +441,24 @@ class BatchRunner:
             db = self.scheduler.take_parked(slot.key)
             if db is None:
                 await self.scheduler.wait_for_close(slot.key)  # a parked one found changed
+                if self.scheduler.running <= 1:
+                    # Nothing else to run meanwhile: a file whose pages are in the page cache
+                    # and whose kept WAL is started opens here, without the two thread
+                    # hand-offs (no fsync, no disk wait: storage.py). With other agents
+                    # busy, the executor opens it while the loop serves them.
+                    db = AgentDatabase.open_if_warm(
+                        settings.state_dir,
+                        slot.key[0],
+                        slot.key[1],
+                        durability=settings.durability,
+                        max_db_bytes=settings.max_db_bytes,
+                        max_value_bytes=settings.max_value_bytes,
+                    )
+                    if db is not None:
+                        self.counters["warm_opens_total"] = (
+                            self.counters.get("warm_opens_total", 0) + 1
+                        )
+            if db is None:
                 db = await self._loop.run_in_executor(
                     self._executor,
                     functools.partial(

@@ -80,6 +80,8 @@ class SlotScheduler:
         # Values: (database, its files when parked, loop time when parked).
         self.parked: OrderedDict[AgentKey, tuple[AgentDatabase, ParkedFiles, float]] = OrderedDict()
         self.awake = 0
+        # Agents whose run loop (`_run`) is running now.
+        self.running = 0
         self._shutting_down = False
         self._evicted_since_trim = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +175,7 @@ class SlotScheduler:
         return slot
 
     async def _run(self, slot: Slot) -> None:
+        self.running += 1
         try:
             while slot.mailbox:
                 await self._run_batch(slot)
@@ -196,6 +199,7 @@ class SlotScheduler:
             if slot.agent is not None:
                 self.evict(slot)
         finally:
+            self.running -= 1
             slot.task = None
             slot.last_active = self.now()
             self._open_room(slot)

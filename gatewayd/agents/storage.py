@@ -85,6 +85,11 @@ _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
 _WAL_BYTES_KEPT = 64 * 1024
 _WAL_HEADER_BYTES = 32
 _WAL_FRAME_HEADER_BYTES = 24
+# open_if_warm: the part of the database file that must be in the page cache (an open reads
+# the header, the schema and the runtime's own tables, all near the start), and the largest
+# WAL it reads on the loop (a kept WAL is at most _WAL_BYTES_KEPT).
+_WARM_CHECK_BYTES = 64 * 1024
+_WARM_WAL_MAX_BYTES = 256 * 1024
 # Dedup streams whose last seq an open database remembers (a device per stream: usually 1).
 _LAST_SEQS_CACHED = 64
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -166,6 +171,29 @@ def _has_frames(wal_path: str) -> bool:
         return os.path.getsize(wal_path) > 32  # the WAL header is 32 bytes
     except OSError:
         return False
+
+
+class _NotWarm(Exception):
+    """`open_if_warm`: this open would write before the caller's transaction (or wait)."""
+
+
+def _in_page_cache(path: str, size: int) -> bool:
+    """Whether the first `size` bytes of the file are in the OS page cache: a read with
+    RWF_NOWAIT returns only what it can without waiting on the disk (False where the system
+    cannot say)."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.preadv(fd, [bytearray(size)], 0, nowait) == size
+    except OSError:  # EAGAIN (not cached), EOPNOTSUPP (the file system cannot say)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _wal_started(wal_path: str) -> bool:
@@ -287,6 +315,45 @@ class AgentDatabase:
         self.keeps_wal = False
 
     @classmethod
+    def open_if_warm(
+        cls,
+        state_dir: Path,
+        agent_class: str,
+        agent_id: str,
+        *,
+        durability: str,
+        max_db_bytes: int,
+        max_value_bytes: int,
+    ) -> AgentDatabase | None:
+        """Loop: `open()` without leaving the event loop thread, or None (then use `open()`
+        on the executor). Only where the open can neither fsync nor wait on the disk:
+        durability="normal", an existing file with a kept, started WAL (keepwal.py: the
+        first COMMIT appends to it), and the file's first pages and its WAL in the OS page
+        cache (a non-blocking read says so). Anything else (a new file, a WAL to start or to
+        set aside, keepwal unavailable, cold pages) returns None before any write."""
+        if durability == "full":
+            return None
+        path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
+        wal_path = path + "-wal"
+        try:
+            size = os.stat(path).st_size
+            wal_size = os.stat(wal_path).st_size
+        except OSError:
+            return None
+        if size == 0 or not _WAL_HEADER_BYTES < wal_size <= _WARM_WAL_MAX_BYTES:
+            return None
+        if not _in_page_cache(path, min(size, _WARM_CHECK_BYTES)):
+            return None
+        if not (_in_page_cache(wal_path, wal_size) and _wal_started(wal_path)):
+            return None
+        try:
+            return cls._open(
+                path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes, warm=True
+            )
+        except _NotWarm:
+            return None
+
+    @classmethod
     def open(
         cls,
         state_dir: Path,
@@ -317,8 +384,11 @@ class AgentDatabase:
         max_db_bytes: int,
         max_value_bytes: int,
         *,
+        warm: bool = False,
         _stale_wal_retry: bool = False,
     ) -> AgentDatabase:
+        """`open()`; with `warm` (`open_if_warm`), raises `_NotWarm` wherever it would
+        write before the caller's first transaction."""
         label = f"agent {agent_class}/{agent_id!r}"
         # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
         # it must still be switched to WAL.
@@ -350,6 +420,8 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             db.keeps_wal = not full and keepwal.keep_wal(conn, path)
+            if warm and (is_new or not db.keeps_wal or not wal_present):
+                raise _NotWarm
             # The connection's settings in one call (its first statement opens the -wal and
             # -shm files and, for the first connection, rebuilds the WAL index).
             settings = [
@@ -368,6 +440,8 @@ class AgentDatabase:
             ).fetchone()
             conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
             if version == 0:
+                if warm:
+                    raise _NotWarm
                 db.begin()
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -383,6 +457,8 @@ class AgentDatabase:
                 if wal_present and wal_for is not None and wal_for != _file_identity(path):
                     # The file was replaced (say, a backup restored) after the agent closed
                     # it: the kept WAL belongs to the earlier file and must not be replayed.
+                    if warm:
+                        raise _NotWarm  # (open() sets the WAL aside, off the loop)
                     conn.close()
                     _set_aside_stale_wal(path, label)
                     return cls._open(
@@ -407,6 +483,8 @@ class AgentDatabase:
                     db.begin()
                     conn.execute(_FORGET_WAL_FOR)
                     return db
+            if warm:
+                raise _NotWarm
             if not full:
                 # Start the WAL here, on the executor, not in the first COMMIT on the loop
                 # (a new file's schema is committed here too).

@@ -262,12 +262,17 @@ scheduler.PARKED_DATABASES = 0  # every wake opens its file
 async def main():
     rt = AgentRuntime(AgentSettings(state_dir=Path(sys.argv[1])), {"echo": Echo})
     await rt.start()
-    for _ in range(3):  # created, then woken twice from a kept WAL
-        await asyncio.gather(*(rt.call("echo", f"a{i}", "bodies") for i in range(20)))
+    for round in range(3):  # created, then woken twice from a kept WAL
+        if round < 2:  # together: opened on the executor (the first one on the loop)
+            await asyncio.gather(*(rt.call("echo", f"a{i}", "bodies") for i in range(20)))
+        else:  # one at a time: opened on the loop (storage.py: open_if_warm)
+            for i in range(20):
+                await rt.call("echo", f"a{i}", "bodies")
         rt.hibernate_idle()
         while rt.stats()["active_agents"] or rt._scheduler.closing:
             await asyncio.sleep(0.01)
-    print("LOOP", threading.get_native_id(), rt.stats()["wakes_total"], flush=True)
+    stats = rt.stats()
+    print("LOOP", threading.get_native_id(), stats["wakes_total"], stats["warm_opens_total"])
     await rt.close()
 
 asyncio.run(main())
@@ -283,7 +288,8 @@ def _strace_works() -> bool:
 @pytest.mark.skipif(not _strace_works(), reason="needs strace with ptrace permitted")
 def test_wakes_from_a_kept_wal_never_fsync_on_the_loop(tmp_path: Path) -> None:
     """durability="normal": the open commits nothing of its own when the kept WAL is started,
-    so the first COMMIT of a wake runs on the loop; it must only append (no fsync there)."""
+    so the first COMMIT of a wake runs on the loop, and a wake with nothing else to run opens
+    its file on the loop: both must only read and append (no fsync there)."""
     trace = tmp_path / "sync.strace"
     done = subprocess.run(
         [
@@ -296,8 +302,8 @@ def test_wakes_from_a_kept_wal_never_fsync_on_the_loop(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 0, done.stderr
-    _, loop_tid, wakes = done.stdout.split()
-    assert int(wakes) == 60
+    _, loop_tid, wakes, warm_opens = done.stdout.split()
+    assert int(wakes) == 60 and int(warm_opens) >= 20
     calls = re.findall(r"^(\d+)\s+f(?:data)?sync\(", trace.read_text(), flags=re.MULTILINE)
     assert calls, "no fsync at all: the trace did not work"
     assert loop_tid not in calls
@@ -334,3 +340,19 @@ async def test_a_state_that_contains_itself_is_refused(make_runtime) -> None:
         with pytest.raises(StateRejectedError, match="JSON-serialisable"):
             await rt.call("c", "x", "loop")
         assert await rt.get_agent_state("c", "x") is None
+
+
+def test_open_if_warm_only_opens_what_needs_no_write(tmp_path: Path) -> None:
+    options: dict[str, Any] = {"max_db_bytes": 1 << 22, "max_value_bytes": 100}
+    assert AgentDatabase.open_if_warm(tmp_path, "c", "w", durability="normal", **options) is None
+    db = AgentDatabase.open(tmp_path, "c", "w", durability="normal", **options)
+    db.close()  # kept, restarted WAL
+    assert AgentDatabase.open_if_warm(tmp_path, "c", "w", durability="full", **options) is None
+    warm = AgentDatabase.open_if_warm(tmp_path, "c", "w", durability="normal", **options)
+    assert warm is not None and warm.connection.in_transaction and warm.keeps_wal
+    warm.commit()
+    warm.close()
+    os.unlink(db.path + "-wal")  # no WAL to append to: the open would have to start one
+    assert AgentDatabase.open_if_warm(tmp_path, "c", "w", durability="normal", **options) is None
+    AgentDatabase.open(tmp_path, "c", "w", durability="normal", **options).close()
+    assert AgentDatabase.open_if_warm(tmp_path, "c", "x", durability="normal", **options) is None
