@@ -19,7 +19,9 @@ the tiny write, and the connection closes without SQLite's own checkpoint and ke
 and -shm files (keepwal.py). So the WAL is already started when the agent wakes (its first
 frame carries the header's salts): `open()` commits nothing of its own then (it leaves a
 transaction open that forgets the WAL-ownership record, see below), the first batch's COMMIT
-appends to the WAL instead of restarting it, and a wake costs no fsync. A hibernated agent
+appends to the WAL instead of restarting it, and a wake costs no fsync (which also lets
+`open_if_warm` open such a file on the loop when its pages are in the page cache). A
+hibernated agent
 keeps a small WAL (a few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB
 -shm file next to its database. Where keepwal.py cannot apply (see there), closes checkpoint
 and delete the files as SQLite does by default and wakes pay the fsync in `open()`.
