@@ -4,8 +4,9 @@ A turn runs in its own SAVEPOINT: its SQL, state and connection-state changes ar
 it fails, and its outputs (appended to the batch's outbox through the output gate) are
 dropped with them. A turn that starts before any row of the batch's transaction changed (the
 first turn of a batch, usually) needs no savepoint: undoing it is ROLLBACK and a new BEGIN
-(`AgentDatabase.turn_savepoint`), which saves two statements on every batch of one turn. What is released, and when, is batch.py's job (after the COMMIT, or at a
-commit point: a streaming RPC chunk, after which a failure rolls back only what followed it).
+(`AgentDatabase.turn_savepoint`), which saves two statements on every batch of one turn.
+What is released, and when, is batch.py's job (after the COMMIT, or at a commit point: a
+streaming RPC chunk, after which a failure rolls back only what followed it).
 
 Every hook the turn runs is bounded by `turn_timeout_s`: the handler (cancelled, the turn
 rolled back), `on_state_changed` and `on_error` (cancelled and logged; they undo nothing).
