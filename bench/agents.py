@@ -1,22 +1,38 @@
-"""Agent runtime benchmark: turns/s, wake latency, memory — against a naive baseline.
+"""Agent runtime benchmark: cost per turn, wake latency, memory — each against a baseline.
 
-    python bench/agents.py                 # ~2 minutes on 2 cores
+    python bench/agents.py                 # a few minutes on 2 cores
     python bench/agents.py --quick         # smoke run (seconds)
+    python bench/agents.py --turn-cost-only --repeats 3
+    python bench/agents.py --wake-only --wake-agents 1000
     python bench/agents.py --hibernated 20000 --duration-s 2
 
-Each turn does one SQL INSERT and one set_state. Load is closed-loop per agent with a bounded
-window of in-flight events (like a transport with unacknowledged messages); consecutive queued
-events of one agent share one commit (that is the runtime's design). The naive baseline is one
-aiosqlite connection per agent doing INSERT + COMMIT awaited per event, with the same journal
-mode and synchronous level. Memory figures come from a fresh subprocess.
-Prints a table, then one JSON line.
+Turn cost (`--turn-cost-only`): the durable turns of the transports' agents, in process (no
+broker, no sockets): "echo" is bench/gateway_agents.py's TelemetryEcho (SQL insert +
+set_state + a reply through the durable outbox, as over MQTT; the reply is reported delivered
+on the next loop iteration and its row deleted in a later transaction), "frames" is
+FrameCounter with a TCP-style DedupKey (insert + set_state + exactly-once seq, no reply).
+Load: `--turn-agents` agents (20, like the MQTT real-client harness), closed loop, "paced" =
+one event in flight per agent (every turn its own commit: the latency case), "burst" = 32 in
+flight per agent (turns share commits). Baseline, same run, interleaved: raw `sqlite3` doing
+the same writes per turn (BEGIN, the insert, the state upsert with json.dumps, the outbox
+row and the delete of the previous one, or the dedup upsert; COMMIT) with the same pragmas
+and the same number of turns per commit, synchronously: the floor of any durable agent
+runtime. Reported: turns/s, process CPU µs per turn (`time.process_time`, all threads; the
+gatewayd side includes the driver's submit/await, what a transport does), SQL statements per
+turn (a trace callback on every agent's connection, counted in a separate pass).
+
+The older throughput comparison (`--agents`) against one aiosqlite connection per agent
+needs the `bench` extra (aiosqlite). Memory figures come from a fresh subprocess.
+Prints tables, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -32,10 +48,10 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiosqlite
-
+from bench.gateway_agents import FrameCounter, TelemetryEcho
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
-from protocols.link import Route
+from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
+from protocols.link import DedupKey, DeliveredCallback, OutputAddress, Route
 
 PAYLOAD = b"\x01" * 32
 TOTAL_WINDOW = 20_000  # events in flight over all agents
@@ -128,6 +144,8 @@ async def gatewayd_turns(state_dir: Path, agents: int, durability: str, duration
 
 
 async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s: float) -> dict:
+    import aiosqlite  # the bench extra
+
     state_dir.mkdir(parents=True, exist_ok=True)
     conns = []
     for i in range(agents):
@@ -152,6 +170,225 @@ async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s:
     for db in conns:
         await db.close()
     return {"turns_per_s": sum(counts) / elapsed}
+
+
+# -- turn cost: durable transport turns vs raw sqlite3 doing the same writes ------------------
+
+BURST_WINDOW = 32
+
+
+class InstantOutputs:
+    """A `DurableOutputs` transport that delivers each output on the next loop iteration."""
+
+    transport = "mqtt"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def send_tracked(
+        self, address: OutputAddress, seq: int, payload: bytes, on_delivered: DeliveredCallback
+    ) -> None:
+        self._loop.call_soon(on_delivered, seq)
+
+
+class DurableLink(BenchLink):
+    """A device session whose outputs are durable (what the MQTT bridge hands the runtime)."""
+
+    def __init__(self, agent_class: str, agent_id: str, outputs: InstantOutputs) -> None:
+        super().__init__(agent_id)
+        self.route = Route(agent_class, agent_id)
+        self.transport = "mqtt"
+        self.output_address = OutputAddress("mqtt", f"dev/{agent_id}/down", 1)
+        self.outputs = outputs
+
+
+async def gatewayd_turn_cost(
+    state_dir: Path, kind: str, agents: int, window: int, duration_s: float
+) -> dict[str, float]:
+    runtime = AgentRuntime(
+        AgentSettings(state_dir=state_dir, hibernate_after_s=600),
+        {"echo": TelemetryEcho, "frames": FrameCounter},
+    )
+    await runtime.start()
+    outputs = InstantOutputs(asyncio.get_running_loop())
+    runtime.attach_outputs(outputs)  # type: ignore[arg-type]
+    links = [DurableLink(kind, f"d{i}", outputs) for i in range(agents)]
+    await asyncio.gather(*(runtime.open_link(link, {}) for link in links))
+    seqs = dict.fromkeys(range(agents), 0)
+
+    def submit(i: int) -> Any:
+        link = links[i]
+        if kind == "frames":
+            seqs[i] += 1
+            return runtime.submit_message(link, PAYLOAD, DedupKey(link.link_id, seqs[i], 0))
+        return runtime.submit_message(link, PAYLOAD)
+
+    async def drive(seconds: float) -> tuple[int, float, float]:
+        deadline = time.perf_counter() + seconds
+        cpu, wall = time.process_time(), time.perf_counter()
+        counts = await asyncio.gather(
+            *(drive_for(deadline, functools.partial(submit, i), window) for i in range(agents))
+        )
+        return sum(counts), time.process_time() - cpu, time.perf_counter() - wall
+
+    await drive(min(0.3, duration_s))  # warm-up: agents awake, tables created
+    commits = runtime.stats()["commits_total"]
+    turns, cpu_s, wall_s = await drive(duration_s)
+    commits = runtime.stats()["commits_total"] - commits
+    # Statements per turn, in a pass of its own (the trace callback costs CPU).
+    statements = [0]
+
+    def count(_statement: str) -> None:
+        statements[0] += 1
+
+    for slot in runtime._scheduler.slots.values():
+        if slot.db is not None:
+            slot.db.connection.set_trace_callback(count)
+    traced, _cpu, _wall = await drive(min(0.5, duration_s))
+    for slot in runtime._scheduler.slots.values():
+        if slot.db is not None:
+            slot.db.connection.set_trace_callback(None)
+    await runtime.close()
+    return {
+        "turns_per_s": turns / wall_s,
+        "cpu_us_per_turn": cpu_s / turns * 1e6,
+        "turns_per_commit": turns / max(1, commits),
+        "statements_per_turn": statements[0] / max(1, traced),
+    }
+
+
+def raw_turn_cost(
+    state_dir: Path, kind: str, agents: int, turns_per_commit: float, duration_s: float
+) -> dict[str, float]:
+    """The same writes with raw sqlite3, synchronously, round robin over the agents' files."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conns = []
+    for i in range(agents):
+        conn = sqlite3.connect(state_dir / f"a{i}.sqlite3", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("PRAGMA cache_size=-256")
+        conn.execute("CREATE TABLE readings (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+        conn.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)")
+        conn.execute("CREATE TABLE dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)")
+        conn.execute(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, transport TEXT NOT "
+            "NULL, target TEXT NOT NULL, qos INTEGER NOT NULL, payload BLOB NOT NULL)"
+        )
+        conns.append(conn)
+    per_commit = max(1, round(turns_per_commit))
+    state = [{"readings": 0, "last": None} for _ in range(agents)]
+    delivered: list[list[int]] = [[] for _ in range(agents)]
+    seq = [0] * agents
+    commits = [0] * agents
+    turns = 0
+    cpu, wall = time.process_time(), time.perf_counter()
+    deadline = wall + duration_s
+    while time.perf_counter() < deadline:
+        for i, conn in enumerate(conns):
+            conn.execute("BEGIN")
+            if delivered[i]:  # the replies of the previous commit, delivered in order
+                conn.execute(
+                    "DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
+                    (delivered[i][0], delivered[i][-1]),
+                )
+                delivered[i] = []
+            for _ in range(per_commit):
+                if kind == "frames":
+                    conn.execute("INSERT INTO readings (body) VALUES (?)", (len(PAYLOAD),))
+                else:
+                    conn.execute("INSERT INTO readings (body) VALUES (?)", (PAYLOAD,))
+                new = {"readings": state[i]["readings"] + 1, "last": len(PAYLOAD)}
+                conn.execute(
+                    "INSERT INTO state (id, json) VALUES (0, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
+                    (json.dumps(new, separators=(",", ":"), ensure_ascii=False),),
+                )
+                state[i] = new
+                if kind == "frames":
+                    seq[i] += 1
+                    conn.execute(
+                        "INSERT INTO dedup (stream, last_seq) VALUES (?, ?) "
+                        "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+                        (f"d{i}", seq[i]),
+                    )
+                else:
+                    cursor = conn.execute(
+                        "INSERT INTO outbox (transport, target, qos, payload) VALUES (?, ?, ?, ?)",
+                        ("mqtt", f"dev/d{i}/down", 1, PAYLOAD),
+                    )
+                    assert cursor.lastrowid is not None
+                    delivered[i].append(cursor.lastrowid)
+                turns += 1
+            conn.execute("COMMIT")
+            commits[i] += 1
+            if commits[i] % CHECKPOINT_AFTER_COMMITS == 0:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
+    for conn in conns:
+        conn.close()
+    # Per turn: the insert, the state upsert, the outbox row or the dedup upsert; per commit:
+    # BEGIN, COMMIT and (echo) the delete of the delivered rows.
+    statements = 3 + (3 if kind == "echo" else 2) / per_commit
+    return {
+        "turns_per_s": turns / wall_s,
+        "cpu_us_per_turn": cpu_s / turns * 1e6,
+        "turns_per_commit": per_commit,
+        "statements_per_turn": statements,
+    }
+
+
+async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved repeats of (gatewayd, raw) per case; medians and ratios."""
+    cases = [
+        (kind, shape, window)
+        for kind in ("echo", "frames")
+        for shape, window in (("paced", 1), ("burst", BURST_WINDOW))
+    ]
+    samples: dict[str, dict[str, list[float]]] = {}
+    for repeat in range(opts.repeats):
+        for kind, shape, window in cases:
+            name = f"{kind}_{shape}"
+            ours = await gatewayd_turn_cost(
+                root / f"tc-g-{name}-{repeat}", kind, opts.turn_agents, window, opts.duration_s
+            )
+            raw = raw_turn_cost(
+                root / f"tc-r-{name}-{repeat}",
+                kind,
+                opts.turn_agents,
+                ours["turns_per_commit"],
+                opts.duration_s,
+            )
+            shutil.rmtree(root / f"tc-g-{name}-{repeat}", ignore_errors=True)
+            shutil.rmtree(root / f"tc-r-{name}-{repeat}", ignore_errors=True)
+            case = samples.setdefault(name, {})
+            for side, result in (("gatewayd", ours), ("raw", raw)):
+                for key, value in result.items():
+                    case.setdefault(f"{side}_{key}", []).append(value)
+    out: dict[str, Any] = {}
+    for name, case in samples.items():
+        row = {key: round(statistics.median(values), 2) for key, values in case.items()}
+        row["cpu_ratio"] = round(row["gatewayd_cpu_us_per_turn"] / row["raw_cpu_us_per_turn"], 2)
+        row["throughput_ratio"] = round(row["gatewayd_turns_per_s"] / row["raw_turns_per_s"], 2)
+        out[name] = row
+    return out
+
+
+def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
+    print(
+        f"turn cost, {agents} agents, medians of {repeats} interleaved repeats "
+        "(raw = sqlite3 doing the same writes, same turns per commit)"
+    )
+    header = ("case", "turns/s", "raw/s", "CPU us/turn", "raw us", "ratio", "stmts/turn", "raw")
+    print("{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5}".format(*header))
+    for name, row in table.items():
+        print(
+            f"{name:<13} {row['gatewayd_turns_per_s']:>8.0f} {row['raw_turns_per_s']:>8.0f} "
+            f"{row['gatewayd_cpu_us_per_turn']:>11.1f} {row['raw_cpu_us_per_turn']:>7.1f} "
+            f"{row['cpu_ratio']:>6.2f} {row['gatewayd_statements_per_turn']:>10.2f} "
+            f"{row['raw_statements_per_turn']:>5.2f}"
+        )
 
 
 async def wake_latency(state_dir: Path, agents: int) -> dict:
@@ -277,11 +514,26 @@ def run_memory_subprocess(
 
 async def main_async(opts: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="gatewayd-bench-"))
-    results: dict[str, Any] = {"turns": {}}
+    results: dict[str, Any] = {
+        "turns": {},
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
     try:
+        if not (opts.memory_only or opts.wake_only):
+            table = await turn_cost(root, opts)
+            results["turn_cost"] = table
+            print_turn_cost(table, opts.turn_agents, opts.repeats)
+            if opts.turn_cost_only:
+                results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+                return results
         rows = []
+        naive_available = importlib.util.find_spec("aiosqlite") is not None
+        if not naive_available and not (opts.memory_only or opts.wake_only):
+            print("(the aiosqlite throughput comparison needs the bench extra: not run)")
         for durability in ("normal", "full"):
-            for agents in [] if opts.memory_only or opts.wake_only else opts.agents:
+            for agents in (
+                [] if opts.memory_only or opts.wake_only or not naive_available else opts.agents
+            ):
                 ours = await gatewayd_turns(
                     root / f"g-{durability}-{agents}", agents, durability, opts.duration_s
                 )
@@ -303,7 +555,12 @@ async def main_async(opts: argparse.Namespace) -> dict:
         if not opts.memory_only:
             wake = await wake_latency(root / "wake", opts.wake_agents)
             results.update({k: round(v, 3) for k, v in wake.items()})
-        if opts.wake_only:
+        results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        if opts.wake_only or opts.no_memory:
+            results["wake_targets_met"] = {
+                "cold": results["wake_p50_ms"] < 1 and results["wake_p99_ms"] < 3,
+                "parked": results["parked_wake_p50_ms"] < 1 and results["parked_wake_p99_ms"] < 3,
+            }
             print(
                 f"wake p50 {results['wake_p50_ms']:.3f} ms, p99 {results['wake_p99_ms']:.3f} ms"
                 f" (target < 1 / < 3); plain sqlite3 open+read+commit, same files: p50 "
@@ -376,7 +633,15 @@ def main() -> None:
         default=200,
         help="agents awake at once while creating the hibernated ones (RSS high-water)",
     )
+    parser.add_argument("--turn-agents", type=int, default=20, help="agents in the turn cost")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved turn-cost repeats")
+    parser.add_argument(
+        "--turn-cost-only", action="store_true", help="only the turn cost against raw sqlite3"
+    )
     parser.add_argument("--memory-only", action="store_true", help="only the memory figures")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="turn cost and wake latency, no memory figures"
+    )
     parser.add_argument("--wake-only", action="store_true", help="only the wake latency")
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
@@ -395,7 +660,7 @@ def main() -> None:
         print(json.dumps(asyncio.run(result)))
         return
     if opts.quick:
-        opts.agents, opts.duration_s = [1, 10], 0.5
+        opts.agents, opts.duration_s, opts.repeats = [1, 10], 0.5, 1
         opts.wake_agents, opts.active_agents, opts.hibernated = 100, 100, 1000
     print(json.dumps({"bench": "agents", **asyncio.run(main_async(opts))}))
 

@@ -191,6 +191,9 @@ class AlarmsMixin:
         slot.index_dirty = True
         db = slot.db
         assert db is not None
+        # The stores below may create tables outside any turn: a failing turn must not undo
+        # them with the whole transaction (storage.py: turn_savepoint).
+        db.keep_savepoints()
         tables = {
             row[0]
             for row in db.connection.execute(

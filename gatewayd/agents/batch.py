@@ -42,7 +42,7 @@ from gatewayd.agents.committer import GroupCommitter
 from gatewayd.agents.connection import Connection, deliver
 from gatewayd.agents.diskspace import DiskSpaceGuard
 from gatewayd.agents.errors import CommitError
-from gatewayd.agents.metrics import COMMIT_ERRORS, COMMITS
+from gatewayd.agents.metrics import HOT
 from gatewayd.agents.outbox import Outbox, OutboxRow
 from gatewayd.agents.quarantine import Quarantine, corruption_of
 from gatewayd.agents.registry import ConnectionRegistry
@@ -188,6 +188,10 @@ class BatchRunner:
         assert self._loop is not None
         assert self._committer is not None
         try:
+            # The batch's dedup seqs, once per stream; rows of outputs delivered meanwhile
+            # (not at the transaction's start: then its first turn needs no SAVEPOINT).
+            db.write_seqs()
+            self._outputs.delete_delivered(slot.key, slot.stores, db.connection)
             if self._outputs.needs_mark(slot.key):
                 # The outbox index must list the agent before its rows are durable, or a crash
                 # right after this commit would hide them from the next start (outbox.py).
@@ -200,14 +204,14 @@ class BatchRunner:
                 _commit_inline(db)
         except Exception as err:
             self.counters["commit_errors"] += 1
-            COMMIT_ERRORS.inc()
+            HOT.commit_errors += 1
             await self._abort_batch(
                 slot, f"commit failed ({type(err).__name__}: {err})", done, outbox, undo_conns,
                 cause=err,
             )  # fmt: skip
             return
         self.counters["commits_total"] += 1
-        COMMITS.inc()
+        HOT.commits += 1
         self._release(slot, outbox, done)
         self._after_commit(slot)
         if db.needs_checkpoint():
@@ -261,7 +265,7 @@ class BatchRunner:
         if db.commit_fsyncs or self._outputs.needs_mark(slot.key):
             # (The outbox index is written off the loop before such a commit: see commit_batch.)
             return _OnAwait(lambda: self._commit_point_off_loop(slot, turn))
-        db.release()
+        db.end_turn(turn.savepoint)
         try:
             _commit_inline(db)
         except Exception as err:
@@ -294,7 +298,7 @@ class BatchRunner:
             self._write_outputs_so_far(slot, turn, db)  # what the turn sent while waiting
             if self._outputs.needs_mark(slot.key):
                 await self._loop.run_in_executor(self._executor, self._outputs.mark, slot.key)
-            db.release()
+            db.end_turn(turn.savepoint)
             commit = self._committer.commit(db)
             cancelled = False
             while not commit.done():
@@ -319,7 +323,7 @@ class BatchRunner:
     def _commit_point_done(self, slot: Slot, turn: Turn, db: AgentDatabase) -> None:
         assert slot.outbox is not None and slot.done is not None and slot.undo_conns is not None
         self.counters["commits_total"] += 1
-        COMMITS.inc()
+        HOT.commits += 1
         outbox, done = list(slot.outbox), list(slot.done)
         slot.outbox.clear()
         slot.done.clear()
@@ -330,6 +334,7 @@ class BatchRunner:
         self._after_commit(slot)
         db.begin()
         db.savepoint()
+        turn.savepoint = True
         self._release(slot, outbox, done)
 
     def _commit_point_failed(
@@ -338,13 +343,14 @@ class BatchRunner:
         """The batch's transaction is lost: the turn fails when it ends, whatever it does with
         the error; until then it writes into a transaction that is never committed."""
         self.counters["commit_errors"] += 1
-        COMMIT_ERRORS.inc()
+        HOT.commit_errors += 1
         turn.lost = TransactionLost(
             f"commit failed at a streaming RPC chunk ({type(err).__name__}: {err})"
         )
         db.rollback()
         db.begin()
         db.savepoint()
+        turn.savepoint = True
         return turn.lost
 
     async def _abort_batch(
@@ -435,6 +441,24 @@ class BatchRunner:
             db = self.scheduler.take_parked(slot.key)
             if db is None:
                 await self.scheduler.wait_for_close(slot.key)  # a parked one found changed
+                if self.scheduler.running <= 1:
+                    # Nothing else to run meanwhile: a file whose pages are in the page cache
+                    # and whose kept WAL is started opens here, without the two thread
+                    # hand-offs (no fsync, no disk wait: storage.py). With other agents
+                    # busy, the executor opens it while the loop serves them.
+                    db = AgentDatabase.open_if_warm(
+                        settings.state_dir,
+                        slot.key[0],
+                        slot.key[1],
+                        durability=settings.durability,
+                        max_db_bytes=settings.max_db_bytes,
+                        max_value_bytes=settings.max_value_bytes,
+                    )
+                    if db is not None:
+                        self.counters["warm_opens_total"] = (
+                            self.counters.get("warm_opens_total", 0) + 1
+                        )
+            if db is None:
                 db = await self._loop.run_in_executor(
                     self._executor,
                     functools.partial(

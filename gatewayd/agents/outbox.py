@@ -33,13 +33,14 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
 from gatewayd.agents.errors import AgentError
+from gatewayd.agents.metrics import HOT
 from protocols.link import DurableOutputs, OutputAddress, durable_target
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,8 @@ AgentKey = tuple[str, str]
 
 DEFAULT_MAX_UNDELIVERED = 10_000
 
-OUTBOX_EVENTS = Counter(
-    "gatewayd_outbox_events_total",
-    "Durable outputs: written, handed_over, delivered, resent_after_restart, refused_full",
-    ["event"],
-)
-_WRITTEN = OUTBOX_EVENTS.labels("written")
-_HANDED_OVER = OUTBOX_EVENTS.labels("handed_over")
-_DELIVERED = OUTBOX_EVENTS.labels("delivered")
-_RESENT = OUTBOX_EVENTS.labels("resent_after_restart")
-_REFUSED = OUTBOX_EVENTS.labels("refused_full")
+# gatewayd_outbox_events_total{event}: plain counters read at scrape time (metrics.py).
+_EVENTS = HOT.outbox
 OUTBOX_UNDELIVERED = Gauge(
     "gatewayd_outbox_undelivered", "Durable outputs handed to a transport and not yet delivered"
 )
@@ -107,8 +100,20 @@ class OutboxStore:
             for seq, t, target, qos, p in rows
         ]
 
-    def delete(self, seqs: Iterable[int]) -> None:
-        self._db.executemany("DELETE FROM _gw_outbox WHERE seq = ?", ((seq,) for seq in seqs))
+    def delete(self, seqs: list[int]) -> None:
+        """Delete these rows: one statement when the seqs are one run without gaps (outputs
+        are usually delivered in order), else one execution per seq."""
+        if len(seqs) == 1:
+            self._db.execute("DELETE FROM _gw_outbox WHERE seq = ?", (seqs[0],))
+            return
+        if not seqs:
+            return
+        low, high = min(seqs), max(seqs)
+        if high - low + 1 == len(seqs) == len(set(seqs)):
+            # Every seq from low to high is in `seqs` (seqs are unique row ids): exact.
+            self._db.execute("DELETE FROM _gw_outbox WHERE seq BETWEEN ? AND ?", (low, high))
+        else:
+            self._db.executemany("DELETE FROM _gw_outbox WHERE seq = ?", [(seq,) for seq in seqs])
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM _gw_outbox").fetchone()[0])
@@ -179,6 +184,7 @@ class _AgentOutputs:
     written_in_batch: int = 0  # rows of the open transaction (released after its commit)
     marked: bool = False  # known to be in the OutboxIndex
     recover: bool = False  # rows from an earlier run may be on disk, not yet resent
+    on_delivered: Callable[[int], None] | None = None  # the transports' callback, made once
 
     def idle(self) -> bool:
         return not (self.in_flight or self.parked or self.delivered or self.recover)
@@ -190,8 +196,9 @@ class Outbox:
     The runtime's modules call, always on the event loop unless said otherwise:
     start-up: `open_index(path)` and `index.marked()` (executor), `recover(keys)`, then wake
     those agents;
-    batch.py: `begin_batch` after BEGIN, `needs_mark` (then `mark` on the executor) before
-    COMMIT, `committed(key, rows)` after it, `aborted(key)` if the batch is lost;
+    batch.py: `begin_batch` after BEGIN, `delete_delivered` after the batch's turns and
+    `needs_mark` (then `mark` on the executor) before COMMIT, `committed(key, rows)` after it,
+    `aborted(key)` if the batch is lost;
     turn.py: `write_turn_outputs` at the end of each successful turn, inside its savepoint;
     scheduler.py: `settlement` / `settle` (executor) / `settled` around closing a database.
     """
@@ -268,16 +275,24 @@ class Outbox:
         return OutboxStore(db)
 
     def begin_batch(self, key: AgentKey, stores: dict[str, Any], db: sqlite3.Connection) -> None:
-        """Right after the batch's BEGIN: delete what was delivered since the last batch, and
-        on the agent's first wake after a restart, send its older outputs again (before any
-        output of this batch, which leaves only after the commit)."""
+        """Right after the batch's BEGIN: on the agent's first wake after a restart, send its
+        older outputs again (before any output of this batch, which leaves only after the
+        commit). Writes nothing (the batch's first turn then needs no SAVEPOINT)."""
         agent = self._agents.get(key)
-        if agent is None:
+        if agent is None or not agent.recover:
             return
-        store = self._store(stores, db)
+        self.recovered(key, self._store(stores, db))
+
+    def delete_delivered(
+        self, key: AgentKey, stores: dict[str, Any], db: sqlite3.Connection
+    ) -> None:
+        """After the batch's turns, before its COMMIT (in its transaction): delete the rows
+        delivered so far (`committed` forgets them once the COMMIT returned)."""
+        agent = self._agents.get(key)
+        if agent is None or not agent.delivered:
+            return
         agent.deleting = list(agent.delivered)
-        store.delete(agent.deleting)
-        self.recovered(key, store)
+        self._store(stores, db).delete(agent.deleting)
 
     def write_turn_outputs(
         self,
@@ -323,7 +338,7 @@ class Outbox:
                 len(rows),
             )
         for row in rows:
-            _RESENT.inc()
+            _EVENTS["resent_after_restart"] += 1
             self._release(key, agent, row)
         self._forget_if_idle(key, agent)
 
@@ -334,7 +349,7 @@ class Outbox:
         agent = self._agent(key)
         held = len(agent.in_flight) + len(agent.parked) + agent.written_in_batch
         if held >= self.max_undelivered:
-            _REFUSED.inc()
+            _EVENTS["refused_full"] += 1
             raise OutboxFullError(
                 f"agent {key[0]}/{key[1]!r} holds {held} outputs its devices have not taken "
                 f"(agents.max_undelivered_outputs={self.max_undelivered}); this turn is rolled "
@@ -343,7 +358,7 @@ class Outbox:
             )
         seq = store.append(address, payload)
         agent.written_in_batch += 1
-        _WRITTEN.inc()
+        _EVENTS["written"] += 1
         return seq
 
     def needs_mark(self, key: AgentKey) -> bool:
@@ -404,7 +419,7 @@ class Outbox:
         conn.execute("BEGIN")
         try:
             store = OutboxStore(conn)
-            store.delete(settlement.seqs)
+            store.delete(list(settlement.seqs))
             left = store.count()
         except BaseException:
             conn.execute("ROLLBACK")
@@ -459,9 +474,12 @@ class Outbox:
         sink = self._sinks[row.address.transport]
         agent.in_flight[row.seq] = row.address.transport
         self._undelivered += 1
-        _HANDED_OVER.inc()
+        _EVENTS["handed_over"] += 1
         try:
-            sink.send_tracked(row.address, row.seq, row.payload, self._on_delivered(key))
+            callback = agent.on_delivered
+            if callback is None:
+                callback = agent.on_delivered = self._on_delivered(key)
+            sink.send_tracked(row.address, row.seq, row.payload, callback)
         except Exception:
             # The row stays on disk and in flight: it is sent again after a restart.
             logger.exception(
@@ -481,6 +499,6 @@ class Outbox:
             del agent.in_flight[seq]
             agent.delivered.append(seq)
             self._undelivered -= 1
-            _DELIVERED.inc()
+            _EVENTS["delivered"] += 1
 
         return delivered

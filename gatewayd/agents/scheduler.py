@@ -80,6 +80,9 @@ class SlotScheduler:
         # Values: (database, its files when parked, loop time when parked).
         self.parked: OrderedDict[AgentKey, tuple[AgentDatabase, ParkedFiles, float]] = OrderedDict()
         self.awake = 0
+        self._last_hibernated_at = 0.0
+        # Agents whose run loop (`_run`) is running now.
+        self.running = 0
         self._shutting_down = False
         self._evicted_since_trim = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +176,7 @@ class SlotScheduler:
         return slot
 
     async def _run(self, slot: Slot) -> None:
+        self.running += 1
         try:
             while slot.mailbox:
                 await self._run_batch(slot)
@@ -196,6 +200,7 @@ class SlotScheduler:
             if slot.agent is not None:
                 self.evict(slot)
         finally:
+            self.running -= 1
             slot.task = None
             slot.last_active = self.now()
             self._open_room(slot)
@@ -293,11 +298,18 @@ class SlotScheduler:
         self._close_parked_later(key, db)
         return None
 
-    def _park(self, key: AgentKey, db: AgentDatabase, files: ParkedFiles) -> None:
+    def _park(
+        self, key: AgentKey, db: AgentDatabase, files: ParkedFiles, hibernated_at: float
+    ) -> None:
         if self._shutting_down:
             self._close_parked_later(key, db)
             return
-        self.parked[key] = (db, files, self.now())
+        newest = next(reversed(self.parked.values()), None)
+        self.parked[key] = (db, files, hibernated_at)
+        if newest is not None and newest[2] > hibernated_at:
+            # The closes finished out of order (several executor threads): keep the pool in
+            # the order the agents hibernated, so the least recently used close first.
+            self.parked = OrderedDict(sorted(self.parked.items(), key=lambda item: item[1][2]))
         while len(self.parked) > PARKED_DATABASES:
             oldest, (oldest_db, _files, _at) = self.parked.popitem(last=False)
             self._close_parked_later(oldest, oldest_db)
@@ -334,6 +346,8 @@ class SlotScheduler:
         outputs = self._outputs
         # Delivered outputs' rows go before the file closes (outbox.py).
         settlement = outputs.settlement(key)
+        # When the agent hibernated (strictly increasing: orders the parked pool).
+        hibernated_at = self._last_hibernated_at = max(self.now(), self._last_hibernated_at + 1e-9)
 
         def close() -> ParkedFiles | None:
             if settlement is not None:
@@ -370,7 +384,7 @@ class SlotScheduler:
             files = None if done.cancelled() or done.exception() else done.result()
             if files is not None:
                 # Before a wake waiting on this close resumes (its callback runs after).
-                self._park(key, db, files)
+                self._park(key, db, files, hibernated_at)
 
         future.add_done_callback(forget)
 

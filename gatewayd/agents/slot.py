@@ -70,6 +70,7 @@ class Turn:
         "readonly",
         "rpc_conn",
         "rpc_id",
+        "savepoint",
         "source",
         "state_before",
     )
@@ -90,6 +91,8 @@ class Turn:
         self.rpc_id: str | None = None
         self.rpc_conn: Connection | None = None
         self.destroy = False
+        # Whether the turn runs in its own SAVEPOINT (see AgentDatabase.turn_savepoint).
+        self.savepoint = True
 
 
 class Slot:

@@ -7,16 +7,21 @@ The invariant: no fsync ever runs on the event loop thread.
 - durability="normal" (WAL, synchronous=NORMAL): a COMMIT only appends to the WAL, so the
   runtime runs `commit()` inline on the loop. The fsyncs of this mode happen (1) inside a
   checkpoint, and (2) when a writer (re)starts the WAL and syncs its header. Both are kept off
-  the loop: SQLite's automatic checkpoint is disabled (`wal_autocheckpoint=0`), `open()` and
-  `checkpoint()` (both executor-only) end with a tiny write that (re)starts the WAL there, and
+  the loop: SQLite's automatic checkpoint is disabled (`wal_autocheckpoint=0`), `open()` (when
+  the WAL is not already started, see below) and `checkpoint()` (both executor-only) end with
+  a tiny write that (re)starts the WAL there, and
   the runtime calls `checkpoint()` on the executor once `needs_checkpoint()`, at the end of
   that agent's commit path (the agent is busy until it returns), and `close()` (which
   checkpoints) on the executor too.
 
 Wakes: a hibernating agent's `close()` (executor) checkpoints and then restarts the WAL with
 the tiny write, and the connection closes without SQLite's own checkpoint and keeps its -wal
-and -shm files (keepwal.py). So the WAL is already started when the agent wakes: `open()`'s
-write appends to it instead of restarting it, and a wake costs no fsync. A hibernated agent
+and -shm files (keepwal.py). So the WAL is already started when the agent wakes (its first
+frame carries the header's salts): `open()` commits nothing of its own then (it leaves a
+transaction open that forgets the WAL-ownership record, see below), the first batch's COMMIT
+appends to the WAL instead of restarting it, and a wake costs no fsync (which also lets
+`open_if_warm` open such a file on the loop when its pages are in the page cache). A
+hibernated agent
 keeps a small WAL (a few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB
 -shm file next to its database. Where keepwal.py cannot apply (see there), closes checkpoint
 and delete the files as SQLite does by default and wakes pay the fsync in `open()`.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -79,6 +85,15 @@ _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
 # transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
 _WAL_BYTES_KEPT = 64 * 1024
+_WAL_HEADER_BYTES = 32
+_WAL_FRAME_HEADER_BYTES = 24
+# open_if_warm: the part of the database file that must be in the page cache (an open reads
+# the header, the schema and the runtime's own tables, all near the start), and the largest
+# WAL it reads on the loop (a kept WAL is at most _WAL_BYTES_KEPT).
+_WARM_CHECK_BYTES = 64 * 1024
+_WARM_WAL_MAX_BYTES = 256 * 1024
+# Dedup streams whose last seq an open database remembers (a device per stream: usually 1).
+_LAST_SEQS_CACHED = 64
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]")
 _READABLE_PREFIX_CHARS = 32
@@ -160,6 +175,50 @@ def _has_frames(wal_path: str) -> bool:
         return False
 
 
+class _NotWarm(Exception):
+    """`open_if_warm`: this open would write before the caller's transaction (or wait)."""
+
+
+def _in_page_cache(path: str, size: int) -> bool:
+    """Whether the first `size` bytes of the file are in the OS page cache: a read with
+    RWF_NOWAIT returns only what it can without waiting on the disk (False where the system
+    cannot say)."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.preadv(fd, [bytearray(size)], 0, nowait) == size
+    except OSError:  # EAGAIN (not cached), EOPNOTSUPP (the file system cannot say)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _wal_started(wal_path: str) -> bool:
+    """Whether the WAL's first frame belongs to its header (same salts): the WAL was started
+    and holds frames, so the next write appends to it without restarting it (which would
+    sync its header). A header with no frame after it, or a stale frame, says False."""
+    try:
+        fd = os.open(wal_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        head = os.pread(fd, _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(head) < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES:
+        return False
+    salts = head[16:24]
+    frame_salts = head[_WAL_HEADER_BYTES + 8 : _WAL_HEADER_BYTES + 16]
+    return head[:3] == b"\x37\x7f\x06" and salts == frame_salts
+
+
 def _delete_wal_files(path: str) -> None:
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -181,6 +240,18 @@ def _set_aside_stale_wal(path: str, label: str) -> None:
     )
 
 
+def _first_word(query: str) -> str:
+    """The statement's first word, upper-case."""
+    if len(query) <= 1024:
+        return _first_word_cached(query)  # an agent runs the same few queries again
+    return query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+
+
+@functools.lru_cache(maxsize=512)
+def _first_word_cached(query: str) -> str:
+    return query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+
+
 def _check_value_size(value: Any, max_value_bytes: int, where: str) -> None:
     if isinstance(value, str):
         # A str encodes to at most 4 bytes per character: only encode when it could matter.
@@ -200,12 +271,15 @@ class AgentDatabase:
     """An open agent database. Create with `AgentDatabase.open(...)`."""
 
     __slots__ = (
+        "_changes_at_begin",
         "_commits_since_checkpoint",
         "_conn",
         "_io_lock",
         "_label",
+        "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
+        "_unwritten_seqs",
         "commit_fsyncs",
         "in_transaction_",
         "keeps_wal",
@@ -230,9 +304,56 @@ class AgentDatabase:
         # False (durability="normal"): COMMIT never fsyncs and may run on the loop.
         self.commit_fsyncs = commit_fsyncs
         self._commits_since_checkpoint = 0
+        # `total_changes` when the open transaction began: a turn needs no SAVEPOINT while
+        # nothing changed since (see `turn_savepoint`).
+        self._changes_at_begin = -1
+        # Dedup streams' last applied seq as read or written (a cache), and the seqs that the
+        # open transaction's turns applied, written before its COMMIT (`write_seqs`); both
+        # forgotten with any rollback.
+        self._last_seqs: dict[str, int | None] = {}
+        self._unwritten_seqs: dict[str, int] = {}
         self._io_lock = threading.Lock()
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
+
+    @classmethod
+    def open_if_warm(
+        cls,
+        state_dir: Path,
+        agent_class: str,
+        agent_id: str,
+        *,
+        durability: str,
+        max_db_bytes: int,
+        max_value_bytes: int,
+    ) -> AgentDatabase | None:
+        """Loop: `open()` without leaving the event loop thread, or None (then use `open()`
+        on the executor). Only where the open can neither fsync nor wait on the disk:
+        durability="normal", an existing file with a kept, started WAL (keepwal.py: the
+        first COMMIT appends to it), and the file's first pages and its WAL in the OS page
+        cache (a non-blocking read says so). Anything else (a new file, a WAL to start or to
+        set aside, keepwal unavailable, cold pages) returns None before any write."""
+        if durability == "full":
+            return None
+        path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
+        wal_path = path + "-wal"
+        try:
+            size = os.stat(path).st_size
+            wal_size = os.stat(wal_path).st_size
+        except OSError:
+            return None
+        if size == 0 or not _WAL_HEADER_BYTES < wal_size <= _WARM_WAL_MAX_BYTES:
+            return None
+        if not _in_page_cache(path, min(size, _WARM_CHECK_BYTES)):
+            return None
+        if not (_in_page_cache(wal_path, wal_size) and _wal_started(wal_path)):
+            return None
+        try:
+            return cls._open(
+                path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes, warm=True
+            )
+        except _NotWarm:
+            return None
 
     @classmethod
     def open(
@@ -244,18 +365,39 @@ class AgentDatabase:
         durability: str,
         max_db_bytes: int,
         max_value_bytes: int,
-        _stale_wal_retry: bool = False,
     ) -> AgentDatabase:
         """Open (creating if needed) the agent's file; executor only (it may fsync). With
         durability="full" a new file's schema is written inside an open transaction that the
-        caller's first commit makes durable; with "normal" it is committed here, together with
-        the write that starts the WAL, and no transaction is left open."""
+        caller's first commit makes durable. With "normal", a kept WAL that holds frames
+        (keepwal.py) is appended to by the caller's first COMMIT without an fsync: the open
+        leaves a transaction open whose first write forgets the WAL-ownership record (as
+        `resume` does); otherwise the write that (re)starts the WAL, and a new file's schema,
+        are committed here and no transaction is left open."""
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
+        return cls._open(path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes)
+
+    @classmethod
+    def _open(
+        cls,
+        path: str,
+        agent_class: str,
+        agent_id: str,
+        durability: str,
+        max_db_bytes: int,
+        max_value_bytes: int,
+        *,
+        warm: bool = False,
+        _stale_wal_retry: bool = False,
+    ) -> AgentDatabase:
+        """`open()`; with `warm` (`open_if_warm`), raises `_NotWarm` wherever it would
+        write before the caller's first transaction."""
         label = f"agent {agent_class}/{agent_id!r}"
         # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
         # it must still be switched to WAL.
-        exists = os.path.exists(path)
-        is_new = not exists or os.path.getsize(path) == 0
+        try:
+            exists, is_new = True, os.stat(path).st_size == 0
+        except FileNotFoundError:
+            exists, is_new = False, True
         if is_new:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         if not exists:
@@ -265,7 +407,7 @@ class AgentDatabase:
         # The WAL-ownership record is only checked when a WAL is there to replay: a record
         # that reached the database file itself (another connection checkpointed the kept
         # WAL) says nothing about a WAL, and the first transaction below forgets it.
-        wal_present = not _stale_wal_retry and _has_frames(path + "-wal")
+        wal_present = not _stale_wal_retry and exists and _has_frames(path + "-wal")
         try:
             conn = sqlite3.connect(
                 path,
@@ -280,18 +422,28 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             db.keeps_wal = not full and keepwal.keep_wal(conn, path)
+            if warm and (is_new or not db.keeps_wal or not wal_present):
+                raise _NotWarm
+            # The connection's settings in one call (its first statement opens the -wal and
+            # -shm files and, for the first connection, rebuilds the WAL index).
+            settings = [
+                f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}",
+                f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}",
+            ]
             if db.keeps_wal:
-                conn.execute(f"PRAGMA journal_size_limit={_WAL_BYTES_KEPT}")
-            conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
-            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB_PER_AGENT}")
+                settings.append(f"PRAGMA journal_size_limit={_WAL_BYTES_KEPT}")
             if not full:
-                conn.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
+                settings.append("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
-                conn.execute("PRAGMA journal_mode=WAL")
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                settings.append("PRAGMA journal_mode=WAL")
+            conn.executescript(";".join(settings))
+            page_size, version = conn.execute(
+                "SELECT page_size, user_version FROM pragma_page_size, pragma_user_version"
+            ).fetchone()
             conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
+                if warm:
+                    raise _NotWarm
                 db.begin()
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -307,15 +459,17 @@ class AgentDatabase:
                 if wal_present and wal_for is not None and wal_for != _file_identity(path):
                     # The file was replaced (say, a backup restored) after the agent closed
                     # it: the kept WAL belongs to the earlier file and must not be replayed.
+                    if warm:
+                        raise _NotWarm  # (open() sets the WAL aside, off the loop)
                     conn.close()
                     _set_aside_stale_wal(path, label)
-                    return cls.open(
-                        state_dir,
+                    return cls._open(
+                        path,
                         agent_class,
                         agent_id,
-                        durability=durability,
-                        max_db_bytes=max_db_bytes,
-                        max_value_bytes=max_value_bytes,
+                        durability,
+                        max_db_bytes,
+                        max_value_bytes,
                         _stale_wal_retry=True,
                     )
                 if stored.get("agent_class") != agent_class or stored.get("agent_id") != agent_id:
@@ -323,6 +477,16 @@ class AgentDatabase:
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
+                if db.keeps_wal and wal_present and _wal_started(path + "-wal"):
+                    # The WAL holds frames: the first COMMIT appends to it (no fsync), so
+                    # there is nothing to start here; forget the ownership record in the
+                    # caller's first transaction (committed before any checkpoint can copy
+                    # it into the file).
+                    db.begin()
+                    conn.execute(_FORGET_WAL_FOR)
+                    return db
+            if warm:
+                raise _NotWarm
             if not full:
                 # Start the WAL here, on the executor, not in the first COMMIT on the loop
                 # (a new file's schema is committed here too).
@@ -351,6 +515,7 @@ class AgentDatabase:
         if not self.in_transaction_:
             self._conn.execute("BEGIN")
             self.in_transaction_ = True
+            self._changes_at_begin = self._conn.total_changes
 
     def savepoint(self) -> None:
         self._conn.execute("SAVEPOINT gw_turn")
@@ -362,9 +527,44 @@ class AgentDatabase:
         self._conn.execute("ROLLBACK TO gw_turn")
         self._conn.execute("RELEASE gw_turn")
 
+    def turn_savepoint(self) -> bool:
+        """Start a turn: a SAVEPOINT, unless no row changed in the open transaction yet (the
+        first turn of a batch, usually): then undoing the turn is undoing the transaction
+        (`undo_turn(False)`: ROLLBACK, BEGIN), and two statements per batch are saved.
+        Returns whether a savepoint was opened. (Schema changes do not count as changes:
+        what a rollback undoes of them is re-created by its store, see turn.py.)"""
+        if self._changes_at_begin == self._conn.total_changes and self.in_transaction_:
+            return False
+        self._conn.execute("SAVEPOINT gw_turn")
+        return True
+
+    def keep_savepoints(self) -> None:
+        """The open transaction holds work that undoing a turn must not undo, though no row
+        changed (a store's tables created outside any turn): every turn takes a savepoint
+        until the next BEGIN."""
+        self._changes_at_begin = -1
+
+    def end_turn(self, savepoint: bool) -> None:
+        """The turn ended well: what it did stays in the transaction (the next turn of the
+        batch gets a savepoint, even if this one only changed the schema)."""
+        if savepoint:
+            self._conn.execute("RELEASE gw_turn")
+        self._changes_at_begin = -1
+
+    def undo_turn(self, savepoint: bool) -> None:
+        """Undo what the turn wrote; the batch's transaction stays open."""
+        if savepoint:
+            self._conn.execute("ROLLBACK TO gw_turn")
+            self._conn.execute("RELEASE gw_turn")
+        else:
+            self.rollback()
+            self.begin()
+
     def commit(self) -> None:
         """With durability=full this fsyncs the WAL: run it on the commit executor. With
-        "normal" it never fsyncs (no autocheckpoint, WAL already started) and runs inline."""
+        "normal" it never fsyncs (no autocheckpoint, WAL already started) and runs inline.
+        Writes the batch's dedup seqs first (`write_seqs`), if that was not done yet."""
+        self.write_seqs()
         try:
             self._conn.execute("COMMIT")
         finally:
@@ -405,6 +605,8 @@ class AgentDatabase:
             self._conn.execute("PRAGMA shrink_memory")
 
     def rollback(self) -> None:
+        self._last_seqs.clear()
+        self._unwritten_seqs.clear()
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
         self.in_transaction_ = False
@@ -501,21 +703,57 @@ class AgentDatabase:
         )
 
     def last_seq(self, stream: str) -> int | None:
+        unwritten = self._unwritten_seqs.get(stream)
+        if unwritten is not None:
+            return unwritten
+        cached = self._last_seqs.get(stream, -1)
+        if cached != -1:
+            return cached
         row = self._conn.execute(
             "SELECT last_seq FROM _gw_dedup WHERE stream = ?", (stream,)
         ).fetchone()
-        return None if row is None else row[0]
+        last = None if row is None else int(row[0])
+        if len(self._last_seqs) >= _LAST_SEQS_CACHED:
+            self._last_seqs.clear()
+        self._last_seqs[stream] = last
+        return last
 
     def set_last_seq(self, stream: str, seq: int) -> None:
-        self._execute(
-            "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
-            "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-            (stream, seq),
-        )
+        """The turn that applied (or consumed) `seq` of `stream` ended well. The row is
+        written once per stream and batch, in its transaction, by `write_seqs` before the
+        COMMIT (a batch of 50 frames from one device writes it once, not 50 times); until
+        then `last_seq` answers from memory. A rollback forgets it (the turns are undone)."""
+        self._unwritten_seqs[stream] = seq
+        self._changes_at_begin = -1  # the transaction holds work now (see turn_savepoint)
+
+    def write_seqs(self) -> None:
+        """Before the COMMIT (and before cluster mode sees the transaction): write the seqs
+        the batch's turns applied."""
+        unwritten = self._unwritten_seqs
+        if not unwritten:
+            return
+        rows = list(unwritten.items())
+        try:
+            self._conn.executemany(
+                "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+                rows,
+            )
+        except sqlite3.OperationalError as err:
+            if "full" in str(err):
+                raise StorageFullError(
+                    f"{self._label}: database reached its cap of {self._max_db_bytes} bytes "
+                    f"(agents.max_db_size) or the disk is full: {err}"
+                ) from err
+            raise
+        unwritten.clear()
+        if len(self._last_seqs) + len(rows) > _LAST_SEQS_CACHED:
+            self._last_seqs.clear()
+        self._last_seqs.update(rows)
 
     def sql(self, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
         """Run one statement with bound parameters; rows as dicts."""
-        first_word = query.lstrip()[:10].split(None, 1)[0].upper() if query.strip() else ""
+        first_word = _first_word(query)
         if first_word in _FORBIDDEN_FIRST_WORDS:
             raise AgentError(
                 f"{self._label}: sql({first_word} ...) is not allowed: the runtime manages "

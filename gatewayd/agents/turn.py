@@ -2,8 +2,11 @@
 
 A turn runs in its own SAVEPOINT: its SQL, state and connection-state changes are undone if
 it fails, and its outputs (appended to the batch's outbox through the output gate) are
-dropped with them. What is released, and when, is batch.py's job (after the COMMIT, or at a
-commit point: a streaming RPC chunk, after which a failure rolls back only what followed it).
+dropped with them. A turn that starts before any row of the batch's transaction changed (the
+first turn of a batch, usually) needs no savepoint: undoing it is ROLLBACK and a new BEGIN
+(`AgentDatabase.turn_savepoint`), which saves two statements on every batch of one turn.
+What is released, and when, is batch.py's job (after the COMMIT, or at a commit point: a
+streaming RPC chunk, after which a failure rolls back only what followed it).
 
 Every hook the turn runs is bounded by `turn_timeout_s`: the handler (cancelled, the turn
 rolled back), `on_state_changed` and `on_error` (cancelled and logged; they undo nothing).
@@ -24,7 +27,9 @@ import asyncio
 import contextvars
 import inspect
 import json
+import json.encoder
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +44,7 @@ from gatewayd.agents.errors import (
     StateRejectedError,
     TurnTimeoutError,
 )
-from gatewayd.agents.metrics import TURNS_ERROR, TURNS_OK
+from gatewayd.agents.metrics import HOT
 from gatewayd.agents.outbox import Outbox
 from gatewayd.agents.registry import ConnectionRegistry
 from gatewayd.agents.rpc import RpcDispatcher
@@ -66,6 +71,33 @@ from protocols import jsonproto
 from protocols.link import DedupKey, LinkRejected, Outcome
 
 logger = logging.getLogger(__name__)
+
+
+def _not_serialisable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# State as compact JSON, what json.dumps(state, separators=(",", ":"), ensure_ascii=False)
+# gives, at half its cost: json.dumps builds a JSONEncoder, and that a C encoder, per call;
+# this C encoder is made once (without the circular-reference check: a state that contains
+# itself ends in RecursionError, refused the same way).
+_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # None without _json
+_C_ENCODER = (
+    None
+    if _MAKE_ENCODER is None
+    else _MAKE_ENCODER(
+        None, _not_serialisable, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+)
+_PY_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_state(state: Any) -> str:
+    """Compact JSON of an agent's state (TypeError/ValueError/RecursionError if it is not)."""
+    if _C_ENCODER is None:
+        return _PY_ENCODER.encode(state)
+    return "".join(_C_ENCODER(state, 0))
+
 
 # The turn the current asyncio task runs. A task inherits it from the task that created it,
 # so a task an agent starts inside a turn (and awaits there) may use storage in that turn,
@@ -124,6 +156,7 @@ class TurnRunner:
                 # Seqs below the sender's declared resume_seq are never coming: not a gap.
                 done.append((event.future, SequenceGapError(dedup, last), True))
                 return None
+        started = time.perf_counter()
         turn = Turn(event.conn)
         slot.turn = turn
         running = _RUNNING_TURN.set(turn)
@@ -134,7 +167,7 @@ class TurnRunner:
         outbox = slot.outbox
         turn.outbox_mark = len(outbox)
         timeout_cm: asyncio.Timeout | None = None
-        db.savepoint()
+        turn.savepoint = db.turn_savepoint()
         try:
             result = self._dispatch(slot, event, turn)
             if result is not None and inspect.isawaitable(result):
@@ -147,13 +180,14 @@ class TurnRunner:
                 await self._notify_state_changed(slot, note)
             if turn.lost is not None:
                 raise turn.lost  # a commit point failed, whatever the handler did with it
-            if dedup is not None:
-                db.set_last_seq(dedup.stream, dedup.seq)
             # Outputs for devices become outbox rows of this turn (outbox.py): durable with it.
             self._outputs.write_turn_outputs(
                 slot.key, slot.stores, db.connection, outbox, turn.outbox_mark
             )
-            db.release()
+            db.end_turn(turn.savepoint)
+            if dedup is not None:
+                # Applied: written with the batch, before its COMMIT (storage.py).
+                db.set_last_seq(dedup.stream, dedup.seq)
         except Exception as raised:
             err: BaseException = raised
             if turn.committing is not None:  # a task of the turn may still be at one
@@ -172,6 +206,7 @@ class TurnRunner:
             if turn.lost is not None or not db.connection.in_transaction:
                 # SQLite rolled back the whole transaction (SQLITE_FULL, IOERR...): the
                 # earlier turns of this batch are gone too.
+                db.rollback()  # (forgets what the database remembered of the transaction)
                 for conn, old_state in reversed(turn.conn_undo):
                     conn._state = old_state
                 self.counters["turn_errors"] += 1
@@ -184,7 +219,7 @@ class TurnRunner:
                     f"transaction rolled back by SQLite in a {EVENT_NAMES[kind]} turn "
                     f"({type(err).__name__}: {err})"
                 ) from err
-            db.rollback_to_savepoint()
+            db.undo_turn(turn.savepoint)
             if dedup is not None and isinstance(err, LinkRejected):
                 # The agent will never accept this message: its seq counts as consumed, or
                 # every later seq of the stream would wait behind it forever.
@@ -193,7 +228,8 @@ class TurnRunner:
                 conn._state = old_state
             slot.turn = None
             self.counters["turn_errors"] += 1
-            TURNS_ERROR.inc()
+            HOT.turns_error += 1
+            HOT.latency_of(slot.key[0]).observe(time.perf_counter() - started)
             self._report_error(slot, event, turn, err)
             done.append((event.future, err, True))
             if kind == CONNECT and event.future is not None:
@@ -203,7 +239,7 @@ class TurnRunner:
             return err
         except BaseException:
             if db.connection.in_transaction:
-                db.rollback_to_savepoint()
+                db.undo_turn(turn.savepoint)
             del outbox[turn.outbox_mark :]
             slot.state = turn.state_before
             raise
@@ -214,7 +250,8 @@ class TurnRunner:
         if turn.destroy:
             slot.destroy_requested = True
         self.counters["turns_total"] += 1
-        TURNS_OK.inc()
+        HOT.turns_ok += 1
+        HOT.latency_of(slot.key[0]).observe(time.perf_counter() - started)
         if event.future is not None:
             if kind in (CALL, FN):
                 done.append((event.future, result, False))
@@ -429,17 +466,19 @@ class TurnRunner:
             except Exception as err:
                 raise StateRejectedError(f"state change rejected: {err}") from err
         try:
-            state_json = json.dumps(new_state, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError) as err:
+            state_json = encode_state(new_state)
+        except (TypeError, ValueError, RecursionError) as err:
             raise StateRejectedError(f"state must be JSON-serialisable: {err}") from err
         db.save_state(state_json)
         slot.state = new_state
         slot.state_changed = True
         conns = self.registry.registered(slot.key)
         if conns:
-            frame = '{"type":"gw.state","state":' + state_json + "}"
+            frame = None
             for conn in conns:
                 if conn.protocol_enabled and conn is not source:
+                    if frame is None:
+                        frame = '{"type":"gw.state","state":' + state_json + "}"
                     conn.send(frame)
         if overrides(slot.cls, "on_state_changed"):
             turn.notifications.append((new_state, source))

@@ -93,8 +93,9 @@ def test_cap_refuses_the_turn_and_delivery_makes_room(db, outbox: Outbox) -> Non
     assert outbox.undelivered(KEY) == 2
     db.execute("BEGIN")
     stores: dict[str, object] = {"outbox": store}
-    outbox.begin_batch(KEY, stores, db)  # deletes the delivered row in the next transaction
+    outbox.begin_batch(KEY, stores, db)
     outbox.append(KEY, store, TOPIC, b"fits again")
+    outbox.delete_delivered(KEY, stores, db)  # the delivered row goes in the next transaction
     db.execute("COMMIT")
     outbox.committed(KEY, [])
     assert rows[0] not in [row.seq for row in store.pending()]
@@ -154,3 +155,17 @@ def test_rows_wait_for_their_transport_and_leave_in_order_after_a_restart(
     second.recovered(KEY, second.store(db))  # only once per process
     assert len(mqtt.sent) == 2
     second.close_index()
+
+
+def test_delete_removes_exactly_the_given_rows(db) -> None:
+    store = OutboxStore(db)
+    db.execute("BEGIN")
+    seqs = [store.append(TOPIC, b"%d" % n) for n in range(8)]
+    db.execute("COMMIT")
+    db.execute("BEGIN")
+    store.delete(seqs[1:4])  # a run without gaps: one statement
+    store.delete([seqs[5], seqs[7]])  # with a gap: the row between them stays
+    store.delete([seqs[0]])
+    store.delete([])
+    db.execute("COMMIT")
+    assert [row.seq for row in store.pending()] == [seqs[4], seqs[6]]
