@@ -473,3 +473,77 @@ async def _send_when_connected(client: AgentClient, message: str) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_the_dashboard_served_by_the_wrong_member_shows_the_owners_agent(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "dash")
+    owner_pid = routed.members[owner].pid
+    ref = {"agent_class": CLASS, "agent_id": agent}
+    page = f"{urls[other]['api']}/dashboard/api"
+    other_file = Path(
+        agent_db_file(str(routed.members[other].dir / "state" / "cluster"), CLASS, agent)
+    )
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
+        # An agent nobody made yet: 404 through the other member, and no copy made there.
+        unknown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agent})
+        assert unknown.status_code == 404, unknown.text
+        made = await _tool(
+            urls[owner]["api"], "agent_call", {**ref, "method": "remind", "args": {"after_s": 3600}}
+        )
+        await _tool(urls[owner]["api"], "agent_call", {**ref, "method": "add", "args": {"n": 3}})
+        async with AgentClient(urls[owner]["ws"], CLASS, agent) as at_owner:
+            await at_owner.wait_for_state(_is(total=3), 5)
+            shown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agent})
+            assert shown.status_code == 200, shown.text
+            detail = shown.json()
+            # The owner's state, schedule and open connection, read through the other member.
+            assert detail["state"] == {"total": 3, "pid": owner_pid}
+            assert [s["id"] for s in detail["schedules"]] == [made["schedule_id"]]
+            assert [c["transport"] for c in detail["connections"]] == ["ws"]
+            assert detail["queue"] == [] and detail["dead_letters"] == []
+        # Replaying goes to the owner too: its answer (no such dead letter) comes back.
+        replay = await http.post(
+            f"{page}/replay", json={"class": CLASS, "id": agent, "item": "nope"}
+        )
+        assert replay.status_code == 404 and "no dead letter" in replay.text
+    assert not other_file.exists()  # the member serving the page holds no copy
+
+
+async def test_agents_and_devices_listed_through_one_member_are_the_groups(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    first, second = _alive(routed)
+    urls = await _settled(routed, routed_nc, {first, second})
+    members = [first, second]
+    agents = {
+        owner: _agent_owned_by(owner, members, routed.partitions, "listed") for owner in members
+    }
+    for owner, agent in agents.items():  # each made through the member that does not own it
+        via = urls[second if owner == first else first]["api"]
+        await _tool(
+            via, "agent_call", {"agent_class": CLASS, "agent_id": agent, "method": "add",
+                                "args": {"n": 1}},
+        )  # fmt: skip
+    listed = await _tool(urls[first]["api"], "agents_list", {"id_contains": "listed"})
+    assert listed["missing_members"] == []
+    assert sorted((a["agent_id"], a["member"]) for a in listed["agents"]) == sorted(
+        (agent, owner) for owner, agent in agents.items()
+    )
+    # A device connected to the second member, listed through the first.
+    device = agents[second]
+    async with AgentClient(urls[second]["ws"], CLASS, device) as client:
+        await client.wait_for_state(_is(total=1), 5)
+        devices = await _tool(urls[first]["api"], "devices_list", {"id_contains": device})
+        assert [(d["agent_id"], d["transport"], d["member"]) for d in devices["devices"]] == [
+            (device, "ws", second)
+        ]
+        assert devices["missing_members"] == []
+        seen = await _tool(
+            urls[first]["api"], "device_last_seen", {"agent_class": CLASS, "agent_id": device}
+        )
+        assert seen["last_seen"] is not None
+        assert [(c["transport"], c["member"]) for c in seen["connections"]] == [("ws", second)]
