@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,11 +19,19 @@ import pytest
 from nats.js.api import KeyValueConfig
 
 from gatewayd.agents.storage import agent_db_file
+from gatewayd.api.features import Feature
+from gatewayd.api.server import build_app
+from gatewayd.api.tokens import ApiToken, Tokens
 from gatewayd.client import AgentClient
 from gatewayd.cluster.naming import partition_of, preferred_owner
+from gatewayd.cluster.operations import OpenConnections
+from gatewayd.cluster.ownership import PartitionRecord
+from gatewayd.cluster.routing import Router
+from gatewayd.cluster.rpc import RoutedRuntime, rpc_subject
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.nats_cluster import NATS_BIN
+from tests.cluster.routing_agents import Notes
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
 from tests.mcp.conftest import mcp_client
@@ -547,3 +556,62 @@ async def test_agents_and_devices_listed_through_one_member_are_the_groups(
         )
         assert seen["last_seen"] is not None
         assert [(c["transport"], c["member"]) for c in seen["connections"]] == [("ws", second)]
+
+
+class _Probe:
+    """How a member that serves nothing sees the group (for a `RoutedRuntime` built in the
+    test process, on the module's NATS): `alive` members, and every partition owned by
+    `owner`. Only this view is made up; the members it asks are the group's real ones."""
+
+    def __init__(self, nc: nats.NATS, partitions: int, alive: list[str], owner: str) -> None:
+        self.name = "probe"
+        self.nc = nc
+        self.settings = SimpleNamespace(group=GROUP, partitions=partitions)
+        self.partitions: dict[int, Any] = {}
+        self.partition_moving: list[Any] = []
+        self.ownership = SimpleNamespace(
+            records={n: PartitionRecord(owner, 1, 1) for n in range(partitions)},
+            alive=lambda: alive,
+            member_info={},
+        )
+
+
+async def test_a_member_that_does_not_answer_is_named_and_an_unserved_agent_is_a_503(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    first, second = _alive(routed)
+    await _settled(routed, routed_nc, {first, second})
+    # "mute" is subscribed to its rpc subject but never answers; "ghost" has no subscriber.
+    mute = await routed_nc.subscribe(rpc_subject(GROUP, "mute"))
+    try:
+        probe = _Probe(routed_nc, routed.partitions, [first, second, "ghost", "mute"], "ghost")
+        local = SimpleNamespace(open_connections=list, classes={CHAT_CLASS: Notes})
+        routed_runtime = RoutedRuntime(local, Router(probe), timeout_s=0.5)
+        group = await routed_runtime.ask_members(OpenConnections([CLASS]), timeout_s=0.5)
+        assert sorted(str(name) for name in group.answers) == sorted([first, second, "probe"])
+        assert group.missing == {
+            "ghost": "does not answer (no responder)",
+            "mute": "no answer within 0.5s",
+        }
+        # The chat messages route of a member that finds no member serving the agent in time.
+        token = ApiToken("ops", "ops-secret-0123456789")
+        app, _ = build_app(
+            SimpleNamespace(runtime=local, routed_runtime=routed_runtime),
+            Tokens.of(token),
+            [Feature("messages", "gatewayd.chat.http:routes")],
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://member"
+        ) as http:
+            answer = await http.get(
+                f"/agents/{CHAT_CLASS}/nobody/messages",
+                headers={"Authorization": f"Bearer {token.secret}"},
+            )
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"] == "2"
+        error = answer.json()["error"]
+        assert error["code"] == "agent_unavailable" and error["type"] == "server_error"
+        assert f"{CHAT_CLASS}/nobody" in error["message"]
+        assert "ghost does not answer" in error["message"]
+    finally:
+        await mute.unsubscribe()
