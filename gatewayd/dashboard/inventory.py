@@ -2,8 +2,8 @@
 
 Agents on disk are found by walking `state_dir/agents/<class>/` (each database stores its
 agent's id in `_gw_meta`; ids are cached by file, they never change). The walk runs off the
-event loop and is cached for `rescan_s` (in cluster mode the member's own state directory:
-the agents it holds). An agent's detail is read in a turn of its own (`run_in_agent` of a
+event loop and is cached for `rescan_s` (in cluster mode the member's own state directory,
+listing the agents it serves: the lists are this member's). An agent's detail is read in a turn of its own (`run_in_agent` of a
 named operation, `cluster.operations.DashboardAgent`: it wakes a hibernated agent, as opening
 its page over WebSocket does); in cluster mode that turn runs on the member that serves the
 agent, whichever member serves the page, and no copy of the agent is made here.
@@ -76,16 +76,23 @@ class Inventory:
         operation, never code), so that reading an agent here never creates a copy of it."""
         return getattr(self.components, "routed_runtime", None) or self.components.runtime
 
+    def _serves(self, agent_id: str) -> bool:
+        """Whether this member serves the agent (always, outside cluster mode): a member
+        keeps the files of partitions it gave away until it restarts; they are not listed."""
+        router = getattr(self.components, "router", None)
+        return router is None or router.decide(agent_id).kind == "local"
+
     # -- agents ------------------------------------------------------------------------------
 
     async def agent_files(self) -> list[AgentFile]:
+        """The agent databases this member holds (and serves, in cluster mode)."""
         async with self._scan_lock:
             if time.monotonic() - self._scanned_at >= self.rescan_s:
                 classes = list(self._runtime.classes)
                 state_dir = str(self._runtime.settings.state_dir)  # cluster mode: its own
                 self._files = await asyncio.to_thread(self._scan, state_dir, classes)
                 self._scanned_at = time.monotonic()
-            return self._files
+            return [f for f in self._files if self._serves(f.agent_id)]
 
     def _scan(self, state_dir: str, classes: list[str]) -> list[AgentFile]:
         found: list[AgentFile] = []
