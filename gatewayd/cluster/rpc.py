@@ -23,11 +23,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
 
+from gatewayd.cluster.naming import partition_of
 from gatewayd.cluster.operations import (
     AgentOperation,
     AgentUnavailableError,
@@ -139,14 +140,20 @@ class RpcServer:
     async def _answer_query(self, msg: Any, query: MemberQuery) -> None:
         """A question about this member itself: answered whichever agents it serves."""
         try:
-            result = await query.answer(self._runtime, self._serves)
+            result = await query.answer(self._runtime, serving_now(self._router))
         except Exception as err:
             await _reply(msg, {"ok": False, "type": type(err).__name__, "error": str(err)})
             return
         await _reply(msg, {"ok": True, "result": result})
 
-    def _serves(self, agent_id: str) -> bool:
-        return self._router.decide(agent_id).kind == "local"
+
+def serving_now(router: Router) -> Callable[[str], bool]:
+    """Whether this member serves an agent, as of now (the partitions it serves, copied: the
+    answer may be asked off the event loop, e.g. while listing files in a thread)."""
+    member = router.member
+    served = frozenset(n for n, held in member.partitions.items() if held.state == "serving")
+    partitions = member.settings.partitions
+    return lambda agent_id: partition_of(agent_id, partitions) in served
 
 
 async def _reply(msg: Any, answer: dict[str, Any]) -> None:
@@ -225,12 +232,9 @@ class RoutedRuntime:
         me = member.name
         payload = json.dumps({"op": "ask", "name": query.name, "args": query.args()}).encode()
 
-        def serves(agent_id: str) -> bool:
-            return self._router.decide(agent_id).kind == "local"
-
         async def ask(name: str) -> Any:
             if name == me:
-                return await query.answer(self._runtime, serves)
+                return await query.answer(self._runtime, serving_now(self._router))
             subject = rpc_subject(member.settings.group, name)
             reply = await member.nc.request(subject, payload, timeout=timeout_s)
             answer = json.loads(reply.data)
