@@ -29,9 +29,10 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gatewayd import __version__
-from gatewayd.api.errors import ApiError
+from gatewayd.api.errors import ApiError, agent_unavailable_response
 from gatewayd.api.features import FeatureRoutes
 from gatewayd.api.tokens import ApiToken, require_token
+from gatewayd.cluster.operations import AgentUnavailableError
 from gatewayd.config import DashboardSection
 from gatewayd.dashboard.inventory import Inventory
 from gatewayd.dashboard.sampler import Sampler
@@ -198,9 +199,12 @@ class Dashboard:
 
     async def agent(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        agent_class, agent_id = self._agent_params(dict(request.query_params))
-        self._authorize(request, agent_class=agent_class)
-        return JSONResponse(await self.inventory.agent(agent_class, agent_id, self.logs))
+        try:
+            agent_class, agent_id = await self._agent_params(dict(request.query_params))
+            self._authorize(request, agent_class=agent_class)
+            return JSONResponse(await self.inventory.agent(agent_class, agent_id, self.logs))
+        except AgentUnavailableError as err:  # cluster mode: no member serves it right now
+            return agent_unavailable_response(err)
 
     async def replay(self, request: Request) -> JSONResponse:
         try:
@@ -210,12 +214,16 @@ class Dashboard:
         if not isinstance(body, dict):
             raise ApiError(400, 'the body must be a JSON object: {"class", "id", "item"}')
         self._authorize(request)
-        agent_class, agent_id = self._agent_params(body)
-        self._authorize(request, agent_class=agent_class, write=True)
         item = body.get("item")
-        if not isinstance(item, str) or not item:
-            raise ApiError(400, "item: the dead letter's id (a string) is required")
-        if not await self.inventory.replay(agent_class, agent_id, item):
+        try:
+            agent_class, agent_id = await self._agent_params(body)
+            self._authorize(request, agent_class=agent_class, write=True)
+            if not isinstance(item, str) or not item:
+                raise ApiError(400, "item: the dead letter's id (a string) is required")
+            replayed = await self.inventory.replay(agent_class, agent_id, item)
+        except AgentUnavailableError as err:  # cluster mode: no member serves it right now
+            return agent_unavailable_response(err)
+        if not replayed:
             raise ApiError(
                 404, f"agent {agent_class}/{agent_id} has no dead letter {item!r}", code="not_found"
             )
@@ -231,13 +239,13 @@ class Dashboard:
         self._authorize(request)
         return JSONResponse({"entries": [e.to_json() for e in self.logs.entries()[-100:][::-1]]})
 
-    def _agent_params(self, params: dict[str, Any]) -> tuple[str, str]:
+    async def _agent_params(self, params: dict[str, Any]) -> tuple[str, str]:
         agent_class, agent_id = params.get("class"), params.get("id")
         if not isinstance(agent_class, str) or not isinstance(agent_id, str) or not agent_id:
             raise ApiError(400, "class and id are required (the agent's class and id)")
         if agent_class not in self.components.runtime.classes:
             raise ApiError(404, f"no agent class {agent_class!r}", code="not_found")
-        if not self.inventory.exists(agent_class, agent_id):
+        if not await self.inventory.exists(agent_class, agent_id):
             raise ApiError(404, f"no agent {agent_class}/{agent_id}", code="not_found")
         return agent_class, agent_id
 

@@ -5,7 +5,8 @@
 
 `?limit=N` returns the newest N (still oldest first). The token needs the `messages` scope and
 the class (gatewayd.api.tokens). The read is a normal turn of the agent (it wakes it if it
-hibernates); messages are as stored (large parts compacted, see guard.py). An API feature
+hibernates; in a group of gateways it runs on the agent's owner, and answers 503 with
+Retry-After when no member serves the agent in time); messages are as stored (large parts compacted, see guard.py). An API feature
 (gatewayd/api/features.py).
 """
 
@@ -17,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from gatewayd.api.errors import ApiError
+from gatewayd.api.errors import ApiError, agent_unavailable_response
 from gatewayd.api.tokens import require_token
 from gatewayd.chat.agent import ChatAgent
-from gatewayd.cluster.operations import ChatMessages
+from gatewayd.cluster.operations import AgentUnavailableError, ChatMessages
 
 
 async def _messages(request: Request) -> JSONResponse:
@@ -42,6 +43,8 @@ async def _messages(request: Request) -> JSONResponse:
         messages = await runtime.run_in_agent(agent_class, agent_id, ChatMessages())
     except ValueError as err:  # a malformed agent id
         raise ApiError(400, str(err), code="bad_agent_id") from None
+    except AgentUnavailableError as err:  # cluster mode: no member serves it right now
+        return agent_unavailable_response(err)
     if limit is not None:
         messages = messages[-limit:] if limit else []
     return JSONResponse({"messages": messages})

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
 from gatewayd.agents.storage import agent_db_path
+from gatewayd.mcp.agent_index import AgentIndex, last_seen
 from gatewayd.mcp.jsonable import jsonable
 
 _Op = TypeVar("_Op", bound="type[AgentOperation]")
@@ -157,3 +159,261 @@ class ChatMessages(AgentOperation):
 
     def __call__(self, agent: Any) -> Any:
         return jsonable(agent.messages)
+
+
+class AgentUnavailableError(RuntimeError):
+    """No member served the agent's partition within the call's timeout (cluster mode; the
+    routes that catch it answer 503 with Retry-After)."""
+
+    def __init__(self, agent_class: str, agent_id: str, timeout_s: float, reason: str) -> None:
+        super().__init__(
+            f"agent {agent_class}/{agent_id!r}: no member served it within {timeout_s:.0f}s "
+            f"({reason})"
+        )
+        self.agent_class = agent_class
+        self.agent_id = agent_id
+        self.reason = reason
+
+
+# -- the dashboard's operations ----------------------------------------------------------------
+
+
+@_register
+@dataclasses.dataclass(frozen=True, slots=True)
+class DashboardAgent(AgentOperation):
+    """What the dashboard's agent page shows of the agent itself: state, schedules, queue,
+    dead letters, failed schedule occurrences, open connections (those of the member that
+    serves it)."""
+
+    name: ClassVar[str] = "dashboard.agent"
+
+    def __call__(self, agent: Any) -> Any:
+        queue = agent.get_queues(status=None)
+        # Schedule occurrences that used up their retries (no public Agent accessor yet).
+        failures = agent._gw_host.schedules().failures()
+        return jsonable(
+            {
+                "state": agent.state,
+                "schedules": [_schedule_json(s) for s in agent.get_schedules()],
+                "queue": [_queue_json(q) for q in queue if q.status != "dead"],
+                "dead_letters": [_queue_json(q) for q in queue if q.status == "dead"],
+                "schedule_failures": [_failure_json(f) for f in failures[-50:]],
+                "connections": [_connection_json(c) for c in agent.get_connections()],
+            }
+        )
+
+
+@_register
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplayDeadLetter(AgentOperation):
+    """Put a dead letter back in the agent's queue (a new item, same method and payload);
+    False when the agent has no such dead letter."""
+
+    name: ClassVar[str] = "dashboard.replay"
+    item_id: str
+
+    def __call__(self, agent: Any) -> bool:
+        item = agent.get_queue(self.item_id)
+        if item is None or item.status != "dead":
+            return False
+        agent.dequeue(self.item_id)
+        options = {} if item.retry is None else {"retry": item.retry}
+        agent.queue(item.method, item.payload, **options)
+        return True
+
+
+def _schedule_json(s: Any) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "method": s.method,
+        "kind": s.kind,
+        "next_at": s.time,
+        "cron": s.cron,
+        "every_s": s.every_s,
+        "status": s.status,
+        "attempts": s.attempts,
+        "last_error": s.last_error,
+    }
+
+
+def _queue_json(q: Any) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "method": q.method,
+        "payload": q.payload,
+        "status": q.status,
+        "attempts": q.attempts,
+        "ready_at": q.ready_at,
+        "last_error": q.last_error,
+        "created_at": q.created_at,
+        "dead_at": q.dead_at,
+    }
+
+
+def _failure_json(f: Any) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "schedule_id": f.schedule_id,
+        "method": f.method,
+        "attempts": f.attempts,
+        "error": f.error,
+        "failed_at": f.failed_at,
+    }
+
+
+def _connection_json(c: Any) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "transport": c.transport,
+        "remote": c.remote,
+        "tags": list(c.tags),
+        "readonly": c.readonly,
+        "protocol": c.protocol_enabled,
+    }
+
+
+# -- questions every member answers for itself -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemberQuery:
+    """A question about what one member holds (the agents it serves, its open connections),
+    asked of every live member by the group-wide views (`ask_group`). Like an operation it is
+    data: a registered name and JSON-able fields; subclasses implement
+    `answer(runtime, serves)` returning plain JSON data, where `serves(agent_id)` says
+    whether this member serves the agent (always True outside cluster mode)."""
+
+    name: ClassVar[str] = ""
+
+    async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
+        raise NotImplementedError
+
+    def args(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+QUERIES: dict[str, type[MemberQuery]] = {}
+_Query = TypeVar("_Query", bound="type[MemberQuery]")
+
+
+def _register_query(cls: _Query) -> _Query:
+    assert cls.name and cls.name not in QUERIES, cls
+    QUERIES[cls.name] = cls
+    return cls
+
+
+def query_from(name: str, args: Any) -> MemberQuery:
+    """The query a request names; `ValueError` naming what does not fit."""
+    cls = QUERIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown member query {name!r} (known: {', '.join(QUERIES)})")
+    if not isinstance(args, dict):
+        raise ValueError(f"member query {name!r}: args must be an object, got {args!r}")
+    try:
+        return cls(**args)
+    except TypeError as err:
+        raise ValueError(f"member query {name!r}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupAnswer:
+    """Each member's answer by name (`None`: a single gateway, not a group), and the live
+    members that did not answer in time, with why."""
+
+    answers: dict[str | None, Any]
+    missing: dict[str, str]
+
+    @property
+    def grouped(self) -> bool:
+        return None not in self.answers
+
+    def missing_json(self) -> list[dict[str, str]]:
+        return [{"member": name, "reason": why} for name, why in sorted(self.missing.items())]
+
+
+async def ask_group(runtime: Any, query: MemberQuery) -> GroupAnswer:
+    """`query` answered by every live member when `runtime` routes calls
+    (`cluster.rpc.RoutedRuntime.ask_members`), else by this process alone."""
+    ask = getattr(runtime, "ask_members", None)
+    if ask is not None:
+        answer = await ask(query)
+        assert isinstance(answer, GroupAnswer)
+        return answer
+    return GroupAnswer({None: await query.answer(runtime, lambda _agent_id: True)}, {})
+
+
+@_register_query
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredAgents(MemberQuery):
+    """The agents with stored state that this member serves, of `classes`, whose id contains
+    `contains` (at most `limit`, sorted by class then id), each awake or not and when last
+    seen; and whether more matched."""
+
+    name: ClassVar[str] = "agents.stored"
+    classes: list[str]
+    contains: str = ""
+    limit: int = 100
+
+    async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
+        index = AgentIndex(runtime.settings.state_dir)
+        found, more = await index.find(self.classes, self.contains, self.limit, keep=serves)
+        return {
+            "agents": [
+                {
+                    "agent_class": agent.agent_class,
+                    "agent_id": agent.agent_id,
+                    "awake": runtime.is_awake(agent.agent_class, agent.agent_id),
+                    "last_seen": agent.last_seen,
+                }
+                for agent in found
+            ],
+            "truncated": more,
+        }
+
+
+@_register_query
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenConnections(MemberQuery):
+    """The connections open on this member (any transport) of agents of `classes` whose id
+    contains `contains`, sorted by class, id and connection id."""
+
+    name: ClassVar[str] = "connections.open"
+    classes: list[str]
+    contains: str = ""
+    agent_id: str | None = None  # only this agent's
+
+    async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
+        classes = set(self.classes)
+        rows = [
+            {
+                "agent_class": key[0],
+                "agent_id": key[1],
+                "connection_id": conn.id,
+                "transport": conn.transport,
+                "remote": conn.remote,
+                "tags": list(conn.tags),
+            }
+            for key, conn in runtime.open_connections()
+            if key[0] in classes
+            and self.contains in key[1]
+            and (self.agent_id is None or key[1] == self.agent_id)
+        ]
+        rows.sort(key=lambda row: (row["agent_class"], row["agent_id"], row["connection_id"]))
+        return rows
+
+
+@_register_query
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentLastSeen(MemberQuery):
+    """When the agent last committed, as this member's copy says (None when this member
+    does not serve it or holds no copy)."""
+
+    name: ClassVar[str] = "agents.last_seen"
+    agent_class: str
+    agent_id: str
+
+    async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
+        if not serves(self.agent_id):
+            return None
+        path = agent_db_path(runtime.settings.state_dir, self.agent_class, self.agent_id)
+        return last_seen(path) if path.exists() else None

@@ -9,6 +9,11 @@ they are sent to that member, which runs them as a turn of the agent, as a local
 serves it) the request waits and tries again, up to `timeout_s`. A request that timed out
 is not sent again (the owner may have run it): the caller gets the timeout.
 
+Group-wide views (MCP `agents_list`, `devices_list`, `device_last_seen`) ask every live
+member a `MemberQuery` (`cluster.operations`: a registered name and JSON arguments) on the
+same subject (`ask_members`): each answers for the agents it serves and the connections open
+on it; a member that does not answer within `ASK_TIMEOUT_S` is reported missing, not fatal.
+
 Must never import the daemon's assembly.
 """
 
@@ -18,17 +23,35 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
 
-from gatewayd.cluster.operations import AgentOperation, operation_from, stored_here
+from gatewayd.cluster.naming import partition_of
+from gatewayd.cluster.operations import (
+    AgentOperation,
+    AgentUnavailableError,
+    GroupAnswer,
+    MemberQuery,
+    operation_from,
+    query_from,
+    stored_here,
+)
 from gatewayd.cluster.routing import ROUTED, Router
 
 logger = logging.getLogger(__name__)
 
 RETRY_EVERY_S = 0.1
+ASK_TIMEOUT_S = 2.0  # a member that has not answered a group-wide question by then is missing
+
+__all__ = [
+    "AgentUnavailableError",
+    "ForwardedCallError",
+    "RoutedRuntime",
+    "RpcServer",
+    "rpc_subject",
+]
 
 
 class ForwardedCallError(RuntimeError):
@@ -39,10 +62,6 @@ class ForwardedCallError(RuntimeError):
         super().__init__(f"{remote_type}: {message}")
         self.remote_type = remote_type
         self.detail = message
-
-
-class AgentUnavailableError(RuntimeError):
-    """No member served the agent's partition within the call's timeout."""
 
 
 def rpc_subject(group: str, member: str) -> str:
@@ -82,6 +101,10 @@ class RpcServer:
     async def _answer(self, msg: Any) -> None:
         try:
             request = json.loads(msg.data)
+            if isinstance(request, dict) and request.get("op") == "ask":
+                query = query_from(str(request.get("name")), request.get("args"))
+                await self._answer_query(msg, query)
+                return
             agent_class, agent_id = str(request["class"]), str(request["id"])
             op = request.get("op")
         except (ValueError, KeyError, TypeError) as err:
@@ -113,6 +136,24 @@ class RpcServer:
             await _reply(msg, {"ok": False, "type": type(err).__name__, "error": str(err)})
             return
         await _reply(msg, {"ok": True, "result": result})
+
+    async def _answer_query(self, msg: Any, query: MemberQuery) -> None:
+        """A question about this member itself: answered whichever agents it serves."""
+        try:
+            result = await query.answer(self._runtime, serving_now(self._router))
+        except Exception as err:
+            await _reply(msg, {"ok": False, "type": type(err).__name__, "error": str(err)})
+            return
+        await _reply(msg, {"ok": True, "result": result})
+
+
+def serving_now(router: Router) -> Callable[[str], bool]:
+    """Whether this member serves an agent, as of now (the partitions it serves, copied: the
+    answer may be asked off the event loop, e.g. while listing files in a thread)."""
+    member = router.member
+    served = frozenset(n for n, held in member.partitions.items() if held.state == "serving")
+    partitions = member.settings.partitions
+    return lambda agent_id: partition_of(agent_id, partitions) in served
 
 
 async def _reply(msg: Any, answer: dict[str, Any]) -> None:
@@ -181,6 +222,45 @@ class RoutedRuntime:
             self._routed(request, lambda: self._runtime.run_in_agent(agent_class, agent_id, fn))
         )
 
+    async def ask_members(
+        self, query: MemberQuery, timeout_s: float = ASK_TIMEOUT_S
+    ) -> GroupAnswer:
+        """`query` answered by every live member (this one directly, the others over their
+        rpc subject, all at once); a member that does not answer within `timeout_s`, or
+        fails, is named in `missing` with why."""
+        member = self._router.member
+        me = member.name
+        payload = json.dumps({"op": "ask", "name": query.name, "args": query.args()}).encode()
+
+        async def ask(name: str) -> Any:
+            if name == me:
+                return await query.answer(self._runtime, serving_now(self._router))
+            subject = rpc_subject(member.settings.group, name)
+            reply = await member.nc.request(subject, payload, timeout=timeout_s)
+            answer = json.loads(reply.data)
+            if not answer.get("ok"):
+                raise ForwardedCallError(
+                    str(answer.get("type", "Error")), str(answer.get("error", ""))
+                )
+            return answer.get("result")
+
+        names = list(member.ownership.alive())
+        if me not in names:
+            names.append(me)
+        results = await asyncio.gather(*(ask(name) for name in names), return_exceptions=True)
+        answers: dict[str | None, Any] = {}
+        missing: dict[str, str] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, nats.errors.TimeoutError | asyncio.TimeoutError):
+                missing[name] = f"no answer within {timeout_s:g}s"
+            elif isinstance(result, nats.errors.NoRespondersError):
+                missing[name] = "does not answer (no responder)"
+            elif isinstance(result, BaseException):
+                missing[name] = f"{type(result).__name__}: {result}"
+            else:
+                answers[name] = result
+        return GroupAnswer(answers, missing)
+
     async def _routed(self, request: dict[str, Any], here: Any) -> Any:
         member = self._router.member
         deadline = time.monotonic() + self.timeout_s
@@ -211,8 +291,7 @@ class RoutedRuntime:
                 why = decision.reason
             if time.monotonic() + RETRY_EVERY_S > deadline:
                 raise AgentUnavailableError(
-                    f"agent {request['class']}/{request['id']!r}: no member served it within "
-                    f"{self.timeout_s:.0f}s ({why})"
+                    str(request["class"]), str(request["id"]), self.timeout_s, why
                 )
             await asyncio.sleep(RETRY_EVERY_S)
 

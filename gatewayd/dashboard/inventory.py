@@ -2,8 +2,11 @@
 
 Agents on disk are found by walking `state_dir/agents/<class>/` (each database stores its
 agent's id in `_gw_meta`; ids are cached by file, they never change). The walk runs off the
-event loop and is cached for `rescan_s`. An agent's detail is read in a turn of its own
-(`run_in_agent`: it wakes a hibernated agent, as opening its page over WebSocket does).
+event loop and is cached for `rescan_s` (in cluster mode the member's own state directory,
+listing the agents it serves: the lists are this member's). An agent's detail is read in a turn of its own (`run_in_agent` of a
+named operation, `cluster.operations.DashboardAgent`: it wakes a hibernated agent, as opening
+its page over WebSocket does); in cluster mode that turn runs on the member that serves the
+agent, whichever member serves the page, and no copy of the agent is made here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gatewayd.agents.storage import agent_db_file
+from gatewayd.cluster.operations import DashboardAgent, ReplayDeadLetter, agent_exists
 
 MAX_LISTED = 5000  # agents listed per request; the page searches within them
 
@@ -67,16 +70,29 @@ class Inventory:
     def _runtime(self) -> Any:
         return self.components.runtime
 
+    @property
+    def _routed(self) -> Any:
+        """In cluster mode the runtime whose calls run on the agent's owner (a named
+        operation, never code), so that reading an agent here never creates a copy of it."""
+        return getattr(self.components, "routed_runtime", None) or self.components.runtime
+
+    def _serves(self, agent_id: str) -> bool:
+        """Whether this member serves the agent (always, outside cluster mode): a member
+        keeps the files of partitions it gave away until it restarts; they are not listed."""
+        router = getattr(self.components, "router", None)
+        return router is None or router.decide(agent_id).kind == "local"
+
     # -- agents ------------------------------------------------------------------------------
 
     async def agent_files(self) -> list[AgentFile]:
+        """The agent databases this member holds (and serves, in cluster mode)."""
         async with self._scan_lock:
             if time.monotonic() - self._scanned_at >= self.rescan_s:
                 classes = list(self._runtime.classes)
-                state_dir = str(self.components.config.gateway.state_dir)
+                state_dir = str(self._runtime.settings.state_dir)  # cluster mode: its own
                 self._files = await asyncio.to_thread(self._scan, state_dir, classes)
                 self._scanned_at = time.monotonic()
-            return self._files
+            return [f for f in self._files if self._serves(f.agent_id)]
 
     def _scan(self, state_dir: str, classes: list[str]) -> list[AgentFile]:
         found: list[AgentFile] = []
@@ -126,36 +142,21 @@ class Inventory:
             "truncated": len(listed) > MAX_LISTED,
         }
 
-    def exists(self, agent_class: str, agent_id: str) -> bool:
-        """The agent is awake or has a database: looking at it must not create it."""
+    async def exists(self, agent_class: str, agent_id: str) -> bool:
+        """The agent is awake here or has a database where it is served (in a group, the
+        owner answers): looking at it must not create it."""
         if self._runtime.is_awake(agent_class, agent_id):
             return True
         try:
-            path = agent_db_file(
-                str(self.components.config.gateway.state_dir), agent_class, agent_id
-            )
+            return await agent_exists(self._routed, agent_class, agent_id)
         except ValueError:  # not a valid id at all
             return False
-        return os.path.exists(path)
 
     async def agent(self, agent_class: str, agent_id: str, logs: Any = None) -> dict[str, Any]:
-        """One agent: state, schedules, queue, dead letters, failures, connections, errors."""
-        runtime = self._runtime
-        cls = runtime.classes[agent_class]
-
-        def read(agent: Any) -> dict[str, Any]:
-            queue = agent.get_queues(status=None)
-            # Schedule occurrences that used up their retries (no public Agent accessor yet).
-            failures = agent._gw_host.schedules().failures()
-            return {
-                "state": agent.state,
-                "schedules": [_schedule_json(s) for s in agent.get_schedules()],
-                "queue": [_queue_json(q) for q in queue if q.status != "dead"],
-                "dead_letters": [_queue_json(q) for q in queue if q.status == "dead"],
-                "schedule_failures": [_failure_json(f) for f in failures[-50:]],
-            }
-
-        detail = await runtime.run_in_agent(agent_class, agent_id, read)
+        """One agent: state, schedules, queue, dead letters, failures, connections, errors
+        (read in a turn on the member that serves it; `logs` are this member's)."""
+        cls = self._runtime.classes[agent_class]
+        detail = await self._routed.run_in_agent(agent_class, agent_id, DashboardAgent())
         errors = (
             []
             if logs is None
@@ -186,30 +187,16 @@ class Inventory:
             "id": agent_id,
             "chat": any(c.__name__ == "ChatAgent" for c in cls.__mro__),
             "callables": _callables(cls),
-            "awake": runtime.is_awake(agent_class, agent_id),
+            "awake": True,  # the read above ran as one of its turns
             **detail,
             "errors": errors[:50],
-            "connections": [
-                _connection_json(c)
-                for key, c in runtime.open_connections()
-                if key == (agent_class, agent_id)
-            ],
         }
 
     async def replay(self, agent_class: str, agent_id: str, item_id: str) -> bool:
         """Put a dead letter back in the agent's queue (as a new item, same method and
         payload); False when there is no such dead letter."""
-
-        def requeue(agent: Any) -> bool:
-            item = agent.get_queue(item_id)
-            if item is None or item.status != "dead":
-                return False
-            agent.dequeue(item_id)
-            options = {} if item.retry is None else {"retry": item.retry}
-            agent.queue(item.method, item.payload, **options)
-            return True
-
-        return bool(await self._runtime.run_in_agent(agent_class, agent_id, requeue))
+        replayed = await self._routed.run_in_agent(agent_class, agent_id, ReplayDeadLetter(item_id))
+        return bool(replayed)
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -323,53 +310,3 @@ def _callables(cls: type) -> list[dict[str, Any]]:
                 {"name": name, "streaming": info.streaming, "description": info.description}
             )
     return found
-
-
-def _schedule_json(s: Any) -> dict[str, Any]:
-    return {
-        "id": s.id,
-        "method": s.method,
-        "kind": s.kind,
-        "next_at": s.time,
-        "cron": s.cron,
-        "every_s": s.every_s,
-        "status": s.status,
-        "attempts": s.attempts,
-        "last_error": s.last_error,
-    }
-
-
-def _queue_json(q: Any) -> dict[str, Any]:
-    return {
-        "id": q.id,
-        "method": q.method,
-        "payload": q.payload,
-        "status": q.status,
-        "attempts": q.attempts,
-        "ready_at": q.ready_at,
-        "last_error": q.last_error,
-        "created_at": q.created_at,
-        "dead_at": q.dead_at,
-    }
-
-
-def _failure_json(f: Any) -> dict[str, Any]:
-    return {
-        "id": f.id,
-        "schedule_id": f.schedule_id,
-        "method": f.method,
-        "attempts": f.attempts,
-        "error": f.error,
-        "failed_at": f.failed_at,
-    }
-
-
-def _connection_json(c: Any) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "transport": c.transport,
-        "remote": c.remote,
-        "tags": list(c.tags),
-        "readonly": c.readonly,
-        "protocol": c.protocol_enabled,
-    }

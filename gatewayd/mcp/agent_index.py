@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,13 +28,24 @@ class AgentIndex:
         self.root = Path(state_dir) / "agents"
 
     async def find(
-        self, classes: Iterable[str], contains: str = "", limit: int = 100
+        self,
+        classes: Iterable[str],
+        contains: str = "",
+        limit: int = 100,
+        keep: Callable[[str], bool] | None = None,
     ) -> tuple[list[KnownAgent], bool]:
-        """Agents of `classes` whose id contains `contains`, sorted by class then id; and
-        whether more matched than `limit`."""
-        return await asyncio.to_thread(self._list, sorted(classes), contains, limit)
+        """Agents of `classes` whose id contains `contains` (and, given `keep`, for which
+        `keep(agent_id)` is true), sorted by class then id; and whether more matched than
+        `limit`."""
+        return await asyncio.to_thread(self._list, sorted(classes), contains, limit, keep)
 
-    def _list(self, classes: list[str], contains: str, limit: int) -> tuple[list[KnownAgent], bool]:
+    def _list(
+        self,
+        classes: list[str],
+        contains: str,
+        limit: int,
+        keep: Callable[[str], bool] | None = None,
+    ) -> tuple[list[KnownAgent], bool]:
         found: list[KnownAgent] = []
         for agent_class in classes:
             class_dir = self.root / agent_class
@@ -43,6 +54,8 @@ class AgentIndex:
             for path in sorted(class_dir.glob("*/*.sqlite3")):
                 agent_id = _stored_id(path)
                 if agent_id is None or contains not in agent_id:
+                    continue
+                if keep is not None and not keep(agent_id):
                     continue
                 if len(found) >= limit:
                     return sorted(found, key=_order), True

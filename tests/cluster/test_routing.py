@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,11 +19,19 @@ import pytest
 from nats.js.api import KeyValueConfig
 
 from gatewayd.agents.storage import agent_db_file
+from gatewayd.api.features import Feature
+from gatewayd.api.server import build_app
+from gatewayd.api.tokens import ApiToken, Tokens
 from gatewayd.client import AgentClient
 from gatewayd.cluster.naming import partition_of, preferred_owner
+from gatewayd.cluster.operations import OpenConnections
+from gatewayd.cluster.ownership import PartitionRecord
+from gatewayd.cluster.routing import Router
+from gatewayd.cluster.rpc import RoutedRuntime, rpc_subject
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.nats_cluster import NATS_BIN
+from tests.cluster.routing_agents import Notes
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
 from tests.mcp.conftest import mcp_client
@@ -473,3 +482,136 @@ async def _send_when_connected(client: AgentClient, message: str) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_the_dashboard_served_by_the_wrong_member_shows_the_owners_agent(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    other, owner = _alive(routed)
+    urls = await _settled(routed, routed_nc, {other, owner})
+    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "dash")
+    owner_pid = routed.members[owner].pid
+    ref = {"agent_class": CLASS, "agent_id": agent}
+    page = f"{urls[other]['api']}/dashboard/api"
+    other_file = Path(
+        agent_db_file(str(routed.members[other].dir / "state" / "cluster"), CLASS, agent)
+    )
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
+        # An agent nobody made yet: 404 through the other member, and no copy made there.
+        unknown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agent})
+        assert unknown.status_code == 404, unknown.text
+        made = await _tool(
+            urls[owner]["api"], "agent_call", {**ref, "method": "remind", "args": {"after_s": 3600}}
+        )
+        await _tool(urls[owner]["api"], "agent_call", {**ref, "method": "add", "args": {"n": 3}})
+        async with AgentClient(urls[owner]["ws"], CLASS, agent) as at_owner:
+            await at_owner.wait_for_state(_is(total=3), 5)
+            shown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agent})
+            assert shown.status_code == 200, shown.text
+            detail = shown.json()
+            # The owner's state, schedule and open connection, read through the other member.
+            assert detail["state"] == {"total": 3, "pid": owner_pid}
+            assert [s["id"] for s in detail["schedules"]] == [made["schedule_id"]]
+            assert [c["transport"] for c in detail["connections"]] == ["ws"]
+            assert detail["queue"] == [] and detail["dead_letters"] == []
+        # Replaying goes to the owner too: its answer (no such dead letter) comes back.
+        replay = await http.post(
+            f"{page}/replay", json={"class": CLASS, "id": agent, "item": "nope"}
+        )
+        assert replay.status_code == 404 and "no dead letter" in replay.text
+    assert not other_file.exists()  # the member serving the page holds no copy
+
+
+async def test_agents_and_devices_listed_through_one_member_are_the_groups(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    first, second = _alive(routed)
+    urls = await _settled(routed, routed_nc, {first, second})
+    members = [first, second]
+    agents = {
+        owner: _agent_owned_by(owner, members, routed.partitions, "listed") for owner in members
+    }
+    for owner, agent in agents.items():  # each made through the member that does not own it
+        via = urls[second if owner == first else first]["api"]
+        await _tool(
+            via, "agent_call", {"agent_class": CLASS, "agent_id": agent, "method": "add",
+                                "args": {"n": 1}},
+        )  # fmt: skip
+    listed = await _tool(urls[first]["api"], "agents_list", {"id_contains": "listed"})
+    assert listed["missing_members"] == []
+    assert sorted((a["agent_id"], a["member"]) for a in listed["agents"]) == sorted(
+        (agent, owner) for owner, agent in agents.items()
+    )
+    # A device connected to the second member, listed through the first.
+    device = agents[second]
+    async with AgentClient(urls[second]["ws"], CLASS, device) as client:
+        await client.wait_for_state(_is(total=1), 5)
+        devices = await _tool(urls[first]["api"], "devices_list", {"id_contains": device})
+        assert [(d["agent_id"], d["transport"], d["member"]) for d in devices["devices"]] == [
+            (device, "ws", second)
+        ]
+        assert devices["missing_members"] == []
+        seen = await _tool(
+            urls[first]["api"], "device_last_seen", {"agent_class": CLASS, "agent_id": device}
+        )
+        assert seen["last_seen"] is not None
+        assert [(c["transport"], c["member"]) for c in seen["connections"]] == [("ws", second)]
+
+
+class _Probe:
+    """How a member that serves nothing sees the group (for a `RoutedRuntime` built in the
+    test process, on the module's NATS): `alive` members, and every partition owned by
+    `owner`. Only this view is made up; the members it asks are the group's real ones."""
+
+    def __init__(self, nc: nats.NATS, partitions: int, alive: list[str], owner: str) -> None:
+        self.name = "probe"
+        self.nc = nc
+        self.settings = SimpleNamespace(group=GROUP, partitions=partitions)
+        self.partitions: dict[int, Any] = {}
+        self.partition_moving: list[Any] = []
+        self.ownership = SimpleNamespace(
+            records={n: PartitionRecord(owner, 1, 1) for n in range(partitions)},
+            alive=lambda: alive,
+            member_info={},
+        )
+
+
+async def test_a_member_that_does_not_answer_is_named_and_an_unserved_agent_is_a_503(
+    routed: Group, routed_nc: nats.NATS
+) -> None:
+    first, second = _alive(routed)
+    await _settled(routed, routed_nc, {first, second})
+    # "mute" is subscribed to its rpc subject but never answers; "ghost" has no subscriber.
+    mute = await routed_nc.subscribe(rpc_subject(GROUP, "mute"))
+    try:
+        probe = _Probe(routed_nc, routed.partitions, [first, second, "ghost", "mute"], "ghost")
+        local = SimpleNamespace(open_connections=list, classes={CHAT_CLASS: Notes})
+        routed_runtime = RoutedRuntime(local, Router(probe), timeout_s=0.5)
+        group = await routed_runtime.ask_members(OpenConnections([CLASS]), timeout_s=0.5)
+        assert sorted(str(name) for name in group.answers) == sorted([first, second, "probe"])
+        assert group.missing == {
+            "ghost": "does not answer (no responder)",
+            "mute": "no answer within 0.5s",
+        }
+        # The chat messages route of a member that finds no member serving the agent in time.
+        token = ApiToken("ops", "ops-secret-0123456789")
+        app, _ = build_app(
+            SimpleNamespace(runtime=local, routed_runtime=routed_runtime),
+            Tokens.of(token),
+            [Feature("messages", "gatewayd.chat.http:routes")],
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://member"
+        ) as http:
+            answer = await http.get(
+                f"/agents/{CHAT_CLASS}/nobody/messages",
+                headers={"Authorization": f"Bearer {token.secret}"},
+            )
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"] == "2"
+        error = answer.json()["error"]
+        assert error["code"] == "agent_unavailable" and error["type"] == "server_error"
+        assert f"{CHAT_CLASS}/nobody" in error["message"]
+        assert "ghost does not answer" in error["message"]
+    finally:
+        await mute.unsubscribe()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gatewayd.cluster.operations import StoredAgents, ask_group
 from gatewayd.mcp.catalog import GroupContext, ServedTool
 from gatewayd.mcp.groups.common import existing_agent, known_class, reachable_classes
 from gatewayd.mcp.jsonable import jsonable
@@ -29,7 +30,9 @@ def tools(context: GroupContext) -> list[ServedTool]:
         agent_class: str | None = None, id_contains: str = "", limit: int = 50
     ) -> dict[str, Any]:
         """List known agents (those with stored state), by class, optionally only those whose
-        id contains a text. Start here to find an agent id.
+        id contains a text. Start here to find an agent id. In a group of gateways: the
+        agents of every member, each naming the member that serves it; members that did not
+        answer in time are listed in missing_members.
 
         Args:
             agent_class: Only agents of this class (default: every class you may reach).
@@ -38,19 +41,18 @@ def tools(context: GroupContext) -> list[ServedTool]:
         """
         limit = max(1, min(limit, context.max_items))
         classes = reachable_classes(context, agent_class)
-        found, more = await context.index.find(classes, id_contains, limit)
-        return {
-            "agents": [
-                {
-                    "agent_class": agent.agent_class,
-                    "agent_id": agent.agent_id,
-                    "awake": context.runtime.is_awake(agent.agent_class, agent.agent_id),
-                    "last_seen": agent.last_seen,
-                }
-                for agent in found
-            ],
-            "truncated": more,
-        }
+        group = await ask_group(context.runtime, StoredAgents(classes, id_contains, limit))
+        rows: list[dict[str, Any]] = []
+        more = False
+        for member, answer in group.answers.items():
+            more = more or bool(answer["truncated"])
+            for row in answer["agents"]:
+                rows.append(row if member is None else {**row, "member": member})
+        rows.sort(key=lambda row: (row["agent_class"], row["agent_id"]))
+        listed: dict[str, Any] = {"agents": rows[:limit], "truncated": more or len(rows) > limit}
+        if group.grouped:
+            listed["missing_members"] = group.missing_json()
+        return listed
 
     async def agent_state_get(agent_class: str, agent_id: str) -> Any:
         """The current (committed) state of one agent.

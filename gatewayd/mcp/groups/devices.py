@@ -5,12 +5,17 @@ on transports with durable outputs, is sent again until delivered)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
-from gatewayd.agents.storage import agent_db_path
-from gatewayd.cluster.operations import SendToConnections
-from gatewayd.mcp.agent_index import last_seen
+from gatewayd.cluster.operations import (
+    AgentLastSeen,
+    GroupAnswer,
+    OpenConnections,
+    SendToConnections,
+    ask_group,
+)
 from gatewayd.mcp.catalog import GroupContext, ServedTool
 from gatewayd.mcp.groups.common import agent_label, existing_agent, reachable_classes
 from gatewayd.tools import ToolError, tool_from_function
@@ -22,7 +27,9 @@ def tools(context: GroupContext) -> list[ServedTool]:
     async def devices_list(
         agent_class: str | None = None, id_contains: str = "", limit: int = 50
     ) -> dict[str, Any]:
-        """List the open device connections (any transport), with the agent each belongs to.
+        """List the open device connections (any transport), with the agent each belongs to
+        (in a group of gateways: on every member, each naming it; members that did not answer
+        in time are listed in missing_members).
 
         Args:
             agent_class: Only devices of agents of this class.
@@ -30,38 +37,42 @@ def tools(context: GroupContext) -> list[ServedTool]:
             limit: At most this many devices.
         """
         limit = max(1, min(limit, context.max_items))
-        classes = set(reachable_classes(context, agent_class))
-        rows = [
-            {
-                "agent_class": key[0],
-                "agent_id": key[1],
-                "connection_id": conn.id,
-                "transport": conn.transport,
-                "remote": conn.remote,
-                "tags": list(conn.tags),
-            }
-            for key, conn in runtime.open_connections()
-            if key[0] in classes and id_contains in key[1]
-        ]
+        classes = reachable_classes(context, agent_class)
+        group = await ask_group(runtime, OpenConnections(classes, id_contains))
+        rows = _merged(group)
         rows.sort(key=lambda row: (row["agent_class"], row["agent_id"], row["connection_id"]))
-        return {"devices": rows[:limit], "truncated": len(rows) > limit}
+        listed: dict[str, Any] = {"devices": rows[:limit], "truncated": len(rows) > limit}
+        if group.grouped:
+            listed["missing_members"] = group.missing_json()
+        return listed
 
     async def device_last_seen(agent_class: str, agent_id: str) -> dict[str, Any]:
         """When a device's agent last committed anything (a reading, a command), and its open
-        connections.
+        connections (in a group of gateways: on every member, each naming it).
 
         Args:
             agent_class: The agent's class.
             agent_id: The agent's id.
         """
         await existing_agent(context, agent_class, agent_id)
-        path = agent_db_path(runtime.settings.state_dir, agent_class, agent_id)
+        seen, connections = await asyncio.gather(
+            ask_group(runtime, AgentLastSeen(agent_class, agent_id)),
+            ask_group(runtime, OpenConnections([agent_class], agent_id=agent_id)),
+        )
         open_now = [
-            {"connection_id": conn.id, "transport": conn.transport, "remote": conn.remote}
-            for key, conn in runtime.open_connections()
-            if key == (agent_class, agent_id)
+            {
+                key: row[key]
+                for key in ("connection_id", "transport", "remote", "member")
+                if key in row
+            }
+            for row in _merged(connections)
         ]
-        return {"last_seen": last_seen(path), "connections": open_now}
+        times = [t for t in seen.answers.values() if isinstance(t, str)]
+        found: dict[str, Any] = {"last_seen": max(times, default=None), "connections": open_now}
+        if seen.grouped:
+            missing = {**connections.missing, **seen.missing}
+            found["missing_members"] = GroupAnswer({}, missing).missing_json()
+        return found
 
     async def device_command_send(
         agent_class: str,
@@ -95,3 +106,11 @@ def tools(context: GroupContext) -> list[ServedTool]:
         ),
         ServedTool(tool_from_function(device_command_send), "devices", class_arg="agent_class"),
     ]
+
+
+def _merged(group: GroupAnswer) -> list[dict[str, Any]]:
+    """Every member's rows, each naming its member (in a group)."""
+    rows: list[dict[str, Any]] = []
+    for member, answer in group.answers.items():
+        rows.extend(row if member is None else {**row, "member": member} for row in answer)
+    return rows
