@@ -334,6 +334,7 @@ class ClusterSection(Section):
     heartbeat: Duration = 2.0
     snapshot_every: int = Field(default=1000, ge=1)
     fetch_batch: int = Field(default=256, ge=1, le=10_000)
+    durable_replies: bool = True
 
     @model_validator(mode="after")
     def _coherent(self) -> ClusterSection:

@@ -82,29 +82,18 @@ _POISON = (CommitError, StorageError, AgentQuarantinedError, SequenceGapError, B
 
 
 class ClusterLink(LinkIdentity):
-    """The link of one agent's device messages on this member. Its outputs are durable
-    (`outputs`: outbox rows sent through JetStream to `<reply_subject>.<agent id>`, see
-    outputs.py); `send` (used only for outputs of live-only paths) publishes on core NATS."""
+    """The link of one agent's device messages on this member, with live outputs: `send`
+    publishes to `<reply_subject>.<agent id>` on core NATS after the commit (at most once;
+    `[cluster] durable_replies = false`)."""
 
     TRANSPORT = "nats"
-    __slots__ = ("_nc", "_outputs", "_reply_subject", "closed")
+    __slots__ = ("_nc", "_reply_subject", "closed")
 
-    def __init__(
-        self, nc: NatsClient, route: Route, reply_subject: str, outputs: JetStreamOutputs
-    ) -> None:
+    def __init__(self, nc: NatsClient, route: Route, reply_subject: str) -> None:
         super().__init__(f"nats:{route.agent_class}:{route.agent_id}", route, reply_subject)
         self._nc = nc
         self._reply_subject = reply_subject
-        self._outputs = outputs
         self.closed = False
-
-    @property
-    def output_address(self) -> OutputAddress:
-        return JetStreamOutputs.address(self._reply_subject)
-
-    @property
-    def outputs(self) -> JetStreamOutputs:
-        return self._outputs
 
     def send(self, data: bytes | str) -> None:
         if self.closed:
@@ -117,6 +106,27 @@ class ClusterLink(LinkIdentity):
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed = True
+
+
+class DurableClusterLink(ClusterLink):
+    """A `ClusterLink` whose outputs are durable (the default): outbox rows of the turn's
+    commit, sent through JetStream by `outputs` (see outputs.py)."""
+
+    __slots__ = ("_outputs",)
+
+    def __init__(
+        self, nc: NatsClient, route: Route, reply_subject: str, outputs: JetStreamOutputs
+    ) -> None:
+        super().__init__(nc, route, reply_subject)
+        self._outputs = outputs
+
+    @property
+    def output_address(self) -> OutputAddress:
+        return JetStreamOutputs.address(self._reply_subject)
+
+    @property
+    def outputs(self) -> JetStreamOutputs:
+        return self._outputs
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
@@ -157,7 +167,7 @@ class IngestWorker:
         floor: int,
         agent_class: str,
         reply_subject: str,
-        outputs: JetStreamOutputs,
+        outputs: JetStreamOutputs | None,
         fetch_batch: int,
         poisoned: Callable[[str], None],
         touched: Callable[[tuple[str, str]], None],
@@ -425,11 +435,12 @@ class IngestWorker:
         while True:
             try:
                 if link is None:
-                    link = ClusterLink(
-                        self._nc,
-                        Route(self._agent_class, agent_id),
-                        f"{self._reply_subject}.{agent_id}",
-                        self._outputs,
+                    route = Route(self._agent_class, agent_id)
+                    subject = f"{self._reply_subject}.{agent_id}"
+                    link = (
+                        ClusterLink(self._nc, route, subject)
+                        if self._outputs is None
+                        else DurableClusterLink(self._nc, route, subject, self._outputs)
                     )
                     opened = self._runtime.open_link(link, {"subject": msg.subject})
                     if _held_back(opened):

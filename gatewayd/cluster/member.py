@@ -51,6 +51,7 @@ AgentKey = tuple[str, str]
 _TAKE_ATTEMPTS = 5
 _FIRST_CONNECT_ROUNDS = 2
 _FIRST_CONNECT_S = 15.0
+_ENSURE_STREAMS_S = 20.0
 _REPLY_DEDUP_WINDOW_S = 300.0
 _REPLY_MAX_AGE_S = 3600.0
 
@@ -174,7 +175,7 @@ class ClusterMember:
     async def _ensure_streams(self) -> None:
         assert self.js is not None
         replicas = self.settings.replicas
-        for config in (
+        configs = [
             StreamConfig(
                 name=self.names.ingest_stream,
                 subjects=[f"{self.settings.ingest_subject}.>"],
@@ -187,24 +188,38 @@ class ClusterMember:
                 num_replicas=replicas,
                 storage=StorageType.FILE,
             ),
+        ]
+        if self.settings.durable_replies:
             # Device replies (outputs.py): JetStream drops a resend of a reply by message id
             # within the duplicate window; replies are kept for an hour.
-            StreamConfig(
-                name=self.names.replies_stream,
-                subjects=[f"{self.settings.reply_subject}.>"],
-                num_replicas=replicas,
-                storage=StorageType.FILE,
-                duplicate_window=_REPLY_DEDUP_WINDOW_S,
-                max_age=_REPLY_MAX_AGE_S,
-            ),
-        ):
-            try:
-                await self.js.stream_info(config.name or "")
-            except Exception:
+            configs.append(
+                StreamConfig(
+                    name=self.names.replies_stream,
+                    subjects=[f"{self.settings.reply_subject}.>"],
+                    num_replicas=replicas,
+                    storage=StorageType.FILE,
+                    duplicate_window=_REPLY_DEDUP_WINDOW_S,
+                    max_age=_REPLY_MAX_AGE_S,
+                )
+            )
+        deadline = time.monotonic() + _ENSURE_STREAMS_S
+        for config in configs:
+            while True:
+                try:
+                    await self.js.stream_info(config.name or "")
+                    break
+                except Exception:
+                    pass
                 try:
                     await self.js.add_stream(config)
-                except Exception:
-                    await self.js.stream_info(config.name or "")  # created by another member
+                    break
+                except Exception as err:
+                    # Created by another member meanwhile (found next round), or a NATS
+                    # cluster that has just started and knows too few peers to place R3.
+                    if time.monotonic() > deadline:
+                        raise
+                    logger.info("cluster: stream %s not created yet (%s)", config.name, err)
+                    await asyncio.sleep(0.3)
 
     async def _resume(self) -> None:
         """A heartbeat was confirmed after the lease had expired: keep the partitions whose
@@ -406,7 +421,7 @@ class ClusterMember:
                 floor=report.floor,
                 agent_class=self.settings.agent_class,
                 reply_subject=self.settings.reply_subject,
-                outputs=self.outputs,
+                outputs=self.outputs if self.settings.durable_replies else None,
                 fetch_batch=self.settings.fetch_batch,
                 poisoned=functools.partial(self._poisoned, part),
                 touched=part.agents.add,

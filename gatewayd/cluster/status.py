@@ -62,9 +62,9 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
         for number in range(settings.partitions):
             record = records.get(number, {})
             epoch = int(record.get("epoch", 0))
-            current = [
+            current = [  # oldest to newest (the generation is the name's last number)
                 c
-                for name, c in sorted(consumers.items())
+                for name, c in sorted(consumers.items(), key=lambda nc: _generation(nc[0]))
                 if Names.consumer_partition_epoch(name) == (number, epoch)
             ]
             lag = None
@@ -88,6 +88,11 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
         return {"group": settings.group, "members": members, "partitions": partitions}
     finally:
         await nc.close()
+
+
+def _generation(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def format_status(status: dict[str, Any]) -> str:

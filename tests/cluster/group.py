@@ -57,6 +57,7 @@ class Member:
             f'agent_class = "{AGENT_CLASS}"\npartitions = {group.partitions}\n'
             f'replicas = {group.replicas}\nlease = "{group.lease_s}s"\n'
             f'heartbeat = "{group.heartbeat_s}s"\nsnapshot_every = {group.snapshot_every}\n'
+            f"durable_replies = {'true' if group.durable_replies else 'false'}\n"
         )
         self.notify = NotifySocket(self.dir, abstract=True)
         self.process = GatewayProcess(self.config, self.notify)
@@ -83,6 +84,7 @@ class Group:
         lease_s: float = 5.0,
         heartbeat_s: float = 1.0,
         snapshot_every: int = 1000,
+        durable_replies: bool = True,
     ) -> None:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gw-group-"))
         self.partitions = partitions
@@ -90,6 +92,7 @@ class Group:
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s
         self.snapshot_every = snapshot_every
+        self.durable_replies = durable_replies
         self.nats = NatsCluster(
             self.work_dir / "nats", nodes=nats_nodes, mappings=device_mapping(partitions)
         )

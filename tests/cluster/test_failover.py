@@ -224,7 +224,7 @@ async def _mqtt_client(port: int, name: str) -> aiomqtt.Client:
 # The load is 10,000 QoS 1 messages; the suite streams fewer (bench/results/cluster.md
 # records a 10,000-message run): GATEWAYD_TEST_CLUSTER_MESSAGES=10000 raises it.
 MQTT_MESSAGES = int(os.environ.get("GATEWAYD_TEST_CLUSTER_MESSAGES", "1200"))
-MQTT_DEVICES = 12
+MQTT_DEVICES = 10
 
 
 class _MqttDevices:
