@@ -702,13 +702,18 @@ async def _object_store(
 ) -> ObjectStore:
     from nats.js.api import ObjectStoreConfig
 
-    try:
-        return await js.object_store(bucket)
-    except Exception:
-        pass
-    try:
-        return await js.create_object_store(
-            bucket, config=ObjectStoreConfig(replicas=settings.replicas)
-        )
-    except Exception:
-        return await js.object_store(bucket)
+    deadline = time.monotonic() + _ENSURE_STREAMS_S
+    while True:  # (retried as the streams are, see _ensure_streams)
+        try:
+            return await js.object_store(bucket)
+        except Exception:
+            pass
+        try:
+            return await js.create_object_store(
+                bucket, config=ObjectStoreConfig(replicas=settings.replicas)
+            )
+        except Exception as err:
+            if time.monotonic() > deadline:
+                raise
+            logger.info("cluster: object store %s not created yet (%s)", bucket, err)
+            await asyncio.sleep(0.3)

@@ -38,6 +38,7 @@ from gatewayd.cluster.settings import ClusterSettings
 logger = logging.getLogger(__name__)
 
 _STALE_WATCH_BEATS = 3
+_CREATE_FOR_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,11 +272,18 @@ def _encode(owner: str, epoch: int) -> bytes:
 
 
 async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    try:
-        return await js.key_value(config.bucket)
-    except (BucketNotFoundError, KeyNotFoundError, Exception):
-        pass
-    try:
-        return await js.create_key_value(config)
-    except Exception:
-        return await js.key_value(config.bucket)  # another member created it meanwhile
+    """Open or create the bucket; retried for a while (another member may be creating it, or a
+    NATS cluster that has just started cannot place its replicas yet)."""
+    deadline = time.monotonic() + _CREATE_FOR_S
+    while True:
+        try:
+            return await js.key_value(config.bucket)
+        except (BucketNotFoundError, KeyNotFoundError, Exception):
+            pass
+        try:
+            return await js.create_key_value(config)
+        except Exception as err:
+            if time.monotonic() > deadline:
+                raise
+            logger.info("cluster: bucket %s not created yet (%s)", config.bucket, err)
+            await asyncio.sleep(0.3)
