@@ -4,9 +4,11 @@ Each partition is read through an *ordered pull consumer* of the replicated inge
 one replica, in memory, no acknowledgements, starting at the next stream sequence this owner
 needs (`p<partition>-e<epoch>-<n>`). It holds no state worth keeping, so when it stops
 answering (its NATS node died: a fetch gets no reply, not even the idle heartbeats it asked
-for) or skips a delivery, the worker creates another one at its own position, under a new
-name (the old name may be placed on the dead node again) and goes on: a NATS node's loss
-costs a fetch timeout and a create, not a takeover.
+for), skips a delivery, or stays idle while the stream's leader holds more for the partition
+(a lagging replica), the worker creates another one at its own position, under a new name
+(the old name may be placed on the dead node again) and goes on; for a dead node it first
+switches to a standby consumer kept on another node. A NATS node's loss costs a fetch
+timeout, not a takeover.
 
 What a message acknowledgement used to say is in the partition's changelog: every append
 records the *ingest floor* (every message up to it settled: applied, duplicate or
@@ -78,6 +80,8 @@ _REFUSALS_BEFORE_REPLACING = 20
 _STANDBY_REFRESH_S = 10.0
 _STANDBY_CHECK_S = 0.5
 _NO_ANSWER = "did not answer (its NATS node down?)"
+_STALLED = "delivers nothing while the stream has more for it (a lagging replica?)"
+_PROBE_AFTER_IDLE = 3  # idle fetches (about a second each) before asking the stream
 _POISON = (CommitError, StorageError, AgentQuarantinedError, SequenceGapError, Backpressure)
 
 
@@ -364,7 +368,7 @@ class IngestWorker:
             consumer=consumer, stream=self._names.ingest_stream
         )
         expected = 1  # the consumer's own delivery sequence: a gap = a delivery lost
-        refused = 0
+        refused = idle = 0
         try:
             while not self._stopping and self.poison is None:
                 room = self._fetch_batch * 2 - len(self._in_flight)
@@ -381,6 +385,9 @@ class IngestWorker:
                 except FetchTimeoutError:
                     self.fetches["idle"] += 1
                     refused = 0
+                    idle += 1
+                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                        return _STALLED
                     continue  # it answered (heartbeats): nothing new
                 except (TimeoutError, NatsTimeoutError):
                     return _NO_ANSWER
@@ -394,6 +401,12 @@ class IngestWorker:
                         return f"refused {refused} fetches ({err.description})"
                     continue
                 refused = 0
+                if not msgs:
+                    idle += 1
+                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                        return _STALLED
+                    continue
+                idle = 0
                 self.fetches["messages"] += len(msgs)
                 for msg in msgs:
                     if self._stopping or self.poison is not None:
@@ -412,6 +425,25 @@ class IngestWorker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return None
+
+    async def _behind(self) -> bool:
+        """Its consumer has been idle for a while: does the stream (its leader) hold a message
+        of this partition at or after `next_seq`? Then the consumer is stuck (it reads a
+        replica that lags, seen on a loaded machine for tens of seconds) and is replaced."""
+        try:
+            found = await self._js.get_msg(
+                self._names.ingest_stream,
+                seq=self.next_seq,
+                subject=self._names.ingest_filter(self.partition),
+                next=True,
+            )
+        except NotFoundError:
+            return False
+        except Exception as err:
+            logger.debug("cluster: partition %d: probe failed: %s", self.partition, err)
+            return False
+        self.fetches["stalled"] += 1
+        return int(found.seq or 0) >= self.next_seq
 
     async def _submit(self, msg: Msg) -> None:
         parsed = self._names.agent_of(msg.subject)
