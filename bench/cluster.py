@@ -12,11 +12,14 @@ published after the commit). Publishers use JetStream (PubAck = acknowledged); t
 2. Failover: with 3 members and an open-loop stream to the devices of the victim's partitions,
    SIGKILL the member, time kill -> first echo from those devices arriving 100 ms or more after
    the kill (the new owner serving), then start a replacement member; `--kills` times.
+   Each member count runs twice, interleaved: replies durable (the default: outbox rows sent
+   through JetStream, deduplicated) and live (`durable_replies = false`: core NATS, at most
+   once), the baseline of what durable replies cost.
 3. The changelog's cost per commit vs single-box mode, in this process: the same agent runtime
    and workload, once alone (the baseline) and once as a cluster member (every commit
    serialised, diffed and appended to the replicated changelog before it commits).
 
-    python bench/cluster.py                 # short: ~2 min
+    python bench/cluster.py                 # short: ~3 min
     python bench/cluster.py --count 5000 --kills 10 --turns 4000   # the recorded run
 
 Prints a table, then one JSON line.
@@ -106,8 +109,15 @@ class Echoes:
         return len(batch) / elapsed, [(got - sent) * 1000 for _, sent, got in batch]
 
 
-async def throughput(work_dir: Path, members: int, count: int, window: int) -> dict[str, Any]:
-    group = Group(work_dir / f"members-{members}", partitions=PARTITIONS)
+async def throughput(
+    work_dir: Path, members: int, count: int, window: int, *, durable_replies: bool = True
+) -> dict[str, Any]:
+    mode = "durable" if durable_replies else "live"
+    group = Group(
+        work_dir / f"members-{members}-{mode}",
+        partitions=PARTITIONS,
+        durable_replies=durable_replies,
+    )
     group.start_nats()
     try:
         for index in range(members):
@@ -134,6 +144,7 @@ async def throughput(work_dir: Path, members: int, count: int, window: int) -> d
             cost_ms += int(n) * float(ms)
     return {
         "members": members,
+        "replies": mode,
         "msgs_per_s": round(rate, 1),
         "p50_ms": round(_pct(latencies, 0.5), 2),
         "p99_ms": round(_pct(latencies, 0.99), 2),
@@ -306,24 +317,34 @@ async def main() -> None:
     parser.add_argument("--lease-s", type=float, default=3.0, help="cluster.lease for failover")
     parser.add_argument("--turns", type=int, default=1200, help="turns for the changelog cost")
     parser.add_argument("--members", default="1,2,3")
+    parser.add_argument(
+        "--no-live", action="store_true", help="skip the runs with live (at most once) replies"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     work_dir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    rows = []
+    rows, live_rows = [], []
     for members in [int(m) for m in args.members.split(",")]:
         row = await throughput(work_dir, members, args.count, args.window)
         rows.append(row)
         print(f"  {members} member(s): {row}", flush=True)
+        if not args.no_live:  # interleaved: the same load, replies published live
+            live = await throughput(
+                work_dir, members, args.count, args.window, durable_replies=False
+            )
+            live_rows.append(live)
+            print(f"  {members} member(s), live replies: {live}", flush=True)
     cost = await changelog_cost(work_dir, args.turns)
     print(f"  changelog cost: {cost}", flush=True)
     fail = await failover(work_dir, args.kills, args.lease_s)
 
     print()
-    print("members  msgs/s   p50 ms   p99 ms  changelog ms/commit  bytes/commit")
-    for row in rows:
+    print("members  replies  msgs/s   p50 ms   p99 ms  changelog ms/commit  bytes/commit")
+    for row in rows + live_rows:
         print(
-            f"{row['members']:>7} {row['msgs_per_s']:>7} {row['p50_ms']:>8} {row['p99_ms']:>8} "
-            f"{row['changelog_ms_per_commit']:>20} {row['changelog_bytes_per_commit']:>13}"
+            f"{row['members']:>7} {row['replies']:>8} {row['msgs_per_s']:>7} {row['p50_ms']:>8} "
+            f"{row['p99_ms']:>8} {row['changelog_ms_per_commit']:>20} "
+            f"{row['changelog_bytes_per_commit']:>13}"
         )
     print(
         f"\nchangelog vs single box (same runtime, {args.turns} turns, 24 agents): "
@@ -340,6 +361,12 @@ async def main() -> None:
         "bench": "cluster",
         "members": {str(r["members"]): r for r in rows},
         "ratio_3_vs_1": round(rows[-1]["msgs_per_s"] / base["msgs_per_s"], 3),
+        # The baseline of durable replies: the same members with replies published live.
+        "live_replies": {str(r["members"]): r for r in live_rows},
+        "durable_vs_live": {
+            str(d["members"]): round(d["msgs_per_s"] / v["msgs_per_s"], 3)
+            for d, v in zip(rows, live_rows, strict=False)
+        },
         "changelog": cost,
         "failover": fail,
         "count": args.count,

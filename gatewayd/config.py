@@ -341,6 +341,7 @@ class ClusterSection(Section):
     # (advertised for routing); "" = each listener's bind host, or this machine's name when
     # it binds every interface.
     advertise_host: str = ""
+    durable_replies: bool = True
 
     @model_validator(mode="after")
     def _coherent(self) -> ClusterSection:

@@ -355,6 +355,7 @@ def cluster_settings(config: GatewayConfig) -> Any:
         heartbeat_s=c.heartbeat,
         snapshot_every=c.snapshot_every,
         fetch_batch=c.fetch_batch,
+        durable_replies=c.durable_replies,
     )
 
 

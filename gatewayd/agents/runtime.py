@@ -478,6 +478,15 @@ class AgentRuntime(AlarmsMixin):
         """Every batch's writes go through `replicator.before_commit` (batch.Replicator)."""
         self._batches.replicator = replicator
 
+    def recover_outputs(self, keys: list[AgentKey]) -> None:
+        """Cluster mode: these agents' databases were just restored from another member's
+        changelog and may hold outputs it had not delivered: each is woken and its first batch
+        sends them again (as `_recover_outputs` does at start-up)."""
+        self._outbox.recover(keys)
+        for key in keys:
+            if self._check_route(key) is None:
+                self._enqueue(key, Event(FN, None, None, _wake_only))
+
     async def release_agents(self, keys: list[AgentKey]) -> None:
         """Hand these agents over: close their connections (no close turn runs), forget their
         alarms (their new owner wakes them), wait for their running batches, hibernate them

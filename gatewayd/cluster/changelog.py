@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 AgentKey = tuple[str, str]
 _WRONG_LAST_SEQUENCE = 10071
 _PUBLISH_TIMEOUT_S = 2.0
-_RETRY_FOR_S = 6.0  # then the append fails and the partition is taken again
+_RETRY_FOR_S = 20.0  # past a leader election (~8 s measured); then the append fails
 _READ_BATCH = 256
+_REPLAY_CREATE_TIMEOUT_S = 1.0
+_REPLAY_FETCH_TIMEOUT_S = 2.0
 
 
 class ChangelogError(Exception):
@@ -167,22 +169,33 @@ class PartitionLog:
     async def _replay_by_consumer(
         self, images: dict[AgentKey, bytes], start: int, last: int
     ) -> int:
-        sub = await self._js.pull_subscribe(
-            self.subject,
-            stream=self._names.log_stream,
-            config=ConsumerConfig(
+        # One replica in memory, created with a short timeout: one placed on a NATS node
+        # that is down fails fast, and the caller reads message by message instead.
+        info = await self._js.add_consumer(
+            self._names.log_stream,
+            ConsumerConfig(
+                filter_subject=self.subject,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=start,
                 ack_policy=AckPolicy.NONE,
                 inactive_threshold=10.0,
                 mem_storage=True,
+                num_replicas=1,
             ),
+            timeout=_REPLAY_CREATE_TIMEOUT_S,
         )
+        sub = await self._js.pull_subscribe_bind(info.name, stream=self._names.log_stream)
         replayed = 0
         try:
             seq = start - 1
+            delivered = 0
             while seq < last:
-                for msg in await sub.fetch(_READ_BATCH, timeout=5.0):
+                for msg in await sub.fetch(_READ_BATCH, timeout=_REPLAY_FETCH_TIMEOUT_S):
+                    delivered += 1
+                    if msg.metadata.sequence.consumer != delivered:
+                        # A delivery lost on the way (no acks, so never sent again): read
+                        # message by message instead (replaying pages again is idempotent).
+                        raise TimeoutError(f"replay delivery {delivered} lost")
                     seq = msg.metadata.sequence.stream
                     self._apply(images, msg.data)
                     replayed += 1
@@ -261,6 +274,7 @@ class PartitionLog:
             "Nats-Msg-Id": f"{self.subject}/{self.epoch}/{self.last_seq}",
         }
         deadline = time.monotonic() + _RETRY_FOR_S
+        retried = False
         try:
             while True:
                 try:
@@ -271,6 +285,7 @@ class PartitionLog:
                         stream=self._names.log_stream,
                         headers=headers,
                     )
+                    seq = int(ack.seq)
                     break
                 except (NoStreamResponseError, NatsTimeoutError, ConnectionClosedError,
                         NoRespondersError) as err:  # fmt: skip
@@ -279,25 +294,41 @@ class PartitionLog:
                     if time.monotonic() > deadline:
                         raise
                     logger.info("cluster: partition %d: append retried (%s)", self.partition, err)
+                    retried = True
                     await asyncio.sleep(0.2)
         except APIError as err:
-            if err.err_code == _WRONG_LAST_SEQUENCE:
+            landed = await self._landed(payload) if retried else None
+            if landed is not None:
+                # The first try did land (its acknowledgement was lost with a NATS node) and
+                # the new leader checked the expected sequence before the message id.
+                seq = landed
+            elif err.err_code == _WRONG_LAST_SEQUENCE:
                 self.failed = FencedError(
                     f"partition {self.partition}: another member appended to the changelog "
                     f"(epoch {self.epoch} is fenced off): {err.description}"
                 )
                 raise self.failed from None
-            self.failed = ChangelogError(f"partition {self.partition}: append failed: {err}")
-            raise self.failed from err
+            else:
+                self.failed = ChangelogError(f"partition {self.partition}: append failed: {err}")
+                raise self.failed from err
         except Exception as err:
             self.failed = ChangelogError(
                 f"partition {self.partition}: append failed ({type(err).__name__}: {err})"
             )
             raise self.failed from err
-        self.last_seq = ack.seq
+        self.last_seq = seq
         APPEND_SECONDS.observe(time.perf_counter() - started)
         self.append_seconds += time.perf_counter() - started
         self.append_count += 1
+
+    async def _landed(self, payload: bytes) -> int | None:
+        """The log's last message is `payload` right after `last_seq`: its sequence."""
+        try:
+            msg = await self._js.get_last_msg(self._names.log_stream, self.subject)
+        except Exception:
+            return None
+        seq = int(msg.seq or 0)
+        return seq if seq > self.last_seq and msg.data == payload else None
 
     # -- snapshots -------------------------------------------------------------------------
 

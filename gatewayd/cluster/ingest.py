@@ -1,22 +1,33 @@
-"""One owned partition's consumer: device messages in stream order, acked after commit.
+"""One owned partition's consumer: device messages in stream order, progress in the changelog.
 
-Each partition is read through a durable pull consumer named after the owner's epoch
-(`p<partition>-e<epoch>`). A new owner creates its consumer at the previous consumers' ack
-floor and deletes theirs, so an earlier owner's late acknowledgements go nowhere. Messages
-above the floor that an earlier owner had applied come back and are recognised as duplicates
-by the agent's own dedup row (the JetStream stream sequence, `DedupKey`, recorded in the same
-commit that the changelog carries), then acknowledged: exactly once per agent state.
+Each partition is read through an *ordered pull consumer* of the replicated ingest stream:
+one replica, in memory, no acknowledgements, starting at the next stream sequence this owner
+needs (`p<partition>-e<epoch>-<n>`). It holds no state worth keeping, so when it stops
+answering (its NATS node died: a fetch gets no reply, not even the idle heartbeats it asked
+for), skips a delivery, or stays idle while the stream's leader holds more for the partition
+(a lagging replica), the worker creates another one at its own position, under a new name
+(the old name may be placed on the dead node again) and goes on; for a dead node it first
+switches to a standby consumer kept on another node. A NATS node's loss costs a fetch
+timeout, not a takeover.
 
-A message is acknowledged only after the turn that consumed it committed (which, in cluster
-mode, means its changes are in the partition's changelog) and only while this member still
-holds the partition. Failures:
+What a message acknowledgement used to say is in the partition's changelog: every append
+records the *ingest floor* (every message up to it settled: applied, duplicate or
+dead-lettered), and a message's turn commits only once its changes are in the replicated
+log. A new owner starts after that floor; messages above it that an earlier owner had
+applied come back and are recognised as duplicates by the agent's own dedup row (the
+JetStream stream sequence, `DedupKey`, recorded in the same commit that the changelog
+carries): exactly once per agent state. An earlier owner's consumer can deliver to it but
+can make nothing durable: its appends are fenced (changelog.py).
+
+Failures:
 
 - the turn's own error (the handler raised) or a link the agent refused: the message is
-  terminated (it would fail again) and logged, like the MQTT bridge's dead letters;
+  settled as dead-lettered (it would fail again) and logged, like the MQTT bridge's dead
+  letters;
 - everything else (commit refused because the partition was lost or fenced, storage failed,
-  backpressure that aborted a batch): the partition is *poisoned*: nothing more is submitted
-  or acknowledged, and the member gives it up and takes it again from the changelog, so no
-  later message of an agent is applied after an earlier one failed.
+  backpressure that aborted a batch): the partition is *poisoned*: nothing more is submitted,
+  and the member gives it up and takes it again from the changelog, so no later message of
+  an agent is applied after an earlier one failed.
 """
 
 from __future__ import annotations
@@ -26,15 +37,17 @@ import collections
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, FetchTimeoutError, NotFoundError
 
 from gatewayd.agents.errors import (
     AgentQuarantinedError,
@@ -43,18 +56,39 @@ from gatewayd.agents.errors import (
     StorageError,
 )
 from gatewayd.cluster.naming import Names
-from protocols.link import Backpressure, DedupKey, LinkIdentity, LinkRejected, Outcome, Route
+from gatewayd.cluster.outputs import JetStreamOutputs
+from protocols.link import (
+    Backpressure,
+    DedupKey,
+    LinkIdentity,
+    LinkRejected,
+    Outcome,
+    OutputAddress,
+    Route,
+)
 
 logger = logging.getLogger(__name__)
 
 DEDUP_STREAM = "jetstream"  # the agents' dedup stream name for JetStream sequences
-_CHECK_AFTER_IDLE_FETCHES = 5  # one-second fetches that found nothing
+# A fetch asks for idle heartbeats: a live consumer answers within _FETCH_HEARTBEAT_S even
+# when there is nothing to deliver, so a fetch with no answer at all means a dead consumer.
+_FETCH_TIMEOUT_S = 1.0
+_FETCH_HEARTBEAT_S = 0.25
+_CREATE_TIMEOUT_S = 1.0
+_INACTIVE_THRESHOLD_S = 30.0
+_REFUSALS_BEFORE_REPLACING = 20
+_STANDBY_REFRESH_S = 10.0
+_STANDBY_CHECK_S = 0.5
+_NO_ANSWER = "did not answer (its NATS node down?)"
+_STALLED = "delivers nothing while the stream has more for it (a lagging replica?)"
+_PROBE_AFTER_IDLE = 3  # idle fetches (about a second each) before asking the stream
 _POISON = (CommitError, StorageError, AgentQuarantinedError, SequenceGapError, Backpressure)
 
 
 class ClusterLink(LinkIdentity):
-    """The link of one agent's device messages on this member; `send` publishes to
-    `<reply_subject>.<agent id>` (core NATS, at most once: live outputs)."""
+    """The link of one agent's device messages on this member, with live outputs: `send`
+    publishes to `<reply_subject>.<agent id>` on core NATS after the commit (at most once;
+    `[cluster] durable_replies = false`)."""
 
     TRANSPORT = "nats"
     __slots__ = ("_nc", "_reply_subject", "closed")
@@ -78,67 +112,52 @@ class ClusterLink(LinkIdentity):
         self.closed = True
 
 
+class DurableClusterLink(ClusterLink):
+    """A `ClusterLink` whose outputs are durable (the default): outbox rows of the turn's
+    commit, sent through JetStream by `outputs` (see outputs.py)."""
+
+    __slots__ = ("_outputs",)
+
+    def __init__(
+        self, nc: NatsClient, route: Route, reply_subject: str, outputs: JetStreamOutputs
+    ) -> None:
+        super().__init__(nc, route, reply_subject)
+        self._outputs = outputs
+
+    @property
+    def output_address(self) -> OutputAddress:
+        return JetStreamOutputs.address(self._reply_subject)
+
+    @property
+    def outputs(self) -> JetStreamOutputs:
+        return self._outputs
+
+
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("cluster: a reply could not be published: %s", task.exception())
 
 
-async def open_consumer(js: JetStreamContext, names: Names, partition: int, epoch: int, *,
-                        log_floor: int, max_ack_pending: int, replicas: int) -> tuple[str, int]:  # fmt: skip
-    """Create this epoch's consumer of `partition` after the ingest floor (the changelog's, or
-    a surviving earlier consumer's ack floor if higher) and delete the earlier consumers.
-    Returns its name and the floor it starts after.
-
-    The consumer has one replica: creating a replicated consumer forms a Raft group (half a
-    second and more), which would add to every failover. Losing it with its NATS node loses
-    nothing: the floor is in the replicated changelog, and the owner takes the partition
-    again with a new consumer."""
-    floor = log_floor
-    older: list[str] = []
-    for info in await js.consumers_info(names.ingest_stream):
-        parsed = Names.consumer_partition_epoch(info.name)
-        if parsed is None or parsed[0] != partition or parsed[1] >= epoch:
-            continue
-        older.append(info.name)
-        acked = info.ack_floor.stream_seq if info.ack_floor else 0
-        floor = max(floor, acked or 0)
-
-    def config(name: str, replicas: int) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=name,
-            filter_subject=names.ingest_filter(partition),
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if floor else DeliverPolicy.ALL,
-            opt_start_seq=floor + 1 if floor else None,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=60.0,
-            max_ack_pending=max_ack_pending,
-            max_deliver=-1,
-            num_replicas=replicas,
-        )
-
-    name = names.consumer(partition, epoch)
+async def delete_older_consumers(
+    js: JetStreamContext, names: Names, partition: int, epoch: int
+) -> None:
+    """Housekeeping after a take: delete earlier owners' consumers of `partition` (they hold
+    nothing: no acks; one on a NATS node that is down goes by itself when inactive)."""
     try:
-        await js.add_consumer(names.ingest_stream, config(name, 1), timeout=2.0)
-    except (TimeoutError, NatsTimeoutError):
-        # Its one replica was placed on a NATS node that is down: a replicated consumer
-        # (slower to create) works as long as the stream has a quorum.
-        logger.warning(
-            "cluster: partition %d: consumer %s not created (a NATS node down?); creating a "
-            "replicated one",
-            partition,
-            name,
-        )
-        older.append(name)
-        name = names.consumer(partition, epoch, replicated=True)
-        await js.add_consumer(names.ingest_stream, config(name, replicas), timeout=10.0)
-    for old in older:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(names.ingest_stream, old)
-    return name, floor
+        infos = await js.consumers_info(names.ingest_stream)
+    except Exception as err:
+        logger.debug("cluster: partition %d: consumers not listed: %s", partition, err)
+        return
+    for info in infos:
+        parsed = Names.consumer_partition_epoch(info.name)
+        if parsed is not None and parsed[0] == partition and parsed[1] < epoch:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(names.ingest_stream, info.name)
 
 
 class IngestWorker:
-    """Feeds one partition's messages to the agent runtime and acks them after commit."""
+    """Feeds one partition's messages to the agent runtime, in stream order, through an
+    ordered pull consumer it recreates from its own position whenever it stops answering."""
 
     def __init__(
         self,
@@ -148,12 +167,12 @@ class IngestWorker:
         runtime: Any,
         *,
         partition: int,
-        consumer: str,
+        epoch: int,
         floor: int,
         agent_class: str,
         reply_subject: str,
+        outputs: JetStreamOutputs | None,
         fetch_batch: int,
-        may_ack: Callable[[], bool],
         poisoned: Callable[[str], None],
         touched: Callable[[tuple[str, str]], None],
     ) -> None:
@@ -162,64 +181,194 @@ class IngestWorker:
         self._names = names
         self._runtime = runtime
         self.partition = partition
-        self._consumer = consumer
+        self.epoch = epoch
         self._agent_class = agent_class
         self._reply_subject = reply_subject
+        self._outputs = outputs
         self._fetch_batch = fetch_batch
-        self._may_ack = may_ack
         self._poisoned = poisoned
         self._touched = touched
         self.links: dict[str, ClusterLink] = {}
         self._in_flight: set[asyncio.Future[Any]] = set()
-        self._to_ack: list[Msg] = []
-        self._ack_wanted = asyncio.Event()
         self._stopping = False
         self.poison: str | None = None
         self.applied = 0
         self.duplicates = 0
         self.dead_lettered = 0
-        self.last_acked_seq = 0
+        self.consumers_opened = 0
         # Ingest floor: every message up to it is settled (applied, duplicate or dead-lettered).
         self.floor = floor
+        # The next stream sequence to submit: a recreated consumer starts there.
+        self.next_seq = floor + 1
+        self.consumer = ""
+        self._consumer_node = ""
+        # (name, node, created at, start seq) of the consumer kept ready on another node.
+        self._standby: tuple[str, str, float, int] | None = None
+        self.standby_switches = 0
+        self.fetches = collections.Counter[str]()
+        self._generation = 0
         self._delivered: collections.deque[int] = collections.deque()
         self._settled_seqs: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._cleanup: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        """Create the first consumer (retrying while a NATS node is down or JetStream elects
+        a leader), so the partition is served once this returns."""
+        created = await self._create(self.next_seq)
+        if created is not None:
+            self.consumer, self._consumer_node = created
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._fetch_forever(), name=f"cluster ingest p{self.partition}"),
-            loop.create_task(self._ack_forever(), name=f"cluster acks p{self.partition}"),
+            loop.create_task(self._keep_standby(), name=f"cluster standby p{self.partition}"),
         ]
 
     async def stop(self, *, graceful: bool, timeout_s: float = 10.0) -> None:
-        """Stop fetching; graceful: wait for the messages in flight and ack them first."""
+        """Stop fetching; graceful: wait for the messages in flight to settle first."""
+        logger.info(
+            "cluster: partition %d: stopping its consumer %s at stream seq %d (floor %d, %d "
+            "in flight, %d consumers opened, %d standby switches, fetches %s)",
+            self.partition, self.consumer, self.next_seq, self.floor, len(self._in_flight),
+            self.consumers_opened, self.standby_switches, dict(self.fetches),
+        )  # fmt: skip
         self._stopping = True
-        fetcher, acker = self._tasks or (None, None)
-        if fetcher is not None:
-            fetcher.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await fetcher
+                await task
         if graceful and self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout_s)
-        if acker is not None:
-            if graceful:
-                self._ack_wanted.set()
-                await asyncio.sleep(0)
-                await self._flush_acks()
-            acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await acker
         for link in self.links.values():
             link.closed = True
+        for name in (self.consumer, self._standby[0] if self._standby else ""):
+            if name:
+                self._delete_later(name)
+
+    # -- the consumers -----------------------------------------------------------------------
+
+    async def _create(self, start_seq: int) -> tuple[str, str] | None:
+        """A fresh consumer starting at `start_seq`: `(name, NATS node)`, or None once
+        stopping. Each try has a fresh name: a create that timed out may have been placed on
+        a NATS node that is down, and the same name would land there again."""
+        delay = 0.05
+        while not self._stopping:
+            name = self._names.consumer(self.partition, self.epoch, self._generation)
+            self._generation += 1
+            config = ConsumerConfig(
+                name=name,
+                filter_subject=self._names.ingest_filter(self.partition),
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start_seq,
+                ack_policy=AckPolicy.NONE,
+                num_replicas=1,
+                mem_storage=True,
+                inactive_threshold=_INACTIVE_THRESHOLD_S,
+            )
+            try:
+                info = await self._js.add_consumer(
+                    self._names.ingest_stream, config, timeout=_CREATE_TIMEOUT_S
+                )
+            except (TimeoutError, NatsTimeoutError, NoRespondersError, ConnectionClosedError,
+                    APIError) as err:  # fmt: skip
+                logger.info(
+                    "cluster: partition %d: consumer %s not created (%s); trying another",
+                    self.partition, name, f"{type(err).__name__}: {err}",
+                )  # fmt: skip
+                self._delete_later(name)
+                await asyncio.sleep(delay)
+                delay = min(0.5, delay * 2)
+                continue
+            self.consumers_opened += 1
+            node = (info.cluster.leader if info.cluster else None) or ""
+            return name, node
+        return None
+
+    async def _keep_standby(self) -> None:
+        """Keep a second consumer on another NATS node, recreated near the current position
+        every few seconds: when the serving one's node dies, the worker switches to it at
+        once, with no create (which waits for the meta leader and may be placed on the dead
+        node until JetStream notices it is gone)."""
+        while not self._stopping:
+            standby = self._standby
+            fresh = standby is not None and (
+                time.monotonic() - standby[2] < _STANDBY_REFRESH_S
+                and self.next_seq - standby[3] < self._fetch_batch * 4
+                and standby[1] != self._consumer_node
+            )
+            if not fresh and self.consumer:
+                start = self.next_seq
+                created = await self._create(start)
+                if created is None:
+                    return
+                if created[1] and created[1] == self._consumer_node:
+                    self._delete_later(created[0])  # same node as the serving one
+                else:
+                    if self._standby is not None:
+                        self._delete_later(self._standby[0])
+                    self._standby = (created[0], created[1], time.monotonic(), start)
+                    continue
+            await asyncio.sleep(_STANDBY_CHECK_S)
+
+    def _delete_later(self, name: str) -> None:
+        """Delete a consumer in the background (it also goes by itself when inactive)."""
+
+        async def delete() -> None:
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(self._names.ingest_stream, name)
+
+        task = asyncio.get_running_loop().create_task(delete())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
 
     # -- fetching and submitting --------------------------------------------------------------
 
     async def _fetch_forever(self) -> None:
+        try:
+            while not self._stopping and self.poison is None:
+                if not self.consumer:
+                    created = await self._create(self.next_seq)
+                    if created is not None:
+                        self.consumer, self._consumer_node = created
+                    continue
+                why = await self._consume(self.consumer)
+                if why is None or self._stopping or self.poison is not None:
+                    return
+                self._delete_later(self.consumer)
+                standby = self._standby
+                if why == _NO_ANSWER and standby is not None and standby[1] != self._consumer_node:
+                    # Its node is gone: the standby serves at once, no create needed. (After a
+                    # skipped delivery the node is fine: a fresh consumer is as quick.)
+                    self._standby = None
+                    logger.warning(
+                        "cluster: partition %d: consumer %s (on %s) %s; switching to %s (on %s) "
+                        "at stream seq %d",
+                        self.partition, self.consumer, self._consumer_node or "?", why,
+                        standby[0], standby[1] or "?", self.next_seq,
+                    )  # fmt: skip
+                    self.consumer, self._consumer_node = standby[0], standby[1]
+                    self.standby_switches += 1
+                    continue
+                (logger.warning if why == _NO_ANSWER else logger.info)(
+                    "cluster: partition %d: consumer %s %s; recreating it at stream seq %d",
+                    self.partition, self.consumer, why, self.next_seq,
+                )  # fmt: skip
+                self.consumer = ""
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._poison(f"fetching failed ({type(err).__name__}: {err})")
+
+    async def _consume(self, consumer: str) -> str | None:
+        """Fetch from `consumer` until stopped (None) or until it must be replaced (why)."""
         sub = await self._js.pull_subscribe_bind(
-            durable=self._consumer, stream=self._names.ingest_stream
+            consumer=consumer, stream=self._names.ingest_stream
         )
-        idle = 0
+        expected = 1  # the consumer's own delivery sequence: a gap = a delivery lost
+        refused = idle = 0
         try:
             while not self._stopping and self.poison is None:
                 room = self._fetch_batch * 2 - len(self._in_flight)
@@ -227,56 +376,103 @@ class IngestWorker:
                     await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await sub.fetch(min(room, self._fetch_batch), timeout=1.0)
-                except TimeoutError:
+                    self.fetches["asked"] += 1
+                    msgs = await sub.fetch(
+                        min(room, self._fetch_batch),
+                        timeout=_FETCH_TIMEOUT_S,
+                        heartbeat=_FETCH_HEARTBEAT_S,
+                    )
+                except FetchTimeoutError:
+                    self.fetches["idle"] += 1
+                    refused = 0
                     idle += 1
-                    if idle % _CHECK_AFTER_IDLE_FETCHES == 0:
-                        # Quiet, or is its consumer gone with a NATS node? Ask.
-                        await self._js.consumer_info(self._names.ingest_stream, self._consumer)
-                    continue
+                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                        return _STALLED
+                    continue  # it answered (heartbeats): nothing new
+                except (TimeoutError, NatsTimeoutError):
+                    return _NO_ANSWER
                 except NotFoundError:
-                    self._poison("its consumer was deleted (another member took the partition)")
-                    return
+                    return "is gone"
+                except APIError as err:
+                    # It answered, e.g. "heartbeat value too large" when the client's
+                    # remaining expiry got short: alive; ask again (a while, then replace it).
+                    refused += 1
+                    if refused > _REFUSALS_BEFORE_REPLACING:
+                        return f"refused {refused} fetches ({err.description})"
+                    continue
+                refused = 0
+                if not msgs:
+                    idle += 1
+                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                        return _STALLED
+                    continue
                 idle = 0
+                self.fetches["messages"] += len(msgs)
                 for msg in msgs:
                     if self._stopping or self.poison is not None:
-                        return  # not acked: delivered again to whoever consumes next
+                        return None
+                    delivered = msg.metadata.sequence.consumer
+                    if delivered != expected:
+                        return f"skipped deliveries ({expected} expected, {delivered} came)"
+                    expected += 1
+                    seq = msg.metadata.sequence.stream
+                    if seq < self.next_seq:
+                        self.fetches["skipped"] += 1
+                        continue  # submitted before (through an earlier consumer)
                     await self._submit(msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            self._poison(f"fetching failed ({type(err).__name__}: {err})")
+                    self.next_seq = seq + 1
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        return None
+
+    async def _behind(self) -> bool:
+        """Its consumer has been idle for a while: does the stream (its leader) hold a message
+        of this partition at or after `next_seq`? Then the consumer is stuck (it reads a
+        replica that lags, seen on a loaded machine for tens of seconds) and is replaced."""
+        try:
+            found = await self._js.get_msg(
+                self._names.ingest_stream,
+                seq=self.next_seq,
+                subject=self._names.ingest_filter(self.partition),
+                next=True,
+            )
+        except NotFoundError:
+            return False
+        except Exception as err:
+            logger.debug("cluster: partition %d: probe failed: %s", self.partition, err)
+            return False
+        self.fetches["stalled"] += 1
+        return int(found.seq or 0) >= self.next_seq
 
     async def _submit(self, msg: Msg) -> None:
         parsed = self._names.agent_of(msg.subject)
         if parsed is None or parsed[0] != self.partition:
             logger.error(
                 "cluster: partition %d: message on %r is not <ingest>.%d.<agent id>...; "
-                "terminated (check the NATS subject mapping's partition count)",
+                "skipped (check the NATS subject mapping's partition count)",
                 self.partition,
                 msg.subject,
                 self.partition,
             )
-            await msg.term()
+            self.dead_lettered += 1
             return
         agent_id = parsed[1]
         seq = msg.metadata.sequence.stream
         if seq <= self.floor:
-            await msg.ack()  # settled before (a redelivery below the floor)
-            return
+            return  # settled before
         self._delivered.append(seq)
         dedup = DedupKey(DEDUP_STREAM, seq, resume_seq=seq)
         link = self.links.get(agent_id)
         while True:
             try:
                 if link is None:
-                    link = ClusterLink(
-                        self._nc,
-                        Route(self._agent_class, agent_id),
-                        f"{self._reply_subject}.{agent_id}",
+                    route = Route(self._agent_class, agent_id)
+                    subject = f"{self._reply_subject}.{agent_id}"
+                    link = (
+                        ClusterLink(self._nc, route, subject)
+                        if self._outputs is None
+                        else DurableClusterLink(self._nc, route, subject, self._outputs)
                     )
                     opened = self._runtime.open_link(link, {"subject": msg.subject})
                     if _held_back(opened):
@@ -309,22 +505,20 @@ class IngestWorker:
             else:
                 self.applied += 1
             self._settle(msg)
-            self._ack(msg)
         elif isinstance(err, _POISON) or (isinstance(err, LinkRejected) and err.code == 1001):
             self._poison(f"{type(err).__name__}: {err}")
         else:
             self.dead_lettered += 1
             logger.warning(
-                "cluster: partition %d: message %d on %s failed (%s: %s); terminated",
+                "cluster: partition %d: message %d on %s failed (%s: %s); dead-lettered",
                 self.partition,
                 msg.metadata.sequence.stream,
                 msg.subject,
                 type(err).__name__,
                 err,
             )
-            if self.poison is None and self._may_ack():
+            if self.poison is None:
                 self._settle(msg)
-                asyncio.get_running_loop().create_task(msg.term()).add_done_callback(_log_failure)
 
     def _settle(self, msg: Msg) -> None:
         """Advance the floor over the messages settled in delivery (= stream) order."""
@@ -340,30 +534,6 @@ class IngestWorker:
             self.poison = why
             self._stopping = True
             self._poisoned(why)
-
-    # -- acknowledgements ---------------------------------------------------------------------
-
-    def _ack(self, msg: Msg) -> None:
-        self._to_ack.append(msg)
-        self._ack_wanted.set()
-
-    async def _ack_forever(self) -> None:
-        while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted.clear()
-            await self._flush_acks()
-
-    async def _flush_acks(self) -> None:
-        msgs, self._to_ack = self._to_ack, []
-        if not msgs or not self._may_ack():
-            return  # the partition was lost: the next owner gets these again (duplicates)
-        for msg in msgs:
-            try:
-                await msg.ack()
-            except Exception as err:
-                logger.warning("cluster: partition %d: ack failed: %s", self.partition, err)
-                continue
-            self.last_acked_seq = max(self.last_acked_seq, msg.metadata.sequence.stream)
 
 
 def _held_back(future: asyncio.Future[Any]) -> bool:

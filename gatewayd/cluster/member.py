@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
@@ -40,8 +39,9 @@ from nats.js.object_store import ObjectStore
 from gatewayd.agents.storage import AgentDatabase, agent_db_file
 from gatewayd.cluster import metrics
 from gatewayd.cluster.changelog import PartitionLog
-from gatewayd.cluster.ingest import IngestWorker, open_consumer
+from gatewayd.cluster.ingest import IngestWorker, delete_older_consumers
 from gatewayd.cluster.naming import Names, partition_of, preferred_owner
+from gatewayd.cluster.outputs import JetStreamOutputs
 from gatewayd.cluster.ownership import Ownership
 from gatewayd.cluster.replicator import Replicator
 from gatewayd.cluster.settings import ClusterSettings
@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 AgentKey = tuple[str, str]
 _TAKE_ATTEMPTS = 5
 FIRST_HEARTBEAT_S = 10.0  # how long `start` retries its first heartbeat
+_FIRST_CONNECT_ROUNDS = 2
+_FIRST_CONNECT_S = 15.0
+_ENSURE_STREAMS_S = 20.0
+_REPLY_DEDUP_WINDOW_S = 300.0
+_REPLY_MAX_AGE_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -85,8 +90,14 @@ class ClusterMember:
         self.js: JetStreamContext | None = None
         self.ownership: Ownership | None = None
         self._snapshots: ObjectStore | None = None
+        self.outputs: JetStreamOutputs | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._transitions: dict[int, asyncio.Task[None]] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
+        # Set while this member's lease is (known) valid: commits wait for it (see _resume).
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._suspended_since: float | None = None
         self._stopping = False
         self._alive: set[str] = set()
         self._joined_at = time.monotonic()
@@ -110,13 +121,15 @@ class ClusterMember:
         await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(shutil.rmtree, agents_dir, ignore_errors=True)
         )
-        self.nc = await nats.connect(**self._connect_options())
+        self.nc = await connect(self.settings, self.name)
         self.js = self.nc.jetstream(timeout=5.0)
         await self._ensure_streams()
         self._snapshots = await _object_store(self.js, self.names.snapshots_bucket, self.settings)
         self.ownership = Ownership(self.js, self.names, self.settings, self.name)
         await self.ownership.open()
         self.runtime.set_replicator(self.replicator)
+        self.outputs = JetStreamOutputs(self.nc.jetstream(timeout=5.0))
+        self.runtime.attach_outputs(self.outputs)
         # Right after its bucket is created, JetStream may not take the first write yet ("no
         # response from stream", a timeout; `heartbeat` logs why): retry with backoff a while.
         attempt, delay, give_up = 1, 0.25, time.monotonic() + FIRST_HEARTBEAT_S
@@ -159,6 +172,9 @@ class ClusterMember:
             *(self._release(part, timeout_s) for part in list(self.partitions.values())),
             return_exceptions=True,
         )
+        if self.outputs is not None:
+            self.runtime.detach_outputs(self.outputs)
+            await self.outputs.close()
         if self.ownership is not None:
             await self.ownership.close(leave=True)
         if self.nc is not None:
@@ -175,28 +191,10 @@ class ClusterMember:
             1000 * replicator.seconds / max(1, replicator.commits),
         )
 
-    def _connect_options(self) -> dict[str, Any]:
-        s = self.settings
-        options: dict[str, Any] = {
-            "servers": list(s.servers),
-            "name": f"gatewayd {self.name}",
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.2,
-            "connect_timeout": 1,
-        }
-        if s.credentials_file:
-            options["user_credentials"] = s.credentials_file
-        if s.ca_file or s.cert_file:
-            context = ssl.create_default_context(cafile=s.ca_file)
-            if s.cert_file:
-                context.load_cert_chain(s.cert_file, s.key_file)
-            options["tls"] = context
-        return options
-
     async def _ensure_streams(self) -> None:
         assert self.js is not None
         replicas = self.settings.replicas
-        for config in (
+        configs = [
             StreamConfig(
                 name=self.names.ingest_stream,
                 subjects=[f"{self.settings.ingest_subject}.>"],
@@ -209,16 +207,76 @@ class ClusterMember:
                 num_replicas=replicas,
                 storage=StorageType.FILE,
             ),
-        ):
-            try:
-                await self.js.stream_info(config.name or "")
-            except Exception:
+        ]
+        if self.settings.durable_replies:
+            # Device replies (outputs.py): JetStream drops a resend of a reply by message id
+            # within the duplicate window; replies are kept for an hour.
+            configs.append(
+                StreamConfig(
+                    name=self.names.replies_stream,
+                    subjects=[f"{self.settings.reply_subject}.>"],
+                    num_replicas=replicas,
+                    storage=StorageType.FILE,
+                    duplicate_window=_REPLY_DEDUP_WINDOW_S,
+                    max_age=_REPLY_MAX_AGE_S,
+                )
+            )
+        deadline = time.monotonic() + _ENSURE_STREAMS_S
+        for config in configs:
+            while True:
+                try:
+                    await self.js.stream_info(config.name or "")
+                    break
+                except Exception:
+                    pass
                 try:
                     await self.js.add_stream(config)
-                except Exception:
-                    await self.js.stream_info(config.name or "")  # created by another member
+                    break
+                except Exception as err:
+                    # Created by another member meanwhile (found next round), or a NATS
+                    # cluster that has just started and knows too few peers to place R3.
+                    if time.monotonic() > deadline:
+                        raise
+                    logger.info("cluster: stream %s not created yet (%s)", config.name, err)
+                    await asyncio.sleep(0.3)
+
+    async def _resume(self) -> None:
+        """A heartbeat was confirmed after the lease had expired: keep the partitions whose
+        record (read from the bucket itself) still names this member at the same epoch: nobody
+        took them, and nobody will before this new lease runs out; lose the others."""
+        assert self.ownership is not None and self._suspended_since is not None
+        for part in list(self.partitions.values()):
+            if part.state == "lost":
+                continue
+            try:
+                record = await self.ownership.refresh(part.number)
+            except Exception as err:
+                logger.info("cluster: %s: records not read yet (%s)", self.name, err)
+                return  # try again after the next heartbeat
+            if record is None or record.owner != self.name or record.epoch != part.epoch:
+                self._lose(part, f"the partition record moved on while suspended ({record})")
+        logger.info(
+            "cluster: %s: lease confirmed again after %.1fs; serving %d partitions",
+            self.name,
+            time.monotonic() - self._suspended_since,
+            sum(1 for p in self.partitions.values() if p.state != "lost"),
+        )
+        self._suspended_since = None
+        self._writable.set()
 
     # -- what the replicator asks ------------------------------------------------------------
+
+    async def wait_writable(self, agent_id: str) -> None:
+        """While this member's lease is being confirmed again (after a JetStream election, a
+        pause, a cut), a commit of a partition it holds waits, up to `lease_s * 2`, instead
+        of failing: most such lapses end with the partitions still this member's."""
+        if self._writable.is_set():
+            return
+        number = partition_of(agent_id, self.settings.partitions)
+        if number not in self.partitions:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._writable.wait(), self.settings.lease_s * 2)
 
     def writable_log(self, agent_id: str) -> tuple[PartitionLog | None, str]:
         number = partition_of(agent_id, self.settings.partitions)
@@ -245,22 +303,15 @@ class ClusterMember:
         ):
             self._spawn(log.partition, self._snapshot(part))
 
-    def _may_ack(self, part: OwnedPartition) -> bool:
-        assert self.ownership is not None
-        return (
-            self.partitions.get(part.number) is part
-            and part.state in ("serving", "releasing")
-            and self.ownership.lease_valid()
-            and part.log.failed is None
-        )
-
     # -- the heartbeat loop ------------------------------------------------------------------
 
     async def _heartbeat_forever(self) -> None:
         assert self.ownership is not None
         while not self._stopping:
             started = time.monotonic()
-            await self.ownership.heartbeat(sorted(self.partitions))
+            confirmed = await self.ownership.heartbeat(sorted(self.partitions))
+            if confirmed and self._suspended_since is not None:
+                await self._resume()
             metrics.PARTITIONS_OWNED.set(len(self.partitions))
             metrics.LEASE_LEFT.set(max(0.0, self.ownership.lease_left_s()))
             try:
@@ -283,10 +334,18 @@ class ClusterMember:
         ownership = self.ownership
         assert ownership is not None
         if not ownership.lease_valid():
-            for part in list(self.partitions.values()):
-                if part.state != "lost":
-                    self._lose(part, "this member's lease expired (paused or cut off?)")
+            if self._suspended_since is None and self.partitions:
+                logger.warning(
+                    "cluster: %s: its lease expired (paused, cut off, or JetStream electing a "
+                    "leader?): commits wait until a heartbeat is confirmed again",
+                    self.name,
+                )
+            if self._suspended_since is None:
+                self._suspended_since = time.monotonic()
+                self._writable.clear()
             return
+        if self._suspended_since is not None:
+            return  # confirmed again, not yet checked (_resume)
         alive = ownership.alive()
         watched_a_lease = time.monotonic() - self._joined_at >= self.settings.lease_s
         for gone in sorted(self._alive - set(alive)):
@@ -309,10 +368,15 @@ class ClusterMember:
             if wanted != self.name:
                 continue
             if record is None or not record.owner or record.owner == self.name:
+                logger.debug("cluster: %s: taking partition %d (%s)", self.name, number, record)
                 self._spawn(number, self._take(number))
             elif record.owner not in alive and watched_a_lease:
                 # (Until this member has watched for a whole lease, an owner it has not seen
                 # heartbeat yet may well be alive.)
+                logger.info(
+                    "cluster: %s: taking partition %d from %s (silent; alive: %s)",
+                    self.name, number, record.owner, ",".join(alive),
+                )  # fmt: skip
                 self._spawn(number, self._take(number))
 
     def _spawn(self, number: int, work: Any) -> None:
@@ -330,11 +394,17 @@ class ClusterMember:
 
         task.add_done_callback(done)
 
+    def _spawn_cleanup(self, work: Any) -> None:
+        """Background housekeeping nobody waits for (its failure is only logged)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     # -- taking a partition ------------------------------------------------------------------
 
     async def _take(self, number: int) -> None:
         assert self.ownership is not None and self.js is not None and self.nc is not None
-        assert self._snapshots is not None
+        assert self._snapshots is not None and self.outputs is not None
         epoch = await self.ownership.take(number)
         if epoch is None:
             return
@@ -360,35 +430,28 @@ class ClusterMember:
             part.restore_s = time.monotonic() - part.taken_at
             part.restored_agents = len(report.images)
             part.replayed = report.replayed
-            consumer, floor = await open_consumer(
+            part.worker = IngestWorker(
+                self.nc,
                 self.js,
                 self.names,
-                number,
-                epoch,
-                log_floor=report.floor,
-                max_ack_pending=self.settings.fetch_batch * 4,
-                replicas=self.settings.replicas,
+                self.runtime,
+                partition=number,
+                epoch=epoch,
+                floor=report.floor,
+                agent_class=self.settings.agent_class,
+                reply_subject=self.settings.reply_subject,
+                outputs=self.outputs if self.settings.durable_replies else None,
+                fetch_batch=self.settings.fetch_batch,
+                poisoned=functools.partial(self._poisoned, part),
+                touched=part.agents.add,
             )
+            await part.worker.open()
         except Exception as err:
             self._lose(part, f"taking it failed ({type(err).__name__}: {err})")
             return
         if self.partitions.get(number) is not part or part.state != "starting":
             return
-        part.worker = IngestWorker(
-            self.nc,
-            self.js,
-            self.names,
-            self.runtime,
-            partition=number,
-            consumer=consumer,
-            floor=floor,
-            agent_class=self.settings.agent_class,
-            reply_subject=self.settings.reply_subject,
-            fetch_batch=self.settings.fetch_batch,
-            may_ack=functools.partial(self._may_ack, part),
-            poisoned=functools.partial(self._poisoned, part),
-            touched=part.agents.add,
-        )
+        self._spawn_cleanup(delete_older_consumers(self.js, self.names, number, epoch))
         log.floor_source = lambda worker=part.worker: worker.floor
         part.state = "serving"
         part.worker.start()
@@ -416,10 +479,15 @@ class ClusterMember:
         )
 
     async def _wake_scheduled(self, part: OwnedPartition, keys: list[AgentKey]) -> None:
-        """Wake the restored agents that have schedules or queued calls: overdue ones run (once:
-        what an earlier owner ran and committed is in the log), the rest are armed here."""
+        """Wake the restored agents that have undelivered replies (sent again, deduplicated
+        by JetStream), schedules or queued calls: overdue ones run (once: what an earlier
+        owner ran and committed is in the log), the rest are armed here."""
         state_dir = os.fspath(self.state_dir)
-        due = await asyncio.get_running_loop().run_in_executor(None, _with_alarms, state_dir, keys)
+        outputs, due = await asyncio.get_running_loop().run_in_executor(
+            None, _with_alarms, state_dir, keys
+        )
+        if outputs and part.state == "serving":
+            self.runtime.recover_outputs(outputs)
         for key in due:
             if part.state != "serving":
                 return
@@ -514,7 +582,9 @@ class ClusterMember:
                 "log_seq": part.log.last_seq,
                 "applied": worker.applied if worker else 0,
                 "duplicates": worker.duplicates if worker else 0,
-                "acked_seq": worker.last_acked_seq if worker else 0,
+                "floor": worker.floor if worker else 0,
+                "consumer": worker.consumer if worker else "",
+                "consumers_opened": worker.consumers_opened if worker else 0,
                 "restore_s": round(part.restore_s, 3),
                 "append_ms": round(
                     1000 * part.log.append_seconds / max(1, part.log.append_count), 2
@@ -533,6 +603,79 @@ class ClusterMember:
         }
 
 
+async def connect(settings: ClusterSettings, name: str) -> NatsClient:
+    """Connect, trying each server a few times (a wrong CA, password or address fails the
+    start with the server's own reason); once connected, reconnect forever."""
+    nc = NatsClient()
+    options = connect_options(settings, name)
+    options["max_reconnect_attempts"] = _FIRST_CONNECT_ROUNDS
+    refusals: list[BaseException] = []
+    refused = asyncio.Event()
+
+    async def on_error(err: Exception) -> None:
+        # A certificate or credentials every server refuses will not get better.
+        text = str(err)
+        if isinstance(err, ssl.SSLError) or "Authorization Violation" in text:
+            refusals.append(err)
+            if len(refusals) >= len(settings.servers):
+                refused.set()
+        logger.warning("cluster: NATS: %s: %s", type(err).__name__, err)
+
+    options["error_cb"] = on_error
+    connecting = asyncio.ensure_future(nc.connect(**options))
+    waiting = asyncio.ensure_future(refused.wait())
+    try:
+        # (nats-py may wait forever in a TLS handshake it retries after a failed one.)
+        await asyncio.wait({connecting, waiting}, timeout=_FIRST_CONNECT_S,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        waiting.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            raise TimeoutError("no answer in time")
+        connecting.result()
+    except Exception as err:
+        cause = refusals[-1] if refusals else nc.last_error or err
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise ConnectionError(
+            f"no NATS server of {_redacted(settings.servers)} accepted the connection "
+            f"({type(cause).__name__}: {cause})"
+        ) from err
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def connect_options(settings: ClusterSettings, name: str) -> dict[str, Any]:
+    s = settings
+    options: dict[str, Any] = {
+        "servers": list(s.servers),
+        "name": f"gatewayd {name}",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.2,
+        "connect_timeout": 1,
+    }
+    if s.credentials_file:
+        options["user_credentials"] = s.credentials_file
+    if s.ca_file or s.cert_file:
+        context = ssl.create_default_context(cafile=s.ca_file)
+        if s.cert_file:
+            context.load_cert_chain(s.cert_file, s.key_file)
+        options["tls"] = context
+    return options
+
+
+def _redacted(servers: tuple[str, ...]) -> list[str]:
+    """The server URLs with any password replaced by `***` (for messages and logs)."""
+    shown = []
+    for url in servers:
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if at and ":" in userinfo:
+            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        shown.append(f"{scheme}{sep}{rest}")
+    return shown
+
+
 def _write_image_files(state_dir: str, images: dict[AgentKey, bytes]) -> None:
     for (agent_class, agent_id), image in images.items():
         path = agent_db_file(state_dir, agent_class, agent_id)
@@ -548,24 +691,33 @@ def _wake_only(agent: Any) -> None:
     """A turn that only wakes its agent (waking drains overdue schedules and queued calls)."""
 
 
-def _with_alarms(state_dir: str, keys: list[AgentKey]) -> list[AgentKey]:
-    found = []
+def _with_alarms(state_dir: str, keys: list[AgentKey]) -> tuple[list[AgentKey], list[AgentKey]]:
+    """`(agents with outbox rows, agents with schedules or queued calls)` among `keys`."""
+    outputs, alarms = [], []
     for key in keys:
         path = agent_db_file(state_dir, *key)
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
-                tables = conn.execute(
-                    "SELECT count(*) FROM sqlite_master "
-                    "WHERE name IN ('_gw_schedules', '_gw_queue')"
-                ).fetchone()[0]
+                tables = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT name FROM sqlite_master "
+                        "WHERE name IN ('_gw_schedules', '_gw_queue', '_gw_outbox')"
+                    )
+                }
+                if (
+                    "_gw_outbox" in tables
+                    and conn.execute("SELECT 1 FROM _gw_outbox LIMIT 1").fetchone()
+                ):
+                    outputs.append(key)
             finally:
                 conn.close()
         except sqlite3.Error:
             continue
-        if tables:
-            found.append(key)
-    return found
+        if tables - {"_gw_outbox"}:
+            alarms.append(key)
+    return outputs, alarms
 
 
 def _delete_files(state_dir: str, keys: list[AgentKey]) -> None:
@@ -578,13 +730,18 @@ async def _object_store(
 ) -> ObjectStore:
     from nats.js.api import ObjectStoreConfig
 
-    try:
-        return await js.object_store(bucket)
-    except Exception:
-        pass
-    try:
-        return await js.create_object_store(
-            bucket, config=ObjectStoreConfig(replicas=settings.replicas)
-        )
-    except Exception:
-        return await js.object_store(bucket)
+    deadline = time.monotonic() + _ENSURE_STREAMS_S
+    while True:  # (retried as the streams are, see _ensure_streams)
+        try:
+            return await js.object_store(bucket)
+        except Exception:
+            pass
+        try:
+            return await js.create_object_store(
+                bucket, config=ObjectStoreConfig(replicas=settings.replicas)
+            )
+        except Exception as err:
+            if time.monotonic() > deadline:
+                raise
+            logger.info("cluster: object store %s not created yet (%s)", bucket, err)
+            await asyncio.sleep(0.3)

@@ -36,6 +36,7 @@ class Names:
         self.ingest_subject = ingest_subject
         self.ingest_stream = f"GW_{group}_IN"
         self.log_stream = f"GW_{group}_LOG"
+        self.replies_stream = f"GW_{group}_OUT"
         self.members_bucket = f"GW_{group}_MEMBERS"
         self.partitions_bucket = f"GW_{group}_PARTITIONS"
         self.snapshots_bucket = f"GW_{group}_SNAPSHOTS"
@@ -47,13 +48,18 @@ class Names:
     def log_subject(self, partition: int) -> str:
         return f"{self.log_prefix}.{partition}"
 
-    def consumer(self, partition: int, epoch: int, *, replicated: bool = False) -> str:
-        return f"p{partition}-e{epoch}" + ("r" if replicated else "")
+    def consumer(self, partition: int, epoch: int, generation: int = 0) -> str:
+        """The `generation`th ingest consumer of `partition`'s owner at `epoch`."""
+        return f"p{partition}-e{epoch}-{generation}"
 
     @staticmethod
     def consumer_partition_epoch(name: str) -> tuple[int, int] | None:
-        head, _, epoch = name.removesuffix("r").partition("-e")
+        """`(partition, epoch)` of an ingest consumer's name (None for any other name)."""
+        head, _, rest = name.partition("-e")
+        epoch, _, generation = rest.partition("-")
         if not head.startswith("p") or not head[1:].isdigit() or not epoch.isdigit():
+            return None
+        if not generation.isdigit():
             return None
         return int(head[1:]), int(epoch)
 

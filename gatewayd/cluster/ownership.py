@@ -3,7 +3,10 @@
 - `GW_<group>_MEMBERS`: one key per member, rewritten every heartbeat. A member is alive, in
   another member's eyes, while its key's revision keeps changing: a member whose revision has
   not changed for `lease_s` (measured on the observer's own monotonic clock: no clock sync is
-  needed) is dead, and its partitions go to the others.
+  needed) *while the observer saw its own heartbeats arrive* for a whole lease's worth of
+  beats is dead, and its partitions go to the others. Counting the observer's own beats
+  keeps a JetStream leader election (the bucket or the observer's watch stalls for several
+  seconds after a NATS node dies) from making every member look dead to every other.
 - `GW_<group>_PARTITIONS`: one key per partition, `{"owner", "epoch"}`, changed only by
   compare-and-set on the key's revision. Taking a partition increments its epoch; releasing
   it clears the owner and keeps the epoch.
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -32,6 +36,9 @@ from gatewayd.cluster.naming import Names
 from gatewayd.cluster.settings import ClusterSettings
 
 logger = logging.getLogger(__name__)
+
+_STALE_WATCH_BEATS = 3
+_CREATE_FOR_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +56,20 @@ class Ownership:
         self._names = names
         self._settings = settings
         self.me = me
-        self.members: dict[str, tuple[int, float]] = {}  # name -> (revision, seen at)
         # What each member's heartbeat says (its client-facing `addresses`, for routing).
         self.member_info: dict[str, dict[str, object]] = {}
         # This member's client-facing addresses ({"ws": url, ...}), sent with each heartbeat.
         self.addresses: dict[str, str] = {}
+        # name -> (revision, seen at, this member's own beats seen by then)
+        self.members: dict[str, tuple[int, float, int]] = {}
+        self.own_beats = 0  # this member's heartbeats its watch delivered back
+        self._beats_for_lease = max(2, math.ceil(settings.lease_s / settings.heartbeat_s))
         self.records: dict[int, PartitionRecord] = {}
         self._members_kv: KeyValue | None = None
         self._partitions_kv: KeyValue | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self._lease_until = 0.0
+        self._puts_unseen = 0  # confirmed heartbeats the members watch has not delivered yet
         self.changed = asyncio.Event()
 
     async def open(self) -> None:
@@ -78,11 +89,28 @@ class Ownership:
                 bucket=self._names.partitions_bucket, history=1, replicas=self._settings.replicas
             ),
         )
+        self._start_watches()
+
+    def _start_watches(self) -> None:
+        assert self._members_kv is not None and self._partitions_kv is not None
         loop = asyncio.get_running_loop()
         self._watchers = [
             loop.create_task(self._watch(self._members_kv, self._on_member)),
             loop.create_task(self._watch(self._partitions_kv, self._on_partition)),
         ]
+
+    def _restart_watches(self) -> None:
+        """The watches' consumers (one replica each) may have died with a NATS node: they
+        would come back only after missing several idle heartbeats; start new ones now."""
+        logger.warning(
+            "cluster: %s: its watches did not deliver its last %d heartbeats; watching again",
+            self.me,
+            self._puts_unseen,
+        )
+        for task in self._watchers:
+            task.cancel()
+        self._puts_unseen = 0
+        self._start_watches()
 
     async def close(self, *, leave: bool) -> None:
         for task in self._watchers:
@@ -110,6 +138,9 @@ class Ownership:
             logger.warning("cluster: heartbeat failed: %s", err)
             return False
         self._lease_until = sent + self._settings.lease_s - self._settings.heartbeat_s
+        self._puts_unseen += 1
+        if self._puts_unseen > _STALE_WATCH_BEATS:
+            self._restart_watches()
         return True
 
     def lease_valid(self) -> bool:
@@ -119,11 +150,14 @@ class Ownership:
         return self._lease_until - time.monotonic()
 
     def alive(self) -> list[str]:
-        """Members whose heartbeat this member saw change within the lease (itself included
-        while its own lease holds)."""
+        """Members whose heartbeat this member saw change within the lease, or since which it
+        did not see a lease's worth of its own (itself included while its own lease holds)."""
         now = time.monotonic()
+        lease, needed = self._settings.lease_s, self._beats_for_lease
         names = {
-            name for name, (_, seen) in self.members.items() if now - seen < self._settings.lease_s
+            name
+            for name, (_, seen, beats) in self.members.items()
+            if now - seen < lease or self.own_beats - beats < needed
         }
         names.discard(self.me)
         if self.lease_valid():
@@ -169,6 +203,24 @@ class Ownership:
         self.records[partition] = PartitionRecord("", epoch, revision)
         return True
 
+    async def refresh(self, partition: int) -> PartitionRecord | None:
+        """Read the partition's record from the bucket itself (not the watch, which may lag);
+        None when it has none. Raises when the bucket does not answer."""
+        assert self._partitions_kv is not None
+        try:
+            entry = await self._partitions_kv.get(self._names.partition_key(partition))
+        except KeyNotFoundError:
+            self.records.pop(partition, None)
+            return None
+        raw = json.loads(entry.value or b"{}")
+        record = PartitionRecord(
+            str(raw.get("owner", "")), int(raw.get("epoch", 0)), int(entry.revision or 0)
+        )
+        known = self.records.get(partition)
+        if known is None or known.revision <= record.revision:
+            self.records[partition] = record
+        return record
+
     def holds(self, partition: int, epoch: int) -> bool:
         """The record (as last seen) says this member owns `partition` at `epoch`."""
         record = self.records.get(partition)
@@ -204,7 +256,10 @@ class Ownership:
                 self.member_info[key] = info
         known = self.members.get(key)
         if known is None or known[0] != revision:
-            self.members[key] = (revision, time.monotonic())
+            if key == self.me:
+                self.own_beats += 1
+                self._puts_unseen = 0
+            self.members[key] = (revision, time.monotonic(), self.own_beats)
 
     def _on_partition(self, entry: object) -> None:
         key = getattr(entry, "key", "")
@@ -229,11 +284,18 @@ def _encode(owner: str, epoch: int) -> bytes:
 
 
 async def _bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    try:
-        return await js.key_value(config.bucket)
-    except (BucketNotFoundError, KeyNotFoundError, Exception):
-        pass
-    try:
-        return await js.create_key_value(config)
-    except Exception:
-        return await js.key_value(config.bucket)  # another member created it meanwhile
+    """Open or create the bucket; retried for a while (another member may be creating it, or a
+    NATS cluster that has just started cannot place its replicas yet)."""
+    deadline = time.monotonic() + _CREATE_FOR_S
+    while True:
+        try:
+            return await js.key_value(config.bucket)
+        except (BucketNotFoundError, KeyNotFoundError, Exception):
+            pass
+        try:
+            return await js.create_key_value(config)
+        except Exception as err:
+            if time.monotonic() > deadline:
+                raise
+            logger.info("cluster: bucket %s not created yet (%s)", config.bucket, err)
+            await asyncio.sleep(0.3)

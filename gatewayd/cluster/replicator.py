@@ -1,7 +1,8 @@
 """The agent runtime's hook in cluster mode: every batch's writes go to the changelog first.
 
-`before_commit` runs after a batch's turns and before its COMMIT (batch.py): it refuses the
-batch unless this member owns the agent's partition with a valid lease, then appends the
+`before_commit` runs after a batch's turns and before its COMMIT (batch.py): it waits while
+the member's lease is being confirmed again, then refuses the batch unless this member owns
+the agent's partition with a valid lease, then appends the
 pages the batch changed to the partition's changelog and waits until JetStream has them
 replicated. Only then does the batch COMMIT locally and release its outputs and acks. The
 local SQLite file is a cache of the log: if the append fails, nothing commits; if the local
@@ -28,6 +29,8 @@ class NotOwnerError(CommitError):
 
 
 class Partitions(Protocol):
+    async def wait_writable(self, agent_id: str) -> None: ...
+
     def writable_log(self, agent_id: str) -> tuple[PartitionLog | None, str]: ...
 
     def appended(self, log: PartitionLog, key: AgentKey) -> None: ...
@@ -45,6 +48,7 @@ class Replicator:
 
     async def before_commit(self, key: AgentKey, connection: sqlite3.Connection) -> None:
         started = self._clock()
+        await self._partitions.wait_writable(key[1])
         log, why = self._partitions.writable_log(key[1])
         if log is None:
             raise NotOwnerError(f"agent {key[0]}/{key[1]!r}: {why}; nothing committed")

@@ -34,6 +34,9 @@ class ClusterSettings:
     heartbeat_s: float = 2.0
     snapshot_every: int = 1000
     fetch_batch: int = 256
+    # Replies to devices as outbox rows sent through JetStream (at least once, deduplicated:
+    # outputs.py); False: published live on core NATS after the commit (at most once).
+    durable_replies: bool = True
 
     @property
     def member_name(self) -> str:

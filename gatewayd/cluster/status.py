@@ -1,6 +1,6 @@
 """The operator's view of a group, read from NATS (no member needs to answer):
 members and how recently each heartbeat, each partition's owner and epoch, its consumer's
-lag (messages not yet acknowledged) and its changelog's last sequence and ingest floor."""
+lag (messages not yet delivered) and its changelog's last sequence and ingest floor."""
 
 from __future__ import annotations
 
@@ -63,12 +63,14 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
         for number in range(settings.partitions):
             record = records.get(number, {})
             epoch = int(record.get("epoch", 0))
-            consumer = consumers.get(names.consumer(number, epoch)) or consumers.get(
-                names.consumer(number, epoch, replicated=True)
-            )
+            current = [  # oldest to newest (the generation is the name's last number)
+                c
+                for name, c in sorted(consumers.items(), key=lambda nc: _generation(nc[0]))
+                if Names.consumer_partition_epoch(name) == (number, epoch)
+            ]
             lag = None
-            if consumer is not None:
-                lag = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
+            if current:  # the owner's latest consumer: messages not yet delivered to it
+                lag = current[-1].num_pending or 0
             log_seq, floor = 0, 0
             with contextlib.suppress(NotFoundError, Exception):
                 last = await js.get_last_msg(names.log_stream, names.log_subject(number))
@@ -87,6 +89,11 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
         return {"group": settings.group, "members": members, "partitions": partitions}
     finally:
         await nc.close()
+
+
+def _generation(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -66,6 +66,7 @@ class Member:
             f'agent_class = "{AGENT_CLASS}"\npartitions = {group.partitions}\n'
             f'replicas = {group.replicas}\nlease = "{group.lease_s}s"\n'
             f'heartbeat = "{group.heartbeat_s}s"\nsnapshot_every = {group.snapshot_every}\n'
+            f"durable_replies = {'true' if group.durable_replies else 'false'}\n"
         )
         self.notify = NotifySocket(self.dir, abstract=True)
         self.process = GatewayProcess(self.config, self.notify)
@@ -94,6 +95,7 @@ class Group:
         snapshot_every: int = 1000,
         clients: bool = False,
         extra_config: str = "",
+        durable_replies: bool = True,
     ) -> None:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="gw-group-"))
         self.clients = clients
@@ -109,6 +111,7 @@ class Group:
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s
         self.snapshot_every = snapshot_every
+        self.durable_replies = durable_replies
         self.nats = NatsCluster(
             self.work_dir / "nats", nodes=nats_nodes, mappings=device_mapping(partitions)
         )
@@ -190,16 +193,10 @@ async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[in
         consumers = {c.name for c in await js.consumers_info(names.ingest_stream)}
     except NotFoundError:
         return {}
+    live = {Names.consumer_partition_epoch(name) for name in consumers}
     found = {}
     for partition, (owner, epoch) in (await owners(nc, group)).items():
-        if (
-            owner
-            and {
-                names.consumer(partition, epoch),
-                names.consumer(partition, epoch, replicated=True),
-            }
-            & consumers
-        ):
+        if owner and (partition, epoch) in live:
             found[partition] = owner
     return {p: found[p] for p in sorted(found) if p < partitions}
 
@@ -329,7 +326,10 @@ class Publisher:
             await asyncio.wait(pending)
 
     async def _one(self, device: str, message: str) -> None:
-        for _attempt in range(20):
+        # Retried for a while: a NATS node's loss makes publishes fail fast ("no responders")
+        # for as long as the stream elects a leader (~8 s on nats-server 2.9).
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
             try:
                 # The message id lets JetStream drop a retry of a publish that did land.
                 await self._js.publish(
@@ -344,3 +344,46 @@ class Publisher:
             self.acked.append((device, message))
             return
         self.failed += 1
+
+
+async def read_replies(nc: nats.NATS, group: str = GROUP) -> list[tuple[str, str]]:
+    """Every reply in the group's replies stream, in order: `(agent id, payload)`. A reading
+    consumer that lands on a NATS node that is down, or loses a delivery, is replaced."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    names = Names(group, "gw.in")
+    js = nc.jetstream(timeout=15)
+    for _attempt in range(10):
+        try:
+            total = (await js.stream_info(names.replies_stream)).state.messages
+            if total == 0:
+                return []
+            info = await js.add_consumer(
+                names.replies_stream,
+                ConsumerConfig(
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=5.0,
+                    mem_storage=True,
+                    num_replicas=1,
+                ),
+                timeout=2.0,
+            )
+        except nats.errors.Error:
+            continue
+        sub = await js.pull_subscribe_bind(info.name, stream=names.replies_stream)
+        found: list[tuple[str, str]] = []
+        try:
+            while len(found) < total:
+                msgs = await sub.fetch(512, timeout=2.0)
+                if any(m.metadata.sequence.consumer != len(found) + i + 1
+                       for i, m in enumerate(msgs)):  # fmt: skip
+                    raise nats.errors.TimeoutError  # a delivery lost (no acks): read again
+                found += [(m.subject.split(".", 2)[2], m.data.decode()) for m in msgs]
+        except nats.errors.Error:
+            continue
+        finally:
+            with _suppress():
+                await sub.unsubscribe()
+        return found
+    raise AssertionError("the replies stream could not be read whole")

@@ -14,18 +14,20 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Protocol
 
 import aiomqtt
 import nats
 import nats.errors
-import pytest
 
 from gatewayd.cluster.naming import partition_of
 from tests.cluster.group import (
     Group,
     Publisher,
     log_epochs,
+    owners,
     read_group_state,
+    read_replies,
     wait_serving,
     wait_settled,
 )
@@ -34,8 +36,15 @@ from tests.waiting import wait_until
 DEVICES = 24
 
 
+class _Acked(Protocol):
+    """What a publisher had acknowledged: `(device id, message)` pairs, and failures."""
+
+    acked: list[tuple[str, str]]
+    failed: int
+
+
 async def _wait_all_applied(
-    nc: nats.NATS, group: Group, publisher: Publisher, timeout_s: float
+    nc: nats.NATS, group: Group, publisher: _Acked, timeout_s: float
 ) -> dict[str, list[str]]:
     deadline = time.monotonic() + timeout_s
     wanted = len(publisher.acked)
@@ -48,11 +57,20 @@ async def _wait_all_applied(
         if applied >= wanted:
             return state
         if time.monotonic() > deadline:
-            raise AssertionError(f"only {applied} of {wanted} acknowledged messages applied")
+            have = {(agent, m) for agent, ms in state.items() for m in ms}
+            short = collections.Counter(
+                partition_of(agent, group.partitions)
+                for agent, m in publisher.acked
+                if (agent, m) not in have
+            )
+            raise AssertionError(
+                f"only {applied} of {wanted} acknowledged messages applied; missing by "
+                f"partition: {dict(short)}"
+            )
         await asyncio.sleep(0.5)
 
 
-def _assert_exactly_once(state: dict[str, list[str]], publisher: Publisher) -> None:
+def _assert_exactly_once(state: dict[str, list[str]], publisher: _Acked) -> None:
     assert publisher.failed == 0
     counts = collections.Counter(
         (agent, message) for agent, messages in state.items() for message in messages
@@ -97,6 +115,29 @@ async def test_sigkill_a_member_mid_stream_loses_nothing_and_applies_nothing_twi
     _assert_exactly_once(state, publisher)
     for device, messages in state.items():
         assert all(message for message in messages), device
+    await _assert_every_reply_once(nc, state)
+
+
+async def _assert_every_reply_once(nc: nats.NATS, state: dict[str, list[str]]) -> None:
+    """Every applied message's reply (the Recorder echoes each message) is in the replies
+    stream, exactly once: sent at least once (a new owner sends what its predecessor
+    committed but had not sent), and a resend was dropped by JetStream's message-id dedup."""
+    wanted = collections.Counter(
+        (agent, message) for agent, messages in state.items() for message in messages
+    )
+    replies: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 30
+    while True:
+        replies = await read_replies(nc)
+        if len(replies) >= len(wanted) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    got = collections.Counter(replies)
+    missing = [key for key in wanted if got[key] == 0]
+    assert missing == [], f"{len(missing)} replies never sent, e.g. {missing[:5]}"
+    twice = [key for key, count in got.items() if count > 1]
+    assert twice == [], f"replies stored twice: {twice[:5]}"
+    assert set(got) == set(wanted), "a reply for a message never applied"
 
 
 async def test_a_member_paused_past_its_lease_writes_nothing_after_losing_ownership(
@@ -181,60 +222,85 @@ async def _mqtt_client(port: int, name: str) -> aiomqtt.Client:
     raise AssertionError("unreachable")
 
 
-async def test_mqtt_devices_on_the_nats_mqtt_listener_survive_a_member_kill(
+# The issue's load is 10,000 QoS 1 messages; the suite streams fewer (bench/results/cluster.md
+# records a 10,000-message run): GATEWAYD_TEST_CLUSTER_MESSAGES=10000 raises it.
+MQTT_MESSAGES = int(os.environ.get("GATEWAYD_TEST_CLUSTER_MESSAGES", "1200"))
+MQTT_DEVICES = 10
+
+
+class _MqttDevices:
+    """`acked`/`failed` like Publisher: what the MQTT listener PUBACKed."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[str, str]] = []
+        self.failed = 0
+
+
+async def test_mqtt_devices_stream_qos1_and_a_member_is_sigkilled_mid_stream(
     group: Group, nc: nats.NATS
 ) -> None:
     """Devices do not change: real MQTT clients publish QoS 1 to NATS's MQTT listener (a
     PUBACK = acknowledged), their topics become the partitioned subjects, and the agents'
-    echoes come back on `gw/out/<id>`."""
-    group.add_member("m1")
-    group.add_member("m2")
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
-    acked: list[tuple[str, str]] = []
-    echoed: list[str] = []
-    killed = asyncio.Event()
+    echoes come back on `gw/out/<id>`. One of three members is SIGKILLed mid-stream: its
+    partitions are served by the others within the lease, every acknowledged message is in
+    its agent's state exactly once, and every reply is in the replies stream exactly once."""
+    for name in ("m1", "m2", "m3"):
+        group.add_member(name)
+    owned = await wait_serving(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
+    victim_partitions = {p for p, owner in owned.items() if owner == "m2"}
+    devices = _MqttDevices()
+    echoed: set[str] = set()
     clients = []
-    for index in range(6):  # one at a time: see _mqtt_client
+    for index in range(MQTT_DEVICES):  # one at a time: see _mqtt_client
         port = group.nats.nodes[index % len(group.nats.nodes)].mqtt_port
         clients.append(await _mqtt_client(port, f"mqtt{index}"))
+    per_device = MQTT_MESSAGES // MQTT_DEVICES
+    started = time.monotonic()
 
-    async def device(index: int, client: aiomqtt.Client, count: int) -> None:
+    async def device(index: int, client: aiomqtt.Client) -> None:
         name = f"mqtt{index}"
         await client.subscribe(f"gw/out/{name}", qos=0)
 
         async def read() -> None:
             async for message in client.messages:
-                echoed.append(bytes(message.payload).decode())
+                echoed.add(bytes(message.payload).decode())
 
         reader = asyncio.create_task(read())
         try:
-            for serial in range(count):
+            for serial in range(per_device):
                 text = f"{name}:{serial}"
                 await client.publish(f"devices/{name}/telemetry", text.encode(), qos=1)
-                acked.append((name, text))
-                if serial == count // 3 and index == 0:
-                    killed.set()
-            await wait_until(lambda: f"{name}:{count - 1}" in echoed, 30, f"{name}'s last echo")
+                devices.acked.append((name, text))
+            await wait_until(lambda: f"{name}:{per_device - 1}" in echoed, 60, f"{name}'s echo")
         finally:
             reader.cancel()
 
     try:
-        devices = asyncio.gather(*(device(i, c, 60) for i, c in enumerate(clients)))
-        await killed.wait()
-        group.members["m1"].process.kill()
-        await devices
+        streaming = asyncio.gather(*(device(i, c) for i, c in enumerate(clients)))
+        while len(devices.acked) < MQTT_MESSAGES * 0.3:
+            await asyncio.sleep(0.02)
+        group.members["m2"].process.kill()
+        killed_at = time.monotonic()
+        while True:
+            now_owned = await wait_serving(nc, group.partitions, {"m1", "m3"}, timeout_s=30)
+            if not victim_partitions & {p for p, o in now_owned.items() if o == "m2"}:
+                break
+        takeover_s = time.monotonic() - killed_at
+        assert takeover_s < group.lease_s + 4 * group.heartbeat_s + 3.0, takeover_s
+        await streaming
     finally:
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
-    state: dict[str, list[str]] = {}
-    deadline = time.monotonic() + 30
-    while sum(len(v) for v in state.values()) < len(acked) and time.monotonic() < deadline:
-        state = await read_group_state(nc, group.partitions)
-        await asyncio.sleep(0.5)
-    counts = collections.Counter((agent, m) for agent, ms in state.items() for m in ms)
-    assert [key for key in acked if counts[key] != 1] == []
-    assert sum(counts.values()) == len(acked)
+    streamed_s = time.monotonic() - started
+    state = await _wait_all_applied(nc, group, devices, timeout_s=60)
+    _assert_exactly_once(state, devices)
+    await _assert_every_reply_once(nc, state)
+    print(
+        f"MQTT: {len(devices.acked)} QoS 1 messages from {MQTT_DEVICES} devices in "
+        f"{streamed_s:.1f}s ({len(devices.acked) / streamed_s:.0f}/s) with a member SIGKILLed "
+        f"mid-stream; takeover {takeover_s:.1f}s"
+    )
 
 
 async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover(
@@ -270,23 +336,38 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
     assert seen.count("fired:early") == 1 and seen.count("fired:late") == 1, seen
 
 
-@pytest.mark.skipif(
-    os.environ.get("GATEWAYD_TEST_NATS_NODE_KILL") != "1",
-    reason="known gap (issue 14), opt-in: after a NATS node is SIGKILLed, partitions whose "
-    "single-replica consumer lived on it recover only after 10-60 s of retakes on a 2-core "
-    "machine (consumer placement keeps choosing the dead peer), past the suite's time budget; "
-    "in the runs that finished nothing acknowledged was lost. Run it with "
-    "GATEWAYD_TEST_NATS_NODE_KILL=1 scripts/test tests/cluster -k nats_node",
-)
-@pytest.mark.timeout(300)
 async def test_sigkill_a_nats_node_mid_stream_loses_nothing(group: Group, nc: nats.NATS) -> None:
+    """A NATS node dies mid-stream (a replica, perhaps the leader, of every stream and bucket,
+    and perhaps the meta leader): the members ride out the leader elections (their ingest
+    consumers are recreated on the live nodes, their leases wait for the bucket) and every
+    acknowledged message is applied once, with no takeover storm."""
     group.add_member("m1")
     group.add_member("m2")
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
+    await wait_settled(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
+    records = await owners(nc)
     publisher = Publisher(nc, DEVICES, 1500)
     publishing = await _publish_until(publisher, 0.3)
+    acked_before = len(publisher.acked)
     group.nats.kill(1)  # a replica (perhaps the leader) of every stream and bucket
+    killed_at = time.monotonic()
     await publishing
     state = await _wait_all_applied(nc, group, publisher, timeout_s=40)
+    recovered_s = time.monotonic() - killed_at
     _assert_exactly_once(state, publisher)
-    await wait_serving(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
+    print(
+        f"NATS node kill: {acked_before} acked before, all {len(publisher.acked)} applied "
+        f"{recovered_s:.1f}s after the kill"
+    )
+    # The elections (~8 s each here, the publisher waits for them too) plus a few seconds;
+    # before, 10-60 s of partition retakes.
+    assert recovered_s < 45, recovered_s
+    await _assert_every_reply_once(nc, state)
+    # Nobody took anything over: every partition kept its owner and epoch. (Read from the
+    # bucket; listing the consumers may wait on the dead node's.)
+    now: dict[int, tuple[str, int]] = {}
+    deadline = time.monotonic() + 30
+    while now != records and time.monotonic() < deadline:
+        with contextlib.suppress(nats.errors.Error):
+            now = await owners(nc)
+        await asyncio.sleep(0.2)
+    assert now == records
