@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 AgentKey = tuple[str, str]
 _TAKE_ATTEMPTS = 5
+_SUBJECTS_OVERLAP = 10065  # JetStream's error code: subjects overlap with a stream
 FIRST_HEARTBEAT_S = 10.0  # how long `start` retries its first heartbeat
 _FIRST_CONNECT_ROUNDS = 2
 _FIRST_CONNECT_S = 15.0
@@ -233,6 +234,15 @@ class ClusterMember:
                     await self.js.add_stream(config)
                     break
                 except Exception as err:
+                    if getattr(err, "err_code", None) == _SUBJECTS_OVERLAP:
+                        # Another stream (e.g. another group's) captures these subjects:
+                        # a configuration error, not worth retrying.
+                        raise ConnectionError(
+                            f"cluster: stream {config.name} cannot capture "
+                            f"{', '.join(config.subjects or [])}: another stream on this NATS "
+                            "cluster already does; give each group its own [cluster] "
+                            "ingest_subject and reply_subject"
+                        ) from err
                     # Created by another member meanwhile (found next round), or a NATS
                     # cluster that has just started and knows too few peers to place R3.
                     if time.monotonic() > deadline:

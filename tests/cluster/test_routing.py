@@ -338,7 +338,10 @@ async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
     member.config.write_text(
         member.config.read_text()
         .replace(f'group = "{GROUP}"', 'group = "retry"')
-        .replace("[cluster]\n", '[cluster]\ningest_subject = "gw.retry_in"\n')
+        .replace(
+            "[cluster]\n",
+            '[cluster]\ningest_subject = "gw.retry_in"\nreply_subject = "gw.retry_out"\n',
+        )
     )
     member.process.start(wait_ready=False)
     try:
@@ -355,6 +358,30 @@ async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
         assert "cannot join the group" not in member.log_text()
     finally:
         member.process.kill()  # the group "retry" is its own: nothing to hand over
+
+
+async def test_a_second_group_capturing_the_same_subjects_stops_with_a_clear_reason(
+    routed: Group,
+) -> None:
+    """Another group ("dup") on the same NATS cluster left with the first group's ingest
+    subject: its member stops at start-up, naming the stream, the subjects and the settings
+    to change, instead of retrying."""
+    member = Member(routed, "dup1")  # not in routed.members: the other tests never see it
+    member.config.write_text(
+        member.config.read_text().replace(f'group = "{GROUP}"', 'group = "dup"')
+    )
+    member.process.start(wait_ready=False)
+    proc = member.process.proc
+    assert proc is not None
+    try:
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            member.process.kill()
+    log = member.log_text()
+    assert "cannot join the group" in log
+    assert "stream GW_dup_IN cannot capture" in log
+    assert "give each group its own [cluster] ingest_subject and reply_subject" in log
 
 
 @pytest.fixture
