@@ -33,9 +33,9 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
 * **One device cannot monopolise its agent.** At most `max_inflight_per_device` messages of
   one device (route + id) are with the handler (in its agent's mailbox or its running batch)
   at a time; the device's later messages wait in the bridge, unacked and in arrival order
-  (they hold pending slots, so a long backlog ends in paused reading, below). The agent's
-  other links (a TCP device, a dashboard) therefore wait behind at most that many of its
-  turns, not behind the whole backlog.
+  (counted in `held`; they hold pending slots, so a long backlog ends in paused reading,
+  below). The agent's other links (a TCP device, a dashboard) therefore wait behind at most
+  that many of its turns, not behind the whole backlog.
 * **Bounded device links.** Any publisher chooses the ids in its topics, and each new id costs
   a link, a runtime connection and an agent's SQLite file. A route may name the ids it serves
   (`allowed_ids`, `allowed_id_pattern`: other ids are acked and counted in `not_allowed`) and

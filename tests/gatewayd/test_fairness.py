@@ -16,10 +16,13 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gatewayd.agents.storage import agent_db_path
+from gatewayd.config import ConfigError, parse_config
+from gatewayd.wiring import mqtt_settings
 from protocols.frames import Ack, Data, encode
 from protocols.mqttwire.aio import MqttClient
 from protocols.mqttwire.connection import ConnectOptions
@@ -170,3 +173,21 @@ async def test_tcp_frames_are_acked_promptly_while_an_mqtt_backlog_drains(
         f"TCP ACK p99 {p99:.3f}s (max {max(latencies):.3f}s, {len(latencies)} frames) while "
         f"an MQTT backlog of {BACKLOG} drained into the same agent"
     )
+
+
+def _config(tmp_path: Path, **mqtt: Any) -> dict[str, Any]:
+    route = {"topic": "devices/{id}/telemetry", "agent_class": "t", "reply_topic": "d/{id}/cmd"}
+    return {
+        "gateway": {"state_dir": str(tmp_path)},
+        "agents": {"classes": {"t": {"class": "gatewayd.examples.thermostat:Thermostat"}}},
+        "mqtt": {"enabled": True, "routes": [route], **mqtt},
+    }
+
+
+def test_the_window_setting_is_read_from_the_config_and_checked(tmp_path: Path) -> None:
+    config = parse_config(_config(tmp_path, max_inflight_per_device=8), tmp_path / "gw.toml")
+    assert mqtt_settings(config.mqtt).max_inflight_per_device == 8
+    default = parse_config(_config(tmp_path), tmp_path / "gw.toml")
+    assert mqtt_settings(default.mqtt).max_inflight_per_device == 32
+    with pytest.raises(ConfigError, match="max_inflight_per_device"):
+        parse_config(_config(tmp_path, max_inflight_per_device=0), tmp_path / "gw.toml")
