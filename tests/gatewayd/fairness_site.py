@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import statistics
 import time
@@ -58,18 +59,22 @@ reply_topic = "devices/{{id}}/cmd"
 
 @dataclass(frozen=True)
 class Drain:
-    """One drain: the TCP frames' ACK latencies (s) and how long the backlog took (s)."""
+    """One drain: the TCP frames' ACK latencies (s), how long until every backlog message was
+    applied (s), and until the agent's reply to each had reached the device too (s)."""
 
     latencies: list[float]
     drain_s: float
     frames: int
+    replied_s: float = math.nan
 
     @property
     def p50(self) -> float:
-        return statistics.median(self.latencies)
+        return statistics.median(self.latencies) if self.latencies else math.nan
 
     @property
     def p99(self) -> float:
+        if not self.latencies:
+            return math.nan
         if len(self.latencies) == 1:
             return self.latencies[0]
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[98]
@@ -102,6 +107,7 @@ class FairnessSite:
         )
         self.state_dir = directory / "state"
         self.process = GatewayProcess(config, notify)
+        self._started_at = 0.0
 
     def rows(self) -> list[tuple[str, bytes]]:
         """What agent recorder/dev-1 committed, read straight from its SQLite file."""
@@ -142,11 +148,35 @@ class FairnessSite:
                     )
                 )
 
-    async def drain_with_tcp_probe(self, backlog: int, timeout_s: float = 30.0) -> Drain:
+    async def drain_with_tcp_probe(
+        self, backlog: int, timeout_s: float = 30.0, *, probe: bool = True
+    ) -> Drain:
         """Start the gateway and send TCP frames to the same agent, one at a time, until all
-        `backlog` MQTT messages are applied (or `timeout_s`: TimeoutError)."""
+        `backlog` MQTT messages are applied (or `timeout_s`: TimeoutError). Without `probe`,
+        only time the drain."""
+        replies = 0
+        options = ConnectOptions("dev-1-replies")  # a clean session, QoS 0: counts only
+
+        async def count_replies(client: MqttClient) -> None:
+            nonlocal replies
+            while True:
+                await client.receive()
+                replies += 1
+
+        async with MqttClient(self.broker.host, self.broker.port, options) as listener:
+            await listener.subscribe("devices/dev-1/cmd", qos=0, timeout=5)
+            counter = asyncio.create_task(count_replies(listener))
+            try:
+                drain = await self._drain(backlog, timeout_s, probe)
+                await wait_until(lambda: replies >= backlog, timeout_s, "every reply")
+                replied_s = time.monotonic() - self._started_at
+            finally:
+                counter.cancel()
+        return Drain(drain.latencies, drain.drain_s, drain.frames, replied_s)
+
+    async def _drain(self, backlog: int, timeout_s: float, probe: bool) -> Drain:
         self.process.start()
-        started_at = time.monotonic()
+        started_at = self._started_at = time.monotonic()
         drained = asyncio.Event()
         drained_at = 0.0
 
@@ -166,6 +196,9 @@ class FairnessSite:
         latencies: list[float] = []
         try:
             async with asyncio.timeout(timeout_s):
+                if not probe:
+                    await watcher
+                    return Drain([], drained_at - started_at, 0)
                 await device.connect()
                 seq = 0
                 while not drained.is_set():
@@ -178,5 +211,6 @@ class FairnessSite:
                 await watcher
         finally:
             watcher.cancel()
-            device.writer.close()
+            if probe:
+                device.writer.close()
         return Drain(latencies, drained_at - started_at, seq)
