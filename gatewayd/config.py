@@ -232,6 +232,7 @@ class MqttSection(Section):
     status_topic: str = "gatewayd/{client_id}/status"
     max_inflight_publishes: int = Field(default=100, ge=1)
     max_pending_messages: int = Field(default=1000, ge=1)
+    max_inflight_per_device: int = Field(default=32, ge=1)
     max_outbound_queue: int = Field(default=10_000, ge=1)
     accept_retained: bool = False
     reconnect_min: Duration = 0.5

@@ -510,6 +510,7 @@ def mqtt_settings(mqtt: MqttSection) -> Any:
         max_inflight_publishes=mqtt.max_inflight_publishes,
         max_outbound_queue=mqtt.max_outbound_queue,
         max_pending_messages=mqtt.max_pending_messages,
+        max_inflight_per_device=mqtt.max_inflight_per_device,
         max_payload_bytes=mqtt.max_payload_size,
         accept_retained=mqtt.accept_retained,
         link_idle_timeout_s=mqtt.link_idle_timeout,

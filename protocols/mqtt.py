@@ -30,6 +30,12 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   counted as a failed attempt (`backpressure` counter); it and every later message of that
   device wait, in arrival order (`held` in stats), until `ready` resolves, then are submitted
   again. Other devices go on; once every pending slot is held, reading stops (below).
+* **One device cannot monopolise its agent.** At most `max_inflight_per_device` messages of
+  one device (route + id) are with the handler (in its agent's mailbox or its running batch)
+  at a time; the device's later messages wait in the bridge, unacked and in arrival order
+  (counted in `held`; they hold pending slots, so a long backlog ends in paused reading,
+  below). The agent's other links (a TCP device, a dashboard) therefore wait behind at most
+  that many of its turns, not behind the whole backlog.
 * **Bounded device links.** Any publisher chooses the ids in its topics, and each new id costs
   a link, a runtime connection and an agent's SQLite file. A route may name the ids it serves
   (`allowed_ids`, `allowed_id_pattern`: other ids are acked and counted in `not_allowed`) and
@@ -213,6 +219,8 @@ class MqttBridge:
         self._last_active: dict[LinkKey, float] = {}  # least recently active first
         self._closing: dict[LinkKey, asyncio.Future[Outcome]] = {}  # close not yet committed
         self._waiting: dict[LinkKey, list[_Inbound]] = {}  # held messages, in arrival order
+        self._submitted: dict[LinkKey, int] = {}  # handed to the handler, not yet settled
+        self._window_room: dict[LinkKey, asyncio.Future[None]] = {}  # a full window's wait
         self._dead_letter_tasks: set[asyncio.Task[None]] = set()
         self._publisher = ReplyPublisher(self)  # the replies' backlog and publish workers
         self._outbound_connection = _OutboundConnection(self)
@@ -710,6 +718,9 @@ class MqttBridge:
         if closing is not None and not closing.done():
             self._wait(item, closing)
             return
+        if self._submitted.get(key, 0) >= self.settings.max_inflight_per_device:
+            self._wait(item, self._room_in_window(key))
+            return
         try:
             link = self._link_for(item.match, item.topic)
             future = self._handler.submit_message(link, item.payload, None)
@@ -719,7 +730,29 @@ class MqttBridge:
         if refused is not None:
             self._hold(item, refused)
             return
+        self._submitted[key] = self._submitted.get(key, 0) + 1
         future.add_done_callback(functools.partial(self._on_committed, item))
+
+    def _room_in_window(self, key: LinkKey) -> asyncio.Future[None]:
+        """Resolves once fewer than `max_inflight_per_device` of the device's messages are
+        with the handler: the device's later messages wait here, unacked, in arrival order."""
+        room = self._window_room.get(key)
+        if room is None:
+            room = self._window_room[key] = asyncio.get_running_loop().create_future()
+            self._count("device_window_full")
+        return room
+
+    def _settled(self, key: LinkKey) -> None:
+        """One of the device's submitted messages has its outcome: a place in its window."""
+        left = self._submitted.get(key, 1) - 1
+        if left > 0:
+            self._submitted[key] = left
+        else:
+            self._submitted.pop(key, None)
+        if left < self.settings.max_inflight_per_device:
+            room = self._window_room.pop(key, None)
+            if room is not None and not room.done():
+                room.set_result(None)
 
     def _hold(self, item: _Inbound, refusal: Backpressure) -> None:
         """The agent's mailbox is full: keep the message (unacked, in its pending slot) and
@@ -782,6 +815,7 @@ class MqttBridge:
             self._release(item)
 
     def _on_committed(self, item: _Inbound, future: asyncio.Future[Outcome]) -> None:
+        self._settled(item.key)
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if exc is None:
             self._stats.messages_in += 1

@@ -102,6 +102,10 @@ class MqttSettings:
     max_inflight_publishes: int = 100
     max_outbound_queue: int = 10_000
     max_pending_messages: int = 1_000
+    # Messages of one device (route + id) handed to its agent and not yet committed; the rest
+    # wait in the bridge, unacked, so that one device's backlog cannot fill the agent's
+    # mailbox ahead of its other links (a TCP device, a dashboard).
+    max_inflight_per_device: int = 32
     max_payload_bytes: int = 256 * 1024
     accept_retained: bool = False
     # A device link with no inbound message for this long is closed (its runtime connection
@@ -146,7 +150,12 @@ class MqttSettings:
             raise MqttConfigError("mqtt.cert_file and mqtt.key_file must be set together")
         if self.password is not None and self.username is None:
             raise MqttConfigError("mqtt.password is set but mqtt.username is not")
-        for name in ("max_inflight_publishes", "max_outbound_queue", "max_pending_messages"):
+        for name in (
+            "max_inflight_publishes",
+            "max_outbound_queue",
+            "max_pending_messages",
+            "max_inflight_per_device",
+        ):
             _require_positive_int(name, getattr(self, name))
         _require_positive_int("max_payload_bytes", self.max_payload_bytes)
         _require_positive_int("keepalive_s", self.keepalive_s)
