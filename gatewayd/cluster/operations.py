@@ -18,13 +18,46 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from gatewayd.agents.storage import agent_db_path
 from gatewayd.mcp.agent_index import AgentIndex, last_seen
 from gatewayd.mcp.jsonable import jsonable
 
-_Op = TypeVar("_Op", bound="type[AgentOperation]")
+_T = TypeVar("_T")
+_C = TypeVar("_C", bound=type)
+
+
+class _Registry(Generic[_T]):
+    """Registered classes by their `name`, rebuilt from a request's `{"name", "args"}`; `kind`
+    names them in errors ("agent operation", "member query")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.classes: dict[str, type[_T]] = {}
+
+    def register(self, cls: _C) -> _C:
+        name = getattr(cls, "name", "")
+        assert name and name not in self.classes, cls
+        self.classes[name] = cls
+        return cls
+
+    def build(self, name: str, args: Any) -> _T:
+        """The instance a request names; `ValueError` naming what does not fit."""
+        cls = self.classes.get(name)
+        if cls is None:
+            known = ", ".join(self.classes)
+            raise ValueError(f"unknown {self.kind} {name!r} (known: {known})")
+        if not isinstance(args, dict):
+            raise ValueError(f"{self.kind} {name!r}: args must be an object, got {args!r}")
+        try:
+            return cls(**args)
+        except TypeError as err:
+            raise ValueError(f"{self.kind} {name!r}: {err}") from None
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,29 +71,17 @@ class AgentOperation:
         raise NotImplementedError
 
     def args(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _fields(self)
 
 
-OPERATIONS: dict[str, type[AgentOperation]] = {}
-
-
-def _register(cls: _Op) -> _Op:
-    assert cls.name and cls.name not in OPERATIONS, cls
-    OPERATIONS[cls.name] = cls
-    return cls
+_OPERATIONS: _Registry[AgentOperation] = _Registry("agent operation")
+OPERATIONS: dict[str, type[AgentOperation]] = _OPERATIONS.classes
+_register = _OPERATIONS.register
 
 
 def operation_from(name: str, args: Any) -> AgentOperation:
     """The operation a forwarded request names; `ValueError` naming what does not fit."""
-    cls = OPERATIONS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown agent operation {name!r} (known: {', '.join(OPERATIONS)})")
-    if not isinstance(args, dict):
-        raise ValueError(f"agent operation {name!r}: args must be an object, got {args!r}")
-    try:
-        return cls(**args)
-    except TypeError as err:
-        raise ValueError(f"agent operation {name!r}: {err}") from None
+    return _OPERATIONS.build(name, args)
 
 
 async def agent_exists(runtime: Any, agent_class: str, agent_id: str) -> bool:
@@ -289,30 +310,17 @@ class MemberQuery:
         raise NotImplementedError
 
     def args(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _fields(self)
 
 
-QUERIES: dict[str, type[MemberQuery]] = {}
-_Query = TypeVar("_Query", bound="type[MemberQuery]")
-
-
-def _register_query(cls: _Query) -> _Query:
-    assert cls.name and cls.name not in QUERIES, cls
-    QUERIES[cls.name] = cls
-    return cls
+_QUERIES: _Registry[MemberQuery] = _Registry("member query")
+QUERIES: dict[str, type[MemberQuery]] = _QUERIES.classes
+_register_query = _QUERIES.register
 
 
 def query_from(name: str, args: Any) -> MemberQuery:
     """The query a request names; `ValueError` naming what does not fit."""
-    cls = QUERIES.get(name)
-    if cls is None:
-        raise ValueError(f"unknown member query {name!r} (known: {', '.join(QUERIES)})")
-    if not isinstance(args, dict):
-        raise ValueError(f"member query {name!r}: args must be an object, got {args!r}")
-    try:
-        return cls(**args)
-    except TypeError as err:
-        raise ValueError(f"member query {name!r}: {err}") from None
+    return _QUERIES.build(name, args)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
