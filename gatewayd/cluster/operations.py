@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast, dataclass_transform
 
 from gatewayd.agents.storage import agent_db_path
 from gatewayd.mcp.agent_index import AgentIndex, last_seen
 from gatewayd.mcp.jsonable import jsonable
 
 _T = TypeVar("_T")
-_C = TypeVar("_C", bound=type)
+_C = TypeVar("_C", bound="type[Any]")
 
 
 class _Registry(Generic[_T]):
@@ -62,8 +62,8 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AgentOperation:
-    """One operation; subclasses set `name`, declare their arguments as fields and implement
-    `__call__(agent)` returning plain JSON data."""
+    """One operation; subclasses (declared with `@_operation`) set `name`, declare their
+    arguments as fields and implement `__call__(agent)` returning plain JSON data."""
 
     name: ClassVar[str] = ""
 
@@ -76,7 +76,12 @@ class AgentOperation:
 
 _OPERATIONS: _Registry[AgentOperation] = _Registry("agent operation")
 OPERATIONS: dict[str, type[AgentOperation]] = _OPERATIONS.classes
-_register = _OPERATIONS.register
+
+
+@dataclass_transform(frozen_default=True)
+def _operation(cls: _C) -> _C:
+    """Declare and register an operation: a frozen dataclass (with slots) of its arguments."""
+    return _OPERATIONS.register(cast(_C, dataclasses.dataclass(frozen=True, slots=True)(cls)))
 
 
 def operation_from(name: str, args: Any) -> AgentOperation:
@@ -101,8 +106,7 @@ def stored_here(runtime: Any, agent_class: str, agent_id: str) -> bool:
 # -- the operations ----------------------------------------------------------------------------
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ListSchedules(AgentOperation):
     name: ClassVar[str] = "schedules.list"
 
@@ -110,8 +114,7 @@ class ListSchedules(AgentOperation):
         return jsonable(agent.get_schedules())
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class CancelSchedule(AgentOperation):
     name: ClassVar[str] = "schedules.cancel"
     schedule_id: str
@@ -120,8 +123,7 @@ class CancelSchedule(AgentOperation):
         return bool(agent.cancel_schedule(self.schedule_id))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ListQueue(AgentOperation):
     name: ClassVar[str] = "queue.list"
     status: Literal["pending", "dead"] | None = "pending"
@@ -130,8 +132,7 @@ class ListQueue(AgentOperation):
         return jsonable(agent.get_queues(status=self.status))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class RemoveQueueItem(AgentOperation):
     name: ClassVar[str] = "queue.remove"
     item_id: str
@@ -140,8 +141,7 @@ class RemoveQueueItem(AgentOperation):
         return bool(agent.dequeue(self.item_id))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class RequeueDeadItem(AgentOperation):
     name: ClassVar[str] = "queue.requeue_dead"
     item_id: str
@@ -150,8 +150,7 @@ class RequeueDeadItem(AgentOperation):
         return bool(agent._gw_host.queue().requeue(self.item_id, now=time.time()))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class SendToConnections(AgentOperation):
     """Send `text` to each open connection of the agent (or to `connection_id` only), as an
     output of the turn; the ids it went to."""
@@ -171,8 +170,7 @@ class SendToConnections(AgentOperation):
         return [str(conn.id) for conn in conns]
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ChatMessages(AgentOperation):
     """A chat agent's stored conversation (`ChatAgent.messages`), oldest first."""
 
@@ -199,8 +197,7 @@ class AgentUnavailableError(RuntimeError):
 # -- the dashboard's operations ----------------------------------------------------------------
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class DashboardAgent(AgentOperation):
     """What the dashboard's agent page shows of the agent itself: state, schedules, queue,
     dead letters, failed schedule occurrences, open connections (those of the member that
@@ -224,8 +221,7 @@ class DashboardAgent(AgentOperation):
         )
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ReplayDeadLetter(AgentOperation):
     """Put a dead letter back in the agent's queue (a new item, same method and payload);
     False when the agent has no such dead letter."""
@@ -300,7 +296,7 @@ def _connection_json(c: Any) -> dict[str, Any]:
 class MemberQuery:
     """A question about what one member holds (the agents it serves, its open connections),
     asked of every live member by the group-wide views (`ask_group`). Like an operation it is
-    data: a registered name and JSON-able fields; subclasses implement
+    data: a registered name and JSON-able fields; subclasses (declared with `@_query`) implement
     `answer(runtime, serves)` returning plain JSON data, where `serves(agent_id)` says
     whether this member serves the agent (always True outside cluster mode)."""
 
@@ -315,7 +311,12 @@ class MemberQuery:
 
 _QUERIES: _Registry[MemberQuery] = _Registry("member query")
 QUERIES: dict[str, type[MemberQuery]] = _QUERIES.classes
-_register_query = _QUERIES.register
+
+
+@dataclass_transform(frozen_default=True)
+def _query(cls: _C) -> _C:
+    """Declare and register a member query: a frozen dataclass (with slots) of its arguments."""
+    return _QUERIES.register(cast(_C, dataclasses.dataclass(frozen=True, slots=True)(cls)))
 
 
 def query_from(name: str, args: Any) -> MemberQuery:
@@ -350,8 +351,7 @@ async def ask_group(runtime: Any, query: MemberQuery) -> GroupAnswer:
     return GroupAnswer({None: await query.answer(runtime, lambda _agent_id: True)}, {})
 
 
-@_register_query
-@dataclasses.dataclass(frozen=True, slots=True)
+@_query
 class StoredAgents(MemberQuery):
     """The agents with stored state that this member serves, of `classes`, whose id contains
     `contains` (at most `limit`, sorted by class then id), each awake or not and when last
@@ -379,8 +379,7 @@ class StoredAgents(MemberQuery):
         }
 
 
-@_register_query
-@dataclasses.dataclass(frozen=True, slots=True)
+@_query
 class OpenConnections(MemberQuery):
     """The connections open on this member (any transport) of agents of `classes` whose id
     contains `contains`, sorted by class, id and connection id."""
@@ -410,8 +409,7 @@ class OpenConnections(MemberQuery):
         return rows
 
 
-@_register_query
-@dataclasses.dataclass(frozen=True, slots=True)
+@_query
 class AgentLastSeen(MemberQuery):
     """When the agent last committed, as this member's copy says (None when this member
     does not serve it or holds no copy)."""
