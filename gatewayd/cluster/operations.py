@@ -56,22 +56,23 @@ class _Registry(Generic[_T]):
             raise ValueError(f"{self.kind} {name!r}: {err}") from None
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
-class AgentOperation:
-    """One operation; subclasses (declared with `@_operation`) set `name`, declare their
-    arguments as fields and implement `__call__(agent)` returning plain JSON data."""
+class _Named:
+    """What travels over NATS: a registered `name` and the JSON-able fields (`args()`)."""
 
     name: ClassVar[str] = ""
 
+    def args(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentOperation(_Named):
+    """One operation; subclasses (declared with `@_operation`) set `name`, declare their
+    arguments as fields and implement `__call__(agent)` returning plain JSON data."""
+
     def __call__(self, agent: Any) -> Any:
         raise NotImplementedError
-
-    def args(self) -> dict[str, Any]:
-        return _fields(self)
 
 
 _OPERATIONS: _Registry[AgentOperation] = _Registry("agent operation")
@@ -293,20 +294,15 @@ def _connection_json(c: Any) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class MemberQuery:
+class MemberQuery(_Named):
     """A question about what one member holds (the agents it serves, its open connections),
     asked of every live member by the group-wide views (`ask_group`). Like an operation it is
     data: a registered name and JSON-able fields; subclasses (declared with `@_query`) implement
     `answer(runtime, serves)` returning plain JSON data, where `serves(agent_id)` says
     whether this member serves the agent (always True outside cluster mode)."""
 
-    name: ClassVar[str] = ""
-
     async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
         raise NotImplementedError
-
-    def args(self) -> dict[str, Any]:
-        return _fields(self)
 
 
 _QUERIES: _Registry[MemberQuery] = _Registry("member query")
