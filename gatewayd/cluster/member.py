@@ -663,14 +663,8 @@ def connect_options(settings: ClusterSettings, name: str) -> dict[str, Any]:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.2,
         "connect_timeout": 1,
+        **s.nats_credentials(),
     }
-    if s.credentials_file:
-        options["user_credentials"] = s.credentials_file
-    if s.ca_file or s.cert_file:
-        context = ssl.create_default_context(cafile=s.ca_file)
-        if s.cert_file:
-            context.load_cert_chain(s.cert_file, s.key_file)
-        options["tls"] = context
     return options
 
 

@@ -18,49 +18,76 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast, dataclass_transform
 
 from gatewayd.agents.storage import agent_db_path
 from gatewayd.mcp.agent_index import AgentIndex, last_seen
 from gatewayd.mcp.jsonable import jsonable
 
-_Op = TypeVar("_Op", bound="type[AgentOperation]")
+_T = TypeVar("_T")
+_C = TypeVar("_C", bound="type[Any]")
+
+
+class _Registry(Generic[_T]):
+    """Registered classes by their `name`, rebuilt from a request's `{"name", "args"}`; `kind`
+    names them in errors ("agent operation", "member query")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.classes: dict[str, type[_T]] = {}
+
+    def register(self, cls: _C) -> _C:
+        name = getattr(cls, "name", "")
+        assert name and name not in self.classes, cls
+        self.classes[name] = cls
+        return cls
+
+    def build(self, name: str, args: Any) -> _T:
+        """The instance a request names; `ValueError` naming what does not fit."""
+        cls = self.classes.get(name)
+        if cls is None:
+            known = ", ".join(self.classes)
+            raise ValueError(f"unknown {self.kind} {name!r} (known: {known})")
+        if not isinstance(args, dict):
+            raise ValueError(f"{self.kind} {name!r}: args must be an object, got {args!r}")
+        try:
+            return cls(**args)
+        except TypeError as err:
+            raise ValueError(f"{self.kind} {name!r}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class AgentOperation:
-    """One operation; subclasses set `name`, declare their arguments as fields and implement
-    `__call__(agent)` returning plain JSON data."""
+class _Named:
+    """What travels over NATS: a registered `name` and the JSON-able fields (`args()`)."""
 
     name: ClassVar[str] = ""
-
-    def __call__(self, agent: Any) -> Any:
-        raise NotImplementedError
 
     def args(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-OPERATIONS: dict[str, type[AgentOperation]] = {}
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentOperation(_Named):
+    """One operation; subclasses (declared with `@_operation`) set `name`, declare their
+    arguments as fields and implement `__call__(agent)` returning plain JSON data."""
+
+    def __call__(self, agent: Any) -> Any:
+        raise NotImplementedError
 
 
-def _register(cls: _Op) -> _Op:
-    assert cls.name and cls.name not in OPERATIONS, cls
-    OPERATIONS[cls.name] = cls
-    return cls
+_OPERATIONS: _Registry[AgentOperation] = _Registry("agent operation")
+OPERATIONS: dict[str, type[AgentOperation]] = _OPERATIONS.classes
+
+
+@dataclass_transform(frozen_default=True)
+def _operation(cls: _C) -> _C:
+    """Declare and register an operation: a frozen dataclass (with slots) of its arguments."""
+    return _OPERATIONS.register(cast(_C, dataclasses.dataclass(frozen=True, slots=True)(cls)))
 
 
 def operation_from(name: str, args: Any) -> AgentOperation:
     """The operation a forwarded request names; `ValueError` naming what does not fit."""
-    cls = OPERATIONS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown agent operation {name!r} (known: {', '.join(OPERATIONS)})")
-    if not isinstance(args, dict):
-        raise ValueError(f"agent operation {name!r}: args must be an object, got {args!r}")
-    try:
-        return cls(**args)
-    except TypeError as err:
-        raise ValueError(f"agent operation {name!r}: {err}") from None
+    return _OPERATIONS.build(name, args)
 
 
 async def agent_exists(runtime: Any, agent_class: str, agent_id: str) -> bool:
@@ -80,8 +107,7 @@ def stored_here(runtime: Any, agent_class: str, agent_id: str) -> bool:
 # -- the operations ----------------------------------------------------------------------------
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ListSchedules(AgentOperation):
     name: ClassVar[str] = "schedules.list"
 
@@ -89,8 +115,7 @@ class ListSchedules(AgentOperation):
         return jsonable(agent.get_schedules())
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class CancelSchedule(AgentOperation):
     name: ClassVar[str] = "schedules.cancel"
     schedule_id: str
@@ -99,8 +124,7 @@ class CancelSchedule(AgentOperation):
         return bool(agent.cancel_schedule(self.schedule_id))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ListQueue(AgentOperation):
     name: ClassVar[str] = "queue.list"
     status: Literal["pending", "dead"] | None = "pending"
@@ -109,8 +133,7 @@ class ListQueue(AgentOperation):
         return jsonable(agent.get_queues(status=self.status))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class RemoveQueueItem(AgentOperation):
     name: ClassVar[str] = "queue.remove"
     item_id: str
@@ -119,8 +142,7 @@ class RemoveQueueItem(AgentOperation):
         return bool(agent.dequeue(self.item_id))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class RequeueDeadItem(AgentOperation):
     name: ClassVar[str] = "queue.requeue_dead"
     item_id: str
@@ -129,8 +151,7 @@ class RequeueDeadItem(AgentOperation):
         return bool(agent._gw_host.queue().requeue(self.item_id, now=time.time()))
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class SendToConnections(AgentOperation):
     """Send `text` to each open connection of the agent (or to `connection_id` only), as an
     output of the turn; the ids it went to."""
@@ -150,8 +171,7 @@ class SendToConnections(AgentOperation):
         return [str(conn.id) for conn in conns]
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ChatMessages(AgentOperation):
     """A chat agent's stored conversation (`ChatAgent.messages`), oldest first."""
 
@@ -178,8 +198,7 @@ class AgentUnavailableError(RuntimeError):
 # -- the dashboard's operations ----------------------------------------------------------------
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class DashboardAgent(AgentOperation):
     """What the dashboard's agent page shows of the agent itself: state, schedules, queue,
     dead letters, failed schedule occurrences, open connections (those of the member that
@@ -203,8 +222,7 @@ class DashboardAgent(AgentOperation):
         )
 
 
-@_register
-@dataclasses.dataclass(frozen=True, slots=True)
+@_operation
 class ReplayDeadLetter(AgentOperation):
     """Put a dead letter back in the agent's queue (a new item, same method and payload);
     False when the agent has no such dead letter."""
@@ -276,43 +294,30 @@ def _connection_json(c: Any) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class MemberQuery:
+class MemberQuery(_Named):
     """A question about what one member holds (the agents it serves, its open connections),
     asked of every live member by the group-wide views (`ask_group`). Like an operation it is
-    data: a registered name and JSON-able fields; subclasses implement
+    data: a registered name and JSON-able fields; subclasses (declared with `@_query`) implement
     `answer(runtime, serves)` returning plain JSON data, where `serves(agent_id)` says
     whether this member serves the agent (always True outside cluster mode)."""
-
-    name: ClassVar[str] = ""
 
     async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
         raise NotImplementedError
 
-    def args(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+_QUERIES: _Registry[MemberQuery] = _Registry("member query")
+QUERIES: dict[str, type[MemberQuery]] = _QUERIES.classes
 
 
-QUERIES: dict[str, type[MemberQuery]] = {}
-_Query = TypeVar("_Query", bound="type[MemberQuery]")
-
-
-def _register_query(cls: _Query) -> _Query:
-    assert cls.name and cls.name not in QUERIES, cls
-    QUERIES[cls.name] = cls
-    return cls
+@dataclass_transform(frozen_default=True)
+def _query(cls: _C) -> _C:
+    """Declare and register a member query: a frozen dataclass (with slots) of its arguments."""
+    return _QUERIES.register(cast(_C, dataclasses.dataclass(frozen=True, slots=True)(cls)))
 
 
 def query_from(name: str, args: Any) -> MemberQuery:
     """The query a request names; `ValueError` naming what does not fit."""
-    cls = QUERIES.get(name)
-    if cls is None:
-        raise ValueError(f"unknown member query {name!r} (known: {', '.join(QUERIES)})")
-    if not isinstance(args, dict):
-        raise ValueError(f"member query {name!r}: args must be an object, got {args!r}")
-    try:
-        return cls(**args)
-    except TypeError as err:
-        raise ValueError(f"member query {name!r}: {err}") from None
+    return _QUERIES.build(name, args)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -342,8 +347,7 @@ async def ask_group(runtime: Any, query: MemberQuery) -> GroupAnswer:
     return GroupAnswer({None: await query.answer(runtime, lambda _agent_id: True)}, {})
 
 
-@_register_query
-@dataclasses.dataclass(frozen=True, slots=True)
+@_query
 class StoredAgents(MemberQuery):
     """The agents with stored state that this member serves, of `classes`, whose id contains
     `contains` (at most `limit`, sorted by class then id), each awake or not and when last
@@ -371,8 +375,7 @@ class StoredAgents(MemberQuery):
         }
 
 
-@_register_query
-@dataclasses.dataclass(frozen=True, slots=True)
+@_query
 class OpenConnections(MemberQuery):
     """The connections open on this member (any transport) of agents of `classes` whose id
     contains `contains`, sorted by class, id and connection id."""
@@ -402,8 +405,7 @@ class OpenConnections(MemberQuery):
         return rows
 
 
-@_register_query
-@dataclasses.dataclass(frozen=True, slots=True)
+@_query
 class AgentLastSeen(MemberQuery):
     """When the agent last committed, as this member's copy says (None when this member
     does not serve it or holds no copy)."""

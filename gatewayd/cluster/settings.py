@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 
 def default_member_name() -> str:
@@ -41,3 +42,18 @@ class ClusterSettings:
     @property
     def member_name(self) -> str:
         return self.member or default_member_name()
+
+    def nats_credentials(self) -> dict[str, Any]:
+        """The `nats.connect` options that authenticate to the servers: the credentials file
+        and the TLS context (CA, client certificate), each where set."""
+        options: dict[str, Any] = {}
+        if self.credentials_file:
+            options["user_credentials"] = self.credentials_file
+        if self.ca_file or self.cert_file:
+            import ssl
+
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            options["tls"] = context
+        return options

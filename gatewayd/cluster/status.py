@@ -23,16 +23,8 @@ async def group_status(settings: ClusterSettings, timeout_s: float = 5.0) -> dic
         "servers": list(settings.servers),
         "connect_timeout": timeout_s,
         "max_reconnect_attempts": 1,
+        **settings.nats_credentials(),
     }
-    if settings.credentials_file:
-        options["user_credentials"] = settings.credentials_file
-    if settings.ca_file or settings.cert_file:
-        import ssl
-
-        context = ssl.create_default_context(cafile=settings.ca_file)
-        if settings.cert_file:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
-        options["tls"] = context
     nc = await nats.connect(**options)
     try:
         js = nc.jetstream(timeout=timeout_s)

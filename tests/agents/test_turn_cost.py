@@ -78,6 +78,15 @@ class DeviceLink(MemoryLink):
         self.output_address = OutputAddress("mqtt", f"dev/{agent_id}/down", 1)
 
 
+async def _device_link(rt: Any, agent_id: str) -> tuple[Outputs, DeviceLink]:
+    """A device link of agent `agent_id` opened on `rt`, replies going to new outputs."""
+    outputs = Outputs()
+    rt.attach_outputs(outputs)
+    link = DeviceLink(agent_id, outputs)
+    await rt.open_link(link, {})
+    return outputs, link
+
+
 def _bodies(state_dir: Path, agent_id: str) -> list[str]:
     with sqlite3.connect(agent_db_path(state_dir, "echo", agent_id)) as db:
         return [row[0] for row in db.execute("SELECT body FROM r ORDER BY n")]
@@ -93,10 +102,7 @@ def _trace(rt: Any, agent_id: str) -> list[str]:
 
 async def test_a_durable_reply_turn_runs_one_statement_per_write(make_runtime) -> None:
     async with make_runtime({"echo": Echo}) as rt:
-        outputs = Outputs()
-        rt.attach_outputs(outputs)
-        link = DeviceLink("a", outputs)
-        await rt.open_link(link, {})
+        outputs, link = await _device_link(rt, "a")
         assert await rt.submit_message(link, "first") is Outcome.APPLIED
         await wait_until(
             lambda: rt._outbox.undelivered(("echo", "a")) == 0, 5, "the first reply delivered"
@@ -111,10 +117,7 @@ async def test_a_durable_reply_turn_runs_one_statement_per_write(make_runtime) -
 
 async def test_a_failing_first_turn_rolls_back_only_itself(make_runtime, tmp_path) -> None:
     async with make_runtime({"echo": Echo}) as rt:
-        outputs = Outputs()
-        rt.attach_outputs(outputs)
-        link = DeviceLink("b", outputs)
-        await rt.open_link(link, {})
+        outputs, link = await _device_link(rt, "b")
         assert await rt.submit_message(link, "one") is Outcome.APPLIED
         seen = _trace(rt, "b")
         # One batch: the failing turn is its first (no savepoint: the transaction is undone

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,19 +19,8 @@ from gatewayd.client import (
     StateRejectedError,
 )
 from tests.client.daemon import Gateway
-from tests.gatewayd.notify import NotifySocket
 
 WAIT_S = 10.0
-
-
-@pytest.fixture
-def gateway(tmp_path: Path, notify: NotifySocket) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path, notify)
-    gw.process.start()
-    try:
-        yield gw
-    finally:
-        gw.process.stop()
 
 
 async def test_two_clients_in_sync_rpc_typed_errors_streaming_and_set_state(

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,17 +13,6 @@ from gatewayd.client import AgentClient
 from tests.brokers import free_port
 from tests.client.daemon import Gateway
 from tests.gatewayd.daemon_process import REPO
-from tests.gatewayd.notify import NotifySocket
-
-
-@pytest.fixture
-def gateway(tmp_path: Path, notify: NotifySocket) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path, notify)
-    gw.process.start()
-    try:
-        yield gw
-    finally:
-        gw.process.stop()
 
 
 async def test_an_unreachable_gateway_is_skipped_for_the_next_url(gateway: Gateway) -> None:

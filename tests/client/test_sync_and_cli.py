@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,17 +13,6 @@ from gatewayd.client import MethodNotFoundError, SyncAgentClient, SyncChatClient
 from gatewayd.client.errors import rpc_error
 from tests.client.daemon import Gateway
 from tests.gatewayd.daemon_process import REPO
-from tests.gatewayd.notify import NotifySocket
-
-
-@pytest.fixture
-def gateway(tmp_path: Path, notify: NotifySocket) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path, notify)
-    gw.process.start()
-    try:
-        yield gw
-    finally:
-        gw.process.stop()
 
 
 def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:

@@ -9,15 +9,12 @@ import nats
 import pytest
 
 from tests.cluster.group import Group
-from tests.cluster.nats_cluster import NATS_BIN
 
 
 @pytest.fixture
 def group(tmp_path: Path) -> Iterator[Group]:
     """A 3-node JetStream cluster (8 partitions of device subjects); members are added by
     the test. Everything is stopped afterwards."""
-    if not Path(NATS_BIN).exists():
-        pytest.fail(f"nats-server not found at {NATS_BIN}: run scripts/setup")
     group = Group(tmp_path)
     group.start_nats()
     try:

@@ -12,11 +12,13 @@ processes (`python -m gatewayd run`), and a reader of the group's truth (the cha
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -24,7 +26,7 @@ from nats.js.errors import NotFoundError
 
 from gatewayd.cluster.changelog import PartitionLog
 from gatewayd.cluster.naming import Names
-from tests.cluster.nats_cluster import NatsCluster
+from tests.cluster.nats_cluster import NATS_BIN, NatsCluster
 from tests.gatewayd.daemon_process import GatewayProcess
 from tests.gatewayd.notify import NotifySocket
 
@@ -122,6 +124,8 @@ class Group:
         return self.nats.urls
 
     def start_nats(self) -> None:
+        if not Path(NATS_BIN).exists():
+            raise RuntimeError(f"nats-server not found at {NATS_BIN}: run scripts/setup")
         self.nats.start()
 
     def add_member(self, name: str) -> Member:
@@ -149,31 +153,11 @@ class _suppress:
         return True
 
 
-async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]]:
-    """`{partition: (owner, epoch)}` from the group's KV bucket."""
-    import json
-
-    names = Names(group, "gw.in")
-    kv = await nc.jetstream(timeout=15).key_value(names.partitions_bucket)
-    found: dict[int, tuple[str, int]] = {}
-    try:
-        keys = await kv.keys()
-    except Exception:
-        return found
-    for key in keys:
-        entry = await kv.get(key)
-        raw = json.loads(entry.value or b"{}")
-        found[int(key[1:])] = (raw.get("owner", ""), int(raw.get("epoch", 0)))
-    return found
-
-
-async def addresses(nc: nats.NATS, group: str = GROUP) -> dict[str, dict[str, str]]:
-    """`{member: {"ws": url, "api": url}}` as the members' heartbeat records advertise them."""
-    import json
-
-    names = Names(group, "gw.in")
-    kv = await nc.jetstream(timeout=15).key_value(names.members_bucket)
-    found: dict[str, dict[str, str]] = {}
+async def _records(nc: nats.NATS, bucket: str) -> dict[str, dict[str, Any]]:
+    """Every JSON record of a KV bucket by key (none while the bucket has no keys or cannot
+    be read; a key whose record cannot be read is left out)."""
+    kv = await nc.jetstream(timeout=15).key_value(bucket)
+    found: dict[str, dict[str, Any]] = {}
     try:
         keys = await kv.keys()
     except Exception:
@@ -181,8 +165,23 @@ async def addresses(nc: nats.NATS, group: str = GROUP) -> dict[str, dict[str, st
     for key in keys:
         with _suppress():
             entry = await kv.get(key)
-            found[key] = dict(json.loads(entry.value or b"{}").get("addresses") or {})
+            found[key] = json.loads(entry.value or b"{}")
     return found
+
+
+async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]]:
+    """`{partition: (owner, epoch)}` from the group's KV bucket."""
+    records = await _records(nc, Names(group, "gw.in").partitions_bucket)
+    return {
+        int(key[1:]): (raw.get("owner", ""), int(raw.get("epoch", 0)))
+        for key, raw in records.items()
+    }
+
+
+async def addresses(nc: nats.NATS, group: str = GROUP) -> dict[str, dict[str, str]]:
+    """`{member: {"ws": url, "api": url}}` as the members' heartbeat records advertise them."""
+    records = await _records(nc, Names(group, "gw.in").members_bucket)
+    return {key: dict(raw.get("addresses") or {}) for key, raw in records.items()}
 
 
 async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[int, str]:
@@ -201,16 +200,20 @@ async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[in
     return {p: found[p] for p in sorted(found) if p < partitions}
 
 
+async def _serving_now(nc: nats.NATS, partitions: int) -> dict[int, str]:
+    try:
+        return await serving(nc, partitions)
+    except nats.errors.Error:  # leaders being elected: ask again
+        return {}
+
+
 async def wait_serving(
     nc: nats.NATS, partitions: int, members: set[str], timeout_s: float
 ) -> dict[int, str]:
     """Wait until every partition is served and exactly `members` serve them."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            found = await serving(nc, partitions)
-        except nats.errors.Error:  # leaders being elected: ask again
-            found = {}
+        found = await _serving_now(nc, partitions)
         if len(found) == partitions and set(found.values()) == members:
             return found
         if time.monotonic() > deadline:
@@ -232,10 +235,7 @@ async def wait_settled(
         if time.monotonic() > deadline:
             raise AssertionError(f"partitions not settled on {wanted} in time: {found}")
         await asyncio.sleep(0.1)
-        try:
-            found = await serving(nc, partitions)
-        except nats.errors.Error:  # leaders being elected: ask again
-            found = {}
+        found = await _serving_now(nc, partitions)
     return found
 
 

@@ -89,6 +89,22 @@ async def _publish_until(publisher: Publisher, fraction: float) -> asyncio.Task[
     return task
 
 
+async def _kill_m2_and_see_takeover(
+    group: Group, nc: nats.NATS, victim_partitions: set[int]
+) -> float:
+    """SIGKILL member m2: its partitions are served by m1 and m3 within the lease (+ a
+    heartbeat to notice, + the restore); how long that took."""
+    group.members["m2"].process.kill()
+    killed_at = time.monotonic()
+    while True:
+        now_owned = await wait_serving(nc, group.partitions, {"m1", "m3"}, timeout_s=30)
+        if not victim_partitions & {p for p, o in now_owned.items() if o == "m2"}:
+            break
+    takeover_s = time.monotonic() - killed_at
+    assert takeover_s < group.lease_s + 4 * group.heartbeat_s + 3.0, takeover_s
+    return takeover_s
+
+
 async def test_sigkill_a_member_mid_stream_loses_nothing_and_applies_nothing_twice(
     group: Group, nc: nats.NATS
 ) -> None:
@@ -99,16 +115,7 @@ async def test_sigkill_a_member_mid_stream_loses_nothing_and_applies_nothing_twi
 
     publisher = Publisher(nc, DEVICES, 2000)
     publishing = await _publish_until(publisher, 0.3)
-    group.members["m2"].process.kill()
-    killed_at = time.monotonic()
-    # The killed member's partitions are served by the others within the lease (+ a
-    # heartbeat to notice, + the restore).
-    while True:
-        now_owned = await wait_serving(nc, group.partitions, {"m1", "m3"}, timeout_s=30)
-        if not victim_partitions & {p for p, o in now_owned.items() if o == "m2"}:
-            break
-    takeover_s = time.monotonic() - killed_at
-    assert takeover_s < group.lease_s + 4 * group.heartbeat_s + 3.0, takeover_s
+    await _kill_m2_and_see_takeover(group, nc, victim_partitions)
     await publishing
 
     state = await _wait_all_applied(nc, group, publisher, timeout_s=30)
@@ -279,14 +286,7 @@ async def test_mqtt_devices_stream_qos1_and_a_member_is_sigkilled_mid_stream(
         streaming = asyncio.gather(*(device(i, c) for i, c in enumerate(clients)))
         while len(devices.acked) < MQTT_MESSAGES * 0.3:
             await asyncio.sleep(0.02)
-        group.members["m2"].process.kill()
-        killed_at = time.monotonic()
-        while True:
-            now_owned = await wait_serving(nc, group.partitions, {"m1", "m3"}, timeout_s=30)
-            if not victim_partitions & {p for p, o in now_owned.items() if o == "m2"}:
-                break
-        takeover_s = time.monotonic() - killed_at
-        assert takeover_s < group.lease_s + 4 * group.heartbeat_s + 3.0, takeover_s
+        takeover_s = await _kill_m2_and_see_takeover(group, nc, victim_partitions)
         await streaming
     finally:
         for client in clients:

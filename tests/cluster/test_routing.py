@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +31,6 @@ from gatewayd.cluster.routing import Router
 from gatewayd.cluster.rpc import RoutedRuntime, rpc_subject
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
-from tests.cluster.nats_cluster import NATS_BIN
 from tests.cluster.routing_agents import Notes
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
@@ -81,8 +81,6 @@ def _agent_id(partitions: int, prefix: str, owners: dict[str, list[str]]) -> str
 def _start(group: Group, names: list[str]) -> None:
     """The NATS cluster, the first member (it creates the group's streams and buckets), then
     the others together (each process takes seconds to start)."""
-    if not Path(NATS_BIN).exists():
-        pytest.fail(f"nats-server not found at {NATS_BIN}: run scripts/setup")
     group.start_nats()
     _start_member(group, names[0])
     for name in names[1:]:
@@ -96,10 +94,13 @@ def _start_member(group: Group, name: str, *, wait_ready: bool = True) -> None:
     group.members[name].process.start(wait_ready=wait_ready)
 
 
-async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> dict[str, dict[str, str]]:
+Urls = dict[str, dict[str, str]]  # each member's advertised addresses by kind ("ws", "api", "tcp")
+
+
+async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> Urls:
     """Wait until `members` serve their preferred partitions and advertise their addresses."""
     await wait_settled(nc, group.partitions, members, timeout_s=30)
-    found: dict[str, dict[str, str]] = {}
+    found: Urls = {}
 
     async def advertised() -> bool:
         found.update(await addresses(nc))
@@ -109,11 +110,9 @@ async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> dict[str, 
     return found
 
 
-@pytest.fixture(scope="module")
-def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    """Two members serving WebSocket and the HTTP API, shared by the tests that do not
-    change the group."""
-    work_dir = tmp_path_factory.mktemp("routing")
+@contextmanager
+def _routing_group(work_dir: Path) -> Iterator[Group]:
+    """Members m1 and m2 serving WebSocket, TCP and the HTTP API; stopped afterwards."""
     group = Group(
         work_dir,
         clients=True,
@@ -126,6 +125,13 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
         yield group
     finally:
         group.stop()
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    """Two members shared by the tests that do not change the group."""
+    with _routing_group(tmp_path_factory.mktemp("routing")) as group:
+        yield group
 
 
 @pytest.fixture
@@ -145,6 +151,20 @@ def _alive(group: Group) -> list[str]:
     )
 
 
+async def _split(group: Group, nc: nats.NATS, prefix: str) -> tuple[str, str, Urls, str]:
+    """Once the two live members settled: the one that does not own the agent, its owner,
+    their advertised addresses and the id (starting with `prefix`) of that agent."""
+    other, owner = _alive(group)
+    urls = await _settled(group, nc, {other, owner})
+    return other, owner, urls, _agent_owned_by(owner, [other, owner], group.partitions, prefix)
+
+
+def _db_file(group: Group, member: str, agent_class: str, agent_id: str) -> Path:
+    """Where `member` would store the agent."""
+    state = group.members[member].dir / "state" / "cluster"
+    return Path(agent_db_file(str(state), agent_class, agent_id))
+
+
 def _is(**wanted: Any) -> Any:
     return lambda state: (
         isinstance(state, dict) and all(state.get(k) == v for k, v in wanted.items())
@@ -154,9 +174,7 @@ def _is(**wanted: Any) -> Any:
 async def test_a_websocket_client_connected_to_the_wrong_member_reaches_the_agent(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "ws")
+    other, owner, urls, agent = await _split(routed, routed_nc, "ws")
     owner_pid = routed.members[owner].pid
     async with (
         AgentClient(urls[other]["ws"], CLASS, agent) as via_other,
@@ -177,40 +195,28 @@ async def test_a_websocket_client_connected_to_the_wrong_member_reaches_the_agen
         await at_owner.send_message("again")
         await via_other.wait_for_state(_is(last="again", count=2, note="set through the relay"), 5)
     # The member that does not own the agent holds no copy of it.
-    other_state = routed.members[other].dir / "state" / "cluster"
-    assert not Path(agent_db_file(str(other_state), CLASS, agent)).exists()
-    owner_state = routed.members[owner].dir / "state" / "cluster"
-    assert Path(agent_db_file(str(owner_state), CLASS, agent)).exists()
+    assert not _db_file(routed, other, CLASS, agent).exists()
+    assert _db_file(routed, owner, CLASS, agent).exists()
     assert "relay to" not in routed.members[other].log_text()  # no relay failed
 
 
 async def test_an_mcp_call_through_the_wrong_member_runs_on_the_owner(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "rpc")
+    other, owner, urls, agent = await _split(routed, routed_nc, "rpc")
     owner_pid = routed.members[owner].pid
 
-    async def add(member: str, n: int) -> Any:
-        async with mcp_client(f"{urls[member]['api']}/mcp", _Token()) as client:  # type: ignore[arg-type]
-            result = await client.call_tool(
-                "agent_call",
-                {"agent_class": CLASS, "agent_id": agent, "method": "add", "args": {"n": n}},
-            )
-        assert not result.is_error, result
-        return result.structured_content
+    async def add(member: str, n: Any) -> Any:
+        ref = {"agent_class": CLASS, "agent_id": agent}
+        return await _tool(urls[member]["api"], "agent_call", {**ref, "method": "add",
+                                                              "args": {"n": n}})  # fmt: skip
 
     assert await add(other, 5) == {"total": 5, "pid": owner_pid}  # forwarded to the owner
     assert await add(owner, 2) == {"total": 7, "pid": owner_pid}  # the owner's own: same agent
     assert await add(other, 1) == {"total": 8, "pid": owner_pid}
-    async with mcp_client(f"{urls[other]['api']}/mcp", _Token()) as client:  # type: ignore[arg-type]
-        failed = await client.call_tool(
-            "agent_call",
-            {"agent_class": CLASS, "agent_id": agent, "method": "add", "args": {"n": "x"}},
-        )
-    assert failed.is_error  # the owner's error comes back, named
-    assert "TypeError" in json.dumps([c.model_dump() for c in failed.content])
+    failed = await add(other, "x")
+    assert not isinstance(failed, dict) and failed.is_error  # the owner's error, named
+    assert "TypeError" in _text(failed)
 
 
 async def _tool(url: str, name: str, arguments: dict[str, Any]) -> Any:
@@ -227,9 +233,7 @@ def _text(result: Any) -> str:
 async def test_state_and_schedules_read_through_the_wrong_member_are_the_owners(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "sched")
+    other, owner, urls, agent = await _split(routed, routed_nc, "sched")
     owner_pid = routed.members[owner].pid
     ref = {"agent_class": CLASS, "agent_id": agent}
     via = urls[other]["api"]
@@ -251,16 +255,13 @@ async def test_state_and_schedules_read_through_the_wrong_member_are_the_owners(
     again = await _tool(via, "schedule_cancel", {**ref, "schedule_id": made["schedule_id"]})
     assert again.is_error and "has no schedule" in _text(again)  # the owner's answer
     assert (await _tool(via, "queue_list", ref)) == {"items": [], "truncated": False}
-    other_state = routed.members[other].dir / "state" / "cluster"
-    assert not Path(agent_db_file(str(other_state), CLASS, agent)).exists()
+    assert not _db_file(routed, other, CLASS, agent).exists()
 
 
 async def test_a_device_command_sent_through_the_wrong_member_reaches_the_owners_client(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "cmd")
+    other, owner, urls, agent = await _split(routed, routed_nc, "cmd")
     ref = {"agent_class": CLASS, "agent_id": agent}
     async with AgentClient(urls[owner]["ws"], CLASS, agent) as device:
         got: list[str | bytes] = []
@@ -275,9 +276,7 @@ async def test_a_device_command_sent_through_the_wrong_member_reaches_the_owners
 async def test_chat_messages_read_through_the_wrong_member_are_the_owners(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "chat")
+    other, owner, urls, agent = await _split(routed, routed_nc, "chat")
     ref = {"agent_class": CHAT_CLASS, "agent_id": agent}
     for text in ("first", "second"):
         await _tool(
@@ -294,16 +293,13 @@ async def test_chat_messages_read_through_the_wrong_member_are_the_owners(
             f"{urls[other]['api']}/agents/{CHAT_CLASS}/{agent}/messages", params={"limit": 1}
         )
         assert [m["parts"][0]["text"] for m in newest.json()["messages"]] == ["second"]
-    other_state = routed.members[other].dir / "state" / "cluster"
-    assert not Path(agent_db_file(str(other_state), CHAT_CLASS, agent)).exists()
+    assert not _db_file(routed, other, CHAT_CLASS, agent).exists()
 
 
 async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    device_id = _agent_id(routed.partitions, "dev", {owner: [other, owner]})
+    other, owner, urls, device_id = await _split(routed, routed_nc, "dev")
     assert device_id in DEVICES
     device = await FrameDevice.connect(int(urls[other]["tcp"].rpartition(":")[2]))
     try:
@@ -320,8 +316,7 @@ async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
     async with AgentClient(urls[owner]["ws"], CLASS, device_id) as at_owner:
         state = await at_owner.wait_for_state(_is(last="over tcp"), 5)
     assert state["pid"] == routed.members[owner].pid
-    other_state = routed.members[other].dir / "state" / "cluster"
-    assert not Path(agent_db_file(str(other_state), CLASS, device_id)).exists()
+    assert not _db_file(routed, other, CLASS, device_id).exists()
 
 
 async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
@@ -334,16 +329,11 @@ async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
     await js.create_key_value(
         KeyValueConfig(bucket="GW_retry_MEMBERS", history=1, max_value_size=16, replicas=3)
     )
-    member = Member(routed, "retry1")  # not in routed.members: the other tests never see it
-    member.config.write_text(
-        member.config.read_text()
-        .replace(f'group = "{GROUP}"', 'group = "retry"')
-        .replace(
-            "[cluster]\n",
-            '[cluster]\ningest_subject = "gw.retry_in"\nreply_subject = "gw.retry_out"\n',
-        )
+    member = _foreign_member(
+        routed,
+        "retry",
+        '[cluster]\ningest_subject = "gw.retry_in"\nreply_subject = "gw.retry_out"\n',
     )
-    member.process.start(wait_ready=False)
     try:
         await wait_until(
             lambda: "first heartbeat not confirmed (attempt 1)" in member.log_text(),
@@ -360,17 +350,27 @@ async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
         member.process.kill()  # the group "retry" is its own: nothing to hand over
 
 
+def _foreign_member(group: Group, other_group: str, cluster: str = "[cluster]\n") -> Member:
+    """Member "<other_group>1" of the group `other_group` on `group`'s NATS cluster, started
+    without waiting for it to be ready; `cluster` replaces its config's `[cluster]` line. Not in
+    `group.members`: the other tests never see it."""
+    member = Member(group, f"{other_group}1")
+    member.config.write_text(
+        member.config.read_text()
+        .replace(f'group = "{GROUP}"', f'group = "{other_group}"')
+        .replace("[cluster]\n", cluster)
+    )
+    member.process.start(wait_ready=False)
+    return member
+
+
 async def test_a_second_group_capturing_the_same_subjects_stops_with_a_clear_reason(
     routed: Group,
 ) -> None:
     """Another group ("dup") on the same NATS cluster left with the first group's ingest
     subject: its member stops at start-up, naming the stream, the subjects and the settings
     to change, instead of retrying."""
-    member = Member(routed, "dup1")  # not in routed.members: the other tests never see it
-    member.config.write_text(
-        member.config.read_text().replace(f'group = "{GROUP}"', 'group = "dup"')
-    )
-    member.process.start(wait_ready=False)
+    member = _foreign_member(routed, "dup")
     proc = member.process.proc
     assert proc is not None
     try:
@@ -387,18 +387,8 @@ async def test_a_second_group_capturing_the_same_subjects_stops_with_a_clear_rea
 @pytest.fixture
 def own_group(tmp_path: Path) -> Iterator[Group]:
     """Members m1 and m2 of a group of this test's own (it kills one and adds another)."""
-    group = Group(
-        tmp_path,
-        clients=True,
-        extra_config=routing_config(tmp_path),
-        lease_s=2.0,
-        heartbeat_s=0.5,
-    )
-    try:
-        _start(group, ["m1", "m2"])
+    with _routing_group(tmp_path) as group:
         yield group
-    finally:
-        group.stop()
 
 
 async def test_clients_follow_the_agent_when_its_owner_is_killed_and_when_it_moves(
@@ -514,15 +504,11 @@ async def _send_when_connected(client: AgentClient, message: str) -> bool:
 async def test_the_dashboard_served_by_the_wrong_member_shows_the_owners_agent(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
-    other, owner = _alive(routed)
-    urls = await _settled(routed, routed_nc, {other, owner})
-    agent = _agent_owned_by(owner, [other, owner], routed.partitions, "dash")
+    other, owner, urls, agent = await _split(routed, routed_nc, "dash")
     owner_pid = routed.members[owner].pid
     ref = {"agent_class": CLASS, "agent_id": agent}
     page = f"{urls[other]['api']}/dashboard/api"
-    other_file = Path(
-        agent_db_file(str(routed.members[other].dir / "state" / "cluster"), CLASS, agent)
-    )
+    other_file = _db_file(routed, other, CLASS, agent)
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
         # An agent nobody made yet: 404 through the other member, and no copy made there.
         unknown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agent})

@@ -184,6 +184,18 @@ async def connect_device(port: int, device_id: str = "dev-a") -> Device:
     return device
 
 
+async def connect_slow_reader(port: int, device_id: str = "dev-a") -> Device:
+    """A device whose socket has a small (4 KiB) receive buffer, so that the gateway's sends
+    back up as soon as the test stops reading."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    raw.setblocking(False)
+    device = Device(*await asyncio.open_connection(sock=raw))
+    await device.hello(device_id)
+    return device
+
+
 async def until_refused(port: int, timeout_s: float = 3.0) -> None:
     """Wait until the listener no longer accepts connections on `port`."""
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -643,12 +655,7 @@ async def test_slow_reader_is_disconnected_without_stalling_others(
     make_listener: ListenerFactory, handler: SqliteLinkHandler
 ) -> None:
     listener = await make_listener(send_buffer_limit_bytes=128 * 1024, max_pending_pushes=1000)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.connect(("127.0.0.1", listener.bound_port))
-    raw.setblocking(False)
-    slow = Device(*await asyncio.open_connection(sock=raw))
-    await slow.hello("dev-a")
+    slow = await connect_slow_reader(listener.bound_port, "dev-a")
     fast = await connect_device(listener.bound_port, "dev-b")
 
     payload = bytes(60_000)

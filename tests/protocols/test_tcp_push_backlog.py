@@ -6,7 +6,6 @@ catches up. Real sockets, a real SQLite-committing handler."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,12 @@ import pytest
 from protocols.frames import Ack, Data, Ping, Pong, Push
 from protocols.link import DedupKey, Link, Outcome
 from protocols.tcp import TcpListener, TcpSettings
-from tests.protocols.test_tcp import SECRETS, Device, SqliteLinkHandler, connect_device
+from tests.protocols.test_tcp import (
+    SECRETS,
+    SqliteLinkHandler,
+    connect_device,
+    connect_slow_reader,
+)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -99,12 +103,7 @@ async def test_a_device_that_stops_reading_its_socket_stops_being_read_for_data(
     handler.reply = bytes(60_000)  # pushes fill the send buffer quickly
     listener = await start(handler, send_buffer_limit_bytes=64 << 20, max_unacked_window=512)
     try:
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.connect(("127.0.0.1", listener.bound_port))
-        raw.setblocking(False)
-        device = Device(*await asyncio.open_connection(sock=raw))
-        await device.hello("dev-a")
+        device = await connect_slow_reader(listener.bound_port, "dev-a")
 
         # The device stops reading. Its first frames are applied and answered with pushes
         # until the gateway's send buffer is over its high-water mark ...

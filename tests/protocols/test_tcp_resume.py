@@ -55,8 +55,10 @@ class Device(FrameDevice):
 
 
 @contextlib.asynccontextmanager
-async def gateway(state_dir: Path) -> AsyncIterator[tuple[AgentRuntime, int]]:
-    runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"thermostat": Logger})
+async def gateway(
+    state_dir: Path, agent: type[Agent] = Logger
+) -> AsyncIterator[tuple[AgentRuntime, int]]:
+    runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"thermostat": agent})
     await runtime.start()
     settings = TcpSettings(host="127.0.0.1", port=0, agent_class="thermostat", secrets=SECRETS)
     listener = TcpListener(settings, runtime)
@@ -144,24 +146,16 @@ async def test_resume_seq_keeps_order_when_a_resumed_frame_fails(tmp_path: Path)
                 raise RuntimeError("sensor glitch")
             super().on_message(conn, message)
 
-    runtime = AgentRuntime(AgentSettings(state_dir=tmp_path / "state"), {"thermostat": Flaky})
-    await runtime.start()
-    settings = TcpSettings(host="127.0.0.1", port=0, agent_class="thermostat", secrets=SECRETS)
-    listener = TcpListener(settings, runtime)
-    await listener.start()
-    try:
-        device = await Device.connect_hello(listener.bound_port)
+    async with gateway(tmp_path / "state", Flaky) as (runtime, port):
+        device = await Device.connect_hello(port)
         await device.send_and_ack(1)
         await device.close()
-        device = await Device.connect_hello(listener.bound_port, resume_seq=20)
+        device = await Device.connect_hello(port, resume_seq=20)
         await device.send_and_ack(20)
         device.send(Data(21, b"reading 21"), Data(22, b"reading 22"))
         frames = await device.recv_until_closed()
         assert Ack(21) not in frames and Ack(22) not in frames
-        device = await Device.connect_hello(listener.bound_port, resume_seq=21)
+        device = await Device.connect_hello(port, resume_seq=21)
         await device.send_and_ack(21, 22, resend=True)
         await device.close()
         assert await runtime.call("thermostat", "thermo-42", "readings") == readings(1, 20, 21, 22)
-    finally:
-        await listener.stop(drain_timeout_s=2.0)
-        await runtime.close()
