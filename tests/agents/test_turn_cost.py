@@ -306,7 +306,10 @@ def test_wakes_from_a_kept_wal_never_fsync_on_the_loop(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     _, loop_tid, wakes, warm_opens = done.stdout.split()
-    assert int(wakes) == 60 and int(warm_opens) >= 20
+    # The sequential round opens on the loop when nothing else runs at that moment; on a busy
+    # machine a hibernation still closing can send a few to the executor: what the trace needs
+    # is that the loop path ran (and then never synced).
+    assert int(wakes) == 60 and int(warm_opens) >= 1
     calls = re.findall(r"^(\d+)\s+f(?:data)?sync\(", trace.read_text(), flags=re.MULTILINE)
     assert calls, "no fsync at all: the trace did not work"
     assert loop_tid not in calls
