@@ -146,11 +146,13 @@ class Group:
 
 
 class _suppress:
+    """Like contextlib.suppress(Exception), in a form mypy reads as "may swallow"."""
+
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *exc: object) -> bool:
-        return True
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> bool:
+        return exc_type is not None and issubclass(exc_type, Exception)
 
 
 async def _records(nc: nats.NATS, bucket: str) -> dict[str, dict[str, Any]]:
@@ -169,9 +171,22 @@ async def _records(nc: nats.NATS, bucket: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-async def owners(nc: nats.NATS, group: str = GROUP) -> dict[int, tuple[str, int]]:
-    """`{partition: (owner, epoch)}` from the group's KV bucket."""
-    records = await _records(nc, Names(group, "gw.in").partitions_bucket)
+async def owners(
+    nc: nats.NATS, group: str = GROUP, partitions: int | None = None
+) -> dict[int, tuple[str, int]]:
+    """`{partition: (owner, epoch)}` from the group's KV bucket. With `partitions`, each key
+    is read directly (no listing: listing the keys needs a consumer, which may wait for a
+    dead NATS node's replica)."""
+    names = Names(group, "gw.in")
+    if partitions is None:
+        records = await _records(nc, names.partitions_bucket)
+    else:
+        kv = await nc.jetstream(timeout=15).key_value(names.partitions_bucket)
+        records = {}
+        for partition in range(partitions):
+            key = names.partition_key(partition)
+            with _suppress():
+                records[key] = json.loads((await kv.get(key)).value or b"{}")
     return {
         int(key[1:]): (raw.get("owner", ""), int(raw.get("epoch", 0)))
         for key, raw in records.items()
