@@ -28,7 +28,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed: run scripts/setup cpu,test")
+        pytest.fail(f"Debian's chromium is not at {CHROMIUM}: run scripts/setup cpu,test")
     async with playwright_api.async_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
         browser = await playwright.chromium.launch(
