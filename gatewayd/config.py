@@ -342,6 +342,10 @@ class ClusterSection(Section):
     # (advertised for routing); "" = each listener's bind host, or this machine's name when
     # it binds every interface.
     advertise_host: str = ""
+    # The CA (PEM) the members' [listeners.binary] TLS certificates chain to: a member relays
+    # a TLS device to its agent's owner over TLS, verifying the owner's certificate with it
+    # (unset: the system's CAs). A TLS device is never relayed in plaintext.
+    relay_ca_file: ExistingFile | None = None
     durable_replies: bool = True
 
     @model_validator(mode="after")

@@ -102,8 +102,8 @@ class Components:
             if self.router is not None and hasattr(transport, "router"):  # cluster: routed
                 if name == "ws":
                     transport.router = self.router.ws_hook
-                elif name == "tcp" and self.config.listeners.binary.tls_cert_file is None:
-                    transport.router = self.router.tcp_hook  # (TLS devices are not relayed)
+                elif name == "tcp":
+                    transport.router = self.router.tcp_hook
             try:
                 await transport.start()
             except OSError as err:
@@ -123,9 +123,11 @@ class Components:
         if "ws" in self.transports:
             host = advertised_host(self.config.listeners.websocket.bind[0], configured)
             addresses["ws"] = f"ws://{_url_host(host)}:{self.transports['ws'].bound_port}"
-        if "tcp" in self.transports and self.config.listeners.binary.tls_cert_file is None:
-            host = advertised_host(self.config.listeners.binary.bind[0], configured)
-            addresses["tcp"] = f"{_url_host(host)}:{self.transports['tcp'].bound_port}"
+        if "tcp" in self.transports:  # TLS devices are relayed only to a TLS listener
+            binary = self.config.listeners.binary
+            host = advertised_host(binary.bind[0], configured)
+            kind = "tcp" if binary.tls_cert_file is None else "tcp_tls"
+            addresses[kind] = f"{_url_host(host)}:{self.transports['tcp'].bound_port}"
         if self.api is not None:
             host = advertised_host(self.config.api.bind[0], configured)
             addresses["api"] = f"http://{_url_host(host)}:{self.api.port}"
@@ -203,6 +205,13 @@ class Components:
 
     async def _start_cluster(self) -> None:
         from gatewayd.cluster.member import ClusterMember
+        from gatewayd.cluster.routing import relay_tls_context
+
+        relay_ca = self.config.cluster.relay_ca_file
+        try:  # before joining: a CA file that does not load stops the start here
+            relay_tls = relay_tls_context(_str_or_none(relay_ca))
+        except (OSError, ValueError) as err:  # (ssl.SSLError is an OSError)
+            raise StartupError(f"cluster: relay_ca_file {relay_ca}: {err}") from None
 
         self.cluster = ClusterMember(
             cluster_settings(self.config), self.runtime, cluster_state_dir(self.config)
@@ -214,7 +223,7 @@ class Components:
         from gatewayd.cluster.routing import Router
         from gatewayd.cluster.rpc import RoutedRuntime, RpcServer
 
-        self.router = Router(self.cluster)
+        self.router = Router(self.cluster, relay_tls=relay_tls)
         self._rpc_server = RpcServer(self.router, self.runtime)
         await self._rpc_server.start()
         self.routed_runtime = RoutedRuntime(self.runtime, self.router)

@@ -9,6 +9,11 @@ binary, untouched. Whichever side closes first, the other is closed with the sam
 owner that vanishes (killed, cut off) closes the client with 1012 so that it reconnects and
 is routed to the next owner. An owner that cannot be reached at all closes it with 1013.
 
+TCP binary-frame devices (`TcpRelay`): the bytes after the device's HELLO, relayed to the
+owner's TCP listener; a device that reached this member over TLS is relayed over TLS to the
+owner's TLS listener, whose certificate is verified (`tls`: the relaying member's client
+context, `[cluster] relay_ca_file`), so its bytes never cross the network in plaintext.
+
 Must never import the daemon's assembly nor `protocols`.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -127,16 +133,27 @@ async def _close(connection: Any, code: int, reason: str) -> None:
 
 class TcpRelay(asyncio.Protocol):
     """Takes over one device's TCP connection once its HELLO authenticated here (the TCP
-    listener hands it over with the bytes received so far) and relays it, byte for byte, to
-    the owner's TCP listener, which authenticates the device again and serves it. Either side
-    closing closes the other; a device that is not reading pauses the owner's side, and the
-    other way round. An owner that cannot be reached: the device gets ERROR SERVER_BUSY
-    ("reconnect with backoff") and the connection closes."""
+    listener hands it over with the bytes received so far, decrypted when the device came
+    over TLS) and relays it, byte for byte, to the owner's TCP listener, which authenticates
+    the device again and serves it; with `tls`, over TLS, checking that the owner's
+    certificate chains to `tls`'s CAs and names `host`. Either side closing closes the other;
+    a device that is not reading pauses the owner's side, and the other way round. An owner
+    that cannot be reached (or whose certificate does not verify): the device gets ERROR
+    SERVER_BUSY ("reconnect with backoff") and the connection closes."""
 
-    def __init__(self, host: str, port: int, first: bytes, busy: bytes) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        first: bytes,
+        busy: bytes,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._host, self._port = host, port
         self._first = first
         self._busy = busy
+        self._tls = tls
         self.down: asyncio.Transport | None = None
         self.up: asyncio.Transport | None = None
         self._opening: asyncio.Task[None] | None = None
@@ -152,13 +169,29 @@ class TcpRelay(asyncio.Protocol):
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
                 up, _ = await loop.create_connection(
-                    lambda: _TcpUpstream(self), self._host, self._port
+                    lambda: _TcpUpstream(self),
+                    self._host,
+                    self._port,
+                    ssl=self._tls,
+                    server_hostname=self._host if self._tls is not None else None,
                 )
+        except ssl.SSLCertVerificationError as err:  # a misconfiguration, not a loss: say so
+            logger.warning(
+                "cluster: relay to tls %s:%d failed: %s (the owner's [listeners.binary] "
+                "certificate must name %s and chain to [cluster] relay_ca_file)",
+                self._host,
+                self._port,
+                err,
+                self._host,
+            )
+            self._refuse()
+            return
         except (OSError, TimeoutError) as err:
-            logger.info("cluster: relay to tcp %s:%d failed: %s", self._host, self._port, err)
-            if not self.down.is_closing():
-                self.down.write(self._busy)
-                self.down.close()
+            scheme = "tls" if self._tls is not None else "tcp"
+            logger.info(
+                "cluster: relay to %s %s:%d failed: %s", scheme, self._host, self._port, err
+            )
+            self._refuse()
             return
         if self.down.is_closing():
             up.close()
@@ -166,6 +199,11 @@ class TcpRelay(asyncio.Protocol):
         self.up = up  # type: ignore[assignment]
         up.write(self._first)  # type: ignore[attr-defined]
         self.down.resume_reading()
+
+    def _refuse(self) -> None:
+        if self.down is not None and not self.down.is_closing():
+            self.down.write(self._busy)
+            self.down.close()
 
     def close(self) -> None:
         if self.down is not None:

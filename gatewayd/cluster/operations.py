@@ -347,20 +347,36 @@ async def ask_group(runtime: Any, query: MemberQuery) -> GroupAnswer:
     return GroupAnswer({None: await query.answer(runtime, lambda _agent_id: True)}, {})
 
 
+def _id_filter(contains: str, ignore_case: bool) -> Callable[[str], bool]:
+    """Whether an agent id contains `contains` (in any case, with `ignore_case`)."""
+    if not ignore_case:
+        return lambda agent_id: contains in agent_id
+    needle = contains.lower()
+    return lambda agent_id: needle in agent_id.lower()
+
+
 @_query
 class StoredAgents(MemberQuery):
     """The agents with stored state that this member serves, of `classes`, whose id contains
-    `contains` (at most `limit`, sorted by class then id), each awake or not and when last
-    seen; and whether more matched."""
+    `contains` (in any case with `ignore_case`: the dashboard's search) (at most `limit`,
+    sorted by class then id), each awake or not and when last seen; and whether more
+    matched."""
 
     name: ClassVar[str] = "agents.stored"
     classes: list[str]
     contains: str = ""
     limit: int = 100
+    ignore_case: bool = False
 
     async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
         index = AgentIndex(runtime.settings.state_dir)
-        found, more = await index.find(self.classes, self.contains, self.limit, keep=serves)
+        matches = _id_filter(self.contains, self.ignore_case)
+        found, more = await index.find(
+            self.classes,
+            "",
+            self.limit,
+            keep=lambda agent_id: matches(agent_id) and serves(agent_id),
+        )
         return {
             "agents": [
                 {
@@ -378,15 +394,17 @@ class StoredAgents(MemberQuery):
 @_query
 class OpenConnections(MemberQuery):
     """The connections open on this member (any transport) of agents of `classes` whose id
-    contains `contains`, sorted by class, id and connection id."""
+    contains `contains` (in any case with `ignore_case`), sorted by class, id and connection id."""
 
     name: ClassVar[str] = "connections.open"
     classes: list[str]
     contains: str = ""
     agent_id: str | None = None  # only this agent's
+    ignore_case: bool = False  # `contains` in any case
 
     async def answer(self, runtime: Any, serves: Callable[[str], bool]) -> Any:
         classes = set(self.classes)
+        matches = _id_filter(self.contains, self.ignore_case)
         rows = [
             {
                 "agent_class": key[0],
@@ -398,7 +416,7 @@ class OpenConnections(MemberQuery):
             }
             for key, conn in runtime.open_connections()
             if key[0] in classes
-            and self.contains in key[1]
+            and matches(key[1])
             and (self.agent_id is None or key[1] == self.agent_id)
         ]
         rows.sort(key=lambda row: (row["agent_class"], row["agent_id"], row["connection_id"]))

@@ -2,7 +2,8 @@
 nowhere right now (its partition is moving).
 
 Each member advertises its client-facing addresses (`{"ws": "ws://host:port", "api":
-"http://host:port"}`) in its heartbeat record (`Ownership.addresses`); the partition records
+"http://host:port", "tcp": "host:port"}`, or `"tcp_tls"` for a TLS device listener) in its
+heartbeat record (`Ownership.addresses`); the partition records
 say who owns what. `Router.decide(agent_id)` reads both, as this member last saw them (KV
 watches keep them current), and never blocks.
 
@@ -17,7 +18,10 @@ TCP binary-frame devices (`tcp_hook`, on the TCP listener, once a HELLO authenti
 served here, or relayed byte for byte to the owner's TCP listener (`forward.TcpRelay`; the
 owner authenticates the device again), or refused with ERROR SERVER_BUSY while the agent
 moves; a device connected here is closed with CLOSE GOING_AWAY when its partition moves.
-Devices already reconnect with backoff on both.
+Devices already reconnect with backoff on both. A device that came over TLS (this member
+terminated it) is relayed only to the owner's TLS listener, over TLS, verifying the owner's
+certificate against `relay_ca_file` (`[cluster] relay_ca_file`; the system's CAs when unset):
+never in plaintext (`tcp_target`).
 
 Must never import the daemon's assembly (see the package docstring); of `protocols` only the
 wire format (`protocols.frames`, for the ERROR frame a refused device gets): the listeners
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import weakref
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -48,8 +53,8 @@ GOING_AWAY = 1001  # TCP CLOSE: "reconnect with backoff" (protocols/FRAMES.md)
 
 ROUTED = Counter(
     "gatewayd_cluster_routed_total",
-    "Clients of agents another member serves: relayed (ws, tcp), calls forwarded (rpc), or "
-    "refused while the agent moves (ws_moving, tcp_moving)",
+    "Clients of agents another member serves: relayed (ws, tcp, tcp_tls), calls forwarded "
+    "(rpc), or refused while the agent moves or cannot be relayed (ws_moving, tcp_moving)",
     ["outcome"],
 )
 
@@ -65,11 +70,20 @@ class Decision:
     reason: str = ""
 
 
-class Router:
-    """Routing for one cluster member (`member`: a `ClusterMember`, started)."""
+def relay_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The client context TLS devices are relayed with: it trusts `ca_file`'s CAs (PEM; the
+    system's when None) and checks that the owner's certificate names its advertised host."""
+    return ssl.create_default_context(cafile=ca_file)
 
-    def __init__(self, member: Any) -> None:
+
+class Router:
+    """Routing for one cluster member (`member`: a `ClusterMember`, started); TLS devices are
+    relayed with `relay_tls` (default: `relay_tls_context(None)`)."""
+
+    def __init__(self, member: Any, *, relay_tls: ssl.SSLContext | None = None) -> None:
         self.member = member
+        self.relay_tls = relay_tls or relay_tls_context(None)
+        self._warned: set[str] = set()  # owners whose TLS devices could not be relayed
         self._local: dict[int, weakref.WeakSet[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._relays: weakref.WeakSet[forward.TcpRelay] = weakref.WeakSet()
@@ -140,19 +154,40 @@ class Router:
         decision = self.decide(route.agent_id)
         if decision.kind == "local":
             return None
-        address = (decision.addresses or {}).get("tcp", "")
-        host, _, port = address.rpartition(":")
-        if decision.kind == "unavailable" or not host or not port.isdigit():
-            reason = decision.reason or f"owner {decision.member} has no TCP address"
+        came_over_tls = transport.get_extra_info("sslcontext") is not None
+        target = None
+        if decision.kind == "forward":
+            target = tcp_target(decision.addresses or {}, came_over_tls)
+        if target is None:
+            reason = decision.reason or self._no_tcp_target(decision, came_over_tls)
             ROUTED.labels("tcp_moving").inc()
             return forward.TcpRefusal(_busy_frame(f"agent moving ({reason}); reconnect"))
+        host, port, over_tls = target
         self.forwarded += 1
-        ROUTED.labels("tcp").inc()
+        ROUTED.labels("tcp_tls" if over_tls else "tcp").inc()
         relay = forward.TcpRelay(
-            host.strip("[]"), int(port), first, _busy_frame("the agent's member is unreachable")
+            host,
+            port,
+            first,
+            _busy_frame("the agent's member is unreachable"),
+            tls=self.relay_tls if over_tls else None,
         )
         self._relays.add(relay)
         return relay
+
+    def _no_tcp_target(self, decision: Decision, tls: bool) -> str:
+        owner = decision.member
+        if not tls or "tcp" not in (decision.addresses or {}):  # (not advertised yet)
+            return f"owner {owner} has no TCP address"
+        if owner not in self._warned:  # a plain listener only: a configuration to fix
+            self._warned.add(owner)
+            logger.warning(
+                "cluster: TLS devices of agents owned by %s are refused: it advertises no TLS "
+                "TCP listener, and a TLS device is never relayed in plaintext (give every "
+                "member the same [listeners.binary] TLS settings)",
+                owner,
+            )
+        return f"owner {owner} has no TLS TCP listener"
 
     def close_relays(self) -> None:
         """Close every relayed TCP device (the member stops; its TCP listener does not know
@@ -190,6 +225,18 @@ class Router:
             number,
             len(connections),
         )
+
+
+def tcp_target(addresses: dict[str, str], tls: bool) -> tuple[str, int, bool] | None:
+    """Where to relay a TCP device on the owner that advertised `addresses`: `(host, port,
+    over TLS)`, or None. A device that came over TLS (`tls`) goes only to the owner's TLS
+    listener ("tcp_tls"), never to a plaintext one; a plain device to its plain listener
+    ("tcp"), else to its TLS one."""
+    for key in ("tcp_tls",) if tls else ("tcp", "tcp_tls"):
+        host, _, port = addresses.get(key, "").rpartition(":")
+        if host and port.isdigit():
+            return host.strip("[]"), int(port), key == "tcp_tls"
+    return None
 
 
 def _busy_frame(reason: str) -> bytes:

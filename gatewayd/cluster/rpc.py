@@ -157,8 +157,19 @@ def serving_now(router: Router) -> Callable[[str], bool]:
 
 
 async def _reply(msg: Any, answer: dict[str, Any]) -> None:
+    data = json.dumps(answer, default=str).encode()
+    limit = int(getattr(getattr(msg, "_client", None), "max_payload", 0) or 0)
+    if limit and len(data) > limit:  # NATS would refuse it: the caller would only time out
+        data = json.dumps(
+            {
+                "ok": False,
+                "type": "AnswerTooLarge",
+                "error": f"the answer is {len(data)} bytes, over the NATS servers' max_payload "
+                f"({limit}): ask for less",
+            }
+        ).encode()
     try:
-        await msg.respond(json.dumps(answer, default=str).encode())
+        await msg.respond(data)
     except Exception as err:  # the caller gave up, or the connection closed
         logger.debug("cluster: rpc reply failed: %s", err)
 

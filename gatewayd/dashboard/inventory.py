@@ -2,10 +2,12 @@
 
 Agents on disk are found by walking `state_dir/agents/<class>/` (each database stores its
 agent's id in `_gw_meta`; ids are cached by file, they never change). The walk runs off the
-event loop and is cached for `rescan_s` (in cluster mode the member's own state directory,
-listing the agents it serves: the lists are this member's). An agent's detail is read in a turn of its own (`run_in_agent` of a
-named operation, `cluster.operations.DashboardAgent`: it wakes a hibernated agent, as opening
-its page over WebSocket does); in cluster mode that turn runs on the member that serves the
+event loop and is cached for `rescan_s`. In cluster mode the agent and device lists are the
+group's (`dashboard.group`: every live member answers for the agents it serves and the
+connections open on it, each row names its `member`, and `missing_members` names those that
+did not answer). An agent's detail is read in a turn of its own (`run_in_agent` of a named
+operation, `cluster.operations.DashboardAgent`: it wakes a hibernated agent, as opening its
+page over WebSocket does); in cluster mode that turn runs on the member that serves the
 agent, whichever member serves the page, and no copy of the agent is made here.
 """
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gatewayd.cluster.operations import DashboardAgent, ReplayDeadLetter, agent_exists
+from gatewayd.dashboard.group import GroupLists, agent_rows, device_rows
 
 MAX_LISTED = 5000  # agents listed per request; the page searches within them
 
@@ -65,6 +68,15 @@ class Inventory:
         self._files: list[AgentFile] = []
         self._scanned_at = -1e9
         self._scan_lock = asyncio.Lock()
+        self._group: GroupLists | None = None
+
+    @property
+    def _group_lists(self) -> GroupLists | None:
+        """In cluster mode, the group's lists (asked of every live member); else None."""
+        routed = getattr(self.components, "routed_runtime", None)
+        if self._group is None and hasattr(routed, "ask_members"):
+            self._group = GroupLists(routed, limit=MAX_LISTED, fresh_s=self.rescan_s)
+        return self._group
 
     @property
     def _runtime(self) -> Any:
@@ -113,7 +125,10 @@ class Inventory:
         return found
 
     async def agents(self, query: str = "", agent_class: str | None = None) -> dict[str, Any]:
-        """Known agents (on disk or awake), filtered by class and a substring of the id."""
+        """Known agents (on disk or awake), filtered by class and a substring of the id (in
+        cluster mode: stored on the members that serve them, of the whole group)."""
+        if self._group_lists is not None:
+            return await self._group_agents(self._group_lists, query, agent_class)
         awake = set(self._runtime.awake_agents())
         connections: dict[tuple[str, str], int] = {}
         for key, _conn in self._runtime.open_connections():
@@ -140,6 +155,27 @@ class Inventory:
             "hibernated": len(rows) - len(awake & rows.keys()),
             "agents": listed[:MAX_LISTED],
             "truncated": len(listed) > MAX_LISTED,
+        }
+
+    async def _group_agents(
+        self, lists: GroupLists, query: str, agent_class: str | None
+    ) -> dict[str, Any]:
+        classes = sorted(self._runtime.classes)
+        wanted = [c for c in classes if agent_class is None or c == agent_class]
+        # The totals are the group's (as without a group); the rows those that match.
+        everything, found = await asyncio.gather(
+            lists.listing(classes), lists.listing(wanted, query)
+        )
+        listed = agent_rows(found, agent_class)
+        awake = sum(1 for row in everything.agents if row["awake"])
+        return {
+            "classes": classes,
+            "total": len(everything.agents),
+            "awake": awake,
+            "hibernated": len(everything.agents) - awake,
+            "agents": listed[:MAX_LISTED],
+            "truncated": found.truncated or len(listed) > MAX_LISTED,
+            "missing_members": found.missing_json(),
         }
 
     async def exists(self, agent_class: str, agent_id: str) -> bool:
@@ -211,6 +247,17 @@ class Inventory:
                 admissions.setdefault(route.agent_class, []).append(_Admission.of(route))
         if config.listeners.binary.enabled:
             device_classes.setdefault(config.listeners.binary.agent_class, "tcp")
+        if self._group_lists is not None:
+            listing = await self._group_lists.listing(device_classes)
+            devices = [
+                _device_row(key, device_classes, admissions, **entry)
+                for key, entry in device_rows(listing, ("mqtt", "tcp")).items()
+            ]
+            return {
+                "devices": devices,
+                "mqtt": self._mqtt_status(),
+                "missing_members": listing.missing_json(),
+            }
         links: dict[tuple[str, str], list[Any]] = {}
         for key, conn in self._runtime.open_connections():
             if conn.transport in ("mqtt", "tcp"):
@@ -222,27 +269,23 @@ class Inventory:
         }
         for key in links:
             seen.setdefault(key, None)
-        devices = []
-        for (agent_class, agent_id), last_write in sorted(seen.items()):
-            conns = links.get((agent_class, agent_id), [])
-            transports = sorted({c.transport for c in conns}) or [
-                device_classes.get(agent_class, "?")
-            ]
-            devices.append(
-                {
-                    "class": agent_class,
-                    "id": agent_id,
-                    "transports": transports,
-                    "connected": bool(conns),
-                    "remote": [c.remote for c in conns],
-                    "last_message": last_write,
-                    "allowed": _allowed(agent_id, transports, admissions.get(agent_class, [])),
-                }
+        devices = [
+            _device_row(
+                key,
+                device_classes,
+                admissions,
+                last_write=last_write,
+                conns=[{"transport": c.transport, "remote": c.remote} for c in links.get(key, [])],
             )
+            for key, last_write in sorted(seen.items())
+        ]
+        return {"devices": devices, "mqtt": self._mqtt_status()}
+
+    def _mqtt_status(self) -> dict[str, Any] | None:
+        config = self.components.config
         mqtt = self.components.transports.get("mqtt")
-        return {
-            "devices": devices,
-            "mqtt": None
+        return (
+            None
             if mqtt is None
             else {
                 "state": mqtt.state,
@@ -257,8 +300,35 @@ class Inventory:
                     }
                     for r in config.mqtt.routes
                 ],
-            },
-        }
+            }
+        )
+
+
+def _device_row(
+    key: tuple[str, str],
+    device_classes: dict[str, str],
+    admissions: dict[str, list[_Admission]],
+    *,
+    last_write: float | None,
+    conns: list[dict[str, Any]],
+    member: str | None = None,
+) -> dict[str, Any]:
+    """One device as the page lists it (`conns`: its open device connections, each with its
+    `transport` and `remote`); with `member` in cluster mode (the member that serves it)."""
+    agent_class, agent_id = key
+    transports = sorted({c["transport"] for c in conns}) or [device_classes.get(agent_class, "?")]
+    row = {
+        "class": agent_class,
+        "id": agent_id,
+        "transports": transports,
+        "connected": bool(conns),
+        "remote": [c["remote"] for c in conns],
+        "last_message": last_write,
+        "allowed": _allowed(agent_id, transports, admissions.get(agent_class, [])),
+    }
+    if member is not None:
+        row["member"] = member
+    return row
 
 
 @dataclass(frozen=True, slots=True)

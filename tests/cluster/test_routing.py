@@ -1,13 +1,18 @@
 """Clients of a group reach an agent whichever member they reach (real NATS cluster, real
-member processes, real WebSocket, TCP and HTTP sockets): a WebSocket client or a TCP device on
-a member that does not own the agent is relayed to its owner, an MCP call through such a
-member is forwarded to the owner over NATS, and clients and devices follow the agent when its
-owner is killed and when it is handed over to a member that joins. MCP state reads, the
-schedules tools and the chat messages route through such a member run on the owner too."""
+member processes, real WebSocket, TCP, TLS and HTTP sockets): a WebSocket client or a TCP
+device (plain, or TLS: relayed over TLS to the owner's TLS listener, never in plaintext) on a
+member that does not own the agent is relayed to its owner, an MCP call through such a member
+is forwarded to the owner over NATS, and clients and devices follow the agent when its owner
+is killed and when it is handed over to a member that joins. MCP state reads, the schedules
+tools and the chat messages route through such a member run on the owner too, and the
+dashboard of any member lists the group's agents and devices."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,14 +29,16 @@ from gatewayd.api.features import Feature
 from gatewayd.api.server import build_app
 from gatewayd.api.tokens import ApiToken, Tokens
 from gatewayd.client import AgentClient
+from gatewayd.cluster.forward import TcpRelay
 from gatewayd.cluster.naming import partition_of, preferred_owner
 from gatewayd.cluster.operations import OpenConnections
 from gatewayd.cluster.ownership import PartitionRecord
-from gatewayd.cluster.routing import Router
+from gatewayd.cluster.routing import Router, tcp_target
 from gatewayd.cluster.rpc import RoutedRuntime, rpc_subject
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.routing_agents import Notes
+from tests.cluster.test_tls import _self_signed as self_signed
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
 from tests.mcp.conftest import mcp_client
@@ -43,18 +50,24 @@ SECRET = "device-secret-0123456789"
 DEVICES = [f"dev{index}" for index in range(64)]  # the TCP devices the secrets file knows
 
 
-def routing_config(work_dir: Path) -> str:
+def routing_config(work_dir: Path, tls: Path | None = None) -> str:
     """What the routing tests add to each member's config: the `Tally` agent class, and the
-    TCP listener (a free port; the devices' secrets in `work_dir`) serving it."""
+    TCP listener (a free port; the devices' secrets in `work_dir`; with `tls`, the
+    certificate file, TLS with it and its key `<tls>.key`) serving it."""
     secrets = work_dir / "devices.toml"
     secrets.write_text("".join(f'"{device}" = "{SECRET}"\n' for device in DEVICES))
     secrets.chmod(0o600)
+    listener_tls = (
+        ""
+        if tls is None
+        else f'tls_cert_file = "{tls}"\ntls_key_file = "{tls.with_suffix(".key")}"\n'
+    )
     return (
         f'[agents.classes.{CLASS}]\nclass = "tests.cluster.routing_agents:Tally"\n'
         f'[agents.classes.{CHAT_CLASS}]\nclass = "tests.cluster.routing_agents:Notes"\n'
         '[mcp]\ntool_groups = ["agents", "schedules", "devices"]\n'
         '[listeners.binary]\nenabled = true\nbind = "127.0.0.1:0"\n'
-        f'agent_class = "{CLASS}"\nsecrets_file = "{secrets}"\n'
+        f'agent_class = "{CLASS}"\nsecrets_file = "{secrets}"\n{listener_tls}'
     )
 
 
@@ -78,20 +91,24 @@ def _agent_id(partitions: int, prefix: str, owners: dict[str, list[str]]) -> str
     raise AssertionError(f"no agent id lands on {owners}")
 
 
-def _start(group: Group, names: list[str]) -> None:
+def _start(group: Group, names: list[str], cluster: str = "") -> None:
     """The NATS cluster, the first member (it creates the group's streams and buckets), then
-    the others together (each process takes seconds to start)."""
+    the others together (each process takes seconds to start); `cluster`: more `[cluster]`
+    settings for each."""
     group.start_nats()
-    _start_member(group, names[0])
+    _start_member(group, names[0], cluster=cluster)
     for name in names[1:]:
-        _start_member(group, name, wait_ready=False)
+        _start_member(group, name, wait_ready=False, cluster=cluster)
     for name in names[1:]:
         group.members[name].notify.wait_for("READY", "1", timeout_s=30)
 
 
-def _start_member(group: Group, name: str, *, wait_ready: bool = True) -> None:
-    group.members[name] = Member(group, name)
-    group.members[name].process.start(wait_ready=wait_ready)
+def _start_member(group: Group, name: str, *, wait_ready: bool = True, cluster: str = "") -> None:
+    member = group.members[name] = Member(group, name)
+    if cluster:
+        config = member.config.read_text()
+        member.config.write_text(config.replace("[cluster]\n", f"[cluster]\n{cluster}", 1))
+    member.process.start(wait_ready=wait_ready)
 
 
 Urls = dict[str, dict[str, str]]  # each member's advertised addresses by kind ("ws", "api", "tcp")
@@ -102,26 +119,32 @@ async def _settled(group: Group, nc: nats.NATS, members: set[str]) -> Urls:
     await wait_settled(nc, group.partitions, members, timeout_s=30)
     found: Urls = {}
 
+    def complete(kinds: set[str]) -> bool:
+        return {"ws", "api"} <= kinds and bool(kinds & {"tcp", "tcp_tls"})
+
     async def advertised() -> bool:
         found.update(await addresses(nc))
-        return all({"ws", "api", "tcp"} <= set(found.get(name, {})) for name in members)
+        return all(complete(set(found.get(name, {}))) for name in members)
 
     await eventually(advertised, bool, 15, "members' advertised addresses")
     return found
 
 
 @contextmanager
-def _routing_group(work_dir: Path) -> Iterator[Group]:
-    """Members m1 and m2 serving WebSocket, TCP and the HTTP API; stopped afterwards."""
+def _routing_group(work_dir: Path, *, tls: bool = False) -> Iterator[Group]:
+    """Members m1 and m2 serving WebSocket, TCP (with `tls`: TLS with a self-signed
+    certificate for 127.0.0.1, `work_dir/server.pem`, which is also the CA that members relay
+    TLS devices with) and the HTTP API; stopped afterwards."""
+    cert = self_signed(work_dir)[0] if tls else None
     group = Group(
         work_dir,
         clients=True,
-        extra_config=routing_config(work_dir),
+        extra_config=routing_config(work_dir, cert),
         lease_s=2.0,
         heartbeat_s=0.5,
     )
     try:
-        _start(group, ["m1", "m2"])
+        _start(group, ["m1", "m2"], "" if cert is None else f'relay_ca_file = "{cert}"\n')
         yield group
     finally:
         group.stop()
@@ -129,8 +152,9 @@ def _routing_group(work_dir: Path) -> Iterator[Group]:
 
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    """Two members shared by the tests that do not change the group."""
-    with _routing_group(tmp_path_factory.mktemp("routing")) as group:
+    """Two members shared by the tests that do not change the group; their TCP listeners
+    use TLS (the group of `own_group` covers plain TCP)."""
+    with _routing_group(tmp_path_factory.mktemp("routing"), tls=True) as group:
         yield group
 
 
@@ -296,27 +320,103 @@ async def test_chat_messages_read_through_the_wrong_member_are_the_owners(
     assert not _db_file(routed, other, CHAT_CLASS, agent).exists()
 
 
-async def test_a_tcp_device_connected_to_the_wrong_member_reaches_its_agent(
+async def test_a_tls_device_connected_to_the_wrong_member_reaches_its_agent(
     routed: Group, routed_nc: nats.NATS
 ) -> None:
+    """The member terminates the device's TLS, authenticates its HELLO and relays it over TLS
+    to the owner's TLS listener (which speaks nothing else); the dashboard of the relaying
+    member lists the device as connected on its owner."""
     other, owner, urls, device_id = await _split(routed, routed_nc, "dev")
     assert device_id in DEVICES
-    device = await FrameDevice.connect(int(urls[other]["tcp"].rpartition(":")[2]))
+    assert "tcp" not in urls[owner]  # the owner has only its TLS listener
+    port = int(urls[other]["tcp_tls"].rpartition(":")[2])
+    trust = ssl.create_default_context(cafile=str(routed.work_dir / "server.pem"))
+    device = await FrameDevice.connect(port, ssl=trust, server_hostname="localhost")
     try:
         device.send(Hello(device_id, SECRET))
         assert isinstance(await device.recv(), HelloOk)  # the owner's, through the relay
-        device.send(Data(1, b"over tcp"))
+        device.send(Data(1, b"over tls"))
         frames = [await device.recv(), await device.recv()]
         assert Ack(1) in frames  # committed on the owner
         (push,) = [frame for frame in frames if isinstance(frame, Push)]
-        assert push.payload == b"echo:over tcp"  # the agent's reply, a durable push
+        assert push.payload == b"echo:over tls"  # the agent's reply, a durable push
         device.send(Ack(push.seq))
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
+            listed = await http.get(f"{urls[other]['api']}/dashboard/api/devices")
+        assert listed.status_code == 200, listed.text
+        (row,) = [d for d in listed.json()["devices"] if d["id"] == device_id]
+        assert (row["member"], row["connected"], row["transports"]) == (owner, True, ["tcp"])
+        assert listed.json()["missing_members"] == []
     finally:
         await device.close()
     async with AgentClient(urls[owner]["ws"], CLASS, device_id) as at_owner:
-        state = await at_owner.wait_for_state(_is(last="over tcp"), 5)
+        state = await at_owner.wait_for_state(_is(last="over tls"), 5)
     assert state["pid"] == routed.members[owner].pid
     assert not _db_file(routed, other, CLASS, device_id).exists()
+    assert "relay to" not in routed.members[other].log_text()  # no relay failed
+
+
+def test_a_tls_device_is_relayed_only_to_a_tls_listener() -> None:
+    plain, tls = {"tcp": "10.0.0.2:7878"}, {"tcp_tls": "[fd00::2]:7879", "ws": "ws://x:1"}
+    assert tcp_target(tls, tls=True) == ("fd00::2", 7879, True)
+    assert tcp_target(plain, tls=True) is None  # never downgraded to plaintext
+    assert tcp_target(plain, tls=False) == ("10.0.0.2", 7878, False)
+    assert tcp_target(tls, tls=False) == ("fd00::2", 7879, True)  # upgraded: fine
+    assert tcp_target({"tcp": "no-port"}, tls=False) is None
+
+
+async def test_a_tls_relay_refuses_an_owner_whose_certificate_does_not_verify(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`TcpRelay` over real sockets to a TLS echo server standing in for the owner's listener:
+    with the CA that signed it the bytes flow both ways; with another CA the device gets the
+    busy frame and the connection closes, and the warning names the setting to fix."""
+    cert, key = self_signed(tmp_path)
+    owner_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    owner_tls.load_cert_chain(cert, key)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+        writer.close()
+
+    owner = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=owner_tls)
+    owner_port = owner.sockets[0].getsockname()[1]
+    other_ca = tmp_path / "other"
+    other_ca.mkdir()
+    trusts = {
+        "right": ssl.create_default_context(cafile=str(cert)),
+        "wrong": ssl.create_default_context(cafile=str(self_signed(other_ca)[0])),
+    }
+    loop = asyncio.get_running_loop()
+    relays = {
+        name: await loop.create_server(
+            lambda t=trust: TcpRelay("127.0.0.1", owner_port, b"hello ", b"BUSY", tls=t),
+            "127.0.0.1",
+            0,
+        )
+        for name, trust in trusts.items()
+    }
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", relays["right"].sockets[0].getsockname()[1]
+        )
+        writer.write(b"world")
+        got = b""
+        while got != b"hello world":
+            got += await asyncio.wait_for(reader.read(1024), 5)
+        writer.close()
+        with caplog.at_level(logging.WARNING, logger="gatewayd.cluster.forward"):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", relays["wrong"].sockets[0].getsockname()[1]
+            )
+            assert await asyncio.wait_for(reader.read(), 5) == b"BUSY"  # then closed
+            writer.close()
+        assert "certificate verify failed" in caplog.text
+        assert "relay_ca_file" in caplog.text
+    finally:
+        for server in (owner, *relays.values()):
+            server.close()
 
 
 async def test_a_member_retries_its_first_heartbeat_until_jetstream_takes_it(
@@ -555,6 +655,7 @@ async def test_agents_and_devices_listed_through_one_member_are_the_groups(
     assert sorted((a["agent_id"], a["member"]) for a in listed["agents"]) == sorted(
         (agent, owner) for owner, agent in agents.items()
     )
+    await _dashboard_lists_the_group(urls[first]["api"], agents, second)
     # A device connected to the second member, listed through the first.
     device = agents[second]
     async with AgentClient(urls[second]["ws"], CLASS, device) as client:
@@ -569,6 +670,24 @@ async def test_agents_and_devices_listed_through_one_member_are_the_groups(
         )
         assert seen["last_seen"] is not None
         assert [(c["transport"], c["member"]) for c in seen["connections"]] == [("ws", second)]
+
+
+async def _dashboard_lists_the_group(api: str, agents: dict[str, str], elsewhere: str) -> None:
+    """The dashboard at `api` lists `agents` ({owner: agent id}) with their owners, searched
+    in any case, and opens the page of the one `elsewhere` owns through the forwarded route."""
+    page = f"{api}/dashboard/api"
+    expected = sorted((agent, owner) for owner, agent in agents.items())
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
+        answer = (await http.get(f"{page}/agents", params={"q": "LISTED"})).json()
+        assert sorted((a["id"], a["member"]) for a in answer["agents"]) == expected
+        assert answer["missing_members"] == [] and answer["total"] >= len(agents)
+        devices = (await http.get(f"{page}/devices")).json()  # the TCP listener's class
+        listed = [(d["id"], d["member"]) for d in devices["devices"] if d["id"] in agents.values()]
+        assert sorted(listed) == expected
+        # The list's link: the agent's page, read on its owner through this member.
+        shown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agents[elsewhere]})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["state"]["total"] == 1
 
 
 class _Probe:

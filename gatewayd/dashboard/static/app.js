@@ -90,6 +90,15 @@ function wsUrl() {
 
 function status(text) { $("#footer-status").textContent = text; }
 
+// A group of gateways: lists name the member serving each row, and the members that did not
+// answer (their agents and devices are missing from the list).
+function memberColumn(data) { return data.missing_members ? [["Member", (r) => r.member]] : []; }
+function missingMembers(data) {
+  const missing = data.missing_members || [];
+  if (!missing.length) return null;
+  return el("p", { class: "error", role: "status", text: `Not listed (no answer): ${missing.map((m) => `${m.member} (${m.reason})`).join(", ")}` });
+}
+
 // -- sign-in -------------------------------------------------------------------------------
 
 function showLogin(message = "") {
@@ -241,11 +250,12 @@ function agentsView(view) {
   const classSelect = el("select", { id: "agent-class" }, el("option", { value: "", text: "All classes" }));
   const results = el("div", { id: "agent-list" });
   const summary = el("p", { class: "hint", "aria-live": "polite" });
+  const missing = el("div", { id: "agent-missing-members" });
   view.append(el("h2", { text: "Agents" }),
     el("div", { class: "filters", role: "search" },
       el("div", {}, el("label", { for: "agent-search", text: "Search agents" }), search),
       el("div", {}, el("label", { for: "agent-class", text: "Class" }), classSelect)),
-    summary, results);
+    summary, missing, results);
   let timer = null;
   let stopped = false;
 
@@ -256,10 +266,13 @@ function agentsView(view) {
       if (classSelect.options.length === 1) {
         for (const cls of data.classes) classSelect.append(el("option", { value: cls, text: cls }));
       }
-      summary.textContent = `${data.agents.length} shown of ${data.total} known · ${data.awake} awake · ${data.hibernated} hibernated`;
+      const where = data.missing_members ? " in the group" : "";
+      summary.textContent = `${data.agents.length} shown of ${data.total}${data.truncated ? "+" : ""} known${where} · ${data.awake} awake · ${data.hibernated} hibernated`;
+      missing.replaceChildren(...[missingMembers(data)].filter(Boolean));
       results.replaceChildren(table("Agents", [
         ["Agent", (a) => el("a", { href: agentHref(a.class, a.id), text: a.id })],
         ["Class", (a) => a.class],
+        ...memberColumn(data),
         ["Status", (a) => el("span", { class: a.awake ? "status-ok" : null, text: a.awake ? "awake" : "hibernated" })],
         ["Connections", (a) => a.connections, "num"],
         ["Last write", (a) => fmt.ago(a.last_write)],
@@ -468,7 +481,8 @@ function agentView(view, [agentClass, agentId]) {
 function devicesView(view) {
   const body = el("div", { id: "device-list" });
   const mqtt = el("p", { class: "hint" });
-  view.append(el("h2", { text: "Devices" }), mqtt, body);
+  const missing = el("div", { id: "device-missing-members" });
+  view.append(el("h2", { text: "Devices" }), mqtt, missing, body);
   let stopped = false;
   async function load() {
     try {
@@ -476,9 +490,11 @@ function devicesView(view) {
       if (data.mqtt) {
         mqtt.textContent = `MQTT: ${data.mqtt.state} (${data.mqtt.broker || "no broker"}) · ${data.mqtt.refused_not_allowed} messages refused by allow-lists`;
       } else mqtt.textContent = "MQTT is off.";
+      missing.replaceChildren(...[missingMembers(data)].filter(Boolean));
       body.replaceChildren(table("Devices", [
         ["Device", (d) => el("a", { href: agentHref(d.class, d.id), text: d.id })],
         ["Class", (d) => d.class],
+        ...memberColumn(data),
         ["Transport", (d) => d.transports.join(", ")],
         ["Connected", (d) => el("span", { class: d.connected ? "status-ok" : null, text: d.connected ? "yes" : "no" })],
         ["Last message", (d) => fmt.ago(d.last_message)],
