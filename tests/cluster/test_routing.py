@@ -34,7 +34,7 @@ from gatewayd.cluster.naming import partition_of, preferred_owner
 from gatewayd.cluster.operations import OpenConnections
 from gatewayd.cluster.ownership import PartitionRecord
 from gatewayd.cluster.routing import Router, tcp_target
-from gatewayd.cluster.rpc import RoutedRuntime, rpc_subject
+from gatewayd.cluster.rpc import RoutedRuntime, _reply, rpc_subject
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
 from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.routing_agents import Notes
@@ -674,16 +674,28 @@ async def test_agents_and_devices_listed_through_one_member_are_the_groups(
 
 async def _dashboard_lists_the_group(api: str, agents: dict[str, str], elsewhere: str) -> None:
     """The dashboard at `api` lists `agents` ({owner: agent id}) with their owners, searched
-    in any case, and opens the page of the one `elsewhere` owns through the forwarded route."""
+    in any case, and opens the page of the one `elsewhere` owns through the forwarded route.
+    (The lists may be up to 2 s old: the member reuses the group's answer that long.)"""
     page = f"{api}/dashboard/api"
     expected = sorted((agent, owner) for owner, agent in agents.items())
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
-        answer = (await http.get(f"{page}/agents", params={"q": "LISTED"})).json()
-        assert sorted((a["id"], a["member"]) for a in answer["agents"]) == expected
+
+        async def listed(path: str, **params: str) -> Any:
+            found = (await http.get(f"{page}/{path}", params=params)).json()
+            rows = found["agents" if path == "agents" else "devices"]
+            mine = sorted((r["id"], r["member"]) for r in rows if r["id"] in agents.values())
+            return mine, found
+
+        _, answer = await eventually(
+            lambda: listed("agents", q="LISTED"), lambda r: r[0] == expected, 5, "the agents"
+        )
+        assert len(answer["agents"]) == len(agents)  # the search, in any case
         assert answer["missing_members"] == [] and answer["total"] >= len(agents)
-        devices = (await http.get(f"{page}/devices")).json()  # the TCP listener's class
-        listed = [(d["id"], d["member"]) for d in devices["devices"] if d["id"] in agents.values()]
-        assert sorted(listed) == expected
+        # The devices (of the TCP listener's class), with the member that serves each.
+        _, devices = await eventually(
+            lambda: listed("devices"), lambda r: r[0] == expected, 5, "the devices"
+        )
+        assert devices["missing_members"] == []
         # The list's link: the agent's page, read on its owner through this member.
         shown = await http.get(f"{page}/agent", params={"class": CLASS, "id": agents[elsewhere]})
         assert shown.status_code == 200, shown.text
@@ -747,3 +759,22 @@ async def test_a_member_that_does_not_answer_is_named_and_an_unserved_agent_is_a
         assert "ghost does not answer" in error["message"]
     finally:
         await mute.unsubscribe()
+
+
+async def test_an_answer_over_the_nats_payload_limit_is_refused_with_a_named_error(
+    routed_nc: nats.NATS,
+) -> None:
+    """A member whose answer NATS would not carry (a group-wide list of very many agents)
+    answers with an error naming the limit, instead of leaving the asker to time out."""
+
+    async def too_large(msg: Any) -> None:
+        await _reply(msg, {"ok": True, "result": "x" * routed_nc.max_payload})
+
+    sub = await routed_nc.subscribe("test.too_large", cb=too_large)
+    try:
+        reply = await routed_nc.request("test.too_large", b"", timeout=5)
+    finally:
+        await sub.unsubscribe()
+    answer = json.loads(reply.data)
+    assert (answer["ok"], answer["type"]) == (False, "AnswerTooLarge")
+    assert f"max_payload ({routed_nc.max_payload})" in answer["error"]
