@@ -75,6 +75,9 @@ def read_user_credentials(path: str) -> UserCredentials:
             "reading it needs the nkeys package (pip install 'gatewayd[cluster]')"
         ) from None
     try:
+        raw = base64.b32decode(seed + "=" * (-len(seed) % 8))
+        if nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:  # (nkeys does not check it)
+            raise ValueError("checksum")
         keys = nkeys.from_seed(bytearray(seed.encode()))
         public = keys.public_key.decode()
         keys.wipe()
