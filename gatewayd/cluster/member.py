@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 AgentKey = tuple[str, str]
 _TAKE_ATTEMPTS = 5
 _SUBJECTS_OVERLAP = 10065  # JetStream's error code: subjects overlap with a stream
+_NOT_ENABLED_FOR_ACCOUNT = 10039  # JetStream's error code: the account has no JetStream
 FIRST_HEARTBEAT_S = 10.0  # how long `start` retries its first heartbeat
 _FIRST_CONNECT_ROUNDS = 2
 _FIRST_CONNECT_S = 15.0
@@ -247,6 +248,17 @@ class ClusterMember:
                             f"{', '.join(config.subjects or [])}: another stream on this NATS "
                             "cluster already does; give each group its own [cluster] "
                             "ingest_subject and reply_subject"
+                        ) from err
+                    if getattr(err, "err_code", None) == _NOT_ENABLED_FOR_ACCOUNT:
+                        account = ""
+                        if self.settings.credentials_file:
+                            user = read_user_credentials(self.settings.credentials_file)
+                            account = f" ({user.account}, of credentials_file {user.path})"
+                        raise ConnectionError(
+                            f"JetStream is not enabled for this member's NATS "
+                            f"account{account}: enable it (operator mode: give the account "
+                            "JetStream limits, e.g. nsc edit account --js-disk-storage -1 "
+                            "--js-mem-storage -1)"
                         ) from err
                     # Created by another member meanwhile (found next round), or a NATS
                     # cluster that has just started and knows too few peers to place R3.

@@ -112,14 +112,15 @@ def creds_text(jwt: str, user: nkeys.KeyPair) -> str:
 
 
 class Operator:
-    """An operator with a system account and one application account (`app`), JetStream
-    enabled for `app`; `user()` writes a `.creds` file of a new user of `app`."""
+    """An operator with a system account, an application account with JetStream (`app`) and
+    one without (`plain`); `user()` writes a `.creds` file of a new user of `app`."""
 
     def __init__(self, work_dir: Path, mappings: dict[str, str] | None = None) -> None:
         self.work_dir = work_dir
         self.keys = new_keys(nkeys.PREFIX_BYTE_OPERATOR)
         self.system = new_keys(nkeys.PREFIX_BYTE_ACCOUNT)
         self.app = new_keys(nkeys.PREFIX_BYTE_ACCOUNT)
+        self.plain = new_keys(nkeys.PREFIX_BYTE_ACCOUNT)
         self.jwt = signed_jwt(
             self.keys, public(self.keys), "test-operator",
             {"type": "operator", "system_account": public(self.system)},
@@ -129,6 +130,7 @@ class Operator:
             public(self.app): account_jwt(
                 self.keys, self.app, "app", jetstream=True, mappings=mappings
             ),
+            public(self.plain): account_jwt(self.keys, self.plain, "plain", jetstream=False),
         }
 
     def user(self, name: str, account: nkeys.KeyPair | None = None) -> tuple[Path, str]:

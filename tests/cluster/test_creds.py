@@ -119,8 +119,28 @@ async def test_a_user_the_servers_do_not_know_stops_the_start_up_at_once(
     """A well-formed file of a user of an account the operator never signed."""
     stranger = new_keys(nkeys.PREFIX_BYTE_ACCOUNT)
     creds, seed = server.operator.user("stranger", account=stranger)
+    code, log = await _failed_start(_member_config(tmp_path / "c1", server.url, creds), tmp_path)
+    assert code == 1, log[-3000:]
+    assert f"credentials_file {creds}: the servers refused user" in log, log[-3000:]
+    assert public(stranger) in log, log[-3000:]
+    assert seed not in log
+
+
+async def test_an_account_without_jetstream_stops_the_start_up_saying_so(
+    server: OperatorServer, tmp_path: Path
+) -> None:
+    creds, seed = server.operator.user("plain", account=server.operator.plain)
+    code, log = await _failed_start(_member_config(tmp_path / "c1", server.url, creds), tmp_path)
+    assert code == 1, log[-3000:]
+    assert "JetStream is not enabled for this member's NATS account" in log, log[-3000:]
+    assert f"{public(server.operator.plain)}, of credentials_file {creds}" in log, log[-3000:]
+    assert seed not in log
+
+
+async def _failed_start(config: Path, tmp_path: Path) -> tuple[int, str]:
+    """`(exit code, log)` of a member whose start-up must fail at once (within 15 s)."""
     notify = NotifySocket(tmp_path, abstract=True)
-    member = GatewayProcess(_member_config(tmp_path / "c1", server.url, creds), notify)
+    member = GatewayProcess(config, notify)
     started = time.monotonic()
     member.start(wait_ready=False)
     try:
@@ -129,12 +149,8 @@ async def test_a_user_the_servers_do_not_know_stops_the_start_up_at_once(
     finally:
         member.stop(timeout_s=10)
         notify.sock.close()
-    log = member.log_text()
-    assert code == 1, log[-3000:]
-    assert time.monotonic() - started < 15, "refused credentials must not be retried for long"
-    assert f"credentials_file {creds}: the servers refused user" in log, log[-3000:]
-    assert public(stranger) in log, log[-3000:]
-    assert seed not in log
+    assert time.monotonic() - started < 15, "a start-up that cannot succeed must not retry long"
+    return code, member.log_text()
 
 
 def _variants(operator: Operator) -> dict[str, tuple[str, str]]:
