@@ -1,9 +1,12 @@
 """A NATS user credentials file (`.creds`, as `nsc generate creds` writes it: the user's JWT
-and its NKEY seed, each between BEGIN/END lines), checked before nats-py is given its path.
+and its NKEY seed, each between BEGIN/END lines): checked, and used to sign each connect.
 
-nats-py reads the file at every (re)connect and does not check it: a file without a JWT block
-makes it loop forever, a bad seed fails deep inside the connect. `read_user_credentials`
-says what is wrong and where instead, and never puts the seed in a message.
+nats-py's own reader of such a file (`user_credentials=path`) does not check it: a file
+without a JWT block makes it loop forever (the whole event loop hangs), a bad seed fails deep
+inside the connect. `read_user_credentials` says what is wrong and where instead, never
+putting the seed in a message, and `CredentialsSigner` gives nats-py the JWT and the nonce's
+signature from the file as it is at each (re)connect: a renewed file is used from the next
+reconnect, a broken one fails that connect with the same message (logged, retried).
 """
 
 from __future__ import annotations
@@ -36,9 +39,42 @@ class UserCredentials:
 
 
 def read_user_credentials(path: str) -> UserCredentials:
-    """The file's user, checked as nats-py will read it: the line after each BEGIN line
-    holds the JWT / the seed; the JWT is a user JWT that has not expired; the seed is a user
-    seed whose public key is the JWT's subject. Raises `CredentialsError`."""
+    """The file's user, checked: the line after each BEGIN line holds the JWT / the seed
+    (as nsc writes it); the JWT is a user JWT that has not expired; the seed is a user seed
+    whose public key is the JWT's subject. Raises `CredentialsError`."""
+    return _read(path)[0]
+
+
+class CredentialsSigner:
+    """`user_jwt_cb` and `signature_cb` for `nats.connect`, reading the file at each connect;
+    a file that fails the checks fails that connect with a `nats.errors.Error` naming it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def user_jwt(self) -> bytearray:
+        return bytearray(self._checked()[1].encode())
+
+    def sign(self, nonce: str) -> bytes:
+        import nkeys
+
+        keys = nkeys.from_seed(bytearray(self._checked()[2].encode()))
+        try:
+            return base64.b64encode(keys.sign(nonce.encode()))
+        finally:
+            keys.wipe()
+
+    def _checked(self) -> tuple[UserCredentials, str, str]:
+        import nats.errors
+
+        try:
+            return _read(self.path)
+        except CredentialsError as err:  # nats-py logs it and tries the next server
+            raise nats.errors.Error(str(err)) from None
+
+
+def _read(path: str) -> tuple[UserCredentials, str, str]:
+    """`(the user, its JWT, its seed)`, checked (see `read_user_credentials`)."""
 
     def problem(text: str) -> CredentialsError:
         return CredentialsError(f"credentials_file {path}: {text}")
@@ -88,7 +124,8 @@ def read_user_credentials(path: str) -> UserCredentials:
             f"the seed is not the key of the JWT's user (the JWT is for {user}, the seed's "
             f"public key is {public}): the file mixes two users"
         )
-    return UserCredentials(path, user, account, str(claims.get("name", "")), _int(expires))
+    found = UserCredentials(path, user, account, str(claims.get("name", "")), _int(expires))
+    return found, jwt, seed
 
 
 def _line_after(lines: list[str], begin: str, what: str, problem: Any) -> str:

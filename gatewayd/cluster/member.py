@@ -690,7 +690,11 @@ async def connect(settings: ClusterSettings, name: str) -> NatsClient:
     async def on_error(err: Exception) -> None:
         # A certificate or credentials every server refuses will not get better.
         text = str(err)
-        if isinstance(err, ssl.SSLError) or "Authorization Violation" in text:
+        if (
+            isinstance(err, ssl.SSLError)
+            or "Authorization Violation" in text
+            or text.startswith("credentials_file ")  # CredentialsSigner: the file broke
+        ):
             refusals.append(err)
             if len(refusals) >= len(settings.servers):
                 refused.set()

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from gatewayd.cluster.credentials import read_user_credentials
+from gatewayd.cluster.credentials import CredentialsSigner, read_user_credentials
 
 
 def default_member_name() -> str:
@@ -53,12 +53,14 @@ class ClusterSettings:
 
     def nats_credentials(self) -> dict[str, Any]:
         """The `nats.connect` options that authenticate to the servers: the credentials file
-        (a user JWT and its seed, checked when the settings were built; nats-py reads it at
-        each connect, so a renewed file is used from the next reconnect) and the TLS context
-        (CA, client certificate), each where set."""
+        (a user JWT and its seed, checked when the settings were built and read again at
+        each connect: `CredentialsSigner`) and the TLS context (CA, client certificate), each
+        where set."""
         options: dict[str, Any] = {}
         if self.credentials_file:
-            options["user_credentials"] = self.credentials_file
+            signer = CredentialsSigner(self.credentials_file)
+            options["user_jwt_cb"] = signer.user_jwt
+            options["signature_cb"] = signer.sign
         if self.ca_file or self.cert_file:
             import ssl
 

@@ -16,13 +16,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
+import nats.errors
 import nkeys
 import pytest
 from nats.aio.msg import Msg
 
-from gatewayd.cluster.credentials import CredentialsError, read_user_credentials
+from gatewayd.cluster.credentials import (
+    CredentialsError,
+    CredentialsSigner,
+    read_user_credentials,
+)
 from gatewayd.cluster.settings import ClusterSettings
 from tests.brokers import free_port
 from tests.cluster.group import AGENT_CLASS, device_mapping, read_group_state
@@ -111,6 +117,31 @@ async def test_a_member_with_only_a_creds_file_serves_a_device(
         member.stop(timeout_s=20)
         notify.sock.close()
     assert member_seed not in member.log_text()
+
+
+async def test_each_connect_reads_the_file_and_a_broken_one_fails_it_at_once(
+    server: OperatorServer,
+) -> None:
+    """The file is read at each (re)connect (`CredentialsSigner`): a renewed file is used, a
+    broken one fails that connect with the file's problem, at once (nats-py's own reader
+    would loop forever on a file without its JWT block)."""
+    creds, seed = server.operator.user("rotated")
+    signer = CredentialsSigner(str(creds))
+    options: dict[str, Any] = {"servers": [server.url], "connect_timeout": 2,
+                               "allow_reconnect": False}  # fmt: skip
+    nc = await nats.connect(user_jwt_cb=signer.user_jwt, signature_cb=signer.sign, **options)
+    await nc.close()
+    renewed, renewed_seed = server.operator.user("renewed")
+    creds.write_text(renewed.read_text())
+    nc = await nats.connect(user_jwt_cb=signer.user_jwt, signature_cb=signer.sign, **options)
+    await nc.close()
+    creds.write_text("\n".join(renewed.read_text().split("\n")[4:]))  # no JWT block
+    with pytest.raises(nats.errors.Error) as failed:
+        await asyncio.wait_for(
+            nats.connect(user_jwt_cb=signer.user_jwt, signature_cb=signer.sign, **options), 10
+        )
+    assert f"credentials_file {creds}: no '-----BEGIN NATS USER JWT-----' line" in str(failed.value)
+    assert seed not in str(failed.value) and renewed_seed not in str(failed.value)
 
 
 async def test_a_user_the_servers_do_not_know_stops_the_start_up_at_once(
