@@ -252,8 +252,9 @@ class ClusterMember:
                     if getattr(err, "err_code", None) == _NOT_ENABLED_FOR_ACCOUNT:
                         account = ""
                         if self.settings.credentials_file:
-                            user = read_user_credentials(self.settings.credentials_file)
-                            account = f" ({user.account}, of credentials_file {user.path})"
+                            with contextlib.suppress(CredentialsError):
+                                user = read_user_credentials(self.settings.credentials_file)
+                                account = f" ({user.account}, of credentials_file {user.path})"
                         raise ConnectionError(
                             f"JetStream is not enabled for this member's NATS "
                             f"account{account}: enable it (operator mode: give the account "
