@@ -815,12 +815,12 @@ def _delete_partition_files(
     """Delete the files of `keys`, then of every other agent database under `state_dir`
     whose stored id is in partition `number` (`kept`: agents of partitions still held, not
     opened to read their id). How many databases were deleted."""
-    deleted = set()
-    for agent_class, agent_id in keys:
-        path = agent_db_file(state_dir, agent_class, agent_id)
+    deleted = 0
+    known = {agent_db_file(state_dir, *key) for key in keys}
+    for path in known:
+        deleted += os.path.exists(path)
         AgentDatabase.delete_files(path)
-        deleted.add(path)
-    skip = deleted | {agent_db_file(state_dir, *key) for key in kept}
+    skip = known | {agent_db_file(state_dir, *key) for key in kept}
     for folder, _dirs, names in os.walk(os.path.join(state_dir, "agents")):
         for name in names:
             path = os.path.join(folder, name)
@@ -829,8 +829,8 @@ def _delete_partition_files(
             stored = _stored_agent_id(path)
             if stored is not None and partition_of(stored, partitions) == number:
                 AgentDatabase.delete_files(path)
-                deleted.add(path)
-    return len(deleted)
+                deleted += 1
+    return deleted
 
 
 def _stored_agent_id(path: str) -> str | None:
