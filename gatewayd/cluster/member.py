@@ -626,7 +626,7 @@ class ClusterMember:
                 "the next start empties the directory",
                 number, "cancelled" if task.cancelled() else task.exception(),
             )  # fmt: skip
-        else:
+        elif task.result():
             logger.info(
                 "cluster: %s: partition %d: %d local agent databases deleted",
                 self.name, number, task.result(),
