@@ -16,7 +16,7 @@ database's changed pages), `changelog` (append, fencing, snapshot, restore), `ow
 `member` (one member's lifecycle), `status` (the operator's view), `routing` (where a
 client's agent is served), `forward` (relaying a WebSocket or TCP client to the owner), `rpc`
 (in-process calls forwarded over NATS), `operations` (named, typed operations on an agent
-that its owner runs; no NATS).
+that its owner runs; no NATS), `credentials` (a `.creds` file, checked and signed with).
 
 Must never import the daemon's assembly (`gatewayd.daemon`, `gatewayd.wiring`, `gatewayd.cli`,
 `gatewayd.config`):

@@ -5,8 +5,9 @@ wants: each partition's preferred owner among the live members (rendezvous hashi
 member joining or leaving moves only about P/N partitions). It takes a partition that should
 be its own when the partition is unowned or its owner is dead (compare-and-set, epoch + 1),
 and gives back, gracefully, one that should now be another's (a member joined): it stops
-fetching, lets the turns in flight commit and acks them, hibernates the agents and clears the
-owner, and the preferred member takes it on its next heartbeat.
+fetching, lets the turns in flight commit and acks them, hibernates the agents, clears the
+owner and deletes the agents' local files (the log has them), and the preferred member takes
+it on its next heartbeat.
 
 Taking a partition: restore the agents' images from the snapshot and the changelog, write them
 as the agents' SQLite files, append the epoch's marker to the changelog (fencing every earlier
@@ -39,6 +40,7 @@ from nats.js.object_store import ObjectStore
 from gatewayd.agents.storage import AgentDatabase, agent_db_file
 from gatewayd.cluster import metrics
 from gatewayd.cluster.changelog import PartitionLog
+from gatewayd.cluster.credentials import CredentialsError, read_user_credentials
 from gatewayd.cluster.ingest import IngestWorker, delete_older_consumers
 from gatewayd.cluster.naming import Names, partition_of, preferred_owner
 from gatewayd.cluster.outputs import JetStreamOutputs
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 AgentKey = tuple[str, str]
 _TAKE_ATTEMPTS = 5
 _SUBJECTS_OVERLAP = 10065  # JetStream's error code: subjects overlap with a stream
+_NOT_ENABLED_FOR_ACCOUNT = 10039  # JetStream's error code: the account has no JetStream
 FIRST_HEARTBEAT_S = 10.0  # how long `start` retries its first heartbeat
 _FIRST_CONNECT_ROUNDS = 2
 _FIRST_CONNECT_S = 15.0
@@ -95,6 +98,9 @@ class ClusterMember:
         self._loop_task: asyncio.Task[None] | None = None
         self._transitions: dict[int, asyncio.Task[None]] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
+        # A given-up partition's local files being deleted: a take of the same partition
+        # waits for it before it writes the restored images (see _forget).
+        self._deleting: dict[int, asyncio.Task[int]] = {}
         # Set while this member's lease is (known) valid: commits wait for it (see _resume).
         self._writable = asyncio.Event()
         self._writable.set()
@@ -242,6 +248,18 @@ class ClusterMember:
                             f"{', '.join(config.subjects or [])}: another stream on this NATS "
                             "cluster already does; give each group its own [cluster] "
                             "ingest_subject and reply_subject"
+                        ) from err
+                    if getattr(err, "err_code", None) == _NOT_ENABLED_FOR_ACCOUNT:
+                        account = ""
+                        if self.settings.credentials_file:
+                            with contextlib.suppress(CredentialsError):
+                                user = read_user_credentials(self.settings.credentials_file)
+                                account = f" ({user.account}, of credentials_file {user.path})"
+                        raise ConnectionError(
+                            f"JetStream is not enabled for this member's NATS "
+                            f"account{account}: enable it (operator mode: give the account "
+                            "JetStream limits, e.g. nsc edit account --js-disk-storage -1 "
+                            "--js-mem-storage -1)"
                         ) from err
                     # Created by another member meanwhile (found next round), or a NATS
                     # cluster that has just started and knows too few peers to place R3.
@@ -481,6 +499,9 @@ class ClusterMember:
         )
 
     async def _write_images(self, part: OwnedPartition, images: dict[AgentKey, bytes]) -> None:
+        deleting = self._deleting.get(part.number)
+        if deleting is not None:  # an earlier hold's files: gone before these are written
+            await asyncio.wait([deleting])
         await self.runtime.release_agents(list(images))
         part.agents.update(images)
         state_dir = os.fspath(self.state_dir)
@@ -518,9 +539,11 @@ class ClusterMember:
             await part.worker.stop(graceful=True, timeout_s=timeout_s)
         await self.runtime.release_agents(sorted(part.agents))
         part.state = "released"
-        await self._forget(part)
         assert self.ownership is not None
-        await self.ownership.release(part.number, part.epoch)
+        try:
+            await self.ownership.release(part.number, part.epoch)
+        finally:
+            await self._forget(part)
         self.counters["released"] += 1
         metrics.RELEASED.inc()
         logger.info(
@@ -554,17 +577,60 @@ class ClusterMember:
         if part.worker is not None:
             await part.worker.stop(graceful=False)
         await self.runtime.release_agents(sorted(part.agents | set(part.log.images)))
-        await self._forget(part)
         assert self.ownership is not None
-        if self.ownership.lease_valid():
-            await self.ownership.release(part.number, part.epoch)
+        try:
+            if self.ownership.lease_valid():
+                await self.ownership.release(part.number, part.epoch)
+        finally:
+            await self._forget(part)
 
     async def _forget(self, part: OwnedPartition) -> None:
-        if self.partitions.get(part.number) is part:
-            del self.partitions[part.number]
-        keys = sorted(part.agents | set(part.log.images))
-        state_dir = os.fspath(self.state_dir)
-        await asyncio.get_running_loop().run_in_executor(None, _delete_files, state_dir, keys)
+        """This member no longer serves the partition (its commits are in the log, its agents
+        closed): delete the local files of its agents, so that local listings (MCP
+        `agents_list`, the dashboard) show only what the member serves, and a later take
+        restores from the log. The agents known to the partition (restored, committed, or
+        awake here) are released and deleted; any other database of the partition (by the
+        id it stores) found on disk goes too. A take of the partition that began meanwhile
+        owns the files: nothing is deleted; one that begins during the deletion waits for it
+        (`_write_images`)."""
+        number = part.number
+        held = self.partitions.get(number)
+        if held is part:
+            del self.partitions[number]
+        elif held is not None:
+            return
+        partitions = self.settings.partitions
+        keys = part.agents | set(part.log.images)
+        keys |= {k for k in self.runtime.awake_agents() if partition_of(k[1], partitions) == number}
+        await self.runtime.release_agents(sorted(keys))
+        if number in self.partitions:
+            return  # taken again meanwhile (only when a loss overtook a release): its files
+        kept: set[AgentKey] = set()
+        for other in self.partitions.values():
+            kept |= other.agents | set(other.log.images)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(
+                _delete_partition_files, os.fspath(self.state_dir), number, partitions,
+                sorted(keys), kept,
+            )
+        )  # fmt: skip
+        self._deleting[number] = task
+        try:
+            await asyncio.wait([task])
+        finally:
+            if self._deleting.get(number) is task:
+                del self._deleting[number]
+        if task.cancelled() or task.exception() is not None:
+            logger.warning(
+                "cluster: partition %d: its local files could not all be deleted (%s); "
+                "the next start empties the directory",
+                number, "cancelled" if task.cancelled() else task.exception(),
+            )  # fmt: skip
+        elif task.result():
+            logger.info(
+                "cluster: %s: partition %d: %d local agent databases deleted",
+                self.name, number, task.result(),
+            )  # fmt: skip
 
     async def _snapshot(self, part: OwnedPartition) -> None:
         assert self._snapshots is not None
@@ -625,7 +691,11 @@ async def connect(settings: ClusterSettings, name: str) -> NatsClient:
     async def on_error(err: Exception) -> None:
         # A certificate or credentials every server refuses will not get better.
         text = str(err)
-        if isinstance(err, ssl.SSLError) or "Authorization Violation" in text:
+        if (
+            isinstance(err, ssl.SSLError)
+            or "Authorization Violation" in text
+            or text.startswith("credentials_file ")  # CredentialsSigner: the file broke
+        ):
             refusals.append(err)
             if len(refusals) >= len(settings.servers):
                 refused.set()
@@ -649,10 +719,25 @@ async def connect(settings: ClusterSettings, name: str) -> NatsClient:
             await nc.close()
         raise ConnectionError(
             f"no NATS server of {_redacted(settings.servers)} accepted the connection "
-            f"({type(cause).__name__}: {cause})"
+            f"({type(cause).__name__}: {cause}){_refused_user(settings, cause)}"
         ) from err
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def _refused_user(settings: ClusterSettings, cause: BaseException) -> str:
+    """Which user of the credentials file the servers refused (public keys only)."""
+    path = settings.credentials_file
+    if not path or "Authorization Violation" not in str(cause):
+        return ""
+    try:
+        user = read_user_credentials(path)
+    except CredentialsError as err:
+        return f"; {err}"
+    return (
+        f"; credentials_file {path}: the servers refused user {user.user} of account "
+        f"{user.account} (an account or operator they do not know, or a revoked user?)"
+    )
 
 
 def connect_options(settings: ClusterSettings, name: str) -> dict[str, Any]:
@@ -724,9 +809,43 @@ def _with_alarms(state_dir: str, keys: list[AgentKey]) -> tuple[list[AgentKey], 
     return outputs, alarms
 
 
-def _delete_files(state_dir: str, keys: list[AgentKey]) -> None:
-    for agent_class, agent_id in keys:
-        AgentDatabase.delete_files(agent_db_file(state_dir, agent_class, agent_id))
+def _delete_partition_files(
+    state_dir: str, number: int, partitions: int, keys: list[AgentKey], kept: set[AgentKey]
+) -> int:
+    """Delete the files of `keys`, then of every other agent database under `state_dir`
+    whose stored id is in partition `number` (`kept`: agents of partitions still held, not
+    opened to read their id). How many databases were deleted."""
+    deleted = 0
+    known = {agent_db_file(state_dir, *key) for key in keys}
+    for path in known:
+        deleted += os.path.exists(path)
+        AgentDatabase.delete_files(path)
+    skip = known | {agent_db_file(state_dir, *key) for key in kept}
+    for folder, _dirs, names in os.walk(os.path.join(state_dir, "agents")):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not name.endswith(".sqlite3") or path in skip:
+                continue
+            stored = _stored_agent_id(path)
+            if stored is not None and partition_of(stored, partitions) == number:
+                AgentDatabase.delete_files(path)
+                deleted += 1
+    return deleted
+
+
+def _stored_agent_id(path: str) -> str | None:
+    """The id an agent database stores (None: not readable, e.g. not committed yet)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM _gw_meta WHERE key = 'agent_id'").fetchone()
+        return None if row is None else str(row[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 async def _object_store(

@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.cluster.credentials import CredentialsSigner, read_user_credentials
+
 
 def default_member_name() -> str:
     """`<host>-<pid>`: a restarted member is a new member (its old name's lease runs out)."""
@@ -39,16 +41,26 @@ class ClusterSettings:
     # outputs.py); False: published live on core NATS after the commit (at most once).
     durable_replies: bool = True
 
+    def __post_init__(self) -> None:
+        if self.credentials_file:
+            # Checked here, where the config layer builds the settings: `check-config` and
+            # start-up name a bad file at once (nats-py would hang or fail deep in connect).
+            read_user_credentials(self.credentials_file)
+
     @property
     def member_name(self) -> str:
         return self.member or default_member_name()
 
     def nats_credentials(self) -> dict[str, Any]:
         """The `nats.connect` options that authenticate to the servers: the credentials file
-        and the TLS context (CA, client certificate), each where set."""
+        (a user JWT and its seed, checked when the settings were built and read again at
+        each connect: `CredentialsSigner`) and the TLS context (CA, client certificate), each
+        where set."""
         options: dict[str, Any] = {}
         if self.credentials_file:
-            options["user_credentials"] = self.credentials_file
+            signer = CredentialsSigner(self.credentials_file)
+            options["user_jwt_cb"] = signer.user_jwt
+            options["signature_cb"] = signer.sign
         if self.ca_file or self.cert_file:
             import ssl
 

@@ -90,7 +90,7 @@ class Inventory:
 
     def _serves(self, agent_id: str) -> bool:
         """Whether this member serves the agent (always, outside cluster mode): a member
-        keeps the files of partitions it gave away until it restarts; they are not listed."""
+        deletes the files of a partition it gave away, but one not deleted yet is not listed."""
         router = getattr(self.components, "router", None)
         return router is None or router.decide(agent_id).kind == "local"
 

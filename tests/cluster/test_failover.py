@@ -21,8 +21,10 @@ import nats
 import nats.errors
 import pytest
 
+from gatewayd.agents.storage import agent_db_file
 from gatewayd.cluster.naming import partition_of
 from tests.cluster.group import (
+    AGENT_CLASS,
     Group,
     Publisher,
     log_epochs,
@@ -81,6 +83,28 @@ def _assert_exactly_once(state: dict[str, list[str]], publisher: _Acked) -> None
     missing = [key for key in publisher.acked if counts[key] != 1]
     assert missing == [], f"{len(missing)} acknowledged messages missing, e.g. {missing[:10]}"
     assert sum(counts.values()) == len(publisher.acked), "a message nobody published"
+
+
+async def _wait_files_follow_owners(
+    group: Group, nc: nats.NATS, members: list[str], timeout_s: float = 15.0
+) -> None:
+    """Each member's data directory holds the databases of exactly the devices' agents whose
+    partition it owns: a member that gave a partition away (or lost it) deleted its files."""
+    devices = [Publisher.device(index) for index in range(DEVICES)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        owned = {p: owner for p, (owner, _epoch) in (await owners(nc)).items()}
+        wrong = {}
+        for name in members:
+            state_dir = str(group.members[name].dir / "state" / "cluster")
+            held = {d for d in devices if os.path.exists(agent_db_file(state_dir, AGENT_CLASS, d))}
+            wanted = {d for d in devices if owned.get(partition_of(d, group.partitions)) == name}
+            if held != wanted:
+                wrong[name] = {"extra": sorted(held - wanted), "missing": sorted(wanted - held)}
+        if not wrong:
+            return
+        assert time.monotonic() < deadline, f"local files do not follow the owners: {wrong}"
+        await asyncio.sleep(0.1)
 
 
 async def _publish_until(publisher: Publisher, fraction: float) -> asyncio.Task[None]:
@@ -174,6 +198,9 @@ async def test_a_member_paused_past_its_lease_writes_nothing_after_losing_owners
     # Its lease is gone, so it cannot take anything back until it heartbeats again; whatever
     # it takes later is under a new epoch (checked above: epochs never go back).
     assert "lost partition" in m1.log_text()
+    # It deleted the files of what it lost, and restored from the log what it took back.
+    await wait_settled(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
+    await _wait_files_follow_owners(group, nc, ["m1", "m2"])
 
 
 async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
@@ -192,6 +219,8 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
     await publishing
     state = await _wait_all_applied(nc, group, publisher, timeout_s=30)
     _assert_exactly_once(state, publisher)
+    # m1 and m2 deleted the files of the agents that moved to m3 (local listings scan them).
+    await _wait_files_follow_owners(group, nc, ["m1", "m2", "m3"])
 
     # The operator's view agrees.
     config = str(group.members["m1"].config)
