@@ -19,7 +19,15 @@ row and the delete of the previous one, or the dedup upsert; COMMIT) with the sa
 and the same number of turns per commit, synchronously: the floor of any durable agent
 runtime. Reported: turns/s, process CPU µs per turn (`time.process_time`, all threads; the
 gatewayd side includes the driver's submit/await, what a transport does), SQL statements per
-turn (a trace callback on every agent's connection, counted in a separate pass).
+turn (a trace callback on every agent's connection, counted in a separate pass) and WAL frames
+(= pages written) per commit and per turn (each file's WAL frame count, read from its `-shm`
+wal-index header before and after that same separate pass, with the runtime's checkpoints
+held off during it; the raw side sums `wal_checkpoint`'s frame counts).
+
+Base vs branch: the script imports gatewayd from `PYTHONPATH` first when that is set (else from
+its own checkout), so one copy of it measures two trees side by side, e.g. interleaved:
+    for i in 1 2 3; do PYTHONPATH=/path/to/main python bench/agents.py --turn-cost-only; \
+    PYTHONPATH=$PWD python bench/agents.py --turn-cost-only; done
 
 The older throughput comparison (`--agents`) against one aiosqlite connection per agent
 needs the `bench` extra (aiosqlite). Memory figures come from a fresh subprocess.
@@ -46,10 +54,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout, after PYTHONPATH's entries when that is set (see "Base vs branch" above).
+sys.path.insert(
+    len(sys.path) if os.environ.get("PYTHONPATH") else 0, str(Path(__file__).resolve().parents[1])
+)
 
 from bench.gateway_agents import FrameCounter, TelemetryEcho
-from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable, storage
 from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
 from protocols.link import DedupKey, DeliveredCallback, OutputAddress, Route
 
@@ -175,6 +186,21 @@ async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s:
 # -- turn cost: durable transport turns vs raw sqlite3 doing the same writes ------------------
 
 BURST_WINDOW = 32
+# The wal-index header at the start of a `-shm` file: mxFrame, the WAL's valid frames since it
+# was last restarted (a u32 in native byte order, https://sqlite.org/walformat.html).
+_SHM_MX_FRAME_OFFSET = 16
+
+
+def wal_frames(db_path: str) -> int:
+    """Frames in the database's WAL since its last restart (0 without a -shm file)."""
+    try:
+        fd = os.open(db_path + "-shm", os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        return int.from_bytes(os.pread(fd, 4, _SHM_MX_FRAME_OFFSET), sys.byteorder)
+    finally:
+        os.close(fd)
 
 
 class InstantOutputs:
@@ -241,19 +267,30 @@ async def gatewayd_turn_cost(
     def count(_statement: str) -> None:
         statements[0] += 1
 
-    for slot in runtime._scheduler.slots.values():
-        if slot.db is not None:
-            slot.db.connection.set_trace_callback(count)
-    traced, _cpu, _wall = await drive(min(0.5, duration_s))
-    for slot in runtime._scheduler.slots.values():
-        if slot.db is not None:
-            slot.db.connection.set_trace_callback(None)
+    # WAL frames in the same pass: no checkpoint may restart a WAL meanwhile.
+    dbs = [slot.db for slot in runtime._scheduler.slots.values() if slot.db is not None]
+    for db in dbs:
+        db.connection.set_trace_callback(count)
+    every = storage.CHECKPOINT_AFTER_COMMITS
+    storage.CHECKPOINT_AFTER_COMMITS = 1 << 40
+    try:
+        frames = -sum(wal_frames(db.path) for db in dbs)
+        traced_commits = runtime.stats()["commits_total"]
+        traced, _cpu, _wall = await drive(min(0.5, duration_s))
+        traced_commits = runtime.stats()["commits_total"] - traced_commits
+        frames += sum(wal_frames(db.path) for db in dbs)
+    finally:
+        storage.CHECKPOINT_AFTER_COMMITS = every
+    for db in dbs:
+        db.connection.set_trace_callback(None)
     await runtime.close()
     return {
         "turns_per_s": turns / wall_s,
         "cpu_us_per_turn": cpu_s / turns * 1e6,
         "turns_per_commit": turns / max(1, commits),
         "statements_per_turn": statements[0] / max(1, traced),
+        "wal_frames_per_commit": frames / max(1, traced_commits),
+        "wal_frames_per_turn": frames / max(1, traced),
     }
 
 
@@ -272,8 +309,10 @@ def raw_turn_cost(
         conn.execute("CREATE TABLE readings (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
         conn.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)")
         conn.execute("CREATE TABLE dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)")
+        # No AUTOINCREMENT: the delivered rows are deleted after the new ones are written, so
+        # the newest row is never deleted and a seq is never reused (outbox_schema.py).
         conn.execute(
-            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, transport TEXT NOT "
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, transport TEXT NOT "
             "NULL, target TEXT NOT NULL, qos INTEGER NOT NULL, payload BLOB NOT NULL)"
         )
         conns.append(conn)
@@ -282,18 +321,15 @@ def raw_turn_cost(
     delivered: list[list[int]] = [[] for _ in range(agents)]
     seq = [0] * agents
     commits = [0] * agents
+    frames = 0
     turns = 0
     cpu, wall = time.process_time(), time.perf_counter()
     deadline = wall + duration_s
     while time.perf_counter() < deadline:
         for i, conn in enumerate(conns):
             conn.execute("BEGIN")
-            if delivered[i]:  # the replies of the previous commit, delivered in order
-                conn.execute(
-                    "DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
-                    (delivered[i][0], delivered[i][-1]),
-                )
-                delivered[i] = []
+            done = delivered[i]  # the replies of the previous commit, delivered in order
+            delivered[i] = []
             for _ in range(per_commit):
                 if kind == "frames":
                     conn.execute("INSERT INTO readings (body) VALUES (?)", (len(PAYLOAD),))
@@ -321,12 +357,15 @@ def raw_turn_cost(
                     assert cursor.lastrowid is not None
                     delivered[i].append(cursor.lastrowid)
                 turns += 1
+            if done:  # after the turns, as the runtime does
+                conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (done[0], done[-1]))
             conn.execute("COMMIT")
             commits[i] += 1
             if commits[i] % CHECKPOINT_AFTER_COMMITS == 0:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                frames += conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
     cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
     for conn in conns:
+        frames += conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
         conn.close()
     # Per turn: the insert, the state upsert, the outbox row or the dedup upsert; per commit:
     # BEGIN, COMMIT and (echo) the delete of the delivered rows.
@@ -336,6 +375,8 @@ def raw_turn_cost(
         "cpu_us_per_turn": cpu_s / turns * 1e6,
         "turns_per_commit": per_commit,
         "statements_per_turn": statements,
+        "wal_frames_per_commit": frames / max(1, sum(commits)),
+        "wal_frames_per_turn": frames / max(1, turns),
     }
 
 
@@ -380,14 +421,34 @@ def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
         f"turn cost, {agents} agents, medians of {repeats} interleaved repeats "
         "(raw = sqlite3 doing the same writes, same turns per commit)"
     )
-    header = ("case", "turns/s", "raw/s", "CPU us/turn", "raw us", "ratio", "stmts/turn", "raw")
-    print("{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5}".format(*header))
+    header = (
+        "case",
+        "turns/s",
+        "raw/s",
+        "CPU us/turn",
+        "raw us",
+        "ratio",
+        "stmts/turn",
+        "raw",
+        "frames/commit",
+        "raw",
+        "frames/turn",
+        "raw",
+    )
+    print(
+        "{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5} {:>13} {:>5} {:>11} {:>5}".format(
+            *header
+        )
+    )
     for name, row in table.items():
         print(
             f"{name:<13} {row['gatewayd_turns_per_s']:>8.0f} {row['raw_turns_per_s']:>8.0f} "
             f"{row['gatewayd_cpu_us_per_turn']:>11.1f} {row['raw_cpu_us_per_turn']:>7.1f} "
             f"{row['cpu_ratio']:>6.2f} {row['gatewayd_statements_per_turn']:>10.2f} "
-            f"{row['raw_statements_per_turn']:>5.2f}"
+            f"{row['raw_statements_per_turn']:>5.2f} "
+            f"{row['gatewayd_wal_frames_per_commit']:>13.2f} "
+            f"{row['raw_wal_frames_per_commit']:>5.2f} "
+            f"{row['gatewayd_wal_frames_per_turn']:>11.2f} {row['raw_wal_frames_per_turn']:>5.2f}"
         )
 
 

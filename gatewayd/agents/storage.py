@@ -43,10 +43,11 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gatewayd.agents import keepwal
+from gatewayd.agents import keepwal, outbox_schema
 from gatewayd.agents.errors import (
     AgentError,
     CorruptDatabaseError,
@@ -57,7 +58,9 @@ from gatewayd.agents.errors import (
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# The schema version a new file gets (`PRAGMA user_version`); `open()` migrates older files in
+# place, each in one transaction of its own (`_MIGRATIONS`), and refuses newer ones.
+SCHEMA_VERSION = 2
 # Only our own process opens an agent file; a short wait covers a close still checkpointing.
 _BUSY_TIMEOUT_S = 5.0
 # SQLite's page cache per open agent database. Its default (2 MiB) times `max_active` awake
@@ -106,6 +109,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _gw_state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)",
     "CREATE TABLE IF NOT EXISTS _gw_dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)",
 )
+# version N -> N + 1, in the caller's transaction (tables created lazily by their stores, like
+# `_gw_outbox`, are migrated here too when they exist).
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], object]] = {
+    1: outbox_schema.migrate_from_autoincrement,  # _gw_outbox without AUTOINCREMENT
+}
 
 
 def validate_class_name(agent_class: str) -> None:
@@ -477,6 +485,16 @@ class AgentDatabase:
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
+                if version > SCHEMA_VERSION:
+                    raise CorruptDatabaseError(
+                        f"{label}: {path} has schema version {version}, written by a newer "
+                        f"gatewayd (this one knows versions up to {SCHEMA_VERSION}); refusing "
+                        "to use it: run the newer gatewayd"
+                    )
+                if version < SCHEMA_VERSION:
+                    if warm:
+                        raise _NotWarm  # (open() migrates it, off the loop)
+                    db._migrate(version)
                 if db.keeps_wal and wal_present and _wal_started(path + "-wal"):
                     # The WAL holds frames: the first COMMIT appends to it (no fsync), so
                     # there is nothing to start here; forget the ownership record in the
@@ -503,6 +521,31 @@ class AgentDatabase:
             conn.close()
             raise
         return db
+
+    def _migrate(self, version: int) -> None:
+        """Executor only (it commits): bring a file of an older schema version up to
+        `SCHEMA_VERSION`, all steps in one transaction of their own, so a failure (a full
+        disk, a crash) leaves the file as it was and the next open tries again. It also
+        forgets the WAL-ownership record, as the open's first transaction would."""
+        conn = self._conn
+        self.begin()
+        try:
+            for step in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[step](conn)
+            conn.execute(_FORGET_WAL_FOR)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            self.in_transaction_ = conn.in_transaction
+            if self.in_transaction_:
+                self.rollback()
+        logger.debug(
+            "agents: %s: %s migrated from schema version %d to %d",
+            self._label,
+            self.path,
+            version,
+            SCHEMA_VERSION,
+        )
 
     # -- transactions (loop thread) -------------------------------------------------------
 
