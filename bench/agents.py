@@ -22,7 +22,9 @@ gatewayd side includes the driver's submit/await, what a transport does), SQL st
 turn (a trace callback on every agent's connection, counted in a separate pass) and WAL frames
 (= pages written) per commit and per turn (each file's WAL frame count, read from its `-shm`
 wal-index header before and after that same separate pass, with the runtime's checkpoints
-held off during it; the raw side sums `wal_checkpoint`'s frame counts).
+held off during it; the raw side sums `wal_checkpoint`'s frame counts), and which table or
+index each of those pages belongs to (the frames' page numbers, read from the WAL, mapped with
+SQLite's `dbstat`; "page 1" is the file header, rewritten when the file grows).
 
 Base vs branch: the script imports gatewayd from `PYTHONPATH` first when that is set (else from
 its own checkout), so one copy of it measures two trees side by side, e.g. interleaved:
@@ -50,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -228,6 +230,23 @@ class DurableLink(BenchLink):
         self.outputs = outputs
 
 
+def wal_pages_by_table(db_path: str, first_frame: int) -> Counter[str]:
+    """The table or index of the page each WAL frame from `first_frame` on wrote."""
+    last = wal_frames(db_path)
+    pages = []
+    with open(db_path + "-wal", "rb") as wal:
+        page_size = int.from_bytes(wal.read(32)[8:12], "big")
+        for frame in range(first_frame, last):
+            wal.seek(32 + frame * (24 + page_size))
+            pages.append(int.from_bytes(wal.read(4), "big"))
+    reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        owner = dict(reader.execute("SELECT pageno, name FROM dbstat"))
+    finally:
+        reader.close()
+    return Counter("page 1" if page == 1 else owner.get(page, "free") for page in pages)
+
+
 async def gatewayd_turn_cost(
     state_dir: Path, kind: str, agents: int, window: int, duration_s: float
 ) -> dict[str, float]:
@@ -274,11 +293,14 @@ async def gatewayd_turn_cost(
     every = storage.CHECKPOINT_AFTER_COMMITS
     storage.CHECKPOINT_AFTER_COMMITS = 1 << 40
     try:
-        frames = -sum(wal_frames(db.path) for db in dbs)
+        first_frames = [wal_frames(db.path) for db in dbs]
         traced_commits = runtime.stats()["commits_total"]
         traced, _cpu, _wall = await drive(min(0.5, duration_s))
         traced_commits = runtime.stats()["commits_total"] - traced_commits
-        frames += sum(wal_frames(db.path) for db in dbs)
+        by_table: Counter[str] = Counter()
+        for db, first in zip(dbs, first_frames, strict=True):
+            by_table.update(wal_pages_by_table(db.path, first))
+        frames = sum(by_table.values())
     finally:
         storage.CHECKPOINT_AFTER_COMMITS = every
     for db in dbs:
@@ -291,6 +313,9 @@ async def gatewayd_turn_cost(
         "statements_per_turn": statements[0] / max(1, traced),
         "wal_frames_per_commit": frames / max(1, traced_commits),
         "wal_frames_per_turn": frames / max(1, traced),
+        "wal_pages_per_commit_by_table": {
+            name: count / max(1, traced_commits) for name, count in by_table.items()
+        },
     }
 
 
@@ -388,6 +413,7 @@ async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
         for shape, window in (("paced", 1), ("burst", BURST_WINDOW))
     ]
     samples: dict[str, dict[str, list[float]]] = {}
+    by_table: dict[str, list[dict[str, float]]] = {}
     for repeat in range(opts.repeats):
         for kind, shape, window in cases:
             name = f"{kind}_{shape}"
@@ -404,12 +430,21 @@ async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(root / f"tc-g-{name}-{repeat}", ignore_errors=True)
             shutil.rmtree(root / f"tc-r-{name}-{repeat}", ignore_errors=True)
             case = samples.setdefault(name, {})
+            tables = by_table.setdefault(name, [])
+            tables.append(ours.pop("wal_pages_per_commit_by_table"))
             for side, result in (("gatewayd", ours), ("raw", raw)):
                 for key, value in result.items():
                     case.setdefault(f"{side}_{key}", []).append(value)
     out: dict[str, Any] = {}
     for name, case in samples.items():
-        row = {key: round(statistics.median(values), 2) for key, values in case.items()}
+        row: dict[str, Any] = {
+            key: round(statistics.median(values), 2) for key, values in case.items()
+        }
+        names = sorted({table for repeat in by_table[name] for table in repeat})
+        row["gatewayd_wal_pages_per_commit_by_table"] = {
+            table: round(statistics.median(repeat.get(table, 0.0) for repeat in by_table[name]), 2)
+            for table in names
+        }
         row["cpu_ratio"] = round(row["gatewayd_cpu_us_per_turn"] / row["raw_cpu_us_per_turn"], 2)
         row["throughput_ratio"] = round(row["gatewayd_turns_per_s"] / row["raw_turns_per_s"], 2)
         out[name] = row
@@ -450,6 +485,10 @@ def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
             f"{row['raw_wal_frames_per_commit']:>5.2f} "
             f"{row['gatewayd_wal_frames_per_turn']:>11.2f} {row['raw_wal_frames_per_turn']:>5.2f}"
         )
+    print("gatewayd's WAL pages per commit, by table or index:")
+    for name, row in table.items():
+        pages = row["gatewayd_wal_pages_per_commit_by_table"]
+        print(f"  {name:<13} " + ", ".join(f"{t} {n:.2f}" for t, n in sorted(pages.items())))
 
 
 async def wake_latency(state_dir: Path, agents: int) -> dict:
