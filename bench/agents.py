@@ -332,8 +332,8 @@ def raw_turn_cost(
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA cache_size=-256")
         conn.execute("CREATE TABLE readings (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-        conn.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)")
-        conn.execute("CREATE TABLE dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)")
+        # The state and the dedup seqs in one table, as the runtime keeps them (storage.py).
+        conn.execute("CREATE TABLE turn_rows (id INTEGER PRIMARY KEY, key TEXT UNIQUE, value)")
         # No AUTOINCREMENT: the delivered rows are deleted after the new ones are written, so
         # the newest row is never deleted and a seq is never reused (outbox_schema.py).
         conn.execute(
@@ -362,17 +362,17 @@ def raw_turn_cost(
                     conn.execute("INSERT INTO readings (body) VALUES (?)", (PAYLOAD,))
                 new = {"readings": state[i]["readings"] + 1, "last": len(PAYLOAD)}
                 conn.execute(
-                    "INSERT INTO state (id, json) VALUES (0, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
+                    "INSERT INTO turn_rows (id, key, value) VALUES (0, 'state', ?) "
+                    "ON CONFLICT (id) DO UPDATE SET value = excluded.value",
                     (json.dumps(new, separators=(",", ":"), ensure_ascii=False),),
                 )
                 state[i] = new
                 if kind == "frames":
                     seq[i] += 1
                     conn.execute(
-                        "INSERT INTO dedup (stream, last_seq) VALUES (?, ?) "
-                        "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-                        (f"d{i}", seq[i]),
+                        "INSERT INTO turn_rows (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (f"dedup:d{i}", seq[i]),
                     )
                 else:
                     cursor = conn.execute(
@@ -540,11 +540,19 @@ async def wake_latency(state_dir: Path, agents: int) -> dict:
     # loop thread, with no runtime, no executor hop and no agent.
     files = sorted(str(p) for p in (state_dir / "agents" / "bench").rglob("*.sqlite3"))
     plain = []
+    with sqlite3.connect(files[0]) as first:  # schema version 2 (or an older gatewayd's 1)
+        tables = {row[0] for row in first.execute("SELECT name FROM sqlite_master")}
+    first.close()
+    state_query = (
+        "SELECT value FROM _gw_turn_rows WHERE id = 0"
+        if "_gw_turn_rows" in tables
+        else "SELECT json FROM _gw_state WHERE id = 0"
+    )
     for path in files[:agents]:
         started = time.perf_counter()
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+        conn.execute(state_query).fetchone()
         conn.execute("BEGIN")
         conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
         conn.execute("COMMIT")

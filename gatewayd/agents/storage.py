@@ -104,16 +104,54 @@ _READABLE_PREFIX_CHARS = 32
 _FORBIDDEN_FIRST_WORDS = frozenset(
     {"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "VACUUM"}
 )
+# `_gw_turn_rows`: the rows the runtime writes in turns, in ONE b-tree, so that a commit's state
+# and dedup seqs share a page (each table written is a page, a WAL frame, and in cluster mode a
+# page replicated): the agent's state (id 0, JSON text) and each dedup stream's last applied
+# seq (key "dedup:<stream>", an integer; ids from 1). `key` is unique (an index, written only
+# when a stream is new). Schema version 1 had them as `_gw_state` and `_gw_dedup`.
+_TURN_ROWS = "_gw_turn_rows"
+_STATE_ID = 0
+_DEDUP_KEY_PREFIX = "dedup:"
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _gw_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS _gw_state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)",
-    "CREATE TABLE IF NOT EXISTS _gw_dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {_TURN_ROWS} "
+    "(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, value)",
 )
+_LOAD_STATE = f"SELECT value FROM {_TURN_ROWS} WHERE id = {_STATE_ID}"
+_SAVE_STATE = (
+    f"INSERT INTO {_TURN_ROWS} (id, key, value) VALUES ({_STATE_ID}, 'state', ?) "
+    "ON CONFLICT (id) DO UPDATE SET value = excluded.value"
+)
+_LOAD_SEQ = f"SELECT value FROM {_TURN_ROWS} WHERE key = '{_DEDUP_KEY_PREFIX}' || ?"
+_SAVE_SEQ = (
+    f"INSERT INTO {_TURN_ROWS} (key, value) VALUES ('{_DEDUP_KEY_PREFIX}' || ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+
+def _turn_rows_in_one_table(conn: sqlite3.Connection) -> None:
+    """Schema version 1 -> 2: `_gw_state` and `_gw_dedup` become rows of `_gw_turn_rows`."""
+    conn.execute(_SCHEMA[1])
+    conn.execute(
+        f"INSERT INTO {_TURN_ROWS} (id, key, value) "
+        f"SELECT {_STATE_ID}, 'state', json FROM _gw_state WHERE id = 0"
+    )
+    conn.execute(
+        f"INSERT INTO {_TURN_ROWS} (key, value) "
+        f"SELECT '{_DEDUP_KEY_PREFIX}' || stream, last_seq FROM _gw_dedup ORDER BY rowid"
+    )
+    conn.execute("DROP TABLE _gw_state")
+    conn.execute("DROP TABLE _gw_dedup")
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    _turn_rows_in_one_table(conn)
+    outbox_schema.migrate_from_autoincrement(conn)  # _gw_outbox without AUTOINCREMENT
+
+
 # version N -> N + 1, in the caller's transaction (tables created lazily by their stores, like
 # `_gw_outbox`, are migrated here too when they exist).
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], object]] = {
-    1: outbox_schema.migrate_from_autoincrement,  # _gw_outbox without AUTOINCREMENT
-}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], object]] = {1: _migrate_1_to_2}
 
 
 def validate_class_name(agent_class: str) -> None:
@@ -732,18 +770,14 @@ class AgentDatabase:
     # -- agent data -------------------------------------------------------------------------
 
     def load_state(self) -> tuple[bool, Any]:
-        row = self._conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+        row = self._conn.execute(_LOAD_STATE).fetchone()
         if row is None:
             return False, None
         return True, json.loads(row[0])
 
     def save_state(self, state_json: str) -> None:
         _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
-        self._execute(
-            "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
-            "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
-            (state_json,),
-        )
+        self._execute(_SAVE_STATE, (state_json,))
 
     def last_seq(self, stream: str) -> int | None:
         unwritten = self._unwritten_seqs.get(stream)
@@ -752,9 +786,7 @@ class AgentDatabase:
         cached = self._last_seqs.get(stream, -1)
         if cached != -1:
             return cached
-        row = self._conn.execute(
-            "SELECT last_seq FROM _gw_dedup WHERE stream = ?", (stream,)
-        ).fetchone()
+        row = self._conn.execute(_LOAD_SEQ, (stream,)).fetchone()
         last = None if row is None else int(row[0])
         if len(self._last_seqs) >= _LAST_SEQS_CACHED:
             self._last_seqs.clear()
@@ -777,11 +809,7 @@ class AgentDatabase:
             return
         rows = list(unwritten.items())
         try:
-            self._conn.executemany(
-                "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
-                "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-                rows,
-            )
+            self._conn.executemany(_SAVE_SEQ, rows)
         except sqlite3.OperationalError as err:
             if "full" in str(err):
                 raise StorageFullError(

@@ -1,8 +1,9 @@
-"""Agent files of schema version 1 (an `AUTOINCREMENT` outbox) are migrated in place when they
-are opened: rows, seqs and everything else survive, new seqs stay above every seq the file ever
-handed out (also after the table empties and a restart), and a failed migration leaves the file
-as it was. The old files are written here the way gatewayd up to schema version 1 wrote them,
-by a separate process (one variant is killed before it closes the file, leaving its WAL)."""
+"""Agent files of schema version 1 (an `AUTOINCREMENT` outbox; state and dedup seqs in tables
+of their own) are migrated in place when they are opened: rows, seqs, state and dedup seqs
+survive, new seqs stay above every seq the file ever handed out (also after the table empties
+and a restart), and a failed migration leaves the file as it was. The old files are written
+here the way gatewayd up to schema version 1 wrote them, by a separate process (one variant is
+killed before it closes the file, leaving its WAL)."""
 
 from __future__ import annotations
 
@@ -155,6 +156,10 @@ def test_a_version_1_file_is_migrated_in_place_and_keeps_its_rows_and_seqs(
         db.close()
     version, sql, sequence = _outbox_schema(path)
     assert (version, "AUTOINCREMENT" in sql, sequence) == (SCHEMA_VERSION, False, [])
+    with sqlite3.connect(path) as conn:  # state and dedup seqs: rows of one table now
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "_gw_turn_rows" in tables and not tables & {"_gw_state", "_gw_dedup"}
 
     db = _open(tmp_path, durability)  # a restart, with the table empty
     try:
