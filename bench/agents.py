@@ -19,7 +19,17 @@ row and the delete of the previous one, or the dedup upsert; COMMIT) with the sa
 and the same number of turns per commit, synchronously: the floor of any durable agent
 runtime. Reported: turns/s, process CPU µs per turn (`time.process_time`, all threads; the
 gatewayd side includes the driver's submit/await, what a transport does), SQL statements per
-turn (a trace callback on every agent's connection, counted in a separate pass).
+turn (a trace callback on every agent's connection, counted in a separate pass) and WAL frames
+(= pages written) per commit and per turn (each file's WAL frame count, read from its `-shm`
+wal-index header before and after that same separate pass, with the runtime's checkpoints
+held off during it; the raw side sums `wal_checkpoint`'s frame counts), and which table or
+index each of those pages belongs to (the frames' page numbers, read from the WAL, mapped with
+SQLite's `dbstat`; "page 1" is the file header, rewritten when the file grows).
+
+Base vs branch: the script imports gatewayd from `PYTHONPATH` first when that is set (else from
+its own checkout), so one copy of it measures two trees side by side, e.g. interleaved:
+    for i in 1 2 3; do PYTHONPATH=/path/to/main python bench/agents.py --turn-cost-only; \
+    PYTHONPATH=$PWD python bench/agents.py --turn-cost-only; done
 
 The older throughput comparison (`--agents`) against one aiosqlite connection per agent
 needs the `bench` extra (aiosqlite). Memory figures come from a fresh subprocess.
@@ -42,14 +52,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, ClassVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout, after PYTHONPATH's entries when that is set (see "Base vs branch" above).
+sys.path.insert(
+    len(sys.path) if os.environ.get("PYTHONPATH") else 0, str(Path(__file__).resolve().parents[1])
+)
 
 from bench.gateway_agents import FrameCounter, TelemetryEcho
-from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable, storage
 from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
 from protocols.link import DedupKey, DeliveredCallback, OutputAddress, Route
 
@@ -175,6 +188,21 @@ async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s:
 # -- turn cost: durable transport turns vs raw sqlite3 doing the same writes ------------------
 
 BURST_WINDOW = 32
+# The wal-index header at the start of a `-shm` file: mxFrame, the WAL's valid frames since it
+# was last restarted (a u32 in native byte order, https://sqlite.org/walformat.html).
+_SHM_MX_FRAME_OFFSET = 16
+
+
+def wal_frames(db_path: str) -> int:
+    """Frames in the database's WAL since its last restart (0 without a -shm file)."""
+    try:
+        fd = os.open(db_path + "-shm", os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        return int.from_bytes(os.pread(fd, 4, _SHM_MX_FRAME_OFFSET), sys.byteorder)
+    finally:
+        os.close(fd)
 
 
 class InstantOutputs:
@@ -200,6 +228,23 @@ class DurableLink(BenchLink):
         self.transport = "mqtt"
         self.output_address = OutputAddress("mqtt", f"dev/{agent_id}/down", 1)
         self.outputs = outputs
+
+
+def wal_pages_by_table(db_path: str, first_frame: int) -> Counter[str]:
+    """The table or index of the page each WAL frame from `first_frame` on wrote."""
+    last = wal_frames(db_path)
+    pages = []
+    with open(db_path + "-wal", "rb") as wal:
+        page_size = int.from_bytes(wal.read(32)[8:12], "big")
+        for frame in range(first_frame, last):
+            wal.seek(32 + frame * (24 + page_size))
+            pages.append(int.from_bytes(wal.read(4), "big"))
+    reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        owner = dict(reader.execute("SELECT pageno, name FROM dbstat"))
+    finally:
+        reader.close()
+    return Counter("page 1" if page == 1 else owner.get(page, "free") for page in pages)
 
 
 async def gatewayd_turn_cost(
@@ -241,19 +286,36 @@ async def gatewayd_turn_cost(
     def count(_statement: str) -> None:
         statements[0] += 1
 
-    for slot in runtime._scheduler.slots.values():
-        if slot.db is not None:
-            slot.db.connection.set_trace_callback(count)
-    traced, _cpu, _wall = await drive(min(0.5, duration_s))
-    for slot in runtime._scheduler.slots.values():
-        if slot.db is not None:
-            slot.db.connection.set_trace_callback(None)
+    # WAL frames in the same pass: no checkpoint may restart a WAL meanwhile.
+    dbs = [slot.db for slot in runtime._scheduler.slots.values() if slot.db is not None]
+    for db in dbs:
+        db.connection.set_trace_callback(count)
+    every = storage.CHECKPOINT_AFTER_COMMITS
+    storage.CHECKPOINT_AFTER_COMMITS = 1 << 40
+    try:
+        first_frames = [wal_frames(db.path) for db in dbs]
+        traced_commits = runtime.stats()["commits_total"]
+        traced, _cpu, _wall = await drive(min(0.5, duration_s))
+        traced_commits = runtime.stats()["commits_total"] - traced_commits
+        by_table: Counter[str] = Counter()
+        for db, first in zip(dbs, first_frames, strict=True):
+            by_table.update(wal_pages_by_table(db.path, first))
+        frames = sum(by_table.values())
+    finally:
+        storage.CHECKPOINT_AFTER_COMMITS = every
+    for db in dbs:
+        db.connection.set_trace_callback(None)
     await runtime.close()
     return {
         "turns_per_s": turns / wall_s,
         "cpu_us_per_turn": cpu_s / turns * 1e6,
         "turns_per_commit": turns / max(1, commits),
         "statements_per_turn": statements[0] / max(1, traced),
+        "wal_frames_per_commit": frames / max(1, traced_commits),
+        "wal_frames_per_turn": frames / max(1, traced),
+        "wal_pages_per_commit_by_table": {
+            name: count / max(1, traced_commits) for name, count in by_table.items()
+        },
     }
 
 
@@ -270,10 +332,12 @@ def raw_turn_cost(
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA cache_size=-256")
         conn.execute("CREATE TABLE readings (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-        conn.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)")
-        conn.execute("CREATE TABLE dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)")
+        # The state and the dedup seqs in one table, as the runtime keeps them (storage.py).
+        conn.execute("CREATE TABLE turn_rows (id INTEGER PRIMARY KEY, key TEXT UNIQUE, value)")
+        # No AUTOINCREMENT: the delivered rows are deleted after the new ones are written, so
+        # the newest row is never deleted and a seq is never reused (outbox_schema.py).
         conn.execute(
-            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, transport TEXT NOT "
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, transport TEXT NOT "
             "NULL, target TEXT NOT NULL, qos INTEGER NOT NULL, payload BLOB NOT NULL)"
         )
         conns.append(conn)
@@ -282,18 +346,15 @@ def raw_turn_cost(
     delivered: list[list[int]] = [[] for _ in range(agents)]
     seq = [0] * agents
     commits = [0] * agents
+    frames = 0
     turns = 0
     cpu, wall = time.process_time(), time.perf_counter()
     deadline = wall + duration_s
     while time.perf_counter() < deadline:
         for i, conn in enumerate(conns):
             conn.execute("BEGIN")
-            if delivered[i]:  # the replies of the previous commit, delivered in order
-                conn.execute(
-                    "DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
-                    (delivered[i][0], delivered[i][-1]),
-                )
-                delivered[i] = []
+            done = delivered[i]  # the replies of the previous commit, delivered in order
+            delivered[i] = []
             for _ in range(per_commit):
                 if kind == "frames":
                     conn.execute("INSERT INTO readings (body) VALUES (?)", (len(PAYLOAD),))
@@ -301,17 +362,17 @@ def raw_turn_cost(
                     conn.execute("INSERT INTO readings (body) VALUES (?)", (PAYLOAD,))
                 new = {"readings": state[i]["readings"] + 1, "last": len(PAYLOAD)}
                 conn.execute(
-                    "INSERT INTO state (id, json) VALUES (0, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
+                    "INSERT INTO turn_rows (id, key, value) VALUES (0, 'state', ?) "
+                    "ON CONFLICT (id) DO UPDATE SET value = excluded.value",
                     (json.dumps(new, separators=(",", ":"), ensure_ascii=False),),
                 )
                 state[i] = new
                 if kind == "frames":
                     seq[i] += 1
                     conn.execute(
-                        "INSERT INTO dedup (stream, last_seq) VALUES (?, ?) "
-                        "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-                        (f"d{i}", seq[i]),
+                        "INSERT INTO turn_rows (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (f"dedup:d{i}", seq[i]),
                     )
                 else:
                     cursor = conn.execute(
@@ -321,12 +382,15 @@ def raw_turn_cost(
                     assert cursor.lastrowid is not None
                     delivered[i].append(cursor.lastrowid)
                 turns += 1
+            if done:  # after the turns, as the runtime does
+                conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (done[0], done[-1]))
             conn.execute("COMMIT")
             commits[i] += 1
             if commits[i] % CHECKPOINT_AFTER_COMMITS == 0:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                frames += conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
     cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
     for conn in conns:
+        frames += conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
         conn.close()
     # Per turn: the insert, the state upsert, the outbox row or the dedup upsert; per commit:
     # BEGIN, COMMIT and (echo) the delete of the delivered rows.
@@ -336,6 +400,8 @@ def raw_turn_cost(
         "cpu_us_per_turn": cpu_s / turns * 1e6,
         "turns_per_commit": per_commit,
         "statements_per_turn": statements,
+        "wal_frames_per_commit": frames / max(1, sum(commits)),
+        "wal_frames_per_turn": frames / max(1, turns),
     }
 
 
@@ -347,6 +413,7 @@ async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
         for shape, window in (("paced", 1), ("burst", BURST_WINDOW))
     ]
     samples: dict[str, dict[str, list[float]]] = {}
+    by_table: dict[str, list[dict[str, float]]] = {}
     for repeat in range(opts.repeats):
         for kind, shape, window in cases:
             name = f"{kind}_{shape}"
@@ -363,12 +430,21 @@ async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(root / f"tc-g-{name}-{repeat}", ignore_errors=True)
             shutil.rmtree(root / f"tc-r-{name}-{repeat}", ignore_errors=True)
             case = samples.setdefault(name, {})
+            tables = by_table.setdefault(name, [])
+            tables.append(ours.pop("wal_pages_per_commit_by_table"))
             for side, result in (("gatewayd", ours), ("raw", raw)):
                 for key, value in result.items():
                     case.setdefault(f"{side}_{key}", []).append(value)
     out: dict[str, Any] = {}
     for name, case in samples.items():
-        row = {key: round(statistics.median(values), 2) for key, values in case.items()}
+        row: dict[str, Any] = {
+            key: round(statistics.median(values), 2) for key, values in case.items()
+        }
+        names = sorted({table for repeat in by_table[name] for table in repeat})
+        row["gatewayd_wal_pages_per_commit_by_table"] = {
+            table: round(statistics.median(repeat.get(table, 0.0) for repeat in by_table[name]), 2)
+            for table in names
+        }
         row["cpu_ratio"] = round(row["gatewayd_cpu_us_per_turn"] / row["raw_cpu_us_per_turn"], 2)
         row["throughput_ratio"] = round(row["gatewayd_turns_per_s"] / row["raw_turns_per_s"], 2)
         out[name] = row
@@ -380,15 +456,39 @@ def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
         f"turn cost, {agents} agents, medians of {repeats} interleaved repeats "
         "(raw = sqlite3 doing the same writes, same turns per commit)"
     )
-    header = ("case", "turns/s", "raw/s", "CPU us/turn", "raw us", "ratio", "stmts/turn", "raw")
-    print("{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5}".format(*header))
+    header = (
+        "case",
+        "turns/s",
+        "raw/s",
+        "CPU us/turn",
+        "raw us",
+        "ratio",
+        "stmts/turn",
+        "raw",
+        "frames/commit",
+        "raw",
+        "frames/turn",
+        "raw",
+    )
+    print(
+        "{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5} {:>13} {:>5} {:>11} {:>5}".format(
+            *header
+        )
+    )
     for name, row in table.items():
         print(
             f"{name:<13} {row['gatewayd_turns_per_s']:>8.0f} {row['raw_turns_per_s']:>8.0f} "
             f"{row['gatewayd_cpu_us_per_turn']:>11.1f} {row['raw_cpu_us_per_turn']:>7.1f} "
             f"{row['cpu_ratio']:>6.2f} {row['gatewayd_statements_per_turn']:>10.2f} "
-            f"{row['raw_statements_per_turn']:>5.2f}"
+            f"{row['raw_statements_per_turn']:>5.2f} "
+            f"{row['gatewayd_wal_frames_per_commit']:>13.2f} "
+            f"{row['raw_wal_frames_per_commit']:>5.2f} "
+            f"{row['gatewayd_wal_frames_per_turn']:>11.2f} {row['raw_wal_frames_per_turn']:>5.2f}"
         )
+    print("gatewayd's WAL pages per commit, by table or index:")
+    for name, row in table.items():
+        pages = row["gatewayd_wal_pages_per_commit_by_table"]
+        print(f"  {name:<13} " + ", ".join(f"{t} {n:.2f}" for t, n in sorted(pages.items())))
 
 
 async def wake_latency(state_dir: Path, agents: int) -> dict:
@@ -440,11 +540,19 @@ async def wake_latency(state_dir: Path, agents: int) -> dict:
     # loop thread, with no runtime, no executor hop and no agent.
     files = sorted(str(p) for p in (state_dir / "agents" / "bench").rglob("*.sqlite3"))
     plain = []
+    with sqlite3.connect(files[0]) as first:  # schema version 2 (or an older gatewayd's 1)
+        tables = {row[0] for row in first.execute("SELECT name FROM sqlite_master")}
+    first.close()
+    state_query = (
+        "SELECT value FROM _gw_turn_rows WHERE id = 0"
+        if "_gw_turn_rows" in tables
+        else "SELECT json FROM _gw_state WHERE id = 0"
+    )
     for path in files[:agents]:
         started = time.perf_counter()
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+        conn.execute(state_query).fetchone()
         conn.execute("BEGIN")
         conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
         conn.execute("COMMIT")

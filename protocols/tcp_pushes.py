@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from protocols.link import DeliveredCallback
 
-# HELLO_OK's push_epoch: constant, because push seqs are durable (outbox row ids) and survive
-# restarts; a device applies a push only if its seq is above the last one it applied.
+# HELLO_OK's push_epoch: constant, because push seqs are durable (outbox row ids, never handed
+# out twice by an agent's file, also after the rows are deleted: gatewayd/agents/outbox_schema.py)
+# and survive restarts; a device applies a push only if its seq is above the last one it applied.
 DURABLE_PUSH_EPOCH = 1
 
 PushToWrite = tuple[int, bytes, bool]  # (seq, payload, resend: written to a connection before)

@@ -10,8 +10,8 @@ batched; a crash before that only resends an already delivered output: at least 
 
 Rows carry their full address (transport, topic or device id, QoS), so they can be sent again
 after a restart without a live session: MQTT rows are republished at once, TCP rows wait in
-the listener until the device reconnects. The row id (`seq`, AUTOINCREMENT: never reused, even
-after deletes) orders one agent's outputs and is the TCP push seq (FRAMES.md section 6).
+the listener until the device reconnects. The row id (`seq`: never reused, even after deletes,
+see outbox_schema.py) orders one agent's outputs and is the TCP push seq (FRAMES.md section 6).
 
 Finding the agents with undelivered rows at start-up must not open every agent database:
 `OutboxIndex` is a small gateway-wide SQLite file listing them. An agent is marked there
@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 from prometheus_client import Gauge
 
+from gatewayd.agents import outbox_schema
 from gatewayd.agents.errors import AgentError
 from gatewayd.agents.metrics import HOT
 from protocols.link import DurableOutputs, OutputAddress, durable_target
@@ -54,14 +55,6 @@ _EVENTS = HOT.outbox
 OUTBOX_UNDELIVERED = Gauge(
     "gatewayd_outbox_undelivered", "Durable outputs handed to a transport and not yet delivered"
 )
-
-_SCHEMA = """CREATE TABLE IF NOT EXISTS _gw_outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    transport TEXT NOT NULL,
-    target TEXT NOT NULL,
-    qos INTEGER NOT NULL,
-    payload BLOB NOT NULL
-)"""
 
 
 class OutboxFullError(AgentError):
@@ -79,12 +72,12 @@ class OutboxStore:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        db.execute(_SCHEMA)
+        db.execute(outbox_schema.SCHEMA)
 
     def append(self, address: OutputAddress, payload: bytes) -> int:
+        """A new row; its seq is above every seq this file ever handed out."""
         cursor = self._db.execute(
-            "INSERT INTO _gw_outbox (transport, target, qos, payload) VALUES (?, ?, ?, ?)",
-            (address.transport, address.target, address.qos, payload),
+            outbox_schema.INSERT, (address.transport, address.target, address.qos, payload)
         )
         seq = cursor.lastrowid
         assert seq is not None
@@ -102,18 +95,28 @@ class OutboxStore:
 
     def delete(self, seqs: list[int]) -> None:
         """Delete these rows: one statement when the seqs are one run without gaps (outputs
-        are usually delivered in order), else one execution per seq."""
-        if len(seqs) == 1:
-            self._db.execute("DELETE FROM _gw_outbox WHERE seq = ?", (seqs[0],))
-            return
+        are usually delivered in order), else one execution per seq. The table's highest row
+        is kept by that statement (outbox_schema.py): if it was among `seqs` (fewer rows went
+        than asked), the high-water mark is raised to the highest of `seqs` first, then the
+        rest go (the only case that writes the mark: the table was left without newer rows)."""
         if not seqs:
             return
-        low, high = min(seqs), max(seqs)
-        if high - low + 1 == len(seqs) == len(set(seqs)):
-            # Every seq from low to high is in `seqs` (seqs are unique row ids): exact.
-            self._db.execute("DELETE FROM _gw_outbox WHERE seq BETWEEN ? AND ?", (low, high))
+        wanted = set(seqs)
+        low, high = min(wanted), max(wanted)
+        if high - low + 1 == len(wanted):
+            # Every seq from low to high is asked for (seqs are unique row ids): exact.
+            params: list[tuple[int, ...]] = [(low,)] if low == high else [(low, high)]
         else:
-            self._db.executemany("DELETE FROM _gw_outbox WHERE seq = ?", [(seq,) for seq in seqs])
+            params = [(seq,) for seq in sorted(wanted)]
+        form = len(params[0]) - 1  # 0: one seq per execution, 1: a run
+        db = self._db
+        if len(params) == 1:
+            deleted = db.execute(outbox_schema.DELETE_BELOW_HIGHEST[form], params[0]).rowcount
+        else:
+            deleted = db.executemany(outbox_schema.DELETE_BELOW_HIGHEST[form], params).rowcount
+        if deleted < len(wanted):
+            db.execute(outbox_schema.RAISE_HIGH, (high,))
+            db.executemany(outbox_schema.DELETE_ANY[form], params)
 
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM _gw_outbox").fetchone()[0])

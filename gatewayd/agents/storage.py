@@ -43,10 +43,11 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gatewayd.agents import keepwal
+from gatewayd.agents import keepwal, outbox_schema
 from gatewayd.agents.errors import (
     AgentError,
     CorruptDatabaseError,
@@ -57,7 +58,9 @@ from gatewayd.agents.errors import (
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# The schema version a new file gets (`PRAGMA user_version`); `open()` migrates older files in
+# place, each in one transaction of its own (`_MIGRATIONS`), and refuses newer ones.
+SCHEMA_VERSION = 2
 # Only our own process opens an agent file; a short wait covers a close still checkpointing.
 _BUSY_TIMEOUT_S = 5.0
 # SQLite's page cache per open agent database. Its default (2 MiB) times `max_active` awake
@@ -101,11 +104,54 @@ _READABLE_PREFIX_CHARS = 32
 _FORBIDDEN_FIRST_WORDS = frozenset(
     {"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "VACUUM"}
 )
+# `_gw_turn_rows`: the rows the runtime writes in turns, in ONE b-tree, so that a commit's state
+# and dedup seqs share a page (each table written is a page, a WAL frame, and in cluster mode a
+# page replicated): the agent's state (id 0, JSON text) and each dedup stream's last applied
+# seq (key "dedup:<stream>", an integer; ids from 1). `key` is unique (an index, written only
+# when a stream is new). Schema version 1 had them as `_gw_state` and `_gw_dedup`.
+_TURN_ROWS = "_gw_turn_rows"
+_STATE_ID = 0
+_DEDUP_KEY_PREFIX = "dedup:"
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _gw_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS _gw_state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)",
-    "CREATE TABLE IF NOT EXISTS _gw_dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {_TURN_ROWS} "
+    "(id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, value)",
 )
+_LOAD_STATE = f"SELECT value FROM {_TURN_ROWS} WHERE id = {_STATE_ID}"
+_SAVE_STATE = (
+    f"INSERT INTO {_TURN_ROWS} (id, key, value) VALUES ({_STATE_ID}, 'state', ?) "
+    "ON CONFLICT (id) DO UPDATE SET value = excluded.value"
+)
+_LOAD_SEQ = f"SELECT value FROM {_TURN_ROWS} WHERE key = '{_DEDUP_KEY_PREFIX}' || ?"
+_SAVE_SEQ = (
+    f"INSERT INTO {_TURN_ROWS} (key, value) VALUES ('{_DEDUP_KEY_PREFIX}' || ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+
+def _turn_rows_in_one_table(conn: sqlite3.Connection) -> None:
+    """Schema version 1 -> 2: `_gw_state` and `_gw_dedup` become rows of `_gw_turn_rows`."""
+    conn.execute(_SCHEMA[1])
+    conn.execute(
+        f"INSERT INTO {_TURN_ROWS} (id, key, value) "
+        f"SELECT {_STATE_ID}, 'state', json FROM _gw_state WHERE id = 0"
+    )
+    conn.execute(
+        f"INSERT INTO {_TURN_ROWS} (key, value) "
+        f"SELECT '{_DEDUP_KEY_PREFIX}' || stream, last_seq FROM _gw_dedup ORDER BY rowid"
+    )
+    conn.execute("DROP TABLE _gw_state")
+    conn.execute("DROP TABLE _gw_dedup")
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    _turn_rows_in_one_table(conn)
+    outbox_schema.migrate_from_autoincrement(conn)  # _gw_outbox without AUTOINCREMENT
+
+
+# version N -> N + 1, in the caller's transaction (tables created lazily by their stores, like
+# `_gw_outbox`, are migrated here too when they exist).
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], object]] = {1: _migrate_1_to_2}
 
 
 def validate_class_name(agent_class: str) -> None:
@@ -477,6 +523,16 @@ class AgentDatabase:
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
+                if version > SCHEMA_VERSION:
+                    raise CorruptDatabaseError(
+                        f"{label}: {path} has schema version {version}, written by a newer "
+                        f"gatewayd (this one knows versions up to {SCHEMA_VERSION}); refusing "
+                        "to use it: run the newer gatewayd"
+                    )
+                if version < SCHEMA_VERSION:
+                    if warm:
+                        raise _NotWarm  # (open() migrates it, off the loop)
+                    db._migrate(version)
                 if db.keeps_wal and wal_present and _wal_started(path + "-wal"):
                     # The WAL holds frames: the first COMMIT appends to it (no fsync), so
                     # there is nothing to start here; forget the ownership record in the
@@ -503,6 +559,31 @@ class AgentDatabase:
             conn.close()
             raise
         return db
+
+    def _migrate(self, version: int) -> None:
+        """Executor only (it commits): bring a file of an older schema version up to
+        `SCHEMA_VERSION`, all steps in one transaction of their own, so a failure (a full
+        disk, a crash) leaves the file as it was and the next open tries again. It also
+        forgets the WAL-ownership record, as the open's first transaction would."""
+        conn = self._conn
+        self.begin()
+        try:
+            for step in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[step](conn)
+            conn.execute(_FORGET_WAL_FOR)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            self.in_transaction_ = conn.in_transaction
+            if self.in_transaction_:
+                self.rollback()
+        logger.debug(
+            "agents: %s: %s migrated from schema version %d to %d",
+            self._label,
+            self.path,
+            version,
+            SCHEMA_VERSION,
+        )
 
     # -- transactions (loop thread) -------------------------------------------------------
 
@@ -689,18 +770,14 @@ class AgentDatabase:
     # -- agent data -------------------------------------------------------------------------
 
     def load_state(self) -> tuple[bool, Any]:
-        row = self._conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+        row = self._conn.execute(_LOAD_STATE).fetchone()
         if row is None:
             return False, None
         return True, json.loads(row[0])
 
     def save_state(self, state_json: str) -> None:
         _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
-        self._execute(
-            "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
-            "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
-            (state_json,),
-        )
+        self._execute(_SAVE_STATE, (state_json,))
 
     def last_seq(self, stream: str) -> int | None:
         unwritten = self._unwritten_seqs.get(stream)
@@ -709,9 +786,7 @@ class AgentDatabase:
         cached = self._last_seqs.get(stream, -1)
         if cached != -1:
             return cached
-        row = self._conn.execute(
-            "SELECT last_seq FROM _gw_dedup WHERE stream = ?", (stream,)
-        ).fetchone()
+        row = self._conn.execute(_LOAD_SEQ, (stream,)).fetchone()
         last = None if row is None else int(row[0])
         if len(self._last_seqs) >= _LAST_SEQS_CACHED:
             self._last_seqs.clear()
@@ -734,11 +809,7 @@ class AgentDatabase:
             return
         rows = list(unwritten.items())
         try:
-            self._conn.executemany(
-                "INSERT INTO _gw_dedup (stream, last_seq) VALUES (?, ?) "
-                "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-                rows,
-            )
+            self._conn.executemany(_SAVE_SEQ, rows)
         except sqlite3.OperationalError as err:
             if "full" in str(err):
                 raise StorageFullError(

@@ -59,5 +59,5 @@ async def test_crashed_alarm_loop_is_logged_reported_and_restarted(
 
 def _committed_state(path) -> dict:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
-        row = db.execute("SELECT json FROM _gw_state").fetchone()
+        row = db.execute("SELECT value FROM _gw_turn_rows WHERE id = 0").fetchone()
     return {"ticks": []} if row is None else json.loads(row[0])

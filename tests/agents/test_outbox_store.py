@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gatewayd.agents.outbox import Outbox, OutboxFullError, OutboxStore
+from gatewayd.agents.storage import AgentDatabase
 from protocols.link import DeliveredCallback, OutputAddress
 
 TOPIC = OutputAddress("mqtt", "devices/a/cmd", 1)
@@ -34,9 +35,12 @@ class RecordingOutputs:
 
 @pytest.fixture
 def db(tmp_path: Path):
-    conn = sqlite3.connect(tmp_path / "agent.sqlite3", isolation_level=None)
-    yield conn
-    conn.close()
+    """A real agent file's connection, no transaction open (the tests run their own)."""
+    agent = AgentDatabase.open(
+        tmp_path, *KEY, durability="normal", max_db_bytes=1 << 24, max_value_bytes=1 << 20
+    )
+    yield agent.connection
+    agent.close()
 
 
 def _outbox(tmp_path: Path, **kw: int) -> Outbox:
@@ -73,7 +77,7 @@ def test_rows_belong_to_the_transaction_and_seqs_are_never_reused(db) -> None:
     db.execute("BEGIN")
     c = store.append(TOPIC, b"c")
     db.execute("COMMIT")
-    assert c > b  # AUTOINCREMENT: a deleted seq is never handed out again (TCP push seqs)
+    assert c > b  # a deleted seq is never handed out again (TCP push seqs)
 
 
 def test_cap_refuses_the_turn_and_delivery_makes_room(db, outbox: Outbox) -> None:
@@ -169,3 +173,70 @@ def test_delete_removes_exactly_the_given_rows(db) -> None:
     store.delete([])
     db.execute("COMMIT")
     assert [row.seq for row in store.pending()] == [seqs[4], seqs[6]]
+
+
+def _commit_append(db: sqlite3.Connection, store: OutboxStore, n: int = 1) -> list[int]:
+    db.execute("BEGIN")
+    seqs = [store.append(TOPIC, b"%d" % i) for i in range(n)]
+    db.execute("COMMIT")
+    return seqs
+
+
+def _commit_delete(db: sqlite3.Connection, store: OutboxStore, seqs: list[int]) -> None:
+    db.execute("BEGIN")
+    store.delete(seqs)
+    db.execute("COMMIT")
+
+
+def test_new_seqs_stay_above_every_seq_handed_out_when_the_newest_rows_go(
+    tmp_path: Path,
+) -> None:
+    """TCP push seqs and cluster dedup ids: outputs delivered out of order, the table
+    emptied, the file reopened (a restart): no seq is handed out twice."""
+    opened = AgentDatabase.open(
+        tmp_path, *KEY, durability="normal", max_db_bytes=1 << 24, max_value_bytes=1 << 20
+    )
+    db, store = opened.connection, OutboxStore(opened.connection)
+    assert _commit_append(db, store, 4) == [1, 2, 3, 4]
+    _commit_delete(db, store, [4])  # the newest delivered first (another device)
+    assert _commit_append(db, store) == [5]
+    _commit_delete(db, store, [3, 5])  # a gap, the newest among them
+    assert [row.seq for row in store.pending()] == [1, 2]
+    assert _commit_append(db, store) == [6]
+    _commit_delete(db, store, [1, 2, 6])  # everything: the table is empty
+    assert store.count() == 0
+    assert _commit_append(db, store) == [7]
+    _commit_delete(db, store, [7])
+    db.execute("BEGIN")
+    assert store.append(TOPIC, b"rolled back") == 8
+    db.execute("ROLLBACK")  # never existed: its seq may come again, nothing saw it
+    opened.close()
+    reopened = AgentDatabase.open(
+        tmp_path, *KEY, durability="normal", max_db_bytes=1 << 24, max_value_bytes=1 << 20
+    )
+    try:
+        if reopened.in_transaction_:
+            reopened.commit()  # (a kept WAL: the open leaves its first transaction to us)
+        db, store = reopened.connection, OutboxStore(reopened.connection)
+        assert store.count() == 0
+        assert _commit_append(db, store, 2) == [8, 9]
+    finally:
+        reopened.close()
+
+
+def test_a_batch_that_replies_and_deletes_older_rows_writes_no_high_water_mark(db) -> None:
+    """The hot path (reply N written, reply N-1 deleted, one transaction) writes the outbox's
+    page only; the mark is written when a delete takes the newest row (outbox_schema.py)."""
+    store = OutboxStore(db)
+    previous = _commit_append(db, store)
+    for _ in range(3):
+        db.execute("BEGIN")
+        new = store.append(TOPIC, b"reply")
+        store.delete(previous)
+        db.execute("COMMIT")
+        previous = [new]
+    assert db.execute("SELECT key FROM _gw_meta WHERE key LIKE 'outbox%'").fetchall() == []
+    _commit_delete(db, store, previous)  # the last one: now the mark holds its seq
+    assert db.execute("SELECT value FROM _gw_meta WHERE key LIKE 'outbox%'").fetchall() == [
+        (str(previous[0]),)
+    ]

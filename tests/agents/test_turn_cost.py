@@ -187,7 +187,7 @@ async def test_dedup_seqs_are_remembered_and_still_exactly_once(make_runtime) ->
         db.connection.set_trace_callback(statements.append)
         results = await asyncio.gather(*(send(f"s{n}", n) for n in range(7, 12)))
         assert results == [Outcome.APPLIED] * 5
-        dedup_writes = [sql for sql in statements if "_gw_dedup" in sql]
+        dedup_writes = [sql for sql in statements if sql.startswith("INSERT") and "dedup:" in sql]
         assert len(dedup_writes) == 1 and statements.index(dedup_writes[0]) < statements.index(
             "COMMIT"
         )
