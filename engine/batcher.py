@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import metrics
+from engine import graph_ops, metrics
 from engine.errors import (
     EngineNotRunning,
     EngineOverloaded,
@@ -63,7 +63,7 @@ from engine.errors import (
 from engine.io import RequestValidator
 from engine.providers import load_session
 from engine.runner import Runner, split_rows
-from engine.spec import ModelSpec
+from engine.spec import LONE_INLINE_MAX_RUN_S, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ class Batcher:
         self._staged: deque[_Batch] = deque()
         # Inline runs: the most a bucket's recent runs took, per bucket index (0: off).
         self._inline_max_s = spec.inline_max_run_s
+        # Lone requests inline (set at load: CPU and a graph without control flow), or 0.
+        self._inline_lone_s = 0.0
         self._recent_run_s: list[float] = [math.inf] * len(spec.buckets)
         self._flush_armed = False  # a timer will ask the worker to flush inline runs' metrics
         # Per-batch numbers for the metrics, appended by whichever thread ran the batch and
@@ -492,11 +494,15 @@ class Batcher:
         if batch is None:
             self._check_drained()
             return
-        if self._inline_max_s and self._recent_run_s[self._bucket_of(batch.rows)] <= (
-            self._inline_max_s
-        ):
-            self._run_inline(batch)
-            return
+        if self._inline_lone_s or self._inline_max_s:
+            recent_s = self._recent_run_s[self._bucket_of(batch.rows)]
+            if recent_s <= self._inline_max_s or (
+                recent_s <= self._inline_lone_s
+                and len(batch.requests) == 1
+                and not self._queued_rows
+            ):
+                self._run_inline(batch)
+                return
         self._busy = True
         self._jobs.put((self._run_batches, (batch,)))
         if self._queued_rows >= self._max_rows:
@@ -718,12 +724,29 @@ class Batcher:
             self.runner.warm_up()
             if self.runner.device == "cpu":
                 self._recent_run_s = list(self.runner.warm_run_s)
+                if self.spec.inline_lone_requests:
+                    self._inline_lone_s = self._lone_inline_limit()
             else:
                 self._inline_max_s = 0.0  # CUDA graphs replay only on the worker's thread
         except BaseException as exc:
             loop.call_soon_threadsafe(_set_exception, done, exc)
         else:
             loop.call_soon_threadsafe(_set_result, done, None)
+
+    def _lone_inline_limit(self) -> float:
+        """Seconds a lone request's bucket may take to run inline; 0 when the graph's run time
+        may depend on the input values (control flow, custom ops) or cannot be read."""
+        ops = graph_ops.op_types(self.spec.path)
+        unbounded = ["the file could not be read"] if ops is None else graph_ops.unbounded_ops(ops)
+        if not unbounded:
+            return max(LONE_INLINE_MAX_RUN_S, self._inline_max_s)
+        log.info(
+            "engine: model %r: lone requests run on the worker thread, not inline (the graph "
+            "has ops whose run time may depend on the input values: %s)",
+            self.spec.name,
+            ", ".join(unbounded),
+        )
+        return 0.0
 
     def _run_batches(self, batch: _Batch) -> None:
         """Run the batch the loop dispatched, then every batch it staged meanwhile."""
