@@ -43,8 +43,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import REGISTRY
 
-if not os.environ.get("PYTHONPATH"):  # PYTHONPATH picks the engine under test (A/B runs)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# sys.path[0] is bench/, where this file would shadow the `engine` package: put the engine
+# under test first, PYTHONPATH's first entry when set (A/B runs against another checkout).
+sys.path.insert(0, os.environ.get("PYTHONPATH", "").split(":")[0] or str(Path(__file__).parents[1]))
 import engine as engine_package
 from engine import Engine, ModelSpec
 
