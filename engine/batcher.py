@@ -74,7 +74,7 @@ _WORKER_EXIT_S = 1.0
 _FLUSH_IDLE_S = 0.001
 _FLUSH_BATCHES = 64
 _FLUSH_INLINE_S = 0.01  # inline runs leave the worker asleep: it is woken this often to flush
-# Inline runs: a bucket's recent run time is max(this run, previous estimate * _DECAY).
+# Inline runs: a bucket's recent run time is max(this run's CPU time, previous estimate * _DECAY).
 _DECAY = 0.9
 
 Outputs = dict[str, np.ndarray]
@@ -831,8 +831,11 @@ class Batcher:
             error = self._failure(exc)
         run_s = time.perf_counter() - started + batch.load_s
         cpu_s = time.thread_time() - cpu_started
+        # Inline runs are judged by the run's CPU time: a thread the OS took off its CPU for a
+        # while (a busy machine) says nothing about how long the model keeps the loop busy.
+        spent_s = cpu_s + batch.load_s
         recent = self._recent_run_s[loaded] * _DECAY
-        self._recent_run_s[loaded] = run_s if run_s > recent else recent
+        self._recent_run_s[loaded] = spent_s if spent_s > recent else recent
         self._batch_stats.append(
             (
                 self.spec.buckets[loaded],
