@@ -723,7 +723,7 @@ class Batcher:
             )
             self.runner.warm_up()
             if self.runner.device == "cpu":
-                self._recent_run_s = list(self.runner.warm_run_s)
+                self._recent_run_s = list(self.runner.warm_cpu_s)
                 if self.spec.inline_lone_requests:
                     self._inline_lone_s = self._lone_inline_limit()
             else:
