@@ -383,6 +383,8 @@ class Batcher:
         except InvalidInput:
             self._m_invalid.inc()
             raise
+        if not checked:
+            return []
         waiting = self._queued_rows
         if waiting + total > self._queue_limit:
             self._m_overloaded.inc()
@@ -412,7 +414,7 @@ class Batcher:
             level.append((future, inputs, rows, now, deadline))
             entries.append((future, row_counts[start:end]))
             start = end
-        self._accepted += len(entries)
+        self._accepted += count  # the caller's requests, however they were packed
         self._after_queued(waiting + total, deadline)
         return entries
 

@@ -46,8 +46,8 @@ async def test_each_request_gets_its_own_rows_in_order(two_inputs_path: Path) ->
         await asyncio.gather(
             *(many_caller(c) for c in range(8)), *(single_caller(100 + c) for c in range(16))
         )
-    # Far fewer queue entries than requests: 8 x 3 calls of 30 requests, 80 single requests.
-    assert metric("gatewayd_engine_requests_total", model="many") < 8 * 3 * 30 / 2
+    # Every request counts, however packed: 8 x 3 calls of 30 requests, 80 single requests.
+    assert metric("gatewayd_engine_requests_total", model="many") == 8 * 3 * 30 + 80
 
 
 async def test_one_row_requests_fill_whole_buckets(mlp_path: Path, model_name: str) -> None:
@@ -63,8 +63,10 @@ async def test_one_row_requests_fill_whole_buckets(mlp_path: Path, model_name: s
         assert result["logits"].shape == (1, 3)
         assert result["total"].shape == (1,)
         np.testing.assert_allclose(result["logits"][0], expected[index], rtol=1e-5, atol=1e-6)
-    # 100 rows in 4 entries of at most 32 rows (32 + 32 + 32 + 4), 4 more by infer(), 1 single.
-    assert metric("gatewayd_engine_requests_total", model=model_name) == 1 + 4 + 4
+    assert metric("gatewayd_engine_requests_total", model=model_name) == 1 + 100 + 4
+    # 100 rows packed into entries of 32 + 32 + 32 + 4 rows, one batch each, like the 4
+    # infer() calls of the same rows; and the single request.
+    assert metric("gatewayd_engine_batch_rows_count", model=model_name) == 1 + 4 + 4
 
 
 async def test_bad_request_rejects_the_whole_call_and_names_it(two_inputs_path: Path) -> None:
