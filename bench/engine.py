@@ -11,6 +11,8 @@ Models: an MLP (256 -> 512 -> 512 -> 512 -> 16, where batching pays), a wider on
 and the example anomaly autoencoder (so small that per-request cost dominates: it shows the
 engine's own overhead). Prints a table, then one JSON line with the target ratios:
   engine@256 / raw@(batch the engine used)  (target >= 0.6)
+  infer_many 16x16 / raw@(same batch)       (256 rows in flight from 16 callers that each
+                                             send 16 one-row requests per call)
   engine@256 / naive@256                    (target >= 3)
   engine@1 p50 - raw@1 p50                  (target <= 100 us), with max_queue_delay_s=0,
                                             with the default 2 ms (adaptive batching), and
@@ -41,7 +43,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import REGISTRY
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# sys.path[0] is bench/, where this file would shadow the `engine` package: put the engine
+# under test first, PYTHONPATH's first entry when set (A/B runs against another checkout).
+sys.path.insert(0, os.environ.get("PYTHONPATH", "").split(":")[0] or str(Path(__file__).parents[1]))
+import engine as engine_package
 from engine import Engine, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +55,7 @@ CONCURRENCY = (1, 16, 64, 256)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PAIRS = 7  # back-to-back raw/engine slices behind each target ratio (--pairs)
 INLINE_MAX_RUN_S = 0.0005  # the inline variant at concurrency 1
+MANY_CALLERS, MANY_REQUESTS = 16, 16  # infer_many: 16 callers x 16 one-row requests = 256
 
 
 def build_mlp(path: Path, widths: tuple[int, ...] = (256, 512, 512, 512, 16)) -> Path:
@@ -251,12 +257,22 @@ async def paired(
     async def call_inline() -> None:
         await inline.infer(f"{model}_i", feed1)
 
+    many = [feed1] * MANY_REQUESTS
+
+    async def call_many() -> None:
+        await fast.infer_many(model, many)
+
     ratios, overheads, default_overheads, inline_overheads = [], [], [], []
+    many_ratios: list[float] = []
     try:
         for _ in range(pairs):
             raw_used = raw_slice(sess, feed_used, seconds)
             eng256 = await closed_loop(call_fast, 256, seconds)
             ratios.append(eng256["samples_per_s"] / raw_used["samples_per_s"])
+            if hasattr(fast, "infer_many"):
+                eng_many = await closed_loop(call_many, MANY_CALLERS, seconds)
+                samples = eng_many["samples_per_s"] * MANY_REQUESTS
+                many_ratios.append(samples / raw_used["samples_per_s"])
             raw1 = raw_slice(sess, feed1, seconds)
             eng1 = await closed_loop(call_fast, 1, seconds)
             eng1_default = await closed_loop(call_default, 1, seconds)
@@ -273,6 +289,7 @@ async def paired(
         "engine1_overhead_us": float(np.median(overheads)),
         "engine1_default_delay_overhead_us": float(np.median(default_overheads)),
         "engine1_inline_overhead_us": float(np.median(inline_overheads)),
+        "many256_vs_raw_at_used_batch": float(np.median(many_ratios)) if many_ratios else None,
         "pairs": pairs,
     }
 
@@ -298,6 +315,7 @@ async def bench_model(
         "engine1_overhead_us": pair["engine1_overhead_us"],
         "engine1_default_delay_overhead_us": pair["engine1_default_delay_overhead_us"],
         "engine1_inline_overhead_us": pair["engine1_inline_overhead_us"],
+        "many256_vs_raw_at_used_batch": pair["many256_vs_raw_at_used_batch"],
         "paired_slices": pair["pairs"],
     }
     return {
@@ -318,6 +336,8 @@ def median_result(runs: list[dict]) -> dict:
             return {k: merge([v[k] for v in values]) for k in first}
         if isinstance(first, float):
             return float(np.median(values))
+        if first is None:
+            return None
         return first if all(v == first for v in values) else max(set(values), key=values.count)
 
     return merge(runs)  # type: ignore[return-value]
@@ -345,6 +365,11 @@ def print_table(label: str, result: dict) -> None:
         f" default 2 ms delay {s['engine1_default_delay_overhead_us']:.0f} us, inline"
         f" {s['engine1_inline_overhead_us']:.0f} us (target <= 100)"
     )
+    if s["many256_vs_raw_at_used_batch"] is not None:
+        print(
+            f"infer_many {MANY_CALLERS}x{MANY_REQUESTS} / raw@{s['raw_batch_compared']}:"
+            f" {s['many256_vs_raw_at_used_batch']:.2f}x"
+        )
 
 
 async def main(seconds: float, repeats: int, only: set[str] | None, pairs: int) -> None:
@@ -378,6 +403,7 @@ async def main(seconds: float, repeats: int, only: set[str] | None, pairs: int) 
         "cpu_count": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "loop": type(asyncio.get_running_loop()).__module__,
+        "engine": str(Path(engine_package.__file__).resolve().parents[1]),
         "load_average_before": round(load_before, 1),
         "load_average_after": round(os.getloadavg()[0], 1),
     }

@@ -46,13 +46,13 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from queue import Empty, SimpleQueue
 from typing import Any
 
 import numpy as np
 
-from engine import metrics
+from engine import graph_ops, metrics
 from engine.errors import (
     EngineNotRunning,
     EngineOverloaded,
@@ -63,7 +63,7 @@ from engine.errors import (
 from engine.io import RequestValidator
 from engine.providers import load_session
 from engine.runner import Runner, split_rows
-from engine.spec import ModelSpec
+from engine.spec import LONE_INLINE_MAX_RUN_S, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ _WORKER_EXIT_S = 1.0
 _FLUSH_IDLE_S = 0.001
 _FLUSH_BATCHES = 64
 _FLUSH_INLINE_S = 0.01  # inline runs leave the worker asleep: it is woken this often to flush
-# Inline runs: a bucket's recent run time is max(this run, previous estimate * _DECAY).
+# Inline runs: a bucket's recent run time is max(this run's CPU time, previous estimate * _DECAY).
 _DECAY = 0.9
 
 Outputs = dict[str, np.ndarray]
@@ -168,6 +168,8 @@ class Batcher:
         self._staged: deque[_Batch] = deque()
         # Inline runs: the most a bucket's recent runs took, per bucket index (0: off).
         self._inline_max_s = spec.inline_max_run_s
+        # Lone requests inline (set at load: CPU and a graph without control flow), or 0.
+        self._inline_lone_s = 0.0
         self._recent_run_s: list[float] = [math.inf] * len(spec.buckets)
         self._flush_armed = False  # a timer will ask the worker to flush inline runs' metrics
         # Per-batch numbers for the metrics, appended by whichever thread ran the batch and
@@ -312,24 +314,19 @@ class Batcher:
         assert validate is not None
         try:
             checked, rows = validate(inputs)
-            if priority.__class__ is not int or not 0 <= priority < self._priority_levels:
-                raise InvalidInput(
-                    f"model {self.spec.name!r}: priority must be an integer "
-                    f"0..{self._priority_levels - 1}, got {priority!r}"
-                )
-            if timeout_s is None:
-                timeout_s = self._default_timeout_s
-            elif not (isinstance(timeout_s, int | float) and 0 < timeout_s < math.inf):
-                raise InvalidInput(
-                    f"model {self.spec.name!r}: timeout_s must be a positive number of "
-                    f"seconds, got {timeout_s!r}"
-                )
+            if (
+                timeout_s is None
+                and priority.__class__ is int
+                and 0 <= priority < self._priority_levels
+            ):
+                timeout_s = self._default_timeout_s  # the common case, checked inline
+            else:
+                timeout_s = self._check_options(priority, timeout_s)
         except InvalidInput:
             self._m_invalid.inc()
             raise
         waiting = self._queued_rows
-        queued = waiting + rows
-        if queued > self._queue_limit:
+        if waiting + rows > self._queue_limit:
             self._m_overloaded.inc()
             raise EngineOverloaded(
                 f"model {self.spec.name!r}: queue full ({waiting} of {self._queue_limit} rows "
@@ -339,8 +336,107 @@ class Batcher:
         future = self._new_future()
         deadline = now + timeout_s
         self._levels[priority].append((future, checked, rows, now, deadline))
-        self._queued_rows = queued
         self._accepted += 1  # a plain int here; the worker adds it to the metric
+        self._after_queued(waiting + rows, deadline)
+        return future
+
+    def submit_many(
+        self,
+        requests: Sequence[Mapping[str, np.ndarray] | np.ndarray],
+        priority: int,
+        timeout_s: float | None,
+    ) -> list[tuple[asyncio.Future[Outputs], list[int]]]:
+        """Queue several requests of one caller, packed in order into queue entries of at
+        most the largest bucket's rows (one `np.concatenate` per input per entry): each entry's
+        future, with the row counts of the requests it carries. All or nothing: bad input or a
+        full queue rejects the whole call before anything is queued."""
+        if not self._accepting:
+            raise EngineNotRunning(
+                f"model {self.spec.name!r} is not serving (engine not started or closing)"
+            )
+        validate = self._validate
+        assert validate is not None
+        name = self.spec.name
+        try:
+            if isinstance(requests, np.ndarray | Mapping) or not isinstance(requests, Sequence):
+                raise InvalidInput(
+                    f"model {name!r}: infer_many takes a list of requests (each a dict of "
+                    f"arrays or one array), got {type(requests).__name__}; pass one request "
+                    "to infer()"
+                )
+            checked: list[dict[str, np.ndarray]] = []
+            row_counts: list[int] = []
+            for index, request in enumerate(requests):
+                try:
+                    inputs, rows = validate(request)
+                except InvalidInput as exc:
+                    raise InvalidInput(f"requests[{index}]: {exc}") from None
+                checked.append(inputs)
+                row_counts.append(rows)
+            timeout_s = self._check_options(priority, timeout_s)
+            total = sum(row_counts)
+            if total > self._queue_limit:
+                raise InvalidInput(
+                    f"model {name!r}: the requests carry {total} rows in all, more than the "
+                    f"queue holds (queue_limit {self._queue_limit}); send them in several calls"
+                )
+        except InvalidInput:
+            self._m_invalid.inc()
+            raise
+        if not checked:
+            return []
+        waiting = self._queued_rows
+        if waiting + total > self._queue_limit:
+            self._m_overloaded.inc()
+            raise EngineOverloaded(
+                f"model {name!r}: queue full ({waiting} of {self._queue_limit} rows "
+                f"waiting, the requests have {total}); retry later or raise queue_limit"
+            )
+        entries: list[tuple[asyncio.Future[Outputs], list[int]]] = []
+        now = self._clock()
+        deadline = now + timeout_s
+        level = self._levels[priority]
+        capacity = self._max_rows
+        start = 0
+        count = len(checked)
+        while start < count:
+            end = start
+            rows = 0
+            while end < count and rows + row_counts[end] <= capacity:
+                rows += row_counts[end]
+                end += 1
+            parts = checked[start:end]
+            if len(parts) == 1:
+                inputs = parts[0]
+            else:
+                inputs = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+            future = self._new_future()
+            level.append((future, inputs, rows, now, deadline))
+            entries.append((future, row_counts[start:end]))
+            start = end
+        self._accepted += count  # the caller's requests, however they were packed
+        self._after_queued(waiting + total, deadline)
+        return entries
+
+    def _check_options(self, priority: int, timeout_s: float | None) -> float:
+        """The request's timeout in seconds; `InvalidInput` for a bad priority or timeout."""
+        if priority.__class__ is not int or not 0 <= priority < self._priority_levels:
+            raise InvalidInput(
+                f"model {self.spec.name!r}: priority must be an integer "
+                f"0..{self._priority_levels - 1}, got {priority!r}"
+            )
+        if timeout_s is None:
+            return self._default_timeout_s
+        if not (isinstance(timeout_s, int | float) and 0 < timeout_s < math.inf):
+            raise InvalidInput(
+                f"model {self.spec.name!r}: timeout_s must be a positive number of "
+                f"seconds, got {timeout_s!r}"
+            )
+        return timeout_s
+
+    def _after_queued(self, queued: int, deadline: float) -> None:
+        """Rows were queued (now `queued` in all): arm the deadline timer, dispatch or stage."""
+        self._queued_rows = queued
         if deadline < self._expiry_at:
             self._arm_expiry(deadline)
         if self._busy:
@@ -355,7 +451,6 @@ class Batcher:
                 self._schedule_dispatch()
         else:
             self._grew = True
-        return future
 
     def queued_rows(self) -> int:
         """Rows waiting to be dispatched (not counting the batch running now)."""
@@ -401,13 +496,19 @@ class Batcher:
         if batch is None:
             self._check_drained()
             return
-        if self._inline_max_s and self._recent_run_s[self._bucket_of(batch.rows)] <= (
-            self._inline_max_s
-        ):
-            self._run_inline(batch)
-            return
+        if self._inline_lone_s or self._inline_max_s:
+            recent_s = self._recent_run_s[self._bucket_of(batch.rows)]
+            if recent_s <= self._inline_max_s or (
+                recent_s <= self._inline_lone_s
+                and len(batch.requests) == 1
+                and not self._queued_rows
+            ):
+                self._run_inline(batch)
+                return
         self._busy = True
         self._jobs.put((self._run_batches, (batch,)))
+        if self._queued_rows >= self._max_rows:
+            self._stage()  # a full bucket is left (infer_many): the worker goes on with it
 
     def _stage(self) -> None:
         """While the worker runs a batch, form the next full one for it to start at once."""
@@ -624,13 +725,30 @@ class Batcher:
             )
             self.runner.warm_up()
             if self.runner.device == "cpu":
-                self._recent_run_s = list(self.runner.warm_run_s)
+                self._recent_run_s = list(self.runner.warm_cpu_s)
+                if self.spec.inline_lone_requests:
+                    self._inline_lone_s = self._lone_inline_limit()
             else:
                 self._inline_max_s = 0.0  # CUDA graphs replay only on the worker's thread
         except BaseException as exc:
             loop.call_soon_threadsafe(_set_exception, done, exc)
         else:
             loop.call_soon_threadsafe(_set_result, done, None)
+
+    def _lone_inline_limit(self) -> float:
+        """Seconds a lone request's bucket may take to run inline; 0 when the graph's run time
+        may depend on the input values (control flow, custom ops) or cannot be read."""
+        ops = graph_ops.op_types(self.spec.path)
+        unbounded = ["the file could not be read"] if ops is None else graph_ops.unbounded_ops(ops)
+        if not unbounded:
+            return max(LONE_INLINE_MAX_RUN_S, self._inline_max_s)
+        log.info(
+            "engine: model %r: lone requests run on the worker thread, not inline (the graph "
+            "has ops whose run time may depend on the input values: %s)",
+            self.spec.name,
+            ", ".join(unbounded),
+        )
+        return 0.0
 
     def _run_batches(self, batch: _Batch) -> None:
         """Run the batch the loop dispatched, then every batch it staged meanwhile."""
@@ -715,8 +833,11 @@ class Batcher:
             error = self._failure(exc)
         run_s = time.perf_counter() - started + batch.load_s
         cpu_s = time.thread_time() - cpu_started
+        # Inline runs are judged by the run's CPU time: a thread the OS took off its CPU for a
+        # while (a busy machine) says nothing about how long the model keeps the loop busy.
+        spent_s = cpu_s + batch.load_s
         recent = self._recent_run_s[loaded] * _DECAY
-        self._recent_run_s[loaded] = run_s if run_s > recent else recent
+        self._recent_run_s[loaded] = spent_s if spent_s > recent else recent
         self._batch_stats.append(
             (
                 self.spec.buckets[loaded],

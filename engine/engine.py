@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from engine.batcher import Batcher
 from engine.errors import EngineNotRunning, UnknownModel
 from engine.io import TensorSpec
+from engine.runner import split_rows
 from engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,43 @@ class Engine:
         if batcher is None:
             raise UnknownModel(self._unknown(model))
         return await batcher.submit(inputs, priority, timeout_s)
+
+    async def infer_many(
+        self,
+        model: str,
+        requests: Sequence[Mapping[str, np.ndarray] | np.ndarray],
+        *,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Run several requests of one caller (each as for `infer`); their outputs, in order.
+
+        For a caller with many requests at once (an agent scoring a window of readings): the
+        requests are packed in order into queue entries of up to the largest bucket's rows, so
+        the engine handles a few entries and wakes this task once per batch instead of once
+        per request; together they may carry more rows than the largest bucket. All of them
+        share `priority` and the deadline `timeout_s` (to the start of each entry's batch).
+        All or nothing: invalid input (`InvalidInput` names the request's index) or a full
+        queue rejects the call before anything is queued; if one entry times out or fails,
+        the call raises that error and the entries still queued are dropped.
+        """
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            raise UnknownModel(self._unknown(model))
+        entries = batcher.submit_many(requests, priority, timeout_s)
+        results: list[dict[str, np.ndarray]] = []
+        try:
+            for future, row_counts in entries:
+                outputs = await future
+                if len(row_counts) == 1:
+                    results.append(outputs)
+                else:
+                    results.extend(split_rows(outputs, row_counts))
+        except BaseException:
+            for future, _ in entries:
+                future.cancel()  # dropped from the queue (a running one completes unseen)
+            raise
+        return results
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop accepting requests, finish (or time out) queued ones, stop the workers; with

@@ -81,6 +81,9 @@ def _tensor_spec(model: str, kind: str, arg: ort.NodeArg, *, need_row_shape: boo
     return TensorSpec(arg.name, dtype, None)
 
 
+_NO_REQUEST: dict[str, Any] = {}  # never holds anything: `.get` finds no array
+
+
 class RequestValidator:
     """Checks requests against a model's inputs; built once per model, called per request.
 
@@ -102,10 +105,16 @@ class RequestValidator:
     def __call__(self, inputs: object) -> tuple[dict[str, np.ndarray], int]:
         """The request as `{name: array}` and its row count, or `InvalidInput`."""
         fast = self._fast
-        if fast is not None and type(inputs) is dict and len(inputs) == 1:
-            # The common case, a one-input model called with a plain dict: a few compares.
+        if fast is not None:
+            # The common cases, a one-input model called with a plain dict or one array: a
+            # few compares.
             name, dtype, row_shape, ndim = fast
-            array = inputs.get(name)
+            request: dict[str, Any] = _NO_REQUEST
+            if type(inputs) is np.ndarray:
+                request = {name: inputs}
+            elif type(inputs) is dict and len(inputs) == 1:
+                request = inputs
+            array = request.get(name)
             if type(array) is np.ndarray:
                 shape = array.shape
                 # Builtin dtypes are singletons: `is` first, `==` only for an equal copy.
@@ -115,7 +124,7 @@ class RequestValidator:
                     and 0 < shape[0] <= self.max_rows
                     and (array.dtype is dtype or array.dtype == dtype)
                 ):
-                    return inputs, shape[0]
+                    return request, shape[0]
         return self._check(inputs)
 
     def _check(self, inputs: object) -> tuple[dict[str, np.ndarray], int]:

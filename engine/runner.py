@@ -64,6 +64,7 @@ class Runner:
         self._on_cpu = loaded.device == "cpu" if staged is None else not staged
         self._buckets = [self._make_bucket(index, rows) for index, rows in enumerate(spec.buckets)]
         self.warm_run_s = [math.inf] * len(self._buckets)  # each bucket's warm-up run
+        self.warm_cpu_s = [math.inf] * len(self._buckets)  # its CPU time (this thread's)
         # Bucket index by row count (0 .. largest bucket): one list lookup per batch.
         self._bucket_of = [self.bucket_for(max(rows, 1)) for rows in range(spec.buckets[-1] + 1)]
         self._batches = {
@@ -90,6 +91,7 @@ class Runner:
         # Largest first so the memory arena grows once to its peak before smaller captures.
         for bucket in reversed(self._buckets):
             started = time.perf_counter()
+            cpu_started = time.thread_time()
             if not bucket.device_outputs:
                 self._bind_outputs(bucket)
             self._run(bucket)
@@ -102,6 +104,7 @@ class Runner:
                     )
             self._batches[bucket.rows, "warmup"].inc()
             self.warm_run_s[bucket.graph_id] = time.perf_counter() - started
+            self.warm_cpu_s[bucket.graph_id] = time.thread_time() - cpu_started
             log.debug(
                 "engine: model %r: bucket %d warm in %.1f ms",
                 self.spec.name,

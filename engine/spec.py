@@ -13,6 +13,7 @@ from pathlib import Path
 PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
 MAX_PRIORITY_LEVELS = 64
 _INLINE_LIMIT_S = 0.01  # an inline run blocks the event loop: never allow long ones
+LONE_INLINE_MAX_RUN_S = 0.0005  # inline_lone_requests: the bucket's recent runs at most this
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,14 @@ class ModelSpec:
             low concurrency; the loop is blocked for that run. Only for models whose run time
             does not depend on the input values (no Loop or If nodes): a run that never ends
             on the loop's thread cannot be stopped by `Engine.close(timeout_s)`.
+        inline_lone_requests: True (default, CPU provider only): a lone request (nothing else
+            queued, the worker idle) whose bucket's recent runs took at most
+            max(inline_max_run_s, 0.5 ms) runs on the event loop's thread: no thread hop
+            either way, which is most of a fast model's latency at concurrency 1. Applied
+            only to graphs of standard operators without control flow (no Loop/If/Scan, no
+            custom domains), read from the model file at load; turn it off for a model
+            whose run time still depends on the input values (say, a Range or Tile sized
+            by an input), since a run on the loop's thread blocks the loop.
     """
 
     name: str
@@ -69,6 +78,7 @@ class ModelSpec:
     cache_dir: Path | None = None
     cuda_graphs: bool = True
     inline_max_run_s: float = 0.0
+    inline_lone_requests: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -110,7 +120,7 @@ class ModelSpec:
                 f"got {self.priority_levels}"
             )
         _require_int(where, "intra_op_threads", self.intra_op_threads, minimum=0)
-        for flag in ("trt_fp16", "cuda_graphs", "adaptive_batching"):
+        for flag in ("trt_fp16", "cuda_graphs", "adaptive_batching", "inline_lone_requests"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{where}: {flag} must be true or false")
 

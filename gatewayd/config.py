@@ -281,6 +281,7 @@ class ModelSection(Section):
     cuda_graphs: bool = True
     trt_fp16: bool = True
     inline_max_run: Duration = 0.0  # engine.ModelSpec.inline_max_run_s; 0 = off
+    inline_lone_requests: bool = True  # engine.ModelSpec.inline_lone_requests
 
 
 class GeneratorSection(Section):

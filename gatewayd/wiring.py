@@ -387,6 +387,7 @@ def model_specs(config: GatewayConfig) -> list[Any]:
             cache_dir=config.gateway.state_dir / "tensorrt" / name,
             cuda_graphs=model.cuda_graphs,
             inline_max_run_s=model.inline_max_run,
+            inline_lone_requests=model.inline_lone_requests,
         )
         for name, model in config.models.items()
     ]

@@ -94,11 +94,11 @@ async def test_inline_runs_a_fast_lone_request_on_the_loop_thread(mlp_path: Path
         # The idle worker is asked to flush the inline runs' metrics. (A first run slower than
         # 10 ms on a very busy machine may go to the worker; the rest run inline.)
         await wait_until(
-            lambda: metric("gatewayd_engine_inline_batches_total", model="inline") >= 15,
+            lambda: metric("gatewayd_engine_batch_rows_count", model="inline") == 20,
             5,
-            "inline batches in the metrics",
+            "the 20 batches in the metrics",
         )
-        assert metric("gatewayd_engine_batch_rows_count", model="inline") == 20
+        assert metric("gatewayd_engine_inline_batches_total", model="inline") >= 15
 
 
 async def test_inline_is_not_used_for_a_bucket_slower_than_the_limit(slow_path: Path) -> None:
@@ -115,3 +115,53 @@ async def test_inline_is_not_used_for_a_bucket_slower_than_the_limit(slow_path: 
 def test_inline_limit_is_validated(mlp_path: Path, value: float) -> None:
     with pytest.raises(ValueError, match="inline_max_run_s"):
         ModelSpec("bad_inline", mlp_path, inline_max_run_s=value)
+
+
+async def test_lone_requests_run_inline_by_default(mlp_path: Path) -> None:
+    raw = ort.InferenceSession(str(mlp_path), providers=["CPUExecutionProvider"])
+    spec = ModelSpec("lone", mlp_path, buckets=(1, 2, 4, 8))  # inline_lone_requests defaults on
+    x = np.arange(8, dtype=np.float32).reshape(1, 8)
+    async with serving(spec) as engine:
+        for _ in range(20):
+            out = await engine.infer("lone", x)
+            np.testing.assert_allclose(out["logits"], raw.run(None, {"x": x})[0], rtol=1e-5)
+        await wait_until(
+            lambda: metric("gatewayd_engine_batch_rows_count", model="lone") == 20,
+            5,
+            "the 20 batches in the metrics",
+        )
+        inline = metric("gatewayd_engine_inline_batches_total", model="lone")
+        # (A first run slower than 0.5 ms on a very busy machine may go to the worker.)
+        assert inline >= 15
+        # Requests that arrive together are not lone: their batch goes to the worker.
+        await asyncio.gather(*(engine.infer("lone", x) for _ in range(8)))
+        await wait_until(
+            lambda: metric("gatewayd_engine_batch_rows_count", model="lone") == 21,
+            5,
+            "the batch's metrics",
+        )
+    assert metric("gatewayd_engine_inline_batches_total", model="lone") == inline
+
+
+@pytest.mark.parametrize("control_flow", [True, False])
+async def test_lone_requests_stay_on_the_worker_for_control_flow_or_when_off(
+    tmp_path: Path, mlp_path: Path, control_flow: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Loop's step count can come from the input values: never inline by default.
+    name = f"lone_{control_flow}"
+    if control_flow:
+        spec = ModelSpec(name, build_spin(tmp_path / "spin.onnx", iterations=3), buckets=(1,))
+        x = np.ones((1, 1), np.float32)
+    else:
+        spec = ModelSpec(name, mlp_path, buckets=(1,), inline_lone_requests=False)
+        x = np.ones((1, 8), np.float32)
+    with caplog.at_level("INFO", logger="engine.batcher"):
+        async with serving(spec) as engine:
+            for _ in range(5):
+                await engine.infer(name, x)
+    assert metric("gatewayd_engine_inline_batches_total", model=name) == 0
+    assert metric("gatewayd_engine_batch_rows_count", model=name) == 5
+    logged = "lone requests run on the worker thread, not inline" in caplog.text
+    assert logged == control_flow
+    if control_flow:
+        assert "input values: Loop" in caplog.text
