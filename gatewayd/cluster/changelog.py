@@ -316,6 +316,11 @@ class PartitionLog:
                 f"partition {self.partition}: append failed ({type(err).__name__}: {err})"
             )
             raise self.failed from err
+        if retried:
+            logger.info(
+                "cluster: partition %d: append landed after %.2fs of retries (seq %d)",
+                self.partition, time.perf_counter() - started, seq,
+            )  # fmt: skip
         self.last_seq = seq
         APPEND_SECONDS.observe(time.perf_counter() - started)
         self.append_seconds += time.perf_counter() - started

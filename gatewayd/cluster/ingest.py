@@ -255,6 +255,7 @@ class IngestWorker:
         stopping. Each try has a fresh name: a create that timed out may have been placed on
         a NATS node that is down, and the same name would land there again."""
         delay = 0.05
+        started, failures = time.monotonic(), 0
         while not self._stopping:
             name = self._names.consumer(self.partition, self.epoch, self._generation)
             self._generation += 1
@@ -279,11 +280,19 @@ class IngestWorker:
                     self.partition, name, f"{type(err).__name__}: {err}",
                 )  # fmt: skip
                 self._delete_later(name)
+                failures += 1
                 await asyncio.sleep(delay)
                 delay = min(0.5, delay * 2)
                 continue
             self.consumers_opened += 1
             node = (info.cluster.leader if info.cluster else None) or ""
+            if failures:
+                logger.info(
+                    "cluster: partition %d: consumer %s created on %s at stream seq %d after "
+                    "%d failed tries in %.2fs",
+                    self.partition, name, node or "?", start_seq, failures,
+                    time.monotonic() - started,
+                )  # fmt: skip
             return name, node
         return None
 

@@ -70,6 +70,7 @@ class Ownership:
         self._watchers: list[asyncio.Task[None]] = []
         self._lease_until = 0.0
         self._puts_unseen = 0  # confirmed heartbeats the members watch has not delivered yet
+        self._failing_since = 0.0  # when the first of the heartbeats failing now was sent
         self.changed = asyncio.Event()
 
     async def open(self) -> None:
@@ -135,8 +136,15 @@ class Ownership:
         try:
             await self._members_kv.put(self.me, body.encode())
         except Exception as err:
-            logger.warning("cluster: heartbeat failed: %s", err)
+            logger.warning("cluster: heartbeat failed: %s", f"{type(err).__name__}: {err}")
+            self._failing_since = self._failing_since or sent
             return False
+        if self._failing_since:
+            logger.info(
+                "cluster: %s: heartbeat confirmed again after %.2fs of failures",
+                self.me, time.monotonic() - self._failing_since,
+            )  # fmt: skip
+            self._failing_since = 0.0
         self._lease_until = sent + self._settings.lease_s - self._settings.heartbeat_s
         self._puts_unseen += 1
         if self._puts_unseen > _STALE_WATCH_BEATS:

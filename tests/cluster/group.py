@@ -315,8 +315,11 @@ class Publisher:
     """Publishes `count` device messages through JetStream (each acknowledged by a PubAck),
     `window` at a time; `acked` lists the messages JetStream confirmed."""
 
-    def __init__(self, nc: nats.NATS, devices: int, count: int, window: int = 64) -> None:
-        self._js = nc.jetstream(timeout=15)
+    def __init__(
+        self, nc: nats.NATS, devices: int, count: int, window: int = 64, timeout_s: float = 15.0
+    ) -> None:
+        self._js = nc.jetstream(timeout=timeout_s)
+        self._timeout_s = timeout_s
         self.devices = devices
         self.count = count
         self.window = window
@@ -350,7 +353,7 @@ class Publisher:
                 await self._js.publish(
                     f"devices.{device}.telemetry",
                     message.encode(),
-                    timeout=15,
+                    timeout=self._timeout_s,
                     headers={"Nats-Msg-Id": message},
                 )
             except Exception:
