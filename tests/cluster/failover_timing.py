@@ -130,8 +130,10 @@ async def applied_times(
 
 def _seen(image: bytes) -> list[str]:
     conn = sqlite3.connect(":memory:")
+    legacy = bytearray(image)
+    legacy[18:20] = b"\x01\x01"  # (a WAL-mode image reads only as a rollback-journal one)
     try:
-        conn.deserialize(image)
+        conn.deserialize(bytes(legacy))
         return [row[0] for row in conn.execute("SELECT message FROM seen ORDER BY rowid")]
     except sqlite3.Error:
         return []
