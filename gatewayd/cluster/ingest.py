@@ -55,6 +55,7 @@ from gatewayd.agents.errors import (
     SequenceGapError,
     StorageError,
 )
+from gatewayd.agents.retry import RetryPolicy, backoff_delay_s
 from gatewayd.cluster.naming import Names
 from gatewayd.cluster.outputs import JetStreamOutputs
 from protocols.link import (
@@ -75,6 +76,13 @@ DEDUP_STREAM = "jetstream"  # the agents' dedup stream name for JetStream sequen
 _FETCH_TIMEOUT_S = 1.0
 _FETCH_HEARTBEAT_S = 0.25
 _CREATE_TIMEOUT_S = 1.0
+# A create not answered by then is hedged with another (a new name) in parallel: while a NATS
+# node is down, JetStream places about one create in three on it and never answers those.
+_HEDGE_AFTER_S = 0.25
+_CREATES_IN_FLIGHT = 3
+_CREATE_RETRY = RetryPolicy(base_delay_s=0.05, max_delay_s=0.5)  # after failed answers
+_SUSPECT_FOR_S = 15.0  # a node whose consumer did not answer: no standby there meanwhile
+_PROBE_TIMEOUT_S = 0.5  # the stream may be electing its leader: the probe is not worth more
 _INACTIVE_THRESHOLD_S = 30.0
 _REFUSALS_BEFORE_REPLACING = 20
 _STANDBY_REFRESH_S = 10.0
@@ -155,6 +163,29 @@ async def delete_older_consumers(
                 await js.delete_consumer(names.ingest_stream, info.name)
 
 
+class SuspectNodes:
+    """NATS nodes on which a consumer stopped answering lately (shared by a member's workers:
+    one dead node shows in each of them). A standby there is not switched to but replaced;
+    a consumer created there since proves the node is back."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    def mark(self, node: str) -> None:
+        if node:
+            self._since[node] = time.monotonic()
+
+    def clear(self, node: str) -> None:
+        self._since.pop(node, None)
+
+    def suspect(self, node: str) -> bool:
+        since = self._since.get(node)
+        return since is not None and time.monotonic() - since < _SUSPECT_FOR_S
+
+
+_SUSPECTS = SuspectNodes()  # this process's view (one member per process)
+
+
 class IngestWorker:
     """Feeds one partition's messages to the agent runtime, in stream order, through an
     ordered pull consumer it recreates from its own position whenever it stops answering."""
@@ -175,8 +206,10 @@ class IngestWorker:
         fetch_batch: int,
         poisoned: Callable[[str], None],
         touched: Callable[[tuple[str, str]], None],
+        suspects: SuspectNodes = _SUSPECTS,
     ) -> None:
         self._nc = nc
+        self._suspects = suspects
         self._js = js
         self._names = names
         self._runtime = runtime
@@ -252,49 +285,67 @@ class IngestWorker:
 
     async def _create(self, start_seq: int) -> tuple[str, str] | None:
         """A fresh consumer starting at `start_seq`: `(name, NATS node)`, or None once
-        stopping. Each try has a fresh name: a create that timed out may have been placed on
-        a NATS node that is down, and the same name would land there again."""
-        delay = 0.05
+        stopping. Each try has a fresh name (a create that timed out may have been placed on
+        a NATS node that is down, and the same name would land there again), and a try not
+        answered within `_HEDGE_AFTER_S` is joined by another: the first created wins, the
+        others are deleted."""
         started, failures = time.monotonic(), 0
-        while not self._stopping:
-            name = self._names.consumer(self.partition, self.epoch, self._generation)
-            self._generation += 1
-            config = ConsumerConfig(
-                name=name,
-                filter_subject=self._names.ingest_filter(self.partition),
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=start_seq,
-                ack_policy=AckPolicy.NONE,
-                num_replicas=1,
-                mem_storage=True,
-                inactive_threshold=_INACTIVE_THRESHOLD_S,
-            )
-            try:
-                info = await self._js.add_consumer(
-                    self._names.ingest_stream, config, timeout=_CREATE_TIMEOUT_S
+        pending: dict[asyncio.Task[Any], str] = {}
+        try:
+            while not self._stopping:
+                if len(pending) < _CREATES_IN_FLIGHT:
+                    name = self._names.consumer(self.partition, self.epoch, self._generation)
+                    self._generation += 1
+                    pending[asyncio.ensure_future(self._add_consumer(name, start_seq))] = name
+                done, _ = await asyncio.wait(
+                    set(pending), timeout=_HEDGE_AFTER_S, return_when=asyncio.FIRST_COMPLETED
                 )
-            except (TimeoutError, NatsTimeoutError, NoRespondersError, ConnectionClosedError,
-                    APIError) as err:  # fmt: skip
-                logger.info(
-                    "cluster: partition %d: consumer %s not created (%s); trying another",
-                    self.partition, name, f"{type(err).__name__}: {err}",
-                )  # fmt: skip
+                for task in done:
+                    name = pending.pop(task)
+                    try:
+                        info = task.result()
+                    except (TimeoutError, NatsTimeoutError, NoRespondersError,
+                            ConnectionClosedError, APIError) as err:  # fmt: skip
+                        failures += 1
+                        logger.debug(
+                            "cluster: partition %d: consumer %s not created (%s)",
+                            self.partition, name, f"{type(err).__name__}: {err}",
+                        )  # fmt: skip
+                        self._delete_later(name)
+                        continue
+                    self.consumers_opened += 1
+                    node = (info.cluster.leader if info.cluster else None) or ""
+                    self._suspects.clear(node)
+                    if failures or time.monotonic() - started > _HEDGE_AFTER_S:
+                        logger.info(
+                            "cluster: partition %d: consumer %s created on %s at stream seq %d "
+                            "after %.2fs (%d tries failed)",
+                            self.partition, name, node or "?", start_seq,
+                            time.monotonic() - started, failures,
+                        )  # fmt: skip
+                    return name, node
+                if done and not pending:  # every try answered with a failure: back off
+                    await asyncio.sleep(backoff_delay_s(min(failures, 20), _CREATE_RETRY))
+            return None
+        finally:
+            for task, name in pending.items():
+                task.cancel()
                 self._delete_later(name)
-                failures += 1
-                await asyncio.sleep(delay)
-                delay = min(0.5, delay * 2)
-                continue
-            self.consumers_opened += 1
-            node = (info.cluster.leader if info.cluster else None) or ""
-            if failures:
-                logger.info(
-                    "cluster: partition %d: consumer %s created on %s at stream seq %d after "
-                    "%d failed tries in %.2fs",
-                    self.partition, name, node or "?", start_seq, failures,
-                    time.monotonic() - started,
-                )  # fmt: skip
-            return name, node
-        return None
+
+    async def _add_consumer(self, name: str, start_seq: int) -> Any:
+        config = ConsumerConfig(
+            name=name,
+            filter_subject=self._names.ingest_filter(self.partition),
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.NONE,
+            num_replicas=1,
+            mem_storage=True,
+            inactive_threshold=_INACTIVE_THRESHOLD_S,
+        )
+        return await self._js.add_consumer(
+            self._names.ingest_stream, config, timeout=_CREATE_TIMEOUT_S
+        )
 
     async def _keep_standby(self) -> None:
         """Keep a second consumer on another NATS node, recreated near the current position
@@ -307,6 +358,7 @@ class IngestWorker:
                 time.monotonic() - standby[2] < _STANDBY_REFRESH_S
                 and self.next_seq - standby[3] < self._fetch_batch * 4
                 and standby[1] != self._consumer_node
+                and not self._suspects.suspect(standby[1])
             )
             if not fresh and self.consumer:
                 start = self.next_seq
@@ -347,12 +399,18 @@ class IngestWorker:
                 if why is None or self._stopping or self.poison is not None:
                     return
                 self._delete_later(self.consumer)
+                if why == _NO_ANSWER:
+                    self._suspects.mark(self._consumer_node)
                 standby = self._standby
-                if why == _NO_ANSWER and standby is not None and standby[1] != self._consumer_node:
-                    # Its node is gone: the standby serves at once, no create needed. (After a
-                    # skipped delivery the node is fine: a fresh consumer is as quick.)
+                if (
+                    standby is not None
+                    and standby[1] != self._consumer_node
+                    and not self._suspects.suspect(standby[1])
+                ):
+                    # The standby serves at once, with no create (which waits for the meta
+                    # leader, and while a node is down may be placed on it).
                     self._standby = None
-                    logger.warning(
+                    (logger.warning if why == _NO_ANSWER else logger.info)(
                         "cluster: partition %d: consumer %s (on %s) %s; switching to %s (on %s) "
                         "at stream seq %d",
                         self.partition, self.consumer, self._consumer_node or "?", why,
@@ -440,11 +498,14 @@ class IngestWorker:
         of this partition at or after `next_seq`? Then the consumer is stuck (it reads a
         replica that lags, seen on a loaded machine for tens of seconds) and is replaced."""
         try:
-            found = await self._js.get_msg(
-                self._names.ingest_stream,
-                seq=self.next_seq,
-                subject=self._names.ingest_filter(self.partition),
-                next=True,
+            found = await asyncio.wait_for(
+                self._js.get_msg(
+                    self._names.ingest_stream,
+                    seq=self.next_seq,
+                    subject=self._names.ingest_filter(self.partition),
+                    next=True,
+                ),
+                _PROBE_TIMEOUT_S,
             )
         except NotFoundError:
             return False

@@ -410,9 +410,13 @@ async def test_sigkill_a_nats_node_mid_stream_loses_nothing(group: Group, nc: na
     by_partition = collections.defaultdict(list)
     for (agent, _m), moment in applied.items():
         by_partition[partition_of(agent, group.partitions)].append(moment)
-    print("first/last applied after the kill by partition:", {
-        p: (round(min((m for m in ms if m > 0), default=-1), 1), round(max(ms), 1))
-        for p, ms in sorted(by_partition.items())})
+    print(
+        "first/last applied after the kill by partition:",
+        {
+            p: (round(min((m for m in ms if m > 0), default=-1), 1), round(max(ms), 1))
+            for p, ms in sorted(by_partition.items())
+        },
+    )
     assert max(late, default=0.0) < _APPLIED_AFTER_ELECTIONS_S, (max(late), elected_s)
     assert recovered_s < 45, recovered_s
     await _assert_every_reply_once(nc, state)
