@@ -153,11 +153,10 @@ class Ownership:
                 if time.monotonic() + delay < period_end:
                     await asyncio.sleep(delay)
                     continue
-                if not self._failing_since:
-                    logger.warning(
-                        "cluster: %s: heartbeat not confirmed (%s); retrying",
-                        self.me, f"{type(err).__name__}: {err}",
-                    )  # fmt: skip
+                logger.warning(
+                    "cluster: heartbeat failed: %s (%d tries)", f"{type(err).__name__}: {err}",
+                    attempt,
+                )  # fmt: skip
                 self._failing_since = self._failing_since or sent
                 return False
         if self._failing_since:
