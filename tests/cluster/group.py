@@ -255,11 +255,13 @@ async def wait_settled(
 
 
 async def read_group_state(
-    nc: nats.NATS, partitions: int, group: str = GROUP
+    nc: nats.NATS, partitions: int, group: str = GROUP, timeout_s: float = 15.0
 ) -> dict[str, list[str]]:
-    """Every agent's `seen` messages as the group's changelog (snapshot + log) holds them."""
+    """Every agent's `seen` messages as the group's changelog (snapshot + log) holds them.
+    `timeout_s`: how long each JetStream request may wait (a stream electing its leader
+    answers none)."""
     names = Names(group, "gw.in")
-    js = nc.jetstream(timeout=15)
+    js = nc.jetstream(timeout=timeout_s)
     snapshots = await js.object_store(names.snapshots_bucket)
     state: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as scratch:

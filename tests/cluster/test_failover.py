@@ -51,13 +51,13 @@ class _Acked(Protocol):
 
 
 async def _wait_all_applied(
-    nc: nats.NATS, group: Group, publisher: _Acked, timeout_s: float
+    nc: nats.NATS, group: Group, publisher: _Acked, timeout_s: float, request_s: float = 15.0
 ) -> dict[str, list[str]]:
     deadline = time.monotonic() + timeout_s
     wanted = len(publisher.acked)
     while True:
         try:
-            state = await read_group_state(nc, group.partitions)
+            state = await read_group_state(nc, group.partitions, timeout_s=request_s)
         except nats.errors.Error:  # e.g. a NATS node just died: JetStream elects leaders
             state = {}
         applied = sum(len(messages) for messages in state.values())
@@ -374,7 +374,9 @@ async def test_sigkill_a_nats_node_mid_stream_loses_nothing(group: Group, nc: na
     watching = asyncio.create_task(watch.run(kill, timeout_s=40))
     try:
         await publishing
-        state = await _wait_all_applied(nc, group, publisher, timeout_s=40)
+        # (Each read's requests time out soon: one sent to a stream that has no leader yet
+        # is never answered, and is sent again.)
+        state = await _wait_all_applied(nc, group, publisher, timeout_s=40, request_s=2.0)
         await watching
     finally:
         sampling.cancel()
