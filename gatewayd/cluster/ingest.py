@@ -5,10 +5,11 @@ one replica, in memory, no acknowledgements, starting at the next stream sequenc
 needs (`p<partition>-e<epoch>-<n>`). It holds no state worth keeping, so when it stops
 answering (its NATS node died: a fetch gets no reply, not even the idle heartbeats it asked
 for), skips a delivery, or stays idle while the stream's leader holds more for the partition
-(a lagging replica), the worker creates another one at its own position, under a new name
-(the old name may be placed on the dead node again) and goes on; for a dead node it first
-switches to a standby consumer kept on another node. A NATS node's loss costs a fetch
-timeout, not a takeover.
+(a lagging replica), the worker switches to a standby consumer kept on another node (unless
+a consumer there stopped answering lately), or creates another one at its own position, under
+a new name (the old name may be placed on the dead node again), hedging a create that is not
+answered at once with another, and goes on. A NATS node's loss costs a fetch timeout, not a
+takeover.
 
 What a message acknowledgement used to say is in the partition's changelog: every append
 records the *ingest floor* (every message up to it settled: applied, duplicate or
@@ -82,7 +83,9 @@ _HEDGE_AFTER_S = 0.25
 _CREATES_IN_FLIGHT = 3
 _CREATE_RETRY = RetryPolicy(base_delay_s=0.05, max_delay_s=0.5)  # after failed answers
 _SUSPECT_FOR_S = 15.0  # a node whose consumer did not answer: no standby there meanwhile
-_PROBE_TIMEOUT_S = 0.5  # the stream may be electing its leader: the probe is not worth more
+# The probe asks the stream's leader, which may be being elected (no answer): it waits 0.5 s,
+# twice that after each probe not answered, up to 2 s (a loaded leader may be slow).
+_PROBE_TIMEOUT_S = (0.5, 2.0)
 _INACTIVE_THRESHOLD_S = 30.0
 _REFUSALS_BEFORE_REPLACING = 20
 _STANDBY_REFRESH_S = 10.0
@@ -239,6 +242,7 @@ class IngestWorker:
         self._standby: tuple[str, str, float, int] | None = None
         self.standby_switches = 0
         self.fetches = collections.Counter[str]()
+        self._probe_timeout_s = _PROBE_TIMEOUT_S[0]
         self._generation = 0
         self._delivered: collections.deque[int] = collections.deque()
         self._settled_seqs: set[int] = set()
@@ -291,14 +295,20 @@ class IngestWorker:
         others are deleted."""
         started, failures = time.monotonic(), 0
         pending: dict[asyncio.Task[Any], str] = {}
+        next_try = started  # at most one try per _HEDGE_AFTER_S, later after failed answers
         try:
             while not self._stopping:
-                if len(pending) < _CREATES_IN_FLIGHT:
+                if len(pending) < _CREATES_IN_FLIGHT and time.monotonic() >= next_try:
                     name = self._names.consumer(self.partition, self.epoch, self._generation)
                     self._generation += 1
                     pending[asyncio.ensure_future(self._add_consumer(name, start_seq))] = name
+                    next_try = time.monotonic() + _HEDGE_AFTER_S
+                wait_s = max(0.01, next_try - time.monotonic())
+                if not pending:
+                    await asyncio.sleep(wait_s)
+                    continue
                 done, _ = await asyncio.wait(
-                    set(pending), timeout=_HEDGE_AFTER_S, return_when=asyncio.FIRST_COMPLETED
+                    set(pending), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     name = pending.pop(task)
@@ -307,6 +317,10 @@ class IngestWorker:
                     except (TimeoutError, NatsTimeoutError, NoRespondersError,
                             ConnectionClosedError, APIError) as err:  # fmt: skip
                         failures += 1
+                        next_try = max(
+                            next_try,
+                            time.monotonic() + backoff_delay_s(min(failures, 20), _CREATE_RETRY),
+                        )
                         logger.debug(
                             "cluster: partition %d: consumer %s not created (%s)",
                             self.partition, name, f"{type(err).__name__}: {err}",
@@ -324,8 +338,6 @@ class IngestWorker:
                             time.monotonic() - started, failures,
                         )  # fmt: skip
                     return name, node
-                if done and not pending:  # every try answered with a failure: back off
-                    await asyncio.sleep(backoff_delay_s(min(failures, 20), _CREATE_RETRY))
             return None
         finally:
             for task, name in pending.items():
@@ -505,13 +517,19 @@ class IngestWorker:
                     subject=self._names.ingest_filter(self.partition),
                     next=True,
                 ),
-                _PROBE_TIMEOUT_S,
+                self._probe_timeout_s,
             )
         except NotFoundError:
+            self._probe_timeout_s = _PROBE_TIMEOUT_S[0]
+            return False
+        except TimeoutError:
+            self._probe_timeout_s = min(_PROBE_TIMEOUT_S[1], self._probe_timeout_s * 2)
+            logger.debug("cluster: partition %d: probe not answered", self.partition)
             return False
         except Exception as err:
             logger.debug("cluster: partition %d: probe failed: %s", self.partition, err)
             return False
+        self._probe_timeout_s = _PROBE_TIMEOUT_S[0]
         self.fetches["stalled"] += 1
         return int(found.seq or 0) >= self.next_seq
 

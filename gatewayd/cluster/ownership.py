@@ -233,13 +233,13 @@ class Ownership:
 
     async def refresh(self, partition: int) -> PartitionRecord | None:
         """Read the partition's record from the bucket itself (not the watch, which may lag);
-        None when it has none. Raises when the bucket does not answer within a heartbeat
+        None when it has none. Raises when the bucket does not answer within two heartbeats
         (electing its leader: the caller asks again after the next heartbeat)."""
         assert self._partitions_kv is not None
         try:
             entry = await asyncio.wait_for(
                 self._partitions_kv.get(self._names.partition_key(partition)),
-                self._settings.heartbeat_s,
+                2 * self._settings.heartbeat_s,
             )
         except KeyNotFoundError:
             self.records.pop(partition, None)
