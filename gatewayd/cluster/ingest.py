@@ -93,6 +93,7 @@ _STANDBY_CHECK_S = 0.5
 _NO_ANSWER = "did not answer (its NATS node down?)"
 _STALLED = "delivers nothing while the stream has more for it (a lagging replica?)"
 _PROBE_AFTER_IDLE = 3  # idle fetches (about a second each) before asking the stream
+# ... and after each while a node is suspect: after a leader election, a replica may lag
 _POISON = (CommitError, StorageError, AgentQuarantinedError, SequenceGapError, Backpressure)
 
 
@@ -184,6 +185,9 @@ class SuspectNodes:
     def suspect(self, node: str) -> bool:
         since = self._since.get(node)
         return since is not None and time.monotonic() - since < _SUSPECT_FOR_S
+
+    def any(self) -> bool:
+        return any(self.suspect(node) for node in self._since)
 
 
 _SUSPECTS = SuspectNodes()  # this process's view (one member per process)
@@ -465,7 +469,7 @@ class IngestWorker:
                     self.fetches["idle"] += 1
                     refused = 0
                     idle += 1
-                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                    if idle % self._probe_every() == 0 and await self._behind():
                         return _STALLED
                     continue  # it answered (heartbeats): nothing new
                 except (TimeoutError, NatsTimeoutError):
@@ -482,7 +486,7 @@ class IngestWorker:
                 refused = 0
                 if not msgs:
                     idle += 1
-                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                    if idle % self._probe_every() == 0 and await self._behind():
                         return _STALLED
                     continue
                 idle = 0
@@ -504,6 +508,9 @@ class IngestWorker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return None
+
+    def _probe_every(self) -> int:
+        return 1 if self._suspects.any() else _PROBE_AFTER_IDLE
 
     async def _behind(self) -> bool:
         """Its consumer has been idle for a while: does the stream (its leader) hold a message
