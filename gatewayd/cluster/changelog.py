@@ -33,6 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from gatewayd.agents.retry import RetryPolicy, backoff_delay_s
 from gatewayd.cluster.metrics import APPEND_SECONDS
 from gatewayd.cluster.naming import Names
 from gatewayd.cluster.pages import LogMessage, PageChange, apply
@@ -43,6 +44,7 @@ AgentKey = tuple[str, str]
 _WRONG_LAST_SEQUENCE = 10071
 _PUBLISH_TIMEOUT_S = 2.0
 _RETRY_FOR_S = 20.0  # past a leader election (~8 s measured); then the append fails
+_APPEND_RETRY = RetryPolicy(base_delay_s=0.05, max_delay_s=0.25)
 _READ_BATCH = 256
 _REPLAY_CREATE_TIMEOUT_S = 1.0
 _REPLAY_FETCH_TIMEOUT_S = 2.0
@@ -274,7 +276,7 @@ class PartitionLog:
             "Nats-Msg-Id": f"{self.subject}/{self.epoch}/{self.last_seq}",
         }
         deadline = time.monotonic() + _RETRY_FOR_S
-        retried = False
+        retried = 0
         try:
             while True:
                 try:
@@ -290,12 +292,17 @@ class PartitionLog:
                 except (NoStreamResponseError, NatsTimeoutError, ConnectionClosedError,
                         NoRespondersError) as err:  # fmt: skip
                     # A NATS node went away (the client reconnects) or the stream is electing
-                    # a leader: the same message again, for a while.
+                    # a leader (answered at once: no responders): the same message again, on a
+                    # short jittered schedule, for a while.
                     if time.monotonic() > deadline:
                         raise
-                    logger.info("cluster: partition %d: append retried (%s)", self.partition, err)
-                    retried = True
-                    await asyncio.sleep(0.2)
+                    if not retried:
+                        logger.info(
+                            "cluster: partition %d: append not answered (%s); retrying",
+                            self.partition, f"{type(err).__name__}: {err}",
+                        )  # fmt: skip
+                    retried += 1
+                    await asyncio.sleep(backoff_delay_s(retried, _APPEND_RETRY))
         except APIError as err:
             landed = await self._landed(payload) if retried else None
             if landed is not None:
@@ -316,6 +323,11 @@ class PartitionLog:
                 f"partition {self.partition}: append failed ({type(err).__name__}: {err})"
             )
             raise self.failed from err
+        if retried:
+            logger.info(
+                "cluster: partition %d: append landed after %.2fs and %d retries (seq %d)",
+                self.partition, time.perf_counter() - started, retried, seq,
+            )  # fmt: skip
         self.last_seq = seq
         APPEND_SECONDS.observe(time.perf_counter() - started)
         self.append_seconds += time.perf_counter() - started

@@ -5,10 +5,11 @@ one replica, in memory, no acknowledgements, starting at the next stream sequenc
 needs (`p<partition>-e<epoch>-<n>`). It holds no state worth keeping, so when it stops
 answering (its NATS node died: a fetch gets no reply, not even the idle heartbeats it asked
 for), skips a delivery, or stays idle while the stream's leader holds more for the partition
-(a lagging replica), the worker creates another one at its own position, under a new name
-(the old name may be placed on the dead node again) and goes on; for a dead node it first
-switches to a standby consumer kept on another node. A NATS node's loss costs a fetch
-timeout, not a takeover.
+(a lagging replica), the worker switches to a standby consumer kept on another node (unless
+a consumer there stopped answering lately), or creates another one at its own position, under
+a new name (the old name may be placed on the dead node again), hedging a create that is not
+answered at once with another, and goes on. A NATS node's loss costs a fetch timeout, not a
+takeover.
 
 What a message acknowledgement used to say is in the partition's changelog: every append
 records the *ingest floor* (every message up to it settled: applied, duplicate or
@@ -55,6 +56,7 @@ from gatewayd.agents.errors import (
     SequenceGapError,
     StorageError,
 )
+from gatewayd.agents.retry import RetryPolicy, backoff_delay_s
 from gatewayd.cluster.naming import Names
 from gatewayd.cluster.outputs import JetStreamOutputs
 from protocols.link import (
@@ -75,6 +77,15 @@ DEDUP_STREAM = "jetstream"  # the agents' dedup stream name for JetStream sequen
 _FETCH_TIMEOUT_S = 1.0
 _FETCH_HEARTBEAT_S = 0.25
 _CREATE_TIMEOUT_S = 1.0
+# A create not answered by then is hedged with another (a new name) in parallel: while a NATS
+# node is down, JetStream places about one create in three on it and never answers those.
+_HEDGE_AFTER_S = 0.25
+_CREATES_IN_FLIGHT = 3
+_CREATE_RETRY = RetryPolicy(base_delay_s=0.05, max_delay_s=0.5)  # after failed answers
+_SUSPECT_FOR_S = 15.0  # a node whose consumer did not answer: no standby there meanwhile
+# The probe asks the stream's leader, which may be being elected (no answer): it waits 0.5 s,
+# twice that after each probe not answered, up to 2 s (a loaded leader may be slow).
+_PROBE_TIMEOUT_S = (0.5, 2.0)
 _INACTIVE_THRESHOLD_S = 30.0
 _REFUSALS_BEFORE_REPLACING = 20
 _STANDBY_REFRESH_S = 10.0
@@ -82,6 +93,7 @@ _STANDBY_CHECK_S = 0.5
 _NO_ANSWER = "did not answer (its NATS node down?)"
 _STALLED = "delivers nothing while the stream has more for it (a lagging replica?)"
 _PROBE_AFTER_IDLE = 3  # idle fetches (about a second each) before asking the stream
+# ... and after each while a node is suspect: after a leader election, a replica may lag
 _POISON = (CommitError, StorageError, AgentQuarantinedError, SequenceGapError, Backpressure)
 
 
@@ -155,6 +167,32 @@ async def delete_older_consumers(
                 await js.delete_consumer(names.ingest_stream, info.name)
 
 
+class SuspectNodes:
+    """NATS nodes on which a consumer stopped answering lately (shared by a member's workers:
+    one dead node shows in each of them). A standby there is not switched to but replaced;
+    a consumer created there since proves the node is back."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    def mark(self, node: str) -> None:
+        if node:
+            self._since[node] = time.monotonic()
+
+    def clear(self, node: str) -> None:
+        self._since.pop(node, None)
+
+    def suspect(self, node: str) -> bool:
+        since = self._since.get(node)
+        return since is not None and time.monotonic() - since < _SUSPECT_FOR_S
+
+    def any(self) -> bool:
+        return any(self.suspect(node) for node in self._since)
+
+
+_SUSPECTS = SuspectNodes()  # this process's view (one member per process)
+
+
 class IngestWorker:
     """Feeds one partition's messages to the agent runtime, in stream order, through an
     ordered pull consumer it recreates from its own position whenever it stops answering."""
@@ -175,8 +213,10 @@ class IngestWorker:
         fetch_batch: int,
         poisoned: Callable[[str], None],
         touched: Callable[[tuple[str, str]], None],
+        suspects: SuspectNodes = _SUSPECTS,
     ) -> None:
         self._nc = nc
+        self._suspects = suspects
         self._js = js
         self._names = names
         self._runtime = runtime
@@ -206,6 +246,7 @@ class IngestWorker:
         self._standby: tuple[str, str, float, int] | None = None
         self.standby_switches = 0
         self.fetches = collections.Counter[str]()
+        self._probe_timeout_s = _PROBE_TIMEOUT_S[0]
         self._generation = 0
         self._delivered: collections.deque[int] = collections.deque()
         self._settled_seqs: set[int] = set()
@@ -252,40 +293,75 @@ class IngestWorker:
 
     async def _create(self, start_seq: int) -> tuple[str, str] | None:
         """A fresh consumer starting at `start_seq`: `(name, NATS node)`, or None once
-        stopping. Each try has a fresh name: a create that timed out may have been placed on
-        a NATS node that is down, and the same name would land there again."""
-        delay = 0.05
-        while not self._stopping:
-            name = self._names.consumer(self.partition, self.epoch, self._generation)
-            self._generation += 1
-            config = ConsumerConfig(
-                name=name,
-                filter_subject=self._names.ingest_filter(self.partition),
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=start_seq,
-                ack_policy=AckPolicy.NONE,
-                num_replicas=1,
-                mem_storage=True,
-                inactive_threshold=_INACTIVE_THRESHOLD_S,
-            )
-            try:
-                info = await self._js.add_consumer(
-                    self._names.ingest_stream, config, timeout=_CREATE_TIMEOUT_S
+        stopping. Each try has a fresh name (a create that timed out may have been placed on
+        a NATS node that is down, and the same name would land there again), and a try not
+        answered within `_HEDGE_AFTER_S` is joined by another: the first created wins, the
+        others are deleted."""
+        started, failures = time.monotonic(), 0
+        pending: dict[asyncio.Task[Any], str] = {}
+        next_try = started  # at most one try per _HEDGE_AFTER_S, later after failed answers
+        try:
+            while not self._stopping:
+                if len(pending) < _CREATES_IN_FLIGHT and time.monotonic() >= next_try:
+                    name = self._names.consumer(self.partition, self.epoch, self._generation)
+                    self._generation += 1
+                    pending[asyncio.ensure_future(self._add_consumer(name, start_seq))] = name
+                    next_try = time.monotonic() + _HEDGE_AFTER_S
+                wait_s = max(0.01, next_try - time.monotonic())
+                if not pending:
+                    await asyncio.sleep(wait_s)
+                    continue
+                done, _ = await asyncio.wait(
+                    set(pending), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
                 )
-            except (TimeoutError, NatsTimeoutError, NoRespondersError, ConnectionClosedError,
-                    APIError) as err:  # fmt: skip
-                logger.info(
-                    "cluster: partition %d: consumer %s not created (%s); trying another",
-                    self.partition, name, f"{type(err).__name__}: {err}",
-                )  # fmt: skip
+                for task in done:
+                    name = pending.pop(task)
+                    try:
+                        info = task.result()
+                    except (TimeoutError, NatsTimeoutError, NoRespondersError,
+                            ConnectionClosedError, APIError) as err:  # fmt: skip
+                        failures += 1
+                        next_try = max(
+                            next_try,
+                            time.monotonic() + backoff_delay_s(min(failures, 20), _CREATE_RETRY),
+                        )
+                        logger.debug(
+                            "cluster: partition %d: consumer %s not created (%s)",
+                            self.partition, name, f"{type(err).__name__}: {err}",
+                        )  # fmt: skip
+                        self._delete_later(name)
+                        continue
+                    self.consumers_opened += 1
+                    node = (info.cluster.leader if info.cluster else None) or ""
+                    self._suspects.clear(node)
+                    if failures or time.monotonic() - started > _HEDGE_AFTER_S:
+                        logger.info(
+                            "cluster: partition %d: consumer %s created on %s at stream seq %d "
+                            "after %.2fs (%d tries failed)",
+                            self.partition, name, node or "?", start_seq,
+                            time.monotonic() - started, failures,
+                        )  # fmt: skip
+                    return name, node
+            return None
+        finally:
+            for task, name in pending.items():
+                task.cancel()
                 self._delete_later(name)
-                await asyncio.sleep(delay)
-                delay = min(0.5, delay * 2)
-                continue
-            self.consumers_opened += 1
-            node = (info.cluster.leader if info.cluster else None) or ""
-            return name, node
-        return None
+
+    async def _add_consumer(self, name: str, start_seq: int) -> Any:
+        config = ConsumerConfig(
+            name=name,
+            filter_subject=self._names.ingest_filter(self.partition),
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.NONE,
+            num_replicas=1,
+            mem_storage=True,
+            inactive_threshold=_INACTIVE_THRESHOLD_S,
+        )
+        return await self._js.add_consumer(
+            self._names.ingest_stream, config, timeout=_CREATE_TIMEOUT_S
+        )
 
     async def _keep_standby(self) -> None:
         """Keep a second consumer on another NATS node, recreated near the current position
@@ -298,6 +374,7 @@ class IngestWorker:
                 time.monotonic() - standby[2] < _STANDBY_REFRESH_S
                 and self.next_seq - standby[3] < self._fetch_batch * 4
                 and standby[1] != self._consumer_node
+                and not self._suspects.suspect(standby[1])
             )
             if not fresh and self.consumer:
                 start = self.next_seq
@@ -338,12 +415,18 @@ class IngestWorker:
                 if why is None or self._stopping or self.poison is not None:
                     return
                 self._delete_later(self.consumer)
+                if why == _NO_ANSWER:
+                    self._suspects.mark(self._consumer_node)
                 standby = self._standby
-                if why == _NO_ANSWER and standby is not None and standby[1] != self._consumer_node:
-                    # Its node is gone: the standby serves at once, no create needed. (After a
-                    # skipped delivery the node is fine: a fresh consumer is as quick.)
+                if (
+                    standby is not None
+                    and standby[1] != self._consumer_node
+                    and not self._suspects.suspect(standby[1])
+                ):
+                    # The standby serves at once, with no create (which waits for the meta
+                    # leader, and while a node is down may be placed on it).
                     self._standby = None
-                    logger.warning(
+                    (logger.warning if why == _NO_ANSWER else logger.info)(
                         "cluster: partition %d: consumer %s (on %s) %s; switching to %s (on %s) "
                         "at stream seq %d",
                         self.partition, self.consumer, self._consumer_node or "?", why,
@@ -386,7 +469,7 @@ class IngestWorker:
                     self.fetches["idle"] += 1
                     refused = 0
                     idle += 1
-                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                    if idle % self._probe_every() == 0 and await self._behind():
                         return _STALLED
                     continue  # it answered (heartbeats): nothing new
                 except (TimeoutError, NatsTimeoutError):
@@ -403,7 +486,7 @@ class IngestWorker:
                 refused = 0
                 if not msgs:
                     idle += 1
-                    if idle % _PROBE_AFTER_IDLE == 0 and await self._behind():
+                    if idle % self._probe_every() == 0 and await self._behind():
                         return _STALLED
                     continue
                 idle = 0
@@ -426,22 +509,34 @@ class IngestWorker:
                 await sub.unsubscribe()
         return None
 
+    def _probe_every(self) -> int:
+        return 1 if self._suspects.any() else _PROBE_AFTER_IDLE
+
     async def _behind(self) -> bool:
         """Its consumer has been idle for a while: does the stream (its leader) hold a message
         of this partition at or after `next_seq`? Then the consumer is stuck (it reads a
         replica that lags, seen on a loaded machine for tens of seconds) and is replaced."""
         try:
-            found = await self._js.get_msg(
-                self._names.ingest_stream,
-                seq=self.next_seq,
-                subject=self._names.ingest_filter(self.partition),
-                next=True,
+            found = await asyncio.wait_for(
+                self._js.get_msg(
+                    self._names.ingest_stream,
+                    seq=self.next_seq,
+                    subject=self._names.ingest_filter(self.partition),
+                    next=True,
+                ),
+                self._probe_timeout_s,
             )
         except NotFoundError:
+            self._probe_timeout_s = _PROBE_TIMEOUT_S[0]
+            return False
+        except TimeoutError:
+            self._probe_timeout_s = min(_PROBE_TIMEOUT_S[1], self._probe_timeout_s * 2)
+            logger.debug("cluster: partition %d: probe not answered", self.partition)
             return False
         except Exception as err:
             logger.debug("cluster: partition %d: probe failed: %s", self.partition, err)
             return False
+        self._probe_timeout_s = _PROBE_TIMEOUT_S[0]
         self.fetches["stalled"] += 1
         return int(found.seq or 0) >= self.next_seq
 

@@ -299,7 +299,9 @@ class ClusterMember:
         pause, a cut), a commit of a partition it holds waits, up to `lease_s * 2`, instead
         of failing: most such lapses end with the partitions still this member's."""
         if self._writable.is_set():
-            return
+            if self.ownership is None or self.ownership.lease_valid():
+                return
+            self._suspend()  # the lease ran out before the heartbeat loop noticed
         number = partition_of(agent_id, self.settings.partitions)
         if number not in self.partitions:
             return
@@ -358,19 +360,23 @@ class ClusterMember:
                 if rest > 0:
                     await asyncio.sleep(rest)
 
+    def _suspend(self) -> None:
+        """The lease expired: commits wait until a heartbeat is confirmed again (_resume)."""
+        if self._suspended_since is None and self.partitions:
+            logger.warning(
+                "cluster: %s: its lease expired (paused, cut off, or JetStream electing a "
+                "leader?): commits wait until a heartbeat is confirmed again",
+                self.name,
+            )
+        if self._suspended_since is None:
+            self._suspended_since = time.monotonic()
+            self._writable.clear()
+
     def _balance(self) -> None:
         ownership = self.ownership
         assert ownership is not None
         if not ownership.lease_valid():
-            if self._suspended_since is None and self.partitions:
-                logger.warning(
-                    "cluster: %s: its lease expired (paused, cut off, or JetStream electing a "
-                    "leader?): commits wait until a heartbeat is confirmed again",
-                    self.name,
-                )
-            if self._suspended_since is None:
-                self._suspended_since = time.monotonic()
-                self._writable.clear()
+            self._suspend()
             return
         if self._suspended_since is not None:
             return  # confirmed again, not yet checked (_resume)

@@ -32,12 +32,14 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from gatewayd.agents.retry import RetryPolicy, backoff_delay_s
 from gatewayd.cluster.naming import Names
 from gatewayd.cluster.settings import ClusterSettings
 
 logger = logging.getLogger(__name__)
 
 _STALE_WATCH_BEATS = 3
+_BEAT_RETRY = RetryPolicy(base_delay_s=0.05, max_delay_s=0.25)
 _CREATE_FOR_S = 20.0
 
 
@@ -70,6 +72,7 @@ class Ownership:
         self._watchers: list[asyncio.Task[None]] = []
         self._lease_until = 0.0
         self._puts_unseen = 0  # confirmed heartbeats the members watch has not delivered yet
+        self._failing_since = 0.0  # when the first of the heartbeats failing now was sent
         self.changed = asyncio.Event()
 
     async def open(self) -> None:
@@ -125,18 +128,43 @@ class Ownership:
     # -- heartbeats and liveness ------------------------------------------------------------
 
     async def heartbeat(self, partitions: list[int]) -> bool:
-        """Renew this member's lease; False when JetStream did not confirm it."""
+        """Renew this member's lease; False when JetStream did not confirm it within one
+        heartbeat period. A put refused at once (no leader for the bucket: it is electing one)
+        is tried again within the period on a short jittered schedule, so the lease is
+        confirmed within a fraction of a second of the election; one not answered (sent to a
+        leader that died) is given up at the period's end."""
         assert self._members_kv is not None
-        sent = time.monotonic()
         record: dict[str, object] = {"member": self.me, "at": time.time(), "partitions": partitions}
         if self.addresses:
             record["addresses"] = self.addresses
-        body = json.dumps(record)
-        try:
-            await self._members_kv.put(self.me, body.encode())
-        except Exception as err:
-            logger.warning("cluster: heartbeat failed: %s", err)
-            return False
+        body = json.dumps(record).encode()
+        period_end = time.monotonic() + self._settings.heartbeat_s
+        attempt = 0
+        while True:
+            sent = time.monotonic()
+            try:
+                await asyncio.wait_for(
+                    self._members_kv.put(self.me, body), max(0.05, period_end - sent)
+                )
+                break
+            except Exception as err:
+                attempt += 1
+                delay = backoff_delay_s(attempt, _BEAT_RETRY)
+                if time.monotonic() + delay < period_end:
+                    await asyncio.sleep(delay)
+                    continue
+                logger.warning(
+                    "cluster: heartbeat failed: %s (%d tries)", f"{type(err).__name__}: {err}",
+                    attempt,
+                )  # fmt: skip
+                self._failing_since = self._failing_since or sent
+                return False
+        if self._failing_since:
+            logger.info(
+                "cluster: %s: heartbeat confirmed again after %.2fs of failures",
+                self.me, time.monotonic() - self._failing_since,
+            )  # fmt: skip
+            self._failing_since = 0.0
         self._lease_until = sent + self._settings.lease_s - self._settings.heartbeat_s
         self._puts_unseen += 1
         if self._puts_unseen > _STALE_WATCH_BEATS:
@@ -205,10 +233,14 @@ class Ownership:
 
     async def refresh(self, partition: int) -> PartitionRecord | None:
         """Read the partition's record from the bucket itself (not the watch, which may lag);
-        None when it has none. Raises when the bucket does not answer."""
+        None when it has none. Raises when the bucket does not answer within two heartbeats
+        (electing its leader: the caller asks again after the next heartbeat)."""
         assert self._partitions_kv is not None
         try:
-            entry = await self._partitions_kv.get(self._names.partition_key(partition))
+            entry = await asyncio.wait_for(
+                self._partitions_kv.get(self._names.partition_key(partition)),
+                2 * self._settings.heartbeat_s,
+            )
         except KeyNotFoundError:
             self.records.pop(partition, None)
             return None

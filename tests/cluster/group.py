@@ -255,11 +255,13 @@ async def wait_settled(
 
 
 async def read_group_state(
-    nc: nats.NATS, partitions: int, group: str = GROUP
+    nc: nats.NATS, partitions: int, group: str = GROUP, timeout_s: float = 15.0
 ) -> dict[str, list[str]]:
-    """Every agent's `seen` messages as the group's changelog (snapshot + log) holds them."""
+    """Every agent's `seen` messages as the group's changelog (snapshot + log) holds them.
+    `timeout_s`: how long each JetStream request may wait (a stream electing its leader
+    answers none)."""
     names = Names(group, "gw.in")
-    js = nc.jetstream(timeout=15)
+    js = nc.jetstream(timeout=timeout_s)
     snapshots = await js.object_store(names.snapshots_bucket)
     state: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -315,8 +317,11 @@ class Publisher:
     """Publishes `count` device messages through JetStream (each acknowledged by a PubAck),
     `window` at a time; `acked` lists the messages JetStream confirmed."""
 
-    def __init__(self, nc: nats.NATS, devices: int, count: int, window: int = 64) -> None:
-        self._js = nc.jetstream(timeout=15)
+    def __init__(
+        self, nc: nats.NATS, devices: int, count: int, window: int = 64, timeout_s: float = 15.0
+    ) -> None:
+        self._js = nc.jetstream(timeout=timeout_s)
+        self._timeout_s = timeout_s
         self.devices = devices
         self.count = count
         self.window = window
@@ -350,7 +355,7 @@ class Publisher:
                 await self._js.publish(
                     f"devices.{device}.telemetry",
                     message.encode(),
-                    timeout=15,
+                    timeout=self._timeout_s,
                     headers={"Nats-Msg-Id": message},
                 )
             except Exception:

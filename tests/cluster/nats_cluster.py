@@ -83,6 +83,10 @@ class NatsNode:
             return dict(json.loads(r.read()))
 
 
+def _dicts(value: object) -> list[dict[str, object]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 class NatsCluster:
     """`nodes` nats-server processes clustered together, JetStream on, an MQTT listener each.
 
@@ -162,6 +166,32 @@ class NatsCluster:
 
     def kill(self, index: int) -> None:
         self.nodes[index].kill()
+
+    def leaders(self) -> dict[str, str]:
+        """Who leads JetStream's meta group (key `META`) and each stream, as the running nodes
+        see it (their monitoring endpoint, not the JetStream API, which needs the leaders).
+        A leader counts only if a running node names it and it is running itself: after a
+        node's loss, its peers name it until they notice (missed Raft heartbeats)."""
+        running = {node.name for node in self.nodes if node.running}
+        found: dict[str, str] = {}
+        for node in self.nodes:
+            if node.name not in running:
+                continue
+            try:
+                jsz = node.varz("jsz?accounts=true&streams=true")
+            except OSError:
+                continue
+            views = [("META", jsz.get("meta_cluster"))]
+            for account in _dicts(jsz.get("account_details")):
+                views += [
+                    (str(s.get("name")), s.get("cluster"))
+                    for s in _dicts(account.get("stream_detail"))
+                ]
+            for name, cluster in views:
+                leader = cluster.get("leader") if isinstance(cluster, dict) else None
+                if isinstance(leader, str) and leader in running:
+                    found[name] = leader
+        return found
 
     def restart(self, index: int, timeout_s: float = 20.0) -> None:
         self.nodes[index].start()
