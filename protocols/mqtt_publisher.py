@@ -30,6 +30,8 @@ __all__ = ["ReplyPublisher"]
 
 logger = logging.getLogger("protocols.mqtt")  # the bridge's logger: one name for operators
 
+REPLY_ROUTES_CACHED = 10_000  # reply topics whose route `reply_route` remembers
+
 
 class ReplyPublisher:
     """Replies wait in `queue` (FIFO) until there is room among the `max_inflight_publishes`
@@ -55,9 +57,21 @@ class ReplyPublisher:
         self._paused: asyncio.TimerHandle | None = None  # after a failed publish: wait a little
         self._pumping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reply_routes: dict[str, int | None] = {}  # recent reply topics' routes
 
     def reply_route(self, topic: str) -> int | None:
         """The route whose reply topic `topic` is (for its overflow policy), None if none."""
+        try:
+            return self._reply_routes[topic]
+        except KeyError:
+            pass
+        found = self._reply_route(topic)
+        if len(self._reply_routes) >= REPLY_ROUTES_CACHED:
+            self._reply_routes.clear()  # agents pick the topics: keep the memory bounded
+        self._reply_routes[topic] = found
+        return found
+
+    def _reply_route(self, topic: str) -> int | None:
         for index, route in enumerate(self.settings.routes):
             head, _, tail = route.reply_topic.partition("{id}")
             if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head + tail):
