@@ -288,11 +288,15 @@ async def measure_server(
         top = await drive(broker.url, window=args.window, **common)
         half_rate = top["msgs_per_s"] * 0.5
         half = await drive(broker.url, rate_per_s=half_rate, **common) if half_rate > 0 else {}
+        paced = (
+            await drive(broker.url, rate_per_s=args.paced_rate, **common) if args.paced_rate else {}
+        )
     finally:
         await stop(server)
-    print(f"  {label}: max {top['msgs_per_s']} msg/s, half p99 {half.get('p99_ms')} ms",
+    print(f"  {label}: max {top['msgs_per_s']} msg/s ({top.get('server_cpu_us_per_msg')} us/msg), "
+          f"half p99 {half.get('p99_ms')} ms, paced {paced.get('server_cpu_us_per_msg')} us/msg",
           file=sys.stderr, flush=True)  # fmt: skip
-    return {"max": top, "half": half}
+    return {"max": top, "half": half, "paced": paced}
 
 
 def gateway_variants(args: argparse.Namespace, repeat: int) -> list[tuple[str, str, str, Path]]:
@@ -467,14 +471,22 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
 
 
 def vs_base(runs: list[dict[str, Any]], server: str) -> dict[str, float | None]:
-    """Branch / base ratios of the closed-loop msgs/s and CPU per message: the median of the
-    per-repeat ratios (each repeat ran both back to back)."""
-    ratios: dict[str, list[float]] = {"msgs_per_s": [], "server_cpu_us_per_msg": []}
+    """Branch / base ratios of the closed-loop msgs/s and CPU per message (and of the CPU per
+    message at `--paced-rate`): the median of the per-repeat ratios (each repeat ran both
+    back to back)."""
+    ratios: dict[str, list[float]] = {
+        "msgs_per_s": [],
+        "server_cpu_us_per_msg": [],
+        "paced_server_cpu_us_per_msg": [],
+    }
     for run in runs:
-        mine, base = run[server]["max"], run[f"{server}_base"]["max"]
         for key, values in ratios.items():
-            if mine.get(key) and base.get(key):
-                values.append(mine[key] / base[key])
+            phase = "paced" if key.startswith("paced_") else "max"
+            name = key.removeprefix("paced_")
+            mine = run[server].get(phase, {}).get(name)
+            base = run[f"{server}_base"].get(phase, {}).get(name)
+            if mine and base:
+                values.append(mine / base)
     return {
         key: round(statistics.median(values), 3) if values else None
         for key, values in ratios.items()
@@ -507,6 +519,16 @@ async def bench(args: argparse.Namespace) -> None:
     medians = {
         server: {
             "max": {k: median_of(runs, server, "max", k) for k in keys},
+            "paced": {
+                k: median_of(runs, server, "paced", k)
+                for k in (
+                    "offered_msgs_per_s",
+                    "msgs_per_s",
+                    "p99_ms",
+                    "server_cpu_us_per_msg",
+                    "turns_per_commit",
+                )
+            },
             "half": {
                 k: median_of(runs, server, "half", k)
                 for k in (
@@ -524,7 +546,7 @@ async def bench(args: argparse.Namespace) -> None:
     print(
         f"{'server':<24}{'max msg/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/msg':>12}"
         f"{'broker us':>11}{'turns/commit':>14}{'half msg/s':>12}{'half p50':>10}"
-        f"{'half p99':>10}{'half cpu us':>13}"
+        f"{'half p99':>10}{'half cpu us':>13}{'paced cpu us':>14}"
     )
     for server, m in medians.items():
         top, half = m["max"], m["half"]
@@ -533,6 +555,7 @@ async def bench(args: argparse.Namespace) -> None:
             f"{top['server_cpu_us_per_msg']!s:>12}{top['broker_cpu_us_per_msg']!s:>11}"
             f"{top['turns_per_commit']!s:>14}{half['msgs_per_s']!s:>12}"
             f"{half['p50_ms']!s:>10}{half['p99_ms']!s:>10}{half['server_cpu_us_per_msg']!s:>13}"
+            f"{m['paced']['server_cpu_us_per_msg']!s:>14}"
         )
     echo_rate = medians["echo"]["max"]["msgs_per_s"] or 0
     targets: dict[str, Any] = {}
@@ -598,6 +621,13 @@ def main() -> None:
         "--mqtt-clients",
         default="native",
         help="the gateway's [mqtt] client: native, aiomqtt or native,aiomqtt (one responder each)",
+    )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=0.0,
+        help="also measure every server at this offered msg/s (the same for all: CPU per "
+        "message at equal load)",
     )
     parser.add_argument(
         "--base-repo",
