@@ -50,9 +50,11 @@ class ReplyPublisher:
         self._queued_by_route: dict[int | None, int] = {}
         self.blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
         self._client: BridgeClient | None = None  # the replies' connection, while it lasts
-        # Publishes awaiting their PUBACK on `_client`, by packet id, oldest first:
-        # (reply, loop time by which its PUBACK is due).
-        self._in_flight: dict[int, tuple[Outbound, float]] = {}
+        # Publishes awaiting their PUBACK on `_client`, oldest first, by their future (not by
+        # packet id: the client frees an id on its PUBACK, before the future's callback runs,
+        # and may give it to the next publish meanwhile): (reply, packet id, loop time by
+        # which its PUBACK is due).
+        self._in_flight: dict[asyncio.Future[Any], tuple[Outbound, int, float]] = {}
         self._timeouts: asyncio.TimerHandle | None = None
         self._paused: asyncio.TimerHandle | None = None  # after a failed publish: wait a little
         self._pumping = False
@@ -169,8 +171,8 @@ class ReplyPublisher:
         if self._timeouts is not None:
             self._timeouts.cancel()
             self._timeouts = None
-        items = [item for item, _due in self._in_flight.values()]
-        for mid in self._in_flight:
+        items = [item for item, _mid, _due in self._in_flight.values()]
+        for _item, mid, _due in self._in_flight.values():
             client.forget_publish(mid)
         self._in_flight.clear()
         self.publishing -= len(items)
@@ -246,19 +248,18 @@ class ReplyPublisher:
             return
         assert self._loop is not None
         due = self._loop.time() + self.settings.publish_timeout_s
-        self._in_flight[mid] = (item, due)
-        published.add_done_callback(functools.partial(self._acknowledged, client, mid, item))
+        self._in_flight[published] = (item, mid, due)
+        published.add_done_callback(functools.partial(self._acknowledged, client))
         if self._timeouts is None:
             self._timeouts = self._loop.call_at(due, self._check_timeouts)
 
-    def _acknowledged(
-        self, client: BridgeClient, mid: int, item: Outbound, published: asyncio.Future[Any]
-    ) -> None:
-        entry = self._in_flight.get(mid)
-        if entry is None or entry[0] is not item or client is not self._client:
-            return  # timed out or lost meanwhile: it was put back in the backlog
-        del self._in_flight[mid]
-        self._finish(item, published)
+    def _acknowledged(self, client: BridgeClient, published: asyncio.Future[Any]) -> None:
+        if client is not self._client:
+            return  # lost meanwhile: it was put back in the backlog
+        entry = self._in_flight.pop(published, None)
+        if entry is None:
+            return  # timed out meanwhile: it was put back in the backlog
+        self._finish(entry[0], published)
 
     def _finish(self, item: Outbound, published: asyncio.Future[Any]) -> None:
         self.publishing -= 1
@@ -292,12 +293,12 @@ class ReplyPublisher:
             return
         now = loop.time()
         expired: list[Outbound] = []
-        for mid, (item, due) in list(self._in_flight.items()):
+        for published, (item, mid, due) in list(self._in_flight.items()):
             if due > now:
                 self._timeouts = loop.call_at(due, self._check_timeouts)
                 break
-            del self._in_flight[mid]
-            client.forget_publish(mid)
+            del self._in_flight[published]
+            client.forget_publish(mid)  # (no PUBACK: the id is still this publish's)
             self.publishing -= 1
             expired.append(item)
         if expired:
