@@ -33,8 +33,14 @@ class GatewayDaemon:
     """One gatewayd process on a generated config in its own temporary directory."""
 
     def __init__(
-        self, config_text: str, *, files: dict[str, str] | None = None, ready_timeout_s: float = 60
+        self,
+        config_text: str,
+        *,
+        files: dict[str, str] | None = None,
+        ready_timeout_s: float = 60,
+        repo: Path = REPO,
     ) -> None:
+        """`repo`: the tree whose code the daemon runs (PYTHONPATH), this one by default."""
         self._tmp = tempfile.TemporaryDirectory(prefix="gatewayd-bench-")
         self.directory = Path(self._tmp.name)
         for name, text in (files or {}).items():
@@ -46,6 +52,7 @@ class GatewayDaemon:
         self.log_path = self.directory / "daemon.log"
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self.repo = repo
 
     @property
     def pid(self) -> int:
@@ -57,7 +64,7 @@ class GatewayDaemon:
         notify_path.unlink(missing_ok=True)  # left by an earlier start (restart after a kill)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(self.repo)}
         env.pop("JOURNAL_STREAM", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

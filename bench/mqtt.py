@@ -36,6 +36,7 @@ import signal
 import statistics
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from bench._gateway import CLOCK_TICKS_PER_S, GatewayDaemon  # noqa: E402
 from bench.mqtt_load import COMMAND, NODELAY, TELEMETRY, spawn_server  # noqa: E402
 from protocols.mqtt_settings import parse_broker_url  # noqa: E402
-from tests.brokers import MosquittoBroker  # noqa: E402
+from tests.brokers import MosquittoBroker, free_port  # noqa: E402
 
 TARGET_RATIO = 1.0
 TARGET_FULL_RATIO = 0.5
@@ -62,7 +63,8 @@ state_dir = "state"
 log_level = "warning"
 drain_timeout = "5s"
 [http]
-enabled = false
+enabled = true
+bind = "127.0.0.1:{http_port}"
 [agents]
 durability = "{durability}"
 python_path = ["{repo}"]
@@ -113,6 +115,22 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
+def agent_counters(http_port: int) -> dict[str, float]:
+    """The daemon's committed turns and commits so far (its Prometheus /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = {
+        "gatewayd_agent_commits_total": "commits",
+        'gatewayd_agent_turns_total{result="ok"}': "turns",
+    }
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            counters[wanted[name]] = float(value)
+    return counters
+
+
 def quantile_ms(ordered_ns: list[int], q: float) -> float | None:
     if not ordered_ns:
         return None
@@ -131,11 +149,13 @@ async def drive(
     rate_per_s: float | None = None,
     server_pid: int | None = None,
     broker_pid: int | None = None,
+    http_port: int | None = None,
 ) -> dict[str, Any]:
     """Run the devices; closed loop (`window` in flight each) or open loop at `rate_per_s`.
 
     Only replies that arrive inside the measured window (after `warmup_s`) count; the server's
-    CPU time is read at the window's start and end.
+    (and the broker's) CPU time is read at the window's start and end, and with `http_port`
+    (a gatewayd's metrics) its commits and turns, for the turns per commit.
     """
     address = parse_broker_url(broker_url)
     rtts_ns: list[int] = []
@@ -208,6 +228,7 @@ async def drive(
         cpu_before = proc_cpu_s(server_pid) if server_pid else None
         broker_before = proc_cpu_s(broker_pid) if broker_pid else None
         own_before = proc_cpu_s(os.getpid())
+        counters_before = await asyncio.to_thread(agent_counters, http_port) if http_port else {}
         sent_before = sent
         counting = True
         started = time.monotonic()
@@ -217,6 +238,7 @@ async def drive(
         cpu_after = proc_cpu_s(server_pid) if server_pid else None
         broker_after = proc_cpu_s(broker_pid) if broker_pid else None
         own_after = proc_cpu_s(os.getpid())
+        counters_after = await asyncio.to_thread(agent_counters, http_port) if http_port else {}
         sent_in_window = sent - sent_before
         for task in tasks:
             task.cancel()
@@ -240,6 +262,14 @@ async def drive(
     result["loadgen_cpu_util"] = round((own_after - own_before) / elapsed_s, 3)
     if broker_before is not None and broker_after is not None:
         result["broker_cpu_util"] = round((broker_after - broker_before) / elapsed_s, 3)
+        if replies:
+            result["broker_cpu_us_per_msg"] = round(
+                (broker_after - broker_before) * 1e6 / replies, 1
+            )
+    commits = counters_after.get("commits", 0) - counters_before.get("commits", 0)
+    if commits > 0:
+        turns = counters_after.get("turns", 0) - counters_before.get("turns", 0)
+        result["turns_per_commit"] = round(turns / commits, 2)
     return result
 
 
@@ -253,19 +283,58 @@ async def measure_server(
         common = dict(
             devices=args.devices, connections=args.connections, qos=qos,
             duration_s=args.duration_s, warmup_s=args.warmup_s, server_pid=pid_of(server),
-            broker_pid=broker.pid,
+            broker_pid=broker.pid, http_port=getattr(server, "http_port", None),
         )  # fmt: skip
         top = await drive(broker.url, window=args.window, **common)
         half_rate = top["msgs_per_s"] * 0.5
         half = await drive(broker.url, rate_per_s=half_rate, **common) if half_rate > 0 else {}
+        paced = (
+            await drive(broker.url, rate_per_s=args.paced_rate, **common) if args.paced_rate else {}
+        )
     finally:
         await stop(server)
-    print(f"  {label}: max {top['msgs_per_s']} msg/s, half p99 {half.get('p99_ms')} ms",
+    print(f"  {label}: max {top['msgs_per_s']} msg/s ({top.get('server_cpu_us_per_msg')} us/msg), "
+          f"half p99 {half.get('p99_ms')} ms, paced {paced.get('server_cpu_us_per_msg')} us/msg",
           file=sys.stderr, flush=True)  # fmt: skip
-    return {"max": top, "half": half}
+    return {"max": top, "half": half, "paced": paced}
 
 
-async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, Any]:
+def gateway_variants(args: argparse.Namespace, repeat: int) -> list[tuple[str, str, str, Path]]:
+    """(name, durability, client, repo) of each gateway to measure: this tree's and, with
+    `--base-repo`, the same from the base tree (`<name>_base`), in alternating order from one
+    repeat to the next so that neither always runs first."""
+    clients = args.mqtt_clients.split(",")
+    variants = []
+    for durability, mqtt_client in [(d, c) for d in args.durability.split(",") for c in clients]:
+        name = f"gateway_{durability}" + ("" if len(clients) == 1 else f"_{mqtt_client}")
+        pair = [(name, durability, mqtt_client, REPO)]
+        if args.base_repo is not None:
+            pair.append((f"{name}_base", durability, mqtt_client, args.base_repo))
+            if repeat % 2:
+                pair.reverse()
+        variants.extend(pair)
+    return variants
+
+
+async def start_gateway_daemon(
+    args: argparse.Namespace, broker_url: str, durability: str, mqtt_client: str, repo: Path
+) -> GatewayDaemon:
+    """A `gatewayd run` of `repo`'s code (PYTHONPATH) with the TelemetryEcho route."""
+    client_id = f"gw-bench-{os.getpid()}-{durability}-{time.monotonic_ns()}"
+    http_port = free_port()
+    config = GATEWAY_CONFIG.format(
+        durability=durability, repo=repo, broker_url=broker_url, client_id=client_id,
+        inflight=args.gateway_inflight, pending=args.gateway_pending, mqtt_client=mqtt_client,
+        http_port=http_port,
+    )  # fmt: skip
+    daemon = GatewayDaemon(config, repo=repo)
+    daemon.client_id = client_id  # type: ignore[attr-defined]
+    daemon.http_port = http_port  # type: ignore[attr-defined]
+    await asyncio.to_thread(daemon.start)
+    return daemon
+
+
+async def run_once(args: argparse.Namespace, broker: BenchBroker, repeat: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     broker_url = broker.url
 
@@ -294,29 +363,20 @@ async def run_once(args: argparse.Namespace, broker: BenchBroker) -> dict[str, A
             "bridge echo (transport only)", start_bridge, stop_bridge, lambda p: p.pid, 1, args,
             broker,
         )  # fmt: skip
-    clients = args.mqtt_clients.split(",")
-    for durability, mqtt_client in [(d, c) for d in args.durability.split(",") for c in clients]:
-        client_id = f"gw-bench-{os.getpid()}-{durability}-{time.monotonic_ns()}"
-        config = GATEWAY_CONFIG.format(
-            durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
-            inflight=args.gateway_inflight, pending=args.gateway_pending,
-            mqtt_client=mqtt_client,
-        )  # fmt: skip
-        suffix = "" if len(clients) == 1 else f"_{mqtt_client}"
+    for name, durability, mqtt_client, repo in gateway_variants(args, repeat):
 
-        async def start_gateway(config: str = config) -> GatewayDaemon:
-            daemon = GatewayDaemon(config)
-            await asyncio.to_thread(daemon.start)
-            return daemon
+        async def start_gateway(
+            durability: str = durability, mqtt_client: str = mqtt_client, repo: Path = repo
+        ) -> GatewayDaemon:
+            return await start_gateway_daemon(args, broker_url, durability, mqtt_client, repo)
 
-        async def stop_gateway(daemon: GatewayDaemon, client_id: str = client_id) -> None:
+        async def stop_gateway(daemon: GatewayDaemon) -> None:
             await asyncio.to_thread(daemon.close)
-            await drop_session(broker_url, client_id)
+            await drop_session(broker_url, daemon.client_id)  # type: ignore[attr-defined]
 
-        results[f"gateway_{durability}{suffix}"] = await measure_server(
-            f"gateway ({durability}{suffix})", start_gateway, stop_gateway, lambda d: d.pid, 1, args,
-            broker,
-        )  # fmt: skip
+        results[name] = await measure_server(
+            name, start_gateway, stop_gateway, lambda d: d.pid, 1, args, broker
+        )
     return results
 
 
@@ -339,27 +399,17 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
 
     responders: dict[str, Any] = {"echo": (start_echo, stop_echo)}
     clients = args.mqtt_clients.split(",")
-    for durability, mqtt_client in [(d, c) for d in args.durability.split(",") for c in clients]:
+    for name, durability, mqtt_client, repo in gateway_variants(args, 0):
 
         async def start_gateway(
-            durability: str = durability, mqtt_client: str = mqtt_client
+            durability: str = durability, mqtt_client: str = mqtt_client, repo: Path = repo
         ) -> GatewayDaemon:
-            client_id = f"gw-real-{os.getpid()}-{durability}-{time.monotonic_ns()}"
-            config = GATEWAY_CONFIG.format(
-                durability=durability, repo=REPO, broker_url=broker_url, client_id=client_id,
-                inflight=args.gateway_inflight, pending=args.gateway_pending,
-                mqtt_client=mqtt_client,
-            )  # fmt: skip
-            daemon = GatewayDaemon(config)
-            daemon.client_id = client_id  # type: ignore[attr-defined]
-            await asyncio.to_thread(daemon.start)
-            return daemon
+            return await start_gateway_daemon(args, broker_url, durability, mqtt_client, repo)
 
         async def stop_gateway(daemon: GatewayDaemon) -> None:
             await asyncio.to_thread(daemon.close)
             await drop_session(broker_url, daemon.client_id)  # type: ignore[attr-defined]
 
-        name = f"gateway_{durability}" + ("" if len(clients) == 1 else f"_{mqtt_client}")
         responders[name] = (start_gateway, stop_gateway)
     try:
         result = await run_real_clients(
@@ -420,6 +470,29 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
     )
 
 
+def vs_base(runs: list[dict[str, Any]], server: str) -> dict[str, float | None]:
+    """Branch / base ratios of the closed-loop msgs/s and CPU per message (and of the CPU per
+    message at `--paced-rate`): the median of the per-repeat ratios (each repeat ran both
+    back to back)."""
+    ratios: dict[str, list[float]] = {
+        "msgs_per_s": [],
+        "server_cpu_us_per_msg": [],
+        "paced_server_cpu_us_per_msg": [],
+    }
+    for run in runs:
+        for key, values in ratios.items():
+            phase = "paced" if key.startswith("paced_") else "max"
+            name = key.removeprefix("paced_")
+            mine = run[server].get(phase, {}).get(name)
+            base = run[f"{server}_base"].get(phase, {}).get(name)
+            if mine and base:
+                values.append(mine / base)
+    return {
+        key: round(statistics.median(values), 3) if values else None
+        for key, values in ratios.items()
+    }
+
+
 def median_of(runs: list[dict[str, Any]], server: str, phase: str, key: str) -> float | None:
     values = [r[server][phase].get(key) for r in runs if r[server].get(phase)]
     values = [v for v in values if v is not None]
@@ -433,33 +506,56 @@ async def bench(args: argparse.Namespace) -> None:
     broker.start()
     runs: list[dict[str, Any]] = []
     try:
-        for _ in range(args.repeats):
-            runs.append(await run_once(args, broker))
+        for repeat in range(args.repeats):
+            runs.append(await run_once(args, broker, repeat))
     finally:
         broker.stop()
 
-    keys = ("msgs_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_msg")
+    keys = (
+        "msgs_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_msg", "broker_cpu_us_per_msg",
+        "turns_per_commit",
+    )  # fmt: skip
     servers = list(runs[0])
     medians = {
         server: {
             "max": {k: median_of(runs, server, "max", k) for k in keys},
+            "paced": {
+                k: median_of(runs, server, "paced", k)
+                for k in (
+                    "offered_msgs_per_s",
+                    "msgs_per_s",
+                    "p99_ms",
+                    "server_cpu_us_per_msg",
+                    "turns_per_commit",
+                )
+            },
             "half": {
                 k: median_of(runs, server, "half", k)
-                for k in ("offered_msgs_per_s", "msgs_per_s", "p50_ms", "p99_ms")
+                for k in (
+                    "offered_msgs_per_s",
+                    "msgs_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "server_cpu_us_per_msg",
+                    "turns_per_commit",
+                )
             },
         }
         for server in servers
     }
     print(
-        f"{'server':<18}{'max msg/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/msg':>12}"
-        f"{'half msg/s':>12}{'half p50':>10}{'half p99':>10}"
+        f"{'server':<24}{'max msg/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/msg':>12}"
+        f"{'broker us':>11}{'turns/commit':>14}{'half msg/s':>12}{'half p50':>10}"
+        f"{'half p99':>10}{'half cpu us':>13}{'paced cpu us':>14}"
     )
     for server, m in medians.items():
         top, half = m["max"], m["half"]
         print(
-            f"{server:<18}{top['msgs_per_s']!s:>11}{top['p50_ms']!s:>9}{top['p99_ms']!s:>9}"
-            f"{top['server_cpu_us_per_msg']!s:>12}{half['msgs_per_s']!s:>12}"
-            f"{half['p50_ms']!s:>10}{half['p99_ms']!s:>10}"
+            f"{server:<24}{top['msgs_per_s']!s:>11}{top['p50_ms']!s:>9}{top['p99_ms']!s:>9}"
+            f"{top['server_cpu_us_per_msg']!s:>12}{top['broker_cpu_us_per_msg']!s:>11}"
+            f"{top['turns_per_commit']!s:>14}{half['msgs_per_s']!s:>12}"
+            f"{half['p50_ms']!s:>10}{half['p99_ms']!s:>10}{half['server_cpu_us_per_msg']!s:>13}"
+            f"{m['paced']['server_cpu_us_per_msg']!s:>14}"
         )
     echo_rate = medians["echo"]["max"]["msgs_per_s"] or 0
     targets: dict[str, Any] = {}
@@ -476,6 +572,9 @@ async def bench(args: argparse.Namespace) -> None:
             "half_rate_p99_met": half_p99 is not None and half_p99 < TARGET_HALF_P99_MS,
             "cpu_us_per_msg_met": cpu is not None and cpu <= TARGET_CPU_US,
         }
+        base = medians.get(f"{server}_base")
+        if base is not None:
+            targets[server]["vs_base"] = vs_base(runs, server)
     line = {
         "bench": "mqtt",
         "mqtt_clients": args.mqtt_clients.split(","),
@@ -522,6 +621,20 @@ def main() -> None:
         "--mqtt-clients",
         default="native",
         help="the gateway's [mqtt] client: native, aiomqtt or native,aiomqtt (one responder each)",
+    )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=0.0,
+        help="also measure every server at this offered msg/s (the same for all: CPU per "
+        "message at equal load)",
+    )
+    parser.add_argument(
+        "--base-repo",
+        type=Path,
+        default=None,
+        help="also measure each gateway with this tree's code (e.g. /work/main), interleaved: "
+        "<name>_base in the table",
     )
     parser.add_argument(
         "--real-clients",

@@ -232,7 +232,10 @@ async def run_real_clients(
     for repeat in range(repeats):
         run: dict[str, Any] = {}
         half_rate: float | None = None
-        for name, (start, stop) in responders.items():
+        order = list(responders.items())
+        if repeat % 2:  # the echo first (it sets the half rate), the others reversed
+            order = order[:1] + order[:0:-1]
+        for name, (start, stop) in order:
             server = await start()
             try:
                 # The echo's own half rate needs its saturated rate first: two passes for it.

@@ -64,9 +64,11 @@ each route's filter (`devices/{id}/telemetry` -> `devices/+/telemetry`) and turn
   `send_tracked`; the bridge publishes it at the route's QoS and reports it delivered on the
   PUBACK (QoS 1) or once the client wrote it (QoS 0). A publish interrupted by a
   disconnect is published again after the reconnect (at least once); after a gateway restart
-  the gateway hands over the rows still undelivered. `max_inflight_publishes` workers publish
-  from one FIFO backlog. When the backlog reaches `max_outbound_queue`, nothing is dropped:
-  the bridge stops pulling device messages (backpressure, counted as
+  the gateway hands over the rows still undelivered. Replies are published from one FIFO
+  backlog, at most `max_inflight_publishes` awaiting their PUBACK at a time (no task per
+  reply: the PUBACK's callback publishes the next). When the backlog reaches
+  `max_outbound_queue`, nothing is dropped: the bridge stops pulling device messages
+  (backpressure, counted as
   `outbound_backpressure_pauses`) until it is below the limit again, so new turns stop
   producing replies; replies of turns already in flight are still queued (the backlog
   overshoots by at most their replies). A route with `on_overflow = "drop_oldest"` instead
@@ -86,7 +88,7 @@ QoS 2 is refused in the settings (see `MqttSettings`).
 
 Modules: this one is the bridge (inbound turns, acks, retries, links, the publish backlog);
 `mqtt_link` the link and small types, `mqtt_outbound` the replies' connection,
-`mqtt_publisher` the replies' backlog and publish workers,
+`mqtt_publisher` the replies' backlog and its publishing,
 `mqtt_metrics` the Prometheus metrics, `mqtt_settings` / `mqtt_admission` the configuration
 and id admission, `mqtt_native` / `mqtt_client` the two client libraries behind
 `BridgeClient`. None of them imports gatewayd.
@@ -172,7 +174,7 @@ class MqttBridge:
     await bridge.stop(drain_timeout_s=10)
     """
 
-    # Starts the long-lived loops (connection, idle eviction, publish workers); the gateway
+    # Starts the long-lived loops (connection, replies' connection, idle eviction); the gateway
     # sets its supervisor's spawn (protocols/tasks.py).
     spawn_loop: SpawnLoop = staticmethod(spawn_unsupervised)
 
@@ -222,7 +224,7 @@ class MqttBridge:
         self._submitted: dict[LinkKey, int] = {}  # handed to the handler, not yet settled
         self._window_room: dict[LinkKey, asyncio.Future[None]] = {}  # a full window's wait
         self._dead_letter_tasks: set[asyncio.Task[None]] = set()
-        self._publisher = ReplyPublisher(self)  # the replies' backlog and publish workers
+        self._publisher = ReplyPublisher(self)  # the replies' backlog and its publishing
         self._outbound_connection = _OutboundConnection(self)
         _LIVE_BRIDGES.add(self)
 
@@ -293,8 +295,6 @@ class MqttBridge:
         )
         if self.settings.link_idle_timeout_s > 0:
             self._tasks.append(self.spawn_loop("mqtt-idle", self._evict_idle_links))
-        for n in range(self.settings.max_inflight_publishes):
-            self._tasks.append(self.spawn_loop(f"mqtt-publish-{n}", self._publisher.worker))
         attach_outputs(self._handler, self)
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
@@ -349,6 +349,7 @@ class MqttBridge:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._publisher.close()
         self._set_state(ConnectionState.STOPPED)
         logger.info(
             "mqtt: bridge stopped (%d messages left unacked for redelivery, %d replies left "

@@ -32,7 +32,7 @@ class MqttLink(LinkIdentity):
     """One device (route + id) as the gateway sees it; `send` publishes to its reply topic."""
 
     TRANSPORT = TRANSPORT
-    __slots__ = ("_bridge", "_closed", "key", "reply_topic")
+    __slots__ = ("_address", "_bridge", "_closed", "key", "reply_topic")
 
     def __init__(self, bridge: MqttBridge, match: RouteMatch, topic: str, reply_topic: str):
         super().__init__(f"mqtt:{topic}", Route(match.route.agent_class, match.device_id), topic)
@@ -40,6 +40,7 @@ class MqttLink(LinkIdentity):
         self.key = (match.route_index, match.device_id)
         self.reply_topic = reply_topic
         self._closed = False
+        self._address = OutputAddress(TRANSPORT, reply_topic, bridge.settings.qos)
 
     @property
     def closed(self) -> bool:
@@ -47,7 +48,7 @@ class MqttLink(LinkIdentity):
 
     @property
     def output_address(self) -> OutputAddress:
-        return OutputAddress(TRANSPORT, self.reply_topic, self._bridge.settings.qos)
+        return self._address
 
     @property
     def outputs(self) -> MqttBridge:

@@ -94,6 +94,7 @@ class OutboundConnection:
                 async with client:
                     self.client = client
                     self.connected.set()
+                    bridge._publisher.connected(client)
                     attempt = 0
                     # Shielded: ending the wait must not cancel aiomqtt's own future (whose
                     # error, if it comes after we stopped waiting, nobody needs).

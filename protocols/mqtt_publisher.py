@@ -1,18 +1,27 @@
-"""The MQTT bridge's reply backlog: one FIFO of replies (`Outbound`) and the
-`max_inflight_publishes` workers that publish them on the replies' connection, with each
-route's overflow policy. Never imports gatewayd."""
+"""The MQTT bridge's reply backlog: one FIFO of replies (`Outbound`), published on the
+replies' connection with at most `max_inflight_publishes` awaiting their PUBACK, with each
+route's overflow policy. Never imports gatewayd.
+
+Publishing costs no task and no coroutine per reply: a reply queued while there is room in
+the in-flight window goes to the client at once (`publish_nowait`), and its PUBACK future's
+callback reports it delivered and publishes the next queued one. One timer per connection
+(not one per reply) finds publishes without a PUBACK after `publish_timeout_s`; the
+connection's `disconnected` future's callback puts the publishes it took back at the head of
+the backlog, for the next connection. (Workers awaiting `asyncio.wait` on each publish cost a
+wait, a timer and two coroutine resumptions per reply: ~15% of the daemon's loop under load.)
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from protocols.mqtt_client import CLIENT_ERRORS, BridgeClient
-from protocols.mqtt_metrics import MQTT_PUBLISHED
+from protocols.mqtt_metrics import count_published
 from protocols.mqtt_outbound import OUTBOUND_CLIENT_SUFFIX, Outbound
-from protocols.mqttwire.aio import ConnectionLostError, MqttError
 
 if TYPE_CHECKING:
     from protocols.mqtt import MqttBridge
@@ -21,33 +30,57 @@ __all__ = ["ReplyPublisher"]
 
 logger = logging.getLogger("protocols.mqtt")  # the bridge's logger: one name for operators
 
+REPLY_ROUTES_CACHED = 10_000  # reply topics whose route `reply_route` remembers
+
 
 class ReplyPublisher:
-    """Replies wait in `queue` (FIFO) until one of the workers (`worker()`, spawned by the
-    bridge) publishes them. Nothing is dropped for load: the bridge stops reading device
-    messages while `blocking_queued` reaches `max_outbound_queue`; a route with
-    `on_overflow = "drop_oldest"` drops its own oldest reply instead."""
+    """Replies wait in `queue` (FIFO) until there is room among the `max_inflight_publishes`
+    publishes awaiting their PUBACK on the replies' connection (`connected(client)` says
+    which one). Nothing is dropped for load: the bridge stops reading device messages while
+    `blocking_queued` reaches `max_outbound_queue`; a route with `on_overflow = "drop_oldest"`
+    drops its own oldest reply instead."""
 
     def __init__(self, bridge: MqttBridge) -> None:
         self._bridge = bridge
         self.settings = bridge.settings
         self.queue: deque[Outbound] = deque()
-        # Workers waiting for an item: one is woken per item queued (an Event shared by all
-        # `max_inflight_publishes` workers woke every one of them for every reply).
-        self.idle_workers: deque[asyncio.Future[None]] = deque()
         self.publishing = 0  # publishes handed to the client, not yet acknowledged
         self.idle = asyncio.Event()  # set while nothing is queued or publishing
         self.idle.set()
         self._queued_by_route: dict[int | None, int] = {}
         self.blocking_queued = 0  # queued replies of routes that push back (not drop_oldest)
+        self._client: BridgeClient | None = None  # the replies' connection, while it lasts
+        # Publishes awaiting their PUBACK on `_client`, oldest first, by their future (not by
+        # packet id: the client frees an id on its PUBACK, before the future's callback runs,
+        # and may give it to the next publish meanwhile): (reply, packet id, loop time by
+        # which its PUBACK is due).
+        self._in_flight: dict[asyncio.Future[Any], tuple[Outbound, int, float]] = {}
+        self._timeouts: asyncio.TimerHandle | None = None
+        self._paused: asyncio.TimerHandle | None = None  # after a failed publish: wait a little
+        self._pumping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reply_routes: dict[str, int | None] = {}  # recent reply topics' routes
 
     def reply_route(self, topic: str) -> int | None:
         """The route whose reply topic `topic` is (for its overflow policy), None if none."""
+        try:
+            return self._reply_routes[topic]
+        except KeyError:
+            pass
+        found = self._reply_route(topic)
+        if len(self._reply_routes) >= REPLY_ROUTES_CACHED:
+            self._reply_routes.clear()  # agents pick the topics: keep the memory bounded
+        self._reply_routes[topic] = found
+        return found
+
+    def _reply_route(self, topic: str) -> int | None:
         for index, route in enumerate(self.settings.routes):
             head, _, tail = route.reply_topic.partition("{id}")
             if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head + tail):
                 return index
         return None
+
+    # -- the backlog ------------------------------------------------------------------------
 
     def enqueue(self, item: Outbound) -> None:
         if len(item.payload) > self.settings.max_payload_bytes:
@@ -67,18 +100,14 @@ class ReplyPublisher:
         ):
             self._drop_oldest_of(item.route_index)
         self.queue.append(item)
-        self._queued_by_route[item.route_index] = self._queued_by_route.get(item.route_index, 0) + 1
-        if not drops:
-            self.blocking_queued += 1
+        self._queued(item)
         self.idle.clear()
-        self._wake_one_worker()
+        self._pump()
 
-    def _wake_one_worker(self) -> None:
-        while self.idle_workers:
-            waiter = self.idle_workers.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _queued(self, item: Outbound) -> None:
+        self._queued_by_route[item.route_index] = self._queued_by_route.get(item.route_index, 0) + 1
+        if not self._drops_oldest(item.route_index):
+            self.blocking_queued += 1
 
     def _drops_oldest(self, route_index: int | None) -> bool:
         return (
@@ -90,6 +119,14 @@ class ReplyPublisher:
         self._queued_by_route[item.route_index] -= 1
         if not self._drops_oldest(item.route_index):
             self.blocking_queued -= 1
+
+    def _requeue(self, items: list[Outbound]) -> None:
+        """Publishes that did not go through: back at the head of the backlog, in order."""
+        for item in reversed(items):
+            self.queue.appendleft(item)
+            self._queued(item)
+        if items:
+            self.idle.clear()
 
     def _drop_oldest_of(self, route_index: int | None) -> None:
         """A "drop_oldest" route's backlog is at max_outbound_queue: its oldest reply goes.
@@ -110,93 +147,177 @@ class ReplyPublisher:
                 queued.delivered()
                 return
 
-    async def worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self.queue:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self.idle_workers.append(waiter)
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake_one_worker()  # it was woken for an item: pass it on
-                    raise
-            item = self.queue.popleft()
-            self._dequeued(item)
-            self.publishing += 1
-            try:
-                await self._publish(item)
-            finally:
-                self.publishing -= 1
-                if not self.queue and self.publishing == 0:
-                    self.idle.set()
-                self._bridge._wakeup.set()  # the read loop may be waiting for outbound room
+    def _settle_idle(self) -> None:
+        if not self.queue and self.publishing == 0:
+            self.idle.set()
 
-    async def _publish(self, item: Outbound) -> None:
-        outbound = self._bridge._outbound_connection
-        while True:
-            await outbound.connected.wait()
-            client = outbound.client
-            if client is None:
-                continue
-            try:
-                await self._publish_until_lost(client, item)
-            except CLIENT_ERRORS as exc:
-                # Lost the connection mid-publish: publish again after the reconnect.
-                self._bridge._count("publish_retries")
-                self._bridge._log_limited(
-                    "publish_retry",
-                    "mqtt: publish to %r failed (%s); will retry",
-                    item.topic,
-                    exc,
-                )
-                if client is outbound.client:
-                    await asyncio.sleep(self.settings.reconnect_min_s)
-                continue
-            except Exception as exc:  # e.g. a topic the client refuses: it can never be sent
-                self._bridge._count("publish_errors")
-                logger.error(
-                    "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
-                    "reply_topic and the agent id)",
-                    item.topic,
-                    exc,
-                )
-                item.delivered()
-                return
-            self._bridge._stats.messages_out += 1
-            MQTT_PUBLISHED.inc()
+    # -- the replies' connection --------------------------------------------------------------
+
+    def connected(self, client: BridgeClient) -> None:
+        """The replies' connection is up (`OutboundConnection`): publish the backlog on it."""
+        self._loop = asyncio.get_running_loop()
+        if self._client is not None and self._client is not client:
+            self._lost(self._client)  # (its callback has not run yet)
+        self._client = client
+        client.disconnected.add_done_callback(functools.partial(self._lost, client))
+        self._pump()
+
+    def _lost(self, client: BridgeClient, _disconnected: Any = None) -> None:
+        """`client`'s connection is gone: its publishes without a PUBACK go again, first, on
+        the next connection (at least once)."""
+        if client is not self._client:
+            return
+        self._client = None
+        if self._timeouts is not None:
+            self._timeouts.cancel()
+            self._timeouts = None
+        items = [item for item, _mid, _due in self._in_flight.values()]
+        for _item, mid, _due in self._in_flight.values():
+            client.forget_publish(mid)
+        self._in_flight.clear()
+        self.publishing -= len(items)
+        if items:
+            self._bridge._count("publish_retries", len(items))
+            self._bridge._log_limited(
+                "publish_retry",
+                "mqtt: the replies' connection was lost with %d publishes (first to %r) "
+                "without a PUBACK; publishing them again on the next connection",
+                len(items),
+                items[0].topic,
+            )
+        self._requeue(items)
+        self._settle_idle()
+
+    def close(self) -> None:
+        """The bridge stopped: no more timers (what is queued stays queued)."""
+        for timer in (self._timeouts, self._paused):
+            if timer is not None:
+                timer.cancel()
+        self._timeouts = self._paused = None
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hand queued replies to the client while the in-flight window has room."""
+        client = self._client
+        if client is None or self._paused is not None or self._pumping:
+            return
+        if client.disconnected.done():
+            self._lost(client)  # (its callback has not run yet)
+            return
+        limit = self.settings.max_inflight_publishes
+        dequeued = False
+        self._pumping = True
+        try:
+            while (
+                self.queue
+                and self.publishing < limit
+                and self._client is client
+                and self._paused is None
+            ):
+                item = self.queue.popleft()
+                self._dequeued(item)
+                dequeued = True
+                self._publish(client, item)
+        finally:
+            self._pumping = False
+        if dequeued:
+            self._bridge._wakeup.set()  # the read loop may be waiting for outbound room
+        self._settle_idle()
+
+    def _publish(self, client: BridgeClient, item: Outbound) -> None:
+        try:
+            mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
+        except CLIENT_ERRORS as exc:
+            # The client cannot take it now (e.g. paho between a loss and its report).
+            self._retry_later([item], f"publish to {item.topic!r} failed ({exc})")
+            return
+        except Exception as exc:  # e.g. a topic the client refuses: it can never be sent
+            self._bridge._count("publish_errors")
+            logger.error(
+                "mqtt: cannot publish to %r (%r); reply dropped (check the route's "
+                "reply_topic and the agent id)",
+                item.topic,
+                exc,
+            )
             item.delivered()
             return
-
-    async def _publish_until_lost(self, client: BridgeClient, item: Outbound) -> None:
-        """Publish on `client`, but give up as soon as its connection is lost: aiomqtt leaves a
-        QoS 1 publish waiting for its PUBACK until `publish_timeout_s` even after the
-        connection died, and the reply should go out on the next connection at once."""
-        lost = client.disconnected
-        if lost.done():
-            raise ConnectionLostError("the replies' connection was lost")
-        mid, published = client.publish_nowait(item.topic, item.payload, item.qos)
-        if not published.done():
-            await asyncio.wait(
-                {published, lost},
-                timeout=self.settings.publish_timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        if published.done():
-            code = published.result()  # MQTT 5 PUBACK reason (native client); paho: None
-            if isinstance(code, int) and code >= 0x80:
-                self._bridge._count("publish_refused")
-                self._bridge._log_limited(
-                    "publish_refused",
-                    "mqtt: the broker refused a reply to %r (MQTT 5 reason %#x, e.g. 0x87 not "
-                    "authorized: check its ACL for %r); not retried",
-                    item.topic,
-                    code,
-                    f"{self.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
-                )
+        self.publishing += 1
+        if published.done():  # QoS 0: written
+            self._finish(item, published)
             return
-        client.forget_publish(mid)
-        if lost.done():
-            raise ConnectionLostError("the replies' connection was lost before the broker's PUBACK")
-        raise MqttError(f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s")
+        assert self._loop is not None
+        due = self._loop.time() + self.settings.publish_timeout_s
+        self._in_flight[published] = (item, mid, due)
+        published.add_done_callback(functools.partial(self._acknowledged, client))
+        if self._timeouts is None:
+            self._timeouts = self._loop.call_at(due, self._check_timeouts)
+
+    def _acknowledged(self, client: BridgeClient, published: asyncio.Future[Any]) -> None:
+        if client is not self._client:
+            return  # lost meanwhile: it was put back in the backlog
+        entry = self._in_flight.pop(published, None)
+        if entry is None:
+            return  # timed out meanwhile: it was put back in the backlog
+        self._finish(entry[0], published)
+
+    def _finish(self, item: Outbound, published: asyncio.Future[Any]) -> None:
+        self.publishing -= 1
+        error = None if published.cancelled() else published.exception()
+        if published.cancelled() or error is not None:
+            self._retry_later([item], f"publish to {item.topic!r} failed ({error!r})")
+            return
+        code = published.result()  # MQTT 5 PUBACK reason (native client); paho: None
+        if isinstance(code, int) and code >= 0x80:
+            self._bridge._count("publish_refused")
+            self._bridge._log_limited(
+                "publish_refused",
+                "mqtt: the broker refused a reply to %r (MQTT 5 reason %#x, e.g. 0x87 not "
+                "authorized: check its ACL for %r); not retried",
+                item.topic,
+                code,
+                f"{self.settings.client_id}{OUTBOUND_CLIENT_SUFFIX}",
+            )
+        self._bridge._stats.messages_out += 1
+        count_published()
+        item.delivered()
+        self._pump()
+
+    def _check_timeouts(self) -> None:
+        """Publishes without a PUBACK within `publish_timeout_s`: forget them on the client
+        and publish them again (after `reconnect_min_s`), counted as retries."""
+        self._timeouts = None
+        client = self._client
+        loop = self._loop
+        if client is None or loop is None:
+            return
+        now = loop.time()
+        expired: list[Outbound] = []
+        for published, (item, mid, due) in list(self._in_flight.items()):
+            if due > now:
+                self._timeouts = loop.call_at(due, self._check_timeouts)
+                break
+            del self._in_flight[published]
+            client.forget_publish(mid)  # (no PUBACK: the id is still this publish's)
+            self.publishing -= 1
+            expired.append(item)
+        if expired:
+            self._retry_later(
+                expired,
+                f"no PUBACK within publish_timeout={self.settings.publish_timeout_s:g}s "
+                f"for {len(expired)} publishes",
+            )
+
+    def _retry_later(self, items: list[Outbound], why: str) -> None:
+        self._bridge._count("publish_retries", len(items))
+        self._bridge._log_limited(
+            "publish_retry", "mqtt: %s (first to %r); will retry", why, items[0].topic
+        )
+        self._requeue(items)
+        loop = self._loop
+        if self._paused is None and loop is not None:
+            self._paused = loop.call_later(self.settings.reconnect_min_s, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        self._pump()

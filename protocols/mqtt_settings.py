@@ -237,6 +237,9 @@ class RouteMatch:
     device_id: str
 
 
+MATCHES_CACHED = 10_000  # topics whose route match `RouteTable.match` remembers
+
+
 class RouteTable:
     """Compiled routes: subscription filters, topic -> (route, id), id -> reply topic."""
 
@@ -290,9 +293,22 @@ class RouteTable:
             filters.append(topic_filter)
             self._compiled.append((index, levels, id_levels[0]))
         self.filters: tuple[str, ...] = tuple(filters)
+        # Recent topics' matches: a device publishes on the same topic again and again.
+        self._matches: dict[str, RouteMatch | None] = {}
 
     def match(self, topic: str) -> RouteMatch | None:
         """The route and device id for an incoming topic, or None if no route matches."""
+        try:
+            return self._matches[topic]
+        except KeyError:
+            pass
+        found = self._match(topic)
+        if len(self._matches) >= MATCHES_CACHED:
+            self._matches.clear()  # any publisher picks its topics: keep the memory bounded
+        self._matches[topic] = found
+        return found
+
+    def _match(self, topic: str) -> RouteMatch | None:
         levels = topic.split("/")
         for index, pattern, id_level in self._compiled:
             if len(levels) != len(pattern):

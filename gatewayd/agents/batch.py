@@ -188,9 +188,11 @@ class BatchRunner:
         assert self._loop is not None
         assert self._committer is not None
         try:
-            # The batch's dedup seqs, once per stream; rows of outputs delivered meanwhile
-            # (not at the transaction's start: then its first turn needs no SAVEPOINT).
+            # The batch's dedup seqs, once per stream, and its state, once; rows of outputs
+            # delivered meanwhile (not at the transaction's start: then its first turn needs
+            # no SAVEPOINT).
             db.write_seqs()
+            db.write_state()
             self._outputs.delete_delivered(slot.key, slot.stores, db.connection)
             if self._outputs.needs_mark(slot.key):
                 # The outbox index must list the agent before its rows are durable, or a crash

@@ -325,7 +325,9 @@ class AgentDatabase:
         "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
+        "_state_at_savepoint",
         "_unwritten_seqs",
+        "_unwritten_state",
         "commit_fsyncs",
         "in_transaction_",
         "keeps_wal",
@@ -358,6 +360,11 @@ class AgentDatabase:
         # forgotten with any rollback.
         self._last_seqs: dict[str, int | None] = {}
         self._unwritten_seqs: dict[str, int] = {}
+        # The agent's state as the open transaction's turns left it, written once before its
+        # COMMIT (`write_state`), not once per turn; and its value when the current turn (or
+        # savepoint) began, restored when that is undone.
+        self._unwritten_state: str | None = None
+        self._state_at_savepoint: str | None = None
         self._io_lock = threading.Lock()
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
@@ -600,6 +607,7 @@ class AgentDatabase:
 
     def savepoint(self) -> None:
         self._conn.execute("SAVEPOINT gw_turn")
+        self._state_at_savepoint = self._unwritten_state
 
     def release(self) -> None:
         self._conn.execute("RELEASE gw_turn")
@@ -607,6 +615,7 @@ class AgentDatabase:
     def rollback_to_savepoint(self) -> None:
         self._conn.execute("ROLLBACK TO gw_turn")
         self._conn.execute("RELEASE gw_turn")
+        self._unwritten_state = self._state_at_savepoint
 
     def turn_savepoint(self) -> bool:
         """Start a turn: a SAVEPOINT, unless no row changed in the open transaction yet (the
@@ -614,6 +623,7 @@ class AgentDatabase:
         (`undo_turn(False)`: ROLLBACK, BEGIN), and two statements per batch are saved.
         Returns whether a savepoint was opened. (Schema changes do not count as changes:
         what a rollback undoes of them is re-created by its store, see turn.py.)"""
+        self._state_at_savepoint = self._unwritten_state
         if self._changes_at_begin == self._conn.total_changes and self.in_transaction_:
             return False
         self._conn.execute("SAVEPOINT gw_turn")
@@ -637,6 +647,7 @@ class AgentDatabase:
         if savepoint:
             self._conn.execute("ROLLBACK TO gw_turn")
             self._conn.execute("RELEASE gw_turn")
+            self._unwritten_state = self._state_at_savepoint
         else:
             self.rollback()
             self.begin()
@@ -644,8 +655,10 @@ class AgentDatabase:
     def commit(self) -> None:
         """With durability=full this fsyncs the WAL: run it on the commit executor. With
         "normal" it never fsyncs (no autocheckpoint, WAL already started) and runs inline.
-        Writes the batch's dedup seqs first (`write_seqs`), if that was not done yet."""
+        Writes the batch's dedup seqs and state first (`write_seqs`, `write_state`), if that
+        was not done yet."""
         self.write_seqs()
+        self.write_state()
         try:
             self._conn.execute("COMMIT")
         finally:
@@ -688,6 +701,7 @@ class AgentDatabase:
     def rollback(self) -> None:
         self._last_seqs.clear()
         self._unwritten_seqs.clear()
+        self._unwritten_state = None
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
         self.in_transaction_ = False
@@ -776,8 +790,19 @@ class AgentDatabase:
         return True, json.loads(row[0])
 
     def save_state(self, state_json: str) -> None:
+        """The turn's new state: checked now, written by `write_state` before the COMMIT (a
+        batch of turns that each change the state writes the row once)."""
         _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
+        self._unwritten_state = state_json
+
+    def write_state(self) -> None:
+        """Before the COMMIT (and before cluster mode sees the transaction): write the state
+        the batch's turns left."""
+        state_json = self._unwritten_state
+        if state_json is None:
+            return
         self._execute(_SAVE_STATE, (state_json,))
+        self._unwritten_state = None
 
     def last_seq(self, stream: str) -> int | None:
         unwritten = self._unwritten_seqs.get(stream)

@@ -87,6 +87,11 @@ async def _device_link(rt: Any, agent_id: str) -> tuple[Outputs, DeviceLink]:
     return outputs, link
 
 
+def _stored_state(state_dir: Path, agent_id: str) -> Any:
+    with sqlite3.connect(agent_db_path(state_dir, "echo", agent_id)) as db:
+        return json.loads(db.execute("SELECT value FROM _gw_turn_rows WHERE id = 0").fetchone()[0])
+
+
 def _bodies(state_dir: Path, agent_id: str) -> list[str]:
     with sqlite3.connect(agent_db_path(state_dir, "echo", agent_id)) as db:
         return [row[0] for row in db.execute("SELECT body FROM r ORDER BY n")]
@@ -109,8 +114,9 @@ async def test_a_durable_reply_turn_runs_one_statement_per_write(make_runtime) -
         )
         seen = _trace(rt, "a")
         assert await rt.submit_message(link, "second") is Outcome.APPLIED
-        # The insert, the state, the outbox row; the delivered "first" reply's row is deleted
-        # in this transaction; no SAVEPOINT for a batch of one turn.
+        # The insert, the outbox row, the state (written once per batch, before the COMMIT);
+        # the delivered "first" reply's row is deleted in this transaction; no SAVEPOINT for a
+        # batch of one turn.
         assert seen == ["BEGIN", "INSERT", "INSERT", "INSERT", "DELETE", "COMMIT"]
         assert outputs.sent == [b"ack first", b"ack second"]
 
@@ -128,9 +134,10 @@ async def test_a_failing_first_turn_rolls_back_only_itself(make_runtime, tmp_pat
         )
         assert isinstance(results[0], ValueError) and results[1:] == [Outcome.APPLIED] * 2
         assert seen == [
-            *("BEGIN", "INSERT", "INSERT", "ROLLBACK"),  # "boom": the whole transaction undone
-            *("BEGIN", "INSERT", "INSERT", "CREATE", "INSERT"),  # "two", first again
-            *("SAVEPOINT", "INSERT", "INSERT", "INSERT", "RELEASE"),  # "three"
+            *("BEGIN", "INSERT", "ROLLBACK"),  # "boom": the whole transaction undone
+            *("BEGIN", "INSERT", "CREATE", "INSERT"),  # "two", first again
+            *("SAVEPOINT", "INSERT", "INSERT", "RELEASE"),  # "three"
+            "INSERT",  # the state both left, once
             *("DELETE", "COMMIT"),  # the delivered reply to "one", then one commit for both
         ]  # (CREATE: the outbox table is checked again after a failed turn)
         assert await rt.call("echo", "b", "bodies") == ["one", "two", "three"]
@@ -138,6 +145,28 @@ async def test_a_failing_first_turn_rolls_back_only_itself(make_runtime, tmp_pat
         await wait_until(lambda: len(outputs.sent) == 3, 5, "three replies sent")
         assert outputs.sent == [b"ack one", b"ack two", b"ack three"]
     assert _bodies(tmp_path / "state", "b") == ["one", "two", "three"]
+    assert _stored_state(tmp_path / "state", "b") == {"n": 3}
+
+
+async def test_a_failing_last_turn_leaves_the_state_of_the_turns_before(
+    make_runtime, tmp_path
+) -> None:
+    # The state is written once per batch, before its COMMIT: a turn rolled back to its
+    # savepoint must take its set_state back with it ("boom" sets n = -1, then raises).
+    async with make_runtime({"echo": Echo}) as rt:
+        _outputs, link = await _device_link(rt, "s")
+        assert await rt.submit_message(link, "one") is Outcome.APPLIED
+        statements: list[str] = []
+        rt._scheduler.slots[("echo", "s")].db.connection.set_trace_callback(statements.append)
+        results = await asyncio.gather(
+            *(rt.submit_message(link, text) for text in ("two", "three", "boom")),
+            return_exceptions=True,
+        )
+        assert results[:2] == [Outcome.APPLIED] * 2 and isinstance(results[2], ValueError)
+        assert len([sql for sql in statements if "VALUES (0, 'state'" in sql]) == 1
+        assert await rt.get_agent_state("echo", "s") == {"n": 3}
+    assert _stored_state(tmp_path / "state", "s") == {"n": 3}
+    assert _bodies(tmp_path / "state", "s") == ["one", "two", "three"]
 
 
 async def test_a_failing_later_turn_keeps_the_earlier_ones(make_runtime, tmp_path) -> None:

@@ -1,6 +1,6 @@
-"""The MQTT bridge's background loops (connection, replies' connection, idle-link eviction,
-publish workers) run under the gateway's transport supervisor, through the `spawn_loop` hook
-of protocols/tasks.py."""
+"""The MQTT bridge's background loops (connection, replies' connection, idle-link eviction;
+replies are published without loops of their own) run under the gateway's transport
+supervisor, through the `spawn_loop` hook of protocols/tasks.py."""
 
 from __future__ import annotations
 
@@ -35,9 +35,6 @@ async def test_mqtt_loops_are_started_by_the_transport_supervisor(
             "mqtt-connection",
             "mqtt-outbound-connection",  # the replies' own connection (protocols/mqtt.py)
             "mqtt-idle",
-            "mqtt-publish-0",
-            "mqtt-publish-1",
-            "mqtt-publish-2",
         }
         assert components.health() == (True, "ok")
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -191,31 +190,28 @@ async def test_a_reply_without_puback_in_publish_timeout_is_published_again(
     assert delivered == [1]
 
 
-async def test_each_reply_wakes_one_publish_worker(
+async def test_replies_are_published_at_once_without_a_task_each(
     mosquitto: MosquittoBroker, handler_factory
 ) -> None:
-    # With max_inflight_publishes workers idle, a reply must wake one of them, not all: a
-    # shared Event made every reply cost max_inflight_publishes coroutine wake-ups.
+    # A reply queued while the in-flight window has room goes to the client in the same
+    # call, and its PUBACK's callback reports it: no worker coroutine or task per reply (an
+    # awaiting worker cost a wait, a timer and two resumptions per reply).
     handler = await handler_factory()
     bridge = MqttBridge(settings_for(mosquitto, max_inflight_publishes=32), handler)
     await bridge.start()
     await bridge.wait_connected(timeout_s=5)
-    await wait_until(lambda: len(bridge._publisher.idle_workers) == 32, 5, "every worker idle")
-
-    class CountingDeque(deque):  # type: ignore[type-arg]
-        appends = 0
-
-        def append(self, waiter: asyncio.Future[None]) -> None:
-            CountingDeque.appends += 1
-            super().append(waiter)
-
-    bridge._publisher.idle_workers = CountingDeque(bridge._publisher.idle_workers)
+    outbound = bridge._outbound_connection
+    await wait_until(lambda: outbound.client is not None, 5, "the replies' connection")
+    tasks_before = len(asyncio.all_tasks())
     delivered: list[int] = []
-    for seq in range(1, 11):  # one at a time: each finds every worker idle
+    for seq in range(1, 41):
         bridge.send_tracked(OutputAddress("mqtt", "devices/9/cmd", 1), seq, b"r", delivered.append)
-        await wait_until(lambda seq=seq: delivered == list(range(1, seq + 1)), 10, "the reply")
-    # Each reply: the one worker woken waits again once it is done (10); 64 if all woke.
-    assert CountingDeque.appends == 10
+    # Synchronously: the first 32 are with the client, the other 8 wait for room.
+    assert bridge._publisher.publishing == 32
+    assert len(bridge._publisher.queue) == 8
+    assert len(asyncio.all_tasks()) == tasks_before
+    await wait_until(lambda: delivered == list(range(1, 41)), 10, "every reply")
+    assert bridge._publisher.publishing == 0 and bridge._publisher.idle.is_set()
     await bridge.stop()
 
 
