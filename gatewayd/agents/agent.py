@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -159,6 +159,8 @@ class AgentHost(Protocol):
         ...
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any: ...
+
+    async def infer_many(self, model: str, requests: Sequence[Any], **kwargs: Any) -> list[Any]: ...
 
     def generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
         """A `gatewayd.generation.Generation` (an async iterator of deltas) on a local
@@ -340,6 +342,12 @@ class Agent:
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         """Batched inference through the runtime's engine (`NoEngineError` without one)."""
         return await self._gw_host.infer(model, inputs, **kwargs)
+
+    async def infer_many(self, model: str, requests: Sequence[Any], **kwargs: Any) -> list[Any]:
+        """Several requests at once (a window of readings to score): their outputs, in order.
+        The engine packs them into few batches and wakes this agent once per batch, not once
+        per request; all or nothing (an invalid request fails the call, naming its index)."""
+        return await self._gw_host.infer_many(model, requests, **kwargs)
 
     def generate(self, prompt: Any, *, model: str | None = None, **sampling: Any) -> Any:
         """Stream text from a local language model (`[generators.NAME]`; `model` defaults to

@@ -40,7 +40,7 @@ import inspect
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -681,6 +681,18 @@ class AgentRuntime(AlarmsMixin):
             )
         return await self.engine.infer(model, inputs, **kwargs)
 
+    async def _infer_many(self, model: str, requests: Sequence[Any], **kwargs: Any) -> list[Any]:
+        if self.engine is None:
+            raise NoEngineError(
+                f"infer_many({model!r}): this gateway has no inference engine configured"
+            )
+        infer_many = getattr(self.engine, "infer_many", None)
+        if infer_many is None:  # a duck-typed engine with `infer` only
+            return list(
+                await asyncio.gather(*(self.engine.infer(model, r, **kwargs) for r in requests))
+            )
+        return list(await infer_many(model, requests, **kwargs))
+
     def _generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
         from gatewayd.generation import Generation, GenerationError, pick_generator
 
@@ -763,6 +775,9 @@ class _AgentHandle:
 
     async def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         return await self._runtime._infer(model, inputs, **kwargs)
+
+    async def infer_many(self, model: str, requests: Sequence[Any], **kwargs: Any) -> list[Any]:
+        return await self._runtime._infer_many(model, requests, **kwargs)
 
     def generate(self, prompt: Any, model: str | None, sampling: dict[str, Any]) -> Any:
         return self._runtime._generate(prompt, model, sampling)

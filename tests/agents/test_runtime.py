@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 from gatewayd.agents import (
@@ -470,3 +471,31 @@ async def test_normal_durability_checkpoints_on_the_executor_and_keeps_every_com
     async with make_runtime({"rec": Recorder}) as rt:  # reopened from disk
         log = await rt.call("rec", "cp", "log")
     assert len([entry for entry in log if entry.startswith("end")]) == total
+
+
+class WindowScorer(Agent):
+    @callable
+    async def score_window(self, rows):
+        requests = [np.asarray([row], np.float32) for row in rows]
+        outputs = await self.infer_many("mlp", requests)
+        return [output["logits"].tolist() for output in outputs]
+
+
+async def test_infer_many_scores_a_window_through_the_real_engine(make_runtime, tmp_path):
+    # A real onnxruntime session: each of the window's requests gets exactly its own row's
+    # outputs back, in order, the same as one infer() per row.
+    from engine import ModelSpec
+    from tests.engine.onnx_models import build_mlp, serving
+
+    spec = ModelSpec("mlp", build_mlp(tmp_path / "mlp.onnx"), buckets=(1, 4, 16))
+    rows = np.random.default_rng(5).normal(size=(20, 8)).astype(np.float32).tolist()
+    async with serving(spec) as engine, make_runtime({"w": WindowScorer}, engine=engine) as rt:
+        scored = await rt.call("w", "a", "score_window", rows)
+        one_by_one = [
+            (await engine.infer("mlp", np.asarray([row], np.float32)))["logits"].tolist()
+            for row in rows
+        ]
+    assert scored == one_by_one and len(scored) == 20
+    async with make_runtime({"w": WindowScorer}) as rt:
+        with pytest.raises(NoEngineError, match="infer_many"):
+            await rt.call("w", "a", "score_window", rows[:2])
