@@ -196,6 +196,22 @@ def agent_db_file(state_dir: str, agent_class: str, agent_id: str) -> str:
     return os.path.join(state_dir, "agents", agent_class, hashed[:2], f"{prefix}.{hashed}.sqlite3")
 
 
+def stored_agent_id(path: str | os.PathLike[str], timeout_s: float = 0.5) -> str | None:
+    """The agent id a database file stores, read-only and without the runtime (no agent is
+    woken); None when the file cannot be read (not an agent database, not committed yet)."""
+    try:
+        conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True, timeout=timeout_s)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM _gw_meta WHERE key = 'agent_id'").fetchone()
+        return None if row is None else str(row[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
 def _file_identity(path: str) -> str:
     status = os.stat(path)
     return f"{status.st_ino}:{status.st_size}"

@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.object_store import ObjectStore
 
-from gatewayd.agents.storage import AgentDatabase, agent_db_file
+from gatewayd.agents.storage import AgentDatabase, agent_db_file, stored_agent_id
 from gatewayd.cluster import metrics
 from gatewayd.cluster.changelog import PartitionLog
 from gatewayd.cluster.credentials import CredentialsError, read_user_credentials
@@ -832,26 +832,11 @@ def _delete_partition_files(
             path = os.path.join(folder, name)
             if not name.endswith(".sqlite3") or path in skip:
                 continue
-            stored = _stored_agent_id(path)
+            stored = stored_agent_id(path)
             if stored is not None and partition_of(stored, partitions) == number:
                 AgentDatabase.delete_files(path)
                 deleted += 1
     return deleted
-
-
-def _stored_agent_id(path: str) -> str | None:
-    """The id an agent database stores (None: not readable, e.g. not committed yet)."""
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
-    except sqlite3.Error:
-        return None
-    try:
-        row = conn.execute("SELECT value FROM _gw_meta WHERE key = 'agent_id'").fetchone()
-        return None if row is None else str(row[0])
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
 
 
 async def _object_store(

@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import os
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from gatewayd.agents.storage import stored_agent_id
 from gatewayd.cluster.operations import DashboardAgent, ReplayDeadLetter, agent_exists
 from gatewayd.dashboard.group import GroupLists, agent_rows, device_rows
 
@@ -34,20 +34,6 @@ class AgentFile:
     agent_id: str
     path: str
     last_write: float  # mtime of the database or its WAL, whichever is newer
-
-
-def _read_agent_id(path: str) -> str | None:
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
-    except sqlite3.Error:
-        return None
-    try:
-        row = conn.execute("SELECT value FROM _gw_meta WHERE key = 'agent_id'").fetchone()
-        return None if row is None else str(row[0])
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
 
 
 def _last_write(path: str) -> float:
@@ -117,7 +103,7 @@ class Inventory:
                     path = os.path.join(folder, name)
                     agent_id = self._ids.get(path)
                     if agent_id is None:
-                        agent_id = _read_agent_id(path)
+                        agent_id = stored_agent_id(path)
                         if agent_id is None:
                             continue  # being created, or not an agent database
                         self._ids[path] = agent_id

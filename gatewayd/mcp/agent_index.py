@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from gatewayd.agents.storage import stored_agent_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,7 @@ class AgentIndex:
             if not class_dir.is_dir():
                 continue
             for path in sorted(class_dir.glob("*/*.sqlite3")):
-                agent_id = _stored_id(path)
+                agent_id = stored_agent_id(path, timeout_s=1.0)
                 if agent_id is None or contains not in agent_id:
                     continue
                 if keep is not None and not keep(agent_id):
@@ -73,20 +74,6 @@ def last_seen(path: Path) -> str | None:
     if not times:
         return None
     return datetime.fromtimestamp(max(times), UTC).isoformat(timespec="seconds")
-
-
-def _stored_id(path: Path) -> str | None:
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
-    except sqlite3.Error:
-        return None
-    try:
-        row = conn.execute("SELECT value FROM _gw_meta WHERE key = 'agent_id'").fetchone()
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
-    return str(row[0]) if row else None
 
 
 def _order(agent: KnownAgent) -> tuple[str, str]:
