@@ -209,24 +209,29 @@ async def test_a_member_paused_past_its_lease_writes_nothing_after_losing_owners
     await _wait_files_follow_owners(group, nc, ["m1", "m2"])
 
 
-async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
+async def test_a_fourth_member_joining_takes_few_partitions_and_nothing_is_applied_twice(
     group: Group, nc: nats.NATS
 ) -> None:
-    group.add_member("m1")
-    group.add_member("m2")
-    before = await wait_settled(nc, group.partitions, {"m1", "m2"}, timeout_s=30)
+    # The issue's scenario: a 4th member joins 3 that serve a stream of messages.
+    for name in ("m1", "m2", "m3"):
+        group.add_member(name)
+    before = await wait_settled(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
 
     publisher = Publisher(nc, DEVICES, 1500)
     publishing = await _publish_until(publisher, 0.3)
-    group.add_member("m3")
-    after = await wait_settled(nc, group.partitions, {"m1", "m2", "m3"}, timeout_s=30)
+    group.add_member("m4")
+    members = {"m1", "m2", "m3", "m4"}
+    after = await wait_settled(nc, group.partitions, members, timeout_s=30)
     moved = [p for p in after if after[p] != before[p]]
-    assert moved and all(after[p] == "m3" for p in moved), (before, after)
+    # Only partitions the newcomer takes move (rendezvous hashing: ~P/4 of them, never the
+    # others' partitions among themselves).
+    assert moved and all(after[p] == "m4" for p in moved), (before, after)
+    assert len(moved) <= group.partitions // 2, (before, after)
     await publishing
     state = await _wait_all_applied(nc, group, publisher, timeout_s=30)
     _assert_exactly_once(state, publisher)
-    # m1 and m2 deleted the files of the agents that moved to m3 (local listings scan them).
-    await _wait_files_follow_owners(group, nc, ["m1", "m2", "m3"])
+    # m1-m3 deleted the files of the agents that moved to m4 (local listings scan them).
+    await _wait_files_follow_owners(group, nc, sorted(members))
 
     # The operator's view agrees.
     config = str(group.members["m1"].config)
@@ -238,7 +243,7 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
         check=True,
     )
     status = json.loads(shown.stdout)
-    assert {m["member"] for m in status["members"]} == {"m1", "m2", "m3"}
+    assert {m["member"] for m in status["members"]} == members
     assert {p["partition"]: p["owner"] for p in status["partitions"]} == after
     text = subprocess.run(
         [sys.executable, "-m", "gatewayd", "cluster", "status", "-c", config],
@@ -247,7 +252,7 @@ async def test_a_member_joining_takes_partitions_and_nothing_is_applied_twice(
         timeout=30,
         check=True,
     ).stdout
-    assert "PARTITION" in text and "m3" in text, text
+    assert "PARTITION" in text and "m4" in text, text
 
 
 async def _mqtt_client(port: int, name: str) -> aiomqtt.Client:
