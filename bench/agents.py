@@ -21,6 +21,12 @@ runtime. Reported: turns/s, process CPU µs per turn (`time.process_time`, all t
 gatewayd side includes the driver's submit/await, what a transport does), SQL statements per
 turn (a trace callback on every agent's connection, counted in a separate pass).
 
+Wake latency (`--wake-only`): `--wake-agents` hibernated agents (database closed, not parked)
+woken one after the other by a call, each followed by the floor on another hibernated agent's
+file: a bare sqlite3 open + state read + INSERT + COMMIT (same files, same moment); then wakes
+right after hibernation (parked connection) and the same call on an awake agent. The garbage
+collector is set up as the daemon sets it once started (gctuning.py) unless `--gc-default`.
+
 The older throughput comparison (`--agents`) against one aiosqlite connection per agent
 needs the `bench` extra (aiosqlite). Memory figures come from a fresh subprocess.
 Prints tables, then one JSON line.
@@ -49,13 +55,15 @@ from typing import Any, ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gateway_agents import FrameCounter, TelemetryEcho
+from gatewayd import gctuning
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
-from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
+from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS, agent_db_file
 from protocols.link import DedupKey, DeliveredCallback, OutputAddress, Route
 
 PAYLOAD = b"\x01" * 32
 TOTAL_WINDOW = 20_000  # events in flight over all agents
 MAX_AGENT_WINDOW = 256
+_GC_DEFAULTS = gc.get_threshold()
 
 
 class BenchAgent(Agent):
@@ -391,76 +399,96 @@ def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
         )
 
 
-async def wake_latency(state_dir: Path, agents: int) -> dict:
+def _plain_wake(path: str) -> tuple[float, sqlite3.Connection]:
+    """The floor of a cold wake: a bare sqlite3 open + read of the state + one INSERT and
+    COMMIT (synchronous=NORMAL) on the loop thread, no runtime, no executor hop, no agent.
+    The connection is returned open (closed after the timed loop: its close checkpoints)."""
+    started = time.perf_counter()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
+    conn.execute("COMMIT")
+    return time.perf_counter() - started, conn
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * q) - 1)]
+
+
+async def wake_latency(state_dir: Path, agents: int, *, gc_tuned: bool = True) -> dict:
+    """Cold wakes (hibernated, database closed) of `agents` agents one after the other,
+    each followed by the plain-sqlite floor on another hibernated agent's file (same files,
+    same moment, so the same load); then wakes right after hibernation (parked connection)
+    and calls on awake agents. With `gc_tuned`, the garbage collector is set up as the
+    daemon does once it started (gctuning.py: no automatic full collections)."""
     runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"bench": BenchAgent})
     await runtime.start()
-    for start in range(0, agents, 500):
+    if gc_tuned:
+        gctuning.tune_for_serving()
+    for start in range(0, 2 * agents, 500):
         await asyncio.gather(
             *(
                 runtime.call("bench", f"w{i}", "touch")
-                for i in range(start, min(agents, start + 500))
+                for i in range(start, min(2 * agents, start + 500))
             )
         )
+    scheduler = runtime._scheduler
     runtime.hibernate_idle()
-    while (
-        runtime.stats()["active_agents"] or runtime._scheduler.closing
-    ):  # closes (checkpoints) done
+    while runtime.stats()["active_agents"] or scheduler.closing:  # closes (checkpoints) done
+        await asyncio.sleep(0.05)
+    scheduler.close_parked_before(float("inf"))  # cold: none of them parked
+    while scheduler.closing:
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.5)  # and the idle sweeper's memory trim
-    latencies = []
+    warm_before = runtime.stats().get("warm_opens_total", 0)
+    latencies, plain = [], []
+    plain_conns = []
     for i in range(agents):
         started = time.perf_counter()
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         latencies.append(time.perf_counter() - started)
-    latencies.sort()
+        elapsed, conn = _plain_wake(agent_db_file(str(state_dir), "bench", f"w{2 * i + 1}"))
+        plain.append(elapsed)
+        plain_conns.append(conn)
+    warm_opens = runtime.stats().get("warm_opens_total", 0) - warm_before
+    for conn in plain_conns:
+        conn.close()
     # Wakes of agents that hibernated a moment ago, each on its parked connection (the
     # scheduler keeps the most recent ones open), and the same call on an awake agent.
-    scheduler = runtime._scheduler
     runtime.hibernate_idle()
     await asyncio.gather(*list(scheduler.closing.values()))
     parked, awake = [], []
     for i in range(min(agents, 500)):
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         started = time.perf_counter()
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         awake.append(time.perf_counter() - started)
         runtime.hibernate_idle()
         await asyncio.gather(*list(scheduler.closing.values()))
         started = time.perf_counter()
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         parked.append(time.perf_counter() - started)
         runtime.hibernate_idle()
         await asyncio.gather(*list(scheduler.closing.values()))
     parked_wakes = runtime.stats().get("parked_wakes_total", 0)
     await runtime.close()
-    parked.sort()
-    awake.sort()
-    # Baseline in the same run, on the same files: what a wake costs at the least, a plain
-    # sqlite3 open + read of the state + one INSERT and COMMIT (synchronous=NORMAL), on the
-    # loop thread, with no runtime, no executor hop and no agent.
-    files = sorted(str(p) for p in (state_dir / "agents" / "bench").rglob("*.sqlite3"))
-    plain = []
-    for path in files[:agents]:
-        started = time.perf_counter()
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
-        conn.execute("BEGIN")
-        conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
-        conn.execute("COMMIT")
-        plain.append(time.perf_counter() - started)
-        conn.close()
-    plain.sort()
+    if gc_tuned:
+        gc.unfreeze()
+        gc.set_threshold(*_GC_DEFAULTS)
     return {
         "wake_p50_ms": statistics.median(latencies) * 1e3,
-        "wake_p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3,
+        "wake_p99_ms": _quantile(latencies, 0.99) * 1e3,
         "plain_sqlite_wake_p50_ms": statistics.median(plain) * 1e3,
-        "plain_sqlite_wake_p99_ms": plain[int(len(plain) * 0.99) - 1] * 1e3,
+        "plain_sqlite_wake_p99_ms": _quantile(plain, 0.99) * 1e3,
         "parked_wake_p50_ms": statistics.median(parked) * 1e3,
-        "parked_wake_p99_ms": parked[int(len(parked) * 0.99) - 1] * 1e3,
+        "parked_wake_p99_ms": _quantile(parked, 0.99) * 1e3,
         "awake_call_p50_ms": statistics.median(awake) * 1e3,
-        "awake_call_p99_ms": awake[int(len(awake) * 0.99) - 1] * 1e3,
+        "awake_call_p99_ms": _quantile(awake, 0.99) * 1e3,
         "parked_wakes": parked_wakes,
+        "warm_opens": warm_opens,
     }
 
 
@@ -553,7 +581,8 @@ async def main_async(opts: argparse.Namespace) -> dict:
                 shutil.rmtree(root / f"g-{durability}-{agents}", ignore_errors=True)
                 shutil.rmtree(root / f"n-{durability}-{agents}", ignore_errors=True)
         if not opts.memory_only:
-            wake = await wake_latency(root / "wake", opts.wake_agents)
+            wake = await wake_latency(root / "wake", opts.wake_agents, gc_tuned=opts.gc_tuned)
+            results["wake_gc"] = "daemon (gctuning)" if opts.gc_tuned else "python defaults"
             results.update({k: round(v, 3) for k, v in wake.items()})
         results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         if opts.wake_only or opts.no_memory:
@@ -565,7 +594,8 @@ async def main_async(opts: argparse.Namespace) -> dict:
                 f"wake p50 {results['wake_p50_ms']:.3f} ms, p99 {results['wake_p99_ms']:.3f} ms"
                 f" (target < 1 / < 3); plain sqlite3 open+read+commit, same files: p50 "
                 f"{results['plain_sqlite_wake_p50_ms']:.3f} ms, p99 "
-                f"{results['plain_sqlite_wake_p99_ms']:.3f} ms"
+                f"{results['plain_sqlite_wake_p99_ms']:.3f} ms ({results['warm_opens']} of "
+                f"{opts.wake_agents} wakes opened on the loop)"
             )
             print(
                 f"wake of a just-hibernated agent (parked connection): p50 "
@@ -643,6 +673,12 @@ def main() -> None:
         "--no-memory", action="store_true", help="turn cost and wake latency, no memory figures"
     )
     parser.add_argument("--wake-only", action="store_true", help="only the wake latency")
+    parser.add_argument(
+        "--gc-default",
+        dest="gc_tuned",
+        action="store_false",
+        help="wake latency with Python's default GC settings, not the daemon's (gctuning.py)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)

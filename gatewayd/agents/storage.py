@@ -179,23 +179,89 @@ class _NotWarm(Exception):
     """`open_if_warm`: this open would write before the caller's transaction (or wait)."""
 
 
-def _in_page_cache(path: str, size: int) -> bool:
-    """Whether the first `size` bytes of the file are in the OS page cache: a read with
-    RWF_NOWAIT returns only what it can without waiting on the disk (False where the system
-    cannot say)."""
-    nowait = getattr(os, "RWF_NOWAIT", None)
-    if nowait is None:
-        return False
+class _Warm:
+    """What `_warm_probe` read of a file that may open on the loop: its identity (as
+    `_file_identity`) and, from its header, its page size and user_version."""
+
+    __slots__ = ("identity", "page_size", "user_version")
+
+    def __init__(self, identity: str, page_size: int, user_version: int) -> None:
+        self.identity = identity
+        self.page_size = page_size
+        self.user_version = user_version
+
+
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# `_warm_probe`'s read buffers (one per thread; in practice only the loop's).
+_probe_buffers = threading.local()
+
+
+def _probe_buffer() -> memoryview:
+    buffer: memoryview | None = getattr(_probe_buffers, "view", None)
+    if buffer is None:
+        buffer = _probe_buffers.view = memoryview(bytearray(_WARM_WAL_MAX_BYTES))
+    return buffer
+
+
+def _read_cached(path: str, buffer: memoryview, limit: int, smallest: int) -> tuple[int, int, int]:
+    """`(inode, size, bytes read)` of the file, its first `min(size, limit)` bytes read into
+    `buffer` with RWF_NOWAIT (a read that returns only what the OS page cache holds, without
+    waiting on the disk); bytes read is -1 where the file is smaller than `smallest` or those
+    bytes are not all in the page cache."""
+    assert _RWF_NOWAIT is not None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        return os.preadv(fd, [bytearray(size)], 0, nowait) == size
-    except OSError:  # EAGAIN (not cached), EOPNOTSUPP (the file system cannot say)
-        return False
+        status = os.fstat(fd)
+        size = status.st_size
+        if size < smallest:
+            return status.st_ino, size, -1
+        wanted = min(size, limit)
+        done = os.preadv(fd, [buffer[:wanted]], 0, _RWF_NOWAIT)
+        return status.st_ino, size, done if done == wanted else -1
     finally:
         os.close(fd)
+
+
+def _warm_probe(path: str) -> _Warm | None:
+    """Loop: whether the agent's file may open on the loop (`open_if_warm`): it exists, it is
+    ours (user_version set), its first `_WARM_CHECK_BYTES` and its whole kept WAL are in the OS
+    page cache (an open reads nothing from the disk) and that WAL is started (its first frame
+    carries its header's salts: the first COMMIT appends, no fsync). One open, fstat and
+    non-blocking read per file; None when anything says no, or the system cannot tell."""
+    if _RWF_NOWAIT is None:
+        return None
+    buffer = _probe_buffer()
+    try:
+        inode, size, done = _read_cached(path, buffer, _WARM_CHECK_BYTES, 100)
+        if done < 100:
+            return None
+        header = bytes(buffer[:100])
+        _wal_inode, _wal_size, wal_done = _read_cached(
+            path + "-wal", buffer, _WARM_WAL_MAX_BYTES, _WAL_HEADER_BYTES + 1
+        )
+    except OSError:  # gone, EAGAIN (not cached), EOPNOTSUPP (the file system cannot say)
+        return None
+    if wal_done < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES or _wal_size > _WARM_WAL_MAX_BYTES:
+        return None
+    if not _is_started_wal(bytes(buffer[: _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES])):
+        return None
+    if header[:16] != b"SQLite format 3\x00":
+        return None
+    page_size = int.from_bytes(header[16:18], "big")
+    return _Warm(
+        f"{inode}:{size}",
+        65536 if page_size == 1 else page_size,
+        int.from_bytes(header[60:64], "big"),
+    )
+
+
+def _is_started_wal(head: bytes) -> bool:
+    """`_wal_started` on the WAL's first 56 bytes."""
+    if len(head) < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES:
+        return False
+    salts = head[16:24]
+    frame_salts = head[_WAL_HEADER_BYTES + 8 : _WAL_HEADER_BYTES + 16]
+    return head[:3] == b"\x37\x7f\x06" and salts == frame_salts
 
 
 def _wal_started(wal_path: str) -> bool:
@@ -212,11 +278,7 @@ def _wal_started(wal_path: str) -> bool:
         return False
     finally:
         os.close(fd)
-    if len(head) < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES:
-        return False
-    salts = head[16:24]
-    frame_salts = head[_WAL_HEADER_BYTES + 8 : _WAL_HEADER_BYTES + 16]
-    return head[:3] == b"\x37\x7f\x06" and salts == frame_salts
+    return _is_started_wal(head)
 
 
 def _delete_wal_files(path: str) -> None:
@@ -274,6 +336,7 @@ class AgentDatabase:
         "_changes_at_begin",
         "_commits_since_checkpoint",
         "_conn",
+        "_forget_wal_record",
         "_io_lock",
         "_label",
         "_last_seqs",
@@ -313,6 +376,9 @@ class AgentDatabase:
         self._last_seqs: dict[str, int | None] = {}
         self._unwritten_seqs: dict[str, int] = {}
         self._io_lock = threading.Lock()
+        # Set while the kept WAL's ownership record (`_WAL_FOR`) must be forgotten by the
+        # next transaction (`begin`): from a wake until a COMMIT made that durable.
+        self._forget_wal_record = False
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
 
@@ -336,21 +402,12 @@ class AgentDatabase:
         if durability == "full":
             return None
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
-        wal_path = path + "-wal"
-        try:
-            size = os.stat(path).st_size
-            wal_size = os.stat(wal_path).st_size
-        except OSError:
-            return None
-        if size == 0 or not _WAL_HEADER_BYTES < wal_size <= _WARM_WAL_MAX_BYTES:
-            return None
-        if not _in_page_cache(path, min(size, _WARM_CHECK_BYTES)):
-            return None
-        if not (_in_page_cache(wal_path, wal_size) and _wal_started(wal_path)):
+        warm = _warm_probe(path)
+        if warm is None:
             return None
         try:
             return cls._open(
-                path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes, warm=True
+                path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes, warm=warm
             )
         except _NotWarm:
             return None
@@ -386,28 +443,33 @@ class AgentDatabase:
         max_db_bytes: int,
         max_value_bytes: int,
         *,
-        warm: bool = False,
+        warm: _Warm | None = None,
         _stale_wal_retry: bool = False,
     ) -> AgentDatabase:
-        """`open()`; with `warm` (`open_if_warm`), raises `_NotWarm` wherever it would
-        write before the caller's first transaction."""
+        """`open()`; with `warm` (`open_if_warm`: what `_warm_probe` read of the files),
+        raises `_NotWarm` wherever it would write before the caller's first transaction."""
         label = f"agent {agent_class}/{agent_id!r}"
-        # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
-        # it must still be switched to WAL.
-        try:
-            exists, is_new = True, os.stat(path).st_size == 0
-        except FileNotFoundError:
-            exists, is_new = False, True
-        if is_new:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not exists:
-            # A -wal/-shm left by a file moved or deleted (it stays after a close, see above)
-            # would be replayed into the new, empty file.
-            _delete_wal_files(path)
-        # The WAL-ownership record is only checked when a WAL is there to replay: a record
-        # that reached the database file itself (another connection checkpointed the kept
-        # WAL) says nothing about a WAL, and the first transaction below forgets it.
-        wal_present = not _stale_wal_retry and exists and _has_frames(path + "-wal")
+        if warm is not None:
+            # The probe found the file (not empty) and a started WAL next to it.
+            exists, is_new, wal_present = True, False, True
+        else:
+            # A 0-byte file is new too: its creation was interrupted (e.g. the disk was
+            # full), and it must still be switched to WAL.
+            try:
+                exists, is_new = True, os.stat(path).st_size == 0
+            except FileNotFoundError:
+                exists, is_new = False, True
+            if is_new:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not exists:
+                # A -wal/-shm left by a file moved or deleted (it stays after a close, see
+                # above) would be replayed into the new, empty file.
+                _delete_wal_files(path)
+            # The WAL-ownership record is only checked when a WAL is there to replay: a
+            # record that reached the database file itself (another connection checkpointed
+            # the kept WAL) says nothing about a WAL, and the first transaction below
+            # forgets it.
+            wal_present = not _stale_wal_retry and exists and _has_frames(path + "-wal")
         try:
             conn = sqlite3.connect(
                 path,
@@ -422,7 +484,7 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             db.keeps_wal = not full and keepwal.keep_wal(conn, path)
-            if warm and (is_new or not db.keeps_wal or not wal_present):
+            if warm is not None and not db.keeps_wal:
                 raise _NotWarm
             # The connection's settings in one call (its first statement opens the -wal and
             # -shm files and, for the first connection, rebuilds the WAL index).
@@ -436,13 +498,21 @@ class AgentDatabase:
                 settings.append("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
                 settings.append("PRAGMA journal_mode=WAL")
-            conn.executescript(";".join(settings))
-            page_size, version = conn.execute(
-                "SELECT page_size, user_version FROM pragma_page_size, pragma_user_version"
-            ).fetchone()
-            conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
+            if warm is not None and warm.user_version == SCHEMA_VERSION:
+                # The file's header says what the query below would: its page size (fixed
+                # in WAL mode) and a current schema (nothing to create or migrate).
+                version = warm.user_version
+                max_pages = max(1, max_db_bytes // warm.page_size)
+                settings.append(f"PRAGMA max_page_count={max_pages}")
+                conn.executescript(";".join(settings))
+            else:
+                conn.executescript(";".join(settings))
+                page_size, version = conn.execute(
+                    "SELECT page_size, user_version FROM pragma_page_size, pragma_user_version"
+                ).fetchone()
+                conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
             if version == 0:
-                if warm:
+                if warm is not None:
                     raise _NotWarm
                 db.begin()
                 for statement in _SCHEMA:
@@ -456,10 +526,15 @@ class AgentDatabase:
             else:
                 stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 wal_for = stored.get(_WAL_FOR)
-                if wal_present and wal_for is not None and wal_for != _file_identity(path):
+                identity = warm.identity if warm is not None else None
+                if (
+                    wal_present
+                    and wal_for is not None
+                    and wal_for != (identity or _file_identity(path))
+                ):
                     # The file was replaced (say, a backup restored) after the agent closed
                     # it: the kept WAL belongs to the earlier file and must not be replayed.
-                    if warm:
+                    if warm is not None:
                         raise _NotWarm  # (open() sets the WAL aside, off the loop)
                     conn.close()
                     _set_aside_stale_wal(path, label)
@@ -477,15 +552,19 @@ class AgentDatabase:
                         f"{label}: {path} belongs to agent {stored.get('agent_class')}/"
                         f"{stored.get('agent_id')!r}; refusing to use it"
                     )
-                if db.keeps_wal and wal_present and _wal_started(path + "-wal"):
+                if (
+                    db.keeps_wal
+                    and wal_present
+                    and (warm is not None or _wal_started(path + "-wal"))
+                ):
                     # The WAL holds frames: the first COMMIT appends to it (no fsync), so
                     # there is nothing to start here; forget the ownership record in the
                     # caller's first transaction (committed before any checkpoint can copy
                     # it into the file).
+                    db._forget_wal_record = True
                     db.begin()
-                    conn.execute(_FORGET_WAL_FOR)
                     return db
-            if warm:
+            if warm is not None:
                 raise _NotWarm
             if not full:
                 # Start the WAL here, on the executor, not in the first COMMIT on the loop
@@ -515,6 +594,11 @@ class AgentDatabase:
         if not self.in_transaction_:
             self._conn.execute("BEGIN")
             self.in_transaction_ = True
+            if self._forget_wal_record:
+                # After a wake, until a COMMIT made it durable, every transaction first
+                # forgets the kept WAL's ownership record (see `_open`). Part of the BEGIN:
+                # the first turn still needs no savepoint (undoing it begins again).
+                self._conn.execute(_FORGET_WAL_FOR)
             self._changes_at_begin = self._conn.total_changes
 
     def savepoint(self) -> None:
@@ -569,6 +653,7 @@ class AgentDatabase:
             self._conn.execute("COMMIT")
         finally:
             self.in_transaction_ = self._conn.in_transaction
+        self._forget_wal_record = False
         self._commits_since_checkpoint += 1
 
     def needs_checkpoint(self) -> bool:
@@ -594,6 +679,7 @@ class AgentDatabase:
             try:
                 self._conn.execute(_RESTART_WAL)
                 self._conn.execute("COMMIT")
+                self._forget_wal_record = False
             finally:
                 self.in_transaction_ = self._conn.in_transaction
                 if self.in_transaction_:
@@ -646,9 +732,9 @@ class AgentDatabase:
         does (the caller's first commit makes that durable)."""
         if _parked_files(self.path) != parked:
             return False
-        self.begin()
+        self._forget_wal_record = True
         try:
-            self._conn.execute(_FORGET_WAL_FOR)
+            self.begin()
         except sqlite3.Error:
             self.rollback()
             return False
