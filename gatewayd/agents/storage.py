@@ -81,6 +81,10 @@ _RESTART_WAL = (
 # checkpoint), written into the WAL only; `open()` refuses to replay a WAL whose record does
 # not match the file, and forgets the record in its first transaction.
 _WAL_FOR = "wal_for_file"
+_NO_STATE = "(no state stored)"  # AgentDatabase._opened_state; compared by identity
+_READ_META_AND_STATE = (
+    "SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, json FROM _gw_state WHERE id = 0"
+)
 _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
 # transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
@@ -144,8 +148,10 @@ def agent_db_file(state_dir: str, agent_class: str, agent_id: str) -> str:
     path component forever, which would grow memory with every agent ever woken."""
     validate_class_name(agent_class)
     validate_agent_id(agent_id)
+    # The first 32 base32 characters of the digest encode its first 20 bytes (8 per 5): only
+    # those are encoded (base64's base32 is pure Python).
     digest = hashlib.sha256(agent_id.encode("utf-8")).digest()
-    hashed = base64.b32encode(digest).decode("ascii").lower()[:32]
+    hashed = base64.b32encode(digest[:20]).decode("ascii").lower()
     prefix = _UNSAFE_CHARS_RE.sub("_", agent_id[:_READABLE_PREFIX_CHARS])
     return os.path.join(state_dir, "agents", agent_class, hashed[:2], f"{prefix}.{hashed}.sqlite3")
 
@@ -342,6 +348,7 @@ class AgentDatabase:
         "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
+        "_opened_state",
         "_unwritten_seqs",
         "commit_fsyncs",
         "in_transaction_",
@@ -381,6 +388,9 @@ class AgentDatabase:
         self._forget_wal_record = False
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
+        # The state's JSON as `open()` read it (`_NO_STATE`: none stored), until the first
+        # `load_state` or `save_state`; None: not read.
+        self._opened_state: str | None = None
 
     @classmethod
     def open_if_warm(
@@ -524,7 +534,15 @@ class AgentDatabase:
                 )
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             else:
-                stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
+                # The agent's state is read with the identity (one statement, not two):
+                # `load_state` answers from it.
+                stored: dict[str, str] = {}
+                db._opened_state = _NO_STATE
+                for is_state, key, value in conn.execute(_READ_META_AND_STATE):
+                    if is_state:
+                        db._opened_state = value
+                    else:
+                        stored[key] = value
                 wal_for = stored.get(_WAL_FOR)
                 identity = warm.identity if warm is not None else None
                 if (
@@ -775,12 +793,16 @@ class AgentDatabase:
     # -- agent data -------------------------------------------------------------------------
 
     def load_state(self) -> tuple[bool, Any]:
+        opened, self._opened_state = self._opened_state, None
+        if opened is not None:
+            return (False, None) if opened is _NO_STATE else (True, json.loads(opened))
         row = self._conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
         if row is None:
             return False, None
         return True, json.loads(row[0])
 
     def save_state(self, state_json: str) -> None:
+        self._opened_state = None
         _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
         self._execute(
             "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
