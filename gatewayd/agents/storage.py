@@ -18,13 +18,20 @@ Wakes: a hibernating agent's `close()` (executor) checkpoints and then restarts 
 the tiny write, and the connection closes without SQLite's own checkpoint and keeps its -wal
 and -shm files (keepwal.py). So the WAL is already started when the agent wakes (its first
 frame carries the header's salts): `open()` commits nothing of its own then (it leaves a
-transaction open that forgets the WAL-ownership record, see below), the first batch's COMMIT
-appends to the WAL instead of restarting it, and a wake costs no fsync (which also lets
-`open_if_warm` open such a file on the loop when its pages are in the page cache). A
-hibernated agent
-keeps a small WAL (a few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB
--shm file next to its database. Where keepwal.py cannot apply (see there), closes checkpoint
-and delete the files as SQLite does by default and wakes pay the fsync in `open()`.
+transaction open that forgets the WAL-ownership record, see below; every transaction does, as
+part of its BEGIN, until one committed), the first batch's COMMIT appends to the WAL instead
+of restarting it, and a wake costs no fsync (which also lets `open_if_warm` open such a file
+on the loop when its pages are in the page cache). A hibernated agent keeps a small WAL (a
+few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB -shm file next to
+its database. Where keepwal.py cannot apply (see there), closes checkpoint and delete the
+files as SQLite does by default and wakes pay the fsync in `open()`.
+
+What a cold open costs (bench/results/agents-wake.md): mostly SQLite's own first read, as for
+any first connection to a WAL file: it truncates the -shm file to 3 bytes and extends it again
+(eight 1-byte writes) before rebuilding the WAL index from the WAL; on ext4 the truncate frees
+the blocks written back since the last open. `open_if_warm` adds one open/fstat/read per file
+(`_warm_probe`) and takes from it what the open would otherwise ask SQLite for (page size,
+schema version, the file's identity), and the identity read also reads the agent's state.
 
 The runtime guarantees the loop does not touch a database while an executor call on it is in
 flight (the agent is busy until then); `_io_lock` additionally serialises the executor-side
