@@ -86,13 +86,15 @@ _RESTART_WAL = (
 )
 # The kept WAL's record of the database file it belongs to (inode and size after the closing
 # checkpoint), written into the WAL only; `open()` refuses to replay a WAL whose record does
-# not match the file, and forgets the record in its first transaction.
+# not match the file, and forgets the record in its transactions until one commits.
 _WAL_FOR = "wal_for_file"
-_NO_STATE = "(no state stored)"  # AgentDatabase._opened_state; compared by identity
+_FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
+# `open()`'s identity check reads the agent's state with it (one statement on a new
+# connection instead of two); `_NO_STATE` (compared by identity): no state stored.
 _READ_META_AND_STATE = (
     "SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, json FROM _gw_state WHERE id = 0"
 )
-_FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
+_NO_STATE = "(no state stored)"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
 # transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
 _WAL_BYTES_KEPT = 64 * 1024
