@@ -399,14 +399,27 @@ def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
         )
 
 
-def _plain_wake(path: str) -> tuple[float, sqlite3.Connection]:
+def _state_query(path: str) -> str:
+    """How the state is read in the agent files of the gatewayd under test (schema version 2
+    keeps it in `_gw_turn_rows`, version 1 in `_gw_state`)."""
+    first = sqlite3.connect(path)
+    try:
+        tables = {row[0] for row in first.execute("SELECT name FROM sqlite_master")}
+    finally:
+        first.close()
+    if "_gw_turn_rows" in tables:
+        return "SELECT value FROM _gw_turn_rows WHERE id = 0"
+    return "SELECT json FROM _gw_state WHERE id = 0"
+
+
+def _plain_wake(path: str, state_query: str) -> tuple[float, sqlite3.Connection]:
     """The floor of a cold wake: a bare sqlite3 open + read of the state + one INSERT and
     COMMIT (synchronous=NORMAL) on the loop thread, no runtime, no executor hop, no agent.
     The connection is returned open (closed after the timed loop: its close checkpoints)."""
     started = time.perf_counter()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+    conn.execute(state_query).fetchone()
     conn.execute("BEGIN")
     conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
     conn.execute("COMMIT")
@@ -444,13 +457,15 @@ async def wake_latency(state_dir: Path, agents: int, *, gc_tuned: bool = True) -
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.5)  # and the idle sweeper's memory trim
     warm_before = runtime.stats().get("warm_opens_total", 0)
+    state_query = _state_query(agent_db_file(str(state_dir), "bench", "w1"))
     latencies, plain = [], []
     plain_conns = []
     for i in range(agents):
         started = time.perf_counter()
         await runtime.call("bench", f"w{2 * i}", "touch")
         latencies.append(time.perf_counter() - started)
-        elapsed, conn = _plain_wake(agent_db_file(str(state_dir), "bench", f"w{2 * i + 1}"))
+        path = agent_db_file(str(state_dir), "bench", f"w{2 * i + 1}")
+        elapsed, conn = _plain_wake(path, state_query)
         plain.append(elapsed)
         plain_conns.append(conn)
     warm_opens = runtime.stats().get("warm_opens_total", 0) - warm_before

@@ -36,10 +36,6 @@ from gatewayd.agents import keepwal, storage
 from gatewayd.agents.storage import AgentDatabase, agent_db_file
 
 _OPTIONS = {"durability": "normal", "max_db_bytes": 1 << 30, "max_value_bytes": 2_000_000}
-_UPSERT_STATE = (
-    "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
-    "ON CONFLICT (id) DO UPDATE SET json = excluded.json"
-)
 
 
 def _create(root: Path, count: int) -> list[str]:
@@ -91,7 +87,7 @@ def _warm_open(path: str, clock: Callable[[], float]) -> tuple[list[tuple[str, f
     step("START turn's statement")
     conn.execute("SAVEPOINT gw_turn")
     conn.execute("INSERT INTO r (v) VALUES (x'01')")
-    conn.execute(_UPSERT_STATE, ('{"n":2}',))
+    conn.execute(storage._SAVE_STATE, ('{"n":2}',))
     conn.execute("RELEASE gw_turn")
     step("call turn's 4 statements")
     conn.execute("COMMIT")
@@ -103,7 +99,7 @@ def _plain_open(path: str, clock: Callable[[], float]) -> tuple[float, object]:
     started = clock()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+    conn.execute(storage._LOAD_STATE).fetchone()
     conn.execute("BEGIN")
     conn.execute("INSERT INTO r (v) VALUES (x'01')")
     conn.execute("COMMIT")

@@ -89,10 +89,16 @@ _RESTART_WAL = (
 # not match the file, and forgets the record in its transactions until one commits.
 _WAL_FOR = "wal_for_file"
 _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
+_LOAD_STATE = "SELECT json FROM _gw_state WHERE id = 0"
+_SAVE_STATE = (
+    "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
+    "ON CONFLICT (id) DO UPDATE SET json = excluded.json"
+)
 # `open()`'s identity check reads the agent's state with it (one statement on a new
-# connection instead of two); `_NO_STATE` (compared by identity): no state stored.
+# connection instead of two) when the file has the current schema; `_NO_STATE` (compared by
+# identity): no state stored.
 _READ_META_AND_STATE = (
-    "SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, json FROM _gw_state WHERE id = 0"
+    f"SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, * FROM ({_LOAD_STATE})"
 )
 _NO_STATE = "(no state stored)"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
@@ -546,12 +552,15 @@ class AgentDatabase:
                 # The agent's state is read with the identity (one statement, not two):
                 # `load_state` answers from it.
                 stored: dict[str, str] = {}
-                db._opened_state = _NO_STATE
-                for is_state, key, value in conn.execute(_READ_META_AND_STATE):
-                    if is_state:
-                        db._opened_state = value
-                    else:
-                        stored[key] = value
+                if version == SCHEMA_VERSION:
+                    db._opened_state = _NO_STATE
+                    for is_state, key, value in conn.execute(_READ_META_AND_STATE):
+                        if is_state:
+                            db._opened_state = value
+                        else:
+                            stored[key] = value
+                else:  # (an older schema's state is read after its migration)
+                    stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 wal_for = stored.get(_WAL_FOR)
                 identity = warm.identity if warm is not None else None
                 if (
@@ -805,7 +814,7 @@ class AgentDatabase:
         opened, self._opened_state = self._opened_state, None
         if opened is not None:
             return (False, None) if opened is _NO_STATE else (True, json.loads(opened))
-        row = self._conn.execute("SELECT json FROM _gw_state WHERE id = 0").fetchone()
+        row = self._conn.execute(_LOAD_STATE).fetchone()
         if row is None:
             return False, None
         return True, json.loads(row[0])
@@ -813,11 +822,7 @@ class AgentDatabase:
     def save_state(self, state_json: str) -> None:
         self._opened_state = None
         _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
-        self._execute(
-            "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
-            "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
-            (state_json,),
-        )
+        self._execute(_SAVE_STATE, (state_json,))
 
     def last_seq(self, stream: str) -> int | None:
         unwritten = self._unwritten_seqs.get(stream)
