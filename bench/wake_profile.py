@@ -76,7 +76,7 @@ def _warm_open(path: str, clock: Callable[[], float]) -> tuple[list[tuple[str, f
         "PRAGMA wal_autocheckpoint=0;PRAGMA max_page_count=262144"
     )
     step("pragmas (1st read: -shm, WAL index)")
-    conn.execute(storage._READ_META_AND_STATE).fetchall()
+    conn.execute(storage._read_meta_and_state()).fetchall()
     step("identity + state read")
     conn.execute("BEGIN")
     conn.execute(storage._FORGET_WAL_FOR)

@@ -89,18 +89,6 @@ _RESTART_WAL = (
 # not match the file, and forgets the record in its transactions until one commits.
 _WAL_FOR = "wal_for_file"
 _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
-_LOAD_STATE = "SELECT json FROM _gw_state WHERE id = 0"
-_SAVE_STATE = (
-    "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
-    "ON CONFLICT (id) DO UPDATE SET json = excluded.json"
-)
-# `open()`'s identity check reads the agent's state with it (one statement on a new
-# connection instead of two) when the file has the current schema; `_NO_STATE` (compared by
-# identity): no state stored.
-_READ_META_AND_STATE = (
-    f"SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, * FROM ({_LOAD_STATE})"
-)
-_NO_STATE = "(no state stored)"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
 # transaction wrote if larger): bounds the -wal file a hibernated agent leaves on disk.
 _WAL_BYTES_KEPT = 64 * 1024
@@ -125,6 +113,19 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _gw_state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)",
     "CREATE TABLE IF NOT EXISTS _gw_dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)",
 )
+_LOAD_STATE = "SELECT json FROM _gw_state WHERE id = 0"
+_SAVE_STATE = (
+    "INSERT INTO _gw_state (id, json) VALUES (0, ?) "
+    "ON CONFLICT (id) DO UPDATE SET json = excluded.json"
+)
+# `open()`'s identity check reads the agent's state with it (one statement on a new
+# connection instead of two) when the file has the current schema: `_read_meta_and_state()`;
+# `_NO_STATE` (compared by identity): no state stored.
+_NO_STATE = "(no state stored)"
+
+
+def _read_meta_and_state() -> str:
+    return f"SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, * FROM ({_LOAD_STATE})"
 
 
 def validate_class_name(agent_class: str) -> None:
@@ -554,7 +555,7 @@ class AgentDatabase:
                 stored: dict[str, str] = {}
                 if version == SCHEMA_VERSION:
                     db._opened_state = _NO_STATE
-                    for is_state, key, value in conn.execute(_READ_META_AND_STATE):
+                    for is_state, key, value in conn.execute(_read_meta_and_state()):
                         if is_state:
                             db._opened_state = value
                         else:
