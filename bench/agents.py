@@ -55,9 +55,8 @@ from typing import Any, ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gateway_agents import FrameCounter, TelemetryEcho
-from gatewayd import gctuning
 from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
-from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS, agent_db_file
+from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
 from protocols.link import DedupKey, DeliveredCallback, OutputAddress, Route
 
 PAYLOAD = b"\x01" * 32
@@ -437,6 +436,9 @@ async def wake_latency(state_dir: Path, agents: int, *, gc_tuned: bool = True) -
     same moment, so the same load); then wakes right after hibernation (parked connection)
     and calls on awake agents. With `gc_tuned`, the garbage collector is set up as the
     daemon does once it started (gctuning.py: no automatic full collections)."""
+    from gatewayd import gctuning
+    from gatewayd.agents.storage import agent_db_file
+
     runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"bench": BenchAgent})
     await runtime.start()
     if gc_tuned:
