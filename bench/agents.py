@@ -41,6 +41,7 @@ import gc
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -425,6 +426,17 @@ def _plain_wake(path: str, state_query: str) -> tuple[float, sqlite3.Connection]
     return time.perf_counter() - started, conn
 
 
+def _raise_fd_limit(wanted: int) -> bool:
+    """Whether this process may hold `wanted` file descriptors (raising its soft limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return True
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return True
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, int(len(ordered) * q) - 1)]
@@ -439,6 +451,9 @@ async def wake_latency(state_dir: Path, agents: int, *, gc_tuned: bool = True) -
     from gatewayd import gctuning
     from gatewayd.agents.storage import agent_db_file
 
+    # 3 descriptors per open database: 2 * `agents` awake, then `agents` plain ones kept open
+    # (else closed at once, which checkpoints between the wakes).
+    keep_open = _raise_fd_limit(9 * agents + 256)
     runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"bench": BenchAgent})
     await runtime.start()
     if gc_tuned:
@@ -469,7 +484,10 @@ async def wake_latency(state_dir: Path, agents: int, *, gc_tuned: bool = True) -
         path = agent_db_file(str(state_dir), "bench", f"w{2 * i + 1}")
         elapsed, conn = _plain_wake(path, state_query)
         plain.append(elapsed)
-        plain_conns.append(conn)
+        if keep_open:
+            plain_conns.append(conn)
+        else:
+            conn.close()
     warm_opens = runtime.stats().get("warm_opens_total", 0) - warm_before
     for conn in plain_conns:
         conn.close()
