@@ -19,17 +19,13 @@ row and the delete of the previous one, or the dedup upsert; COMMIT) with the sa
 and the same number of turns per commit, synchronously: the floor of any durable agent
 runtime. Reported: turns/s, process CPU µs per turn (`time.process_time`, all threads; the
 gatewayd side includes the driver's submit/await, what a transport does), SQL statements per
-turn (a trace callback on every agent's connection, counted in a separate pass) and WAL frames
-(= pages written) per commit and per turn (each file's WAL frame count, read from its `-shm`
-wal-index header before and after that same separate pass, with the runtime's checkpoints
-held off during it; the raw side sums `wal_checkpoint`'s frame counts), and which table or
-index each of those pages belongs to (the frames' page numbers, read from the WAL, mapped with
-SQLite's `dbstat`; "page 1" is the file header, rewritten when the file grows).
+turn (a trace callback on every agent's connection, counted in a separate pass).
 
-Base vs branch: the script imports gatewayd from `PYTHONPATH` first when that is set (else from
-its own checkout), so one copy of it measures two trees side by side, e.g. interleaved:
-    for i in 1 2 3; do PYTHONPATH=/path/to/main python bench/agents.py --turn-cost-only; \
-    PYTHONPATH=$PWD python bench/agents.py --turn-cost-only; done
+Wake latency (`--wake-only`): `--wake-agents` hibernated agents (database closed, not parked)
+woken one after the other by a call, each followed by the floor on another hibernated agent's
+file: a bare sqlite3 open + state read + INSERT + COMMIT (same files, same moment); then wakes
+right after hibernation (parked connection) and the same call on an awake agent. The garbage
+collector is set up as the daemon sets it once started (gctuning.py) unless `--gc-default`.
 
 The older throughput comparison (`--agents`) against one aiosqlite connection per agent
 needs the `bench` extra (aiosqlite). Memory figures come from a fresh subprocess.
@@ -45,6 +41,7 @@ import gc
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -52,23 +49,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar
 
-# This checkout, after PYTHONPATH's entries when that is set (see "Base vs branch" above).
-sys.path.insert(
-    len(sys.path) if os.environ.get("PYTHONPATH") else 0, str(Path(__file__).resolve().parents[1])
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gateway_agents import FrameCounter, TelemetryEcho
-from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable, storage
+from gatewayd.agents import Agent, AgentRuntime, AgentSettings, callable
 from gatewayd.agents.storage import CHECKPOINT_AFTER_COMMITS
 from protocols.link import DedupKey, DeliveredCallback, OutputAddress, Route
 
 PAYLOAD = b"\x01" * 32
 TOTAL_WINDOW = 20_000  # events in flight over all agents
 MAX_AGENT_WINDOW = 256
+_GC_DEFAULTS = gc.get_threshold()
 
 
 class BenchAgent(Agent):
@@ -188,21 +183,6 @@ async def naive_turns(state_dir: Path, agents: int, durability: str, duration_s:
 # -- turn cost: durable transport turns vs raw sqlite3 doing the same writes ------------------
 
 BURST_WINDOW = 32
-# The wal-index header at the start of a `-shm` file: mxFrame, the WAL's valid frames since it
-# was last restarted (a u32 in native byte order, https://sqlite.org/walformat.html).
-_SHM_MX_FRAME_OFFSET = 16
-
-
-def wal_frames(db_path: str) -> int:
-    """Frames in the database's WAL since its last restart (0 without a -shm file)."""
-    try:
-        fd = os.open(db_path + "-shm", os.O_RDONLY)
-    except FileNotFoundError:
-        return 0
-    try:
-        return int.from_bytes(os.pread(fd, 4, _SHM_MX_FRAME_OFFSET), sys.byteorder)
-    finally:
-        os.close(fd)
 
 
 class InstantOutputs:
@@ -228,23 +208,6 @@ class DurableLink(BenchLink):
         self.transport = "mqtt"
         self.output_address = OutputAddress("mqtt", f"dev/{agent_id}/down", 1)
         self.outputs = outputs
-
-
-def wal_pages_by_table(db_path: str, first_frame: int) -> Counter[str]:
-    """The table or index of the page each WAL frame from `first_frame` on wrote."""
-    last = wal_frames(db_path)
-    pages = []
-    with open(db_path + "-wal", "rb") as wal:
-        page_size = int.from_bytes(wal.read(32)[8:12], "big")
-        for frame in range(first_frame, last):
-            wal.seek(32 + frame * (24 + page_size))
-            pages.append(int.from_bytes(wal.read(4), "big"))
-    reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        owner = dict(reader.execute("SELECT pageno, name FROM dbstat"))
-    finally:
-        reader.close()
-    return Counter("page 1" if page == 1 else owner.get(page, "free") for page in pages)
 
 
 async def gatewayd_turn_cost(
@@ -286,36 +249,19 @@ async def gatewayd_turn_cost(
     def count(_statement: str) -> None:
         statements[0] += 1
 
-    # WAL frames in the same pass: no checkpoint may restart a WAL meanwhile.
-    dbs = [slot.db for slot in runtime._scheduler.slots.values() if slot.db is not None]
-    for db in dbs:
-        db.connection.set_trace_callback(count)
-    every = storage.CHECKPOINT_AFTER_COMMITS
-    storage.CHECKPOINT_AFTER_COMMITS = 1 << 40
-    try:
-        first_frames = [wal_frames(db.path) for db in dbs]
-        traced_commits = runtime.stats()["commits_total"]
-        traced, _cpu, _wall = await drive(min(0.5, duration_s))
-        traced_commits = runtime.stats()["commits_total"] - traced_commits
-        by_table: Counter[str] = Counter()
-        for db, first in zip(dbs, first_frames, strict=True):
-            by_table.update(wal_pages_by_table(db.path, first))
-        frames = sum(by_table.values())
-    finally:
-        storage.CHECKPOINT_AFTER_COMMITS = every
-    for db in dbs:
-        db.connection.set_trace_callback(None)
+    for slot in runtime._scheduler.slots.values():
+        if slot.db is not None:
+            slot.db.connection.set_trace_callback(count)
+    traced, _cpu, _wall = await drive(min(0.5, duration_s))
+    for slot in runtime._scheduler.slots.values():
+        if slot.db is not None:
+            slot.db.connection.set_trace_callback(None)
     await runtime.close()
     return {
         "turns_per_s": turns / wall_s,
         "cpu_us_per_turn": cpu_s / turns * 1e6,
         "turns_per_commit": turns / max(1, commits),
         "statements_per_turn": statements[0] / max(1, traced),
-        "wal_frames_per_commit": frames / max(1, traced_commits),
-        "wal_frames_per_turn": frames / max(1, traced),
-        "wal_pages_per_commit_by_table": {
-            name: count / max(1, traced_commits) for name, count in by_table.items()
-        },
     }
 
 
@@ -332,12 +278,10 @@ def raw_turn_cost(
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA cache_size=-256")
         conn.execute("CREATE TABLE readings (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-        # The state and the dedup seqs in one table, as the runtime keeps them (storage.py).
-        conn.execute("CREATE TABLE turn_rows (id INTEGER PRIMARY KEY, key TEXT UNIQUE, value)")
-        # No AUTOINCREMENT: the delivered rows are deleted after the new ones are written, so
-        # the newest row is never deleted and a seq is never reused (outbox_schema.py).
+        conn.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 0), json TEXT)")
+        conn.execute("CREATE TABLE dedup (stream TEXT PRIMARY KEY, last_seq INTEGER NOT NULL)")
         conn.execute(
-            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, transport TEXT NOT "
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, transport TEXT NOT "
             "NULL, target TEXT NOT NULL, qos INTEGER NOT NULL, payload BLOB NOT NULL)"
         )
         conns.append(conn)
@@ -346,15 +290,18 @@ def raw_turn_cost(
     delivered: list[list[int]] = [[] for _ in range(agents)]
     seq = [0] * agents
     commits = [0] * agents
-    frames = 0
     turns = 0
     cpu, wall = time.process_time(), time.perf_counter()
     deadline = wall + duration_s
     while time.perf_counter() < deadline:
         for i, conn in enumerate(conns):
             conn.execute("BEGIN")
-            done = delivered[i]  # the replies of the previous commit, delivered in order
-            delivered[i] = []
+            if delivered[i]:  # the replies of the previous commit, delivered in order
+                conn.execute(
+                    "DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
+                    (delivered[i][0], delivered[i][-1]),
+                )
+                delivered[i] = []
             for _ in range(per_commit):
                 if kind == "frames":
                     conn.execute("INSERT INTO readings (body) VALUES (?)", (len(PAYLOAD),))
@@ -362,17 +309,17 @@ def raw_turn_cost(
                     conn.execute("INSERT INTO readings (body) VALUES (?)", (PAYLOAD,))
                 new = {"readings": state[i]["readings"] + 1, "last": len(PAYLOAD)}
                 conn.execute(
-                    "INSERT INTO turn_rows (id, key, value) VALUES (0, 'state', ?) "
-                    "ON CONFLICT (id) DO UPDATE SET value = excluded.value",
+                    "INSERT INTO state (id, json) VALUES (0, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET json = excluded.json",
                     (json.dumps(new, separators=(",", ":"), ensure_ascii=False),),
                 )
                 state[i] = new
                 if kind == "frames":
                     seq[i] += 1
                     conn.execute(
-                        "INSERT INTO turn_rows (key, value) VALUES (?, ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        (f"dedup:d{i}", seq[i]),
+                        "INSERT INTO dedup (stream, last_seq) VALUES (?, ?) "
+                        "ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+                        (f"d{i}", seq[i]),
                     )
                 else:
                     cursor = conn.execute(
@@ -382,15 +329,12 @@ def raw_turn_cost(
                     assert cursor.lastrowid is not None
                     delivered[i].append(cursor.lastrowid)
                 turns += 1
-            if done:  # after the turns, as the runtime does
-                conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (done[0], done[-1]))
             conn.execute("COMMIT")
             commits[i] += 1
             if commits[i] % CHECKPOINT_AFTER_COMMITS == 0:
-                frames += conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
     for conn in conns:
-        frames += conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
         conn.close()
     # Per turn: the insert, the state upsert, the outbox row or the dedup upsert; per commit:
     # BEGIN, COMMIT and (echo) the delete of the delivered rows.
@@ -400,8 +344,6 @@ def raw_turn_cost(
         "cpu_us_per_turn": cpu_s / turns * 1e6,
         "turns_per_commit": per_commit,
         "statements_per_turn": statements,
-        "wal_frames_per_commit": frames / max(1, sum(commits)),
-        "wal_frames_per_turn": frames / max(1, turns),
     }
 
 
@@ -413,7 +355,6 @@ async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
         for shape, window in (("paced", 1), ("burst", BURST_WINDOW))
     ]
     samples: dict[str, dict[str, list[float]]] = {}
-    by_table: dict[str, list[dict[str, float]]] = {}
     for repeat in range(opts.repeats):
         for kind, shape, window in cases:
             name = f"{kind}_{shape}"
@@ -430,21 +371,12 @@ async def turn_cost(root: Path, opts: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(root / f"tc-g-{name}-{repeat}", ignore_errors=True)
             shutil.rmtree(root / f"tc-r-{name}-{repeat}", ignore_errors=True)
             case = samples.setdefault(name, {})
-            tables = by_table.setdefault(name, [])
-            tables.append(ours.pop("wal_pages_per_commit_by_table"))
             for side, result in (("gatewayd", ours), ("raw", raw)):
                 for key, value in result.items():
                     case.setdefault(f"{side}_{key}", []).append(value)
     out: dict[str, Any] = {}
     for name, case in samples.items():
-        row: dict[str, Any] = {
-            key: round(statistics.median(values), 2) for key, values in case.items()
-        }
-        names = sorted({table for repeat in by_table[name] for table in repeat})
-        row["gatewayd_wal_pages_per_commit_by_table"] = {
-            table: round(statistics.median(repeat.get(table, 0.0) for repeat in by_table[name]), 2)
-            for table in names
-        }
+        row = {key: round(statistics.median(values), 2) for key, values in case.items()}
         row["cpu_ratio"] = round(row["gatewayd_cpu_us_per_turn"] / row["raw_cpu_us_per_turn"], 2)
         row["throughput_ratio"] = round(row["gatewayd_turns_per_s"] / row["raw_turns_per_s"], 2)
         out[name] = row
@@ -456,119 +388,142 @@ def print_turn_cost(table: dict[str, Any], agents: int, repeats: int) -> None:
         f"turn cost, {agents} agents, medians of {repeats} interleaved repeats "
         "(raw = sqlite3 doing the same writes, same turns per commit)"
     )
-    header = (
-        "case",
-        "turns/s",
-        "raw/s",
-        "CPU us/turn",
-        "raw us",
-        "ratio",
-        "stmts/turn",
-        "raw",
-        "frames/commit",
-        "raw",
-        "frames/turn",
-        "raw",
-    )
-    print(
-        "{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5} {:>13} {:>5} {:>11} {:>5}".format(
-            *header
-        )
-    )
+    header = ("case", "turns/s", "raw/s", "CPU us/turn", "raw us", "ratio", "stmts/turn", "raw")
+    print("{:<13} {:>8} {:>8} {:>11} {:>7} {:>6} {:>10} {:>5}".format(*header))
     for name, row in table.items():
         print(
             f"{name:<13} {row['gatewayd_turns_per_s']:>8.0f} {row['raw_turns_per_s']:>8.0f} "
             f"{row['gatewayd_cpu_us_per_turn']:>11.1f} {row['raw_cpu_us_per_turn']:>7.1f} "
             f"{row['cpu_ratio']:>6.2f} {row['gatewayd_statements_per_turn']:>10.2f} "
-            f"{row['raw_statements_per_turn']:>5.2f} "
-            f"{row['gatewayd_wal_frames_per_commit']:>13.2f} "
-            f"{row['raw_wal_frames_per_commit']:>5.2f} "
-            f"{row['gatewayd_wal_frames_per_turn']:>11.2f} {row['raw_wal_frames_per_turn']:>5.2f}"
+            f"{row['raw_statements_per_turn']:>5.2f}"
         )
-    print("gatewayd's WAL pages per commit, by table or index:")
-    for name, row in table.items():
-        pages = row["gatewayd_wal_pages_per_commit_by_table"]
-        print(f"  {name:<13} " + ", ".join(f"{t} {n:.2f}" for t, n in sorted(pages.items())))
 
 
-async def wake_latency(state_dir: Path, agents: int) -> dict:
+def _state_query(path: str) -> str:
+    """How the state is read in the agent files of the gatewayd under test (schema version 2
+    keeps it in `_gw_turn_rows`, version 1 in `_gw_state`)."""
+    first = sqlite3.connect(path)
+    try:
+        tables = {row[0] for row in first.execute("SELECT name FROM sqlite_master")}
+    finally:
+        first.close()
+    if "_gw_turn_rows" in tables:
+        return "SELECT value FROM _gw_turn_rows WHERE id = 0"
+    return "SELECT json FROM _gw_state WHERE id = 0"
+
+
+def _plain_wake(path: str, state_query: str) -> tuple[float, sqlite3.Connection]:
+    """The floor of a cold wake: a bare sqlite3 open + read of the state + one INSERT and
+    COMMIT (synchronous=NORMAL) on the loop thread, no runtime, no executor hop, no agent.
+    The connection is returned open (closed after the timed loop: its close checkpoints)."""
+    started = time.perf_counter()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(state_query).fetchone()
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
+    conn.execute("COMMIT")
+    return time.perf_counter() - started, conn
+
+
+def _raise_fd_limit(wanted: int) -> bool:
+    """Whether this process may hold `wanted` file descriptors (raising its soft limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return True
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return True
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * q) - 1)]
+
+
+async def wake_latency(state_dir: Path, agents: int, *, gc_tuned: bool = True) -> dict:
+    """Cold wakes (hibernated, database closed) of `agents` agents one after the other,
+    each followed by the plain-sqlite floor on another hibernated agent's file (same files,
+    same moment, so the same load); then wakes right after hibernation (parked connection)
+    and calls on awake agents. With `gc_tuned`, the garbage collector is set up as the
+    daemon does once it started (gctuning.py: no automatic full collections)."""
+    from gatewayd import gctuning
+    from gatewayd.agents.storage import agent_db_file
+
+    # 3 descriptors per open database: 2 * `agents` awake, then `agents` plain ones kept open
+    # (else closed at once, which checkpoints between the wakes).
+    keep_open = _raise_fd_limit(9 * agents + 256)
     runtime = AgentRuntime(AgentSettings(state_dir=state_dir), {"bench": BenchAgent})
     await runtime.start()
-    for start in range(0, agents, 500):
+    if gc_tuned:
+        gctuning.tune_for_serving()
+    for start in range(0, 2 * agents, 500):
         await asyncio.gather(
             *(
                 runtime.call("bench", f"w{i}", "touch")
-                for i in range(start, min(agents, start + 500))
+                for i in range(start, min(2 * agents, start + 500))
             )
         )
+    scheduler = runtime._scheduler
     runtime.hibernate_idle()
-    while (
-        runtime.stats()["active_agents"] or runtime._scheduler.closing
-    ):  # closes (checkpoints) done
+    while runtime.stats()["active_agents"] or scheduler.closing:  # closes (checkpoints) done
+        await asyncio.sleep(0.05)
+    scheduler.close_parked_before(float("inf"))  # cold: none of them parked
+    while scheduler.closing:
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.5)  # and the idle sweeper's memory trim
-    latencies = []
+    warm_before = runtime.stats().get("warm_opens_total", 0)
+    state_query = _state_query(agent_db_file(str(state_dir), "bench", "w1"))
+    latencies, plain = [], []
+    plain_conns = []
     for i in range(agents):
         started = time.perf_counter()
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         latencies.append(time.perf_counter() - started)
-    latencies.sort()
+        path = agent_db_file(str(state_dir), "bench", f"w{2 * i + 1}")
+        elapsed, conn = _plain_wake(path, state_query)
+        plain.append(elapsed)
+        if keep_open:
+            plain_conns.append(conn)
+        else:
+            conn.close()
+    warm_opens = runtime.stats().get("warm_opens_total", 0) - warm_before
+    for conn in plain_conns:
+        conn.close()
     # Wakes of agents that hibernated a moment ago, each on its parked connection (the
     # scheduler keeps the most recent ones open), and the same call on an awake agent.
-    scheduler = runtime._scheduler
     runtime.hibernate_idle()
     await asyncio.gather(*list(scheduler.closing.values()))
     parked, awake = [], []
     for i in range(min(agents, 500)):
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         started = time.perf_counter()
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         awake.append(time.perf_counter() - started)
         runtime.hibernate_idle()
         await asyncio.gather(*list(scheduler.closing.values()))
         started = time.perf_counter()
-        await runtime.call("bench", f"w{i}", "touch")
+        await runtime.call("bench", f"w{2 * i}", "touch")
         parked.append(time.perf_counter() - started)
         runtime.hibernate_idle()
         await asyncio.gather(*list(scheduler.closing.values()))
     parked_wakes = runtime.stats().get("parked_wakes_total", 0)
     await runtime.close()
-    parked.sort()
-    awake.sort()
-    # Baseline in the same run, on the same files: what a wake costs at the least, a plain
-    # sqlite3 open + read of the state + one INSERT and COMMIT (synchronous=NORMAL), on the
-    # loop thread, with no runtime, no executor hop and no agent.
-    files = sorted(str(p) for p in (state_dir / "agents" / "bench").rglob("*.sqlite3"))
-    plain = []
-    with sqlite3.connect(files[0]) as first:  # schema version 2 (or an older gatewayd's 1)
-        tables = {row[0] for row in first.execute("SELECT name FROM sqlite_master")}
-    first.close()
-    state_query = (
-        "SELECT value FROM _gw_turn_rows WHERE id = 0"
-        if "_gw_turn_rows" in tables
-        else "SELECT json FROM _gw_state WHERE id = 0"
-    )
-    for path in files[:agents]:
-        started = time.perf_counter()
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(state_query).fetchone()
-        conn.execute("BEGIN")
-        conn.execute("INSERT INTO r (v) VALUES (?)", (PAYLOAD,))
-        conn.execute("COMMIT")
-        plain.append(time.perf_counter() - started)
-        conn.close()
-    plain.sort()
+    if gc_tuned:
+        gc.unfreeze()
+        gc.set_threshold(*_GC_DEFAULTS)
     return {
         "wake_p50_ms": statistics.median(latencies) * 1e3,
-        "wake_p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3,
+        "wake_p99_ms": _quantile(latencies, 0.99) * 1e3,
         "plain_sqlite_wake_p50_ms": statistics.median(plain) * 1e3,
-        "plain_sqlite_wake_p99_ms": plain[int(len(plain) * 0.99) - 1] * 1e3,
+        "plain_sqlite_wake_p99_ms": _quantile(plain, 0.99) * 1e3,
         "parked_wake_p50_ms": statistics.median(parked) * 1e3,
-        "parked_wake_p99_ms": parked[int(len(parked) * 0.99) - 1] * 1e3,
+        "parked_wake_p99_ms": _quantile(parked, 0.99) * 1e3,
         "awake_call_p50_ms": statistics.median(awake) * 1e3,
-        "awake_call_p99_ms": awake[int(len(awake) * 0.99) - 1] * 1e3,
+        "awake_call_p99_ms": _quantile(awake, 0.99) * 1e3,
         "parked_wakes": parked_wakes,
+        "warm_opens": warm_opens,
     }
 
 
@@ -661,7 +616,8 @@ async def main_async(opts: argparse.Namespace) -> dict:
                 shutil.rmtree(root / f"g-{durability}-{agents}", ignore_errors=True)
                 shutil.rmtree(root / f"n-{durability}-{agents}", ignore_errors=True)
         if not opts.memory_only:
-            wake = await wake_latency(root / "wake", opts.wake_agents)
+            wake = await wake_latency(root / "wake", opts.wake_agents, gc_tuned=opts.gc_tuned)
+            results["wake_gc"] = "daemon (gctuning)" if opts.gc_tuned else "python defaults"
             results.update({k: round(v, 3) for k, v in wake.items()})
         results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         if opts.wake_only or opts.no_memory:
@@ -673,7 +629,8 @@ async def main_async(opts: argparse.Namespace) -> dict:
                 f"wake p50 {results['wake_p50_ms']:.3f} ms, p99 {results['wake_p99_ms']:.3f} ms"
                 f" (target < 1 / < 3); plain sqlite3 open+read+commit, same files: p50 "
                 f"{results['plain_sqlite_wake_p50_ms']:.3f} ms, p99 "
-                f"{results['plain_sqlite_wake_p99_ms']:.3f} ms"
+                f"{results['plain_sqlite_wake_p99_ms']:.3f} ms ({results['warm_opens']} of "
+                f"{opts.wake_agents} wakes opened on the loop)"
             )
             print(
                 f"wake of a just-hibernated agent (parked connection): p50 "
@@ -751,6 +708,12 @@ def main() -> None:
         "--no-memory", action="store_true", help="turn cost and wake latency, no memory figures"
     )
     parser.add_argument("--wake-only", action="store_true", help="only the wake latency")
+    parser.add_argument(
+        "--gc-default",
+        dest="gc_tuned",
+        action="store_false",
+        help="wake latency with Python's default GC settings, not the daemon's (gctuning.py)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)

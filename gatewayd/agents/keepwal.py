@@ -12,7 +12,8 @@ Python's `sqlite3` module exposes neither before Python 3.12 (`setconfig`) and n
 control, so they are called through ctypes on the connection's `sqlite3*` handle, and only
 when it is safe: CPython, the `_sqlite3` module linked against the shared libsqlite3 already
 loaded in this process (so ctypes calls the same library instance), and the handle read from
-the connection object names the expected file. Otherwise `keep_wal` returns False and SQLite
+the connection object names the expected file (checked on the first connection of each
+connection type: the object layout it relies on is the type's). Otherwise `keep_wal` returns False and SQLite
 behaves as before (the close checkpoints and deletes the files): slower wakes, same
 durability. Durability is unchanged either way: commits write and sync exactly as before.
 """
@@ -88,26 +89,36 @@ def _handle(conn: sqlite3.Connection) -> int | None:
     return address or None
 
 
+# Connection types whose `_handle` was shown to be their `sqlite3 *` (it named the file the
+# connection opened): the layout of a type does not change, so it is checked once per type.
+_checked_types: set[type] = set()
+_ONE = ctypes.c_int(1)  # read, never written, by SQLITE_FCNTL_PERSIST_WAL (value >= 0)
+
+
+def _names_file(library: ctypes.CDLL, handle: int, path: str) -> bool:
+    name = library.sqlite3_db_filename(handle, b"main")
+    if name is None:
+        return False
+    opened = os.fsdecode(name)
+    return opened == os.path.abspath(path) or opened == os.path.realpath(path)
+
+
 def keep_wal(conn: sqlite3.Connection, path: str) -> bool:
     """Make `conn`'s close keep the -wal/-shm files and skip its checkpoint. True if set;
     call before the first statement that opens the WAL. The caller must checkpoint (and
     restart the WAL) itself before closing."""
-    library = _library_or_none()
+    library = _library if _library is not None else _library_or_none()
     if library is None:
         return False
     handle = _handle(conn)
     if handle is None:
         return False
-    name = library.sqlite3_db_filename(handle, b"main")
-    if name is None:
-        return False
-    opened = os.fsdecode(name)
-    if opened != os.path.abspath(path) and opened != os.path.realpath(path):
-        return False  # not the handle we expected: leave SQLite's defaults alone
-    persist = ctypes.c_int(1)
-    if library.sqlite3_file_control(
-        handle, b"main", _SQLITE_FCNTL_PERSIST_WAL, ctypes.byref(persist)
-    ):
+    kind = type(conn)
+    if kind not in _checked_types:
+        if not _names_file(library, handle, path):
+            return False  # not the handle we expected: leave SQLite's defaults alone
+        _checked_types.add(kind)
+    if library.sqlite3_file_control(handle, b"main", _SQLITE_FCNTL_PERSIST_WAL, ctypes.byref(_ONE)):
         return False
     applied = ctypes.c_int(-1)
     result = library.sqlite3_db_config(

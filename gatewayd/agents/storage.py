@@ -18,13 +18,20 @@ Wakes: a hibernating agent's `close()` (executor) checkpoints and then restarts 
 the tiny write, and the connection closes without SQLite's own checkpoint and keeps its -wal
 and -shm files (keepwal.py). So the WAL is already started when the agent wakes (its first
 frame carries the header's salts): `open()` commits nothing of its own then (it leaves a
-transaction open that forgets the WAL-ownership record, see below), the first batch's COMMIT
-appends to the WAL instead of restarting it, and a wake costs no fsync (which also lets
-`open_if_warm` open such a file on the loop when its pages are in the page cache). A
-hibernated agent
-keeps a small WAL (a few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB
--shm file next to its database. Where keepwal.py cannot apply (see there), closes checkpoint
-and delete the files as SQLite does by default and wakes pay the fsync in `open()`.
+transaction open that forgets the WAL-ownership record, see below; every transaction does, as
+part of its BEGIN, until one committed), the first batch's COMMIT appends to the WAL instead
+of restarting it, and a wake costs no fsync (which also lets `open_if_warm` open such a file
+on the loop when its pages are in the page cache). A hibernated agent keeps a small WAL (a
+few pages; `journal_size_limit` truncates it at the restart) and a 32 KiB -shm file next to
+its database. Where keepwal.py cannot apply (see there), closes checkpoint and delete the
+files as SQLite does by default and wakes pay the fsync in `open()`.
+
+What a cold open costs (bench/results/agents-wake.md): mostly SQLite's own first read, as for
+any first connection to a WAL file: it truncates the -shm file to 3 bytes and extends it again
+(eight 1-byte writes) before rebuilding the WAL index from the WAL; on ext4 the truncate frees
+the blocks written back since the last open. `open_if_warm` adds one open/fstat/read per file
+(`_warm_probe`) and takes from it what the open would otherwise ask SQLite for (page size,
+schema version, the file's identity), and the identity read also reads the agent's state.
 
 The runtime guarantees the loop does not touch a database while an executor call on it is in
 flight (the agent is busy until then); `_io_lock` additionally serialises the executor-side
@@ -82,7 +89,7 @@ _RESTART_WAL = (
 )
 # The kept WAL's record of the database file it belongs to (inode and size after the closing
 # checkpoint), written into the WAL only; `open()` refuses to replay a WAL whose record does
-# not match the file, and forgets the record in its first transaction.
+# not match the file, and forgets the record in its transactions until one commits.
 _WAL_FOR = "wal_for_file"
 _FORGET_WAL_FOR = f"DELETE FROM _gw_meta WHERE key = '{_WAL_FOR}'"
 # WAL bytes kept past a restart (SQLite truncates the file to this, or to what the restarting
@@ -152,6 +159,14 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
 # version N -> N + 1, in the caller's transaction (tables created lazily by their stores, like
 # `_gw_outbox`, are migrated here too when they exist).
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], object]] = {1: _migrate_1_to_2}
+# `open()`'s identity check reads the agent's state with it (one statement on a new
+# connection instead of two) when the file has the current schema: `_read_meta_and_state()`;
+# `_NO_STATE` (compared by identity): no state stored.
+_NO_STATE = "(no state stored)"
+
+
+def _read_meta_and_state() -> str:
+    return f"SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, * FROM ({_LOAD_STATE})"
 
 
 def validate_class_name(agent_class: str) -> None:
@@ -190,8 +205,10 @@ def agent_db_file(state_dir: str, agent_class: str, agent_id: str) -> str:
     path component forever, which would grow memory with every agent ever woken."""
     validate_class_name(agent_class)
     validate_agent_id(agent_id)
+    # The first 32 base32 characters of the digest encode its first 20 bytes (8 per 5): only
+    # those are encoded (base64's base32 is pure Python).
     digest = hashlib.sha256(agent_id.encode("utf-8")).digest()
-    hashed = base64.b32encode(digest).decode("ascii").lower()[:32]
+    hashed = base64.b32encode(digest[:20]).decode("ascii").lower()
     prefix = _UNSAFE_CHARS_RE.sub("_", agent_id[:_READABLE_PREFIX_CHARS])
     return os.path.join(state_dir, "agents", agent_class, hashed[:2], f"{prefix}.{hashed}.sqlite3")
 
@@ -241,23 +258,89 @@ class _NotWarm(Exception):
     """`open_if_warm`: this open would write before the caller's transaction (or wait)."""
 
 
-def _in_page_cache(path: str, size: int) -> bool:
-    """Whether the first `size` bytes of the file are in the OS page cache: a read with
-    RWF_NOWAIT returns only what it can without waiting on the disk (False where the system
-    cannot say)."""
-    nowait = getattr(os, "RWF_NOWAIT", None)
-    if nowait is None:
-        return False
+class _Warm:
+    """What `_warm_probe` read of a file that may open on the loop: its identity (as
+    `_file_identity`) and, from its header, its page size and user_version."""
+
+    __slots__ = ("identity", "page_size", "user_version")
+
+    def __init__(self, identity: str, page_size: int, user_version: int) -> None:
+        self.identity = identity
+        self.page_size = page_size
+        self.user_version = user_version
+
+
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# `_warm_probe`'s read buffers (one per thread; in practice only the loop's).
+_probe_buffers = threading.local()
+
+
+def _probe_buffer() -> memoryview:
+    buffer: memoryview | None = getattr(_probe_buffers, "view", None)
+    if buffer is None:
+        buffer = _probe_buffers.view = memoryview(bytearray(_WARM_WAL_MAX_BYTES))
+    return buffer
+
+
+def _read_cached(path: str, buffer: memoryview, limit: int, smallest: int) -> tuple[int, int, int]:
+    """`(inode, size, bytes read)` of the file, its first `min(size, limit)` bytes read into
+    `buffer` with RWF_NOWAIT (a read that returns only what the OS page cache holds, without
+    waiting on the disk); bytes read is -1 where the file is smaller than `smallest` or those
+    bytes are not all in the page cache."""
+    assert _RWF_NOWAIT is not None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        return os.preadv(fd, [bytearray(size)], 0, nowait) == size
-    except OSError:  # EAGAIN (not cached), EOPNOTSUPP (the file system cannot say)
-        return False
+        status = os.fstat(fd)
+        size = status.st_size
+        if size < smallest:
+            return status.st_ino, size, -1
+        wanted = min(size, limit)
+        done = os.preadv(fd, [buffer[:wanted]], 0, _RWF_NOWAIT)
+        return status.st_ino, size, done if done == wanted else -1
     finally:
         os.close(fd)
+
+
+def _warm_probe(path: str) -> _Warm | None:
+    """Loop: whether the agent's file may open on the loop (`open_if_warm`): it exists, it is
+    ours (user_version set), its first `_WARM_CHECK_BYTES` and its whole kept WAL are in the OS
+    page cache (an open reads nothing from the disk) and that WAL is started (its first frame
+    carries its header's salts: the first COMMIT appends, no fsync). One open, fstat and
+    non-blocking read per file; None when anything says no, or the system cannot tell."""
+    if _RWF_NOWAIT is None:
+        return None
+    buffer = _probe_buffer()
+    try:
+        inode, size, done = _read_cached(path, buffer, _WARM_CHECK_BYTES, 100)
+        if done < 100:
+            return None
+        header = bytes(buffer[:100])
+        _wal_inode, _wal_size, wal_done = _read_cached(
+            path + "-wal", buffer, _WARM_WAL_MAX_BYTES, _WAL_HEADER_BYTES + 1
+        )
+    except OSError:  # gone, EAGAIN (not cached), EOPNOTSUPP (the file system cannot say)
+        return None
+    if wal_done < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES or _wal_size > _WARM_WAL_MAX_BYTES:
+        return None
+    if not _is_started_wal(bytes(buffer[: _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES])):
+        return None
+    if header[:16] != b"SQLite format 3\x00":
+        return None
+    page_size = int.from_bytes(header[16:18], "big")
+    return _Warm(
+        f"{inode}:{size}",
+        65536 if page_size == 1 else page_size,
+        int.from_bytes(header[60:64], "big"),
+    )
+
+
+def _is_started_wal(head: bytes) -> bool:
+    """`_wal_started` on the WAL's first 56 bytes."""
+    if len(head) < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES:
+        return False
+    salts = head[16:24]
+    frame_salts = head[_WAL_HEADER_BYTES + 8 : _WAL_HEADER_BYTES + 16]
+    return head[:3] == b"\x37\x7f\x06" and salts == frame_salts
 
 
 def _wal_started(wal_path: str) -> bool:
@@ -274,11 +357,7 @@ def _wal_started(wal_path: str) -> bool:
         return False
     finally:
         os.close(fd)
-    if len(head) < _WAL_HEADER_BYTES + _WAL_FRAME_HEADER_BYTES:
-        return False
-    salts = head[16:24]
-    frame_salts = head[_WAL_HEADER_BYTES + 8 : _WAL_HEADER_BYTES + 16]
-    return head[:3] == b"\x37\x7f\x06" and salts == frame_salts
+    return _is_started_wal(head)
 
 
 def _delete_wal_files(path: str) -> None:
@@ -336,11 +415,13 @@ class AgentDatabase:
         "_changes_at_begin",
         "_commits_since_checkpoint",
         "_conn",
+        "_forget_wal_record",
         "_io_lock",
         "_label",
         "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
+        "_opened_state",
         "_state_at_savepoint",
         "_unwritten_seqs",
         "_unwritten_state",
@@ -382,8 +463,14 @@ class AgentDatabase:
         self._unwritten_state: str | None = None
         self._state_at_savepoint: str | None = None
         self._io_lock = threading.Lock()
+        # Set while the kept WAL's ownership record (`_WAL_FOR`) must be forgotten by the
+        # next transaction (`begin`): from a wake until a COMMIT made that durable.
+        self._forget_wal_record = False
         # close() keeps the -wal/-shm files and restarts the WAL itself (keepwal.py).
         self.keeps_wal = False
+        # The state's JSON as `open()` read it (`_NO_STATE`: none stored), until the first
+        # `load_state` or `save_state`; None: not read.
+        self._opened_state: str | None = None
 
     @classmethod
     def open_if_warm(
@@ -405,21 +492,12 @@ class AgentDatabase:
         if durability == "full":
             return None
         path = agent_db_file(os.fspath(state_dir), agent_class, agent_id)
-        wal_path = path + "-wal"
-        try:
-            size = os.stat(path).st_size
-            wal_size = os.stat(wal_path).st_size
-        except OSError:
-            return None
-        if size == 0 or not _WAL_HEADER_BYTES < wal_size <= _WARM_WAL_MAX_BYTES:
-            return None
-        if not _in_page_cache(path, min(size, _WARM_CHECK_BYTES)):
-            return None
-        if not (_in_page_cache(wal_path, wal_size) and _wal_started(wal_path)):
+        warm = _warm_probe(path)
+        if warm is None:
             return None
         try:
             return cls._open(
-                path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes, warm=True
+                path, agent_class, agent_id, durability, max_db_bytes, max_value_bytes, warm=warm
             )
         except _NotWarm:
             return None
@@ -455,28 +533,33 @@ class AgentDatabase:
         max_db_bytes: int,
         max_value_bytes: int,
         *,
-        warm: bool = False,
+        warm: _Warm | None = None,
         _stale_wal_retry: bool = False,
     ) -> AgentDatabase:
-        """`open()`; with `warm` (`open_if_warm`), raises `_NotWarm` wherever it would
-        write before the caller's first transaction."""
+        """`open()`; with `warm` (`open_if_warm`: what `_warm_probe` read of the files),
+        raises `_NotWarm` wherever it would write before the caller's first transaction."""
         label = f"agent {agent_class}/{agent_id!r}"
-        # A 0-byte file is new too: its creation was interrupted (e.g. the disk was full), and
-        # it must still be switched to WAL.
-        try:
-            exists, is_new = True, os.stat(path).st_size == 0
-        except FileNotFoundError:
-            exists, is_new = False, True
-        if is_new:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not exists:
-            # A -wal/-shm left by a file moved or deleted (it stays after a close, see above)
-            # would be replayed into the new, empty file.
-            _delete_wal_files(path)
-        # The WAL-ownership record is only checked when a WAL is there to replay: a record
-        # that reached the database file itself (another connection checkpointed the kept
-        # WAL) says nothing about a WAL, and the first transaction below forgets it.
-        wal_present = not _stale_wal_retry and exists and _has_frames(path + "-wal")
+        if warm is not None:
+            # The probe found the file (not empty) and a started WAL next to it.
+            exists, is_new, wal_present = True, False, True
+        else:
+            # A 0-byte file is new too: its creation was interrupted (e.g. the disk was
+            # full), and it must still be switched to WAL.
+            try:
+                exists, is_new = True, os.stat(path).st_size == 0
+            except FileNotFoundError:
+                exists, is_new = False, True
+            if is_new:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not exists:
+                # A -wal/-shm left by a file moved or deleted (it stays after a close, see
+                # above) would be replayed into the new, empty file.
+                _delete_wal_files(path)
+            # The WAL-ownership record is only checked when a WAL is there to replay: a
+            # record that reached the database file itself (another connection checkpointed
+            # the kept WAL) says nothing about a WAL, and the first transaction below
+            # forgets it.
+            wal_present = not _stale_wal_retry and exists and _has_frames(path + "-wal")
         try:
             conn = sqlite3.connect(
                 path,
@@ -491,7 +574,7 @@ class AgentDatabase:
         db = cls(conn, path, label, max_value_bytes, max_db_bytes, commit_fsyncs=full)
         try:
             db.keeps_wal = not full and keepwal.keep_wal(conn, path)
-            if warm and (is_new or not db.keeps_wal or not wal_present):
+            if warm is not None and not db.keeps_wal:
                 raise _NotWarm
             # The connection's settings in one call (its first statement opens the -wal and
             # -shm files and, for the first connection, rebuilds the WAL index).
@@ -505,13 +588,21 @@ class AgentDatabase:
                 settings.append("PRAGMA wal_autocheckpoint=0")  # see the module docstring
             if is_new:
                 settings.append("PRAGMA journal_mode=WAL")
-            conn.executescript(";".join(settings))
-            page_size, version = conn.execute(
-                "SELECT page_size, user_version FROM pragma_page_size, pragma_user_version"
-            ).fetchone()
-            conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
+            if warm is not None and warm.user_version == SCHEMA_VERSION:
+                # The file's header says what the query below would: its page size (fixed
+                # in WAL mode) and a current schema (nothing to create or migrate).
+                version = warm.user_version
+                max_pages = max(1, max_db_bytes // warm.page_size)
+                settings.append(f"PRAGMA max_page_count={max_pages}")
+                conn.executescript(";".join(settings))
+            else:
+                conn.executescript(";".join(settings))
+                page_size, version = conn.execute(
+                    "SELECT page_size, user_version FROM pragma_page_size, pragma_user_version"
+                ).fetchone()
+                conn.execute(f"PRAGMA max_page_count={max(1, max_db_bytes // page_size)}")
             if version == 0:
-                if warm:
+                if warm is not None:
                     raise _NotWarm
                 db.begin()
                 for statement in _SCHEMA:
@@ -523,12 +614,28 @@ class AgentDatabase:
                 )
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             else:
-                stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
+                # The agent's state is read with the identity (one statement, not two):
+                # `load_state` answers from it.
+                stored: dict[str, str] = {}
+                if version == SCHEMA_VERSION:
+                    db._opened_state = _NO_STATE
+                    for is_state, key, value in conn.execute(_read_meta_and_state()):
+                        if is_state:
+                            db._opened_state = value
+                        else:
+                            stored[key] = value
+                else:  # (an older schema's state is read after its migration)
+                    stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 wal_for = stored.get(_WAL_FOR)
-                if wal_present and wal_for is not None and wal_for != _file_identity(path):
+                identity = warm.identity if warm is not None else None
+                if (
+                    wal_present
+                    and wal_for is not None
+                    and wal_for != (identity or _file_identity(path))
+                ):
                     # The file was replaced (say, a backup restored) after the agent closed
                     # it: the kept WAL belongs to the earlier file and must not be replayed.
-                    if warm:
+                    if warm is not None:
                         raise _NotWarm  # (open() sets the WAL aside, off the loop)
                     conn.close()
                     _set_aside_stale_wal(path, label)
@@ -553,18 +660,22 @@ class AgentDatabase:
                         "to use it: run the newer gatewayd"
                     )
                 if version < SCHEMA_VERSION:
-                    if warm:
+                    if warm is not None:
                         raise _NotWarm  # (open() migrates it, off the loop)
                     db._migrate(version)
-                if db.keeps_wal and wal_present and _wal_started(path + "-wal"):
+                if (
+                    db.keeps_wal
+                    and wal_present
+                    and (warm is not None or _wal_started(path + "-wal"))
+                ):
                     # The WAL holds frames: the first COMMIT appends to it (no fsync), so
                     # there is nothing to start here; forget the ownership record in the
                     # caller's first transaction (committed before any checkpoint can copy
                     # it into the file).
+                    db._forget_wal_record = True
                     db.begin()
-                    conn.execute(_FORGET_WAL_FOR)
                     return db
-            if warm:
+            if warm is not None:
                 raise _NotWarm
             if not full:
                 # Start the WAL here, on the executor, not in the first COMMIT on the loop
@@ -619,6 +730,11 @@ class AgentDatabase:
         if not self.in_transaction_:
             self._conn.execute("BEGIN")
             self.in_transaction_ = True
+            if self._forget_wal_record:
+                # After a wake, until a COMMIT made it durable, every transaction first
+                # forgets the kept WAL's ownership record (see `_open`). Part of the BEGIN:
+                # the first turn still needs no savepoint (undoing it begins again).
+                self._conn.execute(_FORGET_WAL_FOR)
             self._changes_at_begin = self._conn.total_changes
 
     def savepoint(self) -> None:
@@ -679,6 +795,7 @@ class AgentDatabase:
             self._conn.execute("COMMIT")
         finally:
             self.in_transaction_ = self._conn.in_transaction
+        self._forget_wal_record = False
         self._commits_since_checkpoint += 1
 
     def needs_checkpoint(self) -> bool:
@@ -704,6 +821,7 @@ class AgentDatabase:
             try:
                 self._conn.execute(_RESTART_WAL)
                 self._conn.execute("COMMIT")
+                self._forget_wal_record = False
             finally:
                 self.in_transaction_ = self._conn.in_transaction
                 if self.in_transaction_:
@@ -757,9 +875,9 @@ class AgentDatabase:
         does (the caller's first commit makes that durable)."""
         if _parked_files(self.path) != parked:
             return False
-        self.begin()
+        self._forget_wal_record = True
         try:
-            self._conn.execute(_FORGET_WAL_FOR)
+            self.begin()
         except sqlite3.Error:
             self.rollback()
             return False
@@ -800,6 +918,9 @@ class AgentDatabase:
     # -- agent data -------------------------------------------------------------------------
 
     def load_state(self) -> tuple[bool, Any]:
+        opened, self._opened_state = self._opened_state, None
+        if opened is not None:
+            return (False, None) if opened is _NO_STATE else (True, json.loads(opened))
         row = self._conn.execute(_LOAD_STATE).fetchone()
         if row is None:
             return False, None
@@ -808,6 +929,7 @@ class AgentDatabase:
     def save_state(self, state_json: str) -> None:
         """The turn's new state: checked now, written by `write_state` before the COMMIT (a
         batch of turns that each change the state writes the row once)."""
+        self._opened_state = None
         _check_value_size(state_json, self._max_value_bytes, f"{self._label}: set_state")
         self._unwritten_state = state_json
 

@@ -72,6 +72,12 @@ def test_a_wal_left_by_an_earlier_copy_of_the_file_is_set_aside(tmp_path: Path) 
     db.close()
     # The backup is restored over the file (a new inode); the kept WAL is the later file's.
     os.replace(backup, path)
+    # Not on the loop (setting the WAL aside is the executor's job), and nothing changed.
+    warm = AgentDatabase.open_if_warm(
+        tmp_path, "c", "w", durability="normal", max_db_bytes=1 << 22, max_value_bytes=100
+    )
+    assert warm is None
+    assert not os.path.exists(path + "-wal.stale")
     restored = _open(tmp_path)
     try:
         assert os.path.exists(path + "-wal.stale")
@@ -123,5 +129,32 @@ def test_a_record_checkpointed_into_the_file_by_another_connection_is_not_a_stal
         assert _values(reopened) == list(range(1, 2000))
         record = "SELECT count(*) FROM _gw_meta WHERE key = 'wal_for_file'"
         assert reopened.connection.execute(record).fetchone()[0] == 0  # forgotten on open
+    finally:
+        reopened.close()
+
+
+def test_a_wake_whose_first_transaction_rolls_back_still_forgets_the_record(
+    tmp_path: Path,
+) -> None:
+    """The ownership record is forgotten by every transaction of a woken database until one
+    commits, as part of its BEGIN: the first turn needs no savepoint, and undoing it (ROLLBACK,
+    BEGIN) does not bring the record back into what the next COMMIT makes durable."""
+    db = _open(tmp_path)
+    _add(db, 1)
+    db.close()
+    record = "SELECT count(*) FROM _gw_meta WHERE key = 'wal_for_file'"
+    reopened = _open(tmp_path)
+    try:
+        assert reopened.connection.in_transaction
+        assert reopened.connection.execute(record).fetchone()[0] == 0
+        assert reopened.turn_savepoint() is False  # nothing of a turn changed yet
+        reopened.undo_turn(False)  # the first turn failed: ROLLBACK, BEGIN
+        assert reopened.connection.execute(record).fetchone()[0] == 0
+        reopened.connection.execute("INSERT INTO t VALUES (2)")
+        reopened.commit()
+        with sqlite3.connect(reopened.path) as other:
+            assert other.execute(record).fetchone()[0] == 0
+        _add(reopened, 3)
+        assert _values(reopened) == [1, 2, 3]
     finally:
         reopened.close()

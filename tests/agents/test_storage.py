@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gatewayd.agents import Agent, StorageFullError, ValueTooLargeError, callable
-from gatewayd.agents.storage import AgentDatabase, agent_db_path
+from gatewayd.agents.storage import AgentDatabase, agent_db_file, agent_db_path
 from tests.agents.conftest import MemoryLink
 
 WEIRD_IDS = [
@@ -53,6 +53,19 @@ def test_file_names_are_safe_distinct_and_contained(tmp_path):
         agent_db_path(tmp_path, "../x", "id")
     with pytest.raises(ValueError, match="UTF-8"):
         agent_db_path(tmp_path, "cls", "bad\udcff")
+
+
+def test_file_names_never_change(tmp_path):
+    """An agent finds its data by its file name: these are the names existing files have."""
+    assert agent_db_file("/s", "cls", "device-0042") == (
+        "/s/agents/cls/ip/device-0042.ip2y2wq6mg3uuj4yaxabfcoi73piaudo.sqlite3"
+    )
+    assert agent_db_file("/s", "cls", "日本語-センサー") == (
+        "/s/agents/cls/yj/___-____.yjk74hgn3xx4shfs6iuuqathp45tcghm.sqlite3"
+    )
+    assert agent_db_file("/s", "cls", "../../etc/passwd") == (
+        "/s/agents/cls/g5/______etc_passwd.g5knnsz2hdqrqxs3hawv6pxt6emk65n7.sqlite3"
+    )
 
 
 async def test_weird_ids_each_get_their_own_database(make_runtime, tmp_path):
