@@ -67,7 +67,7 @@ durability = "{durability}"
 python_path = ["{repo}"]
 hibernate_after = "10m"
 [agents.classes.frames]
-class = "bench.gateway_agents:{agent}"
+class = "{agent_class}"
 [listeners.websocket]
 enabled = false
 [listeners.binary]
@@ -97,9 +97,14 @@ def _run(coro: Any) -> Any:
 
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all threads), seconds."""
+    return sum(proc_user_sys_s(pid))
+
+
+def proc_user_sys_s(pid: int) -> tuple[float, float]:
+    """utime and stime (the kernel's share: syscalls, page faults) of a process, seconds."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return int(fields[11]) / CLOCK_TICKS_PER_S, int(fields[12]) / CLOCK_TICKS_PER_S
 
 
 class BaselineServer:
@@ -188,9 +193,12 @@ def paced_pass(
             sender.stdin.write(f"GO {t0} {warmup_s} {duration_s}\n")
             sender.stdin.flush()
         time.sleep(max(0.0, t0 + warmup_s - time.monotonic()))
-        cpu_before = proc_cpu_s(pid)
+        window = (t0 + warmup_s, t0 + warmup_s + duration_s)
+        user_before, sys_before = proc_user_sys_s(pid)
         time.sleep(max(0.0, t0 + warmup_s + duration_s - time.monotonic()))
-        cpu_s = proc_cpu_s(pid) - cpu_before
+        user_after, sys_after = proc_user_sys_s(pid)
+        sys_s = sys_after - sys_before
+        cpu_s = user_after - user_before + sys_s
         results = []
         for sender, result_file in zip(senders, result_files, strict=True):
             assert sender.stdout is not None
@@ -221,8 +229,10 @@ def paced_pass(
         ),
         "errors": sum(r["error_count"] for r in results),
         "gateway_cpu_us_per_frame": round(cpu_s * 1e6 / max(1, acked), 1),
+        "gateway_sys_cpu_us_per_frame": round(sys_s * 1e6 / max(1, acked), 1),
         # Of one core: the event loop is one thread, so near 100 the server is saturated.
         "gateway_cpu_pct": round(100 * cpu_s / duration_s, 1),
+        "window_monotonic": window,
     }
     if errors:
         summary["error_samples"] = sorted(set(errors))[:3]
@@ -244,6 +254,17 @@ def daemon_counters(http_port: int) -> dict[str, float]:
         if name.split("{", 1)[0] in wanted:
             counters[name] = float(line.rsplit(" ", 1)[1])
     return counters
+
+
+def request_probe_dump(path: Path, timeout_s: float = 60) -> None:
+    """Ask the daemon's probe (bench/tcp_probe.py) for its data and wait until it is written."""
+    path.unlink(missing_ok=True)
+    Path(f"{path}.request").touch()
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the daemon's probe wrote no {path} within {timeout_s} s")
+        time.sleep(0.1)
 
 
 def phase_name(fraction: float) -> str:
@@ -270,9 +291,11 @@ class Profiler:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        py_spy = Path(sys.executable).with_name("py-spy")
+        py_spy = Path(os.environ.get("PY_SPY") or Path(sys.executable).with_name("py-spy"))
         if not py_spy.exists():
-            raise SystemExit(f"--profile needs py-spy next to {sys.executable}: pip install py-spy")
+            raise SystemExit(
+                f"--profile needs py-spy next to {sys.executable} (pip install py-spy) or $PY_SPY"
+            )
         self._proc = subprocess.Popen(
             [str(py_spy), "record", "-p", str(pid), "-f", "raw", "-r", "250", "--gil",
              "--nonblocking", "-F", "-o", str(self.directory / f"{name}.txt")],
@@ -291,6 +314,7 @@ def closed_loop(
 ) -> dict[str, Any]:
     """tcp_load.run_load (all devices, `--window` pipelined each) with the server's CPU."""
     cpu_before = proc_cpu_s(pid)
+    started = time.monotonic()
     result = _run(
         run_load(
             "127.0.0.1", port, devices, frames_per_device=args.frames, window=args.window,
@@ -298,7 +322,9 @@ def closed_loop(
         )
     )  # fmt: skip
     # Includes the pass's HELLOs (connects): an upper bound of the per-frame cost.
-    return summary(result, proc_cpu_s(pid) - cpu_before)
+    top = summary(result, proc_cpu_s(pid) - cpu_before)
+    top["window_monotonic"] = (started, time.monotonic())
+    return top
 
 
 def main() -> None:
@@ -314,6 +340,12 @@ def main() -> None:
     )
     parser.add_argument("--senders", type=int, default=2, help="paced sender processes")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the gateway's phases into DIR")
+    parser.add_argument(
+        "--probe",
+        metavar="FILE",
+        help="instrument the daemon (bench/tcp_probe.py: loop stalls, GC, per-frame latency "
+        "split) and add its summary per gateway pass to the JSON line",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--durability", default="normal", choices=("normal", "full"))
     parser.add_argument(
@@ -324,11 +356,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     fractions = [float(f) for f in args.paced.split(",") if f]
+    agent_class = f"bench.gateway_agents:{args.agent}"
+    if args.probe:
+        if args.agent != "FrameCounter":
+            raise SystemExit("--probe instruments the FrameCounter agent only")
+        os.environ["TCP_PROBE_OUT"] = str(Path(args.probe).resolve())
+        agent_class = "bench.tcp_probe:FrameCounter"
 
     devices = _bench_devices(args.devices)
     port, http_port = free_port(), free_port()
     config = GATEWAY_CONFIG.format(
-        durability=args.durability, agent=args.agent, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
+        durability=args.durability, agent_class=agent_class, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
         max_connections=args.devices + 100,
     )  # fmt: skip
     runs: list[dict[str, dict[str, Any]]] = []
@@ -376,6 +414,8 @@ def main() -> None:
                 runs.append(run)
             if daemon.proc is not None and daemon.proc.poll() is not None:
                 raise SystemExit(f"gatewayd died: {daemon.log_tail()}")
+            if args.probe:
+                request_probe_dump(Path(args.probe))
             counters = daemon_counters(http_port)
     finally:
         for baseline in baselines.values():
@@ -391,7 +431,7 @@ def main() -> None:
             phase: {
                 key: median(kind, phase, key)
                 for key in runs[0][kind][phase]
-                if key != "error_samples"
+                if key not in ("error_samples", "window_monotonic")
             }
             for phase in phases
         }
@@ -454,6 +494,16 @@ def main() -> None:
         "gateway_counters": counters,
         "runs": runs,
     }
+    if args.probe:
+        from bench.tcp_probe import report
+
+        windows = [
+            (f"repeat{i + 1}-{phase}", *r["gateway"][phase]["window_monotonic"])
+            for i, r in enumerate(runs)
+            for phase in phases
+        ]
+        output["probe"] = report(args.probe, windows)
+        print(json.dumps(output["probe"], indent=1), file=sys.stderr)
     print(json.dumps(output))
 
 
