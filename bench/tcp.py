@@ -246,7 +246,7 @@ def daemon_counters(http_port: int) -> dict[str, float]:
     wanted = (
         "gatewayd_agent_wakes_total", "gatewayd_agent_hibernations_total",
         "gatewayd_agent_commits_total", "gatewayd_agent_commit_errors_total",
-        "gatewayd_agent_turns_total",
+        "gatewayd_agent_turns_total", "process_resident_memory_bytes",
     )  # fmt: skip
     counters: dict[str, float] = {}
     for line in text.splitlines():

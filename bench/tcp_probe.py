@@ -46,7 +46,8 @@ class _Probe:
         # (at, late by s, the loop thread's CPU s meanwhile), only > 1 ms late: CPU ~ wall
         # is work on the loop; CPU << wall is a process without a core (or a GIL elsewhere)
         self.lags: list[tuple[float, float, float]] = []
-        self.gcs: list[tuple[float, int, float, float]] = []  # (at, generation, s, CPU s)
+        # (at, generation, s, CPU s, unreachable objects it freed)
+        self.gcs: list[tuple[float, int, float, float, int]] = []
         # (read, submitted, settled, written) per frame, monotonic s
         self.frames: list[tuple[float, float, float, float]] = []
         self.ack_writes: list[tuple[float, int]] = []  # (at, ACKs in that write)
@@ -81,7 +82,13 @@ class _Probe:
             self._gc_start, self._gc_cpu = now, cpu
         else:
             self.gcs.append(
-                (self._gc_start, info["generation"], now - self._gc_start, cpu - self._gc_cpu)
+                (
+                    self._gc_start,
+                    info["generation"],
+                    now - self._gc_start,
+                    cpu - self._gc_cpu,
+                    info["collected"],
+                )
             )
 
     async def lag_monitor(self) -> None:
@@ -224,6 +231,7 @@ def report(path: str, windows: list[tuple[str, float, float]]) -> dict[str, Any]
                         max((g[3] for g in gcs if g[1] == gen), default=0) * 1e3, 1
                     ),
                     "total_cpu_ms": round(sum(g[3] for g in gcs if g[1] == gen) * 1e3, 1),
+                    "collected": sum(g[4] for g in gcs if g[1] == gen and len(g) > 4),
                 }
                 for gen in (0, 1, 2)
             },
