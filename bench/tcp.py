@@ -18,10 +18,14 @@ Passes per server and repeat:
   (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
   evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
 The server's CPU (utime+stime, all threads) is read around each pass; `--profile DIR` runs
-py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py).
+py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py); `--probe FILE`
+instruments the daemon (bench/tcp_probe.py: per-frame read/submit/settled/ACK-written times,
+loop stalls with the loop thread's CPU and stack, GC pauses) and adds a summary per gateway
+pass to the JSON line.
 
     python bench/tcp.py                          # 1,000 devices
     python bench/tcp.py --devices 500 --frames 40 --repeats 2 --profile /tmp/tcp-prof
+    python bench/tcp.py --devices 500 --frames 40 --repeats 1 --probe /tmp/tcp-probe.json
 
 Targets (issue 9): >= 30,000 acknowledged frames/s with a state write per frame; ack p99
 < 10 ms at 50% of the max rate with paced senders. Prints a table, then one JSON line
