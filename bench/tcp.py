@@ -271,7 +271,9 @@ def request_probe_dump(path: Path, timeout_s: float = 60) -> None:
         time.sleep(0.1)
 
 
-def phase_name(fraction: float) -> str:
+def phase_name(fraction: float, args: argparse.Namespace) -> str:
+    if args.paced_rate:
+        return f"paced_{round(args.paced_rate)}per_s"
     return f"paced_{round(fraction * 100)}pct"
 
 
@@ -342,6 +344,12 @@ def main() -> None:
     parser.add_argument(
         "--paced", default="0.5", help="open-loop passes at these fractions of the max rate"
     )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        help="one open-loop pass at this many frames/s for every server instead of --paced "
+        "(the same load for builds whose max rates differ)",
+    )
     parser.add_argument("--senders", type=int, default=2, help="paced sender processes")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the gateway's phases into DIR")
     parser.add_argument(
@@ -359,7 +367,7 @@ def main() -> None:
         help="bench/gateway_agents.py class; TelemetryEcho also replies (a PUSH) per frame",
     )
     args = parser.parse_args()
-    fractions = [float(f) for f in args.paced.split(",") if f]
+    fractions = [float(f) for f in args.paced.split(",") if f] if not args.paced_rate else [0.0]
     agent_class = f"bench.gateway_agents:{args.agent}"
     if args.probe:
         if args.agent != "FrameCounter":
@@ -404,13 +412,13 @@ def main() -> None:
                     run[kind] = {"max": top}
                     for fraction in fractions:
                         if profiling:
-                            profiler.start(pid, f"gateway-{phase_name(fraction)}")
+                            profiler.start(pid, f"gateway-{phase_name(fraction, args)}")
                         paced, next_seq[kind] = paced_pass(
-                            server_port, len(devices), rate_per_s=top["frames_per_s"] * fraction,
+                            server_port, len(devices), rate_per_s=args.paced_rate or top["frames_per_s"] * fraction,
                             first_seq=next_seq[kind], args=args, pid=pid,
                         )  # fmt: skip
                         profiler.stop()
-                        run[kind][phase_name(fraction)] = paced
+                        run[kind][phase_name(fraction, args)] = paced
                     print(f"  repeat {repeat + 1} {kind}: " + "; ".join(
                         f"{phase} {r['frames_per_s']:.0f} frames/s p99 {r['ack_p99_ms']} ms"
                         f" errors {r['errors']}" for phase, r in run[kind].items()),
@@ -429,7 +437,7 @@ def main() -> None:
         values = [r[kind][phase][key] for r in runs if key in r[kind][phase]]
         return round(statistics.median(values), 3) if values else None
 
-    phases = ["max"] + [phase_name(f) for f in fractions]
+    phases = ["max"] + [phase_name(f, args) for f in fractions]
     medians = {
         kind: {
             phase: {
