@@ -18,10 +18,14 @@ Passes per server and repeat:
   (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
   evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
 The server's CPU (utime+stime, all threads) is read around each pass; `--profile DIR` runs
-py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py).
+py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py); `--probe FILE`
+instruments the daemon (bench/tcp_probe.py: per-frame read/submit/settled/ACK-written times,
+loop stalls with the loop thread's CPU and stack, GC pauses) and adds a summary per gateway
+pass to the JSON line.
 
     python bench/tcp.py                          # 1,000 devices
     python bench/tcp.py --devices 500 --frames 40 --repeats 2 --profile /tmp/tcp-prof
+    python bench/tcp.py --devices 500 --frames 40 --repeats 1 --probe /tmp/tcp-probe.json
 
 Targets (issue 9): >= 30,000 acknowledged frames/s with a state write per frame; ack p99
 < 10 ms at 50% of the max rate with paced senders. Prints a table, then one JSON line
@@ -67,7 +71,7 @@ durability = "{durability}"
 python_path = ["{repo}"]
 hibernate_after = "10m"
 [agents.classes.frames]
-class = "bench.gateway_agents:{agent}"
+class = "{agent_class}"
 [listeners.websocket]
 enabled = false
 [listeners.binary]
@@ -97,9 +101,14 @@ def _run(coro: Any) -> Any:
 
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all threads), seconds."""
+    return sum(proc_user_sys_s(pid))
+
+
+def proc_user_sys_s(pid: int) -> tuple[float, float]:
+    """utime and stime (the kernel's share: syscalls, page faults) of a process, seconds."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return int(fields[11]) / CLOCK_TICKS_PER_S, int(fields[12]) / CLOCK_TICKS_PER_S
 
 
 class BaselineServer:
@@ -188,9 +197,12 @@ def paced_pass(
             sender.stdin.write(f"GO {t0} {warmup_s} {duration_s}\n")
             sender.stdin.flush()
         time.sleep(max(0.0, t0 + warmup_s - time.monotonic()))
-        cpu_before = proc_cpu_s(pid)
+        window = (t0 + warmup_s, t0 + warmup_s + duration_s)
+        user_before, sys_before = proc_user_sys_s(pid)
         time.sleep(max(0.0, t0 + warmup_s + duration_s - time.monotonic()))
-        cpu_s = proc_cpu_s(pid) - cpu_before
+        user_after, sys_after = proc_user_sys_s(pid)
+        sys_s = sys_after - sys_before
+        cpu_s = user_after - user_before + sys_s
         results = []
         for sender, result_file in zip(senders, result_files, strict=True):
             assert sender.stdout is not None
@@ -221,8 +233,10 @@ def paced_pass(
         ),
         "errors": sum(r["error_count"] for r in results),
         "gateway_cpu_us_per_frame": round(cpu_s * 1e6 / max(1, acked), 1),
+        "gateway_sys_cpu_us_per_frame": round(sys_s * 1e6 / max(1, acked), 1),
         # Of one core: the event loop is one thread, so near 100 the server is saturated.
         "gateway_cpu_pct": round(100 * cpu_s / duration_s, 1),
+        "window_monotonic": window,
     }
     if errors:
         summary["error_samples"] = sorted(set(errors))[:3]
@@ -236,7 +250,7 @@ def daemon_counters(http_port: int) -> dict[str, float]:
     wanted = (
         "gatewayd_agent_wakes_total", "gatewayd_agent_hibernations_total",
         "gatewayd_agent_commits_total", "gatewayd_agent_commit_errors_total",
-        "gatewayd_agent_turns_total",
+        "gatewayd_agent_turns_total", "process_resident_memory_bytes",
     )  # fmt: skip
     counters: dict[str, float] = {}
     for line in text.splitlines():
@@ -246,7 +260,20 @@ def daemon_counters(http_port: int) -> dict[str, float]:
     return counters
 
 
-def phase_name(fraction: float) -> str:
+def request_probe_dump(path: Path, timeout_s: float = 60) -> None:
+    """Ask the daemon's probe (bench/tcp_probe.py) for its data and wait until it is written."""
+    path.unlink(missing_ok=True)
+    Path(f"{path}.request").touch()
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the daemon's probe wrote no {path} within {timeout_s} s")
+        time.sleep(0.1)
+
+
+def phase_name(fraction: float, args: argparse.Namespace) -> str:
+    if args.paced_rate:
+        return f"paced_{round(args.paced_rate)}per_s"
     return f"paced_{round(fraction * 100)}pct"
 
 
@@ -270,9 +297,11 @@ class Profiler:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        py_spy = Path(sys.executable).with_name("py-spy")
+        py_spy = Path(os.environ.get("PY_SPY") or Path(sys.executable).with_name("py-spy"))
         if not py_spy.exists():
-            raise SystemExit(f"--profile needs py-spy next to {sys.executable}: pip install py-spy")
+            raise SystemExit(
+                f"--profile needs py-spy next to {sys.executable} (pip install py-spy) or $PY_SPY"
+            )
         self._proc = subprocess.Popen(
             [str(py_spy), "record", "-p", str(pid), "-f", "raw", "-r", "250", "--gil",
              "--nonblocking", "-F", "-o", str(self.directory / f"{name}.txt")],
@@ -291,6 +320,7 @@ def closed_loop(
 ) -> dict[str, Any]:
     """tcp_load.run_load (all devices, `--window` pipelined each) with the server's CPU."""
     cpu_before = proc_cpu_s(pid)
+    started = time.monotonic()
     result = _run(
         run_load(
             "127.0.0.1", port, devices, frames_per_device=args.frames, window=args.window,
@@ -298,7 +328,9 @@ def closed_loop(
         )
     )  # fmt: skip
     # Includes the pass's HELLOs (connects): an upper bound of the per-frame cost.
-    return summary(result, proc_cpu_s(pid) - cpu_before)
+    top = summary(result, proc_cpu_s(pid) - cpu_before)
+    top["window_monotonic"] = (started, time.monotonic())
+    return top
 
 
 def main() -> None:
@@ -312,8 +344,20 @@ def main() -> None:
     parser.add_argument(
         "--paced", default="0.5", help="open-loop passes at these fractions of the max rate"
     )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        help="one open-loop pass at this many frames/s for every server instead of --paced "
+        "(the same load for builds whose max rates differ)",
+    )
     parser.add_argument("--senders", type=int, default=2, help="paced sender processes")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the gateway's phases into DIR")
+    parser.add_argument(
+        "--probe",
+        metavar="FILE",
+        help="instrument the daemon (bench/tcp_probe.py: loop stalls, GC, per-frame latency "
+        "split) and add its summary per gateway pass to the JSON line",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--durability", default="normal", choices=("normal", "full"))
     parser.add_argument(
@@ -323,12 +367,18 @@ def main() -> None:
         help="bench/gateway_agents.py class; TelemetryEcho also replies (a PUSH) per frame",
     )
     args = parser.parse_args()
-    fractions = [float(f) for f in args.paced.split(",") if f]
+    fractions = [float(f) for f in args.paced.split(",") if f] if not args.paced_rate else [0.0]
+    agent_class = f"bench.gateway_agents:{args.agent}"
+    if args.probe:
+        if args.agent != "FrameCounter":
+            raise SystemExit("--probe instruments the FrameCounter agent only")
+        os.environ["TCP_PROBE_OUT"] = str(Path(args.probe).resolve())
+        agent_class = "bench.tcp_probe:FrameCounter"
 
     devices = _bench_devices(args.devices)
     port, http_port = free_port(), free_port()
     config = GATEWAY_CONFIG.format(
-        durability=args.durability, agent=args.agent, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
+        durability=args.durability, agent_class=agent_class, repo=REPO, port=port, http_port=http_port, max_unacked=max(64, args.window),
         max_connections=args.devices + 100,
     )  # fmt: skip
     runs: list[dict[str, dict[str, Any]]] = []
@@ -362,13 +412,13 @@ def main() -> None:
                     run[kind] = {"max": top}
                     for fraction in fractions:
                         if profiling:
-                            profiler.start(pid, f"gateway-{phase_name(fraction)}")
+                            profiler.start(pid, f"gateway-{phase_name(fraction, args)}")
                         paced, next_seq[kind] = paced_pass(
-                            server_port, len(devices), rate_per_s=top["frames_per_s"] * fraction,
+                            server_port, len(devices), rate_per_s=args.paced_rate or top["frames_per_s"] * fraction,
                             first_seq=next_seq[kind], args=args, pid=pid,
                         )  # fmt: skip
                         profiler.stop()
-                        run[kind][phase_name(fraction)] = paced
+                        run[kind][phase_name(fraction, args)] = paced
                     print(f"  repeat {repeat + 1} {kind}: " + "; ".join(
                         f"{phase} {r['frames_per_s']:.0f} frames/s p99 {r['ack_p99_ms']} ms"
                         f" errors {r['errors']}" for phase, r in run[kind].items()),
@@ -376,6 +426,8 @@ def main() -> None:
                 runs.append(run)
             if daemon.proc is not None and daemon.proc.poll() is not None:
                 raise SystemExit(f"gatewayd died: {daemon.log_tail()}")
+            if args.probe:
+                request_probe_dump(Path(args.probe))
             counters = daemon_counters(http_port)
     finally:
         for baseline in baselines.values():
@@ -385,13 +437,13 @@ def main() -> None:
         values = [r[kind][phase][key] for r in runs if key in r[kind][phase]]
         return round(statistics.median(values), 3) if values else None
 
-    phases = ["max"] + [phase_name(f) for f in fractions]
+    phases = ["max"] + [phase_name(f, args) for f in fractions]
     medians = {
         kind: {
             phase: {
                 key: median(kind, phase, key)
                 for key in runs[0][kind][phase]
-                if key != "error_samples"
+                if key not in ("error_samples", "window_monotonic")
             }
             for phase in phases
         }
@@ -454,6 +506,16 @@ def main() -> None:
         "gateway_counters": counters,
         "runs": runs,
     }
+    if args.probe:
+        from bench.tcp_probe import report
+
+        windows = [
+            (f"repeat{i + 1}-{phase}", *r["gateway"][phase]["window_monotonic"])
+            for i, r in enumerate(runs)
+            for phase in phases
+        ]
+        output["probe"] = report(args.probe, windows)
+        print(json.dumps(output["probe"], indent=1), file=sys.stderr)
     print(json.dumps(output))
 
 

@@ -8,6 +8,12 @@ reference counting frees the rest). So, once start-up is done:
 
 - everything allocated so far (modules, config, warmed models) is frozen out of the GC's view;
 - young collections stay automatic (cheap: they scan only new objects), but less frequent;
+- automatic middle (generation 1) collections are off too: each scanned every object that
+  survived the last 20 young ones, which after a wave of (re)connections (1,000 devices: their
+  sessions, links, agent handles) took 45-90 ms of the loop's CPU (bench/tcp.py --probe), a
+  pause in the middle of the frames' ACK latency; objects that survive a young collection
+  now wait for the full one (cyclic garbage among them: ~20k objects per 1,000 closed
+  connections, freed at the next full collection);
 - automatic full collections are off, and `collect_full()` runs one at a fixed interval
   instead, so a full pause happens every few minutes rather than every few seconds.
 """
@@ -21,8 +27,8 @@ import time
 log = logging.getLogger(__name__)
 
 YOUNG_THRESHOLD = 10_000  # allocations minus deallocations before a generation-0 collection
-MIDDLE_THRESHOLD = 20  # generation-0 collections before a generation-1 collection
-NEVER = 2**30  # generation-1 collections before an automatic full collection: never
+NEVER = 2**30  # collections of the younger generation before an automatic one: never
+MIDDLE_THRESHOLD = NEVER  # generation-0 collections before a generation-1 collection
 FULL_COLLECTION_INTERVAL_S = 300.0
 
 

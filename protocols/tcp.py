@@ -28,11 +28,12 @@ the session holds the device's DATA (`TcpSession.hold_data`: DATA and a CLOSE/ER
 wait in order, ACK/PING/PONG still pass), so neither the push backlog nor the send buffer
 grows with the device's input; the hold ends at half the backlog / `resume_writing`.
 
-Writes are coalesced per loop iteration: settled DATA queues its ACK and small pushes queue
-their PUSH, and one callback at the end of the iteration (`TcpListener.flush_soon`) writes each
-connection's queue in one `write`, settling first the DATA whose futures already resolved, so
-the replies and ACKs of one commit leave together. Per-frame metrics are counted as ints and
-published by that same callback.
+Writes are coalesced per commit: when a DATA future resolves, its callback writes the
+connection's queue at once, settling first every other DATA of the connection whose future is
+done (one commit resolves a batch's futures together, after releasing its pushes), so the
+replies and ACKs of one commit leave in one `write`. Small pushes not followed by an ACK wait
+for one callback at the end of the iteration (`TcpListener.flush_soon`), which also publishes
+the per-frame metrics, counted as ints.
 
 Pushes belong to the device, not to one connection: they are kept until the device ACKs them
 and are resent after it reconnects, oldest first, at most `max_pending_pushes` unACKed at a time
@@ -200,6 +201,7 @@ class _DeviceConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.flush_pending = False  # in the listener's list of connections to flush
+        self._flushing = False  # flush_and_sync is settling done DATA (see _settled)
         # DATA handed to the handler and not settled yet, by seq (see flush_and_sync).
         self._unsettled: dict[int, asyncio.Future[Outcome]] = {}
         # The DATA frame the handler pushed back (Backpressure); reading is paused meanwhile.
@@ -583,10 +585,15 @@ class _DeviceConnection(asyncio.Protocol):
             if outcome is Outcome.DUPLICATE:
                 listener.stats_extra_inc("data_duplicates")
             session.data_applied(seq)
-            # ACKs settled in one loop iteration leave in one write per connection, all
-            # connections' writes at the end of the iteration (TcpListener.flush_soon).
-            if not self.flush_pending:
-                listener.flush_soon(self)
+            # Called by the future (its commit resolved it in an earlier callback of the loop):
+            # write now, with every other DATA of this connection whose future is done (one
+            # commit resolves a batch's futures together, and its pushes are queued before
+            # them), so the ACKs of one commit still leave in one write, one loop iteration
+            # sooner than at the end of this one (TcpListener.flush_soon), which on a busy loop
+            # is a whole iteration of other agents' turns later. Called by flush_and_sync
+            # itself: that writes when it is done.
+            if not self._flushing:
+                self.flush_and_sync()
             return
         if isinstance(exc, LinkRejected) and exc.code != _GOING_AWAY_CODE:
             code, message = ErrorCode.REJECTED, exc.reason
@@ -660,9 +667,13 @@ class _DeviceConnection(asyncio.Protocol):
         future resolved, i.e. before the commit.)"""
         unsettled = self._unsettled
         if unsettled:
-            for seq, future in list(unsettled.items()):
-                if future.done():
-                    self._settled(seq, future)
+            self._flushing = True
+            try:
+                for seq, future in list(unsettled.items()):
+                    if future.done():
+                        self._settled(seq, future)
+            finally:
+                self._flushing = False
         self.flush_pending = False
         if self._transport is not None:
             self._sync()

@@ -1,4 +1,4 @@
-"""GC settings for serving: start-up objects frozen, no automatic full collections."""
+"""GC settings for serving: start-up objects frozen, no automatic middle or full collections."""
 
 from __future__ import annotations
 
@@ -18,13 +18,12 @@ def restore_gc() -> Iterator[None]:
     gc.set_threshold(*thresholds)
 
 
-def test_tune_freezes_start_up_objects_and_stops_automatic_full_collections(
+def test_tune_freezes_start_up_objects_and_stops_automatic_middle_and_full_collections(
     restore_gc: None,
 ) -> None:
     gctuning.tune_for_serving()
     assert gc.get_freeze_count() > 1000
-    young, _middle, full = gc.get_threshold()
-    assert young == gctuning.YOUNG_THRESHOLD and full == gctuning.NEVER
+    assert gc.get_threshold() == (gctuning.YOUNG_THRESHOLD, gctuning.NEVER, gctuning.NEVER)
 
 
 def test_scheduled_full_collection_still_frees_cycles(restore_gc: None) -> None:
