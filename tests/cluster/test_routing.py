@@ -36,9 +36,9 @@ from gatewayd.cluster.ownership import PartitionRecord
 from gatewayd.cluster.routing import Router, tcp_target
 from gatewayd.cluster.rpc import RoutedRuntime, _reply, rpc_subject
 from protocols.frames import Ack, Close, Data, ErrorCode, Hello, HelloOk, Push
+from tests.certificates import self_signed
 from tests.cluster.group import API_TOKEN, GROUP, Group, Member, addresses, wait_settled
 from tests.cluster.routing_agents import Notes
-from tests.cluster.test_tls import _self_signed as self_signed
 from tests.frame_device import ConnectionClosed as DeviceClosed
 from tests.frame_device import FrameDevice
 from tests.mcp.conftest import mcp_client

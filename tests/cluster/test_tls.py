@@ -6,7 +6,6 @@ joining fails at once and says why."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
 import subprocess
 import time
@@ -19,6 +18,7 @@ from nats.aio.msg import Msg
 from gatewayd.cluster.member import connect
 from gatewayd.cluster.settings import ClusterSettings
 from tests.brokers import free_port
+from tests.certificates import self_signed
 from tests.cluster.group import AGENT_CLASS, device_mapping
 from tests.cluster.nats_cluster import NATS_BIN
 from tests.gatewayd.daemon_process import GatewayProcess
@@ -28,25 +28,8 @@ from tests.waiting import wait_until
 USER, PASSWORD = "gw", "s3cret-pass"
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A CA-less self-signed certificate for 127.0.0.1/localhost (openssl, Debian's)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("openssl not found: install Debian's openssl package")
-    cert, key = directory / "server.pem", directory / "server.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    key.chmod(0o600)
-    return cert, key
-
-
 async def test_a_member_joins_through_tls_with_a_password(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     port = free_port()
     conf = tmp_path / "nats.conf"
     mappings = "".join(f'  "{src}": "{dst}"\n' for src, dst in device_mapping(4).items())

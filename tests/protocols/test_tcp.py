@@ -7,7 +7,6 @@ import logging
 import socket
 import sqlite3
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from protocols.tcp import (
     TcpSettings,
     load_secrets_file,
 )
+from tests.certificates import self_signed
 from tests.frame_device import FrameDevice
 
 SECRETS = {"dev-a": "secret-a", "dev-b": "secret-b", "dev-c": "secret-c"}
@@ -747,29 +747,7 @@ async def test_stop_drains_in_flight_acks_before_closing(
 async def test_tls_connection(
     make_listener: ListenerFactory, handler: SqliteLinkHandler, tmp_path: Path
 ) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     listener = await make_listener(ssl_context=server_context)
