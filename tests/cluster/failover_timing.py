@@ -9,7 +9,6 @@ servers' storage timestamps (same host, wall clock) for the changelog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import sqlite3
 import time
@@ -18,12 +17,11 @@ from collections.abc import Iterable
 import nats
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from gatewayd.cluster.naming import Names
 from gatewayd.cluster.pages import LogMessage, apply
-from tests.cluster.group import GROUP, Publisher
+from tests.cluster.group import GROUP, Publisher, read_stream
 from tests.cluster.nats_cluster import NatsCluster
 
 Applied = tuple[str, str]  # (agent id, message)
@@ -152,36 +150,5 @@ async def _log_with_times(
         last = int((await js.get_last_msg(names.log_stream, subject)).seq or 0)
     except NotFoundError:
         return []
-    for _attempt in range(10):
-        try:
-            info = await js.add_consumer(
-                names.log_stream,
-                ConsumerConfig(
-                    filter_subject=subject,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=5.0,
-                    mem_storage=True,
-                    num_replicas=1,
-                ),
-                timeout=2.0,
-            )
-        except nats.errors.Error:
-            continue
-        sub = await js.pull_subscribe_bind(info.name, stream=names.log_stream)
-        found: list[tuple[datetime.datetime, bytes]] = []
-        seq = 0
-        try:
-            while seq < last:
-                for msg in await sub.fetch(256, timeout=2.0):
-                    if msg.metadata.sequence.consumer != len(found) + 1:
-                        raise nats.errors.TimeoutError  # a delivery lost (no acks): again
-                    seq = msg.metadata.sequence.stream
-                    found.append((msg.metadata.timestamp, msg.data))
-        except nats.errors.Error:
-            continue
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-        return found
-    raise AssertionError(f"partition {partition}'s changelog could not be read whole")
+    msgs = await read_stream(js, names.log_stream, last, filter_subject=subject)
+    return [(msg.metadata.timestamp, msg.data) for msg in msgs]

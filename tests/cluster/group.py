@@ -366,21 +366,20 @@ class Publisher:
         self.failed += 1
 
 
-async def read_replies(nc: nats.NATS, group: str = GROUP) -> list[tuple[str, str]]:
-    """Every reply in the group's replies stream, in order: `(agent id, payload)`. A reading
-    consumer that lands on a NATS node that is down, or loses a delivery, is replaced."""
+async def read_stream(
+    js: Any, stream: str, last_seq: int, filter_subject: str | None = None
+) -> list[Any]:
+    """Every message of `stream` (of `filter_subject`, when given) up to stream sequence
+    `last_seq`, in order, read through a one-replica consumer without acks; one that lands on
+    a NATS node that is down, or loses a delivery, is replaced."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    names = Names(group, "gw.in")
-    js = nc.jetstream(timeout=15)
     for _attempt in range(10):
         try:
-            total = (await js.stream_info(names.replies_stream)).state.messages
-            if total == 0:
-                return []
             info = await js.add_consumer(
-                names.replies_stream,
+                stream,
                 ConsumerConfig(
+                    filter_subject=filter_subject,
                     deliver_policy=DeliverPolicy.ALL,
                     ack_policy=AckPolicy.NONE,
                     inactive_threshold=5.0,
@@ -391,19 +390,36 @@ async def read_replies(nc: nats.NATS, group: str = GROUP) -> list[tuple[str, str
             )
         except nats.errors.Error:
             continue
-        sub = await js.pull_subscribe_bind(info.name, stream=names.replies_stream)
-        found: list[tuple[str, str]] = []
+        sub = await js.pull_subscribe_bind(info.name, stream=stream)
+        found: list[Any] = []
         try:
-            while len(found) < total:
-                msgs = await sub.fetch(512, timeout=2.0)
-                if any(m.metadata.sequence.consumer != len(found) + i + 1
-                       for i, m in enumerate(msgs)):  # fmt: skip
-                    raise nats.errors.TimeoutError  # a delivery lost (no acks): read again
-                found += [(m.subject.split(".", 2)[2], m.data.decode()) for m in msgs]
+            while not found or found[-1].metadata.sequence.stream < last_seq:
+                for msg in await sub.fetch(512, timeout=2.0):
+                    if msg.metadata.sequence.consumer != len(found) + 1:
+                        raise nats.errors.TimeoutError  # a delivery lost (no acks): again
+                    found.append(msg)
         except nats.errors.Error:
             continue
         finally:
             with _suppress():
                 await sub.unsubscribe()
         return found
-    raise AssertionError("the replies stream could not be read whole")
+    raise AssertionError(f"stream {stream} ({filter_subject or 'all'}) could not be read whole")
+
+
+async def read_replies(nc: nats.NATS, group: str = GROUP) -> list[tuple[str, str]]:
+    """Every reply in the group's replies stream, in order: `(agent id, payload)`."""
+    names = Names(group, "gw.in")
+    js = nc.jetstream(timeout=15)
+    for _attempt in range(10):
+        try:
+            state = (await js.stream_info(names.replies_stream)).state
+            break
+        except nats.errors.Error:
+            continue
+    else:
+        raise AssertionError("the replies stream's info could not be read")
+    if state.messages == 0:
+        return []
+    msgs = await read_stream(js, names.replies_stream, state.last_seq)
+    return [(m.subject.split(".", 2)[2], m.data.decode()) for m in msgs]
