@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import sqlite3
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -687,6 +689,35 @@ async def test_max_connections_refuses_extra_connections(make_listener: Listener
     await first.close()
     await eventually(lambda: listener.stats.links_open == 1)
     await connect_device(listener.bound_port, "dev-c")
+
+
+async def test_a_connect_storm_is_queued_by_the_kernel_not_dropped(
+    make_listener: ListenerFactory,
+) -> None:
+    """While the loop is busy (here: blocked by this test), the kernel completes the
+    handshakes of up to max_connections connections for the listener to accept later; with
+    asyncio's default backlog (100) it dropped the SYNs of the rest, which then waited 1, 3,
+    7 s for their retransmits (issue 9: a thousand devices connecting at once)."""
+    storm = 250
+    if int(Path("/proc/sys/net/core/somaxconn").read_text()) < storm:
+        pytest.skip("net.core.somaxconn caps the listen queue below the storm")
+    listener = await make_listener(max_connections=storm + 10)
+    sockets = [socket.socket() for _ in range(storm)]
+    try:
+        for sock in sockets:  # no await from here on: the listener accepts nothing meanwhile
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", listener.bound_port))
+        pending = set(sockets)
+        deadline = time.monotonic() + 0.5  # loopback handshakes take microseconds
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.05)
+            pending.difference_update(writable)
+        established = [s for s in sockets if s not in pending]
+        assert len(established) == storm, f"{storm - len(established)} connects still pending"
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for s in established)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 async def test_new_connection_replaces_the_old_one_for_the_same_device(
