@@ -17,7 +17,10 @@ Passes per server and repeat:
 - `paced_<N>pct`: open loop at N% of that server's own max rate, from `--senders` processes
   (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
   evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
-The server's CPU (utime+stime, all threads) is read around each pass; `--profile DIR` runs
+The server's CPU (utime+stime, all threads) and its threads' run-queue wait (runnable
+without a core: the box's other load) are read around each pass, and the box's speed for
+pure Python (`box_encode_us_per_frame`, before and after) goes into the JSON line, so runs
+of different days compare; `--profile DIR` runs
 py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py); `--probe FILE`
 instruments the daemon (bench/tcp_probe.py: per-frame read/submit/settled/ACK-written times,
 loop stalls with the loop thread's CPU and stack, GC pauses) and adds a summary per gateway
