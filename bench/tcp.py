@@ -17,7 +17,10 @@ Passes per server and repeat:
 - `paced_<N>pct`: open loop at N% of that server's own max rate, from `--senders` processes
   (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
   evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
-The server's CPU (utime+stime, all threads) is read around each pass; `--profile DIR` runs
+The server's CPU (utime+stime, all threads) and its threads' run-queue wait (runnable
+without a core: the box's other load) are read around each pass, and the box's speed for
+pure Python (`box_encode_us_per_frame`, before and after) goes into the JSON line, so runs
+of different days compare; `--profile DIR` runs
 py-spy on the daemon in the first repeat (summarise with bench/tcp_profile.py); `--probe FILE`
 instruments the daemon (bench/tcp_probe.py: per-frame read/submit/settled/ACK-written times,
 loop stalls with the loop thread's CPU and stack, GC pauses) and adds a summary per gateway
@@ -102,6 +105,34 @@ def _run(coro: Any) -> Any:
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all threads), seconds."""
     return sum(proc_user_sys_s(pid))
+
+
+def proc_runqueue_wait_s(pid: int) -> float:
+    """Time the process's threads sat runnable without a CPU (other processes had it),
+    summed over its threads now alive (/proc/PID/task/*/schedstat, second field), seconds."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total_ns += int((task / "schedstat").read_text().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # a thread that ended meanwhile, or a kernel without schedstat
+    return total_ns / 1e9
+
+
+def box_encode_us_per_frame(frames: int = 20_000, rounds: int = 5) -> float:
+    """The box's speed for pure Python: CPU µs to build and encode one DATA frame (the load
+    generator's own codec), best of `rounds`. The same code measured ~1.1 µs on 2026-11-26's
+    box; compare runs from different days by this figure before blaming the code."""
+    from protocols.frames import Data, encode
+
+    payload = b"x" * 64
+    best_ns = float("inf")
+    for _ in range(rounds):
+        began = time.process_time_ns()
+        for seq in range(1, frames + 1):
+            encode(Data(seq, payload))
+        best_ns = min(best_ns, time.process_time_ns() - began)
+    return round(best_ns / frames / 1000, 3)
 
 
 def proc_user_sys_s(pid: int) -> tuple[float, float]:
@@ -199,8 +230,10 @@ def paced_pass(
         time.sleep(max(0.0, t0 + warmup_s - time.monotonic()))
         window = (t0 + warmup_s, t0 + warmup_s + duration_s)
         user_before, sys_before = proc_user_sys_s(pid)
+        wait_before = proc_runqueue_wait_s(pid)
         time.sleep(max(0.0, t0 + warmup_s + duration_s - time.monotonic()))
         user_after, sys_after = proc_user_sys_s(pid)
+        wait_s = proc_runqueue_wait_s(pid) - wait_before
         sys_s = sys_after - sys_before
         cpu_s = user_after - user_before + sys_s
         results = []
@@ -236,6 +269,8 @@ def paced_pass(
         "gateway_sys_cpu_us_per_frame": round(sys_s * 1e6 / max(1, acked), 1),
         # Of one core: the event loop is one thread, so near 100 the server is saturated.
         "gateway_cpu_pct": round(100 * cpu_s / duration_s, 1),
+        # Runnable but not running (the box's other load had the CPUs), % of the window.
+        "gateway_runqueue_wait_pct": round(100 * wait_s / duration_s, 1),
         "window_monotonic": window,
     }
     if errors:
@@ -251,6 +286,7 @@ def daemon_counters(http_port: int) -> dict[str, float]:
         "gatewayd_agent_wakes_total", "gatewayd_agent_hibernations_total",
         "gatewayd_agent_commits_total", "gatewayd_agent_commit_errors_total",
         "gatewayd_agent_turns_total", "process_resident_memory_bytes",
+        "gatewayd_tcp_backpressure_pauses_total", "gatewayd_agent_mailbox_full_total",
     )  # fmt: skip
     counters: dict[str, float] = {}
     for line in text.splitlines():
@@ -320,6 +356,7 @@ def closed_loop(
 ) -> dict[str, Any]:
     """tcp_load.run_load (all devices, `--window` pipelined each) with the server's CPU."""
     cpu_before = proc_cpu_s(pid)
+    wait_before = proc_runqueue_wait_s(pid)
     started = time.monotonic()
     result = _run(
         run_load(
@@ -328,8 +365,13 @@ def closed_loop(
         )
     )  # fmt: skip
     # Includes the pass's HELLOs (connects): an upper bound of the per-frame cost.
-    top = summary(result, proc_cpu_s(pid) - cpu_before)
-    top["window_monotonic"] = (started, time.monotonic())
+    cpu_s = proc_cpu_s(pid) - cpu_before
+    wait_s = proc_runqueue_wait_s(pid) - wait_before
+    elapsed_s = time.monotonic() - started
+    top = summary(result, cpu_s)
+    top["gateway_cpu_pct"] = round(100 * cpu_s / elapsed_s, 1)
+    top["gateway_runqueue_wait_pct"] = round(100 * wait_s / elapsed_s, 1)
+    top["window_monotonic"] = (started, started + elapsed_s)
     return top
 
 
@@ -384,6 +426,7 @@ def main() -> None:
     runs: list[dict[str, dict[str, Any]]] = []
     profiler = Profiler(args.profile)
     started = time.monotonic()
+    box_speed = [box_encode_us_per_frame()]
     baselines = {kind: BaselineServer(kind, args.devices) for kind in ("raw", "null")}
     try:
         with GatewayDaemon(config, files={"devices.toml": secrets_toml(devices)}) as daemon:
@@ -421,6 +464,7 @@ def main() -> None:
                         run[kind][phase_name(fraction, args)] = paced
                     print(f"  repeat {repeat + 1} {kind}: " + "; ".join(
                         f"{phase} {r['frames_per_s']:.0f} frames/s p99 {r['ack_p99_ms']} ms"
+                        f" cpu {r['gateway_cpu_pct']}% runqueue wait {r['gateway_runqueue_wait_pct']}%"
                         f" errors {r['errors']}" for phase, r in run[kind].items()),
                         file=sys.stderr, flush=True)  # fmt: skip
                 runs.append(run)
@@ -429,6 +473,7 @@ def main() -> None:
             if args.probe:
                 request_probe_dump(Path(args.probe))
             counters = daemon_counters(http_port)
+        box_speed.append(box_encode_us_per_frame())
     finally:
         for baseline in baselines.values():
             baseline.close()
@@ -488,6 +533,7 @@ def main() -> None:
         "wall_s": round(time.monotonic() - started, 1),
         "median": medians,
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "box_encode_us_per_frame": box_speed,
         "gateway_vs_raw_frames_per_s": ratio("raw", "max", "frames_per_s"),
         "gateway_vs_null_frames_per_s": ratio("null", "max", "frames_per_s"),
         "gateway_vs_raw_cpu_per_frame": {

@@ -325,9 +325,10 @@ class _RawEcho(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-async def _serve_raw() -> None:
+async def _serve_raw(device_count: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_RawEcho, "127.0.0.1", 0)
+    # The listen backlog TcpListener uses (its max_connections, as for `null` below).
+    server = await loop.create_server(_RawEcho, "127.0.0.1", 0, backlog=device_count + 16)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
     server.close()
@@ -337,7 +338,7 @@ async def _serve(kind: str, device_count: int, state_dir: Path) -> None:
     from protocols.tcp import TcpListener, TcpSettings
 
     if kind == "raw":
-        await _serve_raw()
+        await _serve_raw(device_count)
         return
     handler = _NullHandler() if kind == "null" else _SqliteHandler(state_dir)
     settings = TcpSettings(

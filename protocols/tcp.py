@@ -839,6 +839,11 @@ class TcpListener:
             ssl=self.ssl_context,
             ssl_handshake_timeout=self.settings.hello_timeout_s if self.ssl_context else None,
             reuse_address=True,
+            # The kernel's queue of connections not accepted yet holds every connection we
+            # allow (capped by net.core.somaxconn). asyncio's default of 100 overflowed when
+            # a thousand devices (re)connected at once to a busy loop: the kernel dropped the
+            # SYNs and the devices waited for their retransmits, 1, 3, 7 s later.
+            backlog=self.settings.max_connections,
         )
         attach_outputs(self.handler, self)
         logger.info(

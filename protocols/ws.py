@@ -236,6 +236,9 @@ class WsListener:
             ping_interval=s.ping_interval_s,
             ping_timeout=s.ping_timeout_s,
             compression=None,  # cheaper on small frames; devices rarely negotiate it
+            # The kernel queues up to max_connections handshakes while the loop is busy (a
+            # fleet reconnecting after a restart); asyncio's default (100) drops the rest.
+            backlog=s.max_connections,
             logger=library_logger(),  # redacts keys, tokens and payloads (ws_logs.py)
         )
         logger.info("ws: listening on %s:%d", s.bind, self.bound_port)

@@ -35,6 +35,7 @@ from protocols.tcp import (
     load_secrets_file,
 )
 from tests.certificates import self_signed
+from tests.connect_storm import connect_storm, skip_unless_somaxconn_allows
 from tests.frame_device import FrameDevice
 
 SECRETS = {"dev-a": "secret-a", "dev-b": "secret-b", "dev-c": "secret-c"}
@@ -687,6 +688,19 @@ async def test_max_connections_refuses_extra_connections(make_listener: Listener
     await first.close()
     await eventually(lambda: listener.stats.links_open == 1)
     await connect_device(listener.bound_port, "dev-c")
+
+
+async def test_a_connect_storm_is_queued_by_the_kernel_not_dropped(
+    make_listener: ListenerFactory,
+) -> None:
+    """While the loop is busy (here: blocked by this test), the kernel completes the
+    handshakes of up to max_connections connections for the listener to accept later; with
+    asyncio's default backlog (100) it dropped the SYNs of the rest, which then waited 1, 3,
+    7 s for their retransmits (issue 9: a thousand devices connecting at once)."""
+    storm = 250
+    skip_unless_somaxconn_allows(storm)
+    listener = await make_listener(max_connections=storm + 10)
+    assert connect_storm(listener.bound_port, storm) == storm
 
 
 async def test_new_connection_replaces_the_old_one_for_the_same_device(

@@ -11,6 +11,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from protocols.link import Link, LinkRejected, Outcome
 from protocols.ws import BadPath, WsListener, WsSettings, parse_agent_path
+from tests.connect_storm import connect_storm, skip_unless_somaxconn_allows
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -145,3 +146,16 @@ async def test_gateway_close_and_connection_limit(listener):
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_a_connect_storm_is_queued_by_the_kernel_not_dropped():
+    """The listen queue holds max_connections handshakes while the loop is busy (asyncio's
+    default backlog of 100 dropped the rest: their clients retried 1, 3, 7 s later)."""
+    storm = 250
+    skip_unless_somaxconn_allows(storm)
+    ws = WsListener(WsSettings(port=0, max_connections=storm + 10), EchoHandler())
+    await ws.start()
+    try:
+        assert connect_storm(ws.bound_port, storm) == storm
+    finally:
+        await ws.stop()
