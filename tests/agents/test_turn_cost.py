@@ -289,6 +289,7 @@ import asyncio, sys, threading
 from pathlib import Path
 from gatewayd.agents import AgentRuntime, AgentSettings, scheduler
 from tests.agents.test_turn_cost import Echo
+from tests.waiting import wait_until
 scheduler.PARKED_DATABASES = 0  # every wake opens its file
 
 async def main():
@@ -301,8 +302,11 @@ async def main():
             for i in range(20):
                 await rt.call("echo", f"a{i}", "bodies")
         rt.hibernate_idle()
-        while rt.stats()["active_agents"] or rt._scheduler.closing:
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: not rt.stats()["active_agents"] and not rt._scheduler.closing,
+            10,
+            "every agent hibernated",
+        )
     stats = rt.stats()
     print("LOOP", threading.get_native_id(), stats["wakes_total"], stats["warm_opens_total"])
     await rt.close()

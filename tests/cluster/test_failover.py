@@ -36,7 +36,7 @@ from tests.cluster.group import (
     wait_serving,
     wait_settled,
 )
-from tests.waiting import wait_until
+from tests.waiting import eventually, wait_until
 
 DEVICES = 24
 # After a NATS node's loss, every acknowledged message is applied within this many seconds
@@ -115,8 +115,11 @@ async def _wait_files_follow_owners(
 
 async def _publish_until(publisher: Publisher, fraction: float) -> asyncio.Task[None]:
     task = asyncio.create_task(publisher.run())
-    while len(publisher.acked) < publisher.count * fraction and not task.done():
-        await asyncio.sleep(0.02)
+    await wait_until(
+        lambda: len(publisher.acked) >= publisher.count * fraction or task.done(),
+        60,
+        f"{fraction:.0%} of the messages acknowledged",
+    )
     return task
 
 
@@ -359,10 +362,7 @@ async def test_schedules_run_once_on_the_owner_and_overdue_ones_after_a_failover
         return (await read_group_state(nc, group.partitions)).get(agent, [])
 
     async def wait_for(text: str) -> None:
-        deadline = time.monotonic() + 30
-        while text not in await messages():
-            assert time.monotonic() < deadline, f"{text!r} never applied"
-            await asyncio.sleep(0.2)
+        await eventually(messages, lambda seen: text in seen, 30, f"{text!r} applied")
 
     # One schedule fires on the owner before it dies, one is still due when it dies.
     await js.publish(f"devices.{agent}.telemetry", b"schedule:0.1:early")
