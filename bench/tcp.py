@@ -9,7 +9,10 @@ first, so the measured passes are the steady state.
 Baselines in the same run, each its own child process, measured in every repeat right before
 the daemon: `raw` (a bare asyncio.Protocol with the frame codec that ACKs every DATA at once:
 no session rules, no auth, no state) and `null` (TcpListener + a handler that resolves every
-frame at once: the transport's own cost).
+frame at once: the transport's own cost), and with `--baselines raw,null,sqlite` also
+`sqlite` (TcpListener + a bare sqlite3 file per device, row + last seq in one transaction
+per frame: the durable floor with per-device files, without the agent runtime) and
+`sqlite-group` (the same with one transaction per file per loop iteration).
 
 Passes per server and repeat:
 - `max`: closed loop (bench/tcp_load.py `run_load`, in this process): every device streams
@@ -400,6 +403,14 @@ def main() -> None:
         help="instrument the daemon (bench/tcp_probe.py: loop stalls, GC, per-frame latency "
         "split) and add its summary per gateway pass to the JSON line",
     )
+    parser.add_argument(
+        "--baselines",
+        default="raw,null",
+        help="baseline servers run beside the daemon: raw (required), null, sqlite (TcpListener "
+        "+ a bare sqlite3 file per device, one transaction per frame: the durable floor "
+        "without the agent runtime), sqlite-group (the same, one transaction per file per loop "
+        "iteration)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--durability", default="normal", choices=("normal", "full"))
     parser.add_argument(
@@ -427,19 +438,29 @@ def main() -> None:
     profiler = Profiler(args.profile)
     started = time.monotonic()
     box_speed = [box_encode_us_per_frame()]
-    baselines = {kind: BaselineServer(kind, args.devices) for kind in ("raw", "null")}
+    kinds = [k for k in args.baselines.split(",") if k]
+    unknown = set(kinds) - {"raw", "null", "sqlite", "sqlite-group"}
+    if unknown or "raw" not in kinds:
+        raise SystemExit(
+            f"--baselines: raw plus any of null, sqlite, sqlite-group (got {args.baselines!r})"
+        )
+    baselines = {kind: BaselineServer(kind, args.devices) for kind in kinds}
     try:
         with GatewayDaemon(config, files={"devices.toml": secrets_toml(devices)}) as daemon:
-            # Wake (create) every agent, a few hundred at a time: a thousand first opens at
-            # once can outlast the hello timeout on a busy disk.
-            for first in range(0, len(devices), 200):
-                warm = _run(
-                    run_load("127.0.0.1", port, devices[first : first + 200],
-                             frames_per_device=args.warmup_frames, window=args.window,
-                             payload_bytes=args.payload_bytes)
-                )  # fmt: skip
-                if warm.errors:
-                    raise SystemExit(f"warm-up failed: {warm.errors[:3]}\n{daemon.log_tail()}")
+            # Wake (create) every agent (and the sqlite baseline's files), a few hundred at a
+            # time: a thousand first opens at once can outlast the hello timeout on a busy disk.
+            warm_ports = [port] + [
+                baselines[kind].port for kind in ("sqlite", "sqlite-group") if kind in baselines
+            ]
+            for warm_port in warm_ports:
+                for first in range(0, len(devices), 200):
+                    warm = _run(
+                        run_load("127.0.0.1", warm_port, devices[first : first + 200],
+                                 frames_per_device=args.warmup_frames, window=args.window,
+                                 payload_bytes=args.payload_bytes)
+                    )  # fmt: skip
+                    if warm.errors:
+                        raise SystemExit(f"warm-up failed: {warm.errors[:3]}\n{daemon.log_tail()}")
             servers = {kind: (b.port, b.child.pid) for kind, b in baselines.items()}
             servers["gateway"] = (port, daemon.pid)
             next_seq = {kind: args.warmup_frames + 1 for kind in servers}  # contiguous per device
@@ -501,6 +522,8 @@ def main() -> None:
     labels = {
         "raw": "raw echo (baseline)",
         "null": "TcpListener, no agent",
+        "sqlite": "listener+file/frame",
+        "sqlite-group": "listener+file/iter",
         "gateway": f"gatewayd ({args.durability})",
     }
     for kind, m in medians.items():
@@ -535,7 +558,11 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "box_encode_us_per_frame": box_speed,
         "gateway_vs_raw_frames_per_s": ratio("raw", "max", "frames_per_s"),
-        "gateway_vs_null_frames_per_s": ratio("null", "max", "frames_per_s"),
+        **{
+            f"gateway_vs_{kind}_frames_per_s": ratio(kind, "max", "frames_per_s")
+            for kind in baselines
+            if kind != "raw"
+        },
         "gateway_vs_raw_cpu_per_frame": {
             phase: ratio("raw", phase, "gateway_cpu_us_per_frame") for phase in phases
         },

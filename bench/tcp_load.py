@@ -10,7 +10,9 @@ Without --connect it starts the gateway side itself, in a child process, twice p
                       (transport + codec only: the ceiling for this machine);
   candidate `sqlite`: TcpListener + a handler that commits each DATA frame to a per-device SQLite
                       file with a last-seq table (WAL, synchronous=NORMAL) before resolving,
-                      i.e. the agent runtime's durable path without the runtime itself.
+                      i.e. the agent runtime's durable path without the runtime itself
+                      (`sqlite-group`, used by bench/tcp.py: the same with one transaction per
+                      device file per loop iteration, as the runtime batches).
 With --connect HOST:PORT it also measures that running gateway (devices and secrets from
 --secrets-file; use --first-seq above what the gateway has applied, or every frame is a
 DUPLICATE), side by side with the in-process null baseline.
@@ -299,6 +301,47 @@ class _SqliteHandler(_NullHandler):
         return future
 
 
+class _GroupSqliteHandler(_SqliteHandler):
+    """`sqlite` with group commit: the frames a device's file gets in one loop iteration share
+    one transaction, committed at the end of the iteration (one COMMIT for all of them), and
+    only then resolved. The best a bare per-device-file server does without the runtime."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        # device -> (its connection, last applied seq, [(future, outcome)])
+        self._open: dict[str, tuple[sqlite3.Connection, list[int], list[Any]]] = {}
+
+    def submit_message(self, link: Any, data: Any, dedup: Any = None) -> asyncio.Future:
+        from protocols.link import Outcome
+
+        loop = asyncio.get_running_loop()
+        entry = self._open.get(dedup.stream)
+        if entry is None:
+            db = self._database(dedup.stream)
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT seq FROM last_seq WHERE id = 1").fetchone()
+            if not self._open:
+                loop.call_soon(self._commit_all)
+            entry = self._open[dedup.stream] = (db, [row[0] if row else 0], [])
+        db, last, settled = entry
+        future = loop.create_future()
+        if dedup.seq <= last[0]:
+            settled.append((future, Outcome.DUPLICATE))
+        else:
+            db.execute("INSERT INTO inbox VALUES (?, ?)", (dedup.seq, data))
+            last[0] = dedup.seq
+            settled.append((future, Outcome.APPLIED))
+        return future
+
+    def _commit_all(self) -> None:
+        entries, self._open = self._open, {}
+        for db, last, settled in entries.values():
+            db.execute("INSERT OR REPLACE INTO last_seq VALUES (1, ?)", (last[0],))
+            db.execute("COMMIT")
+            for future, outcome in settled:
+                future.set_result(outcome)
+
+
 class _RawEcho(asyncio.Protocol):
     """The `raw` baseline: a bare asyncio server that ACKs every DATA at once, with the frame
     codec but nothing else (no session rules, no auth, no handler, no state)."""
@@ -340,7 +383,8 @@ async def _serve(kind: str, device_count: int, state_dir: Path) -> None:
     if kind == "raw":
         await _serve_raw(device_count)
         return
-    handler = _NullHandler() if kind == "null" else _SqliteHandler(state_dir)
+    handlers = {"null": _NullHandler, "sqlite": _SqliteHandler, "sqlite-group": _GroupSqliteHandler}
+    handler = handlers[kind]() if kind == "null" else handlers[kind](state_dir)
     settings = TcpSettings(
         host="127.0.0.1",
         port=0,
@@ -421,7 +465,9 @@ def main() -> None:
     parser.add_argument("--connect", metavar="HOST:PORT", help="also load a running gateway")
     parser.add_argument("--secrets-file", help="devices for --connect (device-id = secret)")
     parser.add_argument("--first-seq", type=int, default=1, help="first DATA seq (--connect)")
-    parser.add_argument("--serve", choices=["raw", "null", "sqlite"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["raw", "null", "sqlite", "sqlite-group"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
