@@ -398,6 +398,20 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
         await asyncio.wait_for(process.wait(), 10)
 
     responders: dict[str, Any] = {"echo": (start_echo, stop_echo)}
+    if args.floor:
+
+        async def start_floor() -> asyncio.subprocess.Process:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, str(Path(__file__).with_name("mqtt_floor.py")),
+                "--broker", broker_url, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 15)
+            if line.strip() != b"READY":
+                raise RuntimeError(f"mqtt_floor did not start: {line!r}")
+            return process
+
+        responders["floor"] = (start_floor, stop_echo)
     clients = args.mqtt_clients.split(",")
     for name, durability, mqtt_client, repo in gateway_variants(args, 0):
 
@@ -643,6 +657,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--sat-rate", type=float, default=5000, help="--real-clients: saturated offered msg/s"
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="--real-clients: also run bench/mqtt_floor.py (a bare durable responder, one "
+        "SQLite file per device: the floor for the gateway's CPU per message)",
     )
     parser.add_argument(
         "--drain-s", type=float, default=15, help="--real-clients: most to wait for a backlog"
