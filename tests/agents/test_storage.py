@@ -68,6 +68,26 @@ def test_file_names_never_change(tmp_path):
     )
 
 
+def test_file_names_come_from_a_bounded_cache_that_keeps_refusing_bad_names():
+    """`agent_db_file` remembers recent names (a wake skips the hashing): the same answer as
+    computing it, repeated calls hit the cache, and a refused name is refused every time."""
+    from gatewayd.agents import storage
+
+    storage._agent_db_file_cached.cache_clear()
+    first = agent_db_file("/s", "cls", "device-0042")
+    assert agent_db_file("/s", "cls", "device-0042") == first
+    assert first == storage._agent_db_file("/s", "cls", "device-0042")
+    assert storage._agent_db_file_cached.cache_info().hits == 1
+    assert storage._agent_db_file_cached.cache_info().maxsize == storage._DB_FILES_CACHED
+    for _ in range(2):
+        with pytest.raises(ValueError, match="class name"):
+            agent_db_file("/s", "../x", "id")
+        with pytest.raises(ValueError, match="UTF-8"):
+            agent_db_file("/s", "cls", "bad\udcff")
+    with pytest.raises(ValueError, match="must be a str"):
+        agent_db_file("/s", "cls", 42)  # type: ignore[arg-type]
+
+
 async def test_weird_ids_each_get_their_own_database(make_runtime, tmp_path):
     async with make_runtime({"blobs": Blobs}) as rt:
         for i, agent_id in enumerate(WEIRD_IDS):
