@@ -124,12 +124,10 @@ class AlarmsMixin:
     def _after_wake(self: _Runtime, slot: _Slot) -> None:
         db = slot.db
         assert db is not None
-        tables = {
-            row[0]
-            for row in db.connection.execute(
-                "SELECT name FROM sqlite_master WHERE name IN ('_gw_schedules', '_gw_queue')"
-            )
-        }
+        # As the open read them, unless the START turn used a store (it may have created
+        # the schedule or queue table since).
+        opened = db.take_opened_alarm_tables()
+        tables = opened if opened is not None and not slot.stores else db.alarm_tables()
         if tables:  # drain on wake: overdue schedules, ready (or retried) queue items
             slot.drain_queued = True
             slot.index_dirty = True
@@ -194,12 +192,7 @@ class AlarmsMixin:
         # The stores below may create tables outside any turn: a failing turn must not undo
         # them with the whole transaction (storage.py: turn_savepoint).
         db.keep_savepoints()
-        tables = {
-            row[0]
-            for row in db.connection.execute(
-                "SELECT name FROM sqlite_master WHERE name IN ('_gw_schedules', '_gw_queue')"
-            )
-        }
+        tables = db.alarm_tables()
         if "_gw_schedules" in tables:
             schedules = self._schedule_store(slot)
             started = time.time()
@@ -252,12 +245,7 @@ class AlarmsMixin:
         db = slot.db
         assert db is not None
         times: list[float] = []
-        tables = {
-            row[0]
-            for row in db.connection.execute(
-                "SELECT name FROM sqlite_master WHERE name IN ('_gw_schedules', '_gw_queue')"
-            )
-        }
+        tables = db.alarm_tables()
         # Reads outside a transaction (after the commit): fine, nothing else writes.
         if "_gw_schedules" in tables and (t := self._schedule_store(slot).next_due_at()):
             times.append(t)

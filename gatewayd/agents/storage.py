@@ -165,8 +165,10 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], object]] = {1: _migrate_1_
 _NO_STATE = "(no state stored)"
 
 
+_ALARM_TABLES_SQL = "SELECT name FROM sqlite_master WHERE name IN ('_gw_schedules', '_gw_queue')"
 _READ_META_AND_STATE = (
-    f"SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, * FROM ({_LOAD_STATE})"
+    f"SELECT 0, key, value FROM _gw_meta UNION ALL SELECT 1, NULL, * FROM ({_LOAD_STATE}) "
+    f"UNION ALL SELECT 2, name, NULL FROM ({_ALARM_TABLES_SQL})"
 )
 
 
@@ -438,6 +440,7 @@ class AgentDatabase:
         "_last_seqs",
         "_max_db_bytes",
         "_max_value_bytes",
+        "_opened_alarm_tables",
         "_opened_state",
         "_state_at_savepoint",
         "_unwritten_seqs",
@@ -488,6 +491,9 @@ class AgentDatabase:
         # The state's JSON as `open()` read it (`_NO_STATE`: none stored), until the first
         # `load_state` or `save_state`; None: not read.
         self._opened_state: str | None = None
+        # The schedule/queue tables the file had when `open()` read its identity, until the
+        # first `alarm_tables()`; None: not read.
+        self._opened_alarm_tables: set[str] | None = None
 
     @classmethod
     def open_if_warm(
@@ -636,11 +642,15 @@ class AgentDatabase:
                 stored: dict[str, str] = {}
                 if version == SCHEMA_VERSION:
                     db._opened_state = _NO_STATE
-                    for is_state, key, value in conn.execute(_READ_META_AND_STATE):
-                        if is_state:
+                    alarm_tables: set[str] = set()
+                    for part, key, value in conn.execute(_READ_META_AND_STATE):
+                        if part == 0:
+                            stored[key] = value
+                        elif part == 1:
                             db._opened_state = value
                         else:
-                            stored[key] = value
+                            alarm_tables.add(key)
+                    db._opened_alarm_tables = alarm_tables
                 else:  # (an older schema's state is read after its migration)
                     stored = dict(conn.execute("SELECT key, value FROM _gw_meta").fetchall())
                 wal_for = stored.get(_WAL_FOR)
@@ -933,6 +943,19 @@ class AgentDatabase:
         return True
 
     # -- agent data -------------------------------------------------------------------------
+
+    def alarm_tables(self) -> set[str]:
+        """Which of the schedule and queue tables (`_gw_schedules`, `_gw_queue`) the file
+        has now."""
+        self._opened_alarm_tables = None
+        return {row[0] for row in self._conn.execute(_ALARM_TABLES_SQL)}
+
+    def take_opened_alarm_tables(self) -> set[str] | None:
+        """`alarm_tables()` as `open()` read it with the identity (no statement), once; None
+        when it was not read or was taken. Only the caller knows whether the schema may have
+        changed since the open."""
+        opened, self._opened_alarm_tables = self._opened_alarm_tables, None
+        return opened
 
     def load_state(self) -> tuple[bool, Any]:
         opened, self._opened_state = self._opened_state, None

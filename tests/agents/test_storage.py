@@ -226,3 +226,34 @@ def test_full_durability_keeps_sqlite_checkpointing_inside_the_commit(tmp_path):
         assert not db.needs_checkpoint()
     finally:
         db.close()
+
+
+def test_open_reads_the_alarm_tables_with_the_identity_once(tmp_path):
+    # The wake's "does this agent have schedules or a queue?" comes from open()'s identity
+    # read (no statement of its own), once; later questions read the schema as it is then.
+    def open_db() -> AgentDatabase:
+        return AgentDatabase.open(
+            tmp_path, "c", "a", durability="normal", max_db_bytes=1 << 20, max_value_bytes=100
+        )
+
+    db = open_db()
+    try:
+        assert db.take_opened_alarm_tables() is None  # a new file: its schema was just written
+        assert db.alarm_tables() == set()
+        if not db.in_transaction_:
+            db.begin()
+        db.connection.execute("CREATE TABLE _gw_queue (id INTEGER PRIMARY KEY)")
+        db.commit()
+    finally:
+        db.close()
+    db = open_db()
+    try:
+        assert db.take_opened_alarm_tables() == {"_gw_queue"}
+        assert db.take_opened_alarm_tables() is None  # once
+        if not db.in_transaction_:
+            db.begin()
+        db.connection.execute("CREATE TABLE _gw_schedules (id INTEGER PRIMARY KEY)")
+        assert db.alarm_tables() == {"_gw_queue", "_gw_schedules"}
+        db.commit()
+    finally:
+        db.close()
