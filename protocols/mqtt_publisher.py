@@ -3,8 +3,12 @@ replies' connection with at most `max_inflight_publishes` awaiting their PUBACK,
 route's overflow policy. Never imports gatewayd.
 
 Publishing costs no task and no coroutine per reply: a reply queued while there is room in
-the in-flight window goes to the client at once (`publish_nowait`), and its PUBACK future's
-callback reports it delivered and publishes the next queued one. One timer per connection
+the in-flight window goes to the client at once, and its PUBACK reports it delivered and
+publishes the next queued one. The native client (`MqttClient.publish_tracked`) calls back
+from the read that brought the PUBACK, with no future per reply; paho's (`publish_nowait`)
+completes a future whose done callback does it (one more loop callback per reply). With the
+at-once path in `enqueue`, that measured ~10% less gateway CPU per message than futures
+(bench/results/mqtt-cpu-2026-12-01.md). One timer per connection
 (not one per reply) finds publishes without a PUBACK after `publish_timeout_s`; the
 connection's `disconnected` future's callback puts the publishes it took back at the head of
 the backlog, for the next connection. (Workers awaiting `asyncio.wait` on each publish cost a
