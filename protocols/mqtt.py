@@ -497,7 +497,8 @@ class MqttBridge:
     async def _read_loop(self, client: BridgeClient) -> None:
         low_water = client.incoming.high_water // 2
         while True:
-            await self._wait_for_capacity(client)
+            if not self._has_capacity():  # (no coroutine per message while there is room)
+                await self._wait_for_capacity(client)
             message = await client.receive()  # raises a CLIENT_ERRORS once disconnected
             if client.reading_paused and client.incoming.qsize() <= low_water:
                 client.resume_reading()

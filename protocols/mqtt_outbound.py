@@ -23,7 +23,7 @@ logger = logging.getLogger("protocols.mqtt")  # the bridge's logger: one name fo
 OUTBOUND_CLIENT_SUFFIX = "-out"  # client id of the replies' connection: `<client_id>-out`
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # by identity: the publisher keys its in-flight ones by it
 class Outbound:
     """One reply waiting to be published (and, if tracked, reported delivered)."""
 

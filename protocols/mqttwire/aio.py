@@ -143,6 +143,8 @@ class MqttClient:
         self._connack: asyncio.Future[ConnAck] | None = None
         self._receiver: asyncio.Future[None] | None = None
         self._acked: dict[int, asyncio.Future[int]] = {}  # our QoS 1 publishes, by packet id
+        # `publish_tracked`'s QoS 1 publishes, by packet id: called with the PUBACK's reason
+        self._ack_callbacks: dict[int, Callable[[int], None]] = {}
         self._requests: dict[int, asyncio.Future[list[int]]] = {}  # SUBSCRIBE/UNSUBSCRIBE
         self._flush_scheduled = False
         self._paused = False
@@ -283,10 +285,19 @@ class MqttClient:
             return
         assert self._loop is not None
         self._last_received = self._loop.time()
+        acked: list[tuple[Callable[[int], None], int]] | None = None
         for event in events:
             if isinstance(event, Publish):
                 incoming._items.append(event)
             elif isinstance(event, PubAck):
+                callback = self._ack_callbacks.pop(event.packet_id, None)
+                if callback is not None:
+                    # Called after this loop: a callback may publish, and the new publish
+                    # may take a packet id acked further down `events`.
+                    if acked is None:
+                        acked = []
+                    acked.append((callback, event.reason_code))
+                    continue
                 done = self._acked.pop(event.packet_id, None)
                 if done is not None and not done.done():
                     done.set_result(event.reason_code)
@@ -298,6 +309,8 @@ class MqttClient:
                 if self._connack is not None and not self._connack.done():
                     self._connack.set_result(event)
             elif isinstance(event, Disconnect):
+                if acked is not None:
+                    self._call_ack_callbacks(acked)  # acked before it: done, not resent
                 self._abort(
                     ConnectionLostError(
                         f"broker sent DISCONNECT (reason {event.reason_code:#x}"
@@ -310,6 +323,8 @@ class MqttClient:
                     )
                 )
                 return
+        if acked is not None:
+            self._call_ack_callbacks(acked)
         size = len(incoming._items)
         if size:
             if size > incoming.peak:
@@ -402,9 +417,37 @@ class MqttClient:
             self._schedule_flush()
         return packet_id, done
 
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int, on_acked: Callable[[int], None]
+    ) -> int:
+        """`publish_nowait` without a future: a QoS 1 publish's `on_acked(reason_code)` is
+        called on its PUBACK, from the read that brought it (no loop iteration, no future per
+        publish); returns its packet id. QoS 0 returns 0 and calls nothing (queued for this
+        iteration's write). Same guarantees and errors as `publish_nowait`;
+        `forget_publish` drops the callback too."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        packet_id = self.connection.publish(topic, payload, qos)
+        if qos:
+            self._ack_callbacks[packet_id] = on_acked
+        if self._transport is not None:
+            self._schedule_flush()
+        return packet_id
+
+    def _call_ack_callbacks(self, acked: list[tuple[Callable[[int], None], int]]) -> None:
+        for callback, reason_code in acked:
+            try:
+                callback(reason_code)
+            except Exception as exc:  # as a future's callback would: logged, the rest go on
+                assert self._loop is not None
+                self._loop.call_exception_handler(
+                    {"message": "MQTT PUBACK callback failed", "exception": exc}
+                )
+
     def forget_publish(self, packet_id: int) -> None:
         """Stop tracking (and resending) a QoS 1 publish nobody waits for any more."""
         self._acked.pop(packet_id, None)
+        self._ack_callbacks.pop(packet_id, None)
         self.connection.forget(packet_id)
 
     async def publish(

@@ -176,3 +176,53 @@ async def test_tls_with_a_self_signed_certificate(tmp_path: Path):
             await untrusting.connect()
     finally:
         broker.stop()
+
+
+async def test_publish_tracked_calls_back_on_each_puback_even_when_a_callback_reuses_an_id(broker):
+    """Both PUBACKs arrive in one read; A's callback publishes C, which takes B's packet id
+    (freed by B's PUBACK in that same read, as after a wrap-around of the ids). B's callback
+    must still be B's, and C's must wait for C's own PUBACK."""
+    pub = _client(broker, "pub")
+    await pub.connect()
+    acked: list[tuple[str, int]] = []
+    ids: dict[str, int] = {}
+
+    def on_a(code: int) -> None:
+        acked.append(("a", code))
+        pub.connection._next_id = ids["b"]  # the next publish takes B's (just freed) id
+        ids["c"] = pub.publish_tracked("r/c", b"c", 1, lambda code: acked.append(("c", code)))
+
+    assert pub._transport is not None
+    pub._transport.pause_reading()  # both PUBACKs wait in the socket: one read gets them
+    ids["a"] = pub.publish_tracked("r/a", b"a", 1, on_a)
+    ids["b"] = pub.publish_tracked("r/b", b"b", 1, lambda code: acked.append(("b", code)))
+    await wait_until(
+        lambda: f"Sending PUBACK to pub (m{ids['b']}" in _log(broker), TIMEOUT_S, "both PUBACKs"
+    )
+    pub._transport.resume_reading()
+    await wait_until(lambda: len(acked) >= 2, TIMEOUT_S, "the PUBACKs of A and B")
+    assert acked[:2] == [("a", 0), ("b", 0)]
+    assert ids["c"] == ids["b"]
+    await wait_until(lambda: len(acked) == 3, TIMEOUT_S, "C's own PUBACK")
+    assert acked[2] == ("c", 0)
+    assert f"Received PUBLISH from pub (d0, q1, r0, m{ids['c']}, 'r/c'" in _log(broker)
+    pub.forget_publish(0)  # nothing to forget: harmless
+    await pub.disconnect()
+
+
+async def test_forget_publish_drops_a_tracked_publish_callback(broker):
+    pub = _client(broker, "pub")
+    await pub.connect()
+    acked: list[int] = []
+    assert broker._process is not None
+    os.kill(broker._process.pid, signal.SIGSTOP)  # no PUBACK until it is forgotten
+    try:
+        packet_id = pub.publish_tracked("r/1", b"x", 1, acked.append)
+        pub.forget_publish(packet_id)
+    finally:
+        os.kill(broker._process.pid, signal.SIGCONT)
+    assert pub.publish_tracked("r/0", b"y", 0, acked.append) == 0  # QoS 0: no callback
+    marker = pub.publish_tracked("r/2", b"z", 1, acked.append)
+    await wait_until(lambda: acked == [0], TIMEOUT_S, "the PUBACK of the second QoS 1 publish")
+    assert packet_id != marker and not pub._ack_callbacks
+    await pub.disconnect()
