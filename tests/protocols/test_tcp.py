@@ -426,7 +426,7 @@ async def test_frames_and_outcomes_are_counted_in_the_metrics(
     await device.hello()
     device.send(Data(3, b"c", resend=True))
     assert await device.recv() == Ack(3)
-    # Published with the ACKs' write, at the end of the loop iteration that settled them.
+    # Ints read at scrape time (tcp_metrics.py): exact as soon as the frames were handled.
     assert (sample(frames, type="DATA"), sample(outcomes, outcome="applied")) == (
         before[0] + 4,
         before[1] + 3,
