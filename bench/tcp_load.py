@@ -245,12 +245,21 @@ def _bench_devices(count: int) -> list[tuple[str, str]]:
 
 
 class _NullHandler:
-    """Resolves every event at once: measures transport + codec only."""
+    """Resolves every event at once: measures transport + codec only.
+
+    The loop is looked up once: `asyncio.get_running_loop()` makes a `getpid()` syscall per
+    call (CPython 3.11 checks for a fork), one per frame that the gateway's runtime (which
+    keeps its loop) does not pay."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def _done(self) -> asyncio.Future:
         from protocols.link import Outcome
 
-        future = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
         future.set_result(Outcome.APPLIED)
         return future
 
@@ -296,7 +305,10 @@ class _SqliteHandler(_NullHandler):
             db.execute("INSERT OR REPLACE INTO last_seq VALUES (1, ?)", (dedup.seq,))
             db.execute("COMMIT")
             outcome = Outcome.APPLIED
-        future = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
         future.set_result(outcome)
         return future
 

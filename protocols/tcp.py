@@ -88,6 +88,7 @@ from protocols.link import (
     detach_outputs,
 )
 from protocols.tcp_auth import Authenticator, AuthFailureLimiter, AuthResult
+from protocols.tcp_metrics import COUNTS
 from protocols.tcp_pushes import DURABLE_PUSH_EPOCH, PushOutbox
 from protocols.tcp_secrets import SecretsFileError, load_secrets_file
 from protocols.tcp_session import (
@@ -126,20 +127,10 @@ _GOING_AWAY_CODE = 1001
 _WRITE_NOW_BYTES = 16 * 1024
 
 TCP_CONNECTIONS = Gauge("gatewayd_tcp_connections", "Open TCP frame connections (any state)")
-TCP_FRAMES_RECEIVED = Counter(
-    "gatewayd_tcp_frames_received_total", "Frames received from devices", ["type"]
-)
-TCP_DATA_OUTCOMES = Counter(
-    "gatewayd_tcp_data_outcomes_total",
-    "DATA frames by outcome (applied, duplicate, not_applied, rejected)",
-    ["outcome"],
-)
+# gatewayd_tcp_frames_received_total and gatewayd_tcp_data_outcomes_total: tcp_metrics.py.
 TCP_PROTOCOL_ERRORS = Counter(
     "gatewayd_tcp_protocol_errors_total", "Connections failed by the gateway", ["code"]
 )
-# Label children resolved once: these are touched for every frame.
-_FRAMES_RECEIVED_BY_TYPE = {t: TCP_FRAMES_RECEIVED.labels(t.name) for t in FrameType}
-_DATA_OUTCOME_BY_VALUE = {o: TCP_DATA_OUTCOMES.labels(o.value) for o in Outcome}
 TCP_AUTH_FAILURES = Counter("gatewayd_tcp_auth_failures_total", "Failed or rate-limited HELLOs")
 TCP_PUSHES = Counter(
     "gatewayd_tcp_pushes_total", "PUSH frames (sent, resent, oversized, acked)", ["event"]
@@ -597,10 +588,10 @@ class _DeviceConnection(asyncio.Protocol):
             return
         if isinstance(exc, LinkRejected) and exc.code != _GOING_AWAY_CODE:
             code, message = ErrorCode.REJECTED, exc.reason
-            TCP_DATA_OUTCOMES.labels("rejected").inc()
+            COUNTS.outcomes["rejected"] += 1
         else:
             code, message = ErrorCode.NOT_APPLIED, "not applied; retransmit after reconnecting"
-            TCP_DATA_OUTCOMES.labels("not_applied").inc()
+            COUNTS.outcomes["not_applied"] += 1
         logger.warning(
             "tcp: DATA seq %d from device %r not applied (%r); closing so the device "
             "resends from its oldest unacknowledged frame",
@@ -819,16 +810,13 @@ class TcpListener:
             None
         )
         # Work left for the end of the loop iteration, done by one callback for all
-        # connections: their queued ACKs, and the per-frame counters (plain ints until then,
-        # then one Counter.inc(n) per label instead of one per frame).
+        # connections: their queued ACKs. (The per-frame counters are ints read at scrape
+        # time, tcp_metrics.py: nothing to publish, no callback per frame.)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._end_of_iteration_scheduled = False
         self._to_flush: list[_DeviceConnection] = []
-        # Indexed by the type's byte / counted by identity: hashing an Enum member runs Python.
-        self._frames_by_type = [0] * 256
-        self._frames_counted = False
-        self._applied = 0
-        self._duplicates = 0
+        self._frames_by_type = COUNTS.frames_by_type
+        self._outcomes = COUNTS.outcomes
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -916,17 +904,10 @@ class TcpListener:
 
     def count_frame(self, frame_type: FrameType) -> None:
         self._frames_by_type[frame_type] += 1
-        self._frames_counted = True
-        if not self._end_of_iteration_scheduled:
-            self._schedule_end_of_iteration()
 
     def count_outcome(self, outcome: Outcome) -> None:
-        if outcome is Outcome.APPLIED:
-            self._applied += 1
-        else:
-            self._duplicates += 1
-        if not self._end_of_iteration_scheduled:
-            self._schedule_end_of_iteration()
+        # By identity: hashing an Enum member runs Python.
+        self._outcomes["applied" if outcome is Outcome.APPLIED else "duplicate"] += 1
 
     def flush_soon(self, connection: _DeviceConnection) -> None:
         """Write `connection`'s queued frames at the end of this loop iteration."""
@@ -945,19 +926,6 @@ class TcpListener:
         to_flush, self._to_flush = self._to_flush, []
         for connection in to_flush:
             connection.flush_and_sync()
-        if self._frames_counted:
-            self._frames_counted = False
-            counts = self._frames_by_type
-            for frame_type, counter in _FRAMES_RECEIVED_BY_TYPE.items():
-                if counts[frame_type]:
-                    counter.inc(counts[frame_type])
-                    counts[frame_type] = 0
-        if self._applied:
-            _DATA_OUTCOME_BY_VALUE[Outcome.APPLIED].inc(self._applied)
-            self._applied = 0
-        if self._duplicates:
-            _DATA_OUTCOME_BY_VALUE[Outcome.DUPLICATE].inc(self._duplicates)
-            self._duplicates = 0
 
     def next_link_id(self) -> str:
         return f"tcp-{next(self._link_ids)}"

@@ -426,12 +426,39 @@ async def test_frames_and_outcomes_are_counted_in_the_metrics(
     await device.hello()
     device.send(Data(3, b"c", resend=True))
     assert await device.recv() == Ack(3)
-    # Published with the ACKs' write, at the end of the loop iteration that settled them.
+    # Ints read at scrape time (tcp_metrics.py): exact as soon as the frames were handled.
     assert (sample(frames, type="DATA"), sample(outcomes, outcome="applied")) == (
         before[0] + 4,
         before[1] + 3,
     )
     assert sample(outcomes, outcome="duplicate") == before_duplicates + 1
+
+
+async def test_a_lone_data_frame_is_counted_without_an_end_of_iteration_callback(
+    listener: TcpListener, handler: SqliteLinkHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paced load: every frame is alone in its loop iteration. Its counters are ints read at
+    scrape time (tcp_metrics.py), so counting it schedules nothing: no end-of-iteration
+    callback (and its extra loop iteration) per frame; only queued pushes use that flush."""
+    from prometheus_client import REGISTRY
+
+    scheduled: list[int] = []
+    schedule = listener._schedule_end_of_iteration
+
+    def counting_schedule() -> None:
+        scheduled.append(1)
+        schedule()
+
+    device = await connect_device(listener.bound_port)
+    monkeypatch.setattr(listener, "_schedule_end_of_iteration", counting_schedule)
+    before = REGISTRY.get_sample_value("gatewayd_tcp_frames_received_total", {"type": "DATA"})
+    for seq in (1, 2, 3):
+        device.send(Data(seq, b"x"))
+        assert await device.recv() == Ack(seq)
+    assert scheduled == []
+    after = REGISTRY.get_sample_value("gatewayd_tcp_frames_received_total", {"type": "DATA"})
+    assert (after or 0.0) - (before or 0.0) == 3
+    await device.close()
 
 
 async def test_retransmission_after_reconnect_is_acked_but_not_applied_twice(
