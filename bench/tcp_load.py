@@ -253,13 +253,16 @@ class _NullHandler:
 
     _loop: asyncio.AbstractEventLoop | None = None
 
-    def _done(self) -> asyncio.Future:
-        from protocols.link import Outcome
-
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        return loop
+
+    def _done(self) -> asyncio.Future:
+        from protocols.link import Outcome
+
+        future = self._running_loop().create_future()
         future.set_result(Outcome.APPLIED)
         return future
 
@@ -305,10 +308,7 @@ class _SqliteHandler(_NullHandler):
             db.execute("INSERT OR REPLACE INTO last_seq VALUES (1, ?)", (dedup.seq,))
             db.execute("COMMIT")
             outcome = Outcome.APPLIED
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = self._running_loop().create_future()
         future.set_result(outcome)
         return future
 
@@ -326,7 +326,7 @@ class _GroupSqliteHandler(_SqliteHandler):
     def submit_message(self, link: Any, data: Any, dedup: Any = None) -> asyncio.Future:
         from protocols.link import Outcome
 
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         entry = self._open.get(dedup.stream)
         if entry is None:
             db = self._database(dedup.stream)
