@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._gateway import CLOCK_TICKS_PER_S, GatewayDaemon  # noqa: E402
-from bench.mqtt_load import COMMAND, NODELAY, TELEMETRY, spawn_server  # noqa: E402
+from bench.mqtt_load import COMMAND, NODELAY, TELEMETRY, spawn_ready, spawn_server  # noqa: E402
 from protocols.mqtt_settings import parse_broker_url  # noqa: E402
 from tests.brokers import MosquittoBroker, free_port  # noqa: E402
 
@@ -401,15 +401,8 @@ async def bench_real_clients(args: argparse.Namespace) -> None:
     if args.floor:
 
         async def start_floor() -> asyncio.subprocess.Process:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, str(Path(__file__).with_name("mqtt_floor.py")),
-                "--broker", broker_url, stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert process.stdout is not None
-            line = await asyncio.wait_for(process.stdout.readline(), 15)
-            if line.strip() != b"READY":
-                raise RuntimeError(f"mqtt_floor did not start: {line!r}")
-            return process
+            script = str(Path(__file__).with_name("mqtt_floor.py"))
+            return await spawn_ready("mqtt_floor", script, "--broker", broker_url)
 
         responders["floor"] = (start_floor, stop_echo)
     clients = args.mqtt_clients.split(",")

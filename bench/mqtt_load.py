@@ -186,14 +186,18 @@ async def run_devices(
 
 
 async def spawn_server(mode: str, broker_url: str) -> asyncio.subprocess.Process:
+    return await spawn_ready(f"{mode} server", __file__, f"--serve-{mode}", "--broker", broker_url)
+
+
+async def spawn_ready(name: str, script: str, *args: str) -> asyncio.subprocess.Process:
+    """A Python child process, once it printed READY (SIGTERM stops it)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, f"--serve-{mode}", "--broker", broker_url,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable, script, *args, stdout=asyncio.subprocess.PIPE
+    )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 15)
     if line.strip() != b"READY":
-        raise RuntimeError(f"{mode} server did not start: {line!r}")
+        raise RuntimeError(f"{name} did not start: {line!r}")
     return process
 
 

@@ -59,6 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._gateway import CLOCK_TICKS_PER_S, GatewayDaemon  # noqa: E402
 from bench.tcp_load import LoadResult, _bench_devices, run_load  # noqa: E402
+from bench.tcp_paced import start_senders  # noqa: E402
 from tests.brokers import free_port  # noqa: E402
 
 TARGET_FRAMES_PER_S = 30_000.0
@@ -188,36 +189,10 @@ def paced_pass(
     device at a fixed interval. Returns the summary and the next free seq of every device."""
     results_dir = tempfile.TemporaryDirectory(prefix="tcp-paced-")
     result_files = [Path(results_dir.name) / f"sender-{p}.json" for p in range(args.senders)]
-    senders = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "bench" / "tcp_paced.py"),
-                "--port",
-                str(port),
-                "--first-device",
-                str(p),
-                "--stride",
-                str(args.senders),
-                "--total-devices",
-                str(device_count),
-                "--rate",
-                str(rate_per_s),
-                "--first-seq",
-                str(first_seq),
-                "--window",
-                str(args.window),
-                "--payload-bytes",
-                str(args.payload_bytes),
-                "--result-file",
-                str(result_files[p]),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for p in range(args.senders)
-    ]
+    senders = start_senders(
+        port, args.senders, device_count, rate=rate_per_s, first_seq=first_seq,
+        window=args.window, payload_bytes=args.payload_bytes, result_dir=results_dir.name,
+    )  # fmt: skip
     try:
         for sender in senders:
             assert sender.stdout is not None

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": errors[:5],
         "error_count": len(errors),
     }
+
+
+def start_senders(
+    port: int, senders: int, total_devices: int, *, rate: float, first_seq: int, window: int,
+    payload_bytes: int, result_dir: str, env: dict[str, str] | None = None,
+) -> list[subprocess.Popen[str]]:  # fmt: skip
+    """Start `senders` processes of this script sharing `total_devices` (process p has devices
+    p, p + senders, ...); each writes its JSON to `result_dir`/sender-<p>.json. The caller
+    reads READY, writes GO and waits for DONE (see the module docstring)."""
+    processes = []
+    for p in range(senders):
+        argv = [
+            sys.executable, __file__, "--port", str(port), "--first-device", str(p),
+            "--stride", str(senders), "--total-devices", str(total_devices), "--rate", str(rate),
+            "--first-seq", str(first_seq), "--window", str(window),
+            "--payload-bytes", str(payload_bytes),
+            "--result-file", str(Path(result_dir) / f"sender-{p}.json"),
+        ]  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            )
+        )
+    return processes
 
 
 def main() -> None:

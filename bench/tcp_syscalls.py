@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from bench._gateway import GatewayDaemon  # noqa: E402
 from bench.tcp import GATEWAY_CONFIG, _run, proc_user_sys_s, secrets_toml  # noqa: E402
 from bench.tcp_load import _bench_devices, run_load  # noqa: E402
+from bench.tcp_paced import start_senders  # noqa: E402
 from tests.brokers import free_port  # noqa: E402
 
 
@@ -81,37 +82,10 @@ def one_run(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
             server, port = _server(tree, args.kind, args.devices, tmp)
             pid, first_seq = server.pid, 1
         try:
-            senders = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(REPO / "bench" / "tcp_paced.py"),
-                        "--port",
-                        str(port),
-                        "--first-device",
-                        str(p),
-                        "--stride",
-                        "2",
-                        "--total-devices",
-                        str(args.devices),
-                        "--rate",
-                        str(args.rate),
-                        "--first-seq",
-                        str(first_seq),
-                        "--window",
-                        "8",
-                        "--payload-bytes",
-                        "64",
-                        "--result-file",
-                        f"{tmp}/sender-{p}.json",
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=dict(os.environ, PYTHONPATH=str(REPO)),
-                )
-                for p in range(2)
-            ]
+            senders = start_senders(
+                port, 2, args.devices, rate=args.rate, first_seq=first_seq, window=8,
+                payload_bytes=64, result_dir=tmp, env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )  # fmt: skip
             for sender in senders:
                 assert sender.stdout is not None
                 if sender.stdout.readline().strip() != "READY":
