@@ -209,16 +209,22 @@ async def serving(nc: nats.NATS, partitions: int, group: str = GROUP) -> dict[in
         return {}
     live = {Names.consumer_partition_epoch(name) for name in consumers}
     found = {}
-    for partition, (owner, epoch) in (await owners(nc, group)).items():
+    # Each partition's key read directly: listing the bucket's keys needs a consumer, whose
+    # first answer can be lost on a busy box and then never comes (the wait hung the test).
+    for partition, (owner, epoch) in (await owners(nc, group, partitions)).items():
         if owner and (partition, epoch) in live:
             found[partition] = owner
     return {p: found[p] for p in sorted(found) if p < partitions}
 
 
+# The most one look at who serves what may take; the callers poll until their own deadline.
+SERVING_READ_S = 20.0
+
+
 async def _serving_now(nc: nats.NATS, partitions: int) -> dict[int, str]:
     try:
-        return await serving(nc, partitions)
-    except nats.errors.Error:  # leaders being elected: ask again
+        return await asyncio.wait_for(serving(nc, partitions), SERVING_READ_S)
+    except (nats.errors.Error, TimeoutError):  # leaders being elected, a lost answer: ask again
         return {}
 
 
