@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._gateway import CLOCK_TICKS_PER_S, GatewayDaemon  # noqa: E402
 from bench.tcp_load import LoadResult, _bench_devices, run_load  # noqa: E402
-from bench.tcp_paced import start_senders  # noqa: E402
+from bench.tcp_paced import SENDERS, default_sender, start_senders  # noqa: E402
 from tests.brokers import free_port  # noqa: E402
 
 TARGET_FRAMES_PER_S = 30_000.0
@@ -192,6 +192,7 @@ def paced_pass(
     senders = start_senders(
         port, args.senders, device_count, rate=rate_per_s, first_seq=first_seq,
         window=args.window, payload_bytes=args.payload_bytes, result_dir=results_dir.name,
+        sender=args.sender,
     )  # fmt: skip
     try:
         for sender in senders:
@@ -371,6 +372,13 @@ def main() -> None:
         "(the same load for builds whose max rates differ)",
     )
     parser.add_argument("--senders", type=int, default=2, help="paced sender processes")
+    parser.add_argument(
+        "--sender",
+        choices=SENDERS,
+        default=default_sender(),
+        help="paced senders: c (bench/tcp_paced_sender.c, default where gcc is installed) or "
+        "python (bench/tcp_paced.py, ~10x the CPU per frame)",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the gateway's phases into DIR")
     parser.add_argument(
         "--probe",
@@ -523,6 +531,7 @@ def main() -> None:
         "devices": args.devices,
         "frames_per_device": args.frames,
         "window": args.window,
+        "paced_senders": f"{args.senders} x {args.sender}",
         "payload_bytes": args.payload_bytes,
         "durability": args.durability,
         "agent": args.agent,
