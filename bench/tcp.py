@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -188,6 +189,7 @@ def paced_pass(
     """Open loop at `rate_per_s` in total: `--senders` processes (bench/tcp_paced.py), each
     device at a fixed interval. Returns the summary and the next free seq of every device."""
     results_dir = tempfile.TemporaryDirectory(prefix="tcp-paced-")
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result_files = [Path(results_dir.name) / f"sender-{p}.json" for p in range(args.senders)]
     senders = start_senders(
         port, args.senders, device_count, rate=rate_per_s, first_seq=first_seq,
@@ -230,6 +232,12 @@ def paced_pass(
                 sender.kill()
                 sender.wait()
         results_dir.cleanup()
+    # The senders are the only children reaped during the pass: their whole CPU (connect,
+    # warm-up and drain included, so an upper bound per frame).
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    senders_cpu_s = sum(
+        getattr(children, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime")
+    )
     latencies = sorted(x for r in results for x in r["latencies_us"])
     acked = len(latencies)
     errors = [e for r in results for e in r["errors"]]
@@ -250,6 +258,9 @@ def paced_pass(
         "gateway_cpu_pct": round(100 * cpu_s / duration_s, 1),
         # Runnable but not running (the box's other load had the CPUs), % of the window.
         "gateway_runqueue_wait_pct": round(100 * wait_s / duration_s, 1),
+        "senders_cpu_us_per_frame": round(
+            senders_cpu_s * 1e6 / max(1, sum(r["sent"] for r in results)), 1
+        ),
         "window_monotonic": window,
     }
     if errors:
