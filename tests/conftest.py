@@ -10,7 +10,7 @@ import pytest
 
 from tests.brokers import MosquittoBroker
 from tests.gatewayd.notify import NotifySocket
-from tests.processes import command_line, descendants, kill_and_wait
+from tests.processes import command_line, descendants, kill_and_wait, left_running
 
 # The files that take longest (tens of seconds each), longest first. They run before every
 # other file, so that a parallel run (scripts/test: pytest-xdist workers, each running whole
@@ -45,7 +45,7 @@ def no_process_left_behind() -> Iterator[None]:
     where it leaks, not as a port clash or a slow machine three tests later."""
     before = set(descendants())
     yield
-    left = [pid for pid in descendants() if pid not in before]
+    left = left_running([pid for pid in descendants() if pid not in before])
     if left:
         described = [f"{pid} ({command_line(pid)})" for pid in left]
         still_running = kill_and_wait(left)
