@@ -51,6 +51,21 @@ def running(pid: int) -> bool:
         return False
 
 
+def left_running(pids: list[int], timeout_s: float = 5.0) -> list[int]:
+    """Those of `pids` still running, less those on their way out.
+
+    A process that is exiting has already released its memory, and with it its command line
+    (read as "?"), but is not a zombie yet: such a one (a daemon or sandbox worker just
+    killed, say) is waited for, up to `timeout_s`, rather than taken for one left running.
+    """
+    deadline = time.monotonic() + timeout_s
+    exiting = [pid for pid in pids if running(pid) and command_line(pid) == "?"]
+    while exiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+        exiting = [pid for pid in exiting if running(pid)]
+    return [pid for pid in pids if running(pid)]
+
+
 def kill_and_wait(pids: list[int], timeout_s: float = 5.0) -> list[int]:
     """SIGKILL `pids` and wait until each has died; return those still running at the deadline.
 

@@ -18,6 +18,11 @@ run started (mosquitto, daemons, helpers) and exits with status 1. If the timer 
 cannot run (the stuck code holds the GIL), faulthandler dumps the threads and exits
 `timeout_backstop` (30) seconds later.
 
+Under pytest-xdist (scripts/test runs the suite in worker processes) each worker has its own
+watchdog: it reports the test to the real stderr as above, kills that worker's child processes
+(never another worker's) and ends the worker; xdist reports the test as failed ("worker crashed
+while running"), starts a new worker and runs the rest, and the run exits non-zero.
+
 Debugging: the limit is off under --pdb and --trace; `--timeout=0` turns it off too.
 """
 

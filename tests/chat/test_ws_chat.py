@@ -90,7 +90,7 @@ async def test_resuming_while_chunks_flow_freely_never_loses_or_repeats_one(serv
         # `late` was open when the stream started: it is a subscriber already. A third
         # client connects during the stream and resumes while batches are being written.
         await a.send("gw.chat.send", id="r1", messages=[user("u1", "go")])
-        await late.until_type("gw.chat.messages")
+        seen_late = await late.until_type("gw.chat.messages")
         gate.set()
         async with served.client("chat", "c1") as third:
             await third.send("gw.chat.resume")
@@ -101,6 +101,8 @@ async def test_resuming_while_chunks_flow_freely_never_loses_or_repeats_one(serv
         assert seqs == list(range(302))  # start, 300 words, finish
         assert frames[0]["type"] == "gw.chat.resuming"
         assert [c["seq"] for c in chunks_of(await a.until_type("gw.chat.done"))] == seqs
+        seen_late += await late.until_type("gw.chat.done")
+        assert [c["seq"] for c in chunks_of(seen_late)] == seqs
 
 
 async def test_resume_without_a_stream_is_answered_none_at_once(serve):

@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from gatewayd.codemode import CodeExecutor, Limits
 from gatewayd.tools import Tool, tool_from_function
-from tests.processes import command_line, descendants, kill_and_wait, running
+from tests.processes import command_line, descendants, kill_and_wait, left_running, running
 
 # Tight enough that every abuse test ends in seconds, loose enough for a loaded 2-core machine.
 ESCAPE_LIMITS = Limits(
@@ -39,7 +39,8 @@ def no_process_left_behind() -> Iterator[None]:
     """tests/conftest.py's check, except for the sandbox workers of module-wide executors."""
     before = set(descendants())
     yield
-    left = [p for p in descendants() if p not in before and WORKER_COMMAND not in command_line(p)]
+    new = left_running([p for p in descendants() if p not in before])
+    left = [p for p in new if WORKER_COMMAND not in command_line(p)]
     if left:
         described = [f"{pid} ({command_line(pid)})" for pid in left]
         kill_and_wait(left)
