@@ -25,6 +25,13 @@ def add_parser(commands: Any) -> None:
         "-c", "--config", type=Path, required=True, metavar="FILE", help="TOML config file"
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="for each read from NATS (one that times out is tried 3 times; default 5)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,10 +49,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.config}: cluster.enabled is false (single-box mode)", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        status = asyncio.run(group_status(settings))
+        status = asyncio.run(group_status(settings, timeout_s=args.timeout))
     except Exception as err:
         print(f"gatewayd cluster status: cannot reach NATS at {settings.servers}: {err}",
               file=sys.stderr)  # fmt: skip
         return EXIT_UNAVAILABLE
     print(json.dumps(status) if args.json else format_status(status))
+    if status.get("errors"):
+        # Printed above too (under "errors" / NOT READ); a script checking the exit status
+        # must not take a partial read for the whole picture.
+        print(
+            f"gatewayd cluster status: {len(status['errors'])} of the group's records could "
+            "not be read (see above); the status is incomplete",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
     return EXIT_OK
