@@ -187,6 +187,27 @@ class ManualAckClient(aiomqtt.Client):
         """Completes (with the reason as exception) once the connection is lost."""
         return self._disconnected
 
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+        properties: Any = None,
+    ) -> None:  # fmt: skip
+        """A connection lost before the broker's CONNACK fails the connect at once. aiomqtt
+        ignores it and lets `__aenter__` wait out its whole timeout (`connect_timeout_s`, 10 s
+        by default): a broker restarting while the replies' connection was connecting held
+        every reply back that long. The bridge reconnects with its usual backoff."""
+        if self._connected.done():
+            super()._on_disconnect(client, userdata, flags, reason_code, properties)
+            return
+        lost = aiomqtt.MqttError(f"connection lost before the broker's CONNACK ({reason_code})")
+        if threading.get_ident() == self._loop_thread_id:
+            self._fail_connect(lost)
+        else:  # paho's connect() runs in an executor thread
+            self._loop.call_soon_threadsafe(self._fail_connect, lost)
+
+    def _fail_connect(self, lost: aiomqtt.MqttError) -> None:
+        if not self._connected.done():
+            self._connected.set_exception(lost)
+
     async def receive(self) -> Publish:
         """The next message, as the native client gives it (raises `aiomqtt.MqttError` once
         disconnected)."""

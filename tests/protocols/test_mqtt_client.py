@@ -1,13 +1,20 @@
-"""ManualAckClient's write coalescing: which queued paho packets may share one send()."""
+"""ManualAckClient: write coalescing (which queued paho packets may share one send()), and a
+connection lost before the CONNACK failing the connect at once."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
 from typing import Any
 
+import aiomqtt
 import paho.mqtt.client as paho
+import pytest
 
-from protocols.mqtt_client import coalesce_out_packets
+from protocols.mqtt import MqttRoute
+from protocols.mqtt_client import coalesce_out_packets, outbound_client
+from protocols.mqtt_settings import BrokerAddress, MqttSettings
 
 
 def _packet(command: int, data: bytes, qos: int = 1, pos: int = 0) -> dict[str, Any]:
@@ -65,3 +72,34 @@ def test_nothing_to_merge_leaves_the_queue_alone():
     empty: deque[Any] = deque()
     coalesce_out_packets(empty)
     assert not empty
+
+
+async def test_a_connection_lost_before_the_connack_fails_the_connect_at_once() -> None:
+    """A broker that takes the CONNECT and goes away (a restart at that moment): the connect
+    fails when the connection drops, not after `connect_timeout_s` (aiomqtt waited it out:
+    replies were held back 10 s). A real socket and a real paho client."""
+    connects: list[bytes] = []
+
+    async def take_connect_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        connects.append(await reader.read(1024))
+        writer.close()
+
+    server = await asyncio.start_server(take_connect_and_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = MqttSettings(
+        broker_urls=(f"mqtt://127.0.0.1:{port}",),
+        routes=(MqttRoute("devices/{id}/up", "thermostat", "devices/{id}/down"),),
+        connect_timeout_s=10.0,
+    )
+    client = outbound_client(settings, BrokerAddress("127.0.0.1", port, False), None, "gw-out")
+    started = time.monotonic()
+    try:
+        with pytest.raises(aiomqtt.MqttError, match="before the broker's CONNACK"):
+            async with asyncio.timeout(5):
+                async with client:
+                    pass
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connects and connects[0][0] >> 4 == 1  # it was an MQTT CONNECT
+    assert time.monotonic() - started < 3
