@@ -18,8 +18,10 @@ Passes per server and repeat:
 - `max`: closed loop (bench/tcp_load.py `run_load`, in this process): every device streams
   `--frames` DATA frames with `--window` unACKed;
 - `paced_<N>pct`: open loop at N% of that server's own max rate, from `--senders` processes
-  (bench/tcp_paced.py): every connection sends one frame per fixed interval, phases spread
-  evenly, whatever the ACKs do; the latency of every frame sent in the `--paced-s` window.
+  (`--sender c`: bench/tcp_paced_sender.c, compiled on first use, the default where gcc is
+  installed; `--sender python`: bench/tcp_paced.py, 2-3x the CPU per frame): every connection
+  sends one frame per fixed interval, phases spread evenly, whatever the ACKs do; the latency
+  of every frame sent in the `--paced-s` window, and the senders' CPU per frame.
 The server's CPU (utime+stime, all threads) and its threads' run-queue wait (runnable
 without a core: the box's other load) are read around each pass, and the box's speed for
 pure Python (`box_encode_us_per_frame`, before and after) goes into the JSON line, so runs
