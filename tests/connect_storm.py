@@ -11,8 +11,13 @@ import pytest
 
 
 def skip_unless_somaxconn_allows(count: int) -> None:
-    if int(Path("/proc/sys/net/core/somaxconn").read_text()) < count:
-        pytest.skip("net.core.somaxconn caps the listen queue below the storm")
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn < count:
+        pytest.skip(
+            f"net.core.somaxconn is {somaxconn}: the kernel caps every listen queue below the "
+            f"{count} connects this test storms with, so it would measure the cap, not the "
+            f"gateway (`sysctl -w net.core.somaxconn={count}` to include it)"
+        )
 
 
 def connect_storm(port: int, count: int) -> int:

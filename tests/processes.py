@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -51,6 +52,30 @@ def running(pid: int) -> bool:
         return False
 
 
+def wait_exited(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait, up to `timeout_s`, for each of `pids` to exit (a zombie counts as exited); return
+    those still running. Woken by the kernel when a process exits (a pidfd per process turns
+    readable then), so nothing polls on a timer."""
+    deadline = time.monotonic() + timeout_s
+    poller = select.poll()
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                fd = os.pidfd_open(pid)
+                fds[fd] = pid
+                poller.register(fd, select.POLLIN)
+        alive = [pid for pid in pids if running(pid)]
+        while alive and (left := deadline - time.monotonic()) > 0:
+            for fd, _event in poller.poll(left * 1000):
+                poller.unregister(fd)
+            alive = [pid for pid in alive if running(pid)]
+        return alive
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def left_running(pids: list[int], timeout_s: float = 5.0) -> list[int]:
     """Those of `pids` still running, less those on their way out.
 
@@ -58,11 +83,7 @@ def left_running(pids: list[int], timeout_s: float = 5.0) -> list[int]:
     (read as "?"), but is not a zombie yet: such a one (a daemon or sandbox worker just
     killed, say) is waited for, up to `timeout_s`, rather than taken for one left running.
     """
-    deadline = time.monotonic() + timeout_s
-    exiting = [pid for pid in pids if running(pid) and command_line(pid) == "?"]
-    while exiting and time.monotonic() < deadline:
-        time.sleep(0.01)
-        exiting = [pid for pid in exiting if running(pid)]
+    wait_exited([pid for pid in pids if running(pid) and command_line(pid) == "?"], timeout_s)
     return [pid for pid in pids if running(pid)]
 
 
@@ -75,9 +96,4 @@ def kill_and_wait(pids: list[int], timeout_s: float = 5.0) -> list[int]:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout_s
-    alive = [pid for pid in pids if running(pid)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.01)
-        alive = [pid for pid in alive if running(pid)]
-    return alive
+    return wait_exited(pids, timeout_s)
