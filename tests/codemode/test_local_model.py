@@ -27,9 +27,9 @@ def program_in(answer: str) -> str:
 @pytest.fixture(scope="module")
 def generator() -> Iterator[object]:
     from engine.generate import Generator
-    from tests.models import smollm2_dir
+    from engine.generate.build import ensure_model
 
-    model = Generator(smollm2_dir(), kv_cache_tokens=2048)
+    model = Generator(ensure_model("smollm2"), kv_cache_tokens=2048)
     yield model
     model.close()
 

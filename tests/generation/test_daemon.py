@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 
+from engine.generate.build import ensure_model
 from tests.brokers import free_port
 from tests.engine.generate.tiny_llama import write_tiny_llama
 from tests.gatewayd.daemon_process import REPO, GatewayProcess
 from tests.gatewayd.notify import NotifySocket
-from tests.models import smollm2_dir
 
 EXAMPLE_TOKEN = "gw-example-token-change-me"  # api-tokens.example.toml
 
@@ -129,7 +129,7 @@ def test_check_config_names_a_bad_generator(tmp_path: Path, notify: NotifySocket
 async def test_smollm2_chats_in_english_through_the_daemon(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
-    smollm2_dir()  # the model cache, as scripts/test fills it
+    ensure_model("smollm2", progress=print)  # the model cache, as scripts/test fills it
     site = Site(tmp_path, notify, "smollm2", 'model = "smollm2"')
     site.gateway.start()
     try:

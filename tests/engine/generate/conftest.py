@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.generate import Generator
-from engine.generate.build import convert
-from tests import models
+from engine.generate.build import convert, ensure_model
 from tests.engine.generate.tiny_llama import write_tiny_llama
 
 
@@ -38,8 +37,9 @@ def tiny_generator(tiny_model_dir: Path) -> Iterator[Generator]:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The converted SmolLM2 directory in the model cache (tests/models.py)."""
-    return models.smollm2_dir()
+    """The converted SmolLM2 directory in the model cache ($GATEWAYD_MODEL_CACHE or
+    ~/.cache/gatewayd/models): the first run downloads (~93 MB) and converts (~40 s)."""
+    return ensure_model("smollm2", progress=print)
 
 
 @pytest.fixture(scope="session")
